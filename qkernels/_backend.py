@@ -1,0 +1,51 @@
+"""Backend selection: which implementation of an op runs for a given device.
+
+Names: ``reference`` (pure PyTorch, any device), ``cpu`` (C++ in ``qkernels._C``), ``cuda`` (CUDA C++ in
+``qkernels._C``), ``triton``. ``backend=None`` picks the fastest available for the device; the
+``QKERNELS_BACKEND`` environment variable (read at each call) or an explicit ``backend=`` argument forces
+one, so tests and benchmarks can compare them. Forcing a backend that cannot run the op is an error,
+never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import _native
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+
+
+def native_ops(device: torch.device) -> set[str]:
+    """Names of the native ops ``qkernels._C`` can run on ``device`` in this build."""
+    if not _native.native_available():
+        return set()
+    if device.type == "cpu":
+        return {"dequantize_4bit"}
+    if device.type == "cuda" and _native.native_info().get("cuda_compiled", False):
+        return {"dequantize_4bit"}
+    return set()
+
+
+def resolve(op: str, device: torch.device, backend: str | None) -> str:
+    """The backend that runs ``op`` on ``device``: the forced one if valid, else the fastest available."""
+    forced = backend if backend is not None else os.environ.get("QKERNELS_BACKEND") or None
+    native = native_ops(device)
+    if forced is None:
+        if device.type in ("cpu", "cuda") and op in native:
+            return device.type
+        return "reference"
+    if forced not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {forced!r}")
+    if forced == "reference":
+        return forced
+    if forced in ("cpu", "cuda"):
+        if device.type != forced:
+            raise ValueError(f"backend {forced!r} cannot run on {device.type} tensors; use backend=None or 'reference'")
+        if op not in native:
+            why = _native.native_info().get("reason", "this build has no native implementation of it")
+            raise ValueError(f"backend {forced!r} cannot run {op}: {why}; use backend='reference'")
+        return forced
+    raise ValueError(f"backend {forced!r} has no {op} implementation yet; use backend='reference' or None")

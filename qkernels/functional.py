@@ -1,0 +1,184 @@
+"""Public quantization API, mirroring bitsandbytes' names so migrating is a rename.
+
+``quantize_4bit`` / ``dequantize_4bit`` validate their arguments (clear ``TypeError``/``ValueError``
+naming the argument), then run the backend chosen by ``qkernels._backend.resolve``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _backend, _native, reference
+from .codebooks import dynamic_map, get_codebook
+from .quant_state import FLOAT_DTYPES, NESTED_BLOCKSIZE, STORAGE_DTYPES, QuantState, check_blocksize
+
+__all__ = [
+    "quantize_4bit",
+    "dequantize_4bit",
+    "quantize_blockwise",
+    "dequantize_blockwise",
+    "bits_per_parameter",
+]
+
+
+def _check_float_tensor(A: object, name: str) -> torch.Tensor:
+    if not isinstance(A, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(A).__name__}")
+    if A.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be float32, float16 or bfloat16, got {A.dtype}; "
+            f"convert it first (e.g. {name}.float()) — integer, bool, complex and float64 tensors are not quantized"
+        )
+    if A.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(A.shape)}): there is nothing to quantize")
+    return A
+
+
+def _raise_non_finite(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, name: str) -> None:
+    bad = int(torch.nonzero(~torch.isfinite(absmax))[0, 0])
+    raise ValueError(
+        f"{name} contains NaN or inf (first in block {bad}, elements [{bad * blocksize}, "
+        f"{min((bad + 1) * blocksize, A.numel())}) of the flattened tensor); a non-finite value would corrupt its "
+        f"whole block. Clean it first, e.g. torch.nan_to_num({name})"
+    )
+
+
+def quantize_4bit(
+    A: torch.Tensor,
+    blocksize: int = 64,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    quant_storage: torch.dtype = torch.uint8,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, QuantState]:
+    """Quantize ``A`` blockwise to 4 bits in bitsandbytes' format: ``(packed, quant_state)``.
+
+    Args:
+        A: float32/float16/bfloat16 tensor of any shape; flattened row-major into blocks of ``blocksize``
+            (the last block may be partial). Must be finite (NaN/inf raise ValueError).
+        blocksize: 32, 64, 128, ..., 4096.
+        quant_type: ``"nf4"`` (NormalFloat, for normally distributed weights) or ``"fp4"``.
+        double_quant: store the per-block absmax as uint8 codes of the signed dynamic map, in nested blocks
+            of 256 with a float32 scale each and a float32 offset (their mean): 4.127 instead of 4.5
+            bits/parameter at blocksize 64. bitsandbytes calls this ``compress_statistics``.
+        quant_storage: dtype of the returned packed tensor: uint8, or bf16/fp16/fp32 reinterpreting the same
+            bytes (for FSDP, which needs a float dtype). The byte count is padded with zeros to a multiple
+            of the storage element size.
+        backend: force ``"reference"`` (see ``qkernels._backend``); ``None`` picks the fastest.
+
+    Returns:
+        packed: ``[ceil(ceil(n / 2) / itemsize), 1]`` of ``quant_storage``; byte ``j`` holds element ``2j``
+            in its high nibble and ``2j + 1`` in its low nibble.
+        quant_state: ``QuantState`` with shape, dtype, blocksize, codebook and (nested) absmax.
+    """
+    A = _check_float_tensor(A, "A")
+    blocksize = check_blocksize(blocksize)
+    code = get_codebook(quant_type, A.device)  # raises ValueError for an unknown quant_type
+    if quant_storage not in STORAGE_DTYPES:
+        raise ValueError(f"quant_storage must be one of {STORAGE_DTYPES}, got {quant_storage!r}")
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
+    _backend.resolve("quantize_4bit", A.device, backend)  # only the reference quantizes in this version
+
+    packed, absmax = reference.quantize_4bit(A, code, blocksize)
+    if not bool(torch.isfinite(absmax).all()):
+        _raise_non_finite(A, absmax, blocksize, "A")
+    if quant_storage != torch.uint8:
+        raw = packed.reshape(-1)
+        itemsize = torch.empty((), dtype=quant_storage).element_size()
+        pad = -raw.numel() % itemsize
+        if pad:
+            raw = torch.cat([raw, raw.new_zeros(pad)])
+        packed = raw.view(quant_storage).unsqueeze(1)
+
+    state = QuantState(absmax=absmax, shape=A.shape, code=code, blocksize=blocksize, quant_type=quant_type, dtype=A.dtype)
+    if double_quant:
+        offset = absmax.mean()
+        qabsmax, nested_absmax = reference.quantize_blockwise(absmax - offset, dynamic_map(A.device), NESTED_BLOCKSIZE)
+        state.absmax = qabsmax
+        state.offset = offset
+        state.state2 = QuantState(
+            absmax=nested_absmax, code=dynamic_map(A.device), blocksize=NESTED_BLOCKSIZE, dtype=torch.float32
+        )
+    return packed, state
+
+
+def dequantize_4bit(
+    packed: torch.Tensor,
+    quant_state: QuantState,
+    dtype: torch.dtype | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Decode a packed 4-bit tensor: ``code[nibble] * absmax`` in float32, rounded once to ``dtype``.
+
+    Args:
+        packed: the packed codes from ``quantize_4bit`` (uint8, or a bf16/fp16/fp32 ``quant_storage`` view of
+            the same bytes), on the same device as ``quant_state``.
+        quant_state: its ``QuantState`` (nested absmax are decoded as ``dyn[q] * nested_absmax + offset``).
+        dtype: output dtype, float32/float16/bfloat16; default ``quant_state.dtype``.
+        backend: force ``"reference"``, ``"cpu"`` or ``"cuda"``; ``None`` picks the fastest.
+
+    Returns:
+        Tensor of ``quant_state.shape`` and ``dtype`` on ``packed``'s device.
+    """
+    if not isinstance(quant_state, QuantState):
+        raise TypeError(f"quant_state must be a qkernels.QuantState, got {type(quant_state).__name__}")
+    quant_state.validate(packed)
+    dtype = quant_state.dtype if dtype is None else dtype
+    if dtype not in FLOAT_DTYPES and not (dtype == torch.float64 and backend == "reference"):
+        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    if not packed.is_contiguous():
+        raise ValueError("packed must be contiguous (its bytes are read in order); pass packed.contiguous()")
+    raw = packed if packed.dtype == torch.uint8 else packed.reshape(-1).view(torch.uint8)
+    n = quant_state.numel
+    absmax = reference.decode_absmax(quant_state)
+    which = _backend.resolve("dequantize_4bit", raw.device, backend)
+    if which == "reference":
+        out = reference.dequantize_4bit(raw, absmax, quant_state.code, quant_state.blocksize, n, dtype)
+    else:
+        out = _native.dequantize_4bit_native(raw, absmax, quant_state.code, n, quant_state.blocksize, dtype)
+    return out.reshape(quant_state.shape)
+
+
+def quantize_blockwise(
+    A: torch.Tensor, code: torch.Tensor | None = None, blocksize: int = NESTED_BLOCKSIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit blockwise quantization (the nested-scale format): ``(codes uint8 [n], absmax float32 [nblocks])``.
+
+    ``code`` is a sorted-or-not 256-entry float32 map, default the signed dynamic map. Any positive power of
+    two blocksize up to 4096 (bitsandbytes uses 256 for nested scales).
+    """
+    A = _check_float_tensor(A, "A")
+    code = dynamic_map(A.device) if code is None else code
+    if not isinstance(code, torch.Tensor) or code.numel() != 256:
+        raise ValueError("code must be a tensor of 256 entries (e.g. qkernels.codebooks.dynamic_map())")
+    if not isinstance(blocksize, int) or blocksize <= 0 or blocksize > 4096 or blocksize & (blocksize - 1):
+        raise ValueError(f"blocksize must be a power of two from 1 to 4096, got {blocksize!r}")
+    q, absmax = reference.quantize_blockwise(A, code.to(A.device, torch.float32), blocksize)
+    if not bool(torch.isfinite(absmax).all()):
+        _raise_non_finite(A, absmax, blocksize, "A")
+    return q.reshape(A.shape), absmax
+
+
+def dequantize_blockwise(
+    q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor | None = None, blocksize: int = NESTED_BLOCKSIZE
+) -> torch.Tensor:
+    """Inverse of ``quantize_blockwise``: float32 tensor of ``q``'s shape."""
+    if not isinstance(q, torch.Tensor) or q.dtype != torch.uint8:
+        raise TypeError(f"q must be a uint8 tensor, got {getattr(q, 'dtype', type(q).__name__)}")
+    nblocks = -(-q.numel() // blocksize)
+    if not isinstance(absmax, torch.Tensor) or absmax.numel() != nblocks:
+        raise ValueError(f"absmax must hold {nblocks} float32 scales for {q.numel()} codes at blocksize {blocksize}")
+    code = dynamic_map(q.device) if code is None else code
+    return reference.dequantize_blockwise(q, absmax, code, blocksize).reshape(q.shape)
+
+
+def bits_per_parameter(packed: torch.Tensor, quant_state: QuantState) -> float:
+    """Storage cost per parameter, from the tensors: (packed bytes + scale bytes) * 8 / numel.
+
+    Codebooks (64 bytes, plus 1 KiB for the nested map) are shared constants and not counted.
+    """
+    quant_state.validate(packed)
+    return (packed.numel() * packed.element_size() + quant_state.nbytes()) * 8 / quant_state.numel

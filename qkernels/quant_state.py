@@ -1,0 +1,336 @@
+"""``QuantState``: everything needed to decode a packed 4-bit tensor, in bitsandbytes' layout.
+
+A QuantState is attribute-compatible with ``bitsandbytes.functional.QuantState`` (``absmax``,
+``shape``, ``code``, ``blocksize``, ``quant_type``, ``dtype``, ``offset``, ``state2``, ``nested``),
+and its ``as_dict(packed=True)`` / ``from_dict`` read and write bitsandbytes' state-dict keys and JSON
+blob byte for byte, so a checkpoint written by either library loads in the other.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import torch
+
+from .codebooks import get_codebook
+
+__all__ = ["QuantState", "VALID_BLOCKSIZES", "FLOAT_DTYPES", "STORAGE_DTYPES", "check_blocksize"]
+
+VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+STORAGE_DTYPES = (torch.uint8, torch.bfloat16, torch.float16, torch.float32)
+NESTED_BLOCKSIZE = 256
+
+_QS_PREFIX = "quant_state.bitsandbytes__"
+_TENSOR_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+_BLOB_KEYS = ("quant_type", "blocksize", "dtype", "shape", "nested_blocksize", "nested_dtype", "nested_offset")
+_DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def check_blocksize(blocksize: Any, name: str = "blocksize") -> int:
+    """Return ``blocksize`` as an int if it is a supported power of two (32..4096), else raise ValueError."""
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in VALID_BLOCKSIZES:
+        raise ValueError(f"{name} must be one of {VALID_BLOCKSIZES} (a power of two from 32 to 4096), got {blocksize!r}")
+    return blocksize
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _parse_dtype(name: Any, key: str) -> torch.dtype:
+    if name not in _DTYPE_NAMES:
+        raise ValueError(f"quant state key '{key}' must be one of {sorted(_DTYPE_NAMES)}, got {name!r}")
+    return _DTYPE_NAMES[name]
+
+
+class QuantState:
+    """Decoding state of a blockwise-quantized 4-bit tensor (or of its nested 8-bit absmax).
+
+    Attributes:
+        absmax: per-block scales. float32 ``[nblocks]``; uint8 ``[nblocks]`` codes when double-quantized.
+        shape: ``torch.Size`` of the original tensor (``None`` for a nested state).
+        code: float32 ``[16]`` codebook (``[256]`` dynamic map for a nested state).
+        blocksize: elements per block (32..4096, a power of two; 256 for the nested state).
+        quant_type: ``"nf4"`` or ``"fp4"`` (``None`` for a nested state).
+        dtype: dtype of the original tensor, and the default dequantization dtype.
+        offset: float32 0-d tensor, the mean subtracted from absmax before nesting (or ``None``).
+        state2: the nested ``QuantState`` holding the float32 ``nested_absmax`` (or ``None``).
+
+    ``nblocks = ceil(prod(shape) / blocksize)``; nested: ``nested_blocks = ceil(nblocks / 256)``.
+    """
+
+    def __init__(
+        self,
+        absmax: torch.Tensor,
+        shape: torch.Size | tuple[int, ...] | None = None,
+        code: torch.Tensor | None = None,
+        blocksize: int | None = None,
+        quant_type: str | None = None,
+        dtype: torch.dtype | None = None,
+        offset: torch.Tensor | None = None,
+        state2: QuantState | None = None,
+    ):
+        self.absmax = absmax
+        self.shape = torch.Size(shape) if shape is not None else None
+        self.code = code
+        self.blocksize = blocksize
+        self.quant_type = quant_type
+        self.dtype = dtype
+        self.offset = offset
+        self.state2 = state2
+
+    @property
+    def nested(self) -> bool:
+        """True when ``absmax`` is double-quantized (uint8 codes + ``state2`` + ``offset``)."""
+        return self.state2 is not None
+
+    @property
+    def numel(self) -> int:
+        """Number of elements of the quantized tensor."""
+        return math.prod(self.shape)
+
+    @property
+    def nblocks(self) -> int:
+        """Number of quantization blocks, ``ceil(numel / blocksize)``."""
+        return -(-self.numel // self.blocksize)
+
+    @property
+    def device(self) -> torch.device:
+        return self.absmax.device
+
+    def __repr__(self) -> str:
+        nested = f", nested_blocksize={self.state2.blocksize}" if self.nested else ""
+        return (
+            f"QuantState(quant_type={self.quant_type!r}, shape={tuple(self.shape) if self.shape else None}, "
+            f"dtype={self.dtype}, blocksize={self.blocksize}{nested}, device={self.device})"
+        )
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, packed: torch.Tensor | None = None) -> QuantState:
+        """Check internal consistency (and against ``packed`` when given); raise ValueError naming the field.
+
+        Returns ``self`` so it can be chained. Called by ``from_dict`` and before every dequantization, so a
+        corrupted or mismatched state is an error, never an out-of-bounds read or a wrong answer.
+        """
+        if self.quant_type not in ("nf4", "fp4"):
+            raise ValueError(f"quant_state.quant_type must be 'nf4' or 'fp4', got {self.quant_type!r}")
+        check_blocksize(self.blocksize, "quant_state.blocksize")
+        if self.shape is None or any(int(s) < 0 for s in self.shape):
+            raise ValueError(f"quant_state.shape must be a tuple of sizes, got {self.shape!r}")
+        if self.numel == 0:
+            raise ValueError(f"quant_state.shape {tuple(self.shape)} has no elements")
+        if self.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"quant_state.dtype must be one of {FLOAT_DTYPES}, got {self.dtype!r}")
+        if not isinstance(self.code, torch.Tensor) or self.code.numel() != 16 or self.code.dtype != torch.float32:
+            got = (tuple(self.code.shape), self.code.dtype) if isinstance(self.code, torch.Tensor) else self.code
+            raise ValueError(f"quant_state.code (quant_map) must be a float32 tensor of 16 entries, got {got}")
+        if not isinstance(self.absmax, torch.Tensor) or self.absmax.dim() != 1 or self.absmax.numel() != self.nblocks:
+            got = tuple(self.absmax.shape) if isinstance(self.absmax, torch.Tensor) else type(self.absmax).__name__
+            raise ValueError(
+                f"quant_state.absmax must have one entry per block: shape {tuple(self.shape)} at blocksize "
+                f"{self.blocksize} has {self.nblocks} blocks, but absmax has shape {got}; the state does not "
+                "belong to this tensor"
+            )
+        if self.nested:
+            s2 = self.state2
+            if self.absmax.dtype != torch.uint8:
+                raise ValueError(f"quant_state.absmax must be uint8 when double-quantized, got {self.absmax.dtype}")
+            if not isinstance(s2.blocksize, int) or s2.blocksize <= 0 or s2.blocksize & (s2.blocksize - 1):
+                raise ValueError(f"nested_blocksize must be a positive power of two, got {s2.blocksize!r}")
+            n2 = -(-self.nblocks // s2.blocksize)
+            if not isinstance(s2.absmax, torch.Tensor) or s2.absmax.dtype != torch.float32 or s2.absmax.shape != (n2,):
+                got = (tuple(s2.absmax.shape), s2.absmax.dtype) if isinstance(s2.absmax, torch.Tensor) else s2.absmax
+                raise ValueError(f"nested_absmax must be float32 of shape ({n2},) for {self.nblocks} blocks, got {got}")
+            if not isinstance(s2.code, torch.Tensor) or s2.code.numel() != 256 or s2.code.dtype != torch.float32:
+                raise ValueError("nested_quant_map must be a float32 tensor of 256 entries")
+            if not isinstance(self.offset, torch.Tensor) or self.offset.numel() != 1:
+                raise ValueError(f"nested_offset must be a single float, got {self.offset!r}")
+        elif self.absmax.dtype != torch.float32:
+            raise ValueError(f"quant_state.absmax must be float32 (not double-quantized), got {self.absmax.dtype}")
+        if packed is not None:
+            if not isinstance(packed, torch.Tensor):
+                raise TypeError(f"packed must be a torch.Tensor, got {type(packed).__name__}")
+            if packed.dtype not in STORAGE_DTYPES:
+                raise TypeError(f"packed must be uint8 (or a bf16/fp16/fp32 quant_storage view), got {packed.dtype}")
+            need = (self.numel + 1) // 2
+            have = packed.numel() * packed.element_size()
+            if have < need:
+                raise ValueError(
+                    f"packed holds {have} bytes but quant_state.shape {tuple(self.shape)} needs {need} "
+                    "(two 4-bit codes per byte); the state does not belong to this tensor"
+                )
+            if packed.device != self.absmax.device:
+                raise ValueError(
+                    f"packed is on {packed.device} but quant_state.absmax is on {self.absmax.device}; "
+                    "move both with quant_state.to(device)"
+                )
+        return self
+
+    # ------------------------------------------------------------------ device moves
+    def to(self, device: torch.device | str) -> QuantState:
+        """Move every tensor to ``device`` in place (as bitsandbytes does) and return ``self``."""
+        self.code = self.code.to(device)
+        self.absmax = self.absmax.to(device)
+        if self.nested:
+            self.offset = self.offset.to(device)
+            self.state2.absmax = self.state2.absmax.to(device)
+            self.state2.code = self.state2.code.to(device)
+        return self
+
+    # ------------------------------------------------------------------ serialization
+    def as_dict(self, packed: bool = False) -> dict[str, Any]:
+        """The state as a dict with bitsandbytes' keys.
+
+        ``packed=False``: ``{quant_type, absmax, blocksize, quant_map, dtype, shape[, nested_absmax,
+        nested_blocksize, nested_quant_map, nested_dtype, nested_offset]}`` with Python values.
+        ``packed=True``: tensors only (safetensors-ready): ``absmax``, ``quant_map``[, ``nested_absmax``,
+        ``nested_quant_map``] and ``quant_state.bitsandbytes__<quant_type>``, a uint8 tensor holding the
+        UTF-8 bytes of ``json.dumps`` of the non-tensor fields, in bitsandbytes' key order.
+        Under a module prefix ``p.`` these become ``p.weight.absmax`` etc.
+        """
+        d: dict[str, Any] = {
+            "quant_type": self.quant_type,
+            "absmax": self.absmax,
+            "blocksize": self.blocksize,
+            "quant_map": self.code,
+            "dtype": _dtype_name(self.dtype),
+            "shape": tuple(self.shape) if self.shape is not None else None,
+        }
+        if self.nested:
+            d.update(
+                {
+                    "nested_absmax": self.state2.absmax,
+                    "nested_blocksize": self.state2.blocksize,
+                    # a copy, so safetensors never sees it as shared storage (bitsandbytes does the same)
+                    "nested_quant_map": self.state2.code.clone(),
+                    "nested_dtype": _dtype_name(self.state2.dtype),
+                    "nested_offset": self.offset.item(),
+                }
+            )
+        if not packed:
+            return d
+        out = {k: v for k, v in d.items() if isinstance(v, torch.Tensor)}
+        blob = json.dumps({k: v for k, v in d.items() if not isinstance(v, torch.Tensor)}).encode("utf-8")
+        out[_QS_PREFIX + self.quant_type] = torch.tensor(list(blob), dtype=torch.uint8)
+        return out
+
+    @classmethod
+    def from_dict(cls, qs_dict: dict[str, Any], device: torch.device | str | None = None) -> QuantState:
+        """Build a QuantState from a bitsandbytes-format dict (packed or unpacked), validating every field.
+
+        Keys may carry a module prefix (``"layer.weight.absmax"``): the part after the last ``.`` is the key,
+        except for the ``quant_state.bitsandbytes__nf4``/``__fp4`` blob. Missing, unknown or corrupted keys
+        raise ValueError naming the key. Tensors are moved to ``device`` (default: where ``absmax`` is).
+        Does not modify ``qs_dict``.
+        """
+        if not isinstance(qs_dict, dict):
+            raise TypeError(f"qs_dict must be a dict of state-dict entries, got {type(qs_dict).__name__}")
+        fields: dict[str, Any] = {}
+        blobs = [k for k in qs_dict if "quant_state." in k or k.startswith("bitsandbytes__")]
+        for k, v in qs_dict.items():
+            if k in blobs:
+                continue
+            short = k.rsplit(".", 1)[-1]
+            if short not in _TENSOR_KEYS + _BLOB_KEYS:
+                raise ValueError(f"unexpected quant state key {k!r}; expected keys among {_TENSOR_KEYS + _BLOB_KEYS}")
+            fields[short] = v
+        if blobs:
+            if len(blobs) != 1:
+                raise ValueError(f"expected exactly one 'quant_state.bitsandbytes__<type>' entry, found {blobs}")
+            key = blobs[0]
+            qt = key.rsplit("bitsandbytes__", 1)[-1]
+            if qt not in ("nf4", "fp4"):
+                raise ValueError(f"quant state key {key!r} must end in bitsandbytes__nf4 or bitsandbytes__fp4")
+            blob = qs_dict[key]
+            if not isinstance(blob, torch.Tensor) or blob.dtype != torch.uint8 or blob.dim() != 1:
+                raise ValueError(f"quant state key {key!r} must be a 1-D uint8 tensor of JSON bytes")
+            try:
+                meta = json.loads(bytes(blob.cpu().tolist()).decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"quant state key {key!r} is corrupted: its bytes are not valid JSON ({e})") from e
+            if not isinstance(meta, dict):
+                raise ValueError(f"quant state key {key!r} is corrupted: JSON is not an object")
+            for mk in meta:
+                if mk not in _BLOB_KEYS:
+                    raise ValueError(f"quant state key {key!r} holds unexpected field {mk!r}")
+            if meta.get("quant_type", qt) != qt:
+                raise ValueError(f"quant state key {key!r} says quant_type {meta.get('quant_type')!r}")
+            fields.update(meta)
+        elif "quant_type" not in fields:
+            raise ValueError(
+                "quant state has neither a 'quant_state.bitsandbytes__nf4'/'__fp4' entry nor a 'quant_type' key; "
+                f"found keys {sorted(qs_dict)}"
+            )
+
+        def need(key: str, kind: type | tuple[type, ...]) -> Any:
+            if key not in fields:
+                raise ValueError(f"quant state is missing key {key!r}; found {sorted(fields)}")
+            v = fields[key]
+            if not isinstance(v, kind) or isinstance(v, bool):
+                raise ValueError(f"quant state key {key!r} has the wrong type {type(v).__name__}")
+            return v
+
+        absmax = need("absmax", torch.Tensor)
+        dev = torch.device(device) if device is not None else absmax.device
+        shape = need("shape", (list, tuple))
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
+            raise ValueError(f"quant state key 'shape' must be a list of ints, got {shape!r}")
+        state2 = offset = None
+        nested_keys = [k for k in ("nested_absmax", "nested_quant_map", "nested_blocksize", "nested_offset") if k in fields]
+        if nested_keys:
+            offset_v = need("nested_offset", (float, int))
+            offset = torch.tensor(float(offset_v), dtype=torch.float32, device=dev)
+            state2 = cls(
+                absmax=need("nested_absmax", torch.Tensor).to(dev),
+                code=need("nested_quant_map", torch.Tensor).to(dev),
+                blocksize=need("nested_blocksize", int),
+                dtype=_parse_dtype(fields.get("nested_dtype", "float32"), "nested_dtype"),
+            )
+        state = cls(
+            absmax=absmax.to(dev),
+            shape=torch.Size(shape),
+            code=need("quant_map", torch.Tensor).to(dev),
+            blocksize=need("blocksize", int),
+            quant_type=need("quant_type", str),
+            dtype=_parse_dtype(fields.get("dtype"), "dtype"),
+            offset=offset,
+            state2=state2,
+        )
+        return state.validate()
+
+    # ------------------------------------------------------------------ helpers
+    def nbytes(self) -> int:
+        """Bytes of all scale data (absmax, nested absmax, offset), excluding codebooks and packed codes."""
+        n = self.absmax.numel() * self.absmax.element_size()
+        if self.nested:
+            n += self.state2.absmax.numel() * self.state2.absmax.element_size() + 4  # + float32 offset
+        return n
+
+    def codebook_matches(self) -> bool:
+        """True when ``code`` is the standard table for ``quant_type`` (bit for bit)."""
+        return torch.equal(self.code.cpu(), get_codebook(self.quant_type))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, QuantState):
+            return NotImplemented
+
+        def same(a: Any, b: Any) -> bool:
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+                return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.cpu(), b.cpu())
+            return a == b
+
+        return (
+            same(self.absmax, other.absmax)
+            and self.shape == other.shape
+            and same(self.code, other.code)
+            and self.dtype == other.dtype
+            and self.blocksize == other.blocksize
+            and self.quant_type == other.quant_type
+            and (same(self.offset, other.offset) if self.nested and other.nested else self.offset is other.offset)
+            and (self.state2 == other.state2 if self.nested and other.nested else self.state2 is other.state2)
+        )
+
+    __hash__ = None  # mutable container of tensors

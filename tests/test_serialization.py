@@ -1,0 +1,116 @@
+"""QuantState serialization both ways with bitsandbytes, and clear errors for corrupted state dicts."""
+
+import json
+
+import pytest
+import torch
+
+import qkernels
+from qkernels import QuantState
+
+from ._oracle import F, bnb, same_bits
+
+
+@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "no-dq"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_as_dict_matches_bitsandbytes_keys_and_blob(quant_type, double_quant):
+    A = torch.randn(130, 70, dtype=torch.bfloat16)
+    p, s = qkernels.quantize_4bit(A, 64, quant_type, double_quant)
+    pb, sb = F.quantize_4bit(A, blocksize=64, compress_statistics=double_quant, quant_type=quant_type)
+    ours, theirs = s.as_dict(packed=True), sb.as_dict(packed=True)
+    assert list(ours) == list(theirs), "same keys in the same order"
+    blob = f"quant_state.bitsandbytes__{quant_type}"
+    # the JSON blob is byte-identical (same fields, order, float repr of the offset)
+    assert torch.equal(ours[blob], theirs[blob])
+    meta = json.loads(bytes(ours[blob].tolist()))
+    assert meta["shape"] == [130, 70] and meta["dtype"] == "bfloat16" and meta["blocksize"] == 64
+    assert torch.equal(ours["quant_map"], theirs["quant_map"])
+    unpacked = s.as_dict(packed=False)
+    assert unpacked["quant_type"] == quant_type and unpacked["shape"] == (130, 70)
+
+
+@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "no-dq"])
+def test_ours_to_bitsandbytes_from_dict(double_quant):
+    A = torch.randn(257, 129)
+    p, s = qkernels.quantize_4bit(A, 128, "nf4", double_quant)
+    sb = F.QuantState.from_dict(s.as_dict(packed=True), device=torch.device("cpu"))
+    assert same_bits(F.dequantize_4bit(p, sb), qkernels.dequantize_4bit(p, s))
+
+
+def test_bitsandbytes_linear4bit_state_dict_to_ours():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 80, bias=True)
+    q = bnb.nn.Linear4bit(128, 80, bias=True, compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+    q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True)
+    q.bias = torch.nn.Parameter(lin.bias.data.clone())
+    q = q.to("cpu")  # bitsandbytes quantizes on the first device move
+    sd = q.state_dict()
+    assert "weight.quant_state.bitsandbytes__nf4" in sd and sd["weight.absmax"].dtype == torch.uint8
+    quant_keys = {k: v for k, v in sd.items() if k.startswith("weight.")}
+    s = QuantState.from_dict(quant_keys, device="cpu")
+    assert s.shape == (80, 128) and s.nested and s.blocksize == 64
+    ours = qkernels.dequantize_4bit(sd["weight"], s)
+    theirs = F.dequantize_4bit(q.weight.data, q.weight.quant_state)
+    assert same_bits(ours, theirs)
+    # and the round trip back: our dict -> the same keys and tensors as bitsandbytes saved
+    back = s.as_dict(packed=True)
+    for k, v in back.items():
+        assert torch.equal(v, sd["weight." + k]), k
+
+
+def test_round_trip_preserves_state_exactly():
+    p, s = qkernels.quantize_4bit(torch.randn(33, 65, dtype=torch.float16), 32, "fp4", True)
+    s2 = QuantState.from_dict(s.as_dict(packed=True))
+    assert s2 == s
+    assert torch.equal(qkernels.dequantize_4bit(p, s2), qkernels.dequantize_4bit(p, s))
+    s3 = QuantState.from_dict({"prefix.weight." + k: v for k, v in s.as_dict(packed=True).items()})
+    assert s3 == s
+
+
+def _packed_dict():
+    _, s = qkernels.quantize_4bit(torch.randn(64, 64), 64, "nf4", True)
+    return s.as_dict(packed=True)
+
+
+@pytest.mark.parametrize(
+    "corrupt, match",
+    [
+        (lambda d: d.pop("absmax"), "missing key 'absmax'"),
+        (lambda d: d.pop("nested_absmax"), "missing key 'nested_absmax'"),
+        (lambda d: d.pop("quant_state.bitsandbytes__nf4"), "neither"),
+        (lambda d: d.__setitem__("quant_state.bitsandbytes__nf4", torch.tensor([1, 2, 255], dtype=torch.uint8)),
+         "corrupted"),
+        (lambda d: d.__setitem__("absmax", d["absmax"][:-1]), "one entry per block"),
+        (lambda d: d.__setitem__("quant_map", torch.zeros(8)), "16 entries"),
+        (lambda d: d.__setitem__("bogus", torch.zeros(1)), "unexpected quant state key"),
+        (lambda d: d.__setitem__("nested_absmax", d["nested_absmax"].half()), "nested_absmax must be float32"),
+        (lambda d: d.__setitem__("quant_state.bitsandbytes__nf4", _blob({"quant_type": "nf4", "blocksize": 48,
+                                                                        "dtype": "float32", "shape": [64, 64]})),
+         "blocksize"),
+        (lambda d: d.__setitem__("quant_state.bitsandbytes__nf4", _blob({"quant_type": "nf4", "blocksize": 64,
+                                                                        "dtype": "int8", "shape": [64, 64]})),
+         "dtype"),
+    ],
+    ids=["no-absmax", "no-nested-absmax", "no-blob", "bad-json", "short-absmax", "bad-quant-map", "extra-key",
+         "half-nested", "bad-blocksize", "bad-dtype"],
+)
+def test_corrupted_state_dict_raises_value_error(corrupt, match):
+    d = _packed_dict()
+    corrupt(d)
+    with pytest.raises(ValueError, match=match):
+        QuantState.from_dict(d)
+
+
+def _blob(meta):
+    d = dict(meta)
+    d.update({"nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 0.5})
+    return torch.tensor(list(json.dumps(d).encode()), dtype=torch.uint8)
+
+
+def test_mismatched_state_and_packed_raise():
+    p, s = qkernels.quantize_4bit(torch.randn(64, 64), 64)
+    p_small, _ = qkernels.quantize_4bit(torch.randn(8, 8), 64)
+    with pytest.raises(ValueError, match="packed holds"):
+        qkernels.dequantize_4bit(p_small, s)
+    with pytest.raises(TypeError, match="quant_state"):
+        qkernels.dequantize_4bit(p, {"absmax": s.absmax})
