@@ -239,3 +239,17 @@ def test_bitsandbytes_cpu_dequantizer_exception_rows_not_whole_blocks(shape):
     # the quantized data itself is the same in both libraries
     pb, sb = F.quantize_4bit(A, blocksize=64, quant_type="nf4")
     assert torch.equal(p, pb) and torch.equal(s.absmax, sb.absmax)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "no-dq"])
+def test_every_available_backend_decodes_the_same_bits(dtype, double_quant):
+    """The default dispatch (the native CPU kernel when _C is built) and the reference backend agree bit for bit."""
+    from qkernels import _backend
+
+    A = _data((1023, 17), dtype, seed=2)
+    p, s = qkernels.quantize_4bit(A, 64, "nf4", double_quant)
+    ref = qkernels.dequantize_4bit(p, s, backend="reference")
+    backends = ["cpu"] if "dequantize_4bit" in _backend.native_ops(torch.device("cpu")) else []
+    for b in backends + [None]:
+        assert same_bits(qkernels.dequantize_4bit(p, s, backend=b), ref), b

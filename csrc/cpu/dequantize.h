@@ -1,0 +1,22 @@
+// CPU dequantization of the bitsandbytes 4-bit (NF4 / FP4) format.
+#pragma once
+
+#include <cstdint>
+
+#include "../common.h"
+
+namespace qkernels {
+namespace cpu {
+
+// Dequantize n 4-bit codes.
+//   packed : uint8[ceil(n/2)]  two codes per byte; element 2j in the HIGH nibble, element 2j+1 in the LOW nibble
+//   absmax : float32[ceil(n/blocksize)]  one scale per block of `blocksize` elements (the last block may be partial)
+//   code   : float32[16]  the codebook (NF4 or FP4 values)
+//   out    : n elements of `out_dtype` (float32 / float16 / bfloat16 stored as raw uint16 bits)
+// out[i] = to_dtype((float)code[nibble(i)] * absmax[i / blocksize])  -- one float32 multiply, one RNE conversion.
+// Arguments are assumed validated (see bindings.cpp).  blocksize must be even (it is a power of two >= 32).
+void dequantize_4bit(const uint8_t* packed, const float* absmax, const float* code, int64_t n, int64_t blocksize,
+                     void* out, DType out_dtype);
+
+}  // namespace cpu
+}  // namespace qkernels

@@ -1,0 +1,44 @@
+"""qkernels: QLoRA kernels for PyTorch — NF4/FP4 blockwise quantization in bitsandbytes' format.
+
+Public API (mirrors bitsandbytes so that migrating is a rename):
+
+- ``quantize_4bit(A, blocksize=64, quant_type="nf4", double_quant=True, quant_storage=torch.uint8)``
+  -> ``(packed, QuantState)``
+- ``dequantize_4bit(packed, quant_state, dtype=None)`` -> tensor
+- ``QuantState`` (``as_dict(packed=True)`` / ``QuantState.from_dict(d, device)``: bitsandbytes' keys)
+- ``codebooks``: ``nf4_codebook()``, ``fp4_codebook()``, ``dynamic_map()``
+- ``reference``: the pure-PyTorch backend, incl. ``reference.matmul_4bit_lora`` (the oracle for the fused kernels)
+- ``native_info()``: what the compiled extension ``qkernels._C`` provides here, or why it is missing.
+"""
+
+from . import codebooks, reference
+from ._native import native_available, native_info
+from .codebooks import QuantType, dynamic_map, fp4_codebook, get_codebook, nf4_codebook
+from .functional import (
+    bits_per_parameter,
+    dequantize_4bit,
+    dequantize_blockwise,
+    quantize_4bit,
+    quantize_blockwise,
+)
+from .quant_state import QuantState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "QuantState",
+    "QuantType",
+    "bits_per_parameter",
+    "codebooks",
+    "dequantize_4bit",
+    "dequantize_blockwise",
+    "dynamic_map",
+    "fp4_codebook",
+    "get_codebook",
+    "native_available",
+    "native_info",
+    "nf4_codebook",
+    "quantize_4bit",
+    "quantize_blockwise",
+    "reference",
+]

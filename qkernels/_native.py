@@ -1,0 +1,152 @@
+"""Loader and torch-facing wrappers for the native module ``qkernels._C``.
+
+Importing this module never fails.  If ``qkernels._C`` cannot be imported (not built, ``QKERNELS_NO_NATIVE=1`` at build
+or run time, ABI problem, ...) then ``_C`` is ``None``, ``NATIVE_ERROR`` holds the reason, the reason is logged at INFO
+level on the ``"qkernels"`` logger, and callers use the pure-torch reference path instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("qkernels")
+
+_C: Any = None
+NATIVE_ERROR: str | None = None
+
+if os.environ.get("QKERNELS_NO_NATIVE", "").strip().lower() in ("1", "true", "yes", "on"):
+    NATIVE_ERROR = "native module disabled by QKERNELS_NO_NATIVE=1"
+else:
+    try:
+        from qkernels import _C  # type: ignore[attr-defined,no-redef]
+    except Exception as exc:  # ImportError, OSError (bad .so), anything raised at module init
+        _C = None
+        NATIVE_ERROR = f"{type(exc).__name__}: {exc}"
+
+if _C is None:
+    logger.info("qkernels native module unavailable, using the reference path (%s)", NATIVE_ERROR)
+
+_DTYPE_TO_NATIVE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # == _C.DType values
+
+
+def native_available() -> bool:
+    """Return True when the compiled module ``qkernels._C`` was imported successfully."""
+    return _C is not None
+
+
+def native_info() -> dict:
+    """Describe the native build.
+
+    Returns ``_C.capabilities()`` plus ``{"native": True, "version": ...}`` when the module is loaded
+    (keys ``cuda_compiled: bool``, ``cuda_archs: str``, ``openmp: bool``, ``cpu_isa: "avx512"|"avx2"|"scalar"``,
+    ``compiler: str``; ``cuda_device_count: int`` when CUDA was compiled), else ``{"native": False, "reason": str}``.
+    """
+    if _C is None:
+        return {"native": False, "reason": NATIVE_ERROR}
+    info = dict(_C.capabilities())
+    info["native"] = True
+    info["version"] = _C.version()
+    if hasattr(_C, "cuda_device_count"):
+        info["cuda_device_count"] = int(_C.cuda_device_count())
+    return info
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def dequantize_4bit_native(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    n: int,
+    blocksize: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Dequantize ``n`` bitsandbytes-format 4-bit values with the native kernel (CPU or CUDA).
+
+    Args:
+        packed: contiguous tensor holding at least ``ceil(n/2)`` bytes, two 4-bit codes per byte: element ``2j`` in the
+            HIGH nibble of byte ``j``, element ``2j+1`` in the LOW nibble.  Any shape; ``uint8`` or any other
+            ``quant_storage`` dtype (reinterpreted with ``.view(torch.uint8)``).
+        absmax: contiguous ``float32`` tensor with exactly ``ceil(n/blocksize)`` elements, one scale per block of
+            ``blocksize`` consecutive elements (the last block may be partial).
+        code: ``float32`` tensor with 16 elements, the codebook (NF4 or FP4).
+        n: number of elements to produce (> 0).
+        blocksize: power of two in [32, 4096].
+        dtype: ``torch.float32``, ``torch.float16`` or ``torch.bfloat16``.
+
+    Returns:
+        A new flat (1-D) contiguous tensor of ``n`` elements of ``dtype`` on the inputs' device with
+        ``out[i] = (code[nibble(i)] * absmax[i // blocksize]).to(dtype)`` (one float32 multiply, one RNE rounding);
+        bit-identical to that pure-torch expression.  CUDA launches are asynchronous on the current stream.
+
+    Raises:
+        TypeError: a tensor argument has the wrong type/dtype.
+        ValueError: a bad size, layout, device or blocksize (the message names the argument).
+        RuntimeError: the native module is not available (see ``NATIVE_ERROR``) or lacks CUDA support.
+    """
+    if _C is None:
+        raise RuntimeError(f"qkernels native module is not available ({NATIVE_ERROR}); use the reference path")
+    fn = "dequantize_4bit_native"
+    for name, t in (("packed", packed), ("absmax", absmax), ("code", code)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: argument '{name}' must be a torch.Tensor (got {type(t).__name__})")
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"{fn}: argument 'n' must be an int (got {type(n).__name__})")
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int):
+        raise TypeError(f"{fn}: argument 'blocksize' must be an int (got {type(blocksize).__name__})")
+    if dtype not in _DTYPE_TO_NATIVE:
+        raise TypeError(f"{fn}: argument 'dtype' must be torch.float32, torch.float16 or torch.bfloat16 (got {dtype})")
+    if n <= 0:
+        raise ValueError(f"{fn}: argument 'n' must be > 0 (got {n})")
+    if blocksize < 32 or blocksize > 4096 or blocksize & (blocksize - 1):
+        raise ValueError(f"{fn}: argument 'blocksize' must be a power of two in [32, 4096] (got {blocksize})")
+
+    if not packed.is_contiguous():
+        raise ValueError(f"{fn}: argument 'packed' must be contiguous")
+    if packed.dtype != torch.uint8:
+        if packed.dtype.is_complex or packed.dtype == torch.bool:
+            raise TypeError(f"{fn}: argument 'packed' must be uint8 or a quant_storage dtype (got {packed.dtype})")
+        packed = packed.reshape(-1).view(torch.uint8)
+    if absmax.dtype != torch.float32:
+        raise TypeError(f"{fn}: argument 'absmax' must be torch.float32 (got {absmax.dtype})")
+    if not absmax.is_contiguous():
+        raise ValueError(f"{fn}: argument 'absmax' must be contiguous")
+    if code.dtype != torch.float32:
+        raise TypeError(f"{fn}: argument 'code' must be torch.float32 (got {code.dtype})")
+    if code.numel() != 16:
+        raise ValueError(f"{fn}: argument 'code' must have 16 elements (got {code.numel()})")
+    code = code.contiguous()
+    nblocks = _ceil_div(n, blocksize)
+    if absmax.numel() != nblocks:
+        raise ValueError(
+            f"{fn}: argument 'absmax' must have ceil(n/blocksize) = {nblocks} elements (got {absmax.numel()})"
+        )
+    if packed.numel() < _ceil_div(n, 2):
+        raise ValueError(f"{fn}: argument 'packed' must hold at least ceil(n/2) = {_ceil_div(n, 2)} bytes "
+                         f"(got {packed.numel()})")
+    device = packed.device
+    for name, t in (("absmax", absmax), ("code", code)):
+        if t.device != device:
+            raise ValueError(f"{fn}: argument '{name}' is on {t.device} but 'packed' is on {device}")
+
+    out = torch.empty(n, dtype=dtype, device=device)
+    native_dtype = _DTYPE_TO_NATIVE[dtype]
+    if device.type == "cpu":
+        _C.dequantize_4bit_cpu(packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), n, blocksize, out.data_ptr(),
+                               native_dtype)
+    elif device.type == "cuda":
+        if not hasattr(_C, "dequantize_4bit_cuda"):
+            raise RuntimeError(f"{fn}: qkernels._C was built without CUDA support (rebuild with QKERNELS_CUDA=1)")
+        with torch.cuda.device(device):
+            stream = torch.cuda.current_stream(device).cuda_stream
+            _C.dequantize_4bit_cuda(packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), n, blocksize,
+                                    out.data_ptr(), native_dtype, stream)
+    else:
+        raise ValueError(f"{fn}: argument 'packed' is on unsupported device {device} (expected cpu or cuda)")
+    return out
