@@ -33,7 +33,7 @@ class QuantType(str, Enum):
     FP4 = "fp4"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _nf4_cpu() -> torch.Tensor:
     try:
         from scipy.stats import norm
@@ -57,7 +57,7 @@ def nf4_codebook(device: torch.device | str | None = None) -> torch.Tensor:
     return _nf4_cpu().to(device=device, copy=True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fp4_cpu() -> torch.Tensor:
     # e2m1 with exponent bias 2^(e-1) = 2 and one subnormal: magnitudes for bit patterns 000..111 are
     # 0, 0.0625, 8, 12, 4, 6, 2, 3 (bitsandbytes' order); bit 3 is the sign. Normalized by 12.
@@ -75,7 +75,7 @@ def fp4_codebook(device: torch.device | str | None = None) -> torch.Tensor:
     return _fp4_cpu().to(device=device, copy=True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dynamic_cpu(signed: bool, max_exponent_bits: int, total_bits: int) -> torch.Tensor:
     # The "dynamic tree" 8-bit type (Dettmers 2015): a run of leading zero bits is a decimal exponent
     # 10^-(e), the bits after the indicator bit a linear fraction in [0.1, 1]. Built in float32 exactly

@@ -138,7 +138,10 @@ def with_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> to
 def format_table(header: list[str], rows: list[list[str]]) -> str:
     """Plain-text table: first column left-aligned, the others right-aligned, widths fitted to the content."""
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
-    lines = [[v.ljust(w) if c == 0 else v.rjust(w) for c, (v, w) in enumerate(zip(r, widths))] for r in [header, *rows]]
+    lines = [
+        [v.ljust(w) if c == 0 else v.rjust(w) for c, (v, w) in enumerate(zip(r, widths, strict=True))]
+        for r in [header, *rows]
+    ]
     return "\n".join("  ".join(r) for r in [lines[0], ["-" * w for w in widths], *lines[1:]])
 
 

@@ -92,7 +92,9 @@ def quantize_4bit(
             raw = torch.cat([raw, raw.new_zeros(pad)])
         packed = raw.view(quant_storage).unsqueeze(1)
 
-    state = QuantState(absmax=absmax, shape=A.shape, code=code, blocksize=blocksize, quant_type=quant_type, dtype=A.dtype)
+    state = QuantState(
+        absmax=absmax, shape=A.shape, code=code, blocksize=blocksize, quant_type=quant_type, dtype=A.dtype
+    )
     if double_quant:
         offset = absmax.mean()
         qabsmax, nested_absmax = reference.quantize_blockwise(absmax - offset, dynamic_map(A.device), NESTED_BLOCKSIZE)

