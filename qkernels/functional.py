@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _backend, _native, reference
+from . import _ops, reference
 from .codebooks import dynamic_map, get_codebook
 from .quant_state import FLOAT_DTYPES, NESTED_BLOCKSIZE, STORAGE_DTYPES, QuantState, check_blocksize
 
@@ -79,9 +79,10 @@ def quantize_4bit(
         raise ValueError(f"quant_storage must be one of {STORAGE_DTYPES}, got {quant_storage!r}")
     if not isinstance(double_quant, bool):
         raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
-    _backend.resolve("quantize_4bit", A.device, backend)  # only the reference quantizes in this version
-
-    packed, absmax = reference.quantize_4bit(A, code, blocksize)
+    if backend is None:  # through the registered op, so torch.compile sees one node
+        packed, absmax = torch.ops.qkernels.quantize_4bit(A, code, blocksize)
+    else:
+        packed, absmax = _ops.quantize_4bit_impl(A, code, blocksize, backend)
     if not bool(torch.isfinite(absmax).all()):
         _raise_non_finite(A, absmax, blocksize, "A")
     if quant_storage != torch.uint8:
@@ -97,7 +98,9 @@ def quantize_4bit(
     )
     if double_quant:
         offset = absmax.mean()
-        qabsmax, nested_absmax = reference.quantize_blockwise(absmax - offset, dynamic_map(A.device), NESTED_BLOCKSIZE)
+        qabsmax, nested_absmax = torch.ops.qkernels.quantize_blockwise(
+            absmax - offset, dynamic_map(A.device), NESTED_BLOCKSIZE
+        )
         state.absmax = qabsmax
         state.offset = offset
         state.state2 = QuantState(
@@ -134,14 +137,13 @@ def dequantize_4bit(
     if not packed.is_contiguous():
         raise ValueError("packed must be contiguous (its bytes are read in order); pass packed.contiguous()")
     raw = packed if packed.dtype == torch.uint8 else packed.reshape(-1).view(torch.uint8)
-    n = quant_state.numel
-    absmax = reference.decode_absmax(quant_state)
-    which = _backend.resolve("dequantize_4bit", raw.device, backend)
-    if which == "reference":
-        out = reference.dequantize_4bit(raw, absmax, quant_state.code, quant_state.blocksize, n, dtype)
-    else:
-        out = _native.dequantize_4bit_native(raw, absmax, quant_state.code, n, quant_state.blocksize, dtype)
-    return out.reshape(quant_state.shape)
+    qs = quant_state
+    no_nesting = (None, None, None, NESTED_BLOCKSIZE)
+    nested = (qs.state2.absmax, qs.state2.code, qs.offset, qs.state2.blocksize) if qs.nested else no_nesting
+    args = (raw, qs.absmax, qs.code, qs.blocksize, list(qs.shape), dtype, *nested)
+    if backend is None:  # through the registered op, so torch.compile sees one node
+        return torch.ops.qkernels.dequantize_4bit(*args)
+    return _ops.dequantize_4bit_impl(*args, backend)
 
 
 def quantize_blockwise(

@@ -1,0 +1,178 @@
+"""The op registry: every ``qkernels::`` op's schema, argument checks and fake (meta) implementation, in one place.
+
+The ops are ``torch.library`` custom ops, so ``torch.compile`` traces through them (fullgraph) and
+``torch.library.opcheck`` can test them. Their real implementation dispatches per call through
+``qkernels._backend.resolve`` (the ``QKERNELS_BACKEND`` environment variable forces a backend) to the
+reference (pure PyTorch, any device) or the native kernels in ``qkernels._C``.
+
+Ops (tensors flat unless stated):
+
+- ``quantize_4bit(A, code[16], blocksize) -> (packed uint8 [(n+1)//2, 1], absmax float32 [nblocks])``
+- ``dequantize_4bit(packed uint8, absmax, code[16], blocksize, shape, dtype, nested_absmax?, nested_code?, offset?,
+  nested_blocksize) -> Tensor[shape] of dtype``; ``absmax`` is float32, or uint8 codes when ``nested_absmax`` is given
+  (decoded inline as ``nested_code[q] * nested_absmax[i // nested_blocksize] + offset``).
+- ``quantize_blockwise(A, code[256], blocksize) -> (codes uint8 [n], absmax float32 [nblocks])``
+- ``dequantize_blockwise(q uint8 [n], absmax, code[256], blocksize) -> float32 [n]``
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _backend, _native, reference
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _check_code(code: torch.Tensor, entries: int, like: torch.Tensor) -> None:
+    torch._check(code.dtype == torch.float32, lambda: f"code must be float32, got {code.dtype}")
+    torch._check(code.numel() == entries, lambda: f"code must have {entries} entries, got {code.numel()}")
+    torch._check(code.device == like.device, lambda: f"code is on {code.device} but the data is on {like.device}")
+
+
+def _check_blocksize(blocksize: int, lo: int = 32) -> None:
+    torch._check(
+        lo <= blocksize <= 4096 and blocksize & (blocksize - 1) == 0,
+        lambda: f"blocksize must be a power of two in [{lo}, 4096], got {blocksize}",
+    )
+
+
+# ------------------------------------------------------------------------------------------------ quantize_4bit
+@torch.library.custom_op("qkernels::quantize_4bit", mutates_args=())
+def quantize_4bit(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise 4-bit quantization (docs/format.md §2-3). See the module docstring for shapes."""
+    _check_quantize(A, code, blocksize, 16)
+    return quantize_4bit_impl(A, code, blocksize, None)
+
+
+def quantize_4bit_impl(A: torch.Tensor, code: torch.Tensor, blocksize: int, backend: str | None):
+    """The op's body with an explicit backend (``None``: the fastest available; see ``_backend.resolve``)."""
+    if _backend.resolve("quantize_4bit", A.device, backend) == "reference":
+        return reference.quantize_4bit(A, code, blocksize)
+    return _native.quantize_4bit_native(A, code, blocksize)
+
+
+def _check_quantize(A: torch.Tensor, code: torch.Tensor, blocksize: int, entries: int) -> None:
+    torch._check(A.dtype in _FLOATS, lambda: f"A must be float32, float16 or bfloat16, got {A.dtype}")
+    torch._check(A.numel() > 0, lambda: "A is empty")
+    _check_code(code, entries, A)
+    _check_blocksize(blocksize, 32 if entries == 16 else 1)
+
+
+@quantize_4bit.register_fake
+def _(A, code, blocksize):
+    _check_quantize(A, code, blocksize, 16)
+    n = A.numel()
+    packed = A.new_empty(((n + 1) // 2, 1), dtype=torch.uint8)
+    return packed, A.new_empty((_ceil_div(n, blocksize),), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------- dequantize_4bit
+@torch.library.custom_op("qkernels::dequantize_4bit", mutates_args=())
+def dequantize_4bit(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    shape: list[int],
+    dtype: torch.dtype,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    nested_blocksize: int = 256,
+) -> torch.Tensor:
+    """Decode packed 4-bit codes to ``shape`` / ``dtype`` (docs/format.md §4-5). See the module docstring."""
+    _check_dequantize(
+        packed, absmax, code, blocksize, shape, dtype, nested_absmax, nested_code, offset, nested_blocksize
+    )
+    return dequantize_4bit_impl(
+        packed, absmax, code, blocksize, shape, dtype, nested_absmax, nested_code, offset, nested_blocksize, None
+    )
+
+
+def dequantize_4bit_impl(packed, absmax, code, blocksize, shape, dtype, nested_absmax, nested_code, offset,
+                         nested_blocksize, backend: str | None) -> torch.Tensor:
+    """The op's body with an explicit backend (``None``: the fastest available; see ``_backend.resolve``)."""
+    n = math.prod(shape)
+    scales = absmax
+    if nested_absmax is not None:
+        q = reference.dequantize_blockwise(absmax, nested_absmax, nested_code, nested_blocksize)
+        scales = q + offset.to(torch.float32)
+    if _backend.resolve("dequantize_4bit", packed.device, backend) == "reference":
+        out = reference.dequantize_4bit(packed, scales, code, blocksize, n, dtype)
+    else:
+        out = _native.dequantize_4bit_native(packed, scales, code, n, blocksize, dtype)
+    return out.reshape(shape)
+
+
+def _check_dequantize(packed, absmax, code, blocksize, shape, dtype, nested_absmax, nested_code, offset, nested_bs):
+    torch._check(packed.dtype == torch.uint8, lambda: f"packed must be uint8 (view other storage), got {packed.dtype}")
+    torch._check(dtype in _FLOATS, lambda: f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    _check_blocksize(blocksize)
+    _check_code(code, 16, packed)
+    n = math.prod(shape)
+    torch._check(n > 0, lambda: f"shape {shape} has no elements")
+    torch._check(packed.numel() >= (n + 1) // 2, lambda: f"packed has {packed.numel()} bytes, {(n + 1) // 2} needed")
+    nblocks = _ceil_div(n, blocksize)
+    torch._check(absmax.numel() == nblocks, lambda: f"absmax must have {nblocks} entries, got {absmax.numel()}")
+    torch._check(absmax.device == packed.device, lambda: f"absmax is on {absmax.device}, packed on {packed.device}")
+    if nested_absmax is None:
+        torch._check(absmax.dtype == torch.float32, lambda: f"absmax must be float32, got {absmax.dtype}")
+        return
+    torch._check(absmax.dtype == torch.uint8, lambda: f"absmax must be uint8 codes when nested, got {absmax.dtype}")
+    torch._check(nested_code is not None and offset is not None, lambda: "nested_absmax needs nested_code and offset")
+    _check_code(nested_code, 256, packed)
+    n2 = _ceil_div(nblocks, nested_bs)
+    torch._check(nested_absmax.numel() == n2, lambda: f"nested_absmax must have {n2} entries")
+    torch._check(nested_absmax.dtype == torch.float32, lambda: "nested_absmax must be float32")
+    torch._check(offset.numel() == 1, lambda: "offset must be a single float32 value")
+
+
+@dequantize_4bit.register_fake
+def _(packed, absmax, code, blocksize, shape, dtype, nested_absmax=None, nested_code=None, offset=None,
+      nested_blocksize=256):
+    _check_dequantize(packed, absmax, code, blocksize, shape, dtype, nested_absmax, nested_code, offset,
+                      nested_blocksize)
+    return packed.new_empty(shape, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------- 8-bit blockwise (nested scales)
+@torch.library.custom_op("qkernels::quantize_blockwise", mutates_args=())
+def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit blockwise quantization against a 256-entry map (the nested-scale format)."""
+    _check_quantize(A, code, blocksize, 256)
+    return reference.quantize_blockwise(A, code, blocksize)
+
+
+@quantize_blockwise.register_fake
+def _(A, code, blocksize):
+    _check_quantize(A, code, blocksize, 256)
+    n = A.numel()
+    return A.new_empty((n,), dtype=torch.uint8), A.new_empty((_ceil_div(n, blocksize),), dtype=torch.float32)
+
+
+@torch.library.custom_op("qkernels::dequantize_blockwise", mutates_args=())
+def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """Inverse of ``quantize_blockwise``: float32 ``[n]``."""
+    _check_dequantize_blockwise(q, absmax, code, blocksize)
+    return reference.dequantize_blockwise(q, absmax, code, blocksize)
+
+
+def _check_dequantize_blockwise(q, absmax, code, blocksize):
+    torch._check(q.dtype == torch.uint8, lambda: f"q must be uint8, got {q.dtype}")
+    _check_blocksize(blocksize, 1)
+    _check_code(code, 256, q)
+    nb = _ceil_div(q.numel(), blocksize)
+    torch._check(absmax.numel() == nb and absmax.dtype == torch.float32, lambda: f"absmax must be float32[{nb}]")
+
+
+@dequantize_blockwise.register_fake
+def _(q, absmax, code, blocksize):
+    _check_dequantize_blockwise(q, absmax, code, blocksize)
+    return q.new_empty((q.numel(),), dtype=torch.float32)
