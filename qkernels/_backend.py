@@ -23,7 +23,10 @@ def native_ops(device: torch.device) -> set[str]:
     if not _native.native_available():
         return set()
     if device.type == "cpu":
-        return {"dequantize_4bit"}
+        ops = {"dequantize_4bit"}
+        if hasattr(_native._C, "quantize_4bit_cpu"):
+            ops.add("quantize_4bit")
+        return ops
     if device.type == "cuda" and _native.native_info().get("cuda_compiled", False):
         return {"dequantize_4bit"}
     return set()

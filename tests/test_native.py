@@ -292,3 +292,196 @@ def test_dequantize_cuda_bit_exact(n, blocksize, dtype):
         out2 = _native.dequantize_4bit_native(packed.cuda(), absmax.cuda(), code.cuda(), n, blocksize, dtype)
     s.synchronize()
     assert torch.equal(_bits(out2.cpu()), _bits(ref))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# quantize_4bit_cpu and the per-ISA CPU paths: bit-exact vs qkernels.reference
+# ---------------------------------------------------------------------------------------------------------------------
+
+ISAS = ["scalar", "avx2", "avx512"]
+
+
+def _isa_available(isa: str) -> bool:
+    return _native.native_available() and isa in _native._C.cpu_isa_available()
+
+
+@pytest.fixture(params=ISAS)
+def cpu_isa(request, monkeypatch):
+    """Force one CPU path through QKERNELS_CPU_ISA (read by the kernels on every call)."""
+    isa = request.param
+    if not _native.native_available():
+        pytest.skip("qkernels._C is missing")
+    if not _isa_available(isa):
+        pytest.skip(f"this CPU cannot run the {isa} path (available: {_native._C.cpu_isa_available()})")
+    monkeypatch.setenv("QKERNELS_CPU_ISA", isa)
+    assert _native._C.cpu_isa_active() == isa
+    return isa
+
+
+def _quant_inputs(n: int, blocksize: int, dtype: torch.dtype, code: torch.Tensor, seed: int) -> torch.Tensor:
+    """Random blocks with per-block scales, plus zero blocks, exact midpoints, subnormals, huge values, -0.0."""
+    from qkernels.codebooks import midpoints
+
+    g = torch.Generator().manual_seed(seed)
+    nblocks = -(-n // blocksize)
+    scale = torch.pow(10.0, torch.empty(nblocks).uniform_(-3.0, 3.0, generator=g)).repeat_interleave(blocksize)[:n]
+    x = torch.randn(n, generator=g) * scale
+    bounds, _ = midpoints(code)
+    tiny = {torch.float32: 1e-40, torch.float16: 3e-6, torch.bfloat16: 1e-39}[dtype]
+    huge = {torch.float32: 3e38, torch.float16: 65504.0, torch.bfloat16: 3e38}[dtype]
+    for b in range(nblocks):
+        lo, hi = b * blocksize, min(n, (b + 1) * blocksize)
+        kind = (b + seed) % 6
+        if kind == 0:  # all zeros (absmax 0 -> code of 0.0), with a -0.0
+            x[lo:hi] = 0.0
+            x[lo] = -0.0
+        elif kind == 1:  # exact midpoints: absmax is a power of two, so v = x * (1/absmax) is exact
+            p = 2.0 ** int(torch.randint(-8, 9, (1,), generator=g))
+            vals = torch.cat([bounds, torch.nextafter(bounds, torch.tensor(2.0)),
+                              torch.nextafter(bounds, torch.tensor(-2.0)), -bounds, torch.tensor([1.0, -1.0])])
+            m = hi - lo
+            x[lo:hi] = vals.repeat(-(-m // len(vals)))[:m] * p
+            x[lo] = p
+        elif kind == 2:  # subnormals of the input dtype
+            x[lo:hi] = torch.randn(hi - lo, generator=g) * tiny
+        elif kind == 3:  # huge values
+            x[lo:hi] = (torch.rand(hi - lo, generator=g) * 2 - 1) * huge
+            x[lo] = -huge
+    x = x.to(dtype)
+    assert torch.isfinite(x).all()
+    return x
+
+
+@needs_native
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("n", [1, 2, 63, 65, 4095 * 37, 200001])
+@pytest.mark.parametrize("blocksize", [32, 64, 256, 4096])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_quantize_cpu_bit_exact(cpu_isa, dtype, blocksize, n, quant_type):
+    from qkernels import reference
+    from qkernels.codebooks import get_codebook
+
+    code = get_codebook(quant_type)
+    A = _quant_inputs(n, blocksize, dtype, code, seed=n * 31 + blocksize + DTYPES.index(dtype))
+    packed, absmax = _native.quantize_4bit_native(A, code, blocksize)
+    ref_packed, ref_absmax = reference.quantize_4bit(A, code, blocksize)
+    assert packed.shape == ref_packed.shape and packed.dtype == torch.uint8
+    assert absmax.shape == ref_absmax.shape and absmax.dtype == torch.float32
+    assert torch.equal(packed, ref_packed)
+    assert torch.equal(absmax.view(torch.int32), ref_absmax.view(torch.int32))
+
+
+@needs_native
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_quantize_cpu_shuffled_codebook_and_2d(cpu_isa, quant_type):
+    """Unsorted / random codebooks (exercise the order permutation) and a non-contiguous 2-D input."""
+    from qkernels import reference
+    from qkernels.codebooks import get_codebook
+
+    g = torch.Generator().manual_seed(7)
+    for code in (get_codebook(quant_type)[torch.randperm(16, generator=g)],
+                 torch.empty(16).uniform_(-1.0, 1.0, generator=g)):
+        A = _quant_inputs(300 * 70, 64, torch.bfloat16, code, seed=3).reshape(300, 70).t()
+        packed, absmax = _native.quantize_4bit_native(A, code, 64)
+        ref_packed, ref_absmax = reference.quantize_4bit(A, code, 64)
+        assert torch.equal(packed, ref_packed) and torch.equal(absmax, ref_absmax)
+
+
+@needs_native
+def test_quantize_cpu_nonfinite_does_not_crash(cpu_isa):
+    from qkernels.codebooks import get_codebook
+
+    A = torch.randn(1000)
+    A[5], A[300], A[700] = float("nan"), float("inf"), float("-inf")
+    _, absmax = _native.quantize_4bit_native(A, get_codebook("nf4"), 64)
+    assert not torch.isfinite(absmax[0]) and not torch.isfinite(absmax[4]) and not torch.isfinite(absmax[10])
+    assert torch.isfinite(absmax[1])
+
+
+@needs_native
+@pytest.mark.parametrize("n", [1, 63, 4095 * 37, 200001])
+@pytest.mark.parametrize("blocksize", [32, 64, 256, 4096])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_dequantize_cpu_bit_exact_per_isa(cpu_isa, dtype, blocksize, n):
+    from qkernels import reference
+
+    packed, absmax, code = _make_inputs(n, blocksize, seed=n * 13 + blocksize + DTYPES.index(dtype))
+    out = _native.dequantize_4bit_native(packed, absmax, code, n, blocksize, dtype)
+    ref = reference.dequantize_4bit(packed, absmax, code, blocksize, n, dtype)
+    assert torch.equal(_bits(out), _bits(ref))
+
+
+def test_cpu_isa_env_validation(monkeypatch):
+    if not _native.native_available():
+        pytest.skip("qkernels._C is missing")
+    C = _native._C
+    avail = C.cpu_isa_available()
+    assert avail[0] == "scalar" and set(avail) <= set(ISAS)
+    monkeypatch.delenv("QKERNELS_CPU_ISA", raising=False)
+    assert C.cpu_isa_active() == avail[-1] == C.capabilities()["cpu_isa"]
+    monkeypatch.setenv("QKERNELS_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="QKERNELS_CPU_ISA"):
+        _native.quantize_4bit_native(torch.ones(64), torch.zeros(16), 64)
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "kwargs, exc, argname",
+    [
+        (dict(A=torch.ones(64, dtype=torch.float64)), TypeError, "'A'"),
+        (dict(A=torch.ones(0)), ValueError, "'A'"),
+        (dict(A=[1.0] * 64), TypeError, "'A'"),
+        (dict(code=torch.zeros(16, dtype=torch.float64)), TypeError, "'code'"),
+        (dict(code=torch.zeros(15)), ValueError, "'code'"),
+        (dict(blocksize=48), ValueError, "blocksize"),
+        (dict(blocksize=64.0), TypeError, "blocksize"),
+    ],
+)
+def test_quantize_bad_arguments(kwargs, exc, argname):
+    args = dict(A=torch.ones(64), code=torch.zeros(16), blocksize=64)
+    args.update(kwargs)
+    with pytest.raises(exc, match=argname):
+        _native.quantize_4bit_native(**args)
+
+
+@needs_native
+def test_quantize_bad_arguments_binding():
+    C = _native._C
+    A, code, packed, absmax = torch.ones(64), torch.zeros(16), torch.empty(32, dtype=torch.uint8), torch.empty(1)
+    a, c, p, m = A.data_ptr(), code.data_ptr(), packed.data_ptr(), absmax.data_ptr()
+    cases = [
+        ((0, 0, 64, 64, c, p, m), "A_ptr"),
+        ((a, 3, 64, 64, c, p, m), "in_dtype"),
+        ((a, 0, 0, 64, c, p, m), "'n'"),
+        ((a, 0, 64, 48, c, p, m), "blocksize"),
+        ((a, 0, 64, 64, 0, p, m), "code_ptr"),
+        ((a, 0, 64, 64, c, 0, m), "packed_ptr"),
+        ((a, 0, 64, 64, c, p, 0), "absmax_ptr"),
+    ]
+    for args, argname in cases:
+        with pytest.raises(ValueError, match=argname):
+            C.quantize_4bit_cpu(*args)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_dequantize_cpu_conversion_bit_patterns_per_isa(cpu_isa, dtype):
+    """code = 1.0 everywhere, absmax = random float32 bit patterns (subnormals, overflow, inf, NaN): every path
+    converts exactly like the scalar path, and like torch for all non-NaN values."""
+    from qkernels import reference
+
+    g = torch.Generator().manual_seed(17)
+    n, bs = 32 * 20000, 32
+    bits = torch.randint(-(2**31), 2**31 - 1, (n // bs,), generator=g, dtype=torch.int64).to(torch.int32)
+    absmax = bits.view(torch.float32).clone()
+    packed = torch.randint(0, 256, (n // 2,), generator=g, dtype=torch.uint8)
+    code = torch.ones(16)
+    code[3] = -1.0
+    out = _native.dequantize_4bit_native(packed, absmax, code, n, bs, dtype)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QKERNELS_CPU_ISA", "scalar")
+        scalar = _native.dequantize_4bit_native(packed, absmax, code, n, bs, dtype)
+    assert torch.equal(_bits(out), _bits(scalar))
+    finite = ~torch.isnan(absmax).repeat_interleave(bs)
+    ref = reference.dequantize_4bit(packed, absmax, code, bs, n, dtype)
+    assert torch.equal(_bits(out)[finite], _bits(ref)[finite])

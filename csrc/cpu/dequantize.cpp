@@ -1,4 +1,4 @@
-// Portable scalar CPU dequantization (a later change adds explicit SIMD paths).
+// CPU dequantization: portable scalar path plus AVX2 / AVX-512 paths chosen at run time (isa.h).
 //
 // Per block we build a 16-entry table lut[k] = to_dtype(code[k] * absmax[b]) -- the same single float32 multiply and
 // single rounding as the reference -- and then each packed byte expands to two table lookups.  This is exact and
@@ -6,6 +6,15 @@
 #include "dequantize.h"
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
+
+#include "isa.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define QK_X86 1
+#endif
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -65,10 +74,184 @@ void dequantize_impl(const uint8_t* packed, const float* absmax, const float* co
   (void)kParallelThreshold;
 }
 
+#ifdef QK_X86
+// SIMD paths.  The per-block 16-entry table is built exactly as in the scalar path (one float32 multiply, then the
+// scalar conversion helpers of common.h); only the table lookups are vectorized, so every path gives the same bits.
+// A block's elements are processed 32 at a time (16 packed bytes); the remainder of a partial last block goes to
+// the scalar dequantize_block.
+#define QK_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define QK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+
+template <typename Conv>
+inline void make_lut(const float* code, float scale, typename Conv::T* lut) {
+  for (int k = 0; k < 16; ++k) lut[k] = Conv::conv(code[k] * scale);
+}
+
+// 16 packed bytes -> 32 nibble indices (uint8, element order: hi0, lo0, hi1, lo1, ...) as two 128-bit halves.
+QK_AVX2 inline void nibbles32(const uint8_t* p, __m128i* i0, __m128i* i1) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i m = _mm_set1_epi8(0x0f);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+  const __m128i lo = _mm_and_si128(b, m);
+  *i0 = _mm_unpacklo_epi8(hi, lo);
+  *i1 = _mm_unpackhi_epi8(hi, lo);
+}
+
+QK_AVX2 void block_f32_avx2(const uint8_t* packed, float scale, const float* code, int64_t begin, int64_t vend,
+                            float* out) {
+  alignas(32) float lut[16];
+  make_lut<ToF32>(code, scale, lut);
+  const __m256 la = _mm256_load_ps(lut), lb = _mm256_load_ps(lut + 8);
+  for (int64_t i = begin; i < vend; i += 32) {
+    __m128i q[2];
+    nibbles32(packed + i / 2, &q[0], &q[1]);
+    for (int h = 0; h < 4; ++h) {
+      const __m128i src = (h & 1) ? _mm_srli_si128(q[h >> 1], 8) : q[h >> 1];
+      const __m256i idx = _mm256_cvtepu8_epi32(src);
+      const __m256 v = _mm256_blendv_ps(_mm256_permutevar8x32_ps(la, idx), _mm256_permutevar8x32_ps(lb, idx),
+                                        _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+      _mm256_storeu_ps(out + i + 8 * h, v);
+    }
+  }
+}
+
+template <typename Conv>
+QK_AVX2 void block_u16_avx2(const uint8_t* packed, float scale, const float* code, int64_t begin, int64_t vend,
+                            uint16_t* out) {
+  alignas(32) uint16_t lut[16];
+  if (std::is_same<Conv, ToF16>::value) {  // F16C vcvtps2ph (RNE) == float_to_half_bits, NaN included
+    const __m256 s = _mm256_set1_ps(scale);
+    _mm_store_si128(reinterpret_cast<__m128i*>(lut),
+                    _mm256_cvtps_ph(_mm256_mul_ps(_mm256_loadu_ps(code), s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    _mm_store_si128(reinterpret_cast<__m128i*>(lut + 8),
+                    _mm256_cvtps_ph(_mm256_mul_ps(_mm256_loadu_ps(code + 8), s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {
+    make_lut<Conv>(code, scale, lut);
+  }
+  alignas(16) uint8_t tl[16], th[16];
+  for (int k = 0; k < 16; ++k) {
+    tl[k] = static_cast<uint8_t>(lut[k] & 0xff);
+    th[k] = static_cast<uint8_t>(lut[k] >> 8);
+  }
+  const __m256i tab_lo = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(tl)));
+  const __m256i tab_hi = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(th)));
+  for (int64_t i = begin; i < vend; i += 32) {
+    __m128i i0, i1;
+    nibbles32(packed + i / 2, &i0, &i1);
+    const __m256i ix = _mm256_inserti128_si256(_mm256_castsi128_si256(i0), i1, 1);  // lane0: 0..15, lane1: 16..31
+    const __m256i L = _mm256_shuffle_epi8(tab_lo, ix), H = _mm256_shuffle_epi8(tab_hi, ix);
+    const __m256i o0 = _mm256_unpacklo_epi8(L, H);  // lane0: 0..7,  lane1: 16..23
+    const __m256i o1 = _mm256_unpackhi_epi8(L, H);  // lane0: 8..15, lane1: 24..31
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_permute2x128_si256(o0, o1, 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i + 16), _mm256_permute2x128_si256(o0, o1, 0x31));
+  }
+}
+
+QK_AVX512 inline __m256i nibbles32_avx512(const uint8_t* p) {
+  const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  // 16-bit lane k = (lo_k << 8) | hi_k  ->  bytes in element order hi0, lo0, hi1, lo1, ...
+  return _mm256_or_si256(_mm256_srli_epi16(w, 4), _mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x0f)), 8));
+}
+
+QK_AVX512 void block_f32_avx512(const uint8_t* packed, float scale, const float* code, int64_t begin, int64_t vend,
+                                float* out) {
+  alignas(64) float lut[16];
+  make_lut<ToF32>(code, scale, lut);
+  const __m512 l = _mm512_load_ps(lut);
+  for (int64_t i = begin; i < vend; i += 32) {
+    const __m256i x = nibbles32_avx512(packed + i / 2);
+    _mm512_storeu_ps(out + i, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(x)), l));
+    _mm512_storeu_ps(out + i + 16, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(x, 1)), l));
+  }
+}
+
+template <typename Conv>
+QK_AVX512 void block_u16_avx512(const uint8_t* packed, float scale, const float* code, int64_t begin, int64_t vend,
+                                uint16_t* out) {
+  // Table: 16 float32 products (one multiply each, as in the scalar path), converted in-register exactly like
+  // float_to_half_bits (vcvtps2ph, round-to-nearest-even) / float_to_bf16_bits (integer RNE, NaN -> 0x7FC0).
+  const __m512 prod = _mm512_mul_ps(_mm512_loadu_ps(code), _mm512_set1_ps(scale));
+  __m256i h;
+  if (std::is_same<Conv, ToF16>::value) {
+    h = _mm512_cvtps_ph(prod, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  } else {
+    const __m512i u = _mm512_castps_si512(prod);
+    const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16),
+                                                                                       _mm512_set1_epi32(1)));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                  _mm512_set1_epi32(0x7f800000));
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
+    h = _mm512_cvtepi32_epi16(r);
+  }
+  const __m512i l = _mm512_castsi256_si512(h);  // permutexvar_epi16 only reads lanes 0..15 (indices < 16)
+  for (int64_t i = begin; i < vend; i += 32) {
+    const __m512i idx = _mm512_cvtepu8_epi16(nibbles32_avx512(packed + i / 2));
+    _mm512_storeu_si512(out + i, _mm512_permutexvar_epi16(idx, l));
+  }
+}
+
+template <typename Conv, typename VecBlock>
+void dequantize_vec(const uint8_t* packed, const float* absmax, const float* code, int64_t n, int64_t blocksize,
+                    typename Conv::T* out, VecBlock vec_block) {
+  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  float cb[16];
+  std::copy(code, code + 16, cb);
+  constexpr int64_t kParallelThreshold = int64_t(1) << 18;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (n >= kParallelThreshold)
+#endif
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const int64_t begin = b * blocksize;
+    const int64_t end = std::min(n, begin + blocksize);
+    const int64_t vend = begin + ((end - begin) & ~int64_t(31));
+    vec_block(packed, absmax[b], cb, begin, vend, out);
+    if (vend < end) dequantize_block<Conv>(packed, absmax[b], cb, vend, end, out);
+  }
+  (void)kParallelThreshold;
+}
+
+bool dequantize_simd(Isa isa, const uint8_t* packed, const float* absmax, const float* code, int64_t n,
+                     int64_t blocksize, void* out, DType out_dtype) {
+  if (isa == Isa::avx512) {
+    switch (out_dtype) {
+      case DType::float32:
+        dequantize_vec<ToF32>(packed, absmax, code, n, blocksize, static_cast<float*>(out), block_f32_avx512);
+        return true;
+      case DType::float16:
+        dequantize_vec<ToF16>(packed, absmax, code, n, blocksize, static_cast<uint16_t*>(out),
+                              block_u16_avx512<ToF16>);
+        return true;
+      case DType::bfloat16:
+        dequantize_vec<ToBF16>(packed, absmax, code, n, blocksize, static_cast<uint16_t*>(out),
+                               block_u16_avx512<ToBF16>);
+        return true;
+    }
+  } else if (isa == Isa::avx2) {
+    switch (out_dtype) {
+      case DType::float32:
+        dequantize_vec<ToF32>(packed, absmax, code, n, blocksize, static_cast<float*>(out), block_f32_avx2);
+        return true;
+      case DType::float16:
+        dequantize_vec<ToF16>(packed, absmax, code, n, blocksize, static_cast<uint16_t*>(out), block_u16_avx2<ToF16>);
+        return true;
+      case DType::bfloat16:
+        dequantize_vec<ToBF16>(packed, absmax, code, n, blocksize, static_cast<uint16_t*>(out),
+                               block_u16_avx2<ToBF16>);
+        return true;
+    }
+  }
+  return false;
+}
+#endif  // QK_X86
+
 }  // namespace
 
 void dequantize_4bit(const uint8_t* packed, const float* absmax, const float* code, int64_t n, int64_t blocksize,
                      void* out, DType out_dtype) {
+#ifdef QK_X86
+  if (dequantize_simd(active_isa(), packed, absmax, code, n, blocksize, out, out_dtype)) return;
+#endif
   switch (out_dtype) {
     case DType::float32:
       dequantize_impl<ToF32>(packed, absmax, code, n, blocksize, static_cast<float*>(out));
