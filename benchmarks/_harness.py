@@ -105,18 +105,35 @@ class Result:
 
     @classmethod
     def from_stats(
-        cls, op: str, shape: Sequence[int], dtype: torch.dtype, impl: str, stats: Stats, nbytes: int,
-        bandwidth: float, note: str = "",
+        cls,
+        op: str,
+        shape: Sequence[int],
+        dtype: torch.dtype,
+        impl: str,
+        stats: Stats,
+        nbytes: int,
+        bandwidth: float,
+        note: str = "",
     ) -> Result:
         """Build a row from ``measure``'s stats, the bytes the op moves and the copy bandwidth (bytes/s)."""
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         floor_s = nbytes / bandwidth
         return cls(
-            op=op, shape="x".join(str(int(s)) for s in shape), dtype=str(dtype).replace("torch.", ""), impl=impl,
-            median_ms=stats.median * 1e3, p10_ms=stats.p10 * 1e3, p90_ms=stats.p90 * 1e3, runs=stats.runs,
-            nbytes=int(nbytes), gbps=nbytes / stats.median / 1e9, floor_ms=floor_s * 1e3,
-            vs_floor=stats.median / floor_s, first_call_ms=stats.first * 1e3, note=note,
+            op=op,
+            shape="x".join(str(int(s)) for s in shape),
+            dtype=str(dtype).replace("torch.", ""),
+            impl=impl,
+            median_ms=stats.median * 1e3,
+            p10_ms=stats.p10 * 1e3,
+            p90_ms=stats.p90 * 1e3,
+            runs=stats.runs,
+            nbytes=int(nbytes),
+            gbps=nbytes / stats.median / 1e9,
+            floor_ms=floor_s * 1e3,
+            vs_floor=stats.median / floor_s,
+            first_call_ms=stats.first * 1e3,
+            note=note,
         )
 
 
@@ -169,6 +186,8 @@ def machine_info() -> dict[str, Any]:
         "nproc": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        # > ~0 on an otherwise idle machine means something else shares the cores: the numbers are suspect.
+        "loadavg_1m_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -181,6 +200,50 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+class ForeignLoad:
+    """Average CPU cores used by *other* processes between ``start()`` and ``stop()`` (Linux ``/proc``; None elsewhere).
+
+    The benchmarks run on shared machines: anything above ~0.1 core means another process competed for the cores
+    and the times are suspect. Measured as all-CPU busy time minus this process's own CPU time, over wall time.
+    """
+
+    def __init__(self) -> None:
+        self._t0: float | None = None
+        self._busy0 = self._self0 = 0
+
+    @staticmethod
+    def _busy_ticks() -> int:
+        with open("/proc/stat", encoding="utf-8") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        return sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # minus idle and iowait
+
+    @staticmethod
+    def _self_ticks() -> int:
+        with open("/proc/self/stat", encoding="utf-8") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
+
+    def start(self) -> ForeignLoad:
+        """Begin the interval; returns self."""
+        try:
+            self._busy0, self._self0 = self._busy_ticks(), self._self_ticks()
+            self._t0 = time.perf_counter()
+        except (OSError, ValueError, IndexError):
+            self._t0 = None
+        return self
+
+    def stop(self) -> float | None:
+        """End the interval: average cores used by other processes, or None where /proc is unavailable."""
+        if self._t0 is None:
+            return None
+        try:
+            other = (self._busy_ticks() - self._busy0) - (self._self_ticks() - self._self0)
+        except (OSError, ValueError, IndexError):
+            return None
+        wall = time.perf_counter() - self._t0
+        return max(other, 0) / os.sysconf("SC_CLK_TCK") / wall if wall > 0 else None
+
+
 def measure_copy_bandwidth(nbytes: int = COPY_BYTES, *, min_runs: int = 5, min_time_s: float = 0.5) -> float:
     """Memory bandwidth of this machine in bytes/s: ``dst.copy_(src)`` on a float32 tensor of ``nbytes``
     (256 MiB by default, well past the caches), counted as read + write (``2 * nbytes`` per copy), median time.
@@ -191,7 +254,7 @@ def measure_copy_bandwidth(nbytes: int = COPY_BYTES, *, min_runs: int = 5, min_t
     return 2 * nbytes / stats.median
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def copy_bandwidth() -> float:
     """``measure_copy_bandwidth()``, measured once per process and shared by all benchmarks."""
     return measure_copy_bandwidth()
@@ -200,14 +263,14 @@ def copy_bandwidth() -> float:
 def markdown_table(results: Sequence[Result]) -> str:
     """The rows as a Markdown table (times in ms, p10-p90 spread, GB/s, time / floor, speedup vs bitsandbytes)."""
     lines = [
-        "| op | shape | dtype | impl | median ms | p10-p90 ms | runs | GB/s | floor ms | time/floor | vs bnb |",
-        "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|",
+        "| op | shape | dtype | impl | median ms | p10-p90 ms | runs | GB/s | floor ms | time/floor | vs bnb | note |",
+        "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for r in results:
         vs_bnb = "-" if r.vs_bnb is None else f"{r.vs_bnb:.2f}x"
         lines.append(
             f"| {r.op} | {r.shape} | {r.dtype} | {r.impl} | {r.median_ms:.2f} | {r.p10_ms:.2f}-{r.p90_ms:.2f} | "
-            f"{r.runs} | {r.gbps:.1f} | {r.floor_ms:.2f} | {r.vs_floor:.2f} | {vs_bnb} |"
+            f"{r.runs} | {r.gbps:.1f} | {r.floor_ms:.2f} | {r.vs_floor:.2f} | {vs_bnb} | {r.note} |"
         )
     return "\n".join(lines)
 
@@ -215,15 +278,23 @@ def markdown_table(results: Sequence[Result]) -> str:
 def print_results(title: str, results: Sequence[Result], machine: dict[str, Any], bandwidth: float) -> None:
     """Print a header naming the machine and copy bandwidth, then the Markdown table."""
     print(f"\n## {title}\n")
-    print(f"machine: {machine['cpu_model']}, {machine['nproc']} cores ({machine['torch_threads']} torch threads), "
-          f"torch {machine['torch']}, bitsandbytes {machine['bitsandbytes']}, qkernels {machine['qkernels']}")
+    print(
+        f"machine: {machine['cpu_model']}, {machine['nproc']} cores ({machine['torch_threads']} torch threads), "
+        f"torch {machine['torch']}, bitsandbytes {machine['bitsandbytes']}, qkernels {machine['qkernels']}, "
+        f"load average {machine['loadavg_1m_at_start']}"
+    )
     print(f"copy bandwidth (read+write): {bandwidth / 1e9:.1f} GB/s\n")
     print(markdown_table(results))
 
 
 def write_json(
-    name: str, results: Sequence[Result], machine: dict[str, Any], bandwidth: float, *,
-    summary: dict[str, Any] | None = None, results_dir: Path | str | None = None,
+    name: str,
+    results: Sequence[Result],
+    machine: dict[str, Any],
+    bandwidth: float,
+    *,
+    summary: dict[str, Any] | None = None,
+    results_dir: Path | str | None = None,
 ) -> Path:
     """Append one run to ``<results_dir>/<name>-<machine tag>.json`` (``{"runs": [...]}``) and return its path.
 
@@ -241,13 +312,15 @@ def write_json(
                 data = {"runs": []}
         except (OSError, ValueError):
             data = {"runs": []}
-    data["runs"].append({
-        "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine,
-        "copy_bandwidth_gbps": bandwidth / 1e9,
-        "results": [dataclasses.asdict(r) for r in results],
-        "summary": summary or {},
-    })
+    data["runs"].append(
+        {
+            "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine,
+            "copy_bandwidth_gbps": bandwidth / 1e9,
+            "results": [dataclasses.asdict(r) for r in results],
+            "summary": summary or {},
+        }
+    )
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, path)
