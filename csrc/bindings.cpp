@@ -14,6 +14,7 @@
 #include "cpu/quantize.h"
 #ifdef QKERNELS_WITH_CUDA
 #include "cuda/dequantize.h"
+#include "cuda/quantize.h"
 #endif
 
 
@@ -102,6 +103,23 @@ void dequantize_4bit_cuda(std::uint64_t packed_ptr, std::uint64_t absmax_ptr, st
       static_cast<DType>(out_dtype), static_cast<std::uintptr_t>(stream));
   if (!err.empty()) throw std::runtime_error("dequantize_4bit_cuda: CUDA launch failed: " + err);
 }
+
+void quantize_4bit_cuda(std::uint64_t A_ptr, int in_dtype, int64_t n, int64_t blocksize, std::uint64_t code_ptr,
+                        std::uint64_t packed_ptr, std::uint64_t absmax_ptr, std::uint64_t stream) {
+  const char* fn = "quantize_4bit_cuda";
+  QK_CHECK_PTR(A_ptr, fn, "A_ptr");
+  QK_CHECK_DTYPE(in_dtype, fn, "in_dtype");
+  QK_CHECK_POSITIVE(n, fn, "n");
+  QK_CHECK_BLOCKSIZE(blocksize, fn, "blocksize");
+  QK_CHECK_PTR(code_ptr, fn, "code_ptr");
+  QK_CHECK_PTR(packed_ptr, fn, "packed_ptr");
+  QK_CHECK_PTR(absmax_ptr, fn, "absmax_ptr");
+  const std::string err = qkernels::cuda::quantize_4bit(
+      reinterpret_cast<const void*>(A_ptr), static_cast<DType>(in_dtype), n, blocksize,
+      reinterpret_cast<const float*>(code_ptr), reinterpret_cast<uint8_t*>(packed_ptr),
+      reinterpret_cast<float*>(absmax_ptr), static_cast<std::uintptr_t>(stream));
+  if (!err.empty()) throw std::runtime_error("quantize_4bit_cuda: CUDA launch failed: " + err);
+}
 #endif
 
 }  // namespace
@@ -142,5 +160,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("stream"),
         "CUDA version of dequantize_4bit_cpu; device pointers, launched asynchronously on `stream` (cudaStream_t as "
         "int). Raises RuntimeError on a launch error.");
+  m.def("quantize_4bit_cuda", &quantize_4bit_cuda, py::arg("A_ptr"), py::arg("in_dtype"), py::arg("n"),
+        py::arg("blocksize"), py::arg("code_ptr"), py::arg("packed_ptr"), py::arg("absmax_ptr"), py::arg("stream"),
+        "CUDA version of quantize_4bit_cpu (bit-identical); device pointers, launched asynchronously on `stream` "
+        "(cudaStream_t as int). NaN/inf input gives a non-finite absmax (the caller must check). Raises RuntimeError "
+        "on a launch error.");
 #endif
 }

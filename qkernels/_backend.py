@@ -28,7 +28,10 @@ def native_ops(device: torch.device) -> set[str]:
             ops.add("quantize_4bit")
         return ops
     if device.type == "cuda" and _native.native_info().get("cuda_compiled", False):
-        return {"dequantize_4bit"}
+        ops = {"dequantize_4bit"}
+        if hasattr(_native._C, "quantize_4bit_cuda"):
+            ops.add("quantize_4bit")
+        return ops
     return set()
 
 

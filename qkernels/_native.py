@@ -153,32 +153,32 @@ def dequantize_4bit_native(
 
 
 def quantize_4bit_native(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blockwise 4-bit quantization of ``A`` (any shape, CPU) with the native kernel.
+    """Blockwise 4-bit quantization of ``A`` (any shape, CPU or CUDA) with the native kernel.
 
     Bit-identical to ``qkernels.reference.quantize_4bit(A, code, blocksize)``.
 
     Args:
-        A: CPU tensor of ``torch.float32``, ``torch.float16`` or ``torch.bfloat16`` (made contiguous if needed),
-            at least one element; quantized flattened row-major.
-        code: ``float32`` CPU tensor with 16 elements (NF4 / FP4 codebook, any order).
+        A: CPU or CUDA tensor of ``torch.float32``, ``torch.float16`` or ``torch.bfloat16`` (made contiguous if
+            needed), at least one element; quantized flattened row-major.
+        code: ``float32`` tensor with 16 elements (NF4 / FP4 codebook, any order), on the same device as ``A``.
         blocksize: power of two in [32, 4096].
 
     Returns:
-        ``(packed, absmax)``: packed uint8 ``[(n + 1) // 2, 1]`` (element ``2j`` in the high nibble; for odd ``n``
-        the last low nibble is the code of 0.0) and absmax float32 ``[ceil(n / blocksize)]``. Non-finite input
-        yields a non-finite absmax entry; checking for it is the caller's job.
+        ``(packed, absmax)`` on ``A``'s device: packed uint8 ``[(n + 1) // 2, 1]`` (element ``2j`` in the high
+        nibble; for odd ``n`` the last low nibble is the code of 0.0) and absmax float32 ``[ceil(n / blocksize)]``.
+        Non-finite input yields a non-finite absmax entry; checking for it is the caller's job. CUDA: launched
+        asynchronously on the current stream of ``A``'s device.
 
-    The SIMD path is picked per call: the best of ``_C.cpu_isa_available()``, lowered by the environment variable
+    The CPU SIMD path is picked per call: the best of ``_C.cpu_isa_available()``, lowered by the environment variable
     ``QKERNELS_CPU_ISA=scalar|avx2|avx512`` (all paths give the same bits).
 
     Raises:
         TypeError: a wrong argument type / dtype.  ValueError: bad size, device or blocksize (names the argument).
-        RuntimeError: the native module is not available or was built without ``quantize_4bit_cpu``.
+        RuntimeError: the native module is not available, or was built without the kernel for ``A``'s device
+        (``quantize_4bit_cpu`` / ``quantize_4bit_cuda``).
     """
     if _C is None:
         raise RuntimeError(f"qkernels native module is not available ({NATIVE_ERROR}); use the reference path")
-    if not hasattr(_C, "quantize_4bit_cpu"):
-        raise RuntimeError("qkernels._C has no quantize_4bit_cpu (stale build?): rebuild the native module")
     fn = "quantize_4bit_native"
     for name, t in (("A", A), ("code", code)):
         if not isinstance(t, torch.Tensor):
@@ -189,8 +189,9 @@ def quantize_4bit_native(A: torch.Tensor, code: torch.Tensor, blocksize: int) ->
         raise ValueError(f"{fn}: argument 'blocksize' must be a power of two in [32, 4096] (got {blocksize})")
     if A.dtype not in _DTYPE_TO_NATIVE:
         raise TypeError(f"{fn}: argument 'A' must be torch.float32, torch.float16 or torch.bfloat16 (got {A.dtype})")
-    if A.device.type != "cpu":
-        raise ValueError(f"{fn}: argument 'A' must be a CPU tensor (got {A.device})")
+    device = A.device
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{fn}: argument 'A' is on unsupported device {device} (expected cpu or cuda)")
     n = A.numel()
     if n <= 0:
         raise ValueError(f"{fn}: argument 'A' must have at least one element (got {n})")
@@ -198,12 +199,25 @@ def quantize_4bit_native(A: torch.Tensor, code: torch.Tensor, blocksize: int) ->
         raise TypeError(f"{fn}: argument 'code' must be torch.float32 (got {code.dtype})")
     if code.numel() != 16:
         raise ValueError(f"{fn}: argument 'code' must have 16 elements (got {code.numel()})")
-    if code.device.type != "cpu":
-        raise ValueError(f"{fn}: argument 'code' must be a CPU tensor (got {code.device})")
+    if code.device != device:
+        raise ValueError(f"{fn}: argument 'code' is on {code.device} but 'A' is on {device}")
+    if device.type == "cpu":
+        if not hasattr(_C, "quantize_4bit_cpu"):
+            raise RuntimeError("qkernels._C has no quantize_4bit_cpu (stale build?): rebuild the native module")
+    elif not hasattr(_C, "quantize_4bit_cuda"):
+        if not native_info().get("cuda_compiled", False):
+            raise RuntimeError(f"{fn}: qkernels._C was built without CUDA support (rebuild with QKERNELS_CUDA=1)")
+        raise RuntimeError(f"{fn}: qkernels._C has no quantize_4bit_cuda (stale build?): rebuild the native module")
     A = A.contiguous()
     code = code.contiguous()
-    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8)
-    absmax = torch.empty(_ceil_div(n, blocksize), dtype=torch.float32)
-    _C.quantize_4bit_cpu(A.data_ptr(), _DTYPE_TO_NATIVE[A.dtype], n, blocksize, code.data_ptr(), packed.data_ptr(),
-                         absmax.data_ptr())
+    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=device)
+    absmax = torch.empty(_ceil_div(n, blocksize), dtype=torch.float32, device=device)
+    if device.type == "cpu":
+        _C.quantize_4bit_cpu(A.data_ptr(), _DTYPE_TO_NATIVE[A.dtype], n, blocksize, code.data_ptr(),
+                             packed.data_ptr(), absmax.data_ptr())
+    else:
+        with torch.cuda.device(device):
+            stream = torch.cuda.current_stream(device).cuda_stream
+            _C.quantize_4bit_cuda(A.data_ptr(), _DTYPE_TO_NATIVE[A.dtype], n, blocksize, code.data_ptr(),
+                                  packed.data_ptr(), absmax.data_ptr(), stream)
     return packed, absmax

@@ -485,3 +485,159 @@ def test_dequantize_cpu_conversion_bit_patterns_per_isa(cpu_isa, dtype):
     finite = ~torch.isnan(absmax).repeat_interleave(bs)
     ref = reference.dequantize_4bit(packed, absmax, code, bs, n, dtype)
     assert torch.equal(_bits(out)[finite], _bits(ref)[finite])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# quantize_4bit_cuda: bit-exact vs qkernels.reference (CPU copies) and vs bitsandbytes' CUDA kernel
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _needs_quantize_cuda():
+    if not hasattr(_native._C, "quantize_4bit_cuda"):
+        pytest.skip("qkernels._C was built without the CUDA part (no nvcc or QKERNELS_CUDA=0)")
+
+
+def _assert_same_quant(packed, absmax, ref_packed, ref_absmax):
+    assert packed.device.type == "cuda" and absmax.device.type == "cuda"
+    assert packed.shape == ref_packed.shape and packed.dtype == torch.uint8
+    assert absmax.shape == ref_absmax.shape and absmax.dtype == torch.float32
+    assert torch.equal(packed.cpu(), ref_packed), "packed bytes differ"
+    assert torch.equal(absmax.cpu().view(torch.int32), ref_absmax.view(torch.int32)), "absmax differs"
+
+
+@needs_native
+def test_quantize_cuda_binding_presence_and_checks():
+    """Runs without a GPU: the binding exists iff the CUDA part is compiled, and validates before launching."""
+    C = _native._C
+    if not C.capabilities()["cuda_compiled"]:
+        assert not hasattr(C, "quantize_4bit_cuda")
+        return
+    assert hasattr(C, "quantize_4bit_cuda")
+    from qkernels import _backend
+
+    assert "quantize_4bit" in _backend.native_ops(torch.device("cuda"))
+    a, c, p, m = 16, 32, 48, 64  # never dereferenced: every case fails validation first
+    cases = [
+        ((0, 0, 64, 64, c, p, m, 0), "A_ptr"),
+        ((a, 3, 64, 64, c, p, m, 0), "in_dtype"),
+        ((a, 0, 0, 64, c, p, m, 0), "'n'"),
+        ((a, 0, 64, 48, c, p, m, 0), "blocksize"),
+        ((a, 0, 64, 8192, c, p, m, 0), "blocksize"),
+        ((a, 0, 64, 64, 0, p, m, 0), "code_ptr"),
+        ((a, 0, 64, 64, c, 0, m, 0), "packed_ptr"),
+        ((a, 0, 64, 64, c, p, 0, 0), "absmax_ptr"),
+    ]
+    for args, argname in cases:
+        with pytest.raises(ValueError, match=argname):
+            C.quantize_4bit_cuda(*args)
+
+
+@needs_native
+def test_quantize_native_unsupported_device():
+    from qkernels.codebooks import get_codebook
+
+    with pytest.raises(ValueError, match="'A'"):
+        _native.quantize_4bit_native(torch.ones(64, device="meta"), get_codebook("nf4"), 64)
+
+
+@pytest.mark.cuda
+@needs_native
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("n", [1, 2, 63, 65, 4095 * 37, 200001])
+@pytest.mark.parametrize("blocksize", [32, 64, 256, 4096])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_quantize_cuda_bit_exact(dtype, blocksize, n, quant_type):
+    """Zero blocks, exact midpoints, subnormals, huge values, partial last block, odd n (see _quant_inputs)."""
+    from qkernels import reference
+    from qkernels.codebooks import get_codebook
+
+    _needs_quantize_cuda()
+    code = get_codebook(quant_type)
+    A = _quant_inputs(n, blocksize, dtype, code, seed=n * 31 + blocksize + DTYPES.index(dtype))
+    ref_packed, ref_absmax = reference.quantize_4bit(A, code, blocksize)
+    packed, absmax = _native.quantize_4bit_native(A.cuda(), code.cuda(), blocksize)
+    torch.cuda.synchronize()
+    _assert_same_quant(packed, absmax, ref_packed, ref_absmax)
+
+
+@pytest.mark.cuda
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_quantize_cuda_unaligned_noncontiguous_stream_and_codebooks(dtype):
+    """A misaligned input (scalar-load path), a transposed input, a side stream, shuffled / random codebooks."""
+    from qkernels import reference
+    from qkernels.codebooks import get_codebook
+
+    _needs_quantize_cuda()
+    g = torch.Generator().manual_seed(11)
+    codes = [get_codebook("nf4"), get_codebook("fp4")[torch.randperm(16, generator=g)],
+             torch.empty(16).uniform_(-1.0, 1.0, generator=g)]
+    for code in codes:
+        base = _quant_inputs(4096 * 5 + 3, 64, dtype, code, seed=5)
+        for A_cpu, A_gpu in (
+            (base[1:], base.cuda()[1:]),                                    # data_ptr not 16-byte aligned
+            (base[3:].reshape(64, -1).t(), base.cuda()[3:].reshape(64, -1).t()),  # non-contiguous
+        ):
+            ref_packed, ref_absmax = reference.quantize_4bit(A_cpu, code, 64)
+            packed, absmax = _native.quantize_4bit_native(A_gpu, code.cuda(), 64)
+            torch.cuda.synchronize()
+            _assert_same_quant(packed, absmax, ref_packed, ref_absmax)
+        ref_packed, ref_absmax = reference.quantize_4bit(base, code, 256)
+        s = torch.cuda.Stream()
+        with torch.cuda.stream(s):
+            A_gpu = base.cuda()
+            packed, absmax = _native.quantize_4bit_native(A_gpu, code.cuda(), 256)
+        s.synchronize()
+        _assert_same_quant(packed, absmax, ref_packed, ref_absmax)
+
+
+@pytest.mark.cuda
+@needs_native
+def test_quantize_cuda_nonfinite_does_not_crash():
+    from qkernels.codebooks import get_codebook
+
+    _needs_quantize_cuda()
+    A = torch.randn(1000)
+    A[5], A[300], A[700] = float("nan"), float("inf"), float("-inf")
+    _, absmax = _native.quantize_4bit_native(A.cuda(), get_codebook("nf4", "cuda"), 64)
+    absmax = absmax.cpu()
+    assert torch.isnan(absmax[0]) and torch.isinf(absmax[4]) and torch.isinf(absmax[10])
+    assert torch.isfinite(absmax[1])
+
+
+@pytest.mark.cuda
+@needs_native
+def test_quantize_cuda_device_mismatch():
+    """A CPU tensor on the CUDA path (or the reverse) is a clear ValueError naming the argument, never a crash."""
+    from qkernels.codebooks import get_codebook
+
+    _needs_quantize_cuda()
+    with pytest.raises(ValueError, match="'code' is on cpu"):
+        _native.quantize_4bit_native(torch.randn(256, device="cuda"), get_codebook("nf4"), 64)
+    with pytest.raises(ValueError, match="'code' is on cuda"):
+        _native.quantize_4bit_native(torch.randn(256), get_codebook("nf4", "cuda"), 64)
+
+
+@pytest.mark.cuda
+@needs_native
+@pytest.mark.parametrize("shape", [(1023, 17), (4096, 3), (64 * 37 + 2,)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("blocksize", [64, 128, 256, 4096])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_quantize_cuda_matches_bitsandbytes_cuda_nf4(dtype, blocksize, shape):
+    """NF4 on randn data (no all-zero blocks, docs/format.md §7.5): same packed bytes and absmax as bitsandbytes'
+    CUDA kernel; the default dispatch (qkernels.quantize_4bit) picks this kernel for CUDA tensors."""
+    F = pytest.importorskip("bitsandbytes.functional")
+    import qkernels
+    from qkernels import _backend
+    from qkernels.codebooks import get_codebook
+
+    _needs_quantize_cuda()
+    A = torch.randn(shape, generator=torch.Generator().manual_seed(blocksize + len(shape))).to(dtype).cuda()
+    pb, sb = F.quantize_4bit(A, blocksize=blocksize, compress_statistics=False, quant_type="nf4")
+    packed, absmax = _native.quantize_4bit_native(A, get_codebook("nf4", "cuda"), blocksize)
+    torch.cuda.synchronize()
+    assert torch.equal(packed, pb), "packed bytes differ"
+    assert torch.equal(absmax.view(torch.int32), sb.absmax.view(torch.int32)), "absmax differs"
+    assert _backend.resolve("quantize_4bit", A.device, None) == "cuda"
+    p, s = qkernels.quantize_4bit(A, blocksize, "nf4", double_quant=False)
+    assert torch.equal(p, pb) and torch.equal(s.absmax.view(torch.int32), sb.absmax.view(torch.int32))
