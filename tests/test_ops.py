@@ -21,7 +21,9 @@ def _cases(device):
             (p, s.absmax, s.code, 64, [130, 70], torch.bfloat16, s.state2.absmax, s.state2.code, s.offset, 256),
         ),
         "dequantize_4bit": (ops.dequantize_4bit.default, (p1, s1.absmax, s1.code, 32, [130, 70], torch.float16)),
-        "quantize_blockwise": (ops.quantize_blockwise.default, (A.reshape(-1)[:999], qkernels.dynamic_map(device), 256)),
+        "quantize_blockwise": (
+            ops.quantize_blockwise.default, (A.reshape(-1)[:999], qkernels.dynamic_map(device), 256)
+        ),
         "dequantize_blockwise": (
             ops.dequantize_blockwise.default, (s.absmax, s.state2.absmax, s.state2.code, 256)
         ),
