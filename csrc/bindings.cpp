@@ -76,6 +76,41 @@ void dequantize_4bit_cpu(std::uint64_t packed_ptr, std::uint64_t absmax_ptr, std
                                  reinterpret_cast<void*>(out_ptr), static_cast<DType>(out_dtype));
 }
 
+void dequantize_4bit_nested_cpu(std::uint64_t packed_ptr, std::uint64_t absmax_q_ptr, std::uint64_t nested_absmax_ptr,
+                                std::uint64_t nested_code_ptr, float offset, int64_t nested_blocksize,
+                                std::uint64_t code_ptr, int64_t n, int64_t blocksize, std::uint64_t out_ptr,
+                                int out_dtype) {
+  const char* fn = "dequantize_4bit_nested_cpu";
+  check_dequantize_args(fn, packed_ptr, absmax_q_ptr, code_ptr, n, blocksize, out_ptr, out_dtype);
+  QK_CHECK_PTR(nested_absmax_ptr, fn, "nested_absmax_ptr");
+  QK_CHECK_PTR(nested_code_ptr, fn, "nested_code_ptr");
+  QK_CHECK_ARG(nested_blocksize > 0 && (nested_blocksize & (nested_blocksize - 1)) == 0, fn, "nested_blocksize",
+               "must be a positive power of two (got " + std::to_string(nested_blocksize) + ")");
+  (void)qkernels::cpu::active_isa();  // validates QKERNELS_CPU_ISA before releasing the GIL
+  py::gil_scoped_release release;
+  qkernels::cpu::dequantize_4bit_nested(
+      reinterpret_cast<const uint8_t*>(packed_ptr), reinterpret_cast<const uint8_t*>(absmax_q_ptr),
+      reinterpret_cast<const float*>(nested_absmax_ptr), reinterpret_cast<const float*>(nested_code_ptr), offset,
+      nested_blocksize, reinterpret_cast<const float*>(code_ptr), n, blocksize, reinterpret_cast<void*>(out_ptr),
+      static_cast<DType>(out_dtype));
+}
+
+void quantize_blockwise_cpu(std::uint64_t A_ptr, int64_t n, int64_t blocksize, std::uint64_t code_ptr,
+                            std::uint64_t out_ptr, std::uint64_t absmax_ptr) {
+  const char* fn = "quantize_blockwise_cpu";
+  QK_CHECK_PTR(A_ptr, fn, "A_ptr");
+  QK_CHECK_POSITIVE(n, fn, "n");
+  QK_CHECK_ARG(blocksize > 0 && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0, fn, "blocksize",
+               "must be a power of two in [1, 4096] (got " + std::to_string(blocksize) + ")");
+  QK_CHECK_PTR(code_ptr, fn, "code_ptr");
+  QK_CHECK_PTR(out_ptr, fn, "out_ptr");
+  QK_CHECK_PTR(absmax_ptr, fn, "absmax_ptr");
+  py::gil_scoped_release release;
+  qkernels::cpu::quantize_blockwise(reinterpret_cast<const float*>(A_ptr), n, blocksize,
+                                    reinterpret_cast<const float*>(code_ptr), reinterpret_cast<uint8_t*>(out_ptr),
+                                    reinterpret_cast<float*>(absmax_ptr));
+}
+
 void quantize_4bit_cpu(std::uint64_t A_ptr, int in_dtype, int64_t n, int64_t blocksize, std::uint64_t code_ptr,
                        std::uint64_t packed_ptr, std::uint64_t absmax_ptr) {
   const char* fn = "quantize_4bit_cpu";
@@ -147,6 +182,17 @@ PYBIND11_MODULE(_C, m) {
         "bit-identical to qkernels.reference.quantize_4bit. code float32[16]; writes packed uint8[(n+1)//2] (element "
         "2j = high nibble, odd-n pad nibble = code of 0.0) and absmax float32[ceil(n/blocksize)]. NaN/inf input gives "
         "a non-finite absmax (the caller must check). SIMD path chosen per call (see cpu_isa_active).");
+  m.def("dequantize_4bit_nested_cpu", &dequantize_4bit_nested_cpu, py::arg("packed_ptr"), py::arg("absmax_q_ptr"),
+        py::arg("nested_absmax_ptr"), py::arg("nested_code_ptr"), py::arg("offset"), py::arg("nested_blocksize"),
+        py::arg("code_ptr"), py::arg("n"), py::arg("blocksize"), py::arg("out_ptr"), py::arg("out_dtype"),
+        "dequantize_4bit_cpu with double-quantized scales decoded inline: absmax_q uint8[ceil(n/blocksize)], "
+        "nested_absmax float32[ceil(nblocks/nested_blocksize)], nested_code float32[256], offset float; block b's "
+        "scale = float32(nested_code[absmax_q[b]] * nested_absmax[b // nested_blocksize]) + offset (two roundings).");
+  m.def("quantize_blockwise_cpu", &quantize_blockwise_cpu, py::arg("A_ptr"), py::arg("n"), py::arg("blocksize"),
+        py::arg("code_ptr"), py::arg("out_ptr"), py::arg("absmax_ptr"),
+        "8-bit blockwise quantization of n contiguous float32 values against a 256-entry map (any order) on the CPU, "
+        "bit-identical to qkernels.reference.quantize_blockwise; writes out uint8[n] and absmax "
+        "float32[ceil(n/blocksize)]. blocksize: a power of two in [1, 4096].");
   m.def("cpu_isa_available", []() { return qkernels::cpu::available_isas(); },
         "list[str]: CPU kernel paths usable on this machine, lowest first ('scalar', 'avx2', 'avx512').");
   m.def("cpu_isa_active", []() { return std::string(qkernels::cpu::isa_name(qkernels::cpu::active_isa())); },

@@ -26,6 +26,8 @@ def native_ops(device: torch.device) -> set[str]:
         ops = {"dequantize_4bit"}
         if hasattr(_native._C, "quantize_4bit_cpu"):
             ops.add("quantize_4bit")
+        if hasattr(_native._C, "quantize_blockwise_cpu"):
+            ops.add("quantize_blockwise")
         return ops
     if device.type == "cuda" and _native.native_info().get("cuda_compiled", False):
         ops = {"dequantize_4bit"}

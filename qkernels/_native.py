@@ -66,8 +66,15 @@ def dequantize_4bit_native(
     n: int,
     blocksize: int,
     dtype: torch.dtype,
+    nested: tuple | None = None,
 ) -> torch.Tensor:
     """Dequantize ``n`` bitsandbytes-format 4-bit values with the native kernel (CPU or CUDA).
+
+    With ``nested=(absmax_q, nested_absmax, nested_code, offset, nested_blocksize)`` (CPU only) ``absmax`` is ignored
+    and the double-quantized scales are decoded inline by the kernel, bit-identical to ``reference.decode_absmax``:
+    ``absmax_q`` uint8 codes (one per block), ``nested_absmax`` float32 ``[ceil(nblocks / nested_blocksize)]``,
+    ``nested_code`` float32 ``[256]``, ``offset`` a float32 scalar (tensor or float), ``nested_blocksize`` a positive
+    power of two; scale = ``float32(nested_code[q] * nested_absmax[b // nested_blocksize]) + offset``.
 
     Args:
         packed: contiguous tensor holding at least ``ceil(n/2)`` bytes, two 4-bit codes per byte: element ``2j`` in the
@@ -113,7 +120,38 @@ def dequantize_4bit_native(
         if packed.dtype.is_complex or packed.dtype == torch.bool:
             raise TypeError(f"{fn}: argument 'packed' must be uint8 or a quant_storage dtype (got {packed.dtype})")
         packed = packed.reshape(-1).view(torch.uint8)
-    if absmax.dtype != torch.float32:
+    if nested is not None:
+        absmax, nested_absmax, nested_code, offset, nested_blocksize = nested
+        if not isinstance(nested_absmax, torch.Tensor) or not isinstance(nested_code, torch.Tensor):
+            raise TypeError(f"{fn}: 'nested_absmax' and 'nested_code' must be torch.Tensors")
+        if absmax.dtype != torch.uint8:
+            raise TypeError(f"{fn}: argument 'absmax_q' must be torch.uint8 when nested (got {absmax.dtype})")
+        if isinstance(nested_blocksize, bool) or not isinstance(nested_blocksize, int):
+            raise TypeError(f"{fn}: argument 'nested_blocksize' must be an int (got {type(nested_blocksize).__name__})")
+        if nested_blocksize <= 0 or nested_blocksize & (nested_blocksize - 1):
+            raise ValueError(
+                f"{fn}: argument 'nested_blocksize' must be a positive power of two (got {nested_blocksize})"
+            )
+        if nested_absmax.dtype != torch.float32 or nested_code.dtype != torch.float32:
+            raise TypeError(f"{fn}: 'nested_absmax' and 'nested_code' must be torch.float32")
+        if nested_code.numel() != 256:
+            raise ValueError(f"{fn}: argument 'nested_code' must have 256 elements (got {nested_code.numel()})")
+        n2 = _ceil_div(_ceil_div(n, blocksize), nested_blocksize)
+        if nested_absmax.numel() != n2:
+            raise ValueError(f"{fn}: argument 'nested_absmax' must have {n2} elements (got {nested_absmax.numel()})")
+        if packed.device.type != "cpu":
+            raise ValueError(f"{fn}: nested scales are decoded inline on the CPU only (got {packed.device})")
+        for name, t in (("nested_absmax", nested_absmax), ("nested_code", nested_code)):
+            if t.device != packed.device:
+                raise ValueError(f"{fn}: argument '{name}' is on {t.device} but 'packed' is on {packed.device}")
+        if isinstance(offset, torch.Tensor):
+            if offset.numel() != 1:
+                raise ValueError(f"{fn}: argument 'offset' must be a single value (got {offset.numel()})")
+            offset = offset.to(torch.float32).item()  # a float32 value, exact as a Python float
+        offset = float(offset)
+        nested_absmax = nested_absmax.contiguous()
+        nested_code = nested_code.contiguous()
+    elif absmax.dtype != torch.float32:
         raise TypeError(f"{fn}: argument 'absmax' must be torch.float32 (got {absmax.dtype})")
     if not absmax.is_contiguous():
         raise ValueError(f"{fn}: argument 'absmax' must be contiguous")
@@ -137,7 +175,11 @@ def dequantize_4bit_native(
 
     out = torch.empty(n, dtype=dtype, device=device)
     native_dtype = _DTYPE_TO_NATIVE[dtype]
-    if device.type == "cpu":
+    if nested is not None:
+        _C.dequantize_4bit_nested_cpu(packed.data_ptr(), absmax.data_ptr(), nested_absmax.data_ptr(),
+                                      nested_code.data_ptr(), offset, nested_blocksize, code.data_ptr(), n, blocksize,
+                                      out.data_ptr(), native_dtype)
+    elif device.type == "cpu":
         _C.dequantize_4bit_cpu(packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), n, blocksize, out.data_ptr(),
                                native_dtype)
     elif device.type == "cuda":
@@ -221,3 +263,31 @@ def quantize_4bit_native(A: torch.Tensor, code: torch.Tensor, blocksize: int) ->
             _C.quantize_4bit_cuda(A.data_ptr(), _DTYPE_TO_NATIVE[A.dtype], n, blocksize, code.data_ptr(),
                                   packed.data_ptr(), absmax.data_ptr(), stream)
     return packed, absmax
+
+
+def quantize_blockwise_native(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit blockwise quantization of ``A`` (CPU, any float dtype, quantized as float32) against a 256-entry map.
+
+    Bit-identical to ``qkernels.reference.quantize_blockwise(A, code, blocksize)``: ``(codes uint8 [n], absmax
+    float32 [ceil(n / blocksize)])``. ``blocksize``: a power of two in [1, 4096]. Non-finite input gives a
+    non-finite absmax (the caller checks).
+    """
+    if _C is None or not hasattr(_C, "quantize_blockwise_cpu"):
+        raise RuntimeError(f"qkernels native module has no quantize_blockwise_cpu ({NATIVE_ERROR or 'stale build?'})")
+    fn = "quantize_blockwise_native"
+    if A.device.type != "cpu" or code.device.type != "cpu":
+        raise ValueError(f"{fn}: the native 8-bit quantize runs on CPU tensors only (got {A.device}, {code.device})")
+    if code.dtype != torch.float32 or code.numel() != 256:
+        raise ValueError(f"{fn}: argument 'code' must be float32 with 256 elements")
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or not 0 < blocksize <= 4096 \
+            or blocksize & (blocksize - 1):
+        raise ValueError(f"{fn}: argument 'blocksize' must be a power of two in [1, 4096] (got {blocksize!r})")
+    n = A.numel()
+    if n <= 0:
+        raise ValueError(f"{fn}: argument 'A' must have at least one element")
+    flat = A.reshape(-1).to(torch.float32).contiguous()
+    code = code.contiguous()
+    out = torch.empty(n, dtype=torch.uint8)
+    absmax = torch.empty(_ceil_div(n, blocksize), dtype=torch.float32)
+    _C.quantize_blockwise_cpu(flat.data_ptr(), n, blocksize, code.data_ptr(), out.data_ptr(), absmax.data_ptr())
+    return out, absmax

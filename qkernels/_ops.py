@@ -100,11 +100,15 @@ def dequantize_4bit_impl(packed, absmax, code, blocksize, shape, dtype, nested_a
                          nested_blocksize, backend: str | None) -> torch.Tensor:
     """The op's body with an explicit backend (``None``: the fastest available; see ``_backend.resolve``)."""
     n = math.prod(shape)
+    impl = _backend.resolve("dequantize_4bit", packed.device, backend)
+    if nested_absmax is not None and impl == "cpu":  # the CPU kernel decodes the nested scales inline
+        nested = (absmax, nested_absmax, nested_code, offset, nested_blocksize)
+        return _native.dequantize_4bit_native(packed, absmax, code, n, blocksize, dtype, nested=nested).reshape(shape)
     scales = absmax
     if nested_absmax is not None:
         q = reference.dequantize_blockwise(absmax, nested_absmax, nested_code, nested_blocksize)
         scales = q + offset.to(torch.float32)
-    if _backend.resolve("dequantize_4bit", packed.device, backend) == "reference":
+    if impl == "reference":
         out = reference.dequantize_4bit(packed, scales, code, blocksize, n, dtype)
     else:
         out = _native.dequantize_4bit_native(packed, scales, code, n, blocksize, dtype)
@@ -132,6 +136,8 @@ def _check_dequantize(packed, absmax, code, blocksize, shape, dtype, nested_absm
     torch._check(nested_absmax.numel() == n2, lambda: f"nested_absmax must have {n2} entries")
     torch._check(nested_absmax.dtype == torch.float32, lambda: "nested_absmax must be float32")
     torch._check(offset.numel() == 1, lambda: "offset must be a single float32 value")
+    torch._check(nested_bs > 0 and nested_bs & (nested_bs - 1) == 0,
+                 lambda: f"nested_blocksize must be a positive power of two, got {nested_bs}")
 
 
 @dequantize_4bit.register_fake
@@ -147,7 +153,14 @@ def _(packed, absmax, code, blocksize, shape, dtype, nested_absmax=None, nested_
 def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """8-bit blockwise quantization against a 256-entry map (the nested-scale format)."""
     _check_quantize(A, code, blocksize, 256)
-    return reference.quantize_blockwise(A, code, blocksize)
+    return quantize_blockwise_impl(A, code, blocksize, None)
+
+
+def quantize_blockwise_impl(A: torch.Tensor, code: torch.Tensor, blocksize: int, backend: str | None):
+    """The op's body with an explicit backend (``None``: the fastest available; see ``_backend.resolve``)."""
+    if _backend.resolve("quantize_blockwise", A.device, backend) == "reference":
+        return reference.quantize_blockwise(A, code, blocksize)
+    return _native.quantize_blockwise_native(A, code, blocksize)
 
 
 @quantize_blockwise.register_fake

@@ -98,9 +98,12 @@ def quantize_4bit(
     )
     if double_quant:
         offset = absmax.mean()
-        qabsmax, nested_absmax = torch.ops.qkernels.quantize_blockwise(
-            absmax - offset, dynamic_map(A.device), NESTED_BLOCKSIZE
-        )
+        centered, dyn = absmax - offset, dynamic_map(A.device)
+        if backend is None:  # through the registered op, so torch.compile sees one node
+            qabsmax, nested_absmax = torch.ops.qkernels.quantize_blockwise(centered, dyn, NESTED_BLOCKSIZE)
+        else:  # a forced "reference" applies to the nested scales too; other backends pick the fastest for them
+            nested_backend = "reference" if backend == "reference" else None
+            qabsmax, nested_absmax = _ops.quantize_blockwise_impl(centered, dyn, NESTED_BLOCKSIZE, nested_backend)
         state.absmax = qabsmax
         state.offset = offset
         state.state2 = QuantState(

@@ -641,3 +641,138 @@ def test_quantize_cuda_matches_bitsandbytes_cuda_nf4(dtype, blocksize, shape):
     assert _backend.resolve("quantize_4bit", A.device, None) == "cuda"
     p, s = qkernels.quantize_4bit(A, blocksize, "nf4", double_quant=False)
     assert torch.equal(p, pb) and torch.equal(s.absmax.view(torch.int32), sb.absmax.view(torch.int32))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Double-quantized (nested) scales decoded inline by the CPU dequantize; native 8-bit blockwise quantize
+# ---------------------------------------------------------------------------------------------------------------------
+
+NESTED_SHAPES = [(1,), (65,), (1023, 17), (300, 301), (2048, 520)]  # the last: > 256 blocks, several nested blocks
+
+
+@needs_native
+@pytest.mark.parametrize("shape", NESTED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("blocksize", [32, 64, 4096])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_dequantize_cpu_nested_bit_exact_per_isa(cpu_isa, dtype, blocksize, shape):
+    import qkernels
+    from qkernels import _backend
+
+    g = torch.Generator().manual_seed(sum(shape) * 7 + blocksize + DTYPES.index(dtype))
+    W = (torch.randn(shape, generator=g) * torch.rand(shape, generator=g).pow(3) * 4).to(dtype)
+    packed, state = qkernels.quantize_4bit(W, blocksize=blocksize, double_quant=True)
+    assert state.nested and state.absmax.dtype == torch.uint8
+    assert _backend.resolve("dequantize_4bit", packed.device, None) == "cpu"
+    ref = qkernels.dequantize_4bit(packed, state, backend="reference")
+    for out in (qkernels.dequantize_4bit(packed, state), qkernels.dequantize_4bit(packed, state, backend="cpu")):
+        assert out.dtype == dtype and out.shape == W.shape
+        assert torch.equal(_bits(out), _bits(ref))
+
+
+@needs_native
+@pytest.mark.parametrize("nested_blocksize", [1, 2, 64, 256, 4096])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_dequantize_cpu_nested_random_state_per_isa(cpu_isa, dtype, nested_blocksize):
+    """Arbitrary uint8 codes, nested scales, offset and 256-entry map (unsorted): same bits as decode + dequantize."""
+    from qkernels import reference
+
+    n, blocksize = 64 * 1000 + 37, 64
+    packed, _, code = _make_inputs(n, blocksize, seed=nested_blocksize)
+    g = torch.Generator().manual_seed(nested_blocksize + 11)
+    nblocks = -(-n // blocksize)
+    absmax_q = torch.randint(0, 256, (nblocks,), dtype=torch.uint8, generator=g)
+    nested_absmax = torch.rand(-(-nblocks // nested_blocksize), generator=g) * 3
+    nested_code = torch.randn(256, generator=g)
+    offset = torch.tensor(0.123456789, dtype=torch.float32)
+    out = _native.dequantize_4bit_native(packed, absmax_q, code, n, blocksize, dtype,
+                                         nested=(absmax_q, nested_absmax, nested_code, offset, nested_blocksize))
+    scales = reference.dequantize_blockwise(absmax_q, nested_absmax, nested_code, nested_blocksize) + offset
+    ref = reference.dequantize_4bit(packed, scales, code, blocksize, n, dtype)
+    assert torch.equal(_bits(out), _bits(ref))
+
+
+@needs_native
+def test_dequantize_cpu_nested_bad_arguments():
+    n, blocksize = 256, 64
+    packed, _, code = _make_inputs(n, blocksize, seed=1)
+    q = torch.zeros(4, dtype=torch.uint8)
+    nested_code = torch.zeros(256)
+    for nbs in (0, 3, -4):
+        with pytest.raises(ValueError, match="nested_blocksize"):
+            _native.dequantize_4bit_native(packed, q, code, n, blocksize, torch.float32,
+                                           nested=(q, torch.ones(1), nested_code, 0.0, nbs))
+        with pytest.raises(ValueError, match="nested_blocksize"):
+            _native._C.dequantize_4bit_nested_cpu(packed.data_ptr(), q.data_ptr(), nested_code.data_ptr(),
+                                                  nested_code.data_ptr(), 0.0, nbs, code.data_ptr(), n, blocksize,
+                                                  nested_code.data_ptr(), 0)
+    with pytest.raises(ValueError, match="nested_absmax"):
+        _native.dequantize_4bit_native(packed, q, code, n, blocksize, torch.float32,
+                                       nested=(q, torch.ones(2), nested_code, 0.0, 256))
+    with pytest.raises(TypeError, match="absmax_q"):
+        _native.dequantize_4bit_native(packed, q.float(), code, n, blocksize, torch.float32,
+                                       nested=(q.float(), torch.ones(1), nested_code, 0.0, 256))
+
+
+def _assert_same_blockwise(A, code, blocksize):
+    from qkernels import reference
+
+    q, absmax = _native.quantize_blockwise_native(A, code, blocksize)
+    rq, rabsmax = reference.quantize_blockwise(A, code, blocksize)
+    assert torch.equal(q, rq), "codes differ"
+    assert torch.equal(absmax.view(torch.int32), rabsmax.view(torch.int32)), "absmax differs"
+
+
+@needs_native
+@pytest.mark.parametrize("n", [1, 255, 256, 257, 4096 * 3 + 5, 262144])
+@pytest.mark.parametrize("blocksize", [1, 2, 64, 256, 4096])
+def test_quantize_blockwise_cpu_bit_exact(n, blocksize):
+    from qkernels.codebooks import dynamic_map
+
+    g = torch.Generator().manual_seed(n + blocksize)
+    A = torch.randn(n, generator=g) * torch.rand(n, generator=g).pow(4) * 10
+    if n > 100:
+        A[10:50] = 0.0
+        A[60] = -0.0
+        A[70:80] = 1e-40  # subnormals
+    _assert_same_blockwise(A, dynamic_map(torch.device("cpu")), blocksize)
+
+
+@needs_native
+@pytest.mark.parametrize("blocksize", [1, 64, 256])
+def test_quantize_blockwise_cpu_edge_values(blocksize):
+    from qkernels.codebooks import dynamic_map, midpoints
+
+    code = dynamic_map(torch.device("cpu"))
+    _assert_same_blockwise(torch.full((1000,), 0.37), code, blocksize)
+    centered = torch.full((1000,), 0.5) - torch.full((1000,), 0.5).mean()  # the nested case: all 0
+    assert torch.equal(centered, torch.zeros(1000))
+    _assert_same_blockwise(centered, code, blocksize)
+    # Values exactly on the float32 midpoints (absmax 1.0 per block so the normalized value is the value itself).
+    bounds, _ = midpoints(code)
+    vals = torch.cat([bounds, -bounds, torch.nextafter(bounds, torch.full_like(bounds, 2.0))])
+    A = torch.stack([torch.ones_like(vals), vals], dim=1).reshape(-1)  # each pair has a 1.0
+    for bs in (2, 256):
+        _assert_same_blockwise(A, code, bs)
+    # Random unsorted 256-entry map, with ties, and the 2-D / half-precision input path.
+    g = torch.Generator().manual_seed(blocksize)
+    rcode = torch.randn(256, generator=g).clamp(-1, 1)
+    rcode[100:110] = rcode[5]
+    X = torch.randn(77, 33, generator=g)
+    _assert_same_blockwise(X, rcode, blocksize)
+    _assert_same_blockwise(X.to(torch.bfloat16), rcode, blocksize)
+
+
+@needs_native
+def test_quantize_blockwise_backend_wiring():
+    import qkernels
+    from qkernels import _backend
+
+    assert "quantize_blockwise" in _backend.native_ops(torch.device("cpu"))
+    assert _backend.resolve("quantize_blockwise", torch.device("cpu"), None) == "cpu"
+    W = torch.randn(300, 301)
+    p1, s1 = qkernels.quantize_4bit(W, blocksize=64, double_quant=True)
+    p2, s2 = qkernels.quantize_4bit(W, blocksize=64, double_quant=True, backend="reference")
+    assert torch.equal(p1, p2) and torch.equal(s1.absmax, s2.absmax)
+    assert torch.equal(s1.state2.absmax.view(torch.int32), s2.state2.absmax.view(torch.int32))
+    with pytest.raises(ValueError, match="blocksize"):
+        _native._C.quantize_blockwise_cpu(W.data_ptr(), 10, 3, W.data_ptr(), W.data_ptr(), W.data_ptr())

@@ -37,6 +37,26 @@ struct ToBF16 {
   static T conv(float v) { return float_to_bf16_bits(v); }
 };
 
+// Per-block scale providers.  PlainScale reads a float32 absmax; NestedScale decodes a double-quantized (nested)
+// scale inline, exactly as reference.decode_absmax: product, then sum -- two separate float32 roundings (the build
+// uses -ffp-contract=off, so they are never fused into an FMA).
+struct PlainScale {
+  const float* absmax;
+  float operator()(int64_t b) const { return absmax[b]; }
+};
+struct NestedScale {
+  const uint8_t* absmax_q;
+  const float* nested_absmax;
+  const float* nested_code;  // 256 entries
+  float offset;
+  int nested_shift;  // log2(nested_blocksize)
+  float operator()(int64_t b) const {
+    float s = nested_code[absmax_q[b]] * nested_absmax[b >> nested_shift];
+    s = s + offset;
+    return s;
+  }
+};
+
 // Elements [begin, end) of block `b`; `begin` is even because blocksize is even.
 template <typename Conv>
 inline void dequantize_block(const uint8_t* packed, float scale, const float* code, int64_t begin, int64_t end,
@@ -55,8 +75,8 @@ inline void dequantize_block(const uint8_t* packed, float scale, const float* co
   if (full_pairs_end < end) *o = lut[*p >> 4];  // odd tail: only the high nibble of the last byte is used
 }
 
-template <typename Conv>
-void dequantize_impl(const uint8_t* packed, const float* absmax, const float* code, int64_t n, int64_t blocksize,
+template <typename Conv, typename Scale>
+void dequantize_impl(const uint8_t* packed, Scale scale_of, const float* code, int64_t n, int64_t blocksize,
                      typename Conv::T* out) {
   const int64_t nblocks = (n + blocksize - 1) / blocksize;
   float cb[16];
@@ -69,7 +89,7 @@ void dequantize_impl(const uint8_t* packed, const float* absmax, const float* co
   for (int64_t b = 0; b < nblocks; ++b) {
     const int64_t begin = b * blocksize;
     const int64_t end = std::min(n, begin + blocksize);
-    dequantize_block<Conv>(packed, absmax[b], cb, begin, end, out);
+    dequantize_block<Conv>(packed, scale_of(b), cb, begin, end, out);
   }
   (void)kParallelThreshold;
 }
@@ -191,8 +211,8 @@ QK_AVX512 void block_u16_avx512(const uint8_t* packed, float scale, const float*
   }
 }
 
-template <typename Conv, typename VecBlock>
-void dequantize_vec(const uint8_t* packed, const float* absmax, const float* code, int64_t n, int64_t blocksize,
+template <typename Conv, typename Scale, typename VecBlock>
+void dequantize_vec(const uint8_t* packed, Scale scale_of, const float* code, int64_t n, int64_t blocksize,
                     typename Conv::T* out, VecBlock vec_block) {
   const int64_t nblocks = (n + blocksize - 1) / blocksize;
   float cb[16];
@@ -205,13 +225,15 @@ void dequantize_vec(const uint8_t* packed, const float* absmax, const float* cod
     const int64_t begin = b * blocksize;
     const int64_t end = std::min(n, begin + blocksize);
     const int64_t vend = begin + ((end - begin) & ~int64_t(31));
-    vec_block(packed, absmax[b], cb, begin, vend, out);
-    if (vend < end) dequantize_block<Conv>(packed, absmax[b], cb, vend, end, out);
+    const float scale = scale_of(b);
+    vec_block(packed, scale, cb, begin, vend, out);
+    if (vend < end) dequantize_block<Conv>(packed, scale, cb, vend, end, out);
   }
   (void)kParallelThreshold;
 }
 
-bool dequantize_simd(Isa isa, const uint8_t* packed, const float* absmax, const float* code, int64_t n,
+template <typename Scale>
+bool dequantize_simd(Isa isa, const uint8_t* packed, Scale absmax, const float* code, int64_t n,
                      int64_t blocksize, void* out, DType out_dtype) {
   if (isa == Isa::avx512) {
     switch (out_dtype) {
@@ -247,8 +269,10 @@ bool dequantize_simd(Isa isa, const uint8_t* packed, const float* absmax, const 
 
 }  // namespace
 
-void dequantize_4bit(const uint8_t* packed, const float* absmax, const float* code, int64_t n, int64_t blocksize,
-                     void* out, DType out_dtype) {
+namespace {
+template <typename Scale>
+void dequantize_dispatch(const uint8_t* packed, Scale absmax, const float* code, int64_t n, int64_t blocksize,
+                         void* out, DType out_dtype) {
 #ifdef QK_X86
   if (dequantize_simd(active_isa(), packed, absmax, code, n, blocksize, out, out_dtype)) return;
 #endif
@@ -263,6 +287,21 @@ void dequantize_4bit(const uint8_t* packed, const float* absmax, const float* co
       dequantize_impl<ToBF16>(packed, absmax, code, n, blocksize, static_cast<uint16_t*>(out));
       break;
   }
+}
+}  // namespace
+
+void dequantize_4bit(const uint8_t* packed, const float* absmax, const float* code, int64_t n, int64_t blocksize,
+                     void* out, DType out_dtype) {
+  dequantize_dispatch(packed, PlainScale{absmax}, code, n, blocksize, out, out_dtype);
+}
+
+void dequantize_4bit_nested(const uint8_t* packed, const uint8_t* absmax_q, const float* nested_absmax,
+                            const float* nested_code, float offset, int64_t nested_blocksize, const float* code,
+                            int64_t n, int64_t blocksize, void* out, DType out_dtype) {
+  int shift = 0;
+  while ((int64_t(1) << shift) < nested_blocksize) ++shift;  // nested_blocksize is a power of two (validated)
+  dequantize_dispatch(packed, NestedScale{absmax_q, nested_absmax, nested_code, offset, shift}, code, n, blocksize,
+                      out, out_dtype);
 }
 
 }  // namespace cpu

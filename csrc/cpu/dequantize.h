@@ -18,5 +18,15 @@ namespace cpu {
 void dequantize_4bit(const uint8_t* packed, const float* absmax, const float* code, int64_t n, int64_t blocksize,
                      void* out, DType out_dtype);
 
+// As dequantize_4bit, with double-quantized (nested) scales decoded inline (no float32 absmax temporary):
+//   scale[b] = (float)(nested_code[absmax_q[b]] * nested_absmax[b / nested_blocksize]) + offset
+// -- a float32 product, then a float32 sum (two roundings, never fused), exactly reference.decode_absmax.
+//   absmax_q      : uint8[ceil(n/blocksize)]  8-bit codes of the centered scales
+//   nested_absmax : float32[ceil(nblocks/nested_blocksize)];  nested_code : float32[256]
+//   nested_blocksize: a positive power of two.
+void dequantize_4bit_nested(const uint8_t* packed, const uint8_t* absmax_q, const float* nested_absmax,
+                            const float* nested_code, float offset, int64_t nested_blocksize, const float* code,
+                            int64_t n, int64_t blocksize, void* out, DType out_dtype);
+
 }  // namespace cpu
 }  // namespace qkernels

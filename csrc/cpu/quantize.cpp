@@ -273,5 +273,57 @@ void quantize_4bit(const void* A, DType in_dtype, int64_t n, int64_t blocksize, 
   }
 }
 
+namespace {
+// 8-bit (256-entry map) codebook: 255 sorted float32 midpoints + the stable sort order (NaN last, like torch.argsort).
+struct Codebook256 {
+  float bounds[255];
+  int32_t order[256];
+};
+
+void make_codebook256(const float* code, Codebook256* cb) {
+  int32_t idx[256];
+  for (int i = 0; i < 256; ++i) idx[i] = i;
+  std::stable_sort(idx, idx + 256, [code](int32_t a, int32_t b) {
+    const float x = code[a], y = code[b];
+    return x < y || (!std::isnan(x) && std::isnan(y));
+  });
+  for (int i = 0; i < 256; ++i) cb->order[i] = idx[i];
+  for (int i = 0; i < 255; ++i) cb->bounds[i] = (code[idx[i]] + code[idx[i + 1]]) / 2.0f;
+}
+
+// #(bounds < v) over the sorted (non-decreasing) midpoints: branchless lower_bound over 256 slots (slot 255 = +inf).
+inline int32_t count_below256(const float* bounds, float v) {
+  int32_t j = 0;
+  for (int32_t step = 128; step >= 1; step >>= 1) {
+    const int32_t probe = j + step - 1;  // <= 254
+    j += (bounds[probe] < v) ? step : 0;
+  }
+  return j;
+}
+}  // namespace
+
+void quantize_blockwise(const float* A, int64_t n, int64_t blocksize, const float* code, uint8_t* out,
+                        float* absmax) {
+  Codebook256 cb;
+  make_codebook256(code, &cb);
+  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (n >= kParallelThreshold)
+#endif
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const int64_t begin = b * blocksize, end = std::min(n, begin + blocksize);
+    uint32_t m = 0;
+    for (int64_t i = begin; i < end; ++i) m = std::max(m, f32_bits(A[i]) & 0x7fffffffu);
+    const float am = f32_from_bits(m);  // exactly max|x|; a NaN propagates
+    absmax[b] = am;
+    const float inv = block_inv(am);
+    for (int64_t i = begin; i < end; ++i) {
+      float v = A[i] * inv;
+      v = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
+      out[i] = static_cast<uint8_t>(cb.order[count_below256(cb.bounds, v)]);
+    }
+  }
+}
+
 }  // namespace cpu
 }  // namespace qkernels

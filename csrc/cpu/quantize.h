@@ -19,5 +19,12 @@ namespace cpu {
 void quantize_4bit(const void* A, DType in_dtype, int64_t n, int64_t blocksize, const float* code, uint8_t* packed,
                    float* absmax);
 
+// 8-bit blockwise quantization of n contiguous float32 values against a 256-entry map (the nested-scale format),
+// bit-identical to qkernels.reference.quantize_blockwise: absmax[b] = max|x| (NaN propagates),
+// v = clamp(x * (1.0f / max(absmax, 1e-38f)), -1, 1), out[i] = order[#(255 sorted float32 midpoints < v)].
+// code: any order (stably sorted inside).  blocksize: a positive power of two.  Scalar, OpenMP over blocks.
+void quantize_blockwise(const float* A, int64_t n, int64_t blocksize, const float* code, uint8_t* out,
+                        float* absmax);
+
 }  // namespace cpu
 }  // namespace qkernels
