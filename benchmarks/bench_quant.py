@@ -135,6 +135,15 @@ def bench_shape(
             "bitsandbytes.functional.dequantize_4bit",
             **fast,
         )
+    # Into a preallocated output (what a layer with a reused weight buffer does). bitsandbytes 0.50.2 has no CPU
+    # kernel for `out=` (NotImplementedError), so on the CPU its row above, which allocates, is what its users get.
+    qk_out_buf = torch.empty_like(W)
+    qk_out = row(
+        "dequantize_4bit", "qkernels", lambda: qkernels.dequantize_4bit(packed, state, out=qk_out_buf),
+        deq_bytes, deq_note + "; out= preallocated", **fast,
+    )
+    ref_out = qkernels.dequantize_4bit(packed, state, backend="reference")
+    checks["out_equals_reference"] = torch.equal(qk_out_buf, ref_out)
     dense = row("dequantize_4bit", "torch", lambda: W.clone(), clone_bytes, "dense baseline: W.clone()", **fast)
     # The same copy into a preallocated tensor: the difference is what a fresh output allocation (page faults on
     # first touch) costs here; every row above returns a fresh tensor too, the floor assumes none.
@@ -185,6 +194,8 @@ def bench_shape(
         "dequantize_qkernels_vs_bnb": None if bnb_deq is None else bnb_deq.median_ms / qk.median_ms,
         "dequantize_qkernels_vs_floor": qk.vs_floor,
         "dequantize_qkernels_vs_dense_clone": qk.median_ms / dense.median_ms,
+        "dequantize_out_qkernels_vs_bnb": None if bnb_deq is None else bnb_deq.median_ms / qk_out.median_ms,
+        "dequantize_out_qkernels_vs_floor": qk_out.vs_floor,
         "dense_clone_ms": dense.median_ms,
         "dense_copy_preallocated_ms": prealloc.median_ms,
         "quantize_qkernels_vs_bnb": None if bnb_q is None else bnb_q.median_ms / qq.median_ms,
@@ -208,6 +219,10 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"(target >= {t['dequantize_vs_bnb_min']:g}x), "
         f"time/floor {x(summary['dequantize_qkernels_vs_floor'])} (target <= {t['dequantize_vs_floor_max']:g}x), "
         f"time / dense W.clone() {x(summary['dequantize_qkernels_vs_dense_clone'])}"
+    )
+    print(
+        f"{summary['shape']}: dequantize into a preallocated out: speedup vs bitsandbytes (allocating) "
+        f"{x(summary['dequantize_out_qkernels_vs_bnb'])}, time/floor {x(summary['dequantize_out_qkernels_vs_floor'])}"
     )
     print(
         f"{summary['shape']}: quantize ({summary['quantize_backend']}) speedup vs bitsandbytes "

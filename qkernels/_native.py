@@ -67,8 +67,12 @@ def dequantize_4bit_native(
     blocksize: int,
     dtype: torch.dtype,
     nested: tuple | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dequantize ``n`` bitsandbytes-format 4-bit values with the native kernel (CPU or CUDA).
+
+    ``out``: an optional contiguous tensor of ``n`` elements of ``dtype`` on the inputs' device, written in place
+    and returned flattened (no allocation: a fresh 32 MiB output costs more page faults than the decode itself).
 
     With ``nested=(absmax_q, nested_absmax, nested_code, offset, nested_blocksize)`` (CPU only) ``absmax`` is ignored
     and the double-quantized scales are decoded inline by the kernel, bit-identical to ``reference.decode_absmax``:
@@ -173,7 +177,14 @@ def dequantize_4bit_native(
         if t.device != device:
             raise ValueError(f"{fn}: argument '{name}' is on {t.device} but 'packed' is on {device}")
 
-    out = torch.empty(n, dtype=dtype, device=device)
+    if out is None:
+        out = torch.empty(n, dtype=dtype, device=device)
+    else:
+        if not isinstance(out, torch.Tensor) or out.dtype != dtype or out.numel() != n or out.device != device:
+            raise ValueError(f"{fn}: argument 'out' must be a tensor of {n} elements of {dtype} on {device}")
+        if not out.is_contiguous():
+            raise ValueError(f"{fn}: argument 'out' must be contiguous")
+        out = out.view(-1)
     native_dtype = _DTYPE_TO_NATIVE[dtype]
     if nested is not None:
         _C.dequantize_4bit_nested_cpu(packed.data_ptr(), absmax.data_ptr(), nested_absmax.data_ptr(),

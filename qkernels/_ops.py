@@ -97,22 +97,25 @@ def dequantize_4bit(
 
 
 def dequantize_4bit_impl(packed, absmax, code, blocksize, shape, dtype, nested_absmax, nested_code, offset,
-                         nested_blocksize, backend: str | None) -> torch.Tensor:
-    """The op's body with an explicit backend (``None``: the fastest available; see ``_backend.resolve``)."""
+                         nested_blocksize, backend: str | None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The op's body with an explicit backend (``None``: the fastest available; see ``_backend.resolve``).
+
+    With ``out`` (contiguous, ``shape``, ``dtype``) the result is written there and ``out`` is returned.
+    """
     n = math.prod(shape)
     impl = _backend.resolve("dequantize_4bit", packed.device, backend)
     if nested_absmax is not None and impl == "cpu":  # the CPU kernel decodes the nested scales inline
         nested = (absmax, nested_absmax, nested_code, offset, nested_blocksize)
-        return _native.dequantize_4bit_native(packed, absmax, code, n, blocksize, dtype, nested=nested).reshape(shape)
+        res = _native.dequantize_4bit_native(packed, absmax, code, n, blocksize, dtype, nested=nested, out=out)
+        return res.reshape(shape)
     scales = absmax
     if nested_absmax is not None:
         q = reference.dequantize_blockwise(absmax, nested_absmax, nested_code, nested_blocksize)
         scales = q + offset.to(torch.float32)
-    if impl == "reference":
-        out = reference.dequantize_4bit(packed, scales, code, blocksize, n, dtype)
-    else:
-        out = _native.dequantize_4bit_native(packed, scales, code, n, blocksize, dtype)
-    return out.reshape(shape)
+    if impl != "reference":
+        return _native.dequantize_4bit_native(packed, scales, code, n, blocksize, dtype, out=out).reshape(shape)
+    res = reference.dequantize_4bit(packed, scales, code, blocksize, n, dtype).reshape(shape)
+    return res if out is None else out.copy_(res)
 
 
 def _check_dequantize(packed, absmax, code, blocksize, shape, dtype, nested_absmax, nested_code, offset, nested_bs):
@@ -146,6 +149,39 @@ def _(packed, absmax, code, blocksize, shape, dtype, nested_absmax=None, nested_
     _check_dequantize(packed, absmax, code, blocksize, shape, dtype, nested_absmax, nested_code, offset,
                       nested_blocksize)
     return packed.new_empty(shape, dtype=dtype)
+
+
+@torch.library.custom_op("qkernels::dequantize_4bit_out", mutates_args=("out",))
+def dequantize_4bit_out(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    out: torch.Tensor,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    nested_blocksize: int = 256,
+) -> None:
+    """``dequantize_4bit`` into a caller-provided contiguous ``out`` (its shape and dtype say what to produce).
+
+    For a reused buffer (e.g. the dequantized weight of a QLoRA layer): no allocation, so no page faults.
+    """
+    _check_dequantize_out(packed, absmax, code, blocksize, out, nested_absmax, nested_code, offset, nested_blocksize)
+    dequantize_4bit_impl(packed, absmax, code, blocksize, list(out.shape), out.dtype, nested_absmax, nested_code,
+                         offset, nested_blocksize, None, out=out)
+
+
+def _check_dequantize_out(packed, absmax, code, blocksize, out, nested_absmax, nested_code, offset, nested_bs):
+    torch._check(out.is_contiguous(), lambda: "out must be contiguous")
+    torch._check(out.device == packed.device, lambda: f"out is on {out.device}, packed on {packed.device}")
+    _check_dequantize(packed, absmax, code, blocksize, list(out.shape), out.dtype, nested_absmax, nested_code, offset,
+                      nested_bs)
+
+
+@dequantize_4bit_out.register_fake
+def _(packed, absmax, code, blocksize, out, nested_absmax=None, nested_code=None, offset=None, nested_blocksize=256):
+    _check_dequantize_out(packed, absmax, code, blocksize, out, nested_absmax, nested_code, offset, nested_blocksize)
 
 
 # ---------------------------------------------------------------------------------- 8-bit blockwise (nested scales)

@@ -117,6 +117,7 @@ def dequantize_4bit(
     quant_state: QuantState,
     dtype: torch.dtype | None = None,
     *,
+    out: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Decode a packed 4-bit tensor: ``code[nibble] * absmax`` in float32, rounded once to ``dtype``.
@@ -125,7 +126,8 @@ def dequantize_4bit(
         packed: the packed codes from ``quantize_4bit`` (uint8, or a bf16/fp16/fp32 ``quant_storage`` view of
             the same bytes), on the same device as ``quant_state``.
         quant_state: its ``QuantState`` (nested absmax are decoded as ``dyn[q] * nested_absmax + offset``).
-        dtype: output dtype, float32/float16/bfloat16; default ``quant_state.dtype``.
+        dtype: output dtype, float32/float16/bfloat16; default ``quant_state.dtype`` (or ``out.dtype``).
+        out: optional contiguous tensor of ``quant_state.shape`` to write into (a reused buffer: no allocation).
         backend: force ``"reference"``, ``"cpu"`` or ``"cuda"``; ``None`` picks the fastest.
 
     Returns:
@@ -134,6 +136,12 @@ def dequantize_4bit(
     if not isinstance(quant_state, QuantState):
         raise TypeError(f"quant_state must be a qkernels.QuantState, got {type(quant_state).__name__}")
     quant_state.validate(packed)
+    if out is not None:
+        if not isinstance(out, torch.Tensor) or out.shape != quant_state.shape or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous tensor of shape {tuple(quant_state.shape)}")
+        if dtype is not None and dtype != out.dtype:
+            raise TypeError(f"dtype {dtype} does not match out.dtype {out.dtype}")
+        dtype = out.dtype
     dtype = quant_state.dtype if dtype is None else dtype
     if dtype not in FLOAT_DTYPES and not (dtype == torch.float64 and backend == "reference"):
         raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
@@ -144,6 +152,13 @@ def dequantize_4bit(
     no_nesting = (None, None, None, NESTED_BLOCKSIZE)
     nested = (qs.state2.absmax, qs.state2.code, qs.offset, qs.state2.blocksize) if qs.nested else no_nesting
     args = (raw, qs.absmax, qs.code, qs.blocksize, list(qs.shape), dtype, *nested)
+    if out is not None:
+        if out.device != raw.device:
+            raise ValueError(f"out is on {out.device} but packed is on {raw.device}")
+        if backend is None:
+            torch.ops.qkernels.dequantize_4bit_out(raw, qs.absmax, qs.code, qs.blocksize, out, *nested)
+            return out
+        return _ops.dequantize_4bit_impl(*args, backend, out=out)
     if backend is None:  # through the registered op, so torch.compile sees one node
         return torch.ops.qkernels.dequantize_4bit(*args)
     return _ops.dequantize_4bit_impl(*args, backend)

@@ -275,3 +275,20 @@ def test_reference_on_cuda_tensors_matches_cpu_and_bitsandbytes_cuda(dtype, quan
         assert torch.equal(sb.absmax.cpu(), s_cpu.absmax)
     assert same_bits(F.dequantize_4bit(p, s).cpu(), qkernels.dequantize_4bit(p_cpu, s_cpu))
     assert same_bits(F.dequantize_4bit(pb, sb).cpu(), qkernels.dequantize_4bit(pb, sb).cpu())
+
+
+@pytest.mark.parametrize("backend", [None, "reference"], ids=["default", "reference"])
+@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "no-dq"])
+def test_dequantize_into_out(backend, double_quant):
+    """``out=`` writes the same bits into a caller's buffer (a reused weight buffer: no allocation)."""
+    A = _data((300, 301), torch.bfloat16, seed=9)
+    p, s = qkernels.quantize_4bit(A, 64, "nf4", double_quant)
+    for dtype in DTYPES:
+        out = torch.full(A.shape, float("nan"), dtype=dtype)
+        res = qkernels.dequantize_4bit(p, s, out=out, backend=backend)
+        assert res is out
+        assert same_bits(out, qkernels.dequantize_4bit(p, s, dtype=dtype, backend="reference"))
+    with pytest.raises(ValueError, match="out must be a contiguous tensor of shape"):
+        qkernels.dequantize_4bit(p, s, out=torch.empty(301, 300))
+    with pytest.raises(TypeError, match="does not match out.dtype"):
+        qkernels.dequantize_4bit(p, s, dtype=torch.float16, out=torch.empty(300, 301))

@@ -21,6 +21,14 @@ def _cases(device):
             (p, s.absmax, s.code, 64, [130, 70], torch.bfloat16, s.state2.absmax, s.state2.code, s.offset, 256),
         ),
         "dequantize_4bit": (ops.dequantize_4bit.default, (p1, s1.absmax, s1.code, 32, [130, 70], torch.float16)),
+        "dequantize_4bit_out-nested": (
+            ops.dequantize_4bit_out.default,
+            (p, s.absmax, s.code, 64, torch.empty(130, 70, dtype=torch.bfloat16, device=device), s.state2.absmax,
+             s.state2.code, s.offset, 256),
+        ),
+        "dequantize_4bit_out": (
+            ops.dequantize_4bit_out.default, (p1, s1.absmax, s1.code, 32, torch.empty(130, 70, device=device))
+        ),
         "quantize_blockwise": (
             ops.quantize_blockwise.default, (A.reshape(-1)[:999], qkernels.dynamic_map(device), 256)
         ),
@@ -32,7 +40,9 @@ def _cases(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
-    "case", ["quantize_4bit", "dequantize_4bit-nested", "dequantize_4bit", "quantize_blockwise", "dequantize_blockwise"]
+    "case",
+    ["quantize_4bit", "dequantize_4bit-nested", "dequantize_4bit", "dequantize_4bit_out-nested", "dequantize_4bit_out",
+     "quantize_blockwise", "dequantize_blockwise"],
 )
 def test_opcheck(device, case):
     op, args = _cases(device)[case]
