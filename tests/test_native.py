@@ -763,6 +763,53 @@ def test_quantize_blockwise_cpu_edge_values(blocksize):
 
 
 @needs_native
+@pytest.mark.parametrize("n", [1, 15, 17, 255, 256, 257, 4096 * 3 + 5, 262144])
+@pytest.mark.parametrize("blocksize", [1, 2, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096])
+def test_quantize_blockwise_cpu_isa_paths(cpu_isa, n, blocksize):
+    """Every CPU path (scalar / AVX2 / AVX-512) equals the reference: sorted map (order skipped) and unsorted map."""
+    from qkernels.codebooks import dynamic_map
+
+    g = torch.Generator().manual_seed(7 * n + blocksize)
+    A = torch.randn(n, generator=g) * torch.rand(n, generator=g).pow(4) * 10
+    if n > 100:
+        A[10:50] = 0.0
+        A[60] = -0.0
+        A[70:80] = 1e-40  # subnormals
+    code = dynamic_map(torch.device("cpu"))
+    _assert_same_blockwise(A, code, blocksize)
+    perm = torch.randperm(256, generator=g)
+    _assert_same_blockwise(A, code[perm].contiguous(), blocksize)  # unsorted: order is a real permutation
+
+
+@needs_native
+@pytest.mark.parametrize("blocksize", [1, 16, 64, 256, 4096])
+def test_quantize_blockwise_cpu_isa_nonfinite_matches_scalar(cpu_isa, blocksize, monkeypatch):
+    """NaN / inf inputs and a map with NaN entries and ties: every path gives the scalar path's bits."""
+    g = torch.Generator().manual_seed(blocksize)
+    n = 5000 + 13
+    A = torch.randn(n, generator=g)
+    A[3] = float("nan")
+    A[700] = float("inf")
+    A[1900] = float("-inf")
+    A[2500:2600] = float("nan")
+    code = torch.randn(256, generator=g).clamp(-1, 1)
+    code[100:110] = code[5]
+    code[200] = float("nan")
+    code[17] = float("inf")
+    for c in (code, torch.sort(code).values.contiguous()):
+        q, absmax = _native.quantize_blockwise_native(A, c, blocksize)
+        monkeypatch.setenv("QKERNELS_CPU_ISA", "scalar")
+        sq, sabsmax = _native.quantize_blockwise_native(A, c, blocksize)
+        monkeypatch.setenv("QKERNELS_CPU_ISA", cpu_isa)
+        assert torch.equal(q, sq), "codes differ from the scalar path"
+        assert torch.equal(absmax.view(torch.int32), sabsmax.view(torch.int32)), "absmax differs from the scalar path"
+        finite = torch.isfinite(absmax).repeat_interleave(blocksize)[:n]
+        from qkernels import reference
+        rq, _ = reference.quantize_blockwise(A, c, blocksize)
+        assert torch.equal(q[finite], rq[finite])
+
+
+@needs_native
 def test_quantize_blockwise_backend_wiring():
     import qkernels
     from qkernels import _backend
