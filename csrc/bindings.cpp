@@ -66,6 +66,18 @@ void check_dequantize_args(const char* fn, std::uint64_t packed_ptr, std::uint64
   QK_CHECK_DTYPE(out_dtype, fn, "out_dtype");
 }
 
+// Shared argument validation of the 4-bit quantize entry points.
+void check_quantize_args(const char* fn, std::uint64_t A_ptr, int in_dtype, int64_t n, int64_t blocksize,
+                         std::uint64_t code_ptr, std::uint64_t packed_ptr, std::uint64_t absmax_ptr) {
+  QK_CHECK_PTR(A_ptr, fn, "A_ptr");
+  QK_CHECK_DTYPE(in_dtype, fn, "in_dtype");
+  QK_CHECK_POSITIVE(n, fn, "n");
+  QK_CHECK_BLOCKSIZE(blocksize, fn, "blocksize");
+  QK_CHECK_PTR(code_ptr, fn, "code_ptr");
+  QK_CHECK_PTR(packed_ptr, fn, "packed_ptr");
+  QK_CHECK_PTR(absmax_ptr, fn, "absmax_ptr");
+}
+
 void dequantize_4bit_cpu(std::uint64_t packed_ptr, std::uint64_t absmax_ptr, std::uint64_t code_ptr, int64_t n,
                          int64_t blocksize, std::uint64_t out_ptr, int out_dtype) {
   check_dequantize_args("dequantize_4bit_cpu", packed_ptr, absmax_ptr, code_ptr, n, blocksize, out_ptr, out_dtype);
@@ -113,14 +125,7 @@ void quantize_blockwise_cpu(std::uint64_t A_ptr, int64_t n, int64_t blocksize, s
 
 void quantize_4bit_cpu(std::uint64_t A_ptr, int in_dtype, int64_t n, int64_t blocksize, std::uint64_t code_ptr,
                        std::uint64_t packed_ptr, std::uint64_t absmax_ptr) {
-  const char* fn = "quantize_4bit_cpu";
-  QK_CHECK_PTR(A_ptr, fn, "A_ptr");
-  QK_CHECK_DTYPE(in_dtype, fn, "in_dtype");
-  QK_CHECK_POSITIVE(n, fn, "n");
-  QK_CHECK_BLOCKSIZE(blocksize, fn, "blocksize");
-  QK_CHECK_PTR(code_ptr, fn, "code_ptr");
-  QK_CHECK_PTR(packed_ptr, fn, "packed_ptr");
-  QK_CHECK_PTR(absmax_ptr, fn, "absmax_ptr");
+  check_quantize_args("quantize_4bit_cpu", A_ptr, in_dtype, n, blocksize, code_ptr, packed_ptr, absmax_ptr);
   (void)qkernels::cpu::active_isa();  // validates QKERNELS_CPU_ISA before releasing the GIL
   py::gil_scoped_release release;
   qkernels::cpu::quantize_4bit(reinterpret_cast<const void*>(A_ptr), static_cast<DType>(in_dtype), n, blocksize,
@@ -141,14 +146,7 @@ void dequantize_4bit_cuda(std::uint64_t packed_ptr, std::uint64_t absmax_ptr, st
 
 void quantize_4bit_cuda(std::uint64_t A_ptr, int in_dtype, int64_t n, int64_t blocksize, std::uint64_t code_ptr,
                         std::uint64_t packed_ptr, std::uint64_t absmax_ptr, std::uint64_t stream) {
-  const char* fn = "quantize_4bit_cuda";
-  QK_CHECK_PTR(A_ptr, fn, "A_ptr");
-  QK_CHECK_DTYPE(in_dtype, fn, "in_dtype");
-  QK_CHECK_POSITIVE(n, fn, "n");
-  QK_CHECK_BLOCKSIZE(blocksize, fn, "blocksize");
-  QK_CHECK_PTR(code_ptr, fn, "code_ptr");
-  QK_CHECK_PTR(packed_ptr, fn, "packed_ptr");
-  QK_CHECK_PTR(absmax_ptr, fn, "absmax_ptr");
+  check_quantize_args("quantize_4bit_cuda", A_ptr, in_dtype, n, blocksize, code_ptr, packed_ptr, absmax_ptr);
   const std::string err = qkernels::cuda::quantize_4bit(
       reinterpret_cast<const void*>(A_ptr), static_cast<DType>(in_dtype), n, blocksize,
       reinterpret_cast<const float*>(code_ptr), reinterpret_cast<uint8_t*>(packed_ptr),

@@ -75,7 +75,8 @@ def dequantize_4bit_native(
     and returned flattened (no allocation: a fresh 32 MiB output costs more page faults than the decode itself).
 
     With ``nested=(absmax_q, nested_absmax, nested_code, offset, nested_blocksize)`` (CPU only) ``absmax`` is ignored
-    and the double-quantized scales are decoded inline by the kernel, bit-identical to ``reference.decode_absmax``:
+    and the double-quantized scales are decoded inline by the kernel, bit-identical to
+    ``reference.decode_nested_absmax``:
     ``absmax_q`` uint8 codes (one per block), ``nested_absmax`` float32 ``[ceil(nblocks / nested_blocksize)]``,
     ``nested_code`` float32 ``[256]``, ``offset`` a float32 scalar (tensor or float), ``nested_blocksize`` a positive
     power of two; scale = ``float32(nested_code[q] * nested_absmax[b // nested_blocksize]) + offset``.

@@ -110,8 +110,7 @@ def dequantize_4bit_impl(packed, absmax, code, blocksize, shape, dtype, nested_a
         return res.reshape(shape)
     scales = absmax
     if nested_absmax is not None:
-        q = reference.dequantize_blockwise(absmax, nested_absmax, nested_code, nested_blocksize)
-        scales = q + offset.to(torch.float32)
+        scales = reference.decode_nested_absmax(absmax, nested_absmax, nested_code, offset, nested_blocksize)
     if impl != "reference":
         return _native.dequantize_4bit_native(packed, scales, code, n, blocksize, dtype, out=out).reshape(shape)
     res = reference.dequantize_4bit(packed, scales, code, blocksize, n, dtype).reshape(shape)

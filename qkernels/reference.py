@@ -109,15 +109,15 @@ def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     return code.to(torch.float32)[q.reshape(-1).long()] * absmax.to(torch.float32).repeat_interleave(blocksize)[:n]
 
 
-def decode_absmax(state) -> torch.Tensor:
-    """float32 per-block scales of a ``QuantState``: ``dyn[q] * nested_absmax[i // 256] + offset`` when nested.
+def decode_nested_absmax(
+    absmax_q: torch.Tensor, nested_absmax: torch.Tensor, nested_code: torch.Tensor, offset: torch.Tensor,
+    nested_blocksize: int,
+) -> torch.Tensor:
+    """float32 per-block scales from double-quantized ones: ``nested_code[q] * nested_absmax[i // nbs] + offset``.
 
     Two float32 roundings (product, then sum), never fused: the same bits as bitsandbytes.
     """
-    if not state.nested:
-        return state.absmax
-    s2 = state.state2
-    return dequantize_blockwise(state.absmax, s2.absmax, s2.code, s2.blocksize) + state.offset.to(torch.float32)
+    return dequantize_blockwise(absmax_q, nested_absmax, nested_code, nested_blocksize) + offset.to(torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------- LoRA

@@ -75,9 +75,11 @@ inline void dequantize_block(const uint8_t* packed, float scale, const float* co
   if (full_pairs_end < end) *o = lut[*p >> 4];  // odd tail: only the high nibble of the last byte is used
 }
 
-template <typename Conv, typename Scale>
-void dequantize_impl(const uint8_t* packed, Scale scale_of, const float* code, int64_t n, int64_t blocksize,
-                     typename Conv::T* out) {
+// One loop for every path: per block, `vec_block` decodes the whole multiple of 32 elements and the scalar
+// `dequantize_block` the rest (the scalar path passes a `vec_block` that is `dequantize_block` itself).
+template <typename Conv, typename Scale, typename VecBlock>
+void dequantize_vec(const uint8_t* packed, Scale scale_of, const float* code, int64_t n, int64_t blocksize,
+                    typename Conv::T* out, VecBlock vec_block) {
   const int64_t nblocks = (n + blocksize - 1) / blocksize;
   float cb[16];
   std::copy(code, code + 16, cb);
@@ -89,9 +91,18 @@ void dequantize_impl(const uint8_t* packed, Scale scale_of, const float* code, i
   for (int64_t b = 0; b < nblocks; ++b) {
     const int64_t begin = b * blocksize;
     const int64_t end = std::min(n, begin + blocksize);
-    dequantize_block<Conv>(packed, scale_of(b), cb, begin, end, out);
+    const int64_t vend = begin + ((end - begin) & ~int64_t(31));
+    const float scale = scale_of(b);
+    vec_block(packed, scale, cb, begin, vend, out);
+    if (vend < end) dequantize_block<Conv>(packed, scale, cb, vend, end, out);
   }
   (void)kParallelThreshold;
+}
+
+template <typename Conv, typename Scale>
+void dequantize_impl(const uint8_t* packed, Scale scale_of, const float* code, int64_t n, int64_t blocksize,
+                     typename Conv::T* out) {
+  dequantize_vec<Conv>(packed, scale_of, code, n, blocksize, out, dequantize_block<Conv>);
 }
 
 #ifdef QK_X86
@@ -211,26 +222,6 @@ QK_AVX512 void block_u16_avx512(const uint8_t* packed, float scale, const float*
   }
 }
 
-template <typename Conv, typename Scale, typename VecBlock>
-void dequantize_vec(const uint8_t* packed, Scale scale_of, const float* code, int64_t n, int64_t blocksize,
-                    typename Conv::T* out, VecBlock vec_block) {
-  const int64_t nblocks = (n + blocksize - 1) / blocksize;
-  float cb[16];
-  std::copy(code, code + 16, cb);
-  constexpr int64_t kParallelThreshold = int64_t(1) << 18;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (n >= kParallelThreshold)
-#endif
-  for (int64_t b = 0; b < nblocks; ++b) {
-    const int64_t begin = b * blocksize;
-    const int64_t end = std::min(n, begin + blocksize);
-    const int64_t vend = begin + ((end - begin) & ~int64_t(31));
-    const float scale = scale_of(b);
-    vec_block(packed, scale, cb, begin, vend, out);
-    if (vend < end) dequantize_block<Conv>(packed, scale, cb, vend, end, out);
-  }
-  (void)kParallelThreshold;
-}
 
 template <typename Scale>
 bool dequantize_simd(Isa isa, const uint8_t* packed, Scale absmax, const float* code, int64_t n,
