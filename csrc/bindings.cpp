@@ -21,6 +21,10 @@
 namespace py = pybind11;
 using qkernels::DType;
 
+// Defined in csrc/bind_*.cpp (one file per kernel family, so each family's bindings sit beside nothing else).
+void qkernels_bind_gemv_cpu(py::module_& m);
+void qkernels_bind_cuda_extra(py::module_& m);
+
 namespace {
 
 // Best CPU path of this machine (same rule as the kernels' dispatch, before any QKERNELS_CPU_ISA lowering).
@@ -210,4 +214,6 @@ PYBIND11_MODULE(_C, m) {
         "(cudaStream_t as int). NaN/inf input gives a non-finite absmax (the caller must check). Raises RuntimeError "
         "on a launch error.");
 #endif
+  qkernels_bind_gemv_cpu(m);
+  qkernels_bind_cuda_extra(m);
 }
