@@ -42,3 +42,17 @@ __all__ = [
     "quantize_blockwise",
     "reference",
 ]
+
+# --- adapters (issue 5): model-level LoRA adapter API and peft-format adapter files (qkernels/adapters.py) ---
+from . import adapters  # noqa: E402
+from .adapters import (  # noqa: E402
+    add_adapter,
+    delete_adapter,
+    disable_adapters,
+    load_adapter,
+    save_adapter,
+    set_adapter,
+)
+
+__all__ += ["adapters", "add_adapter", "delete_adapter", "disable_adapters", "load_adapter", "save_adapter"]
+__all__ += ["set_adapter"]

@@ -1,0 +1,487 @@
+"""Model-level LoRA adapter API, and adapters on disk in peft's format (read and written).
+
+The functions take the model and walk its ``QLoRALinear`` modules (``qkernels.nn``), whose adapter layout is
+peft's: ``lora_A`` / ``lora_B`` are ``nn.ModuleDict({adapter_name: nn.Linear})``, with ``r``, ``lora_alpha``,
+``scaling`` and ``lora_dropout`` keyed by adapter name, an ``active_adapter`` and a ``disable_adapters`` flag.
+
+- ``add_adapter(model, name, r=8, lora_alpha=8, ...)``, ``set_adapter(model, name)``,
+  ``delete_adapter(model, name)``, ``with disable_adapters(model): ...`` (restores on exit, like peft's
+  ``PeftModel.disable_adapter()``).
+- ``save_adapter(model, path, adapter_name)`` writes what ``PeftModel.save_pretrained`` writes:
+  ``adapter_config.json`` (a ``peft.LoraConfig``) and ``adapter_model.safetensors`` with keys
+  ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` (the adapter name removed, as peft's
+  ``get_peft_model_state_dict`` does). ``peft.PeftModel.from_pretrained(base, path)`` loads it.
+- ``load_adapter(model, path, adapter_name)`` reads such a directory (``adapter_model.safetensors``, else
+  ``adapter_model.bin``). Every key must name a ``QLoRALinear`` of ``model`` and every shape must match the
+  module and the rank the config gives it (``r`` / ``rank_pattern``); any mismatch raises ``ValueError`` naming
+  the key and both shapes, and nothing is loaded: the whole file is validated before the model is touched.
+
+Module names are relative to the ``model`` passed in: pass the same model object you would give to
+``peft.get_peft_model`` (e.g. a ``transformers`` ``BertModel``) so the names agree with peft's.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import math
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "add_adapter",
+    "delete_adapter",
+    "disable_adapters",
+    "load_adapter",
+    "save_adapter",
+    "set_adapter",
+    "adapter_names",
+]
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."  # peft's prefix of every LoRA key (PeftModel.base_model = LoraModel, .model)
+_KEY_RE = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)\.weight$")
+
+# LoraConfig fields that change what the adapter computes or what the file holds beyond plain A/B on Linear layers.
+# qkernels' QLoRALinear does plain LoRA, so an adapter using any of these is refused rather than silently mis-applied.
+_UNSUPPORTED_IF_SET = {
+    "use_dora": "DoRA (a learned magnitude vector)",
+    "lora_bias": "a trainable bias on lora_B",
+    "modules_to_save": "fully trained extra modules (modules_to_save)",
+    "trainable_token_indices": "trainable embedding tokens",
+    "layer_replication": "layer replication",
+    "target_parameters": "LoRA on nn.Parameter targets",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "use_qalora": "QA-LoRA (pooled inputs)",
+    "use_bdlora": "block-diagonal LoRA",
+    "arrow_config": "Arrow routing",
+    "kasa_config": "KaSA",
+    "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA",
+}
+
+
+# ---------------------------------------------------------------------------------------------- walking
+def _qlora_class() -> type:
+    from .nn import QLoRALinear  # imported here: qkernels.nn imports the kernels, adapters stays light
+
+    return QLoRALinear
+
+
+def _qlora_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` for every QLoRALinear in ``model``, in definition order. Raises if there is none."""
+    cls = _qlora_class()
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, cls)]
+    if not found:
+        raise ValueError(
+            f"{type(model).__name__} has no qkernels.nn.QLoRALinear module; quantize it first with "
+            "qkernels.apply_qlora(model, ...)"
+        )
+    return found
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The adapter names present on at least one QLoRALinear of ``model``, in first-seen order."""
+    names: dict[str, None] = {}
+    for _, m in _qlora_modules(model):
+        names.update(dict.fromkeys(m.lora_A.keys()))
+    return list(names)
+
+
+def _require_adapter(model: nn.Module, name: str) -> list[tuple[str, nn.Module]]:
+    mods = _qlora_modules(model)
+    have = [(n, m) for n, m in mods if name in m.lora_A]
+    if not have:
+        raise ValueError(f"adapter {name!r} not found; the model has adapters {adapter_names(model)}")
+    return have
+
+
+def _dropout_p(d: Any) -> float:
+    """The probability of a ``lora_dropout`` entry: an ``nn.Dropout``, ``nn.Identity`` (0) or a number."""
+    if isinstance(d, (int, float)):
+        return float(d)
+    return float(getattr(d, "p", 0.0))
+
+
+# ---------------------------------------------------------------------------------------------- model-level API
+def set_adapter(model: nn.Module, name: str) -> None:
+    """Make ``name`` the active adapter of every QLoRALinear (peft's ``PeftModel.set_adapter``).
+
+    A module without that adapter computes its base output only (as in peft, where its active adapter is then
+    absent from its ``lora_A``). Raises ``ValueError`` if no module has it.
+    """
+    _require_adapter(model, name)
+    for _, m in _qlora_modules(model):
+        if name in m.lora_A:
+            m.set_adapter(name)
+        else:
+            m.active_adapter = name
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Context manager: every QLoRALinear computes its base output only; each module's flag is restored on exit.
+
+    ``with qkernels.disable_adapters(model): y_base = model(x)`` — peft's ``with peft_model.disable_adapter():``.
+    """
+    mods = _qlora_modules(model)
+    saved = [(m, bool(m.disable_adapters)) for _, m in mods]
+    try:
+        for m, _ in saved:
+            m.disable_adapters = True
+        yield model
+    finally:
+        for m, was in saved:
+            m.disable_adapters = was
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` from every QLoRALinear that has it (peft's ``PeftModel.delete_adapter``).
+
+    A module whose active adapter was ``name`` switches to one of its remaining adapters (QLoRALinear's
+    ``delete_adapter`` decides which, as peft's layer does). Raises ``ValueError`` if no module has it.
+    """
+    for _, m in _require_adapter(model, name):
+        m.delete_adapter(name)
+
+
+def _matches(name: str, target_modules: str | list[str] | None) -> bool:
+    """peft's rule: a string is a full regex match of the module name; a list matches the name or a ``.suffix``."""
+    if target_modules is None or target_modules == "all-linear":
+        return True
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def add_adapter(
+    model: nn.Module,
+    name: str,
+    r: int = 8,
+    lora_alpha: float = 8,
+    lora_dropout: float = 0.0,
+    use_rslora: bool = False,
+    init_lora_weights: bool | str = True,
+    target_modules: str | list[str] | None = None,
+) -> list[str]:
+    """Add a new adapter ``name`` to the QLoRALinear modules of ``model`` (defaults are peft's ``LoraConfig``'s).
+
+    ``target_modules``: ``None`` / ``"all-linear"`` = every QLoRALinear; a list of names or name suffixes
+    (``["q_proj", "v_proj"]``); or a regex string matched against the whole module name (peft's rules).
+    The active adapter is not changed (call ``set_adapter``), as in peft. Returns the module names that got it.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"r must be a positive integer, got {r!r}")
+    mods = [(n, m) for n, m in _qlora_modules(model) if _matches(n, target_modules)]
+    if not mods:
+        raise ValueError(
+            f"target_modules={target_modules!r} matches no QLoRALinear; they are "
+            f"{[n for n, _ in _qlora_modules(model)]}"
+        )
+    clash = [n for n, m in mods if name in m.lora_A]
+    if clash:
+        raise ValueError(f"adapter {name!r} already exists on {clash[:3]}{'...' if len(clash) > 3 else ''}")
+    for _, m in mods:
+        _add_to_module(m, name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+    return [n for n, _ in mods]
+
+
+def _add_to_module(m: nn.Module, name: str, r: int, alpha: float, dropout: float, rslora: bool, init: Any) -> None:
+    """``update_layer`` without switching the module's active adapter (peft's ``add_adapter`` does not)."""
+    had = list(m.lora_A.keys())
+    active = m.active_adapter
+    m.update_layer(name, r, alpha, dropout, init, rslora)
+    if had and m.active_adapter != active:
+        m.set_adapter(active) if active in m.lora_A else setattr(m, "active_adapter", active)
+
+
+# ---------------------------------------------------------------------------------------------- describing one adapter
+@dataclass
+class _ModuleAdapter:
+    name: str  # module name in the model
+    r: int
+    alpha: float
+    dropout: float
+    use_rslora: bool
+
+
+def _describe(name: str, m: nn.Module, adapter: str) -> _ModuleAdapter:
+    r, alpha, scaling = int(m.r[adapter]), m.lora_alpha[adapter], float(m.scaling[adapter])
+    plain, rs = alpha / r, alpha / math.sqrt(r)
+    if math.isclose(scaling, plain, rel_tol=1e-6):
+        use_rslora = False
+    elif math.isclose(scaling, rs, rel_tol=1e-6):
+        use_rslora = True
+    else:  # e.g. peft's scale_layer() was used: a LoraConfig cannot express it
+        raise ValueError(
+            f"{name}: adapter {adapter!r} has scaling {scaling} which is neither lora_alpha / r = {plain} nor "
+            f"lora_alpha / sqrt(r) = {rs}; peft's LoraConfig cannot represent it"
+        )
+    return _ModuleAdapter(name, r, alpha, _dropout_p(m.lora_dropout[adapter]), use_rslora)
+
+
+def _short_name(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def _target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
+    """peft ``target_modules`` selecting exactly ``names`` among the model's Linear-like modules.
+
+    The short names (``["query", "value"]``) when they select no other Linear/QLoRALinear of the model;
+    otherwise a regex string matching exactly these names (peft full-matches a string against module names).
+    """
+    short = sorted({_short_name(n) for n in names})
+    cls = _qlora_class()
+    linear_like = [n for n, m in model.named_modules() if isinstance(m, (cls, nn.Linear))]
+    chosen = {n for n in linear_like if _short_name(n) in short}
+    if chosen == set(names):
+        return short
+    return "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
+
+
+def _most_common(values: list[Any]) -> Any:
+    return collections.Counter(values).most_common(1)[0][0]
+
+
+def _config_fields(model: nn.Module, infos: list[_ModuleAdapter], task_type: str | None,
+                   base_model_name_or_path: str | None) -> dict[str, Any]:
+    """The LoraConfig arguments describing ``infos``, with ``rank_pattern`` / ``alpha_pattern`` for the outliers."""
+    if len({i.use_rslora for i in infos}) > 1:
+        raise ValueError("modules mix rsLoRA and plain LoRA scaling in one adapter; peft's use_rslora is global")
+    r, alpha = _most_common([i.r for i in infos]), _most_common([i.alpha for i in infos])
+    # peft's get_pattern_key matches a pattern p as re.match(rf"(.*\.)?({p})$", module_name): an escaped full name
+    # selects exactly that module.
+    rank_pattern = {re.escape(i.name): i.r for i in infos if i.r != r}
+    alpha_pattern = {re.escape(i.name): i.alpha for i in infos if i.alpha != alpha}
+    if base_model_name_or_path is None:
+        cfg = getattr(model, "config", None)
+        base_model_name_or_path = getattr(model, "name_or_path", None) or getattr(cfg, "_name_or_path", None) or None
+    return dict(
+        task_type=task_type,
+        base_model_name_or_path=base_model_name_or_path,
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=max(i.dropout for i in infos),  # dropout does not change a saved adapter's outputs
+        use_rslora=infos[0].use_rslora,
+        target_modules=_target_modules(model, [i.name for i in infos]),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        bias="none",
+        fan_in_fan_out=False,
+        inference_mode=True,  # what PeftModel.save_pretrained writes
+    )
+
+
+def _config_json(fields: dict[str, Any]) -> str:
+    """adapter_config.json text: ``peft.LoraConfig(**fields)`` serialized as peft does; the same keys without peft."""
+    try:
+        import peft
+    except ImportError:
+        peft = None
+    if peft is not None:
+        d = peft.LoraConfig(**fields).to_dict()
+    else:  # the LoraConfig fields peft needs to rebuild this adapter; the others take their defaults when read
+        d = dict(fields, peft_type="LORA", init_lora_weights=True, layers_to_transform=None, layers_pattern=None,
+                 modules_to_save=None, use_dora=False, lora_bias=False, exclude_modules=None, revision=None,
+                 auto_mapping=None)
+    d = {k: (sorted(v) if isinstance(v, set) else v) for k, v in d.items()}  # as PeftConfigMixin.save_pretrained
+    return json.dumps(d, indent=2, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------- save
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """peft's ``get_peft_model_state_dict`` for one adapter: ``base_model.model.<module>.lora_{A,B}.weight``."""
+    out = {}
+    for name, m in _require_adapter(model, adapter_name):
+        for which in ("lora_A", "lora_B"):
+            w = getattr(m, which)[adapter_name].weight
+            out[f"{PEFT_PREFIX}{name}.{which}.weight"] = w.detach().to("cpu", copy=True).contiguous()
+    return out
+
+
+def save_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    adapter_name: str = "default",
+    *,
+    task_type: str | None = None,
+    base_model_name_or_path: str | None = None,
+) -> None:
+    """Write adapter ``adapter_name`` to directory ``path`` in peft's format (created if needed).
+
+    Files: ``adapter_config.json`` (a ``peft.LoraConfig``: r, lora_alpha, lora_dropout, target_modules as short
+    names, use_rslora, rank_pattern / alpha_pattern for modules whose rank / alpha differ from the most common,
+    bias "none", inference_mode true) and ``adapter_model.safetensors`` (tensors in their parameter dtype).
+    ``task_type`` (e.g. ``"CAUSAL_LM"``) and ``base_model_name_or_path`` are written when given or known
+    (``model.config._name_or_path``).
+    """
+    from safetensors.torch import save_file
+
+    mods = _require_adapter(model, adapter_name)
+    infos = [_describe(n, m, adapter_name) for n, m in mods]
+    text = _config_json(_config_fields(model, infos, task_type, base_model_name_or_path))
+    tensors = adapter_state_dict(model, adapter_name)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:
+        f.write(text)
+    save_file(tensors, os.path.join(path, SAFETENSORS_NAME), metadata={"format": "pt"})  # peft's metadata
+
+
+# ---------------------------------------------------------------------------------------------- load
+def _read_config(path: str | os.PathLike) -> dict[str, Any]:
+    cfg_path = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{cfg_path} not found: a peft adapter directory holds {CONFIG_NAME}")
+    with open(cfg_path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{cfg_path}: peft_type is {cfg.get('peft_type')!r}; only LoRA adapters ('LORA') load")
+    for key, what in _UNSUPPORTED_IF_SET.items():
+        if cfg.get(key):
+            raise ValueError(f"{cfg_path}: {key}={cfg[key]!r} ({what}) is not supported by qkernels' QLoRALinear")
+    if cfg.get("bias", "none") != "none":
+        raise ValueError(f"{cfg_path}: bias={cfg['bias']!r} (trained base biases) is not supported; only 'none'")
+    if cfg.get("fan_in_fan_out"):
+        raise ValueError(f"{cfg_path}: fan_in_fan_out=true (Conv1D layers) is not supported")
+    if not isinstance(cfg.get("r"), int) or cfg["r"] <= 0:
+        raise ValueError(f"{cfg_path}: r must be a positive integer, got {cfg.get('r')!r}")
+    return cfg
+
+
+def _read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    st, bn = os.path.join(path, SAFETENSORS_NAME), os.path.join(path, BIN_NAME)
+    if os.path.isfile(st):
+        from safetensors.torch import load_file
+
+        return load_file(st)
+    if os.path.isfile(bn):
+        return torch.load(bn, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"neither {SAFETENSORS_NAME} nor {BIN_NAME} in {path}")
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """peft's ``get_pattern_key`` + lookup: the first pattern ``p`` with ``re.match(rf"(.*\\.)?({p})$", module)``."""
+    for p, v in patterns.items():
+        if re.match(rf"(.*\.)?({p})$", module):
+            return v
+    return default
+
+
+@dataclass
+class _Planned:
+    name: str
+    module: nn.Module
+    r: int
+    alpha: float
+    A: torch.Tensor
+    B: torch.Tensor
+
+
+def _plan(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor]) -> list[_Planned]:
+    """Check every key of ``sd`` against ``model`` and ``cfg``; return what to load. Raises before any change."""
+    cls = _qlora_class()
+    modules = dict(model.named_modules())
+    qlora_names = [n for n, m in modules.items() if isinstance(m, cls)]
+    if not qlora_names:
+        _qlora_modules(model)  # raises the "quantize it first" error
+    pairs: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    for key, t in sd.items():
+        stripped = key.removeprefix(PEFT_PREFIX)
+        match = _KEY_RE.match(stripped)
+        if match is None:
+            raise ValueError(
+                f"adapter key {key!r} is not a LoRA weight '{PEFT_PREFIX}<module>.lora_A.weight' / '.lora_B.weight'"
+                " (embedding/bias/DoRA/modules_to_save tensors are not supported)"
+            )
+        pairs.setdefault(match["module"], {})[match["which"]] = (key, t)
+    if not pairs:
+        raise ValueError("the adapter file holds no LoRA weights")
+    plan = []
+    r0, a0 = cfg["r"], cfg.get("lora_alpha", 8)
+    for name, ab in pairs.items():
+        m = modules.get(name)
+        if not isinstance(m, cls):
+            what = "does not exist" if m is None else f"is a {type(m).__name__}, not a QLoRALinear"
+            shown = qlora_names[:12] + (["..."] if len(qlora_names) > 12 else [])
+            raise ValueError(
+                f"adapter key {next(iter(ab.values()))[0]!r}: module {name!r} {what} in {type(model).__name__}; "
+                f"its {len(qlora_names)} QLoRALinear modules are {shown}"
+            )
+        for which in ("lora_A", "lora_B"):
+            if which not in ab:
+                raise ValueError(f"module {name!r}: the adapter has no {which} weight ({name}.{which}.weight)")
+        r = _pattern_value(cfg.get("rank_pattern") or {}, name, r0)
+        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, name, a0)
+        (ka, A), (kb, B) = ab["lora_A"], ab["lora_B"]
+        for key, t, want in ((ka, A, (r, m.in_features)), (kb, B, (m.out_features, r))):
+            if tuple(t.shape) != want:
+                raise ValueError(
+                    f"adapter key {key!r}: shape {tuple(t.shape)} in the file, but module {name!r} "
+                    f"(in_features={m.in_features}, out_features={m.out_features}) with the config's r={r} "
+                    f"needs {want}"
+                )
+            if not t.is_floating_point():
+                raise ValueError(f"adapter key {key!r}: dtype {t.dtype} is not a floating-point type")
+        plan.append(_Planned(name, m, int(r), alpha, A, B))
+    return plan
+
+
+def load_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    adapter_name: str = "default",
+    *,
+    replace: bool = False,
+    set_active: bool = True,
+) -> list[str]:
+    """Load a peft LoRA adapter directory into the QLoRALinear modules of ``model`` as ``adapter_name``.
+
+    Reads ``adapter_config.json`` and ``adapter_model.safetensors`` (else ``adapter_model.bin``). Per module the
+    rank and alpha are the config's ``r`` / ``lora_alpha`` unless ``rank_pattern`` / ``alpha_pattern`` match it
+    (peft's rule); scaling is ``alpha / r`` or ``alpha / sqrt(r)`` with ``use_rslora``.
+
+    Everything is validated before the model changes: a key naming no QLoRALinear (the error lists the modules
+    that exist), an A without its B, a shape that is not ``[r, in_features]`` / ``[out_features, r]``, an
+    unsupported config (DoRA, bias, modules_to_save, ...) each raise ``ValueError`` and load nothing.
+
+    ``replace``: if ``adapter_name`` already exists, delete it first (otherwise that is an error).
+    ``set_active``: make the loaded adapter active (``PeftModel.from_pretrained`` does; ``load_adapter`` in peft
+    does not — pass ``False`` for that). Returns the module names loaded.
+    """
+    cfg = _read_config(path)
+    plan = _plan(model, cfg, _read_weights(path))
+    existing = [n for n, m in _qlora_modules(model) if adapter_name in m.lora_A]
+    if existing and not replace:
+        raise ValueError(
+            f"adapter {adapter_name!r} already exists on {len(existing)} modules; choose another adapter_name, "
+            "delete it first, or pass replace=True"
+        )
+    if existing:
+        delete_adapter(model, adapter_name)
+    dropout, rslora = float(cfg.get("lora_dropout", 0.0)), bool(cfg.get("use_rslora", False))
+    done: list[_Planned] = []
+    try:
+        for p in plan:
+            _add_to_module(p.module, adapter_name, p.r, p.alpha, dropout, rslora, False)
+            done.append(p)
+            with torch.no_grad():
+                for which, t in (("lora_A", p.A), ("lora_B", p.B)):
+                    getattr(p.module, which)[adapter_name].weight.copy_(t)
+    except Exception:
+        for p in done:  # leave no half-loaded adapter behind
+            p.module.delete_adapter(adapter_name)
+        raise
+    if set_active:
+        set_adapter(model, adapter_name)
+    return [p.name for p in plan]

@@ -1,0 +1,365 @@
+"""Adapters in peft's format: qkernels saves what peft loads (on a bitsandbytes 4-bit base and on a dense base),
+loads what peft saves, refuses mismatches without touching the model, and handles several adapters as peft does.
+
+Tolerance (``assert_matches``): ours and peft compute the same function in float32 with different summation
+orders (qkernels' base GEMM vs bitsandbytes' dequantize + F.linear, and the LoRA term added separately), so each
+differs from a float64 run of the same weights by rounding only. Their difference must be at most twice the sum of
+those two rounding errors (STYLE 12), plus 8 float32 ulps of the output's magnitude for outputs that land exactly.
+bitsandbytes runs its exact dequantize path: the input requires grad (its no-grad CPU path keeps bf16 scales,
+DESIGN §5).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import qkernels
+from qkernels import adapters
+from qkernels.model import apply_qlora
+from qkernels.nn import QLoRALinear
+
+from ._oracle import bnb
+
+peft = pytest.importorskip("peft", reason="peft is the interop target of these tests")  # installed by make venv
+
+IN, HID, MID = 96, 80, 112  # awkward sizes: 96*80 = 7680 elements = 120 blocks of 64, not a whole nested block
+SHORT = ["q_proj", "v_proj", "up", "down"]
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj, self.v_proj = nn.Linear(IN, HID), nn.Linear(IN, HID)
+        self.up, self.down = nn.Linear(HID, MID), nn.Linear(MID, IN, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.q_proj(x) * torch.sigmoid(self.v_proj(x))
+        return x + self.down(torch.nn.functional.gelu(self.up(h)))
+
+
+class Toy(nn.Module):
+    """Two blocks: module names ``layers.{0,1}.{q_proj,v_proj,up,down}`` like a transformer's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([Block(), Block()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def dense_toy(seed: int = 0) -> Toy:
+    torch.manual_seed(seed)
+    return Toy()
+
+
+def qk_toy(r: int = 4, lora_alpha: float = 8, seed: int = 0, **kw) -> Toy:
+    """The dense toy quantized by qkernels, every Linear a QLoRALinear with adapter "default" (B = 0)."""
+    return apply_qlora(dense_toy(seed), target_modules="all-linear", r=r, lora_alpha=lora_alpha,
+                       compute_dtype=torch.float32, **kw)
+
+
+def randomize(model: nn.Module, adapter: str, seed: int) -> None:
+    """Nonzero A and B (a freshly initialized adapter has B = 0 and would hide every mistake in A)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, m in model.named_modules():
+            if adapter in getattr(m, "lora_A", {}):
+                for which in (m.lora_A[adapter], m.lora_B[adapter]):
+                    which.weight.copy_(torch.randn(which.weight.shape, generator=g) * 0.1)
+
+
+def quantized_weights(qk_model: nn.Module) -> dict[str, tuple[torch.Tensor, dict, torch.Tensor | None]]:
+    """Per QLoRALinear: (packed weight, bitsandbytes quant-state dict, bias), read from its state dict only."""
+    sd = qk_model.state_dict()
+    out = {}
+    for name, m in qk_model.named_modules():
+        if isinstance(m, QLoRALinear):
+            pre = f"{name}.weight."
+            stats = {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}
+            out[name] = (sd[f"{name}.weight"], stats, sd.get(f"{name}.bias"))
+    return out
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def bnb_base(qk_model: nn.Module) -> nn.Module:
+    """The same toy with bitsandbytes Linear4bit layers holding qkernels' packed bytes and scales."""
+    base = dense_toy()
+    for name, (packed, stats, bias) in quantized_weights(qk_model).items():
+        dense = base.get_submodule(name)
+        lin = bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=bias is not None,
+                                compute_dtype=torch.float32, quant_type="nf4")
+        lin.weight = bnb.nn.Params4bit.from_prequantized(packed, stats, requires_grad=False, device="cpu", module=lin)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias.clone(), requires_grad=False)
+        _swap(base, name, lin)
+    base.is_loaded_in_4bit = True  # what transformers sets; peft then wraps Linear4bit in its bnb LoRA layer
+    return base
+
+
+def dense_base(qk_model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """The same toy with nn.Linear layers holding the dequantized weights in ``dtype`` (float64: the reference)."""
+    base = dense_toy().to(dtype)
+    with torch.no_grad():
+        for name, (packed, stats, bias) in quantized_weights(qk_model).items():
+            state = qkernels.QuantState.from_dict(stats)
+            lin = base.get_submodule(name)
+            W = qkernels.dequantize_4bit(packed, state, dtype=dtype, backend="reference")
+            lin.weight.copy_(W.reshape(lin.weight.shape))
+            if bias is not None:
+                lin.bias.copy_(bias)
+    return base
+
+
+def reference64(qk_model: nn.Module, adapter_dir) -> nn.Module:
+    """peft on the float64 dense base: the same function as ours, rounded only at float64."""
+    return peft.PeftModel.from_pretrained(dense_base(qk_model, torch.float64), str(adapter_dir)).double()
+
+
+def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.enable_grad():
+        return model(x.detach().clone().requires_grad_(True)).detach()
+
+
+def assert_matches(ours: torch.Tensor, theirs: torch.Tensor, ref: torch.Tensor) -> None:
+    """``|ours - theirs| <= 2 (|ours - ref| + |theirs - ref|) + 8 ulp`` (module docstring)."""
+    ref = ref.to(torch.float64)
+    e_ours, e_theirs = (ours.double() - ref).abs().max(), (theirs.double() - ref).abs().max()
+    diff = (ours.double() - theirs.double()).abs().max()
+    bound = 2 * (e_ours + e_theirs) + 8 * torch.finfo(torch.float32).eps * ref.abs().max()
+    assert diff <= bound, f"max |ours - peft| = {diff:.3g} > {bound:.3g} (errors vs fp64: {e_ours:.3g}, {e_theirs:.3g})"
+    assert e_ours < 1e-4 * ref.abs().max(), f"ours is {e_ours:.3g} from the float64 reference"
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    return torch.randn(3, 5, IN, generator=torch.Generator().manual_seed(7))
+
+
+@pytest.fixture
+def trained(tmp_path):
+    """A qkernels toy with a nonzero adapter "default" (r=4, alpha=8, one module at r=6 and alpha=3), saved."""
+    model = qk_toy()
+    adapters.delete_adapter(model, "default")
+    adapters.add_adapter(model, "default", r=4, lora_alpha=8)
+    m = model.get_submodule("layers.1.up")
+    m.delete_adapter("default")
+    m.update_layer("default", 6, 3, 0.0, True, False)
+    m.set_adapter("default")
+    randomize(model, "default", seed=1)
+    adapters.save_adapter(model, tmp_path / "ad")
+    return model, tmp_path / "ad"
+
+
+# ---------------------------------------------------------------------------------------------- format
+def test_saved_files_are_peft_format(trained):
+    model, path = trained
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8 and cfg["bias"] == "none"
+    assert sorted(cfg["target_modules"]) == sorted(SHORT) and cfg["use_rslora"] is False
+    assert cfg["rank_pattern"] == {r"layers\.1\.up": 6} and cfg["alpha_pattern"] == {r"layers\.1\.up": 3}
+    assert cfg["inference_mode"] is True and cfg["fan_in_fan_out"] is False
+    peft.LoraConfig.from_pretrained(str(path))  # peft parses it
+    sd = load_file(str(path / "adapter_model.safetensors"))
+    names = [f"layers.{i}.{s}" for i in range(2) for s in SHORT]
+    assert set(sd) == {f"base_model.model.{n}.lora_{w}.weight" for n in names for w in "AB"}
+    assert sd["base_model.model.layers.1.up.lora_A.weight"].shape == (6, HID)
+    assert torch.equal(sd["base_model.model.layers.0.q_proj.lora_B.weight"],
+                       model.get_submodule("layers.0.q_proj").lora_B["default"].weight)
+
+
+def test_config_without_peft_has_the_same_meaning(trained, monkeypatch, x):
+    """The fallback writer (peft not importable) produces a config peft reads to the same adapter."""
+    model, path = trained
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_peft(name, *a, **k):
+        if name == "peft" or name.startswith("peft."):
+            raise ImportError("peft hidden by the test")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_peft)
+    adapters.save_adapter(model, path / "nopeft")
+    monkeypatch.undo()
+    a = peft.LoraConfig.from_pretrained(str(path))
+    b = peft.LoraConfig.from_pretrained(str(path / "nopeft"))
+    for field in ("r", "lora_alpha", "lora_dropout", "use_rslora", "rank_pattern", "alpha_pattern", "bias",
+                  "fan_in_fan_out", "init_lora_weights", "use_dora", "inference_mode"):
+        assert getattr(a, field) == getattr(b, field), field
+    assert set(a.target_modules) == set(b.target_modules)
+
+
+# ---------------------------------------------------------------------------------------------- round trips
+def test_save_load_round_trip_identical(trained, x):
+    model, path = trained
+    fresh = qk_toy(r=2, lora_alpha=16)  # same packed weights (deterministic quantization), different adapter
+    randomize(fresh, "default", seed=99)
+    loaded = adapters.load_adapter(fresh, path, replace=True)
+    assert len(loaded) == 8
+    assert torch.equal(run(fresh, x), run(model, x))
+    for name, m in model.named_modules():
+        if isinstance(m, QLoRALinear):
+            f = fresh.get_submodule(name)
+            assert f.r["default"] == m.r["default"] and f.scaling["default"] == m.scaling["default"], name
+
+
+@pytest.mark.parametrize("base_kind", ["bnb4bit", "dense-fp32"])
+def test_our_adapter_loads_in_peft(trained, x, base_kind):
+    model, path = trained
+    base = bnb_base(model) if base_kind == "bnb4bit" else dense_base(model, torch.float32)
+    theirs = peft.PeftModel.from_pretrained(base, str(path))
+    if base_kind == "bnb4bit":
+        assert type(theirs.base_model.model.layers[0].q_proj).__module__ == "peft.tuners.lora.bnb"
+    assert theirs.base_model.model.layers[1].up.r["default"] == 6
+    assert_matches(run(model, x), run(theirs, x), run(reference64(model, path), x.double()))
+
+
+@pytest.mark.parametrize("serialization", ["safetensors", "bin"])
+def test_peft_adapter_loads_in_ours(tmp_path, x, serialization):
+    """An adapter made by peft (rsLoRA, a rank_pattern, nonzero B) on a bnb base gives our model peft's outputs."""
+    ours = qk_toy()
+    base = bnb_base(ours)
+    cfg = peft.LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "up", "down"], use_rslora=True,
+                          rank_pattern={"layers.0.up": 2}, lora_dropout=0.1)
+    theirs = peft.get_peft_model(base, cfg)
+    randomize(theirs, "default", seed=3)
+    theirs.save_pretrained(str(tmp_path), safe_serialization=serialization == "safetensors")
+    assert (tmp_path / ("adapter_model.bin" if serialization == "bin" else "adapter_model.safetensors")).exists()
+    adapters.load_adapter(ours, tmp_path, adapter_name="peft")
+    up0 = ours.get_submodule("layers.0.up")
+    assert up0.r["peft"] == 2 and math.isclose(up0.scaling["peft"], 12 / math.sqrt(2))
+    assert "peft" not in ours.get_submodule("layers.0.v_proj").lora_A  # not a target: base output only
+    theirs.eval()
+    ours.eval()
+    assert_matches(run(ours, x), run(theirs, x), run(reference64(ours, tmp_path), x.double()))
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor], names: list[str]) -> None:
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert adapters.adapter_names(model) == names
+
+
+def _rewrite(path, edit_tensors=None, edit_config=None) -> None:
+    if edit_tensors:
+        sd = load_file(str(path / "adapter_model.safetensors"))
+        edit_tensors(sd)
+        save_file(sd, str(path / "adapter_model.safetensors"))
+    if edit_config:
+        cfg = json.loads((path / "adapter_config.json").read_text())
+        edit_config(cfg)
+        (path / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+LAST = "base_model.model.layers.1.v_proj"  # sorts last: an eager loader would have loaded 7 modules first
+
+
+@pytest.mark.parametrize(
+    "case, edit_tensors, edit_config, message",
+    [
+        ("rank", None, lambda c: c.update(r=3), r"lora_A\.weight'?: shape \(4, \d+\) in the file.*needs \(3, \d+\)"),
+        ("shape", lambda sd: sd.update({f"{LAST}.lora_A.weight": torch.zeros(4, IN + 1)}), None,
+         r"layers\.1\.v_proj\.lora_A\.weight'?: shape \(4, 97\).*needs \(4, 96\)"),
+        ("B-rank", lambda sd: sd.update({f"{LAST}.lora_B.weight": torch.zeros(HID, 5)}), None,
+         r"layers\.1\.v_proj\.lora_B\.weight'?: shape \(80, 5\).*needs \(80, 4\)"),
+        ("key", lambda sd: sd.update({f"{LAST}x.lora_A.weight": sd.pop(f"{LAST}.lora_A.weight"),
+                                      f"{LAST}x.lora_B.weight": sd.pop(f"{LAST}.lora_B.weight")}), None,
+         r"'layers\.1\.v_projx' does not exist.*QLoRALinear modules are \['layers\.0\.q_proj'"),
+        ("missing-B", lambda sd: sd.pop(f"{LAST}.lora_B.weight"), None, r"layers\.1\.v_proj.*no lora_B"),
+        ("dora", None, lambda c: c.update(use_dora=True), r"use_dora=True \(DoRA"),
+        ("peft-type", None, lambda c: c.update(peft_type="IA3"), r"peft_type is 'IA3'"),
+    ],
+)
+def test_mismatch_raises_and_loads_nothing(trained, case, edit_tensors, edit_config, message):
+    model, path = trained
+    if case == "rank":
+        _rewrite(path, edit_config=lambda c: c.update(rank_pattern={}, alpha_pattern={}))
+    _rewrite(path, edit_tensors, edit_config)
+    target = qk_toy()
+    before = _snapshot(target)
+    with pytest.raises(ValueError, match=message):
+        adapters.load_adapter(target, path, adapter_name="new")
+    _assert_unchanged(target, before, ["default"])
+    with pytest.raises(ValueError, match=message):  # also when it would replace an existing adapter
+        adapters.load_adapter(target, path, adapter_name="default", replace=True)
+    _assert_unchanged(target, before, ["default"])
+
+
+def test_non_qlora_target_and_existing_name(trained, x):
+    model, path = trained
+    partial = apply_qlora(dense_toy(), target_modules=["q_proj", "v_proj", "down"], r=4, lora_alpha=8,
+                          compute_dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"module 'layers\.\d\.up' is a Linear, not a QLoRALinear"):
+        adapters.load_adapter(partial, path, adapter_name="x")
+    with pytest.raises(ValueError, match=r"adapter 'default' already exists on 8 modules.*replace=True"):
+        adapters.load_adapter(qk_toy(), path)
+    with pytest.raises(ValueError, match="no qkernels.nn.QLoRALinear"):
+        adapters.load_adapter(dense_toy(), path)
+
+
+# ---------------------------------------------------------------------------------------------- several adapters
+def test_multiple_adapters_behave_as_peft(tmp_path, x):
+    ours = qk_toy()
+    adapters.add_adapter(ours, "b", r=2, lora_alpha=4, target_modules=["q_proj", "down"])
+    adapters.add_adapter(ours, "c", r=8, lora_alpha=8, use_rslora=True, target_modules=r"layers\.1\..*")
+    with pytest.raises(ValueError, match="already exists"):
+        adapters.add_adapter(ours, "b")
+    for name, seed in (("default", 11), ("b", 12), ("c", 13)):
+        randomize(ours, name, seed)
+        adapters.save_adapter(ours, tmp_path / name, adapter_name=name)
+    assert adapters.adapter_names(ours) == ["default", "b", "c"]
+    theirs = peft.PeftModel.from_pretrained(bnb_base(ours), str(tmp_path / "default"))
+    theirs.load_adapter(str(tmp_path / "b"), adapter_name="b")
+    theirs.load_adapter(str(tmp_path / "c"), adapter_name="c")
+    ref = {n: reference64(ours, tmp_path / n) for n in ("default", "b", "c")}
+    x64 = x.double()
+
+    def check(active: str) -> None:
+        assert_matches(run(ours, x), run(theirs, x), run(ref[active], x64))
+
+    check("default")  # add_adapter did not change the active adapter (as peft)
+    for name in ("b", "c", "default", "b"):
+        adapters.set_adapter(ours, name)
+        theirs.set_adapter(name)
+        check(name)
+    y_b = run(ours, x)
+    with adapters.disable_adapters(ours), theirs.disable_adapter(), ref["b"].disable_adapter():
+        y_off = run(ours, x)
+        assert_matches(y_off, run(theirs, x), run(ref["b"], x64))  # the base alone
+        assert not torch.equal(y_off, y_b)
+    assert torch.equal(run(ours, x), y_b)  # flags restored
+    adapters.delete_adapter(ours, "default")
+    theirs.delete_adapter("default")
+    assert adapters.adapter_names(ours) == ["b", "c"]
+    check("b")
+    with pytest.raises(ValueError, match=r"adapter 'default' not found; the model has adapters \['b', 'c'\]"):
+        adapters.set_adapter(ours, "default")
+    with pytest.raises(ValueError, match="not found"):
+        adapters.delete_adapter(ours, "default")
+    # the model still saves what it holds; a copy of it reloads identically
+    adapters.save_adapter(ours, tmp_path / "c2", adapter_name="c")
+    other = copy.deepcopy(ours)
+    adapters.delete_adapter(other, "c")
+    adapters.load_adapter(other, tmp_path / "c2", adapter_name="c")
+    adapters.set_adapter(ours, "c")
+    assert torch.equal(run(other, x), run(ours, x))
