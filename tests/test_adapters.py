@@ -29,7 +29,10 @@ from ._oracle import bnb
 
 peft = pytest.importorskip("peft", reason="peft is the interop target of these tests")  # installed by make venv
 
-IN, HID, MID = 96, 80, 112  # awkward sizes: 96*80 = 7680 elements = 120 blocks of 64, not a whole nested block
+# Every in_features is a multiple of 64: bitsandbytes 0.50.2's CPU dequantizer decodes weights whose rows are not whole
+# blocks (e.g. [80, 96]) with the wrong scales (docs/format.md §7.4), which would put the oracle 0.02-0.15 off here.
+# Awkward shapes are covered by the format tests. 192 * 128 = 384 blocks: one full nested block and a partial one.
+IN, HID, MID = 128, 192, 320
 SHORT = ["q_proj", "v_proj", "up", "down"]
 
 
@@ -139,9 +142,11 @@ def assert_matches(ours: torch.Tensor, theirs: torch.Tensor, ref: torch.Tensor) 
     ref = ref.to(torch.float64)
     e_ours, e_theirs = (ours.double() - ref).abs().max(), (theirs.double() - ref).abs().max()
     diff = (ours.double() - theirs.double()).abs().max()
-    bound = 2 * (e_ours + e_theirs) + 8 * torch.finfo(torch.float32).eps * ref.abs().max()
+    ulp = torch.finfo(torch.float32).eps * ref.abs().max()
+    bound = 2 * (e_ours + e_theirs) + 8 * ulp
     assert diff <= bound, f"max |ours - peft| = {diff:.3g} > {bound:.3g} (errors vs fp64: {e_ours:.3g}, {e_theirs:.3g})"
-    assert e_ours < 1e-4 * ref.abs().max(), f"ours is {e_ours:.3g} from the float64 reference"
+    # and neither is more than float32 rounding away from the float64 run (measured here: at most 3 ulps)
+    assert e_ours <= 32 * ulp and e_theirs <= 32 * ulp, f"errors vs fp64: {e_ours:.3g}, {e_theirs:.3g}, ulp {ulp:.3g}"
 
 
 @pytest.fixture
@@ -279,9 +284,9 @@ LAST = "base_model.model.layers.1.v_proj"  # sorts last: an eager loader would h
     [
         ("rank", None, lambda c: c.update(r=3), r"lora_A\.weight'?: shape \(4, \d+\) in the file.*needs \(3, \d+\)"),
         ("shape", lambda sd: sd.update({f"{LAST}.lora_A.weight": torch.zeros(4, IN + 1)}), None,
-         r"layers\.1\.v_proj\.lora_A\.weight'?: shape \(4, 97\).*needs \(4, 96\)"),
+         r"layers\.1\.v_proj\.lora_A\.weight'?: shape \(4, 129\).*needs \(4, 128\)"),
         ("B-rank", lambda sd: sd.update({f"{LAST}.lora_B.weight": torch.zeros(HID, 5)}), None,
-         r"layers\.1\.v_proj\.lora_B\.weight'?: shape \(80, 5\).*needs \(80, 4\)"),
+         r"layers\.1\.v_proj\.lora_B\.weight'?: shape \(192, 5\).*needs \(192, 4\)"),
         ("key", lambda sd: sd.update({f"{LAST}x.lora_A.weight": sd.pop(f"{LAST}.lora_A.weight"),
                                       f"{LAST}x.lora_B.weight": sd.pop(f"{LAST}.lora_B.weight")}), None,
          r"'layers\.1\.v_projx' does not exist.*QLoRALinear modules are \['layers\.0\.q_proj'"),
