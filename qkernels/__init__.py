@@ -23,6 +23,12 @@ from .functional import (
 )
 from .quant_state import QuantState
 
+# --- QLoRA modules (issue 5): QLoRALinear, model-level apply/merge, LoftQ ---
+from .loftq import loftq_init
+from .model import apply_qlora, merge_and_unload, merge_into_4bit, print_trainable_parameters, trainable_parameters
+from .nn import Params4bit, QLoRALinear
+# --- end QLoRA modules ---
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -41,6 +47,15 @@ __all__ = [
     "quantize_4bit",
     "quantize_blockwise",
     "reference",
+    # --- QLoRA modules (issue 5) ---
+    "Params4bit",
+    "QLoRALinear",
+    "apply_qlora",
+    "loftq_init",
+    "merge_and_unload",
+    "merge_into_4bit",
+    "print_trainable_parameters",
+    "trainable_parameters",
 ]
 
 # --- adapters (issue 5): model-level LoRA adapter API and peft-format adapter files (qkernels/adapters.py) ---
