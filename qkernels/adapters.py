@@ -121,10 +121,18 @@ def set_adapter(model: nn.Module, name: str) -> None:
     """
     _require_adapter(model, name)
     for _, m in _qlora_modules(model):
-        if name in m.lora_A:
-            m.set_adapter(name)
-        else:
-            m.active_adapter = name
+        _activate(m, name)
+
+
+def _activate(m: nn.Module, name: str | None) -> None:
+    """``m.set_adapter(name)``; on a module without ``name``: no adapter runs and all are frozen (as peft)."""
+    if name is not None and name in m.lora_A:
+        m.set_adapter(name)
+        return
+    for k in m.lora_A:
+        m.lora_A[k].requires_grad_(False)
+        m.lora_B[k].requires_grad_(False)
+    m.active_adapter = None
 
 
 @contextlib.contextmanager
@@ -199,11 +207,10 @@ def add_adapter(
 
 def _add_to_module(m: nn.Module, name: str, r: int, alpha: float, dropout: float, rslora: bool, init: Any) -> None:
     """``update_layer`` without switching the module's active adapter (peft's ``add_adapter`` does not)."""
-    had = list(m.lora_A.keys())
-    active = m.active_adapter
+    had, active = len(m.lora_A) > 0, m.active_adapter
     m.update_layer(name, r, alpha, dropout, init, rslora)
-    if had and m.active_adapter != active:
-        m.set_adapter(active) if active in m.lora_A else setattr(m, "active_adapter", active)
+    if had:  # a module set to an adapter it lacks (active None) stays so; the new adapter is frozen
+        _activate(m, active)
 
 
 # ---------------------------------------------------------------------------------------------- describing one adapter
@@ -218,15 +225,12 @@ class _ModuleAdapter:
 
 def _describe(name: str, m: nn.Module, adapter: str) -> _ModuleAdapter:
     r, alpha, scaling = int(m.r[adapter]), m.lora_alpha[adapter], float(m.scaling[adapter])
-    plain, rs = alpha / r, alpha / math.sqrt(r)
-    if math.isclose(scaling, plain, rel_tol=1e-6):
-        use_rslora = False
-    elif math.isclose(scaling, rs, rel_tol=1e-6):
-        use_rslora = True
-    else:  # e.g. peft's scale_layer() was used: a LoraConfig cannot express it
+    use_rslora = bool(m.use_rslora[adapter])
+    expected = alpha / math.sqrt(r) if use_rslora else alpha / r
+    if not math.isclose(scaling, expected, rel_tol=1e-6):  # the scaling was changed by hand: no LoraConfig says it
         raise ValueError(
-            f"{name}: adapter {adapter!r} has scaling {scaling} which is neither lora_alpha / r = {plain} nor "
-            f"lora_alpha / sqrt(r) = {rs}; peft's LoraConfig cannot represent it"
+            f"{name}: adapter {adapter!r} has scaling {scaling}, not lora_alpha / {'sqrt(r)' if use_rslora else 'r'}"
+            f" = {expected}; peft's LoraConfig cannot represent it"
         )
     return _ModuleAdapter(name, r, alpha, _dropout_p(m.lora_dropout[adapter]), use_rslora)
 
@@ -243,7 +247,8 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
     """
     short = sorted({_short_name(n) for n in names})
     cls = _qlora_class()
-    linear_like = [n for n, m in model.named_modules() if isinstance(m, (cls, nn.Linear))]
+    inside = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, cls))  # their lora_A / lora_B
+    linear_like = [n for n, m in model.named_modules() if isinstance(m, (cls, nn.Linear)) and not n.startswith(inside)]
     chosen = {n for n in linear_like if _short_name(n) in short}
     if chosen == set(names):
         return short

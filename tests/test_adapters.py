@@ -333,16 +333,24 @@ def test_multiple_adapters_behave_as_peft(tmp_path, x):
         randomize(ours, name, seed)
         adapters.save_adapter(ours, tmp_path / name, adapter_name=name)
     assert adapters.adapter_names(ours) == ["default", "b", "c"]
-    theirs = peft.PeftModel.from_pretrained(bnb_base(ours), str(tmp_path / "default"))
-    theirs.load_adapter(str(tmp_path / "b"), adapter_name="b")
-    theirs.load_adapter(str(tmp_path / "c"), adapter_name="c")
+    theirs = peft.PeftModel.from_pretrained(bnb_base(ours), str(tmp_path / "default"), is_trainable=True)
+    theirs.load_adapter(str(tmp_path / "b"), adapter_name="b", is_trainable=True)
+    theirs.load_adapter(str(tmp_path / "c"), adapter_name="c", is_trainable=True)
     ref = {n: reference64(ours, tmp_path / n) for n in ("default", "b", "c")}
     x64 = x.double()
 
-    def check(active: str) -> None:
+    def check(active: str, trainable: bool = True) -> None:
         assert_matches(run(ours, x), run(theirs, x), run(ref[active], x64))
+        if not trainable:
+            return
+        # after set_adapter, the same LoRA weights are trainable (the active adapter's, where a module has it)
+        mine = {n for n, p in ours.named_parameters() if p.requires_grad}
+        peft_trainable = {n.removeprefix("base_model.model.") for n, p in theirs.named_parameters() if p.requires_grad}
+        assert mine == peft_trainable and mine, (active, sorted(mine ^ peft_trainable))
 
-    check("default")  # add_adapter did not change the active adapter (as peft)
+    # add_adapter did not change the active adapter (as peft). peft's load_adapter(is_trainable=True) leaves the
+    # inactive adapters it loaded trainable; set_adapter aligns both below.
+    check("default", trainable=False)
     for name in ("b", "c", "default", "b"):
         adapters.set_adapter(ours, name)
         theirs.set_adapter(name)
