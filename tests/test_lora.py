@@ -18,15 +18,16 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CPU_BACKENDS = ["cpu", "reference"]
 
 
-def _problem(M, N, K, r, dtype, *, bias=True, seed=0, lead=(), blocksize=64, quant_type="nf4", double_quant=True):
+def _problem(M, N, K, r, dtype, *, bias=True, seed=0, lead=(), blocksize=64, quant_type="nf4", double_quant=True,
+             device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    W = torch.randn(N, K, generator=g) * 0.05
+    W = (torch.randn(N, K, generator=g) * 0.05).to(device)
     packed, state = qkernels.quantize_4bit(W, blocksize, quant_type, double_quant)
-    x = torch.randn(*lead, M, K, generator=g).to(dtype)
-    A = torch.randn(r, K, generator=g) / math.sqrt(K) if r else None
-    B = torch.randn(N, r, generator=g) * 0.1 if r else None
-    b = torch.randn(N, generator=g) * 0.1 if bias else None
-    gy = torch.randn(*lead, M, N, generator=g).to(dtype)
+    x = torch.randn(*lead, M, K, generator=g).to(dtype).to(device)
+    A = (torch.randn(r, K, generator=g) / math.sqrt(K)).to(device) if r else None
+    B = (torch.randn(N, r, generator=g) * 0.1).to(device) if r else None
+    b = (torch.randn(N, generator=g) * 0.1).to(device) if bias else None
+    gy = torch.randn(*lead, M, N, generator=g).to(dtype).to(device)
     return packed, state, x, A, B, b, gy
 
 
@@ -52,6 +53,7 @@ def _assert_close_to_fp64(ours, plain, ref, names):
 
 
 def _check(M, N, K, r, dtype, backend, *, bias=True, dropout_p=0.0, rslora=False, lead=(), **qkw):
+    """Forward + every gradient of matmul_4bit_lora on ``backend`` against float64, plain torch as the yardstick."""
     packed, state, x, A, B, b, gy = _problem(M, N, K, r, dtype, bias=bias, lead=lead, **qkw)
     s = reference.lora_scaling(16.0, r, rslora) if r else 1.0
     seed = 1234
@@ -64,7 +66,8 @@ def _check(M, N, K, r, dtype, backend, *, bias=True, dropout_p=0.0, rslora=False
     torch.manual_seed(seed)
     mask = None
     if dropout_p > 0 and r:
-        mask = torch.empty(x.reshape(-1, K).shape, dtype=torch.bool).bernoulli_(1.0 - dropout_p).reshape(x.shape)
+        flat = torch.empty(x.reshape(-1, K).shape, dtype=torch.bool, device=x.device)
+        mask = flat.bernoulli_(1.0 - dropout_p).reshape(x.shape)
 
     def plain(x_, A_, B_, b_, dt=dtype):
         cast = [None if t is None else t.to(dt) for t in (A_, B_, b_)]
@@ -193,6 +196,24 @@ def test_workspace_is_reused():
     assert _linear.workspace_bytes() == held
     _linear.clear_workspace()
     assert _linear.workspace_bytes() == 0
+
+
+# ----------------------------------------------------------------------------------------------- on a GPU
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton", None], ids=["cuda", "triton", "default"])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("M", [1, 3, 16, 17, 113, 512])
+def test_cuda_backends(M, dtype, backend):
+    """On a GPU: the fused GEMV (M <= 16), dequantize + cuBLAS, and the Triton kernels, bf16 included."""
+    _check(M, 96, 160, 8, dtype, backend, device="cuda")
+    _check(M, 130, 257, 8, dtype, backend, device="cuda", dropout_p=0.1)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("M", [1, 16, 1024])
+def test_cuda_llama_shape(M, backend):
+    _check(M, 4096, 4096, 16, torch.bfloat16, backend, device="cuda")
 
 
 # ----------------------------------------------------------------------------------------------- bad input
