@@ -8,6 +8,8 @@ Public API (mirrors bitsandbytes so that migrating is a rename):
 - ``QuantState`` (``as_dict(packed=True)`` / ``QuantState.from_dict(d, device)``: bitsandbytes' keys)
 - ``codebooks``: ``nf4_codebook()``, ``fp4_codebook()``, ``dynamic_map()``
 - ``reference``: the pure-PyTorch backend, incl. ``reference.matmul_4bit_lora`` (the oracle for the fused kernels)
+- ``matmul_4bit_lora(x, packed, quant_state, lora_A, lora_B, scaling, bias=None, dropout_p=0.0)``: the fused QLoRA
+  matmul (``QLoRAFunction``), ``lora_scaling(lora_alpha, r, use_rslora=False)``
 - ``native_info()``: what the compiled extension ``qkernels._C`` provides here, or why it is missing.
 """
 
@@ -21,6 +23,7 @@ from .functional import (
     quantize_4bit,
     quantize_blockwise,
 )
+from .lora import QLoRAFunction, lora_scaling, matmul_4bit_lora
 from .quant_state import QuantState
 
 # --- QLoRA modules (issue 5): QLoRALinear, model-level apply/merge, LoftQ ---
@@ -32,6 +35,7 @@ from .nn import Params4bit, QLoRALinear
 __version__ = "0.1.0"
 
 __all__ = [
+    "QLoRAFunction",
     "QuantState",
     "QuantType",
     "bits_per_parameter",
@@ -41,6 +45,8 @@ __all__ = [
     "dynamic_map",
     "fp4_codebook",
     "get_codebook",
+    "lora_scaling",
+    "matmul_4bit_lora",
     "native_available",
     "native_info",
     "nf4_codebook",

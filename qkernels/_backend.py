@@ -16,6 +16,21 @@ import torch
 from . import _native
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
+# The QLoRA matmul ops: their native path is "native dequantize + BLAS" (plus the fused GEMV where built), so they
+# are native wherever the dequantize kernel is.
+_LINEAR_OPS = ("linear_4bit", "linear_4bit_dx")
+TRITON_OPS = _LINEAR_OPS
+
+
+def triton_usable(device: torch.device) -> tuple[bool, str]:
+    """Whether the Triton kernels can run on ``device`` here, and why not."""
+    try:
+        from . import triton_kernels
+    except ImportError as exc:  # triton not installed
+        return False, f"Triton is not importable ({exc})"
+    if triton_kernels.triton_available(device):
+        return True, ""
+    return False, f"Triton cannot run on {device.type} here (a CUDA device, or TRITON_INTERPRET=1 on the CPU)"
 
 
 def native_ops(device: torch.device) -> set[str]:
@@ -23,14 +38,18 @@ def native_ops(device: torch.device) -> set[str]:
     if not _native.native_available():
         return set()
     if device.type == "cpu":
-        ops = {"dequantize_4bit"}
+        ops = {"dequantize_4bit", *_LINEAR_OPS}
+        if hasattr(_native._C, "gemv_4bit_lora_cpu") and hasattr(_native, "gemv_4bit_lora_native"):
+            ops.add("gemv_4bit_lora")
         if hasattr(_native._C, "quantize_4bit_cpu"):
             ops.add("quantize_4bit")
         if hasattr(_native._C, "quantize_blockwise_cpu"):
             ops.add("quantize_blockwise")
         return ops
     if device.type == "cuda" and _native.native_info().get("cuda_compiled", False):
-        ops = {"dequantize_4bit"}
+        ops = {"dequantize_4bit", *_LINEAR_OPS}
+        if hasattr(_native._C, "gemv_4bit_lora_cuda") and hasattr(_native, "gemv_4bit_lora_native"):
+            ops.add("gemv_4bit_lora")
         if hasattr(_native._C, "quantize_4bit_cuda"):
             ops.add("quantize_4bit")
         return ops
@@ -56,4 +75,9 @@ def resolve(op: str, device: torch.device, backend: str | None) -> str:
             why = _native.native_info().get("reason", "this build has no native implementation of it")
             raise ValueError(f"backend {forced!r} cannot run {op}: {why}; use backend='reference'")
         return forced
-    raise ValueError(f"backend {forced!r} has no {op} implementation yet; use backend='reference' or None")
+    if op not in TRITON_OPS:
+        raise ValueError(f"backend 'triton' has no {op} implementation; use backend='reference' or None")
+    ok, why = triton_usable(device)
+    if not ok:
+        raise ValueError(f"backend 'triton' cannot run {op}: {why}; use backend='reference' or None")
+    return forced

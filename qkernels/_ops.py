@@ -224,3 +224,102 @@ def _check_dequantize_blockwise(q, absmax, code, blocksize):
 def _(q, absmax, code, blocksize):
     _check_dequantize_blockwise(q, absmax, code, blocksize)
     return q.new_empty((q.numel(),), dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------- linear_4bit (the QLoRA matmuls)
+# Forward:  y [M, N]  = x [M, K] @ W^T + lora_t [M, r] @ lora_B[N, r]^T + bias [N]
+# Backward: dx [M, K] = g [M, N] @ W + (lora_u [M, r] @ lora_A [r, K]) * lora_mask [M, K]
+# W = dequant(packed) of shape [N, K]; its scales are absmax (float32), or uint8 codes + nested_absmax/nested_code/
+# offset. The LoRA terms are the caller's already-scaled skinny products (qkernels.lora computes them), so one op
+# writes the M x N (or M x K) output once. Implementations: qkernels._linear (reference, cpu, cuda, triton).
+def _check_linear_4bit(x, packed, absmax, code, blocksize, W_shape, nested_absmax, nested_code, offset, nested_bs,
+                       lora, lora_mask=None):
+    torch._check(x.dim() == 2, lambda: f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    torch._check(x.dtype in _FLOATS, lambda: f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    torch._check(packed.device == x.device, lambda: f"packed is on {packed.device} but x is on {x.device}")
+    _check_dequantize(packed, absmax, code, blocksize, W_shape, x.dtype, nested_absmax, nested_code, offset, nested_bs)
+    lhs, rhs, bias = lora
+    M = x.shape[0]
+    if lhs is not None or rhs is not None:
+        torch._check(lhs is not None and rhs is not None, lambda: "the two LoRA factors must be given together")
+        torch._check(lhs.dim() == 2 and lhs.shape[0] == M, lambda: f"LoRA left factor must be [{M}, r]")
+        torch._check(rhs.dim() == 2, lambda: "LoRA right factor must be 2-D")
+        torch._check(lhs.device == x.device and rhs.device == x.device, lambda: "LoRA factors must be on x's device")
+        torch._check(lhs.dtype in _FLOATS and rhs.dtype in _FLOATS, lambda: "LoRA factors must be floating point")
+    if bias is not None:
+        torch._check(bias.shape == (W_shape[0],), lambda: f"bias must have shape [{W_shape[0]}]")
+        torch._check(bias.device == x.device, lambda: f"bias is on {bias.device} but x is on {x.device}")
+    if lora_mask is not None:
+        torch._check(lora_mask.shape == (M, W_shape[1]), lambda: f"lora_mask must have shape [{M}, {W_shape[1]}]")
+        torch._check(lora_mask.device == x.device, lambda: "lora_mask must be on x's device")
+
+
+@torch.library.custom_op("qkernels::linear_4bit", mutates_args=())
+def linear_4bit(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    out_features: int,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    nested_blocksize: int = 256,
+    lora_t: torch.Tensor | None = None,
+    lora_B: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ dequant(W)^T + lora_t @ lora_B^T + bias``; x ``[M, K]``, W ``[out_features, K]``: ``[M, N]`` of x.dtype."""
+    W_shape = [out_features, x.shape[-1]]
+    _check_linear_4bit(x, packed, absmax, code, blocksize, W_shape, nested_absmax, nested_code, offset,
+                       nested_blocksize, (lora_t, lora_B, bias))
+    from . import _linear
+
+    scales = (absmax, nested_absmax, nested_code, offset, nested_blocksize)
+    return _linear.linear_4bit_impl(x, packed, scales, code, blocksize, out_features, lora_t, lora_B, bias, None)
+
+
+@linear_4bit.register_fake
+def _(x, packed, absmax, code, blocksize, out_features, nested_absmax=None, nested_code=None, offset=None,
+      nested_blocksize=256, lora_t=None, lora_B=None, bias=None):
+    W_shape = [out_features, x.shape[-1]]
+    _check_linear_4bit(x, packed, absmax, code, blocksize, W_shape, nested_absmax, nested_code, offset,
+                       nested_blocksize, (lora_t, lora_B, bias))
+    return x.new_empty((x.shape[0], out_features))
+
+
+@torch.library.custom_op("qkernels::linear_4bit_dx", mutates_args=())
+def linear_4bit_dx(
+    grad_y: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    in_features: int,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    nested_blocksize: int = 256,
+    lora_u: torch.Tensor | None = None,
+    lora_A: torch.Tensor | None = None,
+    lora_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``grad_y @ dequant(W) + (lora_u @ lora_A) * lora_mask`` for grad_y ``[M, N]``: ``[M, in_features]``."""
+    W_shape = [grad_y.shape[-1], in_features]
+    _check_linear_4bit(grad_y, packed, absmax, code, blocksize, W_shape, nested_absmax, nested_code, offset,
+                       nested_blocksize, (lora_u, lora_A, None), lora_mask)
+    from . import _linear
+
+    scales = (absmax, nested_absmax, nested_code, offset, nested_blocksize)
+    return _linear.linear_4bit_dx_impl(grad_y, packed, scales, code, blocksize, in_features, lora_u, lora_A,
+                                       lora_mask, None)
+
+
+@linear_4bit_dx.register_fake
+def _(grad_y, packed, absmax, code, blocksize, in_features, nested_absmax=None, nested_code=None, offset=None,
+      nested_blocksize=256, lora_u=None, lora_A=None, lora_mask=None):
+    W_shape = [grad_y.shape[-1], in_features]
+    _check_linear_4bit(grad_y, packed, absmax, code, blocksize, W_shape, nested_absmax, nested_code, offset,
+                       nested_blocksize, (lora_u, lora_A, None), lora_mask)
+    return grad_y.new_empty((grad_y.shape[0], in_features))

@@ -1,0 +1,138 @@
+"""Implementations of the ``qkernels::linear_4bit`` / ``linear_4bit_dx`` ops, and the choice between them.
+
+``linear_4bit``:    ``y [M, N]  = x [M, K] @ W^T + lora_t [M, r] @ lora_B [N, r]^T + bias [N]``
+``linear_4bit_dx``: ``dx [M, K] = g [M, N] @ W  + (lora_u [M, r] @ lora_A [r, K]) * lora_mask [M, K]``
+
+with ``W = dequant(packed)`` of shape ``[N, K]`` (docs/format.md). Paths, chosen per call by ``_backend.resolve``
+and the number of rows ``M`` (DESIGN §2):
+
+- ``reference``: dequantize W (pure torch) to x's dtype, then torch matmuls. The definition of correct.
+- ``cpu`` / ``cuda``, ``M <= GEMV_MAX_M`` (decode): the native fused GEMV reads the packed weight once, decodes
+  both scale levels per block and adds the LoRA term and bias per output element (csrc/cpu/gemv.cpp,
+  csrc/cuda/gemv.cu). Used when this build has it.
+- ``cpu`` / ``cuda``, larger M (training): one native dequantize into a reused per-thread buffer (no allocation,
+  no page faults: a fresh 32 MiB tensor costs ~8 ms of faults on the CPU machine), then the BLAS matmul, with
+  the bias folded into ``addmm`` and the LoRA product accumulated into the same output (``addmm_``).
+- ``triton``: the fused dequant-in-the-K-loop kernels of ``qkernels.triton_kernels`` (GPU, or the CPU
+  interpreter with ``TRITON_INTERPRET=1``). Forced with ``backend="triton"``; the default on CUDA stays
+  dequantize + cuBLAS until the GPU benchmark shows the fused kernel ahead at a shape.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from . import _backend, _native, _ops
+from .quant_state import QuantState
+
+__all__ = ["GEMV_MAX_M", "linear_4bit_impl", "linear_4bit_dx_impl", "clear_workspace", "workspace_bytes"]
+
+# Rows up to which the fused GEMV beats dequantize + matmul: the GEMV streams the packed weight once per call
+# and keeps up to 16 rows of x in registers / shared memory; past that, a GEMM's reuse wins (DESIGN §2).
+GEMV_MAX_M = 16
+
+_local = threading.local()
+
+
+def _workspace(device: torch.device, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    """A reused buffer for a dequantized weight: one per (thread, device, CUDA stream, dtype, shape).
+
+    Safe because the buffer only lives inside one op call, and ops on one stream run in order. The buffers stay
+    allocated (the point is to avoid re-faulting them); ``clear_workspace()`` frees them.
+    """
+    cache = getattr(_local, "buffers", None)
+    if cache is None:
+        cache = _local.buffers = {}
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream, dtype, tuple(shape))
+    buf = cache.get(key)
+    if buf is None:
+        buf = cache[key] = torch.empty(shape, dtype=dtype, device=device)
+    return buf
+
+
+def clear_workspace() -> None:
+    """Free this thread's reused dequantization buffers (they are re-created on the next large-M call)."""
+    getattr(_local, "buffers", {}).clear()
+
+
+def workspace_bytes() -> int:
+    """Bytes held by this thread's reused dequantization buffers."""
+    return sum(b.numel() * b.element_size() for b in getattr(_local, "buffers", {}).values())
+
+
+def _state(scales, code: torch.Tensor, blocksize: int, shape: list[int], dtype: torch.dtype) -> QuantState:
+    """A QuantState view of the op's flat arguments (for the kernels that take one). The kernels read ``code``,
+    never ``quant_type``, so the label is only there to satisfy ``QuantState.validate``."""
+    absmax, nested_absmax, nested_code, offset, nested_blocksize = scales
+    state2 = None
+    if nested_absmax is not None:
+        state2 = QuantState(absmax=nested_absmax, code=nested_code, blocksize=nested_blocksize, dtype=torch.float32)
+    return QuantState(absmax=absmax, shape=shape, code=code, blocksize=blocksize, quant_type="nf4", dtype=dtype,
+                      offset=offset, state2=state2)
+
+
+def _dequantize(packed, scales, code, blocksize, shape, dtype, impl: str) -> torch.Tensor:
+    absmax, nested_absmax, nested_code, offset, nested_blocksize = scales
+    if impl == "reference":
+        return _ops.dequantize_4bit_impl(packed, absmax, code, blocksize, shape, dtype, nested_absmax, nested_code,
+                                         offset, nested_blocksize, "reference")
+    out = _workspace(packed.device, dtype, shape)
+    return _ops.dequantize_4bit_impl(packed, absmax, code, blocksize, shape, dtype, nested_absmax, nested_code, offset,
+                                     nested_blocksize, impl, out=out)
+
+
+def _has_gemv(device: torch.device) -> bool:
+    return "gemv_4bit_lora" in _backend.native_ops(device)
+
+
+def linear_4bit_impl(x, packed, scales, code, blocksize, N, lora_t, lora_B, bias, backend: str | None):
+    """Body of ``qkernels::linear_4bit`` with an explicit backend (``None``: the fastest available)."""
+    M, K = x.shape
+    impl = _backend.resolve("linear_4bit", x.device, backend)
+    if M == 0:
+        return x.new_empty((0, N))
+    if impl == "triton":
+        from . import triton_kernels
+
+        state = _state(scales, code, blocksize, [N, K], x.dtype)
+        return triton_kernels.matmul_4bit_lora_fwd(x, packed, state, lora_t=lora_t, lora_B=lora_B, bias=bias)
+    if impl != "reference" and M <= GEMV_MAX_M and _has_gemv(x.device):
+        state = _state(scales, code, blocksize, [N, K], x.dtype)
+        f32 = torch.float32
+        t = None if lora_t is None else lora_t.to(f32).contiguous()
+        B = None if lora_B is None else lora_B.to(f32).contiguous()
+        b = None if bias is None else bias.to(f32).contiguous()
+        return _native.gemv_4bit_lora_native(x.contiguous(), packed, state, t, B, b)
+    W = _dequantize(packed, scales, code, blocksize, [N, K], x.dtype, impl)
+    if bias is not None:
+        y = torch.addmm(bias.to(x.dtype), x, W.t())
+    else:
+        y = x @ W.t()
+    if lora_t is not None:
+        y.addmm_(lora_t.to(x.dtype), lora_B.to(x.dtype).t())
+    return y
+
+
+def linear_4bit_dx_impl(g, packed, scales, code, blocksize, K, lora_u, lora_A, lora_mask, backend: str | None):
+    """Body of ``qkernels::linear_4bit_dx`` with an explicit backend (``None``: the fastest available)."""
+    M, N = g.shape
+    impl = _backend.resolve("linear_4bit_dx", g.device, backend)
+    if M == 0:
+        return g.new_empty((0, K))
+    if impl == "triton":
+        from . import triton_kernels
+
+        state = _state(scales, code, blocksize, [N, K], g.dtype)
+        return triton_kernels.matmul_4bit_lora_dx(g, packed, state, lora_u=lora_u, lora_A=lora_A, lora_mask=lora_mask)
+    W = _dequantize(packed, scales, code, blocksize, [N, K], g.dtype, impl)
+    dx = g @ W
+    if lora_u is not None:
+        lora = lora_u.to(g.dtype) @ lora_A.to(g.dtype)
+        if lora_mask is not None:
+            lora.mul_(lora_mask.to(g.dtype))
+        dx.add_(lora)
+    return dx
+

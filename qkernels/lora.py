@@ -1,0 +1,197 @@
+"""The QLoRA matmul: ``Y = X @ dequant(W)^T + s * (dropout(X) @ A^T) @ B^T + bias``, forward and backward.
+
+Layers (STYLE 3): ``qkernels::linear_4bit`` / ``linear_4bit_dx`` ops (``qkernels._ops``, implementations in
+``qkernels._linear``) → ``QLoRAFunction`` (this file) → ``matmul_4bit_lora`` (this file) → ``QLoRALinear``.
+
+What the Function saves for backward: the PACKED weight and its scales (never a dequantized copy: W is decoded
+again in backward), ``dropout(X)`` (or X itself without dropout; the LoRA-A gradient needs it), the dropout mask
+as bool, and ``T = dropout(X) A^T`` (``[M, r]``, the LoRA-B gradient needs it). Gradients (DESIGN §2), with
+``Xd = dropout(X)``, ``u = s * (dY B)``:
+
+- ``dX = dY @ W + (u @ A) * mask / (1 - p)``   (one ``linear_4bit_dx`` call: W decoded once, LoRA in the epilogue)
+- ``dA = u^T @ Xd``,   ``dB = s * dY^T @ T``,   ``dbias = sum(dY)``;   no gradient for W.
+
+The LoRA products run in the LoRA weights' dtype when it is wider than x's (peft keeps adapters in float32 on
+a bf16 base and casts x up: so do we), else in x's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _ops  # noqa: F401  (registers the qkernels:: ops)
+from .quant_state import QuantState
+from .reference import lora_scaling
+
+__all__ = ["QLoRAFunction", "matmul_4bit_lora", "lora_scaling"]
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _lora_dtype(x_dtype: torch.dtype, lora_dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(x_dtype, lora_dtype)
+
+
+class QLoRAFunction(torch.autograd.Function):
+    """Autograd for ``matmul_4bit_lora`` on 2-D ``x [M, K]``. Use ``matmul_4bit_lora`` (it checks and reshapes).
+
+    ``forward(ctx, x, packed, absmax, code, nested_absmax, nested_code, offset, lora_A, lora_B, bias,
+    blocksize, nested_blocksize, out_features, scaling, dropout_p, training, backend)``: ``packed`` is the uint8
+    view of the weight bytes; ``absmax`` float32 scales, or uint8 codes with ``nested_absmax`` / ``nested_code`` /
+    ``offset``; ``lora_A [r, K]`` / ``lora_B [N, r]`` or both None; ``bias [N]`` or None.
+    """
+
+    @staticmethod
+    def forward(ctx, x, packed, absmax, code, nested_absmax, nested_code, offset, lora_A, lora_B, bias,
+                blocksize: int, nested_blocksize: int, out_features: int, scaling: float, dropout_p: float,
+                training: bool, backend: str | None):
+        scales = (absmax, nested_absmax, nested_code, offset, nested_blocksize)
+        xd, mask, t = x, None, None
+        if lora_A is not None:
+            ldt = _lora_dtype(x.dtype, lora_A.dtype)
+            if training and dropout_p > 0.0:
+                mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
+                xd = x * mask / (1.0 - dropout_p)
+            t = xd.to(ldt) @ lora_A.to(ldt).t()  # [M, r]
+        y = _linear(x, packed, scales, code, blocksize, out_features,
+                    None if t is None else t * scaling, lora_B, bias, backend)
+        if lora_A is None:
+            xd = None  # only the LoRA-A gradient reads it
+        ctx.save_for_backward(packed, absmax, code, nested_absmax, nested_code, offset, lora_A, lora_B, xd, mask, t)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.meta = (blocksize, nested_blocksize, x.shape[1], scaling, dropout_p, backend, bias is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        with torch.autocast(grad_y.device.type, enabled=False):
+            return QLoRAFunction._backward(ctx, grad_y)
+
+    @staticmethod
+    def _backward(ctx, grad_y):
+        packed, absmax, code, nested_absmax, nested_code, offset, lora_A, lora_B, xd, mask, t = ctx.saved_tensors
+        blocksize, nested_blocksize, K, scaling, dropout_p, backend, has_bias = ctx.meta
+        need_x, need_A, need_B, need_bias = (ctx.needs_input_grad[i] for i in (0, 7, 8, 9))
+        g = grad_y.contiguous()
+        dx = dA = dB = dbias = None
+        u = None
+        if lora_A is not None and (need_x or need_A):
+            ldt = _lora_dtype(g.dtype, lora_A.dtype)
+            u = (g.to(ldt) @ lora_B.to(ldt)) * scaling  # [M, r]
+        if need_x:
+            scales = (absmax, nested_absmax, nested_code, offset, nested_blocksize)
+            lora_mask = None
+            if mask is not None:
+                lora_mask = mask.to(g.dtype) / (1.0 - dropout_p)
+            dx = _linear_dx(g, packed, scales, code, blocksize, K, u, lora_A if u is not None else None, lora_mask,
+                            backend)
+        if need_A:
+            dA = (u.t() @ xd.to(u.dtype)).to(lora_A.dtype)
+        if need_B:
+            dB = ((g.to(t.dtype).t() @ t) * scaling).to(lora_B.dtype)
+        if need_bias and has_bias:
+            dbias = g.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        return dx, None, None, None, None, None, None, dA, dB, dbias, None, None, None, None, None, None, None
+
+
+def _linear(x, packed, scales, code, blocksize, N, lora_t, lora_B, bias, backend):
+    absmax, nested_absmax, nested_code, offset, nested_blocksize = scales
+    if backend is None:  # through the registered op, so torch.compile sees one node
+        return torch.ops.qkernels.linear_4bit(x, packed, absmax, code, blocksize, N, nested_absmax, nested_code,
+                                              offset, nested_blocksize, lora_t, lora_B, bias)
+    from . import _linear as impl
+
+    return impl.linear_4bit_impl(x, packed, scales, code, blocksize, N, lora_t, lora_B, bias, backend)
+
+
+def _linear_dx(g, packed, scales, code, blocksize, K, lora_u, lora_A, lora_mask, backend):
+    absmax, nested_absmax, nested_code, offset, nested_blocksize = scales
+    if backend is None:
+        return torch.ops.qkernels.linear_4bit_dx(g, packed, absmax, code, blocksize, K, nested_absmax, nested_code,
+                                                 offset, nested_blocksize, lora_u, lora_A, lora_mask)
+    from . import _linear as impl
+
+    return impl.linear_4bit_dx_impl(g, packed, scales, code, blocksize, K, lora_u, lora_A, lora_mask, backend)
+
+
+def matmul_4bit_lora(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    quant_state: QuantState,
+    lora_A: torch.Tensor | None,
+    lora_B: torch.Tensor | None,
+    scaling: float,
+    bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    *,
+    training: bool = True,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``Y = X @ dequant(W)^T + scaling * (dropout(X) @ lora_A^T) @ lora_B^T + bias``, differentiable.
+
+    Args:
+        x: ``[..., K]`` float32 / float16 / bfloat16 (any leading shape). Under ``torch.autocast`` it is cast to
+            the autocast dtype first, and the matmuls run in it.
+        packed, quant_state: the frozen 4-bit weight ``W [N, K]`` from ``qkernels.quantize_4bit`` (uint8, or a
+            float ``quant_storage`` view of the same bytes), on x's device. Gets no gradient.
+        lora_A: ``[r, K]`` and lora_B: ``[N, r]`` (peft's ``lora_A.weight`` / ``lora_B.weight``), any float dtype,
+            or both ``None`` for the plain 4-bit linear. Gradients flow to them.
+        scaling: the LoRA scale ``s`` (``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` for rsLoRA: ``lora_scaling``).
+        bias: ``[N]`` or None; gets a gradient when it requires one.
+        dropout_p: dropout on the LoRA branch's input only (as peft), in [0, 1); active when ``training``. The
+            mask drawn in forward is the one used in backward.
+        training: whether dropout is applied.
+        backend: force ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``; ``None`` picks by device, dtype
+            and the number of rows (see ``qkernels._linear``).
+
+    Returns:
+        ``[..., N]`` in x's dtype.
+
+    Saves only the packed weight, never a dequantized ``N x K`` copy (see the module docstring for what is saved).
+    """
+    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOATS:
+        raise TypeError(f"x must be a float32/float16/bfloat16 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if not isinstance(quant_state, QuantState):
+        raise TypeError(f"quant_state must be a qkernels.QuantState, got {type(quant_state).__name__}")
+    quant_state.validate(packed)
+    if len(quant_state.shape) != 2:
+        raise ValueError(f"the quantized weight must be 2-D [N, K] (out, in features), got {tuple(quant_state.shape)}")
+    N, K = (int(s) for s in quant_state.shape)
+    if x.dim() == 0 or x.shape[-1] != K:
+        raise ValueError(f"x has shape {tuple(x.shape)} but the weight is [{N}, {K}]: x's last dim must be {K}")
+    if packed.device != x.device:
+        raise ValueError(f"x is on {x.device} but the packed weight is on {packed.device}; move the layer to x.device")
+    if (lora_A is None) != (lora_B is None):
+        raise ValueError("lora_A and lora_B must both be tensors or both be None")
+    if lora_A is not None:
+        if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[1] != K or lora_B.shape[0] != N:
+            raise ValueError(f"lora_A must be [r, {K}] and lora_B [{N}, r] (peft's layout), got "
+                             f"{tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
+        if lora_A.shape[0] != lora_B.shape[1]:
+            raise ValueError(f"lora_A has rank {lora_A.shape[0]} but lora_B has rank {lora_B.shape[1]}")
+        if lora_A.device != x.device or lora_B.device != x.device:
+            raise ValueError(f"lora_A/lora_B must be on x's device {x.device}")
+        if lora_A.dtype not in _FLOATS or lora_B.dtype not in _FLOATS:
+            raise TypeError("lora_A and lora_B must be float32/float16/bfloat16")
+    if bias is not None and (bias.shape != (N,) or bias.device != x.device):
+        raise ValueError(f"bias must be a [{N}] tensor on {x.device}, got {tuple(bias.shape)} on {bias.device}")
+    if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
+        raise TypeError(f"scaling must be a Python number (lora_alpha / r), got {type(scaling).__name__}")
+
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        x = x.to(torch.get_autocast_dtype(device_type))
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    raw = packed if packed.dtype == torch.uint8 else packed.reshape(-1).view(torch.uint8)
+    qs = quant_state
+    nested = (qs.state2.absmax, qs.state2.code, qs.offset) if qs.nested else (None, None, None)
+    nested_blocksize = qs.state2.blocksize if qs.nested else 256
+    with torch.autocast(device_type, enabled=False):
+        y = QLoRAFunction.apply(x2, raw, qs.absmax, qs.code, *nested, lora_A, lora_B, bias, qs.blocksize,
+                                nested_blocksize, N, float(scaling), float(dropout_p), bool(training), backend)
+    return y.reshape(*lead, N)

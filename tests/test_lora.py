@@ -1,0 +1,288 @@
+"""matmul_4bit_lora / QLoRAFunction: forward and every gradient against a float64 reference, on each backend.
+
+Tolerance basis (STYLE 12, DESIGN §3): for each output (y, dx, dA, dB, dbias) the error of qkernels against the float64
+reference must be at most twice the error of plain PyTorch doing the same computation in the same dtype
+(``reference.matmul_4bit_lora`` run in that dtype, differentiated by autograd), plus two ulps of the largest reference
+value (where plain PyTorch happens to be exact, a different but equally valid summation order is not).
+"""
+
+import math
+
+import pytest
+import torch
+
+import qkernels
+from qkernels import _linear, reference
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CPU_BACKENDS = ["cpu", "reference"]
+
+
+def _problem(M, N, K, r, dtype, *, bias=True, seed=0, lead=(), blocksize=64, quant_type="nf4", double_quant=True,
+             device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    W = (torch.randn(N, K, generator=g) * 0.05).to(device)
+    packed, state = qkernels.quantize_4bit(W, blocksize, quant_type, double_quant)
+    x = torch.randn(*lead, M, K, generator=g).to(dtype).to(device)
+    A = (torch.randn(r, K, generator=g) / math.sqrt(K)).to(device) if r else None
+    B = (torch.randn(N, r, generator=g) * 0.1).to(device) if r else None
+    b = (torch.randn(N, generator=g) * 0.1).to(device) if bias else None
+    gy = torch.randn(*lead, M, N, generator=g).to(dtype).to(device)
+    return packed, state, x, A, B, b, gy
+
+
+def _grads(fn, x, A, B, b, gy):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, A, B, b)]
+    y = fn(*leaves)
+    wanted = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad(y, wanted, gy))
+    return [y.detach()] + [next(grads) if t is not None else None for t in leaves]
+
+
+def _assert_close_to_fp64(ours, plain, ref, names):
+    for name, o, p, r in zip(names, ours, plain, ref, strict=True):
+        if r is None:
+            assert o is None, name
+            continue
+        assert o.dtype == p.dtype, f"{name}: dtype {o.dtype}, plain torch gives {p.dtype}"
+        assert o.shape == r.shape, f"{name}: shape {tuple(o.shape)} != {tuple(r.shape)}"
+        err = (o.double() - r).abs().max().item()
+        err_plain = (p.double() - r).abs().max().item()
+        ulp = torch.finfo(o.dtype).eps * r.abs().max().item()
+        assert err <= 2 * err_plain + 2 * ulp, f"{name}: error {err:.3g} > 2 x plain torch {err_plain:.3g} + 2 ulp"
+
+
+def _check(M, N, K, r, dtype, backend, *, bias=True, dropout_p=0.0, rslora=False, lead=(), **qkw):
+    """Forward + every gradient of matmul_4bit_lora on ``backend`` against float64, plain torch as the yardstick."""
+    packed, state, x, A, B, b, gy = _problem(M, N, K, r, dtype, bias=bias, lead=lead, **qkw)
+    s = reference.lora_scaling(16.0, r, rslora) if r else 1.0
+    seed = 1234
+
+    def ours(x_, A_, B_, b_):
+        torch.manual_seed(seed)
+        return qkernels.matmul_4bit_lora(x_, packed, state, A_, B_, s, b_, dropout_p, backend=backend)
+
+    # The mask the Function draws: the same generator state, the same draw (bool [M*, K] Bernoulli(1 - p)).
+    torch.manual_seed(seed)
+    mask = None
+    if dropout_p > 0 and r:
+        flat = torch.empty(x.reshape(-1, K).shape, dtype=torch.bool, device=x.device)
+        mask = flat.bernoulli_(1.0 - dropout_p).reshape(x.shape)
+
+    def plain(x_, A_, B_, b_, dt=dtype):
+        cast = [None if t is None else t.to(dt) for t in (A_, B_, b_)]
+        if A_ is None:
+            W = qkernels.dequantize_4bit(packed, state, dt if dt != torch.float64 else torch.float32).to(dt)
+            y = x_.to(dt) @ W.t()
+            return y if b_ is None else y + cast[2]
+        return reference.matmul_4bit_lora(x_.to(dt), packed, state, cast[0], cast[1], s, cast[2], dropout_p,
+                                          dropout_mask=mask)
+
+    names = ["y", "dx", "dA", "dB", "dbias"]
+    got = _grads(ours, x, A, B, b, gy)
+    base = _grads(plain, x, A, B, b, gy)
+    ref = _grads(lambda *t: plain(*t, dt=torch.float64), x, A, B, b, gy.double())
+    # Gradients come back in each leaf's dtype; plain torch computed the LoRA grads in x's dtype.
+    base = [None if t is None else t.to(o.dtype) for t, o in zip(base, got, strict=True)]
+    _assert_close_to_fp64(got, base, ref, names)
+    return got
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("M", [1, 2, 3, 16, 17, 113])
+def test_rows_dtypes(M, dtype, backend):
+    _check(M, 65, 130, 8, dtype, backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(
+    "N,K,blocksize",
+    [(1, 64, 64), (33, 63, 64), (7, 33, 32), (96, 200, 128), (130, 257, 64), (48, 1000, 256)],
+    ids=lambda v: str(v),
+)
+@pytest.mark.parametrize("M", [1, 17])
+def test_awkward_shapes(M, N, K, blocksize, backend):
+    """K not a multiple of the blocksize or even of 2 (rows start mid-byte), partial last blocks."""
+    _check(M, N, K, 8, torch.float32, backend, blocksize=blocksize)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("r", [1, 8, 64])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25], ids=["nodrop", "drop"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
+def test_lora_variants(r, dropout_p, bias, rslora, backend):
+    _check(16, 96, 160, r, torch.float32, backend, bias=bias, dropout_p=dropout_p, rslora=rslora)
+    _check(3, 96, 160, r, torch.bfloat16, backend, bias=bias, dropout_p=dropout_p, rslora=rslora)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("quant", ["nf4-plain", "fp4-nested", "fp4-plain"])
+def test_quant_types(quant, backend):
+    quant_type, nesting = quant.split("-")
+    _check(5, 70, 128, 4, torch.float32, backend, quant_type=quant_type, double_quant=nesting == "nested")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_no_lora_and_leading_dims(backend):
+    _check(4, 40, 96, 0, torch.float32, backend)  # lora_A = lora_B = None: the plain 4-bit linear
+    y = _check(5, 40, 96, 8, torch.bfloat16, backend, lead=(2, 3))[0]
+    assert y.shape == (2, 3, 5, 40)
+
+
+def test_dropout_mask_is_the_same_in_forward_and_backward():
+    """With dropout, dA = s (dY B)^T (X * mask / (1-p)): it only matches the reference if backward reused the mask."""
+    torch.manual_seed(0)
+    got = _check(64, 32, 96, 8, torch.float32, "cpu", dropout_p=0.5)
+    assert got[2].abs().sum() > 0
+
+
+def test_dropout_off_in_eval():
+    packed, state, x, A, B, b, _ = _problem(8, 32, 64, 4, torch.float32)
+    y1 = qkernels.matmul_4bit_lora(x, packed, state, A, B, 2.0, b, 0.9, training=False)
+    y2 = qkernels.matmul_4bit_lora(x, packed, state, A, B, 2.0, b, 0.0)
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+
+
+def test_quant_storage_view():
+    W = torch.randn(48, 64) * 0.05
+    packed, state = qkernels.quantize_4bit(W, 64, quant_storage=torch.bfloat16)
+    packed8, state8 = qkernels.quantize_4bit(W, 64)
+    x = torch.randn(3, 64)
+    A, B = torch.randn(4, 64), torch.randn(48, 4)
+    torch.testing.assert_close(qkernels.matmul_4bit_lora(x, packed, state, A, B, 0.5),
+                               qkernels.matmul_4bit_lora(x, packed8, state8, A, B, 0.5), rtol=0, atol=0)
+
+
+def test_forward_saves_no_dequantized_weight():
+    """The Function saves the packed weight (uint8) and skinny LoRA tensors, never a float tensor of N x K."""
+    N, K, M, r = 256, 320, 4, 8
+    packed, state, x, A, B, b, _ = _problem(M, N, K, r, torch.float32)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    leaves = [t.requires_grad_() for t in (x, A, B)]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = qkernels.matmul_4bit_lora(*leaves[:1], packed, state, *leaves[1:], 2.0, b, dropout_p=0.1)
+    y.sum().backward()
+    assert saved, "nothing was saved: the hook did not see the Function"
+    big_float = [tuple(t.shape) for t in saved if t.is_floating_point() and t.numel() >= N * K]
+    assert not big_float, f"forward saved float tensors of >= N*K elements: {big_float}"
+    assert any(t.dtype == torch.uint8 and t.numel() == N * K // 2 for t in saved), "the packed weight is not saved"
+
+
+def test_autocast_cpu_bf16():
+    packed, state, x, A, B, b, _ = _problem(6, 40, 96, 4, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = qkernels.matmul_4bit_lora(x.requires_grad_(), packed, state, A, B, 2.0, b)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32
+    ref = qkernels.matmul_4bit_lora(x.detach().bfloat16(), packed, state, A, B, 2.0, b)
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+
+
+def test_workspace_is_reused():
+    _linear.clear_workspace()
+    packed, state, x, A, B, b, _ = _problem(40, 48, 64, 4, torch.float32)
+    qkernels.matmul_4bit_lora(x, packed, state, A, B, 2.0, b, backend="cpu")
+    held = _linear.workspace_bytes()
+    assert held == 48 * 64 * 4
+    qkernels.matmul_4bit_lora(x, packed, state, A, B, 2.0, b, backend="cpu")
+    assert _linear.workspace_bytes() == held
+    _linear.clear_workspace()
+    assert _linear.workspace_bytes() == 0
+
+
+# ----------------------------------------------------------------------------------------------- on a GPU
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton", None], ids=["cuda", "triton", "default"])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("M", [1, 3, 16, 17, 113, 512])
+def test_cuda_backends(M, dtype, backend):
+    """On a GPU: the fused GEMV (M <= 16), dequantize + cuBLAS, and the Triton kernels, bf16 included."""
+    _check(M, 96, 160, 8, dtype, backend, device="cuda")
+    _check(M, 130, 257, 8, dtype, backend, device="cuda", dropout_p=0.1)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("M", [1, 16, 1024])
+def test_cuda_llama_shape(M, backend):
+    _check(M, 4096, 4096, 16, torch.bfloat16, backend, device="cuda")
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+def test_bad_input():
+    packed, state, x, A, B, b, _ = _problem(4, 32, 64, 4, torch.float32)
+    f = qkernels.matmul_4bit_lora
+    with pytest.raises(ValueError, match="last dim must be 64"):
+        f(torch.randn(4, 63), packed, state, A, B, 1.0)
+    with pytest.raises(ValueError, match=r"lora_A must be \[r, 64\]"):
+        f(x, packed, state, A.t(), B, 1.0)
+    with pytest.raises(ValueError, match="rank"):
+        f(x, packed, state, A, torch.randn(32, 5), 1.0)
+    with pytest.raises(ValueError, match="both"):
+        f(x, packed, state, A, None, 1.0)
+    with pytest.raises(ValueError, match="dropout_p"):
+        f(x, packed, state, A, B, 1.0, dropout_p=1.0)
+    with pytest.raises(ValueError, match="bias"):
+        f(x, packed, state, A, B, 1.0, torch.randn(31))
+    with pytest.raises(TypeError, match="x must be"):
+        f(x.long(), packed, state, A, B, 1.0)
+    with pytest.raises(TypeError, match="quant_state"):
+        f(x, packed, {"absmax": 1}, A, B, 1.0)
+    with pytest.raises(ValueError, match="backend"):
+        f(x, packed, state, A, B, 1.0, backend="tpu")
+    wrong_state = qkernels.quantize_4bit(torch.randn(16, 64))[1]
+    with pytest.raises(ValueError, match="does not belong|last dim"):
+        f(x, packed[:10], wrong_state, A, B, 1.0)
+
+
+# ----------------------------------------------------------------------------------------- ops, compile
+def _op_cases():
+    packed, state, x, A, B, b, gy = _problem(5, 48, 96, 4, torch.float32)
+    nested = (state.state2.absmax, state.state2.code, state.offset, 256)
+    t = x @ A.t()
+    ops = torch.ops.qkernels
+    mask = (torch.rand(5, 96) > 0.3).float()
+    return {
+        "linear_4bit": (ops.linear_4bit.default, (x, packed, state.absmax, state.code, 64, 48, *nested, t, B, b)),
+        "linear_4bit-bf16-large-M": (
+            ops.linear_4bit.default,
+            (torch.randn(40, 96).bfloat16(), packed, state.absmax, state.code, 64, 48, *nested),
+        ),
+        "linear_4bit_dx": (
+            ops.linear_4bit_dx.default,
+            (gy, packed, state.absmax, state.code, 64, 96, *nested, gy @ B, A, mask),
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", ["linear_4bit", "linear_4bit-bf16-large-M", "linear_4bit_dx"])
+def test_opcheck(case):
+    op, args = _op_cases()[case]
+    torch.library.opcheck(op, args)
+
+
+def test_compile_training_step_matches_eager():
+    """fullgraph: forward and (through AOTAutograd) backward of the Function compile without graph breaks."""
+    packed, state, x, A, B, b, _ = _problem(24, 48, 96, 8, torch.float32)
+
+    def loss_fn(x, A, B, b):
+        y = qkernels.matmul_4bit_lora(x, packed, state, A, B, 2.0, b)
+        return (y.float() ** 2).mean()
+
+    def step(fn):
+        leaves = [t.clone().requires_grad_() for t in (x, A, B, b)]
+        fn(*leaves).backward()
+        return [t.grad for t in leaves]
+
+    eager = step(loss_fn)
+    compiled = step(torch.compile(loss_fn, fullgraph=True))
+    for e, c in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)
