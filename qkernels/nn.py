@@ -25,34 +25,13 @@ import torch
 from torch import nn
 
 from .functional import dequantize_4bit, quantize_4bit
+from .lora import matmul_4bit_lora
 from .quant_state import FLOAT_DTYPES, STORAGE_DTYPES, QuantState, check_blocksize
 from .reference import lora_scaling
 
 __all__ = ["Params4bit", "QLoRALinear"]
 
 INIT_CHOICES = (True, False, "gaussian", "loftq")
-
-
-# --------------------------------------------------------------------------------------------- fused op
-def _matmul_4bit_lora_shim(x, packed, quant_state, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, *,
-                           training=True, backend=None):
-    """Temporary stand-in for ``qkernels.lora.matmul_4bit_lora`` (same signature) until it lands on main.
-
-    Calls the reference; ``lora_A``/``lora_B`` None (no LoRA) is run as a rank-0 adapter.
-    """
-    from . import reference
-
-    if lora_A is None:
-        lora_A = x.new_zeros(0, x.shape[-1])
-        lora_B = x.new_zeros(quant_state.shape[0], 0)
-    return reference.matmul_4bit_lora(x, packed, quant_state, lora_A, lora_B, scaling, bias, dropout_p,
-                                      training=training)
-
-
-try:  # the integrator's fused autograd function (qkernels/lora.py)
-    from .lora import matmul_4bit_lora as _matmul_4bit_lora
-except ImportError:  # pragma: no cover - removed once lora.py is on main
-    _matmul_4bit_lora = _matmul_4bit_lora_shim
 
 
 # --------------------------------------------------------------------------------------------- the weight
@@ -406,8 +385,8 @@ class QLoRALinear(nn.Module):
             A, B, scaling = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
             p = getattr(self.lora_dropout[name], "p", 0.0)
         xc = x if self.compute_dtype is None else x.to(self.compute_dtype)
-        y = _matmul_4bit_lora(xc, self.weight, self.weight.quant_state, A, B, scaling, self.bias, p,
-                              training=self.training)
+        y = matmul_4bit_lora(xc, self.weight.data, self.weight.quant_state, A, B, scaling, self.bias, p,
+                             training=self.training)
         return y.to(x.dtype)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -526,4 +505,4 @@ class QLoRALinear(nn.Module):
                     raise ValueError(f"{k!r} must be a tensor, got {type(v).__name__}")
                 if tuple(v.shape) != shape:
                     raise ValueError(f"size mismatch for {k!r}: checkpoint has {tuple(v.shape)}, this layer has "
-                                     f"{shape}" + (" (a different LoRA rank r?)" if ".lora_" in k else ""))
+                                     f"{shape}" + (" (a different LoRA rank r?)" if k[len(prefix):].startswith("lora_") else ""))
