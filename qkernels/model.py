@@ -171,11 +171,14 @@ def _check_each_target_matches(model: nn.Module, target_modules: Any, exclude_mo
             raise ValueError(f"target_modules {target_modules!r} matches no module of {type(model).__name__}. "
                              f"Linear layers: {_summarize(linear_names)}")
         return
-    for t in target_modules:
-        if not match_target_modules(model, [t], exclude_modules):
+    for t in target_modules:  # an entry whose matches are all excluded is not a typo: check before exclusion
+        if not match_target_modules(model, [t]):
             raise ValueError(f"target_modules entry {t!r} matches no module of {type(model).__name__} (an entry "
                              f"matches a module name or its last dotted parts, e.g. 'q_proj' matches "
                              f"'model.layers.0.self_attn.q_proj'). Linear layers: {_summarize(linear_names)}")
+    if not names:
+        raise ValueError(f"every module matched by target_modules {target_modules!r} is excluded by "
+                         f"exclude_modules {exclude_modules!r}; nothing to replace")
 
 
 # --------------------------------------------------------------------------------------------- counting
