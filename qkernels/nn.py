@@ -112,6 +112,11 @@ def _packed_rows(numel: int, storage: torch.dtype) -> int:
     return -(-nbytes // itemsize)
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' ``Conv1D`` (GPT-2 family: a linear layer with its weight stored ``[in, out]``)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+
+
 # --------------------------------------------------------------------------------------------- arg checks
 def _check_positive_int(v: Any, name: str, fix: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -239,22 +244,29 @@ class QLoRALinear(nn.Module):
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_linear(cls, linear: nn.Linear, **qlora_kwargs: Any) -> QLoRALinear:
+    def from_linear(cls, linear: nn.Module, **qlora_kwargs: Any) -> QLoRALinear:
         """Quantize ``linear.weight`` (no copy of it is kept) into a new layer on the linear's device; keeps bias.
 
+        ``linear``: an ``nn.Linear``, or a transformers ``Conv1D`` (GPT-2's ``y = x @ W + b`` with ``W [in, out]``),
+        whose weight is transposed to ``[out, in]`` first, as transformers' bitsandbytes integration does.
         ``qlora_kwargs`` are ``QLoRALinear``'s keyword arguments (r, lora_alpha, quant_type, ...); ``dtype``
         defaults to the linear's weight dtype. ``init_lora_weights="loftq"`` uses the float weight.
         """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        if is_conv1d(linear):
+            w = linear.weight.detach().t()
+            in_features, out_features = linear.nx, linear.nf
+        elif isinstance(linear, nn.Linear):
+            w = linear.weight.detach()
+            in_features, out_features = linear.in_features, linear.out_features
+        else:
+            raise TypeError(f"from_linear expects an nn.Linear (or transformers Conv1D), got {type(linear).__name__}")
         for k in ("device", "_float_weight", "_packed"):
             if k in qlora_kwargs:
                 raise ValueError(f"from_linear takes {k!r} from the linear; do not pass it")
-        w = linear.weight.detach()
         if w.dtype not in FLOAT_DTYPES:
             raise ValueError(f"linear.weight must be float32/float16/bfloat16 to quantize, got {w.dtype}")
         qlora_kwargs.setdefault("dtype", w.dtype)
-        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device=w.device,
+        layer = cls(in_features, out_features, bias=linear.bias is not None, device=w.device,
                     _float_weight=w, **qlora_kwargs)
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
@@ -264,8 +276,8 @@ class QLoRALinear(nn.Module):
     def from_bnb(cls, bnb_linear: nn.Module, **lora_kwargs: Any) -> QLoRALinear:
         """Wrap a bitsandbytes ``Linear4bit``'s packed weight and quant state (no requantization) with LoRA.
 
-        The packed bytes are shared-by-copy (cloned), the QuantState rebuilt through bitsandbytes' own
-        ``as_dict(packed=True)`` keys. ``lora_kwargs``: r, lora_alpha, lora_dropout, use_rslora,
+        The packed bytes and scales are copied (no storage shared with the bnb layer); the QuantState is rebuilt
+        through bitsandbytes' own ``as_dict(packed=True)`` keys. ``lora_kwargs``: r, lora_alpha, lora_dropout, use_rslora,
         init_lora_weights (not "loftq": the float weight is gone), adapter_name, compute_dtype (default: the
         bitsandbytes layer's ``compute_dtype``).
         """
@@ -285,7 +297,9 @@ class QLoRALinear(nn.Module):
             from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
 
             data, qs = _convert_weight_packed_for_cpu_inverse(data, qs)
-        state = QuantState.from_dict(qs.as_dict(packed=True), device=data.device)
+        # copies, so the two layers share no storage (bnb's QuantState tensors would otherwise be aliased)
+        bnb_dict = {k: v.detach().clone() for k, v in qs.as_dict(packed=True).items()}
+        state = QuantState.from_dict(bnb_dict, device=data.device)
         packed = data.detach().clone()
         state.validate(packed)
         lora_kwargs.setdefault("compute_dtype", getattr(bnb_linear, "compute_dtype", None))

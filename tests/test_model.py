@@ -84,6 +84,29 @@ def test_all_linear_equals_peft_on_tiny_llama_and_skips_the_head():
     assert isinstance(model.lm_head, nn.Linear) and not model.lm_head.weight.requires_grad
 
 
+def test_gpt2_conv1d_layers_are_targeted_like_peft_and_transposed():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=64, n_layer=1, n_head=2)).eval()
+    want = sorted(_peft_targets(model, target_modules="all-linear"))
+    assert want == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc",
+                    "transformer.h.0.mlp.c_proj"]
+    conv = model.transformer.h[0].attn.c_attn  # Conv1D: y = x @ W + b, W [in, out]
+    layer = QLoRALinear.from_linear(conv, r=4)
+    assert (layer.in_features, layer.out_features) == (64, 192)
+    packed, _ = qkernels.quantize_4bit(conv.weight.detach().t().contiguous())
+    assert torch.equal(layer.weight.data, packed), "stored [out, in], as transformers' bitsandbytes integration"
+    apply_qlora(model, "all-linear", r=4)
+    assert sorted(n for n, m in model.named_modules() if isinstance(m, QLoRALinear)) == want
+    x = torch.randn(2, 64)
+    with torch.no_grad():  # B == 0: the layer is x @ dequant(W)^T + b; two float32 evaluations, gamma_{K+1} each
+        W = layer.dequantized_weight()
+        want_y = x @ W.t() + conv.bias
+        bound = 2 * (64 + 1) * U32 * (x.abs() @ W.abs().t() + conv.bias.abs())
+        assert ((layer(x) - want_y).abs() <= bound).all()
+
+
 def test_freezes_all_but_lora_and_counts_like_peft(capsys):
     model = tiny_llama()
     n_embed = model.model.embed_tokens.weight.numel()

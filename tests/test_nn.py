@@ -310,6 +310,7 @@ def test_from_bnb_wraps_without_requantizing():
     layer = QLoRALinear.from_bnb(q, r=4, lora_alpha=8)
     assert torch.equal(layer.weight.data, q.weight.data) and layer.weight.data.data_ptr() != q.weight.data.data_ptr()
     assert layer.weight.quant_state == QuantState.from_dict(q.weight.quant_state.as_dict(packed=True))
+    assert layer.weight.quant_state.absmax.data_ptr() != q.weight.quant_state.absmax.data_ptr(), "no aliasing"
     x = torch.randn(3, 192, requires_grad=True)
     assert torch.equal(layer(x), q(x))
     assert layer.compute_dtype == torch.float32 and layer.scaling["default"] == 2.0
