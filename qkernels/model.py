@@ -240,12 +240,13 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Replace each ``QLoRALinear`` by a dense ``nn.Linear`` with weight ``dequant(W) + s B A`` and its bias.
 
-    The sum is formed in float32 and rounded once to the layer's ``compute_dtype`` (or, when None, the dtype of
-    the weight before quantization, ``quant_state.dtype``). Nothing is requantized. The merged weight is frozen
+    The sum is formed in float32 and rounded once to the layer's ``compute_dtype`` (or, when None, its
+    ``float_dtype``: the dtype of the weight before quantization, or the one the model was last cast to with
+    ``.half()`` / ``.to(dtype)``). Nothing is requantized. The merged weight is frozen
     (as peft leaves a merged base weight). Returns ``model`` (modified in place).
     """
     for name, layer in _qlora_layers(model):
-        dtype = layer.compute_dtype or layer.weight.quant_state.dtype
+        dtype = layer.compute_dtype or layer.float_dtype
         with torch.no_grad():
             W = _merged_weight(layer).to(dtype)
         lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,

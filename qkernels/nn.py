@@ -169,7 +169,8 @@ class QLoRALinear(nn.Module):
 
     Attributes (peft's names): ``lora_A``, ``lora_B``, ``lora_dropout`` (ModuleDicts by adapter name), ``r``,
     ``lora_alpha``, ``scaling``, ``use_rslora`` (dicts), ``active_adapter`` (str or None),
-    ``disable_adapters`` (bool). Only the active adapter runs.
+    ``disable_adapters`` (bool). Only the active adapter runs. ``float_dtype``: the dtype the layer's float parts
+    were last given (``dtype``, then ``.half()`` / ``.to(dtype)``); ``merge_and_unload`` produces it.
     """
 
     def __init__(
@@ -232,6 +233,9 @@ class QLoRALinear(nn.Module):
             packed, state = quantize_4bit(float_weight.detach().contiguous(), blocksize, quant_type, double_quant,
                                           quant_storage)
         self.weight = Params4bit(packed, False, state)
+        # The dtype the float parts of this layer were last given (dtype, then .half() / .to(dtype) / model.to(...)):
+        # what merge_and_unload produces when compute_dtype is None. quant_state.dtype stays the checkpoint's.
+        self.float_dtype: torch.dtype = dtype or state.dtype
         if bias:
             b = torch.empty(out_features, device=packed.device, dtype=dtype or state.dtype)
             bound = 1 / math.sqrt(in_features)  # nn.Linear's bias init
@@ -438,6 +442,9 @@ class QLoRALinear(nn.Module):
             super()._apply(fn, recurse)
         finally:
             self._parameters["weight"] = w
+        probe = fn(torch.empty(0, dtype=self.float_dtype, device=w.device))
+        if isinstance(probe, torch.Tensor) and probe.is_floating_point():
+            self.float_dtype = probe.dtype
         raw = w.data.reshape(-1).view(torch.uint8)
         moved = fn(raw)
         if not isinstance(moved, torch.Tensor):

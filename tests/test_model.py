@@ -183,6 +183,16 @@ def test_merge_and_unload_layer_within_rounding_bound():
     assert ((y - ym).abs() <= bound).all()
 
 
+def test_merge_and_unload_follows_the_models_last_dtype():
+    model = nn.Sequential(QLoRALinear(64, 32, r=2, dtype=torch.bfloat16))
+    model.half()  # the packed weight and quant_state.dtype (the checkpoint's) are untouched; the merge is fp16
+    assert model[0].weight.quant_state.dtype == torch.bfloat16 and model[0].float_dtype == torch.float16
+    merge_and_unload(model)
+    assert model[0].weight.dtype == torch.float16 and model[0].bias.dtype == torch.float16
+    compute = nn.Sequential(QLoRALinear(64, 32, r=2, compute_dtype=torch.bfloat16))
+    assert merge_and_unload(compute)[0].weight.dtype == torch.bfloat16
+
+
 def test_merge_and_unload_tiny_llama_keeps_outputs():
     model = tiny_llama()
     apply_qlora(model, LLAMA_TARGETS, r=4)
