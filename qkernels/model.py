@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .functional import dequantize_4bit, quantize_4bit
-from .nn import Params4bit, QLoRALinear
+from .nn import Params4bit, QLoRALinear, is_conv1d
 
 __all__ = [
     "apply_qlora",
@@ -54,10 +54,17 @@ def _is_target(key: str, target_modules: str | Iterable[str]) -> bool:
     return key in target_modules or any(key.endswith(f".{t}") for t in target_modules)
 
 
+def _is_linear(m: nn.Module) -> bool:
+    """What peft's "all-linear" collects and what apply_qlora can quantize: nn.Linear and transformers' Conv1D."""
+    return isinstance(m, nn.Linear) or is_conv1d(m)
+
+
 def _all_linear_names(model: nn.Module) -> set[str]:
-    """peft's "all-linear": every nn.Linear but the output embedding (``model.get_output_embeddings()``, e.g.
-    ``lm_head``) and anything inside an existing QLoRALinear (its lora_A/lora_B)."""
-    names = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QLoRALinear))}
+    """peft's "all-linear": every nn.Linear / Conv1D but the output embedding (``model.get_output_embeddings()``,
+    e.g. ``lm_head``) and anything inside an existing QLoRALinear (its lora_A/lora_B). peft only looks for the
+    output embedding on a transformers ``PreTrainedModel``; here any model with ``get_output_embeddings`` counts.
+    (peft's extra rule for ``task_type=SEQ_CLS`` heads is not applied: there is no task type here.)"""
+    names = {n for n, m in model.named_modules() if _is_linear(m) or isinstance(m, QLoRALinear)}
     get_out = getattr(model, "get_output_embeddings", None)
     out_emb = get_out() if callable(get_out) else None
     if out_emb is not None:
@@ -101,6 +108,9 @@ def apply_qlora(
 ) -> nn.Module:
     """Replace the targeted ``nn.Linear`` layers of ``model`` by ``QLoRALinear`` in place; freeze all but LoRA.
 
+    transformers' ``Conv1D`` layers (GPT-2) count as linear, as in peft, and are stored transposed to
+    ``[out, in]`` the way transformers' bitsandbytes integration stores them.
+
     Args:
         target_modules: list of names/suffixes, a regex (full match), or ``"all-linear"``: peft's semantics
             (``match_target_modules``). Every list entry must match at least one module, else ValueError
@@ -124,7 +134,7 @@ def apply_qlora(
     if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every <= 0:
         raise ValueError(f"log_every must be a positive int, got {log_every!r}")
     names = match_target_modules(model, target_modules, exclude_modules)
-    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linear_names = [n for n, m in model.named_modules() if _is_linear(m)]
     _check_each_target_matches(model, target_modules, exclude_modules, names, linear_names)
     modules = dict(model.named_modules())
     for n in names:
@@ -132,9 +142,9 @@ def apply_qlora(
         if isinstance(m, QLoRALinear):
             raise ValueError(f"module {n!r} is already a QLoRALinear; add an adapter with "
                              f"model.get_submodule({n!r}).update_layer(...)")
-        if not isinstance(m, nn.Linear):
-            raise ValueError(f"target module {n!r} is a {type(m).__name__}, not an nn.Linear; only nn.Linear layers "
-                             f"are quantized. Linear layers here: {_summarize(linear_names)}")
+        if not _is_linear(m):
+            raise ValueError(f"target module {n!r} is a {type(m).__name__}, not an nn.Linear; only nn.Linear (and "
+                             f"transformers Conv1D) layers are quantized. Linear layers here: {_summarize(linear_names)}")
     kwargs: dict[str, Any] = dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
                                   quant_type=quant_type, double_quant=double_quant, blocksize=blocksize,
                                   compute_dtype=compute_dtype, quant_storage=quant_storage,
@@ -171,11 +181,14 @@ def _check_each_target_matches(model: nn.Module, target_modules: Any, exclude_mo
             raise ValueError(f"target_modules {target_modules!r} matches no module of {type(model).__name__}. "
                              f"Linear layers: {_summarize(linear_names)}")
         return
-    for t in target_modules:
-        if not match_target_modules(model, [t], exclude_modules):
+    for t in target_modules:  # an entry whose matches are all excluded is not a typo: check before exclusion
+        if not match_target_modules(model, [t]):
             raise ValueError(f"target_modules entry {t!r} matches no module of {type(model).__name__} (an entry "
                              f"matches a module name or its last dotted parts, e.g. 'q_proj' matches "
                              f"'model.layers.0.self_attn.q_proj'). Linear layers: {_summarize(linear_names)}")
+    if not names:
+        raise ValueError(f"every module matched by target_modules {target_modules!r} is excluded by "
+                         f"exclude_modules {exclude_modules!r}; nothing to replace")
 
 
 # --------------------------------------------------------------------------------------------- counting
@@ -227,12 +240,13 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Replace each ``QLoRALinear`` by a dense ``nn.Linear`` with weight ``dequant(W) + s B A`` and its bias.
 
-    The sum is formed in float32 and rounded once to the layer's ``compute_dtype`` (or, when None, the dtype of
-    the weight before quantization, ``quant_state.dtype``). Nothing is requantized. The merged weight is frozen
+    The sum is formed in float32 and rounded once to the layer's ``compute_dtype`` (or, when None, its
+    ``float_dtype``: the dtype of the weight before quantization, or the one the model was last cast to with
+    ``.half()`` / ``.to(dtype)``). Nothing is requantized. The merged weight is frozen
     (as peft leaves a merged base weight). Returns ``model`` (modified in place).
     """
     for name, layer in _qlora_layers(model):
-        dtype = layer.compute_dtype or layer.weight.quant_state.dtype
+        dtype = layer.compute_dtype or layer.float_dtype
         with torch.no_grad():
             W = _merged_weight(layer).to(dtype)
         lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,

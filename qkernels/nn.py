@@ -25,34 +25,13 @@ import torch
 from torch import nn
 
 from .functional import dequantize_4bit, quantize_4bit
+from .lora import matmul_4bit_lora
 from .quant_state import FLOAT_DTYPES, STORAGE_DTYPES, QuantState, check_blocksize
 from .reference import lora_scaling
 
 __all__ = ["Params4bit", "QLoRALinear"]
 
 INIT_CHOICES = (True, False, "gaussian", "loftq")
-
-
-# --------------------------------------------------------------------------------------------- fused op
-def _matmul_4bit_lora_shim(x, packed, quant_state, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, *,
-                           training=True, backend=None):
-    """Temporary stand-in for ``qkernels.lora.matmul_4bit_lora`` (same signature) until it lands on main.
-
-    Calls the reference; ``lora_A``/``lora_B`` None (no LoRA) is run as a rank-0 adapter.
-    """
-    from . import reference
-
-    if lora_A is None:
-        lora_A = x.new_zeros(0, x.shape[-1])
-        lora_B = x.new_zeros(quant_state.shape[0], 0)
-    return reference.matmul_4bit_lora(x, packed, quant_state, lora_A, lora_B, scaling, bias, dropout_p,
-                                      training=training)
-
-
-try:  # the integrator's fused autograd function (qkernels/lora.py)
-    from .lora import matmul_4bit_lora as _matmul_4bit_lora
-except ImportError:  # pragma: no cover - removed once lora.py is on main
-    _matmul_4bit_lora = _matmul_4bit_lora_shim
 
 
 # --------------------------------------------------------------------------------------------- the weight
@@ -133,6 +112,11 @@ def _packed_rows(numel: int, storage: torch.dtype) -> int:
     return -(-nbytes // itemsize)
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' ``Conv1D`` (GPT-2 family: a linear layer with its weight stored ``[in, out]``)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+
+
 # --------------------------------------------------------------------------------------------- arg checks
 def _check_positive_int(v: Any, name: str, fix: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -185,7 +169,8 @@ class QLoRALinear(nn.Module):
 
     Attributes (peft's names): ``lora_A``, ``lora_B``, ``lora_dropout`` (ModuleDicts by adapter name), ``r``,
     ``lora_alpha``, ``scaling``, ``use_rslora`` (dicts), ``active_adapter`` (str or None),
-    ``disable_adapters`` (bool). Only the active adapter runs.
+    ``disable_adapters`` (bool). Only the active adapter runs. ``float_dtype``: the dtype the layer's float parts
+    were last given (``dtype``, then ``.half()`` / ``.to(dtype)``); ``merge_and_unload`` produces it.
     """
 
     def __init__(
@@ -248,6 +233,9 @@ class QLoRALinear(nn.Module):
             packed, state = quantize_4bit(float_weight.detach().contiguous(), blocksize, quant_type, double_quant,
                                           quant_storage)
         self.weight = Params4bit(packed, False, state)
+        # The dtype the float parts of this layer were last given (dtype, then .half() / .to(dtype) / model.to(...)):
+        # what merge_and_unload produces when compute_dtype is None. quant_state.dtype stays the checkpoint's.
+        self.float_dtype: torch.dtype = dtype or state.dtype
         if bias:
             b = torch.empty(out_features, device=packed.device, dtype=dtype or state.dtype)
             bound = 1 / math.sqrt(in_features)  # nn.Linear's bias init
@@ -260,22 +248,29 @@ class QLoRALinear(nn.Module):
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_linear(cls, linear: nn.Linear, **qlora_kwargs: Any) -> QLoRALinear:
+    def from_linear(cls, linear: nn.Module, **qlora_kwargs: Any) -> QLoRALinear:
         """Quantize ``linear.weight`` (no copy of it is kept) into a new layer on the linear's device; keeps bias.
 
+        ``linear``: an ``nn.Linear``, or a transformers ``Conv1D`` (GPT-2's ``y = x @ W + b`` with ``W [in, out]``),
+        whose weight is transposed to ``[out, in]`` first, as transformers' bitsandbytes integration does.
         ``qlora_kwargs`` are ``QLoRALinear``'s keyword arguments (r, lora_alpha, quant_type, ...); ``dtype``
         defaults to the linear's weight dtype. ``init_lora_weights="loftq"`` uses the float weight.
         """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        if is_conv1d(linear):
+            w = linear.weight.detach().t()
+            in_features, out_features = linear.nx, linear.nf
+        elif isinstance(linear, nn.Linear):
+            w = linear.weight.detach()
+            in_features, out_features = linear.in_features, linear.out_features
+        else:
+            raise TypeError(f"from_linear expects an nn.Linear (or transformers Conv1D), got {type(linear).__name__}")
         for k in ("device", "_float_weight", "_packed"):
             if k in qlora_kwargs:
                 raise ValueError(f"from_linear takes {k!r} from the linear; do not pass it")
-        w = linear.weight.detach()
         if w.dtype not in FLOAT_DTYPES:
             raise ValueError(f"linear.weight must be float32/float16/bfloat16 to quantize, got {w.dtype}")
         qlora_kwargs.setdefault("dtype", w.dtype)
-        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device=w.device,
+        layer = cls(in_features, out_features, bias=linear.bias is not None, device=w.device,
                     _float_weight=w, **qlora_kwargs)
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
@@ -285,8 +280,8 @@ class QLoRALinear(nn.Module):
     def from_bnb(cls, bnb_linear: nn.Module, **lora_kwargs: Any) -> QLoRALinear:
         """Wrap a bitsandbytes ``Linear4bit``'s packed weight and quant state (no requantization) with LoRA.
 
-        The packed bytes are shared-by-copy (cloned), the QuantState rebuilt through bitsandbytes' own
-        ``as_dict(packed=True)`` keys. ``lora_kwargs``: r, lora_alpha, lora_dropout, use_rslora,
+        The packed bytes and scales are copied (no storage shared with the bnb layer); the QuantState is rebuilt
+        through bitsandbytes' own ``as_dict(packed=True)`` keys. ``lora_kwargs``: r, lora_alpha, lora_dropout, use_rslora,
         init_lora_weights (not "loftq": the float weight is gone), adapter_name, compute_dtype (default: the
         bitsandbytes layer's ``compute_dtype``).
         """
@@ -306,7 +301,9 @@ class QLoRALinear(nn.Module):
             from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
 
             data, qs = _convert_weight_packed_for_cpu_inverse(data, qs)
-        state = QuantState.from_dict(qs.as_dict(packed=True), device=data.device)
+        # copies, so the two layers share no storage (bnb's QuantState tensors would otherwise be aliased)
+        bnb_dict = {k: v.detach().clone() for k, v in qs.as_dict(packed=True).items()}
+        state = QuantState.from_dict(bnb_dict, device=data.device)
         packed = data.detach().clone()
         state.validate(packed)
         lora_kwargs.setdefault("compute_dtype", getattr(bnb_linear, "compute_dtype", None))
@@ -406,8 +403,8 @@ class QLoRALinear(nn.Module):
             A, B, scaling = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
             p = getattr(self.lora_dropout[name], "p", 0.0)
         xc = x if self.compute_dtype is None else x.to(self.compute_dtype)
-        y = _matmul_4bit_lora(xc, self.weight, self.weight.quant_state, A, B, scaling, self.bias, p,
-                              training=self.training)
+        y = matmul_4bit_lora(xc, self.weight.data, self.weight.quant_state, A, B, scaling, self.bias, p,
+                             training=self.training)
         return y.to(x.dtype)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -445,6 +442,9 @@ class QLoRALinear(nn.Module):
             super()._apply(fn, recurse)
         finally:
             self._parameters["weight"] = w
+        probe = fn(torch.empty(0, dtype=self.float_dtype, device=w.device))
+        if isinstance(probe, torch.Tensor) and probe.is_floating_point():
+            self.float_dtype = probe.dtype
         raw = w.data.reshape(-1).view(torch.uint8)
         moved = fn(raw)
         if not isinstance(moved, torch.Tensor):
@@ -526,4 +526,4 @@ class QLoRALinear(nn.Module):
                     raise ValueError(f"{k!r} must be a tensor, got {type(v).__name__}")
                 if tuple(v.shape) != shape:
                     raise ValueError(f"size mismatch for {k!r}: checkpoint has {tuple(v.shape)}, this layer has "
-                                     f"{shape}" + (" (a different LoRA rank r?)" if ".lora_" in k else ""))
+                                     f"{shape}" + (" (a different LoRA rank r?)" if k[len(prefix):].startswith("lora_") else ""))
