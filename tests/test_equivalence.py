@@ -18,7 +18,8 @@ Tolerances, derived (STYLE 12): a fourth run, plain PyTorch float32 on the same 
 (``dense fp32``), measures what float32 rounding alone does to this network (LayerNorm, softmax and GELU included).
 Ours and theirs must each be within twice that of the float64 run, plus 4 ulps of the magnitude: for the last hidden
 state before training (measured: 1.5e-6 for all three), and for the relative loss gap over 5 AdamW steps (lr 1e-3,
-loss 0.092 -> 0.017; measured: ours 2.0e-7, bitsandbytes 1.8e-7 = dense fp32). Both within the bound of the float64 run means they track each other step by step to that precision.
+loss 0.092 -> 0.017; measured: ours 2.0e-7, bitsandbytes 1.8e-7 = dense fp32). Both within the bound of the float64
+run means they track each other step by step to that precision.
 """
 
 from __future__ import annotations
