@@ -80,7 +80,7 @@ def dense_block(args: argparse.Namespace, device: torch.device) -> Block:
     torch.manual_seed(0)
     block = Block(args.hidden, args.intermediate, args.heads, args.tokens, device).to(device, DTYPE)
     with torch.no_grad():
-        for name, m in block.named_modules():
+        for m in block.modules():
             if isinstance(m, nn.Linear):
                 m.weight.normal_(0.0, 0.02)  # a trained LLM's scale; nn.Linear's default init is wider
     block.requires_grad_(False)
