@@ -144,7 +144,8 @@ def apply_qlora(
                              f"model.get_submodule({n!r}).update_layer(...)")
         if not _is_linear(m):
             raise ValueError(f"target module {n!r} is a {type(m).__name__}, not an nn.Linear; only nn.Linear (and "
-                             f"transformers Conv1D) layers are quantized. Linear layers here: {_summarize(linear_names)}")
+                             "transformers Conv1D) layers are quantized. Linear layers here: "
+                             f"{_summarize(linear_names)}")
     kwargs: dict[str, Any] = dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
                                   quant_type=quant_type, double_quant=double_quant, blocksize=blocksize,
                                   compute_dtype=compute_dtype, quant_storage=quant_storage,

@@ -281,8 +281,8 @@ class QLoRALinear(nn.Module):
         """Wrap a bitsandbytes ``Linear4bit``'s packed weight and quant state (no requantization) with LoRA.
 
         The packed bytes and scales are copied (no storage shared with the bnb layer); the QuantState is rebuilt
-        through bitsandbytes' own ``as_dict(packed=True)`` keys. ``lora_kwargs``: r, lora_alpha, lora_dropout, use_rslora,
-        init_lora_weights (not "loftq": the float weight is gone), adapter_name, compute_dtype (default: the
+        through bitsandbytes' own ``as_dict(packed=True)`` keys. ``lora_kwargs``: r, lora_alpha, lora_dropout,
+        use_rslora, init_lora_weights (not "loftq": the float weight is gone), adapter_name, compute_dtype (default: the
         bitsandbytes layer's ``compute_dtype``).
         """
         weight = getattr(bnb_linear, "weight", None)
@@ -525,5 +525,6 @@ class QLoRALinear(nn.Module):
                 if not isinstance(v, torch.Tensor):
                     raise ValueError(f"{k!r} must be a tensor, got {type(v).__name__}")
                 if tuple(v.shape) != shape:
+                    hint = " (a different LoRA rank r?)" if k[len(prefix):].startswith("lora_") else ""
                     raise ValueError(f"size mismatch for {k!r}: checkpoint has {tuple(v.shape)}, this layer has "
-                                     f"{shape}" + (" (a different LoRA rank r?)" if k[len(prefix):].startswith("lora_") else ""))
+                                     f"{shape}{hint}")

@@ -229,7 +229,8 @@ def test_deepcopy_and_pickle_keep_the_format():
     layer = QLoRALinear(64, 32, r=2, quant_storage=torch.bfloat16)
     x = torch.randn(2, 64)
     twin = copy.deepcopy(layer)
-    assert twin.weight.quant_state is not layer.weight.quant_state and twin.weight.quant_state == layer.weight.quant_state
+    assert twin.weight.quant_state is not layer.weight.quant_state
+    assert twin.weight.quant_state == layer.weight.quant_state
     buf = io.BytesIO()
     torch.save(layer, buf)
     buf.seek(0)
@@ -266,7 +267,8 @@ def test_state_dict_keys_and_tensors_equal_bitsandbytes(quant_type, double_quant
     assert list(sd) == list(theirs) + lora_keys, "bitsandbytes' keys, in its order, then peft's LoRA keys"
     for k, v in theirs.items():
         assert sd[k].dtype == v.dtype and sd[k].shape == v.shape, k
-    assert torch.equal(sd["weight"], theirs["weight"]) and torch.equal(sd["weight.quant_map"], theirs["weight.quant_map"])
+    assert torch.equal(sd["weight"], theirs["weight"])
+    assert torch.equal(sd["weight.quant_map"], theirs["weight.quant_map"])
     if not double_quant:  # nested codes: bitsandbytes' CPU path is approximate (DESIGN §5), so only without nesting
         assert torch.equal(sd["weight.absmax"], theirs["weight.absmax"])
 
@@ -325,7 +327,7 @@ def test_state_dict_round_trip_is_bit_exact(storage):
     _randomize_lora(src)
     dst = QLoRALinear(100, 30, r=3)
     assert not dst.load_state_dict(src.state_dict()).missing_keys
-    for (k, a), (k2, b) in zip(src.state_dict().items(), dst.state_dict().items()):
+    for (k, a), (k2, b) in zip(src.state_dict().items(), dst.state_dict().items(), strict=True):
         # bytes, not values: a bf16 view of packed codes can hold NaN patterns (NaN != NaN)
         assert k == k2 and a.dtype == b.dtype and a.shape == b.shape, k
         assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)), k
