@@ -153,6 +153,20 @@ def test_progress_is_logged(caplog):
     assert [ln.split(" layers")[0] for ln in lines] == ["apply_qlora: 5/14", "apply_qlora: 10/14", "apply_qlora: 14/14"]
 
 
+def test_model_state_dict_round_trips_through_safetensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = apply_qlora(tiny_llama(0), LLAMA_TARGETS, r=4)
+    _randomize_lora(model)
+    save_file(model.state_dict(), tmp_path / "model.safetensors")
+    other = apply_qlora(tiny_llama(1), LLAMA_TARGETS, r=4)  # different weights everywhere
+    result = other.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    ids = torch.randint(3, 96, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, other(ids).logits)
+
+
 # ---------------------------------------------------------------------------------------------- merging
 def _randomize_lora(model: nn.Module, seed: int = 3) -> None:
     g = torch.Generator().manual_seed(seed)
