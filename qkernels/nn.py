@@ -312,7 +312,7 @@ class QLoRALinear(nn.Module):
                     double_quant=state.nested, blocksize=state.blocksize, quant_storage=packed.dtype,
                     device=packed.device, dtype=state.dtype, _packed=(packed, state), **lora_kwargs)
         if bnb_linear.bias is not None:
-            layer.bias = nn.Parameter(bnb_linear.bias.detach().clone(), requires_grad=False)
+            layer.bias = nn.Parameter(bnb_linear.bias.detach().clone(), requires_grad=bnb_linear.bias.requires_grad)
         return layer
 
     # ------------------------------------------------------------------ adapters (peft's API)

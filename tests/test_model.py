@@ -145,12 +145,15 @@ def test_bad_targets_raise_listing_the_linear_layers():
         apply_qlora(model, ["q_proj"])
 
 
-def test_progress_is_logged(caplog):
+def test_progress_is_logged_and_printed_for_large_models(caplog, capsys):
     model = tiny_llama()
     with caplog.at_level(logging.INFO, logger="qkernels"):
-        apply_qlora(model, LLAMA_TARGETS, log_every=5)
+        apply_qlora(model, LLAMA_TARGETS, log_every=5)  # 14 layers >= 2 * 5: a "large" model, printed too
     lines = [r.getMessage() for r in caplog.records if r.name == "qkernels"]
     assert [ln.split(" layers")[0] for ln in lines] == ["apply_qlora: 5/14", "apply_qlora: 10/14", "apply_qlora: 14/14"]
+    assert capsys.readouterr().err.splitlines() == lines
+    apply_qlora(tiny_llama(), LLAMA_TARGETS)  # 14 < 2 * 50: quiet
+    assert capsys.readouterr().err == ""
 
 
 def test_model_state_dict_round_trips_through_safetensors(tmp_path):

@@ -468,3 +468,19 @@ def test_loftq_alternating_variant_changes_q_and_is_never_worse():
         assert not torch.equal(alt.packed, p0), "the alternating variant stores a different 4-bit weight"
     with pytest.raises(ValueError, match="num_iter"):
         loftq_init(W, 8, 2.0, num_iter=0)
+
+
+def test_loftq_randomized_svd_for_large_layers_still_gains(monkeypatch):
+    """Above EXACT_SVD_MAX_DIM a randomized SVD is used: never better than Eckart-Young's optimum, still a gain."""
+    import qkernels.loftq as lq
+
+    monkeypatch.setattr(lq, "EXACT_SVD_MAX_DIM", 64)
+    torch.manual_seed(0)
+    W = torch.randn(128, 256) * 0.02 + 0.01 * torch.randn(128, 4) @ torch.randn(4, 256)
+    res = loftq_init(W, 8, 2.0)
+    deq = qkernels.dequantize_4bit(res.packed, res.quant_state, torch.float32).double()
+    R = W.double() - deq
+    S = torch.linalg.svdvals(R)
+    optimum = math.sqrt(float((S[8:] ** 2).sum() / (S**2).sum()))
+    measured = float(torch.linalg.norm(R - 2.0 * res.lora_B.double() @ res.lora_A.double()) / torch.linalg.norm(R))
+    assert optimum - 1e-5 <= measured < 1.0
