@@ -226,7 +226,7 @@ class QLoRALinear(nn.Module):
             if _float_weight is None:  # nn.Linear's initialization, then quantize
                 _float_weight = torch.empty(out_features, in_features, device=device, dtype=dtype or torch.float32)
                 nn.init.kaiming_uniform_(_float_weight, a=math.sqrt(5))
-            float_weight = _float_weight
+            float_weight = _float_weight if dtype is None else _float_weight.to(dtype)
             if tuple(float_weight.shape) != (out_features, in_features):
                 raise ValueError(f"weight has shape {tuple(float_weight.shape)}, expected ({out_features}, "
                                  f"{in_features}) = (out_features, in_features)")
@@ -254,7 +254,8 @@ class QLoRALinear(nn.Module):
         ``linear``: an ``nn.Linear``, or a transformers ``Conv1D`` (GPT-2's ``y = x @ W + b`` with ``W [in, out]``),
         whose weight is transposed to ``[out, in]`` first, as transformers' bitsandbytes integration does.
         ``qlora_kwargs`` are ``QLoRALinear``'s keyword arguments (r, lora_alpha, quant_type, ...); ``dtype``
-        defaults to the linear's weight dtype. ``init_lora_weights="loftq"`` uses the float weight.
+        (default: the linear's weight dtype) is what the weight is cast to before quantization (``quant_state.dtype``)
+        and the bias dtype. ``init_lora_weights="loftq"`` uses the float weight.
         """
         if is_conv1d(linear):
             w = linear.weight.detach().t()
@@ -273,7 +274,8 @@ class QLoRALinear(nn.Module):
         layer = cls(in_features, out_features, bias=linear.bias is not None, device=w.device,
                     _float_weight=w, **qlora_kwargs)
         if linear.bias is not None:
-            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+            bias = linear.bias.detach().to(qlora_kwargs["dtype"], copy=True)
+            layer.bias = nn.Parameter(bias, requires_grad=linear.bias.requires_grad)
         return layer
 
     @classmethod

@@ -416,6 +416,17 @@ def test_bad_arguments_raise_value_error_naming_the_argument(kwargs, match):
         QLoRALinear(64, 32, **kwargs)
 
 
+def test_from_linear_dtype_is_the_quantized_and_bias_dtype():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    layer = QLoRALinear.from_linear(lin, dtype=torch.bfloat16)
+    assert layer.weight.quant_state.dtype == torch.bfloat16 and layer.bias.dtype == torch.bfloat16
+    assert torch.equal(layer.weight.data, qkernels.quantize_4bit(lin.weight.detach().bfloat16())[0])
+    same = QLoRALinear.from_linear(lin)
+    assert same.weight.quant_state.dtype == torch.float32 and torch.equal(same.bias, lin.bias)
+    assert same.bias.data_ptr() != lin.bias.data_ptr()
+
+
 def test_bad_adapter_and_loftq_use_raise():
     layer = QLoRALinear(64, 32)
     with pytest.raises(ValueError, match="r must be a positive int"):
