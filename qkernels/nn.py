@@ -338,6 +338,10 @@ class QLoRALinear(nn.Module):
             if original_weight is None:
                 raise ValueError("init_lora_weights='loftq' needs the original float weight: build the layer with "
                                  "QLoRALinear.from_linear(linear, init_lora_weights='loftq') or apply_qlora(...)")
+            others = [n for n in self.lora_A if n != adapter_name]
+            if loftq_iter != 1 and others:
+                raise ValueError(f"loftq_iter={loftq_iter} replaces the 4-bit weight, which adapters {others} were "
+                                 "trained against; use loftq_iter=1 (keeps the weight) or a fresh layer")
             from .loftq import loftq_init
 
             st = self.weight.quant_state

@@ -433,6 +433,10 @@ def test_bad_adapter_and_loftq_use_raise():
         layer.update_layer("x", 0, 16, 0.0, True, False)
     with pytest.raises(ValueError, match="loftq.*needs the original float weight"):
         layer.update_layer("x", 4, 16, 0.0, "loftq", False)
+    loft = QLoRALinear(64, 32, init_lora_weights="loftq", loftq_iter=3)
+    assert loft.r == {"default": 8}
+    with pytest.raises(ValueError, match="replaces the 4-bit weight"):
+        loft.update_layer("x", 4, 16, 0.0, "loftq", False, original_weight=torch.randn(32, 64), loftq_iter=2)
     with pytest.raises(ValueError, match="in_features must be a positive int"):
         QLoRALinear(0, 32)
     with pytest.raises(TypeError, match="nn.Linear"):
