@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import time
 import warnings
 from collections.abc import Iterable
@@ -105,6 +106,7 @@ def apply_qlora(
     loftq_iter: int = 1,
     adapter_name: str = "default",
     log_every: int = 50,
+    verbose: bool | None = None,
 ) -> nn.Module:
     """Replace the targeted ``nn.Linear`` layers of ``model`` by ``QLoRALinear`` in place; freeze all but LoRA.
 
@@ -117,7 +119,10 @@ def apply_qlora(
             listing the Linear layers that exist. A matched module that is not an ``nn.Linear`` is an error.
         exclude_modules: peft's ``exclude_modules`` (list of names/suffixes, or a regex).
         r ... adapter_name: passed to ``QLoRALinear.from_linear`` for each layer.
-        log_every: log ``"apply_qlora: i/n layers"`` (logger ``qkernels``, INFO) every this many layers.
+        log_every: report ``"apply_qlora: i/n layers quantized (t s)"`` every this many layers, always to the
+            ``qkernels`` logger (INFO).
+        verbose: also print those lines to stderr. None (default): print only for large models, i.e. when at least
+            ``2 * log_every`` layers are replaced (a 7B Llama with all-linear: 224 layers, 5 lines).
 
     Returns ``model`` (modified in place). Layers are quantized one at a time on their own device, so peak memory
     is one float layer above the quantized model.
@@ -144,19 +149,24 @@ def apply_qlora(
                              f"model.get_submodule({n!r}).update_layer(...)")
         if not _is_linear(m):
             raise ValueError(f"target module {n!r} is a {type(m).__name__}, not an nn.Linear; only nn.Linear (and "
-                             f"transformers Conv1D) layers are quantized. Linear layers here: {_summarize(linear_names)}")
+                             "transformers Conv1D) layers are quantized. Linear layers here: "
+                             f"{_summarize(linear_names)}")
     kwargs: dict[str, Any] = dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
                                   quant_type=quant_type, double_quant=double_quant, blocksize=blocksize,
                                   compute_dtype=compute_dtype, quant_storage=quant_storage,
                                   init_lora_weights=init_lora_weights, loftq_iter=loftq_iter,
                                   adapter_name=adapter_name)
+    show = verbose if verbose is not None else len(names) >= 2 * log_every
     t0 = time.perf_counter()
     for i, n in enumerate(names, 1):
         parent_name, _, child = n.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, QLoRALinear.from_linear(modules[n], **kwargs))
         if i % log_every == 0 or i == len(names):
-            logger.info("apply_qlora: %d/%d layers quantized (%.1f s)", i, len(names), time.perf_counter() - t0)
+            line = f"apply_qlora: {i}/{len(names)} layers quantized ({time.perf_counter() - t0:.1f} s)"
+            logger.info(line)
+            if show:
+                print(line, file=sys.stderr, flush=True)
     for pname, p in model.named_parameters():
         # LoRA weights keep the flag set_adapter gave them (active: trainable); everything else is frozen
         p.requires_grad_(p.requires_grad and _is_lora_param(pname))

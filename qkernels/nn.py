@@ -226,7 +226,7 @@ class QLoRALinear(nn.Module):
             if _float_weight is None:  # nn.Linear's initialization, then quantize
                 _float_weight = torch.empty(out_features, in_features, device=device, dtype=dtype or torch.float32)
                 nn.init.kaiming_uniform_(_float_weight, a=math.sqrt(5))
-            float_weight = _float_weight
+            float_weight = _float_weight if dtype is None else _float_weight.to(dtype)
             if tuple(float_weight.shape) != (out_features, in_features):
                 raise ValueError(f"weight has shape {tuple(float_weight.shape)}, expected ({out_features}, "
                                  f"{in_features}) = (out_features, in_features)")
@@ -254,7 +254,8 @@ class QLoRALinear(nn.Module):
         ``linear``: an ``nn.Linear``, or a transformers ``Conv1D`` (GPT-2's ``y = x @ W + b`` with ``W [in, out]``),
         whose weight is transposed to ``[out, in]`` first, as transformers' bitsandbytes integration does.
         ``qlora_kwargs`` are ``QLoRALinear``'s keyword arguments (r, lora_alpha, quant_type, ...); ``dtype``
-        defaults to the linear's weight dtype. ``init_lora_weights="loftq"`` uses the float weight.
+        (default: the linear's weight dtype) is what the weight is cast to before quantization (``quant_state.dtype``)
+        and the bias dtype. ``init_lora_weights="loftq"`` uses the float weight.
         """
         if is_conv1d(linear):
             w = linear.weight.detach().t()
@@ -273,7 +274,8 @@ class QLoRALinear(nn.Module):
         layer = cls(in_features, out_features, bias=linear.bias is not None, device=w.device,
                     _float_weight=w, **qlora_kwargs)
         if linear.bias is not None:
-            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+            bias = linear.bias.detach().to(qlora_kwargs["dtype"], copy=True)
+            layer.bias = nn.Parameter(bias, requires_grad=linear.bias.requires_grad)
         return layer
 
     @classmethod
@@ -281,8 +283,8 @@ class QLoRALinear(nn.Module):
         """Wrap a bitsandbytes ``Linear4bit``'s packed weight and quant state (no requantization) with LoRA.
 
         The packed bytes and scales are copied (no storage shared with the bnb layer); the QuantState is rebuilt
-        through bitsandbytes' own ``as_dict(packed=True)`` keys. ``lora_kwargs``: r, lora_alpha, lora_dropout, use_rslora,
-        init_lora_weights (not "loftq": the float weight is gone), adapter_name, compute_dtype (default: the
+        through bitsandbytes' own ``as_dict(packed=True)`` keys. ``lora_kwargs``: r, lora_alpha, lora_dropout,
+        use_rslora, init_lora_weights (not "loftq": the float weight is gone), adapter_name, compute_dtype (default: the
         bitsandbytes layer's ``compute_dtype``).
         """
         weight = getattr(bnb_linear, "weight", None)
@@ -312,7 +314,7 @@ class QLoRALinear(nn.Module):
                     double_quant=state.nested, blocksize=state.blocksize, quant_storage=packed.dtype,
                     device=packed.device, dtype=state.dtype, _packed=(packed, state), **lora_kwargs)
         if bnb_linear.bias is not None:
-            layer.bias = nn.Parameter(bnb_linear.bias.detach().clone(), requires_grad=False)
+            layer.bias = nn.Parameter(bnb_linear.bias.detach().clone(), requires_grad=bnb_linear.bias.requires_grad)
         return layer
 
     # ------------------------------------------------------------------ adapters (peft's API)
@@ -336,6 +338,10 @@ class QLoRALinear(nn.Module):
             if original_weight is None:
                 raise ValueError("init_lora_weights='loftq' needs the original float weight: build the layer with "
                                  "QLoRALinear.from_linear(linear, init_lora_weights='loftq') or apply_qlora(...)")
+            others = [n for n in self.lora_A if n != adapter_name]
+            if loftq_iter != 1 and others:
+                raise ValueError(f"loftq_iter={loftq_iter} replaces the 4-bit weight, which adapters {others} were "
+                                 "trained against; use loftq_iter=1 (keeps the weight) or a fresh layer")
             from .loftq import loftq_init
 
             st = self.weight.quant_state
@@ -525,5 +531,6 @@ class QLoRALinear(nn.Module):
                 if not isinstance(v, torch.Tensor):
                     raise ValueError(f"{k!r} must be a tensor, got {type(v).__name__}")
                 if tuple(v.shape) != shape:
+                    hint = " (a different LoRA rank r?)" if k[len(prefix):].startswith("lora_") else ""
                     raise ValueError(f"size mismatch for {k!r}: checkpoint has {tuple(v.shape)}, this layer has "
-                                     f"{shape}" + (" (a different LoRA rank r?)" if k[len(prefix):].startswith("lora_") else ""))
+                                     f"{shape}{hint}")

@@ -145,12 +145,29 @@ def test_bad_targets_raise_listing_the_linear_layers():
         apply_qlora(model, ["q_proj"])
 
 
-def test_progress_is_logged(caplog):
+def test_progress_is_logged_and_printed_for_large_models(caplog, capsys):
     model = tiny_llama()
     with caplog.at_level(logging.INFO, logger="qkernels"):
-        apply_qlora(model, LLAMA_TARGETS, log_every=5)
+        apply_qlora(model, LLAMA_TARGETS, log_every=5)  # 14 layers >= 2 * 5: a "large" model, printed too
     lines = [r.getMessage() for r in caplog.records if r.name == "qkernels"]
     assert [ln.split(" layers")[0] for ln in lines] == ["apply_qlora: 5/14", "apply_qlora: 10/14", "apply_qlora: 14/14"]
+    assert capsys.readouterr().err.splitlines() == lines
+    apply_qlora(tiny_llama(), LLAMA_TARGETS)  # 14 < 2 * 50: quiet
+    assert capsys.readouterr().err == ""
+
+
+def test_model_state_dict_round_trips_through_safetensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = apply_qlora(tiny_llama(0), LLAMA_TARGETS, r=4)
+    _randomize_lora(model)
+    save_file(model.state_dict(), tmp_path / "model.safetensors")
+    other = apply_qlora(tiny_llama(1), LLAMA_TARGETS, r=4)  # different weights everywhere
+    result = other.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    ids = torch.randint(3, 96, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, other(ids).logits)
 
 
 # ---------------------------------------------------------------------------------------------- merging
@@ -280,13 +297,17 @@ def test_training_lowers_the_loss_and_generate_works():
 
 
 def test_gradient_checkpointing_gives_the_same_lora_gradients():
-    model = apply_qlora(tiny_llama(), LLAMA_TARGETS, r=4)
+    """With LoRA dropout on: checkpointing restores the RNG state for the recomputation, so the fused op draws the
+    same masks and the gradients match the ones without checkpointing."""
+    model = apply_qlora(tiny_llama(), LLAMA_TARGETS, r=4, lora_dropout=0.1)
     _randomize_lora(model)
     model.train()
     ids = torch.randint(3, 96, (2, 10))
+    torch.manual_seed(5)
     plain = _lora_grads(model, ids)
     model.gradient_checkpointing_enable()
     assert model.model.layers[0].gradient_checkpointing
+    torch.manual_seed(5)
     ckpt = _lora_grads(model, ids)
     assert plain.keys() == ckpt.keys() and len(plain) == 2 * 2 * 7
     for n in plain:

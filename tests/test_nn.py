@@ -229,7 +229,8 @@ def test_deepcopy_and_pickle_keep_the_format():
     layer = QLoRALinear(64, 32, r=2, quant_storage=torch.bfloat16)
     x = torch.randn(2, 64)
     twin = copy.deepcopy(layer)
-    assert twin.weight.quant_state is not layer.weight.quant_state and twin.weight.quant_state == layer.weight.quant_state
+    assert twin.weight.quant_state is not layer.weight.quant_state
+    assert twin.weight.quant_state == layer.weight.quant_state
     buf = io.BytesIO()
     torch.save(layer, buf)
     buf.seek(0)
@@ -266,7 +267,8 @@ def test_state_dict_keys_and_tensors_equal_bitsandbytes(quant_type, double_quant
     assert list(sd) == list(theirs) + lora_keys, "bitsandbytes' keys, in its order, then peft's LoRA keys"
     for k, v in theirs.items():
         assert sd[k].dtype == v.dtype and sd[k].shape == v.shape, k
-    assert torch.equal(sd["weight"], theirs["weight"]) and torch.equal(sd["weight.quant_map"], theirs["weight.quant_map"])
+    assert torch.equal(sd["weight"], theirs["weight"])
+    assert torch.equal(sd["weight.quant_map"], theirs["weight.quant_map"])
     if not double_quant:  # nested codes: bitsandbytes' CPU path is approximate (DESIGN §5), so only without nesting
         assert torch.equal(sd["weight.absmax"], theirs["weight.absmax"])
 
@@ -325,7 +327,7 @@ def test_state_dict_round_trip_is_bit_exact(storage):
     _randomize_lora(src)
     dst = QLoRALinear(100, 30, r=3)
     assert not dst.load_state_dict(src.state_dict()).missing_keys
-    for (k, a), (k2, b) in zip(src.state_dict().items(), dst.state_dict().items()):
+    for (k, a), (k2, b) in zip(src.state_dict().items(), dst.state_dict().items(), strict=True):
         # bytes, not values: a bf16 view of packed codes can hold NaN patterns (NaN != NaN)
         assert k == k2 and a.dtype == b.dtype and a.shape == b.shape, k
         assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)), k
@@ -414,12 +416,27 @@ def test_bad_arguments_raise_value_error_naming_the_argument(kwargs, match):
         QLoRALinear(64, 32, **kwargs)
 
 
+def test_from_linear_dtype_is_the_quantized_and_bias_dtype():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    layer = QLoRALinear.from_linear(lin, dtype=torch.bfloat16)
+    assert layer.weight.quant_state.dtype == torch.bfloat16 and layer.bias.dtype == torch.bfloat16
+    assert torch.equal(layer.weight.data, qkernels.quantize_4bit(lin.weight.detach().bfloat16())[0])
+    same = QLoRALinear.from_linear(lin)
+    assert same.weight.quant_state.dtype == torch.float32 and torch.equal(same.bias, lin.bias)
+    assert same.bias.data_ptr() != lin.bias.data_ptr()
+
+
 def test_bad_adapter_and_loftq_use_raise():
     layer = QLoRALinear(64, 32)
     with pytest.raises(ValueError, match="r must be a positive int"):
         layer.update_layer("x", 0, 16, 0.0, True, False)
     with pytest.raises(ValueError, match="loftq.*needs the original float weight"):
         layer.update_layer("x", 4, 16, 0.0, "loftq", False)
+    loft = QLoRALinear(64, 32, init_lora_weights="loftq", loftq_iter=3)
+    assert loft.r == {"default": 8}
+    with pytest.raises(ValueError, match="replaces the 4-bit weight"):
+        loft.update_layer("x", 4, 16, 0.0, "loftq", False, original_weight=torch.randn(32, 64), loftq_iter=2)
     with pytest.raises(ValueError, match="in_features must be a positive int"):
         QLoRALinear(0, 32)
     with pytest.raises(TypeError, match="nn.Linear"):
@@ -466,3 +483,19 @@ def test_loftq_alternating_variant_changes_q_and_is_never_worse():
         assert not torch.equal(alt.packed, p0), "the alternating variant stores a different 4-bit weight"
     with pytest.raises(ValueError, match="num_iter"):
         loftq_init(W, 8, 2.0, num_iter=0)
+
+
+def test_loftq_randomized_svd_for_large_layers_still_gains(monkeypatch):
+    """Above EXACT_SVD_MAX_DIM a randomized SVD is used: never better than Eckart-Young's optimum, still a gain."""
+    import qkernels.loftq as lq
+
+    monkeypatch.setattr(lq, "EXACT_SVD_MAX_DIM", 64)
+    torch.manual_seed(0)
+    W = torch.randn(128, 256) * 0.02 + 0.01 * torch.randn(128, 4) @ torch.randn(4, 256)
+    res = loftq_init(W, 8, 2.0)
+    deq = qkernels.dequantize_4bit(res.packed, res.quant_state, torch.float32).double()
+    R = W.double() - deq
+    S = torch.linalg.svdvals(R)
+    optimum = math.sqrt(float((S[8:] ** 2).sum() / (S**2).sum()))
+    measured = float(torch.linalg.norm(R - 2.0 * res.lora_B.double() @ res.lora_A.double()) / torch.linalg.norm(R))
+    assert optimum - 1e-5 <= measured < 1.0
