@@ -80,11 +80,19 @@ def gemv_cuda(x, packed, qs, t=None, B=None, bias=None, out=None):
     return out
 
 
-def _gemv_check(x, packed, qs, t, B, bias, out):
+def _weight64(packed, qs) -> torch.Tensor:
+    """The float32 weights of the reference dequantization, widened to float64: [N, K]."""
+    N, K = qs.shape
+    return reference.dequantize_4bit(packed, _decoded_scales(qs), qs.code, qs.blocksize, N * K,
+                                     torch.float64).view(N, K)
+
+
+def _gemv_check(x, packed, qs, t, B, bias, out, W64=None):
     """Assert |out - fp64| <= 2 * |torch_same_dtype - fp64| + ulp(dtype) * max|y| (see the module docstring)."""
     N, K = qs.shape
-    W64 = reference.dequantize_4bit(packed, _decoded_scales(qs), qs.code, qs.blocksize, N * K, torch.float64)
-    y64 = x.double() @ W64.view(N, K).t()
+    if W64 is None:
+        W64 = _weight64(packed, qs)
+    y64 = x.double() @ W64.t()
     dt = x.dtype
     Wd = W64.to(torch.float32).to(dt).view(N, K)  # W64 holds the float32 weights exactly
     y_t = x @ Wd.t()
@@ -117,13 +125,14 @@ def test_gemv_vs_fp64(M, N, K, blocksize, dtype):
     x = torch.randn(M, K, generator=g).to(dtype).cuda()
     for nested, qt in itertools.product((False, True), ("nf4", "fp4")):
         packed, qs = _quantize_cpu(W, blocksize, qt, nested)
+        W64 = _weight64(packed, qs)
         for r, with_bias in itertools.product((0, 1, 8), (False, True)):
             t = (torch.randn(M, r, generator=g) * 0.5).cuda() if r else None
             B = torch.randn(N, r, generator=g).cuda() if r else None
             bias = torch.randn(N, generator=g).cuda() if with_bias else None
             out = gemv_cuda(x, packed, qs, t, B, bias)
             torch.cuda.synchronize()
-            _gemv_check(x, packed, qs, t, B, bias, out)
+            _gemv_check(x, packed, qs, t, B, bias, out, W64)
 
 
 @pytest.mark.cuda
@@ -158,6 +167,7 @@ def test_gemv_side_stream_and_large_m():
     packed, qs = _quantize_cpu(torch.randn(N, K, generator=g), 64, "nf4", True)
     x = torch.randn(100, K, generator=g).to(torch.bfloat16).cuda()
     s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())  # the inputs were written on the default stream
     with torch.cuda.stream(s):
         out = gemv_cuda(x, packed, qs)
     s.synchronize()
@@ -178,8 +188,7 @@ def test_gemv_vs_bitsandbytes():
     out = gemv_cuda(x, packed, qs)
     torch.cuda.synchronize()
     _gemv_check(x, packed, qs, None, None, None, out)
-    W64 = reference.dequantize_4bit(packed, _decoded_scales(qs), qs.code, 64, N * K, torch.float64).view(N, K)
-    y64 = x.double() @ W64.t()
+    y64 = x.double() @ _weight64(packed, qs).t()
     err, err_bnb = (out.double() - y64).abs().max().item(), (y_bnb.double() - y64).abs().max().item()
     assert err <= 2 * err_bnb + torch.finfo(torch.bfloat16).eps * y64.abs().max().item()
 

@@ -5,17 +5,20 @@
 // through the read-only cache, and each loaded x value is reused for ROWS output rows held by the same lane.
 //
 // Two kernels, picked on the host:
-// - fast    (K % blocksize == 0, K % 32 == 0, packed and x 16-byte aligned): one warp owns ROWS consecutive rows;
-//           lane l handles the 32-element chunks c = l, l+32, ... of each row.  A chunk is one uint4 of packed
-//           bytes (row n's packed bytes start at n*K/2, a multiple of 16) and lies inside one quantization block
-//           (blocksize is a power of two >= 32 and the chunk starts at a multiple of 32 of the flat index), so it
-//           needs one scale.  The warp reduces its per-lane partial sums with shuffles; lane m writes y[m, n].
+// - fast    (K % 32 == 0, packed and x 16-byte aligned): one warp owns ROWS consecutive rows; lane l handles the
+//           32-element chunks c = l, l+32, ... of each row.  A chunk is one uint4 of packed bytes (row n's packed
+//           bytes start at n*K/2, a multiple of 16) and lies inside one quantization block (blocksize is a power of
+//           two >= 32 and the chunk starts at a multiple of 32 of the flat index; blocks may still straddle rows),
+//           so it needs one scale, applied to the chunk's partial sums.  Codes are looked up in a 16-float shared
+//           table (16 distinct words in 16 banks: conflict-free).  The warp reduces its per-lane sums with
+//           shuffles; lane m writes y[m, n].
 // - general (anything else: blocks straddling rows, odd K, unaligned storage): one warp per row, lane l handles
 //           k = l, l+32, ...; each element decodes its own byte, nibble and block from the flat index n*K + k.
 // Both tile M by MT (grid.y = ceil(M / MT)), so any M is correct; M <= 16 is one pass over the weight.
 //
-// Numerics: W[n, k] = __fmul_rn(code[nibble], scale) is the reference's float32 weight exactly; the dot product and
-// the LoRA term accumulate in float32 with FMAs (not bit-exact vs any other path: tests use a float64 oracle).
+// Numerics: float32 throughout, one rounding to the output dtype.  The general kernel multiplies the reference's
+// float32 weight __fmul_rn(code[nibble], scale); the fast kernel sums x * code per 32-element chunk and multiplies by
+// the scale once.  Both accumulate with FMAs: not bit-exact vs any other path (tests use a float64 oracle).
 #include "device_utils.cuh"
 #include "gemv.h"
 
@@ -69,6 +72,11 @@ __device__ __forceinline__ float load1(const __nv_bfloat16* p) {
   return bf16_bits_to_float(__ldg(reinterpret_cast<const unsigned short*>(p)));
 }
 
+// s_code[off / 4] for a byte offset `off` (a multiple of 4 below 64): one shared load at register + immediate.
+__device__ __forceinline__ float code_at(const float* s_code, uint32_t off) {
+  return *reinterpret_cast<const float*>(reinterpret_cast<const unsigned char*>(s_code) + off);
+}
+
 // Warp-reduce the MT partial sums of row n (all 32 lanes must call this); lane m adds the LoRA term and the bias to
 // y[m0 + m, n] and writes it, rounded once to T.
 template <typename T, int MT>
@@ -115,45 +123,64 @@ __global__ void __launch_bounds__(kThreads) gemv_fast_kernel(const GemvArgs<T> a
 #pragma unroll
     for (int m = 0; m < MT; ++m) acc[r][m] = 0.0f;
 
+  // Per-row base pointer / flat index, hoisted out of the loop.  Rows past N (only in the last warp) alias row0:
+  // they load valid memory, are computed branch-free and are never written.
+  const uint4* wrow[ROWS];
+  int64_t fbase[ROWS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    const int64_t row = row0 + (r < nrows ? r : 0);
+    wrow[r] = wq + row * cpr;
+    fbase[r] = row * a.K;
+  }
+
   for (int64_t c = lane; c < cpr; c += 32) {
     uint4 q[ROWS];
     float sc[ROWS];
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
-      if (r < nrows) {
-        const int64_t row = row0 + r;
-        q[r] = __ldg(wq + row * cpr + c);
-        sc[r] = scale_of(a.scales, (row * a.K + (c << 5)) >> a.bs_shift, s_ncode);
-      } else {  // past the last row: decodes to zeros, never written
-        q[r] = make_uint4(0u, 0u, 0u, 0u);
-        sc[r] = 0.0f;
-      }
+      q[r] = __ldg(wrow[r] + c);
+      sc[r] = scale_of(a.scales, (fbase[r] + (c << 5)) >> a.bs_shift, s_ncode);
     }
+    // Partial sums of x * code over this chunk; its one scale is applied once per chunk, not once per weight (the
+    // result differs from x * float32(code * scale) only by float32 rounding: ~1 multiply fewer per weight).
+    float part[ROWS][MT];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+      for (int m = 0; m < MT; ++m) part[r][m] = 0.0f;
 #pragma unroll
     for (int sub = 0; sub < 4; ++sub) {  // 8 elements (one 32-bit word of each row's uint4) at a time
       float w[ROWS][8];
 #pragma unroll
       for (int r = 0; r < ROWS; ++r) {
         const uint32_t word = sub == 0 ? q[r].x : sub == 1 ? q[r].y : sub == 2 ? q[r].z : q[r].w;
+        // Byte j of hi4 / lo4 = 4 * (high / low nibble of packed byte 4*sub + j) = its byte offset into s_code;
+        // the masks drop the bits shifted in from the neighbouring byte.
+        const uint32_t hi4 = (word >> 2) & 0x3c3c3c3cu;
+        const uint32_t lo4 = (word << 2) & 0x3c3c3c3cu;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {  // byte j of the word = packed byte 4*sub + j of the chunk
-          const uint32_t byte = (word >> (8 * j)) & 0xffu;
-          w[r][2 * j] = __fmul_rn(s_code[byte >> 4], sc[r]);
-          w[r][2 * j + 1] = __fmul_rn(s_code[byte & 0x0fu], sc[r]);
+        for (int j = 0; j < 4; ++j) {  // element 2j = high nibble, 2j + 1 = low nibble
+          w[r][2 * j] = code_at(s_code, __byte_perm(hi4, 0u, 0x4440u | j));
+          w[r][2 * j + 1] = code_at(s_code, __byte_perm(lo4, 0u, 0x4440u | j));
         }
       }
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
         if (m < mv) {
           float xv[8];
-          load8(xm + m * a.K + (c << 5) + 8 * sub, xv);
+          load8(xm + m * a.K + (c << 5) + 8 * sub, xv);  // one x load reused for ROWS rows
 #pragma unroll
           for (int r = 0; r < ROWS; ++r)
 #pragma unroll
-            for (int e = 0; e < 8; ++e) acc[r][m] = fmaf(xv[e], w[r][e], acc[r][m]);
+            for (int e = 0; e < 8; ++e) part[r][m] = fmaf(xv[e], w[r][e], part[r][m]);
         }
       }
     }
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+      for (int m = 0; m < MT; ++m) acc[r][m] = fmaf(part[r][m], sc[r], acc[r][m]);
   }
 #pragma unroll
   for (int r = 0; r < ROWS; ++r)
@@ -189,8 +216,9 @@ __global__ void __launch_bounds__(kThreads) gemv_general_kernel(const GemvArgs<T
   finish_row<T, MT>(a, acc, n, m0, mv, lane);
 }
 
-// Rows per warp of the fast kernel: each x value loaded is reused ROWS times; 4 keeps MT = 16 at ~130 registers.
-constexpr int rows_for(int mt) { return mt <= 2 ? 2 : 4; }
+// Rows per warp of the fast kernel: each x value loaded (and converted) is reused ROWS times.  acc + part hold
+// 2 * ROWS * MT floats, so MT = 16 uses 2 rows (~100 registers) and the rest 4.
+constexpr int rows_for(int mt) { return mt <= 8 ? 4 : 2; }
 
 template <typename T, int MT>
 cudaError_t launch_mt(const GemvArgs<T>& a, bool fast, cudaStream_t stream) {
@@ -262,7 +290,9 @@ std::string gemv_4bit_lora(const void* x, DType x_dtype, int64_t M, int64_t K, c
   s.nested_shift = absmax == nullptr ? log2_pow2(nested_blocksize) : 0;
   const int bs_shift = log2_pow2(blocksize);
   if (r == 0) lora_t = lora_B = nullptr;
-  const bool fast = K % blocksize == 0 && K % 32 == 0 && (reinterpret_cast<std::uintptr_t>(packed) & 15u) == 0 &&
+  // A 32-element chunk starting at a multiple of 32 of the flat index never straddles a block (blocksize is a power
+  // of two >= 32), so the fast kernel only needs K % 32 == 0 (each row's packed bytes start 16-byte aligned).
+  const bool fast = K % 32 == 0 && (reinterpret_cast<std::uintptr_t>(packed) & 15u) == 0 &&
                     (reinterpret_cast<std::uintptr_t>(x) & 15u) == 0;
 
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
