@@ -74,8 +74,9 @@ def dequantize_4bit_native(
     ``out``: an optional contiguous tensor of ``n`` elements of ``dtype`` on the inputs' device, written in place
     and returned flattened (no allocation: a fresh 32 MiB output costs more page faults than the decode itself).
 
-    With ``nested=(absmax_q, nested_absmax, nested_code, offset, nested_blocksize)`` (CPU only) ``absmax`` is ignored
-    and the double-quantized scales are decoded inline by the kernel, bit-identical to
+    With ``nested=(absmax_q, nested_absmax, nested_code, offset, nested_blocksize)`` (CPU, or CUDA when
+    ``_C.dequantize_4bit_nested_cuda`` exists) ``absmax`` is ignored and the double-quantized scales are decoded
+    inline by the kernel (one pass / one launch), bit-identical to
     ``reference.decode_nested_absmax``:
     ``absmax_q`` uint8 codes (one per block), ``nested_absmax`` float32 ``[ceil(nblocks / nested_blocksize)]``,
     ``nested_code`` float32 ``[256]``, ``offset`` a float32 scalar (tensor or float), ``nested_blocksize`` a positive
@@ -144,15 +145,18 @@ def dequantize_4bit_native(
         n2 = _ceil_div(_ceil_div(n, blocksize), nested_blocksize)
         if nested_absmax.numel() != n2:
             raise ValueError(f"{fn}: argument 'nested_absmax' must have {n2} elements (got {nested_absmax.numel()})")
-        if packed.device.type != "cpu":
-            raise ValueError(f"{fn}: nested scales are decoded inline on the CPU only (got {packed.device})")
+        if packed.device.type == "cuda" and not hasattr(_C, "dequantize_4bit_nested_cuda"):
+            raise RuntimeError(f"{fn}: qkernels._C has no dequantize_4bit_nested_cuda (built without CUDA, or stale)")
+        if packed.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{fn}: nested scales are decoded inline on CPU or CUDA only (got {packed.device})")
         for name, t in (("nested_absmax", nested_absmax), ("nested_code", nested_code)):
             if t.device != packed.device:
                 raise ValueError(f"{fn}: argument '{name}' is on {t.device} but 'packed' is on {packed.device}")
         if isinstance(offset, torch.Tensor):
             if offset.numel() != 1:
                 raise ValueError(f"{fn}: argument 'offset' must be a single value (got {offset.numel()})")
-            offset = offset.to(torch.float32).item()  # a float32 value, exact as a Python float
+            # A float32 value, exact as a Python float.  On CUDA this .item() waits for the device (one sync).
+            offset = offset.to(torch.float32).item()
         offset = float(offset)
         nested_absmax = nested_absmax.contiguous()
         nested_code = nested_code.contiguous()
@@ -187,10 +191,16 @@ def dequantize_4bit_native(
             raise ValueError(f"{fn}: argument 'out' must be contiguous")
         out = out.view(-1)
     native_dtype = _DTYPE_TO_NATIVE[dtype]
-    if nested is not None:
+    if nested is not None and device.type == "cpu":
         _C.dequantize_4bit_nested_cpu(packed.data_ptr(), absmax.data_ptr(), nested_absmax.data_ptr(),
                                       nested_code.data_ptr(), offset, nested_blocksize, code.data_ptr(), n, blocksize,
                                       out.data_ptr(), native_dtype)
+    elif nested is not None:  # CUDA (checked above): one launch, scales decoded inline
+        with torch.cuda.device(device):
+            stream = torch.cuda.current_stream(device).cuda_stream
+            _C.dequantize_4bit_nested_cuda(packed.data_ptr(), absmax.data_ptr(), nested_absmax.data_ptr(),
+                                           nested_code.data_ptr(), offset, nested_blocksize, code.data_ptr(), n,
+                                           blocksize, out.data_ptr(), native_dtype, stream)
     elif device.type == "cpu":
         _C.dequantize_4bit_cpu(packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), n, blocksize, out.data_ptr(),
                                native_dtype)
@@ -278,17 +288,21 @@ def quantize_4bit_native(A: torch.Tensor, code: torch.Tensor, blocksize: int) ->
 
 
 def quantize_blockwise_native(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """8-bit blockwise quantization of ``A`` (CPU, any float dtype, quantized as float32) against a 256-entry map.
+    """8-bit blockwise quantization of ``A`` (CPU or CUDA, any float dtype, quantized as float32), 256-entry map.
 
     Bit-identical to ``qkernels.reference.quantize_blockwise(A, code, blocksize)``: ``(codes uint8 [n], absmax
-    float32 [ceil(n / blocksize)])``. ``blocksize``: a power of two in [1, 4096]. Non-finite input gives a
-    non-finite absmax (the caller checks).
+    float32 [ceil(n / blocksize)])`` on ``A``'s device. ``blocksize``: a power of two in [1, 4096]. Non-finite input
+    gives a non-finite absmax (the caller checks). CUDA: launched asynchronously on the current stream.
     """
-    if _C is None or not hasattr(_C, "quantize_blockwise_cpu"):
-        raise RuntimeError(f"qkernels native module has no quantize_blockwise_cpu ({NATIVE_ERROR or 'stale build?'})")
     fn = "quantize_blockwise_native"
-    if A.device.type != "cpu" or code.device.type != "cpu":
-        raise ValueError(f"{fn}: the native 8-bit quantize runs on CPU tensors only (got {A.device}, {code.device})")
+    device = A.device
+    kernel = {"cpu": "quantize_blockwise_cpu", "cuda": "quantize_blockwise_cuda"}.get(device.type)
+    if kernel is None:
+        raise ValueError(f"{fn}: argument 'A' is on unsupported device {device} (expected cpu or cuda)")
+    if _C is None or not hasattr(_C, kernel):
+        raise RuntimeError(f"qkernels native module has no {kernel} ({NATIVE_ERROR or 'built without it, or stale'})")
+    if code.device != device:
+        raise ValueError(f"{fn}: argument 'code' is on {code.device} but 'A' is on {device}")
     if code.dtype != torch.float32 or code.numel() != 256:
         raise ValueError(f"{fn}: argument 'code' must be float32 with 256 elements")
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or not 0 < blocksize <= 4096 \
@@ -299,7 +313,56 @@ def quantize_blockwise_native(A: torch.Tensor, code: torch.Tensor, blocksize: in
         raise ValueError(f"{fn}: argument 'A' must have at least one element")
     flat = A.reshape(-1).to(torch.float32).contiguous()
     code = code.contiguous()
-    out = torch.empty(n, dtype=torch.uint8)
-    absmax = torch.empty(_ceil_div(n, blocksize), dtype=torch.float32)
-    _C.quantize_blockwise_cpu(flat.data_ptr(), n, blocksize, code.data_ptr(), out.data_ptr(), absmax.data_ptr())
+    out = torch.empty(n, dtype=torch.uint8, device=device)
+    absmax = torch.empty(_ceil_div(n, blocksize), dtype=torch.float32, device=device)
+    if device.type == "cpu":
+        _C.quantize_blockwise_cpu(flat.data_ptr(), n, blocksize, code.data_ptr(), out.data_ptr(), absmax.data_ptr())
+    else:
+        with torch.cuda.device(device):
+            stream = torch.cuda.current_stream(device).cuda_stream
+            _C.quantize_blockwise_cuda(flat.data_ptr(), n, blocksize, code.data_ptr(), out.data_ptr(),
+                                       absmax.data_ptr(), stream)
     return out, absmax
+
+
+def dequantize_blockwise_native(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                                blocksize: int) -> torch.Tensor:
+    """Inverse of ``quantize_blockwise_native`` on CUDA: float32 ``[n]``, ``code[q[i]] * absmax[i // blocksize]``.
+
+    Bit-identical to ``qkernels.reference.dequantize_blockwise``. ``q`` uint8 (any shape, read flattened), ``absmax``
+    float32 ``[ceil(n / blocksize)]``, ``code`` float32 ``[256]``, all on one CUDA device; ``blocksize`` a power of
+    two in [1, 4096]. Launched asynchronously on the current stream. (On the CPU the reference expression is already
+    a single vectorized gather-multiply, so there is no CPU kernel.)
+    """
+    fn = "dequantize_blockwise_native"
+    if _C is None or not hasattr(_C, "dequantize_blockwise_cuda"):
+        why = NATIVE_ERROR or "built without CUDA"
+        raise RuntimeError(f"qkernels native module has no dequantize_blockwise_cuda ({why})")
+    device = q.device
+    if device.type != "cuda":
+        raise ValueError(f"{fn}: argument 'q' must be a CUDA tensor (got {device})")
+    for name, t in (("absmax", absmax), ("code", code)):
+        if t.device != device:
+            raise ValueError(f"{fn}: argument '{name}' is on {t.device} but 'q' is on {device}")
+    if q.dtype != torch.uint8:
+        raise TypeError(f"{fn}: argument 'q' must be torch.uint8 (got {q.dtype})")
+    if code.dtype != torch.float32 or code.numel() != 256:
+        raise ValueError(f"{fn}: argument 'code' must be float32 with 256 elements")
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or not 0 < blocksize <= 4096 \
+            or blocksize & (blocksize - 1):
+        raise ValueError(f"{fn}: argument 'blocksize' must be a power of two in [1, 4096] (got {blocksize!r})")
+    n = q.numel()
+    if n <= 0:
+        raise ValueError(f"{fn}: argument 'q' must have at least one element")
+    nb = _ceil_div(n, blocksize)
+    if absmax.dtype != torch.float32 or absmax.numel() != nb:
+        raise ValueError(f"{fn}: argument 'absmax' must be float32 with {nb} elements")
+    q = q.reshape(-1).contiguous()
+    absmax = absmax.contiguous()
+    code = code.contiguous()
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    with torch.cuda.device(device):
+        stream = torch.cuda.current_stream(device).cuda_stream
+        _C.dequantize_blockwise_cuda(q.data_ptr(), absmax.data_ptr(), code.data_ptr(), n, blocksize, out.data_ptr(),
+                                     stream)
+    return out
