@@ -26,6 +26,14 @@ from .functional import (
 from .lora import QLoRAFunction, lora_scaling, matmul_4bit_lora
 from .quant_state import QuantState
 
+# --- QLoRA modules (issue 5): QLoRALinear, model-level apply/merge, LoftQ ---
+# isort: split
+from .loftq import loftq_init
+from .model import apply_qlora, merge_and_unload, merge_into_4bit, print_trainable_parameters, trainable_parameters
+from .nn import Params4bit, QLoRALinear
+
+# --- end QLoRA modules ---
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -47,4 +55,13 @@ __all__ = [
     "quantize_4bit",
     "quantize_blockwise",
     "reference",
+    # --- QLoRA modules (issue 5) ---
+    "Params4bit",
+    "QLoRALinear",
+    "apply_qlora",
+    "loftq_init",
+    "merge_and_unload",
+    "merge_into_4bit",
+    "print_trainable_parameters",
+    "trainable_parameters",
 ]

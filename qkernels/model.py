@@ -1,0 +1,311 @@
+"""Model-level QLoRA: put ``QLoRALinear`` into a model, count parameters, merge adapters back.
+
+- ``apply_qlora(model, target_modules, ...)``: replace the matching ``nn.Linear`` layers in place, with peft's
+  matching rules (``peft.tuners.tuners_utils.check_target_module_exists`` and ``_maybe_include_all_linear_layers``),
+  and freeze everything but the LoRA weights.
+- ``trainable_parameters(model)`` / ``print_trainable_parameters(model)``: peft's counts and line.
+- ``merge_and_unload(model)``: dense ``nn.Linear`` layers holding ``dequant(W) + s B A`` (no requantization).
+- ``merge_into_4bit(model)``: explicit opt-in requantization of ``dequant(W) + s B A``; warns with the error.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .functional import dequantize_4bit, quantize_4bit
+from .nn import Params4bit, QLoRALinear, is_conv1d
+
+__all__ = [
+    "apply_qlora",
+    "match_target_modules",
+    "merge_and_unload",
+    "merge_into_4bit",
+    "print_trainable_parameters",
+    "trainable_parameters",
+]
+
+logger = logging.getLogger("qkernels")
+
+ALL_LINEAR = "all-linear"
+
+
+def _is_excluded(key: str, exclude_modules: str | Iterable[str] | None) -> bool:
+    """peft's ``exclude_modules`` rule: a str is a regex full-match, a list matches a name or a ``.``-suffix."""
+    if not exclude_modules:
+        return False
+    if isinstance(exclude_modules, str):
+        return re.fullmatch(exclude_modules, key) is not None
+    return key in exclude_modules or any(key.endswith(f".{e}") for e in exclude_modules)
+
+
+def _is_target(key: str, target_modules: str | Iterable[str]) -> bool:
+    """peft's ``target_modules`` rule: a str is a regex full-match; a list entry ``t`` matches ``key == t`` or
+    ``key.endswith("." + t)``."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, key) is not None
+    return key in target_modules or any(key.endswith(f".{t}") for t in target_modules)
+
+
+def _is_linear(m: nn.Module) -> bool:
+    """What peft's "all-linear" collects and what apply_qlora can quantize: nn.Linear and transformers' Conv1D."""
+    return isinstance(m, nn.Linear) or is_conv1d(m)
+
+
+def _all_linear_names(model: nn.Module) -> set[str]:
+    """peft's "all-linear": every nn.Linear / Conv1D but the output embedding (``model.get_output_embeddings()``,
+    e.g. ``lm_head``) and anything inside an existing QLoRALinear (its lora_A/lora_B). peft only looks for the
+    output embedding on a transformers ``PreTrainedModel``; here any model with ``get_output_embeddings`` counts.
+    (peft's extra rule for ``task_type=SEQ_CLS`` heads is not applied: there is no task type here.)"""
+    names = {n for n, m in model.named_modules() if _is_linear(m) or isinstance(m, QLoRALinear)}
+    get_out = getattr(model, "get_output_embeddings", None)
+    out_emb = get_out() if callable(get_out) else None
+    if out_emb is not None:
+        names -= {n for n, m in model.named_modules() if m is out_emb}
+    for prefix, m in model.named_modules():
+        if isinstance(m, QLoRALinear):
+            names -= {f"{prefix}.{s}" for s, _ in m.named_modules() if s}
+    return names
+
+
+def match_target_modules(model: nn.Module, target_modules: str | Iterable[str],
+                         exclude_modules: str | Iterable[str] | None = None) -> list[str]:
+    """Names of the modules of ``model`` that peft's ``LoraConfig(target_modules=..., exclude_modules=...)`` would
+    target, in ``named_modules()`` order. ``"all-linear"`` (any case) is peft's shorthand."""
+    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+        target_modules = _all_linear_names(model)
+    elif not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+    return [n for n, _ in model.named_modules()
+            if n and not _is_excluded(n, exclude_modules) and _is_target(n, target_modules)]
+
+
+def apply_qlora(
+    model: nn.Module,
+    target_modules: str | Iterable[str] = ALL_LINEAR,
+    r: int = 8,
+    lora_alpha: float = 16,
+    lora_dropout: float = 0.0,
+    use_rslora: bool = False,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    blocksize: int = 64,
+    compute_dtype: torch.dtype | None = None,
+    exclude_modules: str | Iterable[str] | None = None,
+    *,
+    quant_storage: torch.dtype = torch.uint8,
+    init_lora_weights: bool | str = True,
+    loftq_iter: int = 1,
+    adapter_name: str = "default",
+    log_every: int = 50,
+    verbose: bool | None = None,
+) -> nn.Module:
+    """Replace the targeted ``nn.Linear`` layers of ``model`` by ``QLoRALinear`` in place; freeze all but LoRA.
+
+    transformers' ``Conv1D`` layers (GPT-2) count as linear, as in peft, and are stored transposed to
+    ``[out, in]`` the way transformers' bitsandbytes integration stores them.
+
+    Args:
+        target_modules: list of names/suffixes, a regex (full match), or ``"all-linear"``: peft's semantics
+            (``match_target_modules``). Every list entry must match at least one module, else ValueError
+            listing the Linear layers that exist. A matched module that is not an ``nn.Linear`` is an error.
+        exclude_modules: peft's ``exclude_modules`` (list of names/suffixes, or a regex).
+        r ... adapter_name: passed to ``QLoRALinear.from_linear`` for each layer.
+        log_every: report ``"apply_qlora: i/n layers quantized (t s)"`` every this many layers, always to the
+            ``qkernels`` logger (INFO).
+        verbose: also print those lines to stderr. None (default): print only for large models, i.e. when at least
+            ``2 * log_every`` layers are replaced (a 7B Llama with all-linear: 224 layers, 5 lines).
+
+    Returns ``model`` (modified in place). Layers are quantized one at a time on their own device, so peak memory
+    is one float layer above the quantized model.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(target_modules, str):
+        if not target_modules:
+            raise ValueError("target_modules is empty; pass a list of module names or 'all-linear'")
+    else:
+        target_modules = list(target_modules)
+        if not target_modules or not all(isinstance(t, str) and t for t in target_modules):
+            raise ValueError(f"target_modules must be a non-empty list of module names, got {target_modules!r}")
+    if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every <= 0:
+        raise ValueError(f"log_every must be a positive int, got {log_every!r}")
+    names = match_target_modules(model, target_modules, exclude_modules)
+    linear_names = [n for n, m in model.named_modules() if _is_linear(m)]
+    _check_each_target_matches(model, target_modules, exclude_modules, names, linear_names)
+    modules = dict(model.named_modules())
+    for n in names:
+        m = modules[n]
+        if isinstance(m, QLoRALinear):
+            raise ValueError(f"module {n!r} is already a QLoRALinear; add an adapter with "
+                             f"model.get_submodule({n!r}).update_layer(...)")
+        if not _is_linear(m):
+            raise ValueError(f"target module {n!r} is a {type(m).__name__}, not an nn.Linear; only nn.Linear (and "
+                             "transformers Conv1D) layers are quantized. Linear layers here: "
+                             f"{_summarize(linear_names)}")
+    kwargs: dict[str, Any] = dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
+                                  quant_type=quant_type, double_quant=double_quant, blocksize=blocksize,
+                                  compute_dtype=compute_dtype, quant_storage=quant_storage,
+                                  init_lora_weights=init_lora_weights, loftq_iter=loftq_iter,
+                                  adapter_name=adapter_name)
+    show = verbose if verbose is not None else len(names) >= 2 * log_every
+    t0 = time.perf_counter()
+    for i, n in enumerate(names, 1):
+        parent_name, _, child = n.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, QLoRALinear.from_linear(modules[n], **kwargs))
+        if i % log_every == 0 or i == len(names):
+            line = f"apply_qlora: {i}/{len(names)} layers quantized ({time.perf_counter() - t0:.1f} s)"
+            logger.info(line)
+            if show:
+                print(line, file=sys.stderr, flush=True)
+    for pname, p in model.named_parameters():
+        # LoRA weights keep the flag set_adapter gave them (active: trainable); everything else is frozen
+        p.requires_grad_(p.requires_grad and _is_lora_param(pname))
+    return model
+
+
+def _is_lora_param(pname: str) -> bool:
+    return ".lora_A." in f".{pname}" or ".lora_B." in f".{pname}"
+
+
+def _summarize(names: list[str], limit: int = 30) -> str:
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    shown = names[:limit]
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return f"{shown}{more} (distinct names: {leaves})"
+
+
+def _check_each_target_matches(model: nn.Module, target_modules: Any, exclude_modules: Any, names: list[str],
+                               linear_names: list[str]) -> None:
+    if isinstance(target_modules, str):
+        if not names:
+            raise ValueError(f"target_modules {target_modules!r} matches no module of {type(model).__name__}. "
+                             f"Linear layers: {_summarize(linear_names)}")
+        return
+    for t in target_modules:  # an entry whose matches are all excluded is not a typo: check before exclusion
+        if not match_target_modules(model, [t]):
+            raise ValueError(f"target_modules entry {t!r} matches no module of {type(model).__name__} (an entry "
+                             f"matches a module name or its last dotted parts, e.g. 'q_proj' matches "
+                             f"'model.layers.0.self_attn.q_proj'). Linear layers: {_summarize(linear_names)}")
+    if not names:
+        raise ValueError(f"every module matched by target_modules {target_modules!r} is excluded by "
+                         f"exclude_modules {exclude_modules!r}; nothing to replace")
+
+
+# --------------------------------------------------------------------------------------------- counting
+def _count(p: torch.Tensor) -> int:
+    n = p.numel()
+    if type(p).__name__ == "Params4bit":  # packed: two 4-bit values per byte (peft's rule)
+        n = n * 2 * p.element_size()
+    return n
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` counted as peft's ``get_nb_trainable_parameters``: a packed 4-bit ``Params4bit``
+    of ``numel`` elements of ``element_size`` bytes counts ``numel * 2 * element_size`` parameters."""
+    trainable = total = 0
+    for _, p in model.named_parameters():
+        n = _count(p)
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print peft's line: ``trainable params: 1,234 || all params: 5,678 || trainable%: 21.7330``."""
+    trainable, total = trainable_parameters(model)
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+
+# --------------------------------------------------------------------------------------------- merging
+def _qlora_layers(model: nn.Module) -> list[tuple[str, QLoRALinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QLoRALinear)]
+
+
+def _merged_weight(layer: QLoRALinear) -> torch.Tensor:
+    """``dequant(W) + s B A`` in float32 (the active adapter; none when disabled)."""
+    W = dequantize_4bit(layer.weight.data, layer.weight.quant_state, torch.float32)
+    if layer.active_adapter is not None and not layer.disable_adapters:
+        W = W + layer.lora_delta().to(W.device)
+    return W
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    if not name:
+        raise ValueError("the model itself is a QLoRALinear; merge it with qkernels.merge_and_unload on a parent")
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Replace each ``QLoRALinear`` by a dense ``nn.Linear`` with weight ``dequant(W) + s B A`` and its bias.
+
+    The sum is formed in float32 and rounded once to the layer's ``compute_dtype`` (or, when None, its
+    ``float_dtype``: the dtype of the weight before quantization, or the one the model was last cast to with
+    ``.half()`` / ``.to(dtype)``). Nothing is requantized. The merged weight is frozen
+    (as peft leaves a merged base weight). Returns ``model`` (modified in place).
+    """
+    for name, layer in _qlora_layers(model):
+        dtype = layer.compute_dtype or layer.float_dtype
+        with torch.no_grad():
+            W = _merged_weight(layer).to(dtype)
+        lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                        device=W.device, dtype=dtype)
+        lin.weight = nn.Parameter(W, requires_grad=False)
+        if layer.bias is not None:
+            lin.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=layer.bias.requires_grad)
+        _replace(model, name, lin)
+    return model
+
+
+def merge_into_4bit(model: nn.Module) -> dict[str, float]:
+    """Opt-in: requantize ``dequant(W) + s B A`` of each ``QLoRALinear`` to 4 bits and drop its adapters.
+
+    Requantizing loses most of what a small adapter adds (a LoRA update is usually far below one 4-bit step),
+    so this warns (``UserWarning``) with the error introduced. Each layer keeps its quant_type, blocksize,
+    double_quant and storage; afterwards it runs as a plain 4-bit linear (no adapters).
+
+    Returns ``{module_name: ||M - dequant(quantize_4bit(M))||_F / ||M||_F}`` with ``M = dequant(W) + s B A``, and
+    the same for the change of the layer's effective weight relative to the unmerged one, under
+    ``"<name>.delta_lost"``: ``||dequant(Q_new) - M||_F / ||s B A||_F`` (1.0 = the adapter is entirely lost).
+    """
+    errors: dict[str, float] = {}
+    for name, layer in _qlora_layers(model):
+        st = layer.weight.quant_state
+        with torch.no_grad():
+            M = _merged_weight(layer)
+            packed, state = quantize_4bit(M.to(st.dtype).contiguous(), st.blocksize, st.quant_type, st.nested,
+                                          layer.weight.dtype)
+            diff = dequantize_4bit(packed, state, torch.float32) - M
+            m_norm = float(torch.linalg.vector_norm(M.double()))
+            errors[name] = float(torch.linalg.vector_norm(diff.double())) / (m_norm or 1.0)
+            if layer.active_adapter is not None and not layer.disable_adapters:
+                d_norm = float(torch.linalg.vector_norm(layer.lora_delta().double()))
+                if d_norm > 0:
+                    errors[name + ".delta_lost"] = float(torch.linalg.vector_norm(diff.double())) / d_norm
+        layer.weight = Params4bit(packed, False, state)
+        for adapter in list(layer.lora_A):
+            layer.delete_adapter(adapter)
+    if errors:
+        rel = {k: v for k, v in errors.items() if not k.endswith(".delta_lost")}
+        worst = max(rel, key=rel.get)
+        lost = [v for k, v in errors.items() if k.endswith(".delta_lost")]
+        warnings.warn(
+            f"merge_into_4bit requantized {len(rel)} layers: relative Frobenius error of the merged weight up to "
+            f"{rel[worst]:.3e} ({worst!r})" + (f"; requantization error is {max(lost):.2f}x the norm of the LoRA "
+                                               "update it was meant to add" if lost else "")
+            + ". Use qkernels.merge_and_unload for an exact dense merge.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return errors

@@ -1,0 +1,536 @@
+"""``QLoRALinear``: a drop-in ``nn.Linear`` with a frozen 4-bit weight and peft-style LoRA adapters.
+
+The layer holds the weight packed in bitsandbytes' 4-bit format (``weight``, a ``Params4bit`` carrying its
+``QuantState``) and LoRA adapters laid out exactly as peft's ``lora.Linear4bit`` lays them out
+(``lora_A.<adapter>.weight [r, in]``, ``lora_B.<adapter>.weight [out, r]``), so that:
+
+- ``state_dict()`` has bitsandbytes' ``Linear4bit`` keys (``weight``, ``weight.absmax``, ``weight.quant_map``,
+  ``weight.nested_absmax``, ``weight.nested_quant_map``, ``weight.quant_state.bitsandbytes__<type>``,
+  ``bias``) plus peft's LoRA keys (``lora_A.default.weight``, ``lora_B.default.weight``);
+- a bitsandbytes ``Linear4bit`` state dict loads with ``load_state_dict(sd, strict=False)`` (the LoRA keys are
+  reported missing and keep their initialization), and ours loads into bitsandbytes through
+  ``Params4bit.from_prequantized``.
+
+The forward is one call to the fused ``matmul_4bit_lora`` with the active adapter (or none).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .functional import dequantize_4bit, quantize_4bit
+from .lora import matmul_4bit_lora
+from .quant_state import FLOAT_DTYPES, STORAGE_DTYPES, QuantState, check_blocksize
+from .reference import lora_scaling
+
+__all__ = ["Params4bit", "QLoRALinear"]
+
+INIT_CHOICES = (True, False, "gaussian", "loftq")
+
+
+# --------------------------------------------------------------------------------------------- the weight
+class Params4bit(nn.Parameter):
+    """A frozen packed 4-bit weight: the packed bytes as tensor data, its ``QuantState`` as ``quant_state``.
+
+    Data: uint8 ``[(n + 1) // 2, 1]`` (or a bf16/fp16/fp32 ``quant_storage`` view of the same bytes) for a
+    logical ``quant_state.shape == [out_features, in_features]``. Never requires grad.
+
+    The class name is bitsandbytes' on purpose: peft (``get_nb_trainable_parameters``), accelerate and
+    transformers recognize a packed 4-bit parameter by ``type(p).__name__ == "Params4bit"`` and count it as
+    ``numel * 2 * element_size`` parameters. The attribute names (``quant_state``, ``blocksize``, ``quant_type``,
+    ``compress_statistics``, ``quant_storage``, ``bnb_quantized``, ``absmax``...) are bitsandbytes' too.
+    """
+
+    def __new__(cls, data: torch.Tensor | None = None, requires_grad: bool = False,
+                quant_state: QuantState | None = None) -> Params4bit:
+        if data is None:
+            data = torch.empty(0, dtype=torch.uint8)
+        if requires_grad:
+            raise ValueError("a packed 4-bit weight is frozen: requires_grad must be False (train LoRA adapters)")
+        self = torch.Tensor._make_subclass(cls, data, False)
+        self.quant_state = quant_state
+        return self
+
+    # bitsandbytes' attribute names, read from the QuantState
+    @property
+    def blocksize(self) -> int:
+        return self.quant_state.blocksize
+
+    @property
+    def quant_type(self) -> str:
+        return self.quant_state.quant_type
+
+    @property
+    def compress_statistics(self) -> bool:
+        return self.quant_state.nested
+
+    @property
+    def quant_storage(self) -> torch.dtype:
+        return self.dtype
+
+    @property
+    def bnb_quantized(self) -> bool:
+        return True
+
+    @property
+    def absmax(self) -> torch.Tensor:
+        return self.quant_state.absmax
+
+    @property
+    def quant_map(self) -> torch.Tensor:
+        return self.quant_state.code
+
+    def __deepcopy__(self, memo: dict) -> Params4bit:
+        if id(self) in memo:
+            return memo[id(self)]
+        new = type(self)(self.data.clone(memory_format=torch.preserve_format), False,
+                         copy.deepcopy(self.quant_state, memo))
+        memo[id(self)] = new
+        return new
+
+    def __reduce_ex__(self, proto: int):  # torch.save(module) / pickle: data + state, not the subclass internals
+        return (_rebuild_params4bit, (self.data, self.quant_state))
+
+    def __repr__(self) -> str:
+        return f"Params4bit({self.quant_state!r}, storage={self.dtype}, bytes={self.numel() * self.element_size()})"
+
+
+def _rebuild_params4bit(data: torch.Tensor, quant_state: QuantState) -> Params4bit:
+    return Params4bit(data, False, quant_state)
+
+
+def _packed_rows(numel: int, storage: torch.dtype) -> int:
+    """Rows of the packed ``[rows, 1]`` tensor for ``numel`` 4-bit values stored as ``storage``."""
+    nbytes = (numel + 1) // 2
+    itemsize = torch.empty((), dtype=storage).element_size()
+    return -(-nbytes // itemsize)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' ``Conv1D`` (GPT-2 family: a linear layer with its weight stored ``[in, out]``)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+
+
+# --------------------------------------------------------------------------------------------- arg checks
+def _check_positive_int(v: Any, name: str, fix: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError(f"{name} must be a positive int, got {v!r}; {fix}")
+    return v
+
+
+def _check_lora_args(r: Any, lora_alpha: Any, lora_dropout: Any, init_lora_weights: Any, adapter_name: Any) -> None:
+    _check_positive_int(r, "r", "the LoRA rank is the number of rows of lora_A, e.g. r=8")
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha):
+        raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}; e.g. lora_alpha=2*r")
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout must be a probability in [0, 1), got {lora_dropout!r}; use 0.0 for none")
+    if not (init_lora_weights is True or init_lora_weights is False or init_lora_weights in ("gaussian", "loftq")):
+        raise ValueError(f"init_lora_weights must be one of {INIT_CHOICES}, got {init_lora_weights!r}")
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty str without '.', got {adapter_name!r} "
+                         "(it becomes a state-dict key segment, e.g. lora_A.default.weight)")
+
+
+def _check_quant_args(quant_type: Any, blocksize: Any, quant_storage: Any, compute_dtype: Any) -> None:
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    check_blocksize(blocksize)
+    if quant_storage not in STORAGE_DTYPES:
+        raise ValueError(f"quant_storage must be one of {STORAGE_DTYPES}, got {quant_storage!r}; "
+                         "torch.uint8 unless FSDP needs a float dtype")
+    if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"compute_dtype must be None (the input's dtype) or one of {FLOAT_DTYPES}, "
+                         f"got {compute_dtype!r}")
+
+
+# --------------------------------------------------------------------------------------------- the layer
+class QLoRALinear(nn.Module):
+    """``y = x @ dequant(W)^T + s * dropout(x) @ A^T @ B^T + bias`` with W frozen in 4 bits (drop-in nn.Linear).
+
+    Args:
+        in_features, out_features, bias: as ``nn.Linear``. A fresh layer initializes a float weight the way
+            ``nn.Linear`` does and quantizes it; ``from_linear`` / ``from_bnb`` wrap existing weights.
+        r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, adapter_name: the first LoRA adapter, as
+            peft's ``LoraConfig``: scaling ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA); init ``True`` (A
+            kaiming-uniform a=sqrt(5), B zeros), ``"gaussian"`` (A ~ N(0, 1/r), B zeros), ``False`` (both as
+            nn.Linear's default: the adapter is not a no-op), ``"loftq"`` (A, B from the quantization residual of
+            the float weight, see ``qkernels.loftq``; needs that weight: a fresh layer or ``from_linear``).
+        quant_type, double_quant, blocksize, quant_storage: the 4-bit format (``qkernels.quantize_4bit``).
+        compute_dtype: dtype the matmul runs in (x is cast to it and the result back to x.dtype); None: x.dtype.
+        device, dtype: of the float weight before quantization (also ``quant_state.dtype`` and the bias dtype).
+            LoRA weights are float32 (peft's ``autocast_adapter_dtype``) on ``device``.
+        loftq_iter: LoftQ iterations; 1 keeps ``W`` quantized exactly as ``quantize_4bit(W)`` (see loftq.py).
+
+    Attributes (peft's names): ``lora_A``, ``lora_B``, ``lora_dropout`` (ModuleDicts by adapter name), ``r``,
+    ``lora_alpha``, ``scaling``, ``use_rslora`` (dicts), ``active_adapter`` (str or None),
+    ``disable_adapters`` (bool). Only the active adapter runs. ``float_dtype``: the dtype the layer's float parts
+    were last given (``dtype``, then ``.half()`` / ``.to(dtype)``); ``merge_and_unload`` produces it.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        r: int = 8,
+        lora_alpha: float = 16,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        quant_type: str = "nf4",
+        double_quant: bool = True,
+        blocksize: int = 64,
+        compute_dtype: torch.dtype | None = None,
+        quant_storage: torch.dtype = torch.uint8,
+        init_lora_weights: bool | str = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        adapter_name: str = "default",
+        loftq_iter: int = 1,
+        _float_weight: torch.Tensor | None = None,
+        _packed: tuple[torch.Tensor, QuantState] | None = None,
+    ):
+        super().__init__()
+        _check_positive_int(in_features, "in_features", "the size of the input's last dimension")
+        _check_positive_int(out_features, "out_features", "the size of the output's last dimension")
+        _check_quant_args(quant_type, blocksize, quant_storage, compute_dtype)
+        _check_lora_args(r, lora_alpha, lora_dropout, init_lora_weights, adapter_name)
+        if not isinstance(double_quant, bool):
+            raise ValueError(f"double_quant must be a bool, got {double_quant!r}")
+        if dtype is not None and dtype not in FLOAT_DTYPES:
+            raise ValueError(f"dtype must be None or one of {FLOAT_DTYPES}, got {dtype!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.compute_dtype = compute_dtype
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.active_adapter: str | None = None
+        self.disable_adapters = False
+        self.merged = False  # peft's flag; a QLoRALinear never merges in place (see qkernels.merge_into_4bit)
+
+        float_weight = None
+        if _packed is not None:
+            packed, state = _packed
+        else:
+            if _float_weight is None:  # nn.Linear's initialization, then quantize
+                _float_weight = torch.empty(out_features, in_features, device=device, dtype=dtype or torch.float32)
+                nn.init.kaiming_uniform_(_float_weight, a=math.sqrt(5))
+            float_weight = _float_weight if dtype is None else _float_weight.to(dtype)
+            if tuple(float_weight.shape) != (out_features, in_features):
+                raise ValueError(f"weight has shape {tuple(float_weight.shape)}, expected ({out_features}, "
+                                 f"{in_features}) = (out_features, in_features)")
+            packed, state = quantize_4bit(float_weight.detach().contiguous(), blocksize, quant_type, double_quant,
+                                          quant_storage)
+        self.weight = Params4bit(packed, False, state)
+        # The dtype the float parts of this layer were last given (dtype, then .half() / .to(dtype) / model.to(...)):
+        # what merge_and_unload produces when compute_dtype is None. quant_state.dtype stays the checkpoint's.
+        self.float_dtype: torch.dtype = dtype or state.dtype
+        if bias:
+            b = torch.empty(out_features, device=packed.device, dtype=dtype or state.dtype)
+            bound = 1 / math.sqrt(in_features)  # nn.Linear's bias init
+            nn.init.uniform_(b, -bound, bound)
+            self.bias = nn.Parameter(b)
+        else:
+            self.register_parameter("bias", None)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora,
+                          original_weight=float_weight, loftq_iter=loftq_iter)
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_linear(cls, linear: nn.Module, **qlora_kwargs: Any) -> QLoRALinear:
+        """Quantize ``linear.weight`` (no copy of it is kept) into a new layer on the linear's device; keeps bias.
+
+        ``linear``: an ``nn.Linear``, or a transformers ``Conv1D`` (GPT-2's ``y = x @ W + b`` with ``W [in, out]``),
+        whose weight is transposed to ``[out, in]`` first, as transformers' bitsandbytes integration does.
+        ``qlora_kwargs`` are ``QLoRALinear``'s keyword arguments (r, lora_alpha, quant_type, ...); ``dtype``
+        (default: the linear's weight dtype) is what the weight is cast to before quantization (``quant_state.dtype``)
+        and the bias dtype. ``init_lora_weights="loftq"`` uses the float weight.
+        """
+        if is_conv1d(linear):
+            w = linear.weight.detach().t()
+            in_features, out_features = linear.nx, linear.nf
+        elif isinstance(linear, nn.Linear):
+            w = linear.weight.detach()
+            in_features, out_features = linear.in_features, linear.out_features
+        else:
+            raise TypeError(f"from_linear expects an nn.Linear (or transformers Conv1D), got {type(linear).__name__}")
+        for k in ("device", "_float_weight", "_packed"):
+            if k in qlora_kwargs:
+                raise ValueError(f"from_linear takes {k!r} from the linear; do not pass it")
+        if w.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"linear.weight must be float32/float16/bfloat16 to quantize, got {w.dtype}")
+        qlora_kwargs.setdefault("dtype", w.dtype)
+        layer = cls(in_features, out_features, bias=linear.bias is not None, device=w.device,
+                    _float_weight=w, **qlora_kwargs)
+        if linear.bias is not None:
+            bias = linear.bias.detach().to(qlora_kwargs["dtype"], copy=True)
+            layer.bias = nn.Parameter(bias, requires_grad=linear.bias.requires_grad)
+        return layer
+
+    @classmethod
+    def from_bnb(cls, bnb_linear: nn.Module, **lora_kwargs: Any) -> QLoRALinear:
+        """Wrap a bitsandbytes ``Linear4bit``'s packed weight and quant state (no requantization) with LoRA.
+
+        The packed bytes and scales are copied (no storage shared with the bnb layer); the QuantState is rebuilt
+        through bitsandbytes' own ``as_dict(packed=True)`` keys. ``lora_kwargs``: r, lora_alpha, lora_dropout,
+        use_rslora, init_lora_weights (not "loftq": the float weight is gone), adapter_name, compute_dtype (default: the
+        bitsandbytes layer's ``compute_dtype``).
+        """
+        weight = getattr(bnb_linear, "weight", None)
+        qs = getattr(weight, "quant_state", None)
+        if type(weight).__name__ != "Params4bit" or qs is None:
+            raise ValueError("from_bnb expects a quantized bitsandbytes Linear4bit (weight a Params4bit with a "
+                             "quant_state); call .to(device) on it first: bitsandbytes quantizes on the first move")
+        bad = set(lora_kwargs) - {"r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights",
+                                  "adapter_name", "compute_dtype"}
+        if bad:
+            raise ValueError(f"from_bnb does not take {sorted(bad)}: the 4-bit format comes from the bnb layer")
+        if lora_kwargs.get("init_lora_weights") == "loftq":
+            raise ValueError("init_lora_weights='loftq' needs the float weight; use QLoRALinear.from_linear")
+        data = weight.data
+        if getattr(qs, "packing_format_for_cpu", False):  # bnb's CPU inference repacking: undo it, as its save does
+            from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+            data, qs = _convert_weight_packed_for_cpu_inverse(data, qs)
+        # copies, so the two layers share no storage (bnb's QuantState tensors would otherwise be aliased)
+        bnb_dict = {k: v.detach().clone() for k, v in qs.as_dict(packed=True).items()}
+        state = QuantState.from_dict(bnb_dict, device=data.device)
+        packed = data.detach().clone()
+        state.validate(packed)
+        lora_kwargs.setdefault("compute_dtype", getattr(bnb_linear, "compute_dtype", None))
+        out_features, in_features = state.shape
+        layer = cls(in_features, out_features, bias=bnb_linear.bias is not None, quant_type=state.quant_type,
+                    double_quant=state.nested, blocksize=state.blocksize, quant_storage=packed.dtype,
+                    device=packed.device, dtype=state.dtype, _packed=(packed, state), **lora_kwargs)
+        if bnb_linear.bias is not None:
+            layer.bias = nn.Parameter(bnb_linear.bias.detach().clone(), requires_grad=bnb_linear.bias.requires_grad)
+        return layer
+
+    # ------------------------------------------------------------------ adapters (peft's API)
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                     init_lora_weights: bool | str = True, use_rslora: bool = False, *,
+                     original_weight: torch.Tensor | None = None, loftq_iter: int = 1) -> None:
+        """Add (or replace) adapter ``adapter_name``: ``lora_A [r, in]``, ``lora_B [out, r]`` float32.
+
+        The first adapter becomes active; later ones are added inactive and frozen (peft's behaviour).
+        ``init_lora_weights="loftq"`` needs ``original_weight`` (the float weight W that was quantized); with
+        ``loftq_iter > 1`` the stored 4-bit weight is replaced by LoftQ's (see ``qkernels.loftq``).
+        """
+        _check_lora_args(r, lora_alpha, lora_dropout, init_lora_weights, adapter_name)
+        if not isinstance(use_rslora, bool):
+            raise ValueError(f"use_rslora must be a bool, got {use_rslora!r}")
+        dev = self.weight.device
+        A = nn.Linear(self.in_features, r, bias=False, device=dev, dtype=torch.float32)
+        B = nn.Linear(r, self.out_features, bias=False, device=dev, dtype=torch.float32)
+        scaling = lora_scaling(lora_alpha, r, use_rslora)
+        if init_lora_weights == "loftq":
+            if original_weight is None:
+                raise ValueError("init_lora_weights='loftq' needs the original float weight: build the layer with "
+                                 "QLoRALinear.from_linear(linear, init_lora_weights='loftq') or apply_qlora(...)")
+            others = [n for n in self.lora_A if n != adapter_name]
+            if loftq_iter != 1 and others:
+                raise ValueError(f"loftq_iter={loftq_iter} replaces the 4-bit weight, which adapters {others} were "
+                                 "trained against; use loftq_iter=1 (keeps the weight) or a fresh layer")
+            from .loftq import loftq_init
+
+            st = self.weight.quant_state
+            res = loftq_init(original_weight, r, scaling, quant_type=st.quant_type, blocksize=st.blocksize,
+                             double_quant=st.nested, quant_storage=self.weight.dtype, num_iter=loftq_iter,
+                             packed=self.weight.data, quant_state=st)
+            with torch.no_grad():
+                A.weight.copy_(res.lora_A)
+                B.weight.copy_(res.lora_B)
+            if res.packed is not self.weight.data:
+                self.weight = Params4bit(res.packed, False, res.quant_state)
+        elif init_lora_weights is True:
+            nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
+            nn.init.zeros_(B.weight)
+        elif init_lora_weights == "gaussian":
+            nn.init.normal_(A.weight, std=1 / r)
+            nn.init.zeros_(B.weight)
+        # init_lora_weights=False: nn.Linear's default init for both, as peft
+        self.lora_A[adapter_name] = A
+        self.lora_B[adapter_name] = B
+        self.lora_dropout[adapter_name] = nn.Dropout(p=float(lora_dropout)) if lora_dropout > 0 else nn.Identity()
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = scaling
+        self.use_rslora[adapter_name] = use_rslora
+        self.set_adapter(self.active_adapter if self.active_adapter is not None else adapter_name)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the one adapter that runs; it becomes trainable, the others frozen (as peft)."""
+        if adapter_name not in self.lora_A:
+            raise ValueError(f"no adapter named {adapter_name!r}; this layer has {list(self.lora_A)}")
+        for name in self.lora_A:
+            on = name == adapter_name
+            self.lora_A[name].requires_grad_(on)
+            self.lora_B[name].requires_grad_(on)
+        self.active_adapter = adapter_name
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove ``adapter_name``; if it was active, the first remaining adapter becomes active (or none)."""
+        if adapter_name not in self.lora_A:
+            raise ValueError(f"no adapter named {adapter_name!r}; this layer has {list(self.lora_A)}")
+        for d in (self.lora_A, self.lora_B, self.lora_dropout):
+            del d[adapter_name]
+        for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora):
+            del d[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.active_adapter = None
+            if len(self.lora_A):
+                self.set_adapter(next(iter(self.lora_A)))
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """peft's toggle: ``enable_adapters(False)`` runs the plain 4-bit linear."""
+        self.disable_adapters = not enabled
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [] if self.active_adapter is None else [self.active_adapter]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        name = None if self.disable_adapters else self.active_adapter
+        A = B = None
+        scaling, p = 0.0, 0.0
+        if name is not None:
+            A, B, scaling = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+            p = getattr(self.lora_dropout[name], "p", 0.0)
+        xc = x if self.compute_dtype is None else x.to(self.compute_dtype)
+        y = matmul_4bit_lora(xc, self.weight.data, self.weight.quant_state, A, B, scaling, self.bias, p,
+                             training=self.training)
+        return y.to(x.dtype)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``dequant(W)`` as a ``[out_features, in_features]`` tensor of ``dtype``."""
+        return dequantize_4bit(self.weight.data, self.weight.quant_state, dtype)
+
+    def lora_delta(self, adapter_name: str | None = None) -> torch.Tensor:
+        """``scaling * B @ A`` of an adapter (default the active one) in float32, ``[out, in]``."""
+        name = adapter_name or self.active_adapter
+        if name is None or name not in self.lora_A:
+            raise ValueError(f"no adapter {name!r} to take a delta of; this layer has {list(self.lora_A)}")
+        A = self.lora_A[name].weight.detach().float()
+        B = self.lora_B[name].weight.detach().float()
+        return self.scaling[name] * (B @ A)
+
+    def extra_repr(self) -> str:
+        st = self.weight.quant_state
+        lora = ", ".join(f"{n}: r={self.r[n]}, alpha={self.lora_alpha[n]}" for n in self.lora_A)
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"quant_type={st.quant_type}, blocksize={st.blocksize}, double_quant={st.nested}, "
+                f"storage={self.weight.dtype}, compute_dtype={self.compute_dtype}, adapters=[{lora}], "
+                f"active={self.active_adapter!r}{', disabled' if self.disable_adapters else ''}")
+
+    # ------------------------------------------------------------------ device / dtype moves
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QLoRALinear:
+        """Move like any module, except the packed weight and its QuantState change device, never dtype.
+
+        ``.half()``, ``.to(torch.bfloat16)``, ``model.to(dtype)`` convert floating tensors: applied to a bf16/fp16
+        ``quant_storage`` view or to the float32 absmax they would corrupt the format. So ``fn`` sees the weight's
+        bytes as uint8 (which no dtype conversion touches) and the QuantState just follows to the new device.
+        """
+        w = self._parameters["weight"]
+        self._parameters["weight"] = None  # nn.Module._apply skips None entries; the key keeps its place
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._parameters["weight"] = w
+        probe = fn(torch.empty(0, dtype=self.float_dtype, device=w.device))
+        if isinstance(probe, torch.Tensor) and probe.is_floating_point():
+            self.float_dtype = probe.dtype
+        raw = w.data.reshape(-1).view(torch.uint8)
+        moved = fn(raw)
+        if not isinstance(moved, torch.Tensor):
+            return self
+        if moved.dtype != torch.uint8 or moved.shape != raw.shape:  # fn converted regardless of dtype: keep bytes
+            moved = raw.to(moved.device)
+        if moved is not raw:
+            w.data = moved.view(w.dtype).reshape(w.shape)
+            if w.quant_state.device != moved.device:
+                w.quant_state.to(moved.device)
+        return self
+
+    # ------------------------------------------------------------------ state dict (bitsandbytes' keys)
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # weight (packed), bias
+        for k, v in self.weight.quant_state.as_dict(packed=True).items():
+            destination[prefix + "weight." + k] = v if keep_vars else v.detach()
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        """Read bitsandbytes' keys. Everything is validated first; on any error a ValueError naming the key is
+        raised and nothing in this layer (weight, quant state, bias, LoRA) has been changed."""
+        wkey = prefix + "weight"
+        qkeys = {k: state_dict[k] for k in list(state_dict) if k.startswith(wkey + ".")}
+        new_weight = None
+        if wkey in state_dict:
+            new_weight = self._validated_weight(state_dict[wkey], qkeys, wkey, local_metadata)
+        elif qkeys:
+            raise ValueError(f"state dict has the quant state {sorted(qkeys)} but not the packed weight {wkey!r}")
+        self._validate_other_keys(state_dict, prefix)
+        # the base class loads the bias (shape already checked) and reports unexpected keys; hide the weight keys
+        for k in [wkey, *qkeys]:
+            state_dict.pop(k, None)
+        n_missing = len(missing_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if new_weight is not None:
+            missing_keys[n_missing:] = [k for k in missing_keys[n_missing:] if k != wkey]
+            self.weight = new_weight
+
+    def _validated_weight(self, packed: Any, qkeys: dict, wkey: str, local_metadata: dict) -> Params4bit:
+        if not isinstance(packed, torch.Tensor):
+            raise ValueError(f"{wkey!r} must be a tensor of packed 4-bit codes, got {type(packed).__name__}")
+        if not qkeys:
+            raise ValueError(f"{wkey!r} has no quant state: expected {wkey}.absmax, {wkey}.quant_map, ... and "
+                             f"{wkey}.quant_state.bitsandbytes__nf4/fp4 (a bitsandbytes Linear4bit state dict)")
+        dev = self.weight.device
+        try:
+            state = QuantState.from_dict(qkeys, device=dev)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"corrupted quant state under {wkey + '.*'!r}: {e}") from e
+        if tuple(state.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"size mismatch for {wkey!r}: checkpoint weight is {tuple(state.shape)}, this layer is "
+                             f"(out_features, in_features) = ({self.out_features}, {self.in_features})")
+        if packed.dtype not in STORAGE_DTYPES:
+            raise ValueError(f"{wkey!r} must be uint8 (or a bf16/fp16/fp32 quant_storage view), got {packed.dtype}")
+        rows = _packed_rows(state.numel, packed.dtype)
+        if packed.numel() != rows:
+            raise ValueError(f"size mismatch for {wkey!r}: {state.numel} 4-bit values in {packed.dtype} need "
+                             f"{rows} elements ([{rows}, 1]), the checkpoint has shape {tuple(packed.shape)}")
+        if local_metadata.get("assign_to_params_buffers", False):
+            data = packed.detach().to(dev)
+        else:
+            data = packed.detach().to(dev, copy=True)
+        return Params4bit(data.reshape(rows, 1).contiguous(), False, state)
+
+    def _validate_other_keys(self, state_dict: dict, prefix: str) -> None:
+        """Shape checks for bias and LoRA keys, done before anything is assigned (they load after us)."""
+        expected = {}
+        if self.bias is not None:
+            expected[prefix + "bias"] = tuple(self.bias.shape)
+        for name in self.lora_A:
+            expected[f"{prefix}lora_A.{name}.weight"] = tuple(self.lora_A[name].weight.shape)
+            expected[f"{prefix}lora_B.{name}.weight"] = tuple(self.lora_B[name].weight.shape)
+        for k, shape in expected.items():
+            if k in state_dict:
+                v = state_dict[k]
+                if not isinstance(v, torch.Tensor):
+                    raise ValueError(f"{k!r} must be a tensor, got {type(v).__name__}")
+                if tuple(v.shape) != shape:
+                    hint = " (a different LoRA rank r?)" if k[len(prefix):].startswith("lora_") else ""
+                    raise ValueError(f"size mismatch for {k!r}: checkpoint has {tuple(v.shape)}, this layer has "
+                                     f"{shape}{hint}")

@@ -1,0 +1,316 @@
+"""Model level: apply_qlora's target matching against peft's, parameter counts, merging, and training a tiny Llama
+(built from a LlamaConfig with tiny sizes: nothing is downloaded)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+
+import peft
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import qkernels
+from qkernels import QLoRALinear, apply_qlora, merge_and_unload, merge_into_4bit, trainable_parameters
+from qkernels.model import match_target_modules
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+U32 = torch.finfo(torch.float32).eps / 2  # unit roundoff
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+class Attn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.xq = (nn.Linear(16, 16) for _ in range(4))
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = Attn()
+        self.out = nn.Linear(16, 16)
+        self.norm = nn.LayerNorm(16)
+
+
+class Net(nn.Module):
+    """Names chosen to exercise the matching rules: ``layers.N.attn.q`` (suffix), ``layers.N.attn.xq`` (ends with
+    "q" but not ".q"), a top-level ``q`` (equality), and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([Block() for _ in range(2)])
+        self.q = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+
+
+def _peft_targets(model: nn.Module, **config) -> list[str]:
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4, **config))
+    return [n.removeprefix("base_model.model.") for n, m in pm.named_modules()
+            if isinstance(m, peft.tuners.lora.LoraLayer)]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [dict(target_modules=["q", "v"]), dict(target_modules=["attn.q"]), dict(target_modules=r".*\.(q|v)"),
+     dict(target_modules=["q", "k", "v", "out"], exclude_modules=["layers.0.attn.q", "out"]),
+     dict(target_modules=["q", "xq", "head"], exclude_modules=r"layers\.1\..*")],
+    ids=["list", "dotted-suffix", "regex", "exclude-list", "exclude-regex"],
+)
+def test_target_matching_equals_peft(config):
+    model = Net()
+    want = _peft_targets(model, **config)
+    assert match_target_modules(model, config["target_modules"], config.get("exclude_modules")) == want
+    apply_qlora(model, config["target_modules"], exclude_modules=config.get("exclude_modules"), r=4)
+    assert [n for n, m in model.named_modules() if isinstance(m, QLoRALinear)] == want
+
+
+def test_all_linear_equals_peft_on_tiny_llama_and_skips_the_head():
+    model = tiny_llama()
+    want = sorted(_peft_targets(model, target_modules="all-linear"))
+    assert "lm_head" not in want and len(want) == 2 * 7
+    apply_qlora(model, "all-linear", r=4)
+    assert sorted(n for n, m in model.named_modules() if isinstance(m, QLoRALinear)) == want
+    assert isinstance(model.lm_head, nn.Linear) and not model.lm_head.weight.requires_grad
+
+
+def test_gpt2_conv1d_layers_are_targeted_like_peft_and_transposed():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=64, n_layer=1, n_head=2)).eval()
+    want = sorted(_peft_targets(model, target_modules="all-linear"))
+    assert want == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc",
+                    "transformer.h.0.mlp.c_proj"]
+    conv = model.transformer.h[0].attn.c_attn  # Conv1D: y = x @ W + b, W [in, out]
+    layer = QLoRALinear.from_linear(conv, r=4)
+    assert (layer.in_features, layer.out_features) == (64, 192)
+    packed, _ = qkernels.quantize_4bit(conv.weight.detach().t().contiguous())
+    assert torch.equal(layer.weight.data, packed), "stored [out, in], as transformers' bitsandbytes integration"
+    apply_qlora(model, "all-linear", r=4)
+    assert sorted(n for n, m in model.named_modules() if isinstance(m, QLoRALinear)) == want
+    x = torch.randn(2, 64)
+    with torch.no_grad():  # B == 0: the layer is x @ dequant(W)^T + b; two float32 evaluations, gamma_{K+1} each
+        W = layer.dequantized_weight()
+        want_y = x @ W.t() + conv.bias
+        bound = 2 * (64 + 1) * U32 * (x.abs() @ W.abs().t() + conv.bias.abs())
+        assert ((layer(x) - want_y).abs() <= bound).all()
+
+
+def test_freezes_all_but_lora_and_counts_like_peft(capsys):
+    model = tiny_llama()
+    n_embed = model.model.embed_tokens.weight.numel()
+    apply_qlora(model, LLAMA_TARGETS, r=4)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A.default." in n or ".lora_B.default." in n for n in trainable)
+    assert not model.model.embed_tokens.weight.requires_grad
+    counts = trainable_parameters(model)
+    # peft's own counting function, run on our model: the packed weight counts numel * 2 * element_size
+    assert counts == peft.PeftModel.get_nb_trainable_parameters(model)
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QLoRALinear))
+    dense = sum(p.numel() for p in model.parameters() if type(p).__name__ != "Params4bit")
+    assert counts == (lora, dense + quantized) and n_embed < dense
+    qkernels.print_trainable_parameters(model)
+    line = capsys.readouterr().out.strip()
+    assert line == f"trainable params: {lora:,d} || all params: {dense + quantized:,d} || " \
+                   f"trainable%: {100 * lora / (dense + quantized):.4f}"
+
+
+def test_bad_targets_raise_listing_the_linear_layers():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"'qproj' matches no module.*q_proj"):
+        apply_qlora(model, ["q_proj", "qproj"])
+    with pytest.raises(ValueError, match="'model.layers.0.self_attn' is a LlamaAttention, not an nn.Linear"):
+        apply_qlora(model, ["self_attn"])
+    with pytest.raises(ValueError, match="r must be a positive int"):
+        apply_qlora(model, ["q_proj"], r=0)
+    with pytest.raises(ValueError, match="matches no module"):
+        apply_qlora(model, r"nothing\..*")
+    with pytest.raises(ValueError, match="is excluded by exclude_modules"):
+        apply_qlora(model, ["q_proj"], exclude_modules=r".*q_proj")
+    assert not any(isinstance(m, QLoRALinear) for m in model.modules()), "errors are raised before any replacement"
+    apply_qlora(model, ["q_proj"])
+    with pytest.raises(ValueError, match="already a QLoRALinear"):
+        apply_qlora(model, ["q_proj"])
+
+
+def test_progress_is_logged_and_printed_for_large_models(caplog, capsys):
+    model = tiny_llama()
+    with caplog.at_level(logging.INFO, logger="qkernels"):
+        apply_qlora(model, LLAMA_TARGETS, log_every=5)  # 14 layers >= 2 * 5: a "large" model, printed too
+    lines = [r.getMessage() for r in caplog.records if r.name == "qkernels"]
+    assert [ln.split(" layers")[0] for ln in lines] == ["apply_qlora: 5/14", "apply_qlora: 10/14", "apply_qlora: 14/14"]
+    assert capsys.readouterr().err.splitlines() == lines
+    apply_qlora(tiny_llama(), LLAMA_TARGETS)  # 14 < 2 * 50: quiet
+    assert capsys.readouterr().err == ""
+
+
+def test_model_state_dict_round_trips_through_safetensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = apply_qlora(tiny_llama(0), LLAMA_TARGETS, r=4)
+    _randomize_lora(model)
+    save_file(model.state_dict(), tmp_path / "model.safetensors")
+    other = apply_qlora(tiny_llama(1), LLAMA_TARGETS, r=4)  # different weights everywhere
+    result = other.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    ids = torch.randint(3, 96, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, other(ids).logits)
+
+
+# ---------------------------------------------------------------------------------------------- merging
+def _randomize_lora(model: nn.Module, seed: int = 3) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, QLoRALinear):
+                m.lora_B["default"].weight.copy_(torch.randn(m.lora_B["default"].weight.shape, generator=g) * 0.05)
+
+
+def test_merge_and_unload_layer_within_rounding_bound():
+    """|y_qlora - y_merged| <= 3 (K + r + 2) u (|x| (|W| + s|B||A|)^T + |b|): both are float32 evaluations of the
+    same sum of K + r products (gamma_{K+r+2} each), plus the float32 rounding of the merged weight."""
+    torch.manual_seed(0)
+    layer = QLoRALinear(192, 72, r=6, lora_alpha=12)
+    model = nn.Sequential(layer)
+    _randomize_lora(model)
+    x = torch.randn(9, 192)
+    with torch.no_grad():
+        y = layer(x)
+        A, B, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
+        mag = x.abs() @ (layer.dequantized_weight().abs() + s * B.abs() @ A.abs()).t() + layer.bias.abs()
+    merge_and_unload(model)
+    dense = model[0]
+    assert type(dense) is nn.Linear and dense.weight.dtype == torch.float32 and not dense.weight.requires_grad
+    with torch.no_grad():
+        ym = dense(x)
+    bound = 3 * (192 + 6 + 2) * U32 * mag
+    assert ((y - ym).abs() <= bound).all()
+
+
+def test_merge_and_unload_follows_the_models_last_dtype():
+    model = nn.Sequential(QLoRALinear(64, 32, r=2, dtype=torch.bfloat16))
+    model.half()  # the packed weight and quant_state.dtype (the checkpoint's) are untouched; the merge is fp16
+    assert model[0].weight.quant_state.dtype == torch.bfloat16 and model[0].float_dtype == torch.float16
+    merge_and_unload(model)
+    assert model[0].weight.dtype == torch.float16 and model[0].bias.dtype == torch.float16
+    compute = nn.Sequential(QLoRALinear(64, 32, r=2, compute_dtype=torch.bfloat16))
+    assert merge_and_unload(compute)[0].weight.dtype == torch.bfloat16
+
+
+def test_merge_and_unload_tiny_llama_keeps_outputs():
+    model = tiny_llama()
+    apply_qlora(model, LLAMA_TARGETS, r=4)
+    _randomize_lora(model)
+    ids = torch.randint(3, 96, (2, 12))
+    with torch.no_grad():
+        before = model(ids).logits
+    merge_and_unload(model)
+    assert not any(isinstance(m, QLoRALinear) for m in model.modules())
+    assert isinstance(model.model.layers[0].self_attn.q_proj, nn.Linear)
+    with torch.no_grad():
+        after = model(ids).logits
+        exact = copy.deepcopy(model).double()(ids).logits  # the merged model evaluated in float64
+    # DESIGN §3 rule: the QLoRA model's float32 error is at most twice that of the plain float32 dense model
+    # (measured here: 6.1 vs 4.9 ulps of the largest logit)
+    err_dense = (after.double() - exact).abs().max()
+    assert (before.double() - exact).abs().max() <= 2 * err_dense
+    model_plain = tiny_llama()
+    apply_qlora(model_plain, LLAMA_TARGETS, r=4)
+    with torch.no_grad():
+        # and the check has teeth: dropping the adapters moves the logits by far more than that
+        assert (model_plain(ids).logits - after).abs().max() > 100 * (after - before).abs().max()
+
+
+def test_merge_into_4bit_warns_and_reports_the_error():
+    torch.manual_seed(0)
+    layer = QLoRALinear(128, 64, r=4)
+    model = nn.Sequential(layer)
+    _randomize_lora(model)
+    M = layer.dequantized_weight() + layer.lora_delta()
+    with pytest.warns(UserWarning, match="requantized 1 layers"):
+        errors = merge_into_4bit(model)
+    new = layer.dequantized_weight()
+    assert errors["0"] == pytest.approx(float((new - M).norm() / M.norm()), rel=1e-6) and errors["0"] > 0
+    assert "0.delta_lost" in errors
+    assert layer.active_adapter is None and not layer.lora_A
+    packed, _ = qkernels.quantize_4bit(M)
+    assert torch.equal(layer.weight.data, packed)
+    x = torch.randn(3, 128)
+    want = qkernels.matmul_4bit_lora(x, layer.weight.data, layer.weight.quant_state, None, None, 0.0, layer.bias)
+    assert torch.equal(layer(x), want)
+
+
+def test_loftq_through_apply_qlora_moves_the_model_toward_float():
+    ref = tiny_llama()
+    ids = torch.randint(3, 96, (2, 12))
+    with torch.no_grad():
+        want = ref(ids).logits
+    errs = {}
+    for init in (True, "loftq"):
+        model = apply_qlora(tiny_llama(), LLAMA_TARGETS, r=8, init_lora_weights=init)
+        with torch.no_grad():
+            errs[init] = float((model(ids).logits - want).norm())
+    assert errs["loftq"] < errs[True]
+
+
+# ---------------------------------------------------------------------------------------------- training
+def _lora_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_training_lowers_the_loss_and_generate_works():
+    model = apply_qlora(tiny_llama(), LLAMA_TARGETS, r=8, lora_alpha=16, lora_dropout=0.05)
+    model.train()
+    torch.manual_seed(1)
+    ids = torch.randint(3, 96, (4, 16))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    packed = {n: m.weight.data.clone() for n, m in model.named_modules() if isinstance(m, QLoRALinear)}
+    losses = []
+    for _ in range(8):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+    for n, m in model.named_modules():
+        if isinstance(m, QLoRALinear):
+            assert torch.equal(m.weight.data, packed[n]), "the 4-bit weight never changes"
+    model.eval()
+    out = model.generate(ids[:1, :4], max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 9) and torch.equal(out[:, :4], ids[:1, :4])
+
+
+def test_gradient_checkpointing_gives_the_same_lora_gradients():
+    """With LoRA dropout on: checkpointing restores the RNG state for the recomputation, so the fused op draws the
+    same masks and the gradients match the ones without checkpointing."""
+    model = apply_qlora(tiny_llama(), LLAMA_TARGETS, r=4, lora_dropout=0.1)
+    _randomize_lora(model)
+    model.train()
+    ids = torch.randint(3, 96, (2, 10))
+    torch.manual_seed(5)
+    plain = _lora_grads(model, ids)
+    model.gradient_checkpointing_enable()
+    assert model.model.layers[0].gradient_checkpointing
+    torch.manual_seed(5)
+    ckpt = _lora_grads(model, ids)
+    assert plain.keys() == ckpt.keys() and len(plain) == 2 * 2 * 7
+    for n in plain:
+        assert ckpt[n].abs().sum() > 0, n
+        scale = plain[n].abs().max().item()
+        assert (ckpt[n] - plain[n]).abs().max().item() <= 64 * U32 * max(scale, math.ulp(1.0)), n
