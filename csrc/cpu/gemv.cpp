@@ -232,7 +232,7 @@ void gemv_portable(const Problem& p, const float* xf) {
 // ------------------------------------------------------------------------------------------------ tiled SIMD paths
 #ifdef QK_X86
 // A tile kernel computes y[m0 .. m0+MT, n0 .. n0+NR] (K % 32 == 0).  The driver walks groups of 4 output rows
-// (OpenMP over groups, static: each thread streams one contiguous range of W) and, inside a group, M in tiles of at
+// (OpenMP over groups) and, inside a group, M in tiles of at
 // most mt_max rows, so a group's packed rows (4 x K/2 bytes) stay in L1 across the M tiles.
 using TileFn = void (*)(const Problem&, const void* xprep, int64_t n0, int64_t m0);
 
@@ -261,8 +261,10 @@ void run_tiles(const Problem& p, const void* xprep, const TileTable& t) {
   const int64_t ngroups = (p.N + G - 1) / G;
   const bool par = p.N * p.K >= kParallelMinWeights && ngroups > 1;
   (void)par;
+  // Dynamic, 8 groups (32 rows, 64 KB of W at K = 4096) per grab: a contiguous stretch for the prefetcher, and a
+  // thread descheduled on a shared machine no longer holds the others up with a fixed half of the work.
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (par)
+#pragma omp parallel for schedule(dynamic, 8) if (par)
 #endif
   for (int64_t g = 0; g < ngroups; ++g) {
     const int64_t n_begin = g * G, n_end = std::min(p.N, n_begin + G);
