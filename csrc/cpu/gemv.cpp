@@ -365,11 +365,11 @@ struct TileF32Avx512 {
 // starting at the wanted nibble (offsets 4, 0, 12, 8: hi(2q), lo(2q), hi(2q+1), lo(2q+1)).  vpermw reads index bits
 // 0..4; bit 4 may hold a neighbouring nibble's bit, so the 16-entry table is stored twice (32 words).  3 ops per
 // 32 weights.  The table holds bf16(code * scale), rounded to nearest even by vcvtneps2bf16 (one instruction per
-// block; the integer rounding of dequantize.cpp costs ~10 and was a third of the time at bs 64, M 16): the W of
+// block; the integer rounding of dequantize.cpp costs ~10 ops and took ~10% of the time at bs 64, M 16): the W of
 // torch's dequantize-to-bf16, except that a |code * scale| below 2^-126 becomes 0 -- as vdpbf16ps would treat it.
 QK_AVX512BF16 QK_INLINE __m512i bf16_table(__m512 code, float s) {
-  const __m256i w = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(code, _mm512_set1_ps(s)));
-  return _mm512_inserti64x4(_mm512_castsi256_si512(w), w, 1);
+  const __m512 v = _mm512_mul_ps(code, _mm512_set1_ps(s));
+  return (__m512i)_mm512_cvtne2ps_pbh(v, v);  // words 0..15 and 16..31: the 16 entries twice, in one instruction
 }
 
 template <int NR, int MT>
