@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <new>
 #include <utility>
 #include <vector>
 
@@ -283,6 +284,19 @@ void run_tiles(const Problem& p, const void* xprep, const TileTable& t) {
 #define QK_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx512vbmi")))
 #define QK_INLINE inline __attribute__((always_inline))
 
+// 64-byte aligned storage for zmm-sized scratch (std::vector's default allocator only guarantees 16 bytes).
+template <typename T>
+struct AlignedAlloc {
+  using value_type = T;
+  AlignedAlloc() = default;
+  template <typename U>
+  AlignedAlloc(const AlignedAlloc<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* ptr, size_t) { ::operator delete(ptr, std::align_val_t(64)); }
+  bool operator==(const AlignedAlloc&) const { return true; }
+  bool operator!=(const AlignedAlloc&) const { return false; }
+};
+
 // Start of the next run of chunks with one table per row: scale[r] is row r's block scale at k, and the run ends at
 // the first block boundary of any of the NR rows (their boundaries differ when K % blocksize != 0).  Plain code (no
 // vector types), so the target-specific tile kernels can inline it.
@@ -407,6 +421,104 @@ struct TileBf16Avx512 {
   }
 };
 
+// ---- bfloat16, M > 8 (several M tiles).  Decoding in registers per M tile would decode each W chunk once per tile
+// (at M 16: 6 decode ops per 16 vdpbf16ps, which share the vector pipes).  Instead a pair of rows is decoded once,
+// kKc columns at a time, into a 4 KB bf16 buffer that stays in L1, and every M tile reads it from there; the tiles'
+// accumulators live in a small per-thread array between column spans.
+constexpr int64_t kKc = 1024;
+
+QK_AVX512BF16 void decode_row_bf16(const Problem& p, int64_t n, int64_t k0, int64_t k1, uint16_t* dst) {
+  const __m512 code = _mm512_loadu_ps(p.code);
+  const __m512i shifts = _mm512_set1_epi64(0x0008000c00000004LL);
+  const uint8_t* row = p.packed + ((n * p.K) >> 1);
+  for (int64_t k = k0; k < k1;) {
+    float sc[1];
+    const int64_t seg_end = std::min(k1, next_segment<1>(p, n, k, sc));
+    const __m512i lut = bf16_table(code, sc[0]);
+    for (; k < seg_end; k += 32) {
+      const __m512i q = _mm512_cvtepu16_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + (k >> 1))));
+      _mm512_store_si512(dst + (k - k0), _mm512_permutexvar_epi16(_mm512_multishift_epi64_epi8(shifts, q), lut));
+    }
+  }
+}
+
+template <int NR, int MT>
+struct SpanBf16 {
+  // acc[NR][MT] (in memory) += W[n0 .. n0+NR, k0 .. k0+kc] . x[m0 .. m0+MT, same k]; W rows at wbuf + r * kKc.
+  QK_AVX512BF16 static void run(const uint16_t* wbuf, const uint16_t* xk, int64_t kc, float* acc_mem) {
+    __m512 acc[NR][MT];
+    for (int r = 0; r < NR; ++r)
+      for (int i = 0; i < MT; ++i) acc[r][i] = _mm512_load_ps(acc_mem + 16 * (r * MT + i));
+    for (int64_t c = 0; c < kc; c += 32) {
+      __m512i w[NR];
+      for (int r = 0; r < NR; ++r) w[r] = _mm512_load_si512(wbuf + r * kKc + c);
+      const uint16_t* xc = xk + c * MT;
+      for (int i = 0; i < MT; ++i) {
+        const __m512i xv = _mm512_loadu_si512(xc + 32 * i);
+        for (int r = 0; r < NR; ++r) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], (__m512bh)w[r], (__m512bh)xv);
+      }
+    }
+    for (int r = 0; r < NR; ++r)
+      for (int i = 0; i < MT; ++i) _mm512_store_ps(acc_mem + 16 * (r * MT + i), acc[r][i]);
+  }
+  QK_AVX512BF16 static void finish(const Problem& p, const float* acc_mem, int64_t n0, int64_t m0) {
+    __m512 acc[NR][MT];
+    for (int r = 0; r < NR; ++r)
+      for (int i = 0; i < MT; ++i) acc[r][i] = _mm512_load_ps(acc_mem + 16 * (r * MT + i));
+    finish_avx512<NR, MT>(p, acc, n0, m0);
+  }
+};
+
+using SpanFn = void (*)(const uint16_t*, const uint16_t*, int64_t, float*);
+using SpanFinishFn = void (*)(const Problem&, const float*, int64_t, int64_t);
+struct SpanTable {
+  SpanFn span[3][kMaxMt + 1] = {};  // [NR][MT], NR in {1, 2}
+  SpanFinishFn finish[3][kMaxMt + 1] = {};
+};
+
+template <int... MT>
+SpanTable make_span_table(std::integer_sequence<int, MT...>) {
+  SpanTable t;
+  ((t.span[1][MT] = &SpanBf16<1, MT>::run, t.span[2][MT] = &SpanBf16<2, MT>::run,
+    t.finish[1][MT] = &SpanBf16<1, MT>::finish, t.finish[2][MT] = &SpanBf16<2, MT>::finish),
+   ...);
+  return t;
+}
+
+void run_bf16_multi(const Problem& p, const uint16_t* xp, int mt_max) {
+  static const SpanTable t = make_span_table(std::integer_sequence<int, 1, 2, 3, 4, 5, 6, 7, 8>{});
+  const int64_t npairs = (p.N + 1) / 2;
+  const bool par = p.N * p.K >= kParallelMinWeights && npairs > 1;
+  (void)par;
+#ifdef _OPENMP
+#pragma omp parallel if (par)
+#endif
+  {
+    std::vector<uint16_t, AlignedAlloc<uint16_t>> wbuf(2 * kKc);
+    std::vector<float, AlignedAlloc<float>> acc(static_cast<size_t>(2 * p.M * 16));  // [M tile][NR][MT][16]
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 16)
+#endif
+    for (int64_t g = 0; g < npairs; ++g) {
+      const int64_t n0 = 2 * g;
+      const int nr = static_cast<int>(std::min<int64_t>(2, p.N - n0));
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t k0 = 0; k0 < p.K; k0 += kKc) {
+        const int64_t kc = std::min(kKc, p.K - k0);
+        for (int r = 0; r < nr; ++r) decode_row_bf16(p, n0 + r, k0, k0 + kc, wbuf.data() + r * kKc);
+        for (int64_t m0 = 0; m0 < p.M; m0 += mt_max) {
+          const int mt = static_cast<int>(std::min<int64_t>(mt_max, p.M - m0));
+          t.span[nr][mt](wbuf.data(), xp + m0 * p.K + k0 * mt, kc, acc.data() + 2 * m0 * 16);
+        }
+      }
+      for (int64_t m0 = 0; m0 < p.M; m0 += mt_max) {
+        const int mt = static_cast<int>(std::min<int64_t>(mt_max, p.M - m0));
+        t.finish[nr][mt](p, acc.data() + 2 * m0 * 16, n0, m0);
+      }
+    }
+  }
+}
+
 // ---- AVX2 + FMA, float32 x (packed, even / odd split), 16 elements (8 bytes) per step; the 16-entry table is two
 // ymm halves picked by bit 3 of the index (vpermps x2 + blend), as in dequantize.cpp.
 QK_AVX2 QK_INLINE __m256 lookup16_avx2(__m256 la, __m256 lb, __m256i idx) {
@@ -491,7 +603,10 @@ bool gemv_simd(const Problem& p, const void* x) {
       static const TileTable t = make_table<TileBf16Avx512, 4, 2, 2>(Mts8{});
       std::vector<uint16_t> xp(static_cast<size_t>(p.M * p.K));
       pack_x_t<RawU16>(x, p.M, p.K, t.mt_max, false, xp.data());
-      run_tiles(p, xp.data(), t);
+      if (p.M > t.mt_max)
+        run_bf16_multi(p, xp.data(), t.mt_max);
+      else
+        run_tiles(p, xp.data(), t);
       return true;
     }
     static const TileTable t = make_table<TileF32Avx512, 4, 2, 2>(Mts8{});
