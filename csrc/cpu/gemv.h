@@ -31,7 +31,8 @@ namespace cpu {
 //     on a CPU with AVX512_BF16 and AVX512_VBMI, W is decoded to bfloat16 (bf16(code * scale), the W torch's
 //     dequantize-to-bf16 gives) and multiplied with vdpbf16ps (exact bf16 products, float32 sums).  The environment
 //     variable QKERNELS_CPU_GEMV_BF16=0 (read on every call) turns that off, so the float32 AVX-512 path can be
-//     tested on such a CPU.  Otherwise x is converted to float32 and W is decoded to float32.
+//     tested on such a CPU.  For M > 8 on that path a pair of W rows is decoded once per 1024 columns into an L1
+//     buffer that all M tiles read.  Otherwise x is converted to float32 and W is decoded to float32.
 //   * any other K, and the scalar ISA: a portable path that decodes one row of W to float32 and takes M dot products.
 // OpenMP over output rows.  Arguments are assumed validated (see bind_gemv_cpu.cpp).
 void gemv_4bit_lora(const void* x, DType dtype, int64_t M, int64_t K, const uint8_t* packed, const float* absmax,
