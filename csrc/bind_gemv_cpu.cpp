@@ -46,9 +46,10 @@ void gemv_4bit_lora_cpu(std::uint64_t x_ptr, int dtype, int64_t M, int64_t K, st
       reinterpret_cast<const void*>(x_ptr), static_cast<qkernels::DType>(dtype), M, K,
       reinterpret_cast<const uint8_t*>(packed_ptr), reinterpret_cast<const float*>(absmax_ptr),
       reinterpret_cast<const uint8_t*>(absmax_q_ptr), reinterpret_cast<const float*>(nested_absmax_ptr),
-      reinterpret_cast<const float*>(nested_code_ptr), offset, nested_blocksize, reinterpret_cast<const float*>(code_ptr),
-      blocksize, N, reinterpret_cast<const float*>(lora_t_ptr), reinterpret_cast<const float*>(lora_B_ptr), r,
-      reinterpret_cast<const float*>(bias_ptr), reinterpret_cast<void*>(out_ptr));
+      reinterpret_cast<const float*>(nested_code_ptr), offset, nested_blocksize,
+      reinterpret_cast<const float*>(code_ptr), blocksize, N, reinterpret_cast<const float*>(lora_t_ptr),
+      reinterpret_cast<const float*>(lora_B_ptr), r, reinterpret_cast<const float*>(bias_ptr),
+      reinterpret_cast<void*>(out_ptr));
 }
 
 }  // namespace
