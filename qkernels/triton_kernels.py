@@ -344,8 +344,9 @@ def _check_weight(packed, absmax, code, blocksize, n, k, nested_absmax, nested_c
         torch._check(nested_code is not None and nested_code.numel() == 256 and nested_code.dtype == torch.float32,
                      lambda: "nested_code must be float32 with 256 entries")
         torch._check(offset is not None and offset.numel() == 1, lambda: "offset must be one float32 value")
-        torch._check(nested_absmax.numel() == -(-nblocks // nested_blocksize) and
-                     nested_absmax.dtype == torch.float32, lambda: "nested_absmax must be float32, one per nested block")
+        n2 = -(-nblocks // nested_blocksize)
+        torch._check(nested_absmax.numel() == n2 and nested_absmax.dtype == torch.float32,
+                     lambda: f"nested_absmax must be float32 with {n2} entries (one per nested block)")
         torch._check(nested_blocksize > 0 and nested_blocksize & (nested_blocksize - 1) == 0,
                      lambda: f"nested_blocksize must be a positive power of two, got {nested_blocksize}")
     for name, t in (("packed", packed), ("absmax", absmax), ("code", code), ("nested_absmax", nested_absmax),
@@ -550,7 +551,8 @@ def matmul_4bit_lora_dx(
     """
     raw, absmax, code, bs, n_abs, n_code, off, nbs = _weight_args(packed, state)
     n, k = state.shape
-    torch._check(grad_y.shape[-1] == n, lambda: f"grad_y [..., {grad_y.shape[-1]}] does not match the weight [{n}, {k}]")
+    torch._check(grad_y.shape[-1] == n,
+                 lambda: f"grad_y [..., {grad_y.shape[-1]}] does not match the weight [{n}, {k}]")
     lead = grad_y.shape[:-1]
     args = (_rows(grad_y), raw, absmax, code, bs, k, n_abs, n_code, off, nbs, _rows(lora_u), lora_A,
             _rows(lora_mask, k))

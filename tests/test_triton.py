@@ -237,6 +237,34 @@ def test_ops_pass_opcheck_schema_and_fake():
                           (x, *w, t, B, b, torch.empty(5, 48)), test_utils=utils)
 
 
+@pytest.mark.parametrize("op", ["fwd", "dx"])
+def test_ops_trace_to_triton_kernel_nodes(op):
+    """STYLE 7 without a GPU: traced with fake CUDA tensors and functionalized (what torch.compile's AOT stage does),
+    each op decomposes into a ``triton_kernel_wrapper_functional`` node holding the compiled kernel and its
+    autotuning grid, not an opaque call. (Triton's mutation analysis needs a GPU driver; without one torch logs a
+    warning and conservatively clones every tensor argument.)"""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.functional_tensor import dispatch_functionalize
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    packed, state = _weight(48, 96, 64, "nf4", True)
+    real = [packed, state.absmax, state.code, state.state2.absmax, state.state2.code, state.offset.reshape(1)]
+    rows, lead = (96, 48) if op == "fwd" else (48, 96)
+    with FakeTensorMode():
+        fake = [torch.empty(t.shape, dtype=t.dtype, device="cuda") for t in real]
+        a = torch.empty(128, rows, dtype=torch.bfloat16, device="cuda")
+        l1 = torch.empty(128, 16, dtype=torch.bfloat16, device="cuda")
+        l2 = torch.empty(*((48, 16) if op == "fwd" else (16, 96)), dtype=torch.bfloat16, device="cuda")
+        extra = torch.empty(*((48,) if op == "fwd" else (128, 96)), dtype=torch.bfloat16, device="cuda")
+        p, absmax, code, nabs, ncode, off = fake
+        fn = getattr(torch.ops.qkernels, f"triton_matmul_4bit_lora_{op}")
+        gm = make_fx(dispatch_functionalize(
+            lambda *t: fn(t[0], t[1], t[2], t[3], 64, lead, t[4], t[5], t[6], 256, t[7], t[8], t[9])
+        ))(a, p, absmax, code, nabs, ncode, off, l1, l2, extra)
+    assert "triton_kernel_wrapper_functional" in gm.code
+    assert f"'HAS_LORA': True, '{'HAS_BIAS' if op == 'fwd' else 'HAS_MASK'}': True" in gm.code
+
+
 def test_triton_available(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert triton_available("cuda") and not triton_available("cpu")
