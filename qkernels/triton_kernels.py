@@ -79,11 +79,14 @@ def triton_available(device: torch.device | str) -> bool:
 def _block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blk, mask,
                  NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr):
     """float32 scale of quantization block(s) ``blk`` (any shape); 0 (plain) or finite (nested) where masked."""
+    # One return: the compiler type-checks the statements after a constexpr-if's return too (uint8 vs float32).
     if NESTED:
         q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
         s = tl.load(nested_code_ptr + q) * tl.load(nested_absmax_ptr + blk // NESTED_BLOCKSIZE, mask=mask, other=0.0)
-        return s + tl.load(offset_ptr)  # two float32 roundings, as reference.decode_nested_absmax
-    return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+        scale = s + tl.load(offset_ptr)  # two float32 roundings, as reference.decode_nested_absmax
+    else:
+        scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+    return scale
 
 
 def _dequant_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr,

@@ -265,6 +265,41 @@ def test_ops_trace_to_triton_kernel_nodes(op):
     assert f"'HAS_LORA': True, '{'HAS_BIAS' if op == 'fwd' else 'HAS_MASK'}': True" in gm.code
 
 
+def _compile_for_sm90(op: str, dtype: str, nested: bool, row_aligned: bool, blocksize: int):
+    """Compile one kernel variant with the first H100 tiling to PTX, no GPU needed: what the interpreter cannot
+    check (the compiler's typing of constexpr branches, dot shapes, layouts)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from qkernels import triton_kernels as tk
+
+    kernel = getattr(tk._kernels(False), op).fn
+    cfg = tk._gpu_configs(*(("BLOCK_M", "BLOCK_N", "BLOCK_K") if op == "fwd" else ("BLOCK_M", "BLOCK_K", "BLOCK_N")))[0]
+    precision = "ieee" if dtype == "fp32" else "tf32"
+    consts = dict(BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=256, NESTED=nested, ROW_ALIGNED=row_aligned, HAS_LORA=True,
+                  R_PAD=16, DOT_PRECISION=precision, LORA_PRECISION=precision, **cfg.kwargs,
+                  **{"HAS_BIAS" if op == "fwd" else "HAS_MASK": True})
+    u8_or_f32 = "*u8" if nested else "*fp32"
+    types = {"packed_ptr": "*u8", "absmax_ptr": u8_or_f32, "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32",
+             "offset_ptr": "*fp32", "code_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "R": "i32"}
+    signature = {a: "constexpr" if a in consts else types.get(a, "*" + dtype) for a in kernel.arg_names}
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    return compiled.asm["ptx"]
+
+
+@pytest.mark.parametrize("op", ["fwd", "dx"])
+@pytest.mark.parametrize("variant", [("bf16", True, True, 64), ("bf16", True, True, 32), ("fp16", False, False, 64)],
+                         ids=["bf16-dq-aligned-bs64", "bf16-dq-aligned-bs32", "fp16-plain-general-bs64"])
+def test_kernels_compile_for_h100_without_a_gpu(op, variant):
+    triton = pytest.importorskip("triton")
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton build has no NVIDIA backend")
+    ptx = _compile_for_sm90(op, *variant)
+    assert "wgmma" in ptx  # Hopper tensor-core MMA: the in-loop dequantization did not force a slower dot path
+
+
 def test_triton_available(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert triton_available("cuda") and not triton_available("cpu")
