@@ -227,15 +227,21 @@ def _matmul_4bit_lora_dx_kernel(
 
 
 # ------------------------------------------------------------------------------------------- kernel flavours
-def _gpu_configs(tile_m: str, tile_out: str, tile_red: str) -> list:
-    """H100-sized tilings. bf16 tensor-core GEMM tiles (128x128..128x256, K step 64) with 3-4 stages; smaller ones
-    for M of a few hundred. The dequantized W tile costs registers, hence no 256x256."""
-    shapes = [  # (BLOCK_M, BLOCK_out, BLOCK_red, warps, stages)
-        (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 128, 8, 3),
-        (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3), (128, 64, 128, 4, 3),
-    ]
+# H100 tilings (BLOCK_M, BLOCK_out, BLOCK_red, num_warps, num_stages), chosen by register use: the dequantized W
+# tile, its gather addresses and the accumulator share the 255 registers a thread may have. ptxas (sm_90a, triton
+# 3.9, compiled on the CPU machine) reports no spills for these forward tilings at blocksize 32 and 64; 128x256 and
+# 256x128 spill 200-1200 bytes per thread at 8 warps and 16 warps caps a thread at 128 registers, so they are out.
+# dX spills ~200 bytes at 128x128 in its masked-LoRA epilogue only (0 without LoRA); autotuning on the GPU decides.
+_FWD_TILES = ((128, 128, 32, 8, 3), (128, 128, 32, 8, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 2),
+              (128, 64, 32, 4, 4), (64, 64, 64, 4, 3))
+_DX_TILES = ((128, 128, 32, 8, 3), (128, 128, 32, 8, 4), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4),
+             (64, 64, 64, 4, 3), (64, 64, 64, 4, 4))
+
+
+def _gpu_configs(tiles, tile_m: str, tile_out: str, tile_red: str) -> list:
+    """``triton.Config`` list of ``tiles`` with GROUP_M 8 (row tiles that share W tiles run together, for L2)."""
     return [triton.Config({tile_m: bm, tile_out: bo, tile_red: br, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for bm, bo, br, w, s in shapes]
+            for bm, bo, br, w, s in tiles]
 
 
 # One small tiling in the interpreter (autotuning there costs minutes). BLOCK_K 64 exercises both scale paths of
@@ -270,7 +276,8 @@ def _kernels(interpret: bool) -> _Kernels:
     if interpret:
         fwd_cfg, dx_cfg = [triton.Config(_INTERPRET_FWD)], [triton.Config(_INTERPRET_DX)]
     else:
-        fwd_cfg, dx_cfg = _gpu_configs("BLOCK_M", "BLOCK_N", "BLOCK_K"), _gpu_configs("BLOCK_M", "BLOCK_K", "BLOCK_N")
+        fwd_cfg = _gpu_configs(_FWD_TILES, "BLOCK_M", "BLOCK_N", "BLOCK_K")
+        dx_cfg = _gpu_configs(_DX_TILES, "BLOCK_M", "BLOCK_K", "BLOCK_N")
     key = ["M", "N", "K", "R"]
     return _Kernels(
         fwd=triton.autotune(configs=fwd_cfg, key=key)(build(_matmul_4bit_lora_fwd_kernel)),

@@ -275,7 +275,7 @@ def _compile_for_sm90(op: str, dtype: str, nested: bool, row_aligned: bool, bloc
     from qkernels import triton_kernels as tk
 
     kernel = getattr(tk._kernels(False), op).fn
-    cfg = tk._gpu_configs(*(("BLOCK_M", "BLOCK_N", "BLOCK_K") if op == "fwd" else ("BLOCK_M", "BLOCK_K", "BLOCK_N")))[0]
+    cfg = getattr(tk._kernels(False), op).configs[0]
     precision = "ieee" if dtype == "fp32" else "tf32"
     consts = dict(BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=256, NESTED=nested, ROW_ALIGNED=row_aligned, HAS_LORA=True,
                   R_PAD=16, DOT_PRECISION=precision, LORA_PRECISION=precision, **cfg.kwargs,
