@@ -6,12 +6,14 @@
 //   propagates into absmax, which the Python layer rejects.
 // - inv = 1.0f / max(absmax, 1e-38f): one float32 division, then v = x * inv (one float32 multiply), clamped.
 // - The code index is #(midpoints < v) (torch.bucketize, right=False) on the stably sorted codebook; the AVX-512
-//   path finds it with a branchless binary search over the (sorted, non-decreasing) midpoints padded with +inf,
-//   which equals that count; the other paths count directly.  Then code = order[index].
+//   path finds it with a 32-cell lookup plus the few compares inside a cell (QuantizeCellsAvx512; exactness argued
+//   there), or, for codebooks that do not fit it, a branchless binary search over the (sorted, non-decreasing)
+//   midpoints padded with +inf; both equal that count.  The other paths count directly.  Then code = order[index].
 // - quantize_blockwise (8-bit, 256-entry map) uses the same rules; every path runs the same 8-step branchless search
 //   as count_below256 (AVX-512: first 4 steps by permutexvar over bounds[16k+15], last 4 by gather; AVX2: gathers),
 //   so it is bit-identical to the scalar code even for maps with NaN/ties; order[] is skipped for a sorted map.
-// Built with -ffp-contract=off: no FMA contraction anywhere.
+// Built with -ffp-contract=off: no FMA contraction anywhere.  The one explicit FMA (the cell index v * 16 + 15.5)
+// rounds exactly like the separate multiply and add that build its tables, because v * 16 is exact.
 #include "quantize.h"
 
 #include <algorithm>
@@ -377,7 +379,8 @@ QK_AVX512 inline void group16_absmax_avx512(const uint16_t* p, int64_t blocksize
   for (int b = 0; b < 16; ++b) {
     const uint16_t* q = p + b * blocksize;
     __m512i m = _mm512_and_si512(_mm512_loadu_si512(q), abs_mask);
-    for (int64_t i = 32; i < blocksize; i += 32) m = _mm512_max_epu16(m, _mm512_and_si512(_mm512_loadu_si512(q + i), abs_mask));
+    for (int64_t i = 32; i < blocksize; i += 32)
+      m = _mm512_max_epu16(m, _mm512_and_si512(_mm512_loadu_si512(q + i), abs_mask));
     M[b] = m;
   }
   // [P0 P1 P2 P3] (128-bit lanes), [Q0 ..] -> [P0|P2, P1|P3, Q0|Q2, Q1|Q3]  (| = lane-wise max)
@@ -393,7 +396,8 @@ QK_AVX512 inline void group16_absmax_avx512(const uint16_t* p, int64_t blocksize
   // W[h] lane l: qword 0 = block 8h + l, qword 1 = block 8h + 4 + l (4 u16 each)
   __m512i W[2];
   for (int h = 0; h < 2; ++h) {
-    W[h] = _mm512_max_epu16(_mm512_unpacklo_epi64(V[2 * h], V[2 * h + 1]), _mm512_unpackhi_epi64(V[2 * h], V[2 * h + 1]));
+    W[h] = _mm512_max_epu16(_mm512_unpacklo_epi64(V[2 * h], V[2 * h + 1]),
+                            _mm512_unpackhi_epi64(V[2 * h], V[2 * h + 1]));
     W[h] = _mm512_max_epu16(W[h], _mm512_shuffle_epi32(W[h], _MM_PERM_CDAB));  // both dwords of a qword = its max
   }
   // dword 4l + k holds block l (k=0), 8 + l (k=1), 4 + l (k=2), 12 + l (k=3) in two u16 halves
@@ -467,11 +471,14 @@ template <DType DT>
 void quantize_cells_avx512(const void* A, int64_t n, int64_t blocksize, const Codebook& cb, const CellTables& ct,
                            uint8_t* packed, float* absmax) {
   switch (ct.K) {
-    case 1: for_each_block_range(n, blocksize, QuantizeCellsAvx512<DT, 1>{A, n, blocksize, &cb, &ct, packed, absmax});
+    case 1:
+      for_each_block_range(n, blocksize, QuantizeCellsAvx512<DT, 1>{A, n, blocksize, &cb, &ct, packed, absmax});
       return;
-    case 2: for_each_block_range(n, blocksize, QuantizeCellsAvx512<DT, 2>{A, n, blocksize, &cb, &ct, packed, absmax});
+    case 2:
+      for_each_block_range(n, blocksize, QuantizeCellsAvx512<DT, 2>{A, n, blocksize, &cb, &ct, packed, absmax});
       return;
-    default: for_each_block_range(n, blocksize, QuantizeCellsAvx512<DT, 3>{A, n, blocksize, &cb, &ct, packed, absmax});
+    default:
+      for_each_block_range(n, blocksize, QuantizeCellsAvx512<DT, 3>{A, n, blocksize, &cb, &ct, packed, absmax});
       return;
   }
 }
