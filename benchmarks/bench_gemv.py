@@ -138,7 +138,14 @@ def bench_m(
         return x @ W_deq.t() + t_bf @ B_bf.t() + bias_bf
 
     qk = row("qkernels", qk_call, _note_native())
-    outs = {"qkernels": qk_call(), "dense_bf16": dense_full()}
+    A32 = A.float()
+
+    def api_call() -> torch.Tensor:  # what a user's decode step calls: LoRA down-projection included, all checks
+        with torch.no_grad():
+            return qkernels.matmul_4bit_lora(x, packed, state, A32, B, 2.0, bias)
+
+    api = row("qkernels", api_call, "qkernels.matmul_4bit_lora (public API: checks, x @ A^T, fused GEMV), no_grad")
+    outs = {"qkernels": qk_call(), "qkernels_api": api_call(), "dense_bf16": dense_full()}
     bnb_row = bnb_bare = None
     if "bnb" in w:
         bnb, bpacked, bstate = w["bnb"], w["bpacked"], w["bstate"]
@@ -166,6 +173,9 @@ def bench_m(
         "M": M,
         "qkernels_ms": qk.median_ms,
         "qkernels_vs_bnb": None if bnb_row is None else bnb_row.median_ms / qk.median_ms,
+        "api_ms": api.median_ms,
+        "api_vs_bnb": None if bnb_row is None else bnb_row.median_ms / api.median_ms,
+        "api_vs_dense": dense.median_ms / api.median_ms,
         "qkernels_vs_bnb_bare_matmul": None if bnb_bare is None else bnb_bare.median_ms / qk.median_ms,
         "qkernels_vs_dense": dense.median_ms / qk.median_ms,
         "qkernels_vs_dense_with_lora": dense_lora.median_ms / qk.median_ms,
@@ -199,6 +209,8 @@ def print_summary(s: dict[str, Any]) -> None:
         f"{x(s['qkernels_vs_dense_with_lora'])}; floors: memory {s['memory_floor_ms']:.3f} ms, compute "
         f"{s['compute_floor_ms']:.3f} ms, time / floor {s['qkernels_vs_floor']:.2f}x"
     )
+    print(f"{s['shape']}: through qkernels.matmul_4bit_lora {s['api_ms']:.3f} ms: vs bitsandbytes "
+          f"{x(s['api_vs_bnb'])}, vs dense bf16 {x(s['api_vs_dense'])}")
     print(f"{s['shape']}: max |error| / max |y| vs float64: {s['checks']}")
 
 
