@@ -1,6 +1,71 @@
 // pybind11 bindings of the CPU fused 4-bit GEMV + LoRA kernel (csrc/cpu/gemv.*).  Registered from bindings.cpp.
+// Thin: validate (ValueError naming the argument) and forward; qkernels/_native.py owns the torch-side checks.
 #include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "common.h"
+#include "cpu/gemv.h"
+#include "cpu/isa.h"
 
 namespace py = pybind11;
 
-void qkernels_bind_gemv_cpu(py::module_& m) { (void)m; }
+namespace {
+
+void gemv_4bit_lora_cpu(std::uint64_t x_ptr, int dtype, int64_t M, int64_t K, std::uint64_t packed_ptr,
+                        std::uint64_t absmax_ptr, std::uint64_t absmax_q_ptr, std::uint64_t nested_absmax_ptr,
+                        std::uint64_t nested_code_ptr, float offset, int64_t nested_blocksize, std::uint64_t code_ptr,
+                        int64_t blocksize, int64_t N, std::uint64_t lora_t_ptr, std::uint64_t lora_B_ptr, int64_t r,
+                        std::uint64_t bias_ptr, std::uint64_t out_ptr) {
+  const char* fn = "gemv_4bit_lora_cpu";
+  QK_CHECK_PTR(x_ptr, fn, "x_ptr");
+  QK_CHECK_DTYPE(dtype, fn, "dtype");
+  QK_CHECK_POSITIVE(M, fn, "M");
+  QK_CHECK_POSITIVE(K, fn, "K");
+  QK_CHECK_POSITIVE(N, fn, "N");
+  QK_CHECK_PTR(packed_ptr, fn, "packed_ptr");
+  if (absmax_ptr == 0) {  // double-quantized scales
+    QK_CHECK_PTR(absmax_q_ptr, fn, "absmax_q_ptr");
+    QK_CHECK_PTR(nested_absmax_ptr, fn, "nested_absmax_ptr");
+    QK_CHECK_PTR(nested_code_ptr, fn, "nested_code_ptr");
+    QK_CHECK_ARG(nested_blocksize > 0 && (nested_blocksize & (nested_blocksize - 1)) == 0, fn, "nested_blocksize",
+                 "must be a positive power of two (got " + std::to_string(nested_blocksize) + ")");
+  }
+  QK_CHECK_PTR(code_ptr, fn, "code_ptr");
+  QK_CHECK_BLOCKSIZE(blocksize, fn, "blocksize");
+  QK_CHECK_ARG(r >= 0, fn, "r", "must be >= 0 (got " + std::to_string(r) + ")");
+  if (r > 0) {
+    QK_CHECK_PTR(lora_t_ptr, fn, "lora_t_ptr");
+    QK_CHECK_PTR(lora_B_ptr, fn, "lora_B_ptr");
+  }
+  QK_CHECK_PTR(out_ptr, fn, "out_ptr");
+  (void)qkernels::cpu::active_isa();  // validates QKERNELS_CPU_ISA before releasing the GIL
+  py::gil_scoped_release release;
+  qkernels::cpu::gemv_4bit_lora(
+      reinterpret_cast<const void*>(x_ptr), static_cast<qkernels::DType>(dtype), M, K,
+      reinterpret_cast<const uint8_t*>(packed_ptr), reinterpret_cast<const float*>(absmax_ptr),
+      reinterpret_cast<const uint8_t*>(absmax_q_ptr), reinterpret_cast<const float*>(nested_absmax_ptr),
+      reinterpret_cast<const float*>(nested_code_ptr), offset, nested_blocksize,
+      reinterpret_cast<const float*>(code_ptr), blocksize, N, reinterpret_cast<const float*>(lora_t_ptr),
+      reinterpret_cast<const float*>(lora_B_ptr), r, reinterpret_cast<const float*>(bias_ptr),
+      reinterpret_cast<void*>(out_ptr));
+}
+
+}  // namespace
+
+void qkernels_bind_gemv_cpu(py::module_& m) {
+  m.def("gemv_4bit_lora_cpu", &gemv_4bit_lora_cpu, py::arg("x_ptr"), py::arg("dtype"), py::arg("M"), py::arg("K"),
+        py::arg("packed_ptr"), py::arg("absmax_ptr"), py::arg("absmax_q_ptr"), py::arg("nested_absmax_ptr"),
+        py::arg("nested_code_ptr"), py::arg("offset"), py::arg("nested_blocksize"), py::arg("code_ptr"),
+        py::arg("blocksize"), py::arg("N"), py::arg("lora_t_ptr"), py::arg("lora_B_ptr"), py::arg("r"),
+        py::arg("bias_ptr"), py::arg("out_ptr"),
+        "Fused y = x @ W^T + lora_t @ lora_B^T + bias on the CPU, W [N, K] in bitsandbytes' 4-bit format; float32 "
+        "accumulation, one rounding to dtype. Pointers are data_ptr() ints of contiguous buffers: x [M, K] and out "
+        "[M, N] of dtype (a DType or its int); packed uint8[ceil(N*K/2)] (flat element e = n*K+k, element 2j in the "
+        "HIGH nibble); code float32[16]; blocks of `blocksize` over the flat index. Scales: absmax float32[nblocks], "
+        "or absmax_ptr=0 and double-quantized absmax_q uint8[nblocks], nested_absmax float32, nested_code "
+        "float32[256], offset, nested_blocksize (scale = float32(nested_code[q] * nested_absmax[b // "
+        "nested_blocksize]) + offset). lora_t float32 [M, r], lora_B float32 [N, r] (0 when r == 0); bias float32 "
+        "[N] or 0. SIMD path chosen per call (cpu_isa_active; QKERNELS_CPU_GEMV_BF16=0 disables vdpbf16ps).");
+}

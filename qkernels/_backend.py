@@ -52,6 +52,10 @@ def native_ops(device: torch.device) -> set[str]:
             ops.add("gemv_4bit_lora")
         if hasattr(_native._C, "quantize_4bit_cuda"):
             ops.add("quantize_4bit")
+        if hasattr(_native._C, "quantize_blockwise_cuda"):
+            ops.add("quantize_blockwise")
+        if hasattr(_native._C, "dequantize_4bit_nested_cuda"):
+            ops.add("dequantize_4bit_nested")  # nested scales decoded inside the dequantize launch
         return ops
     return set()
 

@@ -55,6 +55,24 @@ def native_info() -> dict:
     return info
 
 
+def offset_value(offset: torch.Tensor) -> float:
+    """The nested-scale ``offset`` (a one-element tensor) as a Python float, cached on the tensor.
+
+    The kernels take the offset by value. Reading a CUDA tensor's value synchronizes the device, so it is read once
+    per tensor and remembered (keyed by storage pointer and version counter, so an in-place change is seen).
+    """
+    key = (offset.data_ptr(), offset._version)
+    cached = getattr(offset, "_qkernels_offset", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    value = float(offset.to(torch.float32).item())
+    try:
+        offset._qkernels_offset = (key, value)
+    except (AttributeError, RuntimeError):  # e.g. a tensor subclass that refuses attributes: no cache, still right
+        pass
+    return value
+
+
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -74,8 +92,9 @@ def dequantize_4bit_native(
     ``out``: an optional contiguous tensor of ``n`` elements of ``dtype`` on the inputs' device, written in place
     and returned flattened (no allocation: a fresh 32 MiB output costs more page faults than the decode itself).
 
-    With ``nested=(absmax_q, nested_absmax, nested_code, offset, nested_blocksize)`` (CPU only) ``absmax`` is ignored
-    and the double-quantized scales are decoded inline by the kernel, bit-identical to
+    With ``nested=(absmax_q, nested_absmax, nested_code, offset, nested_blocksize)`` (CPU, or CUDA when
+    ``_C.dequantize_4bit_nested_cuda`` exists) ``absmax`` is ignored and the double-quantized scales are decoded
+    inline by the kernel (one pass / one launch), bit-identical to
     ``reference.decode_nested_absmax``:
     ``absmax_q`` uint8 codes (one per block), ``nested_absmax`` float32 ``[ceil(nblocks / nested_blocksize)]``,
     ``nested_code`` float32 ``[256]``, ``offset`` a float32 scalar (tensor or float), ``nested_blocksize`` a positive
@@ -144,15 +163,18 @@ def dequantize_4bit_native(
         n2 = _ceil_div(_ceil_div(n, blocksize), nested_blocksize)
         if nested_absmax.numel() != n2:
             raise ValueError(f"{fn}: argument 'nested_absmax' must have {n2} elements (got {nested_absmax.numel()})")
-        if packed.device.type != "cpu":
-            raise ValueError(f"{fn}: nested scales are decoded inline on the CPU only (got {packed.device})")
+        if packed.device.type == "cuda" and not hasattr(_C, "dequantize_4bit_nested_cuda"):
+            raise RuntimeError(f"{fn}: qkernels._C has no dequantize_4bit_nested_cuda (built without CUDA, or stale)")
+        if packed.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{fn}: nested scales are decoded inline on CPU or CUDA only (got {packed.device})")
         for name, t in (("nested_absmax", nested_absmax), ("nested_code", nested_code)):
             if t.device != packed.device:
                 raise ValueError(f"{fn}: argument '{name}' is on {t.device} but 'packed' is on {packed.device}")
         if isinstance(offset, torch.Tensor):
             if offset.numel() != 1:
                 raise ValueError(f"{fn}: argument 'offset' must be a single value (got {offset.numel()})")
-            offset = offset.to(torch.float32).item()  # a float32 value, exact as a Python float
+            # A float32 value, exact as a Python float.  On CUDA this .item() waits for the device (one sync).
+            offset = offset_value(offset)
         offset = float(offset)
         nested_absmax = nested_absmax.contiguous()
         nested_code = nested_code.contiguous()
@@ -187,10 +209,16 @@ def dequantize_4bit_native(
             raise ValueError(f"{fn}: argument 'out' must be contiguous")
         out = out.view(-1)
     native_dtype = _DTYPE_TO_NATIVE[dtype]
-    if nested is not None:
+    if nested is not None and device.type == "cpu":
         _C.dequantize_4bit_nested_cpu(packed.data_ptr(), absmax.data_ptr(), nested_absmax.data_ptr(),
                                       nested_code.data_ptr(), offset, nested_blocksize, code.data_ptr(), n, blocksize,
                                       out.data_ptr(), native_dtype)
+    elif nested is not None:  # CUDA (checked above): one launch, scales decoded inline
+        with torch.cuda.device(device):
+            stream = torch.cuda.current_stream(device).cuda_stream
+            _C.dequantize_4bit_nested_cuda(packed.data_ptr(), absmax.data_ptr(), nested_absmax.data_ptr(),
+                                           nested_code.data_ptr(), offset, nested_blocksize, code.data_ptr(), n,
+                                           blocksize, out.data_ptr(), native_dtype, stream)
     elif device.type == "cpu":
         _C.dequantize_4bit_cpu(packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), n, blocksize, out.data_ptr(),
                                native_dtype)
@@ -278,17 +306,21 @@ def quantize_4bit_native(A: torch.Tensor, code: torch.Tensor, blocksize: int) ->
 
 
 def quantize_blockwise_native(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """8-bit blockwise quantization of ``A`` (CPU, any float dtype, quantized as float32) against a 256-entry map.
+    """8-bit blockwise quantization of ``A`` (CPU or CUDA, any float dtype, quantized as float32), 256-entry map.
 
     Bit-identical to ``qkernels.reference.quantize_blockwise(A, code, blocksize)``: ``(codes uint8 [n], absmax
-    float32 [ceil(n / blocksize)])``. ``blocksize``: a power of two in [1, 4096]. Non-finite input gives a
-    non-finite absmax (the caller checks).
+    float32 [ceil(n / blocksize)])`` on ``A``'s device. ``blocksize``: a power of two in [1, 4096]. Non-finite input
+    gives a non-finite absmax (the caller checks). CUDA: launched asynchronously on the current stream.
     """
-    if _C is None or not hasattr(_C, "quantize_blockwise_cpu"):
-        raise RuntimeError(f"qkernels native module has no quantize_blockwise_cpu ({NATIVE_ERROR or 'stale build?'})")
     fn = "quantize_blockwise_native"
-    if A.device.type != "cpu" or code.device.type != "cpu":
-        raise ValueError(f"{fn}: the native 8-bit quantize runs on CPU tensors only (got {A.device}, {code.device})")
+    device = A.device
+    kernel = {"cpu": "quantize_blockwise_cpu", "cuda": "quantize_blockwise_cuda"}.get(device.type)
+    if kernel is None:
+        raise ValueError(f"{fn}: argument 'A' is on unsupported device {device} (expected cpu or cuda)")
+    if _C is None or not hasattr(_C, kernel):
+        raise RuntimeError(f"qkernels native module has no {kernel} ({NATIVE_ERROR or 'built without it, or stale'})")
+    if code.device != device:
+        raise ValueError(f"{fn}: argument 'code' is on {code.device} but 'A' is on {device}")
     if code.dtype != torch.float32 or code.numel() != 256:
         raise ValueError(f"{fn}: argument 'code' must be float32 with 256 elements")
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or not 0 < blocksize <= 4096 \
@@ -299,7 +331,197 @@ def quantize_blockwise_native(A: torch.Tensor, code: torch.Tensor, blocksize: in
         raise ValueError(f"{fn}: argument 'A' must have at least one element")
     flat = A.reshape(-1).to(torch.float32).contiguous()
     code = code.contiguous()
-    out = torch.empty(n, dtype=torch.uint8)
-    absmax = torch.empty(_ceil_div(n, blocksize), dtype=torch.float32)
-    _C.quantize_blockwise_cpu(flat.data_ptr(), n, blocksize, code.data_ptr(), out.data_ptr(), absmax.data_ptr())
+    out = torch.empty(n, dtype=torch.uint8, device=device)
+    absmax = torch.empty(_ceil_div(n, blocksize), dtype=torch.float32, device=device)
+    if device.type == "cpu":
+        _C.quantize_blockwise_cpu(flat.data_ptr(), n, blocksize, code.data_ptr(), out.data_ptr(), absmax.data_ptr())
+    else:
+        with torch.cuda.device(device):
+            stream = torch.cuda.current_stream(device).cuda_stream
+            _C.quantize_blockwise_cuda(flat.data_ptr(), n, blocksize, code.data_ptr(), out.data_ptr(),
+                                       absmax.data_ptr(), stream)
     return out, absmax
+
+
+def dequantize_blockwise_native(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                                blocksize: int) -> torch.Tensor:
+    """Inverse of ``quantize_blockwise_native`` on CUDA: float32 ``[n]``, ``code[q[i]] * absmax[i // blocksize]``.
+
+    Bit-identical to ``qkernels.reference.dequantize_blockwise``. ``q`` uint8 (any shape, read flattened), ``absmax``
+    float32 ``[ceil(n / blocksize)]``, ``code`` float32 ``[256]``, all on one CUDA device; ``blocksize`` a power of
+    two in [1, 4096]. Launched asynchronously on the current stream. (On the CPU the reference expression is already
+    a single vectorized gather-multiply, so there is no CPU kernel.)
+    """
+    fn = "dequantize_blockwise_native"
+    if _C is None or not hasattr(_C, "dequantize_blockwise_cuda"):
+        why = NATIVE_ERROR or "built without CUDA"
+        raise RuntimeError(f"qkernels native module has no dequantize_blockwise_cuda ({why})")
+    device = q.device
+    if device.type != "cuda":
+        raise ValueError(f"{fn}: argument 'q' must be a CUDA tensor (got {device})")
+    for name, t in (("absmax", absmax), ("code", code)):
+        if t.device != device:
+            raise ValueError(f"{fn}: argument '{name}' is on {t.device} but 'q' is on {device}")
+    if q.dtype != torch.uint8:
+        raise TypeError(f"{fn}: argument 'q' must be torch.uint8 (got {q.dtype})")
+    if code.dtype != torch.float32 or code.numel() != 256:
+        raise ValueError(f"{fn}: argument 'code' must be float32 with 256 elements")
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or not 0 < blocksize <= 4096 \
+            or blocksize & (blocksize - 1):
+        raise ValueError(f"{fn}: argument 'blocksize' must be a power of two in [1, 4096] (got {blocksize!r})")
+    n = q.numel()
+    if n <= 0:
+        raise ValueError(f"{fn}: argument 'q' must have at least one element")
+    nb = _ceil_div(n, blocksize)
+    if absmax.dtype != torch.float32 or absmax.numel() != nb:
+        raise ValueError(f"{fn}: argument 'absmax' must be float32 with {nb} elements")
+    q = q.reshape(-1).contiguous()
+    absmax = absmax.contiguous()
+    code = code.contiguous()
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    with torch.cuda.device(device):
+        stream = torch.cuda.current_stream(device).cuda_stream
+        _C.dequantize_blockwise_cuda(q.data_ptr(), absmax.data_ptr(), code.data_ptr(), n, blocksize, out.data_ptr(),
+                                     stream)
+    return out
+
+
+def gemv_4bit_lora_native(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    state: Any,
+    lora_t: torch.Tensor | None,
+    lora_B: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Fused small-M ``y = x @ dequant(W)^T + lora_t @ lora_B^T + bias`` with the native kernel (CPU or CUDA).
+
+    Float32 accumulation, rounded once to ``x.dtype``. W is read packed, never materialized.
+
+    Args:
+        x: ``[M, K]`` float32 / float16 / bfloat16, contiguous, on the weight's device.
+        packed: the packed 4-bit codes of W (``state.shape == (N, K)``), contiguous; uint8 or a ``quant_storage``
+            dtype (reinterpreted as uint8).
+        state: the weight's ``QuantState`` (plain float32 absmax or double-quantized; any 16-entry codebook).
+        lora_t: ``[M, r]`` float32, the caller's already scaled LoRA down-projection ``s * dropout(x) @ A^T``, or
+            None (no LoRA; then ``lora_B`` must be None too).
+        lora_B: ``[N, r]`` (peft's ``lora_B.weight`` layout), converted to contiguous float32 if needed, or None.
+        bias: ``[N]`` (converted to contiguous float32 if needed) or None.
+        out: optional contiguous ``[M, N]`` tensor of ``x.dtype`` on x's device, written and returned.
+
+    Returns:
+        ``[M, N]`` in ``x.dtype``. CUDA: launched asynchronously on the current stream of x's device (needs
+        ``_C.gemv_4bit_lora_cuda``). The CPU SIMD path follows ``QKERNELS_CPU_ISA`` (see ``quantize_4bit_native``).
+
+    Raises:
+        TypeError: an argument has the wrong type or dtype.  ValueError: a shape, layout or device mismatch (the
+        message names the argument).  RuntimeError: the native module (or its CUDA kernel) is not available.
+    """
+    if _C is None:
+        raise RuntimeError(f"qkernels native module is not available ({NATIVE_ERROR}); use the reference path")
+    fn = "gemv_4bit_lora_native"
+    for name, t in (("x", x), ("packed", packed)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: argument '{name}' must be a torch.Tensor (got {type(t).__name__})")
+    for name, t in (("lora_t", lora_t), ("lora_B", lora_B), ("bias", bias), ("out", out)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: argument '{name}' must be a torch.Tensor or None (got {type(t).__name__})")
+    if not hasattr(state, "shape") or not hasattr(state, "validate"):
+        raise TypeError(f"{fn}: argument 'state' must be a qkernels.QuantState (got {type(state).__name__})")
+    if x.dtype not in _DTYPE_TO_NATIVE:
+        raise TypeError(f"{fn}: argument 'x' must be torch.float32, torch.float16 or torch.bfloat16 (got {x.dtype})")
+    if x.dim() != 2:
+        raise ValueError(f"{fn}: argument 'x' must be 2-D [M, K] (got shape {tuple(x.shape)})")
+    if not x.is_contiguous():
+        raise ValueError(f"{fn}: argument 'x' must be contiguous")
+    state.validate(packed)  # ValueError naming the field on any inconsistency between state and packed
+    if len(state.shape) != 2:
+        raise ValueError(f"{fn}: argument 'state' must describe a 2-D weight [N, K] (got shape {tuple(state.shape)})")
+    N, K = int(state.shape[0]), int(state.shape[1])
+    M = int(x.shape[0])
+    if x.shape[1] != K:
+        raise ValueError(f"{fn}: argument 'x' has K = {x.shape[1]} but the quantized weight is [N, K] = [{N}, {K}]")
+    if M <= 0:
+        raise ValueError(f"{fn}: argument 'x' must have at least one row (got shape {tuple(x.shape)})")
+    device = x.device
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{fn}: argument 'x' is on unsupported device {device} (expected cpu or cuda)")
+    if packed.device != device:
+        raise ValueError(f"{fn}: argument 'packed' is on {packed.device} but 'x' is on {device}")
+    if not packed.is_contiguous():
+        raise ValueError(f"{fn}: argument 'packed' must be contiguous")
+    raw = packed if packed.dtype == torch.uint8 else packed.reshape(-1).view(torch.uint8)
+
+    if (lora_t is None) != (lora_B is None):
+        raise ValueError(f"{fn}: arguments 'lora_t' and 'lora_B' must both be tensors or both be None")
+    r = 0
+    if lora_t is not None:
+        if lora_t.dtype != torch.float32:
+            raise TypeError(f"{fn}: argument 'lora_t' must be torch.float32 (got {lora_t.dtype})")
+        if lora_t.dim() != 2 or lora_t.shape[0] != M:
+            raise ValueError(f"{fn}: argument 'lora_t' must be [M, r] with M = {M} (got shape {tuple(lora_t.shape)})")
+        r = int(lora_t.shape[1])
+        if lora_B.dim() != 2 or tuple(lora_B.shape) != (N, r):
+            raise ValueError(f"{fn}: argument 'lora_B' must be [N, r] = [{N}, {r}] (got shape {tuple(lora_B.shape)})")
+        if not lora_B.dtype.is_floating_point:
+            raise TypeError(f"{fn}: argument 'lora_B' must be a floating-point tensor (got {lora_B.dtype})")
+        for name, t in (("lora_t", lora_t), ("lora_B", lora_B)):
+            if t.device != device:
+                raise ValueError(f"{fn}: argument '{name}' is on {t.device} but 'x' is on {device}")
+        lora_t = lora_t.contiguous()
+        lora_B = lora_B.to(torch.float32).contiguous()
+    if bias is not None:
+        if bias.dim() != 1 or bias.shape[0] != N:
+            raise ValueError(f"{fn}: argument 'bias' must be [N] = [{N}] (got shape {tuple(bias.shape)})")
+        if not bias.dtype.is_floating_point:
+            raise TypeError(f"{fn}: argument 'bias' must be a floating-point tensor (got {bias.dtype})")
+        if bias.device != device:
+            raise ValueError(f"{fn}: argument 'bias' is on {bias.device} but 'x' is on {device}")
+        bias = bias.to(torch.float32).contiguous()
+
+    if out is None:
+        out = torch.empty((M, N), dtype=x.dtype, device=device)
+    else:
+        if out.dtype != x.dtype:
+            raise TypeError(f"{fn}: argument 'out' must have x's dtype {x.dtype} (got {out.dtype})")
+        if tuple(out.shape) != (M, N) or out.device != device or not out.is_contiguous():
+            raise ValueError(f"{fn}: argument 'out' must be a contiguous [{M}, {N}] tensor on {device} "
+                             f"(got shape {tuple(out.shape)} on {out.device})")
+
+    code = state.code.contiguous()
+    if state.nested:
+        absmax_ptr = 0
+        absmax_q = state.absmax.contiguous()
+        nested_absmax = state.state2.absmax.contiguous()
+        nested_code = state.state2.code.contiguous()
+        offset = offset_value(state.offset)  # a float32 value, exact as a Python float
+        nested_blocksize = int(state.state2.blocksize)
+        scale_tensors = (("absmax", absmax_q), ("nested_absmax", nested_absmax), ("nested_code", nested_code))
+        q_ptr, na_ptr, nc_ptr = absmax_q.data_ptr(), nested_absmax.data_ptr(), nested_code.data_ptr()
+    else:
+        absmax = state.absmax.contiguous()
+        absmax_ptr = absmax.data_ptr()
+        offset, nested_blocksize = 0.0, 256
+        scale_tensors = (("absmax", absmax),)
+        q_ptr = na_ptr = nc_ptr = 0
+    for name, t in (*scale_tensors, ("code", code)):
+        if t.device != device:
+            raise ValueError(f"{fn}: quant_state.{name} is on {t.device} but 'x' is on {device}")
+    args = (
+        x.data_ptr(), _DTYPE_TO_NATIVE[x.dtype], M, K, raw.data_ptr(), absmax_ptr, q_ptr, na_ptr, nc_ptr, offset,
+        nested_blocksize, code.data_ptr(), int(state.blocksize), N,
+        lora_t.data_ptr() if r else 0, lora_B.data_ptr() if r else 0, r,
+        bias.data_ptr() if bias is not None else 0, out.data_ptr(),
+    )
+    if device.type == "cpu":
+        if not hasattr(_C, "gemv_4bit_lora_cpu"):
+            raise RuntimeError(f"{fn}: qkernels._C has no gemv_4bit_lora_cpu (stale build?): rebuild the native module")
+        _C.gemv_4bit_lora_cpu(*args)
+    else:
+        if not hasattr(_C, "gemv_4bit_lora_cuda"):
+            raise RuntimeError(f"{fn}: qkernels._C has no gemv_4bit_lora_cuda (built without CUDA, or a build "
+                               "older than the CUDA GEMV): use the reference path or rebuild with QKERNELS_CUDA=1")
+        with torch.cuda.device(device):
+            _C.gemv_4bit_lora_cuda(*args, torch.cuda.current_stream(device).cuda_stream)
+    return out

@@ -104,7 +104,8 @@ def dequantize_4bit_impl(packed, absmax, code, blocksize, shape, dtype, nested_a
     """
     n = math.prod(shape)
     impl = _backend.resolve("dequantize_4bit", packed.device, backend)
-    if nested_absmax is not None and impl == "cpu":  # the CPU kernel decodes the nested scales inline
+    inline_nested = impl == "cpu" or (impl == "cuda" and "dequantize_4bit_nested" in _backend.native_ops(packed.device))
+    if nested_absmax is not None and inline_nested:  # the native kernel decodes the nested scales inline
         nested = (absmax, nested_absmax, nested_code, offset, nested_blocksize)
         res = _native.dequantize_4bit_native(packed, absmax, code, n, blocksize, dtype, nested=nested, out=out)
         return res.reshape(shape)

@@ -96,7 +96,10 @@ class QLoRAFunction(torch.autograd.Function):
 
 def _linear(x, packed, scales, code, blocksize, N, lora_t, lora_B, bias, backend):
     absmax, nested_absmax, nested_code, offset, nested_blocksize = scales
-    if backend is None:  # through the registered op, so torch.compile sees one node
+    # Traced (torch.compile): through the registered op, so the graph holds one node. Eager: matmul_4bit_lora has
+    # validated everything the op would check, so call its body directly (saves ~0.1 ms of dispatch and re-checks,
+    # a fifth of a 4096 x 4096 decode GEMV here).
+    if backend is None and torch.compiler.is_compiling():
         return torch.ops.qkernels.linear_4bit(x, packed, absmax, code, blocksize, N, nested_absmax, nested_code,
                                               offset, nested_blocksize, lora_t, lora_B, bias)
     from . import _linear as impl
@@ -106,7 +109,7 @@ def _linear(x, packed, scales, code, blocksize, N, lora_t, lora_B, bias, backend
 
 def _linear_dx(g, packed, scales, code, blocksize, K, lora_u, lora_A, lora_mask, backend):
     absmax, nested_absmax, nested_code, offset, nested_blocksize = scales
-    if backend is None:
+    if backend is None and torch.compiler.is_compiling():
         return torch.ops.qkernels.linear_4bit_dx(g, packed, absmax, code, blocksize, K, nested_absmax, nested_code,
                                                  offset, nested_blocksize, lora_u, lora_A, lora_mask)
     from . import _linear as impl

@@ -31,9 +31,12 @@ log "tests (all, CUDA-marked ones included)"
 python3 -m pytest -q tests -rs >"$OUT/tests.log" 2>&1; rc=$?
 tail -n 5 "$OUT/tests.log" | tee -a "$OUT/summary.txt"
 
+# benchmarks.run runs every benchmarks/bench_*.py, the GPU ones included (bench_gemv_cuda: fused GEMV + LoRA vs cuBLAS,
+# bitsandbytes and the device copy bandwidth); their JSON lands in benchmarks/results/*-cuda-<gpu>.json, copied below.
 if [ -f benchmarks/run.py ]; then
   log "benchmarks"
   python3 -m benchmarks.run >"$OUT/bench.log" 2>&1 || log "benchmarks FAILED"
+  grep -E "^[0-9]+x[0-9]+: worst fraction" "$OUT/bench.log" | tee -a "$OUT/summary.txt"  # bench_gemv_cuda targets
   cp -r benchmarks/results "$OUT/" 2>/dev/null || true
 fi
 exit $rc

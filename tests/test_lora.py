@@ -198,6 +198,23 @@ def test_workspace_is_reused():
     assert _linear.workspace_bytes() == 0
 
 
+# ------------------------------------------------------------------------ Triton, in the CPU interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])  # interpreter: no bf16 dot
+@pytest.mark.parametrize("M,N,K,dropout_p", [(3, 48, 96, 0.0), (17, 33, 63, 0.25)], ids=["even", "odd-K-drop"])
+def test_triton_backend_in_the_interpreter(M, N, K, dropout_p, dtype, monkeypatch):
+    """The whole Function on the Triton kernels (fused dequant-GEMM forward, dX with the LoRA term and mask)."""
+    pytest.importorskip("triton", reason="Triton is not installed")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _check(M, N, K, 8, dtype, "triton", dropout_p=dropout_p)
+
+
+def test_triton_backend_refused_without_a_device(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    packed, state, x, A, B, b, _ = _problem(2, 32, 64, 4, torch.float32)
+    with pytest.raises(ValueError, match="triton"):
+        qkernels.matmul_4bit_lora(x, packed, state, A, B, 1.0, backend="triton")
+
+
 # ----------------------------------------------------------------------------------------------- on a GPU
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["cuda", "triton", None], ids=["cuda", "triton", "default"])

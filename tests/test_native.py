@@ -388,6 +388,33 @@ def test_quantize_cpu_shuffled_codebook_and_2d(cpu_isa, quant_type):
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize(
+    "book",
+    ["cell_edges", "crowded", "beyond_one", "shuffled_cell_edges"],
+)
+def test_quantize_cpu_cell_lookup_edges(cpu_isa, dtype, book):
+    """The AVX-512 path finds the code through 32 cells of [-1, 1] (trunc(v * 16 + 15.5)); these codebooks put every
+    midpoint exactly on a cell edge, crowd 6 midpoints into one cell, or put midpoints beyond 1 (the last two fall
+    back to the binary search).  The inputs include the exact midpoints and their float neighbours."""
+    from qkernels import reference
+
+    i = torch.arange(16, dtype=torch.float32)
+    code = {
+        "cell_edges": (4 * i - 29) / 32,  # midpoints (4i - 27) / 32: m * 16 + 15.5 = 2i + 2 exactly
+        "crowded": torch.cat([torch.linspace(-0.01, 0.01, 7), torch.linspace(-1.0, 1.0, 9)]),
+        "beyond_one": torch.linspace(-1.0, 2.0, 16),
+        "shuffled_cell_edges": ((4 * i - 29) / 32)[torch.randperm(16, generator=torch.Generator().manual_seed(1))],
+    }[book]
+    for n, bs in ((64 * 40 + 17, 64), (32 * 16 * 3, 32), (4096 * 2 + 1, 4096)):
+        A = _quant_inputs(n, bs, dtype, code, seed=n + bs)
+        packed, absmax = _native.quantize_4bit_native(A, code, bs)
+        ref_packed, ref_absmax = reference.quantize_4bit(A, code, bs)
+        assert torch.equal(packed, ref_packed)
+        assert torch.equal(absmax.view(torch.int32), ref_absmax.view(torch.int32))
+
+
+@needs_native
 def test_quantize_cpu_nonfinite_does_not_crash(cpu_isa):
     from qkernels.codebooks import get_codebook
 

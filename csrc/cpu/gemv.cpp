@@ -1,0 +1,651 @@
+// CPU fused 4-bit GEMV + LoRA + bias (contract in gemv.h).
+//
+// Why it is shaped this way: at small M the work is streaming the packed weight (8.4 MB for a 4096x4096 NF4 weight
+// with double-quantized scales, against 33.6 MB for the same weight in bf16) and decoding it.  Each 16-byte chunk of a
+// row (32 codes) is looked up in a 16-entry table that already holds code * scale for the chunk's block (one multiply
+// per table entry per block instead of one per weight), and the decoded vector is multiplied with up to 8 rows of x:
+// for M <= 8 straight from registers (tiles of up to 4 output rows x M), for bf16 with M > 8 from a small decoded
+// buffer in L1 that every M tile reads, so a weight is decoded once whatever M is.  When K % 32 == 0 a chunk never
+// straddles a block (blocks are multiples of 32 and a row starts at a multiple of 32 elements), so the table only
+// changes at block boundaries, even when blocks straddle rows.
+#include "gemv.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <utility>
+#include <vector>
+
+#include "isa.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define QK_X86 1
+#endif
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace qkernels {
+namespace cpu {
+namespace {
+
+// Below this many weights (32 KB packed) a GEMV takes a few microseconds (~0.07 ns per weight on one core here),
+// about what waking the OpenMP team costs.
+constexpr int64_t kParallelMinWeights = int64_t(1) << 16;
+
+// Scale of block b: plain float32 absmax, or a double-quantized one decoded exactly as dequantize_4bit_nested
+// (float32 product, then float32 sum: two roundings, never fused -- the build uses -ffp-contract=off).
+struct ScaleOf {
+  const float* absmax;  // null when nested
+  const uint8_t* absmax_q;
+  const float* nested_absmax;
+  const float* nested_code;
+  float offset;
+  int nested_shift;
+  float operator()(int64_t b) const {
+    if (absmax != nullptr) return absmax[b];
+    float s = nested_code[absmax_q[b]] * nested_absmax[b >> nested_shift];
+    s = s + offset;
+    return s;
+  }
+};
+
+struct Problem {
+  DType dtype;
+  int64_t M, K, N;
+  int bs_shift;  // log2(blocksize)
+  const uint8_t* packed;
+  ScaleOf scale;
+  const float* code;
+  const float* lora_t;  // [M, r] or null
+  const float* lora_B;  // [N, r] or null
+  int64_t r;
+  const float* bias;  // [N] or null
+  void* out;          // [M, N] of dtype
+};
+
+int log2_pow2(int64_t v) {
+  int s = 0;
+  while ((int64_t(1) << s) < v) ++s;
+  return s;
+}
+
+inline float bf16_to_float(uint16_t h) { return f32_from_bits(uint32_t(h) << 16); }
+
+// IEEE binary16 -> float32, exact for every input (subnormals as m * 2^-24, inf / NaN kept).
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = (uint32_t(h) & 0x8000u) << 16;
+  const uint32_t e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+  if (e == 0x1f) return f32_from_bits(sign | 0x7f800000u | (m << 13));
+  if (e == 0) {
+    const float f = static_cast<float>(m) * 5.9604644775390625e-8f;  // 2^-24, exact
+    return sign ? -f : f;
+  }
+  return f32_from_bits(sign | ((e + 112u) << 23) | (m << 13));
+}
+
+struct FromF32 {
+  using T = float;
+  static float get(T v) { return v; }
+};
+struct FromF16 {
+  using T = uint16_t;
+  static float get(T v) { return half_to_float(v); }
+};
+struct FromBF16 {
+  using T = uint16_t;
+  static float get(T v) { return bf16_to_float(v); }
+};
+
+// x [M, K] -> float32 [M, K] (the portable path).
+template <typename From>
+void x_to_f32_t(const void* x, int64_t n, float* dst) {
+  const auto* src = static_cast<const typename From::T*>(x);
+  for (int64_t i = 0; i < n; ++i) dst[i] = From::get(src[i]);
+}
+
+std::vector<float> x_to_f32(const void* x, DType dtype, int64_t M, int64_t K) {
+  std::vector<float> v(static_cast<size_t>(M * K));
+  switch (dtype) {
+    case DType::float32: x_to_f32_t<FromF32>(x, M * K, v.data()); break;
+    case DType::float16: x_to_f32_t<FromF16>(x, M * K, v.data()); break;
+    case DType::bfloat16: x_to_f32_t<FromBF16>(x, M * K, v.data()); break;
+  }
+  return v;
+}
+
+// x packed for the tile kernels (K % 32 == 0), so that a tile's x values for one 32-element chunk are contiguous and
+// one pointer walks them sequentially: the M rows are cut into tiles of mt = min(mt_max, M - m0) rows (the driver's
+// cut) and tile (m0, mt) holds, for chunk k = 0, 32, ..., the mt rows' chunks back to back:
+//   xp[m0*K + k*mt + i*32 + c]  for row m0+i, c < 32.
+// Float32 (split=true): inside a chunk the even elements come first, then the odd ones (c < 16: x[k + 2c],
+// c >= 16: x[k + 2(c-16) + 1]), so the decoded high nibbles (elements k+2j) and low nibbles (k+2j+1) of 16 bytes
+// each meet 16 contiguous x values.  bfloat16 (split=false): the chunk as is (vdpbf16ps takes adjacent pairs).
+template <typename From, typename To>
+void pack_x_t(const void* x, int64_t M, int64_t K, int mt_max, bool split, To* xp) {
+  const auto* src = static_cast<const typename From::T*>(x);
+  for (int64_t m0 = 0; m0 < M; m0 += mt_max) {
+    const int64_t mt = std::min<int64_t>(mt_max, M - m0);
+    for (int64_t i = 0; i < mt; ++i) {
+      const auto* s = src + (m0 + i) * K;
+      for (int64_t k = 0; k < K; k += 32) {
+        To* d = xp + m0 * K + k * mt + i * 32;
+        for (int c = 0; c < 32; ++c) d[c] = From::get(s[k + (split ? (c < 16 ? 2 * c : 2 * (c - 16) + 1) : c)]);
+      }
+    }
+  }
+}
+
+struct RawU16 {  // bfloat16 bits copied as they are
+  using T = uint16_t;
+  static uint16_t get(T v) { return v; }
+};
+
+std::vector<float> pack_x_f32(const void* x, DType dtype, int64_t M, int64_t K, int mt_max) {
+  std::vector<float> v(static_cast<size_t>(M * K));
+  switch (dtype) {
+    case DType::float32: pack_x_t<FromF32>(x, M, K, mt_max, true, v.data()); break;
+    case DType::float16: pack_x_t<FromF16>(x, M, K, mt_max, true, v.data()); break;
+    case DType::bfloat16: pack_x_t<FromBF16>(x, M, K, mt_max, true, v.data()); break;
+  }
+  return v;
+}
+
+inline void store_y(const Problem& p, int64_t m, int64_t n, float v) {
+  const int64_t i = m * p.N + n;
+  switch (p.dtype) {
+    case DType::float32: static_cast<float*>(p.out)[i] = v; break;
+    case DType::float16: static_cast<uint16_t*>(p.out)[i] = float_to_half_bits(v); break;
+    case DType::bfloat16: static_cast<uint16_t*>(p.out)[i] = float_to_bf16_bits(v); break;
+  }
+}
+
+// acc + t[m] . B[n] + bias[n], in float32, left to right.
+inline float epilogue_scalar(const Problem& p, int64_t m, int64_t n, float acc) {
+  float y = acc;
+  if (p.r > 0) {
+    const float* t = p.lora_t + m * p.r;
+    const float* B = p.lora_B + n * p.r;
+    float l = 0.0f;
+    for (int64_t j = 0; j < p.r; ++j) l += t[j] * B[j];
+    y = y + l;
+  }
+  if (p.bias != nullptr) y = y + p.bias[n];
+  return y;
+}
+
+// ------------------------------------------------------------------------------------------------ portable path
+// Row n of W decoded to float32, for any K (a row may start in a low nibble and cross block boundaries anywhere).
+void decode_row(const Problem& p, int64_t n, float* w) {
+  const int64_t first = n * p.K;
+  int64_t k = 0;
+  while (k < p.K) {
+    const int64_t e0 = first + k;
+    const int64_t b = e0 >> p.bs_shift;
+    const int64_t end = std::min(p.K, ((b + 1) << p.bs_shift) - first);
+    const float s = p.scale(b);
+    float lut[16];
+    for (int i = 0; i < 16; ++i) lut[i] = p.code[i] * s;  // one float32 multiply, as dequantize_4bit
+    for (; k < end; ++k) {
+      const int64_t e = first + k;
+      const uint8_t byte = p.packed[e >> 1];
+      w[k] = lut[(e & 1) ? (byte & 0x0f) : (byte >> 4)];
+    }
+  }
+}
+
+// Eight interleaved partial sums, restarted every 256 elements and added into eight running totals, combined
+// pairwise at the end: an error growth like a blocked SIMD GEMM's.  (Plain 8-lane sums over K = 4096 reached 0.8 of
+// the 2x-of-torch tolerance of tests/test_gemv_cpu.py at M = 16, where torch's float32 GEMM is the more accurate.)
+float dot8(const float* a, const float* b, int64_t K) {
+  float tot[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t k = 0;
+  while (k < K) {
+    const int64_t end = std::min(K, k + 256);
+    float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (; k + 8 <= end; k += 8)
+      for (int i = 0; i < 8; ++i) s[i] += a[k + i] * b[k + i];
+    for (int i = 0; k < end; ++k, ++i) s[i] += a[k] * b[k];
+    for (int i = 0; i < 8; ++i) tot[i] += s[i];
+  }
+  return ((tot[0] + tot[4]) + (tot[2] + tot[6])) + ((tot[1] + tot[5]) + (tot[3] + tot[7]));
+}
+
+void gemv_portable(const Problem& p, const float* xf) {
+  const bool par = p.N * p.K >= kParallelMinWeights && p.N > 1;
+  (void)par;
+#ifdef _OPENMP
+#pragma omp parallel if (par)
+#endif
+  {
+    std::vector<float> w(static_cast<size_t>(p.K));
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (int64_t n = 0; n < p.N; ++n) {
+      decode_row(p, n, w.data());
+      for (int64_t m = 0; m < p.M; ++m) store_y(p, m, n, epilogue_scalar(p, m, n, dot8(xf + m * p.K, w.data(), p.K)));
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ tiled SIMD paths
+#ifdef QK_X86
+// A tile kernel computes y[m0 .. m0+MT, n0 .. n0+NR] (K % 32 == 0).  The driver walks groups of 4 output rows
+// (OpenMP over groups) and, inside a group, M in tiles of at most mt_max rows, so a group's packed rows
+// (4 x K/2 bytes) stay in L1 across the M tiles.
+using TileFn = void (*)(const Problem&, const void* xprep, int64_t n0, int64_t m0);
+
+constexpr int kMaxMt = 8;
+struct TileTable {
+  int mt_max = 1;
+  int nr[kMaxMt + 1] = {};
+  TileFn tile[kMaxMt + 1] = {};  // NR = nr[mt] rows
+  TileFn row1[kMaxMt + 1] = {};  // one row (the group's remainder)
+};
+
+// NR(mt) = mt <= small_mt ? nr_small : nr_big; more rows per tile for small M keeps several independent
+// accumulator chains in flight (FMA / vdpbf16ps latency 4-6 cycles) and shares each x load across rows.
+template <template <int, int> class Tile, int NrSmall, int NrBig, int SmallMt, int... MT>
+TileTable make_table(std::integer_sequence<int, MT...>) {
+  TileTable t;
+  t.mt_max = static_cast<int>(sizeof...(MT));
+  ((t.nr[MT] = (MT <= SmallMt ? NrSmall : NrBig), t.tile[MT] = &Tile<(MT <= SmallMt ? NrSmall : NrBig), MT>::run,
+    t.row1[MT] = &Tile<1, MT>::run),
+   ...);
+  return t;
+}
+
+void run_tiles(const Problem& p, const void* xprep, const TileTable& t) {
+  constexpr int64_t G = 4;  // rows per group: a multiple of every nr[]
+  const int64_t ngroups = (p.N + G - 1) / G;
+  const bool par = p.N * p.K >= kParallelMinWeights && ngroups > 1;
+  (void)par;
+  // Dynamic, 8 groups (32 rows, 64 KB of W at K = 4096) per grab: a contiguous stretch for the prefetcher, and a
+  // thread descheduled on a shared machine no longer holds the others up with a fixed half of the work.
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 8) if (par)
+#endif
+  for (int64_t g = 0; g < ngroups; ++g) {
+    const int64_t n_begin = g * G, n_end = std::min(p.N, n_begin + G);
+    for (int64_t m0 = 0; m0 < p.M;) {
+      const int mt = static_cast<int>(std::min<int64_t>(t.mt_max, p.M - m0));
+      int64_t n = n_begin;
+      for (; n + t.nr[mt] <= n_end; n += t.nr[mt]) t.tile[mt](p, xprep, n, m0);
+      for (; n < n_end; ++n) t.row1[mt](p, xprep, n, m0);
+      m0 += mt;
+    }
+  }
+}
+
+#define QK_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define QK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+#define QK_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx512vbmi")))
+#define QK_INLINE inline __attribute__((always_inline))
+
+// 64-byte aligned storage for zmm-sized scratch (std::vector's default allocator only guarantees 16 bytes).
+template <typename T>
+struct AlignedAlloc {
+  using value_type = T;
+  AlignedAlloc() = default;
+  template <typename U>
+  AlignedAlloc(const AlignedAlloc<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* ptr, size_t) { ::operator delete(ptr, std::align_val_t(64)); }
+  bool operator==(const AlignedAlloc&) const { return true; }
+  bool operator!=(const AlignedAlloc&) const { return false; }
+};
+
+// Start of the next run of chunks with one table per row: scale[r] is row r's block scale at k, and the run ends at
+// the first block boundary of any of the NR rows (their boundaries differ when K % blocksize != 0).  Plain code (no
+// vector types), so the target-specific tile kernels can inline it.
+template <int NR>
+inline int64_t next_segment(const Problem& p, int64_t n0, int64_t k, float (&scale)[NR]) {
+  int64_t seg_end = p.K;
+  for (int r = 0; r < NR; ++r) {
+    const int64_t e = (n0 + r) * p.K + k;
+    const int64_t b = e >> p.bs_shift;
+    scale[r] = p.scale(b);
+    seg_end = std::min(seg_end, k + ((b + 1) << p.bs_shift) - e);
+  }
+  return seg_end;
+}
+
+// ---- AVX-512, float32 x (packed, even / odd split), W decoded with vpermps on the 16 float32 products
+// code * scale.  vpermps reads only index bits 0..3, so a byte's low nibble needs no mask.
+template <int NR, int MT>
+QK_AVX512 QK_INLINE void finish_avx512(const Problem& p, __m512 (&acc)[NR][MT], int64_t n0, int64_t m0) {
+  for (int r = 0; r < NR; ++r) {
+    for (int i = 0; i < MT; ++i) {
+      __m512 a = acc[r][i];
+      if (p.r > 0) {  // LoRA folded into the lanes before the one horizontal sum
+        const float* t = p.lora_t + (m0 + i) * p.r;
+        const float* B = p.lora_B + (n0 + r) * p.r;
+        for (int64_t j = 0; j < p.r; j += 16) {
+          const int64_t left = p.r - j;
+          const __mmask16 mk = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1u);
+          a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, t + j), _mm512_maskz_loadu_ps(mk, B + j), a);
+        }
+      }
+      float y = _mm512_reduce_add_ps(a);
+      if (p.bias != nullptr) y = y + p.bias[n0 + r];
+      store_y(p, m0 + i, n0 + r, y);
+    }
+  }
+}
+
+template <int NR, int MT>
+struct TileF32Avx512 {
+  QK_AVX512 static void run(const Problem& p, const void* xprep, int64_t n0, int64_t m0) {
+    const int64_t K = p.K;
+    const float* xt = static_cast<const float*>(xprep) + m0 * K;  // this M tile's packed x
+    const __m512 code = _mm512_loadu_ps(p.code);
+    __m512 acc[NR][MT];
+    __m512 lut[NR];
+    const uint8_t* row[NR];
+    for (int r = 0; r < NR; ++r) {
+      row[r] = p.packed + (((n0 + r) * K) >> 1);
+      for (int i = 0; i < MT; ++i) acc[r][i] = _mm512_setzero_ps();
+    }
+    for (int64_t k = 0; k < K;) {
+      float sc[NR];
+      const int64_t seg_end = next_segment<NR>(p, n0, k, sc);
+      for (int r = 0; r < NR; ++r) lut[r] = _mm512_mul_ps(code, _mm512_set1_ps(sc[r]));
+      for (; k < seg_end; k += 32) {
+        __m512 whi[NR], wlo[NR];
+        for (int r = 0; r < NR; ++r) {
+          const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row[r] + (k >> 1))));
+          whi[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut[r]);  // elements k, k+2, ...
+          wlo[r] = _mm512_permutexvar_ps(v, lut[r]);                        // elements k+1, k+3, ...
+        }
+        const float* xk = xt + k * MT;
+        for (int i = 0; i < MT; ++i) {
+          const __m512 xe = _mm512_loadu_ps(xk + 32 * i), xo = _mm512_loadu_ps(xk + 32 * i + 16);
+          for (int r = 0; r < NR; ++r) {
+            acc[r][i] = _mm512_fmadd_ps(whi[r], xe, acc[r][i]);
+            acc[r][i] = _mm512_fmadd_ps(wlo[r], xo, acc[r][i]);
+          }
+        }
+      }
+    }
+    finish_avx512<NR, MT>(p, acc, n0, m0);
+  }
+};
+
+// ---- AVX-512 + AVX512_BF16 + VBMI, bfloat16 x packed as is.  vdpbf16ps multiplies adjacent bf16 pairs (2i, 2i+1) --
+// the high and low nibble of byte i -- so W is wanted in element order as 16-bit table indices.  16 bytes become
+// 8 qwords (vpmovzxwq: qword q = byte 2q | byte 2q+1 << 8), and vpmultishiftqb picks, per 16-bit index, the 8 bits
+// starting at the wanted nibble (offsets 4, 0, 12, 8: hi(2q), lo(2q), hi(2q+1), lo(2q+1)).  vpermw reads index bits
+// 0..4; bit 4 may hold a neighbouring nibble's bit, so the 16-entry table is stored twice (32 words).  3 ops per
+// 32 weights.  The table holds bf16(code * scale), rounded to nearest even by vcvtneps2bf16 (one instruction per
+// block; the integer rounding of dequantize.cpp costs ~10 ops and took ~10% of the time at bs 64, M 16): the W of
+// torch's dequantize-to-bf16, except that a |code * scale| below 2^-126 becomes 0 -- as vdpbf16ps would treat it.
+QK_AVX512BF16 QK_INLINE __m512i bf16_table(__m512 code, float s) {
+  const __m512 v = _mm512_mul_ps(code, _mm512_set1_ps(s));
+  return (__m512i)_mm512_cvtne2ps_pbh(v, v);  // words 0..15 and 16..31: the 16 entries twice, in one instruction
+}
+
+template <int NR, int MT>
+struct TileBf16Avx512 {
+  QK_AVX512BF16 static void run(const Problem& p, const void* xprep, int64_t n0, int64_t m0) {
+    const int64_t K = p.K;
+    const uint16_t* xt = static_cast<const uint16_t*>(xprep) + m0 * K;  // this M tile's packed x
+    const __m512 code = _mm512_loadu_ps(p.code);
+    const __m512i shifts = _mm512_set1_epi64(0x0008000c00000004LL);  // bytes 0,2,4,6 of each qword: 4, 0, 12, 8
+    __m512 acc[NR][MT];
+    __m512i lut[NR];
+    const uint8_t* row[NR];
+    for (int r = 0; r < NR; ++r) {
+      row[r] = p.packed + (((n0 + r) * K) >> 1);
+      for (int i = 0; i < MT; ++i) acc[r][i] = _mm512_setzero_ps();
+    }
+    for (int64_t k = 0; k < K;) {
+      float sc[NR];
+      const int64_t seg_end = next_segment<NR>(p, n0, k, sc);
+      for (int r = 0; r < NR; ++r) lut[r] = bf16_table(code, sc[r]);
+      for (; k < seg_end; k += 32) {
+        __m512i w[NR];
+        for (int r = 0; r < NR; ++r) {
+          const __m512i q = _mm512_cvtepu16_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row[r] + (k >> 1))));
+          w[r] = _mm512_permutexvar_epi16(_mm512_multishift_epi64_epi8(shifts, q), lut[r]);
+        }
+        const uint16_t* xk = xt + k * MT;
+        for (int i = 0; i < MT; ++i) {
+          const __m512i xv = _mm512_loadu_si512(xk + 32 * i);
+          for (int r = 0; r < NR; ++r) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], (__m512bh)w[r], (__m512bh)xv);
+        }
+      }
+    }
+    finish_avx512<NR, MT>(p, acc, n0, m0);
+  }
+};
+
+// ---- bfloat16, M > 8 (several M tiles).  Decoding in registers per M tile would decode each W chunk once per tile
+// (at M 16: 6 decode ops per 16 vdpbf16ps, which share the vector pipes).  Instead a pair of rows is decoded once,
+// kKc columns at a time, into a 4 KB bf16 buffer that stays in L1, and every M tile reads it from there; the tiles'
+// accumulators live in a small per-thread array between column spans.
+constexpr int64_t kKc = 1024;
+
+QK_AVX512BF16 void decode_row_bf16(const Problem& p, int64_t n, int64_t k0, int64_t k1, uint16_t* dst) {
+  const __m512 code = _mm512_loadu_ps(p.code);
+  const __m512i shifts = _mm512_set1_epi64(0x0008000c00000004LL);
+  const uint8_t* row = p.packed + ((n * p.K) >> 1);
+  for (int64_t k = k0; k < k1;) {
+    float sc[1];
+    const int64_t seg_end = std::min(k1, next_segment<1>(p, n, k, sc));
+    const __m512i lut = bf16_table(code, sc[0]);
+    for (; k < seg_end; k += 32) {
+      const __m512i q = _mm512_cvtepu16_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + (k >> 1))));
+      _mm512_store_si512(dst + (k - k0), _mm512_permutexvar_epi16(_mm512_multishift_epi64_epi8(shifts, q), lut));
+    }
+  }
+}
+
+template <int NR, int MT>
+struct SpanBf16 {
+  // acc[NR][MT] (in memory) += W[n0 .. n0+NR, k0 .. k0+kc] . x[m0 .. m0+MT, same k]; W rows at wbuf + r * kKc.
+  QK_AVX512BF16 static void run(const uint16_t* wbuf, const uint16_t* xk, int64_t kc, float* acc_mem) {
+    __m512 acc[NR][MT];
+    for (int r = 0; r < NR; ++r)
+      for (int i = 0; i < MT; ++i) acc[r][i] = _mm512_load_ps(acc_mem + 16 * (r * MT + i));
+    for (int64_t c = 0; c < kc; c += 32) {
+      __m512i w[NR];
+      for (int r = 0; r < NR; ++r) w[r] = _mm512_load_si512(wbuf + r * kKc + c);
+      const uint16_t* xc = xk + c * MT;
+      for (int i = 0; i < MT; ++i) {
+        const __m512i xv = _mm512_loadu_si512(xc + 32 * i);
+        for (int r = 0; r < NR; ++r) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], (__m512bh)w[r], (__m512bh)xv);
+      }
+    }
+    for (int r = 0; r < NR; ++r)
+      for (int i = 0; i < MT; ++i) _mm512_store_ps(acc_mem + 16 * (r * MT + i), acc[r][i]);
+  }
+  QK_AVX512BF16 static void finish(const Problem& p, const float* acc_mem, int64_t n0, int64_t m0) {
+    __m512 acc[NR][MT];
+    for (int r = 0; r < NR; ++r)
+      for (int i = 0; i < MT; ++i) acc[r][i] = _mm512_load_ps(acc_mem + 16 * (r * MT + i));
+    finish_avx512<NR, MT>(p, acc, n0, m0);
+  }
+};
+
+using SpanFn = void (*)(const uint16_t*, const uint16_t*, int64_t, float*);
+using SpanFinishFn = void (*)(const Problem&, const float*, int64_t, int64_t);
+struct SpanTable {
+  SpanFn span[3][kMaxMt + 1] = {};  // [NR][MT], NR in {1, 2}
+  SpanFinishFn finish[3][kMaxMt + 1] = {};
+};
+
+template <int... MT>
+SpanTable make_span_table(std::integer_sequence<int, MT...>) {
+  SpanTable t;
+  ((t.span[1][MT] = &SpanBf16<1, MT>::run, t.span[2][MT] = &SpanBf16<2, MT>::run,
+    t.finish[1][MT] = &SpanBf16<1, MT>::finish, t.finish[2][MT] = &SpanBf16<2, MT>::finish),
+   ...);
+  return t;
+}
+
+void run_bf16_multi(const Problem& p, const uint16_t* xp, int mt_max) {
+  static const SpanTable t = make_span_table(std::integer_sequence<int, 1, 2, 3, 4, 5, 6, 7, 8>{});
+  const int64_t npairs = (p.N + 1) / 2;
+  const bool par = p.N * p.K >= kParallelMinWeights && npairs > 1;
+  (void)par;
+#ifdef _OPENMP
+#pragma omp parallel if (par)
+#endif
+  {
+    std::vector<uint16_t, AlignedAlloc<uint16_t>> wbuf(2 * kKc);
+    std::vector<float, AlignedAlloc<float>> acc(static_cast<size_t>(2 * p.M * 16));  // [M tile][NR][MT][16]
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 16)
+#endif
+    for (int64_t g = 0; g < npairs; ++g) {
+      const int64_t n0 = 2 * g;
+      const int nr = static_cast<int>(std::min<int64_t>(2, p.N - n0));
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t k0 = 0; k0 < p.K; k0 += kKc) {
+        const int64_t kc = std::min(kKc, p.K - k0);
+        for (int r = 0; r < nr; ++r) decode_row_bf16(p, n0 + r, k0, k0 + kc, wbuf.data() + r * kKc);
+        for (int64_t m0 = 0; m0 < p.M; m0 += mt_max) {
+          const int mt = static_cast<int>(std::min<int64_t>(mt_max, p.M - m0));
+          t.span[nr][mt](wbuf.data(), xp + m0 * p.K + k0 * mt, kc, acc.data() + 2 * m0 * 16);
+        }
+      }
+      for (int64_t m0 = 0; m0 < p.M; m0 += mt_max) {
+        const int mt = static_cast<int>(std::min<int64_t>(mt_max, p.M - m0));
+        t.finish[nr][mt](p, acc.data() + 2 * m0 * 16, n0, m0);
+      }
+    }
+  }
+}
+
+// ---- AVX2 + FMA, float32 x (packed, even / odd split), 16 elements (8 bytes) per step; the 16-entry table is two
+// ymm halves picked by bit 3 of the index (vpermps x2 + blend), as in dequantize.cpp.
+QK_AVX2 QK_INLINE __m256 lookup16_avx2(__m256 la, __m256 lb, __m256i idx) {
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(la, idx), _mm256_permutevar8x32_ps(lb, idx),
+                          _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+QK_AVX2 QK_INLINE float hsum_avx2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int NR, int MT>
+struct TileF32Avx2 {
+  QK_AVX2 static void run(const Problem& p, const void* xprep, int64_t n0, int64_t m0) {
+    const int64_t K = p.K;
+    const float* xt = static_cast<const float*>(xprep) + m0 * K;
+    const __m256 code_a = _mm256_loadu_ps(p.code), code_b = _mm256_loadu_ps(p.code + 8);
+    const __m256i low4 = _mm256_set1_epi32(0x0f);
+    __m256 acc[NR][MT], acc_lo[NR][MT];  // high / low nibble products apart: half the summation depth per lane
+    __m256 la[NR], lb[NR];
+    const uint8_t* row[NR];
+    for (int r = 0; r < NR; ++r) {
+      row[r] = p.packed + (((n0 + r) * K) >> 1);
+      for (int i = 0; i < MT; ++i) acc[r][i] = acc_lo[r][i] = _mm256_setzero_ps();
+    }
+    for (int64_t k = 0; k < K;) {
+      float sc[NR];
+      const int64_t seg_end = next_segment<NR>(p, n0, k, sc);
+      for (int r = 0; r < NR; ++r) {
+        la[r] = _mm256_mul_ps(code_a, _mm256_set1_ps(sc[r]));
+        lb[r] = _mm256_mul_ps(code_b, _mm256_set1_ps(sc[r]));
+      }
+      for (; k < seg_end; k += 32) {
+        const float* xk = xt + k * MT;
+        for (int h = 0; h < 2; ++h) {  // bytes 8h .. 8h+7 of the chunk: x evens at [8h, 8h+8), odds at [16+8h, ...)
+          __m256 whi[NR], wlo[NR];
+          for (int r = 0; r < NR; ++r) {
+            const __m256i v =
+                _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row[r] + (k >> 1) + 8 * h)));
+            whi[r] = lookup16_avx2(la[r], lb[r], _mm256_srli_epi32(v, 4));
+            wlo[r] = lookup16_avx2(la[r], lb[r], _mm256_and_si256(v, low4));
+          }
+          for (int i = 0; i < MT; ++i) {
+            const __m256 xe = _mm256_loadu_ps(xk + 32 * i + 8 * h), xo = _mm256_loadu_ps(xk + 32 * i + 16 + 8 * h);
+            for (int r = 0; r < NR; ++r) {
+              acc[r][i] = _mm256_fmadd_ps(whi[r], xe, acc[r][i]);
+              acc_lo[r][i] = _mm256_fmadd_ps(wlo[r], xo, acc_lo[r][i]);
+            }
+          }
+        }
+      }
+    }
+    for (int r = 0; r < NR; ++r)
+      for (int i = 0; i < MT; ++i)
+        store_y(p, m0 + i, n0 + r,
+                epilogue_scalar(p, m0 + i, n0 + r, hsum_avx2(_mm256_add_ps(acc[r][i], acc_lo[r][i]))));
+  }
+};
+
+// vdpbf16ps path: needs AVX512_BF16 and (for vpmultishiftqb) AVX512_VBMI; QKERNELS_CPU_GEMV_BF16=0 turns it off.
+bool bf16_dot_enabled() {
+  static const bool cpu_has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi");
+  }();
+  const char* env = std::getenv("QKERNELS_CPU_GEMV_BF16");
+  return cpu_has && !(env != nullptr && std::strcmp(env, "0") == 0);
+}
+
+using Mts8 = std::integer_sequence<int, 1, 2, 3, 4, 5, 6, 7, 8>;
+using Mts4 = std::integer_sequence<int, 1, 2, 3, 4>;
+
+// Returns false when no SIMD path applies (scalar ISA, or K % 32 != 0).
+bool gemv_simd(const Problem& p, const void* x) {
+  if (p.K % 32 != 0) return false;
+  const Isa isa = active_isa();
+  if (isa == Isa::avx512) {
+    if (p.dtype == DType::bfloat16 && bf16_dot_enabled()) {
+      static const TileTable t = make_table<TileBf16Avx512, 4, 2, 2>(Mts8{});
+      std::vector<uint16_t> xp(static_cast<size_t>(p.M * p.K));
+      pack_x_t<RawU16>(x, p.M, p.K, t.mt_max, false, xp.data());
+      if (p.M > t.mt_max)
+        run_bf16_multi(p, xp.data(), t.mt_max);
+      else
+        run_tiles(p, xp.data(), t);
+      return true;
+    }
+    static const TileTable t = make_table<TileF32Avx512, 4, 2, 2>(Mts8{});
+    const std::vector<float> xp = pack_x_f32(x, p.dtype, p.M, p.K, t.mt_max);
+    run_tiles(p, xp.data(), t);
+    return true;
+  }
+  if (isa == Isa::avx2) {
+    static const TileTable t = make_table<TileF32Avx2, 2, 1, 1>(Mts4{});
+    const std::vector<float> xp = pack_x_f32(x, p.dtype, p.M, p.K, t.mt_max);
+    run_tiles(p, xp.data(), t);
+    return true;
+  }
+  return false;
+}
+#endif  // QK_X86
+
+}  // namespace
+
+void gemv_4bit_lora(const void* x, DType dtype, int64_t M, int64_t K, const uint8_t* packed, const float* absmax,
+                    const uint8_t* absmax_q, const float* nested_absmax, const float* nested_code, float offset,
+                    int64_t nested_blocksize, const float* code, int64_t blocksize, int64_t N, const float* lora_t,
+                    const float* lora_B, int64_t r, const float* bias, void* out) {
+  const ScaleOf scale{absmax, absmax_q, nested_absmax, nested_code, offset,
+                      absmax != nullptr ? 0 : log2_pow2(nested_blocksize)};
+  const Problem p{dtype, M, K, N, log2_pow2(blocksize), packed, scale, code,
+                  r > 0 ? lora_t : nullptr, r > 0 ? lora_B : nullptr, r > 0 ? r : 0, bias, out};
+#ifdef QK_X86
+  if (gemv_simd(p, x)) return;
+#endif
+  if (dtype == DType::float32) {
+    gemv_portable(p, static_cast<const float*>(x));
+  } else {
+    const std::vector<float> xf = x_to_f32(x, dtype, M, K);
+    gemv_portable(p, xf.data());
+  }
+}
+
+}  // namespace cpu
+}  // namespace qkernels

@@ -1,0 +1,248 @@
+"""Tests of the CPU fused 4-bit GEMV + LoRA + bias (``_native.gemv_4bit_lora_native``, ``_C.gemv_4bit_lora_cpu``).
+
+Oracle: float64 ``x @ W^T + t @ B^T + bias`` with W the exact float32 dequantized weight (``reference.dequantize_4bit``
+with decoded scales) widened to float64. Tolerance basis (STYLE 12): the kernel's max error against that oracle is at
+most twice the max error of plain torch computing the same expression in x's dtype (W dequantized to that dtype), plus
+half an ulp of the largest output in that dtype -- the one rounding of the output no implementation avoids; for a single
+output element torch's error can by chance be smaller than that.
+
+Each case runs on every CPU path this machine has (``QKERNELS_CPU_ISA``), and bfloat16 on AVX-512 also with the
+vdpbf16ps path turned off (``QKERNELS_CPU_GEMV_BF16=0``) so the float32 AVX-512 path is covered for it.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import pytest
+import torch
+
+import qkernels
+from qkernels import _native, reference
+
+pytestmark = pytest.mark.skipif(
+    _native._C is None or not hasattr(_native._C, "gemv_4bit_lora_cpu"),
+    reason=f"qkernels._C (with gemv_4bit_lora_cpu) is not available: {_native.NATIVE_ERROR or 'stale build'}",
+)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+# (N, K): one output row; odd K (rows starting in a low nibble); K % 32 != 0; blocks straddling rows with K % 32 == 0
+# (the SIMD path across block boundaries inside a row); K odd and not a multiple of anything; a real row length.
+SHAPES = [(1, 64), (3, 63), (7, 130), (65, 96), (113, 257), (256, 4096)]
+MS = [1, 2, 3, 16, 17]
+# The quantization variants and epilogue variants rotate across the (shape, dtype, M) grid so that every shape meets
+# every blocksize, both scale formats, both codebooks, every rank and bias / no bias, without the full product.
+QUANTS = list(itertools.product([32, 64, 256], [True, False], ["nf4", "fp4"]))  # blocksize, nested, quant_type
+EPILOGUES = list(itertools.product([0, 1, 8], [True, False]))  # r, bias
+
+
+def _paths() -> list[tuple[str, str]]:
+    """(QKERNELS_CPU_ISA, QKERNELS_CPU_GEMV_BF16) pairs to run; the second matters only for bf16 on avx512."""
+    isas = _native._C.cpu_isa_available() if _native._C is not None else ["scalar"]
+    paths = [(isa, "1") for isa in isas]
+    if "avx512" in isas:
+        paths.append(("avx512", "0"))
+    return paths
+
+
+def _cases() -> list[pytest.param]:
+    cases = []
+    for si, (N, K) in enumerate(SHAPES):
+        for di, dname in enumerate(DTYPES):
+            for mi, M in enumerate(MS):
+                i = si * 15 + di * 5 + mi
+                bs, nested, qt = QUANTS[(i * 5 + si) % len(QUANTS)]
+                r, bias = EPILOGUES[(i * 7 + di) % len(EPILOGUES)]
+                scales, epi = "dq" if nested else "plain", "bias" if bias else "nobias"
+                cid = f"M{M}-{N}x{K}-bs{bs}-{qt}-{scales}-{dname}-r{r}-{epi}"
+                cases.append(pytest.param(M, N, K, bs, nested, qt, dname, r, bias, id=cid))
+    return cases
+
+
+@functools.cache
+def _weight(N: int, K: int, bs: int, nested: bool, qt: str, dname: str):
+    """Quantized W (from a weight in the case's dtype), its exact dequantized float32 values as float64 [N, K]."""
+    g = torch.Generator().manual_seed(1000 * N + K)
+    W = torch.randn(N, K, generator=g).to(DTYPES[dname])
+    packed, st = qkernels.quantize_4bit(W, blocksize=bs, quant_type=qt, double_quant=nested)
+    if st.nested:
+        scales = reference.decode_nested_absmax(st.absmax, st.state2.absmax, st.state2.code, st.offset,
+                                                st.state2.blocksize)
+    else:
+        scales = st.absmax
+    W64 = reference.dequantize_4bit(packed, scales, st.code, bs, N * K, torch.float64).view(N, K)
+    return packed, st, W64
+
+
+@functools.cache
+def _case(M, N, K, bs, nested, qt, dname, r, bias):
+    dt = DTYPES[dname]
+    packed, st, W64 = _weight(N, K, bs, nested, qt, dname)
+    g = torch.Generator().manual_seed(7 * M + r + 3 * bias)
+    x = torch.randn(M, K, generator=g).to(dt)
+    t = torch.randn(M, r, generator=g) if r else None
+    B = torch.randn(N, r, generator=g) if r else None
+    b = torch.randn(N, generator=g) if bias else None
+    y64 = x.double() @ W64.T
+    y_torch = x @ W64.to(dt).T  # plain torch in x's dtype: dequantize to dt, matmul, add the terms in dt
+    if r:
+        y64 = y64 + t.double() @ B.double().T
+        y_torch = y_torch + t.to(dt) @ B.to(dt).T
+    if bias:
+        y64 = y64 + b.double()
+        y_torch = y_torch + b.to(dt)
+    torch_err = (y_torch.double() - y64).abs().max().item()
+    tol = 2 * torch_err + UNIT_ROUNDOFF[dt] * y64.abs().max().item()
+    return packed, st, x, t, B, b, y64, tol
+
+
+def _cases_on_paths() -> list[pytest.param]:
+    out = []
+    for case in _cases():
+        for isa, bf in _paths():
+            if bf == "0" and case.values[6] != "bf16":
+                continue  # QKERNELS_CPU_GEMV_BF16=0 only changes the bfloat16 path
+            path = isa if bf == "1" else f"{isa}-nobf16dot"
+            out.append(pytest.param(isa, bf, *case.values, id=f"{path}-{case.id}"))
+    return out
+
+
+@pytest.mark.parametrize("isa,bf16dot,M,N,K,bs,nested,qt,dname,r,bias", _cases_on_paths())
+def test_gemv_matches_fp64(monkeypatch, isa, bf16dot, M, N, K, bs, nested, qt, dname, r, bias):
+    monkeypatch.setenv("QKERNELS_CPU_ISA", isa)
+    monkeypatch.setenv("QKERNELS_CPU_GEMV_BF16", bf16dot)
+    assert _native._C.cpu_isa_active() == isa
+    packed, st, x, t, B, b, y64, tol = _case(M, N, K, bs, nested, qt, dname, r, bias)
+    y = _native.gemv_4bit_lora_native(x, packed, st, t, B, b)
+    assert y.dtype == x.dtype and y.shape == (M, N)
+    err = (y.double() - y64).abs().max().item()
+    assert err <= tol, f"max error {err:.3g} > tolerance {tol:.3g} (path {isa}, bf16dot={bf16dot})"
+
+
+def test_out_storage_and_layout_conversions():
+    """out= is written in place; a bf16 quant_storage view of packed, a transposed float16 lora_B and a float16 bias
+    give the same result as the plain uint8 / float32 inputs."""
+    packed, st, x, t, B, b, y64, tol = _case(3, 65, 96, 32, True, "nf4", "bf16", 8, True)
+    ref = _native.gemv_4bit_lora_native(x, packed, st, t, B, b)
+    out = torch.full((3, 65), float("nan"), dtype=torch.bfloat16)
+    got = _native.gemv_4bit_lora_native(x, packed, st, t, B, b, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    raw = packed.reshape(-1)
+    padded = torch.cat([raw, raw.new_zeros(-raw.numel() % 2)])
+    storage_view = padded.view(torch.bfloat16).unsqueeze(1)
+    B_t = B.to(torch.float16).float().T.contiguous().T  # non-contiguous, values exactly representable
+    b16 = b.to(torch.float16)
+    y1 = _native.gemv_4bit_lora_native(x, storage_view, st, t, B_t, b16.float())
+    y2 = _native.gemv_4bit_lora_native(x, packed, st, t, B.to(torch.float16).float(), b16)
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+
+
+def test_all_paths_agree_closely():
+    """Every path computes the same sum up to float32 reassociation: fp32 outputs agree to ~1e-5 relative."""
+    packed, st, x, t, B, b, y64, tol = _case(17, 256, 4096, 64, True, "nf4", "fp32", 8, True)
+    outs = {}
+    mp = pytest.MonkeyPatch()
+    try:
+        for isa, bf in _paths():
+            mp.setenv("QKERNELS_CPU_ISA", isa)
+            mp.setenv("QKERNELS_CPU_GEMV_BF16", bf)
+            outs[(isa, bf)] = _native.gemv_4bit_lora_native(x, packed, st, t, B, b)
+    finally:
+        mp.undo()
+    scale = y64.abs().max().item()
+    for key, y in outs.items():
+        assert (y.double() - y64).abs().max().item() <= 1e-5 * scale, key
+
+
+# ------------------------------------------------------------------------------------------------ bad arguments
+def _small():
+    packed, st, x, t, B, b, _, _ = _case(2, 7, 130, 64, True, "nf4", "fp32", 8, True)
+    return packed, st, x, t, B, b
+
+
+@pytest.mark.parametrize(
+    "change,exc,match",
+    [
+        (lambda a: a.update(x=a["x"][:, :129].contiguous()), ValueError, "argument 'x' has K = 129"),
+        (lambda a: a.update(x=a["x"].double()), TypeError, "argument 'x' must be torch.float32"),
+        (lambda a: a.update(x=a["x"][0]), ValueError, "argument 'x' must be 2-D"),
+        (lambda a: a.update(x=torch.randn(130, 2).T), ValueError, "argument 'x' must be contiguous"),
+        (lambda a: a.update(x=torch.empty(2, 130, device="meta")), ValueError, "unsupported device"),
+        (lambda a: a.update(lora_B=None), ValueError, "'lora_t' and 'lora_B' must both"),
+        (lambda a: a.update(lora_t=a["lora_t"].double()), TypeError, "argument 'lora_t' must be torch.float32"),
+        (lambda a: a.update(lora_t=a["lora_t"][:1]), ValueError, "argument 'lora_t' must be \\[M, r\\]"),
+        (lambda a: a.update(lora_B=a["lora_B"][:, :4]), ValueError, "argument 'lora_B' must be \\[N, r\\]"),
+        (lambda a: a.update(bias=a["bias"][:6]), ValueError, "argument 'bias' must be \\[N\\]"),
+        (lambda a: a.update(out=torch.empty(2, 7, dtype=torch.float16)), TypeError, "argument 'out' must have"),
+        (lambda a: a.update(out=torch.empty(7, 2)), ValueError, "argument 'out' must be a contiguous \\[2, 7\\]"),
+        (lambda a: a.update(packed=a["packed"][:100]), ValueError, "packed holds 100 bytes"),
+        (lambda a: a.update(state="nope"), TypeError, "argument 'state' must be a qkernels.QuantState"),
+    ],
+    ids=["wrong-K", "x-float64", "x-1d", "x-noncontiguous", "x-meta", "lora-half-missing", "lora_t-float64",
+         "lora_t-rows", "lora_B-shape", "bias-shape", "out-dtype", "out-shape", "packed-short", "state-type"],
+)
+def test_wrapper_rejects_bad_arguments(change, exc, match):
+    packed, st, x, t, B, b = _small()
+    args = dict(x=x, packed=packed, state=st, lora_t=t, lora_B=B, bias=b, out=None)
+    change(args)
+    with pytest.raises(exc, match=match):
+        _native.gemv_4bit_lora_native(**args)
+
+
+def _raw_args(**over):
+    packed, st, x, t, B, b = _small()
+    out = torch.empty(2, 7)
+    keep = (packed, st, x, t, B, b, out)  # the caller holds these alive while the pointers are used
+    args = dict(
+        x_ptr=x.data_ptr(), dtype=0, M=2, K=130, packed_ptr=packed.data_ptr(), absmax_ptr=0,
+        absmax_q_ptr=st.absmax.data_ptr(), nested_absmax_ptr=st.state2.absmax.data_ptr(),
+        nested_code_ptr=st.state2.code.data_ptr(), offset=float(st.offset), nested_blocksize=256,
+        code_ptr=st.code.data_ptr(), blocksize=64, N=7, lora_t_ptr=t.data_ptr(), lora_B_ptr=B.data_ptr(), r=8,
+        bias_ptr=b.data_ptr(), out_ptr=out.data_ptr(),
+    )
+    args.update(over)
+    return args, keep
+
+
+@pytest.mark.parametrize(
+    "over,match",
+    [
+        (dict(x_ptr=0), "argument 'x_ptr' must be a non-null pointer"),
+        (dict(packed_ptr=0), "argument 'packed_ptr' must be a non-null pointer"),
+        (dict(absmax_q_ptr=0), "argument 'absmax_q_ptr' must be a non-null pointer"),
+        (dict(nested_absmax_ptr=0), "argument 'nested_absmax_ptr' must be a non-null pointer"),
+        (dict(code_ptr=0), "argument 'code_ptr' must be a non-null pointer"),
+        (dict(lora_t_ptr=0), "argument 'lora_t_ptr' must be a non-null pointer"),
+        (dict(lora_B_ptr=0), "argument 'lora_B_ptr' must be a non-null pointer"),
+        (dict(out_ptr=0), "argument 'out_ptr' must be a non-null pointer"),
+        (dict(blocksize=48), "argument 'blocksize' must be a power of two"),
+        (dict(nested_blocksize=100), "argument 'nested_blocksize' must be a positive power of two"),
+        (dict(dtype=7), "argument 'dtype' must be a qkernels._C.DType"),
+        (dict(M=0), "argument 'M' must be > 0"),
+        (dict(K=-1), "argument 'K' must be > 0"),
+        (dict(r=-1), "argument 'r' must be >= 0"),
+    ],
+    ids=lambda o: next(iter(o)) if isinstance(o, dict) else None,
+)
+def test_binding_rejects_bad_arguments(over, match):
+    args, _keep = _raw_args(**over)
+    with pytest.raises(ValueError, match=match):
+        _native._C.gemv_4bit_lora_cpu(**args)
+
+
+def test_binding_accepts_null_lora_when_rank_zero_and_null_bias():
+    args, keep = _raw_args(lora_t_ptr=0, lora_B_ptr=0, r=0, bias_ptr=0)
+    _native._C.gemv_4bit_lora_cpu(**args)
+    packed, st, x, *_rest, out = keep
+    y = _native.gemv_4bit_lora_native(x, packed, st, None, None, None)
+    torch.testing.assert_close(out, y, rtol=0, atol=0)
+
+
+def test_bad_isa_env_raises(monkeypatch):
+    monkeypatch.setenv("QKERNELS_CPU_ISA", "sse9")
+    packed, st, x, t, B, b = _small()
+    with pytest.raises(ValueError, match="QKERNELS_CPU_ISA"):
+        _native.gemv_4bit_lora_native(x, packed, st, t, B, b)
