@@ -1,20 +1,41 @@
 """qkernels: QLoRA kernels for PyTorch — NF4/FP4 blockwise quantization in bitsandbytes' format.
 
-Public API (mirrors bitsandbytes so that migrating is a rename):
+Public API (mirrors bitsandbytes and peft so that migrating is a rename):
 
+Format
 - ``quantize_4bit(A, blocksize=64, quant_type="nf4", double_quant=True, quant_storage=torch.uint8)``
-  -> ``(packed, QuantState)``
-- ``dequantize_4bit(packed, quant_state, dtype=None)`` -> tensor
+  -> ``(packed, QuantState)``; ``dequantize_4bit(packed, quant_state, dtype=None, *, out=None)`` -> tensor
 - ``QuantState`` (``as_dict(packed=True)`` / ``QuantState.from_dict(d, device)``: bitsandbytes' keys)
-- ``codebooks``: ``nf4_codebook()``, ``fp4_codebook()``, ``dynamic_map()``
+- ``codebooks``: ``nf4_codebook()``, ``fp4_codebook()``, ``dynamic_map()``; ``bits_per_parameter``
+
+The QLoRA matmul
+- ``matmul_4bit_lora(x, packed, quant_state, lora_A, lora_B, scaling, bias=None, dropout_p=0.0)``: the fused
+  ``x @ dequant(W)^T + scaling * (dropout(x) @ A^T) @ B^T + bias`` (``QLoRAFunction``, which keeps W packed);
+  ``lora_scaling(lora_alpha, r, use_rslora=False)``
+
+Modules and models
+- ``QLoRALinear`` (drop-in ``nn.Linear``; ``from_linear``, ``from_bnb``), ``Params4bit`` (its packed weight)
+- ``apply_qlora(model, target_modules, r=8, lora_alpha=16, ...)``, ``trainable_parameters``,
+  ``print_trainable_parameters``, ``merge_and_unload``, ``merge_into_4bit``, ``loftq_init``
+- adapters in peft's format: ``save_adapter``, ``load_adapter``, ``add_adapter``, ``set_adapter``,
+  ``disable_adapters`` (a context manager), ``delete_adapter``, ``adapter_names``
+
+Around them
 - ``reference``: the pure-PyTorch backend, incl. ``reference.matmul_4bit_lora`` (the oracle for the fused kernels)
-- ``matmul_4bit_lora(x, packed, quant_state, lora_A, lora_B, scaling, bias=None, dropout_p=0.0)``: the fused QLoRA
-  matmul (``QLoRAFunction``), ``lora_scaling(lora_alpha, r, use_rslora=False)``
 - ``native_info()``: what the compiled extension ``qkernels._C`` provides here, or why it is missing.
 """
 
-from . import codebooks, reference
+from . import adapters, codebooks, reference
 from ._native import native_available, native_info
+from .adapters import (
+    adapter_names,
+    add_adapter,
+    delete_adapter,
+    disable_adapters,
+    load_adapter,
+    save_adapter,
+    set_adapter,
+)
 from .codebooks import QuantType, dynamic_map, fp4_codebook, get_codebook, nf4_codebook
 from .functional import (
     bits_per_parameter,
@@ -23,59 +44,47 @@ from .functional import (
     quantize_4bit,
     quantize_blockwise,
 )
-from .lora import QLoRAFunction, lora_scaling, matmul_4bit_lora
-from .quant_state import QuantState
-
-# --- QLoRA modules (issue 5): QLoRALinear, model-level apply/merge, LoftQ ---
-# isort: split
 from .loftq import loftq_init
+from .lora import QLoRAFunction, lora_scaling, matmul_4bit_lora
 from .model import apply_qlora, merge_and_unload, merge_into_4bit, print_trainable_parameters, trainable_parameters
 from .nn import Params4bit, QLoRALinear
-
-# --- end QLoRA modules ---
+from .quant_state import QuantState
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Params4bit",
     "QLoRAFunction",
+    "QLoRALinear",
     "QuantState",
     "QuantType",
+    "adapter_names",
+    "adapters",
+    "add_adapter",
+    "apply_qlora",
     "bits_per_parameter",
     "codebooks",
+    "delete_adapter",
     "dequantize_4bit",
     "dequantize_blockwise",
+    "disable_adapters",
     "dynamic_map",
     "fp4_codebook",
     "get_codebook",
+    "load_adapter",
+    "loftq_init",
     "lora_scaling",
     "matmul_4bit_lora",
+    "merge_and_unload",
+    "merge_into_4bit",
     "native_available",
     "native_info",
     "nf4_codebook",
+    "print_trainable_parameters",
     "quantize_4bit",
     "quantize_blockwise",
     "reference",
-    # --- QLoRA modules (issue 5) ---
-    "Params4bit",
-    "QLoRALinear",
-    "apply_qlora",
-    "loftq_init",
-    "merge_and_unload",
-    "merge_into_4bit",
-    "print_trainable_parameters",
+    "save_adapter",
+    "set_adapter",
     "trainable_parameters",
 ]
-
-# --- adapters (issue 5): model-level LoRA adapter API and peft-format adapter files (qkernels/adapters.py) ---
-from . import adapters  # noqa: E402
-from .adapters import (  # noqa: E402
-    add_adapter,
-    delete_adapter,
-    disable_adapters,
-    load_adapter,
-    save_adapter,
-    set_adapter,
-)
-
-__all__ += ["adapters", "add_adapter", "delete_adapter", "disable_adapters", "load_adapter", "save_adapter"]
-__all__ += ["set_adapter"]
