@@ -21,7 +21,6 @@
 #endif
 
 #ifdef __linux__
-#include <sys/mman.h>
 #endif
 
 namespace qkernels {
@@ -266,30 +265,12 @@ bool dequantize_simd(Isa isa, const uint8_t* packed, Scale absmax, const float* 
 
 namespace {
 // A fresh 32 MiB output (4096x4096 bf16) costs ~8-9 ms of 4 KiB page faults on this VM on first touch, several
-// times the decode itself (~1.2 ms).  Asking for transparent huge pages on the 2 MiB-aligned interior of a large
-// output (THP is in "madvise" mode here) cuts that: a fresh 32 MiB `empty_like(W).copy_(W)` went from 12.3 ms to
-// 3.6 ms.  Advice only: on memory that is already populated (an `out=` buffer) or where it is refused, nothing
-// changes, and the return value is ignored on purpose.
-constexpr size_t kHugePage = size_t(1) << 21;
-constexpr size_t kAdviseMinBytes = size_t(8) << 20;
-
-void advise_huge_pages(void* out, size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  if (bytes < kAdviseMinBytes) return;
-  const uintptr_t p = reinterpret_cast<uintptr_t>(out);
-  const uintptr_t a = (p + kHugePage - 1) & ~(uintptr_t(kHugePage) - 1);
-  const uintptr_t e = (p + bytes) & ~(uintptr_t(kHugePage) - 1);
-  if (e > a) (void)madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);
-#else
-  (void)out;
-  (void)bytes;
-#endif
-}
-
+// times the decode itself (~1.2 ms); that is the allocating call's floor here, shared with W.clone(). Asking for
+// transparent huge pages on the output (madvise MADV_HUGEPAGE) was tried: 3.7 ms in one process, but 17-34 ms in
+// others (memory compaction), so it was removed; callers that care pass a reused `out=` buffer.
 template <typename Scale>
 void dequantize_dispatch(const uint8_t* packed, Scale absmax, const float* code, int64_t n, int64_t blocksize,
                          void* out, DType out_dtype) {
-  advise_huge_pages(out, static_cast<size_t>(n) * (out_dtype == DType::float32 ? 4 : 2));
 #ifdef QK_X86
   if (dequantize_simd(active_isa(), packed, absmax, code, n, blocksize, out, out_dtype)) return;
 #endif
