@@ -92,4 +92,35 @@ inline uint16_t float_to_half_bits(float f) {
   return static_cast<uint16_t>(o | (sign >> 16));
 }
 
+// bfloat16 / binary16 bits -> float32, exact for every input (bf16 is the top half of a float; half subnormals are
+// m * 2^-24, inf / NaN kept).
+inline float bf16_bits_to_float(uint16_t h) { return f32_from_bits(uint32_t(h) << 16); }
+
+inline float half_bits_to_float(uint16_t h) {
+  const uint32_t sign = (uint32_t(h) & 0x8000u) << 16;
+  const uint32_t e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+  if (e == 0x1f) return f32_from_bits(sign | 0x7f800000u | (m << 13));
+  if (e == 0) {
+    const float f = static_cast<float>(m) * 5.9604644775390625e-8f;  // m * 2^-24, exact
+    return sign ? -f : f;
+  }
+  return f32_from_bits(sign | ((e + 112u) << 23) | (m << 13));
+}
+
+// Scale of block b of a double-quantized (nested) absmax, exactly reference.decode_nested_absmax: a float32 product,
+// then a float32 sum -- two roundings, never fused (the CPU build uses -ffp-contract=off). Shared by the CPU
+// dequantize and GEMV kernels.
+struct NestedScale {
+  const uint8_t* absmax_q;
+  const float* nested_absmax;
+  const float* nested_code;  // 256 entries
+  float offset;
+  int nested_shift;  // log2(nested_blocksize)
+  float operator()(int64_t b) const {
+    float s = nested_code[absmax_q[b]] * nested_absmax[b >> nested_shift];
+    s = s + offset;
+    return s;
+  }
+};
+
 }  // namespace qkernels

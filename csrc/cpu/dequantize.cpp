@@ -40,25 +40,13 @@ struct ToBF16 {
   static T conv(float v) { return float_to_bf16_bits(v); }
 };
 
-// Per-block scale providers.  PlainScale reads a float32 absmax; NestedScale decodes a double-quantized (nested)
-// scale inline, exactly as reference.decode_absmax: product, then sum -- two separate float32 roundings (the build
-// uses -ffp-contract=off, so they are never fused into an FMA).
+// Per-block scale providers.  PlainScale reads a float32 absmax; NestedScale (common.h) decodes a double-quantized
+// scale inline.
 struct PlainScale {
   const float* absmax;
   float operator()(int64_t b) const { return absmax[b]; }
 };
-struct NestedScale {
-  const uint8_t* absmax_q;
-  const float* nested_absmax;
-  const float* nested_code;  // 256 entries
-  float offset;
-  int nested_shift;  // log2(nested_blocksize)
-  float operator()(int64_t b) const {
-    float s = nested_code[absmax_q[b]] * nested_absmax[b >> nested_shift];
-    s = s + offset;
-    return s;
-  }
-};
+using qkernels::NestedScale;  // common.h
 
 // Elements [begin, end) of block `b`; `begin` is even because blocksize is even.
 template <typename Conv>

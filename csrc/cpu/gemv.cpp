@@ -36,21 +36,12 @@ namespace {
 // about what waking the OpenMP team costs.
 constexpr int64_t kParallelMinWeights = int64_t(1) << 16;
 
-// Scale of block b: plain float32 absmax, or a double-quantized one decoded exactly as dequantize_4bit_nested
-// (float32 product, then float32 sum: two roundings, never fused -- the build uses -ffp-contract=off).
+// Scale of block b: plain float32 absmax, or a double-quantized one (common.h's NestedScale, the decode the
+// dequantize kernel uses).
 struct ScaleOf {
   const float* absmax;  // null when nested
-  const uint8_t* absmax_q;
-  const float* nested_absmax;
-  const float* nested_code;
-  float offset;
-  int nested_shift;
-  float operator()(int64_t b) const {
-    if (absmax != nullptr) return absmax[b];
-    float s = nested_code[absmax_q[b]] * nested_absmax[b >> nested_shift];
-    s = s + offset;
-    return s;
-  }
+  NestedScale nested;
+  float operator()(int64_t b) const { return absmax != nullptr ? absmax[b] : nested(b); }
 };
 
 struct Problem {
@@ -73,31 +64,17 @@ int log2_pow2(int64_t v) {
   return s;
 }
 
-inline float bf16_to_float(uint16_t h) { return f32_from_bits(uint32_t(h) << 16); }
-
-// IEEE binary16 -> float32, exact for every input (subnormals as m * 2^-24, inf / NaN kept).
-inline float half_to_float(uint16_t h) {
-  const uint32_t sign = (uint32_t(h) & 0x8000u) << 16;
-  const uint32_t e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
-  if (e == 0x1f) return f32_from_bits(sign | 0x7f800000u | (m << 13));
-  if (e == 0) {
-    const float f = static_cast<float>(m) * 5.9604644775390625e-8f;  // 2^-24, exact
-    return sign ? -f : f;
-  }
-  return f32_from_bits(sign | ((e + 112u) << 23) | (m << 13));
-}
-
 struct FromF32 {
   using T = float;
   static float get(T v) { return v; }
 };
 struct FromF16 {
   using T = uint16_t;
-  static float get(T v) { return half_to_float(v); }
+  static float get(T v) { return half_bits_to_float(v); }
 };
 struct FromBF16 {
   using T = uint16_t;
-  static float get(T v) { return bf16_to_float(v); }
+  static float get(T v) { return bf16_bits_to_float(v); }
 };
 
 // x [M, K] -> float32 [M, K] (the portable path).
@@ -632,8 +609,8 @@ void gemv_4bit_lora(const void* x, DType dtype, int64_t M, int64_t K, const uint
                     const uint8_t* absmax_q, const float* nested_absmax, const float* nested_code, float offset,
                     int64_t nested_blocksize, const float* code, int64_t blocksize, int64_t N, const float* lora_t,
                     const float* lora_B, int64_t r, const float* bias, void* out) {
-  const ScaleOf scale{absmax, absmax_q, nested_absmax, nested_code, offset,
-                      absmax != nullptr ? 0 : log2_pow2(nested_blocksize)};
+  const ScaleOf scale{absmax, NestedScale{absmax_q, nested_absmax, nested_code, offset,
+                                          absmax != nullptr ? 0 : log2_pow2(nested_blocksize)}};
   const Problem p{dtype, M, K, N, log2_pow2(blocksize), packed, scale, code,
                   r > 0 ? lora_t : nullptr, r > 0 ? lora_B : nullptr, r > 0 ? r : 0, bias, out};
 #ifdef QK_X86

@@ -80,18 +80,6 @@ Codebook make_codebook(const float* code) {
   return cb;
 }
 
-inline float half_bits_to_float(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t exp = (h >> 10) & 0x1fu;
-  const uint32_t mant = h & 0x3ffu;
-  if (exp == 0x1f) return f32_from_bits(sign | 0x7f800000u | (mant << 13));
-  if (exp == 0) {
-    const float f = static_cast<float>(mant) * 5.9604644775390625e-8f;  // mant * 2^-24, exact
-    return sign ? -f : f;
-  }
-  return f32_from_bits(sign | ((exp + 112u) << 23) | (mant << 13));
-}
-
 inline float load_scalar(const void* A, DType dt, int64_t i) {
   switch (dt) {
     case DType::float32: return static_cast<const float*>(A)[i];
