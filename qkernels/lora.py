@@ -46,15 +46,8 @@ class QLoRAFunction(torch.autograd.Function):
                 blocksize: int, nested_blocksize: int, out_features: int, scaling: float, dropout_p: float,
                 training: bool, backend: str | None):
         scales = (absmax, nested_absmax, nested_code, offset, nested_blocksize)
-        xd, mask, t = x, None, None
-        if lora_A is not None:
-            ldt = _lora_dtype(x.dtype, lora_A.dtype)
-            if training and dropout_p > 0.0:
-                mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
-                xd = x * mask / (1.0 - dropout_p)
-            t = xd.to(ldt) @ lora_A.to(ldt).t()  # [M, r]
-        y = _linear(x, packed, scales, code, blocksize, out_features,
-                    None if t is None else t * scaling, lora_B, bias, backend)
+        y, xd, mask, t = _forward(x, packed, scales, code, blocksize, out_features, lora_A, lora_B, bias, scaling,
+                                  dropout_p, training, backend)
         if lora_A is None:
             xd = None  # only the LoRA-A gradient reads it
         ctx.save_for_backward(packed, absmax, code, nested_absmax, nested_code, offset, lora_A, lora_B, xd, mask, t)
@@ -92,6 +85,19 @@ class QLoRAFunction(torch.autograd.Function):
         if need_bias and has_bias:
             dbias = g.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
         return dx, None, None, None, None, None, None, dA, dB, dbias, None, None, None, None, None, None, None
+
+
+def _forward(x, packed, scales, code, blocksize, N, lora_A, lora_B, bias, scaling, dropout_p, training, backend):
+    """The forward computation; returns ``(y, dropout(x), bool mask or None, T = dropout(x) @ A^T or None)``."""
+    xd, mask, t = x, None, None
+    if lora_A is not None:
+        ldt = _lora_dtype(x.dtype, lora_A.dtype)
+        if training and dropout_p > 0.0:
+            mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
+            xd = x * mask / (1.0 - dropout_p)
+        t = xd.to(ldt) @ lora_A.to(ldt).t()  # [M, r]
+    y = _linear(x, packed, scales, code, blocksize, N, None if t is None else t * scaling, lora_B, bias, backend)
+    return y, xd, mask, t
 
 
 def _linear(x, packed, scales, code, blocksize, N, lora_t, lora_B, bias, backend):
@@ -184,7 +190,8 @@ def matmul_4bit_lora(
         raise TypeError(f"scaling must be a Python number (lora_alpha / r), got {type(scaling).__name__}")
 
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    autocast = torch.is_autocast_enabled(device_type)
+    if autocast:
         x = x.to(torch.get_autocast_dtype(device_type))
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
@@ -194,7 +201,24 @@ def matmul_4bit_lora(
     qs = quant_state
     nested = (qs.state2.absmax, qs.state2.code, qs.offset) if qs.nested else (None, None, None)
     nested_blocksize = qs.state2.blocksize if qs.nested else 256
-    with torch.autocast(device_type, enabled=False):
+    if autocast:
+        with torch.autocast(device_type, enabled=False):
+            y = QLoRAFunction.apply(x2, raw, qs.absmax, qs.code, *nested, lora_A, lora_B, bias, qs.blocksize,
+                                    nested_blocksize, N, float(scaling), float(dropout_p), bool(training), backend)
+    elif _needs_grad(x2, lora_A, lora_B, bias) or torch.compiler.is_compiling():
         y = QLoRAFunction.apply(x2, raw, qs.absmax, qs.code, *nested, lora_A, lora_B, bias, qs.blocksize,
                                 nested_blocksize, N, float(scaling), float(dropout_p), bool(training), backend)
+    else:
+        # Inference (no_grad, or nothing requires grad): the Function's forward without its autograd machinery
+        # (~40 us of a ~0.6 ms decode GEMV here). Same code, same result; nothing is saved.
+        scales = (qs.absmax, *nested[:2], nested[2], nested_blocksize)
+        y = _forward(x2, raw, scales, qs.code, qs.blocksize, N, lora_A, lora_B, bias, float(scaling),
+                     float(dropout_p), bool(training), backend)[0]
     return y.reshape(*lead, N)
+
+
+def _needs_grad(x, lora_A, lora_B, bias) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return (x.requires_grad or (lora_A is not None and (lora_A.requires_grad or lora_B.requires_grad))
+            or (bias is not None and bias.requires_grad))

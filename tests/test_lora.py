@@ -145,6 +145,33 @@ def test_dropout_off_in_eval():
     torch.testing.assert_close(y1, y2, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("M", [1, 16, 33])
+def test_inference_path_equals_the_autograd_forward(M, backend):
+    """No grad wanted (no_grad, inference_mode, or frozen inputs) skips the autograd Function: same bits, no graph."""
+    packed, state, x, A, B, b, _ = _problem(M, 40, 96, 8, torch.bfloat16)
+    Ag = A.clone().requires_grad_()
+    want = qkernels.matmul_4bit_lora(x, packed, state, Ag, B, 2.0, b, backend=backend)
+    assert want.grad_fn is not None
+    with torch.no_grad():
+        got = qkernels.matmul_4bit_lora(x, packed, state, Ag, B, 2.0, b, backend=backend)
+    assert got.grad_fn is None
+    torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
+    with torch.inference_mode():
+        got = qkernels.matmul_4bit_lora(x, packed, state, A, B, 2.0, b, backend=backend)
+    torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
+    got = qkernels.matmul_4bit_lora(x, packed, state, A, B, 2.0, b, backend=backend)  # nothing requires grad
+    assert got.grad_fn is None
+    torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
+    torch.manual_seed(3)  # dropout in training mode still applies on the inference path
+    with torch.no_grad():
+        d1 = qkernels.matmul_4bit_lora(x, packed, state, A, B, 2.0, b, 0.5, backend=backend)
+    torch.manual_seed(3)
+    d2 = qkernels.matmul_4bit_lora(x, packed, state, Ag, B, 2.0, b, 0.5, backend=backend)
+    torch.testing.assert_close(d1, d2.detach(), rtol=0, atol=0)
+    assert not torch.equal(d1, want.detach())
+
+
 def test_quant_storage_view():
     W = torch.randn(48, 64) * 0.05
     packed, state = qkernels.quantize_4bit(W, 64, quant_storage=torch.bfloat16)
