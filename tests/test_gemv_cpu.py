@@ -29,8 +29,9 @@ pytestmark = pytest.mark.skipif(
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 # (N, K): one output row; odd K (rows starting in a low nibble); K % 32 != 0; blocks straddling rows with K % 32 == 0
-# (the SIMD path across block boundaries inside a row); K odd and not a multiple of anything; a real row length.
-SHAPES = [(1, 64), (3, 63), (7, 130), (65, 96), (113, 257), (256, 4096)]
+# (the SIMD path across block boundaries inside a row); K odd and not a multiple of anything; a real row length;
+# N % 4 == 2 and 3 (the M > 8 bf16 path's last group of rows) with K one 32-column chunk past its 1024-column span.
+SHAPES = [(1, 64), (3, 63), (7, 130), (65, 96), (113, 257), (256, 4096), (66, 1056), (67, 1056)]
 MS = [1, 2, 3, 16, 17]
 # The quantization variants and epilogue variants rotate across the (shape, dtype, M) grid so that every shape meets
 # every blocksize, both scale formats, both codebooks, every rank and bias / no bias, without the full product.
