@@ -131,12 +131,13 @@ def match_modules_to_save(model: nn.Module, modules_to_save: Iterable[str]) -> l
             if n and not n.startswith(inside) and any(n.endswith(e) for e in entries)]
 
 
-def plan_modules_to_save(model: nn.Module, modules_to_save: Iterable[str], adapter_name: str) -> list[str]:
+def plan_modules_to_save(model: nn.Module, modules_to_save: Iterable[str], adapter_name: str,
+                         allow_existing: bool = False) -> list[str]:
     """Validate and return the module names ``wrap_modules_to_save`` would give a copy for ``adapter_name``.
 
     Raises ``ValueError`` (nothing changed) for an entry that selects no module (listing the model's top-level and
     leaf names), a selected ``QLoRALinear`` or a module inside one, a module inside another selected module, or a
-    module that already has a copy for ``adapter_name``."""
+    module that already has a copy for ``adapter_name`` (unless ``allow_existing``: it is about to be replaced)."""
     from .nn import QLoRALinear
 
     entries = list(modules_to_save)
@@ -157,7 +158,7 @@ def plan_modules_to_save(model: nn.Module, modules_to_save: Iterable[str], adapt
         outer = [o for o in names if n.startswith(o + ".")]
         if outer:
             raise ValueError(f"modules_to_save selects both {outer[0]!r} and {n!r} inside it; name only the outer one")
-        if isinstance(m, ModulesToSaveWrapper) and adapter_name in m.modules_to_save:
+        if isinstance(m, ModulesToSaveWrapper) and adapter_name in m.modules_to_save and not allow_existing:
             raise ValueError(f"module {n!r} already has a copy for adapter {adapter_name!r}")
     return names
 
