@@ -10,11 +10,14 @@ peft's: ``lora_A`` / ``lora_B`` are ``nn.ModuleDict({adapter_name: nn.Linear})``
 - ``save_adapter(model, path, adapter_name)`` writes what ``PeftModel.save_pretrained`` writes:
   ``adapter_config.json`` (a ``peft.LoraConfig``) and ``adapter_model.safetensors`` with keys
   ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` (the adapter name removed, as peft's
-  ``get_peft_model_state_dict`` does). ``peft.PeftModel.from_pretrained(base, path)`` loads it.
+  ``get_peft_model_state_dict`` does), plus ``base_model.model.<module>.<key>`` for each module to save
+  (``qkernels.modules_to_save``); the config carries ``layers_to_transform`` / ``layers_pattern`` /
+  ``modules_to_save``. ``peft.PeftModel.from_pretrained(base, path)`` loads it.
 - ``load_adapter(model, path, adapter_name)`` reads such a directory (``adapter_model.safetensors``, else
-  ``adapter_model.bin``). Every key must name a ``QLoRALinear`` of ``model`` and every shape must match the
-  module and the rank the config gives it (``r`` / ``rank_pattern``); any mismatch raises ``ValueError`` naming
-  the key and both shapes, and nothing is loaded: the whole file is validated before the model is touched.
+  ``adapter_model.bin``). Every LoRA key must name a ``QLoRALinear`` of ``model`` that the config selects and every
+  shape must match the module and the rank the config gives it (``r`` / ``rank_pattern``); modules to save must
+  come whole. Any mismatch raises ``ValueError`` naming the key and both shapes, and nothing is loaded: the whole
+  file is validated before the model is touched.
 
 Module names are relative to the ``model`` passed in: pass the same model object you would give to
 ``peft.get_peft_model`` (e.g. a ``transformers`` ``BertModel``) so the names agree with peft's.
