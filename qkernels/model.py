@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .functional import dequantize_4bit, quantize_4bit
-from .modules_to_save import check_modules_to_save, plan_modules_to_save, wrap_modules_to_save
+from .modules_to_save import check_modules_to_save, plan_modules_to_save, wrap_modules_to_save, wrapper_modules
 from .nn import Params4bit, QLoRALinear, is_conv1d
 
 __all__ = [
@@ -236,6 +236,11 @@ def apply_qlora(
     if not names:
         _raise_no_layer_match(model, target_modules, exclude_modules, layers_to_transform, layers_pattern,
                               modules_to_save)
+    clash = [(t, m) for t in names for m in save_names if t == m or t.startswith(m + ".") or m.startswith(t + ".")]
+    if clash:  # peft's two rules differ (suffix vs dotted regex): one module can meet both; refuse before changing
+        raise ValueError(f"module {clash[0][0]!r} is a LoRA target and module {clash[0][1]!r} a module to save; "
+                         "they overlap. Name the module to save exactly (e.g. its full name) or exclude it from "
+                         "target_modules")
     modules = dict(model.named_modules())
     for n in names:
         m = modules[n]
@@ -368,8 +373,11 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     The sum is formed in float32 and rounded once to the layer's ``compute_dtype`` (or, when None, its
     ``float_dtype``: the dtype of the weight before quantization, or the one the model was last cast to with
     ``.half()`` / ``.to(dtype)``). Nothing is requantized. The merged weight is frozen
-    (as peft leaves a merged base weight). Returns ``model`` (modified in place).
+    (as peft leaves a merged base weight). Each module to save (``ModulesToSaveWrapper``) is replaced by the module
+    it runs: the active adapter's copy, or the original module when adapters are disabled or the active adapter has
+    no copy (peft's ``unload``). Returns ``model`` (modified in place).
     """
+    _unwrap_modules_to_save(model)
     for name, layer in _qlora_layers(model):
         dtype = layer.compute_dtype or layer.float_dtype
         with torch.no_grad():
@@ -383,18 +391,25 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     return model
 
 
+def _unwrap_modules_to_save(model: nn.Module) -> None:
+    for name, w in wrapper_modules(model)[::-1]:  # inner first (they cannot nest, but names stay valid either way)
+        _replace(model, name, w.running_module())
+
+
 def merge_into_4bit(model: nn.Module) -> dict[str, float]:
     """Opt-in: requantize ``dequant(W) + s B A`` of each ``QLoRALinear`` to 4 bits and drop its adapters.
 
     Requantizing loses most of what a small adapter adds (a LoRA update is usually far below one 4-bit step),
     so this warns (``UserWarning``) with the error introduced. Each layer keeps its quant_type, blocksize,
-    double_quant and storage; afterwards it runs as a plain 4-bit linear (no adapters).
+    double_quant and storage; afterwards it runs as a plain 4-bit linear (no adapters). Modules to save are replaced
+    by the module they run, as in ``merge_and_unload``.
 
     Returns ``{module_name: ||M - dequant(quantize_4bit(M))||_F / ||M||_F}`` with ``M = dequant(W) + s B A``, and
     the same for the change of the layer's effective weight relative to the unmerged one, under
     ``"<name>.delta_lost"``: ``||dequant(Q_new) - M||_F / ||s B A||_F`` (1.0 = the adapter is entirely lost).
     """
     errors: dict[str, float] = {}
+    _unwrap_modules_to_save(model)
     for name, layer in _qlora_layers(model):
         st = layer.weight.quant_state
         with torch.no_grad():

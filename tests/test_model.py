@@ -394,3 +394,45 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients():
         assert ckpt[n].abs().sum() > 0, n
         scale = plain[n].abs().max().item()
         assert (ckpt[n] - plain[n]).abs().max().item() <= 64 * U32 * max(scale, math.ulp(1.0)), n
+
+
+# ---------------------------------------------------------------------------------------------- modules to save
+def test_modules_to_save_train_copy_and_merge_to_it(tmp_path):
+    """BERT with a classification head: LoRA on the encoder, the head trained in full as a per-adapter copy; the
+    original head never changes; merge_and_unload keeps the trained copy; the model pickles and deep-copies."""
+    model = apply_qlora(tiny_bert(classifier=True), ["query", "value"], r=4, modules_to_save=["classifier"])
+    head = model.classifier
+    assert isinstance(head, ModulesToSaveWrapper) and head.out_features == 3  # attributes read through
+    original = head.original_module.weight.detach().clone()
+    ids, labels = torch.randint(3, 64, (4, 8)), torch.tensor([0, 1, 2, 1])
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        model(input_ids=ids, labels=labels).loss.backward()
+        opt.step()
+    assert torch.equal(head.original_module.weight, original)
+    assert not torch.equal(head.modules_to_save["default"].weight, original)
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        assert torch.equal(copy.deepcopy(model)(input_ids=ids).logits, want)
+        torch.save(model, tmp_path / "m.pt")
+        assert torch.equal(torch.load(tmp_path / "m.pt", weights_only=False)(input_ids=ids).logits, want)
+        with qkernels.disable_adapters(model):
+            base = model(input_ids=ids).logits
+        assert not torch.equal(base, want)
+    merge_and_unload(model)
+    assert type(model.classifier) is nn.Linear
+    assert torch.equal(model.classifier.weight, head.modules_to_save["default"].weight)
+    with torch.no_grad():  # the same function up to float32 rounding; the original head would be far off
+        err = (model(input_ids=ids).logits - want).abs().max()
+        assert err <= 1e-3 * (base - want).abs().max(), err
+
+
+def test_modules_to_save_overlapping_a_target_is_refused_before_any_change():
+    model = tiny_llama()
+    # peft's modules_to_save rule is a plain suffix: "_proj" selects every projection, which are LoRA targets
+    with pytest.raises(ValueError, match=r"is a LoRA target and module .* a module to save; they overlap"):
+        apply_qlora(model, ["q_proj"], modules_to_save=["_proj"])
+    assert not any(isinstance(m, (QLoRALinear, ModulesToSaveWrapper)) for m in model.modules())
