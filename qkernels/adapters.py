@@ -216,15 +216,20 @@ def add_adapter(
     init_lora_weights: bool | str = True,
     target_modules: str | list[str] | None = None,
     modules_to_save: list[str] | None = None,
+    layers_to_transform: int | list[int] | None = None,
+    layers_pattern: str | list[str] | None = None,
 ) -> list[str]:
     """Add a new adapter ``name`` to the QLoRALinear modules of ``model`` (defaults are peft's ``LoraConfig``'s).
 
     ``target_modules``: ``None`` / ``"all-linear"`` = every QLoRALinear; a list of names or name suffixes
     (``["q_proj", "v_proj"]``); or a regex string matched against the whole module name (peft's rules).
-    ``modules_to_save``: names (full-name suffixes) of non-LoRA modules that get a trainable copy for ``name``
-    (``qkernels.modules_to_save``). The active adapter is not changed (call ``set_adapter``), as in peft.
+    ``layers_to_transform`` / ``layers_pattern``: peft's layer filter (with a list ``target_modules``; see
+    ``qkernels.apply_qlora``). ``modules_to_save``: names (full-name suffixes) of non-LoRA modules that get a
+    trainable copy for ``name`` (``qkernels.modules_to_save``). The active adapter is not changed (call
+    ``set_adapter``), as in peft.
     Returns the module names that got a LoRA adapter.
     """
+    from .model import _check_layer_args, match_target_modules
     from .modules_to_save import check_modules_to_save, plan_modules_to_save, wrap_modules_to_save
 
     if not isinstance(name, str) or not name:
@@ -232,10 +237,16 @@ def add_adapter(
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"r must be a positive integer, got {r!r}")
     mods = [(n, m) for n, m in _qlora_modules(model) if _matches(n, target_modules)]
+    if layers_to_transform is not None or layers_pattern is not None:
+        _check_layer_args("all-linear" if target_modules is None else target_modules, layers_to_transform,
+                          layers_pattern)
+        chosen = set(match_target_modules(model, target_modules, layers_to_transform=layers_to_transform,
+                                          layers_pattern=layers_pattern))
+        mods = [(n, m) for n, m in mods if n in chosen]
     if not mods:
         raise ValueError(
-            f"target_modules={target_modules!r} matches no QLoRALinear; they are "
-            f"{[n for n, _ in _qlora_modules(model)]}"
+            f"target_modules={target_modules!r} (layers_to_transform={layers_to_transform!r}, layers_pattern="
+            f"{layers_pattern!r}) matches no QLoRALinear; they are {[n for n, _ in _qlora_modules(model)]}"
         )
     clash = [n for n, m in mods if name in m.lora_A]
     if clash:

@@ -411,6 +411,21 @@ def test_layers_to_transform_saved_loaded_and_read_by_peft(tmp_path, x):
                 assert torch.equal(m.lora_B["l1"].weight, src.lora_B["default"].weight)
 
 
+def test_add_adapter_with_layers_to_transform(tmp_path):
+    model = qk_toy()
+    got = adapters.add_adapter(model, "l0", target_modules=["q_proj", "down"], layers_to_transform=0,
+                               layers_pattern="layers")
+    assert got == ["layers.0.q_proj", "layers.0.down"]
+    adapters.save_adapter(model, tmp_path, adapter_name="l0")
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["layers_to_transform"] == [0] and cfg["layers_pattern"] == "layers"
+    with pytest.raises(ValueError, match="layers_to_transform cannot be used when target_modules is a str"):
+        adapters.add_adapter(model, "x", layers_to_transform=[0])
+    with pytest.raises(ValueError, match=r"layers_to_transform=\[7\].*matches no QLoRALinear"):
+        adapters.add_adapter(model, "x", target_modules=["q_proj"], layers_to_transform=[7], layers_pattern="layers")
+    assert adapters.adapter_names(model) == ["default", "l0"]
+
+
 def test_saved_layer_fields_reproduce_the_modules_on_a_llama(tmp_path):
     from .test_model import tiny_llama
 
