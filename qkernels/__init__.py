@@ -18,7 +18,8 @@ Modules and models
 - ``apply_qlora(model, target_modules, r=8, lora_alpha=16, ...)``, ``trainable_parameters``,
   ``print_trainable_parameters``, ``merge_and_unload``, ``merge_into_4bit``, ``loftq_init``
 - adapters in peft's format: ``save_adapter``, ``load_adapter``, ``add_adapter``, ``set_adapter``,
-  ``disable_adapters`` (a context manager), ``delete_adapter``, ``adapter_names``
+  ``disable_adapters`` (a context manager), ``delete_adapter``, ``adapter_names``; ``ModulesToSaveWrapper`` (peft's
+  ``modules_to_save``: modules trained in full, one copy per adapter)
 
 Around them
 - ``reference``: the pure-PyTorch backend, incl. ``reference.matmul_4bit_lora`` (the oracle for the fused kernels)
@@ -47,12 +48,14 @@ from .functional import (
 from .loftq import loftq_init
 from .lora import QLoRAFunction, lora_scaling, matmul_4bit_lora
 from .model import apply_qlora, merge_and_unload, merge_into_4bit, print_trainable_parameters, trainable_parameters
+from .modules_to_save import ModulesToSaveWrapper
 from .nn import Params4bit, QLoRALinear
 from .quant_state import QuantState
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ModulesToSaveWrapper",
     "Params4bit",
     "QLoRAFunction",
     "QLoRALinear",

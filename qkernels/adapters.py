@@ -10,11 +10,14 @@ peft's: ``lora_A`` / ``lora_B`` are ``nn.ModuleDict({adapter_name: nn.Linear})``
 - ``save_adapter(model, path, adapter_name)`` writes what ``PeftModel.save_pretrained`` writes:
   ``adapter_config.json`` (a ``peft.LoraConfig``) and ``adapter_model.safetensors`` with keys
   ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` (the adapter name removed, as peft's
-  ``get_peft_model_state_dict`` does). ``peft.PeftModel.from_pretrained(base, path)`` loads it.
+  ``get_peft_model_state_dict`` does), plus ``base_model.model.<module>.<key>`` for each module to save
+  (``qkernels.modules_to_save``); the config carries ``layers_to_transform`` / ``layers_pattern`` /
+  ``modules_to_save``. ``peft.PeftModel.from_pretrained(base, path)`` loads it.
 - ``load_adapter(model, path, adapter_name)`` reads such a directory (``adapter_model.safetensors``, else
-  ``adapter_model.bin``). Every key must name a ``QLoRALinear`` of ``model`` and every shape must match the
-  module and the rank the config gives it (``r`` / ``rank_pattern``); any mismatch raises ``ValueError`` naming
-  the key and both shapes, and nothing is loaded: the whole file is validated before the model is touched.
+  ``adapter_model.bin``). Every LoRA key must name a ``QLoRALinear`` of ``model`` that the config selects and every
+  shape must match the module and the rank the config gives it (``r`` / ``rank_pattern``); modules to save must
+  come whole. Any mismatch raises ``ValueError`` naming the key and both shapes, and nothing is loaded: the whole
+  file is validated before the model is touched.
 
 Module names are relative to the ``model`` passed in: pass the same model object you would give to
 ``peft.get_peft_model`` (e.g. a ``transformers`` ``BertModel``) so the names agree with peft's.
@@ -56,7 +59,6 @@ _KEY_RE = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)\.weight$")
 _UNSUPPORTED_IF_SET = {
     "use_dora": "DoRA (a learned magnitude vector)",
     "lora_bias": "a trainable bias on lora_B",
-    "modules_to_save": "fully trained extra modules (modules_to_save)",
     "trainable_token_indices": "trainable embedding tokens",
     "layer_replication": "layer replication",
     "target_parameters": "LoRA on nn.Parameter targets",
@@ -89,12 +91,26 @@ def _qlora_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
+def _wrappers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, ModulesToSaveWrapper)`` of ``model``: the modules to save, with per-adapter copies."""
+    from .modules_to_save import wrapper_modules
+
+    return wrapper_modules(model)
+
+
 def adapter_names(model: nn.Module) -> list[str]:
-    """The adapter names present on at least one QLoRALinear of ``model``, in first-seen order."""
+    """The adapter names present on at least one QLoRALinear (or module to save) of ``model``, first-seen order."""
     names: dict[str, None] = {}
     for _, m in _qlora_modules(model):
         names.update(dict.fromkeys(m.lora_A.keys()))
+    for _, w in _wrappers(model):
+        names.update(dict.fromkeys(w.modules_to_save.keys()))
     return list(names)
+
+
+def _require_known(model: nn.Module, name: str) -> None:
+    if name not in adapter_names(model):
+        raise ValueError(f"adapter {name!r} not found; the model has adapters {adapter_names(model)}")
 
 
 def _require_adapter(model: nn.Module, name: str) -> list[tuple[str, nn.Module]]:
@@ -117,11 +133,14 @@ def set_adapter(model: nn.Module, name: str) -> None:
     """Make ``name`` the active adapter of every QLoRALinear (peft's ``PeftModel.set_adapter``).
 
     A module without that adapter computes its base output only (as in peft, where its active adapter is then
-    absent from its ``lora_A``). Raises ``ValueError`` if no module has it.
+    absent from its ``lora_A``). Modules to save run (and train) ``name``'s copy, or their original module when
+    ``name`` has none, as peft's ``ModulesToSaveWrapper``. Raises ``ValueError`` if no module has it.
     """
-    _require_adapter(model, name)
+    _require_known(model, name)
     for _, m in _qlora_modules(model):
         _activate(m, name)
+    for _, w in _wrappers(model):
+        w.set_adapter(name)
 
 
 def _activate(m: nn.Module, name: str | None) -> None:
@@ -137,11 +156,12 @@ def _activate(m: nn.Module, name: str | None) -> None:
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
-    """Context manager: every QLoRALinear computes its base output only; each module's flag is restored on exit.
+    """Context manager: every QLoRALinear computes its base output only and every module to save runs its original
+    module; each module's flag is restored on exit.
 
     ``with qkernels.disable_adapters(model): y_base = model(x)`` — peft's ``with peft_model.disable_adapter():``.
     """
-    mods = _qlora_modules(model)
+    mods = _qlora_modules(model) + _wrappers(model)
     saved = [(m, bool(m.disable_adapters)) for _, m in mods]
     try:
         for m, _ in saved:
@@ -155,11 +175,26 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name`` from every QLoRALinear that has it (peft's ``PeftModel.delete_adapter``).
 
-    A module whose active adapter was ``name`` switches to one of its remaining adapters (QLoRALinear's
-    ``delete_adapter`` decides which, as peft's layer does). Raises ``ValueError`` if no module has it.
+    As peft's ``LoraModel.delete_adapter``: if ``name`` was the active adapter, each QLoRALinear that ran it (or
+    was set to it but lacks it) switches to the alphabetically first of its remaining adapters (or none), and the
+    model's new active adapter is the first QLoRALinear's. Modules to save drop their copy for ``name`` and run the
+    copy of that new active adapter, or their original module when they have none (peft's
+    ``ModulesToSaveWrapper.delete_adapter``). Raises ``ValueError`` if no module has it.
     """
-    for _, m in _require_adapter(model, name):
-        m.delete_adapter(name)
+    _require_known(model, name)
+    mods, wrappers = _qlora_modules(model), _wrappers(model)
+    was_active = any(m.active_adapter == name for _, m in mods + wrappers)
+    for _, m in mods:
+        ran = m.active_adapter == name or (was_active and m.active_adapter is None)
+        if name in m.lora_A:
+            m.delete_adapter(name)
+        if ran:
+            _activate(m, min(m.lora_A, default=None))  # peft: sorted(remaining adapters)[0]
+    new_active = mods[0][1].active_adapter
+    for _, w in wrappers:
+        if name in w.modules_to_save:
+            w.delete_adapter(name)
+            w.set_adapter(new_active)
 
 
 def _matches(name: str, target_modules: str | list[str] | None) -> bool:
@@ -180,28 +215,49 @@ def add_adapter(
     use_rslora: bool = False,
     init_lora_weights: bool | str = True,
     target_modules: str | list[str] | None = None,
+    modules_to_save: list[str] | None = None,
+    layers_to_transform: int | list[int] | None = None,
+    layers_pattern: str | list[str] | None = None,
 ) -> list[str]:
     """Add a new adapter ``name`` to the QLoRALinear modules of ``model`` (defaults are peft's ``LoraConfig``'s).
 
     ``target_modules``: ``None`` / ``"all-linear"`` = every QLoRALinear; a list of names or name suffixes
     (``["q_proj", "v_proj"]``); or a regex string matched against the whole module name (peft's rules).
-    The active adapter is not changed (call ``set_adapter``), as in peft. Returns the module names that got it.
+    ``layers_to_transform`` / ``layers_pattern``: peft's layer filter (with a list ``target_modules``; see
+    ``qkernels.apply_qlora``). ``modules_to_save``: names (full-name suffixes) of non-LoRA modules that get a
+    trainable copy for ``name`` (``qkernels.modules_to_save``). The active adapter is not changed (call
+    ``set_adapter``), as in peft.
+    Returns the module names that got a LoRA adapter.
     """
+    from .model import _check_layer_args, match_target_modules
+    from .modules_to_save import check_modules_to_save, plan_modules_to_save, wrap_modules_to_save
+
     if not isinstance(name, str) or not name:
         raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"r must be a positive integer, got {r!r}")
     mods = [(n, m) for n, m in _qlora_modules(model) if _matches(n, target_modules)]
+    if layers_to_transform is not None or layers_pattern is not None:
+        _check_layer_args("all-linear" if target_modules is None else target_modules, layers_to_transform,
+                          layers_pattern)
+        chosen = set(match_target_modules(model, target_modules, layers_to_transform=layers_to_transform,
+                                          layers_pattern=layers_pattern))
+        mods = [(n, m) for n, m in mods if n in chosen]
     if not mods:
         raise ValueError(
-            f"target_modules={target_modules!r} matches no QLoRALinear; they are "
-            f"{[n for n, _ in _qlora_modules(model)]}"
+            f"target_modules={target_modules!r} (layers_to_transform={layers_to_transform!r}, layers_pattern="
+            f"{layers_pattern!r}) matches no QLoRALinear; they are {[n for n, _ in _qlora_modules(model)]}"
         )
     clash = [n for n, m in mods if name in m.lora_A]
     if clash:
         raise ValueError(f"adapter {name!r} already exists on {clash[:3]}{'...' if len(clash) > 3 else ''}")
+    modules_to_save = check_modules_to_save(modules_to_save)
+    if modules_to_save:
+        plan_modules_to_save(model, modules_to_save, name)  # validated before any change
     for _, m in mods:
         _add_to_module(m, name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+    if modules_to_save:
+        wrap_modules_to_save(model, modules_to_save, name, activate=False)
     return [n for n, _ in mods]
 
 
@@ -239,20 +295,44 @@ def _short_name(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
-def _target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
-    """peft ``target_modules`` selecting exactly ``names`` among the model's Linear-like modules.
+def _target_spec(model: nn.Module, names: list[str], modules_to_save: list[str] | None) -> dict[str, Any]:
+    """peft ``target_modules`` / ``layers_to_transform`` / ``layers_pattern`` selecting exactly ``names`` among the
+    model's Linear-like modules, under peft's rules (``qkernels.model.match_target_modules``).
 
-    The short names (``["query", "value"]``) when they select no other Linear/QLoRALinear of the model;
-    otherwise a regex string matching exactly these names (peft full-matches a string against module names).
+    Tried in order, the first that selects exactly ``names`` wins: the short names (``["query", "value"]``); the
+    short names with ``layers_to_transform`` = the layer indices of ``names`` (peft's default layer pattern, then
+    the layer list's name as ``layers_pattern``); else a regex string matching exactly these names (peft
+    full-matches a string against module names).
     """
-    short = sorted({_short_name(n) for n in names})
+    from .model import layer_index, match_target_modules
+
     cls = _qlora_class()
     inside = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, cls))  # their lora_A / lora_B
-    linear_like = [n for n, m in model.named_modules() if isinstance(m, (cls, nn.Linear)) and not n.startswith(inside)]
-    chosen = {n for n in linear_like if _short_name(n) in short}
-    if chosen == set(names):
-        return short
-    return "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
+    inside += tuple(f"{n}." for n, _ in _wrappers(model))  # a module to save's original and copies
+    linear_like = {n for n, m in model.named_modules() if isinstance(m, (cls, nn.Linear)) and not n.startswith(inside)}
+    short = sorted({_short_name(n) for n in names})
+    candidates: list[dict[str, Any]] = [dict(layers_to_transform=None, layers_pattern=None)]
+    indices = [layer_index(n) for n in names]
+    if None not in indices:
+        candidates.append(dict(layers_to_transform=sorted(set(indices)), layers_pattern=None))
+    lists = [m["list"] for n in names if (m := re.match(r".*?(?:^|\.)(?P<list>[^.]+)\.\d+\.", n))]
+    if len(lists) == len(names):
+        pattern = [re.escape(p) for p in sorted(set(lists))]
+        pattern = pattern[0] if len(pattern) == 1 else pattern
+        indices = [layer_index(n, pattern) for n in names]
+        if None not in indices:
+            candidates.append(dict(layers_to_transform=sorted(set(indices)), layers_pattern=pattern))
+    for c in candidates:
+        chosen = set(match_target_modules(model, short, modules_to_save=modules_to_save, **c)) & linear_like
+        if chosen == set(names):
+            return dict(target_modules=short, **c)
+    regex = "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
+    return dict(target_modules=regex, layers_to_transform=None, layers_pattern=None)
+
+
+def _save_names(model: nn.Module, adapter: str) -> list[str]:
+    """Names of the modules to save that hold a copy for ``adapter``, in definition order."""
+    return [n for n, w in _wrappers(model) if adapter in w.modules_to_save]
 
 
 def _most_common(values: list[Any]) -> Any:
@@ -260,7 +340,7 @@ def _most_common(values: list[Any]) -> Any:
 
 
 def _config_fields(model: nn.Module, infos: list[_ModuleAdapter], task_type: str | None,
-                   base_model_name_or_path: str | None) -> dict[str, Any]:
+                   base_model_name_or_path: str | None, modules_to_save: list[str] | None) -> dict[str, Any]:
     """The LoraConfig arguments describing ``infos``, with ``rank_pattern`` / ``alpha_pattern`` for the outliers."""
     if len({i.use_rslora for i in infos}) > 1:
         raise ValueError("modules mix rsLoRA and plain LoRA scaling in one adapter; peft's use_rslora is global")
@@ -279,7 +359,8 @@ def _config_fields(model: nn.Module, infos: list[_ModuleAdapter], task_type: str
         lora_alpha=alpha,
         lora_dropout=max(i.dropout for i in infos),  # dropout does not change a saved adapter's outputs
         use_rslora=infos[0].use_rslora,
-        target_modules=_target_modules(model, [i.name for i in infos]),
+        **_target_spec(model, [i.name for i in infos], modules_to_save),
+        modules_to_save=modules_to_save,
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
         bias="none",
@@ -297,21 +378,26 @@ def _config_json(fields: dict[str, Any]) -> str:
     if peft is not None:
         d = peft.LoraConfig(**fields).to_dict()
     else:  # the LoraConfig fields peft needs to rebuild this adapter; the others take their defaults when read
-        d = dict(fields, peft_type="LORA", init_lora_weights=True, layers_to_transform=None, layers_pattern=None,
-                 modules_to_save=None, use_dora=False, lora_bias=False, exclude_modules=None, revision=None,
-                 auto_mapping=None)
+        d = dict(fields, peft_type="LORA", init_lora_weights=True, use_dora=False, lora_bias=False,
+                 exclude_modules=None, revision=None, auto_mapping=None)
     d = {k: (sorted(v) if isinstance(v, set) else v) for k, v in d.items()}  # as PeftConfigMixin.save_pretrained
     return json.dumps(d, indent=2, sort_keys=True)
 
 
 # ---------------------------------------------------------------------------------------------- save
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """peft's ``get_peft_model_state_dict`` for one adapter: ``base_model.model.<module>.lora_{A,B}.weight``."""
+    """peft's ``get_peft_model_state_dict`` for one adapter: ``base_model.model.<module>.lora_{A,B}.weight``, and
+    for each module to save with a copy for the adapter that copy's state dict as ``base_model.model.<module>.<key>``
+    (e.g. ``base_model.model.score.weight``: the adapter name and ``modules_to_save`` removed, as peft does)."""
     out = {}
     for name, m in _require_adapter(model, adapter_name):
         for which in ("lora_A", "lora_B"):
             w = getattr(m, which)[adapter_name].weight
             out[f"{PEFT_PREFIX}{name}.{which}.weight"] = w.detach().to("cpu", copy=True).contiguous()
+    for name, w in _wrappers(model):
+        if adapter_name in w.modules_to_save:
+            for k, v in w.modules_to_save[adapter_name].state_dict().items():
+                out[f"{PEFT_PREFIX}{name}.{k}"] = v.detach().to("cpu", copy=True).contiguous()
     return out
 
 
@@ -325,9 +411,12 @@ def save_adapter(
 ) -> None:
     """Write adapter ``adapter_name`` to directory ``path`` in peft's format (created if needed).
 
-    Files: ``adapter_config.json`` (a ``peft.LoraConfig``: r, lora_alpha, lora_dropout, target_modules as short
-    names, use_rslora, rank_pattern / alpha_pattern for modules whose rank / alpha differ from the most common,
-    bias "none", inference_mode true) and ``adapter_model.safetensors`` (tensors in their parameter dtype).
+    Files: ``adapter_config.json`` (a ``peft.LoraConfig``: r, lora_alpha, lora_dropout, use_rslora, target_modules
+    as short names, with ``layers_to_transform`` / ``layers_pattern`` when the adapter covers only some layers (a
+    regex of the full names when neither selects exactly its modules), ``modules_to_save`` (the full names of the
+    modules to save holding a copy for this adapter), rank_pattern / alpha_pattern for modules whose rank / alpha
+    differ from the most common, bias "none", inference_mode true) and ``adapter_model.safetensors`` (tensors in
+    their parameter dtype; see ``adapter_state_dict``).
     ``task_type`` (e.g. ``"CAUSAL_LM"``) and ``base_model_name_or_path`` are written when given or known
     (``model.config._name_or_path``).
     """
@@ -335,7 +424,8 @@ def save_adapter(
 
     mods = _require_adapter(model, adapter_name)
     infos = [_describe(n, m, adapter_name) for n, m in mods]
-    text = _config_json(_config_fields(model, infos, task_type, base_model_name_or_path))
+    text = _config_json(_config_fields(model, infos, task_type, base_model_name_or_path,
+                                       _save_names(model, adapter_name) or None))
     tensors = adapter_state_dict(model, adapter_name)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:
@@ -361,6 +451,14 @@ def _read_config(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{cfg_path}: fan_in_fan_out=true (Conv1D layers) is not supported")
     if not isinstance(cfg.get("r"), int) or cfg["r"] <= 0:
         raise ValueError(f"{cfg_path}: r must be a positive integer, got {cfg.get('r')!r}")
+    from .model import _check_layer_args
+    from .modules_to_save import check_modules_to_save
+
+    try:
+        _check_layer_args(cfg.get("target_modules"), cfg.get("layers_to_transform"), cfg.get("layers_pattern"))
+        check_modules_to_save(cfg.get("modules_to_save"))
+    except ValueError as e:
+        raise ValueError(f"{cfg_path}: {e}") from None
     return cfg
 
 
@@ -393,25 +491,90 @@ class _Planned:
     B: torch.Tensor
 
 
-def _plan(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor]) -> list[_Planned]:
+@dataclass
+class _Plan:
+    lora: list[_Planned]
+    saved: dict[str, dict[str, torch.Tensor]]  # module to save -> its state dict from the file
+
+
+def _config_targets(model: nn.Module, cfg: dict[str, Any]) -> set[str] | None:
+    """The modules peft would give LoRA under the config (None: the config names no target_modules)."""
+    from .model import match_target_modules
+
+    if cfg.get("target_modules") is None:
+        return None
+    return set(match_target_modules(model, cfg["target_modules"], cfg.get("exclude_modules"),
+                                    layers_to_transform=cfg.get("layers_to_transform"),
+                                    layers_pattern=cfg.get("layers_pattern"),
+                                    modules_to_save=cfg.get("modules_to_save")))
+
+
+def _split_keys(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor]
+                ) -> tuple[dict[str, dict[str, tuple[str, torch.Tensor]]], dict[str, dict[str, torch.Tensor]]]:
+    """File keys -> ``{module: {"lora_A"|"lora_B": (key, tensor)}}`` and ``{module to save: {key: tensor}}``."""
+    from .modules_to_save import match_modules_to_save
+
+    save_names = match_modules_to_save(model, cfg.get("modules_to_save") or [])
+    pairs: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    saved: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in sd.items():
+        stripped = key.removeprefix(PEFT_PREFIX)
+        owner = [n for n in save_names if stripped.startswith(n + ".")]
+        if owner:  # the longest name: a module to save may not hold another (plan_modules_to_save)
+            name = max(owner, key=len)
+            saved.setdefault(name, {})[stripped[len(name) + 1:]] = t
+            continue
+        match = _KEY_RE.match(stripped)
+        if match is None:
+            raise ValueError(
+                f"adapter key {key!r} is not a LoRA weight '{PEFT_PREFIX}<module>.lora_A.weight' / '.lora_B.weight' "
+                f"nor a tensor of a module to save (the config's modules_to_save={cfg.get('modules_to_save')!r} "
+                f"selects {save_names} here); embedding/bias/DoRA tensors are not supported"
+            )
+        pairs.setdefault(match["module"], {})[match["which"]] = (key, t)
+    return pairs, saved
+
+
+def _check_saved(model: nn.Module, cfg: dict[str, Any], saved: dict[str, dict[str, torch.Tensor]],
+                 adapter_name: str, replace: bool) -> None:
+    """Each module to save of the config has every state-dict key of the module, with its shape and dtype kind."""
+    from .modules_to_save import ModulesToSaveWrapper, match_modules_to_save, plan_modules_to_save
+
+    entries = cfg.get("modules_to_save") or []
+    if not entries:
+        return
+    names = match_modules_to_save(model, entries)
+    plan_modules_to_save(model, entries, adapter_name, allow_existing=replace)  # entries match; no LoRA, no nesting
+    for n in names:
+        m = model.get_submodule(n)
+        ref = (m.original_module if isinstance(m, ModulesToSaveWrapper) else m).state_dict()
+        got = saved.get(n, {})
+        missing, extra = sorted(set(ref) - set(got)), sorted(set(got) - set(ref))
+        if missing or extra:
+            raise ValueError(
+                f"module to save {n!r}: the adapter file has {sorted(got)}, the module's state dict has {sorted(ref)}"
+                f" (missing {missing}, unexpected {extra}); a peft adapter stores every tensor of a module to save "
+                f"as '{PEFT_PREFIX}{n}.<key>'"
+            )
+        for k, v in got.items():
+            if tuple(v.shape) != tuple(ref[k].shape) or v.is_floating_point() != ref[k].is_floating_point():
+                raise ValueError(f"adapter key '{PEFT_PREFIX}{n}.{k}': {tuple(v.shape)} {v.dtype} in the file, but "
+                                 f"module {n!r} has {tuple(ref[k].shape)} {ref[k].dtype}")
+
+
+def _plan(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor], adapter_name: str = "default",
+          replace: bool = False) -> _Plan:
     """Check every key of ``sd`` against ``model`` and ``cfg``; return what to load. Raises before any change."""
     cls = _qlora_class()
     modules = dict(model.named_modules())
     qlora_names = [n for n, m in modules.items() if isinstance(m, cls)]
     if not qlora_names:
         _qlora_modules(model)  # raises the "quantize it first" error
-    pairs: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
-    for key, t in sd.items():
-        stripped = key.removeprefix(PEFT_PREFIX)
-        match = _KEY_RE.match(stripped)
-        if match is None:
-            raise ValueError(
-                f"adapter key {key!r} is not a LoRA weight '{PEFT_PREFIX}<module>.lora_A.weight' / '.lora_B.weight'"
-                " (embedding/bias/DoRA/modules_to_save tensors are not supported)"
-            )
-        pairs.setdefault(match["module"], {})[match["which"]] = (key, t)
+    pairs, saved = _split_keys(model, cfg, sd)
     if not pairs:
         raise ValueError("the adapter file holds no LoRA weights")
+    _check_saved(model, cfg, saved, adapter_name, replace)
+    targets = _config_targets(model, cfg)
     plan = []
     r0, a0 = cfg["r"], cfg.get("lora_alpha", 8)
     for name, ab in pairs.items():
@@ -422,6 +585,13 @@ def _plan(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor]) ->
             raise ValueError(
                 f"adapter key {next(iter(ab.values()))[0]!r}: module {name!r} {what} in {type(model).__name__}; "
                 f"its {len(qlora_names)} QLoRALinear modules are {shown}"
+            )
+        if targets is not None and name not in targets:
+            fields = {k: cfg.get(k) for k in ("target_modules", "exclude_modules", "layers_to_transform",
+                                              "layers_pattern", "modules_to_save") if cfg.get(k) is not None}
+            raise ValueError(
+                f"adapter key {next(iter(ab.values()))[0]!r}: module {name!r} is not selected by the adapter's config "
+                f"{fields} (peft would not load it there); the config and the weights disagree"
             )
         for which in ("lora_A", "lora_B"):
             if which not in ab:
@@ -439,7 +609,7 @@ def _plan(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor]) ->
             if not t.is_floating_point():
                 raise ValueError(f"adapter key {key!r}: dtype {t.dtype} is not a floating-point type")
         plan.append(_Planned(name, m, int(r), alpha, A, B))
-    return plan
+    return _Plan(plan, saved)
 
 
 def load_adapter(
@@ -456,37 +626,65 @@ def load_adapter(
     rank and alpha are the config's ``r`` / ``lora_alpha`` unless ``rank_pattern`` / ``alpha_pattern`` match it
     (peft's rule); scaling is ``alpha / r`` or ``alpha / sqrt(r)`` with ``use_rslora``.
 
+    The config's ``target_modules`` / ``exclude_modules`` / ``layers_to_transform`` / ``layers_pattern`` are
+    honoured as peft does: every LoRA key must name a module they select. ``modules_to_save``: each selected module
+    (peft's suffix rule) gets a copy for ``adapter_name`` holding the file's tensors
+    (``base_model.model.<module>.<key>``, all of the module's state-dict keys), wrapped in a
+    ``ModulesToSaveWrapper`` if it is not one yet.
+
     Everything is validated before the model changes: a key naming no QLoRALinear (the error lists the modules
-    that exist), an A without its B, a shape that is not ``[r, in_features]`` / ``[out_features, r]``, an
-    unsupported config (DoRA, bias, modules_to_save, ...) each raise ``ValueError`` and load nothing.
+    that exist) or a module the config does not select, an A without its B, a shape that is not
+    ``[r, in_features]`` / ``[out_features, r]``, a module to save whose tensors are missing or misshapen, an
+    unsupported config (DoRA, bias, ...) each raise ``ValueError`` and load nothing.
 
     ``replace``: if ``adapter_name`` already exists, delete it first (otherwise that is an error).
     ``set_active``: make the loaded adapter active (``PeftModel.from_pretrained`` does; ``load_adapter`` in peft
     does not — pass ``False`` for that). Returns the module names loaded.
     """
     cfg = _read_config(path)
-    plan = _plan(model, cfg, _read_weights(path))
-    existing = [n for n, m in _qlora_modules(model) if adapter_name in m.lora_A]
+    existing = adapter_name in adapter_names(model)
     if existing and not replace:
+        n = sum(adapter_name in m.lora_A for _, m in _qlora_modules(model))
         raise ValueError(
-            f"adapter {adapter_name!r} already exists on {len(existing)} modules; choose another adapter_name, "
+            f"adapter {adapter_name!r} already exists on {n} modules; choose another adapter_name, "
             "delete it first, or pass replace=True"
         )
+    whole = _plan(model, cfg, _read_weights(path), adapter_name, replace)
     if existing:
         delete_adapter(model, adapter_name)
+    _apply_plan(model, cfg, whole, adapter_name)
+    if set_active:
+        set_adapter(model, adapter_name)
+    return [p.name for p in whole.lora]
+
+
+def _apply_plan(model: nn.Module, cfg: dict[str, Any], whole: _Plan, adapter_name: str) -> None:
+    """Create and fill the adapter's LoRA weights and module-to-save copies; on any error undo all of it."""
+    from .modules_to_save import ModulesToSaveWrapper, wrap_modules_to_save
+
     dropout, rslora = float(cfg.get("lora_dropout", 0.0)), bool(cfg.get("use_rslora", False))
     done: list[_Planned] = []
+    originals = {n: model.get_submodule(n) for n in whole.saved}
     try:
-        for p in plan:
+        for p in whole.lora:
             _add_to_module(p.module, adapter_name, p.r, p.alpha, dropout, rslora, False)
             done.append(p)
             with torch.no_grad():
                 for which, t in (("lora_A", p.A), ("lora_B", p.B)):
                     getattr(p.module, which)[adapter_name].weight.copy_(t)
+        if whole.saved:
+            wrap_modules_to_save(model, cfg["modules_to_save"], adapter_name, activate=False)
+            for n, tensors in whole.saved.items():
+                model.get_submodule(n).modules_to_save[adapter_name].load_state_dict(tensors, strict=True)
     except Exception:
         for p in done:  # leave no half-loaded adapter behind
             p.module.delete_adapter(adapter_name)
+        for n, orig in originals.items():
+            now = model.get_submodule(n)
+            if isinstance(orig, ModulesToSaveWrapper):
+                if adapter_name in orig.modules_to_save:
+                    orig.delete_adapter(adapter_name)
+            elif now is not orig:
+                parent, _, leaf = n.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, leaf, orig)
         raise
-    if set_active:
-        set_adapter(model, adapter_name)
-    return [p.name for p in plan]

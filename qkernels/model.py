@@ -22,10 +22,12 @@ import torch
 from torch import nn
 
 from .functional import dequantize_4bit, quantize_4bit
+from .modules_to_save import check_modules_to_save, plan_modules_to_save, wrap_modules_to_save, wrapper_modules
 from .nn import Params4bit, QLoRALinear, is_conv1d
 
 __all__ = [
     "apply_qlora",
+    "layer_index",
     "match_target_modules",
     "merge_and_unload",
     "merge_into_4bit",
@@ -76,16 +78,91 @@ def _all_linear_names(model: nn.Module) -> set[str]:
     return names
 
 
+def _check_layer_args(target_modules: Any, layers_to_transform: Any, layers_pattern: Any) -> None:
+    """LoraConfig's checks of ``layers_to_transform`` / ``layers_pattern`` (its ``__post_init__``), plus types."""
+    if layers_to_transform is not None:
+        ok = (isinstance(layers_to_transform, int) and not isinstance(layers_to_transform, bool)) or (
+            isinstance(layers_to_transform, (list, tuple))
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in layers_to_transform))
+        if not ok:
+            raise ValueError(f"layers_to_transform must be an int or a list of ints (layer indices, e.g. [0, 1]), "
+                             f"got {layers_to_transform!r}")
+        if isinstance(target_modules, str):
+            raise ValueError(f"layers_to_transform cannot be used when target_modules is a str "
+                             f"({target_modules!r}: a regex or 'all-linear'), as in peft's LoraConfig; pass a list "
+                             "of module names, e.g. target_modules=['q_proj', 'v_proj']")
+    if layers_pattern is not None:
+        if not (isinstance(layers_pattern, str) or (isinstance(layers_pattern, (list, tuple))
+                                                    and all(isinstance(p, str) for p in layers_pattern))):
+            raise ValueError(f"layers_pattern must be a str or a list of str (the name of the model's layer list, "
+                             f"e.g. 'layers' or 'h'), got {layers_pattern!r}")
+        if isinstance(target_modules, str):
+            raise ValueError(f"layers_pattern cannot be used when target_modules is a str ({target_modules!r}), as in "
+                             "peft's LoraConfig; pass a list of module names")
+        if layers_pattern and layers_to_transform is None:
+            raise ValueError("layers_pattern is given but layers_to_transform is not: layers_pattern only names the "
+                             "layer list that layers_to_transform indexes (peft's rule); pass layers_to_transform too")
+
+
+def _uses_layer_indexes(layers_to_transform: Any) -> bool:
+    """peft: an empty list means "every layer", like None."""
+    return layers_to_transform is not None and (
+        len(layers_to_transform) != 0 if isinstance(layers_to_transform, (list, tuple)) else True)
+
+
+def layer_index(key: str, layers_pattern: str | Iterable[str] | None = None) -> int | None:
+    """The layer index peft reads from module name ``key`` for ``layers_to_transform``, or None.
+
+    ``layers_pattern`` empty / None: the first number that is a whole dotted segment after at least two segments
+    (``model.layers.3.mlp`` -> 3; ``layers.3.mlp`` -> None: peft's default needs a prefix). Otherwise the number
+    after the first segment equal to one of the patterns (regexes, tried in order): ``h`` on ``transformer.h.3.attn``
+    -> 3. This is ``check_target_module_exists`` in peft's ``tuners_utils``, lazy regexes included (the first
+    index, not an expert index nested deeper)."""
+    match = None
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            if match is not None:
+                break
+    return int(match["idx"]) if match else None
+
+
+def _in_modules_to_save(key: str, modules_to_save: Iterable[str] | None) -> bool:
+    r"""peft never puts LoRA on a module to save or inside one: ``re.match(rf"(^|.*\.){m}($|\..*)", key)``."""
+    return bool(modules_to_save) and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in modules_to_save)
+
+
 def match_target_modules(model: nn.Module, target_modules: str | Iterable[str],
-                         exclude_modules: str | Iterable[str] | None = None) -> list[str]:
-    """Names of the modules of ``model`` that peft's ``LoraConfig(target_modules=..., exclude_modules=...)`` would
-    target, in ``named_modules()`` order. ``"all-linear"`` (any case) is peft's shorthand."""
+                         exclude_modules: str | Iterable[str] | None = None, *,
+                         layers_to_transform: int | Iterable[int] | None = None,
+                         layers_pattern: str | Iterable[str] | None = None,
+                         modules_to_save: Iterable[str] | None = None) -> list[str]:
+    """Names of the modules of ``model`` that peft's ``LoraConfig(target_modules=..., exclude_modules=...,
+    layers_to_transform=..., layers_pattern=..., modules_to_save=...)`` would target, in ``named_modules()`` order.
+
+    ``"all-linear"`` (any case) is peft's shorthand. ``layers_to_transform`` (an int or a list of ints) keeps the
+    modules matched by a list entry's ``.``-suffix whose layer index (``layer_index(name, layers_pattern)``) is among
+    them; as in peft, a module named in full by an entry is kept whatever its index, and the filter is ignored for a
+    regex ``target_modules`` (peft's LoraConfig refuses that combination up front, as ``apply_qlora`` does).
+    Modules to save, and modules inside them, are never targeted."""
     if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
         target_modules = _all_linear_names(model)
     elif not isinstance(target_modules, str):
         target_modules = list(target_modules)
-    return [n for n, _ in model.named_modules()
-            if n and not _is_excluded(n, exclude_modules) and _is_target(n, target_modules)]
+    use_index = not isinstance(target_modules, str) and _uses_layer_indexes(layers_to_transform)
+    wanted = {layers_to_transform} if isinstance(layers_to_transform, int) else set(layers_to_transform or ())
+    out = []
+    for n, _ in model.named_modules():
+        if not n or _is_excluded(n, exclude_modules) or _in_modules_to_save(n, modules_to_save):
+            continue
+        if isinstance(target_modules, str) or n in target_modules:  # peft: a full-name entry ignores the layer index
+            if _is_target(n, target_modules):
+                out.append(n)
+        elif _is_target(n, target_modules) and (not use_index or layer_index(n, layers_pattern) in wanted):
+            out.append(n)
+    return out
 
 
 def apply_qlora(
@@ -101,6 +178,9 @@ def apply_qlora(
     compute_dtype: torch.dtype | None = None,
     exclude_modules: str | Iterable[str] | None = None,
     *,
+    layers_to_transform: int | Iterable[int] | None = None,
+    layers_pattern: str | Iterable[str] | None = None,
+    modules_to_save: Iterable[str] | None = None,
     quant_storage: torch.dtype = torch.uint8,
     init_lora_weights: bool | str = True,
     loftq_iter: int = 1,
@@ -118,6 +198,14 @@ def apply_qlora(
             (``match_target_modules``). Every list entry must match at least one module, else ValueError
             listing the Linear layers that exist. A matched module that is not an ``nn.Linear`` is an error.
         exclude_modules: peft's ``exclude_modules`` (list of names/suffixes, or a regex).
+        layers_to_transform: peft's: an int or a list of ints; only modules (matched by a list entry's suffix) in
+            those layers are replaced. The layer index is the number after the layer list's name in the module
+            name (``model.layers.3.mlp.up_proj`` -> 3; see ``layer_index``). Needs a list ``target_modules``.
+        layers_pattern: peft's: the name(s) of the layer list (``"layers"``, ``"h"``; regexes) that
+            ``layers_to_transform`` indexes; None: the first numbered segment after the first one.
+        modules_to_save: peft's: names (full-name suffixes, e.g. ``["score"]`` or ``["classifier"]``) of non-LoRA
+            modules to train in full. Each is wrapped in a ``ModulesToSaveWrapper`` with a trainable copy for
+            ``adapter_name`` (``qkernels.modules_to_save``); they and the modules inside them are never quantized.
         r ... adapter_name: passed to ``QLoRALinear.from_linear`` for each layer.
         log_every: report ``"apply_qlora: i/n layers quantized (t s)"`` every this many layers, always to the
             ``qkernels`` logger (INFO).
@@ -138,9 +226,21 @@ def apply_qlora(
             raise ValueError(f"target_modules must be a non-empty list of module names, got {target_modules!r}")
     if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every <= 0:
         raise ValueError(f"log_every must be a positive int, got {log_every!r}")
-    names = match_target_modules(model, target_modules, exclude_modules)
+    _check_layer_args(target_modules, layers_to_transform, layers_pattern)
+    modules_to_save = check_modules_to_save(modules_to_save)
+    save_names = plan_modules_to_save(model, modules_to_save, adapter_name) if modules_to_save else []
+    names = match_target_modules(model, target_modules, exclude_modules, layers_to_transform=layers_to_transform,
+                                 layers_pattern=layers_pattern, modules_to_save=modules_to_save)
     linear_names = [n for n, m in model.named_modules() if _is_linear(m)]
     _check_each_target_matches(model, target_modules, exclude_modules, names, linear_names)
+    if not names:
+        _raise_no_layer_match(model, target_modules, exclude_modules, layers_to_transform, layers_pattern,
+                              modules_to_save)
+    clash = [(t, m) for t in names for m in save_names if t == m or t.startswith(m + ".") or m.startswith(t + ".")]
+    if clash:  # peft's two rules differ (suffix vs dotted regex): one module can meet both; refuse before changing
+        raise ValueError(f"module {clash[0][0]!r} is a LoRA target and module {clash[0][1]!r} a module to save; "
+                         "they overlap. Name the module to save exactly (e.g. its full name) or exclude it from "
+                         "target_modules")
     modules = dict(model.named_modules())
     for n in names:
         m = modules[n]
@@ -168,13 +268,36 @@ def apply_qlora(
             if show:
                 print(line, file=sys.stderr, flush=True)
     for pname, p in model.named_parameters():
-        # LoRA weights keep the flag set_adapter gave them (active: trainable); everything else is frozen
-        p.requires_grad_(p.requires_grad and _is_lora_param(pname))
+        # LoRA weights and copies of modules to save keep the flag set_adapter gave them (active: trainable);
+        # everything else is frozen
+        p.requires_grad_(p.requires_grad and (_is_lora_param(pname) or ".modules_to_save." in f".{pname}"))
+    if save_names:
+        wrap_modules_to_save(model, modules_to_save, adapter_name)
     return model
 
 
 def _is_lora_param(pname: str) -> bool:
     return ".lora_A." in f".{pname}" or ".lora_B." in f".{pname}"
+
+
+def _raise_no_layer_match(model: nn.Module, target_modules: Any, exclude_modules: Any, layers_to_transform: Any,
+                          layers_pattern: Any, modules_to_save: Any) -> None:
+    """Every target entry matched something, yet nothing is left: say which filter removed it and what exists."""
+    if not match_target_modules(model, target_modules, exclude_modules):
+        raise ValueError(f"every module matched by target_modules {target_modules!r} is excluded by "
+                         f"exclude_modules {exclude_modules!r}; nothing to replace")
+    matched = match_target_modules(model, target_modules, exclude_modules, modules_to_save=modules_to_save)
+    if not matched:
+        raise ValueError(f"every module matched by target_modules {target_modules!r} is a module to save "
+                         f"(modules_to_save={modules_to_save!r}) or inside one; nothing to replace")
+    found = sorted({i for i in (layer_index(n, layers_pattern) for n in matched) if i is not None})
+    lists = sorted({m["list"] for n in matched if (m := re.match(r".*?(?:^|\.)(?P<list>[^.]+)\.\d+\.", n))})
+    where = f"layers_pattern={layers_pattern!r}" if layers_pattern else "the default layer pattern"
+    raise ValueError(
+        f"layers_to_transform={layers_to_transform!r} selects none of the {len(matched)} modules matched by "
+        f"target_modules {target_modules!r}: their layer indices under {where} are {found or 'none'} (layer "
+        f"lists in their names: {lists}; e.g. {matched[:2]}). Pass indices among those, or layers_pattern naming the "
+        "layer list (peft's default needs a prefix before it, e.g. 'model.layers.3...')")
 
 
 def _summarize(names: list[str], limit: int = 30) -> str:
@@ -196,9 +319,6 @@ def _check_each_target_matches(model: nn.Module, target_modules: Any, exclude_mo
             raise ValueError(f"target_modules entry {t!r} matches no module of {type(model).__name__} (an entry "
                              f"matches a module name or its last dotted parts, e.g. 'q_proj' matches "
                              f"'model.layers.0.self_attn.q_proj'). Linear layers: {_summarize(linear_names)}")
-    if not names:
-        raise ValueError(f"every module matched by target_modules {target_modules!r} is excluded by "
-                         f"exclude_modules {exclude_modules!r}; nothing to replace")
 
 
 # --------------------------------------------------------------------------------------------- counting
@@ -253,8 +373,11 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     The sum is formed in float32 and rounded once to the layer's ``compute_dtype`` (or, when None, its
     ``float_dtype``: the dtype of the weight before quantization, or the one the model was last cast to with
     ``.half()`` / ``.to(dtype)``). Nothing is requantized. The merged weight is frozen
-    (as peft leaves a merged base weight). Returns ``model`` (modified in place).
+    (as peft leaves a merged base weight). Each module to save (``ModulesToSaveWrapper``) is replaced by the module
+    it runs: the active adapter's copy, or the original module when adapters are disabled or the active adapter has
+    no copy (peft's ``unload``). Returns ``model`` (modified in place).
     """
+    _unwrap_modules_to_save(model)
     for name, layer in _qlora_layers(model):
         dtype = layer.compute_dtype or layer.float_dtype
         with torch.no_grad():
@@ -268,18 +391,25 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     return model
 
 
+def _unwrap_modules_to_save(model: nn.Module) -> None:
+    for name, w in wrapper_modules(model)[::-1]:  # inner first (they cannot nest, but names stay valid either way)
+        _replace(model, name, w.running_module())
+
+
 def merge_into_4bit(model: nn.Module) -> dict[str, float]:
     """Opt-in: requantize ``dequant(W) + s B A`` of each ``QLoRALinear`` to 4 bits and drop its adapters.
 
     Requantizing loses most of what a small adapter adds (a LoRA update is usually far below one 4-bit step),
     so this warns (``UserWarning``) with the error introduced. Each layer keeps its quant_type, blocksize,
-    double_quant and storage; afterwards it runs as a plain 4-bit linear (no adapters).
+    double_quant and storage; afterwards it runs as a plain 4-bit linear (no adapters). Modules to save are replaced
+    by the module they run, as in ``merge_and_unload``.
 
     Returns ``{module_name: ||M - dequant(quantize_4bit(M))||_F / ||M||_F}`` with ``M = dequant(W) + s B A``, and
     the same for the change of the layer's effective weight relative to the unmerged one, under
     ``"<name>.delta_lost"``: ``||dequant(Q_new) - M||_F / ||s B A||_F`` (1.0 = the adapter is entirely lost).
     """
     errors: dict[str, float] = {}
+    _unwrap_modules_to_save(model)
     for name, layer in _qlora_layers(model):
         st = layer.weight.quant_state
         with torch.no_grad():

@@ -7,9 +7,10 @@ The layer holds the weight packed in bitsandbytes' 4-bit format (``weight``, a `
 - ``state_dict()`` has bitsandbytes' ``Linear4bit`` keys (``weight``, ``weight.absmax``, ``weight.quant_map``,
   ``weight.nested_absmax``, ``weight.nested_quant_map``, ``weight.quant_state.bitsandbytes__<type>``,
   ``bias``) plus peft's LoRA keys (``lora_A.default.weight``, ``lora_B.default.weight``);
-- a bitsandbytes ``Linear4bit`` state dict loads with ``load_state_dict(sd, strict=False)`` (the LoRA keys are
-  reported missing and keep their initialization), and ours loads into bitsandbytes through
-  ``Params4bit.from_prequantized``.
+- a bitsandbytes ``Linear4bit`` state dict (a base-only checkpoint: none of the layer's LoRA keys) loads with
+  ``load_state_dict(sd)``, strict included: the LoRA weights keep their current values and are not reported
+  missing. A state dict with some but not all of a layer's LoRA keys is an error (see ``_load_from_state_dict``);
+  ours loads into bitsandbytes through ``Params4bit.from_prequantized``.
 
 The forward is one call to the fused ``matmul_4bit_lora`` with the active adapter (or none).
 """
@@ -472,23 +473,57 @@ class QLoRALinear(nn.Module):
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
                               missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
         """Read bitsandbytes' keys. Everything is validated first; on any error a ValueError naming the key is
-        raised and nothing in this layer (weight, quant state, bias, LoRA) has been changed."""
+        raised and nothing in this layer (weight, quant state, bias, LoRA) has been changed.
+
+        LoRA keys (``lora_A.<adapter>.weight``, ``lora_B.<adapter>.weight`` for every adapter of the layer) load all
+        together or not at all:
+
+        - none present (a base-only checkpoint, e.g. bitsandbytes' ``Linear4bit``): the LoRA weights keep their
+          current values and are not reported missing, so ``load_state_dict(sd, strict=True)`` succeeds;
+        - some but not all present: the absent ones are reported missing and ``load_state_dict`` raises
+          ``RuntimeError`` (strict or not: half an adapter is never a valid load); nothing in this layer changes.
+
+        Base keys (``weight``, its quant-state keys, ``bias``) that are absent are reported missing as usual.
+        (``strict`` is not seen here: torch passes True to every module and applies strictness at the end.)
+        """
         wkey = prefix + "weight"
         qkeys = {k: state_dict[k] for k in list(state_dict) if k.startswith(wkey + ".")}
         new_weight = None
-        if wkey in state_dict:
+        had_weight = wkey in state_dict
+        if had_weight:
             new_weight = self._validated_weight(state_dict[wkey], qkeys, wkey, local_metadata)
         elif qkeys:
             raise ValueError(f"state dict has the quant state {sorted(qkeys)} but not the packed weight {wkey!r}")
         self._validate_other_keys(state_dict, prefix)
+        lora = {f"{prefix}{which}.{name}.weight": getattr(self, which)[name].weight
+                for name in self.lora_A for which in ("lora_A", "lora_B")}
+        present = [k for k in lora if k in state_dict]
+        if len(present) < len(lora):
+            # the LoRA children load after this method from the same dict: give the keys they must not take from
+            # the checkpoint their current values (a no-op copy), so they are neither changed nor reported missing
+            keep = lora if not present else {k: v for k, v in lora.items() if k in state_dict}
+            state_dict.update(keep)  # the Parameters themselves: with assign=True they stay the same objects
+            if present:  # partial: the absent ones stay absent (reported missing); nothing of this layer loads
+                absent = [k for k in lora if k not in present]
+                error_msgs.append(
+                    f"{prefix[:-1] or 'QLoRALinear'}: the state dict has LoRA key(s) {present} but not {absent}; "
+                    "a layer's LoRA weights load together (a base-only checkpoint has none of them). Nothing of this "
+                    "layer was loaded."
+                )
+                for k in [wkey, *qkeys]:
+                    state_dict.pop(k, None)
+                if self.bias is not None and prefix + "bias" in state_dict:
+                    state_dict[prefix + "bias"] = self.bias
+                new_weight = None
         # the base class loads the bias (shape already checked) and reports unexpected keys; hide the weight keys
         for k in [wkey, *qkeys]:
             state_dict.pop(k, None)
         n_missing = len(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if new_weight is not None:
+        if had_weight:  # present in the checkpoint: not missing, even when a partial LoRA set kept it from loading
             missing_keys[n_missing:] = [k for k in missing_keys[n_missing:] if k != wkey]
+        if new_weight is not None:
             self.weight = new_weight
 
     def _validated_weight(self, packed: Any, qkeys: dict, wkey: str, local_metadata: dict) -> Params4bit:

@@ -98,9 +98,10 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
-def bnb_base(qk_model: nn.Module) -> nn.Module:
-    """The same toy with bitsandbytes Linear4bit layers holding qkernels' packed bytes and scales."""
-    base = dense_toy()
+def bnb_base(qk_model: nn.Module, make=None) -> nn.Module:
+    """The same toy (``make()``, default ``dense_toy()``) with bitsandbytes Linear4bit layers holding qkernels'
+    packed bytes and scales."""
+    base = (make or dense_toy)()
     for name, (packed, stats, bias) in quantized_weights(qk_model).items():
         dense = base.get_submodule(name)
         lin = bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=bias is not None,
@@ -113,9 +114,9 @@ def bnb_base(qk_model: nn.Module) -> nn.Module:
     return base
 
 
-def dense_base(qk_model: nn.Module, dtype: torch.dtype) -> nn.Module:
+def dense_base(qk_model: nn.Module, dtype: torch.dtype, make=None) -> nn.Module:
     """The same toy with nn.Linear layers holding the dequantized weights in ``dtype`` (float64: the reference)."""
-    base = dense_toy().to(dtype)
+    base = (make or dense_toy)().to(dtype)
     with torch.no_grad():
         for name, (packed, stats, bias) in quantized_weights(qk_model).items():
             state = qkernels.QuantState.from_dict(stats)
@@ -127,9 +128,9 @@ def dense_base(qk_model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return base
 
 
-def reference64(qk_model: nn.Module, adapter_dir) -> nn.Module:
+def reference64(qk_model: nn.Module, adapter_dir, make=None) -> nn.Module:
     """peft on the float64 dense base: the same function as ours, rounded only at float64."""
-    return peft.PeftModel.from_pretrained(dense_base(qk_model, torch.float64), str(adapter_dir)).double()
+    return peft.PeftModel.from_pretrained(dense_base(qk_model, torch.float64, make), str(adapter_dir)).double()
 
 
 def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -204,7 +205,8 @@ def test_config_without_peft_has_the_same_meaning(trained, monkeypatch, x):
     a = peft.LoraConfig.from_pretrained(str(path))
     b = peft.LoraConfig.from_pretrained(str(path / "nopeft"))
     for field in ("r", "lora_alpha", "lora_dropout", "use_rslora", "rank_pattern", "alpha_pattern", "bias",
-                  "fan_in_fan_out", "init_lora_weights", "use_dora", "inference_mode"):
+                  "fan_in_fan_out", "init_lora_weights", "use_dora", "inference_mode", "layers_to_transform",
+                  "layers_pattern", "modules_to_save"):
         assert getattr(a, field) == getattr(b, field), field
     assert set(a.target_modules) == set(b.target_modules)
 
@@ -376,3 +378,229 @@ def test_multiple_adapters_behave_as_peft(tmp_path, x):
     adapters.load_adapter(other, tmp_path / "c2", adapter_name="c")
     adapters.set_adapter(ours, "c")
     assert torch.equal(run(other, x), run(ours, x))
+
+
+# ---------------------------------------------------------------------------------------------- layers_to_transform
+def test_layers_to_transform_saved_loaded_and_read_by_peft(tmp_path, x):
+    """Only layer 1 (the toy's layer list is 'layers' at the top: peft's default pattern finds no index there, so the
+    pattern is named). The config carries both fields; peft wraps the same modules and computes the same outputs."""
+    model = apply_qlora(dense_toy(), ["q_proj", "up"], r=4, lora_alpha=8, compute_dtype=torch.float32,
+                        layers_to_transform=[1], layers_pattern="layers")
+    assert sorted(n for n, m in model.named_modules() if isinstance(m, QLoRALinear)) == ["layers.1.q_proj",
+                                                                                          "layers.1.up"]
+    randomize(model, "default", seed=4)
+    adapters.save_adapter(model, tmp_path / "l1")
+    cfg = json.loads((tmp_path / "l1" / "adapter_config.json").read_text())
+    assert sorted(cfg["target_modules"]) == ["q_proj", "up"]
+    assert cfg["layers_to_transform"] == [1] and cfg["layers_pattern"] == "layers" and cfg["modules_to_save"] is None
+    theirs = peft.PeftModel.from_pretrained(bnb_base(model), str(tmp_path / "l1"))
+    wrapped = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+               if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert wrapped == {"layers.1.q_proj", "layers.1.up"}
+    assert_matches(run(model, x), run(theirs, x), run(reference64(model, tmp_path / "l1"), x.double()))
+    # and it loads back here, onto a model quantized everywhere: only the layer-1 modules get it
+    other = qk_toy()
+    assert sorted(adapters.load_adapter(other, tmp_path / "l1", adapter_name="l1")) == ["layers.1.q_proj",
+                                                                                        "layers.1.up"]
+    for name, m in other.named_modules():
+        if isinstance(m, QLoRALinear):
+            assert ("l1" in m.lora_A) == (name in ("layers.1.q_proj", "layers.1.up")), name
+            if "l1" in m.lora_A:
+                src = model.get_submodule(name)
+                assert torch.equal(m.lora_A["l1"].weight, src.lora_A["default"].weight)
+                assert torch.equal(m.lora_B["l1"].weight, src.lora_B["default"].weight)
+
+
+def test_add_adapter_with_layers_to_transform(tmp_path):
+    model = qk_toy()
+    got = adapters.add_adapter(model, "l0", target_modules=["q_proj", "down"], layers_to_transform=0,
+                               layers_pattern="layers")
+    assert got == ["layers.0.q_proj", "layers.0.down"]
+    adapters.save_adapter(model, tmp_path, adapter_name="l0")
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["layers_to_transform"] == [0] and cfg["layers_pattern"] == "layers"
+    with pytest.raises(ValueError, match="layers_to_transform cannot be used when target_modules is a str"):
+        adapters.add_adapter(model, "x", layers_to_transform=[0])
+    with pytest.raises(ValueError, match=r"layers_to_transform=\[7\].*matches no QLoRALinear"):
+        adapters.add_adapter(model, "x", target_modules=["q_proj"], layers_to_transform=[7], layers_pattern="layers")
+    assert adapters.adapter_names(model) == ["default", "l0"]
+
+
+def test_saved_layer_fields_reproduce_the_modules_on_a_llama(tmp_path):
+    from .test_model import tiny_llama
+
+    model = apply_qlora(tiny_llama(), ["q_proj", "v_proj"], r=4, layers_to_transform=1)
+    adapters.save_adapter(model, tmp_path)
+    cfg = peft.LoraConfig.from_pretrained(str(tmp_path))
+    assert cfg.layers_to_transform == [1] and cfg.layers_pattern is None and cfg.target_modules == {"q_proj", "v_proj"}
+    pm = peft.get_peft_model(tiny_llama(), cfg)
+    assert {n.removeprefix("base_model.model.") for n, m in pm.named_modules()
+            if isinstance(m, peft.tuners.lora.LoraLayer)} == {"model.layers.1.self_attn.q_proj",
+                                                              "model.layers.1.self_attn.v_proj"}
+
+
+def test_config_that_does_not_select_a_saved_module_is_refused(trained):
+    """load_adapter honours the config's layer fields: weights for a module the config leaves out are an error."""
+    _, path = trained
+    _rewrite(path, edit_config=lambda c: c.update(layers_to_transform=[0], layers_pattern="layers"))
+    target = qk_toy()
+    before = _snapshot(target)
+    with pytest.raises(ValueError, match=r"module 'layers\.1\.\w+' is not selected by the adapter's config.*"
+                                         r"'layers_to_transform': \[0\]"):
+        adapters.load_adapter(target, path, adapter_name="new")
+    _assert_unchanged(target, before, ["default"])
+    _rewrite(path, edit_config=lambda c: c.update(layers_pattern=3))
+    with pytest.raises(ValueError, match="adapter_config.json: layers_pattern must be a str or a list of str"):
+        adapters.load_adapter(target, path, adapter_name="new")
+
+
+# ---------------------------------------------------------------------------------------------- modules_to_save
+class HeadToy(Toy):
+    """The toy with a classification head ``score`` and a final norm: the modules to save."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(IN)
+        self.score = nn.Linear(IN, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.score(self.norm(super().forward(x)))
+
+
+def head_toy(seed: int = 0) -> HeadToy:
+    torch.manual_seed(seed)
+    return HeadToy()
+
+
+def perturb(module: nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def qk_head(**kw) -> HeadToy:
+    """The head toy with its blocks' Linear layers quantized (the head stays a dense nn.Linear)."""
+    return apply_qlora(head_toy(), SHORT, r=4, lora_alpha=8, compute_dtype=torch.float32, **kw)
+
+
+def test_modules_to_save_round_trip_and_peft_reads_them(tmp_path, x):
+    from qkernels.modules_to_save import ModulesToSaveWrapper
+
+    # all-linear: as in peft, a module to save is no LoRA target (score stays an nn.Linear inside the wrapper)
+    model = apply_qlora(head_toy(), "all-linear", r=4, lora_alpha=8, compute_dtype=torch.float32,
+                        modules_to_save=["score", "norm"])
+    assert isinstance(model.score, ModulesToSaveWrapper) and isinstance(model.score.original_module, nn.Linear)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"score.modules_to_save.default.weight", "score.modules_to_save.default.bias",
+            "norm.modules_to_save.default.weight"} <= trainable
+    assert not any("original_module" in n for n in trainable) and model.score.weight is \
+        model.score.modules_to_save["default"].weight  # attributes read through, as peft's wrapper
+    randomize(model, "default", seed=5)
+    perturb(model.score.modules_to_save["default"], 6)
+    perturb(model.norm.modules_to_save["default"], 7)
+    adapters.save_adapter(model, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == ["norm", "score"] and sorted(cfg["target_modules"]) == sorted(SHORT)
+    sd = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert {k for k in sd if "lora_" not in k} == {"base_model.model.score.weight", "base_model.model.score.bias",
+                                                   "base_model.model.norm.weight", "base_model.model.norm.bias"}
+    assert torch.equal(sd["base_model.model.score.weight"], model.score.modules_to_save["default"].weight)
+    theirs = peft.PeftModel.from_pretrained(bnb_base(model, head_toy), str(tmp_path))
+    assert isinstance(theirs.base_model.model.score, peft.utils.other.ModulesToSaveWrapper)
+    ref = reference64(model, tmp_path, head_toy)
+    assert_matches(run(model, x), run(theirs, x), run(ref, x.double()))
+    with adapters.disable_adapters(model), theirs.disable_adapter(), ref.disable_adapter():  # the original head
+        assert_matches(run(model, x), run(theirs, x), run(ref, x.double()))
+    # round trip: a model quantized the same way without modules to save gets them wrapped by load_adapter
+    fresh = qk_head()
+    randomize(fresh, "default", seed=99)
+    adapters.load_adapter(fresh, tmp_path, replace=True)
+    assert isinstance(fresh.score, ModulesToSaveWrapper) and fresh.score.active_adapter == "default"
+    assert torch.equal(run(fresh, x), run(model, x))
+    assert {n for n, p in fresh.named_parameters() if p.requires_grad} == trainable
+
+
+def test_peft_saved_modules_to_save_load_here(tmp_path, x):
+    ours = qk_head()
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up"], modules_to_save=["score"],
+                          layers_to_transform=[1], layers_pattern="layers")
+    theirs = peft.get_peft_model(bnb_base(ours, head_toy), cfg)
+    randomize(theirs, "default", seed=8)
+    perturb(theirs.base_model.model.score.modules_to_save["default"], 9)
+    theirs.save_pretrained(str(tmp_path))
+    loaded = adapters.load_adapter(ours, tmp_path, adapter_name="peft")
+    assert sorted(loaded) == ["layers.1.q_proj", "layers.1.up"]
+    assert ours.score.active_adapter == "peft"
+    theirs.eval()
+    assert_matches(run(ours, x), run(theirs, x), run(reference64(ours, tmp_path, head_toy), x.double()))
+
+
+def test_modules_to_save_with_several_adapters_behave_as_peft(tmp_path, x):
+    """default and c have their own score copy, b has none: set_adapter / disable / delete switch the head as
+    peft's ModulesToSaveWrapper does (b, and no adapter, run the original head)."""
+    ours = qk_head(modules_to_save=["score"])
+    adapters.add_adapter(ours, "b", r=2, lora_alpha=4, target_modules=["q_proj"])
+    adapters.add_adapter(ours, "c", r=4, lora_alpha=8, target_modules=["up", "down"], modules_to_save=["score"])
+    assert ours.score.active_adapter == "default" and list(ours.score.modules_to_save) == ["default", "c"]
+    for name, seed in (("default", 21), ("b", 22), ("c", 23)):
+        randomize(ours, name, seed)
+        if name != "b":
+            perturb(ours.score.modules_to_save[name], seed + 10)
+        adapters.save_adapter(ours, tmp_path / name, adapter_name=name)
+    theirs = peft.PeftModel.from_pretrained(bnb_base(ours, head_toy), str(tmp_path / "default"), is_trainable=True)
+    for name in ("b", "c"):
+        theirs.load_adapter(str(tmp_path / name), adapter_name=name, is_trainable=True)
+    ref = {n: reference64(ours, tmp_path / n, head_toy) for n in ("default", "b", "c")}
+
+    def check(active: str) -> None:
+        assert_matches(run(ours, x), run(theirs, x), run(ref[active], x.double()))
+        mine = {n for n, p in ours.named_parameters() if p.requires_grad}
+        peft_trainable = {n.removeprefix("base_model.model.") for n, p in theirs.named_parameters() if p.requires_grad}
+        assert mine == peft_trainable, (active, sorted(mine ^ peft_trainable))
+
+    for name in ("c", "b", "default", "c"):
+        adapters.set_adapter(ours, name)
+        theirs.set_adapter(name)
+        check(name)
+        assert ours.score.active_adapter == (None if name == "b" else name)
+    with adapters.disable_adapters(ours), theirs.disable_adapter(), ref["b"].disable_adapter():
+        assert_matches(run(ours, x), run(theirs, x), run(ref["b"], x.double()))
+    adapters.delete_adapter(ours, "c")
+    theirs.delete_adapter("c")
+    assert list(ours.score.modules_to_save) == ["default"] and ours.score.active_adapter is None
+    # peft: each layer that ran c now runs its alphabetically first adapter (b where it has one, else default); the
+    # model's active adapter is the first layer's (b), which has no score copy: the original head runs
+    assert theirs.active_adapter == "b" and theirs.base_model.model.score.active_adapters == []
+    for name, m in ours.named_modules():
+        if isinstance(m, QLoRALinear):
+            assert [m.active_adapter] == theirs.base_model.model.get_submodule(name).active_adapters, name
+    # the float64 reference in the same mixed state: peft on the dense base, the same loads, set and delete
+    ref_all = reference64(ours, tmp_path / "default", head_toy)
+    for name in ("b", "c"):
+        ref_all.load_adapter(str(tmp_path / name), adapter_name=name)
+    ref_all.set_adapter("c")
+    ref_all.delete_adapter("c")
+    assert_matches(run(ours, x), run(theirs, x), run(ref_all, x.double()))
+    with pytest.raises(ValueError, match="modules_to_save entry 'scor3' matches no module"):
+        adapters.add_adapter(ours, "d", target_modules=["q_proj"], modules_to_save=["scor3"])
+    assert "d" not in adapters.adapter_names(ours), "validated before any change"
+
+
+def test_bad_modules_to_save_in_a_file_load_nothing(tmp_path):
+    model = qk_head(modules_to_save=["score"])
+    adapters.save_adapter(model, tmp_path)
+    _rewrite(tmp_path, edit_tensors=lambda sd: sd.pop("base_model.model.score.bias"))
+    target = qk_head()
+    before = _snapshot(target)
+    with pytest.raises(ValueError, match=r"module to save 'score'.*missing \['bias'\]"):
+        adapters.load_adapter(target, tmp_path, adapter_name="new")
+    _rewrite(tmp_path, edit_tensors=lambda sd: sd.update({"base_model.model.score.bias": torch.zeros(4)}))
+    with pytest.raises(ValueError, match=r"base_model\.model\.score\.bias': \(4,\).*has \(5,\)"):
+        adapters.load_adapter(target, tmp_path, adapter_name="new")
+    _rewrite(tmp_path, edit_config=lambda c: c.update(modules_to_save=None))
+    with pytest.raises(ValueError, match=r"'base_model\.model\.score\.(weight|bias)' is not a LoRA weight.*"
+                                         r"modules_to_save"):
+        adapters.load_adapter(target, tmp_path, adapter_name="new")
+    _assert_unchanged(target, before, ["default"])
+    assert isinstance(target.score, nn.Linear)

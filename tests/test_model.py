@@ -16,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import qkernels
 from qkernels import QLoRALinear, apply_qlora, merge_and_unload, merge_into_4bit, trainable_parameters
 from qkernels.model import match_target_modules
+from qkernels.modules_to_save import ModulesToSaveWrapper
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 U32 = torch.finfo(torch.float32).eps / 2  # unit roundoff
@@ -82,6 +83,85 @@ def test_all_linear_equals_peft_on_tiny_llama_and_skips_the_head():
     apply_qlora(model, "all-linear", r=4)
     assert sorted(n for n, m in model.named_modules() if isinstance(m, QLoRALinear)) == want
     assert isinstance(model.lm_head, nn.Linear) and not model.lm_head.weight.requires_grad
+
+
+def tiny_bert(seed: int = 0, classifier: bool = False) -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+                     max_position_embeddings=32, num_labels=3)
+    return (BertForSequenceClassification(cfg) if classifier else BertModel(cfg)).eval()
+
+
+def _peft_wrapped(model: nn.Module, **config) -> tuple[set[str], set[str]]:
+    """(LoRA layers, modules to save) that peft's get_peft_model creates, by module name in ``model``."""
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4, **config))
+    named = [(n.removeprefix("base_model.model."), m) for n, m in pm.named_modules()]
+    return ({n for n, m in named if isinstance(m, peft.tuners.lora.LoraLayer)},
+            {n for n, m in named if isinstance(m, peft.utils.other.ModulesToSaveWrapper)})
+
+
+LAYER_CONFIGS = [
+    ("llama", dict(target_modules=["q_proj", "v_proj"])),
+    ("llama", dict(target_modules="all-linear")),
+    ("llama", dict(target_modules=["q_proj", "down_proj"], layers_to_transform=1)),
+    ("llama", dict(target_modules=LLAMA_TARGETS, layers_to_transform=[0])),
+    ("llama", dict(target_modules=["q_proj", "o_proj"], layers_to_transform=[1], layers_pattern="layers")),
+    ("llama", dict(target_modules=["k_proj"], layers_to_transform=[0, 1], layers_pattern=["h", "layers"])),
+    # a full module name ignores layers_to_transform in peft; the suffix entry does not
+    ("llama", dict(target_modules=["model.layers.0.self_attn.q_proj", "v_proj"], layers_to_transform=[1])),
+    ("llama", dict(target_modules=["q_proj"], layers_to_transform=[], layers_pattern=[])),  # empty: every layer
+    ("bert", dict(target_modules=["query", "value"])),
+    ("bert", dict(target_modules="all-linear")),
+    ("bert", dict(target_modules=["query", "dense"], layers_to_transform=[0, 2])),
+    ("bert", dict(target_modules=["key", "dense"], layers_to_transform=2, layers_pattern="layer")),
+    ("bert-cls", dict(target_modules="all-linear", modules_to_save=["classifier"])),
+    ("bert-cls", dict(target_modules=["query", "dense"], modules_to_save=["pooler"], layers_to_transform=[1])),
+]
+
+
+@pytest.mark.parametrize("kind, config", LAYER_CONFIGS,
+                         ids=[f"{k}-{i}" for i, (k, _) in enumerate(LAYER_CONFIGS)])
+def test_layers_and_modules_to_save_select_what_peft_wraps(kind, config):
+    model = tiny_llama() if kind == "llama" else tiny_bert(classifier=kind == "bert-cls")
+    want_lora, want_save = _peft_wrapped(model, **config)
+    assert want_lora
+    kw = {k: v for k, v in config.items() if k != "target_modules"}
+    apply_qlora(model, config["target_modules"], r=4, **kw)
+    assert {n for n, m in model.named_modules() if isinstance(m, QLoRALinear)} == want_lora
+    assert {n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)} == want_save
+
+
+def test_layer_arguments_are_checked_like_peft():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"layers_to_transform=\[5\] selects none of the 4 modules.*"
+                                         r"indices under the default layer pattern are \[0, 1\].*\['layers'\]"):
+        apply_qlora(model, ["q_proj", "v_proj"], layers_to_transform=[5])
+    with pytest.raises(ValueError, match=r"layers_pattern='blocks' are none"):
+        apply_qlora(model, ["q_proj"], layers_to_transform=0, layers_pattern="blocks")
+    with pytest.raises(ValueError, match="layers_to_transform cannot be used when target_modules is a str"):
+        apply_qlora(model, "all-linear", layers_to_transform=[0])
+    with pytest.raises(ValueError, match="layers_pattern cannot be used when target_modules is a str"):
+        apply_qlora(model, r".*q_proj", layers_pattern="layers")
+    with pytest.raises(ValueError, match="layers_pattern is given but layers_to_transform is not"):
+        apply_qlora(model, ["q_proj"], layers_pattern="layers")
+    for bad in ("0", [0, "1"], True, 1.0):
+        with pytest.raises(ValueError, match="layers_to_transform must be an int or a list of ints"):
+            apply_qlora(model, ["q_proj"], layers_to_transform=bad)
+    with pytest.raises(ValueError, match="layers_pattern must be a str or a list of str"):
+        apply_qlora(model, ["q_proj"], layers_to_transform=0, layers_pattern=3)
+    with pytest.raises(ValueError, match="modules_to_save entry 'scorer' matches no module"):
+        apply_qlora(model, ["q_proj"], modules_to_save=["scorer"])
+    with pytest.raises(ValueError, match="modules_to_save must be a list"):
+        apply_qlora(model, ["q_proj"], modules_to_save="lm_head")
+    with pytest.raises(ValueError, match="is a module to save"):
+        apply_qlora(model, ["lm_head"], modules_to_save=["lm_head"])
+    assert not any(isinstance(m, (QLoRALinear, ModulesToSaveWrapper)) for m in model.modules()), "nothing changed"
+    # peft's default pattern needs a segment before the layer list: 'layers.0.attn.q' has no index
+    assert qkernels.model.layer_index("layers.0.attn.q") is None
+    assert qkernels.model.layer_index("layers.0.attn.q", "layers") == 0
+    assert qkernels.model.layer_index("model.layers.3.mlp.experts.7.up") == 3
 
 
 def test_gpt2_conv1d_layers_are_targeted_like_peft_and_transposed():
@@ -314,3 +394,45 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients():
         assert ckpt[n].abs().sum() > 0, n
         scale = plain[n].abs().max().item()
         assert (ckpt[n] - plain[n]).abs().max().item() <= 64 * U32 * max(scale, math.ulp(1.0)), n
+
+
+# ---------------------------------------------------------------------------------------------- modules to save
+def test_modules_to_save_train_copy_and_merge_to_it(tmp_path):
+    """BERT with a classification head: LoRA on the encoder, the head trained in full as a per-adapter copy; the
+    original head never changes; merge_and_unload keeps the trained copy; the model pickles and deep-copies."""
+    model = apply_qlora(tiny_bert(classifier=True), ["query", "value"], r=4, modules_to_save=["classifier"])
+    head = model.classifier
+    assert isinstance(head, ModulesToSaveWrapper) and head.out_features == 3  # attributes read through
+    original = head.original_module.weight.detach().clone()
+    ids, labels = torch.randint(3, 64, (4, 8)), torch.tensor([0, 1, 2, 1])
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        model(input_ids=ids, labels=labels).loss.backward()
+        opt.step()
+    assert torch.equal(head.original_module.weight, original)
+    assert not torch.equal(head.modules_to_save["default"].weight, original)
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        assert torch.equal(copy.deepcopy(model)(input_ids=ids).logits, want)
+        torch.save(model, tmp_path / "m.pt")
+        assert torch.equal(torch.load(tmp_path / "m.pt", weights_only=False)(input_ids=ids).logits, want)
+        with qkernels.disable_adapters(model):
+            base = model(input_ids=ids).logits
+        assert not torch.equal(base, want)
+    merge_and_unload(model)
+    assert type(model.classifier) is nn.Linear
+    assert torch.equal(model.classifier.weight, head.modules_to_save["default"].weight)
+    with torch.no_grad():  # the same function up to float32 rounding; the original head would be far off
+        err = (model(input_ids=ids).logits - want).abs().max()
+        assert err <= 1e-3 * (base - want).abs().max(), err
+
+
+def test_modules_to_save_overlapping_a_target_is_refused_before_any_change():
+    model = tiny_llama()
+    # peft's modules_to_save rule is a plain suffix: "_proj" selects every projection, which are LoRA targets
+    with pytest.raises(ValueError, match=r"is a LoRA target and module .* a module to save; they overlap"):
+        apply_qlora(model, ["q_proj"], modules_to_save=["_proj"])
+    assert not any(isinstance(m, (QLoRALinear, ModulesToSaveWrapper)) for m in model.modules())

@@ -294,8 +294,10 @@ def test_bitsandbytes_state_dict_loads_with_identical_outputs(quant_type, double
     lin = torch.nn.Linear(128, 80, bias=bias)
     q = _bnb_layer(lin, quant_type, double_quant)
     layer = QLoRALinear(128, 80, bias=bias, r=4, quant_type="fp4" if quant_type == "nf4" else "nf4")
-    result = layer.load_state_dict(q.state_dict(), strict=False)
-    assert result.missing_keys == ["lora_A.default.weight", "lora_B.default.weight"] and not result.unexpected_keys
+    lora = {k: v.clone() for k, v in layer.state_dict().items() if k.startswith("lora_")}
+    result = layer.load_state_dict(q.state_dict())  # strict: a base-only checkpoint has none of the LoRA keys
+    assert not result.missing_keys and not result.unexpected_keys
+    assert all(torch.equal(layer.state_dict()[k], v) for k, v in lora.items()), "LoRA weights keep their values"
     assert layer.weight.quant_state.quant_type == quant_type, "the checkpoint's format wins over the constructor's"
     _assert_matches_bitsandbytes(layer, q, 128)  # B == 0: the adapter adds exactly 0
     layer.disable_adapters = True
@@ -394,6 +396,52 @@ def test_shape_mismatch_names_the_key_and_the_fix():
     with pytest.raises(ValueError, match=r"'1\.weight'"):
         nested.load_state_dict({"0.weight": torch.zeros(2, 2), "0.bias": torch.zeros(2),
                                 **{"1." + k: v for k, v in sd.items()}})
+
+
+def test_base_only_checkpoint_loads_strict_and_missing_base_keys_are_still_reported():
+    torch.manual_seed(0)
+    src, dst = QLoRALinear(96, 40, r=4), QLoRALinear(96, 40, r=4)
+    dst.update_layer("other", 2, 4)
+    _randomize_lora(dst, 7)
+    dst.lora_A["other"].weight.data.normal_()
+    lora = {k: v for k, v in dst.named_parameters() if k.startswith("lora_")}
+    want = {k: v.detach().clone() for k, v in lora.items()}
+    base = {k: v for k, v in src.state_dict().items() if not k.startswith("lora_")}
+    result = dst.load_state_dict(base, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert torch.equal(dst.weight.data, src.weight.data) and torch.equal(dst.bias, src.bias)
+    dst.load_state_dict(base, assign=True)
+    for k, p in dst.named_parameters():  # the same Parameter objects (an optimizer keeps them), same values
+        if k.startswith("lora_"):
+            assert p is lora[k] and torch.equal(p, want[k]), k
+    nested = torch.nn.Sequential(QLoRALinear(96, 40, r=4), QLoRALinear(96, 40, r=4))
+    nested.load_state_dict({f"{i}.{k}": v for i in range(2) for k, v in base.items()})  # strict, in a model too
+    no_bias = {k: v for k, v in base.items() if k != "bias"}
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"bias\""):
+        dst.load_state_dict(no_bias)
+    assert dst.load_state_dict(no_bias, strict=False).missing_keys == ["bias"]
+    no_weight = {k: v for k, v in base.items() if not k.startswith("weight")}
+    assert dst.load_state_dict(no_weight, strict=False).missing_keys == ["weight"]
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_some_lora_keys_missing_is_reported_and_loads_nothing(strict):
+    torch.manual_seed(0)
+    src, dst = QLoRALinear(96, 40, r=4), QLoRALinear(96, 40, r=4)
+    src.update_layer("other", 2, 4)
+    dst.update_layer("other", 2, 4)
+    _randomize_lora(src, 3)
+    _randomize_lora(dst, 7)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    sd = src.state_dict()
+    del sd["lora_B.other.weight"]  # "default" complete, "other" half there
+    with pytest.raises(RuntimeError, match=r"(?s)Missing key\(s\) in state_dict: \"lora_B\.other\.weight\".*"
+                                           r"has LoRA key\(s\) \[.*'lora_A\.other\.weight'\] but not "
+                                           r"\['lora_B\.other\.weight'\].*Nothing of this layer was loaded"
+                                           if strict else r"but not \['lora_B\.other\.weight'\]"):
+        dst.load_state_dict(sd, strict=strict)
+    after = dst.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
 
 
 def test_strict_load_reports_unexpected_keys():
