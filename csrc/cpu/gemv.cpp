@@ -291,65 +291,29 @@ inline int64_t next_segment(const Problem& p, int64_t n0, int64_t k, float (&sca
   return seg_end;
 }
 
-// Sixteen horizontal sums at once: lane l of the result is the sum of the 16 lanes of v[kHsumSlot[l]].  A tree of
-// 15 adds and 30 in-register shuffles, against 16 separate reductions (~10 dependent ops each): per output element
-// the epilogue went from ~18 to ~4 cycles (at M 16, 65536 outputs of a 4096 x 4096 weight: 0.35 -> 0.1 ms on one
-// core).  kHsumSlot is its own inverse, so filling v[kHsumSlot[l]] with output l's vector puts output l in lane l.
-constexpr int kHsumSlot[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
-
-QK_AVX512 QK_INLINE __m512 hsum16(const __m512 (&v)[16]) {
-  __m512 t[8], u[4], w[2];
-  for (int i = 0; i < 8; ++i)
-    t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[i], v[i + 8], _MM_SHUFFLE(1, 0, 1, 0)),
-                         _mm512_shuffle_f32x4(v[i], v[i + 8], _MM_SHUFFLE(3, 2, 3, 2)));
-  for (int i = 0; i < 4; ++i)
-    u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t[i], t[i + 4], _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(t[i], t[i + 4], _MM_SHUFFLE(3, 1, 3, 1)));
-  for (int i = 0; i < 2; ++i)
-    w[i] = _mm512_add_ps(_mm512_shuffle_ps(u[i], u[i + 2], _MM_SHUFFLE(1, 0, 1, 0)),
-                         _mm512_shuffle_ps(u[i], u[i + 2], _MM_SHUFFLE(3, 2, 3, 2)));
-  return _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                       _mm512_shuffle_ps(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
-}
-
-// y[m0 + i, n0 + r] = sum of acc[r][i]'s lanes (+ t[m] . B[n], folded into the lanes first) (+ bias[n]).
+// ---- AVX-512, float32 x (packed, even / odd split), W decoded with vpermps on the 16 float32 products
+// code * scale.  vpermps reads only index bits 0..3, so a byte's low nibble needs no mask.
 template <int NR, int MT>
 QK_AVX512 QK_INLINE void finish_avx512(const Problem& p, __m512 (&acc)[NR][MT], int64_t n0, int64_t m0) {
-  constexpr int kOut = NR * MT;
-  alignas(64) float sums[(kOut + 15) / 16 * 16];
-  for (int base = 0; base < kOut; base += 16) {
-    __m512 v[16];
-    for (int l = 0; l < 16; ++l) {
-      const int o = base + l;
-      __m512 a = _mm512_setzero_ps();
-      if (o < kOut) {
-        const int r = o / MT, i = o % MT;
-        a = acc[r][i];
-        if (p.r > 0) {  // LoRA folded into the lanes before the horizontal sum
-          const float* t = p.lora_t + (m0 + i) * p.r;
-          const float* B = p.lora_B + (n0 + r) * p.r;
-          for (int64_t j = 0; j < p.r; j += 16) {
-            const int64_t left = p.r - j;
-            const __mmask16 mk = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1u);
-            a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, t + j), _mm512_maskz_loadu_ps(mk, B + j), a);
-          }
-        }
-      }
-      v[kHsumSlot[l]] = a;
-    }
-    _mm512_store_ps(sums + base, hsum16(v));
-  }
   for (int r = 0; r < NR; ++r) {
     for (int i = 0; i < MT; ++i) {
-      float y = sums[r * MT + i];
+      __m512 a = acc[r][i];
+      if (p.r > 0) {  // LoRA folded into the lanes before the one horizontal sum
+        const float* t = p.lora_t + (m0 + i) * p.r;
+        const float* B = p.lora_B + (n0 + r) * p.r;
+        for (int64_t j = 0; j < p.r; j += 16) {
+          const int64_t left = p.r - j;
+          const __mmask16 mk = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1u);
+          a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, t + j), _mm512_maskz_loadu_ps(mk, B + j), a);
+        }
+      }
+      float y = _mm512_reduce_add_ps(a);
       if (p.bias != nullptr) y = y + p.bias[n0 + r];
       store_y(p, m0 + i, n0 + r, y);
     }
   }
 }
 
-// ---- AVX-512, float32 x (packed, even / odd split), W decoded with vpermps on the 16 float32 products
-// code * scale.  vpermps reads only index bits 0..3, so a byte's low nibble needs no mask.
 template <int NR, int MT>
 struct TileF32Avx512 {
   QK_AVX512 static void run(const Problem& p, const void* xprep, int64_t n0, int64_t m0) {
@@ -437,17 +401,10 @@ struct TileBf16Avx512 {
 };
 
 // ---- bfloat16, M > 8 (several M tiles).  Decoding in registers per M tile would decode each W chunk once per tile
-// (at M 16: 6 decode ops per 16 vdpbf16ps, which share the vector pipes).  Instead NR rows are decoded once,
-// kc columns at a time, into a small bf16 buffer that stays in L1, and every M tile reads it from there; the tiles'
-// accumulators live in a small per-thread array between column spans.  x is packed as one tile of all M rows
-// (xp[k*M + m*32 + c]) so that any split of M into register tiles addresses it with one stride.
-// Measured on the 2-core EPYC (Zen 4), M 16, 4096 x 4096, one thread: the span loop runs vdpbf16ps at ~0.32 ns
-// each (the instruction's peak is ~0.29 ns), so after it the per-weight decode (~1.2 ms on one core) and the
-// prefetching below set the time.  Four W rows per group share each x load (3.3 ms -> 2.9 ms of spans against two
-// rows), and kc = 1024 columns keep the group's decoded rows (8 KB) in L1 while x (M x kc x 2 B) streams from L2.
-constexpr int kMultiNr = 4;     // W rows per group
-constexpr int kMultiMt = 6;     // rows of x per register tile: 4 x 6 accumulators + 4 W + 1 x = 29 of 32 zmm
-constexpr int64_t kKc = 1024;   // columns per span
+// (at M 16: 6 decode ops per 16 vdpbf16ps, which share the vector pipes).  Instead a pair of rows is decoded once,
+// kKc columns at a time, into a 4 KB bf16 buffer that stays in L1, and every M tile reads it from there; the tiles'
+// accumulators live in a small per-thread array between column spans.
+constexpr int64_t kKc = 1024;
 
 QK_AVX512BF16 void decode_row_bf16(const Problem& p, int64_t n, int64_t k0, int64_t k1, uint16_t* dst) {
   const __m512 code = _mm512_loadu_ps(p.code);
@@ -466,17 +423,15 @@ QK_AVX512BF16 void decode_row_bf16(const Problem& p, int64_t n, int64_t k0, int6
 
 template <int NR, int MT>
 struct SpanBf16 {
-  // acc[NR][MT] (in memory) += W[n0 .. n0+NR, k0 .. k0+kc] . x[m0 .. m0+MT, same k]; W row r at wbuf + r * ldw;
-  // x row i of chunk c at xk + c * xs + 32 * i (xs = M).
-  QK_AVX512BF16 static void run(const uint16_t* wbuf, int64_t ldw, const uint16_t* xk, int64_t xs, int64_t kc,
-                                float* acc_mem) {
+  // acc[NR][MT] (in memory) += W[n0 .. n0+NR, k0 .. k0+kc] . x[m0 .. m0+MT, same k]; W rows at wbuf + r * kKc.
+  QK_AVX512BF16 static void run(const uint16_t* wbuf, const uint16_t* xk, int64_t kc, float* acc_mem) {
     __m512 acc[NR][MT];
     for (int r = 0; r < NR; ++r)
       for (int i = 0; i < MT; ++i) acc[r][i] = _mm512_load_ps(acc_mem + 16 * (r * MT + i));
     for (int64_t c = 0; c < kc; c += 32) {
       __m512i w[NR];
-      for (int r = 0; r < NR; ++r) w[r] = _mm512_load_si512(wbuf + r * ldw + c);
-      const uint16_t* xc = xk + c * xs;
+      for (int r = 0; r < NR; ++r) w[r] = _mm512_load_si512(wbuf + r * kKc + c);
+      const uint16_t* xc = xk + c * MT;
       for (int i = 0; i < MT; ++i) {
         const __m512i xv = _mm512_loadu_si512(xc + 32 * i);
         for (int r = 0; r < NR; ++r) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], (__m512bh)w[r], (__m512bh)xv);
@@ -493,71 +448,51 @@ struct SpanBf16 {
   }
 };
 
-using SpanFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, float*);
+using SpanFn = void (*)(const uint16_t*, const uint16_t*, int64_t, float*);
 using SpanFinishFn = void (*)(const Problem&, const float*, int64_t, int64_t);
 struct SpanTable {
-  SpanFn span[kMultiNr + 1][kMultiMt + 1] = {};  // [NR][MT]
-  SpanFinishFn finish[kMultiNr + 1][kMultiMt + 1] = {};
+  SpanFn span[3][kMaxMt + 1] = {};  // [NR][MT], NR in {1, 2}
+  SpanFinishFn finish[3][kMaxMt + 1] = {};
 };
 
-template <int NR, int... MT>
-void fill_span_row(SpanTable& t, std::integer_sequence<int, MT...>) {
-  ((t.span[NR][MT] = &SpanBf16<NR, MT>::run, t.finish[NR][MT] = &SpanBf16<NR, MT>::finish), ...);
-}
-
-SpanTable make_span_table() {
+template <int... MT>
+SpanTable make_span_table(std::integer_sequence<int, MT...>) {
   SpanTable t;
-  using Mts = std::integer_sequence<int, 1, 2, 3, 4, 5, 6>;  // up to kMultiMt
-  fill_span_row<1>(t, Mts{});  // 1..3: the last group when N % 4 != 0
-  fill_span_row<2>(t, Mts{});
-  fill_span_row<3>(t, Mts{});
-  fill_span_row<4>(t, Mts{});
+  ((t.span[1][MT] = &SpanBf16<1, MT>::run, t.span[2][MT] = &SpanBf16<2, MT>::run,
+    t.finish[1][MT] = &SpanBf16<1, MT>::finish, t.finish[2][MT] = &SpanBf16<2, MT>::finish),
+   ...);
   return t;
 }
 
-void run_bf16_multi(const Problem& p, const uint16_t* xp) {
-  static const SpanTable t = make_span_table();
-  constexpr int NRg = kMultiNr;
-  const int64_t ngroups = (p.N + NRg - 1) / NRg;
-  const bool par = p.N * p.K >= kParallelMinWeights && ngroups > 1;
+void run_bf16_multi(const Problem& p, const uint16_t* xp, int mt_max) {
+  static const SpanTable t = make_span_table(std::integer_sequence<int, 1, 2, 3, 4, 5, 6, 7, 8>{});
+  const int64_t npairs = (p.N + 1) / 2;
+  const bool par = p.N * p.K >= kParallelMinWeights && npairs > 1;
   (void)par;
-  // M tiles: as even as possible, each at most kMultiMt rows (16 = 5 + 5 + 6, 12 = 6 + 6, 9 = 4 + 5).
-  const int64_t ntiles = (p.M + kMultiMt - 1) / kMultiMt;
 #ifdef _OPENMP
 #pragma omp parallel if (par)
 #endif
   {
-    std::vector<uint16_t, AlignedAlloc<uint16_t>> wbuf(static_cast<size_t>(NRg * kKc));
-    std::vector<float, AlignedAlloc<float>> acc(static_cast<size_t>(NRg * p.M * 16));  // [M tile][NR][MT][16]
+    std::vector<uint16_t, AlignedAlloc<uint16_t>> wbuf(2 * kKc);
+    std::vector<float, AlignedAlloc<float>> acc(static_cast<size_t>(2 * p.M * 16));  // [M tile][NR][MT][16]
 #ifdef _OPENMP
-#pragma omp for schedule(dynamic, 8)
+#pragma omp for schedule(dynamic, 16)
 #endif
-    for (int64_t g = 0; g < ngroups; ++g) {
-      const int64_t n0 = NRg * g;
-      const int nr = static_cast<int>(std::min<int64_t>(NRg, p.N - n0));
+    for (int64_t g = 0; g < npairs; ++g) {
+      const int64_t n0 = 2 * g;
+      const int nr = static_cast<int>(std::min<int64_t>(2, p.N - n0));
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t k0 = 0; k0 < p.K; k0 += kKc) {
         const int64_t kc = std::min(kKc, p.K - k0);
         for (int r = 0; r < nr; ++r) decode_row_bf16(p, n0 + r, k0, k0 + kc, wbuf.data() + r * kKc);
-        // The next group's packed bytes for this span: a group reads NR runs of kc / 2 bytes (512 B) at a stride
-        // of K / 2, too short for the hardware prefetcher to lock on, so the decode would wait on DRAM.
-        const int64_t n_next = n0 + NRg, r_next = std::min<int64_t>(NRg, p.N - n_next);
-        for (int64_t r = 0; r < r_next; ++r) {
-          const auto* src = reinterpret_cast<const char*>(p.packed + (((n_next + r) * p.K + k0) >> 1));
-          for (int64_t off = 0; off < (kc >> 1); off += 64) _mm_prefetch(src + off, _MM_HINT_T0);
-        }
-        int64_t m0 = 0;
-        for (int64_t tile = 0; tile < ntiles; ++tile) {
-          const int mt = static_cast<int>((p.M - m0) / (ntiles - tile));
-          t.span[nr][mt](wbuf.data(), kKc, xp + k0 * p.M + m0 * 32, p.M, kc, acc.data() + nr * m0 * 16);
-          m0 += mt;
+        for (int64_t m0 = 0; m0 < p.M; m0 += mt_max) {
+          const int mt = static_cast<int>(std::min<int64_t>(mt_max, p.M - m0));
+          t.span[nr][mt](wbuf.data(), xp + m0 * p.K + k0 * mt, kc, acc.data() + 2 * m0 * 16);
         }
       }
-      int64_t m0 = 0;
-      for (int64_t tile = 0; tile < ntiles; ++tile) {
-        const int mt = static_cast<int>((p.M - m0) / (ntiles - tile));
-        t.finish[nr][mt](p, acc.data() + nr * m0 * 16, n0, m0);
-        m0 += mt;
+      for (int64_t m0 = 0; m0 < p.M; m0 += mt_max) {
+        const int mt = static_cast<int>(std::min<int64_t>(mt_max, p.M - m0));
+        t.finish[nr][mt](p, acc.data() + 2 * m0 * 16, n0, m0);
       }
     }
   }
@@ -646,13 +581,11 @@ bool gemv_simd(const Problem& p, const void* x) {
     if (p.dtype == DType::bfloat16 && bf16_dot_enabled()) {
       static const TileTable t = make_table<TileBf16Avx512, 4, 2, 2>(Mts8{});
       std::vector<uint16_t> xp(static_cast<size_t>(p.M * p.K));
-      if (p.M > t.mt_max) {  // x as one tile of M rows
-        pack_x_t<RawU16>(x, p.M, p.K, static_cast<int>(p.M), false, xp.data());
-        run_bf16_multi(p, xp.data());
-      } else {
-        pack_x_t<RawU16>(x, p.M, p.K, t.mt_max, false, xp.data());
+      pack_x_t<RawU16>(x, p.M, p.K, t.mt_max, false, xp.data());
+      if (p.M > t.mt_max)
+        run_bf16_multi(p, xp.data(), t.mt_max);
+      else
         run_tiles(p, xp.data(), t);
-      }
       return true;
     }
     static const TileTable t = make_table<TileF32Avx512, 4, 2, 2>(Mts8{});
