@@ -186,6 +186,7 @@ def machine_info() -> dict[str, Any]:
         "nproc": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # benchmarks/__init__.py sets "active"
         # > ~0 on an otherwise idle machine means something else shares the cores: the numbers are suspect.
         "loadavg_1m_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "platform": platform.platform(),
