@@ -1,0 +1,489 @@
+"""Adapters on disk in peft's format: ``save_adapter`` / ``adapter_state_dict`` write, ``load_adapter`` reads.
+
+- ``save_adapter(model, path, adapter_name)`` writes what ``PeftModel.save_pretrained`` writes:
+  ``adapter_config.json`` (a ``peft.LoraConfig``) and ``adapter_model.safetensors`` with keys
+  ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` (the adapter name removed, as peft's
+  ``get_peft_model_state_dict`` does), plus ``base_model.model.<module>.<key>`` for each module to save
+  (``qkernels.modules_to_save``); the config carries ``layers_to_transform`` / ``layers_pattern`` /
+  ``modules_to_save``. ``peft.PeftModel.from_pretrained(base, path)`` loads it.
+- ``load_adapter(model, path, adapter_name)`` reads such a directory (``adapter_model.safetensors``, else
+  ``adapter_model.bin``). Every LoRA key must name a ``QLoRALinear`` of ``model`` that the config selects and every
+  shape must match the module and the rank the config gives it (``r`` / ``rank_pattern``); modules to save must
+  come whole. Any mismatch raises ``ValueError`` naming the key and both shapes, and nothing is loaded: the whole
+  file is validated before the model is touched.
+
+The model-level adapter API these build on (walking the ``QLoRALinear`` modules, adding and activating adapters) is
+``qkernels.adapters``, which also re-exports the three functions here. Module names are relative to the ``model``
+passed in: pass the same model object you would give to ``peft.get_peft_model`` so the names agree with peft's.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import (
+    _add_to_module,
+    _dropout_p,
+    _qlora_class,
+    _qlora_modules,
+    _require_adapter,
+    _wrappers,
+    adapter_names,
+    delete_adapter,
+    set_adapter,
+)
+
+__all__ = ["adapter_state_dict", "load_adapter", "save_adapter"]
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."  # peft's prefix of every LoRA key (PeftModel.base_model = LoraModel, .model)
+_KEY_RE = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)\.weight$")
+
+# LoraConfig fields that change what the adapter computes or what the file holds beyond plain A/B on Linear layers.
+# qkernels' QLoRALinear does plain LoRA, so an adapter using any of these is refused rather than silently mis-applied.
+_UNSUPPORTED_IF_SET = {
+    "use_dora": "DoRA (a learned magnitude vector)",
+    "lora_bias": "a trainable bias on lora_B",
+    "trainable_token_indices": "trainable embedding tokens",
+    "layer_replication": "layer replication",
+    "target_parameters": "LoRA on nn.Parameter targets",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "use_qalora": "QA-LoRA (pooled inputs)",
+    "use_bdlora": "block-diagonal LoRA",
+    "arrow_config": "Arrow routing",
+    "kasa_config": "KaSA",
+    "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA",
+}
+
+
+# ---------------------------------------------------------------------------------------------- describing one adapter
+@dataclass
+class _ModuleAdapter:
+    name: str  # module name in the model
+    r: int
+    alpha: float
+    dropout: float
+    use_rslora: bool
+
+
+def _describe(name: str, m: nn.Module, adapter: str) -> _ModuleAdapter:
+    r, alpha, scaling = int(m.r[adapter]), m.lora_alpha[adapter], float(m.scaling[adapter])
+    use_rslora = bool(m.use_rslora[adapter])
+    expected = alpha / math.sqrt(r) if use_rslora else alpha / r
+    if not math.isclose(scaling, expected, rel_tol=1e-6):  # the scaling was changed by hand: no LoraConfig says it
+        raise ValueError(
+            f"{name}: adapter {adapter!r} has scaling {scaling}, not lora_alpha / {'sqrt(r)' if use_rslora else 'r'}"
+            f" = {expected}; peft's LoraConfig cannot represent it"
+        )
+    return _ModuleAdapter(name, r, alpha, _dropout_p(m.lora_dropout[adapter]), use_rslora)
+
+
+def _short_name(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def _target_spec(model: nn.Module, names: list[str], modules_to_save: list[str] | None) -> dict[str, Any]:
+    """peft ``target_modules`` / ``layers_to_transform`` / ``layers_pattern`` selecting exactly ``names`` among the
+    model's Linear-like modules, under peft's rules (``qkernels.model.match_target_modules``).
+
+    Tried in order, the first that selects exactly ``names`` wins: the short names (``["query", "value"]``); the
+    short names with ``layers_to_transform`` = the layer indices of ``names`` (peft's default layer pattern, then
+    the layer list's name as ``layers_pattern``); else a regex string matching exactly these names (peft
+    full-matches a string against module names).
+    """
+    from .model import layer_index, match_target_modules
+
+    cls = _qlora_class()
+    inside = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, cls))  # their lora_A / lora_B
+    inside += tuple(f"{n}." for n, _ in _wrappers(model))  # a module to save's original and copies
+    linear_like = {n for n, m in model.named_modules() if isinstance(m, (cls, nn.Linear)) and not n.startswith(inside)}
+    short = sorted({_short_name(n) for n in names})
+    candidates: list[dict[str, Any]] = [dict(layers_to_transform=None, layers_pattern=None)]
+    indices = [layer_index(n) for n in names]
+    if None not in indices:
+        candidates.append(dict(layers_to_transform=sorted(set(indices)), layers_pattern=None))
+    lists = [m["list"] for n in names if (m := re.match(r".*?(?:^|\.)(?P<list>[^.]+)\.\d+\.", n))]
+    if len(lists) == len(names):
+        pattern = [re.escape(p) for p in sorted(set(lists))]
+        pattern = pattern[0] if len(pattern) == 1 else pattern
+        indices = [layer_index(n, pattern) for n in names]
+        if None not in indices:
+            candidates.append(dict(layers_to_transform=sorted(set(indices)), layers_pattern=pattern))
+    for c in candidates:
+        chosen = set(match_target_modules(model, short, modules_to_save=modules_to_save, **c)) & linear_like
+        if chosen == set(names):
+            return dict(target_modules=short, **c)
+    regex = "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
+    return dict(target_modules=regex, layers_to_transform=None, layers_pattern=None)
+
+
+def _save_names(model: nn.Module, adapter: str) -> list[str]:
+    """Names of the modules to save that hold a copy for ``adapter``, in definition order."""
+    return [n for n, w in _wrappers(model) if adapter in w.modules_to_save]
+
+
+def _most_common(values: list[Any]) -> Any:
+    return collections.Counter(values).most_common(1)[0][0]
+
+
+def _config_fields(model: nn.Module, infos: list[_ModuleAdapter], task_type: str | None,
+                   base_model_name_or_path: str | None, modules_to_save: list[str] | None) -> dict[str, Any]:
+    """The LoraConfig arguments describing ``infos``, with ``rank_pattern`` / ``alpha_pattern`` for the outliers."""
+    if len({i.use_rslora for i in infos}) > 1:
+        raise ValueError("modules mix rsLoRA and plain LoRA scaling in one adapter; peft's use_rslora is global")
+    r, alpha = _most_common([i.r for i in infos]), _most_common([i.alpha for i in infos])
+    # peft's get_pattern_key matches a pattern p as re.match(rf"(.*\.)?({p})$", module_name): an escaped full name
+    # selects exactly that module.
+    rank_pattern = {re.escape(i.name): i.r for i in infos if i.r != r}
+    alpha_pattern = {re.escape(i.name): i.alpha for i in infos if i.alpha != alpha}
+    if base_model_name_or_path is None:
+        cfg = getattr(model, "config", None)
+        base_model_name_or_path = getattr(model, "name_or_path", None) or getattr(cfg, "_name_or_path", None) or None
+    return dict(
+        task_type=task_type,
+        base_model_name_or_path=base_model_name_or_path,
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=max(i.dropout for i in infos),  # dropout does not change a saved adapter's outputs
+        use_rslora=infos[0].use_rslora,
+        **_target_spec(model, [i.name for i in infos], modules_to_save),
+        modules_to_save=modules_to_save,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        bias="none",
+        fan_in_fan_out=False,
+        inference_mode=True,  # what PeftModel.save_pretrained writes
+    )
+
+
+def _config_json(fields: dict[str, Any]) -> str:
+    """adapter_config.json text: ``peft.LoraConfig(**fields)`` serialized as peft does; the same keys without peft."""
+    try:
+        import peft
+    except ImportError:
+        peft = None
+    if peft is not None:
+        d = peft.LoraConfig(**fields).to_dict()
+    else:  # the LoraConfig fields peft needs to rebuild this adapter; the others take their defaults when read
+        d = dict(fields, peft_type="LORA", init_lora_weights=True, use_dora=False, lora_bias=False,
+                 exclude_modules=None, revision=None, auto_mapping=None)
+    d = {k: (sorted(v) if isinstance(v, set) else v) for k, v in d.items()}  # as PeftConfigMixin.save_pretrained
+    return json.dumps(d, indent=2, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------- save
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """peft's ``get_peft_model_state_dict`` for one adapter: ``base_model.model.<module>.lora_{A,B}.weight``, and
+    for each module to save with a copy for the adapter that copy's state dict as ``base_model.model.<module>.<key>``
+    (e.g. ``base_model.model.score.weight``: the adapter name and ``modules_to_save`` removed, as peft does)."""
+    out = {}
+    for name, m in _require_adapter(model, adapter_name):
+        for which in ("lora_A", "lora_B"):
+            w = getattr(m, which)[adapter_name].weight
+            out[f"{PEFT_PREFIX}{name}.{which}.weight"] = w.detach().to("cpu", copy=True).contiguous()
+    for name, w in _wrappers(model):
+        if adapter_name in w.modules_to_save:
+            for k, v in w.modules_to_save[adapter_name].state_dict().items():
+                out[f"{PEFT_PREFIX}{name}.{k}"] = v.detach().to("cpu", copy=True).contiguous()
+    return out
+
+
+def save_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    adapter_name: str = "default",
+    *,
+    task_type: str | None = None,
+    base_model_name_or_path: str | None = None,
+) -> None:
+    """Write adapter ``adapter_name`` to directory ``path`` in peft's format (created if needed).
+
+    Files: ``adapter_config.json`` (a ``peft.LoraConfig``: r, lora_alpha, lora_dropout, use_rslora, target_modules
+    as short names, with ``layers_to_transform`` / ``layers_pattern`` when the adapter covers only some layers (a
+    regex of the full names when neither selects exactly its modules), ``modules_to_save`` (the full names of the
+    modules to save holding a copy for this adapter), rank_pattern / alpha_pattern for modules whose rank / alpha
+    differ from the most common, bias "none", inference_mode true) and ``adapter_model.safetensors`` (tensors in
+    their parameter dtype; see ``adapter_state_dict``).
+    ``task_type`` (e.g. ``"CAUSAL_LM"``) and ``base_model_name_or_path`` are written when given or known
+    (``model.config._name_or_path``).
+    """
+    from safetensors.torch import save_file
+
+    mods = _require_adapter(model, adapter_name)
+    infos = [_describe(n, m, adapter_name) for n, m in mods]
+    text = _config_json(_config_fields(model, infos, task_type, base_model_name_or_path,
+                                       _save_names(model, adapter_name) or None))
+    tensors = adapter_state_dict(model, adapter_name)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:
+        f.write(text)
+    save_file(tensors, os.path.join(path, SAFETENSORS_NAME), metadata={"format": "pt"})  # peft's metadata
+
+
+# ---------------------------------------------------------------------------------------------- load
+def _read_config(path: str | os.PathLike) -> dict[str, Any]:
+    cfg_path = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{cfg_path} not found: a peft adapter directory holds {CONFIG_NAME}")
+    with open(cfg_path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{cfg_path}: peft_type is {cfg.get('peft_type')!r}; only LoRA adapters ('LORA') load")
+    for key, what in _UNSUPPORTED_IF_SET.items():
+        if cfg.get(key):
+            raise ValueError(f"{cfg_path}: {key}={cfg[key]!r} ({what}) is not supported by qkernels' QLoRALinear")
+    if cfg.get("bias", "none") != "none":
+        raise ValueError(f"{cfg_path}: bias={cfg['bias']!r} (trained base biases) is not supported; only 'none'")
+    if cfg.get("fan_in_fan_out"):
+        raise ValueError(f"{cfg_path}: fan_in_fan_out=true (Conv1D layers) is not supported")
+    if not isinstance(cfg.get("r"), int) or cfg["r"] <= 0:
+        raise ValueError(f"{cfg_path}: r must be a positive integer, got {cfg.get('r')!r}")
+    from .model import _check_layer_args
+    from .modules_to_save import check_modules_to_save
+
+    try:
+        _check_layer_args(cfg.get("target_modules"), cfg.get("layers_to_transform"), cfg.get("layers_pattern"))
+        check_modules_to_save(cfg.get("modules_to_save"))
+    except ValueError as e:
+        raise ValueError(f"{cfg_path}: {e}") from None
+    return cfg
+
+
+def _read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    st, bn = os.path.join(path, SAFETENSORS_NAME), os.path.join(path, BIN_NAME)
+    if os.path.isfile(st):
+        from safetensors.torch import load_file
+
+        return load_file(st)
+    if os.path.isfile(bn):
+        return torch.load(bn, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"neither {SAFETENSORS_NAME} nor {BIN_NAME} in {path}")
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """peft's ``get_pattern_key`` + lookup: the first pattern ``p`` with ``re.match(rf"(.*\\.)?({p})$", module)``."""
+    for p, v in patterns.items():
+        if re.match(rf"(.*\.)?({p})$", module):
+            return v
+    return default
+
+
+@dataclass
+class _Planned:
+    name: str
+    module: nn.Module
+    r: int
+    alpha: float
+    A: torch.Tensor
+    B: torch.Tensor
+
+
+@dataclass
+class _Plan:
+    lora: list[_Planned]
+    saved: dict[str, dict[str, torch.Tensor]]  # module to save -> its state dict from the file
+
+
+def _config_targets(model: nn.Module, cfg: dict[str, Any]) -> set[str] | None:
+    """The modules peft would give LoRA under the config (None: the config names no target_modules)."""
+    from .model import match_target_modules
+
+    if cfg.get("target_modules") is None:
+        return None
+    return set(match_target_modules(model, cfg["target_modules"], cfg.get("exclude_modules"),
+                                    layers_to_transform=cfg.get("layers_to_transform"),
+                                    layers_pattern=cfg.get("layers_pattern"),
+                                    modules_to_save=cfg.get("modules_to_save")))
+
+
+def _split_keys(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor]
+                ) -> tuple[dict[str, dict[str, tuple[str, torch.Tensor]]], dict[str, dict[str, torch.Tensor]]]:
+    """File keys -> ``{module: {"lora_A"|"lora_B": (key, tensor)}}`` and ``{module to save: {key: tensor}}``."""
+    from .modules_to_save import match_modules_to_save
+
+    save_names = match_modules_to_save(model, cfg.get("modules_to_save") or [])
+    pairs: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    saved: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in sd.items():
+        stripped = key.removeprefix(PEFT_PREFIX)
+        owner = [n for n in save_names if stripped.startswith(n + ".")]
+        if owner:  # the longest name: a module to save may not hold another (plan_modules_to_save)
+            name = max(owner, key=len)
+            saved.setdefault(name, {})[stripped[len(name) + 1:]] = t
+            continue
+        match = _KEY_RE.match(stripped)
+        if match is None:
+            raise ValueError(
+                f"adapter key {key!r} is not a LoRA weight '{PEFT_PREFIX}<module>.lora_A.weight' / '.lora_B.weight' "
+                f"nor a tensor of a module to save (the config's modules_to_save={cfg.get('modules_to_save')!r} "
+                f"selects {save_names} here); embedding/bias/DoRA tensors are not supported"
+            )
+        pairs.setdefault(match["module"], {})[match["which"]] = (key, t)
+    return pairs, saved
+
+
+def _check_saved(model: nn.Module, cfg: dict[str, Any], saved: dict[str, dict[str, torch.Tensor]],
+                 adapter_name: str, replace: bool) -> None:
+    """Each module to save of the config has every state-dict key of the module, with its shape and dtype kind."""
+    from .modules_to_save import ModulesToSaveWrapper, match_modules_to_save, plan_modules_to_save
+
+    entries = cfg.get("modules_to_save") or []
+    if not entries:
+        return
+    names = match_modules_to_save(model, entries)
+    plan_modules_to_save(model, entries, adapter_name, allow_existing=replace)  # entries match; no LoRA, no nesting
+    for n in names:
+        m = model.get_submodule(n)
+        ref = (m.original_module if isinstance(m, ModulesToSaveWrapper) else m).state_dict()
+        got = saved.get(n, {})
+        missing, extra = sorted(set(ref) - set(got)), sorted(set(got) - set(ref))
+        if missing or extra:
+            raise ValueError(
+                f"module to save {n!r}: the adapter file has {sorted(got)}, the module's state dict has {sorted(ref)}"
+                f" (missing {missing}, unexpected {extra}); a peft adapter stores every tensor of a module to save "
+                f"as '{PEFT_PREFIX}{n}.<key>'"
+            )
+        for k, v in got.items():
+            if tuple(v.shape) != tuple(ref[k].shape) or v.is_floating_point() != ref[k].is_floating_point():
+                raise ValueError(f"adapter key '{PEFT_PREFIX}{n}.{k}': {tuple(v.shape)} {v.dtype} in the file, but "
+                                 f"module {n!r} has {tuple(ref[k].shape)} {ref[k].dtype}")
+
+
+def _plan(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor], adapter_name: str = "default",
+          replace: bool = False) -> _Plan:
+    """Check every key of ``sd`` against ``model`` and ``cfg``; return what to load. Raises before any change."""
+    cls = _qlora_class()
+    modules = dict(model.named_modules())
+    qlora_names = [n for n, m in modules.items() if isinstance(m, cls)]
+    if not qlora_names:
+        _qlora_modules(model)  # raises the "quantize it first" error
+    pairs, saved = _split_keys(model, cfg, sd)
+    if not pairs:
+        raise ValueError("the adapter file holds no LoRA weights")
+    _check_saved(model, cfg, saved, adapter_name, replace)
+    targets = _config_targets(model, cfg)
+    plan = []
+    r0, a0 = cfg["r"], cfg.get("lora_alpha", 8)
+    for name, ab in pairs.items():
+        m = modules.get(name)
+        if not isinstance(m, cls):
+            what = "does not exist" if m is None else f"is a {type(m).__name__}, not a QLoRALinear"
+            shown = qlora_names[:12] + (["..."] if len(qlora_names) > 12 else [])
+            raise ValueError(
+                f"adapter key {next(iter(ab.values()))[0]!r}: module {name!r} {what} in {type(model).__name__}; "
+                f"its {len(qlora_names)} QLoRALinear modules are {shown}"
+            )
+        if targets is not None and name not in targets:
+            fields = {k: cfg.get(k) for k in ("target_modules", "exclude_modules", "layers_to_transform",
+                                              "layers_pattern", "modules_to_save") if cfg.get(k) is not None}
+            raise ValueError(
+                f"adapter key {next(iter(ab.values()))[0]!r}: module {name!r} is not selected by the adapter's config "
+                f"{fields} (peft would not load it there); the config and the weights disagree"
+            )
+        for which in ("lora_A", "lora_B"):
+            if which not in ab:
+                raise ValueError(f"module {name!r}: the adapter has no {which} weight ({name}.{which}.weight)")
+        r = _pattern_value(cfg.get("rank_pattern") or {}, name, r0)
+        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, name, a0)
+        (ka, A), (kb, B) = ab["lora_A"], ab["lora_B"]
+        for key, t, want in ((ka, A, (r, m.in_features)), (kb, B, (m.out_features, r))):
+            if tuple(t.shape) != want:
+                raise ValueError(
+                    f"adapter key {key!r}: shape {tuple(t.shape)} in the file, but module {name!r} "
+                    f"(in_features={m.in_features}, out_features={m.out_features}) with the config's r={r} "
+                    f"needs {want}"
+                )
+            if not t.is_floating_point():
+                raise ValueError(f"adapter key {key!r}: dtype {t.dtype} is not a floating-point type")
+        plan.append(_Planned(name, m, int(r), alpha, A, B))
+    return _Plan(plan, saved)
+
+
+def load_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    adapter_name: str = "default",
+    *,
+    replace: bool = False,
+    set_active: bool = True,
+) -> list[str]:
+    """Load a peft LoRA adapter directory into the QLoRALinear modules of ``model`` as ``adapter_name``.
+
+    Reads ``adapter_config.json`` and ``adapter_model.safetensors`` (else ``adapter_model.bin``). Per module the
+    rank and alpha are the config's ``r`` / ``lora_alpha`` unless ``rank_pattern`` / ``alpha_pattern`` match it
+    (peft's rule); scaling is ``alpha / r`` or ``alpha / sqrt(r)`` with ``use_rslora``.
+
+    The config's ``target_modules`` / ``exclude_modules`` / ``layers_to_transform`` / ``layers_pattern`` are
+    honoured as peft does: every LoRA key must name a module they select. ``modules_to_save``: each selected module
+    (peft's suffix rule) gets a copy for ``adapter_name`` holding the file's tensors
+    (``base_model.model.<module>.<key>``, all of the module's state-dict keys), wrapped in a
+    ``ModulesToSaveWrapper`` if it is not one yet.
+
+    Everything is validated before the model changes: a key naming no QLoRALinear (the error lists the modules
+    that exist) or a module the config does not select, an A without its B, a shape that is not
+    ``[r, in_features]`` / ``[out_features, r]``, a module to save whose tensors are missing or misshapen, an
+    unsupported config (DoRA, bias, ...) each raise ``ValueError`` and load nothing.
+
+    ``replace``: if ``adapter_name`` already exists, delete it first (otherwise that is an error).
+    ``set_active``: make the loaded adapter active (``PeftModel.from_pretrained`` does; ``load_adapter`` in peft
+    does not — pass ``False`` for that). Returns the module names loaded.
+    """
+    cfg = _read_config(path)
+    existing = adapter_name in adapter_names(model)
+    if existing and not replace:
+        n = sum(adapter_name in m.lora_A for _, m in _qlora_modules(model))
+        raise ValueError(
+            f"adapter {adapter_name!r} already exists on {n} modules; choose another adapter_name, "
+            "delete it first, or pass replace=True"
+        )
+    whole = _plan(model, cfg, _read_weights(path), adapter_name, replace)
+    if existing:
+        delete_adapter(model, adapter_name)
+    _apply_plan(model, cfg, whole, adapter_name)
+    if set_active:
+        set_adapter(model, adapter_name)
+    return [p.name for p in whole.lora]
+
+
+def _apply_plan(model: nn.Module, cfg: dict[str, Any], whole: _Plan, adapter_name: str) -> None:
+    """Create and fill the adapter's LoRA weights and module-to-save copies; on any error undo all of it."""
+    from .modules_to_save import ModulesToSaveWrapper, wrap_modules_to_save
+
+    dropout, rslora = float(cfg.get("lora_dropout", 0.0)), bool(cfg.get("use_rslora", False))
+    done: list[_Planned] = []
+    originals = {n: model.get_submodule(n) for n in whole.saved}
+    try:
+        for p in whole.lora:
+            _add_to_module(p.module, adapter_name, p.r, p.alpha, dropout, rslora, False)
+            done.append(p)
+            with torch.no_grad():
+                for which, t in (("lora_A", p.A), ("lora_B", p.B)):
+                    getattr(p.module, which)[adapter_name].weight.copy_(t)
+        if whole.saved:
+            wrap_modules_to_save(model, cfg["modules_to_save"], adapter_name, activate=False)
+            for n, tensors in whole.saved.items():
+                model.get_submodule(n).modules_to_save[adapter_name].load_state_dict(tensors, strict=True)
+    except Exception:
+        for p in done:  # leave no half-loaded adapter behind
+            p.module.delete_adapter(adapter_name)
+        for n, orig in originals.items():
+            now = model.get_submodule(n)
+            if isinstance(orig, ModulesToSaveWrapper):
+                if adapter_name in orig.modules_to_save:
+                    orig.delete_adapter(adapter_name)
+            elif now is not orig:
+                parent, _, leaf = n.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, leaf, orig)
+        raise
