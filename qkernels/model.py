@@ -57,6 +57,12 @@ def _is_target(key: str, target_modules: str | Iterable[str]) -> bool:
     return key in target_modules or any(key.endswith(f".{t}") for t in target_modules)
 
 
+def _is_bnb_4bit(m: nn.Module) -> bool:
+    """A quantized bitsandbytes ``Linear4bit`` (its weight a ``Params4bit`` holding a quant state)."""
+    w = getattr(m, "weight", None)
+    return type(w).__name__ == "Params4bit" and getattr(w, "quant_state", None) is not None
+
+
 def _is_linear(m: nn.Module) -> bool:
     """What peft's "all-linear" collects and what apply_qlora can quantize: nn.Linear and transformers' Conv1D."""
     return isinstance(m, nn.Linear) or is_conv1d(m)
@@ -191,7 +197,10 @@ def apply_qlora(
     """Replace the targeted ``nn.Linear`` layers of ``model`` by ``QLoRALinear`` in place; freeze all but LoRA.
 
     transformers' ``Conv1D`` layers (GPT-2) count as linear, as in peft, and are stored transposed to
-    ``[out, in]`` the way transformers' bitsandbytes integration stores them.
+    ``[out, in]`` the way transformers' bitsandbytes integration stores them. A model already loaded in 4 bits by
+    bitsandbytes (``BitsAndBytesConfig(load_in_4bit=True)``) works too: its ``Linear4bit`` layers are wrapped with
+    ``QLoRALinear.from_bnb`` (their packed bytes and scales as they are; ``quant_type``, ``blocksize``,
+    ``double_quant`` and ``quant_storage`` are the layer's own, and ``compute_dtype=None`` keeps the layer's).
 
     Args:
         target_modules: list of names/suffixes, a regex (full match), or ``"all-linear"``: peft's semantics
@@ -251,6 +260,14 @@ def apply_qlora(
             raise ValueError(f"target module {n!r} is a {type(m).__name__}, not an nn.Linear; only nn.Linear (and "
                              "transformers Conv1D) layers are quantized. Linear layers here: "
                              f"{_summarize(linear_names)}")
+        if _is_bnb_4bit(m):
+            if init_lora_weights == "loftq":
+                raise ValueError(f"module {n!r} is already a bitsandbytes 4-bit layer: init_lora_weights='loftq' "
+                                 "needs the float weight; load the model unquantized for LoftQ")
+        elif not m.weight.dtype.is_floating_point:
+            raise ValueError(f"module {n!r} ({type(m).__name__}) holds a {m.weight.dtype} weight: only float "
+                             "weights are quantized, and bitsandbytes 4-bit layers wrapped (8-bit layers are not "
+                             "supported); load the model in float or in 4 bits")
     kwargs: dict[str, Any] = dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
                                   quant_type=quant_type, double_quant=double_quant, blocksize=blocksize,
                                   compute_dtype=compute_dtype, quant_storage=quant_storage,
@@ -258,10 +275,18 @@ def apply_qlora(
                                   adapter_name=adapter_name)
     show = verbose if verbose is not None else len(names) >= 2 * log_every
     t0 = time.perf_counter()
+    bnb_kwargs = {k: kwargs[k] for k in ("r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights",
+                                         "adapter_name")}
+    if compute_dtype is not None:
+        bnb_kwargs["compute_dtype"] = compute_dtype
     for i, n in enumerate(names, 1):
         parent_name, _, child = n.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QLoRALinear.from_linear(modules[n], **kwargs))
+        m = modules[n]
+        # a model loaded in 4 bits by bitsandbytes (transformers' BitsAndBytesConfig): wrap its packed weight as is
+        # (its own quant_type / blocksize / double quant), as peft does; never requantize a 4-bit weight
+        layer = QLoRALinear.from_bnb(m, **bnb_kwargs) if _is_bnb_4bit(m) else QLoRALinear.from_linear(m, **kwargs)
+        setattr(parent, child, layer)
         if i % log_every == 0 or i == len(names):
             line = f"apply_qlora: {i}/{len(names)} layers quantized ({time.perf_counter() - t0:.1f} s)"
             logger.info(line)

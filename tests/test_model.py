@@ -436,3 +436,61 @@ def test_modules_to_save_overlapping_a_target_is_refused_before_any_change():
     with pytest.raises(ValueError, match=r"is a LoRA target and module .* a module to save; they overlap"):
         apply_qlora(model, ["q_proj"], modules_to_save=["_proj"])
     assert not any(isinstance(m, (QLoRALinear, ModulesToSaveWrapper)) for m in model.modules())
+
+
+def _bnb_4bit_net(seed: int = 0) -> nn.Module:
+    """``Net`` with its attention projections loaded in 4 bits by bitsandbytes (as ``BitsAndBytesConfig`` does),
+    fp4 / blocksize 128 / no double quant so that wrapping (not requantizing with the defaults) is visible."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(seed)
+    net = Net()
+    for block in net.layers:
+        for name in ("q", "k", "v"):
+            lin = getattr(block.attn, name)
+            q = bnb.nn.Linear4bit(16, 16, bias=True, compute_dtype=torch.float32, quant_type="fp4",
+                                  compress_statistics=False)
+            q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="fp4",
+                                         compress_statistics=False, blocksize=128)
+            q.bias = nn.Parameter(lin.bias.data.clone())
+            setattr(block.attn, name, q.to("cpu"))  # bitsandbytes quantizes on the first move
+    return net.eval()
+
+
+def test_a_model_loaded_in_4_bits_by_bitsandbytes_is_wrapped_not_requantized():
+    from qkernels import QuantState
+
+    net = _bnb_4bit_net()
+    want = _peft_targets(net, target_modules=["q", "k", "v"])
+    bnb_layers = {n: m for n, m in net.named_modules() if type(m).__name__ == "Linear4bit"}
+    saved = {n: (m.weight.data.clone(), QuantState.from_dict(m.weight.quant_state.as_dict(packed=True)))
+             for n, m in bnb_layers.items()}
+    apply_qlora(net, ["q", "k", "v"], r=4, lora_alpha=8)  # defaults nf4 / bs 64 / double quant do not apply
+    assert sorted(n for n, m in net.named_modules() if isinstance(m, QLoRALinear)) == sorted(want)
+    x = torch.randn(3, 16)
+    for n, (data, state) in saved.items():
+        layer = net.get_submodule(n)
+        assert torch.equal(layer.weight.data, data), f"{n}: the bitsandbytes bytes, not a requantization"
+        assert layer.weight.quant_state == state, n
+        assert (state.quant_type, state.blocksize, state.nested) == ("fp4", 128, False), n
+        with torch.no_grad():  # B == 0: x @ dequant(W)^T + b; two float32 evaluations, gamma_{K+1} each
+            W = layer.dequantized_weight()
+            want_y = x @ W.t() + layer.bias
+            bound = 2 * (16 + 1) * U32 * (x.abs() @ W.abs().t() + layer.bias.abs())
+            assert ((layer(x) - want_y).abs() <= bound).all(), n
+    assert trainable_parameters(net)[0] == 7 * 4 * (16 + 16)  # 6 wrapped + the float top-level q, quantized
+
+
+def test_a_4bit_layer_refuses_loftq_and_an_8bit_one_is_named():
+    import bitsandbytes as bnb
+
+    with pytest.raises(ValueError, match="loftq"):
+        apply_qlora(_bnb_4bit_net(), ["q"], r=4, init_lora_weights="loftq")
+    net = Net()
+    net.q = bnb.nn.Linear8bitLt(16, 16, has_fp16_weights=False)
+    net.q.load_state_dict(nn.Linear(16, 16).state_dict())
+    net.q = net.q.to("cpu")
+    if net.q.weight.dtype.is_floating_point:
+        pytest.skip("this bitsandbytes keeps 8-bit weights in float until a device move that quantizes them")
+    with pytest.raises(ValueError, match="'q'.*int8"):
+        apply_qlora(net, ["q"], r=4)
