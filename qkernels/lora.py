@@ -211,7 +211,7 @@ def matmul_4bit_lora(
     else:
         # Inference (no_grad, or nothing requires grad): the Function's forward without its autograd machinery
         # (~40 us of a ~0.6 ms decode GEMV here). Same code, same result; nothing is saved.
-        scales = (qs.absmax, *nested[:2], nested[2], nested_blocksize)
+        scales = (qs.absmax, *nested, nested_blocksize)
         y = _forward(x2, raw, scales, qs.code, qs.blocksize, N, lora_A, lora_B, bias, float(scaling),
                      float(dropout_p), bool(training), backend)[0]
     return y.reshape(*lead, N)
