@@ -122,6 +122,36 @@ def test_gemv_matches_fp64(monkeypatch, isa, bf16dot, M, N, K, bs, nested, qt, d
     assert err <= tol, f"max error {err:.3g} > tolerance {tol:.3g} (path {isa}, bf16dot={bf16dot})"
 
 
+# The constant-table bf16 tile (M <= 4, K % 128 == 0, blocksize >= 64): 128 weights per step, x packed in the
+# decode's order, two block scales per step (blocksize 64), one (>= 128), blocks spanning rows (256 > K = 128),
+# N % 4 != 0, the M tiles' edges, both scale formats and codebooks, LoRA and bias on and off.
+CONST_CASES = [
+    (M, N, K, bs, nested, qt, r, bias)
+    for (M, N, K, bs, nested, qt, r, bias) in [
+        (1, 7, 128, 64, True, "nf4", 0, False), (2, 66, 384, 64, False, "fp4", 8, True),
+        (3, 33, 128, 256, True, "nf4", 1, True), (4, 64, 1024, 128, False, "nf4", 8, False),
+        (1, 256, 4096, 64, True, "nf4", 16, True), (4, 67, 256, 4096, True, "fp4", 0, True),
+        (5, 40, 384, 64, True, "nf4", 8, True),  # past the path's M: the per-block tables again
+    ]
+]
+
+
+@pytest.mark.parametrize("M,N,K,bs,nested,qt,r,bias", CONST_CASES,
+                         ids=[f"M{c[0]}-{c[1]}x{c[2]}-bs{c[3]}-{c[5]}-{'dq' if c[4] else 'plain'}-r{c[6]}"
+                              for c in CONST_CASES])
+def test_bf16_constant_table_path(monkeypatch, M, N, K, bs, nested, qt, r, bias):
+    if "avx512" not in _native._C.cpu_isa_available():
+        pytest.skip("this CPU has no AVX-512: the bf16 dot-product tiles are not compiled in for it")
+    monkeypatch.setenv("QKERNELS_CPU_ISA", "avx512")
+    packed, st, x, t, B, b, y64, tol = _case(M, N, K, bs, nested, qt, "bf16", r, bias)
+    y = _native.gemv_4bit_lora_native(x, packed, st, t, B, b)
+    err = (y.double() - y64).abs().max().item()
+    assert err <= tol, f"max error {err:.3g} > tolerance {tol:.3g}"
+    monkeypatch.setenv("QKERNELS_CPU_GEMV_BF16", "0")  # the float32 tile, a different decode, agrees too
+    y32 = _native.gemv_4bit_lora_native(x, packed, st, t, B, b)
+    assert (y32.double() - y64).abs().max().item() <= tol
+
+
 def test_out_storage_and_layout_conversions():
     """out= is written in place; a bf16 quant_storage view of packed, a transposed float16 lora_B and a float16 bias
     give the same result as the plain uint8 / float32 inputs."""
