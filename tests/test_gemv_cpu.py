@@ -147,9 +147,23 @@ def test_bf16_constant_table_path(monkeypatch, M, N, K, bs, nested, qt, r, bias)
     y = _native.gemv_4bit_lora_native(x, packed, st, t, B, b)
     err = (y.double() - y64).abs().max().item()
     assert err <= tol, f"max error {err:.3g} > tolerance {tol:.3g}"
-    monkeypatch.setenv("QKERNELS_CPU_GEMV_BF16", "0")  # the float32 tile, a different decode, agrees too
+    monkeypatch.setenv("QKERNELS_CPU_GEMV_BF16", "0")  # the float32 tiles (constant table at M 1) agree too
     y32 = _native.gemv_4bit_lora_native(x, packed, st, t, B, b)
     assert (y32.double() - y64).abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("dname", ["fp32", "fp16"])
+@pytest.mark.parametrize("M,N,K,bs,nested,qt,r,bias", [c for c in CONST_CASES if c[0] <= 2],
+                         ids=[f"M{c[0]}-{c[1]}x{c[2]}-bs{c[3]}-{c[5]}" for c in CONST_CASES if c[0] <= 2])
+def test_float_constant_table_path(monkeypatch, dname, M, N, K, bs, nested, qt, r, bias):
+    """float32 / float16 x at M 1 (K % 128 == 0, blocksize >= 64): the vpermps constant-table tile; M 2: the other."""
+    if "avx512" not in _native._C.cpu_isa_available():
+        pytest.skip("this CPU has no AVX-512: the float32 constant-table tile is not compiled in for it")
+    monkeypatch.setenv("QKERNELS_CPU_ISA", "avx512")
+    packed, st, x, t, B, b, y64, tol = _case(M, N, K, bs, nested, qt, dname, r, bias)
+    y = _native.gemv_4bit_lora_native(x, packed, st, t, B, b)
+    err = (y.double() - y64).abs().max().item()
+    assert err <= tol, f"max error {err:.3g} > tolerance {tol:.3g}"
 
 
 def test_out_storage_and_layout_conversions():
