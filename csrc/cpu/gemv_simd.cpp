@@ -1,0 +1,582 @@
+// CPU fused 4-bit GEMV: the tiled SIMD kernels (AVX-512 with and without AVX512_BF16, AVX2) and their dispatch,
+// gemv_simd.  The design notes are at the top of gemv.cpp and on each tile below.
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <utility>
+#include <vector>
+
+#include "gemv_internal.h"
+#include "isa.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define QK_X86 1
+#endif
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace qkernels {
+namespace cpu {
+namespace gemv_detail {
+
+// ------------------------------------------------------------------------------------------------ tiled SIMD paths
+#ifdef QK_X86
+namespace {  // the kernels: internal linkage, so the compiler may inline and specialize them freely
+
+// A tile kernel computes y[m0 .. m0+MT, n0 .. n0+NR] (K % 32 == 0).  The driver walks groups of 4 output rows
+// (OpenMP over groups) and, inside a group, M in tiles of at most mt_max rows, so a group's packed rows
+// (4 x K/2 bytes) stay in L1 across the M tiles.
+using TileFn = void (*)(const Problem&, const void* xprep, int64_t n0, int64_t m0);
+
+constexpr int kMaxMt = 8;
+struct TileTable {
+  int mt_max = 1;
+  int nr[kMaxMt + 1] = {};
+  TileFn tile[kMaxMt + 1] = {};  // NR = nr[mt] rows
+  TileFn row1[kMaxMt + 1] = {};  // one row (the group's remainder)
+};
+
+// NR(mt) = mt <= small_mt ? nr_small : nr_big; more rows per tile for small M keeps several independent
+// accumulator chains in flight (FMA / vdpbf16ps latency 4-6 cycles) and shares each x load across rows.
+template <template <int, int> class Tile, int NrSmall, int NrBig, int SmallMt, int... MT>
+TileTable make_table(std::integer_sequence<int, MT...>) {
+  TileTable t;
+  t.mt_max = static_cast<int>(sizeof...(MT));
+  ((t.nr[MT] = (MT <= SmallMt ? NrSmall : NrBig), t.tile[MT] = &Tile<(MT <= SmallMt ? NrSmall : NrBig), MT>::run,
+    t.row1[MT] = &Tile<1, MT>::run),
+   ...);
+  return t;
+}
+
+void run_tiles(const Problem& p, const void* xprep, const TileTable& t) {
+  constexpr int64_t G = 4;  // rows per group: a multiple of every nr[]
+  const int64_t ngroups = (p.N + G - 1) / G;
+  const bool par = p.N * p.K >= kParallelMinWeights && ngroups > 1;
+  (void)par;
+  // Dynamic, 8 groups (32 rows, 64 KB of W at K = 4096) per grab: a contiguous stretch for the prefetcher, and a
+  // thread descheduled on a shared machine no longer holds the others up with a fixed half of the work.
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 8) if (par)
+#endif
+  for (int64_t g = 0; g < ngroups; ++g) {
+    const int64_t n_begin = g * G, n_end = std::min(p.N, n_begin + G);
+    for (int64_t m0 = 0; m0 < p.M;) {
+      const int mt = static_cast<int>(std::min<int64_t>(t.mt_max, p.M - m0));
+      int64_t n = n_begin;
+      for (; n + t.nr[mt] <= n_end; n += t.nr[mt]) t.tile[mt](p, xprep, n, m0);
+      for (; n < n_end; ++n) t.row1[mt](p, xprep, n, m0);
+      m0 += mt;
+    }
+  }
+}
+
+#define QK_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define QK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+#define QK_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx512vbmi")))
+#define QK_INLINE inline __attribute__((always_inline))
+
+// 64-byte aligned storage for zmm-sized scratch (std::vector's default allocator only guarantees 16 bytes).
+template <typename T>
+struct AlignedAlloc {
+  using value_type = T;
+  AlignedAlloc() = default;
+  template <typename U>
+  AlignedAlloc(const AlignedAlloc<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* ptr, size_t) { ::operator delete(ptr, std::align_val_t(64)); }
+  bool operator==(const AlignedAlloc&) const { return true; }
+  bool operator!=(const AlignedAlloc&) const { return false; }
+};
+
+// ---- AVX-512, float32 x (packed, even / odd split), W decoded with vpermps on the 16 float32 products
+// code * scale.  vpermps reads only index bits 0..3, so a byte's low nibble needs no mask.
+template <int NR, int MT>
+QK_AVX512 QK_INLINE void finish_avx512(const Problem& p, __m512 (&acc)[NR][MT], int64_t n0, int64_t m0) {
+  for (int r = 0; r < NR; ++r) {
+    for (int i = 0; i < MT; ++i) {
+      __m512 a = acc[r][i];
+      if (p.r > 0) {  // LoRA folded into the lanes before the one horizontal sum
+        const float* t = p.lora_t + (m0 + i) * p.r;
+        const float* B = p.lora_B + (n0 + r) * p.r;
+        for (int64_t j = 0; j < p.r; j += 16) {
+          const int64_t left = p.r - j;
+          const __mmask16 mk = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1u);
+          a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, t + j), _mm512_maskz_loadu_ps(mk, B + j), a);
+        }
+      }
+      float y = _mm512_reduce_add_ps(a);
+      if (p.bias != nullptr) y = y + p.bias[n0 + r];
+      store_y(p, m0 + i, n0 + r, y);
+    }
+  }
+}
+
+template <int NR, int MT>
+struct TileF32Avx512 {
+  QK_AVX512 static void run(const Problem& p, const void* xprep, int64_t n0, int64_t m0) {
+    const int64_t K = p.K;
+    const float* xt = static_cast<const float*>(xprep) + m0 * K;  // this M tile's packed x
+    const __m512 code = _mm512_loadu_ps(p.code);
+    // Small tiles keep the high- and low-nibble products in separate accumulators: with one, each accumulator took
+    // two dependent FMAs per 32 weights, and at M 1 (4 accumulators) the FMA latency, not the pipes, set the pace
+    // (M 1, 4096 x 4096, float32 x: 0.57 ms).  Larger tiles have enough accumulators (and too few registers).
+    constexpr bool kSplit = NR * MT <= 8;
+    constexpr int kLo = kSplit ? MT : 1;
+    __m512 acc[NR][MT], acc_lo[NR][kLo];
+    __m512 lut[NR];
+    const uint8_t* row[NR];
+    for (int r = 0; r < NR; ++r) {
+      row[r] = p.packed + (((n0 + r) * K) >> 1);
+      for (int i = 0; i < MT; ++i) acc[r][i] = _mm512_setzero_ps();
+      for (int i = 0; i < kLo; ++i) acc_lo[r][i] = _mm512_setzero_ps();
+    }
+    for (int64_t k = 0; k < K;) {
+      float sc[NR];
+      const int64_t seg_end = next_segment<NR>(p, n0, k, sc);
+      for (int r = 0; r < NR; ++r) lut[r] = _mm512_mul_ps(code, _mm512_set1_ps(sc[r]));
+      for (; k < seg_end; k += 32) {
+        __m512 whi[NR], wlo[NR];
+        for (int r = 0; r < NR; ++r) {
+          const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row[r] + (k >> 1))));
+          whi[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut[r]);  // elements k, k+2, ...
+          wlo[r] = _mm512_permutexvar_ps(v, lut[r]);                        // elements k+1, k+3, ...
+        }
+        const float* xk = xt + k * MT;
+        for (int i = 0; i < MT; ++i) {
+          const __m512 xe = _mm512_loadu_ps(xk + 32 * i), xo = _mm512_loadu_ps(xk + 32 * i + 16);
+          for (int r = 0; r < NR; ++r) {
+            acc[r][i] = _mm512_fmadd_ps(whi[r], xe, acc[r][i]);
+            if constexpr (kSplit)
+              acc_lo[r][i] = _mm512_fmadd_ps(wlo[r], xo, acc_lo[r][i]);
+            else
+              acc[r][i] = _mm512_fmadd_ps(wlo[r], xo, acc[r][i]);
+          }
+        }
+      }
+    }
+    if constexpr (kSplit)
+      for (int r = 0; r < NR; ++r)
+        for (int i = 0; i < MT; ++i) acc[r][i] = _mm512_add_ps(acc[r][i], acc_lo[r][i]);
+    finish_avx512<NR, MT>(p, acc, n0, m0);
+  }
+};
+
+// ---- AVX-512 + AVX512_BF16 + VBMI, bfloat16 x packed as is.  vdpbf16ps multiplies adjacent bf16 pairs (2i, 2i+1) --
+// the high and low nibble of byte i -- so W is wanted in element order as 16-bit table indices.  16 bytes become
+// 8 qwords (vpmovzxwq: qword q = byte 2q | byte 2q+1 << 8), and vpmultishiftqb picks, per 16-bit index, the 8 bits
+// starting at the wanted nibble (offsets 4, 0, 12, 8: hi(2q), lo(2q), hi(2q+1), lo(2q+1)).  vpermw reads index bits
+// 0..4; bit 4 may hold a neighbouring nibble's bit, so the 16-entry table is stored twice (32 words).  3 ops per
+// 32 weights.  The table holds bf16(code * scale), rounded to nearest even by vcvtneps2bf16 (one instruction per
+// block; the integer rounding of dequantize.cpp costs ~10 ops and took ~10% of the time at bs 64, M 16): the W of
+// torch's dequantize-to-bf16, except that a |code * scale| below 2^-126 becomes 0 -- as vdpbf16ps would treat it.
+QK_AVX512BF16 QK_INLINE __m512i bf16_table(__m512 code, float s) {
+  const __m512 v = _mm512_mul_ps(code, _mm512_set1_ps(s));
+  return (__m512i)_mm512_cvtne2ps_pbh(v, v);  // words 0..15 and 16..31: the 16 entries twice, in one instruction
+}
+
+template <int NR, int MT>
+struct TileBf16Avx512 {
+  QK_AVX512BF16 static void run(const Problem& p, const void* xprep, int64_t n0, int64_t m0) {
+    const int64_t K = p.K;
+    const uint16_t* xt = static_cast<const uint16_t*>(xprep) + m0 * K;  // this M tile's packed x
+    const __m512 code = _mm512_loadu_ps(p.code);
+    const __m512i shifts = _mm512_set1_epi64(0x0008000c00000004LL);  // bytes 0,2,4,6 of each qword: 4, 0, 12, 8
+    __m512 acc[NR][MT];
+    __m512i lut[NR];
+    const uint8_t* row[NR];
+    for (int r = 0; r < NR; ++r) {
+      row[r] = p.packed + (((n0 + r) * K) >> 1);
+      for (int i = 0; i < MT; ++i) acc[r][i] = _mm512_setzero_ps();
+    }
+    for (int64_t k = 0; k < K;) {
+      float sc[NR];
+      const int64_t seg_end = next_segment<NR>(p, n0, k, sc);
+      for (int r = 0; r < NR; ++r) lut[r] = bf16_table(code, sc[r]);
+      for (; k < seg_end; k += 32) {
+        __m512i w[NR];
+        for (int r = 0; r < NR; ++r) {
+          const __m512i q = _mm512_cvtepu16_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row[r] + (k >> 1))));
+          w[r] = _mm512_permutexvar_epi16(_mm512_multishift_epi64_epi8(shifts, q), lut[r]);
+        }
+        const uint16_t* xk = xt + k * MT;
+        for (int i = 0; i < MT; ++i) {
+          const __m512i xv = _mm512_loadu_si512(xk + 32 * i);
+          for (int r = 0; r < NR; ++r) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], (__m512bh)w[r], (__m512bh)xv);
+        }
+      }
+    }
+    finish_avx512<NR, MT>(p, acc, n0, m0);
+  }
+};
+
+// ---- AVX-512 + AVX512_BF16, bfloat16 x, small M, K % 128 == 0 and blocksize >= 64: a constant table and the
+// scale applied after the dot product.  128 weights (64 packed bytes, two 64-blocks or part of one) are one zmm
+// load; viewed as 32 words, word w holds the nibbles of weights 4w+1 (bits 0-3), 4w (4-7), 4w+3 (8-11), 4w+2
+// (12-15), so vpermw on the word (shifted by 0, 4, 8, 12) looks up one weight per word: vpermw reads index bits
+// 0..4, and bit 4 (the next nibble's low bit) is harmless because the table holds the 16 codes twice.  The table
+// is bf16(code), the same for every block; the 4 products are summed per lane and the lane sums multiplied by the
+// block scale in float32 (lanes 0-7 hold words 0-15, i.e. weights 0-63: the first block; lanes 8-15 the second).
+// x is packed to the same order once per call (pack_x_perm128).  Per 128 weights and row: 1 load, 3 shifts,
+// 4 vpermw, 4 vdpbf16ps, 1 fma, against 4 x (vpmovzxwq, vpmultishiftqb, vpermw, vdpbf16ps) plus two scaled tables
+// for the per-block-table tile above; measured one core, M 1, 4096 x 4096: 0.60 -> 0.35 ms.  The decoded weight
+// is bf16(code) * scale (rounded once, in float32) instead of bf16(code * scale): no less accurate.
+constexpr int kPermOfNibble[4] = {1, 0, 3, 2};  // vector j (shift 4j) holds weights 4w + kPermOfNibble[j]
+constexpr int64_t kConstMaxM = 4;  // rows of x up to which gemv_simd takes this path (see there)
+
+// x [M, K] bf16 -> tiles of mt rows, per 128-column group the mt rows' 128 values back to back, each in the decode
+// order: xp[m0*K + k*mt + i*128 + 32*j + w] = x[m0+i, k + 4w + kPermOfNibble[j]].
+void pack_x_perm128(const void* x, int64_t M, int64_t K, int mt_max, uint16_t* xp) {
+  const auto* src = static_cast<const uint16_t*>(x);
+  for (int64_t m0 = 0; m0 < M; m0 += mt_max) {
+    const int64_t mt = std::min<int64_t>(mt_max, M - m0);
+    for (int64_t i = 0; i < mt; ++i) {
+      const uint16_t* s = src + (m0 + i) * K;
+      for (int64_t k = 0; k < K; k += 128) {
+        uint16_t* d = xp + m0 * K + k * mt + i * 128;
+        for (int j = 0; j < 4; ++j)
+          for (int w = 0; w < 32; ++w) d[32 * j + w] = s[k + 4 * w + kPermOfNibble[j]];
+      }
+    }
+  }
+}
+
+template <int NR, int MT>
+struct TileBf16Const {
+  QK_AVX512BF16 static void run(const Problem& p, const void* xprep, int64_t n0, int64_t m0) {
+    const int64_t K = p.K;
+    const uint16_t* xt = static_cast<const uint16_t*>(xprep) + m0 * K;
+    const __m512 code = _mm512_loadu_ps(p.code);
+    const __m512i lut = (__m512i)_mm512_cvtne2ps_pbh(code, code);  // bf16(code), words 0..15 and 16..31
+    __m512 acc[NR][MT];
+    const uint8_t* row[NR];
+    for (int r = 0; r < NR; ++r) {
+      row[r] = p.packed + (((n0 + r) * K) >> 1);
+      for (int i = 0; i < MT; ++i) acc[r][i] = _mm512_setzero_ps();
+    }
+    for (int64_t k = 0; k < K; k += 128) {
+      const uint16_t* xk = xt + k * MT;
+      for (int r = 0; r < NR; ++r) {
+        const __m512i v = _mm512_loadu_si512(row[r] + (k >> 1));
+        const __m512i w0 = _mm512_permutexvar_epi16(v, lut), w1 = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), lut);
+        const __m512i w2 = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), lut);
+        const __m512i w3 = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), lut);
+        const int64_t e = (n0 + r) * K + k;  // blocks are >= 64 and aligned: weights e..e+63 share one, as e+64..
+        const __m512 sv = _mm512_mask_blend_ps(__mmask16(0xff00), _mm512_set1_ps(p.scale(e >> p.bs_shift)),
+                                               _mm512_set1_ps(p.scale((e + 64) >> p.bs_shift)));
+        for (int i = 0; i < MT; ++i) {
+          const uint16_t* xi = xk + 128 * i;
+          __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)w0, (__m512bh)_mm512_loadu_si512(xi));
+          t = _mm512_dpbf16_ps(t, (__m512bh)w1, (__m512bh)_mm512_loadu_si512(xi + 32));
+          t = _mm512_dpbf16_ps(t, (__m512bh)w2, (__m512bh)_mm512_loadu_si512(xi + 64));
+          t = _mm512_dpbf16_ps(t, (__m512bh)w3, (__m512bh)_mm512_loadu_si512(xi + 96));
+          acc[r][i] = _mm512_fmadd_ps(t, sv, acc[r][i]);
+        }
+      }
+    }
+    finish_avx512<NR, MT>(p, acc, n0, m0);
+  }
+};
+
+// ---- AVX-512, float32 x (from float32 / float16 / bfloat16), small M, K % 128 == 0, blocksize >= 64: the same
+// constant-table idea with vpermps.  A 64-byte load viewed as 16 dwords: dword l holds weights 8l..8l+7, nibble j
+// (bits 4j..4j+3) weight 8l + (j ^ 1); vpermps reads index bits 0..3, so shifting the dwords by 4j is the whole
+// index computation (8 vpermps + 7 shifts per 128 weights, against 4 vpmovzxbd + 4 shifts + 8 vpermps for the
+// per-block-table tile); the 16 float32 codes are one register for every block, and the block scale multiplies
+// the lane sums (lanes 0-7: weights 0-63, the first 64-block).  Two partial sums per accumulator halve the FMA
+// chains.  x packed by pack_x_perm128_f32: xp[m0*K + k*mt + i*128 + 16*j + l] = x[m0+i, k + 8l + (j ^ 1)].
+template <typename From>
+void pack_x_perm128_f32_t(const void* x, int64_t M, int64_t K, int mt_max, float* xp) {
+  const auto* src = static_cast<const typename From::T*>(x);
+  for (int64_t m0 = 0; m0 < M; m0 += mt_max) {
+    const int64_t mt = std::min<int64_t>(mt_max, M - m0);
+    for (int64_t i = 0; i < mt; ++i) {
+      const auto* s = src + (m0 + i) * K;
+      for (int64_t k = 0; k < K; k += 128) {
+        float* d = xp + m0 * K + k * mt + i * 128;
+        for (int j = 0; j < 8; ++j)
+          for (int l = 0; l < 16; ++l) d[16 * j + l] = From::get(s[k + 8 * l + (j ^ 1)]);
+      }
+    }
+  }
+}
+
+std::vector<float> pack_x_perm128_f32(const void* x, DType dtype, int64_t M, int64_t K, int mt_max) {
+  std::vector<float> v(static_cast<size_t>(M * K));
+  switch (dtype) {
+    case DType::float32: pack_x_perm128_f32_t<FromF32>(x, M, K, mt_max, v.data()); break;
+    case DType::float16: pack_x_perm128_f32_t<FromF16>(x, M, K, mt_max, v.data()); break;
+    case DType::bfloat16: pack_x_perm128_f32_t<FromBF16>(x, M, K, mt_max, v.data()); break;
+  }
+  return v;
+}
+
+template <int NR, int MT>
+struct TileF32Const {
+  QK_AVX512 static void run(const Problem& p, const void* xprep, int64_t n0, int64_t m0) {
+    const int64_t K = p.K;
+    const float* xt = static_cast<const float*>(xprep) + m0 * K;
+    const __m512 code = _mm512_loadu_ps(p.code);
+    __m512 acc[NR][MT];
+    const uint8_t* row[NR];
+    for (int r = 0; r < NR; ++r) {
+      row[r] = p.packed + (((n0 + r) * K) >> 1);
+      for (int i = 0; i < MT; ++i) acc[r][i] = _mm512_setzero_ps();
+    }
+    for (int64_t k = 0; k < K; k += 128) {
+      const float* xk = xt + k * MT;
+      for (int r = 0; r < NR; ++r) {
+        const __m512i v = _mm512_loadu_si512(row[r] + (k >> 1));
+        __m512 w[8];
+        w[0] = _mm512_permutexvar_ps(v, code);
+        for (int j = 1; j < 8; ++j) w[j] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * j), code);
+        const int64_t e = (n0 + r) * K + k;  // blocks are >= 64 and aligned: weights e..e+63 share one, as e+64..
+        const __m512 sv = _mm512_mask_blend_ps(__mmask16(0xff00), _mm512_set1_ps(p.scale(e >> p.bs_shift)),
+                                               _mm512_set1_ps(p.scale((e + 64) >> p.bs_shift)));
+        for (int i = 0; i < MT; ++i) {
+          const float* xi = xk + 128 * i;
+          __m512 t0 = _mm512_mul_ps(w[0], _mm512_loadu_ps(xi)), t1 = _mm512_mul_ps(w[1], _mm512_loadu_ps(xi + 16));
+          for (int j = 2; j < 8; j += 2) {
+            t0 = _mm512_fmadd_ps(w[j], _mm512_loadu_ps(xi + 16 * j), t0);
+            t1 = _mm512_fmadd_ps(w[j + 1], _mm512_loadu_ps(xi + 16 * j + 16), t1);
+          }
+          acc[r][i] = _mm512_fmadd_ps(_mm512_add_ps(t0, t1), sv, acc[r][i]);
+        }
+      }
+    }
+    finish_avx512<NR, MT>(p, acc, n0, m0);
+  }
+};
+
+// ---- bfloat16, M > 8 (several M tiles).  Decoding in registers per M tile would decode each W chunk once per tile
+// (at M 16: 6 decode ops per 16 vdpbf16ps, which share the vector pipes).  Instead a pair of rows is decoded once,
+// kKc columns at a time, into a 4 KB bf16 buffer that stays in L1, and every M tile reads it from there; the tiles'
+// accumulators live in a small per-thread array between column spans.
+constexpr int64_t kKc = 1024;
+
+QK_AVX512BF16 void decode_row_bf16(const Problem& p, int64_t n, int64_t k0, int64_t k1, uint16_t* dst) {
+  const __m512 code = _mm512_loadu_ps(p.code);
+  const __m512i shifts = _mm512_set1_epi64(0x0008000c00000004LL);
+  const uint8_t* row = p.packed + ((n * p.K) >> 1);
+  for (int64_t k = k0; k < k1;) {
+    float sc[1];
+    const int64_t seg_end = std::min(k1, next_segment<1>(p, n, k, sc));
+    const __m512i lut = bf16_table(code, sc[0]);
+    for (; k < seg_end; k += 32) {
+      const __m512i q = _mm512_cvtepu16_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + (k >> 1))));
+      _mm512_store_si512(dst + (k - k0), _mm512_permutexvar_epi16(_mm512_multishift_epi64_epi8(shifts, q), lut));
+    }
+  }
+}
+
+template <int NR, int MT>
+struct SpanBf16 {
+  // acc[NR][MT] (in memory) += W[n0 .. n0+NR, k0 .. k0+kc] . x[m0 .. m0+MT, same k]; W rows at wbuf + r * kKc.
+  QK_AVX512BF16 static void run(const uint16_t* wbuf, const uint16_t* xk, int64_t kc, float* acc_mem) {
+    __m512 acc[NR][MT];
+    for (int r = 0; r < NR; ++r)
+      for (int i = 0; i < MT; ++i) acc[r][i] = _mm512_load_ps(acc_mem + 16 * (r * MT + i));
+    for (int64_t c = 0; c < kc; c += 32) {
+      __m512i w[NR];
+      for (int r = 0; r < NR; ++r) w[r] = _mm512_load_si512(wbuf + r * kKc + c);
+      const uint16_t* xc = xk + c * MT;
+      for (int i = 0; i < MT; ++i) {
+        const __m512i xv = _mm512_loadu_si512(xc + 32 * i);
+        for (int r = 0; r < NR; ++r) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], (__m512bh)w[r], (__m512bh)xv);
+      }
+    }
+    for (int r = 0; r < NR; ++r)
+      for (int i = 0; i < MT; ++i) _mm512_store_ps(acc_mem + 16 * (r * MT + i), acc[r][i]);
+  }
+  QK_AVX512BF16 static void finish(const Problem& p, const float* acc_mem, int64_t n0, int64_t m0) {
+    __m512 acc[NR][MT];
+    for (int r = 0; r < NR; ++r)
+      for (int i = 0; i < MT; ++i) acc[r][i] = _mm512_load_ps(acc_mem + 16 * (r * MT + i));
+    finish_avx512<NR, MT>(p, acc, n0, m0);
+  }
+};
+
+using SpanFn = void (*)(const uint16_t*, const uint16_t*, int64_t, float*);
+using SpanFinishFn = void (*)(const Problem&, const float*, int64_t, int64_t);
+struct SpanTable {
+  SpanFn span[3][kMaxMt + 1] = {};  // [NR][MT], NR in {1, 2}
+  SpanFinishFn finish[3][kMaxMt + 1] = {};
+};
+
+template <int... MT>
+SpanTable make_span_table(std::integer_sequence<int, MT...>) {
+  SpanTable t;
+  ((t.span[1][MT] = &SpanBf16<1, MT>::run, t.span[2][MT] = &SpanBf16<2, MT>::run,
+    t.finish[1][MT] = &SpanBf16<1, MT>::finish, t.finish[2][MT] = &SpanBf16<2, MT>::finish),
+   ...);
+  return t;
+}
+
+void run_bf16_multi(const Problem& p, const uint16_t* xp, int mt_max) {
+  static const SpanTable t = make_span_table(std::integer_sequence<int, 1, 2, 3, 4, 5, 6, 7, 8>{});
+  const int64_t npairs = (p.N + 1) / 2;
+  const bool par = p.N * p.K >= kParallelMinWeights && npairs > 1;
+  (void)par;
+#ifdef _OPENMP
+#pragma omp parallel if (par)
+#endif
+  {
+    std::vector<uint16_t, AlignedAlloc<uint16_t>> wbuf(2 * kKc);
+    std::vector<float, AlignedAlloc<float>> acc(static_cast<size_t>(2 * p.M * 16));  // [M tile][NR][MT][16]
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 16)
+#endif
+    for (int64_t g = 0; g < npairs; ++g) {
+      const int64_t n0 = 2 * g;
+      const int nr = static_cast<int>(std::min<int64_t>(2, p.N - n0));
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t k0 = 0; k0 < p.K; k0 += kKc) {
+        const int64_t kc = std::min(kKc, p.K - k0);
+        for (int r = 0; r < nr; ++r) decode_row_bf16(p, n0 + r, k0, k0 + kc, wbuf.data() + r * kKc);
+        for (int64_t m0 = 0; m0 < p.M; m0 += mt_max) {
+          const int mt = static_cast<int>(std::min<int64_t>(mt_max, p.M - m0));
+          t.span[nr][mt](wbuf.data(), xp + m0 * p.K + k0 * mt, kc, acc.data() + 2 * m0 * 16);
+        }
+      }
+      for (int64_t m0 = 0; m0 < p.M; m0 += mt_max) {
+        const int mt = static_cast<int>(std::min<int64_t>(mt_max, p.M - m0));
+        t.finish[nr][mt](p, acc.data() + 2 * m0 * 16, n0, m0);
+      }
+    }
+  }
+}
+
+// ---- AVX2 + FMA, float32 x (packed, even / odd split), 16 elements (8 bytes) per step; the 16-entry table is two
+// ymm halves picked by bit 3 of the index (vpermps x2 + blend), as in dequantize.cpp.
+QK_AVX2 QK_INLINE __m256 lookup16_avx2(__m256 la, __m256 lb, __m256i idx) {
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(la, idx), _mm256_permutevar8x32_ps(lb, idx),
+                          _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+QK_AVX2 QK_INLINE float hsum_avx2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int NR, int MT>
+struct TileF32Avx2 {
+  QK_AVX2 static void run(const Problem& p, const void* xprep, int64_t n0, int64_t m0) {
+    const int64_t K = p.K;
+    const float* xt = static_cast<const float*>(xprep) + m0 * K;
+    const __m256 code_a = _mm256_loadu_ps(p.code), code_b = _mm256_loadu_ps(p.code + 8);
+    const __m256i low4 = _mm256_set1_epi32(0x0f);
+    __m256 acc[NR][MT], acc_lo[NR][MT];  // high / low nibble products apart: half the summation depth per lane
+    __m256 la[NR], lb[NR];
+    const uint8_t* row[NR];
+    for (int r = 0; r < NR; ++r) {
+      row[r] = p.packed + (((n0 + r) * K) >> 1);
+      for (int i = 0; i < MT; ++i) acc[r][i] = acc_lo[r][i] = _mm256_setzero_ps();
+    }
+    for (int64_t k = 0; k < K;) {
+      float sc[NR];
+      const int64_t seg_end = next_segment<NR>(p, n0, k, sc);
+      for (int r = 0; r < NR; ++r) {
+        la[r] = _mm256_mul_ps(code_a, _mm256_set1_ps(sc[r]));
+        lb[r] = _mm256_mul_ps(code_b, _mm256_set1_ps(sc[r]));
+      }
+      for (; k < seg_end; k += 32) {
+        const float* xk = xt + k * MT;
+        for (int h = 0; h < 2; ++h) {  // bytes 8h .. 8h+7 of the chunk: x evens at [8h, 8h+8), odds at [16+8h, ...)
+          __m256 whi[NR], wlo[NR];
+          for (int r = 0; r < NR; ++r) {
+            const __m256i v =
+                _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row[r] + (k >> 1) + 8 * h)));
+            whi[r] = lookup16_avx2(la[r], lb[r], _mm256_srli_epi32(v, 4));
+            wlo[r] = lookup16_avx2(la[r], lb[r], _mm256_and_si256(v, low4));
+          }
+          for (int i = 0; i < MT; ++i) {
+            const __m256 xe = _mm256_loadu_ps(xk + 32 * i + 8 * h), xo = _mm256_loadu_ps(xk + 32 * i + 16 + 8 * h);
+            for (int r = 0; r < NR; ++r) {
+              acc[r][i] = _mm256_fmadd_ps(whi[r], xe, acc[r][i]);
+              acc_lo[r][i] = _mm256_fmadd_ps(wlo[r], xo, acc_lo[r][i]);
+            }
+          }
+        }
+      }
+    }
+    for (int r = 0; r < NR; ++r)
+      for (int i = 0; i < MT; ++i)
+        store_y(p, m0 + i, n0 + r,
+                epilogue_scalar(p, m0 + i, n0 + r, hsum_avx2(_mm256_add_ps(acc[r][i], acc_lo[r][i]))));
+  }
+};
+
+// vdpbf16ps path: needs AVX512_BF16 and (for vpmultishiftqb) AVX512_VBMI; QKERNELS_CPU_GEMV_BF16=0 turns it off.
+bool bf16_dot_enabled() {
+  static const bool cpu_has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vbmi");
+  }();
+  const char* env = std::getenv("QKERNELS_CPU_GEMV_BF16");
+  return cpu_has && !(env != nullptr && std::strcmp(env, "0") == 0);
+}
+
+using Mts8 = std::integer_sequence<int, 1, 2, 3, 4, 5, 6, 7, 8>;
+using Mts4 = std::integer_sequence<int, 1, 2, 3, 4>;
+
+}  // namespace
+
+bool gemv_simd(const Problem& p, const void* x) {
+  if (p.K % 32 != 0) return false;
+  const Isa isa = active_isa();
+  if (isa == Isa::avx512) {
+    if (p.dtype == DType::bfloat16 && bf16_dot_enabled()) {
+      // Up to M 4 the decode dominates and the constant-table tile wins (one core-pair, 4096 x 4096: M 1 0.46 ->
+      // 0.31 ms, M 2 0.53 -> 0.37, M 4 0.67 -> 0.53); from M 6 its extra fma per 128 weights and row of x costs
+      // what the cheaper decode saves (M 6 equal, M 8 1.2 vs 1.3 ms), so larger M keeps the per-block tables.
+      if (p.K % 128 == 0 && p.bs_shift >= 6 && p.M <= kConstMaxM) {
+        static const TileTable tc = make_table<TileBf16Const, 4, 2, 1>(Mts4{});
+        std::vector<uint16_t> xp(static_cast<size_t>(p.M * p.K));
+        pack_x_perm128(x, p.M, p.K, tc.mt_max, xp.data());
+        run_tiles(p, xp.data(), tc);
+        return true;
+      }
+      static const TileTable t = make_table<TileBf16Avx512, 4, 2, 2>(Mts8{});
+      std::vector<uint16_t> xp(static_cast<size_t>(p.M * p.K));
+      pack_x_t<RawU16>(x, p.M, p.K, t.mt_max, false, xp.data());
+      if (p.M > t.mt_max)
+        run_bf16_multi(p, xp.data(), t.mt_max);
+      else
+        run_tiles(p, xp.data(), t);
+      return true;
+    }
+    // M 1 only: 4096 x 4096, float32 x, 0.56-0.59 -> 0.44-0.47 ms; at M 2 and up the extra fma, mul and add per
+    // 128 weights and row of x cancel the cheaper decode (M 2 equal, M 8 2.75 -> 3.0 ms).
+    if (p.K % 128 == 0 && p.bs_shift >= 6 && p.M == 1) {
+      static const TileTable tc = make_table<TileF32Const, 4, 4, 1>(std::integer_sequence<int, 1>{});
+      const std::vector<float> xp = pack_x_perm128_f32(x, p.dtype, p.M, p.K, tc.mt_max);
+      run_tiles(p, xp.data(), tc);
+      return true;
+    }
+    static const TileTable t = make_table<TileF32Avx512, 4, 2, 2>(Mts8{});
+    const std::vector<float> xp = pack_x_f32(x, p.dtype, p.M, p.K, t.mt_max);
+    run_tiles(p, xp.data(), t);
+    return true;
+  }
+  if (isa == Isa::avx2) {
+    static const TileTable t = make_table<TileF32Avx2, 2, 1, 1>(Mts4{});
+    const std::vector<float> xp = pack_x_f32(x, p.dtype, p.M, p.K, t.mt_max);
+    run_tiles(p, xp.data(), t);
+    return true;
+  }
+  return false;
+}
+#endif  // QK_X86
+
+#ifndef QK_X86
+bool gemv_simd(const Problem&, const void*) { return false; }
+#endif
+
+}  // namespace gemv_detail
+}  // namespace cpu
+}  // namespace qkernels
