@@ -511,9 +511,10 @@ def gemv_4bit_lora_raw(x, raw, absmax, code, blocksize, N, nested_absmax, nested
     """The kernel call of ``gemv_4bit_lora_native`` on already validated, flat arguments (no checks).
 
     For callers that have checked everything (``qkernels::linear_4bit``'s op checks, ``matmul_4bit_lora``): a
-    decode step is ~0.6 ms of kernel, and the checks of ``gemv_4bit_lora_native`` cost ~30 us. ``x`` is ``[M, K]``
-    contiguous, ``raw`` the uint8 codes, ``lora_t`` float32 ``[M, r]`` and ``lora_B [N, r]`` (both or neither),
-    ``bias [N]`` of any float dtype; ``absmax`` is uint8 when ``nested_absmax`` is given, else float32.
+    decode step of a 4096 x 4096 weight is ~0.3 ms of kernel on the CPU machine, and the checks of
+    ``gemv_4bit_lora_native`` cost ~30 us. ``x`` is ``[M, K]`` contiguous, ``raw`` the uint8 codes, ``lora_t``
+    float32 ``[M, r]`` and ``lora_B [N, r]`` (both or neither), ``bias [N]`` of any float dtype; ``absmax`` is
+    uint8 when ``nested_absmax`` is given, else float32.
     """
     M, K = x.shape
     device = x.device

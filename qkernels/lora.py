@@ -210,7 +210,7 @@ def matmul_4bit_lora(
                                 nested_blocksize, N, float(scaling), float(dropout_p), bool(training), backend)
     else:
         # Inference (no_grad, or nothing requires grad): the Function's forward without its autograd machinery
-        # (~40 us of a ~0.6 ms decode GEMV here). Same code, same result; nothing is saved.
+        # (~40 us against a ~0.3 ms 4096 x 4096 decode GEMV here). Same code, same result; nothing is saved.
         scales = (qs.absmax, *nested, nested_blocksize)
         y = _forward(x2, raw, scales, qs.code, qs.blocksize, N, lora_A, lora_B, bias, float(scaling),
                      float(dropout_p), bool(training), backend)[0]

@@ -75,43 +75,6 @@ inline std::vector<float> x_to_f32(const void* x, DType dtype, int64_t M, int64_
   return v;
 }
 
-// x packed for the tile kernels (K % 32 == 0), so that a tile's x values for one 32-element chunk are contiguous and
-// one pointer walks them sequentially: the M rows are cut into tiles of mt = min(mt_max, M - m0) rows (the driver's
-// cut) and tile (m0, mt) holds, for chunk k = 0, 32, ..., the mt rows' chunks back to back:
-//   xp[m0*K + k*mt + i*32 + c]  for row m0+i, c < 32.
-// Float32 (split=true): inside a chunk the even elements come first, then the odd ones (c < 16: x[k + 2c],
-// c >= 16: x[k + 2(c-16) + 1]), so the decoded high nibbles (elements k+2j) and low nibbles (k+2j+1) of 16 bytes
-// each meet 16 contiguous x values.  bfloat16 (split=false): the chunk as is (vdpbf16ps takes adjacent pairs).
-template <typename From, typename To>
-inline void pack_x_t(const void* x, int64_t M, int64_t K, int mt_max, bool split, To* xp) {
-  const auto* src = static_cast<const typename From::T*>(x);
-  for (int64_t m0 = 0; m0 < M; m0 += mt_max) {
-    const int64_t mt = std::min<int64_t>(mt_max, M - m0);
-    for (int64_t i = 0; i < mt; ++i) {
-      const auto* s = src + (m0 + i) * K;
-      for (int64_t k = 0; k < K; k += 32) {
-        To* d = xp + m0 * K + k * mt + i * 32;
-        for (int c = 0; c < 32; ++c) d[c] = From::get(s[k + (split ? (c < 16 ? 2 * c : 2 * (c - 16) + 1) : c)]);
-      }
-    }
-  }
-}
-
-struct RawU16 {  // bfloat16 bits copied as they are
-  using T = uint16_t;
-  static uint16_t get(T v) { return v; }
-};
-
-inline std::vector<float> pack_x_f32(const void* x, DType dtype, int64_t M, int64_t K, int mt_max) {
-  std::vector<float> v(static_cast<size_t>(M * K));
-  switch (dtype) {
-    case DType::float32: pack_x_t<FromF32>(x, M, K, mt_max, true, v.data()); break;
-    case DType::float16: pack_x_t<FromF16>(x, M, K, mt_max, true, v.data()); break;
-    case DType::bfloat16: pack_x_t<FromBF16>(x, M, K, mt_max, true, v.data()); break;
-  }
-  return v;
-}
-
 inline void store_y(const Problem& p, int64_t m, int64_t n, float v) {
   const int64_t i = m * p.N + n;
   switch (p.dtype) {

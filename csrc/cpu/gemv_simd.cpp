@@ -220,28 +220,74 @@ struct TileBf16Avx512 {
 // 0..4, and bit 4 (the next nibble's low bit) is harmless because the table holds the 16 codes twice.  The table
 // is bf16(code), the same for every block; the 4 products are summed per lane and the lane sums multiplied by the
 // block scale in float32 (lanes 0-7 hold words 0-15, i.e. weights 0-63: the first block; lanes 8-15 the second).
-// x is packed to the same order once per call (pack_x_perm128).  Per 128 weights and row: 1 load, 3 shifts,
+// x is packed to the same order once per call (pack_x with OrderWords128).  Per 128 weights and row: 1 load, 3 shifts,
 // 4 vpermw, 4 vdpbf16ps, 1 fma, against 4 x (vpmovzxwq, vpmultishiftqb, vpermw, vdpbf16ps) plus two scaled tables
 // for the per-block-table tile above; measured one core, M 1, 4096 x 4096: 0.60 -> 0.35 ms.  The decoded weight
 // is bf16(code) * scale (rounded once, in float32) instead of bf16(code * scale): no less accurate.
 constexpr int kPermOfNibble[4] = {1, 0, 3, 2};  // vector j (shift 4j) holds weights 4w + kPermOfNibble[j]
 constexpr int64_t kConstMaxM = 4;  // rows of x up to which gemv_simd takes this path (see there)
 
-// x [M, K] bf16 -> tiles of mt rows, per 128-column group the mt rows' 128 values back to back, each in the decode
-// order: xp[m0*K + k*mt + i*128 + 32*j + w] = x[m0+i, k + 4w + kPermOfNibble[j]].
-void pack_x_perm128(const void* x, int64_t M, int64_t K, int mt_max, uint16_t* xp) {
-  const auto* src = static_cast<const uint16_t*>(x);
+// ---- x packed once per call in the order a tile's decode produces W.  The M rows are cut into tiles of
+// mt = min(mt_max, M - m0) rows (the driver's cut) and tile (m0, mt) holds, per group of G columns k = 0, G, ...,
+// the mt rows' groups back to back, position c of a group holding column k + Order::at(c):
+//   xp[m0*K + k*mt + i*G + c] = x[m0 + i, k + Order::at(c)]
+// so a tile walks one pointer sequentially.  The orders:
+struct OrderAsIs32 {  // bf16 per-block-table tiles: vdpbf16ps takes adjacent pairs, the chunk as is
+  static constexpr int G = 32;
+  static int at(int c) { return c; }
+};
+struct OrderEvenOdd32 {  // float32 per-block-table tiles: 16 high nibbles (elements 2j), then the 16 low (2j + 1)
+  static constexpr int G = 32;
+  static int at(int c) { return c < 16 ? 2 * c : 2 * (c - 16) + 1; }
+};
+struct OrderWords128 {  // TileBf16Const: vector j (shift 4j), word w: weight 4w + kPermOfNibble[j]
+  static constexpr int G = 128;
+  static int at(int c) { return 4 * (c % 32) + kPermOfNibble[c / 32]; }
+};
+struct OrderDwords128 {  // TileF32Const: vector j (shift 4j), dword l: weight 8l + (j ^ 1)
+  static constexpr int G = 128;
+  static int at(int c) { return 8 * (c % 16) + ((c / 16) ^ 1); }
+};
+
+struct RawU16 {  // bfloat16 bits copied as they are
+  using T = uint16_t;
+  static uint16_t get(T v) { return v; }
+};
+
+template <typename From, typename Order, typename To>
+void pack_x(const void* x, int64_t M, int64_t K, int mt_max, To* xp) {
+  constexpr int G = Order::G;
+  const auto* src = static_cast<const typename From::T*>(x);
   for (int64_t m0 = 0; m0 < M; m0 += mt_max) {
     const int64_t mt = std::min<int64_t>(mt_max, M - m0);
     for (int64_t i = 0; i < mt; ++i) {
-      const uint16_t* s = src + (m0 + i) * K;
-      for (int64_t k = 0; k < K; k += 128) {
-        uint16_t* d = xp + m0 * K + k * mt + i * 128;
-        for (int j = 0; j < 4; ++j)
-          for (int w = 0; w < 32; ++w) d[32 * j + w] = s[k + 4 * w + kPermOfNibble[j]];
+      const auto* s = src + (m0 + i) * K;
+      for (int64_t k = 0; k < K; k += G) {
+        To* d = xp + m0 * K + k * mt + i * G;
+        for (int c = 0; c < G; ++c) d[c] = From::get(s[k + Order::at(c)]);
       }
     }
   }
+}
+
+// x of any float dtype, converted to float32 while packing.
+template <typename Order>
+std::vector<float> pack_x_f32(const void* x, DType dtype, int64_t M, int64_t K, int mt_max) {
+  std::vector<float> v(static_cast<size_t>(M * K));
+  switch (dtype) {
+    case DType::float32: pack_x<FromF32, Order>(x, M, K, mt_max, v.data()); break;
+    case DType::float16: pack_x<FromF16, Order>(x, M, K, mt_max, v.data()); break;
+    case DType::bfloat16: pack_x<FromBF16, Order>(x, M, K, mt_max, v.data()); break;
+  }
+  return v;
+}
+
+// The scales of the 128 weights from element e (e % 128 == 0, blocksize >= 64, so weights e..e+63 share a block,
+// as do e+64..e+127): lanes 0-7 the first block's, lanes 8-15 the second's -- the lanes the constant-table tiles'
+// dot products leave each half's sums in.
+QK_AVX512 QK_INLINE __m512 pair_scales(const Problem& p, int64_t e) {
+  return _mm512_mask_blend_ps(__mmask16(0xff00), _mm512_set1_ps(p.scale(e >> p.bs_shift)),
+                              _mm512_set1_ps(p.scale((e + 64) >> p.bs_shift)));
 }
 
 template <int NR, int MT>
@@ -264,9 +310,7 @@ struct TileBf16Const {
         const __m512i w0 = _mm512_permutexvar_epi16(v, lut), w1 = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), lut);
         const __m512i w2 = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), lut);
         const __m512i w3 = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), lut);
-        const int64_t e = (n0 + r) * K + k;  // blocks are >= 64 and aligned: weights e..e+63 share one, as e+64..
-        const __m512 sv = _mm512_mask_blend_ps(__mmask16(0xff00), _mm512_set1_ps(p.scale(e >> p.bs_shift)),
-                                               _mm512_set1_ps(p.scale((e + 64) >> p.bs_shift)));
+        const __m512 sv = pair_scales(p, (n0 + r) * K + k);
         for (int i = 0; i < MT; ++i) {
           const uint16_t* xi = xk + 128 * i;
           __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)w0, (__m512bh)_mm512_loadu_si512(xi));
@@ -287,33 +331,7 @@ struct TileBf16Const {
 // index computation (8 vpermps + 7 shifts per 128 weights, against 4 vpmovzxbd + 4 shifts + 8 vpermps for the
 // per-block-table tile); the 16 float32 codes are one register for every block, and the block scale multiplies
 // the lane sums (lanes 0-7: weights 0-63, the first 64-block).  Two partial sums per accumulator halve the FMA
-// chains.  x packed by pack_x_perm128_f32: xp[m0*K + k*mt + i*128 + 16*j + l] = x[m0+i, k + 8l + (j ^ 1)].
-template <typename From>
-void pack_x_perm128_f32_t(const void* x, int64_t M, int64_t K, int mt_max, float* xp) {
-  const auto* src = static_cast<const typename From::T*>(x);
-  for (int64_t m0 = 0; m0 < M; m0 += mt_max) {
-    const int64_t mt = std::min<int64_t>(mt_max, M - m0);
-    for (int64_t i = 0; i < mt; ++i) {
-      const auto* s = src + (m0 + i) * K;
-      for (int64_t k = 0; k < K; k += 128) {
-        float* d = xp + m0 * K + k * mt + i * 128;
-        for (int j = 0; j < 8; ++j)
-          for (int l = 0; l < 16; ++l) d[16 * j + l] = From::get(s[k + 8 * l + (j ^ 1)]);
-      }
-    }
-  }
-}
-
-std::vector<float> pack_x_perm128_f32(const void* x, DType dtype, int64_t M, int64_t K, int mt_max) {
-  std::vector<float> v(static_cast<size_t>(M * K));
-  switch (dtype) {
-    case DType::float32: pack_x_perm128_f32_t<FromF32>(x, M, K, mt_max, v.data()); break;
-    case DType::float16: pack_x_perm128_f32_t<FromF16>(x, M, K, mt_max, v.data()); break;
-    case DType::bfloat16: pack_x_perm128_f32_t<FromBF16>(x, M, K, mt_max, v.data()); break;
-  }
-  return v;
-}
-
+// chains.  x packed by pack_x with OrderDwords128: position 16j + l of a group holds x[k + 8l + (j ^ 1)].
 template <int NR, int MT>
 struct TileF32Const {
   QK_AVX512 static void run(const Problem& p, const void* xprep, int64_t n0, int64_t m0) {
@@ -333,9 +351,7 @@ struct TileF32Const {
         __m512 w[8];
         w[0] = _mm512_permutexvar_ps(v, code);
         for (int j = 1; j < 8; ++j) w[j] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * j), code);
-        const int64_t e = (n0 + r) * K + k;  // blocks are >= 64 and aligned: weights e..e+63 share one, as e+64..
-        const __m512 sv = _mm512_mask_blend_ps(__mmask16(0xff00), _mm512_set1_ps(p.scale(e >> p.bs_shift)),
-                                               _mm512_set1_ps(p.scale((e + 64) >> p.bs_shift)));
+        const __m512 sv = pair_scales(p, (n0 + r) * K + k);
         for (int i = 0; i < MT; ++i) {
           const float* xi = xk + 128 * i;
           __m512 t0 = _mm512_mul_ps(w[0], _mm512_loadu_ps(xi)), t1 = _mm512_mul_ps(w[1], _mm512_loadu_ps(xi + 16));
@@ -537,13 +553,13 @@ bool gemv_simd(const Problem& p, const void* x) {
       if (p.K % 128 == 0 && p.bs_shift >= 6 && p.M <= kConstMaxM) {
         static const TileTable tc = make_table<TileBf16Const, 4, 2, 1>(Mts4{});
         std::vector<uint16_t> xp(static_cast<size_t>(p.M * p.K));
-        pack_x_perm128(x, p.M, p.K, tc.mt_max, xp.data());
+        pack_x<RawU16, OrderWords128>(x, p.M, p.K, tc.mt_max, xp.data());
         run_tiles(p, xp.data(), tc);
         return true;
       }
       static const TileTable t = make_table<TileBf16Avx512, 4, 2, 2>(Mts8{});
       std::vector<uint16_t> xp(static_cast<size_t>(p.M * p.K));
-      pack_x_t<RawU16>(x, p.M, p.K, t.mt_max, false, xp.data());
+      pack_x<RawU16, OrderAsIs32>(x, p.M, p.K, t.mt_max, xp.data());
       if (p.M > t.mt_max)
         run_bf16_multi(p, xp.data(), t.mt_max);
       else
@@ -554,18 +570,18 @@ bool gemv_simd(const Problem& p, const void* x) {
     // 128 weights and row of x cancel the cheaper decode (M 2 equal, M 8 2.75 -> 3.0 ms).
     if (p.K % 128 == 0 && p.bs_shift >= 6 && p.M == 1) {
       static const TileTable tc = make_table<TileF32Const, 4, 4, 1>(std::integer_sequence<int, 1>{});
-      const std::vector<float> xp = pack_x_perm128_f32(x, p.dtype, p.M, p.K, tc.mt_max);
+      const std::vector<float> xp = pack_x_f32<OrderDwords128>(x, p.dtype, p.M, p.K, tc.mt_max);
       run_tiles(p, xp.data(), tc);
       return true;
     }
     static const TileTable t = make_table<TileF32Avx512, 4, 2, 2>(Mts8{});
-    const std::vector<float> xp = pack_x_f32(x, p.dtype, p.M, p.K, t.mt_max);
+    const std::vector<float> xp = pack_x_f32<OrderEvenOdd32>(x, p.dtype, p.M, p.K, t.mt_max);
     run_tiles(p, xp.data(), t);
     return true;
   }
   if (isa == Isa::avx2) {
     static const TileTable t = make_table<TileF32Avx2, 2, 1, 1>(Mts4{});
-    const std::vector<float> xp = pack_x_f32(x, p.dtype, p.M, p.K, t.mt_max);
+    const std::vector<float> xp = pack_x_f32<OrderEvenOdd32>(x, p.dtype, p.M, p.K, t.mt_max);
     run_tiles(p, xp.data(), t);
     return true;
   }
