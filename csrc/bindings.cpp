@@ -127,6 +127,24 @@ void quantize_blockwise_cpu(std::uint64_t A_ptr, int64_t n, int64_t blocksize, s
                                     reinterpret_cast<float*>(absmax_ptr));
 }
 
+void dequantize_blockwise_cpu(std::uint64_t q_ptr, std::uint64_t absmax_ptr, std::uint64_t code_ptr, int64_t n,
+                              int64_t blocksize, std::uint64_t out_ptr) {
+  const char* fn = "dequantize_blockwise_cpu";
+  QK_CHECK_PTR(q_ptr, fn, "q_ptr");
+  QK_CHECK_PTR(absmax_ptr, fn, "absmax_ptr");
+  QK_CHECK_PTR(code_ptr, fn, "code_ptr");
+  QK_CHECK_PTR(out_ptr, fn, "out_ptr");
+  QK_CHECK_POSITIVE(n, fn, "n");
+  QK_CHECK_ARG(blocksize > 0 && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0, fn, "blocksize",
+               "must be a power of two in [1, 4096] (got " + std::to_string(blocksize) + ")");
+  (void)qkernels::cpu::active_isa();  // validates QKERNELS_CPU_ISA before releasing the GIL
+  py::gil_scoped_release release;
+  qkernels::cpu::dequantize_blockwise(reinterpret_cast<const uint8_t*>(q_ptr),
+                                      reinterpret_cast<const float*>(absmax_ptr),
+                                      reinterpret_cast<const float*>(code_ptr), n, blocksize,
+                                      reinterpret_cast<float*>(out_ptr));
+}
+
 void quantize_4bit_cpu(std::uint64_t A_ptr, int in_dtype, int64_t n, int64_t blocksize, std::uint64_t code_ptr,
                        std::uint64_t packed_ptr, std::uint64_t absmax_ptr) {
   check_quantize_args("quantize_4bit_cpu", A_ptr, in_dtype, n, blocksize, code_ptr, packed_ptr, absmax_ptr);
@@ -195,6 +213,11 @@ PYBIND11_MODULE(_C, m) {
         "8-bit blockwise quantization of n contiguous float32 values against a 256-entry map (any order) on the CPU, "
         "bit-identical to qkernels.reference.quantize_blockwise; writes out uint8[n] and absmax "
         "float32[ceil(n/blocksize)]. blocksize: a power of two in [1, 4096].");
+  m.def("dequantize_blockwise_cpu", &dequantize_blockwise_cpu, py::arg("q_ptr"), py::arg("absmax_ptr"),
+        py::arg("code_ptr"), py::arg("n"), py::arg("blocksize"), py::arg("out_ptr"),
+        "Inverse of quantize_blockwise_cpu: out float32[n] = code[q[i]] * absmax[i / blocksize] (one float32 "
+        "multiply), bit-identical to qkernels.reference.dequantize_blockwise. q uint8[n], absmax "
+        "float32[ceil(n/blocksize)], code float32[256]; blocksize: a power of two in [1, 4096].");
   m.def("cpu_isa_available", []() { return qkernels::cpu::available_isas(); },
         "list[str]: CPU kernel paths usable on this machine, lowest first ('scalar', 'avx2', 'avx512').");
   m.def("cpu_isa_active", []() { return std::string(qkernels::cpu::isa_name(qkernels::cpu::active_isa())); },

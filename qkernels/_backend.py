@@ -45,6 +45,8 @@ def native_ops(device: torch.device) -> set[str]:
             ops.add("quantize_4bit")
         if hasattr(_native._C, "quantize_blockwise_cpu"):
             ops.add("quantize_blockwise")
+        if hasattr(_native._C, "dequantize_blockwise_cpu"):
+            ops.add("dequantize_blockwise")
         return ops
     if device.type == "cuda" and _native.native_info().get("cuda_compiled", False):
         ops = {"dequantize_4bit", *_LINEAR_OPS}
@@ -54,6 +56,8 @@ def native_ops(device: torch.device) -> set[str]:
             ops.add("quantize_4bit")
         if hasattr(_native._C, "quantize_blockwise_cuda"):
             ops.add("quantize_blockwise")
+        if hasattr(_native._C, "dequantize_blockwise_cuda"):
+            ops.add("dequantize_blockwise")
         if hasattr(_native._C, "dequantize_4bit_nested_cuda"):
             ops.add("dequantize_4bit_nested")  # nested scales decoded inside the dequantize launch
         return ops

@@ -345,20 +345,19 @@ def quantize_blockwise_native(A: torch.Tensor, code: torch.Tensor, blocksize: in
 
 def dequantize_blockwise_native(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                                 blocksize: int) -> torch.Tensor:
-    """Inverse of ``quantize_blockwise_native`` on CUDA: float32 ``[n]``, ``code[q[i]] * absmax[i // blocksize]``.
+    """Inverse of ``quantize_blockwise_native`` (CPU or CUDA): float32 ``[n]``, ``code[q[i]] * absmax[i // blocksize]``.
 
     Bit-identical to ``qkernels.reference.dequantize_blockwise``. ``q`` uint8 (any shape, read flattened), ``absmax``
-    float32 ``[ceil(n / blocksize)]``, ``code`` float32 ``[256]``, all on one CUDA device; ``blocksize`` a power of
-    two in [1, 4096]. Launched asynchronously on the current stream. (On the CPU the reference expression is already
-    a single vectorized gather-multiply, so there is no CPU kernel.)
+    float32 ``[ceil(n / blocksize)]``, ``code`` float32 ``[256]``, all on one device; ``blocksize`` a power of two in
+    [1, 4096]. CUDA: launched asynchronously on the current stream.
     """
     fn = "dequantize_blockwise_native"
-    if _C is None or not hasattr(_C, "dequantize_blockwise_cuda"):
-        why = NATIVE_ERROR or "built without CUDA"
-        raise RuntimeError(f"qkernels native module has no dequantize_blockwise_cuda ({why})")
     device = q.device
-    if device.type != "cuda":
-        raise ValueError(f"{fn}: argument 'q' must be a CUDA tensor (got {device})")
+    kernel = {"cpu": "dequantize_blockwise_cpu", "cuda": "dequantize_blockwise_cuda"}.get(device.type)
+    if kernel is None:
+        raise ValueError(f"{fn}: argument 'q' is on unsupported device {device} (expected cpu or cuda)")
+    if _C is None or not hasattr(_C, kernel):
+        raise RuntimeError(f"qkernels native module has no {kernel} ({NATIVE_ERROR or 'built without it, or stale'})")
     for name, t in (("absmax", absmax), ("code", code)):
         if t.device != device:
             raise ValueError(f"{fn}: argument '{name}' is on {t.device} but 'q' is on {device}")
@@ -376,13 +375,16 @@ def dequantize_blockwise_native(q: torch.Tensor, absmax: torch.Tensor, code: tor
     if absmax.dtype != torch.float32 or absmax.numel() != nb:
         raise ValueError(f"{fn}: argument 'absmax' must be float32 with {nb} elements")
     q = q.reshape(-1).contiguous()
-    absmax = absmax.contiguous()
-    code = code.contiguous()
+    absmax = absmax.reshape(-1).contiguous()
+    code = code.reshape(-1).contiguous()
     out = torch.empty(n, dtype=torch.float32, device=device)
-    with torch.cuda.device(device):
-        stream = torch.cuda.current_stream(device).cuda_stream
-        _C.dequantize_blockwise_cuda(q.data_ptr(), absmax.data_ptr(), code.data_ptr(), n, blocksize, out.data_ptr(),
-                                     stream)
+    if device.type == "cpu":
+        _C.dequantize_blockwise_cpu(q.data_ptr(), absmax.data_ptr(), code.data_ptr(), n, blocksize, out.data_ptr())
+    else:
+        with torch.cuda.device(device):
+            stream = torch.cuda.current_stream(device).cuda_stream
+            _C.dequantize_blockwise_cuda(q.data_ptr(), absmax.data_ptr(), code.data_ptr(), n, blocksize,
+                                         out.data_ptr(), stream)
     return out
 
 

@@ -210,15 +210,25 @@ def _(A, code, blocksize):
 def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
     """Inverse of ``quantize_blockwise``: float32 ``[n]``."""
     _check_dequantize_blockwise(q, absmax, code, blocksize)
-    return reference.dequantize_blockwise(q, absmax, code, blocksize)
+    return dequantize_blockwise_impl(q, absmax, code, blocksize, None)
+
+
+def dequantize_blockwise_impl(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+                              backend: str | None) -> torch.Tensor:
+    """The op's body with an explicit backend (``None``: the fastest available; see ``_backend.resolve``)."""
+    if _backend.resolve("dequantize_blockwise", q.device, backend) == "reference":
+        return reference.dequantize_blockwise(q, absmax, code, blocksize)
+    return _native.dequantize_blockwise_native(q, absmax, code, blocksize)
 
 
 def _check_dequantize_blockwise(q, absmax, code, blocksize):
     torch._check(q.dtype == torch.uint8, lambda: f"q must be uint8, got {q.dtype}")
+    torch._check(q.numel() > 0, lambda: "q is empty")
     _check_blocksize(blocksize, 1)
     _check_code(code, 256, q)
     nb = _ceil_div(q.numel(), blocksize)
     torch._check(absmax.numel() == nb and absmax.dtype == torch.float32, lambda: f"absmax must be float32[{nb}]")
+    torch._check(absmax.device == q.device, lambda: f"absmax is on {absmax.device} but q is on {q.device}")
 
 
 @dequantize_blockwise.register_fake

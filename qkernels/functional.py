@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from . import _ops, reference
+from . import _ops
 from .codebooks import dynamic_map, get_codebook
 from .quant_state import FLOAT_DTYPES, NESTED_BLOCKSIZE, STORAGE_DTYPES, QuantState, check_blocksize
 
@@ -168,37 +168,81 @@ def dequantize_4bit(
     return _ops.dequantize_4bit_impl(*args, backend)
 
 
+def _check_blockwise_blocksize(blocksize: object) -> int:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or not 0 < blocksize <= 4096 \
+            or blocksize & (blocksize - 1):
+        raise ValueError(f"blocksize must be a power of two from 1 to 4096, got {blocksize!r}")
+    return blocksize
+
+
+def _check_code256(code: object, device: torch.device) -> torch.Tensor:
+    if not isinstance(code, torch.Tensor) or code.numel() != 256 or not code.is_floating_point():
+        raise ValueError("code must be a float tensor of 256 entries (e.g. qkernels.codebooks.dynamic_map())")
+    return code.reshape(-1).to(device, torch.float32)
+
+
 def quantize_blockwise(
-    A: torch.Tensor, code: torch.Tensor | None = None, blocksize: int = NESTED_BLOCKSIZE
+    A: torch.Tensor, code: torch.Tensor | None = None, blocksize: int = NESTED_BLOCKSIZE, *,
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """8-bit blockwise quantization (the nested-scale format): ``(codes uint8 [n], absmax float32 [nblocks])``.
 
-    ``code`` is a sorted-or-not 256-entry float32 map, default the signed dynamic map. Any positive power of
-    two blocksize up to 4096 (bitsandbytes uses 256 for nested scales).
+    Args:
+        A: float32 / float16 / bfloat16 tensor, any shape (quantized as float32, flattened in order).
+        code: a 256-entry float map, sorted or not; default the signed dynamic map (bitsandbytes'
+            ``create_dynamic_map``).
+        blocksize: a power of two from 1 to 4096 (bitsandbytes uses 256 for the nested scales).
+        backend: force ``"reference"``, ``"cpu"`` or ``"cuda"``; ``None`` picks the fastest.
+
+    Returns:
+        ``(codes, absmax)``: codes uint8 of ``A``'s shape, absmax float32 ``[ceil(n / blocksize)]``.
+        NaN or inf in ``A`` is an error naming the first bad block.
     """
     A = _check_float_tensor(A, "A")
-    code = dynamic_map(A.device) if code is None else code
-    if not isinstance(code, torch.Tensor) or code.numel() != 256:
-        raise ValueError("code must be a tensor of 256 entries (e.g. qkernels.codebooks.dynamic_map())")
-    if not isinstance(blocksize, int) or blocksize <= 0 or blocksize > 4096 or blocksize & (blocksize - 1):
-        raise ValueError(f"blocksize must be a power of two from 1 to 4096, got {blocksize!r}")
-    q, absmax = reference.quantize_blockwise(A, code.to(A.device, torch.float32), blocksize)
+    code = _check_code256(dynamic_map(A.device) if code is None else code, A.device)
+    blocksize = _check_blockwise_blocksize(blocksize)
+    if backend is None:  # through the registered op, so torch.compile sees one node
+        q, absmax = torch.ops.qkernels.quantize_blockwise(A, code, blocksize)
+    else:
+        q, absmax = _ops.quantize_blockwise_impl(A, code, blocksize, backend)
     if not bool(torch.isfinite(absmax).all()):
         _raise_non_finite(A, absmax, blocksize, "A")
     return q.reshape(A.shape), absmax
 
 
 def dequantize_blockwise(
-    q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor | None = None, blocksize: int = NESTED_BLOCKSIZE
+    q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor | None = None, blocksize: int = NESTED_BLOCKSIZE, *,
+    backend: str | None = None,
 ) -> torch.Tensor:
-    """Inverse of ``quantize_blockwise``: float32 tensor of ``q``'s shape."""
+    """Inverse of ``quantize_blockwise``: ``code[q[i]] * absmax[i // blocksize]``, float32 of ``q``'s shape.
+
+    Args:
+        q: uint8 codes, any shape (read flattened, in order).
+        absmax: float32 (or float16 / bfloat16, converted exactly) scales, ``ceil(q.numel() / blocksize)`` of them,
+            on ``q``'s device.
+        code: the 256-entry map the codes index; default the signed dynamic map.
+        blocksize: the blocksize ``q`` was quantized with (a power of two from 1 to 4096).
+        backend: force ``"reference"``, ``"cpu"`` or ``"cuda"``; ``None`` picks the fastest.
+    """
     if not isinstance(q, torch.Tensor) or q.dtype != torch.uint8:
         raise TypeError(f"q must be a uint8 tensor, got {getattr(q, 'dtype', type(q).__name__)}")
+    if q.numel() == 0:
+        raise ValueError(f"q is empty (shape {tuple(q.shape)}): there is nothing to dequantize")
+    blocksize = _check_blockwise_blocksize(blocksize)
     nblocks = -(-q.numel() // blocksize)
-    if not isinstance(absmax, torch.Tensor) or absmax.numel() != nblocks:
-        raise ValueError(f"absmax must hold {nblocks} float32 scales for {q.numel()} codes at blocksize {blocksize}")
-    code = dynamic_map(q.device) if code is None else code
-    return reference.dequantize_blockwise(q, absmax, code, blocksize).reshape(q.shape)
+    if not isinstance(absmax, torch.Tensor) or absmax.numel() != nblocks or absmax.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"absmax must hold {nblocks} float32 scales for {q.numel()} codes at blocksize {blocksize}"
+                         f" (got {getattr(absmax, 'dtype', type(absmax).__name__)} with "
+                         f"{getattr(absmax, 'numel', lambda: '?')()} elements)")
+    if absmax.device != q.device:
+        raise ValueError(f"absmax is on {absmax.device} but q is on {q.device}; move one of them")
+    absmax = absmax.reshape(-1).to(torch.float32)
+    code = _check_code256(dynamic_map(q.device) if code is None else code, q.device)
+    if backend is None:  # through the registered op, so torch.compile sees one node
+        out = torch.ops.qkernels.dequantize_blockwise(q, absmax, code, blocksize)
+    else:
+        out = _ops.dequantize_blockwise_impl(q, absmax, code, blocksize, backend)
+    return out.reshape(q.shape)
 
 
 def bits_per_parameter(packed: torch.Tensor, quant_state: QuantState) -> float:

@@ -850,3 +850,81 @@ def test_quantize_blockwise_backend_wiring():
     assert torch.equal(s1.state2.absmax.view(torch.int32), s2.state2.absmax.view(torch.int32))
     with pytest.raises(ValueError, match="blocksize"):
         _native._C.quantize_blockwise_cpu(W.data_ptr(), 10, 3, W.data_ptr(), W.data_ptr(), W.data_ptr())
+
+
+@needs_native
+@pytest.mark.parametrize("n", [1, 15, 17, 255, 257, 4096 * 3 + 5, 262144 + 3])
+@pytest.mark.parametrize("blocksize", [1, 2, 16, 64, 256, 4096])
+def test_dequantize_blockwise_cpu_isa_paths(cpu_isa, n, blocksize):
+    """Every CPU path (scalar / AVX2 gathers / AVX-512 gathers) gives the reference's bits, partial last block
+    included; the codes cover all 256 entries (random map with NaN / inf / -0.0 entries, so a wrong index shows)."""
+    from qkernels import reference
+
+    g = torch.Generator().manual_seed(11 * n + blocksize)
+    q = torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8)
+    code = torch.randn(256, generator=g)
+    code[3], code[200], code[255], code[0] = float("nan"), float("inf"), -0.0, 1e-40
+    absmax = torch.rand(-(-n // blocksize), generator=g) * 4
+    absmax[0] = 0.0
+    out = _native.dequantize_blockwise_native(q, absmax, code, blocksize)
+    ref = reference.dequantize_blockwise(q, absmax, code, blocksize)
+    assert out.dtype == torch.float32 and out.shape == (n,)
+    assert torch.equal(out.view(torch.int32), ref.view(torch.int32))
+
+
+@needs_native
+def test_dequantize_blockwise_backend_wiring():
+    """The op and the public function run the CPU kernel by default; backend= forces either; same bits, q's shape."""
+    import qkernels
+    from qkernels import _backend, _ops
+
+    assert "dequantize_blockwise" in _backend.native_ops(torch.device("cpu"))
+    assert _backend.resolve("dequantize_blockwise", torch.device("cpu"), None) == "cpu"
+    A = torch.randn(37, 300)
+    q, absmax = qkernels.quantize_blockwise(A, blocksize=64)
+    assert q.shape == A.shape and absmax.shape == (-(-A.numel() // 64),)
+    outs = [qkernels.dequantize_blockwise(q, absmax, blocksize=64, backend=b) for b in (None, "cpu", "reference")]
+    for o in outs:
+        assert o.shape == A.shape and torch.equal(o.view(torch.int32), outs[-1].view(torch.int32))
+    assert (outs[0] - A).abs().max() <= absmax.max() * 0.05  # the dynamic map's coarsest step is < 5% of absmax
+    op_out = torch.ops.qkernels.dequantize_blockwise(q.reshape(-1), absmax, qkernels.dynamic_map(), 64)
+    assert torch.equal(op_out.view(torch.int32), outs[-1].reshape(-1).view(torch.int32))
+    q2, a2 = qkernels.quantize_blockwise(A, blocksize=64, backend="reference")
+    assert torch.equal(q2, q) and torch.equal(a2, absmax)
+    forced = _ops.dequantize_blockwise_impl(q.reshape(-1), absmax, qkernels.dynamic_map(), 64, "cpu")
+    assert torch.equal(forced, op_out)
+    with pytest.raises(ValueError, match="blocksize"):
+        _native._C.dequantize_blockwise_cpu(q.data_ptr(), absmax.data_ptr(), A.data_ptr(), 10, 3, A.data_ptr())
+    with pytest.raises(ValueError, match="n"):
+        _native._C.dequantize_blockwise_cpu(q.data_ptr(), absmax.data_ptr(), A.data_ptr(), 0, 4, A.data_ptr())
+
+
+def test_blockwise_public_argument_errors():
+    """Bad arguments to the public 8-bit functions are clear errors naming the argument, never a crash."""
+    import qkernels
+
+    A = torch.randn(1000)
+    q, absmax = qkernels.quantize_blockwise(A)
+    for bad in (0, 3, -256, 8192, 256.0, True):
+        with pytest.raises(ValueError, match="blocksize"):
+            qkernels.dequantize_blockwise(q, absmax, blocksize=bad)
+        with pytest.raises(ValueError, match="blocksize"):
+            qkernels.quantize_blockwise(A, blocksize=bad)
+    with pytest.raises(ValueError, match="absmax must hold 4"):
+        qkernels.dequantize_blockwise(q, absmax[:3])
+    with pytest.raises(ValueError, match="absmax must hold"):
+        qkernels.dequantize_blockwise(q, absmax.to(torch.int32))
+    with pytest.raises(TypeError, match="q must be a uint8"):
+        qkernels.dequantize_blockwise(q.float(), absmax)
+    with pytest.raises(ValueError, match="q is empty"):
+        qkernels.dequantize_blockwise(q[:0], absmax[:0])
+    with pytest.raises(ValueError, match="code must be"):
+        qkernels.dequantize_blockwise(q, absmax, code=torch.zeros(16))
+    with pytest.raises(ValueError, match="code must be"):
+        qkernels.quantize_blockwise(A, code=torch.zeros(256, dtype=torch.int64))
+    with pytest.raises(ValueError, match="first in block 1"):
+        qkernels.quantize_blockwise(torch.cat([torch.zeros(256), torch.tensor([float("nan")])]))
+    # float16 / bfloat16 scales are widened exactly
+    out = qkernels.dequantize_blockwise(q, absmax.to(torch.bfloat16))
+    ref = qkernels.dequantize_blockwise(q, absmax.to(torch.bfloat16).float())
+    assert torch.equal(out, ref)

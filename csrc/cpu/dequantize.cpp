@@ -290,5 +290,64 @@ void dequantize_4bit_nested(const uint8_t* packed, const uint8_t* absmax_q, cons
                       out, out_dtype);
 }
 
+// ------------------------------------------------------------------------------------ 8-bit blockwise (nested format)
+namespace {
+// out[i] = code[q[i]] * absmax[i / blocksize]: one float32 multiply per element on every path (the SIMD paths only
+// vectorize the table read, with gathers from the 1 KiB map, which stays in L1), so all paths give the same bits.
+inline void blockwise_range_scalar(const uint8_t* q, float scale, const float* code, int64_t begin, int64_t end,
+                                   float* out) {
+  for (int64_t i = begin; i < end; ++i) out[i] = code[q[i]] * scale;
+}
+
+#ifdef QK_X86
+QK_AVX2 int64_t blockwise_range_avx2(const uint8_t* q, float scale, const float* code, int64_t begin, int64_t end,
+                                     float* out) {
+  const __m256 s = _mm256_set1_ps(scale);
+  int64_t i = begin;
+  for (; i + 8 <= end; i += 8) {
+    const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i)));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_i32gather_ps(code, idx, 4), s));
+  }
+  return i;
+}
+
+QK_AVX512 int64_t blockwise_range_avx512(const uint8_t* q, float scale, const float* code, int64_t begin,
+                                         int64_t end, float* out) {
+  const __m512 s = _mm512_set1_ps(scale);
+  int64_t i = begin;
+  for (; i + 16 <= end; i += 16) {
+    const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i)));
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_i32gather_ps(idx, code, 4), s));
+  }
+  return i;
+}
+#endif  // QK_X86
+}  // namespace
+
+void dequantize_blockwise(const uint8_t* q, const float* absmax, const float* code, int64_t n, int64_t blocksize,
+                          float* out) {
+  const Isa isa = active_isa();
+  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  float cb[256];
+  std::copy(code, code + 256, cb);
+  constexpr int64_t kParallelThreshold = int64_t(1) << 18;  // as dequantize_vec: below it threads cost more
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (n >= kParallelThreshold)
+#endif
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const int64_t begin = b * blocksize;
+    const int64_t end = std::min(n, begin + blocksize);
+    const float scale = absmax[b];
+    int64_t i = begin;
+#ifdef QK_X86
+    if (isa == Isa::avx512) i = blockwise_range_avx512(q, scale, cb, begin, end, out);
+    else if (isa == Isa::avx2) i = blockwise_range_avx2(q, scale, cb, begin, end, out);
+#endif
+    blockwise_range_scalar(q, scale, cb, i, end, out);
+  }
+  (void)isa;
+  (void)kParallelThreshold;
+}
+
 }  // namespace cpu
 }  // namespace qkernels

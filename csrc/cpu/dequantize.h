@@ -28,5 +28,12 @@ void dequantize_4bit_nested(const uint8_t* packed, const uint8_t* absmax_q, cons
                             const float* nested_code, float offset, int64_t nested_blocksize, const float* code,
                             int64_t n, int64_t blocksize, void* out, DType out_dtype);
 
+// 8-bit blockwise dequantization (the nested-scale format): out[i] = code[q[i]] * absmax[i / blocksize], one float32
+// multiply per element (bit-identical to qkernels.reference.dequantize_blockwise on every ISA path).
+//   q : uint8[n];  absmax : float32[ceil(n/blocksize)];  code : float32[256];  out : float32[n]
+// Arguments are assumed validated (see bindings.cpp); blocksize any positive value.
+void dequantize_blockwise(const uint8_t* q, const float* absmax, const float* code, int64_t n, int64_t blocksize,
+                          float* out);
+
 }  // namespace cpu
 }  // namespace qkernels
