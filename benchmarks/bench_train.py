@@ -1,8 +1,9 @@
 """Benchmark one QLoRA layer's training step (forward + backward) against peft + bitsandbytes and peft on dense bf16.
 
 One ``[M, K] -> [M, N]`` projection with a frozen 4-bit weight (NF4, blocksize 64, double quant) and a LoRA adapter
-(r = 16, alpha = 32, no dropout), bfloat16 activations; the step is ``y = layer(x); y.backward(dy)`` with x requiring
-grad (every layer but the first of a network needs dX), so the backward computes dX, dA, dB.
+(r = 16, alpha = 32, no dropout), bfloat16 activations (``--dtype float16`` / ``float32`` for the others); the
+step is ``y = layer(x); y.backward(dy)`` with x requiring grad (every layer but the first of a network needs dX), so
+the backward computes dX, dA, dB.
 
 Rows per shape:
 
@@ -12,10 +13,12 @@ Rows per shape:
 - ``torch``: peft's LoRA layer on a dense bf16 ``nn.Linear`` (the 16-bit LoRA baseline), and the dense layer without
   LoRA (``x @ W.T`` forward + dX backward: the matmul work every implementation must do).
 
-Floor: the matmul work, ``2 * 2MNK`` flops (forward and dX) plus the LoRA products, at the bf16 matmul rate measured
-in the same run (``torch.matmul`` of 4096^3, or of the shape itself if larger); the weight traffic is far below it.
+Floor: the matmul work, ``2 * 2MNK`` flops (forward and dX) plus the LoRA products, at the matmul rate measured in
+the same run in the activations' dtype (``torch.matmul`` of 4096^3); the weight traffic is far below it. float16 on
+a CPU without a float16 GEMM: at the float32 rate (what qkernels multiplies in there; torch's float16 rate on such a
+CPU is no floor).
 
-Run ``python -m benchmarks.bench_train [--shapes 4096x4096] [--rows 512] [--quick] [--no-save]``.
+Run ``python -m benchmarks.bench_train [--shapes 4096x4096] [--rows 512] [--dtype bfloat16] [--quick] [--no-save]``.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from . import _harness as H
 from .bench_quant import backend_note, parse_shapes
 
 R, ALPHA, BLOCKSIZE = 16, 32, 64
-DTYPE = torch.bfloat16
+DTYPE = torch.bfloat16  # default; --dtype changes it
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 CPU_DEFAULT = {"shapes": [(4096, 4096)], "rows": [512]}
 GPU_DEFAULT = {"shapes": [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)], "rows": [4096, 16384]}
 # Targets of issue 4, printed beside the measured ratios.
@@ -64,13 +68,14 @@ def _peft_layer(base: torch.nn.Module) -> torch.nn.Module:
 
 
 def _bnb_linear(W: torch.Tensor) -> torch.nn.Module | None:
+    """peft's usual base: a bitsandbytes NF4 Linear4bit (double quant) holding W, computing in W's dtype."""
     try:
         import bitsandbytes as bnb
     except Exception as exc:  # the oracle, not a dependency
         print(f"bitsandbytes unavailable, its rows are skipped: {type(exc).__name__}: {exc}", file=sys.stderr)
         return None
     N, K = W.shape
-    lin = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=DTYPE, compress_statistics=True, quant_type="nf4")
+    lin = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=W.dtype, compress_statistics=True, quant_type="nf4")
     lin.weight = bnb.nn.Params4bit(W.cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True,
                                    blocksize=BLOCKSIZE)
     return lin.to(W.device)  # the first device move quantizes (DESIGN §5)
@@ -84,15 +89,17 @@ def _step(fn: Any, x: torch.Tensor, dy: torch.Tensor) -> Any:
     return run
 
 
-def bench_shape(shape: tuple[int, int], M: int, rate: float, bandwidth: float, *, quick: bool) -> tuple[list, dict]:
+def bench_shape(shape: tuple[int, int], M: int, rate: float, bandwidth: float, *, quick: bool,
+                dtype: torch.dtype = DTYPE) -> tuple[list, dict]:
     """Time a training step of every implementation at one (weight shape, rows); return rows and a summary."""
+    dname = str(dtype).removeprefix("torch.")
     kw = dict(warmup=1, min_runs=3, min_time_s=0.2) if quick else dict(warmup=2, min_runs=5, min_time_s=1.0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     N, K = shape
     g = torch.Generator().manual_seed(0)
-    W = (torch.randn(N, K, generator=g) * 0.02).to(DTYPE).to(device)
-    x = torch.randn(M, K, generator=g).to(DTYPE).to(device)
-    dy = torch.randn(M, N, generator=g).to(DTYPE).to(device)
+    W = (torch.randn(N, K, generator=g) * 0.02).to(dtype).to(device)
+    x = torch.randn(M, K, generator=g).to(dtype).to(device)
+    dy = torch.randn(M, N, generator=g).to(dtype).to(device)
     packed, state = qkernels.quantize_4bit(W, BLOCKSIZE, "nf4", double_quant=True)
     A = (torch.randn(R, K, generator=g) / K**0.5).to(device).requires_grad_()
     B = (torch.randn(N, R, generator=g) * 0.01).to(device).requires_grad_()
@@ -104,7 +111,7 @@ def bench_shape(shape: tuple[int, int], M: int, rate: float, bandwidth: float, *
 
     def row(impl: str, fn: Any, note: str) -> H.Result:
         st = H.measure(_step(fn, x, dy), **kw)
-        r = H.Result(op="train_step", shape=f"{M}x{K}->{N}", dtype="bfloat16", impl=impl, median_ms=st.median * 1e3,
+        r = H.Result(op="train_step", shape=f"{M}x{K}->{N}", dtype=dname, impl=impl, median_ms=st.median * 1e3,
                      p10_ms=st.p10 * 1e3, p90_ms=st.p90 * 1e3, runs=st.runs, nbytes=nbytes,
                      gbps=nbytes / st.median / 1e9, floor_ms=floor_s * 1e3, vs_floor=st.median / floor_s,
                      first_call_ms=st.first * 1e3, note=note)
@@ -117,15 +124,16 @@ def bench_shape(shape: tuple[int, int], M: int, rate: float, bandwidth: float, *
     peft_bnb = None
     if bnb_lin is not None:
         peft_bnb = row("bitsandbytes", _peft_layer(bnb_lin), "peft LoRA on bitsandbytes Linear4bit")
-    dense = torch.nn.Linear(K, N, bias=False, device=device, dtype=DTYPE)
+    dense = torch.nn.Linear(K, N, bias=False, device=device, dtype=dtype)
     with torch.no_grad():
         dense.weight.copy_(W)
     dense.weight.requires_grad_(False)
-    peft_dense = row("torch", _peft_layer(dense), "peft LoRA on dense bf16 nn.Linear")
+    peft_dense = row("torch", _peft_layer(dense), f"peft LoRA on dense {dname} nn.Linear")
     plain = row("torch", lambda xg: xg @ W.t(), "dense x @ W.T, no LoRA (the matmul work alone)")
     H.fill_vs_bnb(rows)
     summary = {
         "shape": f"{M}x{K}->{N}",
+        "dtype": dname,
         "backend": backend,
         "matmul_rate_tflops": rate / 1e12,
         "qkernels_vs_peft_bnb": None if peft_bnb is None else peft_bnb.median_ms / qk.median_ms,
@@ -142,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_train", description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", type=parse_shapes, default=None, help="weight shapes NxK, e.g. 4096x4096,11008x4096")
     ap.add_argument("--rows", default=None, help="comma-separated M (tokens), default 512 CPU / 4096,16384 GPU")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="activations' dtype (default bfloat16)")
     ap.add_argument("--quick", action="store_true", help="fewer, shorter runs (a smoke test, noisier numbers)")
     ap.add_argument("--no-save", action="store_true", help="print only; do not write benchmarks/results/")
     ap.add_argument("--results-dir", default=None, help="where to write the JSON (default benchmarks/results)")
@@ -156,24 +165,30 @@ def main(argv: list[str] | None = None) -> int:
     load = H.ForeignLoad().start()
     bandwidth = H.copy_bandwidth()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rate = measure_matmul_rate(device)
+    dtype = DTYPES[args.dtype]
+    from qkernels import _linear
+
+    rate_dtype = torch.float32 if (dtype == torch.float16 and device.type == "cpu" and not _linear._cpu_fp16_gemm()) \
+        else dtype
+    rate = measure_matmul_rate(device, rate_dtype)
     results, summaries = [], []
     for shape in shapes:
         for M in rows_m:
-            r, s = bench_shape(tuple(shape), M, rate, bandwidth, quick=args.quick)
+            r, s = bench_shape(tuple(shape), M, rate, bandwidth, quick=args.quick, dtype=dtype)
             results += r
             summaries.append(s)
     foreign = load.stop()
-    H.print_results(f"QLoRA training step, one layer (r={R}, NF4 bs {BLOCKSIZE} + double quant, bf16)", results,
-                    machine, bandwidth)
-    print(f"bf16 matmul rate: {rate / 1e12:.3f} TFLOP/s (floor = flops / this rate)")
+    H.print_results(f"QLoRA training step, one layer (r={R}, NF4 bs {BLOCKSIZE} + double quant, {args.dtype})",
+                    results, machine, bandwidth)
+    rate_name = str(rate_dtype).removeprefix("torch.")
+    print(f"{rate_name} matmul rate: {rate / 1e12:.3f} TFLOP/s (floor = flops / this rate)")
     if foreign is not None:
         warn = "  WARNING: other processes shared the cores; the times are suspect" if foreign > 0.1 else ""
         print(f"other processes used {foreign:.2f} cores on average during the timings{warn}")
     for s in summaries:
         bnb = "n/a" if s["qkernels_vs_peft_bnb"] is None else f"{s['qkernels_vs_peft_bnb']:.2f}x"
         print(f"{s['shape']}: qkernels vs peft+bitsandbytes {bnb} (target >= {TARGETS['cpu_vs_peft_bnb_min']}x on "
-              f"the CPU), vs peft dense bf16 {s['qkernels_vs_peft_dense']:.2f}x, vs dense without LoRA "
+              f"the CPU), vs peft dense {s['dtype']} {s['qkernels_vs_peft_dense']:.2f}x, vs dense without LoRA "
               f"{s['qkernels_vs_dense_no_lora']:.2f}x, time/floor {s['qkernels_vs_floor']:.2f}x")
     if not args.no_save:
         summary = {"per_shape": summaries, "foreign_load_cores": foreign}

@@ -12,7 +12,10 @@ and the number of rows ``M`` (DESIGN §2):
   csrc/cuda/gemv.cu). Used when this build has it.
 - ``cpu`` / ``cuda``, larger M (training): one native dequantize into a reused per-thread buffer (no allocation,
   no page faults: a fresh 32 MiB tensor costs ~8 ms of faults on the CPU machine), then the BLAS matmul, with
-  the bias folded into ``addmm`` and the LoRA product accumulated into the same output (``addmm_``).
+  the bias folded into ``addmm`` and the LoRA product accumulated into the same output (``addmm_``). On a CPU
+  without AMX-FP16, float16 has no fast GEMM (torch's fp16 matmul ran 2.6x slower than float32 at M = 128 on the
+  Zen 4 machine): there the weight is dequantized to float32 and the matmuls run in float32, the result rounded
+  once to float16 (at least as accurate as the float16 GEMM).
 - ``triton``: the fused dequant-in-the-K-loop kernels of ``qkernels.triton_kernels`` (GPU, or the CPU
   interpreter with ``TRITON_INTERPRET=1``). Forced with ``backend="triton"``; the default on CUDA stays
   dequantize + cuBLAS until the GPU benchmark shows the fused kernel ahead at a shape.
@@ -84,6 +87,18 @@ def _dequantize(packed, scales, code, blocksize, shape, dtype, impl: str) -> tor
                                      nested_blocksize, impl, out=out)
 
 
+def _matmul_dtype(t: torch.Tensor, impl: str) -> torch.dtype:
+    """The dtype the large-M native path multiplies in: t's, except float16 on a CPU without AMX-FP16 (float32)."""
+    if t.dtype == torch.float16 and t.device.type == "cpu" and impl == "cpu" and not _cpu_fp16_gemm():
+        return torch.float32
+    return t.dtype
+
+
+def _cpu_fp16_gemm() -> bool:
+    probe = getattr(getattr(torch, "cpu", None), "_is_amx_fp16_supported", None)
+    return bool(probe()) if callable(probe) else False
+
+
 def _has_gemv(device: torch.device) -> bool:
     return "gemv_4bit_lora" in _backend.native_ops(device)
 
@@ -106,14 +121,16 @@ def linear_4bit_impl(x, packed, scales, code, blocksize, N, lora_t, lora_B, bias
         t = None if lora_t is None else lora_t.to(torch.float32)
         return _native.gemv_4bit_lora_raw(x.contiguous(), packed, absmax, code, blocksize, N, nested_absmax,
                                           nested_code, offset, nested_blocksize, t, lora_B, bias)
-    W = _dequantize(packed, scales, code, blocksize, [N, K], x.dtype, impl)
+    dt = _matmul_dtype(x, impl)
+    W = _dequantize(packed, scales, code, blocksize, [N, K], dt, impl)
+    xc = x.to(dt)
     if bias is not None:
-        y = torch.addmm(bias.to(x.dtype), x, W.t())
+        y = torch.addmm(bias.to(dt), xc, W.t())
     else:
-        y = x @ W.t()
+        y = xc @ W.t()
     if lora_t is not None:
-        y.addmm_(lora_t.to(x.dtype), lora_B.to(x.dtype).t())
-    return y
+        y.addmm_(lora_t.to(dt), lora_B.to(dt).t())
+    return y.to(x.dtype)
 
 
 def linear_4bit_dx_impl(g, packed, scales, code, blocksize, K, lora_u, lora_A, lora_mask, backend: str | None):
@@ -127,12 +144,13 @@ def linear_4bit_dx_impl(g, packed, scales, code, blocksize, K, lora_u, lora_A, l
 
         state = _state(scales, code, blocksize, [N, K], g.dtype)
         return triton_kernels.matmul_4bit_lora_dx(g, packed, state, lora_u=lora_u, lora_A=lora_A, lora_mask=lora_mask)
-    W = _dequantize(packed, scales, code, blocksize, [N, K], g.dtype, impl)
-    dx = g @ W
+    dt = _matmul_dtype(g, impl)
+    W = _dequantize(packed, scales, code, blocksize, [N, K], dt, impl)
+    dx = g.to(dt) @ W
     if lora_u is not None:
-        lora = lora_u.to(g.dtype) @ lora_A.to(g.dtype)
+        lora = lora_u.to(dt) @ lora_A.to(dt)
         if lora_mask is not None:
-            lora.mul_(lora_mask.to(g.dtype))
+            lora.mul_(lora_mask.to(dt))
         dx.add_(lora)
-    return dx
+    return dx.to(g.dtype)
 

@@ -225,6 +225,22 @@ def test_workspace_is_reused():
     assert _linear.workspace_bytes() == 0
 
 
+@pytest.mark.skipif(_linear._cpu_fp16_gemm(), reason="this CPU has AMX-FP16: float16 matmuls stay in float16 here")
+def test_cpu_float16_large_m_multiplies_in_float32(monkeypatch):
+    """Without a native float16 GEMM (torch's CPU fp16 matmul took seconds per training step at M 32), the large-M
+    path dequantizes to float32 and multiplies there, forward and dx; the result is float16 and at least as close
+    to float64 as plain float16 torch (the same 2x yardstick as every other case)."""
+    _linear.clear_workspace()
+    _check(40, 48, 64, 4, torch.float16, "cpu", dropout_p=0.1)
+    held = {k[2] for k in _linear._local.buffers}
+    assert held == {torch.float32}, f"workspace dtypes {held}: the float16 matmuls did not run in float32"
+    _linear.clear_workspace()
+    monkeypatch.setattr(_linear, "_cpu_fp16_gemm", lambda: True)  # a CPU with AMX-FP16 keeps float16
+    _check(40, 48, 64, 4, torch.float16, "cpu")
+    assert {k[2] for k in _linear._local.buffers} == {torch.float16}
+    _linear.clear_workspace()
+
+
 # ------------------------------------------------------------------------ Triton, in the CPU interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])  # interpreter: no bf16 dot
 @pytest.mark.parametrize("M,N,K,dropout_p", [(3, 48, 96, 0.0), (17, 33, 63, 0.25)], ids=["even", "odd-K-drop"])
