@@ -365,6 +365,30 @@ def test_cuda_tensor_with_cpu_scales_is_a_clear_error():
                                             dynamic_map("cuda"), 4)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (tensors on cuda:1, cuda:0 current)")
+def test_kernels_on_a_device_that_is_not_current():
+    """The raw launches run on the runtime's current device: _native must switch to the tensors' device (and take
+    that device's stream) or these launches run on cuda:0 with cuda:1's pointers."""
+    _needs("gemv_4bit_lora_cuda")
+    dev = torch.device("cuda:1")
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(96, 256, generator=g)
+    x = torch.randn(3, 256, generator=g).to(torch.bfloat16)
+    with torch.cuda.device(0):
+        packed, qs = qkernels.quantize_4bit(W.to(dev), blocksize=64, double_quant=True)
+        # the reference on the same device (torch's mean, hence the nested offset, is device-specific)
+        rpacked, rqs = qkernels.quantize_4bit(W.to(dev), blocksize=64, double_quant=True, backend="reference")
+        got = qkernels.dequantize_4bit(packed, qs, dtype=torch.bfloat16)
+        out = _native.gemv_4bit_lora_native(x.to(dev), packed, qs, None, None, None)
+        torch.cuda.synchronize(dev)
+        assert torch.equal(packed, rpacked)
+        assert torch.equal(qs.absmax, rqs.absmax)
+        want = qkernels.dequantize_4bit(rpacked, rqs, dtype=torch.bfloat16, backend="reference")
+        assert torch.equal(_bits(got), _bits(want))
+        _gemv_check(x.to(dev), packed, qs, None, None, None, out)
+
+
 def _bnb_cuda_or_skip():
     try:
         import bitsandbytes as bnb

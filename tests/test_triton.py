@@ -329,6 +329,17 @@ def test_gpu_awkward_shapes(case):
 
 
 @pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (tensors on cuda:1, cuda:0 current)")
+@pytest.mark.parametrize("op", ["fwd", "dx"])
+def test_gpu_tensors_on_a_device_that_is_not_current(op):
+    """Triton launches on the current device: without a device guard in the launcher this case runs on cuda:0 with
+    cuda:1's pointers (an illegal address, or wrong results)."""
+    with torch.cuda.device(0):
+        _check_case(_gpu_case(op, 64, 96, 128, torch.float16), device="cuda:1")
+        _check_case(_gpu_case(op, 17, 65, 130, torch.bfloat16, nested=False), device="cuda:1")
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("op", ["fwd", "dx"])
 def test_gpu_torch_compile_fullgraph(op):
     case = _gpu_case(op, 256, 384, 512, torch.bfloat16)
