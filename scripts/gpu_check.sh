@@ -7,7 +7,7 @@
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 -d .whl bitsandbytes==0.50.2
-# Then commit what lands in $OUT under benchmarks/results/ with the GPU named.
+# Then unpack $OUT/bench-results.tar.gz into benchmarks/results/ (files named with the GPU) and commit it.
 #
 # The device tool allows 10 minutes per call and returns at most 8 files from $OUT, so:
 # - every stage runs under `timeout` against one deadline (GPU_CHECK_BUDGET seconds, default 560, from the start),
