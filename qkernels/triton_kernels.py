@@ -31,6 +31,7 @@ contracted into one FMA by Triton's default fp fusion (``enable_fp_fusion`` cann
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import types
@@ -290,9 +291,10 @@ def _use_interpreter(t: torch.Tensor) -> bool:
 
 
 def _is_fake(t: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
+    """A tensor without data (fake / meta), also when wrapped for functionalization as torch.compile traces."""
+    from torch._subclasses.fake_tensor import is_fake
 
-    return isinstance(t, FakeTensor) or t.device.type == "meta"
+    return is_fake(t) or t.device.type == "meta"
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -325,16 +327,21 @@ def _launch(kernel_name: str, a: torch.Tensor, packed, absmax, code, blocksize, 
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(grid_cols, meta[cols_key]),)
 
     launcher = torch.library.wrap_triton(kernel)[grid]
-    launcher(
-        a, packed, absmax,
-        nested_absmax if nested else dummy, nested_code if nested else dummy, offset if nested else dummy, code,
-        lora_1 if has_lora else dummy, lora_2 if has_lora else dummy, extra if has_extra else dummy, out,
-        int(m), int(n), int(k), int(r),
-        BLOCKSIZE=int(blocksize), NESTED_BLOCKSIZE=int(nested_blocksize), NESTED=bool(nested),
-        ROW_ALIGNED=bool(k % blocksize == 0), HAS_LORA=bool(has_lora), **{extra_name: bool(has_extra)},
-        R_PAD=_r_pad(r), DOT_PRECISION=_dot_precision(a.dtype),
-        LORA_PRECISION=_dot_precision(lora_1.dtype if has_lora else a.dtype),
-    )
+    # Triton launches on the *current* CUDA device and its current stream, not on the tensors' device: with x on
+    # cuda:1 while cuda:0 is current (a model split over GPUs) the kernel would run on cuda:0 and fault on cuda:1's
+    # pointers. Fake tensors (torch.compile tracing) need no guard: the compiled wrapper sets the device itself.
+    guard = contextlib.nullcontext() if interpret or _is_fake(a) else torch.cuda.device(a.device)
+    with guard:
+        launcher(
+            a, packed, absmax,
+            nested_absmax if nested else dummy, nested_code if nested else dummy, offset if nested else dummy, code,
+            lora_1 if has_lora else dummy, lora_2 if has_lora else dummy, extra if has_extra else dummy, out,
+            int(m), int(n), int(k), int(r),
+            BLOCKSIZE=int(blocksize), NESTED_BLOCKSIZE=int(nested_blocksize), NESTED=bool(nested),
+            ROW_ALIGNED=bool(k % blocksize == 0), HAS_LORA=bool(has_lora), **{extra_name: bool(has_extra)},
+            R_PAD=_r_pad(r), DOT_PRECISION=_dot_precision(a.dtype),
+            LORA_PRECISION=_dot_precision(lora_1.dtype if has_lora else a.dtype),
+        )
 
 
 # ----------------------------------------------------------------------------------------------- checks

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One script for a GPU machine: build qkernels with CUDA, run the GPU tests and the benchmarks, write results to $OUT.
+# One script for a GPU machine: build qkernels with CUDA, run the GPU tests and the GPU benchmarks, write results to $OUT.
 #
 # Usage on the lent GPU machine (python3 + torch with CUDA + nvcc there, no network):
 #   bash scripts/gpu_check.sh            # results under ${OUT:-./gpu-out}
@@ -7,36 +7,84 @@
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 -d .whl bitsandbytes==0.50.2
-# Then commit what lands in $OUT under benchmarks/results/ with the GPU named.
+# Then unpack $OUT/bench-results.tar.gz into benchmarks/results/ (files named with the GPU) and commit it.
+#
+# The device tool allows 10 minutes per call and returns at most 8 files from $OUT, so:
+# - every stage runs under `timeout` against one deadline (GPU_CHECK_BUDGET seconds, default 560, from the start),
+#   in priority order: build, the GPU-marked tests, the GPU benchmarks, then the rest of the tests;
+# - STAGES picks stages (default "build gputests bench resttests"); on a machine still warm from an earlier call the
+#   build is incremental, so a second call can be e.g. STAGES="build bench";
+# - $OUT receives summary.txt, build.log, tests.log, bench.log and bench-results.tar.gz (the JSON of this run only).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
-log() { echo "[gpu_check] $*" | tee -a "$OUT/summary.txt"; }
+START=$SECONDS
+BUDGET=${GPU_CHECK_BUDGET:-560}
+STAGES=${STAGES-build gputests bench resttests}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+log() { echo "[gpu_check +$((SECONDS - START))s] $*" | tee -a "$OUT/summary.txt"; }
+left() { echo $((BUDGET - (SECONDS - START))); }
+want() { [[ " $STAGES " == *" $1 "* ]]; }
+# Run "$@" with at most min(left - reserve, cap) seconds; skip it (rc 124) when under 20 s would remain.
+run_for() {
+  local reserve=$1 cap=$2; shift 2
+  local t=$(( $(left) - reserve )); (( t > cap )) && t=$cap
+  if (( t < 20 )); then log "skipped (out of time): $*"; return 124; fi
+  timeout -k 10 "$t" "$@"
+}
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$OUT/summary.txt"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" 2>&1 | tee -a "$OUT/summary.txt"
 
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 
-log "build (QKERNELS_CUDA=1)"
-QKERNELS_CUDA=1 QKERNELS_CUDA_ARCHS="${QKERNELS_CUDA_ARCHS:-80;90}" \
-  python3 -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 || { log "build FAILED"; exit 1; }
-python3 -c "import qkernels, json; print(json.dumps(qkernels.native_info()))" | tee -a "$OUT/summary.txt"
+rc=0
+if want build; then
+  log "build (QKERNELS_CUDA=1, in place)"
+  # build_ext --inplace puts qkernels/_C*.so beside the sources (PYTHONPATH above): no editable-install machinery.
+  QKERNELS_CUDA=1 QKERNELS_CUDA_ARCHS="${QKERNELS_CUDA_ARCHS:-80;90}" \
+    run_for 200 400 python3 setup.py build_ext --inplace >>"$OUT/build.log" 2>&1 \
+    || { log "build FAILED"; tail -n 30 "$OUT/build.log" | tee -a "$OUT/summary.txt"; exit 1; }
+fi
+python3 -c "import qkernels, json; print(json.dumps(qkernels.native_info()))" 2>&1 | tee -a "$OUT/summary.txt"
 
-log "tests (all, CUDA-marked ones included)"
-python3 -m pytest -q tests -rs >"$OUT/tests.log" 2>&1; rc=$?
-tail -n 5 "$OUT/tests.log" | tee -a "$OUT/summary.txt"
+# pytest-xdist / pytest-timeout are in the image; use them when present (Triton compiles in parallel, a hung test
+# cannot eat the whole call).
+PYTEST=(python3 -m pytest -q -rfEs --durations=15 -p no:cacheprovider)
+python3 -c "import xdist" 2>/dev/null && PYTEST+=(-n "${GPU_CHECK_WORKERS:-8}")
+python3 -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout=240)
 
-# benchmarks.run runs every benchmarks/bench_*.py, the GPU ones included (bench_gemv_cuda: fused GEMV + LoRA vs cuBLAS,
-# bitsandbytes and the device copy bandwidth); their JSON lands in benchmarks/results/*-cuda-<gpu>.json, copied below.
-if [ -f benchmarks/run.py ]; then
+if want gputests; then
+  log "tests marked cuda"
+  echo "=== pytest -m cuda" >>"$OUT/tests.log"
+  run_for 150 420 "${PYTEST[@]}" -m cuda tests >>"$OUT/tests.log" 2>&1; r=$?
+  (( r != 0 )) && rc=$r
+  tail -n 3 "$OUT/tests.log" | tee -a "$OUT/summary.txt"
+fi
+
+if want bench; then
+  # The GPU benchmarks only (bench_gemv is the CPU GEMV); their JSON goes to a fresh folder, archived into one file.
   log "benchmarks"
-  python3 -m benchmarks.run >"$OUT/bench.log" 2>&1 || log "benchmarks FAILED"
+  BENCH_DIR=$(mktemp -d)
+  for b in bench_gemv_cuda bench_triton bench_quant bench_train bench_block; do
+    [ -f "benchmarks/$b.py" ] || continue
+    echo "=== $b" >>"$OUT/bench.log"
+    run_for 40 240 python3 -m "benchmarks.$b" --results-dir "$BENCH_DIR" >>"$OUT/bench.log" 2>&1 || log "$b FAILED or timed out"
+  done
   grep -E "^[0-9]+x[0-9]+: worst fraction" "$OUT/bench.log" | tee -a "$OUT/summary.txt"  # bench_gemv_cuda targets
-  cp -r benchmarks/results "$OUT/" 2>/dev/null || true
+  tar czf "$OUT/bench-results.tar.gz" -C "$BENCH_DIR" . 2>/dev/null
 fi
+
+if want resttests; then
+  log "tests not marked cuda (CI runs these too)"
+  echo "=== pytest -m 'not cuda'" >>"$OUT/tests.log"
+  run_for 10 600 "${PYTEST[@]}" -m "not cuda" tests >>"$OUT/tests.log" 2>&1; r=$?
+  (( r != 0 && r != 124 )) && rc=$r
+  tail -n 3 "$OUT/tests.log" | tee -a "$OUT/summary.txt"
+fi
+log "done, rc=$rc"
 exit $rc

@@ -336,12 +336,22 @@ def test_quantize_4bit_double_quant_runs_on_device(quant_type):
 def test_quantize_blockwise_vs_bitsandbytes():
     bnb = _bnb_cuda_or_skip()
     _needs("quantize_blockwise_cuda")
-    A = torch.randn(70000, device="cuda")
+    n = 70000
+    A = torch.randn(n, generator=torch.Generator().manual_seed(13)).cuda()
     qb, state = bnb.functional.quantize_blockwise(A, blocksize=256)
-    q, absmax = _native.quantize_blockwise_native(A, state.code.to("cuda", torch.float32), 256)
+    code = state.code.to("cuda", torch.float32)
+    q, absmax = _native.quantize_blockwise_native(A, code, 256)
     torch.cuda.synchronize()
     assert torch.equal(absmax.view(torch.int32), state.absmax.view(torch.int32))
-    assert torch.equal(q, qb)
+    # bitsandbytes' dQuantize (binary search, then one midpoint compare) sends a value lying exactly on a midpoint to
+    # the upper entry when the search stopped above it; qkernels always takes the lower one (docs/format.md §2).
+    # Any other difference is a bug. (Exact ties are rare but not negligible at this n: ~1 ulp / entry spacing.)
+    diff = (q != qb).nonzero().flatten()
+    if diff.numel():
+        v = A * (1.0 / absmax.clamp(min=1e-38)).repeat_interleave(256)[:n]
+        bounds, _ = midpoints(code)
+        assert torch.isin(v[diff], bounds).all(), f"{diff.numel()} codes differ off the midpoints"
+        assert ((q[diff].int() - qb[diff].int()).abs() == 1).all()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -363,6 +373,30 @@ def test_cuda_tensor_with_cpu_scales_is_a_clear_error():
     with pytest.raises(ValueError, match="absmax"):
         _native.dequantize_blockwise_native(torch.zeros(10, dtype=torch.uint8, device="cuda"), torch.ones(3),
                                             dynamic_map("cuda"), 4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (tensors on cuda:1, cuda:0 current)")
+def test_kernels_on_a_device_that_is_not_current():
+    """The raw launches run on the runtime's current device: _native must switch to the tensors' device (and take
+    that device's stream) or these launches run on cuda:0 with cuda:1's pointers."""
+    _needs("gemv_4bit_lora_cuda")
+    dev = torch.device("cuda:1")
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(96, 256, generator=g)
+    x = torch.randn(3, 256, generator=g).to(torch.bfloat16)
+    with torch.cuda.device(0):
+        packed, qs = qkernels.quantize_4bit(W.to(dev), blocksize=64, double_quant=True)
+        # the reference on the same device (torch's mean, hence the nested offset, is device-specific)
+        rpacked, rqs = qkernels.quantize_4bit(W.to(dev), blocksize=64, double_quant=True, backend="reference")
+        got = qkernels.dequantize_4bit(packed, qs, dtype=torch.bfloat16)
+        out = _native.gemv_4bit_lora_native(x.to(dev), packed, qs, None, None, None)
+        torch.cuda.synchronize(dev)
+        assert torch.equal(packed, rpacked)
+        assert torch.equal(qs.absmax, rqs.absmax)
+        want = qkernels.dequantize_4bit(rpacked, rqs, dtype=torch.bfloat16, backend="reference")
+        assert torch.equal(_bits(got), _bits(want))
+        _gemv_check(x.to(dev), packed, qs, None, None, None, out)
 
 
 def _bnb_cuda_or_skip():
