@@ -333,6 +333,27 @@ def test_quantize_4bit_double_quant_runs_on_device(quant_type):
 
 
 @pytest.mark.cuda
+def test_blockwise_public_functions_run_on_device():
+    """qkernels.quantize_blockwise / dequantize_blockwise on CUDA tensors dispatch to the CUDA kernels (the op
+    used to run the reference for dequantize everywhere) and give the reference's bits; backend= forces either."""
+    _needs("dequantize_blockwise_cuda")
+    dev = torch.device("cuda")
+    assert {"quantize_blockwise", "dequantize_blockwise"} <= _backend.native_ops(dev)
+    assert _backend.resolve("dequantize_blockwise", dev, None) == "cuda"
+    A = torch.randn(333, 77, generator=torch.Generator().manual_seed(5)).cuda()
+    q, absmax = qkernels.quantize_blockwise(A, blocksize=64)
+    rq, rabsmax = qkernels.quantize_blockwise(A, blocksize=64, backend="reference")
+    assert q.shape == A.shape and q.device.type == "cuda"
+    assert torch.equal(q, rq) and torch.equal(_bits(absmax), _bits(rabsmax))
+    out = qkernels.dequantize_blockwise(q, absmax, blocksize=64)
+    ref = qkernels.dequantize_blockwise(q, absmax, blocksize=64, backend="reference")
+    assert out.shape == A.shape and out.device.type == "cuda"
+    assert torch.equal(_bits(out), _bits(ref))
+    torch.library.opcheck(torch.ops.qkernels.dequantize_blockwise.default,
+                          (q.reshape(-1), absmax, qkernels.dynamic_map(dev), 64))
+
+
+@pytest.mark.cuda
 def test_quantize_blockwise_vs_bitsandbytes():
     bnb = _bnb_cuda_or_skip()
     _needs("quantize_blockwise_cuda")
