@@ -33,8 +33,21 @@ def triton_usable(device: torch.device) -> tuple[bool, str]:
     return False, f"Triton cannot run on {device.type} here (a CUDA device, or TRITON_INTERPRET=1 on the CPU)"
 
 
-def native_ops(device: torch.device) -> set[str]:
-    """Names of the native ops ``qkernels._C`` can run on ``device`` in this build."""
+_native_ops_cache: dict[tuple[str, int], frozenset[str]] = {}
+
+
+def native_ops(device: torch.device) -> frozenset[str]:
+    """Names of the native ops ``qkernels._C`` can run on ``device`` in this build.
+
+    Cached per device type and loaded module (it is asked on every op call; for CUDA it reads ``native_info()``)."""
+    key = (device.type, id(_native._C))
+    ops = _native_ops_cache.get(key)
+    if ops is None:
+        ops = _native_ops_cache[key] = frozenset(_native_ops(device))
+    return ops
+
+
+def _native_ops(device: torch.device) -> set[str]:
     if not _native.native_available():
         return set()
     if device.type == "cpu":

@@ -118,7 +118,7 @@ def linear_4bit_impl(x, packed, scales, code, blocksize, N, lora_t, lora_B, bias
         # The op's checks (or matmul_4bit_lora's) have run and packed is uint8: call the kernel without re-validating
         # (one check per layer boundary; a decode step is ~0.3 ms, gemv_4bit_lora_native's checks ~30 us).
         absmax, nested_absmax, nested_code, offset, nested_blocksize = scales
-        t = None if lora_t is None else lora_t.to(torch.float32)
+        t = lora_t if lora_t is None or lora_t.dtype == torch.float32 else lora_t.to(torch.float32)
         return _native.gemv_4bit_lora_raw(x.contiguous(), packed, absmax, code, blocksize, N, nested_absmax,
                                           nested_code, offset, nested_blocksize, t, lora_B, bias)
     dt = _matmul_dtype(x, impl)

@@ -521,12 +521,13 @@ def gemv_4bit_lora_raw(x, raw, absmax, code, blocksize, N, nested_absmax, nested
     M, K = x.shape
     device = x.device
     r = 0
+    f32 = torch.float32
     if lora_t is not None:
         r = lora_t.shape[1]
         lora_t = lora_t.contiguous()
-        lora_B = lora_B.to(torch.float32).contiguous()
+        lora_B = (lora_B if lora_B.dtype == f32 else lora_B.to(f32)).contiguous()  # no dispatch when already f32
     if bias is not None:
-        bias = bias.to(torch.float32).contiguous()
+        bias = (bias if bias.dtype == f32 else bias.to(f32)).contiguous()
     if out is None:
         out = torch.empty((M, N), dtype=x.dtype, device=device)
     absmax = absmax.contiguous()

@@ -18,6 +18,7 @@ a bf16 base and casts x up: so do we), else in x's dtype.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import _ops  # noqa: F401  (registers the qkernels:: ops)
 from .quant_state import QuantState
@@ -95,9 +96,14 @@ def _forward(x, packed, scales, code, blocksize, N, lora_A, lora_B, bias, scalin
         if training and dropout_p > 0.0:
             mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
             xd = x * mask / (1.0 - dropout_p)
-        t = xd.to(ldt) @ lora_A.to(ldt).t()  # [M, r]
+        t = F.linear(_to(xd, ldt), _to(lora_A, ldt))  # [M, r] = xd A^T
     y = _linear(x, packed, scales, code, blocksize, N, None if t is None else t * scaling, lora_B, bias, backend)
     return y, xd, mask, t
+
+
+def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without a dispatch when it is already that dtype (a decode step makes many such calls)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _linear(x, packed, scales, code, blocksize, N, lora_t, lora_B, bias, backend):

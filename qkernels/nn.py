@@ -409,10 +409,11 @@ class QLoRALinear(nn.Module):
         if name is not None:
             A, B, scaling = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
             p = getattr(self.lora_dropout[name], "p", 0.0)
-        xc = x if self.compute_dtype is None else x.to(self.compute_dtype)
+        cdt = self.compute_dtype
+        xc = x if cdt is None or cdt == x.dtype else x.to(cdt)
         y = matmul_4bit_lora(xc, self.weight.data, self.weight.quant_state, A, B, scaling, self.bias, p,
                              training=self.training)
-        return y.to(x.dtype)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``dequant(W)`` as a ``[out_features, in_features]`` tensor of ``dtype``."""
