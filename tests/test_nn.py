@@ -367,12 +367,15 @@ def _corrupt_cases():
         (put("lora_A.default.weight", lambda v: v[:2]), r"size mismatch for 'lora_A.default.weight'.*rank"),
         (put("weight", lambda v: v.float()), "size mismatch for 'weight'"),
         (put("weight", lambda v: v.to(torch.int32)), "must be uint8"),
+        (put("weight.quant_map", lambda v: v.flip(0)), "'quant_map' is not the standard nf4 codebook"),
+        (put("weight.nested_absmax", lambda v: v * float("nan")), "'nested_absmax' holds NaN"),
     ]
 
 
 @pytest.mark.parametrize("corrupt, match", _corrupt_cases(),
                          ids=["no-absmax", "no-blob", "no-weight", "bad-json", "short-weight", "short-absmax",
-                              "short-bias", "wrong-rank", "float-weight", "int-weight"])
+                              "short-bias", "wrong-rank", "float-weight", "int-weight", "tampered-quant-map",
+                              "nan-nested-absmax"])
 def test_corrupted_state_dict_raises_and_loads_nothing(corrupt, match):
     torch.manual_seed(0)
     src = QLoRALinear(96, 40, r=4)
