@@ -157,3 +157,65 @@ def test_bitsandbytes_cpu_inference_layout_loads_in_block_order(quant_type):
     d["absmax"] = d["absmax"].t().contiguous()  # [N, K/bs] is no known layout: still an error
     with pytest.raises(ValueError, match="one entry per block"):
         QuantState.from_dict(d)
+
+
+# ---------------------------------------------------------------------------------------------- transformers checkpoints
+LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _tiny_llama_dir(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)  # hidden 128: two 64-blocks per row, so a block-order mistake shows
+    cfg = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "dense")
+    return tmp_path / "dense", cfg
+
+
+def _logits(model, ids):
+    model.train()  # no dropout in this Llama; train mode keeps bitsandbytes off its bf16-scale CPU inference path
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("quant_type, double_quant, storage", [("nf4", True, torch.uint8), ("fp4", False, torch.bfloat16)],
+                         ids=["nf4-dq-uint8", "fp4-bf16-storage"])
+def test_transformers_4bit_checkpoint_loads_into_qkernels_and_back(tmp_path, quant_type, double_quant, storage):
+    """A tiny Llama loaded by transformers with BitsAndBytesConfig and saved with save_pretrained loads with
+    load_state_dict into the dense architecture after apply_qlora, whatever format apply_qlora was given (the
+    checkpoint's wins); and our state dict with the bitsandbytes quantization_config loads with from_pretrained.
+    40 tokens per forward: every layer takes qkernels' dequantize + BLAS path, bit for bit bitsandbytes' exact path,
+    so the logits are equal."""
+    from safetensors.torch import load_file, save_file
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    dense_dir, cfg = _tiny_llama_dir(tmp_path)
+    bnb_cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_quant_storage=storage,
+                                 bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.float32)
+    theirs = LlamaForCausalLM.from_pretrained(dense_dir, quantization_config=bnb_cfg, dtype=torch.float32)
+    theirs.save_pretrained(tmp_path / "bnb")
+    ids = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(1))
+    want = _logits(theirs, ids)
+
+    ours = LlamaForCausalLM(cfg)
+    qkernels.apply_qlora(ours, target_modules=LLAMA_LINEARS, r=4, quant_type="fp4" if quant_type == "nf4" else "nf4",
+                         double_quant=not double_quant, blocksize=256, compute_dtype=torch.float32)
+    result = ours.load_state_dict(load_file(tmp_path / "bnb" / "model.safetensors"), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    q = ours.model.layers[0].self_attn.q_proj.weight
+    assert (q.quant_type, q.compress_statistics, q.blocksize, q.dtype) == (quant_type, double_quant, 64, storage)
+    assert torch.equal(_logits(ours, ids), want)
+
+    # back: weights quantized by qkernels (blocksize 128, which the config does not say) + transformers' config with
+    # the quantization_config -> from_pretrained (bitsandbytes adopts each layer's quant state, as we do)
+    mine = qkernels.apply_qlora(LlamaForCausalLM.from_pretrained(dense_dir, dtype=torch.float32), LLAMA_LINEARS, r=4,
+                                quant_type=quant_type, double_quant=double_quant, blocksize=128, quant_storage=storage,
+                                compute_dtype=torch.float32)
+    (tmp_path / "back").mkdir()
+    (tmp_path / "back" / "config.json").write_text((tmp_path / "bnb" / "config.json").read_text())
+    mine_sd = {k: v.contiguous() for k, v in mine.state_dict().items() if ".lora_" not in k}
+    save_file(mine_sd, tmp_path / "back" / "model.safetensors", metadata={"format": "pt"})
+    back = LlamaForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32)
+    assert back.model.layers[0].mlp.down_proj.weight.quant_state.blocksize == 128
+    assert torch.equal(_logits(back, ids), _logits(mine, ids))
