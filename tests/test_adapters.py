@@ -256,6 +256,65 @@ def test_peft_adapter_loads_in_ours(tmp_path, x, serialization):
     assert_matches(run(ours, x), run(theirs, x), run(reference64(ours, tmp_path), x.double()))
 
 
+def _add_adapter_name(path) -> None:
+    """Keys as in a live PeftModel's state dict: ``<module>.lora_A.default.weight``."""
+    sd = load_file(str(path / "adapter_model.safetensors"))
+    save_file({k.replace(".weight", ".default.weight"): v for k, v in sd.items()}, str(path / "adapter_model.safetensors"))
+
+
+def _set_config(**fields):
+    def edit(path) -> None:
+        cfg = json.loads((path / "adapter_config.json").read_text())
+        cfg.update(fields)
+        (path / "adapter_config.json").write_text(json.dumps(cfg))
+    return edit
+
+
+# Configs peft writes (get_peft_model + save_pretrained), some then edited as a user's file may be: each must load here
+# with the ranks and alphas peft gives each module and peft's outputs. Pattern keys follow peft's get_pattern_key:
+# the first key k (in file order) with re.match(rf"(.*\.)?({k})$", module name).
+@pytest.mark.parametrize(
+    "config, edit",
+    [
+        (dict(target_modules=r".*\.(q_proj|up)"), None),
+        (dict(target_modules=SHORT, rank_pattern={r"layers\.[01]\.q_proj": 6, "0.up": 2, "q_proj|down": 3},
+              alpha_pattern={r".*_proj": 5, "down": 3}), None),
+        # "proj" is no key for q_proj (no '.' before it); "own" matches no suffix; the first matching key wins. (peft
+        # writes the keys sorted, so a file keeps the order only when it is sorted, as here: peft then cannot reload
+        # its own adapter either, and qkernels reports the shape mismatch)
+        (dict(target_modules=SHORT, rank_pattern={"layers.1.v_proj": 2, "own": 7, "proj": 5, "v_proj": 3}), None),
+        (dict(target_modules=SHORT, exclude_modules=r".*0\.down", layers_to_transform=[0], layers_pattern="layers"),
+         None),
+        (dict(target_modules=SHORT, init_lora_weights="gaussian", lora_dropout=0.2), None),
+        (dict(target_modules=SHORT), _set_config(init_lora_weights="orthogonal", ensure_weight_tying=True)),
+        (dict(target_modules=SHORT), _set_config(init_lora_weights="lora_ga", some_future_field=None)),
+        (dict(target_modules=SHORT), _add_adapter_name),
+    ],
+    ids=["regex-target", "regex-pattern-keys", "pattern-key-order", "exclude-layers", "gaussian-dropout",
+         "orthogonal-init", "lora-ga-init-unset-new-field", "keys-with-adapter-name"],
+)
+def test_peft_config_variants_load_with_peft_outputs(tmp_path, x, config, edit):
+    ours = qk_toy()
+    theirs = peft.get_peft_model(bnb_base(ours), peft.LoraConfig(r=4, lora_alpha=8, **config))
+    randomize(theirs, "default", seed=3)
+    theirs.save_pretrained(str(tmp_path))
+    if edit is not None:
+        edit(tmp_path)
+    if edit is _add_adapter_name:  # peft reads such keys too
+        theirs = peft.PeftModel.from_pretrained(bnb_base(ours), str(tmp_path))
+    # (the init edits: peft cannot create "orthogonal" on a 4-bit base; the file's A, B are what both compute with)
+    loaded = adapters.load_adapter(ours, tmp_path, adapter_name="peft")
+    lora_theirs = {n.removeprefix("base_model.model."): m for n, m in theirs.named_modules()
+                   if "default" in getattr(m, "lora_A", {})}
+    assert sorted(loaded) == sorted(lora_theirs)
+    for name, m in lora_theirs.items():
+        mine = ours.get_submodule(name)
+        assert (mine.r["peft"], mine.lora_alpha["peft"]) == (m.r["default"], m.lora_alpha["default"]), name
+    theirs.eval()
+    ours.eval()
+    assert_matches(run(ours, x), run(theirs, x), run(reference64(ours, tmp_path), x.double()))
+
+
 # ---------------------------------------------------------------------------------------------- refusals
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
@@ -295,6 +354,16 @@ LAST = "base_model.model.layers.1.v_proj"  # sorts last: an eager loader would h
         ("missing-B", lambda sd: sd.pop(f"{LAST}.lora_B.weight"), None, r"layers\.1\.v_proj.*no lora_B"),
         ("dora", None, lambda c: c.update(use_dora=True), r"use_dora=True \(DoRA"),
         ("peft-type", None, lambda c: c.update(peft_type="IA3"), r"peft_type is 'IA3'"),
+        # peft re-derives the base residual W - B0 A0 of these inits when it loads the adapter (olora on this 4-bit
+        # toy: outputs 0.54 off the plain LoRA ones); qkernels cannot, so it must not load them as plain LoRA
+        ("olora", None, lambda c: c.update(init_lora_weights="olora"), r"init_lora_weights='olora' trains against"),
+        ("pissa", None, lambda c: c.update(init_lora_weights="pissa_niter_4"), r"'pissa_niter_4' trains against"),
+        ("megatron", None, lambda c: c.update(megatron_config={"tensor_model_parallel_size": 2}),
+         r"megatron_config=.*Megatron"),
+        ("new-field", None, lambda c: c.update(use_newvariant=True), r"\{'use_newvariant': True\} are not LoraConfig"),
+        ("bad-regex", None, lambda c: c.update(rank_pattern={"up(": 2}), r"key 'up\(' is not a valid regular expr"),
+        ("two-names", lambda sd: sd.update({f"{LAST}.lora_B.other.weight": sd.pop(f"{LAST}.lora_B.weight")}), None,
+         r"disagree on the adapter name"),
     ],
 )
 def test_mismatch_raises_and_loads_nothing(trained, case, edit_tensors, edit_config, message):
