@@ -48,7 +48,7 @@ CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."  # peft's prefix of every LoRA key (PeftModel.base_model = LoraModel, .model)
-# peft writes ``<module>.lora_A.weight``; a state dict taken from a live PeftModel has ``<module>.lora_A.<adapter>.weight``
+# peft writes ``<module>.lora_A.weight``; a live PeftModel's state dict has ``<module>.lora_A.<adapter>.weight``
 _KEY_RE = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")
 
 # LoraConfig fields that change what the adapter computes or what the file holds beyond plain A/B on Linear layers.
@@ -72,7 +72,8 @@ _UNSUPPORTED_IF_SET = {
 # init_lora_weights values for which peft changes the BASE weight (W - s * B0 @ A0) when it creates the adapter, also
 # when it loads a saved one (PeftModel.from_pretrained re-runs the init). The saved A, B were trained against that
 # residual, which qkernels does not rebuild on a 4-bit base: the outputs would differ from peft's. Other strings
-# ("gaussian", "eva", "loftq", "orthogonal", "lora_ga", "mica", ...) only set the starting A, B, which the file replaces.
+# ("gaussian", "eva", "orthogonal", "lora_ga", "mica", ...) only set the starting A, B, which the file replaces;
+# "loftq" trains against the quantized weight, which is what a 4-bit base holds.
 _BASE_MODIFYING_INITS = ("pissa", "corda", "olora")
 
 # Every adapter_config.json field of peft 0.21's LoraConfig (and PeftConfig's). Another field comes from a newer peft:

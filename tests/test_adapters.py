@@ -259,7 +259,8 @@ def test_peft_adapter_loads_in_ours(tmp_path, x, serialization):
 def _add_adapter_name(path) -> None:
     """Keys as in a live PeftModel's state dict: ``<module>.lora_A.default.weight``."""
     sd = load_file(str(path / "adapter_model.safetensors"))
-    save_file({k.replace(".weight", ".default.weight"): v for k, v in sd.items()}, str(path / "adapter_model.safetensors"))
+    named = {k.replace(".weight", ".default.weight"): v for k, v in sd.items()}
+    save_file(named, str(path / "adapter_model.safetensors"))
 
 
 def _set_config(**fields):

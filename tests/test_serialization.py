@@ -159,7 +159,7 @@ def test_bitsandbytes_cpu_inference_layout_loads_in_block_order(quant_type):
         QuantState.from_dict(d)
 
 
-# ---------------------------------------------------------------------------------------------- transformers checkpoints
+# ------------------------------------------------------------------------------------------ transformers checkpoints
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -179,8 +179,8 @@ def _logits(model, ids):
         return model(ids).logits
 
 
-@pytest.mark.parametrize("quant_type, double_quant, storage", [("nf4", True, torch.uint8), ("fp4", False, torch.bfloat16)],
-                         ids=["nf4-dq-uint8", "fp4-bf16-storage"])
+@pytest.mark.parametrize("quant_type, double_quant, storage",
+                         [("nf4", True, torch.uint8), ("fp4", False, torch.bfloat16)], ids=["nf4-dq-uint8", "fp4-bf16"])
 def test_transformers_4bit_checkpoint_loads_into_qkernels_and_back(tmp_path, quant_type, double_quant, storage):
     """A tiny Llama loaded by transformers with BitsAndBytesConfig and saved with save_pretrained loads with
     load_state_dict into the dense architecture after apply_qlora, whatever format apply_qlora was given (the
