@@ -277,7 +277,12 @@ def _read_config(path: str | os.PathLike) -> dict[str, Any]:
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: a peft adapter directory holds {CONFIG_NAME}")
     with open(cfg_path, encoding="utf-8") as f:
-        cfg = json.load(f)
+        try:
+            cfg = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{cfg_path} is not valid JSON ({e}); the file is truncated or corrupted") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_path} must hold a JSON object (a peft LoraConfig), got a {type(cfg).__name__}")
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{cfg_path}: peft_type is {cfg.get('peft_type')!r}; only LoRA adapters ('LORA') load")
     _check_variant_fields(cfg, cfg_path)
@@ -304,11 +309,25 @@ def _read_config(path: str | os.PathLike) -> dict[str, Any]:
 def _read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     st, bn = os.path.join(path, SAFETENSORS_NAME), os.path.join(path, BIN_NAME)
     if os.path.isfile(st):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(st)
+        try:
+            return load_file(st)
+        except SafetensorError as e:
+            raise ValueError(f"{st} cannot be read ({e}); the file is truncated or corrupted") from None
     if os.path.isfile(bn):
-        return torch.load(bn, map_location="cpu", weights_only=True)
+        try:  # weights_only: a pickle that needs more than tensors is refused, never executed
+            sd = torch.load(bn, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises UnpicklingError, EOFError, RuntimeError... depending on the damage
+            raise ValueError(f"{bn} cannot be read as a torch pickle of tensors ({type(e).__name__}): it is corrupted "
+                             "or holds other objects (not unpickled: that could run code); re-save the adapter as "
+                             "safetensors") from None
+        bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)] if isinstance(sd, dict) else None
+        if bad is None or bad:
+            raise ValueError(f"{bn} must hold a dict of tensors (peft's adapter state dict); "
+                             f"{'got a ' + type(sd).__name__ if bad is None else f'entries {bad[:5]} are not tensors'}")
+        return sd
     raise FileNotFoundError(f"neither {SAFETENSORS_NAME} nor {BIN_NAME} in {path}")
 
 

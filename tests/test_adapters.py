@@ -382,6 +382,44 @@ def test_mismatch_raises_and_loads_nothing(trained, case, edit_tensors, edit_con
     _assert_unchanged(target, before, ["default"])
 
 
+def _truncate(name):
+    def edit(path) -> None:
+        data = (path / name).read_bytes()
+        (path / name).write_bytes(data[: len(data) // 2])
+    return edit
+
+
+def _as_bin(content):
+    def edit(path) -> None:
+        (path / "adapter_model.safetensors").unlink()
+        if isinstance(content, bytes):
+            (path / "adapter_model.bin").write_bytes(content)
+        else:
+            torch.save(content, path / "adapter_model.bin")
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_truncate("adapter_model.safetensors"), r"adapter_model\.safetensors cannot be read .*truncated or corrupted"),
+        (_truncate("adapter_config.json"), r"adapter_config\.json is not valid JSON"),
+        (lambda path: (path / "adapter_config.json").write_text("[4]"), r"adapter_config\.json must hold a JSON obj"),
+        (_as_bin(b"not a pickle"), r"adapter_model\.bin cannot be read as a torch pickle of tensors"),
+        (_as_bin({"base_model.model.layers.0.up.lora_A.weight": 1.0}), r"adapter_model\.bin must hold a dict of tens"),
+    ],
+    ids=["truncated-safetensors", "truncated-config", "config-not-object", "bin-garbage", "bin-not-tensors"],
+)
+def test_damaged_files_raise_value_error_naming_the_file(trained, edit, message):
+    _, path = trained
+    edit(path)
+    target = qk_toy()
+    before = _snapshot(target)
+    with pytest.raises(ValueError, match=message):
+        adapters.load_adapter(target, path, adapter_name="new")
+    _assert_unchanged(target, before, ["default"])
+
+
 def test_non_qlora_target_and_existing_name(trained, x):
     model, path = trained
     partial = apply_qlora(dense_toy(), target_modules=["q_proj", "v_proj", "down"], r=4, lora_alpha=8,
