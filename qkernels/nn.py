@@ -303,7 +303,9 @@ class QLoRALinear(nn.Module):
         if getattr(qs, "packing_format_for_cpu", False):  # bnb's CPU inference repacking: undo it, as its save does
             from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
 
-            data, qs = _convert_weight_packed_for_cpu_inverse(data, qs)
+            # on a copy: the inverse rewrites the quant state in place, which broke the bnb layer (its next eval
+            # forward repacked the already repacked bytes: outputs ~3 off)
+            data, qs = _convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(qs))
         # copies, so the two layers share no storage (bnb's QuantState tensors would otherwise be aliased)
         bnb_dict = {k: v.detach().clone() for k, v in qs.as_dict(packed=True).items()}
         state = QuantState.from_dict(bnb_dict, device=data.device)

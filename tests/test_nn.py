@@ -334,6 +334,28 @@ def test_from_bnb_wraps_without_requantizing():
         QLoRALinear.from_bnb(lin)
 
 
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
+def test_from_bnb_of_a_layer_in_cpu_inference_layout_leaves_it_intact(double_quant):
+    """bitsandbytes repacks a Linear4bit for CPU inference at its first eval forward (on AVX512-BF16 CPUs; done here
+    with its own conversion function, so on any CPU): scales become bf16. from_bnb undoes that on a copy; the bnb
+    layer keeps its repacked bytes and state, and our weight decodes with the scales it ran with."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    torch.manual_seed(0)
+    q = _bnb_layer(torch.nn.Linear(256, 64), "nf4", double_quant)
+    plain = QLoRALinear.from_bnb(q, r=4)
+    q.weight.data, q.weight.quant_state = _convert_weight_packed_for_cpu(q.weight.data, q.weight.quant_state)
+    data, absmax = q.weight.data.clone(), q.weight.quant_state.absmax.clone()
+    layer = QLoRALinear.from_bnb(q, r=4)
+    qs = q.weight.quant_state
+    assert torch.equal(q.weight.data, data) and torch.equal(qs.absmax, absmax) and qs.packing_format_for_cpu
+    assert qs.absmax.dtype == torch.bfloat16 and not qs.nested, "the bnb layer's inference state is untouched"
+    assert torch.equal(layer.weight.data, plain.weight.data), "the format's packed bytes"
+    if not double_quant:  # the bf16 scales exactly (with nesting bitsandbytes re-quantizes them on the way back)
+        want = plain.weight.quant_state.absmax.to(torch.bfloat16).float()
+        assert torch.equal(layer.weight.quant_state.absmax, want)
+
+
 @pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16], ids=["uint8", "bf16"])
 def test_state_dict_round_trip_is_bit_exact(storage):
     torch.manual_seed(0)
