@@ -532,6 +532,10 @@ class QLoRALinear(nn.Module):
         if not isinstance(packed, torch.Tensor):
             raise ValueError(f"{wkey!r} must be a tensor of packed 4-bit codes, got {type(packed).__name__}")
         if not qkeys:
+            if packed.is_floating_point() and tuple(packed.shape) == (self.out_features, self.in_features):
+                raise ValueError(f"{wkey!r} is a float weight {tuple(packed.shape)} (an unquantized checkpoint): load "
+                                 "it into the float model before apply_qlora, which quantizes it, or build this layer "
+                                 "with QLoRALinear.from_linear")
             raise ValueError(f"{wkey!r} has no quant state: expected {wkey}.absmax, {wkey}.quant_map, ... and "
                              f"{wkey}.quant_state.bitsandbytes__nf4/fp4 (a bitsandbytes Linear4bit state dict)")
         dev = self.weight.device

@@ -423,6 +423,15 @@ def test_shape_mismatch_names_the_key_and_the_fix():
                                 **{"1." + k: v for k, v in sd.items()}})
 
 
+def test_float_checkpoint_is_refused_with_the_fix():
+    layer = QLoRALinear(96, 40, r=4)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'weight' is a float weight \(40, 96\) \(an unquantized checkpoint\).*"
+                                         r"before apply_qlora"):
+        layer.load_state_dict(torch.nn.Linear(96, 40).state_dict(), strict=False)
+    assert all(torch.equal(layer.state_dict()[k], v) for k, v in before.items())
+
+
 def test_base_only_checkpoint_loads_strict_and_missing_base_keys_are_still_reported():
     torch.manual_seed(0)
     src, dst = QLoRALinear(96, 40, r=4), QLoRALinear(96, 40, r=4)
