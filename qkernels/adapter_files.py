@@ -184,9 +184,15 @@ def _config_fields(model: nn.Module, infos: list[_ModuleAdapter], task_type: str
         raise ValueError("modules mix rsLoRA and plain LoRA scaling in one adapter; peft's use_rslora is global")
     r, alpha = _most_common([i.r for i in infos]), _most_common([i.alpha for i in infos])
     # peft's get_pattern_key matches a pattern p as re.match(rf"(.*\.)?({p})$", module_name): an escaped full name
-    # selects exactly that module.
-    rank_pattern = {re.escape(i.name): i.r for i in infos if i.r != r}
-    alpha_pattern = {re.escape(i.name): i.alpha for i in infos if i.alpha != alpha}
+    # selects that module and every module whose name ends in "." + it (a top-level "up" also selects "layers.0.up");
+    # then "^" anchors it: after the optional prefix "^" cannot match, so only the name itself is left.
+    names = [i.name for i in infos]
+
+    def key(name: str) -> str:
+        return ("^" if any(n.endswith("." + name) for n in names) else "") + re.escape(name)
+
+    rank_pattern = {key(i.name): i.r for i in infos if i.r != r}
+    alpha_pattern = {key(i.name): i.alpha for i in infos if i.alpha != alpha}
     if base_model_name_or_path is None:
         cfg = getattr(model, "config", None)
         base_model_name_or_path = getattr(model, "name_or_path", None) or getattr(cfg, "_name_or_path", None) or None

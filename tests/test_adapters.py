@@ -316,6 +316,43 @@ def test_peft_config_variants_load_with_peft_outputs(tmp_path, x, config, edit):
     assert_matches(run(ours, x), run(theirs, x), run(reference64(ours, tmp_path), x.double()))
 
 
+class TopUp(Toy):
+    """The toy plus a top-level ``up``: its name is also the end of ``layers.0.up`` and ``layers.1.up``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(IN, IN)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(super().forward(x))
+
+
+def top_up() -> TopUp:
+    torch.manual_seed(0)
+    return TopUp()
+
+
+def test_rank_of_a_module_whose_name_ends_others_is_saved_for_it_alone(tmp_path, x):
+    """peft matches a rank_pattern key against the end of a name, so the key "up" of a top-level module at r=6 gave
+    every "*.up" r=6 too: the saved adapter loaded neither here nor in peft (shape mismatch)."""
+    model = apply_qlora(top_up(), target_modules=["up", "down"], r=4, lora_alpha=8, compute_dtype=torch.float32)
+    top = model.get_submodule("up")
+    top.delete_adapter("default")
+    top.update_layer("default", 6, 3, 0.0, True, False)
+    top.set_adapter("default")
+    randomize(model, "default", seed=1)
+    adapters.save_adapter(model, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["rank_pattern"] == {"^up": 6} and cfg["alpha_pattern"] == {"^up": 3}
+    fresh = apply_qlora(top_up(), target_modules=["up", "down"], r=2, lora_alpha=8, compute_dtype=torch.float32)
+    adapters.load_adapter(fresh, tmp_path, replace=True)
+    assert fresh.get_submodule("layers.0.up").r["default"] == 4 and fresh.get_submodule("up").r["default"] == 6
+    assert torch.equal(run(fresh, x), run(model, x))
+    theirs = peft.PeftModel.from_pretrained(bnb_base(model, top_up), str(tmp_path))
+    assert theirs.base_model.model.up.r["default"] == 6 and theirs.base_model.model.layers[0].up.r["default"] == 4
+    assert_matches(run(model, x), run(theirs, x), run(reference64(model, tmp_path, top_up), x.double()))
+
+
 # ---------------------------------------------------------------------------------------------- refusals
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
