@@ -97,7 +97,8 @@ def _check_variant_fields(cfg: dict[str, Any], cfg_path: str) -> None:
             f"{cfg_path}: init_lora_weights={init!r} trains against a modified base weight (W - B0 @ A0), which peft "
             "rebuilds from the float base when it loads the adapter; qkernels cannot. Convert it to a plain LoRA "
             "adapter with peft (save_pretrained(..., path_initial_model_for_weight_conversion=<the initial adapter>), "
-            "which writes init_lora_weights=true) and load that"
+            "which writes init_lora_weights=true) and load that; or, if this base already is the saved residual model, "
+            "set init_lora_weights to true in the file (peft's PiSSA / OLoRA examples do so before saving)"
         )
     unknown = {k: v for k, v in cfg.items() if k not in _KNOWN_FIELDS and v not in (None, False, "", [], {})}
     if unknown:
