@@ -48,7 +48,8 @@ CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."  # peft's prefix of every LoRA key (PeftModel.base_model = LoraModel, .model)
-_KEY_RE = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)\.weight$")
+# peft writes ``<module>.lora_A.weight``; a live PeftModel's state dict has ``<module>.lora_A.<adapter>.weight``
+_KEY_RE = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")
 
 # LoraConfig fields that change what the adapter computes or what the file holds beyond plain A/B on Linear layers.
 # qkernels' QLoRALinear does plain LoRA, so an adapter using any of these is refused rather than silently mis-applied.
@@ -65,7 +66,46 @@ _UNSUPPORTED_IF_SET = {
     "kasa_config": "KaSA",
     "velora_config": "VeLoRA",
     "monteclora_config": "MonteCLoRA",
+    "megatron_config": "LoRA on Megatron tensor-parallel layers",
 }
+
+# init_lora_weights values for which peft changes the BASE weight (W - s * B0 @ A0) when it creates the adapter, also
+# when it loads a saved one (PeftModel.from_pretrained re-runs the init). The saved A, B were trained against that
+# residual, which qkernels does not rebuild on a 4-bit base: the outputs would differ from peft's. Other strings
+# ("gaussian", "eva", "orthogonal", "lora_ga", "mica", ...) only set the starting A, B, which the file replaces;
+# "loftq" trains against the quantized weight, which is what a 4-bit base holds.
+_BASE_MODIFYING_INITS = ("pissa", "corda", "olora")
+
+# Every adapter_config.json field of peft 0.21's LoraConfig (and PeftConfig's). Another field comes from a newer peft:
+# peft itself drops it with a warning, but it may switch on a LoRA variant (as use_dora, lora_bias, ... did), so a
+# set one (not None/False/empty) is refused here and an unset one ignored.
+_KNOWN_FIELDS = frozenset(
+    "task_type peft_type auto_mapping peft_version base_model_name_or_path revision inference_mode r target_modules "
+    "exclude_modules lora_alpha lora_dropout fan_in_fan_out bias use_rslora modules_to_save init_lora_weights "
+    "layers_to_transform layers_pattern rank_pattern alpha_pattern megatron_config megatron_core "
+    "trainable_token_indices loftq_config eva_config corda_config lora_ga_config use_dora velora_config "
+    "alora_invocation_tokens use_qalora qalora_group_size monteclora_config layer_replication runtime_config "
+    "lora_bias target_parameters use_bdlora arrow_config kasa_config ensure_weight_tying".split()
+)
+
+
+def _check_variant_fields(cfg: dict[str, Any], cfg_path: str) -> None:
+    """Refuse a config whose adapter computes something other than plain LoRA on the unchanged 4-bit base."""
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_MODIFYING_INITS):
+        raise ValueError(
+            f"{cfg_path}: init_lora_weights={init!r} trains against a modified base weight (W - B0 @ A0), which peft "
+            "rebuilds from the float base when it loads the adapter; qkernels cannot. Convert it to a plain LoRA "
+            "adapter with peft (save_pretrained(..., path_initial_model_for_weight_conversion=<the initial adapter>), "
+            "which writes init_lora_weights=true) and load that; or, if this base already is the saved residual model, "
+            "set init_lora_weights to true in the file (peft's PiSSA / OLoRA examples do so before saving)"
+        )
+    unknown = {k: v for k, v in cfg.items() if k not in _KNOWN_FIELDS and v not in (None, False, "", [], {})}
+    if unknown:
+        raise ValueError(
+            f"{cfg_path}: field(s) {unknown} are not LoraConfig fields that qkernels knows (written by a newer peft?) "
+            "and may change what the adapter computes; if they do not (bookkeeping only), remove them from the file"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- describing one adapter
@@ -145,9 +185,15 @@ def _config_fields(model: nn.Module, infos: list[_ModuleAdapter], task_type: str
         raise ValueError("modules mix rsLoRA and plain LoRA scaling in one adapter; peft's use_rslora is global")
     r, alpha = _most_common([i.r for i in infos]), _most_common([i.alpha for i in infos])
     # peft's get_pattern_key matches a pattern p as re.match(rf"(.*\.)?({p})$", module_name): an escaped full name
-    # selects exactly that module.
-    rank_pattern = {re.escape(i.name): i.r for i in infos if i.r != r}
-    alpha_pattern = {re.escape(i.name): i.alpha for i in infos if i.alpha != alpha}
+    # selects that module and every module whose name ends in "." + it (a top-level "up" also selects "layers.0.up");
+    # then "^" anchors it: after the optional prefix "^" cannot match, so only the name itself is left.
+    names = [i.name for i in infos]
+
+    def key(name: str) -> str:
+        return ("^" if any(n.endswith("." + name) for n in names) else "") + re.escape(name)
+
+    rank_pattern = {key(i.name): i.r for i in infos if i.r != r}
+    alpha_pattern = {key(i.name): i.alpha for i in infos if i.alpha != alpha}
     if base_model_name_or_path is None:
         cfg = getattr(model, "config", None)
         base_model_name_or_path = getattr(model, "name_or_path", None) or getattr(cfg, "_name_or_path", None) or None
@@ -238,9 +284,15 @@ def _read_config(path: str | os.PathLike) -> dict[str, Any]:
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: a peft adapter directory holds {CONFIG_NAME}")
     with open(cfg_path, encoding="utf-8") as f:
-        cfg = json.load(f)
+        try:
+            cfg = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{cfg_path} is not valid JSON ({e}); the file is truncated or corrupted") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_path} must hold a JSON object (a peft LoraConfig), got a {type(cfg).__name__}")
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{cfg_path}: peft_type is {cfg.get('peft_type')!r}; only LoRA adapters ('LORA') load")
+    _check_variant_fields(cfg, cfg_path)
     for key, what in _UNSUPPORTED_IF_SET.items():
         if cfg.get(key):
             raise ValueError(f"{cfg_path}: {key}={cfg[key]!r} ({what}) is not supported by qkernels' QLoRALinear")
@@ -264,19 +316,37 @@ def _read_config(path: str | os.PathLike) -> dict[str, Any]:
 def _read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     st, bn = os.path.join(path, SAFETENSORS_NAME), os.path.join(path, BIN_NAME)
     if os.path.isfile(st):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(st)
+        try:
+            return load_file(st)
+        except SafetensorError as e:
+            raise ValueError(f"{st} cannot be read ({e}); the file is truncated or corrupted") from None
     if os.path.isfile(bn):
-        return torch.load(bn, map_location="cpu", weights_only=True)
+        try:  # weights_only: a pickle that needs more than tensors is refused, never executed
+            sd = torch.load(bn, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises UnpicklingError, EOFError, RuntimeError... depending on the damage
+            raise ValueError(f"{bn} cannot be read as a torch pickle of tensors ({type(e).__name__}): it is corrupted "
+                             "or holds other objects (not unpickled: that could run code); re-save the adapter as "
+                             "safetensors") from None
+        bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)] if isinstance(sd, dict) else None
+        if bad is None or bad:
+            raise ValueError(f"{bn} must hold a dict of tensors (peft's adapter state dict); "
+                             f"{'got a ' + type(sd).__name__ if bad is None else f'entries {bad[:5]} are not tensors'}")
+        return sd
     raise FileNotFoundError(f"neither {SAFETENSORS_NAME} nor {BIN_NAME} in {path}")
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     """peft's ``get_pattern_key`` + lookup: the first pattern ``p`` with ``re.match(rf"(.*\\.)?({p})$", module)``."""
     for p, v in patterns.items():
-        if re.match(rf"(.*\.)?({p})$", module):
-            return v
+        try:
+            if re.match(rf"(.*\.)?({p})$", module):
+                return v
+        except re.error as e:
+            raise ValueError(f"rank_pattern / alpha_pattern key {p!r} is not a valid regular expression ({e}); peft "
+                             "matches each key as a regex against the end of the module name") from None
     return default
 
 
@@ -316,6 +386,7 @@ def _split_keys(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tenso
     save_names = match_modules_to_save(model, cfg.get("modules_to_save") or [])
     pairs: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     saved: dict[str, dict[str, torch.Tensor]] = {}
+    names_in_keys: dict[str | None, str] = {}  # adapter name segment (None: peft's file format) -> first key with it
     for key, t in sd.items():
         stripped = key.removeprefix(PEFT_PREFIX)
         owner = [n for n in save_names if stripped.startswith(n + ".")]
@@ -329,6 +400,12 @@ def _split_keys(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tenso
                 f"adapter key {key!r} is not a LoRA weight '{PEFT_PREFIX}<module>.lora_A.weight' / '.lora_B.weight' "
                 f"nor a tensor of a module to save (the config's modules_to_save={cfg.get('modules_to_save')!r} "
                 f"selects {save_names} here); embedding/bias/DoRA tensors are not supported"
+            )
+        names_in_keys.setdefault(match["adapter"], key)
+        if len(names_in_keys) > 1:
+            raise ValueError(
+                f"adapter keys {sorted(names_in_keys.values())} disagree on the adapter name between lora_A/lora_B "
+                "and weight; a file holds one adapter, in peft's format without the name (<module>.lora_A.weight)"
             )
         pairs.setdefault(match["module"], {})[match["which"]] = (key, t)
     return pairs, saved
@@ -423,7 +500,11 @@ def load_adapter(
 
     Reads ``adapter_config.json`` and ``adapter_model.safetensors`` (else ``adapter_model.bin``). Per module the
     rank and alpha are the config's ``r`` / ``lora_alpha`` unless ``rank_pattern`` / ``alpha_pattern`` match it
-    (peft's rule); scaling is ``alpha / r`` or ``alpha / sqrt(r)`` with ``use_rslora``.
+    (peft's rule); scaling is ``alpha / r`` or ``alpha / sqrt(r)`` with ``use_rslora``. Keys may also carry the
+    adapter name (``<module>.lora_A.<name>.weight``, as in a live PeftModel's state dict; one name per file).
+    ``init_lora_weights`` does not matter (the file's A, B replace the init), except the inits for which peft
+    modifies the base weight ("pissa...", "corda", "olora"): those are refused, as are config fields that
+    qkernels does not know (a newer peft) when set.
 
     The config's ``target_modules`` / ``exclude_modules`` / ``layers_to_transform`` / ``layers_pattern`` are
     honoured as peft does: every LoRA key must name a module they select. ``modules_to_save``: each selected module
@@ -434,7 +515,7 @@ def load_adapter(
     Everything is validated before the model changes: a key naming no QLoRALinear (the error lists the modules
     that exist) or a module the config does not select, an A without its B, a shape that is not
     ``[r, in_features]`` / ``[out_features, r]``, a module to save whose tensors are missing or misshapen, an
-    unsupported config (DoRA, bias, ...) each raise ``ValueError`` and load nothing.
+    unsupported config (DoRA, bias, Megatron, ...) each raise ``ValueError`` and load nothing.
 
     ``replace``: if ``adapter_name`` already exists, delete it first (otherwise that is an error).
     ``set_active``: make the loaded adapter active (``PeftModel.from_pretrained`` does; ``load_adapter`` in peft

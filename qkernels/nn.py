@@ -303,7 +303,9 @@ class QLoRALinear(nn.Module):
         if getattr(qs, "packing_format_for_cpu", False):  # bnb's CPU inference repacking: undo it, as its save does
             from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
 
-            data, qs = _convert_weight_packed_for_cpu_inverse(data, qs)
+            # on a copy: the inverse rewrites the quant state in place, which broke the bnb layer (its next eval
+            # forward repacked the already repacked bytes: outputs ~3 off)
+            data, qs = _convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(qs))
         # copies, so the two layers share no storage (bnb's QuantState tensors would otherwise be aliased)
         bnb_dict = {k: v.detach().clone() for k, v in qs.as_dict(packed=True).items()}
         state = QuantState.from_dict(bnb_dict, device=data.device)
@@ -531,6 +533,10 @@ class QLoRALinear(nn.Module):
         if not isinstance(packed, torch.Tensor):
             raise ValueError(f"{wkey!r} must be a tensor of packed 4-bit codes, got {type(packed).__name__}")
         if not qkeys:
+            if packed.is_floating_point() and tuple(packed.shape) == (self.out_features, self.in_features):
+                raise ValueError(f"{wkey!r} is a float weight {tuple(packed.shape)} (an unquantized checkpoint): load "
+                                 "it into the float model before apply_qlora, which quantizes it, or build this layer "
+                                 "with QLoRALinear.from_linear")
             raise ValueError(f"{wkey!r} has no quant state: expected {wkey}.absmax, {wkey}.quant_map, ... and "
                              f"{wkey}.quant_state.bitsandbytes__nf4/fp4 (a bitsandbytes Linear4bit state dict)")
         dev = self.weight.device

@@ -46,6 +46,45 @@ def _parse_dtype(name: Any, key: str) -> torch.dtype:
     return _DTYPE_NAMES[name]
 
 
+def _from_cpu_inference_layout(absmax: Any, shape: list[int], blocksize: Any) -> Any:
+    """A plain (not nested) absmax in bitsandbytes' CPU inference layout -> the format's float32 ``[nblocks]``.
+
+    bitsandbytes 0.50.2, on a CPU with AVX512-BF16, repacks a ``Linear4bit`` for inference on its first eval
+    forward: absmax becomes bfloat16 ``[K / blocksize, N]`` (transposed) for a weight ``[N, K]``. Saving undoes the
+    nibble repacking but, without double quantization, not this: the checkpoint holds that bf16 ``[K/bs, N]`` tensor
+    (its own reload then reads it in the wrong order). It holds the exact scales the saving model ran with, so it is
+    read back as ``absmax.T.reshape(-1)`` widened to float32 (exact). Anything else is returned unchanged.
+    """
+    if (
+        isinstance(absmax, torch.Tensor) and absmax.dtype == torch.bfloat16 and absmax.dim() == 2
+        and len(shape) == 2 and isinstance(blocksize, int) and blocksize > 0 and shape[1] % blocksize == 0
+        and tuple(absmax.shape) == (shape[1] // blocksize, shape[0])
+    ):
+        return absmax.t().reshape(-1).float()
+    return absmax
+
+
+def _check_loaded_scales(state: QuantState) -> None:
+    """What ``validate`` does not check on every call (it runs before each dequantization), checked once at load.
+
+    - ``quant_map`` must be the standard table of ``quant_type``: bitsandbytes decodes with that table whatever the
+      checkpoint's ``quant_map`` says, while qkernels decodes with ``quant_map``; a different one would silently give
+      outputs that differ from bitsandbytes'.
+    - float scales must be finite: a NaN/inf absmax turns its whole block into NaN.
+    """
+    if not torch.equal(state.code.cpu(), get_codebook(state.quant_type)):
+        raise ValueError(
+            f"quant state key 'quant_map' is not the standard {state.quant_type} codebook (corrupted, or written for "
+            f"another quant_type); bitsandbytes decodes quant_type={state.quant_type!r} with its standard table, so "
+            "this checkpoint is inconsistent. Re-save it from the model that wrote it."
+        )
+    scales = [("nested_absmax", state.state2.absmax)] if state.nested else [("absmax", state.absmax)]
+    for key, t in scales:
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"quant state key {key!r} holds NaN or inf (first at index "
+                             f"{int((~torch.isfinite(t)).nonzero()[0, 0])}); the checkpoint is corrupted")
+
+
 class QuantState:
     """Decoding state of a blockwise-quantized 4-bit tensor (or of its nested 8-bit absmax).
 
@@ -223,8 +262,10 @@ class QuantState:
 
         Keys may carry a module prefix (``"layer.weight.absmax"``): the part after the last ``.`` is the key,
         except for the ``quant_state.bitsandbytes__nf4``/``__fp4`` blob. Missing, unknown or corrupted keys
-        raise ValueError naming the key. Tensors are moved to ``device`` (default: where ``absmax`` is).
-        Does not modify ``qs_dict``.
+        raise ValueError naming the key, as do a ``quant_map`` that is not the standard table of ``quant_type`` and
+        NaN/inf scales. A plain absmax in bitsandbytes' CPU inference layout (bf16 ``[K/bs, N]``, written by
+        bitsandbytes 0.50.2 when a model is saved after a CPU eval forward) is read back in the format's order.
+        Tensors are moved to ``device`` (default: where ``absmax`` is). Does not modify ``qs_dict``.
         """
         if not isinstance(qs_dict, dict):
             raise TypeError(f"qs_dict must be a dict of state-dict entries, got {type(qs_dict).__name__}")
@@ -279,8 +320,13 @@ class QuantState:
         if not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
             raise ValueError(f"quant state key 'shape' must be a list of ints, got {shape!r}")
         state2 = offset = None
-        if any(k in fields for k in ("nested_absmax", "nested_quant_map", "nested_blocksize", "nested_offset")):
+        nested = any(k in fields for k in ("nested_absmax", "nested_quant_map", "nested_blocksize", "nested_offset"))
+        if not nested:
+            absmax = _from_cpu_inference_layout(absmax, shape, fields.get("blocksize"))
+        if nested:
             offset_v = need("nested_offset", (float, int))
+            if not math.isfinite(offset_v):
+                raise ValueError(f"quant state key 'nested_offset' must be a finite number, got {offset_v!r}")
             offset = torch.tensor(float(offset_v), dtype=torch.float32, device=dev)
             state2 = cls(
                 absmax=need("nested_absmax", torch.Tensor).to(dev),
@@ -298,7 +344,9 @@ class QuantState:
             offset=offset,
             state2=state2,
         )
-        return state.validate()
+        state.validate()
+        _check_loaded_scales(state)
+        return state
 
     # ------------------------------------------------------------------ helpers
     def nbytes(self) -> int:

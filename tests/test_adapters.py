@@ -256,6 +256,103 @@ def test_peft_adapter_loads_in_ours(tmp_path, x, serialization):
     assert_matches(run(ours, x), run(theirs, x), run(reference64(ours, tmp_path), x.double()))
 
 
+def _add_adapter_name(path) -> None:
+    """Keys as in a live PeftModel's state dict: ``<module>.lora_A.default.weight``."""
+    sd = load_file(str(path / "adapter_model.safetensors"))
+    named = {k.replace(".weight", ".default.weight"): v for k, v in sd.items()}
+    save_file(named, str(path / "adapter_model.safetensors"))
+
+
+def _set_config(**fields):
+    def edit(path) -> None:
+        cfg = json.loads((path / "adapter_config.json").read_text())
+        cfg.update(fields)
+        (path / "adapter_config.json").write_text(json.dumps(cfg))
+    return edit
+
+
+# Configs peft writes (get_peft_model + save_pretrained), some then edited as a user's file may be: each must load here
+# with the ranks and alphas peft gives each module and peft's outputs. Pattern keys follow peft's get_pattern_key:
+# the first key k (in file order) with re.match(rf"(.*\.)?({k})$", module name).
+@pytest.mark.parametrize(
+    "config, edit",
+    [
+        (dict(target_modules=r".*\.(q_proj|up)"), None),
+        (dict(target_modules=SHORT, rank_pattern={r"layers\.[01]\.q_proj": 6, "0.up": 2, "q_proj|down": 3},
+              alpha_pattern={r".*_proj": 5, "down": 3}), None),
+        # "proj" is no key for q_proj (no '.' before it); "own" matches no suffix; the first matching key wins. (peft
+        # writes the keys sorted, so a file keeps the order only when it is sorted, as here: peft then cannot reload
+        # its own adapter either, and qkernels reports the shape mismatch)
+        (dict(target_modules=SHORT, rank_pattern={"layers.1.v_proj": 2, "own": 7, "proj": 5, "v_proj": 3}), None),
+        (dict(target_modules=SHORT, exclude_modules=r".*0\.down", layers_to_transform=[0], layers_pattern="layers"),
+         None),
+        (dict(target_modules=SHORT, init_lora_weights="gaussian", lora_dropout=0.2), None),
+        (dict(target_modules=SHORT), _set_config(init_lora_weights="orthogonal", ensure_weight_tying=True)),
+        (dict(target_modules=SHORT), _set_config(init_lora_weights="lora_ga", some_future_field=None)),
+        (dict(target_modules=SHORT), _add_adapter_name),
+    ],
+    ids=["regex-target", "regex-pattern-keys", "pattern-key-order", "exclude-layers", "gaussian-dropout",
+         "orthogonal-init", "lora-ga-init-unset-new-field", "keys-with-adapter-name"],
+)
+def test_peft_config_variants_load_with_peft_outputs(tmp_path, x, config, edit):
+    ours = qk_toy()
+    theirs = peft.get_peft_model(bnb_base(ours), peft.LoraConfig(r=4, lora_alpha=8, **config))
+    randomize(theirs, "default", seed=3)
+    theirs.save_pretrained(str(tmp_path))
+    if edit is not None:
+        edit(tmp_path)
+    if edit is _add_adapter_name:  # peft reads such keys too
+        theirs = peft.PeftModel.from_pretrained(bnb_base(ours), str(tmp_path))
+    # (the init edits: peft cannot create "orthogonal" on a 4-bit base; the file's A, B are what both compute with)
+    loaded = adapters.load_adapter(ours, tmp_path, adapter_name="peft")
+    lora_theirs = {n.removeprefix("base_model.model."): m for n, m in theirs.named_modules()
+                   if "default" in getattr(m, "lora_A", {})}
+    assert sorted(loaded) == sorted(lora_theirs)
+    for name, m in lora_theirs.items():
+        mine = ours.get_submodule(name)
+        assert (mine.r["peft"], mine.lora_alpha["peft"]) == (m.r["default"], m.lora_alpha["default"]), name
+    theirs.eval()
+    ours.eval()
+    assert_matches(run(ours, x), run(theirs, x), run(reference64(ours, tmp_path), x.double()))
+
+
+class TopUp(Toy):
+    """The toy plus a top-level ``up``: its name is also the end of ``layers.0.up`` and ``layers.1.up``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(IN, IN)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(super().forward(x))
+
+
+def top_up() -> TopUp:
+    torch.manual_seed(0)
+    return TopUp()
+
+
+def test_rank_of_a_module_whose_name_ends_others_is_saved_for_it_alone(tmp_path, x):
+    """peft matches a rank_pattern key against the end of a name, so the key "up" of a top-level module at r=6 gave
+    every "*.up" r=6 too: the saved adapter loaded neither here nor in peft (shape mismatch)."""
+    model = apply_qlora(top_up(), target_modules=["up", "down"], r=4, lora_alpha=8, compute_dtype=torch.float32)
+    top = model.get_submodule("up")
+    top.delete_adapter("default")
+    top.update_layer("default", 6, 3, 0.0, True, False)
+    top.set_adapter("default")
+    randomize(model, "default", seed=1)
+    adapters.save_adapter(model, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["rank_pattern"] == {"^up": 6} and cfg["alpha_pattern"] == {"^up": 3}
+    fresh = apply_qlora(top_up(), target_modules=["up", "down"], r=2, lora_alpha=8, compute_dtype=torch.float32)
+    adapters.load_adapter(fresh, tmp_path, replace=True)
+    assert fresh.get_submodule("layers.0.up").r["default"] == 4 and fresh.get_submodule("up").r["default"] == 6
+    assert torch.equal(run(fresh, x), run(model, x))
+    theirs = peft.PeftModel.from_pretrained(bnb_base(model, top_up), str(tmp_path))
+    assert theirs.base_model.model.up.r["default"] == 6 and theirs.base_model.model.layers[0].up.r["default"] == 4
+    assert_matches(run(model, x), run(theirs, x), run(reference64(model, tmp_path, top_up), x.double()))
+
+
 # ---------------------------------------------------------------------------------------------- refusals
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
@@ -295,6 +392,16 @@ LAST = "base_model.model.layers.1.v_proj"  # sorts last: an eager loader would h
         ("missing-B", lambda sd: sd.pop(f"{LAST}.lora_B.weight"), None, r"layers\.1\.v_proj.*no lora_B"),
         ("dora", None, lambda c: c.update(use_dora=True), r"use_dora=True \(DoRA"),
         ("peft-type", None, lambda c: c.update(peft_type="IA3"), r"peft_type is 'IA3'"),
+        # peft re-derives the base residual W - B0 A0 of these inits when it loads the adapter (olora on this 4-bit
+        # toy: outputs 0.54 off the plain LoRA ones); qkernels cannot, so it must not load them as plain LoRA
+        ("olora", None, lambda c: c.update(init_lora_weights="olora"), r"init_lora_weights='olora' trains against"),
+        ("pissa", None, lambda c: c.update(init_lora_weights="pissa_niter_4"), r"'pissa_niter_4' trains against"),
+        ("megatron", None, lambda c: c.update(megatron_config={"tensor_model_parallel_size": 2}),
+         r"megatron_config=.*Megatron"),
+        ("new-field", None, lambda c: c.update(use_newvariant=True), r"\{'use_newvariant': True\} are not LoraConfig"),
+        ("bad-regex", None, lambda c: c.update(rank_pattern={"up(": 2}), r"key 'up\(' is not a valid regular expr"),
+        ("two-names", lambda sd: sd.update({f"{LAST}.lora_B.other.weight": sd.pop(f"{LAST}.lora_B.weight")}), None,
+         r"disagree on the adapter name"),
     ],
 )
 def test_mismatch_raises_and_loads_nothing(trained, case, edit_tensors, edit_config, message):
@@ -309,6 +416,44 @@ def test_mismatch_raises_and_loads_nothing(trained, case, edit_tensors, edit_con
     _assert_unchanged(target, before, ["default"])
     with pytest.raises(ValueError, match=message):  # also when it would replace an existing adapter
         adapters.load_adapter(target, path, adapter_name="default", replace=True)
+    _assert_unchanged(target, before, ["default"])
+
+
+def _truncate(name):
+    def edit(path) -> None:
+        data = (path / name).read_bytes()
+        (path / name).write_bytes(data[: len(data) // 2])
+    return edit
+
+
+def _as_bin(content):
+    def edit(path) -> None:
+        (path / "adapter_model.safetensors").unlink()
+        if isinstance(content, bytes):
+            (path / "adapter_model.bin").write_bytes(content)
+        else:
+            torch.save(content, path / "adapter_model.bin")
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_truncate("adapter_model.safetensors"), r"adapter_model\.safetensors cannot be read .*truncated or corrupted"),
+        (_truncate("adapter_config.json"), r"adapter_config\.json is not valid JSON"),
+        (lambda path: (path / "adapter_config.json").write_text("[4]"), r"adapter_config\.json must hold a JSON obj"),
+        (_as_bin(b"not a pickle"), r"adapter_model\.bin cannot be read as a torch pickle of tensors"),
+        (_as_bin({"base_model.model.layers.0.up.lora_A.weight": 1.0}), r"adapter_model\.bin must hold a dict of tens"),
+    ],
+    ids=["truncated-safetensors", "truncated-config", "config-not-object", "bin-garbage", "bin-not-tensors"],
+)
+def test_damaged_files_raise_value_error_naming_the_file(trained, edit, message):
+    _, path = trained
+    edit(path)
+    target = qk_toy()
+    before = _snapshot(target)
+    with pytest.raises(ValueError, match=message):
+        adapters.load_adapter(target, path, adapter_name="new")
     _assert_unchanged(target, before, ["default"])
 
 

@@ -334,6 +334,28 @@ def test_from_bnb_wraps_without_requantizing():
         QLoRALinear.from_bnb(lin)
 
 
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
+def test_from_bnb_of_a_layer_in_cpu_inference_layout_leaves_it_intact(double_quant):
+    """bitsandbytes repacks a Linear4bit for CPU inference at its first eval forward (on AVX512-BF16 CPUs; done here
+    with its own conversion function, so on any CPU): scales become bf16. from_bnb undoes that on a copy; the bnb
+    layer keeps its repacked bytes and state, and our weight decodes with the scales it ran with."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    torch.manual_seed(0)
+    q = _bnb_layer(torch.nn.Linear(256, 64), "nf4", double_quant)
+    plain = QLoRALinear.from_bnb(q, r=4)
+    q.weight.data, q.weight.quant_state = _convert_weight_packed_for_cpu(q.weight.data, q.weight.quant_state)
+    data, absmax = q.weight.data.clone(), q.weight.quant_state.absmax.clone()
+    layer = QLoRALinear.from_bnb(q, r=4)
+    qs = q.weight.quant_state
+    assert torch.equal(q.weight.data, data) and torch.equal(qs.absmax, absmax) and qs.packing_format_for_cpu
+    assert qs.absmax.dtype == torch.bfloat16 and not qs.nested, "the bnb layer's inference state is untouched"
+    assert torch.equal(layer.weight.data, plain.weight.data), "the format's packed bytes"
+    if not double_quant:  # the bf16 scales exactly (with nesting bitsandbytes re-quantizes them on the way back)
+        want = plain.weight.quant_state.absmax.to(torch.bfloat16).float()
+        assert torch.equal(layer.weight.quant_state.absmax, want)
+
+
 @pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16], ids=["uint8", "bf16"])
 def test_state_dict_round_trip_is_bit_exact(storage):
     torch.manual_seed(0)
@@ -367,12 +389,15 @@ def _corrupt_cases():
         (put("lora_A.default.weight", lambda v: v[:2]), r"size mismatch for 'lora_A.default.weight'.*rank"),
         (put("weight", lambda v: v.float()), "size mismatch for 'weight'"),
         (put("weight", lambda v: v.to(torch.int32)), "must be uint8"),
+        (put("weight.quant_map", lambda v: v.flip(0)), "'quant_map' is not the standard nf4 codebook"),
+        (put("weight.nested_absmax", lambda v: v * float("nan")), "'nested_absmax' holds NaN"),
     ]
 
 
 @pytest.mark.parametrize("corrupt, match", _corrupt_cases(),
                          ids=["no-absmax", "no-blob", "no-weight", "bad-json", "short-weight", "short-absmax",
-                              "short-bias", "wrong-rank", "float-weight", "int-weight"])
+                              "short-bias", "wrong-rank", "float-weight", "int-weight", "tampered-quant-map",
+                              "nan-nested-absmax"])
 def test_corrupted_state_dict_raises_and_loads_nothing(corrupt, match):
     torch.manual_seed(0)
     src = QLoRALinear(96, 40, r=4)
@@ -396,6 +421,15 @@ def test_shape_mismatch_names_the_key_and_the_fix():
     with pytest.raises(ValueError, match=r"'1\.weight'"):
         nested.load_state_dict({"0.weight": torch.zeros(2, 2), "0.bias": torch.zeros(2),
                                 **{"1." + k: v for k, v in sd.items()}})
+
+
+def test_float_checkpoint_is_refused_with_the_fix():
+    layer = QLoRALinear(96, 40, r=4)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'weight' is a float weight \(40, 96\) \(an unquantized checkpoint\).*"
+                                         r"before apply_qlora"):
+        layer.load_state_dict(torch.nn.Linear(96, 40).state_dict(), strict=False)
+    assert all(torch.equal(layer.state_dict()[k], v) for k, v in before.items())
 
 
 def test_base_only_checkpoint_loads_strict_and_missing_base_keys_are_still_reported():

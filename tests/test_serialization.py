@@ -92,9 +92,17 @@ def _packed_dict():
         (lambda d: d.__setitem__("quant_state.bitsandbytes__nf4", _blob({"quant_type": "nf4", "blocksize": 64,
                                                                         "dtype": "int8", "shape": [64, 64]})),
          "dtype"),
+        # 16 float32 entries, but not NF4's: bitsandbytes would decode with its NF4 table regardless, we with this one
+        (lambda d: d.__setitem__("quant_map", qkernels.codebooks.get_codebook("fp4")), "not the standard nf4"),
+        (lambda d: d.__setitem__("quant_map", d["quant_map"] * 2), "not the standard nf4"),
+        (lambda d: d.__setitem__("quant_state.bitsandbytes__nf4", _blob({"quant_type": "nf4", "blocksize": 64,
+                                                                        "dtype": "float32", "shape": [64, 64]},
+                                                                       offset=float("nan"))),
+         "'nested_offset' must be a finite number"),
+        (lambda d: d["nested_absmax"].__setitem__(0, float("inf")), "'nested_absmax' holds NaN or inf"),
     ],
     ids=["no-absmax", "no-nested-absmax", "no-blob", "bad-json", "short-absmax", "bad-quant-map", "extra-key",
-         "half-nested", "bad-blocksize", "bad-dtype"],
+         "half-nested", "bad-blocksize", "bad-dtype", "fp4-map-for-nf4", "scaled-map", "nan-offset", "inf-nested"],
 )
 def test_corrupted_state_dict_raises_value_error(corrupt, match):
     d = _packed_dict()
@@ -103,9 +111,9 @@ def test_corrupted_state_dict_raises_value_error(corrupt, match):
         QuantState.from_dict(d)
 
 
-def _blob(meta):
+def _blob(meta, offset=0.5):
     d = dict(meta)
-    d.update({"nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 0.5})
+    d.update({"nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": offset})  # NaN: json writes NaN
     return torch.tensor(list(json.dumps(d).encode()), dtype=torch.uint8)
 
 
@@ -116,3 +124,98 @@ def test_mismatched_state_and_packed_raise():
         qkernels.dequantize_4bit(p_small, s)
     with pytest.raises(TypeError, match="quant_state"):
         qkernels.dequantize_4bit(p, {"absmax": s.absmax})
+
+
+def test_nan_absmax_without_nesting_raises():
+    _, s = qkernels.quantize_4bit(torch.randn(64, 64), 64, "fp4", False)
+    d = s.as_dict(packed=True)
+    d["absmax"][5] = float("nan")
+    with pytest.raises(ValueError, match=r"'absmax' holds NaN or inf \(first at index 5\)"):
+        QuantState.from_dict(d)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_bitsandbytes_cpu_inference_layout_loads_in_block_order(quant_type):
+    """bitsandbytes 0.50.2 on a CPU with AVX512-BF16 repacks a Linear4bit at its first eval forward, absmax to bf16
+    [K/bs, N]; saving then (without double quantization) writes that tensor as ``weight.absmax``. Built here with
+    bitsandbytes' own conversion functions, so it runs on any CPU. It must decode with the bf16 scales in block
+    order: bit for bit what the repacked model computed with (the bf16 -> float32 widening is exact)."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu, _convert_weight_packed_for_cpu_inverse
+
+    torch.manual_seed(0)
+    W = torch.randn(64, 256)  # N = 64 (a multiple of bitsandbytes' 32-row tiles), K = 256: 4 blocks per row
+    packed, sb = F.quantize_4bit(W, blocksize=64, compress_statistics=False, quant_type=quant_type)
+    want_absmax = sb.absmax.clone().to(torch.bfloat16).float()
+    packed2, sb2 = _convert_weight_packed_for_cpu_inverse(*_convert_weight_packed_for_cpu(packed.clone(), sb))
+    d = sb2.as_dict(packed=True)
+    assert d["absmax"].dtype == torch.bfloat16 and d["absmax"].shape == (4, 64), "the layout this test is about"
+    assert torch.equal(packed2, packed)
+    s = QuantState.from_dict(d)
+    assert s.absmax.dtype == torch.float32 and torch.equal(s.absmax, want_absmax)
+    expect = QuantState(want_absmax, W.shape, s.code, 64, quant_type, torch.float32)
+    assert same_bits(qkernels.dequantize_4bit(packed2, s), qkernels.dequantize_4bit(packed, expect))
+    d["absmax"] = d["absmax"].t().contiguous()  # [N, K/bs] is no known layout: still an error
+    with pytest.raises(ValueError, match="one entry per block"):
+        QuantState.from_dict(d)
+
+
+# ------------------------------------------------------------------------------------------ transformers checkpoints
+LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _tiny_llama_dir(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)  # hidden 128: two 64-blocks per row, so a block-order mistake shows
+    cfg = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "dense")
+    return tmp_path / "dense", cfg
+
+
+def _logits(model, ids):
+    model.train()  # no dropout in this Llama; train mode keeps bitsandbytes off its bf16-scale CPU inference path
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("quant_type, double_quant, storage",
+                         [("nf4", True, torch.uint8), ("fp4", False, torch.bfloat16)], ids=["nf4-dq-uint8", "fp4-bf16"])
+def test_transformers_4bit_checkpoint_loads_into_qkernels_and_back(tmp_path, quant_type, double_quant, storage):
+    """A tiny Llama loaded by transformers with BitsAndBytesConfig and saved with save_pretrained loads with
+    load_state_dict into the dense architecture after apply_qlora, whatever format apply_qlora was given (the
+    checkpoint's wins); and our state dict with the bitsandbytes quantization_config loads with from_pretrained.
+    40 tokens per forward: every layer takes qkernels' dequantize + BLAS path, bit for bit bitsandbytes' exact path,
+    so the logits are equal."""
+    from safetensors.torch import load_file, save_file
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    dense_dir, cfg = _tiny_llama_dir(tmp_path)
+    bnb_cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_quant_storage=storage,
+                                 bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.float32)
+    theirs = LlamaForCausalLM.from_pretrained(dense_dir, quantization_config=bnb_cfg, dtype=torch.float32)
+    theirs.save_pretrained(tmp_path / "bnb")
+    ids = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(1))
+    want = _logits(theirs, ids)
+
+    ours = LlamaForCausalLM(cfg)
+    qkernels.apply_qlora(ours, target_modules=LLAMA_LINEARS, r=4, quant_type="fp4" if quant_type == "nf4" else "nf4",
+                         double_quant=not double_quant, blocksize=256, compute_dtype=torch.float32)
+    result = ours.load_state_dict(load_file(tmp_path / "bnb" / "model.safetensors"), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    q = ours.model.layers[0].self_attn.q_proj.weight
+    assert (q.quant_type, q.compress_statistics, q.blocksize, q.dtype) == (quant_type, double_quant, 64, storage)
+    assert torch.equal(_logits(ours, ids), want)
+
+    # back: weights quantized by qkernels (blocksize 128, which the config does not say) + transformers' config with
+    # the quantization_config -> from_pretrained (bitsandbytes adopts each layer's quant state, as we do)
+    mine = qkernels.apply_qlora(LlamaForCausalLM.from_pretrained(dense_dir, dtype=torch.float32), LLAMA_LINEARS, r=4,
+                                quant_type=quant_type, double_quant=double_quant, blocksize=128, quant_storage=storage,
+                                compute_dtype=torch.float32)
+    (tmp_path / "back").mkdir()
+    (tmp_path / "back" / "config.json").write_text((tmp_path / "bnb" / "config.json").read_text())
+    mine_sd = {k: v.contiguous() for k, v in mine.state_dict().items() if ".lora_" not in k}
+    save_file(mine_sd, tmp_path / "back" / "model.safetensors", metadata={"format": "pt"})
+    back = LlamaForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32)
+    assert back.model.layers[0].mlp.down_proj.weight.quant_state.blocksize == 128
+    assert torch.equal(_logits(back, ids), _logits(mine, ids))
