@@ -163,6 +163,8 @@ def matmul_4bit_lora(
     if not isinstance(quant_state, QuantState):
         raise TypeError(f"quant_state must be a qkernels.QuantState, got {type(quant_state).__name__}")
     quant_state.validate(packed)
+    if not packed.is_contiguous():  # the fused kernels read its bytes through a raw pointer, in storage order
+        raise ValueError("packed must be contiguous (its bytes are read in order); pass packed.contiguous()")
     if len(quant_state.shape) != 2:
         raise ValueError(f"the quantized weight must be 2-D [N, K] (out, in features), got {tuple(quant_state.shape)}")
     N, K = (int(s) for s in quant_state.shape)

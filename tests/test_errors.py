@@ -77,3 +77,20 @@ def test_forced_backend_errors():
 def test_lora_scaling_rejects_bad_rank():
     with pytest.raises(ValueError, match="r must be a positive integer"):
         qkernels.reference.lora_scaling(16, 0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "nested"])
+def test_strided_absmax_view(double_quant, backend):
+    """A state whose absmax is a strided view decodes like its dense copy on every backend (the native one raised
+    "absmax must be contiguous" where the reference accepted it)."""
+    import copy
+
+    p, s = qkernels.quantize_4bit(torch.randn(20, 64), 64, double_quant=double_quant)
+    strided = copy.copy(s)
+    strided.absmax = torch.stack([s.absmax, torch.zeros_like(s.absmax)], 1).reshape(-1)[::2]
+    assert not strided.absmax.is_contiguous()
+    want = qkernels.dequantize_4bit(p, s, backend=backend)
+    assert torch.equal(qkernels.dequantize_4bit(p, strided, backend=backend), want)
+    out = torch.empty_like(want)
+    assert torch.equal(qkernels.dequantize_4bit(p, strided, out=out, backend=backend), want)

@@ -6,6 +6,7 @@ reference must be at most twice the error of plain PyTorch doing the same comput
 value (where plain PyTorch happens to be exact, a different but equally valid summation order is not).
 """
 
+import copy
 import math
 
 import pytest
@@ -285,6 +286,36 @@ def test_bad_input():
     wrong_state = qkernels.quantize_4bit(torch.randn(16, 64))[1]
     with pytest.raises(ValueError, match="does not belong|last dim"):
         f(x, packed[:10], wrong_state, A, B, 1.0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("M", [1, 17], ids=["gemv", "blas"])
+def test_non_contiguous_packed_is_refused(M, backend):
+    """A strided view of the packed bytes is a ValueError on every path, as in dequantize_4bit. The fused GEMV
+    (M <= 16) read such a view through its raw pointer, in storage order: a wrong answer and no error."""
+    packed, state, x, A, B, b, _ = _problem(M, 32, 64, 4, torch.float32)
+    strided = torch.cat([packed, torch.full_like(packed, 0x77)], 1)[:, :1]
+    assert torch.equal(strided, packed) and not strided.is_contiguous()
+    with pytest.raises(ValueError, match="packed must be contiguous"):
+        qkernels.matmul_4bit_lora(x, strided, state, A, B, 1.0, b, backend=backend)
+    nested = (state.state2.absmax, state.state2.code, state.offset, 256)
+    with pytest.raises(RuntimeError, match="packed must be contiguous"):  # the op checks it too
+        torch.ops.qkernels.linear_4bit(x, strided, state.absmax, state.code, 64, 32, *nested)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("M", [1, 17], ids=["gemv", "blas"])
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "nested"])
+def test_strided_scales(double_quant, M, backend):
+    """A state whose absmax is a strided view (e.g. every other entry of a larger buffer) gives the same output as
+    its dense copy. The native dequantize refused it, so a layer decoded (GEMV, M <= 16) but could not train."""
+    packed, state, x, A, B, b, _ = _problem(M, 32, 64, 4, torch.float32, double_quant=double_quant)
+    want = qkernels.matmul_4bit_lora(x, packed, state, A, B, 1.0, b, backend=backend)
+    strided = copy.copy(state)
+    strided.absmax = torch.stack([state.absmax, torch.zeros_like(state.absmax)], 1).reshape(-1)[::2]
+    assert not strided.absmax.is_contiguous()
+    got = qkernels.matmul_4bit_lora(x, packed, strided, A, B, 1.0, b, backend=backend)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------------------- ops, compile
