@@ -7,6 +7,7 @@ naming the argument), then run the backend chosen by ``qkernels._backend.resolve
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -34,6 +35,14 @@ def _check_float_tensor(A: object, name: str) -> torch.Tensor:
     if A.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(A.shape)}): there is nothing to quantize")
     return A
+
+
+def _as_int(value: object) -> object:
+    """A NumPy integer (e.g. a blocksize read from a config with NumPy) as a Python int; anything else unchanged,
+    for the caller's check to accept or refuse. ``True`` stays a bool: it is not a blocksize."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    return value
 
 
 def _raise_non_finite(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, name: str) -> None:
@@ -75,7 +84,7 @@ def quantize_4bit(
         quant_state: ``QuantState`` with shape, dtype, blocksize, codebook and (nested) absmax.
     """
     A = _check_float_tensor(A, "A")
-    blocksize = check_blocksize(blocksize)
+    blocksize = check_blocksize(_as_int(blocksize))
     code = get_codebook(quant_type, A.device)  # raises ValueError for an unknown quant_type
     if quant_storage not in STORAGE_DTYPES:
         raise ValueError(f"quant_storage must be one of {STORAGE_DTYPES}, got {quant_storage!r}")
@@ -169,6 +178,7 @@ def dequantize_4bit(
 
 
 def _check_blockwise_blocksize(blocksize: object) -> int:
+    blocksize = _as_int(blocksize)
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or not 0 < blocksize <= 4096 \
             or blocksize & (blocksize - 1):
         raise ValueError(f"blocksize must be a power of two from 1 to 4096, got {blocksize!r}")

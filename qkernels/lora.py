@@ -17,6 +17,8 @@ a bf16 base and casts x up: so do we), else in x's dtype.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from . import _ops  # noqa: F401  (registers the qkernels:: ops)
@@ -174,6 +176,9 @@ def matmul_4bit_lora(
         raise ValueError(f"x is on {x.device} but the packed weight is on {packed.device}; move the layer to x.device")
     if (lora_A is None) != (lora_B is None):
         raise ValueError("lora_A and lora_B must both be tensors or both be None")
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
     if lora_A is not None:
         if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[1] != K or lora_B.shape[0] != N:
             raise ValueError(f"lora_A must be [r, {K}] and lora_B [{N}, r] (peft's layout), got "
@@ -186,10 +191,13 @@ def matmul_4bit_lora(
             raise TypeError("lora_A and lora_B must be float32/float16/bfloat16")
     if bias is not None and (bias.shape != (N,) or bias.device != x.device):
         raise ValueError(f"bias must be a [{N}] tensor on {x.device}, got {tuple(bias.shape)} on {bias.device}")
-    if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
+    if bias is not None and not bias.is_floating_point():
+        raise TypeError(f"bias must be a floating-point tensor (as for nn.Linear), got {bias.dtype}")
+    # numbers.Real: Python and NumPy scalars alike (a config read with NumPy gives np.float32 / np.float64).
+    if not isinstance(dropout_p, numbers.Real) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
-        raise TypeError(f"scaling must be a Python number (lora_alpha / r), got {type(scaling).__name__}")
+    if not isinstance(scaling, numbers.Real) or isinstance(scaling, bool):
+        raise TypeError(f"scaling must be a real number (lora_alpha / r), got {type(scaling).__name__}")
 
     device_type = x.device.type
     autocast = torch.is_autocast_enabled(device_type)

@@ -79,6 +79,21 @@ def test_lora_scaling_rejects_bad_rank():
         qkernels.reference.lora_scaling(16, 0)
 
 
+def test_numpy_integer_blocksize_is_an_int():
+    """A NumPy integer blocksize (a config read with NumPy) is the same int; it was refused with "blocksize must be
+    one of (32, 64, ...), got np.int64(64)". Floats, strings and bools stay refused (test_bad_blocksize)."""
+    np = pytest.importorskip("numpy")
+    A = torch.randn(200)
+    p, s = qkernels.quantize_4bit(A, np.int64(64))
+    p2, s2 = qkernels.quantize_4bit(A, 64)
+    assert type(s.blocksize) is int and s.blocksize == 64
+    assert torch.equal(p, p2) and torch.equal(s.absmax, s2.absmax)
+    q, absmax = qkernels.quantize_blockwise(A, blocksize=np.int32(128))
+    assert torch.equal(q, qkernels.quantize_blockwise(A, blocksize=128)[0])
+    assert torch.equal(qkernels.dequantize_blockwise(q, absmax, blocksize=np.int64(128)),
+                       qkernels.dequantize_blockwise(q, absmax, blocksize=128))
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "nested"])
 def test_strided_absmax_view(double_quant, backend):

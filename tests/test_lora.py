@@ -288,6 +288,34 @@ def test_bad_input():
         f(x, packed[:10], wrong_state, A, B, 1.0)
 
 
+def test_bad_input_types():
+    """Non-tensor LoRA weights or bias, and an integer bias, are TypeErrors naming the argument (an AttributeError
+    from deep inside before; an integer bias was silently cast, where nn.Linear refuses it)."""
+    packed, state, x, A, B, b, _ = _problem(4, 32, 64, 4, torch.float32)
+    f = qkernels.matmul_4bit_lora
+    with pytest.raises(TypeError, match="lora_A must be a torch.Tensor"):
+        f(x, packed, state, A.tolist(), B, 1.0)
+    with pytest.raises(TypeError, match="lora_B must be a torch.Tensor"):
+        f(x, packed, state, A, B.tolist(), 1.0)
+    with pytest.raises(TypeError, match="bias must be a torch.Tensor"):
+        f(x, packed, state, A, B, 1.0, b.tolist())
+    with pytest.raises(TypeError, match="bias must be a floating-point tensor"):
+        f(x, packed, state, A, B, 1.0, torch.ones(32, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_numpy_scalars_are_numbers(backend):
+    """``scaling`` / ``dropout_p`` as NumPy scalars (what a config read with NumPy gives) act as the same Python
+    floats; they were refused with a message saying 0.1 is not "a float in [0, 1)"."""
+    np = pytest.importorskip("numpy")
+    packed, state, x, A, B, b, _ = _problem(3, 32, 64, 4, torch.float32)
+    torch.manual_seed(0)
+    want = qkernels.matmul_4bit_lora(x, packed, state, A, B, 0.5, b, 0.25, backend=backend)
+    torch.manual_seed(0)
+    got = qkernels.matmul_4bit_lora(x, packed, state, A, B, np.float32(0.5), b, np.float64(0.25), backend=backend)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("M", [1, 17], ids=["gemv", "blas"])
 def test_non_contiguous_packed_is_refused(M, backend):
