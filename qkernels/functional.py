@@ -152,6 +152,9 @@ def dequantize_4bit(
     if out is not None:
         if not isinstance(out, torch.Tensor) or out.shape != quant_state.shape or not out.is_contiguous():
             raise ValueError(f"out must be a contiguous tensor of shape {tuple(quant_state.shape)}")
+        if out.requires_grad and torch.is_grad_enabled():  # as torch's own out= functions refuse it
+            raise ValueError("out requires grad, but dequantize_4bit writes it in place outside autograd; pass a "
+                             "buffer that does not require grad, or call it under torch.no_grad()")
         if dtype is not None and dtype != out.dtype:
             raise TypeError(f"dtype {dtype} does not match out.dtype {out.dtype}")
         dtype = out.dtype

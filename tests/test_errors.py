@@ -95,6 +95,20 @@ def test_numpy_integer_blocksize_is_an_int():
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_out_that_requires_grad(backend):
+    """out= is written in place outside autograd: a buffer that requires grad is refused while grad mode is on (as
+    torch's out= functions do). The native backend wrote into it silently, the reference one raised a RuntimeError
+    from deep inside. Under no_grad it is an ordinary buffer."""
+    p, s = qkernels.quantize_4bit(torch.randn(8, 64))
+    out = torch.empty(8, 64, requires_grad=True)
+    with pytest.raises(ValueError, match="out requires grad"):
+        qkernels.dequantize_4bit(p, s, out=out, backend=backend)
+    with torch.no_grad():
+        qkernels.dequantize_4bit(p, s, out=out, backend=backend)
+    assert torch.equal(out.detach(), qkernels.dequantize_4bit(p, s, backend=backend))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "nested"])
 def test_strided_absmax_view(double_quant, backend):
     """A state whose absmax is a strided view decodes like its dense copy on every backend (the native one raised
