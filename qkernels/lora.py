@@ -4,12 +4,15 @@ Layers (STYLE 3): ``qkernels::linear_4bit`` / ``linear_4bit_dx`` ops (``qkernels
 ``qkernels._linear``) → ``QLoRAFunction`` (this file) → ``matmul_4bit_lora`` (this file) → ``QLoRALinear``.
 
 What the Function saves for backward: the PACKED weight and its scales (never a dequantized copy: W is decoded
-again in backward), ``dropout(X)`` (or X itself without dropout; the LoRA-A gradient needs it), the dropout mask
-as bool, and ``T = dropout(X) A^T`` (``[M, r]``, the LoRA-B gradient needs it). Gradients (DESIGN §2), with
-``Xd = dropout(X)``, ``u = s * (dY B)``:
+again in backward), X (with LoRA; ``dropout(X)``, which the LoRA-A gradient needs, is rebuilt from X and the mask),
+the dropout mask as bool, and ``T = dropout(X) A^T`` (``[M, r]``, the LoRA-B gradient needs it). Gradients
+(DESIGN §2), with ``Xd = dropout(X)``, ``u = s * (dY B)``:
 
 - ``dX = dY @ W + (u @ A) * mask / (1 - p)``   (one ``linear_4bit_dx`` call: W decoded once, LoRA in the epilogue)
 - ``dA = u^T @ Xd``,   ``dB = s * dY^T @ T``,   ``dbias = sum(dY)``;   no gradient for W.
+
+A double backward (``create_graph=True``) is supported: the backward then uses differentiable torch ops only (T
+recomputed with its graph, W decoded into a fresh tensor that autograd keeps), so it costs a dequantized weight.
 
 The LoRA products run in the LoRA weights' dtype when it is wider than x's (peft keeps adapters in float32 on
 a bf16 base and casts x up: so do we), else in x's dtype.
@@ -21,7 +24,7 @@ import numbers
 
 import torch
 
-from . import _ops  # noqa: F401  (registers the qkernels:: ops)
+from . import _ops  # registers the qkernels:: ops
 from .quant_state import QuantState
 from .reference import lora_scaling
 
@@ -48,11 +51,13 @@ class QLoRAFunction(torch.autograd.Function):
                 blocksize: int, nested_blocksize: int, out_features: int, scaling: float, dropout_p: float,
                 training: bool, backend: str | None):
         scales = (absmax, nested_absmax, nested_code, offset, nested_blocksize)
-        y, xd, mask, t = _forward(x, packed, scales, code, blocksize, out_features, lora_A, lora_B, bias, scaling,
-                                  dropout_p, training, backend)
-        if lora_A is None:
-            xd = None  # only the LoRA-A gradient reads it
-        ctx.save_for_backward(packed, absmax, code, nested_absmax, nested_code, offset, lora_A, lora_B, xd, mask, t)
+        y, _, mask, t = _forward(x, packed, scales, code, blocksize, out_features, lora_A, lora_B, bias, scaling,
+                                 dropout_p, training, backend)
+        # dropout(x) is rebuilt in backward from x and the bool mask (the same expression, so the same bits): x is
+        # usually alive anyway (q/k/v projections share it), and saving x itself keeps its graph for a double backward.
+        x_saved = x if lora_A is not None else None  # only the LoRA gradients read it
+        ctx.save_for_backward(packed, absmax, code, nested_absmax, nested_code, offset, lora_A, lora_B, x_saved, mask,
+                              t)
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.meta = (blocksize, nested_blocksize, x.shape[1], scaling, dropout_p, backend, bias is not None)
         return y
@@ -64,12 +69,19 @@ class QLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_y):
-        packed, absmax, code, nested_absmax, nested_code, offset, lora_A, lora_B, xd, mask, t = ctx.saved_tensors
+        packed, absmax, code, nested_absmax, nested_code, offset, lora_A, lora_B, x, mask, t = ctx.saved_tensors
         blocksize, nested_blocksize, K, scaling, dropout_p, backend, has_bias = ctx.meta
         need_x, need_A, need_B, need_bias = (ctx.needs_input_grad[i] for i in (0, 7, 8, 9))
+        # Grad mode is on here only under create_graph=True (a double backward follows): then every gradient is
+        # built from differentiable torch ops on tensors that keep their graph (see _dx_differentiable).
+        create_graph = torch.is_grad_enabled()
         g = grad_y.contiguous()
         dx = dA = dB = dbias = None
-        u = None
+        u = xd = None
+        if lora_A is not None and (need_A or create_graph):
+            xd = x if mask is None else x * mask / (1.0 - dropout_p)  # as in _forward: the same bits
+            if create_graph:  # T with its graph (the saved one has none): dB's derivative goes through it
+                t = xd.to(t.dtype) @ lora_A.to(t.dtype).t()
         if lora_A is not None and (need_x or need_A):
             ldt = _lora_dtype(g.dtype, lora_A.dtype)
             u = (g.to(ldt) @ lora_B.to(ldt)) * scaling  # [M, r]
@@ -78,8 +90,11 @@ class QLoRAFunction(torch.autograd.Function):
             lora_mask = None
             if mask is not None:
                 lora_mask = mask.to(g.dtype) / (1.0 - dropout_p)
-            dx = _linear_dx(g, packed, scales, code, blocksize, K, u, lora_A if u is not None else None, lora_mask,
-                            backend)
+            lora = (u, lora_A if u is not None else None, lora_mask)
+            if create_graph:
+                dx = _dx_differentiable(g, packed, scales, code, blocksize, K, *lora)
+            else:
+                dx = _linear_dx(g, packed, scales, code, blocksize, K, *lora, backend)
         if need_A:
             dA = (u.t() @ xd.to(u.dtype)).to(lora_A.dtype)
         if need_B:
@@ -87,6 +102,23 @@ class QLoRAFunction(torch.autograd.Function):
         if need_bias and has_bias:
             dbias = g.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
         return dx, None, None, None, None, None, None, dA, dB, dbias, None, None, None, None, None, None, None
+
+
+def _dx_differentiable(g, packed, scales, code, blocksize, K, lora_u, lora_A, lora_mask):
+    """``g @ W + (lora_u @ lora_A) * lora_mask`` from torch ops, for a double backward (create_graph=True).
+
+    The fused kernels have no derivative, so W is decoded here into a fresh ``[N, K]`` tensor of g's dtype (the
+    reference decode: the same bits on every device), which autograd keeps for the second derivative. Only this
+    rare path holds a dequantized weight.
+    """
+    absmax, nested_absmax, nested_code, offset, nested_blocksize = scales
+    W = _ops.dequantize_4bit_impl(packed, absmax, code, blocksize, [g.shape[1], K], g.dtype, nested_absmax,
+                                  nested_code, offset, nested_blocksize, "reference")
+    dx = g @ W
+    if lora_u is not None:
+        lora = lora_u.to(g.dtype) @ lora_A.to(g.dtype)
+        dx = dx + (lora if lora_mask is None else lora * lora_mask)
+    return dx
 
 
 def _forward(x, packed, scales, code, blocksize, N, lora_A, lora_B, bias, scaling, dropout_p, training, backend):

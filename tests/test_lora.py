@@ -139,6 +139,45 @@ def test_dropout_mask_is_the_same_in_forward_and_backward():
     assert got[2].abs().sum() > 0
 
 
+def _hvp(fn, leaves, gy, vs):
+    """Second derivatives: the gradient of ``<grad(y . gy), v>`` with respect to every leaf (a Hessian-vector product)."""
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    first = torch.autograd.grad((fn(*leaves) * gy).sum(), leaves, create_graph=True)
+    h = sum((g * v.to(g.dtype)).sum() for g, v in zip(first, vs, strict=True))
+    return list(torch.autograd.grad(h, leaves, allow_unused=True, materialize_grads=True))  # d2bias is 0
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("M", [3, 17], ids=["gemv", "blas"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25], ids=["nodrop", "drop"])
+def test_double_backward(dropout_p, M, backend):
+    """create_graph=True then a second derivative (gradient penalties, Hessian-vector products) agrees with float64,
+    within 2x plain torch's error. The backward used to keep T = dropout(x) A^T without its graph: the second
+    derivatives through dB were ~50% off, silently."""
+    packed, state, x, A, B, b, gy = _problem(M, 24, 40, 4, torch.float32)
+    g = torch.Generator().manual_seed(5)
+    vs = [torch.randn(t.shape, generator=g) for t in (x, A, B, b)]
+    mask = torch.rand(x.shape, generator=g) > dropout_p if dropout_p else None
+
+    def ours(*leaves):
+        torch.manual_seed(7)
+        return qkernels.matmul_4bit_lora(leaves[0], packed, state, *leaves[1:3], 2.0, leaves[3], dropout_p,
+                                         backend=backend)
+
+    torch.manual_seed(7)  # the mask the Function draws (see _check)
+    if dropout_p:
+        mask = torch.empty(x.shape, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
+
+    def plain(*leaves):
+        return reference.matmul_4bit_lora(leaves[0], packed, state, *leaves[1:3], 2.0, leaves[3], dropout_p,
+                                          dropout_mask=mask)
+
+    got = _hvp(ours, (x, A, B, b), gy, vs)
+    base = _hvp(plain, (x, A, B, b), gy, vs)
+    ref = _hvp(plain, [t.double() for t in (x, A, B, b)], gy.double(), vs)
+    _assert_close_to_fp64(got, base, ref, ["d2x", "d2A", "d2B", "d2bias"])
+
+
 def test_dropout_off_in_eval():
     packed, state, x, A, B, b, _ = _problem(8, 32, 64, 4, torch.float32)
     y1 = qkernels.matmul_4bit_lora(x, packed, state, A, B, 2.0, b, 0.9, training=False)
@@ -234,6 +273,13 @@ def test_triton_backend_in_the_interpreter(M, N, K, dropout_p, dtype, monkeypatc
     pytest.importorskip("triton", reason="Triton is not installed")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     _check(M, N, K, 8, dtype, "triton", dropout_p=dropout_p)
+
+
+def test_double_backward_triton_in_the_interpreter(monkeypatch):
+    """The Triton forward, then a double backward (the differentiable torch path), against float64."""
+    pytest.importorskip("triton", reason="Triton is not installed")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    test_double_backward(0.25, 3, "triton")
 
 
 def test_triton_backend_refused_without_a_device(monkeypatch):
