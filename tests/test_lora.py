@@ -282,6 +282,37 @@ def test_double_backward_triton_in_the_interpreter(monkeypatch):
     test_double_backward(0.25, 3, "triton")
 
 
+@pytest.mark.parametrize("r", [0, 4, 300], ids=["r0", "r4", "r300"])
+def test_triton_backend_takes_what_the_others_take(r, monkeypatch):
+    """Strided views of the LoRA weights, the bias and the absmax, and LoRA ranks the fused epilogue does not hold
+    (empty r = 0 factors, r > 256), run on the Triton backend as on the others; they were RuntimeErrors there
+    ("lora_B must be contiguous", "lora_t must be [M, r] with 0 < r <= 256")."""
+    pytest.importorskip("triton", reason="Triton is not installed")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    M, N, K = 5, 24, 40
+    packed, state, x, _, _, b, gy = _problem(M, N, K, 0, torch.float32)
+    g = torch.Generator().manual_seed(1)
+    A, B = torch.randn(r, K, generator=g) / math.sqrt(K), torch.randn(N, r, generator=g) * 0.1
+    strided = copy.copy(state)
+    strided.absmax = torch.stack([state.absmax, torch.zeros_like(state.absmax)], 1).reshape(-1)[::2]
+
+    def views(x_, A_, B_, b_):  # the same values, laid out as a transposed or every-other-element view
+        return x_, A_.t().contiguous().t(), B_.t().contiguous().t(), torch.stack([b_, b_], 1)[:, 0]
+
+    def ours(*leaves):
+        return qkernels.matmul_4bit_lora(*views(*leaves)[:1], packed, strided, *views(*leaves)[1:3], 2.0,
+                                         views(*leaves)[3], backend="triton")
+
+    def plain(x_, A_, B_, b_, dt=torch.float32):
+        return reference.matmul_4bit_lora(x_.to(dt), packed, state, A_.to(dt), B_.to(dt), 2.0, b_.to(dt))
+
+    got = _grads(ours, x, A, B, b, gy)
+    base = _grads(plain, x, A, B, b, gy)
+    ref = _grads(lambda *t: plain(*t, dt=torch.float64), x, A, B, b, gy.double())
+    keep = [i for i, t in enumerate(ref) if t.numel()]  # r = 0: dA and dB are empty
+    _assert_close_to_fp64(*([t[i] for i in keep] for t in (got, base, ref, ["y", "dx", "dA", "dB", "dbias"])))
+
+
 def test_triton_backend_refused_without_a_device(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     packed, state, x, A, B, b, _ = _problem(2, 32, 64, 4, torch.float32)
