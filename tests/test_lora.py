@@ -140,7 +140,7 @@ def test_dropout_mask_is_the_same_in_forward_and_backward():
 
 
 def _hvp(fn, leaves, gy, vs):
-    """Second derivatives: the gradient of ``<grad(y . gy), v>`` with respect to every leaf (a Hessian-vector product)."""
+    """Second derivatives: the gradient of ``<grad(y . gy), v>`` for every leaf (a Hessian-vector product)."""
     leaves = [t.detach().clone().requires_grad_() for t in leaves]
     first = torch.autograd.grad((fn(*leaves) * gy).sum(), leaves, create_graph=True)
     h = sum((g * v.to(g.dtype)).sum() for g, v in zip(first, vs, strict=True))
