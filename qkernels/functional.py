@@ -45,6 +45,30 @@ def _as_int(value: object) -> object:
     return value
 
 
+# torch's CPU reductions run on one thread up to this many elements (at::internal::GRAIN_SIZE); past it the
+# float32 sum is split by thread and its last bit depends on the thread count (measured from 131072 blocks).
+_SERIAL_REDUCTION_MAX = 32768
+
+
+def _serial_mean(absmax: torch.Tensor) -> torch.Tensor:
+    """``absmax.mean()`` in float32 as torch computes it on one thread: the nested-scale offset.
+
+    bitsandbytes takes ``absmax.mean()`` at whatever thread count is set, so its offset (and from it every nested
+    code and decoded value) of a tensor over ~131k blocks (8M parameters at blocksize 64) can differ in the last bit
+    between machines with different core counts. Here it is the one-thread value everywhere: the same checkpoint
+    from any machine, equal to bitsandbytes run with one thread (docs/format.md §7.9). ~0.04 ms at 700k blocks.
+    """
+    threads = torch.get_num_threads()
+    if (absmax.device.type != "cpu" or absmax.numel() <= _SERIAL_REDUCTION_MAX or threads == 1
+            or torch.compiler.is_compiling()):
+        return absmax.mean()
+    torch.set_num_threads(1)
+    try:
+        return absmax.mean()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _raise_non_finite(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, name: str) -> None:
     bad = int(torch.nonzero(~torch.isfinite(absmax))[0, 0])
     raise ValueError(
@@ -110,7 +134,7 @@ def quantize_4bit(
         absmax=absmax, shape=A.shape, code=code, blocksize=blocksize, quant_type=quant_type, dtype=A.dtype
     )
     if double_quant:
-        offset = absmax.mean()
+        offset = _serial_mean(absmax)
         centered, dyn = absmax - offset, dynamic_map(A.device)
         if backend is None:  # through the registered op, so torch.compile sees one node
             qabsmax, nested_absmax = torch.ops.qkernels.quantize_blockwise(centered, dyn, NESTED_BLOCKSIZE)

@@ -178,6 +178,34 @@ def test_all_zero_blocks():
         assert torch.equal(p, pb)
 
 
+def _with_threads(n, fn):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_double_quant_is_the_same_at_any_thread_count():
+    """The nested offset is absmax.mean() as torch computes it on one thread, so quantize_4bit gives the same bits at 1
+    and 2 threads (docs/format.md §7.9). torch's own float32 mean of these 131072 scales differs in the last bit
+    between 1 and 2 threads (asserted, so the case is live; torch 2.13); bitsandbytes, which takes it at the current
+    thread count, equals qkernels when run with one thread."""
+    g = torch.Generator().manual_seed(1)
+    n = 131072 * 32
+    A = (torch.randn(n, generator=g) * torch.rand(n, generator=g).mul(4).exp()).bfloat16()
+    absmax = qkernels.reference.absmax_of(A, 32)
+    assert _with_threads(1, absmax.mean).item() != _with_threads(2, absmax.mean).item(), "pick data where they differ"
+    one = _with_threads(1, lambda: qkernels.quantize_4bit(A, 32, "nf4", double_quant=True))
+    two = _with_threads(2, lambda: qkernels.quantize_4bit(A, 32, "nf4", double_quant=True))
+    assert same_bits(one[1].offset, two[1].offset)
+    assert torch.equal(one[1].absmax, two[1].absmax) and same_bits(one[1].state2.absmax, two[1].state2.absmax)
+    assert same_bits(qkernels.dequantize_4bit(*one), qkernels.dequantize_4bit(*two))
+    sb = _with_threads(1, lambda: F.quantize_4bit(A, blocksize=32, quant_type="nf4", compress_statistics=True)[1])
+    assert same_bits(one[1].offset, sb.offset)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
 @pytest.mark.parametrize("tail", [1, 36, 63])
 def test_bitsandbytes_cpu_exception_all_zero_partial_block(tail, dtype):
