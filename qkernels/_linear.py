@@ -69,7 +69,10 @@ def workspace_bytes() -> int:
 def _state(scales, code: torch.Tensor, blocksize: int, shape: list[int], dtype: torch.dtype) -> QuantState:
     """A QuantState view of the op's flat arguments (for the kernels that take one). The kernels read ``code``,
     never ``quant_type``, so the label is only there to satisfy ``QuantState.validate``."""
-    absmax, nested_absmax, nested_code, offset, nested_blocksize = scales
+    # The Triton kernels read every tensor through its base pointer: dense copies of strided views (a few bytes each).
+    absmax, nested_absmax, nested_code, offset, nested_blocksize = (
+        t.contiguous() if isinstance(t, torch.Tensor) else t for t in scales)
+    code = code.contiguous()
     state2 = None
     if nested_absmax is not None:
         state2 = QuantState(absmax=nested_absmax, code=nested_code, blocksize=nested_blocksize, dtype=torch.float32)
@@ -113,7 +116,12 @@ def linear_4bit_impl(x, packed, scales, code, blocksize, N, lora_t, lora_B, bias
         from . import triton_kernels
 
         state = _state(scales, code, blocksize, [N, K], x.dtype)
-        return triton_kernels.matmul_4bit_lora_fwd(x, packed, state, lora_t=lora_t, lora_B=lora_B, bias=bias)
+        fused = _triton_rank_ok(lora_t, triton_kernels)
+        y = triton_kernels.matmul_4bit_lora_fwd(x, packed, state, lora_t=_dense(lora_t if fused else None),
+                                                lora_B=_dense(lora_B if fused else None), bias=_dense(bias))
+        if lora_t is not None and not fused:
+            y.addmm_(lora_t.to(x.dtype), lora_B.to(x.dtype).t())
+        return y
     if impl != "reference" and M <= GEMV_MAX_M and _has_gemv(x.device):
         # The op's checks (or matmul_4bit_lora's) have run and packed is uint8: call the kernel without re-validating
         # (one check per layer boundary; a decode step is ~0.3 ms, gemv_4bit_lora_native's checks ~30 us).
@@ -143,14 +151,35 @@ def linear_4bit_dx_impl(g, packed, scales, code, blocksize, K, lora_u, lora_A, l
         from . import triton_kernels
 
         state = _state(scales, code, blocksize, [N, K], g.dtype)
-        return triton_kernels.matmul_4bit_lora_dx(g, packed, state, lora_u=lora_u, lora_A=lora_A, lora_mask=lora_mask)
+        fused = _triton_rank_ok(lora_u, triton_kernels)
+        dx = triton_kernels.matmul_4bit_lora_dx(g, packed, state, lora_u=_dense(lora_u if fused else None),
+                                                lora_A=_dense(lora_A if fused else None),
+                                                lora_mask=_dense(lora_mask if fused else None))
+        if lora_u is not None and not fused:
+            _add_lora_dx(dx, lora_u, lora_A, lora_mask)
+        return dx
     dt = _matmul_dtype(g, impl)
     W = _dequantize(packed, scales, code, blocksize, [N, K], dt, impl)
     dx = g.to(dt) @ W
     if lora_u is not None:
-        lora = lora_u.to(dt) @ lora_A.to(dt)
-        if lora_mask is not None:
-            lora.mul_(lora_mask.to(dt))
-        dx.add_(lora)
+        _add_lora_dx(dx, lora_u, lora_A, lora_mask)
     return dx.to(g.dtype)
+
+
+def _add_lora_dx(dx, lora_u, lora_A, lora_mask) -> None:
+    """``dx += (lora_u @ lora_A) * lora_mask`` in dx's dtype."""
+    lora = lora_u.to(dx.dtype) @ lora_A.to(dx.dtype)
+    if lora_mask is not None:
+        lora.mul_(lora_mask.to(dx.dtype))
+    dx.add_(lora)
+
+
+def _dense(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+def _triton_rank_ok(lora_left: torch.Tensor | None, triton_kernels) -> bool:
+    """Whether the Triton epilogue takes this LoRA term: its padded rank lives in registers, 0 < r <= 256. Other
+    ranks (r = 0 tensors, or r > 256) are added by a separate matmul into the kernel's output."""
+    return lora_left is not None and 0 < lora_left.shape[1] <= triton_kernels.MAX_LORA_RANK
 

@@ -104,6 +104,10 @@ def dequantize_4bit_impl(packed, absmax, code, blocksize, shape, dtype, nested_a
     """
     n = math.prod(shape)
     impl = _backend.resolve("dequantize_4bit", packed.device, backend)
+    # The scales are one value per block (n / 64 at most): copying a strided view is cheap, and the native kernels
+    # need them dense. The fused GEMV (qkernels._native.gemv_4bit_lora_raw) does the same, so decode and training
+    # shapes accept the same states.
+    absmax = absmax.contiguous()
     inline_nested = impl == "cpu" or (impl == "cuda" and "dequantize_4bit_nested" in _backend.native_ops(packed.device))
     if nested_absmax is not None and inline_nested:  # the native kernel decodes the nested scales inline
         nested = (absmax, nested_absmax, nested_code, offset, nested_blocksize)
@@ -120,6 +124,9 @@ def dequantize_4bit_impl(packed, absmax, code, blocksize, shape, dtype, nested_a
 
 def _check_dequantize(packed, absmax, code, blocksize, shape, dtype, nested_absmax, nested_code, offset, nested_bs):
     torch._check(packed.dtype == torch.uint8, lambda: f"packed must be uint8 (view other storage), got {packed.dtype}")
+    # The native kernels read the bytes through a raw pointer: a strided view would be decoded as the wrong bytes.
+    torch._check(packed.is_contiguous(), lambda: "packed must be contiguous (its bytes are read in order); pass "
+                 "packed.contiguous()")
     torch._check(dtype in _FLOATS, lambda: f"dtype must be float32, float16 or bfloat16, got {dtype}")
     _check_blocksize(blocksize)
     _check_code(code, 16, packed)

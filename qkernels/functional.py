@@ -7,6 +7,7 @@ naming the argument), then run the backend chosen by ``qkernels._backend.resolve
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -34,6 +35,38 @@ def _check_float_tensor(A: object, name: str) -> torch.Tensor:
     if A.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(A.shape)}): there is nothing to quantize")
     return A
+
+
+def _as_int(value: object) -> object:
+    """A NumPy integer (e.g. a blocksize read from a config with NumPy) as a Python int; anything else unchanged,
+    for the caller's check to accept or refuse. ``True`` stays a bool: it is not a blocksize."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    return value
+
+
+# torch's CPU reductions run on one thread up to this many elements (at::internal::GRAIN_SIZE); past it the
+# float32 sum is split by thread and its last bit depends on the thread count (measured from 131072 blocks).
+_SERIAL_REDUCTION_MAX = 32768
+
+
+def _serial_mean(absmax: torch.Tensor) -> torch.Tensor:
+    """``absmax.mean()`` in float32 as torch computes it on one thread: the nested-scale offset.
+
+    bitsandbytes takes ``absmax.mean()`` at whatever thread count is set, so its offset (and from it every nested
+    code and decoded value) of a tensor over ~131k blocks (8M parameters at blocksize 64) can differ in the last bit
+    between machines with different core counts. Here it is the one-thread value everywhere: the same checkpoint
+    from any machine, equal to bitsandbytes run with one thread (docs/format.md §7.9). ~0.04 ms at 700k blocks.
+    """
+    threads = torch.get_num_threads()
+    if (absmax.device.type != "cpu" or absmax.numel() <= _SERIAL_REDUCTION_MAX or threads == 1
+            or torch.compiler.is_compiling()):
+        return absmax.mean()
+    torch.set_num_threads(1)
+    try:
+        return absmax.mean()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _raise_non_finite(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, name: str) -> None:
@@ -75,7 +108,7 @@ def quantize_4bit(
         quant_state: ``QuantState`` with shape, dtype, blocksize, codebook and (nested) absmax.
     """
     A = _check_float_tensor(A, "A")
-    blocksize = check_blocksize(blocksize)
+    blocksize = check_blocksize(_as_int(blocksize))
     code = get_codebook(quant_type, A.device)  # raises ValueError for an unknown quant_type
     if quant_storage not in STORAGE_DTYPES:
         raise ValueError(f"quant_storage must be one of {STORAGE_DTYPES}, got {quant_storage!r}")
@@ -101,7 +134,7 @@ def quantize_4bit(
         absmax=absmax, shape=A.shape, code=code, blocksize=blocksize, quant_type=quant_type, dtype=A.dtype
     )
     if double_quant:
-        offset = absmax.mean()
+        offset = _serial_mean(absmax)
         centered, dyn = absmax - offset, dynamic_map(A.device)
         if backend is None:  # through the registered op, so torch.compile sees one node
             qabsmax, nested_absmax = torch.ops.qkernels.quantize_blockwise(centered, dyn, NESTED_BLOCKSIZE)
@@ -143,6 +176,9 @@ def dequantize_4bit(
     if out is not None:
         if not isinstance(out, torch.Tensor) or out.shape != quant_state.shape or not out.is_contiguous():
             raise ValueError(f"out must be a contiguous tensor of shape {tuple(quant_state.shape)}")
+        if out.requires_grad and torch.is_grad_enabled():  # as torch's own out= functions refuse it
+            raise ValueError("out requires grad, but dequantize_4bit writes it in place outside autograd; pass a "
+                             "buffer that does not require grad, or call it under torch.no_grad()")
         if dtype is not None and dtype != out.dtype:
             raise TypeError(f"dtype {dtype} does not match out.dtype {out.dtype}")
         dtype = out.dtype
@@ -169,6 +205,7 @@ def dequantize_4bit(
 
 
 def _check_blockwise_blocksize(blocksize: object) -> int:
+    blocksize = _as_int(blocksize)
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or not 0 < blocksize <= 4096 \
             or blocksize & (blocksize - 1):
         raise ValueError(f"blocksize must be a power of two from 1 to 4096, got {blocksize!r}")

@@ -4,12 +4,15 @@ Layers (STYLE 3): ``qkernels::linear_4bit`` / ``linear_4bit_dx`` ops (``qkernels
 ``qkernels._linear``) → ``QLoRAFunction`` (this file) → ``matmul_4bit_lora`` (this file) → ``QLoRALinear``.
 
 What the Function saves for backward: the PACKED weight and its scales (never a dequantized copy: W is decoded
-again in backward), ``dropout(X)`` (or X itself without dropout; the LoRA-A gradient needs it), the dropout mask
-as bool, and ``T = dropout(X) A^T`` (``[M, r]``, the LoRA-B gradient needs it). Gradients (DESIGN §2), with
-``Xd = dropout(X)``, ``u = s * (dY B)``:
+again in backward), X (with LoRA; ``dropout(X)``, which the LoRA-A gradient needs, is rebuilt from X and the mask),
+the dropout mask as bool, and ``T = dropout(X) A^T`` (``[M, r]``, the LoRA-B gradient needs it). Gradients
+(DESIGN §2), with ``Xd = dropout(X)``, ``u = s * (dY B)``:
 
 - ``dX = dY @ W + (u @ A) * mask / (1 - p)``   (one ``linear_4bit_dx`` call: W decoded once, LoRA in the epilogue)
 - ``dA = u^T @ Xd``,   ``dB = s * dY^T @ T``,   ``dbias = sum(dY)``;   no gradient for W.
+
+A double backward (``create_graph=True``) is supported: the backward then uses differentiable torch ops only (T
+recomputed with its graph, W decoded into a fresh tensor that autograd keeps), so it costs a dequantized weight.
 
 The LoRA products run in the LoRA weights' dtype when it is wider than x's (peft keeps adapters in float32 on
 a bf16 base and casts x up: so do we), else in x's dtype.
@@ -17,10 +20,12 @@ a bf16 base and casts x up: so do we), else in x's dtype.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 
-from . import _ops  # noqa: F401  (registers the qkernels:: ops)
+from . import _ops  # registers the qkernels:: ops
 from .quant_state import QuantState
 from .reference import lora_scaling
 
@@ -47,11 +52,13 @@ class QLoRAFunction(torch.autograd.Function):
                 blocksize: int, nested_blocksize: int, out_features: int, scaling: float, dropout_p: float,
                 training: bool, backend: str | None):
         scales = (absmax, nested_absmax, nested_code, offset, nested_blocksize)
-        y, xd, mask, t = _forward(x, packed, scales, code, blocksize, out_features, lora_A, lora_B, bias, scaling,
-                                  dropout_p, training, backend)
-        if lora_A is None:
-            xd = None  # only the LoRA-A gradient reads it
-        ctx.save_for_backward(packed, absmax, code, nested_absmax, nested_code, offset, lora_A, lora_B, xd, mask, t)
+        y, _, mask, t = _forward(x, packed, scales, code, blocksize, out_features, lora_A, lora_B, bias, scaling,
+                                 dropout_p, training, backend)
+        # dropout(x) is rebuilt in backward from x and the bool mask (the same expression, so the same bits): x is
+        # usually alive anyway (q/k/v projections share it), and saving x itself keeps its graph for a double backward.
+        x_saved = x if lora_A is not None else None  # only the LoRA gradients read it
+        ctx.save_for_backward(packed, absmax, code, nested_absmax, nested_code, offset, lora_A, lora_B, x_saved, mask,
+                              t)
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.meta = (blocksize, nested_blocksize, x.shape[1], scaling, dropout_p, backend, bias is not None)
         return y
@@ -63,12 +70,19 @@ class QLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_y):
-        packed, absmax, code, nested_absmax, nested_code, offset, lora_A, lora_B, xd, mask, t = ctx.saved_tensors
+        packed, absmax, code, nested_absmax, nested_code, offset, lora_A, lora_B, x, mask, t = ctx.saved_tensors
         blocksize, nested_blocksize, K, scaling, dropout_p, backend, has_bias = ctx.meta
         need_x, need_A, need_B, need_bias = (ctx.needs_input_grad[i] for i in (0, 7, 8, 9))
+        # Grad mode is on here only under create_graph=True (a double backward follows): then every gradient is
+        # built from differentiable torch ops on tensors that keep their graph (see _dx_differentiable).
+        create_graph = torch.is_grad_enabled()
         g = grad_y.contiguous()
         dx = dA = dB = dbias = None
-        u = None
+        u = xd = None
+        if lora_A is not None and (need_A or create_graph):
+            xd = x if mask is None else x * mask / (1.0 - dropout_p)  # as in _forward: the same bits
+            if create_graph:  # T with its graph (the saved one has none): dB's derivative goes through it
+                t = xd.to(t.dtype) @ lora_A.to(t.dtype).t()
         if lora_A is not None and (need_x or need_A):
             ldt = _lora_dtype(g.dtype, lora_A.dtype)
             u = (g.to(ldt) @ lora_B.to(ldt)) * scaling  # [M, r]
@@ -77,8 +91,11 @@ class QLoRAFunction(torch.autograd.Function):
             lora_mask = None
             if mask is not None:
                 lora_mask = mask.to(g.dtype) / (1.0 - dropout_p)
-            dx = _linear_dx(g, packed, scales, code, blocksize, K, u, lora_A if u is not None else None, lora_mask,
-                            backend)
+            lora = (u, lora_A if u is not None else None, lora_mask)
+            if create_graph:
+                dx = _dx_differentiable(g, packed, scales, code, blocksize, K, *lora)
+            else:
+                dx = _linear_dx(g, packed, scales, code, blocksize, K, *lora, backend)
         if need_A:
             dA = (u.t() @ xd.to(u.dtype)).to(lora_A.dtype)
         if need_B:
@@ -86,6 +103,23 @@ class QLoRAFunction(torch.autograd.Function):
         if need_bias and has_bias:
             dbias = g.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
         return dx, None, None, None, None, None, None, dA, dB, dbias, None, None, None, None, None, None, None
+
+
+def _dx_differentiable(g, packed, scales, code, blocksize, K, lora_u, lora_A, lora_mask):
+    """``g @ W + (lora_u @ lora_A) * lora_mask`` from torch ops, for a double backward (create_graph=True).
+
+    The fused kernels have no derivative, so W is decoded here into a fresh ``[N, K]`` tensor of g's dtype (the
+    reference decode: the same bits on every device), which autograd keeps for the second derivative. Only this
+    rare path holds a dequantized weight.
+    """
+    absmax, nested_absmax, nested_code, offset, nested_blocksize = scales
+    W = _ops.dequantize_4bit_impl(packed, absmax, code, blocksize, [g.shape[1], K], g.dtype, nested_absmax,
+                                  nested_code, offset, nested_blocksize, "reference")
+    dx = g @ W
+    if lora_u is not None:
+        lora = lora_u.to(g.dtype) @ lora_A.to(g.dtype)
+        dx = dx + (lora if lora_mask is None else lora * lora_mask)
+    return dx
 
 
 def _forward(x, packed, scales, code, blocksize, N, lora_A, lora_B, bias, scaling, dropout_p, training, backend):
@@ -169,6 +203,8 @@ def matmul_4bit_lora(
     if not isinstance(quant_state, QuantState):
         raise TypeError(f"quant_state must be a qkernels.QuantState, got {type(quant_state).__name__}")
     quant_state.validate(packed)
+    if not packed.is_contiguous():  # the fused kernels read its bytes through a raw pointer, in storage order
+        raise ValueError("packed must be contiguous (its bytes are read in order); pass packed.contiguous()")
     if len(quant_state.shape) != 2:
         raise ValueError(f"the quantized weight must be 2-D [N, K] (out, in features), got {tuple(quant_state.shape)}")
     N, K = (int(s) for s in quant_state.shape)
@@ -178,6 +214,9 @@ def matmul_4bit_lora(
         raise ValueError(f"x is on {x.device} but the packed weight is on {packed.device}; move the layer to x.device")
     if (lora_A is None) != (lora_B is None):
         raise ValueError("lora_A and lora_B must both be tensors or both be None")
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
     if lora_A is not None:
         if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[1] != K or lora_B.shape[0] != N:
             raise ValueError(f"lora_A must be [r, {K}] and lora_B [{N}, r] (peft's layout), got "
@@ -190,10 +229,13 @@ def matmul_4bit_lora(
             raise TypeError("lora_A and lora_B must be float32/float16/bfloat16")
     if bias is not None and (bias.shape != (N,) or bias.device != x.device):
         raise ValueError(f"bias must be a [{N}] tensor on {x.device}, got {tuple(bias.shape)} on {bias.device}")
-    if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
+    if bias is not None and not bias.is_floating_point():
+        raise TypeError(f"bias must be a floating-point tensor (as for nn.Linear), got {bias.dtype}")
+    # numbers.Real: Python and NumPy scalars alike (a config read with NumPy gives np.float32 / np.float64).
+    if not isinstance(dropout_p, numbers.Real) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool):
-        raise TypeError(f"scaling must be a Python number (lora_alpha / r), got {type(scaling).__name__}")
+    if not isinstance(scaling, numbers.Real) or isinstance(scaling, bool):
+        raise TypeError(f"scaling must be a real number (lora_alpha / r), got {type(scaling).__name__}")
 
     device_type = x.device.type
     autocast = torch.is_autocast_enabled(device_type)

@@ -138,8 +138,8 @@ def matmul_4bit_lora(
     x: torch.Tensor,
     packed: torch.Tensor,
     state,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
+    lora_A: torch.Tensor | None,
+    lora_B: torch.Tensor | None,
     scaling: float,
     bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
@@ -150,16 +150,21 @@ def matmul_4bit_lora(
     """``Y = X @ dequant(W)^T + scaling * (dropout(X) @ A^T) @ B^T + bias``, differentiable by autograd.
 
     Shapes: ``x [..., K]``; ``W`` is ``state.shape == [N, K]``; ``lora_A [r, K]`` and ``lora_B [N, r]``
-    (peft's ``lora_A.weight`` / ``lora_B.weight`` layouts); ``bias [N]``; result ``[..., N]`` in x.dtype.
+    (peft's ``lora_A.weight`` / ``lora_B.weight`` layouts), or both None for the plain 4-bit linear (as
+    ``qkernels.matmul_4bit_lora``); ``bias [N]``; result ``[..., N]`` in x.dtype.
     Computed in ``x.dtype`` (pass float64 tensors for an oracle); W is dequantized to that dtype and gets
     no gradient. Dropout: if ``dropout_mask`` (bool or 0/1, broadcastable to x) is given it is used as is,
     scaled by ``1 / (1 - dropout_p)``; otherwise a fresh mask is drawn when ``training`` and ``dropout_p > 0``.
     """
     if len(state.shape) != 2 or x.shape[-1] != state.shape[1]:
         raise ValueError(f"x [..., {x.shape[-1]}] does not match the quantized weight of shape {tuple(state.shape)}")
+    if (lora_A is None) != (lora_B is None):
+        raise ValueError("lora_A and lora_B must both be tensors or both be None")
     W = _dequantized_weight(packed, state, x.dtype)
     x_drop = _apply_dropout(x, dropout_p, dropout_mask, training)
-    y = x @ W.t() + scaling * ((x_drop @ lora_A.to(x.dtype).t()) @ lora_B.to(x.dtype).t())
+    y = x @ W.t()
+    if lora_A is not None:
+        y = y + scaling * ((x_drop @ lora_A.to(x.dtype).t()) @ lora_B.to(x.dtype).t())
     if bias is not None:
         y = y + bias.to(x.dtype)
     return y

@@ -77,3 +77,49 @@ def test_forced_backend_errors():
 def test_lora_scaling_rejects_bad_rank():
     with pytest.raises(ValueError, match="r must be a positive integer"):
         qkernels.reference.lora_scaling(16, 0)
+
+
+def test_numpy_integer_blocksize_is_an_int():
+    """A NumPy integer blocksize (a config read with NumPy) is the same int; it was refused with "blocksize must be
+    one of (32, 64, ...), got np.int64(64)". Floats, strings and bools stay refused (test_bad_blocksize)."""
+    np = pytest.importorskip("numpy")
+    A = torch.randn(200)
+    p, s = qkernels.quantize_4bit(A, np.int64(64))
+    p2, s2 = qkernels.quantize_4bit(A, 64)
+    assert type(s.blocksize) is int and s.blocksize == 64
+    assert torch.equal(p, p2) and torch.equal(s.absmax, s2.absmax)
+    q, absmax = qkernels.quantize_blockwise(A, blocksize=np.int32(128))
+    assert torch.equal(q, qkernels.quantize_blockwise(A, blocksize=128)[0])
+    assert torch.equal(qkernels.dequantize_blockwise(q, absmax, blocksize=np.int64(128)),
+                       qkernels.dequantize_blockwise(q, absmax, blocksize=128))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_out_that_requires_grad(backend):
+    """out= is written in place outside autograd: a buffer that requires grad is refused while grad mode is on (as
+    torch's out= functions do). The native backend wrote into it silently, the reference one raised a RuntimeError
+    from deep inside. Under no_grad it is an ordinary buffer."""
+    p, s = qkernels.quantize_4bit(torch.randn(8, 64))
+    out = torch.empty(8, 64, requires_grad=True)
+    with pytest.raises(ValueError, match="out requires grad"):
+        qkernels.dequantize_4bit(p, s, out=out, backend=backend)
+    with torch.no_grad():
+        qkernels.dequantize_4bit(p, s, out=out, backend=backend)
+    assert torch.equal(out.detach(), qkernels.dequantize_4bit(p, s, backend=backend))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "nested"])
+def test_strided_absmax_view(double_quant, backend):
+    """A state whose absmax is a strided view decodes like its dense copy on every backend (the native one raised
+    "absmax must be contiguous" where the reference accepted it)."""
+    import copy
+
+    p, s = qkernels.quantize_4bit(torch.randn(20, 64), 64, double_quant=double_quant)
+    strided = copy.copy(s)
+    strided.absmax = torch.stack([s.absmax, torch.zeros_like(s.absmax)], 1).reshape(-1)[::2]
+    assert not strided.absmax.is_contiguous()
+    want = qkernels.dequantize_4bit(p, s, backend=backend)
+    assert torch.equal(qkernels.dequantize_4bit(p, strided, backend=backend), want)
+    out = torch.empty_like(want)
+    assert torch.equal(qkernels.dequantize_4bit(p, strided, out=out, backend=backend), want)

@@ -178,6 +178,86 @@ def test_all_zero_blocks():
         assert torch.equal(p, pb)
 
 
+def _with_threads(n, fn):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_double_quant_is_the_same_at_any_thread_count():
+    """The nested offset is absmax.mean() as torch computes it on one thread, so quantize_4bit gives the same bits at 1
+    and 2 threads (docs/format.md §7.9). torch's own float32 mean of these 131072 scales differs in the last bit
+    between 1 and 2 threads (asserted, so the case is live; torch 2.13); bitsandbytes, which takes it at the current
+    thread count, equals qkernels when run with one thread."""
+    g = torch.Generator().manual_seed(1)
+    n = 131072 * 32
+    A = (torch.randn(n, generator=g) * torch.rand(n, generator=g).mul(4).exp()).bfloat16()
+    absmax = qkernels.reference.absmax_of(A, 32)
+    assert _with_threads(1, absmax.mean).item() != _with_threads(2, absmax.mean).item(), "pick data where they differ"
+    one = _with_threads(1, lambda: qkernels.quantize_4bit(A, 32, "nf4", double_quant=True))
+    two = _with_threads(2, lambda: qkernels.quantize_4bit(A, 32, "nf4", double_quant=True))
+    assert same_bits(one[1].offset, two[1].offset)
+    assert torch.equal(one[1].absmax, two[1].absmax) and same_bits(one[1].state2.absmax, two[1].state2.absmax)
+    assert same_bits(qkernels.dequantize_4bit(*one), qkernels.dequantize_4bit(*two))
+    sb = _with_threads(1, lambda: F.quantize_4bit(A, blocksize=32, quant_type="nf4", compress_statistics=True)[1])
+    assert same_bits(one[1].offset, sb.offset)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("tail", [1, 36, 63])
+def test_bitsandbytes_cpu_exception_all_zero_partial_block(tail, dtype):
+    """Documented exception (docs/format.md §7.6): an all-zero partial last block gets absmax 1e-38 (its floor) from
+    bitsandbytes' CPU path and max |x| = 0 from qkernels. Same bytes, both decode it to +0.0."""
+    A = torch.cat([torch.randn(64, generator=torch.Generator().manual_seed(tail)), torch.zeros(tail)]).to(dtype)
+    p, s = qkernels.quantize_4bit(A, 64, "nf4", double_quant=False)
+    pb, sb = F.quantize_4bit(A, blocksize=64, compress_statistics=False, quant_type="nf4")
+    assert torch.equal(p, pb) and s.absmax[0] == sb.absmax[0]
+    assert s.absmax[1].item() == 0.0
+    assert sb.absmax[1].item() == torch.tensor(1e-38).item(), "bitsandbytes changed its floor: update docs/format.md"
+    ours = qkernels.dequantize_4bit(p, s)
+    assert same_bits(ours, F.dequantize_4bit(pb, sb)) and not torch.signbit(ours[64:]).any()
+
+
+def test_bitsandbytes_cpu_exception_fp4_nibble_8_is_negative_zero():
+    """Documented exception (§7.7): FP4 nibble 8 (its second +0 entry) is -0.0 from bitsandbytes' CPU C++ dequantizer
+    and +0.0 from its quant_map, its PyTorch path and qkernels."""
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+    # 0.001 is in (0, 0.0026]: nibble 8; -0.001 and 0: nibble 0. A last dimension of 1000 (measured: not 64, 128, 1024
+    # or 4096, which give +0.0) takes the C++ code that writes -0.0.
+    A = torch.tensor([1.0, 0.001, -0.001, 0.0] * 250)
+    p, s = qkernels.quantize_4bit(A, 64, "fp4", double_quant=False)
+    pb, sb = F.quantize_4bit(A, blocksize=64, compress_statistics=False, quant_type="fp4")
+    assert torch.equal(p, pb)
+    nibbles = unpack_nibbles(p, A.numel())
+    assert torch.all(nibbles[1::4] == 8) and torch.all(nibbles[2::4] == 0)
+    ours, theirs = qkernels.dequantize_4bit(p, s), F.dequantize_4bit(pb, sb).reshape(-1)
+    flat_rule = _dequantize_4bit_compute(p.reshape(-1), s.absmax, s.code, 64, (A.numel(),), torch.float32)
+    assert same_bits(ours, flat_rule) and not torch.signbit(ours[1::4]).any()
+    assert torch.equal(ours, theirs)
+    assert torch.signbit(theirs[1::4]).all(), "bitsandbytes now writes +0.0 for nibble 8: drop this exception"
+
+
+def test_bitsandbytes_cpu_exception_tiny_bf16_outputs_flushed():
+    """Documented exception (§7.8): bitsandbytes' CPU C++ dequantizer flushes bf16 results below the smallest normal
+    to +-0; qkernels rounds code * absmax to the nearest bf16 (subnormals included), as its PyTorch path does."""
+    tiny = torch.finfo(torch.bfloat16).tiny
+    A = (torch.randn(128, generator=torch.Generator().manual_seed(0)) * tiny * 2).bfloat16()
+    p, s = qkernels.quantize_4bit(A, 64, "nf4", double_quant=False)
+    pb, sb = F.quantize_4bit(A, blocksize=64, compress_statistics=False, quant_type="nf4")
+    assert torch.equal(p, pb) and torch.equal(s.absmax, sb.absmax)
+    exact = (s.code[unpack_nibbles(p, 128)] * s.absmax.repeat_interleave(64)).bfloat16()  # one RNE rounding
+    ours, theirs = qkernels.dequantize_4bit(p, s), F.dequantize_4bit(pb, sb).reshape(-1)
+    assert same_bits(ours, exact)
+    subnormal = (exact != 0) & (exact.abs() < tiny)
+    assert subnormal.sum() > 10
+    assert torch.all(theirs[subnormal] == 0), "bitsandbytes keeps bf16 subnormals now: drop this exception"
+    assert same_bits(ours[~subnormal], theirs[~subnormal])
+
+
 @pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16, torch.float32], ids=_ids)
 def test_quant_storage_reinterprets_the_same_bytes(storage):
     A = torch.randn(96, 80)

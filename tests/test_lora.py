@@ -6,6 +6,7 @@ reference must be at most twice the error of plain PyTorch doing the same comput
 value (where plain PyTorch happens to be exact, a different but equally valid summation order is not).
 """
 
+import copy
 import math
 
 import pytest
@@ -138,6 +139,45 @@ def test_dropout_mask_is_the_same_in_forward_and_backward():
     assert got[2].abs().sum() > 0
 
 
+def _hvp(fn, leaves, gy, vs):
+    """Second derivatives: the gradient of ``<grad(y . gy), v>`` for every leaf (a Hessian-vector product)."""
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    first = torch.autograd.grad((fn(*leaves) * gy).sum(), leaves, create_graph=True)
+    h = sum((g * v.to(g.dtype)).sum() for g, v in zip(first, vs, strict=True))
+    return list(torch.autograd.grad(h, leaves, allow_unused=True, materialize_grads=True))  # d2bias is 0
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("M", [3, 17], ids=["gemv", "blas"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25], ids=["nodrop", "drop"])
+def test_double_backward(dropout_p, M, backend):
+    """create_graph=True then a second derivative (gradient penalties, Hessian-vector products) agrees with float64,
+    within 2x plain torch's error. The backward used to keep T = dropout(x) A^T without its graph: the second
+    derivatives through dB were ~50% off, silently."""
+    packed, state, x, A, B, b, gy = _problem(M, 24, 40, 4, torch.float32)
+    g = torch.Generator().manual_seed(5)
+    vs = [torch.randn(t.shape, generator=g) for t in (x, A, B, b)]
+    mask = torch.rand(x.shape, generator=g) > dropout_p if dropout_p else None
+
+    def ours(*leaves):
+        torch.manual_seed(7)
+        return qkernels.matmul_4bit_lora(leaves[0], packed, state, *leaves[1:3], 2.0, leaves[3], dropout_p,
+                                         backend=backend)
+
+    torch.manual_seed(7)  # the mask the Function draws (see _check)
+    if dropout_p:
+        mask = torch.empty(x.shape, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
+
+    def plain(*leaves):
+        return reference.matmul_4bit_lora(leaves[0], packed, state, *leaves[1:3], 2.0, leaves[3], dropout_p,
+                                          dropout_mask=mask)
+
+    got = _hvp(ours, (x, A, B, b), gy, vs)
+    base = _hvp(plain, (x, A, B, b), gy, vs)
+    ref = _hvp(plain, [t.double() for t in (x, A, B, b)], gy.double(), vs)
+    _assert_close_to_fp64(got, base, ref, ["d2x", "d2A", "d2B", "d2bias"])
+
+
 def test_dropout_off_in_eval():
     packed, state, x, A, B, b, _ = _problem(8, 32, 64, 4, torch.float32)
     y1 = qkernels.matmul_4bit_lora(x, packed, state, A, B, 2.0, b, 0.9, training=False)
@@ -251,6 +291,44 @@ def test_triton_backend_in_the_interpreter(M, N, K, dropout_p, dtype, monkeypatc
     _check(M, N, K, 8, dtype, "triton", dropout_p=dropout_p)
 
 
+def test_double_backward_triton_in_the_interpreter(monkeypatch):
+    """The Triton forward, then a double backward (the differentiable torch path), against float64."""
+    pytest.importorskip("triton", reason="Triton is not installed")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    test_double_backward(0.25, 3, "triton")
+
+
+@pytest.mark.parametrize("r", [0, 4, 300], ids=["r0", "r4", "r300"])
+def test_triton_backend_takes_what_the_others_take(r, monkeypatch):
+    """Strided views of the LoRA weights, the bias and the absmax, and LoRA ranks the fused epilogue does not hold
+    (empty r = 0 factors, r > 256), run on the Triton backend as on the others; they were RuntimeErrors there
+    ("lora_B must be contiguous", "lora_t must be [M, r] with 0 < r <= 256")."""
+    pytest.importorskip("triton", reason="Triton is not installed")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    M, N, K = 5, 24, 40
+    packed, state, x, _, _, b, gy = _problem(M, N, K, 0, torch.float32)
+    g = torch.Generator().manual_seed(1)
+    A, B = torch.randn(r, K, generator=g) / math.sqrt(K), torch.randn(N, r, generator=g) * 0.1
+    strided = copy.copy(state)
+    strided.absmax = torch.stack([state.absmax, torch.zeros_like(state.absmax)], 1).reshape(-1)[::2]
+
+    def views(x_, A_, B_, b_):  # the same values, laid out as a transposed or every-other-element view
+        return x_, A_.t().contiguous().t(), B_.t().contiguous().t(), torch.stack([b_, b_], 1)[:, 0]
+
+    def ours(*leaves):
+        return qkernels.matmul_4bit_lora(*views(*leaves)[:1], packed, strided, *views(*leaves)[1:3], 2.0,
+                                         views(*leaves)[3], backend="triton")
+
+    def plain(x_, A_, B_, b_, dt=torch.float32):
+        return reference.matmul_4bit_lora(x_.to(dt), packed, state, A_.to(dt), B_.to(dt), 2.0, b_.to(dt))
+
+    got = _grads(ours, x, A, B, b, gy)
+    base = _grads(plain, x, A, B, b, gy)
+    ref = _grads(lambda *t: plain(*t, dt=torch.float64), x, A, B, b, gy.double())
+    keep = [i for i, t in enumerate(ref) if t.numel()]  # r = 0: dA and dB are empty
+    _assert_close_to_fp64(*([t[i] for i in keep] for t in (got, base, ref, ["y", "dx", "dA", "dB", "dbias"])))
+
+
 def test_triton_backend_refused_without_a_device(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     packed, state, x, A, B, b, _ = _problem(2, 32, 64, 4, torch.float32)
@@ -301,6 +379,64 @@ def test_bad_input():
     wrong_state = qkernels.quantize_4bit(torch.randn(16, 64))[1]
     with pytest.raises(ValueError, match="does not belong|last dim"):
         f(x, packed[:10], wrong_state, A, B, 1.0)
+
+
+def test_bad_input_types():
+    """Non-tensor LoRA weights or bias, and an integer bias, are TypeErrors naming the argument (an AttributeError
+    from deep inside before; an integer bias was silently cast, where nn.Linear refuses it)."""
+    packed, state, x, A, B, b, _ = _problem(4, 32, 64, 4, torch.float32)
+    f = qkernels.matmul_4bit_lora
+    with pytest.raises(TypeError, match="lora_A must be a torch.Tensor"):
+        f(x, packed, state, A.tolist(), B, 1.0)
+    with pytest.raises(TypeError, match="lora_B must be a torch.Tensor"):
+        f(x, packed, state, A, B.tolist(), 1.0)
+    with pytest.raises(TypeError, match="bias must be a torch.Tensor"):
+        f(x, packed, state, A, B, 1.0, b.tolist())
+    with pytest.raises(TypeError, match="bias must be a floating-point tensor"):
+        f(x, packed, state, A, B, 1.0, torch.ones(32, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_numpy_scalars_are_numbers(backend):
+    """``scaling`` / ``dropout_p`` as NumPy scalars (what a config read with NumPy gives) act as the same Python
+    floats; they were refused with a message saying 0.1 is not "a float in [0, 1)"."""
+    np = pytest.importorskip("numpy")
+    packed, state, x, A, B, b, _ = _problem(3, 32, 64, 4, torch.float32)
+    torch.manual_seed(0)
+    want = qkernels.matmul_4bit_lora(x, packed, state, A, B, 0.5, b, 0.25, backend=backend)
+    torch.manual_seed(0)
+    got = qkernels.matmul_4bit_lora(x, packed, state, A, B, np.float32(0.5), b, np.float64(0.25), backend=backend)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("M", [1, 17], ids=["gemv", "blas"])
+def test_non_contiguous_packed_is_refused(M, backend):
+    """A strided view of the packed bytes is a ValueError on every path, as in dequantize_4bit. The fused GEMV
+    (M <= 16) read such a view through its raw pointer, in storage order: a wrong answer and no error."""
+    packed, state, x, A, B, b, _ = _problem(M, 32, 64, 4, torch.float32)
+    strided = torch.cat([packed, torch.full_like(packed, 0x77)], 1)[:, :1]
+    assert torch.equal(strided, packed) and not strided.is_contiguous()
+    with pytest.raises(ValueError, match="packed must be contiguous"):
+        qkernels.matmul_4bit_lora(x, strided, state, A, B, 1.0, b, backend=backend)
+    nested = (state.state2.absmax, state.state2.code, state.offset, 256)
+    with pytest.raises(RuntimeError, match="packed must be contiguous"):  # the op checks it too
+        torch.ops.qkernels.linear_4bit(x, strided, state.absmax, state.code, 64, 32, *nested)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("M", [1, 17], ids=["gemv", "blas"])
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "nested"])
+def test_strided_scales(double_quant, M, backend):
+    """A state whose absmax is a strided view (e.g. every other entry of a larger buffer) gives the same output as
+    its dense copy. The native dequantize refused it, so a layer decoded (GEMV, M <= 16) but could not train."""
+    packed, state, x, A, B, b, _ = _problem(M, 32, 64, 4, torch.float32, double_quant=double_quant)
+    want = qkernels.matmul_4bit_lora(x, packed, state, A, B, 1.0, b, backend=backend)
+    strided = copy.copy(state)
+    strided.absmax = torch.stack([state.absmax, torch.zeros_like(state.absmax)], 1).reshape(-1)[::2]
+    assert not strided.absmax.is_contiguous()
+    got = qkernels.matmul_4bit_lora(x, packed, strided, A, B, 1.0, b, backend=backend)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------------------- ops, compile

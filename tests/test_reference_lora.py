@@ -69,3 +69,14 @@ def test_dropout_mask_is_used_and_weight_gets_no_gradient():
         reference.matmul_4bit_lora(x, packed, state, A, B, 1.0, dropout_p=1.0)
     with pytest.raises(ValueError, match="does not match the quantized weight"):
         reference.matmul_4bit_lora(x[:, :10], packed, state, A, B, 1.0)
+
+
+def test_without_lora_is_the_plain_4bit_linear():
+    """lora_A = lora_B = None is the plain 4-bit linear, as in qkernels.matmul_4bit_lora (it was an AttributeError);
+    passing only one of them is a ValueError."""
+    packed, state, x, A, B, b = _setup(3, 130, 67, 4)
+    y = reference.matmul_4bit_lora(x, packed, state, None, None, 2.0, bias=b)
+    W = qkernels.dequantize_4bit(packed, state, dtype=torch.float32).double()
+    torch.testing.assert_close(y, x @ W.T + b, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="both"):
+        reference.matmul_4bit_lora(x, packed, state, A, None, 2.0)
