@@ -4,7 +4,8 @@
   matching rules (``peft.tuners.tuners_utils.check_target_module_exists`` and ``_maybe_include_all_linear_layers``),
   and freeze everything but the LoRA weights.
 - ``trainable_parameters(model)`` / ``print_trainable_parameters(model)``: peft's counts and line.
-- ``merge_and_unload(model)``: dense ``nn.Linear`` layers holding ``dequant(W) + s B A`` (no requantization).
+- ``merge_and_unload(model)``: dense ``nn.Linear`` layers holding ``dequant(W) + s B A`` (no requantization);
+  transformers ``Conv1D`` for layers that were one.
 - ``merge_into_4bit(model)``: explicit opt-in requantization of ``dequant(W) + s B A``; warns with the error.
 """
 
@@ -395,6 +396,10 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Replace each ``QLoRALinear`` by a dense ``nn.Linear`` with weight ``dequant(W) + s B A`` and its bias.
 
+    A layer made from a transformers ``Conv1D`` (GPT-2's c_attn / c_proj / c_fc; ``is_target_conv_1d_layer``) becomes
+    a ``Conv1D`` again, weight ``(dequant(W) + s B A)^T`` of shape ``[in, out]``, as peft's merge_and_unload gives:
+    ``save_pretrained`` / ``from_pretrained`` then read the layout the model class expects.
+
     The sum is formed in float32 and rounded once to the layer's ``compute_dtype`` (or, when None, its
     ``float_dtype``: the dtype of the weight before quantization, or the one the model was last cast to with
     ``.half()`` / ``.to(dtype)``). Nothing is requantized. The merged weight is frozen
@@ -407,13 +412,32 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         dtype = layer.compute_dtype or layer.float_dtype
         with torch.no_grad():
             W = _merged_weight(layer).to(dtype)
-        lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                        device=W.device, dtype=dtype)
-        lin.weight = nn.Parameter(W, requires_grad=False)
-        if layer.bias is not None:
-            lin.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=layer.bias.requires_grad)
-        _replace(model, name, lin)
+        if layer.is_target_conv_1d_layer:
+            dense = _conv1d(W, layer.bias)
+        else:
+            dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                              device=W.device, dtype=dtype)
+            dense.weight = nn.Parameter(W, requires_grad=False)
+            if layer.bias is not None:
+                dense.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=layer.bias.requires_grad)
+        _replace(model, name, dense)
     return model
+
+
+def _conv1d(W: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A transformers ``Conv1D`` computing ``x @ W^T + bias`` (``W [out, in]``; its weight is ``W^T``, ``[in, out]``),
+    as peft's merge_and_unload gives back for a GPT-2 layer: GPT-2 checkpoints store c_attn / c_fc / c_proj
+    ``[in, out]``, so an ``nn.Linear`` there would be saved transposed. Conv1D always has a bias: zeros when the layer
+    had none (what ``Conv1D`` itself initializes)."""
+    from transformers.pytorch_utils import Conv1D  # the layer came from a Conv1D: transformers is installed
+
+    out_features, in_features = W.shape
+    with torch.device("meta"):  # no throwaway [in, out] allocation and init
+        conv = Conv1D(out_features, in_features)
+    conv.weight = nn.Parameter(W.t().contiguous(), requires_grad=False)
+    b = bias.detach().clone() if bias is not None else torch.zeros(out_features, dtype=W.dtype, device=W.device)
+    conv.bias = nn.Parameter(b, requires_grad=bias.requires_grad if bias is not None else False)
+    return conv
 
 
 def _unwrap_modules_to_save(model: nn.Module) -> None:

@@ -172,6 +172,9 @@ class QLoRALinear(nn.Module):
     ``lora_alpha``, ``scaling``, ``use_rslora`` (dicts), ``active_adapter`` (str or None),
     ``disable_adapters`` (bool). Only the active adapter runs. ``float_dtype``: the dtype the layer's float parts
     were last given (``dtype``, then ``.half()`` / ``.to(dtype)``); ``merge_and_unload`` produces it.
+    ``is_target_conv_1d_layer`` (peft's name): the layer was built from a transformers ``Conv1D`` (``from_linear``),
+    so ``merge_and_unload`` gives back a ``Conv1D`` (weight ``[in, out]``) that the model's checkpoints expect. The
+    stored weight and the LoRA shapes are the same either way (``[out, in]``, ``A [r, in]``, ``B [out, r]``).
     """
 
     def __init__(
@@ -219,6 +222,7 @@ class QLoRALinear(nn.Module):
         self.active_adapter: str | None = None
         self.disable_adapters = False
         self.merged = False  # peft's flag; a QLoRALinear never merges in place (see qkernels.merge_into_4bit)
+        self.is_target_conv_1d_layer = False  # set by from_linear for a transformers Conv1D (GPT-2 family)
 
         float_weight = None
         if _packed is not None:
@@ -277,6 +281,7 @@ class QLoRALinear(nn.Module):
         if linear.bias is not None:
             bias = linear.bias.detach().to(qlora_kwargs["dtype"], copy=True)
             layer.bias = nn.Parameter(bias, requires_grad=linear.bias.requires_grad)
+        layer.is_target_conv_1d_layer = is_conv1d(linear)
         return layer
 
     @classmethod
@@ -436,7 +441,8 @@ class QLoRALinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"quant_type={st.quant_type}, blocksize={st.blocksize}, double_quant={st.nested}, "
                 f"storage={self.weight.dtype}, compute_dtype={self.compute_dtype}, adapters=[{lora}], "
-                f"active={self.active_adapter!r}{', disabled' if self.disable_adapters else ''}")
+                f"active={self.active_adapter!r}{', disabled' if self.disable_adapters else ''}"
+                f"{', from Conv1D' if self.is_target_conv_1d_layer else ''}")
 
     # ------------------------------------------------------------------ device / dtype moves
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QLoRALinear:

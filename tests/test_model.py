@@ -94,6 +94,16 @@ def tiny_bert(seed: int = 0, classifier: bool = False) -> nn.Module:
     return (BertForSequenceClassification(cfg) if classifier else BertModel(cfg)).eval()
 
 
+def tiny_gpt2(seed: int = 0) -> nn.Module:
+    """GPT-2 (transformers Conv1D layers, weight [in, out]); every in_features a multiple of 64 (bitsandbytes' CPU
+    dequantizer mis-scales rows that are not whole blocks, docs/format.md section 7.4)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=64, n_positions=32, n_embd=64, n_layer=2, n_head=2, bos_token_id=1, eos_token_id=2)
+    return GPT2LMHeadModel(cfg).eval()
+
+
 def _peft_wrapped(model: nn.Module, **config) -> tuple[set[str], set[str]]:
     """(LoRA layers, modules to save) that peft's get_peft_model creates, by module name in ``model``."""
     pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4, **config))
@@ -312,6 +322,35 @@ def test_merge_and_unload_tiny_llama_keeps_outputs():
     with torch.no_grad():
         # and the check has teeth: dropping the adapters moves the logits by far more than that
         assert (model_plain(ids).logits - after).abs().max() > 100 * (after - before).abs().max()
+
+
+def test_merge_and_unload_gives_gpt2_its_conv1d_back_and_the_checkpoint_reloads(tmp_path):
+    """GPT-2 stores c_attn / c_proj / c_fc as transformers Conv1D (weight [in, out]). A merged nn.Linear there is saved
+    [out, in]: from_pretrained then refuses c_attn / c_fc (shape) and loads the square c_proj transposed. peft's
+    merge_and_unload gives back a Conv1D; so must ours."""
+    from transformers import GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+
+    model = tiny_gpt2()
+    apply_qlora(model, "all-linear", r=4)
+    assert all(m.is_target_conv_1d_layer for m in model.modules() if isinstance(m, QLoRALinear))
+    _randomize_lora(model)
+    ids = torch.randint(3, 64, (2, 9))
+    with torch.no_grad():
+        before = model(ids).logits
+    merge_and_unload(model)
+    for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+        layer = model.transformer.h[0].get_submodule(name)
+        assert type(layer) is Conv1D and layer.weight.shape == (layer.nx, layer.nf), name
+    with torch.no_grad():
+        after = model(ids).logits
+        exact = copy.deepcopy(model).double()(ids).logits
+    # the same rule as the Llama merge: QLoRA's float32 error at most twice the merged dense model's
+    assert (before.double() - exact).abs().max() <= 2 * (after.double() - exact).abs().max()
+    model.save_pretrained(tmp_path)
+    reloaded = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, after)  # same weights, same code: bit-equal
 
 
 def test_merge_into_4bit_warns_and_reports_the_error():
