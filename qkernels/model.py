@@ -246,6 +246,7 @@ def apply_qlora(
     if not names:
         _raise_no_layer_match(model, target_modules, exclude_modules, layers_to_transform, layers_pattern,
                               modules_to_save)
+    _check_not_kept_in_float(model, names)
     clash = [(t, m) for t in names for m in save_names if t == m or t.startswith(m + ".") or m.startswith(t + ".")]
     if clash:  # peft's two rules differ (suffix vs dotted regex): one module can meet both; refuse before changing
         raise ValueError(f"module {clash[0][0]!r} is a LoRA target and module {clash[0][1]!r} a module to save; "
@@ -300,6 +301,42 @@ def apply_qlora(
     if save_names:
         wrap_modules_to_save(model, modules_to_save, adapter_name)
     return model
+
+
+def _kept_in_float(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
+    """``{name: pattern}`` for the modules among ``names`` that transformers never quantizes: those matching the
+    ``_keep_in_fp32_modules`` of the model or of a transformers model inside it (names relative to that model), by
+    transformers' rule (``quantizers_utils.should_convert_module``: the pattern as a regex from the start up to a
+    ``.`` boundary, or a plain suffix). Its bitsandbytes loader leaves them float for this list."""
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    out: dict[str, str] = {}
+    for prefix, m in model.named_modules():
+        patterns = getattr(m, "_keep_in_fp32_modules", None)
+        if not patterns or not isinstance(patterns, (list, tuple, set)):
+            continue
+        for n in names:
+            if prefix and not n.startswith(prefix + "."):
+                continue
+            rel = n[len(prefix) + 1:] if prefix else n
+            hit = next((p for p in sorted(patterns) if isinstance(p, str) and p
+                        and (re.match(rf"(?:{p}){boundary}", rel) or rel.endswith(p))), None)
+            if hit is not None:
+                out.setdefault(n, hit)
+    return out
+
+
+def _check_not_kept_in_float(model: nn.Module, names: list[str]) -> None:
+    """Refuse to quantize what transformers keeps in float: T5's feed-forward casts its input to ``wo.weight.dtype``
+    (``T5DenseActDense``), which for a 4-bit layer is the packed uint8: the logits come out wrong, silently."""
+    kept = _kept_in_float(model, names)
+    if kept:
+        patterns = sorted(set(kept.values()))
+        shown = list(kept)[:4] + (["..."] if len(kept) > 4 else [])
+        raise ValueError(
+            f"target modules {shown} match {type(model).__name__}'s _keep_in_fp32_modules {patterns}: transformers "
+            "never quantizes these (its bitsandbytes loader keeps them float; T5-style models cast the feed-forward "
+            "input to wo.weight.dtype, which a 4-bit layer's packed uint8 weight turns into garbage). Leave them "
+            f"out: exclude_modules={patterns!r} (or a target_modules list without them)")
 
 
 def _is_lora_param(pname: str) -> bool:

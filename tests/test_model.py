@@ -104,6 +104,43 @@ def tiny_gpt2(seed: int = 0) -> nn.Module:
     return GPT2LMHeadModel(cfg).eval()
 
 
+def tiny_model(kind: str, seed: int = 0) -> nn.Module:
+    """A tiny transformers model of one family (hidden size 64, 2 layers, random weights, nothing downloaded): "llama",
+    "bert", "bert-cls", "gpt2" (Conv1D), "opt", "mistral", "qwen2", "phi3" (fused qkv_proj / gate_up_proj), "gemma",
+    "t5" (encoder-decoder). Every in_features is 64 or 128 (whole bitsandbytes blocks per row)."""
+    import transformers as tf
+
+    if kind == "llama":
+        return tiny_llama(seed)
+    if kind in ("bert", "bert-cls"):
+        return tiny_bert(seed, classifier=kind == "bert-cls")
+    if kind == "gpt2":
+        return tiny_gpt2(seed)
+    torch.manual_seed(seed)
+    dec = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if kind == "opt":
+        model = tf.OPTForCausalLM(tf.OPTConfig(vocab_size=64, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                               num_attention_heads=4, max_position_embeddings=64,
+                                               word_embed_proj_dim=64, pad_token_id=0, bos_token_id=1,
+                                               eos_token_id=2))
+    elif kind == "mistral":
+        model = tf.MistralForCausalLM(tf.MistralConfig(head_dim=16, **dec))
+    elif kind == "qwen2":
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**dec))
+    elif kind == "phi3":
+        model = tf.Phi3ForCausalLM(tf.Phi3Config(**dict(dec, num_key_value_heads=4)))
+    elif kind == "gemma":
+        model = tf.GemmaForCausalLM(tf.GemmaConfig(head_dim=16, **dec))
+    elif kind == "t5":
+        model = tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=64, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                                                          num_heads=4, decoder_start_token_id=0, pad_token_id=0,
+                                                          eos_token_id=1))
+    else:
+        raise ValueError(f"unknown kind {kind!r}")
+    return model.eval()
+
+
 def _peft_wrapped(model: nn.Module, **config) -> tuple[set[str], set[str]]:
     """(LoRA layers, modules to save) that peft's get_peft_model creates, by module name in ``model``."""
     pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4, **config))
@@ -128,19 +165,46 @@ LAYER_CONFIGS = [
     ("bert", dict(target_modules=["key", "dense"], layers_to_transform=2, layers_pattern="layer")),
     ("bert-cls", dict(target_modules="all-linear", modules_to_save=["classifier"])),
     ("bert-cls", dict(target_modules=["query", "dense"], modules_to_save=["pooler"], layers_to_transform=[1])),
+    ("gpt2", dict(target_modules=["c_attn", "c_proj"])),
+    ("gpt2", dict(target_modules=["attn.c_proj", "c_fc"], layers_to_transform=[1])),
+    ("opt", dict(target_modules="all-linear")),
+    ("opt", dict(target_modules=["q_proj", "out_proj", "fc1"])),
+    ("mistral", dict(target_modules="all-linear")),
+    ("qwen2", dict(target_modules="all-linear")),
+    ("qwen2", dict(target_modules=["k_proj", "down_proj"], layers_to_transform=[0])),
+    ("phi3", dict(target_modules="all-linear")),
+    ("phi3", dict(target_modules=["qkv_proj", "gate_up_proj"])),
+    ("gemma", dict(target_modules="all-linear")),
+    ("t5", dict(target_modules="all-linear", exclude_modules=["wo"])),  # wo: see test_t5_wo_is_refused...
+    ("t5", dict(target_modules=["q", "v", "wi"], layers_to_transform=[1])),
 ]
 
 
 @pytest.mark.parametrize("kind, config", LAYER_CONFIGS,
                          ids=[f"{k}-{i}" for i, (k, _) in enumerate(LAYER_CONFIGS)])
 def test_layers_and_modules_to_save_select_what_peft_wraps(kind, config):
-    model = tiny_llama() if kind == "llama" else tiny_bert(classifier=kind == "bert-cls")
+    model = tiny_model(kind)
     want_lora, want_save = _peft_wrapped(model, **config)
     assert want_lora
     kw = {k: v for k, v in config.items() if k != "target_modules"}
     apply_qlora(model, config["target_modules"], r=4, **kw)
     assert {n for n, m in model.named_modules() if isinstance(m, QLoRALinear)} == want_lora
     assert {n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)} == want_save
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["q", "wo"]], ids=["all-linear", "list"])
+def test_t5_wo_is_refused_with_the_fix_named(targets):
+    """T5's feed-forward casts its input to ``wo.weight.dtype`` (uint8 for a 4-bit weight): with wo quantized the
+    logits were silently wrong (measured on a model like this one: logits 4.2 off). transformers never quantizes wo (``_keep_in_fp32_modules``);
+    apply_qlora refuses it, before changing anything, and says to exclude it."""
+    model = tiny_model("t5")
+    with pytest.raises(ValueError, match=r"DenseReluDense\.wo.*_keep_in_fp32_modules \['wo'\].*"
+                                         r"exclude_modules=\['wo'\]"):
+        apply_qlora(model, targets, r=4)
+    assert not any(isinstance(m, QLoRALinear) for m in model.modules())
+    apply_qlora(model, targets, r=4, exclude_modules=["wo"])
+    assert type(model.encoder.block[0].layer[1].DenseReluDense.wo) is nn.Linear
+    assert isinstance(model.encoder.block[0].layer[0].SelfAttention.q, QLoRALinear)
 
 
 def test_layer_arguments_are_checked_like_peft():
