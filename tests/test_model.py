@@ -106,8 +106,8 @@ def tiny_gpt2(seed: int = 0) -> nn.Module:
 
 def tiny_model(kind: str, seed: int = 0) -> nn.Module:
     """A tiny transformers model of one family (hidden size 64, 2 layers, random weights, nothing downloaded): "llama",
-    "bert", "bert-cls", "gpt2" (Conv1D), "opt", "mistral", "qwen2", "phi3" (fused qkv_proj / gate_up_proj), "gemma",
-    "t5" (encoder-decoder). Every in_features is 64 or 128 (whole bitsandbytes blocks per row)."""
+    "bert", "bert-cls" (hidden 32), "bert64-cls", "gpt2" (Conv1D), "opt", "mistral", "qwen2", "phi3" (fused qkv_proj / gate_up_proj), "gemma",
+    "t5" (encoder-decoder). Every in_features is 64 or 128 (whole bitsandbytes blocks per row) but BERT's 32."""
     import transformers as tf
 
     if kind == "llama":
@@ -117,6 +117,10 @@ def tiny_model(kind: str, seed: int = 0) -> nn.Module:
     if kind == "gpt2":
         return tiny_gpt2(seed)
     torch.manual_seed(seed)
+    if kind == "bert64-cls":  # tiny_bert's hidden 32 is half a bitsandbytes block: no bnb oracle on the CPU
+        return tf.BertForSequenceClassification(tf.BertConfig(
+            vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+            max_position_embeddings=32, num_labels=3)).eval()
     dec = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if kind == "opt":
