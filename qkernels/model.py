@@ -442,7 +442,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     ``.half()`` / ``.to(dtype)``). Nothing is requantized. The merged weight is frozen
     (as peft leaves a merged base weight). Each module to save (``ModulesToSaveWrapper``) is replaced by the module
     it runs: the active adapter's copy, or the original module when adapters are disabled or the active adapter has
-    no copy (peft's ``unload``). Returns ``model`` (modified in place).
+    no copy (peft's ``unload``). A transformers model that was loaded in 4 bits by bitsandbytes loses its
+    ``config.quantization_config`` once no 4-bit layer is left (as after transformers' ``model.dequantize()``), so
+    ``save_pretrained`` / ``from_pretrained`` round-trip the merged model. Returns ``model`` (modified in place).
     """
     _unwrap_modules_to_save(model)
     for name, layer in _qlora_layers(model):
@@ -458,7 +460,30 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             if layer.bias is not None:
                 dense.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=layer.bias.requires_grad)
         _replace(model, name, dense)
+    _drop_quantization_config(model)
     return model
+
+
+def _drop_quantization_config(model: nn.Module) -> None:
+    """A transformers model loaded in 4 bits (``BitsAndBytesConfig``) whose quantized layers are now all dense: drop
+    its quantization config as transformers' own ``model.dequantize()`` does. Left in place, ``save_pretrained``
+    writes ``quantization_config`` beside float weights and ``from_pretrained`` fails on them (an AssertionError in
+    bitsandbytes). Kept while any bitsandbytes layer remains (e.g. a Linear4bit that was not a target)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "quantization_config", None) is None:
+        return
+    if any(type(p).__name__ in ("Params4bit", "Int8Params") for p in model.parameters()):
+        return
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
+        quantizer.remove_quantization_config(model)
+        return
+    del cfg.quantization_config
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
 
 
 def _conv1d(W: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:

@@ -172,7 +172,8 @@ class QLoRALinear(nn.Module):
     ``lora_alpha``, ``scaling``, ``use_rslora`` (dicts), ``active_adapter`` (str or None),
     ``disable_adapters`` (bool). Only the active adapter runs. ``float_dtype``: the dtype the layer's float parts
     were last given (``dtype``, then ``.half()`` / ``.to(dtype)``); ``merge_and_unload`` produces it.
-    ``is_target_conv_1d_layer`` (peft's name): the layer was built from a transformers ``Conv1D`` (``from_linear``),
+    ``is_target_conv_1d_layer`` (peft's name): the layer was built from a transformers ``Conv1D`` (``from_linear``; or
+    ``from_bnb`` of a ``Linear4bit`` whose ``source_cls``, set by transformers' bitsandbytes loader, is ``Conv1D``),
     so ``merge_and_unload`` gives back a ``Conv1D`` (weight ``[in, out]``) that the model's checkpoints expect. The
     stored weight and the LoRA shapes are the same either way (``[out, in]``, ``A [r, in]``, ``B [out, r]``).
     """
@@ -323,6 +324,9 @@ class QLoRALinear(nn.Module):
                     device=packed.device, dtype=state.dtype, _packed=(packed, state), **lora_kwargs)
         if bnb_linear.bias is not None:
             layer.bias = nn.Parameter(bnb_linear.bias.detach().clone(), requires_grad=bnb_linear.bias.requires_grad)
+        # transformers' bitsandbytes loader records what each Linear4bit replaced: a GPT-2 Conv1D merges back to one
+        source = getattr(bnb_linear, "source_cls", None)
+        layer.is_target_conv_1d_layer = isinstance(source, type) and any(c.__name__ == "Conv1D" for c in source.__mro__)
         return layer
 
     # ------------------------------------------------------------------ adapters (peft's API)

@@ -601,3 +601,32 @@ def test_a_4bit_layer_refuses_loftq_and_an_8bit_one_is_named():
         pytest.skip("this bitsandbytes keeps 8-bit weights in float until a device move that quantizes them")
     with pytest.raises(ValueError, match="'q'.*int8"):
         apply_qlora(net, ["q"], r=4)
+
+
+def test_gpt2_loaded_in_4_bits_by_transformers_merges_to_a_checkpoint_that_reloads(tmp_path):
+    """transformers' bitsandbytes loader: GPT-2's Conv1D layers become Linear4bit (weight [out, in], ``source_cls``
+    Conv1D) and ``config.quantization_config`` is set. After merge_and_unload the layers must be Conv1D again and
+    the config unquantized (as ``model.dequantize()`` leaves it): before, from_pretrained of the saved merge failed
+    (bitsandbytes asserted on float weights under a 4-bit config)."""
+    from transformers import BitsAndBytesConfig, GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+
+    tiny_gpt2().save_pretrained(tmp_path / "dense")
+    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    model = GPT2LMHeadModel.from_pretrained(tmp_path / "dense", quantization_config=bnb_config, device_map="cpu")
+    apply_qlora(model, "all-linear", r=4)
+    assert all(m.is_target_conv_1d_layer for m in model.modules() if isinstance(m, QLoRALinear))
+    _randomize_lora(model)
+    merge_and_unload(model)
+    assert type(model.transformer.h[1].mlp.c_fc) is Conv1D and model.transformer.h[1].mlp.c_fc.weight.shape == (64, 256)
+    assert getattr(model.config, "quantization_config", None) is None and not model.is_quantized
+    partial = GPT2LMHeadModel.from_pretrained(tmp_path / "dense", quantization_config=bnb_config, device_map="cpu")
+    merge_and_unload(apply_qlora(partial, ["c_attn"], r=4))  # c_fc / c_proj are still 4-bit: the config stays
+    assert partial.config.quantization_config is not None and partial.is_quantized
+    ids = torch.randint(3, 64, (2, 9))
+    with torch.no_grad():
+        merged = model(ids).logits
+    model.save_pretrained(tmp_path / "merged")
+    reloaded = GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, merged)  # same weights, same code: bit-equal
