@@ -451,7 +451,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         dtype = layer.compute_dtype or layer.float_dtype
         with torch.no_grad():
             W = _merged_weight(layer).to(dtype)
-        if layer.is_target_conv_1d_layer:
+        if getattr(layer, "is_target_conv_1d_layer", False):  # absent on a layer pickled by an older qkernels
             dense = _conv1d(W, layer.bias)
         else:
             dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,

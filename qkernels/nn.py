@@ -446,7 +446,7 @@ class QLoRALinear(nn.Module):
                 f"quant_type={st.quant_type}, blocksize={st.blocksize}, double_quant={st.nested}, "
                 f"storage={self.weight.dtype}, compute_dtype={self.compute_dtype}, adapters=[{lora}], "
                 f"active={self.active_adapter!r}{', disabled' if self.disable_adapters else ''}"
-                f"{', from Conv1D' if self.is_target_conv_1d_layer else ''}")
+                f"{', from Conv1D' if getattr(self, 'is_target_conv_1d_layer', False) else ''}")
 
     # ------------------------------------------------------------------ device / dtype moves
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QLoRALinear:

@@ -421,6 +421,15 @@ def test_merge_and_unload_gives_gpt2_its_conv1d_back_and_the_checkpoint_reloads(
         assert torch.equal(reloaded(ids).logits, after)  # same weights, same code: bit-equal
 
 
+def test_a_layer_pickled_before_the_conv1d_flag_still_merges_and_prints():
+    """A QLoRALinear unpickled from an older qkernels has no ``is_target_conv_1d_layer``: it merges to nn.Linear (what
+    that version gave) instead of raising AttributeError."""
+    model = nn.Sequential(QLoRALinear(64, 32, r=2))
+    del model[0].is_target_conv_1d_layer  # what torch.load of such a pickle gives
+    assert "from Conv1D" not in repr(model)
+    assert type(merge_and_unload(model)[0]) is nn.Linear
+
+
 def test_merge_into_4bit_warns_and_reports_the_error():
     torch.manual_seed(0)
     layer = QLoRALinear(128, 64, r=4)
