@@ -469,9 +469,16 @@ def _plan(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor], ad
         if not isinstance(m, cls):
             what = "does not exist" if m is None else f"is a {type(m).__name__}, not a QLoRALinear"
             shown = qlora_names[:12] + (["..."] if len(qlora_names) > 12 else [])
+            from .model import _kept_in_float
+
+            kept = _kept_in_float(model, [name]) if m is not None else {}
+            why = (f". transformers keeps it in float ({type(model).__name__}._keep_in_fp32_modules "
+                   f"{[kept[name]]}: peft trained LoRA on a float layer there), and qkernels puts LoRA on 4-bit "
+                   "layers only, so this adapter cannot be loaded; load it with peft, or train one with "
+                   f"exclude_modules={[kept[name]]}" if kept else "")
             raise ValueError(
                 f"adapter key {next(iter(ab.values()))[0]!r}: module {name!r} {what} in {type(model).__name__}; "
-                f"its {len(qlora_names)} QLoRALinear modules are {shown}"
+                f"its {len(qlora_names)} QLoRALinear modules are {shown}{why}"
             )
         if targets is not None and name not in targets:
             fields = {k: cfg.get(k) for k in ("target_modules", "exclude_modules", "layers_to_transform",

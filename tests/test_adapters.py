@@ -854,3 +854,18 @@ def test_adapters_both_ways_with_peft_on_a_4bit_base(tmp_path, emb, kind):
                            if isinstance(m, peft.tuners.lora.LoraLayer)}
     ref = reference64(ours, tmp_path / "theirs", make)
     assert_matches(run(_Embeds(ours), emb), run(_Embeds(theirs), emb), run(_Embeds(ref), emb.double()))
+
+
+def test_peft_t5_adapter_with_lora_on_wo_is_refused_saying_why(tmp_path):
+    """peft's all-linear on a transformers 4-bit T5 puts LoRA on wo, which transformers keeps float; qkernels cannot
+    quantize wo (test_model.test_t5_wo_is_refused...), so such an adapter is refused, naming the reason, loading
+    nothing."""
+    from .test_model import tiny_model
+
+    theirs = peft.get_peft_model(tiny_model("t5"), peft.LoraConfig(r=2, target_modules="all-linear"))
+    theirs.save_pretrained(str(tmp_path))
+    ours = apply_qlora(tiny_model("t5"), "all-linear", r=2, exclude_modules=["wo"])
+    with pytest.raises(ValueError, match=r"DenseReluDense\.wo' is a Linear, not a QLoRALinear.*"
+                                         r"_keep_in_fp32_modules \['wo'\].*cannot be loaded"):
+        adapters.load_adapter(ours, tmp_path, adapter_name="peft")
+    assert adapters.adapter_names(ours) == ["default"]
