@@ -105,9 +105,10 @@ def tiny_gpt2(seed: int = 0) -> nn.Module:
 
 
 def tiny_model(kind: str, seed: int = 0) -> nn.Module:
-    """A tiny transformers model of one family (hidden size 64, 2 layers, random weights, nothing downloaded): "llama",
-    "bert", "bert-cls" (hidden 32), "bert64-cls", "gpt2" (Conv1D), "opt", "mistral", "qwen2", "phi3" (fused qkv_proj / gate_up_proj), "gemma",
-    "t5" (encoder-decoder). Every in_features is 64 or 128 (whole bitsandbytes blocks per row) but BERT's 32."""
+    """A tiny transformers model of one family (2 layers, bert 3; random weights, nothing downloaded): "llama", "bert",
+    "bert-cls" (hidden 32), "bert64-cls", "gpt2" (Conv1D), "opt", "mistral", "qwen2", "phi3" (fused qkv_proj /
+    gate_up_proj), "gemma", "t5" (encoder-decoder). Every in_features is 64 or 128 (whole bitsandbytes blocks per row)
+    but bert's and bert-cls's 32."""
     import transformers as tf
 
     if kind == "llama":
@@ -199,8 +200,8 @@ def test_layers_and_modules_to_save_select_what_peft_wraps(kind, config):
 @pytest.mark.parametrize("targets", ["all-linear", ["q", "wo"]], ids=["all-linear", "list"])
 def test_t5_wo_is_refused_with_the_fix_named(targets):
     """T5's feed-forward casts its input to ``wo.weight.dtype`` (uint8 for a 4-bit weight): with wo quantized the
-    logits were silently wrong (measured on a model like this one: logits 4.2 off). transformers never quantizes wo (``_keep_in_fp32_modules``);
-    apply_qlora refuses it, before changing anything, and says to exclude it."""
+    logits were silently wrong (measured on a model like this one: logits 4.2 off). transformers never quantizes wo
+    (``_keep_in_fp32_modules``); apply_qlora refuses it, before changing anything, and says to exclude it."""
     model = tiny_model("t5")
     with pytest.raises(ValueError, match=r"DenseReluDense\.wo.*_keep_in_fp32_modules \['wo'\].*"
                                          r"exclude_modules=\['wo'\]"):
