@@ -247,6 +247,7 @@ def apply_qlora(
         _raise_no_layer_match(model, target_modules, exclude_modules, layers_to_transform, layers_pattern,
                               modules_to_save)
     _check_not_kept_in_float(model, names)
+    _check_not_read_by_parent(model, names)
     clash = [(t, m) for t in names for m in save_names if t == m or t.startswith(m + ".") or m.startswith(t + ".")]
     if clash:  # peft's two rules differ (suffix vs dotted regex): one module can meet both; refuse before changing
         raise ValueError(f"module {clash[0][0]!r} is a LoRA target and module {clash[0][1]!r} a module to save; "
@@ -337,6 +338,28 @@ def _check_not_kept_in_float(model: nn.Module, names: list[str]) -> None:
             "never quantizes these (its bitsandbytes loader keeps them float; T5-style models cast the feed-forward "
             "input to wo.weight.dtype, which a 4-bit layer's packed uint8 weight turns into garbage). Leave them "
             f"out: exclude_modules={patterns!r} (or a target_modules list without them)")
+
+
+def _check_not_read_by_parent(model: nn.Module, names: list[str]) -> None:
+    """Refuse a Linear whose parent reads its weight instead of calling it: ``nn.MultiheadAttention`` always hands
+    ``out_proj.weight`` to ``F.multi_head_attention_forward``, and ``nn.TransformerEncoderLayer``'s inference fast
+    path (eval, no grad) hands ``linear1`` / ``linear2.weight`` to ``torch._transformer_encoder_layer_fwd``: a 4-bit
+    layer there fails inside torch (a Float x Byte matmul). peft's "all-linear" wraps them all the same (its LoRA
+    never runs where the weight is read directly)."""
+    readers = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
+    bad = {}
+    for n in names:
+        parent = model.get_submodule(n.rpartition(".")[0]) if "." in n else model
+        if isinstance(parent, readers):
+            bad[n] = type(parent).__name__
+    if bad:
+        # the last two name parts (self_attn.out_proj), or the leaf when its parent is a list index (layers.0.linear1)
+        parts = [n.split(".") for n in bad]
+        hint = sorted({p[-1] if len(p) < 2 or p[-2].isdigit() else ".".join(p[-2:]) for p in parts})
+        raise ValueError(
+            f"target modules {list(bad)[:4]}{' ...' if len(bad) > 4 else ''} belong to {sorted(set(bad.values()))}, "
+            "which read(s) the layer's weight directly (torch's fused attention / encoder-layer fast path) instead "
+            f"of calling it: a 4-bit layer cannot run there. Leave them out: exclude_modules={hint!r}")
 
 
 def _is_lora_param(pname: str) -> bool:

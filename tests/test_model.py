@@ -640,3 +640,34 @@ def test_gpt2_loaded_in_4_bits_by_transformers_merges_to_a_checkpoint_that_reloa
     reloaded = GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, merged)  # same weights, same code: bit-equal
+
+
+class _TorchEncoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(64, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+def test_linears_that_torch_reads_directly_are_refused_before_any_change():
+    """nn.MultiheadAttention passes out_proj.weight to F.multi_head_attention_forward, and nn.TransformerEncoderLayer's
+    eval fast path passes linear1/linear2.weight to a fused kernel: with a 4-bit layer there the forward crashed inside
+    torch ("self and mat2 must have the same dtype"). Refused with the exclusion to pass."""
+    torch.manual_seed(0)
+    model = _TorchEncoder().eval()
+    assert "encoder.layers.0.self_attn.out_proj" in _peft_targets(model, target_modules="all-linear")  # peft wraps it
+    with pytest.raises(ValueError, match=r"MultiheadAttention.*TransformerEncoderLayer.*weight directly.*"
+                                         r"exclude_modules=\['linear1', 'linear2', 'self_attn.out_proj'\]"):
+        apply_qlora(model, "all-linear", r=4)
+    assert not any(isinstance(m, QLoRALinear) for m in model.modules())
+    with pytest.raises(ValueError, match=r"\['encoder.layers.0.self_attn.out_proj'.*"
+                                         r"exclude_modules=\['self_attn.out_proj'\]"):
+        apply_qlora(model, ["out_proj"], r=4)
+    apply_qlora(model, "all-linear", r=4, exclude_modules=["linear1", "linear2", "self_attn.out_proj"])
+    assert [n for n, m in model.named_modules() if isinstance(m, QLoRALinear)] == ["head"]
+    with torch.no_grad():
+        assert model(torch.randn(2, 5, 64)).shape == (2, 5, 8)  # the fast path runs on the float layers
