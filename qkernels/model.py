@@ -243,6 +243,8 @@ def apply_qlora(
                                  layers_pattern=layers_pattern, modules_to_save=modules_to_save)
     linear_names = [n for n, m in model.named_modules() if _is_linear(m)]
     _check_each_target_matches(model, target_modules, exclude_modules, names, linear_names)
+    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+        _check_no_expert_parameters(model, names)
     if not names:
         _raise_no_layer_match(model, target_modules, exclude_modules, layers_to_transform, layers_pattern,
                               modules_to_save)
@@ -324,6 +326,52 @@ def _kept_in_float(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
             if hit is not None:
                 out.setdefault(n, hit)
     return out
+
+
+def _expert_parameters(model: nn.Module) -> list[str]:
+    """The parameters (by name suffix, e.g. ``experts.gate_up_proj``) that peft's ``"all-linear"`` adapts besides the
+    Linear layers: transformers 5 stores a mixture of experts' weights as 3-D parameters (Mixtral, Qwen3-MoE, ...;
+    the router may be a custom module), and peft maps "all-linear" onto them (``target_parameters``,
+    ``peft.utils.transformers_weight_conversion``). Asked of peft when it is installed; else every floating 3-D
+    parameter outside a convolution."""
+    try:
+        import peft
+        from peft.utils.transformers_weight_conversion import (
+            convert_peft_config_for_transformers,
+            get_model_conversion_mapping,
+        )
+    except Exception:  # peft absent, or its private module moved: the structural rule below
+        peft = None
+    if peft is not None and hasattr(getattr(model, "config", None), "model_type"):
+        cfg = peft.LoraConfig(target_modules=ALL_LINEAR)
+        try:
+            convert_peft_config_for_transformers(cfg, model=model, conversions=get_model_conversion_mapping(model))
+            return sorted(cfg.target_parameters or ())
+        except Exception:  # noqa: S110 - any failure of peft's private helper: fall back to the rule below
+            pass
+    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+    found = set()
+    for prefix, m in model.named_modules():
+        if isinstance(m, convs):
+            continue
+        for pname, p in m.named_parameters(recurse=False):
+            if p.dim() == 3 and p.is_floating_point():
+                found.add(f"{prefix.rsplit('.', 1)[-1]}.{pname}" if prefix else pname)
+    return sorted(found)
+
+
+def _check_no_expert_parameters(model: nn.Module, names: list[str]) -> None:
+    """"all-linear" on a mixture of experts: peft adapts the expert weights too; qkernels cannot (it replaces Linear
+    layers), so the experts, most of such a model, would stay in float without LoRA. Refuse; name the list to pass."""
+    experts = _expert_parameters(model)
+    if experts:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise ValueError(
+            f"target_modules='all-linear' on {type(model).__name__}: peft's all-linear also adapts its expert "
+            f"parameters {experts} (peft's target_parameters: the experts' 3-D weights, the router), which qkernels "
+            "can neither quantize nor give LoRA (it replaces nn.Linear / Conv1D layers only); they would stay in "
+            "float, without adapters. "
+            f"Pass the Linear layers explicitly, e.g. target_modules={leaves!r}")
 
 
 def _check_not_kept_in_float(model: nn.Module, names: list[str]) -> None:

@@ -671,3 +671,32 @@ def test_linears_that_torch_reads_directly_are_refused_before_any_change():
     assert [n for n, m in model.named_modules() if isinstance(m, QLoRALinear)] == ["head"]
     with torch.no_grad():
         assert model(torch.randn(2, 5, 64)).shape == (2, 5, 8)  # the fast path runs on the float layers
+
+
+@pytest.mark.parametrize("hide_peft", [False, True], ids=["peft", "no-peft"])
+def test_all_linear_on_a_mixture_of_experts_is_refused_naming_the_list(monkeypatch, hide_peft):
+    """transformers 5 keeps Mixtral's experts as 3-D parameters; peft's all-linear adapts them (target_parameters), so
+    apply_qlora's all-linear silently left them float without LoRA (most of the model) while claiming peft's
+    selection. Refused, naming the Linear list, which then works and matches peft's."""
+    import builtins
+
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.MixtralConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    model = tf.MixtralForCausalLM(cfg).eval()
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4, target_modules="all-linear"))
+    assert pm.peft_config["default"].target_parameters  # what peft adds
+    if hide_peft:  # the structural rule used without peft
+        real = builtins.__import__
+        monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                            if name.startswith("peft") else real(name, *a, **k))
+    with pytest.raises(ValueError, match=r"all-linear.*expert parameters \[.*gate_up_proj.*"
+                                         r"target_modules=\['k_proj', 'o_proj', 'q_proj', 'v_proj'\]"):
+        apply_qlora(model, "all-linear", r=4)
+    monkeypatch.undo()
+    assert not any(isinstance(m, QLoRALinear) for m in model.modules())
+    apply_qlora(model, ["k_proj", "o_proj", "q_proj", "v_proj"], r=4)
+    want = _peft_targets(tf.MixtralForCausalLM(cfg), target_modules=["k_proj", "o_proj", "q_proj", "v_proj"])
+    assert sorted(n for n, m in model.named_modules() if isinstance(m, QLoRALinear)) == sorted(want)
