@@ -539,9 +539,14 @@ def _drop_quantization_config(model: nn.Module) -> None:
     """A transformers model loaded in 4 bits (``BitsAndBytesConfig``) whose quantized layers are now all dense: drop
     its quantization config as transformers' own ``model.dequantize()`` does. Left in place, ``save_pretrained``
     writes ``quantization_config`` beside float weights and ``from_pretrained`` fails on them (an AssertionError in
-    bitsandbytes). Kept while any bitsandbytes layer remains (e.g. a Linear4bit that was not a target)."""
+    bitsandbytes). Kept while any bitsandbytes layer remains (e.g. a Linear4bit that was not a target), and for any
+    other quantization method (GPTQ, AWQ, ...: their layers are not nn.Linear, apply_qlora never replaced them)."""
     cfg = getattr(model, "config", None)
-    if cfg is None or getattr(cfg, "quantization_config", None) is None:
+    qc = getattr(cfg, "quantization_config", None) if cfg is not None else None
+    if qc is None:
+        return
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    if method != "bitsandbytes":  # QuantizationMethod is a str enum
         return
     if any(type(p).__name__ in ("Params4bit", "Int8Params") for p in model.parameters()):
         return

@@ -633,6 +633,9 @@ def test_gpt2_loaded_in_4_bits_by_transformers_merges_to_a_checkpoint_that_reloa
     partial = GPT2LMHeadModel.from_pretrained(tmp_path / "dense", quantization_config=bnb_config, device_map="cpu")
     merge_and_unload(apply_qlora(partial, ["c_attn"], r=4))  # c_fc / c_proj are still 4-bit: the config stays
     assert partial.config.quantization_config is not None and partial.is_quantized
+    other = apply_qlora(tiny_gpt2(), ["c_attn"], r=4)  # another method's config (its layers never replaced): kept
+    other.config.quantization_config = {"quant_method": "gptq", "bits": 4}
+    assert merge_and_unload(other).config.quantization_config == {"quant_method": "gptq", "bits": 4}
     ids = torch.randint(3, 64, (2, 9))
     with torch.no_grad():
         merged = model(ids).logits
