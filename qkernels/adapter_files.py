@@ -116,6 +116,7 @@ class _ModuleAdapter:
     alpha: float
     dropout: float
     use_rslora: bool
+    conv1d: bool  # built from a transformers Conv1D (peft's is_target_conv_1d_layer)
 
 
 def _describe(name: str, m: nn.Module, adapter: str) -> _ModuleAdapter:
@@ -127,7 +128,8 @@ def _describe(name: str, m: nn.Module, adapter: str) -> _ModuleAdapter:
             f"{name}: adapter {adapter!r} has scaling {scaling}, not lora_alpha / {'sqrt(r)' if use_rslora else 'r'}"
             f" = {expected}; peft's LoraConfig cannot represent it"
         )
-    return _ModuleAdapter(name, r, alpha, _dropout_p(m.lora_dropout[adapter]), use_rslora)
+    return _ModuleAdapter(name, r, alpha, _dropout_p(m.lora_dropout[adapter]), use_rslora,
+                          bool(getattr(m, "is_target_conv_1d_layer", False)))
 
 
 def _short_name(name: str) -> str:
@@ -135,20 +137,23 @@ def _short_name(name: str) -> str:
 
 
 def _target_spec(model: nn.Module, names: list[str], modules_to_save: list[str] | None) -> dict[str, Any]:
-    """peft ``target_modules`` / ``layers_to_transform`` / ``layers_pattern`` selecting exactly ``names`` among the
-    model's Linear-like modules, under peft's rules (``qkernels.model.match_target_modules``).
+    """peft ``target_modules`` / ``layers_to_transform`` / ``layers_pattern`` selecting exactly ``names`` among all the
+    model's modules (any type: peft wraps, or refuses, whatever a target name matches), under peft's rules
+    (``qkernels.model.match_target_modules``).
 
     Tried in order, the first that selects exactly ``names`` wins: the short names (``["query", "value"]``); the
     short names with ``layers_to_transform`` = the layer indices of ``names`` (peft's default layer pattern, then
-    the layer list's name as ``layers_pattern``); else a regex string matching exactly these names (peft
-    full-matches a string against module names).
+    the layer list's name as ``layers_pattern``); the same with the last two name parts (``["attn.c_proj"]``);
+    else a regex string matching exactly these names (peft full-matches a string against module names).
     """
     from .model import layer_index, match_target_modules
 
     cls = _qlora_class()
     inside = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, cls))  # their lora_A / lora_B
     inside += tuple(f"{n}." for n, _ in _wrappers(model))  # a module to save's original and copies
-    linear_like = {n for n, m in model.named_modules() if isinstance(m, (cls, nn.Linear)) and not n.startswith(inside)}
+    # every module peft would try to wrap counts, whatever its type: GPT-2's Conv1D c_proj beside a targeted c_proj,
+    # or an Embedding / LayerNorm sharing a target's short name (peft wraps or refuses those; never skips them)
+    visible = {n for n, _ in model.named_modules() if n and not n.startswith(inside)}
     short = sorted({_short_name(n) for n in names})
     candidates: list[dict[str, Any]] = [dict(layers_to_transform=None, layers_pattern=None)]
     indices = [layer_index(n) for n in names]
@@ -161,10 +166,12 @@ def _target_spec(model: nn.Module, names: list[str], modules_to_save: list[str] 
         indices = [layer_index(n, pattern) for n in names]
         if None not in indices:
             candidates.append(dict(layers_to_transform=sorted(set(indices)), layers_pattern=pattern))
-    for c in candidates:
-        chosen = set(match_target_modules(model, short, modules_to_save=modules_to_save, **c)) & linear_like
-        if chosen == set(names):
-            return dict(target_modules=short, **c)
+    two = sorted({".".join(n.split(".")[-2:]) for n in names})  # ["attn.c_proj"]: not GPT-2's mlp.c_proj
+    for targets in (short, two):
+        for c in candidates:
+            chosen = set(match_target_modules(model, targets, modules_to_save=modules_to_save, **c)) & visible
+            if chosen == set(names):
+                return dict(target_modules=targets, **c)
     regex = "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
     return dict(target_modules=regex, layers_to_transform=None, layers_pattern=None)
 
@@ -209,7 +216,10 @@ def _config_fields(model: nn.Module, infos: list[_ModuleAdapter], task_type: str
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
         bias="none",
-        fan_in_fan_out=False,
+        # what peft writes for an adapter on GPT-2's Conv1D layers; it changes nothing but the direction of a merge
+        # into a Conv1D weight (peft forces it off on nn.Linear and bitsandbytes layers), so True only when every
+        # layer was one
+        fan_in_fan_out=all(i.conv1d for i in infos),
         inference_mode=True,  # what PeftModel.save_pretrained writes
     )
 
@@ -298,8 +308,9 @@ def _read_config(path: str | os.PathLike) -> dict[str, Any]:
             raise ValueError(f"{cfg_path}: {key}={cfg[key]!r} ({what}) is not supported by qkernels' QLoRALinear")
     if cfg.get("bias", "none") != "none":
         raise ValueError(f"{cfg_path}: bias={cfg['bias']!r} (trained base biases) is not supported; only 'none'")
-    if cfg.get("fan_in_fan_out"):
-        raise ValueError(f"{cfg_path}: fan_in_fan_out=true (Conv1D layers) is not supported")
+    # fan_in_fan_out (peft sets it for GPT-2's Conv1D targets) is not checked: lora_A [r, in], lora_B [out, r] and
+    # the LoRA forward are the same either way in peft (tuners/lora/layer.py); it only transposes B @ A when peft
+    # merges into a Conv1D weight [in, out], and qkernels' merge_and_unload handles Conv1D layers itself
     if not isinstance(cfg.get("r"), int) or cfg["r"] <= 0:
         raise ValueError(f"{cfg_path}: r must be a positive integer, got {cfg.get('r')!r}")
     from .model import _check_layer_args
@@ -458,9 +469,16 @@ def _plan(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor], ad
         if not isinstance(m, cls):
             what = "does not exist" if m is None else f"is a {type(m).__name__}, not a QLoRALinear"
             shown = qlora_names[:12] + (["..."] if len(qlora_names) > 12 else [])
+            from .model import _kept_in_float
+
+            kept = _kept_in_float(model, [name]) if m is not None else {}
+            why = (f". transformers keeps it in float ({type(model).__name__}._keep_in_fp32_modules "
+                   f"{[kept[name]]}: peft trained LoRA on a float layer there), and qkernels puts LoRA on 4-bit "
+                   "layers only, so this adapter cannot be loaded; load it with peft, or train one with "
+                   f"exclude_modules={[kept[name]]}" if kept else "")
             raise ValueError(
                 f"adapter key {next(iter(ab.values()))[0]!r}: module {name!r} {what} in {type(model).__name__}; "
-                f"its {len(qlora_names)} QLoRALinear modules are {shown}"
+                f"its {len(qlora_names)} QLoRALinear modules are {shown}{why}"
             )
         if targets is not None and name not in targets:
             fields = {k: cfg.get(k) for k in ("target_modules", "exclude_modules", "layers_to_transform",

@@ -4,7 +4,8 @@
   matching rules (``peft.tuners.tuners_utils.check_target_module_exists`` and ``_maybe_include_all_linear_layers``),
   and freeze everything but the LoRA weights.
 - ``trainable_parameters(model)`` / ``print_trainable_parameters(model)``: peft's counts and line.
-- ``merge_and_unload(model)``: dense ``nn.Linear`` layers holding ``dequant(W) + s B A`` (no requantization).
+- ``merge_and_unload(model)``: dense ``nn.Linear`` layers holding ``dequant(W) + s B A`` (no requantization);
+  transformers ``Conv1D`` for layers that were one.
 - ``merge_into_4bit(model)``: explicit opt-in requantization of ``dequant(W) + s B A``; warns with the error.
 """
 
@@ -242,9 +243,13 @@ def apply_qlora(
                                  layers_pattern=layers_pattern, modules_to_save=modules_to_save)
     linear_names = [n for n, m in model.named_modules() if _is_linear(m)]
     _check_each_target_matches(model, target_modules, exclude_modules, names, linear_names)
+    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+        _check_no_expert_parameters(model, names)
     if not names:
         _raise_no_layer_match(model, target_modules, exclude_modules, layers_to_transform, layers_pattern,
                               modules_to_save)
+    _check_not_kept_in_float(model, names)
+    _check_not_read_by_parent(model, names)
     clash = [(t, m) for t in names for m in save_names if t == m or t.startswith(m + ".") or m.startswith(t + ".")]
     if clash:  # peft's two rules differ (suffix vs dotted regex): one module can meet both; refuse before changing
         raise ValueError(f"module {clash[0][0]!r} is a LoRA target and module {clash[0][1]!r} a module to save; "
@@ -299,6 +304,110 @@ def apply_qlora(
     if save_names:
         wrap_modules_to_save(model, modules_to_save, adapter_name)
     return model
+
+
+def _kept_in_float(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
+    """``{name: pattern}`` for the modules among ``names`` that transformers never quantizes: those matching the
+    ``_keep_in_fp32_modules`` of the model or of a transformers model inside it (names relative to that model), by
+    transformers' rule (``quantizers_utils.should_convert_module``: the pattern as a regex from the start up to a
+    ``.`` boundary, or a plain suffix). Its bitsandbytes loader leaves them float for this list."""
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    out: dict[str, str] = {}
+    for prefix, m in model.named_modules():
+        patterns = getattr(m, "_keep_in_fp32_modules", None)
+        if not patterns or not isinstance(patterns, (list, tuple, set)):
+            continue
+        for n in names:
+            if prefix and not n.startswith(prefix + "."):
+                continue
+            rel = n[len(prefix) + 1:] if prefix else n
+            hit = next((p for p in sorted(patterns) if isinstance(p, str) and p
+                        and (re.match(rf"(?:{p}){boundary}", rel) or rel.endswith(p))), None)
+            if hit is not None:
+                out.setdefault(n, hit)
+    return out
+
+
+def _expert_parameters(model: nn.Module) -> list[str]:
+    """The parameters (by name suffix, e.g. ``experts.gate_up_proj``) that peft's ``"all-linear"`` adapts besides the
+    Linear layers: transformers 5 stores a mixture of experts' weights as 3-D parameters (Mixtral, Qwen3-MoE, ...;
+    the router may be a custom module), and peft maps "all-linear" onto them (``target_parameters``,
+    ``peft.utils.transformers_weight_conversion``). Asked of peft when it is installed; else every floating 3-D
+    parameter outside a convolution."""
+    try:
+        import peft
+        from peft.utils.transformers_weight_conversion import (
+            convert_peft_config_for_transformers,
+            get_model_conversion_mapping,
+        )
+    except Exception:  # peft absent, or its private module moved: the structural rule below
+        peft = None
+    if peft is not None and hasattr(getattr(model, "config", None), "model_type"):
+        cfg = peft.LoraConfig(target_modules=ALL_LINEAR)
+        try:
+            convert_peft_config_for_transformers(cfg, model=model, conversions=get_model_conversion_mapping(model))
+            return sorted(cfg.target_parameters or ())
+        except Exception:  # noqa: S110 - any failure of peft's private helper: fall back to the rule below
+            pass
+    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+    found = set()
+    for prefix, m in model.named_modules():
+        if isinstance(m, convs):
+            continue
+        for pname, p in m.named_parameters(recurse=False):
+            if p.dim() == 3 and p.is_floating_point():
+                found.add(f"{prefix.rsplit('.', 1)[-1]}.{pname}" if prefix else pname)
+    return sorted(found)
+
+
+def _check_no_expert_parameters(model: nn.Module, names: list[str]) -> None:
+    """"all-linear" on a mixture of experts: peft adapts the expert weights too; qkernels cannot (it replaces Linear
+    layers), so the experts, most of such a model, would stay in float without LoRA. Refuse; name the list to pass."""
+    experts = _expert_parameters(model)
+    if experts:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise ValueError(
+            f"target_modules='all-linear' on {type(model).__name__}: peft's all-linear also adapts its expert "
+            f"parameters {experts} (peft's target_parameters: the experts' 3-D weights, the router), which qkernels "
+            "can neither quantize nor give LoRA (it replaces nn.Linear / Conv1D layers only); they would stay in "
+            "float, without adapters. "
+            f"Pass the Linear layers explicitly, e.g. target_modules={leaves!r}")
+
+
+def _check_not_kept_in_float(model: nn.Module, names: list[str]) -> None:
+    """Refuse to quantize what transformers keeps in float: T5's feed-forward casts its input to ``wo.weight.dtype``
+    (``T5DenseActDense``), which for a 4-bit layer is the packed uint8: the logits come out wrong, silently."""
+    kept = _kept_in_float(model, names)
+    if kept:
+        patterns = sorted(set(kept.values()))
+        shown = list(kept)[:4] + (["..."] if len(kept) > 4 else [])
+        raise ValueError(
+            f"target modules {shown} match {type(model).__name__}'s _keep_in_fp32_modules {patterns}: transformers "
+            "never quantizes these (its bitsandbytes loader keeps them float; T5-style models cast the feed-forward "
+            "input to wo.weight.dtype, which a 4-bit layer's packed uint8 weight turns into garbage). Leave them "
+            f"out: exclude_modules={patterns!r} (or a target_modules list without them)")
+
+
+def _check_not_read_by_parent(model: nn.Module, names: list[str]) -> None:
+    """Refuse a Linear whose parent reads its weight instead of calling it: ``nn.MultiheadAttention`` always hands
+    ``out_proj.weight`` to ``F.multi_head_attention_forward``, and ``nn.TransformerEncoderLayer``'s inference fast
+    path (eval, no grad) hands ``linear1`` / ``linear2.weight`` to ``torch._transformer_encoder_layer_fwd``: a 4-bit
+    layer there fails inside torch (a Float x Byte matmul). peft's "all-linear" wraps them all the same (its LoRA
+    never runs where the weight is read directly)."""
+    readers = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
+    bad = {}
+    for n in names:
+        parent = model.get_submodule(n.rpartition(".")[0]) if "." in n else model
+        if isinstance(parent, readers):
+            bad[n] = type(parent).__name__
+    if bad:
+        # the last two name parts (self_attn.out_proj), or the leaf when its parent is a list index (layers.0.linear1)
+        parts = [n.split(".") for n in bad]
+        hint = sorted({p[-1] if len(p) < 2 or p[-2].isdigit() else ".".join(p[-2:]) for p in parts})
+        raise ValueError(
+            f"target modules {list(bad)[:4]}{' ...' if len(bad) > 4 else ''} belong to {sorted(set(bad.values()))}, "
+            "which read(s) the layer's weight directly (torch's fused attention / encoder-layer fast path) instead "
+            f"of calling it: a 4-bit layer cannot run there. Leave them out: exclude_modules={hint!r}")
 
 
 def _is_lora_param(pname: str) -> bool:
@@ -395,25 +504,78 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Replace each ``QLoRALinear`` by a dense ``nn.Linear`` with weight ``dequant(W) + s B A`` and its bias.
 
+    A layer made from a transformers ``Conv1D`` (GPT-2's c_attn / c_proj / c_fc; ``is_target_conv_1d_layer``) becomes
+    a ``Conv1D`` again, weight ``(dequant(W) + s B A)^T`` of shape ``[in, out]``, as peft's merge_and_unload gives:
+    ``save_pretrained`` / ``from_pretrained`` then read the layout the model class expects.
+
     The sum is formed in float32 and rounded once to the layer's ``compute_dtype`` (or, when None, its
     ``float_dtype``: the dtype of the weight before quantization, or the one the model was last cast to with
     ``.half()`` / ``.to(dtype)``). Nothing is requantized. The merged weight is frozen
     (as peft leaves a merged base weight). Each module to save (``ModulesToSaveWrapper``) is replaced by the module
     it runs: the active adapter's copy, or the original module when adapters are disabled or the active adapter has
-    no copy (peft's ``unload``). Returns ``model`` (modified in place).
+    no copy (peft's ``unload``). A transformers model that was loaded in 4 bits by bitsandbytes loses its
+    ``config.quantization_config`` once no 4-bit layer is left (as after transformers' ``model.dequantize()``), so
+    ``save_pretrained`` / ``from_pretrained`` round-trip the merged model. Returns ``model`` (modified in place).
     """
     _unwrap_modules_to_save(model)
     for name, layer in _qlora_layers(model):
         dtype = layer.compute_dtype or layer.float_dtype
         with torch.no_grad():
             W = _merged_weight(layer).to(dtype)
-        lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                        device=W.device, dtype=dtype)
-        lin.weight = nn.Parameter(W, requires_grad=False)
-        if layer.bias is not None:
-            lin.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=layer.bias.requires_grad)
-        _replace(model, name, lin)
+        if getattr(layer, "is_target_conv_1d_layer", False):  # absent on a layer pickled by an older qkernels
+            dense = _conv1d(W, layer.bias)
+        else:
+            dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                              device=W.device, dtype=dtype)
+            dense.weight = nn.Parameter(W, requires_grad=False)
+            if layer.bias is not None:
+                dense.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=layer.bias.requires_grad)
+        _replace(model, name, dense)
+    _drop_quantization_config(model)
     return model
+
+
+def _drop_quantization_config(model: nn.Module) -> None:
+    """A transformers model loaded in 4 bits (``BitsAndBytesConfig``) whose quantized layers are now all dense: drop
+    its quantization config as transformers' own ``model.dequantize()`` does. Left in place, ``save_pretrained``
+    writes ``quantization_config`` beside float weights and ``from_pretrained`` fails on them (an AssertionError in
+    bitsandbytes). Kept while any bitsandbytes layer remains (e.g. a Linear4bit that was not a target), and for any
+    other quantization method (GPTQ, AWQ, ...: their layers are not nn.Linear, apply_qlora never replaced them)."""
+    cfg = getattr(model, "config", None)
+    qc = getattr(cfg, "quantization_config", None) if cfg is not None else None
+    if qc is None:
+        return
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    if method != "bitsandbytes":  # QuantizationMethod is a str enum
+        return
+    if any(type(p).__name__ in ("Params4bit", "Int8Params") for p in model.parameters()):
+        return
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
+        quantizer.remove_quantization_config(model)
+        return
+    del cfg.quantization_config
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+
+
+def _conv1d(W: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A transformers ``Conv1D`` computing ``x @ W^T + bias`` (``W [out, in]``; its weight is ``W^T``, ``[in, out]``),
+    as peft's merge_and_unload gives back for a GPT-2 layer: GPT-2 checkpoints store c_attn / c_fc / c_proj
+    ``[in, out]``, so an ``nn.Linear`` there would be saved transposed. Conv1D always has a bias: zeros when the layer
+    had none (what ``Conv1D`` itself initializes)."""
+    from transformers.pytorch_utils import Conv1D  # the layer came from a Conv1D: transformers is installed
+
+    out_features, in_features = W.shape
+    with torch.device("meta"):  # no throwaway [in, out] allocation and init
+        conv = Conv1D(out_features, in_features)
+    conv.weight = nn.Parameter(W.t().contiguous(), requires_grad=False)
+    b = bias.detach().clone() if bias is not None else torch.zeros(out_features, dtype=W.dtype, device=W.device)
+    conv.bias = nn.Parameter(b, requires_grad=bias.requires_grad if bias is not None else False)
+    return conv
 
 
 def _unwrap_modules_to_save(model: nn.Module) -> None:

@@ -172,6 +172,10 @@ class QLoRALinear(nn.Module):
     ``lora_alpha``, ``scaling``, ``use_rslora`` (dicts), ``active_adapter`` (str or None),
     ``disable_adapters`` (bool). Only the active adapter runs. ``float_dtype``: the dtype the layer's float parts
     were last given (``dtype``, then ``.half()`` / ``.to(dtype)``); ``merge_and_unload`` produces it.
+    ``is_target_conv_1d_layer`` (peft's name): the layer was built from a transformers ``Conv1D`` (``from_linear``; or
+    ``from_bnb`` of a ``Linear4bit`` whose ``source_cls``, set by transformers' bitsandbytes loader, is ``Conv1D``),
+    so ``merge_and_unload`` gives back a ``Conv1D`` (weight ``[in, out]``) that the model's checkpoints expect. The
+    stored weight and the LoRA shapes are the same either way (``[out, in]``, ``A [r, in]``, ``B [out, r]``).
     """
 
     def __init__(
@@ -219,6 +223,7 @@ class QLoRALinear(nn.Module):
         self.active_adapter: str | None = None
         self.disable_adapters = False
         self.merged = False  # peft's flag; a QLoRALinear never merges in place (see qkernels.merge_into_4bit)
+        self.is_target_conv_1d_layer = False  # set by from_linear for a transformers Conv1D (GPT-2 family)
 
         float_weight = None
         if _packed is not None:
@@ -277,6 +282,7 @@ class QLoRALinear(nn.Module):
         if linear.bias is not None:
             bias = linear.bias.detach().to(qlora_kwargs["dtype"], copy=True)
             layer.bias = nn.Parameter(bias, requires_grad=linear.bias.requires_grad)
+        layer.is_target_conv_1d_layer = is_conv1d(linear)
         return layer
 
     @classmethod
@@ -318,6 +324,9 @@ class QLoRALinear(nn.Module):
                     device=packed.device, dtype=state.dtype, _packed=(packed, state), **lora_kwargs)
         if bnb_linear.bias is not None:
             layer.bias = nn.Parameter(bnb_linear.bias.detach().clone(), requires_grad=bnb_linear.bias.requires_grad)
+        # transformers' bitsandbytes loader records what each Linear4bit replaced: a GPT-2 Conv1D merges back to one
+        source = getattr(bnb_linear, "source_cls", None)
+        layer.is_target_conv_1d_layer = isinstance(source, type) and any(c.__name__ == "Conv1D" for c in source.__mro__)
         return layer
 
     # ------------------------------------------------------------------ adapters (peft's API)
@@ -436,7 +445,8 @@ class QLoRALinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"quant_type={st.quant_type}, blocksize={st.blocksize}, double_quant={st.nested}, "
                 f"storage={self.weight.dtype}, compute_dtype={self.compute_dtype}, adapters=[{lora}], "
-                f"active={self.active_adapter!r}{', disabled' if self.disable_adapters else ''}")
+                f"active={self.active_adapter!r}{', disabled' if self.disable_adapters else ''}"
+                f"{', from Conv1D' if getattr(self, 'is_target_conv_1d_layer', False) else ''}")
 
     # ------------------------------------------------------------------ device / dtype moves
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QLoRALinear:

@@ -23,7 +23,7 @@ from torch import nn
 import qkernels
 from qkernels import adapters
 from qkernels.model import apply_qlora
-from qkernels.nn import QLoRALinear
+from qkernels.nn import QLoRALinear, is_conv1d
 
 from ._oracle import bnb
 
@@ -103,7 +103,7 @@ def bnb_base(qk_model: nn.Module, make=None) -> nn.Module:
     packed bytes and scales."""
     base = (make or dense_toy)()
     for name, (packed, stats, bias) in quantized_weights(qk_model).items():
-        dense = base.get_submodule(name)
+        dense = qk_model.get_submodule(name)  # its [out, in] (a Conv1D becomes a Linear4bit, as in transformers)
         lin = bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=bias is not None,
                                 compute_dtype=torch.float32, quant_type="nf4")
         lin.weight = bnb.nn.Params4bit.from_prequantized(packed, stats, requires_grad=False, device="cpu", module=lin)
@@ -122,7 +122,7 @@ def dense_base(qk_model: nn.Module, dtype: torch.dtype, make=None) -> nn.Module:
             state = qkernels.QuantState.from_dict(stats)
             lin = base.get_submodule(name)
             W = qkernels.dequantize_4bit(packed, state, dtype=dtype, backend="reference")
-            lin.weight.copy_(W.reshape(lin.weight.shape))
+            lin.weight.copy_(W.t() if is_conv1d(lin) else W)  # a GPT-2 Conv1D holds [in, out]
             if bias is not None:
                 lin.bias.copy_(bias)
     return base
@@ -749,3 +749,123 @@ def test_bad_modules_to_save_in_a_file_load_nothing(tmp_path):
         adapters.load_adapter(target, tmp_path, adapter_name="new")
     _assert_unchanged(target, before, ["default"])
     assert isinstance(target.score, nn.Linear)
+
+
+# ---------------------------------------------------------------------------------------------- GPT-2 (Conv1D)
+def _gpt2_qk(targets="all-linear") -> nn.Module:
+    from .test_model import tiny_gpt2
+
+    model = apply_qlora(tiny_gpt2(), targets, r=4, lora_alpha=8, compute_dtype=torch.float32)
+    randomize(model, "default", seed=2)
+    return model
+
+
+class _Embeds(nn.Module):
+    """Calls an LM on float inputs_embeds, so ``run`` can make the input require grad (bitsandbytes' exact path)."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lm.config.is_encoder_decoder:  # the decoder's own layers see a grad-requiring input too
+            return self.lm(inputs_embeds=x, decoder_inputs_embeds=x).logits
+        return self.lm(inputs_embeds=x).logits
+
+
+@pytest.fixture
+def emb() -> torch.Tensor:
+    return torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(7))
+
+
+@pytest.mark.parametrize("base_kind", ["bnb4bit", "dense-fp32"])
+def test_gpt2_adapter_loads_in_peft_on_conv1d_and_4bit_bases(tmp_path, emb, base_kind):
+    """Our adapter on GPT-2's Conv1D layers: the config says fan_in_fan_out (as peft writes for them) and names
+    attn.c_proj apart from mlp.c_proj; peft reads it on a dense GPT-2 (Conv1D) and a bitsandbytes one (Linear4bit)."""
+    from .test_model import tiny_gpt2
+
+    ours = _gpt2_qk()
+    adapters.save_adapter(ours, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["fan_in_fan_out"] is True
+    base = bnb_base(ours, tiny_gpt2) if base_kind == "bnb4bit" else dense_base(ours, torch.float32, tiny_gpt2)
+    theirs = peft.PeftModel.from_pretrained(base, str(tmp_path))
+    ref = reference64(ours, tmp_path, tiny_gpt2)
+    assert_matches(run(_Embeds(ours), emb), run(_Embeds(theirs), emb), run(_Embeds(ref), emb.double()))
+
+
+def test_gpt2_adapter_on_some_c_proj_layers_names_only_those(tmp_path):
+    """'c_proj' is both attn.c_proj and mlp.c_proj in GPT-2: a config saying target_modules=['c_proj'] for an adapter
+    on attn.c_proj only would make peft add LoRA layers to mlp.c_proj too."""
+    from .test_model import tiny_gpt2
+
+    ours = _gpt2_qk(["attn.c_proj"])
+    adapters.save_adapter(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny_gpt2(), str(tmp_path))
+    assert {n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+            if isinstance(m, peft.tuners.lora.LoraLayer)} == {f"transformer.h.{i}.attn.c_proj" for i in range(2)}
+
+
+def test_peft_adapter_on_dense_gpt2_loads_here(tmp_path, emb):
+    """peft sets fan_in_fan_out=True for Conv1D targets; A [r, in], B [out, r] and the forward do not depend on it."""
+    from .test_model import tiny_gpt2
+
+    ours = _gpt2_qk()
+    theirs = peft.get_peft_model(dense_base(ours, torch.float32, tiny_gpt2),
+                                 peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"]))
+    randomize(theirs, "default", seed=5)
+    theirs.save_pretrained(str(tmp_path))
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    adapters.load_adapter(ours, tmp_path, adapter_name="peft")
+    assert ours.transformer.h[1].mlp.c_fc.lora_A["peft"].weight.shape == (4, 64)
+    ref = reference64(ours, tmp_path, tiny_gpt2)
+    assert_matches(run(_Embeds(ours), emb), run(_Embeds(theirs), emb), run(_Embeds(ref), emb.double()))
+
+
+# ---------------------------------------------------------------------------------------------- other families
+FAMILIES = ["opt", "mistral", "qwen2", "phi3", "gemma", "t5", "bert64-cls"]
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_adapters_both_ways_with_peft_on_a_4bit_base(tmp_path, emb, kind):
+    """Per model family (fused qkv_proj / gate_up_proj in Phi-3, an encoder-decoder in T5, a 3-way head in BERT):
+    our all-linear adapter in peft on a bitsandbytes base holding our packed weights, and a peft adapter (other rank,
+    a subset of layers) here, give the same outputs (``assert_matches``)."""
+    import functools
+
+    from .test_model import tiny_model
+
+    make = functools.partial(tiny_model, kind)
+    exclude = ["wo"] if kind == "t5" else None  # refused by apply_qlora: test_model.test_t5_wo_is_refused...
+    ours = apply_qlora(make(), "all-linear", r=4, lora_alpha=8, compute_dtype=torch.float32, exclude_modules=exclude)
+    randomize(ours, "default", seed=2)
+    adapters.save_adapter(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(bnb_base(ours, make), str(tmp_path / "ours"))
+    ref = reference64(ours, tmp_path / "ours", make)
+    assert_matches(run(_Embeds(ours), emb), run(_Embeds(theirs), emb), run(_Embeds(ref), emb.double()))
+
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in ours.named_modules() if isinstance(m, QLoRALinear)})
+    cfg = peft.LoraConfig(r=2, lora_alpha=6, target_modules=leaves[::2], exclude_modules=exclude)
+    theirs = peft.get_peft_model(bnb_base(ours, make), cfg)
+    randomize(theirs, "default", seed=4)
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    loaded = adapters.load_adapter(ours, tmp_path / "theirs", adapter_name="peft")
+    assert set(loaded) == {n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                           if isinstance(m, peft.tuners.lora.LoraLayer)}
+    ref = reference64(ours, tmp_path / "theirs", make)
+    assert_matches(run(_Embeds(ours), emb), run(_Embeds(theirs), emb), run(_Embeds(ref), emb.double()))
+
+
+def test_peft_t5_adapter_with_lora_on_wo_is_refused_saying_why(tmp_path):
+    """peft's all-linear on a transformers 4-bit T5 puts LoRA on wo, which transformers keeps float; qkernels cannot
+    quantize wo (test_model.test_t5_wo_is_refused...), so such an adapter is refused, naming the reason, loading
+    nothing."""
+    from .test_model import tiny_model
+
+    theirs = peft.get_peft_model(tiny_model("t5"), peft.LoraConfig(r=2, target_modules="all-linear"))
+    theirs.save_pretrained(str(tmp_path))
+    ours = apply_qlora(tiny_model("t5"), "all-linear", r=2, exclude_modules=["wo"])
+    with pytest.raises(ValueError, match=r"DenseReluDense\.wo' is a Linear, not a QLoRALinear.*"
+                                         r"_keep_in_fp32_modules \['wo'\].*cannot be loaded"):
+        adapters.load_adapter(ours, tmp_path, adapter_name="peft")
+    assert adapters.adapter_names(ours) == ["default"]

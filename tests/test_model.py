@@ -94,6 +94,58 @@ def tiny_bert(seed: int = 0, classifier: bool = False) -> nn.Module:
     return (BertForSequenceClassification(cfg) if classifier else BertModel(cfg)).eval()
 
 
+def tiny_gpt2(seed: int = 0) -> nn.Module:
+    """GPT-2 (transformers Conv1D layers, weight [in, out]); every in_features a multiple of 64 (bitsandbytes' CPU
+    dequantizer mis-scales rows that are not whole blocks, docs/format.md section 7.4)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=64, n_positions=32, n_embd=64, n_layer=2, n_head=2, bos_token_id=1, eos_token_id=2)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_model(kind: str, seed: int = 0) -> nn.Module:
+    """A tiny transformers model of one family (2 layers, bert 3; random weights, nothing downloaded): "llama", "bert",
+    "bert-cls" (hidden 32), "bert64-cls", "gpt2" (Conv1D), "opt", "mistral", "qwen2", "phi3" (fused qkv_proj /
+    gate_up_proj), "gemma", "t5" (encoder-decoder). Every in_features is 64 or 128 (whole bitsandbytes blocks per row)
+    but bert's and bert-cls's 32."""
+    import transformers as tf
+
+    if kind == "llama":
+        return tiny_llama(seed)
+    if kind in ("bert", "bert-cls"):
+        return tiny_bert(seed, classifier=kind == "bert-cls")
+    if kind == "gpt2":
+        return tiny_gpt2(seed)
+    torch.manual_seed(seed)
+    if kind == "bert64-cls":  # tiny_bert's hidden 32 is half a bitsandbytes block: no bnb oracle on the CPU
+        return tf.BertForSequenceClassification(tf.BertConfig(
+            vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+            max_position_embeddings=32, num_labels=3)).eval()
+    dec = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if kind == "opt":
+        model = tf.OPTForCausalLM(tf.OPTConfig(vocab_size=64, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                               num_attention_heads=4, max_position_embeddings=64,
+                                               word_embed_proj_dim=64, pad_token_id=0, bos_token_id=1,
+                                               eos_token_id=2))
+    elif kind == "mistral":
+        model = tf.MistralForCausalLM(tf.MistralConfig(head_dim=16, **dec))
+    elif kind == "qwen2":
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**dec))
+    elif kind == "phi3":
+        model = tf.Phi3ForCausalLM(tf.Phi3Config(**dict(dec, num_key_value_heads=4)))
+    elif kind == "gemma":
+        model = tf.GemmaForCausalLM(tf.GemmaConfig(head_dim=16, **dec))
+    elif kind == "t5":
+        model = tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=64, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                                                          num_heads=4, decoder_start_token_id=0, pad_token_id=0,
+                                                          eos_token_id=1))
+    else:
+        raise ValueError(f"unknown kind {kind!r}")
+    return model.eval()
+
+
 def _peft_wrapped(model: nn.Module, **config) -> tuple[set[str], set[str]]:
     """(LoRA layers, modules to save) that peft's get_peft_model creates, by module name in ``model``."""
     pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4, **config))
@@ -118,19 +170,46 @@ LAYER_CONFIGS = [
     ("bert", dict(target_modules=["key", "dense"], layers_to_transform=2, layers_pattern="layer")),
     ("bert-cls", dict(target_modules="all-linear", modules_to_save=["classifier"])),
     ("bert-cls", dict(target_modules=["query", "dense"], modules_to_save=["pooler"], layers_to_transform=[1])),
+    ("gpt2", dict(target_modules=["c_attn", "c_proj"])),
+    ("gpt2", dict(target_modules=["attn.c_proj", "c_fc"], layers_to_transform=[1])),
+    ("opt", dict(target_modules="all-linear")),
+    ("opt", dict(target_modules=["q_proj", "out_proj", "fc1"])),
+    ("mistral", dict(target_modules="all-linear")),
+    ("qwen2", dict(target_modules="all-linear")),
+    ("qwen2", dict(target_modules=["k_proj", "down_proj"], layers_to_transform=[0])),
+    ("phi3", dict(target_modules="all-linear")),
+    ("phi3", dict(target_modules=["qkv_proj", "gate_up_proj"])),
+    ("gemma", dict(target_modules="all-linear")),
+    ("t5", dict(target_modules="all-linear", exclude_modules=["wo"])),  # wo: see test_t5_wo_is_refused...
+    ("t5", dict(target_modules=["q", "v", "wi"], layers_to_transform=[1])),
 ]
 
 
 @pytest.mark.parametrize("kind, config", LAYER_CONFIGS,
                          ids=[f"{k}-{i}" for i, (k, _) in enumerate(LAYER_CONFIGS)])
 def test_layers_and_modules_to_save_select_what_peft_wraps(kind, config):
-    model = tiny_llama() if kind == "llama" else tiny_bert(classifier=kind == "bert-cls")
+    model = tiny_model(kind)
     want_lora, want_save = _peft_wrapped(model, **config)
     assert want_lora
     kw = {k: v for k, v in config.items() if k != "target_modules"}
     apply_qlora(model, config["target_modules"], r=4, **kw)
     assert {n for n, m in model.named_modules() if isinstance(m, QLoRALinear)} == want_lora
     assert {n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)} == want_save
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["q", "wo"]], ids=["all-linear", "list"])
+def test_t5_wo_is_refused_with_the_fix_named(targets):
+    """T5's feed-forward casts its input to ``wo.weight.dtype`` (uint8 for a 4-bit weight): with wo quantized the
+    logits were silently wrong (measured on a model like this one: logits 4.2 off). transformers never quantizes wo
+    (``_keep_in_fp32_modules``); apply_qlora refuses it, before changing anything, and says to exclude it."""
+    model = tiny_model("t5")
+    with pytest.raises(ValueError, match=r"DenseReluDense\.wo.*_keep_in_fp32_modules \['wo'\].*"
+                                         r"exclude_modules=\['wo'\]"):
+        apply_qlora(model, targets, r=4)
+    assert not any(isinstance(m, QLoRALinear) for m in model.modules())
+    apply_qlora(model, targets, r=4, exclude_modules=["wo"])
+    assert type(model.encoder.block[0].layer[1].DenseReluDense.wo) is nn.Linear
+    assert isinstance(model.encoder.block[0].layer[0].SelfAttention.q, QLoRALinear)
 
 
 def test_layer_arguments_are_checked_like_peft():
@@ -314,6 +393,44 @@ def test_merge_and_unload_tiny_llama_keeps_outputs():
         assert (model_plain(ids).logits - after).abs().max() > 100 * (after - before).abs().max()
 
 
+def test_merge_and_unload_gives_gpt2_its_conv1d_back_and_the_checkpoint_reloads(tmp_path):
+    """GPT-2 stores c_attn / c_proj / c_fc as transformers Conv1D (weight [in, out]). A merged nn.Linear there is saved
+    [out, in]: from_pretrained then refuses c_attn / c_fc (shape) and loads the square c_proj transposed. peft's
+    merge_and_unload gives back a Conv1D; so must ours."""
+    from transformers import GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+
+    model = tiny_gpt2()
+    apply_qlora(model, "all-linear", r=4)
+    assert all(m.is_target_conv_1d_layer for m in model.modules() if isinstance(m, QLoRALinear))
+    _randomize_lora(model)
+    ids = torch.randint(3, 64, (2, 9))
+    with torch.no_grad():
+        before = model(ids).logits
+    merge_and_unload(model)
+    for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+        layer = model.transformer.h[0].get_submodule(name)
+        assert type(layer) is Conv1D and layer.weight.shape == (layer.nx, layer.nf), name
+    with torch.no_grad():
+        after = model(ids).logits
+        exact = copy.deepcopy(model).double()(ids).logits
+    # the same rule as the Llama merge: QLoRA's float32 error at most twice the merged dense model's
+    assert (before.double() - exact).abs().max() <= 2 * (after.double() - exact).abs().max()
+    model.save_pretrained(tmp_path)
+    reloaded = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, after)  # same weights, same code: bit-equal
+
+
+def test_a_layer_pickled_before_the_conv1d_flag_still_merges_and_prints():
+    """A QLoRALinear unpickled from an older qkernels has no ``is_target_conv_1d_layer``: it merges to nn.Linear (what
+    that version gave) instead of raising AttributeError."""
+    model = nn.Sequential(QLoRALinear(64, 32, r=2))
+    del model[0].is_target_conv_1d_layer  # what torch.load of such a pickle gives
+    assert "from Conv1D" not in repr(model)
+    assert type(merge_and_unload(model)[0]) is nn.Linear
+
+
 def test_merge_into_4bit_warns_and_reports_the_error():
     torch.manual_seed(0)
     layer = QLoRALinear(128, 64, r=4)
@@ -494,3 +611,95 @@ def test_a_4bit_layer_refuses_loftq_and_an_8bit_one_is_named():
         pytest.skip("this bitsandbytes keeps 8-bit weights in float until a device move that quantizes them")
     with pytest.raises(ValueError, match="'q'.*int8"):
         apply_qlora(net, ["q"], r=4)
+
+
+def test_gpt2_loaded_in_4_bits_by_transformers_merges_to_a_checkpoint_that_reloads(tmp_path):
+    """transformers' bitsandbytes loader: GPT-2's Conv1D layers become Linear4bit (weight [out, in], ``source_cls``
+    Conv1D) and ``config.quantization_config`` is set. After merge_and_unload the layers must be Conv1D again and
+    the config unquantized (as ``model.dequantize()`` leaves it): before, from_pretrained of the saved merge failed
+    (bitsandbytes asserted on float weights under a 4-bit config)."""
+    from transformers import BitsAndBytesConfig, GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+
+    tiny_gpt2().save_pretrained(tmp_path / "dense")
+    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    model = GPT2LMHeadModel.from_pretrained(tmp_path / "dense", quantization_config=bnb_config, device_map="cpu")
+    apply_qlora(model, "all-linear", r=4)
+    assert all(m.is_target_conv_1d_layer for m in model.modules() if isinstance(m, QLoRALinear))
+    _randomize_lora(model)
+    merge_and_unload(model)
+    assert type(model.transformer.h[1].mlp.c_fc) is Conv1D and model.transformer.h[1].mlp.c_fc.weight.shape == (64, 256)
+    assert getattr(model.config, "quantization_config", None) is None and not model.is_quantized
+    partial = GPT2LMHeadModel.from_pretrained(tmp_path / "dense", quantization_config=bnb_config, device_map="cpu")
+    merge_and_unload(apply_qlora(partial, ["c_attn"], r=4))  # c_fc / c_proj are still 4-bit: the config stays
+    assert partial.config.quantization_config is not None and partial.is_quantized
+    other = apply_qlora(tiny_gpt2(), ["c_attn"], r=4)  # another method's config (its layers never replaced): kept
+    other.config.quantization_config = {"quant_method": "gptq", "bits": 4}
+    assert merge_and_unload(other).config.quantization_config == {"quant_method": "gptq", "bits": 4}
+    ids = torch.randint(3, 64, (2, 9))
+    with torch.no_grad():
+        merged = model(ids).logits
+    model.save_pretrained(tmp_path / "merged")
+    reloaded = GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, merged)  # same weights, same code: bit-equal
+
+
+class _TorchEncoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(64, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+def test_linears_that_torch_reads_directly_are_refused_before_any_change():
+    """nn.MultiheadAttention passes out_proj.weight to F.multi_head_attention_forward, and nn.TransformerEncoderLayer's
+    eval fast path passes linear1/linear2.weight to a fused kernel: with a 4-bit layer there the forward crashed inside
+    torch ("self and mat2 must have the same dtype"). Refused with the exclusion to pass."""
+    torch.manual_seed(0)
+    model = _TorchEncoder().eval()
+    assert "encoder.layers.0.self_attn.out_proj" in _peft_targets(model, target_modules="all-linear")  # peft wraps it
+    with pytest.raises(ValueError, match=r"MultiheadAttention.*TransformerEncoderLayer.*weight directly.*"
+                                         r"exclude_modules=\['linear1', 'linear2', 'self_attn.out_proj'\]"):
+        apply_qlora(model, "all-linear", r=4)
+    assert not any(isinstance(m, QLoRALinear) for m in model.modules())
+    with pytest.raises(ValueError, match=r"\['encoder.layers.0.self_attn.out_proj'.*"
+                                         r"exclude_modules=\['self_attn.out_proj'\]"):
+        apply_qlora(model, ["out_proj"], r=4)
+    apply_qlora(model, "all-linear", r=4, exclude_modules=["linear1", "linear2", "self_attn.out_proj"])
+    assert [n for n, m in model.named_modules() if isinstance(m, QLoRALinear)] == ["head"]
+    with torch.no_grad():
+        assert model(torch.randn(2, 5, 64)).shape == (2, 5, 8)  # the fast path runs on the float layers
+
+
+@pytest.mark.parametrize("hide_peft", [False, True], ids=["peft", "no-peft"])
+def test_all_linear_on_a_mixture_of_experts_is_refused_naming_the_list(monkeypatch, hide_peft):
+    """transformers 5 keeps Mixtral's experts as 3-D parameters; peft's all-linear adapts them (target_parameters), so
+    apply_qlora's all-linear silently left them float without LoRA (most of the model) while claiming peft's
+    selection. Refused, naming the Linear list, which then works and matches peft's."""
+    import builtins
+
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.MixtralConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    model = tf.MixtralForCausalLM(cfg).eval()
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4, target_modules="all-linear"))
+    assert pm.peft_config["default"].target_parameters  # what peft adds
+    if hide_peft:  # the structural rule used without peft
+        real = builtins.__import__
+        monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                            if name.startswith("peft") else real(name, *a, **k))
+    with pytest.raises(ValueError, match=r"all-linear.*expert parameters \[.*gate_up_proj.*"
+                                         r"target_modules=\['k_proj', 'o_proj', 'q_proj', 'v_proj'\]"):
+        apply_qlora(model, "all-linear", r=4)
+    monkeypatch.undo()
+    assert not any(isinstance(m, QLoRALinear) for m in model.modules())
+    apply_qlora(model, ["k_proj", "o_proj", "q_proj", "v_proj"], r=4)
+    want = _peft_targets(tf.MixtralForCausalLM(cfg), target_modules=["k_proj", "o_proj", "q_proj", "v_proj"])
+    assert sorted(n for n, m in model.named_modules() if isinstance(m, QLoRALinear)) == sorted(want)
