@@ -68,4 +68,11 @@ void qkernels_bind_gemv_cpu(py::module_& m) {
         "float32[256], offset, nested_blocksize (scale = float32(nested_code[q] * nested_absmax[b // "
         "nested_blocksize]) + offset). lora_t float32 [M, r], lora_B float32 [N, r] (0 when r == 0); bias float32 "
         "[N] or 0. SIMD path chosen per call (cpu_isa_active; QKERNELS_CPU_GEMV_BF16=0 disables vdpbf16ps).");
+  m.def("gemv_cpu_max_m", [](int dtype, int64_t K) {
+          QK_CHECK_DTYPE(dtype, "gemv_cpu_max_m", "dtype");
+          return qkernels::cpu::gemv_max_m(static_cast<qkernels::DType>(dtype), K);
+        }, py::arg("dtype"), py::arg("K"),
+        "int: the largest M for which gemv_4bit_lora_cpu is faster than dequantize + a BLAS matmul, for x of dtype "
+        "with rows of K on the active ISA path (16; 32 for bf16 with vdpbf16ps and 64 for float32 / float16 x on "
+        "AVX-512 when K % 32 == 0; measured on Zen 4).");
 }

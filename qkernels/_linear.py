@@ -7,7 +7,9 @@ with ``W = dequant(packed)`` of shape ``[N, K]`` (docs/format.md). Paths, chosen
 and the number of rows ``M`` (DESIGN §2):
 
 - ``reference``: dequantize W (pure torch) to x's dtype, then torch matmuls. The definition of correct.
-- ``cpu`` / ``cuda``, ``M <= GEMV_MAX_M`` (decode): the native fused GEMV reads the packed weight once, decodes
+- ``cpu`` / ``cuda``, ``M <= gemv_max_m(x)`` (decode: 16 rows; on an AVX-512 CPU with K % 32 == 0, 32 for bf16
+  and 64 for float32 / float16 x, where the CPU kernel was measured faster than the next path): the native fused
+  GEMV reads the packed weight once, decodes
   both scale levels per block and adds the LoRA term and bias per output element (csrc/cpu/gemv.cpp,
   csrc/cuda/gemv.cu). Used when this build has it.
 - ``cpu`` / ``cuda``, larger M (training): one native dequantize into a reused per-thread buffer (no allocation,
@@ -30,10 +32,12 @@ import torch
 from . import _backend, _native, _ops
 from .quant_state import QuantState
 
-__all__ = ["GEMV_MAX_M", "linear_4bit_impl", "linear_4bit_dx_impl", "clear_workspace", "workspace_bytes"]
+__all__ = ["GEMV_MAX_M", "gemv_max_m", "linear_4bit_impl", "linear_4bit_dx_impl", "clear_workspace", "workspace_bytes"]
 
 # Rows up to which the fused GEMV beats dequantize + matmul: the GEMV streams the packed weight once per call
-# and keeps up to 16 rows of x in registers / shared memory; past that, a GEMM's reuse wins (DESIGN §2).
+# and keeps up to 16 rows of x in registers / shared memory; past that, a GEMM's reuse wins (DESIGN §2). The CUDA
+# kernel's limit and every CPU path's floor; the CPU kernel reports a larger one where it measured faster
+# (gemv_max_m).
 GEMV_MAX_M = 16
 
 _local = threading.local()
@@ -102,6 +106,16 @@ def _cpu_fp16_gemm() -> bool:
     return bool(probe()) if callable(probe) else False
 
 
+def gemv_max_m(x: torch.Tensor) -> int:
+    """Rows up to which the fused GEMV runs for ``x [M, K]`` (where this build has it): GEMV_MAX_M, or on the CPU
+    what the kernel reports for x's dtype and K on the active ISA path (``_C.gemv_cpu_max_m``)."""
+    if x.device.type == "cpu":
+        probe = getattr(_native._C, "gemv_cpu_max_m", None)
+        if probe is not None:
+            return probe(_native._DTYPE_TO_NATIVE[x.dtype], x.shape[-1])
+    return GEMV_MAX_M
+
+
 def _has_gemv(device: torch.device) -> bool:
     return "gemv_4bit_lora" in _backend.native_ops(device)
 
@@ -122,7 +136,7 @@ def linear_4bit_impl(x, packed, scales, code, blocksize, N, lora_t, lora_B, bias
         if lora_t is not None and not fused:
             y.addmm_(lora_t.to(x.dtype), lora_B.to(x.dtype).t())
         return y
-    if impl != "reference" and M <= GEMV_MAX_M and _has_gemv(x.device):
+    if impl != "reference" and _has_gemv(x.device) and (M <= GEMV_MAX_M or M <= gemv_max_m(x)):
         # The op's checks (or matmul_4bit_lora's) have run and packed is uint8: call the kernel without re-validating
         # (one check per layer boundary; a decode step is ~0.3 ms, gemv_4bit_lora_native's checks ~30 us).
         absmax, nested_absmax, nested_code, offset, nested_blocksize = scales

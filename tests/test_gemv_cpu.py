@@ -291,3 +291,32 @@ def test_bad_isa_env_raises(monkeypatch):
     packed, st, x, t, B, b = _small()
     with pytest.raises(ValueError, match="QKERNELS_CPU_ISA"):
         _native.gemv_4bit_lora_native(x, packed, st, t, B, b)
+
+
+# Rows past 16, up to the CPU GEMV's measured limit (qkernels._linear.gemv_max_m: 32 for bf16 with vdpbf16ps, 64 for
+# float32 / float16 on AVX-512): several M tiles of 8 with a partial last one, on every path and dtype.
+WIDE_M_CASES = [(33, 67, 1056, 64, True, "nf4", 8, True), (61, 65, 96, 32, False, "fp4", 0, False),
+                (64, 7, 256, 256, True, "nf4", 1, True)]
+
+
+def _wide_m_params() -> list[pytest.param]:
+    out = []
+    for isa, bf in _paths():
+        for dname in DTYPES:
+            if bf == "0" and dname != "bf16":
+                continue  # QKERNELS_CPU_GEMV_BF16=0 only changes the bfloat16 path
+            for case in WIDE_M_CASES:
+                path = isa if bf == "1" else f"{isa}-nobf16dot"
+                out.append(pytest.param(isa, bf, dname, *case, id=f"{path}-{dname}-M{case[0]}-{case[1]}x{case[2]}"))
+    return out
+
+
+@pytest.mark.parametrize("isa,bf16dot,dname,M,N,K,bs,nested,qt,r,bias", _wide_m_params())
+def test_gemv_wide_m_matches_fp64(monkeypatch, isa, bf16dot, dname, M, N, K, bs, nested, qt, r, bias):
+    monkeypatch.setenv("QKERNELS_CPU_ISA", isa)
+    monkeypatch.setenv("QKERNELS_CPU_GEMV_BF16", bf16dot)
+    packed, st, x, t, B, b, y64, tol = _case(M, N, K, bs, nested, qt, dname, r, bias)
+    y = _native.gemv_4bit_lora_native(x, packed, st, t, B, b)
+    assert y.dtype == x.dtype and y.shape == (M, N)
+    err = (y.double() - y64).abs().max().item()
+    assert err <= tol, f"max error {err:.3g} > tolerance {tol:.3g} (path {isa}, bf16dot={bf16dot})"

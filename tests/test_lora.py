@@ -253,9 +253,29 @@ def test_autocast_cpu_bf16():
     torch.testing.assert_close(y, ref, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+def test_cpu_gemv_limit_dispatch(dtype):
+    """The CPU takes the fused GEMV up to the row count its kernel reports (more than 16 on AVX-512 when K % 32 == 0)
+    and dequantize + matmul past it; both sides of the limit are checked against float64 (forward and gradients)."""
+    if "gemv_4bit_lora" not in qkernels._backend.native_ops(torch.device("cpu")):
+        pytest.skip("this build has no native CPU GEMV (see qkernels.native_info())")
+    K = 128
+    limit = _linear.gemv_max_m(torch.empty(1, K, dtype=dtype))
+    assert limit >= _linear.GEMV_MAX_M
+    assert _linear.gemv_max_m(torch.empty(1, K + 1, dtype=dtype)) == _linear.GEMV_MAX_M  # K % 32 != 0: portable path
+    for M, fused in ((limit, True), (limit + 1, False)):
+        _check(M, 40, K, 8, dtype, "cpu", dropout_p=0.1)
+        packed, state, x, A, B, b, _ = _problem(M, 40, K, 8, dtype)
+        _linear.clear_workspace()
+        with torch.no_grad():  # the forward alone (the backward's dx always dequantizes into the workspace)
+            qkernels.matmul_4bit_lora(x, packed, state, A, B, 2.0, b, backend="cpu")
+        assert (_linear.workspace_bytes() == 0) == fused, f"M {M}: expected the {'GEMV' if fused else 'matmul'} path"
+    _linear.clear_workspace()
+
+
 def test_workspace_is_reused():
     _linear.clear_workspace()
-    packed, state, x, A, B, b, _ = _problem(40, 48, 64, 4, torch.float32)
+    packed, state, x, A, B, b, _ = _problem(70, 48, 64, 4, torch.float32)  # past every GEMV limit (64)
     qkernels.matmul_4bit_lora(x, packed, state, A, B, 2.0, b, backend="cpu")
     held = _linear.workspace_bytes()
     assert held == 48 * 64 * 4
@@ -271,12 +291,12 @@ def test_cpu_float16_large_m_multiplies_in_float32(monkeypatch):
     path dequantizes to float32 and multiplies there, forward and dx; the result is float16 and at least as close
     to float64 as plain float16 torch (the same 2x yardstick as every other case)."""
     _linear.clear_workspace()
-    _check(40, 48, 64, 4, torch.float16, "cpu", dropout_p=0.1)
+    _check(70, 48, 64, 4, torch.float16, "cpu", dropout_p=0.1)  # 70 rows: past the CPU GEMV's limit
     held = {k[2] for k in _linear._local.buffers}
     assert held == {torch.float32}, f"workspace dtypes {held}: the float16 matmuls did not run in float32"
     _linear.clear_workspace()
     monkeypatch.setattr(_linear, "_cpu_fp16_gemm", lambda: True)  # a CPU with AMX-FP16 keeps float16
-    _check(40, 48, 64, 4, torch.float16, "cpu")
+    _check(70, 48, 64, 4, torch.float16, "cpu")
     assert {k[2] for k in _linear._local.buffers} == {torch.float16}
     _linear.clear_workspace()
 

@@ -101,5 +101,7 @@ void gemv_4bit_lora(const void* x, DType dtype, int64_t M, int64_t K, const uint
   }
 }
 
+int gemv_max_m(DType dtype, int64_t K) { return gemv_detail::gemv_max_m(dtype, K); }
+
 }  // namespace cpu
 }  // namespace qkernels

@@ -40,5 +40,9 @@ void gemv_4bit_lora(const void* x, DType dtype, int64_t M, int64_t K, const uint
                     int64_t nested_blocksize, const float* code, int64_t blocksize, int64_t N, const float* lora_t,
                     const float* lora_B, int64_t r, const float* bias, void* out);
 
+// Rows up to which gemv_4bit_lora is faster than dequantizing W and a BLAS matmul, for x of `dtype` with rows of K
+// on the ISA path active now (16, or more on AVX-512 with K % 32 == 0; measured, see gemv_simd.cpp).
+int gemv_max_m(DType dtype, int64_t K);
+
 }  // namespace cpu
 }  // namespace qkernels

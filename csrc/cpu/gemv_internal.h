@@ -115,6 +115,8 @@ inline int64_t next_segment(const Problem& p, int64_t n0, int64_t k, float (&sca
 
 // The tiled SIMD paths (gemv_simd.cpp): false when none applies (scalar ISA, K % 32 != 0, or not an x86 build).
 bool gemv_simd(const Problem& p, const void* x);
+// The largest M for which the fused kernel is the faster path for x of `dtype` and rows of K (see gemv_simd.cpp).
+int gemv_max_m(DType dtype, int64_t K);
 
 }  // namespace gemv_detail
 }  // namespace cpu
