@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import qkernels
-from qkernels import QLoRALinear, QuantState, reference
+from qkernels import QLoRALinear, QuantState, _linear, reference
 from qkernels.loftq import loftq_init
 
 from ._oracle import bnb
@@ -259,11 +259,13 @@ CONFIG_IDS = ["nf4-dq-bias", "nf4-nobias", "fp4-dq"]
 def _assert_matches_bitsandbytes(ours, theirs, in_features):
     """Outputs of a QLoRALinear and a bitsandbytes Linear4bit holding the same 4-bit weight (LoRA B == 0 or off).
 
-    More than 16 rows take qkernels' dequantize + BLAS path: the same dequantized bits and the same torch matmul as
-    bitsandbytes' exact path, so bit for bit. Up to 16 rows take the fused GEMV: the same products summed in another
-    order, so equal within the float32 rounding of a K-term sum (K * eps * sum_k |x_k w_k|, per output).
+    More rows than the CPU GEMV takes (16, or up to 64 on AVX-512: qkernels._linear.gemv_max_m) take qkernels'
+    dequantize + BLAS path: the same dequantized bits and the same torch matmul as bitsandbytes' exact path, so bit
+    for bit. Fewer rows take the fused GEMV: the same products summed in another order, so equal within the float32
+    rounding of a K-term sum (K * eps * sum_k |x_k w_k|, per output).
     """
-    x = torch.randn(32, in_features, requires_grad=True)  # grad on: bitsandbytes' exact dequantize path (DESIGN §5)
+    rows = _linear.gemv_max_m(torch.empty(1, in_features)) + 1
+    x = torch.randn(rows, in_features, requires_grad=True)  # grad on: bitsandbytes' exact dequantize path (DESIGN §5)
     assert torch.equal(ours(x), theirs(x)), "dequantize + BLAS path: bit for bit"
     x = torch.randn(3, in_features, requires_grad=True)
     W = ours.dequantized_weight(torch.float32)
