@@ -14,9 +14,9 @@ Rows per shape:
   LoRA (``x @ W.T`` forward + dX backward: the matmul work every implementation must do).
 
 Floor: the matmul work, ``2 * 2MNK`` flops (forward and dX) plus the LoRA products, at the matmul rate measured in
-the same run in the activations' dtype (``torch.matmul`` of 4096^3); the weight traffic is far below it. float16 on
-a CPU without a float16 GEMM: at the float32 rate (what qkernels multiplies in there; torch's float16 rate on such a
-CPU is no floor).
+the same run in the activations' dtype (``torch.matmul`` of 4096^3); the weight traffic is far below it. float16 /
+bfloat16 on a CPU without a GEMM for them: at the float32 rate (what qkernels multiplies in there; torch's rate in
+that dtype on such a CPU is no floor).
 
 Run ``python -m benchmarks.bench_train [--shapes 4096x4096] [--rows 512] [--dtype bfloat16] [--quick] [--no-save]``.
 """
@@ -168,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[args.dtype]
     from qkernels import _linear
 
-    rate_dtype = torch.float32 if (dtype == torch.float16 and device.type == "cpu" and not _linear._cpu_fp16_gemm()) \
-        else dtype
+    # what qkernels multiplies in at this M on this device (float32 for float16 / bfloat16 on a CPU without their GEMM)
+    rate_dtype = _linear._matmul_dtype(torch.empty(0, dtype=dtype), "cpu") if device.type == "cpu" else dtype
     rate = measure_matmul_rate(device, rate_dtype)
     results, summaries = [], []
     for shape in shapes:

@@ -16,8 +16,8 @@ and the number of rows ``M`` (DESIGN §2):
   no page faults: a fresh 32 MiB tensor costs ~8 ms of faults on the CPU machine), then the BLAS matmul, with
   the bias folded into ``addmm`` and the LoRA product accumulated into the same output (``addmm_``). On a CPU
   without AMX-FP16, float16 has no fast GEMM (torch's fp16 matmul ran 2.6x slower than float32 at M = 128 on the
-  Zen 4 machine): there the weight is dequantized to float32 and the matmuls run in float32, the result rounded
-  once to float16 (at least as accurate as the float16 GEMM).
+  Zen 4 machine, its ``g @ W`` ~200x), nor bfloat16 without AVX512-BF16 / AMX: there the weight is dequantized to
+  float32 and the matmuls run in float32, the result rounded once to x's dtype (at least as accurate).
 - ``triton``: the fused dequant-in-the-K-loop kernels of ``qkernels.triton_kernels`` (GPU, or the CPU
   interpreter with ``TRITON_INTERPRET=1``). Forced with ``backend="triton"``; the default on CUDA stays
   dequantize + cuBLAS until the GPU benchmark shows the fused kernel ahead at a shape.
@@ -95,15 +95,31 @@ def _dequantize(packed, scales, code, blocksize, shape, dtype, impl: str) -> tor
 
 
 def _matmul_dtype(t: torch.Tensor, impl: str) -> torch.dtype:
-    """The dtype the large-M native path multiplies in: t's, except float16 on a CPU without AMX-FP16 (float32)."""
-    if t.dtype == torch.float16 and t.device.type == "cpu" and impl == "cpu" and not _cpu_fp16_gemm():
+    """The dtype the large-M native path multiplies in: t's, except on a CPU without a fast GEMM for it (float32).
+
+    float16 needs AMX-FP16, bfloat16 AVX512-BF16 (or AMX); without them torch's CPU matmul in that dtype is slower than
+    float32 and the ``g @ W`` of the backward pathologically so (4096 x 4096, 128 rows on the Zen 4 machine: float16
+    14.5 s; bfloat16 with oneDNN held to AVX2 17.9 s; float32 0.07-0.11 s)."""
+    if t.device.type != "cpu" or impl != "cpu":
+        return t.dtype
+    if (t.dtype == torch.float16 and not _cpu_fp16_gemm()) or (t.dtype == torch.bfloat16 and not _cpu_bf16_gemm()):
         return torch.float32
     return t.dtype
 
 
-def _cpu_fp16_gemm() -> bool:
-    probe = getattr(getattr(torch, "cpu", None), "_is_amx_fp16_supported", None)
+def _cpu_probe(name: str) -> bool:
+    probe = getattr(getattr(torch, "cpu", None), name, None)
     return bool(probe()) if callable(probe) else False
+
+
+def _cpu_fp16_gemm() -> bool:
+    """Whether torch's CPU matmul has a fast float16 path here (AMX-FP16)."""
+    return _cpu_probe("_is_amx_fp16_supported")
+
+
+def _cpu_bf16_gemm() -> bool:
+    """Whether torch's CPU matmul has a fast bfloat16 path here (AVX512-BF16 or AMX)."""
+    return _cpu_probe("_is_avx512_bf16_supported") or _cpu_probe("_is_amx_tile_supported")
 
 
 def gemv_max_m(x: torch.Tensor) -> int:

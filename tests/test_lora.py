@@ -301,6 +301,19 @@ def test_cpu_float16_large_m_multiplies_in_float32(monkeypatch):
     _linear.clear_workspace()
 
 
+@pytest.mark.parametrize("fast_bf16", [True, False], ids=["avx512bf16", "no-bf16-gemm"])
+def test_cpu_bfloat16_large_m_multiplies_in_float32_without_bf16_gemm(monkeypatch, fast_bf16):
+    """bfloat16 keeps its own GEMM where the CPU has one (AVX512-BF16 / AMX); elsewhere (AVX2 machines: torch's bf16
+    g @ W took ~18 s at 4096 x 4096, 128 rows, with oneDNN held to AVX2) the large-M path multiplies in float32.
+    Either way forward and gradients are within the 2x-of-plain-bf16-torch bound against float64."""
+    monkeypatch.setattr(_linear, "_cpu_bf16_gemm", lambda: fast_bf16)
+    _linear.clear_workspace()
+    _check(70, 48, 64, 4, torch.bfloat16, "cpu", dropout_p=0.1)  # 70 rows: past the CPU GEMV's limit
+    held = {k[2] for k in _linear._local.buffers}
+    assert held == {torch.bfloat16 if fast_bf16 else torch.float32}, f"workspace dtypes {held}"
+    _linear.clear_workspace()
+
+
 # ------------------------------------------------------------------------ Triton, in the CPU interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])  # interpreter: no bf16 dot
 @pytest.mark.parametrize("M,N,K,dropout_p", [(3, 48, 96, 0.0), (17, 33, 63, 0.25)], ids=["even", "odd-K-drop"])
