@@ -25,6 +25,7 @@ and the number of rows ``M`` (DESIGN §2):
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import torch
@@ -107,6 +108,7 @@ def _matmul_dtype(t: torch.Tensor, impl: str) -> torch.dtype:
     return t.dtype
 
 
+@functools.cache
 def _cpu_probe(name: str) -> bool:
     probe = getattr(getattr(torch, "cpu", None), name, None)
     return bool(probe()) if callable(probe) else False

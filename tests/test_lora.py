@@ -301,6 +301,21 @@ def test_cpu_float16_large_m_multiplies_in_float32(monkeypatch):
     _linear.clear_workspace()
 
 
+@pytest.mark.skipif(_linear._cpu_fp16_gemm(), reason="this CPU has AMX-FP16: float16 matmuls stay in float16 here")
+def test_cpu_float16_adapters_multiply_in_float32():
+    """float16 x with float16 adapters (a model .half()'d after apply_qlora): the skinny LoRA products run in float32
+    on a CPU without a float16 GEMM (the saved T = dropout(x) A^T is float32), and the gradients come back float16."""
+    packed, state, x, A, B, b, gy = _problem(20, 48, 64, 4, torch.float16)
+    A, B = A.half().requires_grad_(), B.half().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = qkernels.matmul_4bit_lora(x.requires_grad_(), packed, state, A, B, 2.0, b)
+    y.backward(gy)
+    assert any(t.shape == (20, 4) and t.dtype == torch.float32 for t in saved), [(t.shape, t.dtype) for t in saved]
+    assert A.grad.dtype == B.grad.dtype == x.grad.dtype == torch.float16
+    _check(20, 48, 64, 4, torch.float16, "cpu")
+
+
 @pytest.mark.parametrize("fast_bf16", [True, False], ids=["avx512bf16", "no-bf16-gemm"])
 def test_cpu_bfloat16_large_m_multiplies_in_float32_without_bf16_gemm(monkeypatch, fast_bf16):
     """bfloat16 keeps its own GEMM where the CPU has one (AVX512-BF16 / AMX); elsewhere (AVX2 machines: torch's bf16
