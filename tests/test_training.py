@@ -73,6 +73,10 @@ def _packed(model) -> dict[str, tuple]:
     return out
 
 
+def _state_dtypes(model) -> dict[str, torch.dtype]:
+    return {n: m.weight.quant_state.dtype for n, m in model.named_modules() if isinstance(m, QLoRALinear)}
+
+
 def _assert_same_packed(before: dict, after: dict) -> None:
     assert before.keys() == after.keys()
     for n, (kind, dtype, data, absmax) in before.items():
@@ -204,3 +208,59 @@ def test_adamw_over_all_parameters_touches_only_lora():
     for n, p in model.named_parameters():
         assert (id(p) in with_state) == (".lora_" in n), n
         assert (p.grad is not None) == (".lora_" in n), n
+
+
+# ---------------------------------------------------------------------------------------------- mixed precision
+def test_autocast_bf16_training_keeps_float32_adapters_and_the_packed_weights():
+    """``torch.autocast("cpu", bfloat16)`` training: the matmuls run in bfloat16, the LoRA weights, their gradients
+    and AdamW's state stay float32 (as peft's under autocast), the loss falls and the packed weights never change."""
+    model = apply_qlora(tiny_llama(), LLAMA_TARGETS, r=4)
+    packed = _packed(model)
+    model.train()
+    ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[2] < losses[1] < losses[0], losses
+    for n, p in model.named_parameters():
+        if ".lora_" in n:
+            assert p.dtype == p.grad.dtype == opt.state[p]["exp_avg"].dtype == torch.float32, n
+    _assert_same_packed(packed, _packed(model))
+
+
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16], ids=["uint8", "bf16-storage"])
+@pytest.mark.parametrize("cast", ["to-bf16", "half"])
+def test_casting_the_model_after_apply_qlora_keeps_the_format_and_casts_lora_like_peft(storage, cast):
+    """``model.to(torch.bfloat16)`` / ``.half()`` after apply_qlora: the packed bytes, absmax and quant_state.dtype
+    survive; the LoRA weights take the new dtype exactly as peft's do on the same model; the model still trains."""
+
+    def do(m):
+        return m.to(torch.bfloat16) if cast == "to-bf16" else m.half()
+
+    model = apply_qlora(tiny_llama(), LLAMA_TARGETS, r=4, quant_storage=storage)
+    packed = _packed(model)
+    state_dtypes = _state_dtypes(model)
+    do(model)
+    _assert_same_packed(packed, _packed(model))
+    assert _state_dtypes(model) == state_dtypes
+    ref = do(peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=LLAMA_TARGETS)))
+    want = {n.removeprefix("base_model.model."): p.dtype for n, p in ref.named_parameters() if ".lora_" in n}
+    assert {n: p.dtype for n, p in model.named_parameters() if ".lora_" in n} == want
+    model.train()
+    ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # AdamW's eps 1e-8 is 0 in float16: NaN there, with peft too
+    losses = []
+    for _ in range(3):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[2] < losses[1] < losses[0], losses
+    _assert_same_packed(packed, _packed(model))
