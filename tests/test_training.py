@@ -189,6 +189,33 @@ def test_prepare_model_for_kbit_training_keeps_packed_weights(storage):
     assert qkernels.trainable_parameters(model) == trainable
 
 
+def _frozen_adapter_warnings(model, ids) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(input_ids=ids, labels=ids).loss.backward()
+    return [str(w.message) for w in caught if "is frozen" in str(w.message)]
+
+
+def test_training_with_the_adapter_frozen_by_prepare_model_for_kbit_training_warns():
+    """prepare_model_for_kbit_training after apply_qlora freezes the LoRA weights; with gradient checkpointing's
+    input gradients the backward still succeeds, so training ran and changed nothing, silently (the Trainer logged a
+    constant loss). The forward now warns, naming the fix; normal training, eval and frozen-on-purpose inference
+    do not."""
+    model = apply_qlora(tiny_llama(), LLAMA_TARGETS, r=4)
+    ids = torch.randint(3, 96, (2, 8), generator=torch.Generator().manual_seed(0))
+    model.train()
+    assert _frozen_adapter_warnings(model, ids) == []
+    peft.prepare_model_for_kbit_training(model)
+    model.gradient_checkpointing_enable()  # what prepare_model_for_kbit_training does for a model loaded in 4 bits
+    msgs = _frozen_adapter_warnings(model, ids)
+    assert msgs and "set_adapter(model, 'default')" in msgs[0] and "before qkernels.apply_qlora" in msgs[0]
+    model.eval()
+    assert _frozen_adapter_warnings(model, ids) == []
+    qkernels.set_adapter(model, "default")
+    model.train()
+    assert _frozen_adapter_warnings(model, ids) == []
+
+
 # ---------------------------------------------------------------------------------------------- optimizers
 def test_adamw_over_all_parameters_touches_only_lora():
     """``AdamW(model.parameters())``: frozen packed weights get no gradient and no optimizer state; the trainable
