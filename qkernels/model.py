@@ -342,7 +342,7 @@ def _mark_bnb_model_trainable(model: nn.Module) -> None:
 
 
 def _mark_bnb_model_quantized(model: nn.Module) -> None:
-    """Undo ``_mark_bnb_model_trainable`` once the adapters are merged away: a model transformers loaded in 4 bits
+    """Undo ``_mark_bnb_model_trainable`` once the adapters are merged or deleted: a model transformers loaded in 4 bits
     that keeps its bitsandbytes config (4-bit layers remain, now without LoRA) is a purely quantized model again, and
     transformers' guards (Trainer, ``.half()`` / ``.float()``) apply to it as before apply_qlora."""
     for m in model.modules():

@@ -141,6 +141,10 @@ def test_a_4bit_model_keeps_transformers_guards_while_a_castable_bnb_layer_remai
     packed = _packed(model)
     model.half()
     _assert_same_packed(packed, _packed(model))
+    qkernels.delete_adapter(model, "default")  # no LoRA left: purely quantized again, the guards are back
+    assert model.is_quantized
+    with pytest.raises(ValueError, match="purely quantized"):
+        Trainer(model=model, args=_args(tmp_path / "run", 1), train_dataset=_Batch())
 
 
 def test_a_4bit_model_with_uint8_layers_left_survives_half(tmp_path):
