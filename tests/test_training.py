@@ -295,3 +295,17 @@ def test_casting_the_model_after_apply_qlora_keeps_the_format_and_casts_lora_lik
         losses.append(loss.item())
     assert losses[2] < losses[1] < losses[0], losses
     _assert_same_packed(packed, _packed(model))
+
+
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16], ids=["uint8", "bf16-storage"])
+def test_a_quantized_module_to_save_is_refused_before_any_change(tmp_path, storage):
+    """A module to save is trained in full; one transformers loaded in 4 bits cannot be: with uint8 storage torch
+    raised "only Tensors of floating point dtype can require gradients" halfway through apply_qlora (q_proj already
+    replaced), and a bfloat16 quant_storage copy would have been trained as floats. Now a ValueError naming the module
+    and the fix, with the model untouched."""
+    model = bnb_llama(tmp_path, storage)
+    before = {n: type(m).__name__ for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match=r"selects 'model.layers.0.mlp.down_proj'.*llm_int8_skip_modules"):
+        apply_qlora(model, ["q_proj"], r=4, modules_to_save=["layers.0.mlp.down_proj"])
+    assert {n: type(m).__name__ for n, m in model.named_modules()} == before
+    assert model.is_quantized
