@@ -309,3 +309,12 @@ def test_a_quantized_module_to_save_is_refused_before_any_change(tmp_path, stora
         apply_qlora(model, ["q_proj"], r=4, modules_to_save=["layers.0.mlp.down_proj"])
     assert {n: type(m).__name__ for n, m in model.named_modules()} == before
     assert model.is_quantized
+
+
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16], ids=["uint8", "bf16-storage"])
+def test_trainable_count_on_a_4bit_model_is_peft_s(tmp_path, storage):
+    """On a model transformers loaded in 4 bits (untargeted 4-bit layers left): peft's counts, where a packed
+    Params4bit of n elements of b bytes counts 2 * n * b parameters."""
+    ours = apply_qlora(bnb_llama(tmp_path, storage), ["q_proj", "v_proj"], r=8)
+    ref = peft.get_peft_model(bnb_llama(tmp_path, storage), peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    assert qkernels.trainable_parameters(ours) == ref.get_nb_trainable_parameters()
