@@ -157,6 +157,10 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if name in w.modules_to_save:
             w.delete_adapter(name)
             w.set_adapter(new_active)
+    if not any(len(m.lora_A) for _, m in mods):  # no LoRA left: a 4-bit model is purely quantized again
+        from .model import _mark_bnb_model_quantized
+
+        _mark_bnb_model_quantized(model)
 
 
 def _matches(name: str, target_modules: str | list[str] | None) -> bool:

@@ -223,7 +223,8 @@ def apply_qlora(
             ``2 * log_every`` layers are replaced (a 7B Llama with all-linear: 224 layers, 5 lines).
 
     Returns ``model`` (modified in place). Layers are quantized one at a time on their own device, so peak memory
-    is one float layer above the quantized model.
+    is one float layer above the quantized model. On a model transformers loaded in 4 bits, ``model.is_quantized`` is
+    cleared once LoRA weights train, so that transformers' Trainer takes it (see ``_mark_bnb_model_trainable``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -303,7 +304,51 @@ def apply_qlora(
         p.requires_grad_(p.requires_grad and (_is_lora_param(pname) or ".modules_to_save." in f".{pname}"))
     if save_names:
         wrap_modules_to_save(model, modules_to_save, adapter_name)
+    _mark_bnb_model_trainable(model)
     return model
+
+
+def _mark_bnb_model_trainable(model: nn.Module) -> None:
+    """A transformers model loaded in 4 bits by bitsandbytes now carries trainable LoRA: clear ``is_quantized``.
+
+    transformers sets ``model.is_quantized`` when it quantizes at load time and reads it in two places only: the
+    Trainer refuses such a model unless it is a peft model ("You cannot perform fine-tuning on purely quantized
+    models", ``trainer_utils.validate_quantization_for_training``), and ``.half()`` / ``.float()`` refuse it. The other
+    signals that mark a model as adapted cannot be used: ``_hf_peft_config_loaded`` sends ``save_pretrained`` down
+    transformers' peft path (adapter-only save through peft's own layer classes: it fails on QLoRALinear), and
+    ``hf_quantizer.is_qat_trainable`` is a read-only property that would claim quantization-aware training.
+
+    So the flag is cleared only when both guards have nothing left to protect: some LoRA weight trains, and no layer
+    remains that a dtype cast would corrupt (QLoRALinear keeps its packed bytes under any cast; an untargeted
+    bitsandbytes ``Params4bit`` stored as uint8 is untouched by ``.half()``, one stored as a float ``quant_storage``
+    or an 8-bit ``Int8Params`` is not). ``hf_quantizer``, ``quantization_method``, ``config.quantization_config`` and
+    ``is_loaded_in_4bit`` stay: ``save_pretrained`` still writes the bitsandbytes config beside the packed weights,
+    and the Trainer still leaves device placement alone and does not wrap the model in DataParallel."""
+    flagged = [m for m in model.modules() if m.__dict__.get("is_quantized") is True
+               and getattr(m, "quantization_method", None) == "bitsandbytes"]  # QuantizationMethod is a str enum
+    if not flagged:
+        return
+    if not any(p.requires_grad and _is_lora_param(n) for n, p in model.named_parameters()):
+        return
+    for p in model.parameters():
+        name = type(p).__name__
+        if name == "Int8Params" or (name == "Params4bit" and not isinstance(p, Params4bit) and p.dtype != torch.uint8):
+            logger.info("apply_qlora: model.is_quantized left set (transformers' Trainer will refuse the model): a "
+                        "bitsandbytes layer that a dtype cast would corrupt is still there; target it too, or load "
+                        "the model in float and let apply_qlora quantize it")
+            return
+    for m in flagged:
+        m.is_quantized = False
+
+
+def _mark_bnb_model_quantized(model: nn.Module) -> None:
+    """Undo ``_mark_bnb_model_trainable`` once the adapters are merged or deleted: a model transformers loaded in 4 bits
+    that keeps its bitsandbytes config (4-bit layers remain, now without LoRA) is a purely quantized model again, and
+    transformers' guards (Trainer, ``.half()`` / ``.float()``) apply to it as before apply_qlora."""
+    for m in model.modules():
+        if (m.__dict__.get("is_quantized") is False and getattr(m, "hf_quantizer", None) is not None
+                and getattr(m, "quantization_method", None) == "bitsandbytes"):
+            m.is_quantized = True
 
 
 def _kept_in_float(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
@@ -532,6 +577,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
                 dense.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=layer.bias.requires_grad)
         _replace(model, name, dense)
     _drop_quantization_config(model)
+    _mark_bnb_model_quantized(model)
     return model
 
 
@@ -613,6 +659,7 @@ def merge_into_4bit(model: nn.Module) -> dict[str, float]:
         layer.weight = Params4bit(packed, False, state)
         for adapter in list(layer.lora_A):
             layer.delete_adapter(adapter)
+    _mark_bnb_model_quantized(model)
     if errors:
         rel = {k: v for k, v in errors.items() if not k.endswith(".delta_lost")}
         worst = max(rel, key=rel.get)

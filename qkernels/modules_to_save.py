@@ -160,6 +160,15 @@ def plan_modules_to_save(model: nn.Module, modules_to_save: Iterable[str], adapt
             raise ValueError(f"modules_to_save selects both {outer[0]!r} and {n!r} inside it; name only the outer one")
         if isinstance(m, ModulesToSaveWrapper) and adapter_name in m.modules_to_save and not allow_existing:
             raise ValueError(f"module {n!r} already has a copy for adapter {adapter_name!r}")
+        packed = [k for k, p in m.named_parameters()
+                  if type(p).__name__ in ("Params4bit", "Int8Params") or not p.is_floating_point()]
+        if packed and not isinstance(m, ModulesToSaveWrapper):
+            # its copy would be trained in full: torch refuses requires_grad on integer weights, and a float
+            # quant_storage view would be "trained" as floats, its packed bytes destroyed
+            raise ValueError(f"modules_to_save selects {n!r} ({type(m).__name__}), whose parameter(s) {packed} are "
+                             "quantized (packed, not float): it cannot be trained in full. Keep it in float when "
+                             f"loading (BitsAndBytesConfig(llm_int8_skip_modules=[{n.rsplit('.', 1)[-1]!r}])), or "
+                             "make it a LoRA target instead")
     return names
 
 

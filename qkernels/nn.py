@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -100,6 +101,21 @@ class Params4bit(nn.Parameter):
 
     def __repr__(self) -> str:
         return f"Params4bit({self.quant_state!r}, storage={self.dtype}, bytes={self.numel() * self.element_size()})"
+
+
+def _warn_frozen_adapter(name: str) -> None:
+    """The active adapter runs in training mode with gradients on, yet neither of its weights trains: most likely
+    ``peft.prepare_model_for_kbit_training`` (or ``model.requires_grad_(False)``) ran after ``apply_qlora``; it freezes
+    every parameter, LoRA included. Training then goes on and changes nothing (with gradient checkpointing's input
+    gradients the backward even succeeds), so say so. A warning, not an error: freezing LoRA on purpose (training
+    only a module to save) is legitimate. Python shows it once per process."""
+    warnings.warn(
+        f"QLoRALinear: the active adapter {name!r} is frozen (lora_A and lora_B requires_grad=False) while the model "
+        "trains, so it will not change. peft.prepare_model_for_kbit_training freezes every parameter, LoRA included: "
+        f"call it before qkernels.apply_qlora, or call qkernels.set_adapter(model, {name!r}) after it.",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def _rebuild_params4bit(data: torch.Tensor, quant_state: QuantState) -> Params4bit:
@@ -420,6 +436,8 @@ class QLoRALinear(nn.Module):
         if name is not None:
             A, B, scaling = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
             p = getattr(self.lora_dropout[name], "p", 0.0)
+            if self.training and not (A.requires_grad or B.requires_grad) and torch.is_grad_enabled():
+                _warn_frozen_adapter(name)
         cdt = self.compute_dtype
         xc = x if cdt is None or cdt == x.dtype else x.to(cdt)
         y = matmul_4bit_lora(xc, self.weight.data, self.weight.quant_state, A, B, scaling, self.bias, p,

@@ -493,16 +493,19 @@ def test_training_lowers_the_loss_and_generate_works():
     assert out.shape == (1, 9) and torch.equal(out[:, :4], ids[:1, :4])
 
 
-def test_gradient_checkpointing_gives_the_same_lora_gradients():
+@pytest.mark.parametrize("use_reentrant", [None, True, False], ids=["default", "reentrant", "non-reentrant"])
+def test_gradient_checkpointing_gives_the_same_lora_gradients(use_reentrant):
     """With LoRA dropout on: checkpointing restores the RNG state for the recomputation, so the fused op draws the
-    same masks and the gradients match the ones without checkpointing."""
+    same masks and the gradients match the ones without checkpointing, with torch's reentrant checkpoint (which needs
+    the inputs to require grad: transformers hooks the embeddings) and the non-reentrant one."""
     model = apply_qlora(tiny_llama(), LLAMA_TARGETS, r=4, lora_dropout=0.1)
     _randomize_lora(model)
     model.train()
     ids = torch.randint(3, 96, (2, 10))
     torch.manual_seed(5)
     plain = _lora_grads(model, ids)
-    model.gradient_checkpointing_enable()
+    kwargs = None if use_reentrant is None else {"use_reentrant": use_reentrant}
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     assert model.model.layers[0].gradient_checkpointing
     torch.manual_seed(5)
     ckpt = _lora_grads(model, ids)
