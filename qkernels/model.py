@@ -508,9 +508,11 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     a ``Conv1D`` again, weight ``(dequant(W) + s B A)^T`` of shape ``[in, out]``, as peft's merge_and_unload gives:
     ``save_pretrained`` / ``from_pretrained`` then read the layout the model class expects.
 
-    The sum is formed in float32 and rounded once to the layer's ``compute_dtype`` (or, when None, its
-    ``float_dtype``: the dtype of the weight before quantization, or the one the model was last cast to with
-    ``.half()`` / ``.to(dtype)``). Nothing is requantized. The merged weight is frozen
+    The sum is formed in float32 and rounded once to the layer's ``float_dtype``: the dtype of the weight before
+    quantization, or the one the model was last cast to with ``.half()`` / ``.to(dtype)``; the dtype of the
+    activations around the layer. Not ``compute_dtype``: that only sets the precision of the layer's own matmul
+    (its output is cast back to the input's dtype), and a bf16 ``nn.Linear`` in a float32 model fails on its
+    float32 input. Nothing is requantized. The merged weight is frozen
     (as peft leaves a merged base weight). Each module to save (``ModulesToSaveWrapper``) is replaced by the module
     it runs: the active adapter's copy, or the original module when adapters are disabled or the active adapter has
     no copy (peft's ``unload``). A transformers model that was loaded in 4 bits by bitsandbytes loses its
@@ -519,7 +521,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """
     _unwrap_modules_to_save(model)
     for name, layer in _qlora_layers(model):
-        dtype = layer.compute_dtype or layer.float_dtype
+        dtype = layer.float_dtype
         with torch.no_grad():
             W = _merged_weight(layer).to(dtype)
         if getattr(layer, "is_target_conv_1d_layer", False):  # absent on a layer pickled by an older qkernels

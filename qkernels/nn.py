@@ -240,7 +240,8 @@ class QLoRALinear(nn.Module):
                                           quant_storage)
         self.weight = Params4bit(packed, False, state)
         # The dtype the float parts of this layer were last given (dtype, then .half() / .to(dtype) / model.to(...)):
-        # what merge_and_unload produces when compute_dtype is None. quant_state.dtype stays the checkpoint's.
+        # what merge_and_unload produces (compute_dtype only sets the matmul's precision). quant_state.dtype stays
+        # the checkpoint's.
         self.float_dtype: torch.dtype = dtype or state.dtype
         if bias:
             b = torch.empty(out_features, device=packed.device, dtype=dtype or state.dtype)
