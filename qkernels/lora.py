@@ -198,6 +198,10 @@ def matmul_4bit_lora(
 
     Saves only the packed weight, never a dequantized ``N x K`` copy (see the module docstring for what is saved).
     """
+    if isinstance(x, torch.Tensor) and x.dtype == torch.float64:  # e.g. a model cast with .double() for a reference
+        raise TypeError("x is float64, which the 4-bit kernels do not compute in (a model cast with .double()?): use "
+                        "float32 (model.float()); for a float64 reference run qkernels.merge_and_unload("
+                        "copy.deepcopy(model)).double(), or qkernels.reference.matmul_4bit_lora on float64 tensors")
     if not isinstance(x, torch.Tensor) or x.dtype not in _FLOATS:
         raise TypeError(f"x must be a float32/float16/bfloat16 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     if not isinstance(quant_state, QuantState):

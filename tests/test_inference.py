@@ -96,3 +96,18 @@ def test_compute_dtype_model_merges_into_one_that_runs_on_the_same_inputs():
     assert theirs.dtype == torch.float32
     assert_close_to_merged(ours, theirs, ref)
     assert greedy(merged, ids[:1])[0].shape == (1, 18)
+
+
+def test_a_model_cast_to_float64_says_how_to_get_a_float64_reference():
+    """Before: ``model.double()`` then a forward raised "x must be a float32/float16/bfloat16 tensor, got
+    torch.float64" from deep inside, naming no fix. The merged copy is the float64 reference that works."""
+    model = qlora_llama()
+    ids = torch.randint(3, 96, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y32 = model(ids).logits
+        with pytest.raises(TypeError, match=r"x is float64.*model\.float\(\).*merge_and_unload"):
+            copy.deepcopy(model).double()(ids)
+        y64 = merge_and_unload(copy.deepcopy(model)).double()(ids).logits
+    assert y64.dtype == torch.float64
+    # float32 rounding of the same function: measured ~2e-7 on logits of magnitude ~0.5; 1e-5 leaves 50x room
+    assert (y32.double() - y64).abs().max() < 1e-5
