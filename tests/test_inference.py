@@ -111,3 +111,105 @@ def test_a_model_cast_to_float64_says_how_to_get_a_float64_reference():
     assert y64.dtype == torch.float64
     # float32 rounding of the same function: measured ~2e-7 on logits of magnitude ~0.5; 1e-5 leaves 50x room
     assert (y32.double() - y64).abs().max() < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------- adapters
+def test_adapter_switches_between_generate_calls_match_peft(tmp_path):
+    """set_adapter / disable_adapters / delete_adapter between generate calls (a fresh KV cache each call) give the
+    tokens peft gives on the dense dequantized base with the same adapters, and logits within rounding of a float64
+    peft run (module docstring's rule)."""
+    peft = pytest.importorskip("peft", reason="peft is the oracle for adapter switching")
+    from qkernels import adapters
+
+    model = qlora_llama()
+    adapters.add_adapter(model, "b", r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    randomize_lora(model, seed=3)  # both adapters nonzero
+    for name in ("default", "b"):
+        adapters.save_adapter(model, tmp_path / name, adapter_name=name)
+    with adapters.disable_adapters(model):
+        base = merge_and_unload(copy.deepcopy(model))
+
+    def load(dtype):
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(base).to(dtype), str(tmp_path / "default"))
+        pm.load_adapter(str(tmp_path / "b"), adapter_name="b")
+        return pm.to(dtype).eval()
+
+    theirs, ref = load(torch.float32), load(torch.float64)
+    ids = torch.randint(3, 96, (2, 20), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    ids[1, :6], mask[1, :6] = 0, 0  # left padding
+
+    def check() -> torch.Tensor:
+        seq, logits = greedy(model, ids, mask)
+        seq_p, logits_p = greedy(theirs, ids, mask)
+        assert torch.equal(seq, seq_p)
+        full = torch.cat([mask, torch.ones_like(seq[:, ids.shape[1]:])], 1)
+        with torch.no_grad():
+            r = ref(input_ids=seq, attention_mask=full).logits[:, ids.shape[1] - 1:-1].transpose(0, 1)
+        assert_close_to_merged(logits, logits_p, r)
+        return seq
+
+    seq_default = check()
+    adapters.set_adapter(model, "b")
+    theirs.set_adapter("b")
+    ref.set_adapter("b")
+    assert not torch.equal(check(), seq_default), "the adapters differ: switching must show"
+    with adapters.disable_adapters(model), theirs.disable_adapter(), ref.disable_adapter():
+        check()
+    for m in (model, theirs, ref):
+        (adapters.set_adapter(m, "default") if m is model else m.set_adapter("default"))
+    assert torch.equal(check(), seq_default)
+    adapters.delete_adapter(model, "default")
+    with pytest.warns(UserWarning):  # peft says it switched to b
+        theirs.delete_adapter("default")
+        ref.delete_adapter("default")
+    check()
+
+
+# ---------------------------------------------------------------------------------------------- torch.compile
+@pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+def test_compiled_layer_has_no_graph_break_and_equals_eager(grad_mode):
+    """Eager inference skips QLoRAFunction (no grad wanted); under torch.compile the Function and the custom op are
+    traced instead. fullgraph=True fails on any graph break; the outputs are bit-equal to eager on both sides of the
+    GEMV switch (the same op body runs)."""
+    model = qlora_llama()
+    layer = model.model.layers[0].mlp.down_proj  # K = 128: the GEMV takes up to 64 float32 rows here
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True)
+    for m in (1, 17, 100):
+        x = torch.randn(1, m, 128, generator=torch.Generator().manual_seed(m))
+        with grad_mode():
+            assert torch.equal(compiled(x), layer(x)), m
+
+
+# ---------------------------------------------------------------------------------------------- copies
+def test_deepcopy_and_pickle_keep_the_packed_weight_and_share_nothing():
+    """A deep copy / pickle round trip generates the same tokens; the copy's tensors (packed bytes, scales, LoRA,
+    bias) and dicts live apart from the original's, so changing the copy leaves the original's outputs unchanged."""
+    import pickle
+
+    from qkernels import QLoRALinear
+
+    model = qlora_llama()
+    ids = torch.randint(3, 96, (1, 8), generator=torch.Generator().manual_seed(0))
+    seq = greedy(model, ids)[0]
+    clone, loaded = copy.deepcopy(model), pickle.loads(pickle.dumps(model))
+    for other in (clone, loaded):
+        assert torch.equal(greedy(other, ids)[0], seq)
+
+    def tensors(m):
+        for layer in m.modules():
+            if isinstance(layer, QLoRALinear):
+                st = layer.weight.quant_state
+                yield from (layer.weight.data, st.absmax, st.code, st.state2.absmax, st.state2.code, st.offset)
+                yield from layer.parameters()
+
+    ptrs = {t.untyped_storage().data_ptr() for t in tensors(model)}
+    assert not ptrs & {t.untyped_storage().data_ptr() for t in tensors(clone)}
+    q, q2 = model.model.layers[0].self_attn.q_proj, clone.model.layers[0].self_attn.q_proj
+    assert q.scaling is not q2.scaling and q.weight.quant_state is not q2.weight.quant_state
+    with torch.no_grad():
+        for t in tensors(clone):
+            t.zero_()
+    clone.model.layers[0].self_attn.q_proj.scaling["default"] = 0.0
+    assert torch.equal(greedy(model, ids)[0], seq)
