@@ -222,8 +222,9 @@ def apply_qlora(
         verbose: also print those lines to stderr. None (default): print only for large models, i.e. when at least
             ``2 * log_every`` layers are replaced (a 7B Llama with all-linear: 224 layers, 5 lines).
 
-    Returns ``model`` (modified in place). Layers are quantized one at a time on their own device, so peak memory
-    is one float layer above the quantized model.
+    Returns ``model`` (modified in place). Each new layer takes the training mode of the module it replaces (a model
+    in eval mode stays in eval mode: no LoRA dropout until ``model.train()``). Layers are quantized one at a time on
+    their own device, so peak memory is one float layer above the quantized model.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -291,6 +292,9 @@ def apply_qlora(
         # a model loaded in 4 bits by bitsandbytes (transformers' BitsAndBytesConfig): wrap its packed weight as is
         # (its own quant_type / blocksize / double quant), as peft does; never requantize a 4-bit weight
         layer = QLoRALinear.from_bnb(m, **bnb_kwargs) if _is_bnb_4bit(m) else QLoRALinear.from_linear(m, **kwargs)
+        # a new module starts in training mode; in a model in eval mode (from_pretrained returns one) that left LoRA
+        # dropout on while model.training said False: generate() gave different tokens on each call
+        layer.train(m.training)
         setattr(parent, child, layer)
         if i % log_every == 0 or i == len(names):
             line = f"apply_qlora: {i}/{len(names)} layers quantized ({time.perf_counter() - t0:.1f} s)"

@@ -213,3 +213,28 @@ def test_deepcopy_and_pickle_keep_the_packed_weight_and_share_nothing():
             t.zero_()
     clone.model.layers[0].self_attn.q_proj.scaling["default"] = 0.0
     assert torch.equal(greedy(model, ids)[0], seq)
+
+
+# ---------------------------------------------------------------------------------------------- train / eval
+def test_apply_qlora_on_a_model_in_eval_mode_keeps_it_in_eval_mode():
+    """Bug: from_pretrained returns a model in eval mode; apply_qlora put new QLoRALinear layers (training=True) into
+    it, so model.training said False while LoRA dropout ran: generate() differed from call to call. The new layers
+    (and module-to-save wrappers) now take the replaced module's mode; model.train() turns dropout on as usual."""
+    model = apply_qlora(tiny_llama(), LLAMA_TARGETS, r=4, lora_dropout=0.5, modules_to_save=["lm_head"])
+    randomize_lora(model)
+    assert not any(m.training for m in model.modules())
+    ids = torch.randint(3, 96, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model(ids).logits)
+    assert torch.equal(greedy(model, ids)[0], greedy(model, ids)[0])
+    model.train()
+    with torch.no_grad():  # p = 0.5 on every LoRA input: two draws differ
+        assert not torch.equal(model(ids).logits, model(ids).logits)
+    model.eval()
+    with torch.inference_mode():
+        y_inf = model(ids).logits
+    with torch.no_grad():
+        y_ng = model(ids).logits
+    assert torch.equal(y_inf, y_ng) and torch.equal(model(ids).logits.detach(), y_ng)
+    trained = apply_qlora(tiny_llama().train(), LLAMA_TARGETS, r=4)
+    assert all(m.training for m in trained.modules())
