@@ -376,6 +376,8 @@ class QLoRALinear(nn.Module):
         self.lora_A[adapter_name] = A
         self.lora_B[adapter_name] = B
         self.lora_dropout[adapter_name] = nn.Dropout(p=float(lora_dropout)) if lora_dropout > 0 else nn.Identity()
+        for m in (A, B, self.lora_dropout[adapter_name]):  # an adapter added to a layer in eval mode is in eval mode
+            m.train(self.training)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = scaling

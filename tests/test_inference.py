@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+import qkernels
 from qkernels import apply_qlora, merge_and_unload
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -236,5 +237,7 @@ def test_apply_qlora_on_a_model_in_eval_mode_keeps_it_in_eval_mode():
     with torch.no_grad():
         y_ng = model(ids).logits
     assert torch.equal(y_inf, y_ng) and torch.equal(model(ids).logits.detach(), y_ng)
+    qkernels.add_adapter(model, "b", r=2, lora_dropout=0.5, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    assert not any(m.training for m in model.modules())
     trained = apply_qlora(tiny_llama().train(), LLAMA_TARGETS, r=4)
     assert all(m.training for m in trained.modules())
