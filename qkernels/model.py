@@ -536,6 +536,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             dense.weight = nn.Parameter(W, requires_grad=False)
             if layer.bias is not None:
                 dense.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=layer.bias.requires_grad)
+        dense.train(layer.training)  # a merged model in eval mode stays so
         _replace(model, name, dense)
     _drop_quantization_config(model)
     return model

@@ -239,5 +239,6 @@ def test_apply_qlora_on_a_model_in_eval_mode_keeps_it_in_eval_mode():
     assert torch.equal(y_inf, y_ng) and torch.equal(model(ids).logits.detach(), y_ng)
     qkernels.add_adapter(model, "b", r=2, lora_dropout=0.5, target_modules=["q_proj"], modules_to_save=["lm_head"])
     assert not any(m.training for m in model.modules())
+    assert not any(m.training for m in merge_and_unload(copy.deepcopy(model)).modules())
     trained = apply_qlora(tiny_llama().train(), LLAMA_TARGETS, r=4)
     assert all(m.training for m in trained.modules())
