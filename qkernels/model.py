@@ -251,6 +251,7 @@ def apply_qlora(
                               modules_to_save)
     _check_not_kept_in_float(model, names)
     _check_not_read_by_parent(model, names)
+    _check_not_tied(model, names)
     clash = [(t, m) for t in names for m in save_names if t == m or t.startswith(m + ".") or m.startswith(t + ".")]
     if clash:  # peft's two rules differ (suffix vs dotted regex): one module can meet both; refuse before changing
         raise ValueError(f"module {clash[0][0]!r} is a LoRA target and module {clash[0][1]!r} a module to save; "
@@ -390,6 +391,27 @@ def _check_not_kept_in_float(model: nn.Module, names: list[str]) -> None:
             "never quantizes these (its bitsandbytes loader keeps them float; T5-style models cast the feed-forward "
             "input to wo.weight.dtype, which a 4-bit layer's packed uint8 weight turns into garbage). Leave them "
             f"out: exclude_modules={patterns!r} (or a target_modules list without them)")
+
+
+def _check_not_tied(model: nn.Module, names: list[str]) -> None:
+    """Refuse a Linear whose weight is shared with another module (a head tied to the input embeddings,
+    ``tie_word_embeddings``): the 4-bit layer cannot share its weight with the float embedding, and transformers'
+    ``tie_weights()`` (run by ``resize_token_embeddings``, loading, ...) assigns the embedding back over the packed
+    weight, after which the layer fails (``'Parameter' object has no attribute 'quant_state'``). transformers' own
+    bitsandbytes loader never quantizes tied modules either."""
+    owners: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname)
+    for n in names:
+        w = getattr(model.get_submodule(n), "weight", None)
+        others = [o for o in owners.get(id(w), []) if o != f"{n}.weight"]
+        if others:
+            raise ValueError(
+                f"target module {n!r} shares its weight with {others[0]!r} (tied weights, e.g. tie_word_embeddings): "
+                "a 4-bit layer cannot share it, and transformers' tie_weights() would later overwrite the packed "
+                f"weight. Leave it out (exclude_modules=[{n.rpartition('.')[2]!r}]), or untie it first: give it its "
+                "own weight (module.weight = nn.Parameter(module.weight.detach().clone())) and set "
+                "config.tie_word_embeddings = False")
 
 
 def _check_not_read_by_parent(model: nn.Module, names: list[str]) -> None:
