@@ -262,3 +262,30 @@ def test_a_head_tied_to_the_embeddings_is_refused_before_any_change():
     model.tie_weights()
     ids = torch.randint(3, 96, (1, 6), generator=torch.Generator().manual_seed(0))
     assert greedy(model, ids, new=3)[0].shape == (1, 9)
+
+
+# ---------------------------------------------------------------------------------------------- torch.jit.trace
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_jit_trace_records_the_op_not_an_empty_output(grad):
+    """Bug: the native kernels write through a raw pointer, so torch.jit.trace recorded only the ``aten::empty`` of
+    the output: the traced module returned uninitialized memory at decode sizes (and failed past the GEMV limit).
+    Traced now through the registered op: bit-equal to eager on new inputs, both sides of the GEMV switch."""
+    import warnings
+
+    from qkernels import QLoRALinear
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(QLoRALinear(64, 48, r=4), torch.nn.GELU(), QLoRALinear(48, 32, r=2)).eval()
+    randomize_lora(model)
+    for m in (1, 100):
+        x = torch.randn(m, 64)
+        with torch.set_grad_enabled(grad), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's notes on Python values it records as constants
+            traced = torch.jit.trace(model, x, check_trace=False)
+        x_new = torch.randn(m, 64)
+        with torch.no_grad():
+            assert torch.equal(traced(x_new), model(x_new)), m
+    with pytest.raises(ValueError, match="backend='cpu' cannot be traced"):
+        layer = model[0]
+        torch.jit.trace(lambda x: qkernels.matmul_4bit_lora(x, layer.weight.data, layer.weight.quant_state, None, None,
+                                                            0.0, backend="cpu"), torch.randn(2, 64))
