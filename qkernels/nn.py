@@ -150,6 +150,16 @@ def _check_quant_args(quant_type: Any, blocksize: Any, quant_storage: Any, compu
                          f"got {compute_dtype!r}")
 
 
+# torch.export swaps parameters for plain fake tensors, and transformers' tie_weights() assigns a float weight over a
+# tied head's: either way the layer's weight no longer carries its QuantState (was: AttributeError 'quant_state').
+_NO_QUANT_STATE = (
+    "QLoRALinear.weight is a {} without a quant_state: the packed 4-bit weight was replaced. torch.export is not "
+    "supported (it swaps parameters for plain fake tensors): export qkernels.merge_and_unload(copy.deepcopy(model)), "
+    "or use torch.compile. A float weight assigned over it (e.g. transformers' tie_weights() on a head tied to the "
+    "embeddings, which apply_qlora refuses) must be re-quantized with QLoRALinear.from_linear"
+)
+
+
 # --------------------------------------------------------------------------------------------- the layer
 class QLoRALinear(nn.Module):
     """``y = x @ dequant(W)^T + s * dropout(x) @ A^T @ B^T + bias`` with W frozen in 4 bits (drop-in nn.Linear).
@@ -423,10 +433,12 @@ class QLoRALinear(nn.Module):
         if name is not None:
             A, B, scaling = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
             p = getattr(self.lora_dropout[name], "p", 0.0)
+        state = getattr(self.weight, "quant_state", None)
+        if state is None:
+            raise TypeError(_NO_QUANT_STATE.format(type(self.weight).__name__))
         cdt = self.compute_dtype
         xc = x if cdt is None or cdt == x.dtype else x.to(cdt)
-        y = matmul_4bit_lora(xc, self.weight.data, self.weight.quant_state, A, B, scaling, self.bias, p,
-                             training=self.training)
+        y = matmul_4bit_lora(xc, self.weight.data, state, A, B, scaling, self.bias, p, training=self.training)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -289,3 +289,24 @@ def test_jit_trace_records_the_op_not_an_empty_output(grad):
         layer = model[0]
         torch.jit.trace(lambda x: qkernels.matmul_4bit_lora(x, layer.weight.data, layer.weight.quant_state, None, None,
                                                             0.0, backend="cpu"), torch.randn(2, 64))
+
+
+def test_torch_export_and_a_replaced_weight_say_what_to_do():
+    """Bug: torch.export (fake parameters) and a float weight assigned over the packed one failed with
+    "AttributeError: 'FakeTensor' / 'Parameter' object has no attribute 'quant_state'". Now a TypeError naming the
+    cause and the fix; the merged dense copy exports and gives the layer's outputs (merge test's rounding rule)."""
+    from qkernels import QLoRALinear
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(QLoRALinear(64, 32, r=4)).eval()
+    randomize_lora(model)
+    x = torch.randn(3, 64)
+    with pytest.raises(TypeError, match=r"torch\.export is not supported.*merge_and_unload"):
+        torch.export.export(model, (x,))
+    exported = torch.export.export(merge_and_unload(copy.deepcopy(model)), (x,)).module()
+    with torch.no_grad():
+        y, y_exp, ref = model(x), exported(x), merge_and_unload(copy.deepcopy(model)).double()(x.double())
+    assert_close_to_merged(y, y_exp, ref)
+    model[0].weight = torch.nn.Parameter(torch.randn(32, 64))
+    with pytest.raises(TypeError, match="Parameter without a quant_state"):
+        model(x)
