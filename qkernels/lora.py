@@ -148,12 +148,19 @@ def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _traced() -> bool:
+    """Under torch.compile or torch.jit.trace: the kernels must be reached through the registered ops. Both record
+    only torch ops; the native kernels write their output through a raw pointer, which torch.jit.trace recorded as the
+    bare ``aten::empty`` of the output (a traced model returned uninitialized memory)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def _linear(x, packed, scales, code, blocksize, N, lora_t, lora_B, bias, backend):
     absmax, nested_absmax, nested_code, offset, nested_blocksize = scales
-    # Traced (torch.compile): through the registered op, so the graph holds one node. Eager: matmul_4bit_lora has
-    # validated everything the op would check, so call its body directly (saves ~0.1 ms of dispatch and re-checks,
-    # a fifth of a 4096 x 4096 decode GEMV here).
-    if backend is None and torch.compiler.is_compiling():
+    # Traced (torch.compile, torch.jit.trace): through the registered op, so the graph holds one node. Eager:
+    # matmul_4bit_lora has validated everything the op would check, so call its body directly (saves ~0.1 ms of
+    # dispatch and re-checks, a fifth of a 4096 x 4096 decode GEMV here).
+    if backend is None and _traced():
         return torch.ops.qkernels.linear_4bit(x, packed, absmax, code, blocksize, N, nested_absmax, nested_code,
                                               offset, nested_blocksize, lora_t, lora_B, bias)
     from . import _linear as impl
@@ -163,7 +170,7 @@ def _linear(x, packed, scales, code, blocksize, N, lora_t, lora_B, bias, backend
 
 def _linear_dx(g, packed, scales, code, blocksize, K, lora_u, lora_A, lora_mask, backend):
     absmax, nested_absmax, nested_code, offset, nested_blocksize = scales
-    if backend is None and torch.compiler.is_compiling():
+    if backend is None and _traced():
         return torch.ops.qkernels.linear_4bit_dx(g, packed, absmax, code, blocksize, K, nested_absmax, nested_code,
                                                  offset, nested_blocksize, lora_u, lora_A, lora_mask)
     from . import _linear as impl
@@ -206,6 +213,10 @@ def matmul_4bit_lora(
 
     Saves only the packed weight, never a dequantized ``N x K`` copy (see the module docstring for what is saved).
     """
+    if isinstance(x, torch.Tensor) and x.dtype == torch.float64:  # e.g. a model cast with .double() for a reference
+        raise TypeError("x is float64, which the 4-bit kernels do not compute in (a model cast with .double()?): use "
+                        "float32 (model.float()); for a float64 reference run qkernels.merge_and_unload("
+                        "copy.deepcopy(model)).double(), or qkernels.reference.matmul_4bit_lora on float64 tensors")
     if not isinstance(x, torch.Tensor) or x.dtype not in _FLOATS:
         raise TypeError(f"x must be a float32/float16/bfloat16 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     if not isinstance(quant_state, QuantState):
@@ -245,6 +256,9 @@ def matmul_4bit_lora(
     if not isinstance(scaling, numbers.Real) or isinstance(scaling, bool):
         raise TypeError(f"scaling must be a real number (lora_alpha / r), got {type(scaling).__name__}")
 
+    if backend is not None and torch.jit.is_tracing():
+        raise ValueError(f"backend={backend!r} cannot be traced by torch.jit.trace (it records torch ops only, and a "
+                         "forced backend calls the kernel directly): pass backend=None, or set QKERNELS_BACKEND")
     device_type = x.device.type
     autocast = torch.is_autocast_enabled(device_type)
     if autocast:

@@ -222,9 +222,11 @@ def apply_qlora(
         verbose: also print those lines to stderr. None (default): print only for large models, i.e. when at least
             ``2 * log_every`` layers are replaced (a 7B Llama with all-linear: 224 layers, 5 lines).
 
-    Returns ``model`` (modified in place). Layers are quantized one at a time on their own device, so peak memory
-    is one float layer above the quantized model. On a model transformers loaded in 4 bits, ``model.is_quantized`` is
-    cleared once LoRA weights train, so that transformers' Trainer takes it (see ``_mark_bnb_model_trainable``).
+    Returns ``model`` (modified in place). Each new layer takes the training mode of the module it replaces (a model
+    in eval mode stays in eval mode: no LoRA dropout until ``model.train()``). Layers are quantized one at a time on
+    their own device, so peak memory is one float layer above the quantized model. On a model transformers loaded in
+    4 bits, ``model.is_quantized`` is cleared once LoRA weights train, so that transformers' Trainer takes it (see
+    ``_mark_bnb_model_trainable``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -251,6 +253,7 @@ def apply_qlora(
                               modules_to_save)
     _check_not_kept_in_float(model, names)
     _check_not_read_by_parent(model, names)
+    _check_not_tied(model, names)
     clash = [(t, m) for t in names for m in save_names if t == m or t.startswith(m + ".") or m.startswith(t + ".")]
     if clash:  # peft's two rules differ (suffix vs dotted regex): one module can meet both; refuse before changing
         raise ValueError(f"module {clash[0][0]!r} is a LoRA target and module {clash[0][1]!r} a module to save; "
@@ -292,6 +295,9 @@ def apply_qlora(
         # a model loaded in 4 bits by bitsandbytes (transformers' BitsAndBytesConfig): wrap its packed weight as is
         # (its own quant_type / blocksize / double quant), as peft does; never requantize a 4-bit weight
         layer = QLoRALinear.from_bnb(m, **bnb_kwargs) if _is_bnb_4bit(m) else QLoRALinear.from_linear(m, **kwargs)
+        # a new module starts in training mode; in a model in eval mode (from_pretrained returns one) that left LoRA
+        # dropout on while model.training said False: generate() gave different tokens on each call
+        layer.train(m.training)
         setattr(parent, child, layer)
         if i % log_every == 0 or i == len(names):
             line = f"apply_qlora: {i}/{len(names)} layers quantized ({time.perf_counter() - t0:.1f} s)"
@@ -433,6 +439,27 @@ def _check_not_kept_in_float(model: nn.Module, names: list[str]) -> None:
             f"out: exclude_modules={patterns!r} (or a target_modules list without them)")
 
 
+def _check_not_tied(model: nn.Module, names: list[str]) -> None:
+    """Refuse a Linear whose weight is shared with another module (a head tied to the input embeddings,
+    ``tie_word_embeddings``): the 4-bit layer cannot share its weight with the float embedding, and transformers'
+    ``tie_weights()`` (run by ``resize_token_embeddings``, loading, ...) assigns the embedding back over the packed
+    weight, after which the layer fails (``'Parameter' object has no attribute 'quant_state'``). transformers' own
+    bitsandbytes loader never quantizes tied modules either."""
+    owners: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname)
+    for n in names:
+        w = getattr(model.get_submodule(n), "weight", None)
+        others = [o for o in owners.get(id(w), []) if o != f"{n}.weight"]
+        if others:
+            raise ValueError(
+                f"target module {n!r} shares its weight with {others[0]!r} (tied weights, e.g. tie_word_embeddings): "
+                "a 4-bit layer cannot share it, and transformers' tie_weights() would later overwrite the packed "
+                f"weight. Leave it out (exclude_modules=[{n.rpartition('.')[2]!r}]), or untie it first: give it its "
+                "own weight (module.weight = nn.Parameter(module.weight.detach().clone())) and set "
+                "config.tie_word_embeddings = False")
+
+
 def _check_not_read_by_parent(model: nn.Module, names: list[str]) -> None:
     """Refuse a Linear whose parent reads its weight instead of calling it: ``nn.MultiheadAttention`` always hands
     ``out_proj.weight`` to ``F.multi_head_attention_forward``, and ``nn.TransformerEncoderLayer``'s inference fast
@@ -553,9 +580,11 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     a ``Conv1D`` again, weight ``(dequant(W) + s B A)^T`` of shape ``[in, out]``, as peft's merge_and_unload gives:
     ``save_pretrained`` / ``from_pretrained`` then read the layout the model class expects.
 
-    The sum is formed in float32 and rounded once to the layer's ``compute_dtype`` (or, when None, its
-    ``float_dtype``: the dtype of the weight before quantization, or the one the model was last cast to with
-    ``.half()`` / ``.to(dtype)``). Nothing is requantized. The merged weight is frozen
+    The sum is formed in float32 and rounded once to the layer's ``float_dtype``: the dtype of the weight before
+    quantization, or the one the model was last cast to with ``.half()`` / ``.to(dtype)``; the dtype of the
+    activations around the layer. Not ``compute_dtype``: that only sets the precision of the layer's own matmul
+    (its output is cast back to the input's dtype), and a bf16 ``nn.Linear`` in a float32 model fails on its
+    float32 input. Nothing is requantized. The merged weight is frozen
     (as peft leaves a merged base weight). Each module to save (``ModulesToSaveWrapper``) is replaced by the module
     it runs: the active adapter's copy, or the original module when adapters are disabled or the active adapter has
     no copy (peft's ``unload``). A transformers model that was loaded in 4 bits by bitsandbytes loses its
@@ -564,7 +593,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """
     _unwrap_modules_to_save(model)
     for name, layer in _qlora_layers(model):
-        dtype = layer.compute_dtype or layer.float_dtype
+        dtype = layer.float_dtype
         with torch.no_grad():
             W = _merged_weight(layer).to(dtype)
         if getattr(layer, "is_target_conv_1d_layer", False):  # absent on a layer pickled by an older qkernels
@@ -575,6 +604,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             dense.weight = nn.Parameter(W, requires_grad=False)
             if layer.bias is not None:
                 dense.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=layer.bias.requires_grad)
+        dense.train(layer.training)  # a merged model in eval mode stays so
         _replace(model, name, dense)
     _drop_quantization_config(model)
     _mark_bnb_model_quantized(model)

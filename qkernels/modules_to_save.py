@@ -191,6 +191,9 @@ def wrap_modules_to_save(model: nn.Module, modules_to_save: Iterable[str], adapt
                 m.set_adapter(m.active_adapter)
             continue
         w = ModulesToSaveWrapper(m, adapter_name)
+        # the new containers take m's mode (its copies are deep copies of m, in that mode already): a model in eval
+        # mode stays so
+        w.training = w.modules_to_save.training = m.training
         if not activate:
             w.set_adapter(None)
         parent, _, leaf = n.rpartition(".")

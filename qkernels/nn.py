@@ -166,6 +166,16 @@ def _check_quant_args(quant_type: Any, blocksize: Any, quant_storage: Any, compu
                          f"got {compute_dtype!r}")
 
 
+# torch.export swaps parameters for plain fake tensors, and transformers' tie_weights() assigns a float weight over a
+# tied head's: either way the layer's weight no longer carries its QuantState (was: AttributeError 'quant_state').
+_NO_QUANT_STATE = (
+    "QLoRALinear.weight is a {} without a quant_state: the packed 4-bit weight was replaced. torch.export is not "
+    "supported (it swaps parameters for plain fake tensors): export qkernels.merge_and_unload(copy.deepcopy(model)), "
+    "or use torch.compile. A float weight assigned over it (e.g. transformers' tie_weights() on a head tied to the "
+    "embeddings, which apply_qlora refuses) must be re-quantized with QLoRALinear.from_linear"
+)
+
+
 # --------------------------------------------------------------------------------------------- the layer
 class QLoRALinear(nn.Module):
     """``y = x @ dequant(W)^T + s * dropout(x) @ A^T @ B^T + bias`` with W frozen in 4 bits (drop-in nn.Linear).
@@ -256,7 +266,8 @@ class QLoRALinear(nn.Module):
                                           quant_storage)
         self.weight = Params4bit(packed, False, state)
         # The dtype the float parts of this layer were last given (dtype, then .half() / .to(dtype) / model.to(...)):
-        # what merge_and_unload produces when compute_dtype is None. quant_state.dtype stays the checkpoint's.
+        # what merge_and_unload produces (compute_dtype only sets the matmul's precision). quant_state.dtype stays
+        # the checkpoint's.
         self.float_dtype: torch.dtype = dtype or state.dtype
         if bias:
             b = torch.empty(out_features, device=packed.device, dtype=dtype or state.dtype)
@@ -391,6 +402,8 @@ class QLoRALinear(nn.Module):
         self.lora_A[adapter_name] = A
         self.lora_B[adapter_name] = B
         self.lora_dropout[adapter_name] = nn.Dropout(p=float(lora_dropout)) if lora_dropout > 0 else nn.Identity()
+        for m in (A, B, self.lora_dropout[adapter_name]):  # an adapter added to a layer in eval mode is in eval mode
+            m.train(self.training)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = scaling
@@ -438,10 +451,12 @@ class QLoRALinear(nn.Module):
             p = getattr(self.lora_dropout[name], "p", 0.0)
             if self.training and not (A.requires_grad or B.requires_grad) and torch.is_grad_enabled():
                 _warn_frozen_adapter(name)
+        state = getattr(self.weight, "quant_state", None)
+        if state is None:
+            raise TypeError(_NO_QUANT_STATE.format(type(self.weight).__name__))
         cdt = self.compute_dtype
         xc = x if cdt is None or cdt == x.dtype else x.to(cdt)
-        y = matmul_4bit_lora(xc, self.weight.data, self.weight.quant_state, A, B, scaling, self.bias, p,
-                             training=self.training)
+        y = matmul_4bit_lora(xc, self.weight.data, state, A, B, scaling, self.bias, p, training=self.training)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -365,8 +365,13 @@ def test_merge_and_unload_follows_the_models_last_dtype():
     assert model[0].weight.quant_state.dtype == torch.bfloat16 and model[0].float_dtype == torch.float16
     merge_and_unload(model)
     assert model[0].weight.dtype == torch.float16 and model[0].bias.dtype == torch.float16
+    # compute_dtype is the precision of the layer's own matmul, not the dtype of the activations around it: the
+    # float32 layer below takes float32 input (and returns float32), so its merge must too
     compute = nn.Sequential(QLoRALinear(64, 32, r=2, compute_dtype=torch.bfloat16))
-    assert merge_and_unload(compute)[0].weight.dtype == torch.bfloat16
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert compute(x).dtype == torch.float32
+        assert merge_and_unload(compute)[0].weight.dtype == torch.float32 and compute(x).dtype == torch.float32
 
 
 def test_merge_and_unload_tiny_llama_keeps_outputs():
