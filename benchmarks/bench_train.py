@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     from qkernels import _linear
 
     # what qkernels multiplies in at this M on this device (float32 for float16 / bfloat16 on a CPU without their GEMM)
-    rate_dtype = _linear._matmul_dtype(torch.empty(0, dtype=dtype), "cpu") if device.type == "cpu" else dtype
+    rate_dtype = _linear.cpu_matmul_dtype(dtype) if device.type == "cpu" else dtype
     rate = measure_matmul_rate(device, rate_dtype)
     results, summaries = [], []
     for shape in shapes:

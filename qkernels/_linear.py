@@ -103,9 +103,15 @@ def _matmul_dtype(t: torch.Tensor, impl: str) -> torch.dtype:
     14.5 s; bfloat16 with oneDNN held to AVX2 17.9 s; float32 0.07-0.11 s)."""
     if t.device.type != "cpu" or impl != "cpu":
         return t.dtype
-    if (t.dtype == torch.float16 and not _cpu_fp16_gemm()) or (t.dtype == torch.bfloat16 and not _cpu_bf16_gemm()):
+    return cpu_matmul_dtype(t.dtype)
+
+
+def cpu_matmul_dtype(dtype: torch.dtype) -> torch.dtype:
+    """``dtype``, or float32 where this CPU has no fast torch GEMM in it (float16 without AMX-FP16, bfloat16
+    without AVX512-BF16 / AMX). Shared by the large-M path here and the LoRA products of ``qkernels.lora``."""
+    if (dtype == torch.float16 and not _cpu_fp16_gemm()) or (dtype == torch.bfloat16 and not _cpu_bf16_gemm()):
         return torch.float32
-    return t.dtype
+    return dtype
 
 
 @functools.cache

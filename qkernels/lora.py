@@ -36,13 +36,13 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 def _lora_dtype(x_dtype: torch.dtype, lora_dtype: torch.dtype, device: torch.device | None = None) -> torch.dtype:
     """The dtype of the skinny LoRA products: the wider of x's and the adapters' (peft keeps adapters in float32 and
-    casts x up). On a CPU without a GEMM for a half dtype (qkernels._linear._matmul_dtype) float32: torch's CPU
+    casts x up). On a CPU without a GEMM for a half dtype (qkernels._linear.cpu_matmul_dtype) float32: torch's CPU
     float16 ``u @ A`` of the backward took ~56 ms at 512 x 16 x 4096 on the Zen 4 machine, float32 ~2 ms."""
     dt = torch.promote_types(x_dtype, lora_dtype)
-    if device is not None and device.type == "cpu" and dt in (torch.float16, torch.bfloat16):
+    if device is not None and device.type == "cpu":
         from . import _linear
 
-        return _linear._matmul_dtype(torch.empty(0, dtype=dt), "cpu")
+        return _linear.cpu_matmul_dtype(dt)
     return dt
 
 

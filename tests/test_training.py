@@ -77,6 +77,21 @@ def _state_dtypes(model) -> dict[str, torch.dtype]:
     return {n: m.weight.quant_state.dtype for n, m in model.named_modules() if isinstance(m, QLoRALinear)}
 
 
+def _train_three_steps(model, opt, autocast_dtype=None) -> list[float]:
+    """Three optimizer steps on a fixed batch in train mode; returns the losses (the tests want them falling)."""
+    model.train()
+    ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def _assert_same_packed(before: dict, after: dict) -> None:
     assert before.keys() == after.keys()
     for n, (kind, dtype, data, absmax) in before.items():
@@ -171,16 +186,8 @@ def test_prepare_model_for_kbit_training_keeps_packed_weights(storage):
     peft.prepare_model_for_kbit_training(model)
     apply_qlora(model, LLAMA_TARGETS, r=4, quant_storage=storage)
     packed = _packed(model)
-    model.train()
-    ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(3):
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _train_three_steps(model, opt)
     assert losses[2] < losses[1] < losses[0], losses
     _assert_same_packed(packed, _packed(model))
 
@@ -247,17 +254,8 @@ def test_autocast_bf16_training_keeps_float32_adapters_and_the_packed_weights():
     and AdamW's state stay float32 (as peft's under autocast), the loss falls and the packed weights never change."""
     model = apply_qlora(tiny_llama(), LLAMA_TARGETS, r=4)
     packed = _packed(model)
-    model.train()
-    ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(3):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _train_three_steps(model, opt, autocast_dtype=torch.bfloat16)
     assert losses[2] < losses[1] < losses[0], losses
     for n, p in model.named_parameters():
         if ".lora_" in n:
@@ -283,16 +281,8 @@ def test_casting_the_model_after_apply_qlora_keeps_the_format_and_casts_lora_lik
     ref = do(peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=LLAMA_TARGETS)))
     want = {n.removeprefix("base_model.model."): p.dtype for n, p in ref.named_parameters() if ".lora_" in n}
     assert {n: p.dtype for n, p in model.named_parameters() if ".lora_" in n} == want
-    model.train()
-    ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)  # AdamW's eps 1e-8 is 0 in float16: NaN there, with peft too
-    losses = []
-    for _ in range(3):
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _train_three_steps(model, opt)
     assert losses[2] < losses[1] < losses[0], losses
     _assert_same_packed(packed, _packed(model))
 
