@@ -21,6 +21,11 @@ Modules and models
   ``disable_adapters`` (a context manager), ``delete_adapter``, ``adapter_names``; ``ModulesToSaveWrapper`` (peft's
   ``modules_to_save``: modules trained in full, one copy per adapter)
 
+Training (``qkernels.integrations``)
+- ``QLoRATrainer`` / ``QLoRASFTTrainer``: transformers' ``Trainer`` / trl's ``SFTTrainer`` whose checkpoints and
+  ``save_model()`` hold only the adapters in peft's format, as with a peft model (``QLoRATrainerMixin`` for any other
+  Trainer subclass); resuming restores them in place. ``save_adapters`` / ``restore_adapters``: every adapter at once.
+
 Around them
 - ``reference``: the pure-PyTorch backend, incl. ``reference.matmul_4bit_lora`` (the oracle for the fused kernels)
 - ``native_info()``: what the compiled extension ``qkernels._C`` provides here, or why it is missing.
@@ -45,6 +50,7 @@ from .functional import (
     quantize_4bit,
     quantize_blockwise,
 )
+from .integrations import QLoRATrainerMixin, restore_adapters, save_adapters
 from .loftq import loftq_init
 from .lora import QLoRAFunction, lora_scaling, matmul_4bit_lora
 from .model import apply_qlora, merge_and_unload, merge_into_4bit, print_trainable_parameters, trainable_parameters
@@ -59,6 +65,7 @@ __all__ = [
     "Params4bit",
     "QLoRAFunction",
     "QLoRALinear",
+    "QLoRATrainerMixin",
     "QuantState",
     "QuantType",
     "adapter_names",
@@ -87,7 +94,19 @@ __all__ = [
     "quantize_4bit",
     "quantize_blockwise",
     "reference",
+    "restore_adapters",
     "save_adapter",
+    "save_adapters",
     "set_adapter",
     "trainable_parameters",
 ]
+
+
+def __getattr__(name: str):
+    """``QLoRATrainer`` / ``QLoRASFTTrainer`` from ``qkernels.integrations``, built on first access (they import
+    transformers / trl, which ``import qkernels`` does not)."""
+    if name in ("QLoRATrainer", "QLoRASFTTrainer"):
+        from . import integrations
+
+        return getattr(integrations, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

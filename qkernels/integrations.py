@@ -1,0 +1,250 @@
+"""Training integrations: transformers' ``Trainer`` and trl's ``SFTTrainer`` with peft's adapter-only checkpoints.
+
+transformers' Trainer treats a model after ``apply_qlora`` as a plain ``PreTrainedModel``: every checkpoint and
+``trainer.save_model()`` hold the whole model (the packed 4-bit weights included, ~0.5 byte per parameter). That
+still works (resuming restores everything), and it is what a plain ``Trainer`` / ``SFTTrainer`` keeps doing. peft's
+Trainer integration instead saves only the adapter; the Trainer recognises a ``PeftModel`` by its class
+(``transformers.trainer_utils._is_peft_model``), so a qkernels model cannot opt in from the model side, and
+resuming from an adapter-only directory goes through ``Trainer._load_from_checkpoint``. Hence a mixin:
+
+- ``QLoRATrainerMixin``: put it before the trainer class (``class T(QLoRATrainerMixin, SFTTrainer)``). When the model
+  carries qkernels adapters, every checkpoint and ``save_model()`` write what ``PeftModel.save_pretrained`` writes:
+  ``adapter_config.json`` + ``adapter_model.safetensors`` per adapter ("default" in the directory, any other adapter
+  in a subdirectory of its name), modules to save included, plus the tokenizer and ``training_args.bin`` as the
+  Trainer does. ``resume_from_checkpoint`` and ``load_best_model_at_end`` copy the saved tensors into the live
+  adapter weights in place (same ``nn.Parameter`` objects, so the optimizer state the Trainer restores applies to
+  them). A model without qkernels adapters, or a checkpoint without adapter files (one written by a plain Trainer),
+  takes the Trainer's own path.
+- ``QLoRATrainer`` (``transformers.Trainer``) and ``QLoRASFTTrainer`` (``trl.SFTTrainer``): the mixin applied; both
+  are created on first access, so importing qkernels imports neither transformers nor trl.
+- ``save_adapters(model, path)`` / ``restore_adapters(model, path)``: the two halves, usable without a Trainer.
+
+The saved directory loads with ``peft.PeftModel.from_pretrained(base_model, path)`` (``task_type`` is written from
+the model's class, e.g. ``"CAUSAL_LM"`` for a ``LlamaForCausalLM``) and with ``qkernels.load_adapter``. Under FSDP
+or DeepSpeed the mixin keeps the Trainer's own (full) saving and loading: adapter gathering there is not covered.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapter_files import (
+    BIN_NAME,
+    CONFIG_NAME,
+    SAFETENSORS_NAME,
+    _plan,
+    _read_config,
+    _read_weights,
+    save_adapter,
+)
+from .adapters import _qlora_modules, _wrappers, adapter_names
+
+# QLoRATrainer and QLoRASFTTrainer are module attributes built on first access (``__getattr__`` below)
+__all__ = ["QLoRATrainerMixin", "restore_adapters", "save_adapters"]
+
+logger = logging.getLogger("qkernels")
+
+DEFAULT_ADAPTER = "default"  # peft saves this one in the directory itself, every other one in a subdirectory
+TRAINING_ARGS_NAME = "training_args.bin"  # transformers.trainer.TRAINING_ARGS_NAME
+
+# peft task types and the transformers auto-class mappings whose classes they describe, most specific first
+_TASK_MAPPINGS = (
+    ("SEQ_CLS", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
+    ("TOKEN_CLS", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"),
+    ("QUESTION_ANS", "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES"),
+    ("SEQ_2_SEQ_LM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"),
+    ("CAUSAL_LM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
+    ("FEATURE_EXTRACTION", "MODEL_MAPPING_NAMES"),
+)
+
+
+def has_adapters(model: nn.Module) -> bool:
+    """True when ``model`` holds a ``QLoRALinear`` with at least one adapter."""
+    from .nn import QLoRALinear
+
+    return any(isinstance(m, QLoRALinear) and len(m.lora_A) > 0 for m in model.modules())
+
+
+def task_type_of(model: nn.Module) -> str | None:
+    """peft's ``task_type`` for a transformers model class (``LlamaForCausalLM`` -> ``"CAUSAL_LM"``), else None.
+
+    Read from transformers' auto-class mappings; None when transformers is not installed or the class is in none
+    of them (``PeftModel.from_pretrained`` then builds a plain ``PeftModel``, which computes the same outputs)."""
+    try:
+        from transformers.models.auto import modeling_auto
+    except ImportError:
+        return None
+    cls = type(model).__name__
+    for task, mapping_name in _TASK_MAPPINGS:
+        for v in getattr(modeling_auto, mapping_name, {}).values():
+            if cls == v or (isinstance(v, (tuple, list)) and cls in v):
+                return task
+    return None
+
+
+def _adapter_dir(path: str | os.PathLike, name: str) -> str:
+    return str(path) if name == DEFAULT_ADAPTER else os.path.join(path, name)
+
+
+def _is_adapter_dir(path: str | os.PathLike) -> bool:
+    return os.path.isfile(os.path.join(path, CONFIG_NAME)) and (
+        os.path.isfile(os.path.join(path, SAFETENSORS_NAME)) or os.path.isfile(os.path.join(path, BIN_NAME)))
+
+
+def _saved_adapters(path: str | os.PathLike) -> list[str]:
+    """The adapters a ``save_adapters`` directory holds: "default" in it, others in subdirectories (peft's layout)."""
+    names = [DEFAULT_ADAPTER] if _is_adapter_dir(path) else []
+    if os.path.isdir(path):
+        names += sorted(d for d in os.listdir(path) if d != DEFAULT_ADAPTER and _is_adapter_dir(os.path.join(path, d)))
+    return names
+
+
+def is_adapter_checkpoint(path: str | os.PathLike) -> bool:
+    """True when directory ``path`` holds at least one adapter saved in peft's layout."""
+    return bool(_saved_adapters(path))
+
+
+def save_adapters(model: nn.Module, path: str | os.PathLike, *, task_type: str | None = None) -> list[str]:
+    """Write every adapter of ``model`` to ``path`` as ``PeftModel.save_pretrained`` lays them out.
+
+    Adapter "default" goes to ``path`` itself, any other adapter ``name`` to ``path/name`` (each an
+    ``adapter_config.json`` + ``adapter_model.safetensors`` written by ``qkernels.save_adapter``, modules to save
+    included). ``task_type`` (None: ``task_type_of(model)``) is written to each config. Returns the adapter names."""
+    names = adapter_names(model)
+    task_type = task_type if task_type is not None else task_type_of(model)
+    for name in names:
+        save_adapter(model, _adapter_dir(path, name), adapter_name=name, task_type=task_type)
+    return names
+
+
+def restore_adapters(model: nn.Module, path: str | os.PathLike) -> list[str]:
+    """Copy the adapters saved in ``path`` (``save_adapters``' layout) into ``model``'s adapters of the same names,
+    in place: the same ``nn.Parameter`` objects keep their identity, requires_grad and dtype, so an optimizer built on
+    them stays valid (what resuming a Trainer needs). Returns the adapter names restored.
+
+    The checkpoint must hold exactly the model's adapters, each on the same modules with the same rank, alpha and
+    modules to save; any difference raises ``ValueError`` before a tensor is copied (to change the adapter's shape,
+    use ``qkernels.load_adapter(model, path, replace=True)`` instead)."""
+    have, saved = adapter_names(model), _saved_adapters(path)
+    if sorted(have) != sorted(saved):
+        raise ValueError(
+            f"{path} holds adapters {saved} (\"default\" in the directory, others in subdirectories), but the model "
+            f"has {have}; resume with the model the checkpoint was saved from (same apply_qlora / add_adapter calls)"
+        )
+    plans = {name: _plan_in_place(model, _adapter_dir(path, name), name) for name in have}
+    with torch.no_grad():
+        for name, plan in plans.items():
+            for p in plan.lora:
+                p.module.lora_A[name].weight.copy_(p.A)
+                p.module.lora_B[name].weight.copy_(p.B)
+            for n, tensors in plan.saved.items():
+                model.get_submodule(n).modules_to_save[name].load_state_dict(tensors, strict=True)
+    return have
+
+
+def _plan_in_place(model: nn.Module, d: str, name: str) -> Any:
+    """Validate adapter directory ``d`` against ``model``'s live adapter ``name``: same modules, ranks, alphas."""
+    cfg = _read_config(d)
+    plan = _plan(model, cfg, _read_weights(d), name, replace=True)
+    live = {n: m for n, m in _qlora_modules(model) if name in m.lora_A}
+    got = {p.name: p for p in plan.lora}
+    if got.keys() != live.keys():
+        raise ValueError(
+            f"{d}: adapter {name!r} has LoRA weights for {sorted(got)}, the model's for {sorted(live)} "
+            f"(missing {sorted(live.keys() - got.keys())}, extra {sorted(got.keys() - live.keys())}); resume with the "
+            "model the checkpoint was saved from"
+        )
+    for n, p in got.items():
+        m = live[n]
+        if (p.r, float(p.alpha), bool(cfg.get("use_rslora", False))) != (
+                m.r[name], float(m.lora_alpha[name]), bool(m.use_rslora[name])):
+            raise ValueError(
+                f"{d}: module {n!r} has r={p.r}, lora_alpha={p.alpha}, use_rslora={cfg.get('use_rslora', False)} "
+                f"in the checkpoint but r={m.r[name]}, lora_alpha={m.lora_alpha[name]}, use_rslora="
+                f"{m.use_rslora[name]} in the model; resume with the same apply_qlora arguments"
+            )
+    want_saved = {n for n, w in _wrappers(model) if name in w.modules_to_save}
+    if set(plan.saved) != want_saved:
+        raise ValueError(f"{d}: adapter {name!r} saves modules {sorted(plan.saved)}, the model's adapter has copies "
+                         f"of {sorted(want_saved)}; resume with the same modules_to_save")
+    return plan
+
+
+class QLoRATrainerMixin:
+    """Adapter-only checkpoints for a transformers ``Trainer`` subclass, as peft's models get (module docstring).
+
+    Use it first in the bases: ``class MyTrainer(QLoRATrainerMixin, Trainer)``; ready-made: ``QLoRATrainer``,
+    ``QLoRASFTTrainer``. A plain ``Trainer`` keeps writing full checkpoints (packed weights included)."""
+
+    def _qkernels_model(self) -> nn.Module | None:
+        """The model to save adapters from, or None to leave saving and loading to the Trainer."""
+        if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
+            return None
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        return model if has_adapters(model) else None
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The adapters (``save_adapters``), the tokenizer and the training arguments; no model weights."""
+        model = self._qkernels_model()
+        if model is None:
+            return super()._save(output_dir, state_dict=state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return None
+        os.makedirs(output_dir, exist_ok=True)
+        logger.info("Saving qkernels adapters %s to %s", adapter_names(model), output_dir)
+        save_adapters(model, output_dir)
+        tokenizer = self.processing_class
+        if tokenizer is None:  # as Trainer._save: a collator's tokenizer is saved when there is no processing class
+            tokenizer = getattr(self.data_collator, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        return None
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """An adapter checkpoint: ``restore_adapters`` in place; any other checkpoint: the Trainer's loading."""
+        live = self._qkernels_model()
+        if live is None or not is_adapter_checkpoint(resume_from_checkpoint):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        logger.info("Restoring qkernels adapters from %s", resume_from_checkpoint)
+        restore_adapters(live, resume_from_checkpoint)
+        return None
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end`` with adapter checkpoints: the best checkpoint's adapters, in place."""
+        live, best = self._qkernels_model(), self.state.best_model_checkpoint
+        if live is None or not is_adapter_checkpoint(best):
+            return super()._load_best_model()
+        logger.info("Loading the best qkernels adapters from %s (score: %s)", best, self.state.best_metric)
+        restore_adapters(live, best)
+        return None
+
+
+_DOCS = {
+    "QLoRATrainer": "``transformers.Trainer`` with ``QLoRATrainerMixin``: adapter-only checkpoints and saves for a "
+                    "model after ``qkernels.apply_qlora``; resumes from them in place.",
+    "QLoRASFTTrainer": "``trl.SFTTrainer`` with ``QLoRATrainerMixin``: adapter-only checkpoints and saves for a model "
+                       "after ``qkernels.apply_qlora`` (pass no ``peft_config``); resumes from them in place.",
+}
+
+
+def __getattr__(name: str) -> type:
+    """``QLoRATrainer`` / ``QLoRASFTTrainer``, built on first access (transformers and trl are optional)."""
+    if name not in _DOCS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name == "QLoRATrainer":
+        from transformers import Trainer as base
+    else:
+        try:
+            from trl import SFTTrainer as base
+        except ImportError as e:
+            raise ImportError(f"qkernels.QLoRASFTTrainer needs trl ({e}); pip install trl") from None
+    cls = type(name, (QLoRATrainerMixin, base), {"__module__": __name__, "__doc__": _DOCS[name]})
+    globals()[name] = cls
+    return cls
