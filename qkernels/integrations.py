@@ -181,6 +181,15 @@ class QLoRATrainerMixin:
     Use it first in the bases: ``class MyTrainer(QLoRATrainerMixin, Trainer)``; ready-made: ``QLoRATrainer``,
     ``QLoRASFTTrainer``. A plain ``Trainer`` keeps writing full checkpoints (packed weights included)."""
 
+    # trl's trainers: they compute log-probabilities from ``lm_head.weight`` directly and wrap the model in peft when
+    # given a ``peft_config``; both are refused up front on a qkernels model (see ``_check_trl_model``)
+    _qkernels_trl = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if self._qkernels_trl:
+            _check_trl_model(kwargs.get("model", args[0] if args else None), kwargs.get("peft_config"))
+        super().__init__(*args, **kwargs)
+
     def _qkernels_model(self) -> nn.Module | None:
         """The model to save adapters from, or None to leave saving and loading to the Trainer."""
         if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
@@ -226,6 +235,35 @@ class QLoRATrainerMixin:
         return None
 
 
+def _check_trl_model(model: Any, peft_config: Any) -> None:
+    """What trl would do wrong with a model carrying qkernels adapters, as a ValueError naming the fix.
+
+    - ``peft_config`` given: trl calls ``peft.get_peft_model``, which refuses every ``QLoRALinear`` ("Target module
+      QLoRALinear(...) is not supported. Currently, only the following modules are supported: `torch.nn.Linear`,
+      ...") or, for other targets, stacks a second LoRA of peft's on the model.
+    - LoRA on the output embedding (``lm_head`` targeted): trl's fused LM head multiplies the hidden states by
+      ``lm_head.weight`` itself, here the packed 4-bit bytes ("mat1 and mat2 shapes cannot be multiplied (36x64 and
+      1x3072)" at the first step), and the adapter would never train; trl refuses the same on a peft model."""
+    if not isinstance(model, nn.Module) or not has_adapters(model):
+        return
+    if peft_config is not None:
+        raise ValueError(
+            "peft_config was passed with a model that already carries qkernels LoRA adapters (qkernels.apply_qlora): "
+            "trl would wrap it with peft again, and peft cannot wrap a QLoRALinear. Pass no peft_config (the "
+            "apply_qlora arguments are the LoRA config), or pass the model without apply_qlora to train with peft")
+    from .nn import QLoRALinear
+
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if isinstance(head, QLoRALinear):
+        name = next((n for n, m in model.named_modules() if m is head), "lm_head")
+        raise ValueError(
+            f"LoRA on the output embedding {name!r} is not supported by trl: its trainers compute log-probabilities "
+            f"from {name}.weight directly (here the packed 4-bit bytes), so the adapter would never train and the "
+            f"step fails. Leave {name!r} out of apply_qlora's target_modules (its default 'all-linear' does), or "
+            f"train it in full with modules_to_save=[{name!r}]")
+
+
 _DOCS = {
     "QLoRATrainer": "``transformers.Trainer`` with ``QLoRATrainerMixin``: adapter-only checkpoints and saves for a "
                     "model after ``qkernels.apply_qlora``; resumes from them in place.",
@@ -245,6 +283,7 @@ def __getattr__(name: str) -> type:
             from trl import SFTTrainer as base
         except ImportError as e:
             raise ImportError(f"qkernels.QLoRASFTTrainer needs trl ({e}); pip install trl") from None
-    cls = type(name, (QLoRATrainerMixin, base), {"__module__": __name__, "__doc__": _DOCS[name]})
+    attrs = {"__module__": __name__, "__doc__": _DOCS[name], "_qkernels_trl": name == "QLoRASFTTrainer"}
+    cls = type(name, (QLoRATrainerMixin, base), attrs)
     globals()[name] = cls
     return cls

@@ -128,3 +128,104 @@ def test_restore_adapters_refuses_another_adapter_before_copying(tmp_path):
         restore_adapters(other, tmp_path / "r4")
     after = _trained(other)
     assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+# ---------------------------------------------------------------------------------------------- trl's SFTTrainer
+WORDS = "the cat sat on a mat dog ran to park and big small red blue".split()
+TEXTS = ["the cat sat on a mat", "the dog ran to the park", "a big red dog and a small blue cat",
+         "the cat ran to a mat"]
+
+
+def _tokenizer():
+    """A word-level tokenizer over WORDS, ids below the tiny Llama's vocabulary of 96 (pad 0, bos 1, eos 2)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def _sft(trainer_cls, model, out, max_steps: int = 4, **kw):
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    args = SFTConfig(output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=1e-2,
+                     lr_scheduler_type="constant", logging_steps=1, save_steps=2, report_to=[], use_cpu=True,
+                     disable_tqdm=True, seed=0)  # trl's defaults kept: bf16 autocast, gradient checkpointing
+    return trainer_cls(model=model, args=args, train_dataset=Dataset.from_dict({"text": TEXTS}),
+                       processing_class=_tokenizer(), **kw)
+
+
+@pytest.mark.parametrize("base", ["float", "bnb-4bit"])
+def test_sft_trainer_trains_saves_the_adapter_and_it_reloads(tmp_path, base):
+    """QLoRASFTTrainer (no peft_config) on a model after apply_qlora: trl keeps the model (no peft wrapping), the
+    loss falls step by step under trl's defaults (bf16 autocast, gradient checkpointing; on a model transformers
+    loaded in 4 bits trl also casts the trainable weights to bfloat16), the module to save trains through trl's fused
+    LM head, checkpoints hold the adapter, and the saved adapter reloads: in qkernels with the trained model's logits
+    bit for bit, in peft onto the 4-bit base within assert_matches' bound."""
+    from .test_training import bnb_llama
+
+    float_base = base == "float"
+    model = tiny_llama() if float_base else bnb_llama(tmp_path)
+    # no module to save on the 4-bit base: trl casts its copy to bfloat16 too, and a bfloat16 nn.Linear head fails on
+    # float32 hidden states outside autocast (so does peft's under trl)
+    apply_qlora(model, LLAMA_TARGETS, r=4, lora_alpha=8, modules_to_save=["lm_head"] if float_base else None)
+    head = model.lm_head.modules_to_save["default"].weight.detach().clone() if float_base else None
+    trainer = _sft(qkernels.QLoRASFTTrainer, model, tmp_path / "run")
+    assert trainer.model is model and not isinstance(trainer.model, peft.PeftModel)
+    trainer.train()
+    losses = _losses(trainer)
+    assert len(losses) == 4 and all(b < a for a, b in zip(losses[:-1], losses[1:], strict=True)), losses
+    if float_base:
+        assert not torch.equal(model.lm_head.modules_to_save["default"].weight, head)
+    want_dtype = torch.float32 if float_base else torch.bfloat16
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {want_dtype}
+    assert ADAPTER_FILES <= set(os.listdir(tmp_path / "run" / "checkpoint-2"))
+    assert "model.safetensors" not in os.listdir(tmp_path / "run" / "checkpoint-2")
+
+    out = tmp_path / "final"
+    trainer.save_model(str(out))
+    assert ADAPTER_FILES <= set(os.listdir(out)) and "model.safetensors" not in os.listdir(out)
+    model.eval()
+    fresh = apply_qlora(tiny_llama() if float_base else bnb_llama(tmp_path), LLAMA_TARGETS, r=4, lora_alpha=8)
+    qkernels.load_adapter(fresh, out, replace=True)
+    fresh.eval()
+    for p in fresh.parameters():
+        if p.requires_grad:  # the trained weights' dtype, as trl set it
+            p.data = p.data.to(want_dtype)
+    ids = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(1))
+    # accelerate left the trained model's forward wrapped in bfloat16 autocast (trl's bf16=True; a peft model keeps
+    # it too): unwrapped, it runs the reloaded model's computation
+    trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
+    if float_base:
+        theirs = peft.PeftModel.from_pretrained(bnb_base(fresh, tiny_llama), str(out)).eval()
+        ref64 = peft.PeftModel.from_pretrained(dense_base(fresh, torch.float64, tiny_llama), str(out)).double()
+        assert_matches(*_logits_in_float32_and_float64(fresh, theirs, ref64.eval(), ids))
+
+
+def test_plain_sft_trainer_trains_a_qlora_model_with_full_checkpoints(tmp_path):
+    """trl's own SFTTrainer takes the model as it is (no peft wrapping, no quantization complaint) and trains it;
+    its checkpoints are the Trainer's full ones (the packed weights included), as with transformers' Trainer."""
+    from trl import SFTTrainer
+
+    model = _qlora_llama(1)
+    trainer = _sft(SFTTrainer, model, tmp_path / "run", max_steps=2)
+    trainer.train()
+    losses = _losses(trainer)
+    assert type(trainer.model) is type(tiny_llama()) and losses[1] < losses[0], losses
+    assert "model.safetensors" in os.listdir(tmp_path / "run" / "checkpoint-2")
+
+
+def test_sft_trainer_refuses_what_trl_would_get_wrong(tmp_path):
+    """Named up front instead of peft's "Target module QLoRALinear(...) is not supported" (a peft_config as well) or
+    a shape error at the first step (LoRA on lm_head: trl's fused LM head multiplies by lm_head.weight itself)."""
+    with pytest.raises(ValueError, match=r"peft_config was passed.*Pass no peft_config"):
+        _sft(qkernels.QLoRASFTTrainer, _qlora_llama(1), tmp_path, peft_config=peft.LoraConfig(r=4))
+    model = apply_qlora(tiny_llama(), LLAMA_TARGETS + ["lm_head"], r=4)
+    with pytest.raises(ValueError, match=r"output embedding 'lm_head'.*modules_to_save=\['lm_head'\]"):
+        _sft(qkernels.QLoRASFTTrainer, model, tmp_path)
