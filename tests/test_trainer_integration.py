@@ -115,6 +115,28 @@ def test_a_plain_trainer_checkpoint_still_resumes_in_qlora_trainer(tmp_path):
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_load_best_model_at_end_restores_the_best_adapter_and_the_other_adapters_round_trip(tmp_path):
+    """``load_best_model_at_end`` with adapter checkpoints: the model ends on the best checkpoint's adapter (here the
+    step-2 one: the metric is the eval loss with greater_is_better, so the earlier, higher loss wins). A second
+    adapter is saved in its own subdirectory, as peft lays them out, and restored with the first."""
+    model = _qlora_llama(1)
+    qkernels.add_adapter(model, "second", r=2, lora_alpha=4)
+    second = {n: p.detach().clone() for n, p in model.named_parameters() if ".second." in n}
+    qkernels.set_adapter(model, "default")
+    args = _args(tmp_path / "run", 4, eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
+                 metric_for_best_model="loss", greater_is_better=True)
+    trainer = QLoRATrainer(model=model, args=args, train_dataset=_Batch(), eval_dataset=_Batch())
+    trainer.train()
+    best = tmp_path / "run" / "checkpoint-2"
+    assert trainer.state.best_model_checkpoint == str(best)
+    assert ADAPTER_FILES <= set(os.listdir(best)) and ADAPTER_FILES == set(os.listdir(best / "second"))
+    saved = load_file(best / "adapter_model.safetensors")
+    live = qkernels.adapters.adapter_state_dict(model)
+    assert saved.keys() == live.keys() and all(torch.equal(saved[k], live[k]) for k in saved)
+    assert all(torch.equal(p, second[n]) for n, p in model.named_parameters() if ".second." in n)
+    assert peft.PeftConfig.from_pretrained(str(best / "second")).r == 2
+
+
 def test_restore_adapters_refuses_another_adapter_before_copying(tmp_path):
     """A checkpoint from a different adapter (another rank, or another set of adapters) is a ValueError naming the
     difference, and nothing is copied."""
