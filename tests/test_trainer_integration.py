@@ -18,15 +18,16 @@ from qkernels import apply_qlora
 from qkernels.integrations import QLoRATrainer, restore_adapters
 
 from .test_adapters import assert_matches, bnb_base, dense_base
-from .test_training import LLAMA_TARGETS, _args, _Batch, _lora, tiny_llama
+from .test_training import LLAMA_TARGETS, _args, _Batch, _lora, bnb_llama, tiny_llama
 
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}
 # what Trainer._save_checkpoint adds next to the model files (no tokenizer here: the Trainer got none)
 STATE_FILES = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin"}
 
 
-def _qlora_llama(seed: int, **kw):
-    model = tiny_llama()
+def _qlora_llama(seed: int, bnb_dir=None, **kw):
+    """A tiny Llama after apply_qlora; ``bnb_dir``: the one transformers loaded in 4 bits (``bnb_llama``) instead."""
+    model = tiny_llama() if bnb_dir is None else bnb_llama(bnb_dir)
     torch.manual_seed(seed)  # LoRA A's init: a resumed model starts elsewhere
     return apply_qlora(model, LLAMA_TARGETS, r=4, lora_alpha=8, **kw)
 
@@ -53,12 +54,14 @@ def _logits_in_float32_and_float64(model, theirs, ref64, ids):
     return run(model, torch.float32), run(theirs, torch.float32), run(ref64, torch.float64)
 
 
-def test_checkpoints_hold_the_adapter_and_resume_exactly(tmp_path):
+@pytest.mark.parametrize("base", ["float", "bnb-4bit"])
+def test_checkpoints_hold_the_adapter_and_resume_exactly(tmp_path, base):
     """QLoRATrainer: each checkpoint is peft's (adapter_config.json + adapter_model.safetensors with the module to
     save, no model weights: a plain Trainer wrote the packed model there); resuming from the step-2 checkpoint into a
     differently initialized model restores the adapter and AdamW's state, so steps 3-4 log the uninterrupted run's
     losses and end on its weights, bit for bit."""
-    model = _qlora_llama(1, modules_to_save=["lm_head"])
+    bnb_dir = tmp_path if base == "bnb-4bit" else None
+    model = _qlora_llama(1, bnb_dir, modules_to_save=["lm_head"])
     trainer = QLoRATrainer(model=model, args=_args(tmp_path / "run", 4), train_dataset=_Batch())
     trainer.train()
     losses, final = _losses(trainer), _trained(model)
@@ -70,7 +73,7 @@ def test_checkpoints_hold_the_adapter_and_resume_exactly(tmp_path):
     assert keys == set(qkernels.adapters.adapter_state_dict(model))
     assert "base_model.model.lm_head.weight" in keys and not any(".original_module." in k for k in keys)
 
-    resumed = _qlora_llama(2, modules_to_save=["lm_head"])
+    resumed = _qlora_llama(2, bnb_dir, modules_to_save=["lm_head"])
     assert any(not torch.equal(v, final[k]) for k, v in _lora(resumed).items())
     params = {n: p for n, p in resumed.named_parameters() if p.requires_grad}
     again = QLoRATrainer(model=resumed, args=_args(tmp_path / "run", 4), train_dataset=_Batch())
@@ -188,8 +191,6 @@ def test_sft_trainer_trains_saves_the_adapter_and_it_reloads(tmp_path, base):
     loaded in 4 bits trl also casts the trainable weights to bfloat16), the module to save trains through trl's fused
     LM head, checkpoints hold the adapter, and the saved adapter reloads: in qkernels with the trained model's logits
     bit for bit, in peft onto the 4-bit base within assert_matches' bound."""
-    from .test_training import bnb_llama
-
     float_base = base == "float"
     model = tiny_llama() if float_base else bnb_llama(tmp_path)
     # no module to save on the 4-bit base: trl casts its copy to bfloat16 too, and a bfloat16 nn.Linear head fails on
