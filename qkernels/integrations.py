@@ -220,10 +220,26 @@ class QLoRATrainerMixin:
         """An adapter checkpoint: ``restore_adapters`` in place; any other checkpoint: the Trainer's loading."""
         live = self._qkernels_model()
         if live is None or not is_adapter_checkpoint(resume_from_checkpoint):
+            self._refuse_adapters_without_a_qlora_model(resume_from_checkpoint)
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         logger.info("Restoring qkernels adapters from %s", resume_from_checkpoint)
         restore_adapters(live, resume_from_checkpoint)
         return None
+
+    def _refuse_adapters_without_a_qlora_model(self, path: str) -> None:
+        """An adapter-only checkpoint for a model without qkernels adapters: the Trainer would fail with "Can't find a
+        checkpoint index (pytorch_model.bin.index.json or model.safetensors.index.json)"; say what is missing."""
+        if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
+            return
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        is_peft = any(c.__module__.startswith("peft.") for c in type(model).__mro__)
+        has_weights = any(os.path.isfile(os.path.join(path, f)) for f in (
+            "model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json"))
+        if not is_peft and not has_weights and is_adapter_checkpoint(path):
+            raise ValueError(
+                f"resume_from_checkpoint={path!r} holds qkernels/peft adapters only, and the model has no qkernels "
+                "adapter to restore them into: call qkernels.apply_qlora(model, ...) with the arguments of the run "
+                "that wrote the checkpoint before resuming")
 
     def _load_best_model(self) -> None:
         """``load_best_model_at_end`` with adapter checkpoints: the best checkpoint's adapters, in place."""

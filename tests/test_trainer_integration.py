@@ -140,6 +140,14 @@ def test_load_best_model_at_end_restores_the_best_adapter_and_the_other_adapters
     assert peft.PeftConfig.from_pretrained(str(best / "second")).r == 2
 
 
+def test_resuming_an_adapter_checkpoint_without_apply_qlora_names_the_fix(tmp_path):
+    """The Trainer's own message was "Can't find a checkpoint index (pytorch_model.bin.index.json ...)"."""
+    QLoRATrainer(model=_qlora_llama(1), args=_args(tmp_path / "run", 2), train_dataset=_Batch()).train()
+    trainer = QLoRATrainer(model=tiny_llama(), args=_args(tmp_path / "run", 2), train_dataset=_Batch())
+    with pytest.raises(ValueError, match=r"holds qkernels/peft adapters only.*call qkernels.apply_qlora"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+
+
 def test_restore_adapters_refuses_another_adapter_before_copying(tmp_path):
     """A checkpoint from a different adapter (another rank, or another set of adapters) is a ValueError naming the
     difference, and nothing is copied."""
