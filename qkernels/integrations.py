@@ -181,12 +181,10 @@ class QLoRATrainerMixin:
     Use it first in the bases: ``class MyTrainer(QLoRATrainerMixin, Trainer)``; ready-made: ``QLoRATrainer``,
     ``QLoRASFTTrainer``. A plain ``Trainer`` keeps writing full checkpoints (packed weights included)."""
 
-    # trl's trainers: they compute log-probabilities from ``lm_head.weight`` directly and wrap the model in peft when
-    # given a ``peft_config``; both are refused up front on a qkernels model (see ``_check_trl_model``)
-    _qkernels_trl = False
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        if self._qkernels_trl:
+        # trl's trainers compute log-probabilities from ``lm_head.weight`` directly and wrap the model in peft when
+        # given a ``peft_config``: both refused up front on a qkernels model (``_check_trl_model``)
+        if any(c.__module__.startswith("trl.") for c in type(self).__mro__):
             _check_trl_model(kwargs.get("model", args[0] if args else None), kwargs.get("peft_config"))
         super().__init__(*args, **kwargs)
 
@@ -299,7 +297,6 @@ def __getattr__(name: str) -> type:
             from trl import SFTTrainer as base
         except ImportError as e:
             raise ImportError(f"qkernels.QLoRASFTTrainer needs trl ({e}); pip install trl") from None
-    attrs = {"__module__": __name__, "__doc__": _DOCS[name], "_qkernels_trl": name == "QLoRASFTTrainer"}
-    cls = type(name, (QLoRATrainerMixin, base), attrs)
+    cls = type(name, (QLoRATrainerMixin, base), {"__module__": __name__, "__doc__": _DOCS[name]})
     globals()[name] = cls
     return cls

@@ -198,7 +198,7 @@ def test_sft_trainer_trains_saves_the_adapter_and_it_reloads(tmp_path, base):
     loss falls step by step under trl's defaults (bf16 autocast, gradient checkpointing; on a model transformers
     loaded in 4 bits trl also casts the trainable weights to bfloat16), the module to save trains through trl's fused
     LM head, checkpoints hold the adapter, and the saved adapter reloads: in qkernels with the trained model's logits
-    bit for bit, in peft onto the 4-bit base within assert_matches' bound."""
+    bit for bit, and (float base) in peft onto the 4-bit base within assert_matches' bound."""
     float_base = base == "float"
     model = tiny_llama() if float_base else bnb_llama(tmp_path)
     # no module to save on the 4-bit base: trl casts its copy to bfloat16 too, and a bfloat16 nn.Linear head fails on
