@@ -521,6 +521,36 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients(use_reentrant):
         assert (ckpt[n] - plain[n]).abs().max().item() <= 64 * U32 * max(scale, math.ulp(1.0)), n
 
 
+@pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_gradient_checkpointing_enabled_before_apply_qlora(use_reentrant):
+    """``model.gradient_checkpointing_enable()`` on the float model, then apply_qlora (the order of peft's
+    prepare_model_for_kbit_training): the checkpointed layers and transformers' input-grad hook survive the layer
+    swap, and the LoRA gradients are those of the same model without checkpointing (dropout masks included)."""
+
+    def make(checkpointing: bool):
+        model = tiny_llama()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        torch.manual_seed(4)
+        apply_qlora(model, LLAMA_TARGETS, r=4, lora_dropout=0.1)
+        _randomize_lora(model)
+        return model.train()
+
+    ids = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointing in (False, True):
+        model = make(checkpointing)
+        assert model.model.layers[0].gradient_checkpointing == checkpointing
+        torch.manual_seed(5)
+        grads.append(_lora_grads(model, ids))
+    plain, ckpt = grads
+    assert plain.keys() == ckpt.keys() and len(plain) == 2 * 2 * 7
+    for n in plain:
+        assert ckpt[n].abs().sum() > 0, n
+        scale = plain[n].abs().max().item()
+        assert (ckpt[n] - plain[n]).abs().max().item() <= 64 * U32 * max(scale, math.ulp(1.0)), n
+
+
 # ---------------------------------------------------------------------------------------------- modules to save
 def test_modules_to_save_train_copy_and_merge_to_it(tmp_path):
     """BERT with a classification head: LoRA on the encoder, the head trained in full as a per-adapter copy; the
