@@ -499,6 +499,24 @@ class QLoRALinear(nn.Module):
             if len(self.lora_A):
                 self.set_adapter(next(iter(self.lora_A)))
 
+    def set_lora_weight(self, adapter_name: str, which: str, value: torch.Tensor) -> None:
+        """Set ``lora_A`` or ``lora_B`` (``which``) of ``adapter_name`` to ``value`` (its shape; cast to its dtype).
+
+        Copies in place, so the Parameter (and an optimizer holding it) stays. On the meta device, where a copy is a
+        no-op, the Parameter is replaced by one holding ``value`` on ``value``'s device: an adapter loaded into a meta
+        model before its base checkpoint keeps its values (the base load then leaves them alone).
+        """
+        w = getattr(self, which)[adapter_name].weight
+        if tuple(value.shape) != tuple(w.shape):
+            raise ValueError(f"{which}.{adapter_name}.weight has shape {tuple(w.shape)}, got {tuple(value.shape)}")
+        with torch.no_grad():
+            if w.is_meta:
+                new = nn.Parameter(value.detach().to(w.dtype, copy=True), requires_grad=w.requires_grad)
+                getattr(self, which)[adapter_name].weight = new
+            else:
+                w.copy_(value)
+        self._unloaded = self._unloaded - {f"{which}.{adapter_name}.weight"}
+
     def enable_adapters(self, enabled: bool) -> None:
         """peft's toggle: ``enable_adapters(False)`` runs the plain 4-bit linear."""
         self.disable_adapters = not enabled

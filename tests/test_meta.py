@@ -354,3 +354,32 @@ def test_a_layer_pickled_by_an_older_qkernels_runs():
     assert torch.equal(layer(_x()), y)
     layer.update_layer("second", 2, 4)
     assert torch.equal(layer(_x()), y)
+
+
+# ---------------------------------------------------------------------------------------------- adapters
+@pytest.mark.parametrize("order", ["adapter_first", "base_first"])
+def test_a_peft_adapter_loads_into_a_meta_model_in_either_order(tmp_path, order):
+    """Before: load_adapter copied into the meta LoRA weights (a no-op) and the base load then initialized them:
+    the adapter was silently lost. Now its values stay, whichever comes first."""
+    normal = _built_normally()
+    _randomize_lora(normal)
+    qkernels.save_adapter(normal, tmp_path / "ad", adapter_name="default")
+    base = {k: v for k, v in normal.state_dict().items() if "lora_" not in k}
+    meta = _meta_net()
+    if order == "adapter_first":
+        qkernels.load_adapter(meta, tmp_path / "ad", "trained")
+        assert meta[0].lora_A.trained.weight.device.type == "cpu" and meta[0].lora_A.default.weight.is_meta
+        meta.load_state_dict(base, assign=True)
+    else:
+        meta.load_state_dict(base, assign=True)
+        qkernels.load_adapter(meta, tmp_path / "ad", "trained")
+    x = _x()
+    with torch.no_grad():
+        assert torch.equal(meta(x), normal(x))
+
+
+def test_save_adapter_of_lora_weights_never_loaded_is_refused(tmp_path):
+    meta = _meta_net()
+    meta.to_empty(device="cpu")  # memory, no values: saving it would write garbage
+    with pytest.raises(RuntimeError, match="never loaded"):
+        qkernels.save_adapter(meta, tmp_path / "ad")
