@@ -20,6 +20,8 @@ Modules and models
 - adapters in peft's format: ``save_adapter``, ``load_adapter``, ``add_adapter``, ``set_adapter``,
   ``disable_adapters`` (a context manager), ``delete_adapter``, ``adapter_names``; ``ModulesToSaveWrapper`` (peft's
   ``modules_to_save``: modules trained in full, one copy per adapter)
+- big models: ``QLoRALinear`` / ``apply_qlora`` on the meta device, then ``load_state_dict(sd, assign=True)``;
+  ``quantize_checkpoint(src_dir, dst_dir, ...)`` streams a float safetensors checkpoint into a bitsandbytes 4-bit one
 
 Around them
 - ``reference``: the pure-PyTorch backend, incl. ``reference.matmul_4bit_lora`` (the oracle for the fused kernels)
@@ -38,6 +40,7 @@ from .adapters import (
     set_adapter,
 )
 from .codebooks import QuantType, dynamic_map, fp4_codebook, get_codebook, nf4_codebook
+from .convert import quantize_checkpoint
 from .functional import (
     bits_per_parameter,
     dequantize_4bit,
@@ -86,6 +89,7 @@ __all__ = [
     "print_trainable_parameters",
     "quantize_4bit",
     "quantize_blockwise",
+    "quantize_checkpoint",
     "reference",
     "save_adapter",
     "set_adapter",
