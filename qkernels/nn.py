@@ -142,9 +142,10 @@ def _new_meta_weight(out_features: int, in_features: int, quant_type: str, block
 
 def _init_lora_(A: torch.Tensor, B: torch.Tensor, init: bool | str, r: int) -> None:
     """Initialize LoRA weights in place as ``update_layer`` does for ``init`` (True, "gaussian", False)."""
-    nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # nn.Linear's default; what init True and False start from
     if init == "gaussian":
         nn.init.normal_(A, std=1 / r)
+    else:  # nn.Linear's default init: A for True, both for False
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
     if init is False:
         nn.init.kaiming_uniform_(B, a=math.sqrt(5))
     else:
@@ -506,6 +507,10 @@ class QLoRALinear(nn.Module):
         no-op, the Parameter is replaced by one holding ``value`` on ``value``'s device: an adapter loaded into a meta
         model before its base checkpoint keeps its values (the base load then leaves them alone).
         """
+        if which not in ("lora_A", "lora_B"):
+            raise ValueError(f"which must be 'lora_A' or 'lora_B', got {which!r}")
+        if adapter_name not in self.lora_A:
+            raise ValueError(f"no adapter named {adapter_name!r}; this layer has {list(self.lora_A)}")
         w = getattr(self, which)[adapter_name].weight
         if tuple(value.shape) != tuple(w.shape):
             raise ValueError(f"{which}.{adapter_name}.weight has shape {tuple(w.shape)}, got {tuple(value.shape)}")

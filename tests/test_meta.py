@@ -383,3 +383,16 @@ def test_save_adapter_of_lora_weights_never_loaded_is_refused(tmp_path):
     meta.to_empty(device="cpu")  # memory, no values: saving it would write garbage
     with pytest.raises(RuntimeError, match="never loaded"):
         qkernels.save_adapter(meta, tmp_path / "ad")
+
+
+def test_set_lora_weight_names_bad_arguments():
+    layer = QLoRALinear(IN, HID, r=4)
+    with pytest.raises(ValueError, match="which must be 'lora_A' or 'lora_B'"):
+        layer.set_lora_weight("default", "lora_C", torch.zeros(4, IN))
+    with pytest.raises(ValueError, match="no adapter named 'other'"):
+        layer.set_lora_weight("other", "lora_A", torch.zeros(4, IN))
+    with pytest.raises(ValueError, match=r"lora_A\.default\.weight has shape \(4, 128\), got \(3, 128\)"):
+        layer.set_lora_weight("default", "lora_A", torch.zeros(3, IN))
+    A = layer.lora_A.default.weight
+    layer.set_lora_weight("default", "lora_A", torch.ones(4, IN, dtype=torch.float64))
+    assert layer.lora_A.default.weight is A and torch.equal(A, torch.ones(4, IN))  # in place, cast
