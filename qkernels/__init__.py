@@ -20,6 +20,8 @@ Modules and models
 - adapters in peft's format: ``save_adapter``, ``load_adapter``, ``add_adapter``, ``set_adapter``,
   ``disable_adapters`` (a context manager), ``delete_adapter``, ``adapter_names``; ``ModulesToSaveWrapper`` (peft's
   ``modules_to_save``: modules trained in full, one copy per adapter)
+- big models: ``QLoRALinear`` / ``apply_qlora`` on the meta device, then ``load_state_dict(sd, assign=True)``;
+  ``quantize_checkpoint(src_dir, dst_dir, ...)`` streams a float safetensors checkpoint into a bitsandbytes 4-bit one
 
 Training (``qkernels.integrations``)
 - ``QLoRATrainer`` / ``QLoRASFTTrainer``: transformers' ``Trainer`` / trl's ``SFTTrainer`` whose checkpoints and
@@ -43,6 +45,7 @@ from .adapters import (
     set_adapter,
 )
 from .codebooks import QuantType, dynamic_map, fp4_codebook, get_codebook, nf4_codebook
+from .convert import quantize_checkpoint
 from .functional import (
     bits_per_parameter,
     dequantize_4bit,
@@ -93,6 +96,7 @@ __all__ = [
     "print_trainable_parameters",
     "quantize_4bit",
     "quantize_blockwise",
+    "quantize_checkpoint",
     "reference",
     "restore_adapters",
     "save_adapter",

@@ -247,6 +247,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     out = {}
     for name, m in _require_adapter(model, adapter_name):
         for which in ("lora_A", "lora_B"):
+            if f"{which}.{adapter_name}.weight" in m._unloaded:  # meta, or to_empty memory: no values to save
+                m._raise_unloaded()
             w = getattr(m, which)[adapter_name].weight
             out[f"{PEFT_PREFIX}{name}.{which}.weight"] = w.detach().to("cpu", copy=True).contiguous()
     for name, w in _wrappers(model):
@@ -569,7 +571,7 @@ def _apply_plan(model: nn.Module, cfg: dict[str, Any], whole: _Plan, adapter_nam
             done.append(p)
             with torch.no_grad():
                 for which, t in (("lora_A", p.A), ("lora_B", p.B)):
-                    getattr(p.module, which)[adapter_name].weight.copy_(t)
+                    p.module.set_lora_weight(adapter_name, which, t)
         if whole.saved:
             wrap_modules_to_save(model, cfg["modules_to_save"], adapter_name, activate=False)
             for n, tensors in whole.saved.items():

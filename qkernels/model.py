@@ -227,6 +227,10 @@ def apply_qlora(
     their own device, so peak memory is one float layer above the quantized model. On a model transformers loaded in
     4 bits, ``model.is_quantized`` is cleared once LoRA weights train, so that transformers' Trainer takes it (see
     ``_mark_bnb_model_trainable``).
+
+    A model whose Linear layers are on the meta device (built under ``torch.device("meta")`` or accelerate's
+    ``init_empty_weights``, e.g. transformers' ``from_config``) gets meta ``QLoRALinear`` layers: shapes only, nothing
+    quantized; load a 4-bit checkpoint into it with ``model.load_state_dict(sd, assign=True)`` (see ``QLoRALinear``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -560,6 +564,8 @@ def _qlora_layers(model: nn.Module) -> list[tuple[str, QLoRALinear]]:
 
 def _merged_weight(layer: QLoRALinear) -> torch.Tensor:
     """``dequant(W) + s B A`` in float32 (the active adapter; none when disabled)."""
+    if layer._unloaded:  # a meta layer, or one to_empty() left without values: nothing to merge
+        layer._raise_unloaded()
     W = dequantize_4bit(layer.weight.data, layer.weight.quant_state, torch.float32)
     if layer.active_adapter is not None and not layer.disable_adapters:
         W = W + layer.lora_delta().to(W.device)

@@ -129,6 +129,29 @@ def _packed_rows(numel: int, storage: torch.dtype) -> int:
     return -(-nbytes // itemsize)
 
 
+def _new_meta_weight(out_features: int, in_features: int, quant_type: str, blocksize: int, double_quant: bool,
+                     quant_storage: torch.dtype, dtype: torch.dtype) -> tuple[torch.Tensor, QuantState]:
+    """The packed weight and QuantState of an ``[out, in]`` weight in this format, on the meta device: shapes and
+    dtypes only (packed ``[rows, 1]`` of ``quant_storage``, scales per ``QuantState.empty``), nothing computed."""
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"the weight to quantize must be float32/float16/bfloat16, got {dtype}")
+    state = QuantState.empty((out_features, in_features), blocksize, quant_type, double_quant, dtype, "meta")
+    packed = torch.empty(_packed_rows(state.numel, quant_storage), 1, dtype=quant_storage, device="meta")
+    return packed, state
+
+
+def _init_lora_(A: torch.Tensor, B: torch.Tensor, init: bool | str, r: int) -> None:
+    """Initialize LoRA weights in place as ``update_layer`` does for ``init`` (True, "gaussian", False)."""
+    if init == "gaussian":
+        nn.init.normal_(A, std=1 / r)
+    else:  # nn.Linear's default init: A for True, both for False
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+    if init is False:
+        nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+    else:
+        nn.init.zeros_(B)
+
+
 def is_conv1d(module: nn.Module) -> bool:
     """True for transformers' ``Conv1D`` (GPT-2 family: a linear layer with its weight stored ``[in, out]``)."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
@@ -176,6 +199,14 @@ _NO_QUANT_STATE = (
 )
 
 
+_UNLOADED = (
+    "QLoRALinear(in_features={}, out_features={}): {} never loaded. The layer was created on the meta device "
+    "(QLoRALinear(device='meta'), or apply_qlora on a model built under torch.device('meta') / accelerate's "
+    "init_empty_weights), which holds shapes only{}. Load a checkpoint that holds them: model.load_state_dict(sd, "
+    "assign=True) (or model.to_empty(device=...) then model.load_state_dict(sd)); strict=True names missing keys"
+)
+
+
 # --------------------------------------------------------------------------------------------- the layer
 class QLoRALinear(nn.Module):
     """``y = x @ dequant(W)^T + s * dropout(x) @ A^T @ B^T + bias`` with W frozen in 4 bits (drop-in nn.Linear).
@@ -202,7 +233,21 @@ class QLoRALinear(nn.Module):
     ``from_bnb`` of a ``Linear4bit`` whose ``source_cls``, set by transformers' bitsandbytes loader, is ``Conv1D``),
     so ``merge_and_unload`` gives back a ``Conv1D`` (weight ``[in, out]``) that the model's checkpoints expect. The
     stored weight and the LoRA shapes are the same either way (``[out, in]``, ``A [r, in]``, ``B [out, r]``).
+
+    Big models: a layer built on the meta device (``device="meta"``; under ``torch.device("meta")`` or accelerate's
+    ``init_empty_weights``; ``from_linear`` / ``apply_qlora`` of a meta ``nn.Linear``) computes nothing: its weight,
+    quant state, bias and LoRA weights are meta tensors with the shapes of the chosen format. It gets its values from
+    ``load_state_dict(sd, assign=True)`` (or ``to_empty(device=...)`` then ``load_state_dict(sd)``): the packed weight
+    and quant state are the checkpoint's, in the checkpoint's format (quant_type, blocksize, double quant, storage;
+    the shape must match); LoRA weights absent from the checkpoint are initialized then, per ``init_lora_weights``,
+    on the weight's device. Until every tensor is loaded, ``forward`` raises a RuntimeError naming the ones that are
+    not (never meta or uninitialized values).
     """
+
+    # state-dict keys of this layer (weight, bias, lora_A.<name>.weight, ...) whose tensors hold no loaded value: meta,
+    # or uninitialized after to_empty. Class-level defaults: a layer pickled by an older qkernels has neither.
+    _unloaded: frozenset[str] = frozenset()
+    _lora_init: dict[str, bool | str] = {}  # noqa: RUF012 - replaced, never mutated: init_lora_weights per adapter
 
     def __init__(
         self,
@@ -251,8 +296,24 @@ class QLoRALinear(nn.Module):
         self.merged = False  # peft's flag; a QLoRALinear never merges in place (see qkernels.merge_into_4bit)
         self.is_target_conv_1d_layer = False  # set by from_linear for a transformers Conv1D (GPT-2 family)
 
+        # A probe registered where the weight will be: on meta under torch.device("meta") / set_default_device, with
+        # device="meta", and under accelerate's init_empty_weights (which moves each parameter to meta as it is
+        # registered). A meta layer (or a meta float weight, e.g. apply_qlora on a meta model) gets the format's shapes
+        # and nothing is computed: a 70B model never exists in float (see _new_meta_weight).
+        self.weight = nn.Parameter(torch.empty(0, device=device), requires_grad=False)
+        on_meta = self.weight.is_meta or (_float_weight is not None and _float_weight.is_meta)
+        if on_meta and init_lora_weights == "loftq":
+            raise ValueError("init_lora_weights='loftq' needs the float weight, which a layer on the meta device does "
+                             "not have: build the model on a real device for LoftQ, or load trained LoRA weights")
         float_weight = None
-        if _packed is not None:
+        if on_meta:
+            shape_dtype = dtype or (_float_weight.dtype if _float_weight is not None else torch.float32)
+            if _packed is not None:  # the packed format, the values dropped
+                st, quant_storage = _packed[1], _packed[0].dtype
+                quant_type, double_quant, blocksize, shape_dtype = st.quant_type, st.nested, st.blocksize, st.dtype
+            packed, state = _new_meta_weight(out_features, in_features, quant_type, blocksize, double_quant,
+                                             quant_storage, shape_dtype)
+        elif _packed is not None:
             packed, state = _packed
         else:
             if _float_weight is None:  # nn.Linear's initialization, then quantize
@@ -278,6 +339,7 @@ class QLoRALinear(nn.Module):
             self.register_parameter("bias", None)
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora,
                           original_weight=float_weight, loftq_iter=loftq_iter)
+        self._track_meta()
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -401,6 +463,8 @@ class QLoRALinear(nn.Module):
         # init_lora_weights=False: nn.Linear's default init for both, as peft
         self.lora_A[adapter_name] = A
         self.lora_B[adapter_name] = B
+        self._lora_init = {**self._lora_init, adapter_name: init_lora_weights}  # for a meta layer's load
+        self._unloaded = self._unloaded - {f"lora_A.{adapter_name}.weight", f"lora_B.{adapter_name}.weight"}
         self.lora_dropout[adapter_name] = nn.Dropout(p=float(lora_dropout)) if lora_dropout > 0 else nn.Identity()
         for m in (A, B, self.lora_dropout[adapter_name]):  # an adapter added to a layer in eval mode is in eval mode
             m.train(self.training)
@@ -409,6 +473,7 @@ class QLoRALinear(nn.Module):
         self.scaling[adapter_name] = scaling
         self.use_rslora[adapter_name] = use_rslora
         self.set_adapter(self.active_adapter if self.active_adapter is not None else adapter_name)
+        self._track_meta()
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make ``adapter_name`` the one adapter that runs; it becomes trainable, the others frozen (as peft)."""
@@ -428,10 +493,34 @@ class QLoRALinear(nn.Module):
             del d[adapter_name]
         for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora):
             del d[adapter_name]
+        self._lora_init = {k: v for k, v in self._lora_init.items() if k != adapter_name}
+        self._unloaded = self._unloaded - {f"lora_A.{adapter_name}.weight", f"lora_B.{adapter_name}.weight"}
         if self.active_adapter == adapter_name:
             self.active_adapter = None
             if len(self.lora_A):
                 self.set_adapter(next(iter(self.lora_A)))
+
+    def set_lora_weight(self, adapter_name: str, which: str, value: torch.Tensor) -> None:
+        """Set ``lora_A`` or ``lora_B`` (``which``) of ``adapter_name`` to ``value`` (its shape; cast to its dtype).
+
+        Copies in place, so the Parameter (and an optimizer holding it) stays. On the meta device, where a copy is a
+        no-op, the Parameter is replaced by one holding ``value`` on ``value``'s device: an adapter loaded into a meta
+        model before its base checkpoint keeps its values (the base load then leaves them alone).
+        """
+        if which not in ("lora_A", "lora_B"):
+            raise ValueError(f"which must be 'lora_A' or 'lora_B', got {which!r}")
+        if adapter_name not in self.lora_A:
+            raise ValueError(f"no adapter named {adapter_name!r}; this layer has {list(self.lora_A)}")
+        w = getattr(self, which)[adapter_name].weight
+        if tuple(value.shape) != tuple(w.shape):
+            raise ValueError(f"{which}.{adapter_name}.weight has shape {tuple(w.shape)}, got {tuple(value.shape)}")
+        with torch.no_grad():
+            if w.is_meta:
+                new = nn.Parameter(value.detach().to(w.dtype, copy=True), requires_grad=w.requires_grad)
+                getattr(self, which)[adapter_name].weight = new
+            else:
+                w.copy_(value)
+        self._unloaded = self._unloaded - {f"{which}.{adapter_name}.weight"}
 
     def enable_adapters(self, enabled: bool) -> None:
         """peft's toggle: ``enable_adapters(False)`` runs the plain 4-bit linear."""
@@ -443,6 +532,8 @@ class QLoRALinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._unloaded:
+            self._raise_unloaded()
         name = None if self.disable_adapters else self.active_adapter
         A = B = None
         scaling, p = 0.0, 0.0
@@ -461,6 +552,8 @@ class QLoRALinear(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``dequant(W)`` as a ``[out_features, in_features]`` tensor of ``dtype``."""
+        if self._unloaded:
+            self._raise_unloaded()
         return dequantize_4bit(self.weight.data, self.weight.quant_state, dtype)
 
     def lora_delta(self, adapter_name: str | None = None) -> torch.Tensor:
@@ -468,6 +561,8 @@ class QLoRALinear(nn.Module):
         name = adapter_name or self.active_adapter
         if name is None or name not in self.lora_A:
             raise ValueError(f"no adapter {name!r} to take a delta of; this layer has {list(self.lora_A)}")
+        if {f"lora_A.{name}.weight", f"lora_B.{name}.weight"} & self._unloaded:
+            self._raise_unloaded()
         A = self.lora_A[name].weight.detach().float()
         B = self.lora_B[name].weight.detach().float()
         return self.scaling[name] * (B @ A)
@@ -481,6 +576,29 @@ class QLoRALinear(nn.Module):
                 f"active={self.active_adapter!r}{', disabled' if self.disable_adapters else ''}"
                 f"{', from Conv1D' if getattr(self, 'is_target_conv_1d_layer', False) else ''}")
 
+    # ------------------------------------------------------------------ meta layers: what is not loaded yet
+    def _local_tensors(self) -> dict[str, torch.Tensor]:
+        """This layer's tensors by state-dict key (without prefix): weight, bias, every adapter's LoRA weights."""
+        out = {"weight": self.weight}
+        if self.bias is not None:
+            out["bias"] = self.bias
+        for name in self.lora_A:
+            out[f"lora_A.{name}.weight"] = self.lora_A[name].weight
+            out[f"lora_B.{name}.weight"] = self.lora_B[name].weight
+        return out
+
+    def _track_meta(self) -> None:
+        """Every tensor now on the meta device holds no value: record its key in ``_unloaded``."""
+        meta = {k for k, t in self._local_tensors().items() if t.is_meta}
+        if meta - self._unloaded:
+            self._unloaded = self._unloaded | meta
+
+    def _raise_unloaded(self) -> None:
+        keys = sorted(self._unloaded)
+        after = ("" if all(t.is_meta for k, t in self._local_tensors().items() if k in self._unloaded)
+                 else "; to_empty() gave them memory but no values")
+        raise RuntimeError(_UNLOADED.format(self.in_features, self.out_features, keys, after))
+
     # ------------------------------------------------------------------ device / dtype moves
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QLoRALinear:
         """Move like any module, except the packed weight and its QuantState change device, never dtype.
@@ -488,6 +606,10 @@ class QLoRALinear(nn.Module):
         ``.half()``, ``.to(torch.bfloat16)``, ``model.to(dtype)`` convert floating tensors: applied to a bf16/fp16
         ``quant_storage`` view or to the float32 absmax they would corrupt the format. So ``fn`` sees the weight's
         bytes as uint8 (which no dtype conversion touches) and the QuantState just follows to the new device.
+
+        From the meta device (``to_empty``: its ``fn`` allocates without copying) the QuantState gets uninitialized
+        scales (``QuantState.to_empty``); the keys stay in ``_unloaded`` until a checkpoint is loaded. A tensor moved
+        to meta joins them.
         """
         w = self._parameters["weight"]
         self._parameters["weight"] = None  # nn.Module._apply skips None entries; the key keeps its place
@@ -505,9 +627,17 @@ class QLoRALinear(nn.Module):
         if moved.dtype != torch.uint8 or moved.shape != raw.shape:  # fn converted regardless of dtype: keep bytes
             moved = raw.to(moved.device)
         if moved is not raw:
-            w.data = moved.view(w.dtype).reshape(w.shape)
+            data = moved.view(w.dtype).reshape(w.shape)
+            if torch._has_compatible_shallow_copy_type(w, data):
+                w.data = data
+            else:  # meta -> a real device (to_empty): .data cannot change the tensor's kind; torch makes a new one too
+                w = self._parameters["weight"] = Params4bit(data, False, w.quant_state)
             if w.quant_state.device != moved.device:
-                w.quant_state.to(moved.device)
+                if w.quant_state.device.type == "meta":
+                    w.quant_state.to_empty(moved.device)
+                else:
+                    w.quant_state.to(moved.device)
+        self._track_meta()
         return self
 
     # ------------------------------------------------------------------ state dict (bitsandbytes' keys)
@@ -539,8 +669,15 @@ class QLoRALinear(nn.Module):
         if had_weight:
             new_weight = self._validated_weight(state_dict[wkey], qkeys, wkey, local_metadata)
         elif qkeys:
-            raise ValueError(f"state dict has the quant state {sorted(qkeys)} but not the packed weight {wkey!r}")
+            raise ValueError(f"state dict has the quant state {sorted(qkeys)} but not the packed weight {wkey!r}; a "
+                             "layer's weight and quant-state keys load in one load_state_dict call (loading a sharded "
+                             "checkpoint shard by shard: merge the shards' dicts first; with assign=True that costs no "
+                             "second copy)")
         self._validate_other_keys(state_dict, prefix)
+        assign = local_metadata.get("assign_to_params_buffers", False)
+        lora_keys = [f"{prefix}{which}.{name}.weight" for name in self.lora_A for which in ("lora_A", "lora_B")]
+        if new_weight is not None and not any(k in state_dict for k in lora_keys):
+            self._init_unloaded_lora(new_weight.device)  # a meta layer's LoRA, absent from a base checkpoint
         lora = {f"{prefix}{which}.{name}.weight": getattr(self, which)[name].weight
                 for name in self.lora_A for which in ("lora_A", "lora_B")}
         present = [k for k in lora if k in state_dict]
@@ -561,6 +698,12 @@ class QLoRALinear(nn.Module):
                 if self.bias is not None and prefix + "bias" in state_dict:
                     state_dict[prefix + "bias"] = self.bias
                 new_weight = None
+        # what this call gives a value (bias here, LoRA in the children, after us): a key whose value is not the
+        # tensor already there. A meta tensor only takes one with assign=True (else torch warns: copying is a no-op).
+        loaded = {k for k, t in self._local_tensors().items()
+                  if k != "weight" and state_dict.get(prefix + k, t) is not t and (assign or not t.is_meta)}
+        if new_weight is not None:
+            loaded.add("weight")
         # the base class loads the bias (shape already checked) and reports unexpected keys; hide the weight keys
         for k in [wkey, *qkeys]:
             state_dict.pop(k, None)
@@ -571,6 +714,24 @@ class QLoRALinear(nn.Module):
             missing_keys[n_missing:] = [k for k in missing_keys[n_missing:] if k != wkey]
         if new_weight is not None:
             self.weight = new_weight
+        self._unloaded = self._unloaded - loaded
+
+    def _init_unloaded_lora(self, device: torch.device) -> None:
+        """Give the adapters whose LoRA weights hold no value (a meta layer's; after ``to_empty``) their initial values
+        per the ``init_lora_weights`` they were created with, as a layer built on ``device`` would have had them. A meta
+        weight becomes a new Parameter on ``device``; an uninitialized one is initialized in place."""
+        for name in self.lora_A:
+            keys = {f"lora_A.{name}.weight", f"lora_B.{name}.weight"}
+            if not keys & self._unloaded:
+                continue
+            A, B = self.lora_A[name].weight, self.lora_B[name].weight
+            if A.is_meta or B.is_meta:
+                A = nn.Parameter(torch.empty_like(A, device=device), requires_grad=A.requires_grad)
+                B = nn.Parameter(torch.empty_like(B, device=device), requires_grad=B.requires_grad)
+                self.lora_A[name].weight, self.lora_B[name].weight = A, B
+            with torch.no_grad():
+                _init_lora_(A, B, self._lora_init.get(name, True), self.r[name])
+            self._unloaded = self._unloaded - keys
 
     def _validated_weight(self, packed: Any, qkeys: dict, wkey: str, local_metadata: dict) -> Params4bit:
         if not isinstance(packed, torch.Tensor):
@@ -582,7 +743,11 @@ class QLoRALinear(nn.Module):
                                  "with QLoRALinear.from_linear")
             raise ValueError(f"{wkey!r} has no quant state: expected {wkey}.absmax, {wkey}.quant_map, ... and "
                              f"{wkey}.quant_state.bitsandbytes__nf4/fp4 (a bitsandbytes Linear4bit state dict)")
-        dev = self.weight.device
+        if packed.is_meta or any(isinstance(v, torch.Tensor) and v.is_meta for v in qkeys.values()):
+            raise ValueError(f"{wkey!r} (or its quant state) is a meta tensor in the state dict: it holds no values. "
+                             "Load a checkpoint read from disk (safetensors.torch.load_file, torch.load)")
+        # a meta layer takes the checkpoint's device (assign=True's rule: it has no device of its own to keep)
+        dev = packed.device if self.weight.is_meta else self.weight.device
         try:
             state = QuantState.from_dict(qkeys, device=dev)
         except (ValueError, TypeError) as e:

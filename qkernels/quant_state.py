@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .codebooks import get_codebook
+from .codebooks import dynamic_map, get_codebook
 
 __all__ = ["QuantState", "VALID_BLOCKSIZES", "FLOAT_DTYPES", "STORAGE_DTYPES", "check_blocksize"]
 
@@ -208,6 +208,44 @@ class QuantState:
                 )
         return self
 
+    # ------------------------------------------------------------------ shape-only states (meta device)
+    @classmethod
+    def empty(cls, shape: torch.Size | tuple[int, ...], blocksize: int, quant_type: str, nested: bool,
+              dtype: torch.dtype, device: torch.device | str = "meta") -> QuantState:
+        """A state with the right fields and tensor shapes for ``shape`` in this format, its scales uninitialized.
+
+        For a layer built on the meta device (a model too big to materialize in float): nothing is computed. Tensors:
+        ``absmax`` uint8 ``[nblocks]`` when ``nested`` else float32 ``[nblocks]``; ``code`` float32 ``[16]``; nested:
+        ``offset`` float32 ``[]``, ``state2.absmax`` float32 ``[ceil(nblocks / 256)]``, ``state2.code`` float32
+        ``[256]``. On a real device the codebooks hold the standard tables; the scales are whatever memory held: the
+        values come from a checkpoint.
+        """
+        state = cls(absmax=torch.empty(0), shape=shape, code=None, blocksize=blocksize, quant_type=quant_type,
+                    dtype=dtype)
+        dev = torch.device(device)
+        state.absmax = torch.empty(state.nblocks, dtype=torch.uint8 if nested else torch.float32, device=dev)
+        state.code = torch.empty(16, dtype=torch.float32, device=dev)
+        if nested:
+            n2 = -(-state.nblocks // NESTED_BLOCKSIZE)
+            state.offset = torch.empty((), dtype=torch.float32, device=dev)
+            state.state2 = cls(absmax=torch.empty(n2, dtype=torch.float32, device=dev),
+                               code=torch.empty(256, dtype=torch.float32, device=dev), blocksize=NESTED_BLOCKSIZE,
+                               dtype=torch.float32)
+        return state.to_empty(dev) if dev.type != "meta" else state
+
+    def to_empty(self, device: torch.device | str) -> QuantState:
+        """Move to ``device`` in place without copying values (``nn.Module.to_empty``'s move, which a meta tensor needs:
+        it has none). The codebooks get the standard tables of ``quant_type`` and the dynamic map; ``absmax``,
+        ``offset`` and the nested absmax are uninitialized until a checkpoint is loaded. Returns ``self``."""
+        dev = torch.device(device)
+        self.absmax = torch.empty_like(self.absmax, device=dev)
+        self.code = get_codebook(self.quant_type, dev)
+        if self.nested:
+            self.offset = torch.empty_like(self.offset, device=dev)
+            self.state2.absmax = torch.empty_like(self.state2.absmax, device=dev)
+            self.state2.code = dynamic_map(dev)
+        return self
+
     # ------------------------------------------------------------------ device moves
     def to(self, device: torch.device | str) -> QuantState:
         """Move every tensor to ``device`` in place (as bitsandbytes does) and return ``self``."""
@@ -246,14 +284,16 @@ class QuantState:
                     # a copy, so safetensors never sees it as shared storage (bitsandbytes does the same)
                     "nested_quant_map": self.state2.code.clone(),
                     "nested_dtype": _dtype_name(self.state2.dtype),
-                    "nested_offset": self.offset.item(),
+                    # a meta state has no value: 0.0 stands in, so that the keys (and the blob, on meta) exist
+                    "nested_offset": 0.0 if self.offset.is_meta else self.offset.item(),
                 }
             )
         if not packed:
             return d
         out = {k: v for k, v in d.items() if isinstance(v, torch.Tensor)}
         blob = json.dumps({k: v for k, v in d.items() if not isinstance(v, torch.Tensor)}).encode("utf-8")
-        out[_QS_PREFIX + self.quant_type] = torch.tensor(list(blob), dtype=torch.uint8)
+        blob_device = "meta" if self.absmax.is_meta else "cpu"
+        out[_QS_PREFIX + self.quant_type] = torch.tensor(list(blob), dtype=torch.uint8, device=blob_device)
         return out
 
     @classmethod
