@@ -91,3 +91,38 @@ def test_sdist_carries_the_native_sources(tmp_path):
     assert any(n.startswith("csrc/cuda/") for n in needed) and "csrc/common.h" in needed
     assert not needed - names, f"missing from the sdist: {sorted(needed - names)}"
     assert not any(n.endswith((".so", ".pyc")) or n.startswith("build/") for n in names), sorted(names)
+
+
+def _setup_py_namespace(monkeypatch) -> dict:
+    """setup.py's functions, without running setup()."""
+    import runpy
+
+    import setuptools
+
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: None)
+    monkeypatch.delenv("QKERNELS_NO_NATIVE", raising=False)
+    return runpy.run_path(str(ROOT / "setup.py"), run_name="qkernels_setup")
+
+
+def test_a_cmake_cache_from_a_deleted_pip_build_env_is_discarded(tmp_path, monkeypatch):
+    """`pip install .` (build isolation) configures the persistent build/cmake tree with pip's temporary cmake and
+    ninja; the next `setup.py build_ext --inplace` or `pip install .` then failed in CMake ("Running
+    '/tmp/pip-build-env-.../ninja' '--version' failed"). Such a cache is now thrown away."""
+    stale = _setup_py_namespace(monkeypatch)["_stale_cmake_cache"]
+    ninja, cmake = tmp_path / "ninja", tmp_path / "cmake"
+    ninja.write_text(""), cmake.write_text("")
+    gone = tmp_path / "pip-build-env-x" / "overlay" / "bin" / "ninja"
+
+    def cache(make_program, generator="Ninja"):
+        (tmp_path / "b").mkdir(exist_ok=True)
+        (tmp_path / "b" / "CMakeCache.txt").write_text(
+            "# This is the CMakeCache file.\n//Path to a program.\n"
+            f"CMAKE_MAKE_PROGRAM:FILEPATH={make_program}\nCMAKE_COMMAND:INTERNAL={cmake}\n"
+            f"CMAKE_GENERATOR:INTERNAL={generator}\n")
+        return tmp_path / "b"
+
+    assert stale(tmp_path / "none", str(ninja)) is None  # no cache yet
+    assert stale(cache(ninja), str(ninja)) is None  # its tools are all there
+    assert "no longer exists" in stale(cache(gone), str(ninja))
+    assert "Ninja" in stale(cache(ninja), None)  # generated for Ninja, and no ninja now
+    assert stale(cache("/usr/bin/make", "Unix Makefiles"), None) is None
