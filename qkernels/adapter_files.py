@@ -290,6 +290,15 @@ def save_adapter(
 
 # ---------------------------------------------------------------------------------------------- load
 def _read_config(path: str | os.PathLike) -> dict[str, Any]:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a directory path (str or os.PathLike), got {type(path).__name__}")
+    if os.path.isfile(path):
+        raise ValueError(f"path {os.fspath(path)!r} is a file; pass the adapter directory that holds it and "
+                         f"{CONFIG_NAME}: {os.path.dirname(os.path.abspath(path))!r}")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"adapter directory {os.fspath(path)!r} does not exist. qkernels reads local "
+                                "directories only: for a Hub adapter, download it first (e.g. "
+                                "huggingface_hub.snapshot_download(repo_id)) and pass the local path")
     cfg_path = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: a peft adapter directory holds {CONFIG_NAME}")

@@ -122,7 +122,14 @@ def get_codebook(quant_type: str | QuantType, device: torch.device | str | None 
         return nf4_codebook(device)
     if qt is QuantType.FP4:
         return fp4_codebook(device)
-    raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}{lowercase_hint(quant_type)}")
+
+
+def lowercase_hint(quant_type: object) -> str:
+    """``"; the names are lowercase: 'nf4'"`` when ``quant_type`` is ``"NF4"`` or ``"Fp4"``, else ``""``."""
+    if isinstance(quant_type, str) and quant_type.strip().lower() in ("nf4", "fp4"):
+        return f"; the names are lowercase: {quant_type.strip().lower()!r}"
+    return ""
 
 
 def midpoints(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -287,5 +287,7 @@ def bits_per_parameter(packed: torch.Tensor, quant_state: QuantState) -> float:
 
     Codebooks (64 bytes, plus 1 KiB for the nested map) are shared constants and not counted.
     """
+    if not isinstance(quant_state, QuantState):
+        raise TypeError(f"quant_state must be a qkernels.QuantState, got {type(quant_state).__name__}")
     quant_state.validate(packed)
     return (packed.numel() * packed.element_size() + quant_state.nbytes()) * 8 / quant_state.numel

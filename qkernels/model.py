@@ -25,6 +25,7 @@ from torch import nn
 from .functional import dequantize_4bit, quantize_4bit
 from .modules_to_save import check_modules_to_save, plan_modules_to_save, wrap_modules_to_save, wrapper_modules
 from .nn import Params4bit, QLoRALinear, is_conv1d
+from .quant_state import as_dtype
 
 __all__ = [
     "apply_qlora",
@@ -230,9 +231,16 @@ def apply_qlora(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    compute_dtype, quant_storage = as_dtype(compute_dtype), as_dtype(quant_storage)  # "bfloat16" as in BnB's config
+    if target_modules is None:  # peft's None: a per-architecture default list, which qkernels does not guess
+        raise ValueError("target_modules is None: pass the module names to adapt, e.g. ['q_proj', 'v_proj'], or "
+                         "'all-linear' (peft picks a default list per model type for None; qkernels does not)")
     if isinstance(target_modules, str):
         if not target_modules:
             raise ValueError("target_modules is empty; pass a list of module names or 'all-linear'")
+    elif not isinstance(target_modules, Iterable):
+        raise TypeError(f"target_modules must be a list of module names, a regex or 'all-linear', got "
+                        f"{type(target_modules).__name__}")
     else:
         target_modules = list(target_modules)
         if not target_modules or not all(isinstance(t, str) and t for t in target_modules):

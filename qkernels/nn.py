@@ -26,9 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .codebooks import lowercase_hint
 from .functional import dequantize_4bit, quantize_4bit
 from .lora import matmul_4bit_lora
-from .quant_state import FLOAT_DTYPES, STORAGE_DTYPES, QuantState, check_blocksize
+from .quant_state import FLOAT_DTYPES, STORAGE_DTYPES, QuantState, as_dtype, check_blocksize
 from .reference import lora_scaling
 
 __all__ = ["Params4bit", "QLoRALinear"]
@@ -156,14 +157,14 @@ def _check_lora_args(r: Any, lora_alpha: Any, lora_dropout: Any, init_lora_weigh
 
 def _check_quant_args(quant_type: Any, blocksize: Any, quant_storage: Any, compute_dtype: Any) -> None:
     if quant_type not in ("nf4", "fp4"):
-        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}{lowercase_hint(quant_type)}")
     check_blocksize(blocksize)
     if quant_storage not in STORAGE_DTYPES:
-        raise ValueError(f"quant_storage must be one of {STORAGE_DTYPES}, got {quant_storage!r}; "
-                         "torch.uint8 unless FSDP needs a float dtype")
+        raise ValueError(f"quant_storage must be one of {STORAGE_DTYPES} (or its name, e.g. 'uint8'), got "
+                         f"{quant_storage!r}; torch.uint8 unless FSDP needs a float dtype")
     if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
-        raise ValueError(f"compute_dtype must be None (the input's dtype) or one of {FLOAT_DTYPES}, "
-                         f"got {compute_dtype!r}")
+        raise ValueError(f"compute_dtype must be None (the input's dtype) or one of {FLOAT_DTYPES} (or its name, "
+                         f"e.g. 'bfloat16'), got {compute_dtype!r}")
 
 
 # torch.export swaps parameters for plain fake tensors, and transformers' tie_weights() assigns a float weight over a
@@ -190,6 +191,7 @@ class QLoRALinear(nn.Module):
             the float weight, see ``qkernels.loftq``; needs that weight: a fresh layer or ``from_linear``).
         quant_type, double_quant, blocksize, quant_storage: the 4-bit format (``qkernels.quantize_4bit``).
         compute_dtype: dtype the matmul runs in (x is cast to it and the result back to x.dtype); None: x.dtype.
+            A name works too (``"bfloat16"``, as in transformers' ``BitsAndBytesConfig``), and for quant_storage.
         device, dtype: of the float weight before quantization (also ``quant_state.dtype`` and the bias dtype).
             LoRA weights are float32 (peft's ``autocast_adapter_dtype``) on ``device``.
         loftq_iter: LoftQ iterations; 1 keeps ``W`` quantized exactly as ``quantize_4bit(W)`` (see loftq.py).
@@ -228,6 +230,7 @@ class QLoRALinear(nn.Module):
         _packed: tuple[torch.Tensor, QuantState] | None = None,
     ):
         super().__init__()
+        compute_dtype, quant_storage = as_dtype(compute_dtype), as_dtype(quant_storage)  # "bfloat16" as in BnB's config
         _check_positive_int(in_features, "in_features", "the size of the input's last dimension")
         _check_positive_int(out_features, "out_features", "the size of the output's last dimension")
         _check_quant_args(quant_type, blocksize, quant_storage, compute_dtype)

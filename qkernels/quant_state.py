@@ -36,6 +36,17 @@ def check_blocksize(blocksize: Any, name: str = "blocksize") -> int:
     return blocksize
 
 
+def as_dtype(value: Any) -> Any:
+    """A dtype given by name (``"bfloat16"``, ``"torch.bfloat16"``, as transformers' ``BitsAndBytesConfig`` takes
+    ``bnb_4bit_compute_dtype`` / ``bnb_4bit_quant_storage``) as the ``torch.dtype``; anything else unchanged, for
+    the caller's check to accept or refuse."""
+    if isinstance(value, str):
+        dtype = getattr(torch, value.strip().removeprefix("torch."), None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    return value
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -206,6 +217,16 @@ class QuantState:
                     f"packed is on {packed.device} but quant_state.absmax is on {self.absmax.device}; "
                     "move both with quant_state.to(device)"
                 )
+            # the other tables too: a codebook left behind failed deep in an op ("code is on meta but the data is on
+            # cpu", a RuntimeError that named neither the state nor the fix)
+            others = [("quant_state.code (quant_map)", self.code)]
+            if self.nested:
+                others += [("nested_absmax", self.state2.absmax), ("nested_quant_map", self.state2.code)]
+            for name, t in others:
+                if t.device != packed.device:
+                    raise ValueError(f"{name} is on {t.device} but packed and quant_state.absmax are on "
+                                     f"{packed.device}; move the whole state with "
+                                     f"quant_state.to({str(packed.device)!r})")
         return self
 
     # ------------------------------------------------------------------ device moves

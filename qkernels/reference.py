@@ -17,6 +17,7 @@ Rules, identical to bitsandbytes' PyTorch backend:
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -123,8 +124,8 @@ def decode_nested_absmax(
 # ---------------------------------------------------------------------------------------------- LoRA
 def lora_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
     """LoRA's output scale: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (Kalajdzievic 2023)."""
-    if r <= 0:
-        raise ValueError(f"r must be a positive integer, got {r!r}")
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r <= 0:  # 2.5 gave a scale; no layer has it
+        raise ValueError(f"r must be a positive integer (the LoRA rank), got {r!r}")
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
