@@ -243,7 +243,10 @@ def _config_json(fields: dict[str, Any]) -> str:
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """peft's ``get_peft_model_state_dict`` for one adapter: ``base_model.model.<module>.lora_{A,B}.weight``, and
     for each module to save with a copy for the adapter that copy's state dict as ``base_model.model.<module>.<key>``
-    (e.g. ``base_model.model.score.weight``: the adapter name and ``modules_to_save`` removed, as peft does)."""
+    (e.g. ``base_model.model.score.weight``: the adapter name and ``modules_to_save`` removed, as peft does).
+
+    Returns that dict (CPU copies) for adapter ``adapter_name`` of ``model``; raises ValueError if no module has it.
+    """
     out = {}
     for name, m in _require_adapter(model, adapter_name):
         for which in ("lora_A", "lora_B"):
@@ -525,7 +528,9 @@ def load_adapter(
 ) -> list[str]:
     """Load a peft LoRA adapter directory into the QLoRALinear modules of ``model`` as ``adapter_name``.
 
-    Reads ``adapter_config.json`` and ``adapter_model.safetensors`` (else ``adapter_model.bin``). Per module the
+    ``path``: a local adapter directory (what ``save_adapter`` or ``PeftModel.save_pretrained`` wrote; download a
+    Hub adapter first). It holds ``adapter_config.json`` and ``adapter_model.safetensors`` (else peft's older
+    ``adapter_model.bin``, read with ``torch.load(weights_only=True)``). Per module the
     rank and alpha are the config's ``r`` / ``lora_alpha`` unless ``rank_pattern`` / ``alpha_pattern`` match it
     (peft's rule); scaling is ``alpha / r`` or ``alpha / sqrt(r)`` with ``use_rslora``. Keys may also carry the
     adapter name (``<module>.lora_A.<name>.weight``, as in a live PeftModel's state dict; one name per file).
@@ -547,6 +552,12 @@ def load_adapter(
     ``replace``: if ``adapter_name`` already exists, delete it first (otherwise that is an error).
     ``set_active``: make the loaded adapter active (``PeftModel.from_pretrained`` does; ``load_adapter`` in peft
     does not — pass ``False`` for that). Returns the module names loaded.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist, or lacks ``adapter_config.json`` or both weight files.
+        TypeError: ``path`` is not a str / ``os.PathLike``.
+        ValueError: ``path`` is a file, the adapter exists (without ``replace``), or the files do not fit the model
+            (see above); the model is unchanged then.
     """
     cfg = _read_config(path)
     existing = adapter_name in adapter_names(model)

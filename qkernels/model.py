@@ -217,7 +217,9 @@ def apply_qlora(
         modules_to_save: peft's: names (full-name suffixes, e.g. ``["score"]`` or ``["classifier"]``) of non-LoRA
             modules to train in full. Each is wrapped in a ``ModulesToSaveWrapper`` with a trainable copy for
             ``adapter_name`` (``qkernels.modules_to_save``); they and the modules inside them are never quantized.
-        r ... adapter_name: passed to ``QLoRALinear.from_linear`` for each layer.
+        r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, loftq_iter, adapter_name: the adapter, and
+            quant_type, double_quant, blocksize, compute_dtype, quant_storage: the 4-bit format, passed to
+            ``QLoRALinear.from_linear`` for each layer (see ``QLoRALinear``; dtypes also by name, "bfloat16").
         log_every: report ``"apply_qlora: i/n layers quantized (t s)"`` every this many layers, always to the
             ``qkernels`` logger (INFO).
         verbose: also print those lines to stderr. None (default): print only for large models, i.e. when at least
@@ -228,6 +230,13 @@ def apply_qlora(
     their own device, so peak memory is one float layer above the quantized model. On a model transformers loaded in
     4 bits, ``model.is_quantized`` is cleared once LoRA weights train, so that transformers' Trainer takes it (see
     ``_mark_bnb_model_trainable``).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, or ``target_modules`` is not a str or a list of names.
+        ValueError: ``target_modules`` is None or empty, an entry matches no module (the Linear layers are listed),
+            a bad format or LoRA argument (named), or a selected module cannot be adapted here (not a Linear, already
+            a QLoRALinear, kept in float32 by transformers, tied to another weight, read by weight by its parent,
+            8-bit, or a mixture of experts' 3-D parameters under "all-linear"); the message says what to pass.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -544,8 +553,9 @@ def _count(p: torch.Tensor) -> int:
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` counted as peft's ``get_nb_trainable_parameters``: a packed 4-bit ``Params4bit``
-    of ``numel`` elements of ``element_size`` bytes counts ``numel * 2 * element_size`` parameters."""
+    """Returns ``(trainable, total)`` parameter counts of ``model`` (any ``nn.Module``), counted as peft's
+    ``get_nb_trainable_parameters``: a packed 4-bit ``Params4bit`` of ``numel`` elements of ``element_size`` bytes
+    counts ``numel * 2 * element_size`` parameters."""
     trainable = total = 0
     for _, p in model.named_parameters():
         n = _count(p)
@@ -556,7 +566,8 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def print_trainable_parameters(model: nn.Module) -> None:
-    """Print peft's line: ``trainable params: 1,234 || all params: 5,678 || trainable%: 21.7330``."""
+    """Print peft's line for ``model``: ``trainable params: 1,234 || all params: 5,678 || trainable%: 21.7330``
+    (counted by ``trainable_parameters``)."""
     trainable, total = trainable_parameters(model)
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
@@ -668,7 +679,8 @@ def _unwrap_modules_to_save(model: nn.Module) -> None:
 
 
 def merge_into_4bit(model: nn.Module) -> dict[str, float]:
-    """Opt-in: requantize ``dequant(W) + s B A`` of each ``QLoRALinear`` to 4 bits and drop its adapters.
+    """Opt-in: requantize ``dequant(W) + s B A`` of each ``QLoRALinear`` of ``model`` (in place) to 4 bits and drop
+    its adapters.
 
     Requantizing loses most of what a small adapter adds (a LoRA update is usually far below one 4-bit step),
     so this warns (``UserWarning``) with the error introduced. Each layer keeps its quant_type, blocksize,

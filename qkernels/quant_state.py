@@ -149,6 +149,7 @@ class QuantState:
 
     @property
     def device(self) -> torch.device:
+        """The device of the state's tensors (where ``absmax`` is; ``to(device)`` moves them all)."""
         return self.absmax.device
 
     def __repr__(self) -> str:
@@ -242,7 +243,7 @@ class QuantState:
 
     # ------------------------------------------------------------------ serialization
     def as_dict(self, packed: bool = False) -> dict[str, Any]:
-        """The state as a dict with bitsandbytes' keys.
+        """Returns the state as a dict with bitsandbytes' keys (what ``from_dict`` reads back).
 
         ``packed=False``: ``{quant_type, absmax, blocksize, quant_map, dtype, shape[, nested_absmax,
         nested_blocksize, nested_quant_map, nested_dtype, nested_offset]}`` with Python values.
@@ -279,7 +280,7 @@ class QuantState:
 
     @classmethod
     def from_dict(cls, qs_dict: dict[str, Any], device: torch.device | str | None = None) -> QuantState:
-        """Build a QuantState from a bitsandbytes-format dict (packed or unpacked), validating every field.
+        """Returns a QuantState built from a bitsandbytes-format dict (packed or unpacked), every field validated.
 
         Keys may carry a module prefix (``"layer.weight.absmax"``): the part after the last ``.`` is the key,
         except for the ``quant_state.bitsandbytes__nf4``/``__fp4`` blob. Missing, unknown or corrupted keys
@@ -287,6 +288,9 @@ class QuantState:
         NaN/inf scales. A plain absmax in bitsandbytes' CPU inference layout (bf16 ``[K/bs, N]``, written by
         bitsandbytes 0.50.2 when a model is saved after a CPU eval forward) is read back in the format's order.
         Tensors are moved to ``device`` (default: where ``absmax`` is). Does not modify ``qs_dict``.
+
+        Raises:
+            TypeError: ``qs_dict`` is not a dict. ValueError: a missing, unknown or corrupted key (named).
         """
         if not isinstance(qs_dict, dict):
             raise TypeError(f"qs_dict must be a dict of state-dict entries, got {type(qs_dict).__name__}")
@@ -371,14 +375,14 @@ class QuantState:
 
     # ------------------------------------------------------------------ helpers
     def nbytes(self) -> int:
-        """Bytes of all scale data (absmax, nested absmax, offset), excluding codebooks and packed codes."""
+        """Returns the bytes of all scale data (absmax, nested absmax, offset), excluding codebooks and codes."""
         n = self.absmax.numel() * self.absmax.element_size()
         if self.nested:
             n += self.state2.absmax.numel() * self.state2.absmax.element_size() + 4  # + float32 offset
         return n
 
     def codebook_matches(self) -> bool:
-        """True when ``code`` is the standard table for ``quant_type`` (bit for bit)."""
+        """Returns True when ``code`` is the standard table for ``quant_type`` (bit for bit), else False."""
         return torch.equal(self.code.cpu(), get_codebook(self.quant_type))
 
     def __eq__(self, other: object) -> bool:
