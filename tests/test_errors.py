@@ -251,3 +251,12 @@ def test_load_adapter_reads_peft_bin_format(tmp_path):
     assert qkernels.load_adapter(model, tmp_path / "bin", adapter_name="from_bin") == ["0"]
     for which in ("lora_A", "lora_B"):
         assert torch.equal(getattr(model[0], which)["from_bin"].weight, getattr(model[0], which)["default"].weight)
+
+
+def test_bad_qkernels_backend_environment_variable(monkeypatch):
+    """QKERNELS_BACKEND=fast said "backend must be one of ..., got 'fast'" to a caller that passed no backend."""
+    monkeypatch.setenv("QKERNELS_BACKEND", "fast")
+    with pytest.raises(ValueError, match=r"environment variable QKERNELS_BACKEND must be one of .* got 'fast'"):
+        qkernels.quantize_4bit(torch.randn(64))
+    with pytest.raises(ValueError, match=r"^backend must be one of"):  # an explicit argument is named as such
+        qkernels.dequantize_4bit(*qkernels.quantize_4bit(torch.randn(64), backend="reference"), backend="fast")
