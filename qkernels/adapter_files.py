@@ -277,9 +277,15 @@ def save_adapter(
     their parameter dtype; see ``adapter_state_dict``).
     ``task_type`` (e.g. ``"CAUSAL_LM"``) and ``base_model_name_or_path`` are written when given or known
     (``model.config._name_or_path``).
+
+    Raises:
+        ValueError: ``model`` has no QLoRALinear, or no adapter ``adapter_name``; ``path`` is an existing file.
     """
     from safetensors.torch import save_file
 
+    if os.path.isfile(path):  # was FileExistsError from makedirs, which reads as "the directory exists"
+        raise ValueError(f"path {os.fspath(path)!r} is a file; save_adapter writes a directory (adapter_config.json "
+                         "and adapter_model.safetensors): pass a directory path")
     mods = _require_adapter(model, adapter_name)
     infos = [_describe(n, m, adapter_name) for n, m in mods]
     text = _config_json(_config_fields(model, infos, task_type, base_model_name_or_path,

@@ -34,6 +34,9 @@ def _check_float_tensor(A: object, name: str) -> torch.Tensor:
         )
     if A.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(A.shape)}): there is nothing to quantize")
+    if A.device.type == "meta":  # was "Tensor.item() cannot be called on meta tensors" from the NaN check
+        raise ValueError(f"{name} is on the meta device: it has no values to quantize. Load or materialize the weights "
+                         "first (e.g. model.to_empty(device=...) and load the checkpoint), then quantize")
     return A
 
 

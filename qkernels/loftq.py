@@ -104,9 +104,11 @@ def loftq_init(
         ``quant_state`` (new ones when ``num_iter > 1``), ``errors`` per iteration and ``quant_error`` without LoRA.
 
     Raises:
-        ValueError: ``num_iter`` is not an int >= 1, or ``weight`` is not 2-D (and ``quantize_4bit``'s errors for a
-            bad format argument).
+        ValueError: ``r`` or ``num_iter`` is not an int >= 1, or ``weight`` is not 2-D (and ``quantize_4bit``'s
+            errors for a bad format argument).
     """
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:  # r=0 returned empty factors
+        raise ValueError(f"r must be a positive int (the LoRA rank), got {r!r}")
     if isinstance(num_iter, bool) or not isinstance(num_iter, int) or num_iter < 1:
         raise ValueError(f"loftq num_iter must be an int >= 1, got {num_iter!r} (1 keeps the quantized weight)")
     if weight.dim() != 2:

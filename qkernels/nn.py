@@ -280,6 +280,10 @@ class QLoRALinear(nn.Module):
             if tuple(float_weight.shape) != (out_features, in_features):
                 raise ValueError(f"weight has shape {tuple(float_weight.shape)}, expected ({out_features}, "
                                  f"{in_features}) = (out_features, in_features)")
+            if float_weight.device.type == "meta":
+                raise ValueError("the weight is on the meta device (a model built under init_empty_weights / "
+                                 "device='meta'): it has no values to quantize. Build the layer on a real device, or "
+                                 "load the model's weights first and then call apply_qlora")
             packed, state = quantize_4bit(float_weight.detach().contiguous(), blocksize, quant_type, double_quant,
                                           quant_storage)
         self.weight = Params4bit(packed, False, state)

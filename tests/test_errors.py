@@ -260,3 +260,27 @@ def test_bad_qkernels_backend_environment_variable(monkeypatch):
         qkernels.quantize_4bit(torch.randn(64))
     with pytest.raises(ValueError, match=r"^backend must be one of"):  # an explicit argument is named as such
         qkernels.dequantize_4bit(*qkernels.quantize_4bit(torch.randn(64), backend="reference"), backend="fast")
+
+
+def test_quantize_on_the_meta_device():
+    """A weight on the meta device (a model built under init_empty_weights) failed with "Tensor.item() cannot be
+    called on meta tensors"; it is a ValueError saying there are no values and what to do."""
+    with pytest.raises(ValueError, match=r"A is on the meta device: it has no values to quantize"):
+        qkernels.quantize_4bit(torch.empty(64, 64, device="meta"))
+    with pytest.raises(ValueError, match=r"the weight is on the meta device .* load the model's weights first"):
+        qkernels.QLoRALinear(64, 32, device="meta")
+    with pytest.raises(ValueError, match=r"the weight is on the meta device"):
+        qkernels.apply_qlora(torch.nn.Sequential(torch.nn.Linear(64, 32, device="meta")), target_modules=["0"])
+
+
+def test_loftq_rank_must_be_positive():
+    """loftq_init(W, r=0, ...) returned empty factors."""
+    with pytest.raises(ValueError, match=r"r must be a positive int \(the LoRA rank\), got 0"):
+        qkernels.loftq_init(torch.randn(64, 64), 0, 1.0)
+
+
+def test_save_adapter_onto_a_file(tmp_path):
+    """save_adapter(model, <existing file>) raised FileExistsError from os.makedirs."""
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match=r"is a file; save_adapter writes a directory"):
+        qkernels.save_adapter(_model_with_adapter(), tmp_path / "f")
