@@ -67,6 +67,31 @@ def _find_tool(module: str, attr: str, exe: str) -> str | None:
     return shutil.which(exe)
 
 
+def _stale_cmake_cache(build_dir: Path, ninja: str | None) -> str | None:
+    """Why the CMake cache in ``build_dir`` cannot be reused, or None if it can.
+
+    The build tree is persistent, but a ``pip install .`` with build isolation configures it with the cmake and ninja
+    of a temporary environment that pip deletes afterwards: the next build (``build_ext --inplace``, another
+    ``pip install .``) then failed with "Running '/tmp/pip-build-env-.../ninja' '--version' failed". A cache that
+    names a tool which is gone, or the Ninja generator when no ninja is found now, is thrown away (a full rebuild).
+    """
+    cache = build_dir / "CMakeCache.txt"
+    if not cache.exists():
+        return None
+    entries = {}
+    for line in cache.read_text(errors="replace").splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith(("#", "//")):
+            entries[key.split(":")[0]] = value
+    for key in ("CMAKE_COMMAND", "CMAKE_MAKE_PROGRAM"):
+        tool = entries.get(key, "")
+        if tool and os.path.isabs(tool) and not os.path.exists(tool):
+            return f"{key} {tool} no longer exists"
+    if entries.get("CMAKE_GENERATOR") == "Ninja" and ninja is None:
+        return "it was generated for Ninja, which is not found now"
+    return None
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str, sourcedir: Path = ROOT) -> None:
         super().__init__(name, sources=[])
@@ -88,7 +113,9 @@ class CMakeBuild(build_ext):
             raise RuntimeError(f"QKERNELS_CUDA must be unset, 'auto', '0' or '1' (got {cuda_mode!r})")
         nvcc = _find_nvcc() if cuda_mode != "0" else None
         if cuda_mode == "1" and nvcc is None:
-            raise RuntimeError("QKERNELS_CUDA=1 but nvcc was not found (PATH, $CUDACXX, $CUDA_HOME/bin, /usr/local/cuda)")
+            raise RuntimeError(
+                "QKERNELS_CUDA=1 but nvcc was not found (PATH, $CUDACXX, $CUDA_HOME/bin, /usr/local/cuda)"
+            )
         with_cuda = nvcc is not None
         archs = os.environ.get("QKERNELS_CUDA_ARCHS", "").strip() or DEFAULT_CUDA_ARCHS
         build_type = os.environ.get("QKERNELS_BUILD_TYPE", "").strip() or "Release"
@@ -103,6 +130,10 @@ class CMakeBuild(build_ext):
         # One persistent build tree per configuration -> incremental rebuilds, no stale CMake cache across configs.
         tag = f"{sys.implementation.cache_tag}-{build_type.lower()}-{'cuda' if with_cuda else 'cpu'}"
         build_dir = ROOT / "build" / "cmake" / tag
+        stale = _stale_cmake_cache(build_dir, ninja)
+        if stale:
+            print(f"qkernels: discarding the CMake cache in {build_dir}: {stale}")
+            shutil.rmtree(build_dir)
         build_dir.mkdir(parents=True, exist_ok=True)
 
         cfg = [
@@ -117,7 +148,9 @@ class CMakeBuild(build_ext):
             f"-DQKERNELS_WITH_CUDA={'ON' if with_cuda else 'OFF'}",
         ]
         if with_cuda:
-            cfg += [f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DQKERNELS_CUDA_ARCHS={archs}", f"-DCMAKE_CUDA_ARCHITECTURES={archs}"]
+            cfg += [
+                f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DQKERNELS_CUDA_ARCHS={archs}", f"-DCMAKE_CUDA_ARCHITECTURES={archs}"
+            ]
         if ninja and not (build_dir / "CMakeCache.txt").exists():
             cfg += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
 

@@ -6,7 +6,9 @@ Format
 - ``quantize_4bit(A, blocksize=64, quant_type="nf4", double_quant=True, quant_storage=torch.uint8)``
   -> ``(packed, QuantState)``; ``dequantize_4bit(packed, quant_state, dtype=None, *, out=None)`` -> tensor
 - ``QuantState`` (``as_dict(packed=True)`` / ``QuantState.from_dict(d, device)``: bitsandbytes' keys)
-- ``codebooks``: ``nf4_codebook()``, ``fp4_codebook()``, ``dynamic_map()``; ``bits_per_parameter``
+- ``codebooks``: ``nf4_codebook()``, ``fp4_codebook()``, ``dynamic_map()``, ``get_codebook(quant_type)``
+  (``QuantType.NF4`` / ``QuantType.FP4``); ``bits_per_parameter``
+- ``quantize_blockwise`` / ``dequantize_blockwise``: the 8-bit blockwise format of the nested scales
 
 The QLoRA matmul
 - ``matmul_4bit_lora(x, packed, quant_state, lora_A, lora_B, scaling, bias=None, dropout_p=0.0)``: the fused
@@ -30,7 +32,8 @@ Training (``qkernels.integrations``)
 
 Around them
 - ``reference``: the pure-PyTorch backend, incl. ``reference.matmul_4bit_lora`` (the oracle for the fused kernels)
-- ``native_info()``: what the compiled extension ``qkernels._C`` provides here, or why it is missing.
+- ``native_info()``: what the compiled extension ``qkernels._C`` provides here, or why it is missing;
+  ``native_available()``: whether it loaded.
 """
 
 from . import adapters, codebooks, reference

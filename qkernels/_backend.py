@@ -86,6 +86,9 @@ def resolve(op: str, device: torch.device, backend: str | None) -> str:
             return device.type
         return "reference"
     if forced not in BACKENDS:
+        if backend is None:  # it came from the environment: say so, or the user hunts for a backend= they never passed
+            raise ValueError(f"the environment variable QKERNELS_BACKEND must be one of {BACKENDS} (or unset), got "
+                             f"{forced!r}")
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {forced!r}")
     if forced == "reference":
         return forced

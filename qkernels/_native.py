@@ -7,6 +7,7 @@ level on the ``"qkernels"`` logger, and callers use the pure-torch reference pat
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from typing import Any
@@ -22,7 +23,19 @@ if os.environ.get("QKERNELS_NO_NATIVE", "").strip().lower() in ("1", "true", "ye
     NATIVE_ERROR = "native module disabled by QKERNELS_NO_NATIVE=1"
 else:
     try:
-        from qkernels import _C  # type: ignore[attr-defined,no-redef]
+        # import_module, not `from qkernels import _C`: for a module that is simply not there the latter says
+        # "cannot import name '_C' from partially initialized module ... (most likely due to a circular import)"
+        _C = importlib.import_module("qkernels._C")
+    except ModuleNotFoundError as exc:
+        _C = None
+        if exc.name == "qkernels._C":
+            NATIVE_ERROR = (
+                f"qkernels._C is not built: no compiled _C module in {os.path.dirname(os.path.abspath(__file__))}. "
+                "Install qkernels from a wheel or sdist with pip (needs a C++ compiler and cmake), or in a checkout "
+                "run `python setup.py build_ext --inplace`"
+            )
+        else:  # the module is there but something it needs is missing
+            NATIVE_ERROR = f"{type(exc).__name__}: {exc}"
     except Exception as exc:  # ImportError, OSError (bad .so), anything raised at module init
         _C = None
         NATIVE_ERROR = f"{type(exc).__name__}: {exc}"

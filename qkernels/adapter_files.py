@@ -243,7 +243,10 @@ def _config_json(fields: dict[str, Any]) -> str:
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """peft's ``get_peft_model_state_dict`` for one adapter: ``base_model.model.<module>.lora_{A,B}.weight``, and
     for each module to save with a copy for the adapter that copy's state dict as ``base_model.model.<module>.<key>``
-    (e.g. ``base_model.model.score.weight``: the adapter name and ``modules_to_save`` removed, as peft does)."""
+    (e.g. ``base_model.model.score.weight``: the adapter name and ``modules_to_save`` removed, as peft does).
+
+    Returns that dict (CPU copies) for adapter ``adapter_name`` of ``model``; raises ValueError if no module has it.
+    """
     out = {}
     for name, m in _require_adapter(model, adapter_name):
         for which in ("lora_A", "lora_B"):
@@ -276,9 +279,15 @@ def save_adapter(
     their parameter dtype; see ``adapter_state_dict``).
     ``task_type`` (e.g. ``"CAUSAL_LM"``) and ``base_model_name_or_path`` are written when given or known
     (``model.config._name_or_path``).
+
+    Raises:
+        ValueError: ``model`` has no QLoRALinear, or no adapter ``adapter_name``; ``path`` is an existing file.
     """
     from safetensors.torch import save_file
 
+    if os.path.isfile(path):  # was FileExistsError from makedirs, which reads as "the directory exists"
+        raise ValueError(f"path {os.fspath(path)!r} is a file; save_adapter writes a directory (adapter_config.json "
+                         "and adapter_model.safetensors): pass a directory path")
     mods = _require_adapter(model, adapter_name)
     infos = [_describe(n, m, adapter_name) for n, m in mods]
     text = _config_json(_config_fields(model, infos, task_type, base_model_name_or_path,
@@ -292,6 +301,15 @@ def save_adapter(
 
 # ---------------------------------------------------------------------------------------------- load
 def _read_config(path: str | os.PathLike) -> dict[str, Any]:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a directory path (str or os.PathLike), got {type(path).__name__}")
+    if os.path.isfile(path):
+        raise ValueError(f"path {os.fspath(path)!r} is a file; pass the adapter directory that holds it and "
+                         f"{CONFIG_NAME}: {os.path.dirname(os.path.abspath(path))!r}")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"adapter directory {os.fspath(path)!r} does not exist. qkernels reads local "
+                                "directories only: for a Hub adapter, download it first (e.g. "
+                                "huggingface_hub.snapshot_download(repo_id)) and pass the local path")
     cfg_path = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: a peft adapter directory holds {CONFIG_NAME}")
@@ -518,7 +536,9 @@ def load_adapter(
 ) -> list[str]:
     """Load a peft LoRA adapter directory into the QLoRALinear modules of ``model`` as ``adapter_name``.
 
-    Reads ``adapter_config.json`` and ``adapter_model.safetensors`` (else ``adapter_model.bin``). Per module the
+    ``path``: a local adapter directory (what ``save_adapter`` or ``PeftModel.save_pretrained`` wrote; download a
+    Hub adapter first). It holds ``adapter_config.json`` and ``adapter_model.safetensors`` (else peft's older
+    ``adapter_model.bin``, read with ``torch.load(weights_only=True)``). Per module the
     rank and alpha are the config's ``r`` / ``lora_alpha`` unless ``rank_pattern`` / ``alpha_pattern`` match it
     (peft's rule); scaling is ``alpha / r`` or ``alpha / sqrt(r)`` with ``use_rslora``. Keys may also carry the
     adapter name (``<module>.lora_A.<name>.weight``, as in a live PeftModel's state dict; one name per file).
@@ -540,6 +560,12 @@ def load_adapter(
     ``replace``: if ``adapter_name`` already exists, delete it first (otherwise that is an error).
     ``set_active``: make the loaded adapter active (``PeftModel.from_pretrained`` does; ``load_adapter`` in peft
     does not — pass ``False`` for that). Returns the module names loaded.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist, or lacks ``adapter_config.json`` or both weight files.
+        TypeError: ``path`` is not a str / ``os.PathLike``.
+        ValueError: ``path`` is a file, the adapter exists (without ``replace``), or the files do not fit the model
+            (see above); the model is unchanged then.
     """
     cfg = _read_config(path)
     existing = adapter_name in adapter_names(model)

@@ -61,7 +61,8 @@ def _wrappers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def adapter_names(model: nn.Module) -> list[str]:
-    """The adapter names present on at least one QLoRALinear (or module to save) of ``model``, first-seen order."""
+    """Returns the adapter names present on at least one QLoRALinear (or module to save) of ``model``, in first-seen
+    order (``[]`` for a model without adapters)."""
     names: dict[str, None] = {}
     for _, m in _qlora_modules(model):
         names.update(dict.fromkeys(m.lora_A.keys()))
@@ -96,7 +97,8 @@ def set_adapter(model: nn.Module, name: str) -> None:
 
     A module without that adapter computes its base output only (as in peft, where its active adapter is then
     absent from its ``lora_A``). Modules to save run (and train) ``name``'s copy, or their original module when
-    ``name`` has none, as peft's ``ModulesToSaveWrapper``. Raises ``ValueError`` if no module has it.
+    ``name`` has none, as peft's ``ModulesToSaveWrapper``. ``model``: any module holding QLoRALinear layers
+    (``apply_qlora``'s result). Raises ``ValueError`` if no module has it.
     """
     _require_known(model, name)
     for _, m in _qlora_modules(model):
@@ -122,6 +124,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     module; each module's flag is restored on exit.
 
     ``with qkernels.disable_adapters(model): y_base = model(x)`` — peft's ``with peft_model.disable_adapter():``.
+    Returns the context manager; ``as`` binds ``model`` itself.
     """
     mods = _qlora_modules(model) + _wrappers(model)
     saved = [(m, bool(m.disable_adapters)) for _, m in mods]
@@ -193,7 +196,14 @@ def add_adapter(
     ``qkernels.apply_qlora``). ``modules_to_save``: names (full-name suffixes) of non-LoRA modules that get a
     trainable copy for ``name`` (``qkernels.modules_to_save``). The active adapter is not changed (call
     ``set_adapter``), as in peft.
+
+    ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``init_lora_weights``: the new adapter's, as in
+    ``QLoRALinear`` / peft's ``LoraConfig`` (scaling ``lora_alpha / r``, or ``/ sqrt(r)`` with ``use_rslora``).
     Returns the module names that got a LoRA adapter.
+
+    Raises:
+        ValueError: ``name`` already exists, a selector matches no QLoRALinear, or a LoRA argument is bad (each
+            named in the message); nothing is added then.
     """
     from .model import _check_layer_args, match_target_modules
     from .modules_to_save import check_modules_to_save, plan_modules_to_save, wrap_modules_to_save

@@ -52,7 +52,8 @@ def nf4_codebook(device: torch.device | str | None = None) -> torch.Tensor:
     """The NF4 codebook: float32 ``[16]``, sorted ascending, ``[-1.0, -0.6961928, ..., 0.7229568, 1.0]``.
 
     Built from normal quantiles (8 positive, 7 negative, and an exact zero at index 7), normalized by
-    the maximum. Equal in float32 to bitsandbytes' hard-coded table. Returns a fresh tensor.
+    the maximum. Equal in float32 to bitsandbytes' hard-coded table. Returns a fresh tensor on ``device``
+    (default: CPU).
     """
     return _nf4_cpu().to(device=device, copy=True)
 
@@ -70,7 +71,8 @@ def _fp4_cpu() -> torch.Tensor:
 def fp4_codebook(device: torch.device | str | None = None) -> torch.Tensor:
     """bitsandbytes' FP4 (e2m1) codebook: float32 ``[16]`` indexed by bit pattern (bit 3 = sign).
 
-    Not sorted; nibbles 0 and 8 are both +0.0 (as in bitsandbytes). Returns a fresh tensor.
+    Not sorted; nibbles 0 and 8 are both +0.0 (as in bitsandbytes). Returns a fresh tensor on ``device``
+    (default: CPU).
     """
     return _fp4_cpu().to(device=device, copy=True)
 
@@ -111,22 +113,31 @@ def dynamic_map(device: torch.device | str | None = None, *, signed: bool = True
 
     The signed map (default) quantizes the double-quantized absmax scales (the centered absmax
     values are signed). Equal bit for bit to ``bitsandbytes.functional.create_dynamic_map()``.
+    Returns a fresh tensor on ``device`` (default: CPU); ``signed=False`` gives the unsigned map (all >= 0).
     """
     return _dynamic_cpu(signed, 7, 8).to(device=device, copy=True)
 
 
 def get_codebook(quant_type: str | QuantType, device: torch.device | str | None = None) -> torch.Tensor:
-    """The 16-entry float32 codebook for ``quant_type`` (``"nf4"`` or ``"fp4"``)."""
+    """Returns the 16-entry float32 codebook for ``quant_type`` (``"nf4"`` or ``"fp4"``, or a ``QuantType``) on
+    ``device`` (default: CPU), a fresh tensor. Raises ValueError for any other ``quant_type``."""
     qt = QuantType(quant_type) if quant_type in ("nf4", "fp4") or isinstance(quant_type, QuantType) else None
     if qt is QuantType.NF4:
         return nf4_codebook(device)
     if qt is QuantType.FP4:
         return fp4_codebook(device)
-    raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}{lowercase_hint(quant_type)}")
+
+
+def lowercase_hint(quant_type: object) -> str:
+    """``"; the names are lowercase: 'nf4'"`` when ``quant_type`` is ``"NF4"`` or ``"Fp4"``, else ``""``."""
+    if isinstance(quant_type, str) and quant_type.strip().lower() in ("nf4", "fp4"):
+        return f"; the names are lowercase: {quant_type.strip().lower()!r}"
+    return ""
 
 
 def midpoints(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decision boundaries of a lookup codebook: ``(bounds, order)``.
+    """Returns the decision boundaries of a lookup codebook ``code`` (any float tensor): ``(bounds, order)``.
 
     ``order`` sorts the codebook (stable, so of two equal entries the lower index comes first) and
     ``bounds[i] = (sorted[i] + sorted[i + 1]) / 2`` in float32. A normalized value ``v`` maps to

@@ -89,9 +89,26 @@ def loftq_init(
 ) -> LoftQResult:
     """LoftQ LoRA factors for the float weight ``weight [N, K]`` (see the module docstring for the variants).
 
-    ``packed``/``quant_state``: ``quantize_4bit(weight)`` if the caller already has it (saves one quantization);
-    with ``num_iter == 1`` they are returned unchanged. Residuals and SVDs run in float32 on weight's device.
+    Args:
+        weight: float32/float16/bfloat16 ``[N, K]``, the weight that will be stored in 4 bits.
+        r: the LoRA rank (rows of ``lora_A``).
+        scaling: the adapter's scale (``lora_scaling(lora_alpha, r)``): the factors are divided by it so that
+            ``scaling * B @ A`` approximates the quantization residual.
+        quant_type, blocksize, double_quant, quant_storage: the 4-bit format, as in ``quantize_4bit``.
+        num_iter: LoftQ's alternating steps; 1 keeps the weight quantized exactly as ``quantize_4bit(weight)``.
+        packed, quant_state: ``quantize_4bit(weight)`` if the caller already has it (saves one quantization);
+            with ``num_iter == 1`` they are returned unchanged. Residuals and SVDs run in float32 on weight's device.
+
+    Returns:
+        A ``LoftQResult``: ``lora_A [r, K]``, ``lora_B [N, r]`` (float32), the ``packed`` weight and its
+        ``quant_state`` (new ones when ``num_iter > 1``), ``errors`` per iteration and ``quant_error`` without LoRA.
+
+    Raises:
+        ValueError: ``r`` or ``num_iter`` is not an int >= 1, or ``weight`` is not 2-D (and ``quantize_4bit``'s
+            errors for a bad format argument).
     """
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:  # r=0 returned empty factors
+        raise ValueError(f"r must be a positive int (the LoRA rank), got {r!r}")
     if isinstance(num_iter, bool) or not isinstance(num_iter, int) or num_iter < 1:
         raise ValueError(f"loftq num_iter must be an int >= 1, got {num_iter!r} (1 keeps the quantized weight)")
     if weight.dim() != 2:

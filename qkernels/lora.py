@@ -198,8 +198,8 @@ def matmul_4bit_lora(
             the autocast dtype first, and the matmuls run in it.
         packed, quant_state: the frozen 4-bit weight ``W [N, K]`` from ``qkernels.quantize_4bit`` (uint8, or a
             float ``quant_storage`` view of the same bytes), on x's device. Gets no gradient.
-        lora_A: ``[r, K]`` and lora_B: ``[N, r]`` (peft's ``lora_A.weight`` / ``lora_B.weight``), any float dtype,
-            or both ``None`` for the plain 4-bit linear. Gradients flow to them.
+        lora_A: ``[r, K]`` and lora_B: ``[N, r]`` (peft's ``lora_A.weight`` / ``lora_B.weight``), float32 / float16 /
+            bfloat16 (not float64), or both ``None`` for the plain 4-bit linear. Gradients flow to them.
         scaling: the LoRA scale ``s`` (``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` for rsLoRA: ``lora_scaling``).
         bias: ``[N]`` or None; gets a gradient when it requires one.
         dropout_p: dropout on the LoRA branch's input only (as peft), in [0, 1); active when ``training``. The
@@ -210,6 +210,13 @@ def matmul_4bit_lora(
 
     Returns:
         ``[..., N]`` in x's dtype.
+
+    Raises:
+        TypeError: x is not a float32/float16/bfloat16 tensor (float64 says what to do instead), ``quant_state`` is
+            not a ``QuantState``, lora_A / lora_B / bias are not tensors or have an unsupported dtype, ``scaling`` is
+            not a real number.
+        ValueError: a shape that does not fit ``W [N, K]`` (x's last dim, lora_A, lora_B, bias), tensors on
+            different devices, a state that does not fit ``packed``, ``dropout_p`` outside [0, 1), a bad ``backend``.
 
     Saves only the packed weight, never a dequantized ``N x K`` copy (see the module docstring for what is saved).
     """

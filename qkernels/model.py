@@ -25,6 +25,7 @@ from torch import nn
 from .functional import dequantize_4bit, quantize_4bit
 from .modules_to_save import check_modules_to_save, plan_modules_to_save, wrap_modules_to_save, wrapper_modules
 from .nn import Params4bit, QLoRALinear, is_conv1d
+from .quant_state import as_dtype
 
 __all__ = [
     "apply_qlora",
@@ -216,7 +217,9 @@ def apply_qlora(
         modules_to_save: peft's: names (full-name suffixes, e.g. ``["score"]`` or ``["classifier"]``) of non-LoRA
             modules to train in full. Each is wrapped in a ``ModulesToSaveWrapper`` with a trainable copy for
             ``adapter_name`` (``qkernels.modules_to_save``); they and the modules inside them are never quantized.
-        r ... adapter_name: passed to ``QLoRALinear.from_linear`` for each layer.
+        r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, loftq_iter, adapter_name: the adapter, and
+            quant_type, double_quant, blocksize, compute_dtype, quant_storage: the 4-bit format, passed to
+            ``QLoRALinear.from_linear`` for each layer (see ``QLoRALinear``; dtypes also by name, "bfloat16").
         log_every: report ``"apply_qlora: i/n layers quantized (t s)"`` every this many layers, always to the
             ``qkernels`` logger (INFO).
         verbose: also print those lines to stderr. None (default): print only for large models, i.e. when at least
@@ -231,12 +234,26 @@ def apply_qlora(
     A model whose Linear layers are on the meta device (built under ``torch.device("meta")`` or accelerate's
     ``init_empty_weights``, e.g. transformers' ``from_config``) gets meta ``QLoRALinear`` layers: shapes only, nothing
     quantized; load a 4-bit checkpoint into it with ``model.load_state_dict(sd, assign=True)`` (see ``QLoRALinear``).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, or ``target_modules`` is not a str or a list of names.
+        ValueError: ``target_modules`` is None or empty, an entry matches no module (the Linear layers are listed),
+            a bad format or LoRA argument (named), or a selected module cannot be adapted here (not a Linear, already
+            a QLoRALinear, kept in float32 by transformers, tied to another weight, read by weight by its parent,
+            8-bit, or a mixture of experts' 3-D parameters under "all-linear"); the message says what to pass.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    compute_dtype, quant_storage = as_dtype(compute_dtype), as_dtype(quant_storage)  # "bfloat16" as in BnB's config
+    if target_modules is None:  # peft's None: a per-architecture default list, which qkernels does not guess
+        raise ValueError("target_modules is None: pass the module names to adapt, e.g. ['q_proj', 'v_proj'], or "
+                         "'all-linear' (peft picks a default list per model type for None; qkernels does not)")
     if isinstance(target_modules, str):
         if not target_modules:
             raise ValueError("target_modules is empty; pass a list of module names or 'all-linear'")
+    elif not isinstance(target_modules, Iterable):
+        raise TypeError(f"target_modules must be a list of module names, a regex or 'all-linear', got "
+                        f"{type(target_modules).__name__}")
     else:
         target_modules = list(target_modules)
         if not target_modules or not all(isinstance(t, str) and t for t in target_modules):
@@ -540,8 +557,9 @@ def _count(p: torch.Tensor) -> int:
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` counted as peft's ``get_nb_trainable_parameters``: a packed 4-bit ``Params4bit``
-    of ``numel`` elements of ``element_size`` bytes counts ``numel * 2 * element_size`` parameters."""
+    """Returns ``(trainable, total)`` parameter counts of ``model`` (any ``nn.Module``), counted as peft's
+    ``get_nb_trainable_parameters``: a packed 4-bit ``Params4bit`` of ``numel`` elements of ``element_size`` bytes
+    counts ``numel * 2 * element_size`` parameters."""
     trainable = total = 0
     for _, p in model.named_parameters():
         n = _count(p)
@@ -552,7 +570,8 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def print_trainable_parameters(model: nn.Module) -> None:
-    """Print peft's line: ``trainable params: 1,234 || all params: 5,678 || trainable%: 21.7330``."""
+    """Print peft's line for ``model``: ``trainable params: 1,234 || all params: 5,678 || trainable%: 21.7330``
+    (counted by ``trainable_parameters``)."""
     trainable, total = trainable_parameters(model)
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
@@ -666,7 +685,8 @@ def _unwrap_modules_to_save(model: nn.Module) -> None:
 
 
 def merge_into_4bit(model: nn.Module) -> dict[str, float]:
-    """Opt-in: requantize ``dequant(W) + s B A`` of each ``QLoRALinear`` to 4 bits and drop its adapters.
+    """Opt-in: requantize ``dequant(W) + s B A`` of each ``QLoRALinear`` of ``model`` (in place) to 4 bits and drop
+    its adapters.
 
     Requantizing loses most of what a small adapter adds (a LoRA update is usually far below one 4-bit step),
     so this warns (``UserWarning``) with the error introduced. Each layer keeps its quant_type, blocksize,

@@ -51,7 +51,9 @@ class ModulesToSaveWrapper(nn.Module):
         self.set_adapter(adapter_name)
 
     def update(self, adapter_name: str) -> None:
-        """Add a copy of ``original_module`` for ``adapter_name``, frozen (``set_adapter`` activates it)."""
+        """Add a copy of ``original_module`` for ``adapter_name``, frozen (``set_adapter`` activates it).
+
+        Raises ValueError if ``adapter_name`` is not a non-empty str without '.', or already has a copy."""
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
             raise ValueError(f"adapter_name must be a non-empty str without '.', got {adapter_name!r}")
         if adapter_name in self.modules_to_save:
@@ -72,7 +74,9 @@ class ModulesToSaveWrapper(nn.Module):
             self.active_adapter = None
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Drop ``adapter_name``'s copy; if it was active, the original module runs until ``set_adapter``."""
+        """Drop ``adapter_name``'s copy; if it was active, the original module runs until ``set_adapter``.
+
+        Raises ValueError if there is no copy for ``adapter_name``."""
         if adapter_name not in self.modules_to_save:
             raise ValueError(f"no adapter named {adapter_name!r}; this module has {list(self.modules_to_save)}")
         del self.modules_to_save[adapter_name]
@@ -80,20 +84,23 @@ class ModulesToSaveWrapper(nn.Module):
             self.active_adapter = None
 
     def enable_adapters(self, enabled: bool) -> None:
-        """peft's toggle: ``enable_adapters(False)`` runs the original module."""
+        """peft's toggle: ``enabled=False`` runs the original module, ``True`` the active copy again."""
         self.disable_adapters = not enabled
 
     @property
     def active_adapters(self) -> list[str]:
+        """peft's list of the adapters that run: ``[active_adapter]``, or ``[]`` when none is set."""
         return [] if self.active_adapter is None else [self.active_adapter]
 
     def running_module(self) -> nn.Module:
-        """The module ``forward`` calls now: the active copy, else the original."""
+        """Returns the module ``forward`` calls now: the active copy, else (none active, or adapters disabled) the
+        original."""
         if self.disable_adapters or self.active_adapter is None:
             return self.original_module
         return self.modules_to_save[self.active_adapter]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Returns ``running_module()(*args, **kwargs)``: the wrapped module's own output."""
         return self.running_module()(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:

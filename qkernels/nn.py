@@ -26,9 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .codebooks import lowercase_hint
 from .functional import dequantize_4bit, quantize_4bit
 from .lora import matmul_4bit_lora
-from .quant_state import FLOAT_DTYPES, STORAGE_DTYPES, QuantState, check_blocksize
+from .quant_state import FLOAT_DTYPES, STORAGE_DTYPES, QuantState, as_dtype, check_blocksize
 from .reference import lora_scaling
 
 __all__ = ["Params4bit", "QLoRALinear"]
@@ -47,6 +48,14 @@ class Params4bit(nn.Parameter):
     transformers recognize a packed 4-bit parameter by ``type(p).__name__ == "Params4bit"`` and count it as
     ``numel * 2 * element_size`` parameters. The attribute names (``quant_state``, ``blocksize``, ``quant_type``,
     ``compress_statistics``, ``quant_storage``, ``bnb_quantized``, ``absmax``...) are bitsandbytes' too.
+
+    Args:
+        data: the packed bytes (``quantize_4bit``'s first result); None: an empty uint8 tensor.
+        requires_grad: must be False (the weight is frozen; LoRA adapters train).
+        quant_state: the ``QuantState`` that describes ``data``.
+
+    Raises:
+        ValueError: ``requires_grad=True``.
     """
 
     def __new__(cls, data: torch.Tensor | None = None, requires_grad: bool = False,
@@ -62,30 +71,37 @@ class Params4bit(nn.Parameter):
     # bitsandbytes' attribute names, read from the QuantState
     @property
     def blocksize(self) -> int:
+        """Elements per 4-bit block (``quant_state.blocksize``)."""
         return self.quant_state.blocksize
 
     @property
     def quant_type(self) -> str:
+        """``"nf4"`` or ``"fp4"`` (``quant_state.quant_type``)."""
         return self.quant_state.quant_type
 
     @property
     def compress_statistics(self) -> bool:
+        """Whether the absmax are double-quantized (bitsandbytes' name for ``quant_state.nested``)."""
         return self.quant_state.nested
 
     @property
     def quant_storage(self) -> torch.dtype:
+        """The dtype the packed bytes are stored as (uint8, or bf16/fp16/fp32 for FSDP)."""
         return self.dtype
 
     @property
     def bnb_quantized(self) -> bool:
+        """Always True: the data is packed already (bitsandbytes quantizes on its first device move)."""
         return True
 
     @property
     def absmax(self) -> torch.Tensor:
+        """The per-block scales, ``quant_state.absmax`` (uint8 codes when double-quantized)."""
         return self.quant_state.absmax
 
     @property
     def quant_map(self) -> torch.Tensor:
+        """The 16-entry float32 codebook, ``quant_state.code``."""
         return self.quant_state.code
 
     def __deepcopy__(self, memo: dict) -> Params4bit:
@@ -179,14 +195,14 @@ def _check_lora_args(r: Any, lora_alpha: Any, lora_dropout: Any, init_lora_weigh
 
 def _check_quant_args(quant_type: Any, blocksize: Any, quant_storage: Any, compute_dtype: Any) -> None:
     if quant_type not in ("nf4", "fp4"):
-        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}{lowercase_hint(quant_type)}")
     check_blocksize(blocksize)
     if quant_storage not in STORAGE_DTYPES:
-        raise ValueError(f"quant_storage must be one of {STORAGE_DTYPES}, got {quant_storage!r}; "
-                         "torch.uint8 unless FSDP needs a float dtype")
+        raise ValueError(f"quant_storage must be one of {STORAGE_DTYPES} (or its name, e.g. 'uint8'), got "
+                         f"{quant_storage!r}; torch.uint8 unless FSDP needs a float dtype")
     if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
-        raise ValueError(f"compute_dtype must be None (the input's dtype) or one of {FLOAT_DTYPES}, "
-                         f"got {compute_dtype!r}")
+        raise ValueError(f"compute_dtype must be None (the input's dtype) or one of {FLOAT_DTYPES} (or its name, "
+                         f"e.g. 'bfloat16'), got {compute_dtype!r}")
 
 
 # torch.export swaps parameters for plain fake tensors, and transformers' tie_weights() assigns a float weight over a
@@ -221,6 +237,7 @@ class QLoRALinear(nn.Module):
             the float weight, see ``qkernels.loftq``; needs that weight: a fresh layer or ``from_linear``).
         quant_type, double_quant, blocksize, quant_storage: the 4-bit format (``qkernels.quantize_4bit``).
         compute_dtype: dtype the matmul runs in (x is cast to it and the result back to x.dtype); None: x.dtype.
+            A name works too (``"bfloat16"``, as in transformers' ``BitsAndBytesConfig``), and for quant_storage.
         device, dtype: of the float weight before quantization (also ``quant_state.dtype`` and the bias dtype).
             LoRA weights are float32 (peft's ``autocast_adapter_dtype``) on ``device``.
         loftq_iter: LoftQ iterations; 1 keeps ``W`` quantized exactly as ``quantize_4bit(W)`` (see loftq.py).
@@ -273,6 +290,7 @@ class QLoRALinear(nn.Module):
         _packed: tuple[torch.Tensor, QuantState] | None = None,
     ):
         super().__init__()
+        compute_dtype, quant_storage = as_dtype(compute_dtype), as_dtype(quant_storage)  # "bfloat16" as in BnB's config
         _check_positive_int(in_features, "in_features", "the size of the input's last dimension")
         _check_positive_int(out_features, "out_features", "the size of the output's last dimension")
         _check_quant_args(quant_type, blocksize, quant_storage, compute_dtype)
@@ -351,6 +369,15 @@ class QLoRALinear(nn.Module):
         ``qlora_kwargs`` are ``QLoRALinear``'s keyword arguments (r, lora_alpha, quant_type, ...); ``dtype``
         (default: the linear's weight dtype) is what the weight is cast to before quantization (``quant_state.dtype``)
         and the bias dtype. ``init_lora_weights="loftq"`` uses the float weight.
+
+        Returns:
+            A new ``QLoRALinear`` on the linear's device, in training mode as any new module (``apply_qlora``
+            gives it the replaced module's mode).
+
+        Raises:
+            TypeError: ``linear`` is not an ``nn.Linear`` / ``Conv1D``.
+            ValueError: its weight is not float32/float16/bfloat16, ``device`` was passed, or a ``qlora_kwargs``
+                value is bad (see ``QLoRALinear``).
         """
         if is_conv1d(linear):
             w = linear.weight.detach().t()
@@ -382,6 +409,16 @@ class QLoRALinear(nn.Module):
         through bitsandbytes' own ``as_dict(packed=True)`` keys. ``lora_kwargs``: r, lora_alpha, lora_dropout,
         use_rslora, init_lora_weights (not "loftq": the float weight is gone), adapter_name, compute_dtype (default: the
         bitsandbytes layer's ``compute_dtype``).
+
+        Args:
+            bnb_linear: a bitsandbytes ``Linear4bit`` whose weight is quantized (moved to a device once).
+
+        Returns:
+            A new ``QLoRALinear`` holding a copy of the packed weight, the bias and a fresh adapter.
+
+        Raises:
+            ValueError: ``bnb_linear`` is not a quantized ``Linear4bit``, a format argument was passed (the format
+                is the bnb layer's), or ``init_lora_weights="loftq"``.
         """
         weight = getattr(bnb_linear, "weight", None)
         qs = getattr(weight, "quant_state", None)
@@ -427,6 +464,11 @@ class QLoRALinear(nn.Module):
         The first adapter becomes active; later ones are added inactive and frozen (peft's behaviour).
         ``init_lora_weights="loftq"`` needs ``original_weight`` (the float weight W that was quantized); with
         ``loftq_iter > 1`` the stored 4-bit weight is replaced by LoftQ's (see ``qkernels.loftq``).
+        ``lora_alpha``, ``lora_dropout``, ``use_rslora``: as in ``QLoRALinear`` (scaling ``lora_alpha / r``, or
+        ``/ sqrt(r)`` with ``use_rslora``).
+
+        Raises:
+            ValueError: a bad LoRA argument (named in the message), or ``"loftq"`` without ``original_weight``.
         """
         _check_lora_args(r, lora_alpha, lora_dropout, init_lora_weights, adapter_name)
         if not isinstance(use_rslora, bool):
@@ -476,7 +518,9 @@ class QLoRALinear(nn.Module):
         self._track_meta()
 
     def set_adapter(self, adapter_name: str) -> None:
-        """Make ``adapter_name`` the one adapter that runs; it becomes trainable, the others frozen (as peft)."""
+        """Make ``adapter_name`` the one adapter that runs; it becomes trainable, the others frozen (as peft).
+
+        Raises ValueError if the layer has no adapter of that name."""
         if adapter_name not in self.lora_A:
             raise ValueError(f"no adapter named {adapter_name!r}; this layer has {list(self.lora_A)}")
         for name in self.lora_A:
@@ -486,7 +530,9 @@ class QLoRALinear(nn.Module):
         self.active_adapter = adapter_name
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove ``adapter_name``; if it was active, the first remaining adapter becomes active (or none)."""
+        """Remove ``adapter_name``; if it was active, the first remaining adapter becomes active (or none).
+
+        Raises ValueError if the layer has no adapter of that name."""
         if adapter_name not in self.lora_A:
             raise ValueError(f"no adapter named {adapter_name!r}; this layer has {list(self.lora_A)}")
         for d in (self.lora_A, self.lora_B, self.lora_dropout):
@@ -523,15 +569,30 @@ class QLoRALinear(nn.Module):
         self._unloaded = self._unloaded - {f"{which}.{adapter_name}.weight"}
 
     def enable_adapters(self, enabled: bool) -> None:
-        """peft's toggle: ``enable_adapters(False)`` runs the plain 4-bit linear."""
+        """peft's toggle: ``enabled=False`` runs the plain 4-bit linear, ``True`` the active adapter again."""
         self.disable_adapters = not enabled
 
     @property
     def active_adapters(self) -> list[str]:
+        """peft's list of the adapters that run: ``[active_adapter]``, or ``[]`` when none is set."""
         return [] if self.active_adapter is None else [self.active_adapter]
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ dequant(W)^T + scaling * dropout(x) @ A^T @ B^T + bias`` with the active adapter.
+
+        Args:
+            x: ``[..., in_features]`` float32/float16/bfloat16 (cast to ``compute_dtype`` when that is set).
+
+        Returns:
+            ``[..., out_features]`` in ``x``'s dtype.
+
+        Raises:
+            TypeError: the weight lost its ``quant_state`` (a float weight assigned over it, or torch.export's fake
+                parameters), or ``x`` has an unsupported dtype; ValueError: ``x``'s last dimension is not
+                ``in_features`` (from ``matmul_4bit_lora``); RuntimeError: weights never loaded (a meta layer
+                or ``to_empty`` memory; the message names the keys).
+        """
         if self._unloaded:
             self._raise_unloaded()
         name = None if self.disable_adapters else self.active_adapter
@@ -551,13 +612,15 @@ class QLoRALinear(nn.Module):
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``dequant(W)`` as a ``[out_features, in_features]`` tensor of ``dtype``."""
+        """Returns ``dequant(W)`` as a new ``[out_features, in_features]`` tensor of ``dtype``."""
         if self._unloaded:
             self._raise_unloaded()
         return dequantize_4bit(self.weight.data, self.weight.quant_state, dtype)
 
     def lora_delta(self, adapter_name: str | None = None) -> torch.Tensor:
-        """``scaling * B @ A`` of an adapter (default the active one) in float32, ``[out, in]``."""
+        """Returns ``scaling * B @ A`` of ``adapter_name`` (default: the active adapter), float32 ``[out, in]``.
+
+        Raises ValueError if there is no such adapter (or none is active)."""
         name = adapter_name or self.active_adapter
         if name is None or name not in self.lora_A:
             raise ValueError(f"no adapter {name!r} to take a delta of; this layer has {list(self.lora_A)}")

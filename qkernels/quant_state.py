@@ -36,6 +36,17 @@ def check_blocksize(blocksize: Any, name: str = "blocksize") -> int:
     return blocksize
 
 
+def as_dtype(value: Any) -> Any:
+    """A dtype given by name (``"bfloat16"``, ``"torch.bfloat16"``, as transformers' ``BitsAndBytesConfig`` takes
+    ``bnb_4bit_compute_dtype`` / ``bnb_4bit_quant_storage``) as the ``torch.dtype``; anything else unchanged, for
+    the caller's check to accept or refuse."""
+    if isinstance(value, str):
+        dtype = getattr(torch, value.strip().removeprefix("torch."), None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    return value
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -138,6 +149,7 @@ class QuantState:
 
     @property
     def device(self) -> torch.device:
+        """The device of the state's tensors (where ``absmax`` is; ``to(device)`` moves them all)."""
         return self.absmax.device
 
     def __repr__(self) -> str:
@@ -206,6 +218,16 @@ class QuantState:
                     f"packed is on {packed.device} but quant_state.absmax is on {self.absmax.device}; "
                     "move both with quant_state.to(device)"
                 )
+            # the other tables too: a codebook left behind failed deep in an op ("code is on meta but the data is on
+            # cpu", a RuntimeError that named neither the state nor the fix)
+            others = [("quant_state.code (quant_map)", self.code)]
+            if self.nested:
+                others += [("nested_absmax", self.state2.absmax), ("nested_quant_map", self.state2.code)]
+            for name, t in others:
+                if t.device != packed.device:
+                    raise ValueError(f"{name} is on {t.device} but packed and quant_state.absmax are on "
+                                     f"{packed.device}; move the whole state with "
+                                     f"quant_state.to({str(packed.device)!r})")
         return self
 
     # ------------------------------------------------------------------ shape-only states (meta device)
@@ -259,7 +281,7 @@ class QuantState:
 
     # ------------------------------------------------------------------ serialization
     def as_dict(self, packed: bool = False) -> dict[str, Any]:
-        """The state as a dict with bitsandbytes' keys.
+        """Returns the state as a dict with bitsandbytes' keys (what ``from_dict`` reads back).
 
         ``packed=False``: ``{quant_type, absmax, blocksize, quant_map, dtype, shape[, nested_absmax,
         nested_blocksize, nested_quant_map, nested_dtype, nested_offset]}`` with Python values.
@@ -298,7 +320,7 @@ class QuantState:
 
     @classmethod
     def from_dict(cls, qs_dict: dict[str, Any], device: torch.device | str | None = None) -> QuantState:
-        """Build a QuantState from a bitsandbytes-format dict (packed or unpacked), validating every field.
+        """Returns a QuantState built from a bitsandbytes-format dict (packed or unpacked), every field validated.
 
         Keys may carry a module prefix (``"layer.weight.absmax"``): the part after the last ``.`` is the key,
         except for the ``quant_state.bitsandbytes__nf4``/``__fp4`` blob. Missing, unknown or corrupted keys
@@ -306,6 +328,9 @@ class QuantState:
         NaN/inf scales. A plain absmax in bitsandbytes' CPU inference layout (bf16 ``[K/bs, N]``, written by
         bitsandbytes 0.50.2 when a model is saved after a CPU eval forward) is read back in the format's order.
         Tensors are moved to ``device`` (default: where ``absmax`` is). Does not modify ``qs_dict``.
+
+        Raises:
+            TypeError: ``qs_dict`` is not a dict. ValueError: a missing, unknown or corrupted key (named).
         """
         if not isinstance(qs_dict, dict):
             raise TypeError(f"qs_dict must be a dict of state-dict entries, got {type(qs_dict).__name__}")
@@ -390,14 +415,14 @@ class QuantState:
 
     # ------------------------------------------------------------------ helpers
     def nbytes(self) -> int:
-        """Bytes of all scale data (absmax, nested absmax, offset), excluding codebooks and packed codes."""
+        """Returns the bytes of all scale data (absmax, nested absmax, offset), excluding codebooks and codes."""
         n = self.absmax.numel() * self.absmax.element_size()
         if self.nested:
             n += self.state2.absmax.numel() * self.state2.absmax.element_size() + 4  # + float32 offset
         return n
 
     def codebook_matches(self) -> bool:
-        """True when ``code`` is the standard table for ``quant_type`` (bit for bit)."""
+        """Returns True when ``code`` is the standard table for ``quant_type`` (bit for bit), else False."""
         return torch.equal(self.code.cpu(), get_codebook(self.quant_type))
 
     def __eq__(self, other: object) -> bool:

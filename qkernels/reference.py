@@ -17,6 +17,7 @@ Rules, identical to bitsandbytes' PyTorch backend:
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -59,7 +60,7 @@ def _encode(flat: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[tor
 
 
 def absmax_of(A: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """Per-block ``max |x|`` of ``A`` flattened row-major: float32 ``[ceil(numel / blocksize)]``."""
+    """Returns the per-block ``max |x|`` of ``A`` flattened row-major: float32 ``[ceil(numel / blocksize)]``."""
     return _blocks(A.reshape(-1).to(torch.float32), blocksize).abs().amax(dim=1)
 
 
@@ -97,14 +98,16 @@ def dequantize_4bit(
 def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """8-bit blockwise quantization (used for the nested absmax): ``(codes uint8 [n], absmax float32 [nblocks])``.
 
-    Same rule as the 4-bit path against a 256-entry ``code`` (the dynamic map), one code per byte.
+    Same rule as the 4-bit path against a 256-entry ``code`` (the dynamic map), one code per byte: ``A`` (any
+    shape, float) flattened into blocks of ``blocksize``. Returns ``(codes, absmax)``. No argument checking
+    (``qkernels.quantize_blockwise`` validates).
     """
     codes, absmax = _encode(A.reshape(-1), code, blocksize)
     return codes.to(torch.uint8), absmax
 
 
 def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """Inverse of ``quantize_blockwise``: ``code[q] * absmax[i // blocksize]`` in float32, flat ``[n]``."""
+    """Inverse of ``quantize_blockwise``: returns ``code[q] * absmax[i // blocksize]`` in float32, flat ``[n]``."""
     n = q.numel()
     return code.to(torch.float32)[q.reshape(-1).long()] * absmax.to(torch.float32).repeat_interleave(blocksize)[:n]
 
@@ -122,9 +125,10 @@ def decode_nested_absmax(
 
 # ---------------------------------------------------------------------------------------------- LoRA
 def lora_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
-    """LoRA's output scale: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (Kalajdzievic 2023)."""
-    if r <= 0:
-        raise ValueError(f"r must be a positive integer, got {r!r}")
+    """Returns LoRA's output scale: ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with ``use_rslora``
+    (rsLoRA, Kalajdzievic 2023), as a float. Raises ValueError unless ``r`` is a positive integer."""
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r <= 0:  # 2.5 gave a scale; no layer has it
+        raise ValueError(f"r must be a positive integer (the LoRA rank), got {r!r}")
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
@@ -155,6 +159,10 @@ def matmul_4bit_lora(
     Computed in ``x.dtype`` (pass float64 tensors for an oracle); W is dequantized to that dtype and gets
     no gradient. Dropout: if ``dropout_mask`` (bool or 0/1, broadcastable to x) is given it is used as is,
     scaled by ``1 / (1 - dropout_p)``; otherwise a fresh mask is drawn when ``training`` and ``dropout_p > 0``.
+    ``packed`` / ``state``: the 4-bit weight and its ``QuantState`` (``qkernels.quantize_4bit``'s results).
+
+    Returns ``Y``. Raises ValueError when x's last dimension is not the weight's ``K``, or only one of lora_A /
+    lora_B is given (and ``qkernels.dequantize_4bit``'s errors for a state that does not fit ``packed``).
     """
     if len(state.shape) != 2 or x.shape[-1] != state.shape[1]:
         raise ValueError(f"x [..., {x.shape[-1]}] does not match the quantized weight of shape {tuple(state.shape)}")
@@ -196,6 +204,8 @@ def matmul_4bit_lora_backward(
     With ``Xd = dropout(X)`` (same mask as forward) and ``T = Xd A^T``:
     ``dX = dY W + s * ((dY B) A) * mask / (1 - p)``, ``dA = s * (dY B)^T Xd``, ``dB = s * dY^T T``,
     ``dbias = sum(dY)`` over the leading dims. Leading dims of x/grad_y are flattened. No gradient for W.
+    ``packed``, ``state``, ``lora_A``, ``lora_B``, ``scaling``, ``dropout_p``: the forward's arguments;
+    ``dropout_mask``: the forward's mask (None: no dropout). Returns the four gradients, in x's dtype.
     """
     K = x.shape[-1]
     N = grad_y.shape[-1]

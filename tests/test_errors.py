@@ -123,3 +123,161 @@ def test_strided_absmax_view(double_quant, backend):
     assert torch.equal(qkernels.dequantize_4bit(p, strided, backend=backend), want)
     out = torch.empty_like(want)
     assert torch.equal(qkernels.dequantize_4bit(p, strided, out=out, backend=backend), want)
+
+
+# ----------------------------------------------------------------------------------------- the module-level API
+@pytest.mark.parametrize("name", ["bfloat16", "torch.bfloat16"])
+def test_compute_dtype_and_quant_storage_by_name(name):
+    """transformers' BitsAndBytesConfig takes bnb_4bit_compute_dtype="bfloat16" (and quant_storage by name); the same
+    strings were refused here ("compute_dtype must be None ... got 'bfloat16'"). They now mean the dtype."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    by_name = qkernels.QLoRALinear.from_linear(lin, compute_dtype=name, quant_storage=name)
+    by_dtype = qkernels.QLoRALinear.from_linear(lin, compute_dtype=torch.bfloat16, quant_storage=torch.bfloat16)
+    assert by_name.compute_dtype is torch.bfloat16 and by_name.weight.dtype == torch.bfloat16
+    x = torch.randn(3, 64)
+    assert torch.equal(by_name(x), by_dtype(x))
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    qkernels.apply_qlora(model, target_modules=["0"], compute_dtype=name, quant_storage="uint8")
+    assert model[0].compute_dtype is torch.bfloat16 and model[0].weight.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("bad", ["fp32", "float64", torch.float64, "int8"])
+def test_bad_compute_dtype_names_the_argument(bad):
+    with pytest.raises(ValueError, match=r"compute_dtype must be None .*\(or its name, e.g. 'bfloat16'\)"):
+        qkernels.QLoRALinear(64, 32, compute_dtype=bad)
+    with pytest.raises(ValueError, match=r"compute_dtype must be None"):
+        qkernels.apply_qlora(torch.nn.Sequential(torch.nn.Linear(64, 32)), target_modules=["0"], compute_dtype=bad)
+
+
+def test_quant_type_in_capitals_says_lowercase():
+    with pytest.raises(ValueError, match=r"got 'NF4'; the names are lowercase: 'nf4'"):
+        qkernels.quantize_4bit(torch.randn(64), quant_type="NF4")
+    with pytest.raises(ValueError, match=r"got 'FP4'; the names are lowercase: 'fp4'"):
+        qkernels.QLoRALinear(64, 32, quant_type="FP4")
+    with pytest.raises(ValueError, match=r"got 'int4'$"):
+        qkernels.quantize_4bit(torch.randn(64), quant_type="int4")
+
+
+def test_target_modules_none_or_not_a_list():
+    """peft's target_modules=None picks a default list per model type; here it was "TypeError: 'NoneType' object is
+    not iterable" from deep inside apply_qlora."""
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    with pytest.raises(ValueError, match=r"target_modules is None: pass the module names .* or 'all-linear'"):
+        qkernels.apply_qlora(model, target_modules=None)
+    with pytest.raises(TypeError, match=r"target_modules must be a list of module names, a regex or 'all-linear', "
+                                        r"got int"):
+        qkernels.apply_qlora(model, target_modules=5)
+    assert isinstance(model[0], torch.nn.Linear)  # untouched
+
+
+@pytest.mark.parametrize("r", [2.5, True, 0, -1, "8"])
+def test_lora_scaling_rank_must_be_a_positive_integer(r):
+    """lora_scaling(16, 2.5) returned 6.4, a scale no layer can have (QLoRALinear refuses r=2.5)."""
+    with pytest.raises(ValueError, match="r must be a positive integer"):
+        qkernels.lora_scaling(16, r)
+
+
+def test_lora_scaling_takes_numpy_integers():
+    np = pytest.importorskip("numpy")
+    assert qkernels.lora_scaling(16, np.int64(8)) == 2.0 and qkernels.lora_scaling(16, 4, use_rslora=True) == 8.0
+
+
+def test_bits_per_parameter_checks_its_state():
+    p, _ = qkernels.quantize_4bit(torch.randn(64))
+    with pytest.raises(TypeError, match="quant_state must be a qkernels.QuantState, got NoneType"):
+        qkernels.bits_per_parameter(p, None)
+
+
+@pytest.mark.parametrize("table", ["code", "nested_absmax", "nested_code"])
+def test_state_table_on_another_device(table):
+    """A state whose codebook (or nested tables) sits on another device than packed failed inside the op with
+    "RuntimeError: code is on meta but the data is on cpu", naming neither the state nor the fix."""
+    import copy
+
+    torch.manual_seed(0)
+    p, s = qkernels.quantize_4bit(torch.randn(8, 64))
+    moved = copy.deepcopy(s)
+    if table == "code":
+        moved.code = s.code.to("meta")
+    elif table == "nested_absmax":
+        moved.state2.absmax = s.state2.absmax.to("meta")
+    else:
+        moved.state2.code = s.state2.code.to("meta")
+    name = {"code": "quant_map", "nested_absmax": "nested_absmax", "nested_code": "nested_quant_map"}[table]
+    with pytest.raises(ValueError, match=rf"{name}\)? is on meta but packed .* on cpu; move the whole state with "
+                                         r"quant_state.to\('cpu'\)"):
+        qkernels.dequantize_4bit(p, moved)
+    with pytest.raises(ValueError, match=rf"{name}\)? is on meta"):
+        qkernels.matmul_4bit_lora(torch.randn(2, 64), p, moved, None, None, 1.0)
+
+
+# ----------------------------------------------------------------------------------------- adapter paths
+def _model_with_adapter():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    return qkernels.apply_qlora(model, target_modules=["0"], r=4)
+
+
+def test_load_adapter_path_that_does_not_exist(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"adapter directory '.*nowhere' does not exist\. qkernels reads "
+                                                r"local directories only"):
+        qkernels.load_adapter(_model_with_adapter(), tmp_path / "nowhere", adapter_name="other")
+
+
+def test_load_adapter_given_the_weights_file(tmp_path):
+    """Passing the adapter's file instead of its directory said "<file>/adapter_config.json not found"."""
+    model = _model_with_adapter()
+    qkernels.save_adapter(model, tmp_path / "a")
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors' is a file; pass the adapter directory that "
+                                         r"holds it and adapter_config\.json: '.*a'"):
+        qkernels.load_adapter(model, tmp_path / "a" / "adapter_model.safetensors", adapter_name="other")
+    with pytest.raises(TypeError, match="path must be a directory path"):
+        qkernels.load_adapter(model, None, adapter_name="other")
+
+
+def test_load_adapter_reads_peft_bin_format(tmp_path):
+    """peft's older format (adapter_model.bin, a torch pickle) loads like the safetensors one (peft reads both)."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    model = _model_with_adapter()
+    with torch.no_grad():
+        model[0].lora_B["default"].weight.normal_()
+    qkernels.save_adapter(model, tmp_path / "st")
+    (tmp_path / "bin").mkdir()
+    torch.save(load_file(tmp_path / "st" / "adapter_model.safetensors"), tmp_path / "bin" / "adapter_model.bin")
+    (tmp_path / "bin" / "adapter_config.json").write_text((tmp_path / "st" / "adapter_config.json").read_text())
+    assert qkernels.load_adapter(model, tmp_path / "bin", adapter_name="from_bin") == ["0"]
+    for which in ("lora_A", "lora_B"):
+        assert torch.equal(getattr(model[0], which)["from_bin"].weight, getattr(model[0], which)["default"].weight)
+
+
+def test_bad_qkernels_backend_environment_variable(monkeypatch):
+    """QKERNELS_BACKEND=fast said "backend must be one of ..., got 'fast'" to a caller that passed no backend."""
+    monkeypatch.setenv("QKERNELS_BACKEND", "fast")
+    with pytest.raises(ValueError, match=r"environment variable QKERNELS_BACKEND must be one of .* got 'fast'"):
+        qkernels.quantize_4bit(torch.randn(64))
+    with pytest.raises(ValueError, match=r"^backend must be one of"):  # an explicit argument is named as such
+        qkernels.dequantize_4bit(*qkernels.quantize_4bit(torch.randn(64), backend="reference"), backend="fast")
+
+
+def test_quantize_on_the_meta_device():
+    """A weight on the meta device (a model built under init_empty_weights) failed with "Tensor.item() cannot be
+    called on meta tensors"; it is a ValueError saying there are no values and what to do. (Layers on the meta device
+    are another matter: they quantize nothing and wait for a checkpoint, tests/test_meta.py.)"""
+    with pytest.raises(ValueError, match=r"A is on the meta device: it has no values to quantize"):
+        qkernels.quantize_4bit(torch.empty(64, 64, device="meta"))
+
+
+def test_loftq_rank_must_be_positive():
+    """loftq_init(W, r=0, ...) returned empty factors."""
+    with pytest.raises(ValueError, match=r"r must be a positive int \(the LoRA rank\), got 0"):
+        qkernels.loftq_init(torch.randn(64, 64), 0, 1.0)
+
+
+def test_save_adapter_onto_a_file(tmp_path):
+    """save_adapter(model, <existing file>) raised FileExistsError from os.makedirs."""
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match=r"is a file; save_adapter writes a directory"):
+        qkernels.save_adapter(_model_with_adapter(), tmp_path / "f")

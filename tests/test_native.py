@@ -133,6 +133,38 @@ def test_no_native_fallback_import():
     assert r.returncode == 0, r.stderr
 
 
+def test_unbuilt_native_module_reason(tmp_path):
+    """A package without a compiled _C (a checkout never built, a pure-Python copy) imports, runs the reference path,
+    and native_info() says the module is not built and how to build it. It said "cannot import name '_C' from
+    partially initialized module 'qkernels' (most likely due to a circular import)", which sent users hunting for a
+    circular import."""
+    import qkernels
+
+    pkg = tmp_path / "qkernels"
+    shutil.copytree(os.path.dirname(qkernels.__file__), pkg,
+                    ignore=lambda d, names: {n for n in names if n.startswith("_C") or n == "__pycache__"})
+    code = (
+        # a setuptools editable install of qkernels elsewhere (a developer venv) resolves qkernels._C through its own
+        # meta-path finder, whatever qkernels.__path__ says: take it out, as a plain install has none
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]\n"
+        "import qkernels, torch\n"
+        f"assert qkernels.__file__.startswith({str(tmp_path)!r}), qkernels.__file__\n"
+        "info = qkernels.native_info()\n"
+        "assert info['native'] is False, info\n"
+        "print(info['reason'])\n"
+        "p, s = qkernels.quantize_4bit(torch.randn(64, 64))\n"
+        "assert qkernels.dequantize_4bit(p, s).shape == (64, 64)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("QKERNELS_NO_NATIVE", "PYTHONPATH")}
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    reason = r.stdout.strip().splitlines()[-1]
+    assert "qkernels._C is not built" in reason and "build_ext --inplace" in reason, reason
+    assert "circular" not in reason, reason
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # dequantize_4bit_cpu: bit-exact vs torch
 # ---------------------------------------------------------------------------------------------------------------------
