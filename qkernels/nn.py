@@ -552,6 +552,10 @@ class QLoRALinear(nn.Module):
         Copies in place, so the Parameter (and an optimizer holding it) stays. On the meta device, where a copy is a
         no-op, the Parameter is replaced by one holding ``value`` on ``value``'s device: an adapter loaded into a meta
         model before its base checkpoint keeps its values (the base load then leaves them alone).
+
+        Raises:
+            ValueError: ``which`` is neither "lora_A" nor "lora_B", the layer has no adapter ``adapter_name``, or
+                ``value``'s shape differs from the weight's.
         """
         if which not in ("lora_A", "lora_B"):
             raise ValueError(f"which must be 'lora_A' or 'lora_B', got {which!r}")

@@ -241,6 +241,13 @@ class QuantState:
         ``offset`` float32 ``[]``, ``state2.absmax`` float32 ``[ceil(nblocks / 256)]``, ``state2.code`` float32
         ``[256]``. On a real device the codebooks hold the standard tables; the scales are whatever memory held: the
         values come from a checkpoint.
+
+        Args:
+            shape: the weight's shape; blocksize, quant_type ("nf4"/"fp4"), nested (double quant): the format;
+            dtype: the weight's float dtype (what dequantize returns); device: where the tensors live.
+
+        Returns:
+            a ``QuantState`` whose tensors have the format's shapes and hold no values yet.
         """
         state = cls(absmax=torch.empty(0), shape=shape, code=None, blocksize=blocksize, quant_type=quant_type,
                     dtype=dtype)

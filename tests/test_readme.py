@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import re
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -24,10 +25,10 @@ def _python_blocks() -> list[tuple[int, str | None, str]]:
     lines = (ROOT / "README.md").read_text().splitlines()
     blocks, i = [], 0
     while i < len(lines):
-        if lines[i].strip() == "```python":
-            end = lines.index("```", i + 1)
+        if lines[i].strip() == "```python":  # at the margin or indented inside a list item
+            end = next(j for j in range(i + 1, len(lines)) if lines[j].strip() == "```")
             m = MARK.match(lines[i - 1].strip()) if i else None
-            blocks.append((i + 1, m.group(1) if m else None, "\n".join(lines[i + 1:end])))
+            blocks.append((i + 1, m.group(1) if m else None, textwrap.dedent("\n".join(lines[i + 1:end]))))
             i = end
         i += 1
     return blocks
@@ -55,8 +56,22 @@ def _fill_qlora(src: str) -> tuple[str, dict]:
     return src.replace("\nmodel = ...  ", "\nmodel = _base  ", 1), {"_base": base}
 
 
+def _fill_meta(src: str) -> tuple[str, dict]:
+    from safetensors.torch import save_file
+
+    import qkernels
+
+    source = _tiny_llama()
+    qkernels.apply_qlora(source, "all-linear", r=16)
+    Path("q4").mkdir()
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, "q4/model.safetensors")
+    ids = torch.randint(0, source.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    return src, {"config": source.config, "_source": source, "_ids": ids}
+
+
 FILLERS = {
     "model = a small transformers Llama; peft-trained-adapter = one saved by peft": _fill_qlora,
+    "config = a tiny Llama's config; q4/model.safetensors = its 4-bit state dict": _fill_meta,
 }
 
 
@@ -75,7 +90,19 @@ def _check_qlora(ns: dict) -> None:
     assert not any(isinstance(m, qkernels.QLoRALinear) for m in ns["merged"].modules())
 
 
-CHECKS = {"packed, state = qkernels.quantize_4bit(W": _check_use, "qkernels.apply_qlora(model": _check_qlora}
+def _check_meta(ns: dict) -> None:
+    import qkernels
+
+    model, source = ns["model"], ns["_source"]
+    assert sum(isinstance(m, qkernels.QLoRALinear) for m in model.modules()) == 14  # 2 layers x 7 projections
+    assert not any(p.is_meta for p in model.parameters())
+    with torch.no_grad():
+        assert torch.equal(model(ns["_ids"]).logits, source(ns["_ids"]).logits)  # loaded = the model saved
+
+
+CHECKS = {"packed, state = qkernels.quantize_4bit(W": _check_use,
+          "qkernels.apply_qlora(model, target_modules=": _check_qlora,
+          "init_empty_weights()": _check_meta}
 
 
 def test_readme_has_the_blocks_this_file_knows():
