@@ -36,6 +36,8 @@ logger = logging.getLogger("qkernels")
 
 INDEX_NAME = "model.safetensors.index.json"
 _FLOAT_CODES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# weight files of other formats in a checkpoint directory: never copied to the 4-bit one (_is_weight_file)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.uint8: "uint8"}
 
 
@@ -254,7 +256,9 @@ def quantize_checkpoint(
 
     Args:
         src_dir: a directory with ``model.safetensors`` or shards with ``model.safetensors.index.json`` (float
-            weights), and usually ``config.json``; every other file in it (tokenizer, generation config) is copied.
+            weights), and usually ``config.json``; every other file in it (tokenizer, generation config) is copied,
+            except weights in other formats (``pytorch_model*.bin``, ``*.pth``, ``*.h5``, ... and their indexes) and
+            subdirectories.
         dst_dir: where the 4-bit checkpoint goes (created; must hold no ``*.safetensors`` yet): ``model.safetensors``
             or ``model-0000i-of-0000n.safetensors`` + index, ``config.json`` with transformers' bitsandbytes
             ``quantization_config``. Shards are written under temporary names and renamed at the end; on an error they
@@ -345,19 +349,34 @@ def quantize_checkpoint(
     except BaseException:
         writer.discard()
         raise
-    _copy_side_files(src, dst, quant_type, double_quant, quant_storage, compute_dtype or dtype or torch.float32, skip,
-                     dtype)
+    left_out = _copy_side_files(src, dst, quant_type, double_quant, quant_storage,
+                                compute_dtype or dtype or torch.float32, skip, dtype)
+    if left_out:
+        say(f"quantize_checkpoint: not copied (float weights in another format): {left_out}")
     say(f"quantize_checkpoint: wrote {len(names)} file(s) to {str(dst)!r}: {_human(bytes_in)} -> "
         f"{_human(writer.total)} in {time.perf_counter() - t0:.1f} s")
     return {"quantized": sorted(targets), "tensors": len(header), "files": names, "bytes_in": bytes_in,
             "bytes_out": writer.total}
 
 
+def _is_weight_file(name: str) -> bool:
+    """A float checkpoint in another format (``pytorch_model*.bin``, ``tf_model.h5``, ``consolidated.pth``, ...) or
+    its index: a hub snapshot often holds one beside the safetensors. Copied, it would put the float model (as large
+    as the source) next to the 4-bit one, and ``from_pretrained(use_safetensors=False)`` would read it."""
+    return name.endswith(_WEIGHT_SUFFIXES) or any(name.endswith(s + ".index.json") for s in _WEIGHT_SUFFIXES)
+
+
 def _copy_side_files(src: Path, dst: Path, quant_type: str, double_quant: bool, quant_storage: torch.dtype,
-                     compute_dtype: torch.dtype, skip: list[str] | None, dtype: torch.dtype | None) -> None:
-    """Copy the non-weight files; ``config.json`` gets ``quantization_config`` (and the new dtype, when cast)."""
+                     compute_dtype: torch.dtype, skip: list[str] | None, dtype: torch.dtype | None) -> list[str]:
+    """Copy the non-weight files (tokenizer, generation config, ...); ``config.json`` gets ``quantization_config``
+    (and the new dtype, when cast). Returns the names of the weight files in other formats that were left out."""
+    left_out = []
     for p in src.iterdir():
-        if p.is_file() and p.suffix != ".safetensors" and p.name not in (INDEX_NAME, "config.json"):
+        if not p.is_file() or p.suffix == ".safetensors" or p.name in (INDEX_NAME, "config.json"):
+            continue  # the source shards and config, written anew
+        if _is_weight_file(p.name):
+            left_out.append(p.name)
+        else:
             shutil.copy2(p, dst / p.name)
     cfg_path = src / "config.json"
     if cfg_path.is_file():
@@ -368,3 +387,4 @@ def _copy_side_files(src: Path, dst: Path, quant_type: str, double_quant: bool, 
                 if k in cfg:
                     cfg[k] = _DTYPE_NAMES[dtype]
         (dst / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return sorted(left_out)

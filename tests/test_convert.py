@@ -220,3 +220,20 @@ def test_peak_buffer_is_one_shard(dense_dir, tmp_path, monkeypatch):
     assert all(size <= limit or n <= 6 for size, n in peak)  # 6: a weight and its 5 quant-state keys
     assert len(res["files"]) >= res["bytes_out"] // limit
     assert qkernels.quantize_checkpoint is quantize_checkpoint
+
+
+def test_weights_in_other_formats_are_not_copied(tmp_path, capsys):
+    """A hub snapshot often holds pytorch_model.bin (and its index) beside model.safetensors: copying it put the whole
+    float model next to the 4-bit one. The tokenizer and other side files are copied; the left-out files are named."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 32))
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, src / "model.safetensors")
+    torch.save(net.state_dict(), src / "pytorch_model.bin")
+    (src / "pytorch_model.bin.index.json").write_text("{}")
+    (src / "tokenizer.json").write_text("{}")
+    quantize_checkpoint(src, tmp_path / "q", ["0"])
+    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["model.safetensors", "tokenizer.json"]
+    assert "not copied (float weights in another format): ['pytorch_model.bin', 'pytorch_model.bin.index.json']" in \
+        capsys.readouterr().err
