@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import pickle
 
 import pytest
@@ -233,6 +234,7 @@ def test_transformers_from_config_under_init_empty_weights_loads_a_4bit_save_pre
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=bnb_config,
                                                   device_map="cpu")
     loaded.save_pretrained(tmp_path / "q4")
+    loaded.save_pretrained(tmp_path / "q4s", max_shard_size="30KB")
     ref = apply_qlora(loaded, "all-linear", r=4).eval()
 
     with init_empty_weights():
@@ -247,6 +249,18 @@ def test_transformers_from_config_under_init_empty_weights_loads_a_4bit_save_pre
         assert torch.equal(model(ids).logits, ref(ids).logits)
     q = model.model.layers[1].self_attn.q_proj.weight.quant_state
     assert (q.quant_type, q.nested) == ("fp4", True)
+
+    # the same checkpoint sharded by transformers, loaded one shard at a time: some weights' quant states are split
+    index = json.loads((tmp_path / "q4s" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert any(f != index[k.rpartition(".weight.")[0] + ".weight"] for k, f in index.items() if ".weight." in k)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(cfg)
+    apply_qlora(model, "all-linear", r=4)
+    for shard in sorted(set(index.values())):
+        model.load_state_dict(load_file(tmp_path / "q4s" / shard), assign=True, strict=False)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
 
 
 # ---------------------------------------------------------------------------------------------- what must fail
@@ -306,13 +320,24 @@ def test_loading_into_meta_without_assign_leaves_the_float_tensors_unloaded_and_
     meta[2](torch.randn(2, HID))  # no bias: complete
 
 
-def test_a_quant_state_split_from_its_weight_names_the_fix():
-    """A sharded checkpoint can put ``w.weight`` and ``w.weight.absmax`` in different shards; loading shard by shard
-    is an error that says to merge them."""
+def test_a_weight_split_across_shards_loads_shard_by_shard():
+    """transformers' sharded 4-bit save puts a weight's absmax and its quant_map / blob in different shards (seen at
+    max_shard_size 30KB). Loading shard by shard keeps the first part until the rest comes, in either order; the
+    model runs bit-identically to one full load, and refuses to run (naming the keys) while a part is missing."""
     sd = _built_normally().state_dict()
-    shard1 = {k: v for k, v in sd.items() if k != "0.weight"}
-    with pytest.raises(ValueError, match=r"not the packed weight '0\.weight'.*merge the shards"):
-        _meta_net().load_state_dict(shard1, strict=False, assign=True)
+    first = {k: v for k, v in sd.items() if k in ("0.weight", "0.weight.absmax", "0.bias") or k.startswith("2.")}
+    second = {k: v for k, v in sd.items() if k not in first}
+    full = _meta_net()
+    full.load_state_dict(sd, assign=True)
+    for shards in ([first, second], [second, first]):
+        meta = _meta_net()
+        result = meta.load_state_dict(shards[0], strict=False, assign=True)
+        if shards[0] is first:  # the rest is missing (which nested keys, the blob will say)
+            assert result.missing_keys == ["0.weight.quant_map", "0.weight.quant_state.bitsandbytes__nf4"]
+        with pytest.raises(RuntimeError, match=r"out_features=200\): its weight is partly loaded.*but not \['"):
+            meta(_x())
+        meta.load_state_dict(shards[1], strict=False, assign=True)
+        assert torch.equal(meta(_x()), full(_x()))
     with pytest.raises(ValueError, match=r"meta tensor in the state dict"):
         _meta_net().load_state_dict(_meta_net().state_dict(), assign=True)
 
