@@ -76,6 +76,19 @@ def _skeleton_from_config(src: Path) -> nn.Module | None:
         return cls._from_config(config)
 
 
+def _kept_in_float32(model: nn.Module | None, dtype: torch.dtype | None) -> re.Pattern | None:
+    """Which keys transformers loads in float32 whatever ``dtype`` asks (its ``_get_dtype_plan``): the
+    ``_keep_in_fp32_modules`` patterns when ``dtype`` is float16 (T5's ``wo``), ``_keep_in_fp32_modules_strict`` for
+    float16 and bfloat16. Matched as transformers does (``*`` as ``.*``, searched anywhere in the key). None: none."""
+    if model is None or dtype not in (torch.float16, torch.bfloat16):
+        return None
+    patterns = list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    if dtype == torch.float16:
+        patterns += list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    patterns = [p for p in patterns if isinstance(p, str) and p]
+    return re.compile("|".join(f"(?:{p.replace('*', '.*')})" for p in patterns)) if patterns else None
+
+
 def _read_header(files: list[Path]) -> dict[str, tuple[Path, list[int], str]]:
     """``{key: (file, shape, dtype code)}`` from the files' headers, without reading any tensor data."""
     from safetensors import safe_open
@@ -270,7 +283,9 @@ def quantize_checkpoint(
             (GPT-2) weights are stored transposed to ``[out, in]``, as transformers' bitsandbytes loader stores them.
         quant_type, double_quant, blocksize, quant_storage: the 4-bit format (``quantize_4bit``).
         dtype: cast every float tensor to this dtype first (the quantized weights' ``quant_state.dtype``, and the
-            copied ones); None: as stored.
+            copied ones), except those transformers keeps in float32 at this dtype (``_keep_in_fp32_modules`` at
+            float16, e.g. T5's ``wo``; ``_keep_in_fp32_modules_strict``), which are stored in float32 as
+            transformers loads them; None: as stored.
         compute_dtype: ``bnb_4bit_compute_dtype`` written to the config; None: ``dtype`` or float32.
         model: the model's structure (any device, meta included) whose ``state_dict`` keys are the checkpoint's.
         max_shard_size: bytes per output shard (an int, or ``"5GB"``, ``"500MiB"``); a weight and its quant state stay
@@ -306,6 +321,7 @@ def quantize_checkpoint(
     if model is None:
         model = _skeleton_from_config(src)
     targets, skip = _select_targets(header, model, target_modules, exclude_modules)
+    keep_fp32 = _kept_in_float32(model, dtype)
     dst.mkdir(parents=True, exist_ok=True)
 
     def say(line: str) -> None:
@@ -324,7 +340,7 @@ def quantize_checkpoint(
                     t = sf.get_tensor(key)
                     bytes_in += t.numel() * t.element_size()
                     if dtype is not None and t.is_floating_point():
-                        t = t.to(dtype)
+                        t = t.to(torch.float32 if keep_fp32 is not None and keep_fp32.search(key) else dtype)
                     module = key[: -len(".weight")] if key.endswith(".weight") else None
                     if module in targets:
                         w = t.t() if targets[module] else t

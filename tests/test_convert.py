@@ -237,3 +237,28 @@ def test_weights_in_other_formats_are_not_copied(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["model.safetensors", "tokenizer.json"]
     assert "not copied (float weights in another format): ['pytorch_model.bin', 'pytorch_model.bin.index.json']" in \
         capsys.readouterr().err
+
+
+def test_t5_cast_to_float16_keeps_wo_in_float32_as_transformers_does(tmp_path):
+    """dtype=float16 on T5: transformers loads ``_keep_in_fp32_modules`` (``wo``) in float32 from the float source;
+    rounding them to float16 here changed the logits. Same files and logits as transformers' own 4-bit load in fp16."""
+    from transformers import AutoModelForSeq2SeqLM, BitsAndBytesConfig, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=96, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, decoder_start_token_id=0)
+    T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / "dense")
+    quantize_checkpoint(tmp_path / "dense", tmp_path / "q", exclude_modules=["wo"], quant_type="fp4",
+                        double_quant=False, dtype=torch.float16, verbose=False)
+    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float16, bnb_4bit_quant_type="fp4")
+    ref = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "dense", dtype=torch.float16, quantization_config=bnb_config,
+                                                device_map="cpu")
+    ref.save_pretrained(tmp_path / "ref")
+    want, got = _load_dir(tmp_path / "ref"), _load_dir(tmp_path / "q")
+    assert got["encoder.block.0.layer.1.DenseReluDense.wo.weight"].dtype == torch.float32
+    assert got["encoder.block.0.layer.0.SelfAttention.o.weight.absmax"].dtype == torch.float32
+    assert all(same_bits(got[k], want[k]) for k in want)
+    loaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "q", device_map="cpu")
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, decoder_input_ids=ids).logits,
+                           ref(input_ids=ids, decoder_input_ids=ids).logits)
