@@ -421,3 +421,31 @@ def test_set_lora_weight_names_bad_arguments():
     A = layer.lora_A.default.weight
     layer.set_lora_weight("default", "lora_A", torch.ones(4, IN, dtype=torch.float64))
     assert layer.lora_A.default.weight is A and torch.equal(A, torch.ones(4, IN))  # in place, cast
+
+
+@pytest.mark.parametrize("how", ["assign", "to_empty"])
+def test_modules_to_save_wrapped_on_meta_take_the_base_checkpoint(how):
+    """apply_qlora(modules_to_save=...) on a meta model, then a base checkpoint (``2.weight``, as the model had it
+    before wrapping): the original and the copy both start from it, as when wrapping after loading. It was
+    'unexpected' and both stayed meta (forward returned meta logits). The copy trains without moving the original."""
+    torch.manual_seed(0)
+    base = apply_qlora(_net(), ["0"], r=4, lora_alpha=8)
+    sd = {k: v for k, v in base.state_dict().items() if "lora_" not in k}
+    want = apply_qlora(_net(), ["0"], r=4, lora_alpha=8, modules_to_save=["2"])
+    want.load_state_dict({**sd, **{f"2.{w}.weight": sd["2.weight"] for w in ("original_module",
+                                                                             "modules_to_save.default")}})
+    with torch.device("meta"):
+        meta = _net()
+    apply_qlora(meta, ["0"], r=4, lora_alpha=8, modules_to_save=["2"])
+    with pytest.raises(RuntimeError, match=r"copy of this module to save for adapter 'default' was never loaded"):
+        meta[2](torch.randn(2, HID))
+    if how == "to_empty":
+        meta.to_empty(device="cpu")
+    result = meta.load_state_dict(sd, assign=how == "assign")
+    assert not result.missing_keys and not result.unexpected_keys
+    assert torch.equal(meta(_x()), want(_x()))
+    original = meta[2].original_module.weight.detach().clone()
+    meta(_x()).square().sum().backward()
+    torch.optim.SGD([p for p in meta.parameters() if p.requires_grad], lr=0.1).step()
+    assert not torch.equal(meta[2].modules_to_save["default"].weight, original)
+    assert torch.equal(meta[2].original_module.weight, original)
