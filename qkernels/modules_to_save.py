@@ -66,6 +66,15 @@ class ModulesToSaveWrapper(nn.Module):
         if any(t.is_meta for t in new.state_dict().values()):
             self._unloaded_copies = self._unloaded_copies | {adapter_name}
 
+    def load_copy(self, adapter_name: str, tensors: dict[str, Any]) -> None:
+        """Load ``adapter_name``'s copy from ``tensors`` (its state dict, strict). A copy made on the meta device takes
+        the tensors themselves (``assign``: copying into meta is a no-op) and counts as loaded from then on, so a base
+        checkpoint loaded later does not overwrite it."""
+        copy_ = self.modules_to_save[adapter_name]
+        copy_.load_state_dict(tensors, strict=True,
+                              assign=any(t.is_meta for t in copy_.state_dict().values()))
+        self._unloaded_copies = self._unloaded_copies - {adapter_name}
+
     def set_adapter(self, adapter_name: str | None) -> None:
         """Run and train ``adapter_name``'s copy; freeze the others. An adapter without a copy here (or None): the
         frozen original module runs, as peft's wrapper does."""
@@ -112,15 +121,18 @@ class ModulesToSaveWrapper(nn.Module):
                               missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
         """Also read the base checkpoint's keys of the wrapped module (``<name>.weight``, as the model had before
         wrapping: a transformers or bitsandbytes checkpoint) into ``original_module``, and into each copy that holds
-        no value yet (wrapped on the meta device: as a copy made after loading would start). A copy's own keys
-        (``modules_to_save.<adapter>.*``) win. The children load after this, from the same dict."""
+        no value yet (wrapped on the meta device: as a copy made after loading would start); a copy that has values
+        keeps them and is not reported missing (as a QLoRALinear's LoRA weights with a base-only checkpoint). A
+        copy's own keys (``modules_to_save.<adapter>.*``) win. The children load after this, from the same dict."""
         own = list(self.original_module.state_dict(keep_vars=True))
         base = {k: state_dict.pop(prefix + k) for k in own if prefix + k in state_dict}
         for k, v in base.items():
             state_dict.setdefault(f"{prefix}original_module.{k}", v)
-            for name in self._unloaded_copies:
-                # a copy of its own: training the copy must not move the original (assign=True shares the tensor)
-                state_dict.setdefault(f"{prefix}modules_to_save.{name}.{k}", v.clone())
+            for name, copy_ in self.modules_to_save.items():
+                # an unloaded copy gets a clone: training it must not move the original (assign=True would share);
+                # a loaded one its own tensor (a no-op load, the same Parameter under assign=True)
+                v_copy = v.clone() if name in self._unloaded_copies else copy_.state_dict(keep_vars=True)[k]
+                state_dict.setdefault(f"{prefix}modules_to_save.{name}.{k}", v_copy)
         assign = local_metadata.get("assign_to_params_buffers", False)  # a meta copy takes a value only so
         loaded = {name for name in self._unloaded_copies
                   if all(f"{prefix}modules_to_save.{name}.{k}" in state_dict for k in own)

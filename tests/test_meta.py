@@ -403,6 +403,38 @@ def test_a_peft_adapter_loads_into_a_meta_model_in_either_order(tmp_path, order)
         assert torch.equal(meta(x), normal(x))
 
 
+@pytest.mark.parametrize("order", ["adapter_first", "base_first"])
+@pytest.mark.parametrize("wrapped", ["at_apply", "by_adapter"])
+def test_an_adapter_with_modules_to_save_loads_into_a_meta_model_in_either_order(tmp_path, order, wrapped):
+    """The adapter's copy of a module to save (peft's modules_to_save) keeps its values: load_adapter copied them into
+    the meta copy in place (a no-op, with a warning), and the copy then stayed meta or took the base weight."""
+    torch.manual_seed(0)
+    normal = apply_qlora(_net(), ["0"], r=4, lora_alpha=8, modules_to_save=["2"])
+    _randomize_lora(normal)
+    with torch.no_grad():
+        normal[2].modules_to_save["default"].weight.add_(1.0)
+    qkernels.save_adapter(normal, tmp_path / "ad")
+    base = {k.replace("original_module.", ""): v for k, v in normal.state_dict().items()
+            if "lora_" not in k and "modules_to_save." not in k}  # the checkpoint of the model before wrapping
+    with torch.device("meta"):
+        meta = _net()
+    apply_qlora(meta, ["0"], r=4, lora_alpha=8, modules_to_save=["2"] if wrapped == "at_apply" else None)
+    if order == "adapter_first":
+        qkernels.load_adapter(meta, tmp_path / "ad", replace=True)
+        meta.load_state_dict(base, assign=True)
+    else:
+        meta.load_state_dict(base, assign=True)
+        qkernels.load_adapter(meta, tmp_path / "ad", replace=True)
+    with torch.no_grad():
+        assert torch.equal(meta(_x()), normal(_x()))
+    with torch.device("meta"):
+        meta = _net()
+    apply_qlora(meta, ["0"], r=4, lora_alpha=8, modules_to_save=["2"])
+    meta.load_state_dict({k: v for k, v in base.items() if not k.startswith("2.")}, assign=True, strict=False)
+    with pytest.raises(RuntimeError, match=r"module to save '2' for adapter 'default' was never loaded"):
+        qkernels.save_adapter(meta, tmp_path / "ad2")
+
+
 def test_save_adapter_of_lora_weights_never_loaded_is_refused(tmp_path):
     meta = _meta_net()
     meta.to_empty(device="cpu")  # memory, no values: saving it would write garbage
