@@ -105,8 +105,8 @@ def _read_header(files: list[Path]) -> dict[str, tuple[Path, list[int], str]]:
 
 
 def _select_targets(header: dict, model: nn.Module | None, target_modules: Any,
-                    exclude_modules: Any) -> tuple[dict[str, bool], list[str] | None]:
-    """``({module name: stored transposed (Conv1D)}, skip list for transformers or None)``; every check up front."""
+                    exclude_modules: Any) -> tuple[dict[str, bool], list[str]]:
+    """``({module name: stored transposed (Conv1D)}, transformers' llm_int8_skip_modules)``; every check up front."""
     from .model import (
         ALL_LINEAR,
         _check_each_target_matches,
@@ -154,7 +154,10 @@ def _select_targets(header: dict, model: nn.Module | None, target_modules: Any,
         if not names:
             raise ValueError(f"target_modules {target_modules!r} matches no '<module>.weight' key of the checkpoint")
         targets = dict.fromkeys(names, False)
-        skip = None
+        # without the structure, every other 2-D float weight may be a Linear: all are named, else transformers'
+        # loader would make each Linear it finds 4-bit and leave the float weight unquantized in it (a broken model)
+        skip = sorted(n for n in cands if n not in targets and len(header[n + ".weight"][1]) == 2
+                      and header[n + ".weight"][2] in _FLOAT_CODES)
     for n in targets:
         _, shape, code = header[n + ".weight"]
         if len(shape) != 2 or code not in _FLOAT_CODES:
@@ -165,7 +168,7 @@ def _select_targets(header: dict, model: nn.Module | None, target_modules: Any,
 
 
 def _quantization_config(quant_type: str, double_quant: bool, quant_storage: torch.dtype,
-                         compute_dtype: torch.dtype, skip: list[str] | None) -> dict[str, Any]:
+                         compute_dtype: torch.dtype, skip: list[str]) -> dict[str, Any]:
     """transformers' ``BitsAndBytesConfig(load_in_4bit=True, ...).to_dict()`` for this format."""
     kwargs = dict(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
                   bnb_4bit_quant_storage=quant_storage, bnb_4bit_compute_dtype=compute_dtype,
@@ -383,7 +386,7 @@ def _is_weight_file(name: str) -> bool:
 
 
 def _copy_side_files(src: Path, dst: Path, quant_type: str, double_quant: bool, quant_storage: torch.dtype,
-                     compute_dtype: torch.dtype, skip: list[str] | None, dtype: torch.dtype | None) -> list[str]:
+                     compute_dtype: torch.dtype, skip: list[str], dtype: torch.dtype | None) -> list[str]:
     """Copy the non-weight files (tokenizer, generation config, ...); ``config.json`` gets ``quantization_config``
     (and the new dtype, when cast). Returns the names of the weight files in other formats that were left out."""
     left_out = []

@@ -262,3 +262,27 @@ def test_t5_cast_to_float16_keeps_wo_in_float32_as_transformers_does(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids, decoder_input_ids=ids).logits,
                            ref(input_ids=ids, decoder_input_ids=ids).logits)
+
+
+def test_a_config_transformers_cannot_build_names_every_other_weight_in_the_skip_list(dense_dir, tmp_path):
+    """config.json without ``architectures`` (or a class transformers lacks): no structure, so names. The written
+    llm_int8_skip_modules was None, so from_pretrained made every Linear but lm_head 4-bit, the float ones included,
+    and the model failed ('FP4 quantization state not initialized'). Now every other 2-D weight is listed."""
+    from transformers import AutoModelForCausalLM
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in dense_dir.iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((src / "config.json").read_text())
+    del cfg["architectures"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    quantize_checkpoint(src, tmp_path / "q", ["q_proj", "v_proj"], verbose=False)
+    skip = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"]
+    assert "model.layers.0.mlp.up_proj" in skip and "lm_head" in skip and "model.layers.0.self_attn.q_proj" not in skip
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu")
+    assert type(loaded.model.layers[0].mlp.up_proj) is nn.Linear
+    apply_qlora(loaded, ["q_proj", "v_proj"], r=4).eval()
+    want = apply_qlora(_llama(), ["q_proj", "v_proj"], r=4).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(_ids()).logits, want(_ids()).logits)
