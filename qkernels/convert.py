@@ -192,7 +192,8 @@ class _ShardWriter:
         self.dst, self.max = dst, max_shard_size
         self.buffer: dict[str, torch.Tensor] = {}
         self.size = 0
-        self.files: list[tuple[Path, list[str]]] = []
+        self.files: list[tuple[Path, list[str]]] = []  # (temporary path, keys) per shard written
+        self.renamed: list[Path] = []  # final names given so far by finish()
         self.total = 0
 
     def add(self, group: dict[str, torch.Tensor]) -> None:
@@ -224,6 +225,7 @@ class _ShardWriter:
             names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         for (tmp, _), name in zip(self.files, names, strict=True):
             os.replace(tmp, self.dst / name)
+            self.renamed.append(self.dst / name)
         if n > 1:
             weight_map = {k: name for (_, keys), name in zip(self.files, names, strict=True) for k in keys}
             index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
@@ -231,8 +233,9 @@ class _ShardWriter:
         return names
 
     def discard(self) -> None:
-        for tmp, _ in self.files:
-            tmp.unlink(missing_ok=True)
+        """Remove every shard written, under its temporary or its final name."""
+        for path in [tmp for tmp, _ in self.files] + self.renamed:
+            path.unlink(missing_ok=True)
 
 
 def _human(n: int) -> str:
@@ -364,12 +367,13 @@ def quantize_checkpoint(
                     if done % log_every == 0 or done == len(header):
                         say(f"quantize_checkpoint: {done}/{len(header)} tensors ({nq} quantized), "
                             f"{_human(writer.total)} out, {time.perf_counter() - t0:.1f} s")
+        # the side files first: a failure there (disk full) must not leave shards that look like a finished checkpoint
+        left_out = _copy_side_files(src, dst, quant_type, double_quant, quant_storage,
+                                    compute_dtype or dtype or torch.float32, skip, dtype)
         names = writer.finish()
     except BaseException:
         writer.discard()
         raise
-    left_out = _copy_side_files(src, dst, quant_type, double_quant, quant_storage,
-                                compute_dtype or dtype or torch.float32, skip, dtype)
     if left_out:
         say(f"quantize_checkpoint: not copied (float weights in another format): {left_out}")
     say(f"quantize_checkpoint: wrote {len(names)} file(s) to {str(dst)!r}: {_human(bytes_in)} -> "

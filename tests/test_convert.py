@@ -286,3 +286,30 @@ def test_a_config_transformers_cannot_build_names_every_other_weight_in_the_skip
     want = apply_qlora(_llama(), ["q_proj", "v_proj"], r=4).eval()
     with torch.no_grad():
         assert torch.equal(loaded(_ids()).logits, want(_ids()).logits)
+
+
+def test_an_error_after_the_last_tensor_leaves_no_shard(dense_dir, tmp_path, monkeypatch):
+    """A failure while the side files are written (disk full, permissions) or while shards are renamed: no
+    *.safetensors is left to look like a finished checkpoint (a rerun would refuse the directory)."""
+    from qkernels import convert
+
+    def fail(*a, **k):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as m:
+        m.setattr(convert.shutil, "copy2", fail)
+        with pytest.raises(OSError, match="disk full"):
+            quantize_checkpoint(dense_dir, tmp_path / "a", max_shard_size="60KB", verbose=False)
+    assert not list((tmp_path / "a").glob("*.safetensors*"))
+    replace, calls = convert.os.replace, []
+
+    def second_rename_fails(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError("rename failed")
+        replace(src, dst)
+
+    monkeypatch.setattr(convert.os, "replace", second_rename_fails)
+    with pytest.raises(OSError, match="rename failed"):
+        quantize_checkpoint(dense_dir, tmp_path / "b", max_shard_size="60KB", verbose=False)
+    assert len(calls) == 2 and not list((tmp_path / "b").glob("*.safetensors*"))
