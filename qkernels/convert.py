@@ -58,22 +58,26 @@ def _source_files(src: Path) -> list[Path]:
     return files
 
 
-def _skeleton_from_config(src: Path) -> nn.Module | None:
-    """The model class named by ``src/config.json``, built on the meta device (no memory), or None when there is no
-    config or transformers cannot build it."""
+def _skeleton_from_config(src: Path) -> tuple[nn.Module | None, str]:
+    """The model class named by ``src/config.json``, built on the meta device (no memory), or None and the reason
+    (no config, no transformers, a class transformers lacks: custom code is never run, a config it refuses)."""
     if not (src / "config.json").is_file():
-        return None
+        return None, "src_dir has no config.json"
     try:
         import transformers
     except ImportError:
-        return None
-    config = transformers.AutoConfig.from_pretrained(src)
-    archs = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, archs[0], None) if archs else None
-    if cls is None:
-        return None
-    with torch.device("meta"):
-        return cls._from_config(config)
+        return None, "transformers is not installed"
+    try:
+        # trust_remote_code=False: a custom-code config would otherwise prompt on stdin ("run the custom code? [y/N]")
+        config = transformers.AutoConfig.from_pretrained(src, trust_remote_code=False)
+        archs = getattr(config, "architectures", None) or []
+        cls = getattr(transformers, archs[0], None) if archs else None
+        if cls is None:
+            return None, f"config.json names no transformers model class (architectures={archs})"
+        with torch.device("meta"):
+            return cls._from_config(config), ""
+    except Exception as e:  # noqa: BLE001 - any failure only means: no structure, names are needed
+        return None, f"transformers cannot build config.json's model ({type(e).__name__}: {str(e)[:200]})"
 
 
 def _kept_in_float32(model: nn.Module | None, dtype: torch.dtype | None) -> re.Pattern | None:
@@ -104,8 +108,8 @@ def _read_header(files: list[Path]) -> dict[str, tuple[Path, list[int], str]]:
     return out
 
 
-def _select_targets(header: dict, model: nn.Module | None, target_modules: Any,
-                    exclude_modules: Any) -> tuple[dict[str, bool], list[str]]:
+def _select_targets(header: dict, model: nn.Module | None, target_modules: Any, exclude_modules: Any,
+                    no_model_reason: str = "") -> tuple[dict[str, bool], list[str]]:
     """``({module name: stored transposed (Conv1D)}, transformers' llm_int8_skip_modules)``; every check up front."""
     from .model import (
         ALL_LINEAR,
@@ -143,8 +147,8 @@ def _select_targets(header: dict, model: nn.Module | None, target_modules: Any,
     else:
         if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
             raise ValueError("target_modules='all-linear' needs the model's structure (which 2-D weights are Linear "
-                             "layers): src_dir has no config.json that transformers can build, so pass model= (e.g. "
-                             "built under torch.device('meta')) or a list of module names, e.g. ['q_proj', 'v_proj']")
+                             f"layers), and there is none ({no_model_reason}): pass model= (e.g. built under "
+                             "torch.device('meta')) or a list of module names, e.g. ['q_proj', 'v_proj']")
         cands = [k[: -len(".weight")] for k in header if k.endswith(".weight")]
         names = [n for n in cands if _is_target(n, target_modules) and not _is_excluded(n, exclude_modules)]
         if not isinstance(target_modules, str):
@@ -324,9 +328,10 @@ def quantize_checkpoint(
     header = _read_header(files)
     if any(k.endswith(".weight.absmax") or ".weight.quant_state." in k for k in header):
         raise ValueError(f"src_dir {str(src)!r} is already a 4-bit checkpoint (it has '.weight.absmax' keys)")
+    no_model_reason = ""
     if model is None:
-        model = _skeleton_from_config(src)
-    targets, skip = _select_targets(header, model, target_modules, exclude_modules)
+        model, no_model_reason = _skeleton_from_config(src)
+    targets, skip = _select_targets(header, model, target_modules, exclude_modules, no_model_reason)
     keep_fp32 = _kept_in_float32(model, dtype)
     dst.mkdir(parents=True, exist_ok=True)
 

@@ -313,3 +313,19 @@ def test_an_error_after_the_last_tensor_leaves_no_shard(dense_dir, tmp_path, mon
     with pytest.raises(OSError, match="rename failed"):
         quantize_checkpoint(dense_dir, tmp_path / "b", max_shard_size="60KB", verbose=False)
     assert len(calls) == 2 and not list((tmp_path / "b").glob("*.safetensors*"))
+
+
+def test_a_custom_code_config_is_not_run_and_names_still_work(tmp_path):
+    """A trust_remote_code model (config.json with auto_map): transformers refused it (or asked on stdin "run the
+    custom code? [y/N]") and quantize_checkpoint failed even with explicit names. Now the structure is simply absent:
+    names work, and 'all-linear' says why it needs model=."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 32))
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, src / "model.safetensors")
+    (src / "config.json").write_text(json.dumps({"model_type": "mymodel", "architectures": ["MyModel"],
+                                                 "auto_map": {"AutoConfig": "configuration_my.MyConfig"}}))
+    assert quantize_checkpoint(src, tmp_path / "q", ["0"], verbose=False)["quantized"] == ["0"]
+    with pytest.raises(ValueError, match=r"there is none \(transformers cannot build config\.json's model.*model="):
+        quantize_checkpoint(src, tmp_path / "a", verbose=False)
