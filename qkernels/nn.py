@@ -670,7 +670,10 @@ class QLoRALinear(nn.Module):
         - some but not all present: the absent ones are reported missing and ``load_state_dict`` raises
           ``RuntimeError`` (strict or not: half an adapter is never a valid load); nothing in this layer changes.
 
-        Base keys (``weight``, its quant-state keys, ``bias``) that are absent are reported missing as usual.
+        Base keys (``weight``, its quant-state keys, ``bias``) that are absent are reported missing as usual. A dict
+        with only part of the weight's keys (a shard of a sharded 4-bit checkpoint: transformers can split a weight
+        from its quant_map / blob) changes nothing of the weight: the part is kept (``_pending_weight``), the keys it
+        lacks are reported missing, the layer refuses to run, and a later call with the rest loads the weight.
         (``strict`` is not seen here: torch passes True to every module and applies strictness at the end.)
         """
         wkey = prefix + "weight"
@@ -725,8 +728,10 @@ class QLoRALinear(nn.Module):
         n_missing = len(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if had_weight or waiting:  # present in the checkpoint: not missing, even when a partial LoRA set kept it
-            missing_keys[n_missing:] = [k for k in missing_keys[n_missing:] if k != wkey]  # from loading
+        # the weight is not missing when present (even if a partial LoRA set kept it from loading) or pending; the
+        # keys a pending weight lacks are
+        if had_weight or waiting:
+            missing_keys[n_missing:] = [k for k in missing_keys[n_missing:] if k != wkey]
         missing_keys.extend(waiting)
         if new_weight is not None:
             self.weight = new_weight
