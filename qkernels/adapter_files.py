@@ -255,6 +255,9 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
             w = getattr(m, which)[adapter_name].weight
             out[f"{PEFT_PREFIX}{name}.{which}.weight"] = w.detach().to("cpu", copy=True).contiguous()
     for name, w in _wrappers(model):
+        if adapter_name in w._unloaded_copies:
+            raise RuntimeError(f"the copy of module to save {name!r} for adapter {adapter_name!r} was never loaded "
+                               "(made on the meta device): load the base checkpoint or the adapter before saving it")
         if adapter_name in w.modules_to_save:
             for k, v in w.modules_to_save[adapter_name].state_dict().items():
                 out[f"{PEFT_PREFIX}{name}.{k}"] = v.detach().to("cpu", copy=True).contiguous()
@@ -601,7 +604,7 @@ def _apply_plan(model: nn.Module, cfg: dict[str, Any], whole: _Plan, adapter_nam
         if whole.saved:
             wrap_modules_to_save(model, cfg["modules_to_save"], adapter_name, activate=False)
             for n, tensors in whole.saved.items():
-                model.get_submodule(n).modules_to_save[adapter_name].load_state_dict(tensors, strict=True)
+                model.get_submodule(n).load_copy(adapter_name, tensors)
     except Exception:
         for p in done:  # leave no half-loaded adapter behind
             p.module.delete_adapter(adapter_name)

@@ -36,6 +36,8 @@ logger = logging.getLogger("qkernels")
 
 INDEX_NAME = "model.safetensors.index.json"
 _FLOAT_CODES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# weight files of other formats in a checkpoint directory: never copied to the 4-bit one (_is_weight_file)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.uint8: "uint8"}
 
 
@@ -56,22 +58,39 @@ def _source_files(src: Path) -> list[Path]:
     return files
 
 
-def _skeleton_from_config(src: Path) -> nn.Module | None:
-    """The model class named by ``src/config.json``, built on the meta device (no memory), or None when there is no
-    config or transformers cannot build it."""
+def _skeleton_from_config(src: Path) -> tuple[nn.Module | None, str]:
+    """The model class named by ``src/config.json``, built on the meta device (no memory), or None and the reason
+    (no config, no transformers, a class transformers lacks: custom code is never run, a config it refuses)."""
     if not (src / "config.json").is_file():
-        return None
+        return None, "src_dir has no config.json"
     try:
         import transformers
     except ImportError:
+        return None, "transformers is not installed"
+    try:
+        # trust_remote_code=False: a custom-code config would otherwise prompt on stdin ("run the custom code? [y/N]")
+        config = transformers.AutoConfig.from_pretrained(src, trust_remote_code=False)
+        archs = getattr(config, "architectures", None) or []
+        cls = getattr(transformers, archs[0], None) if archs else None
+        if cls is None:
+            return None, f"config.json names no transformers model class (architectures={archs})"
+        with torch.device("meta"):
+            return cls._from_config(config), ""
+    except Exception as e:  # noqa: BLE001 - any failure only means: no structure, names are needed
+        return None, f"transformers cannot build config.json's model ({type(e).__name__}: {str(e)[:200]})"
+
+
+def _kept_in_float32(model: nn.Module | None, dtype: torch.dtype | None) -> re.Pattern | None:
+    """Which keys transformers loads in float32 whatever ``dtype`` asks (its ``_get_dtype_plan``): the
+    ``_keep_in_fp32_modules`` patterns when ``dtype`` is float16 (T5's ``wo``), ``_keep_in_fp32_modules_strict`` for
+    float16 and bfloat16. Matched as transformers does (``*`` as ``.*``, searched anywhere in the key). None: none."""
+    if model is None or dtype not in (torch.float16, torch.bfloat16):
         return None
-    config = transformers.AutoConfig.from_pretrained(src)
-    archs = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, archs[0], None) if archs else None
-    if cls is None:
-        return None
-    with torch.device("meta"):
-        return cls._from_config(config)
+    patterns = list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    if dtype == torch.float16:
+        patterns += list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    patterns = [p for p in patterns if isinstance(p, str) and p]
+    return re.compile("|".join(f"(?:{p.replace('*', '.*')})" for p in patterns)) if patterns else None
 
 
 def _read_header(files: list[Path]) -> dict[str, tuple[Path, list[int], str]]:
@@ -89,9 +108,9 @@ def _read_header(files: list[Path]) -> dict[str, tuple[Path, list[int], str]]:
     return out
 
 
-def _select_targets(header: dict, model: nn.Module | None, target_modules: Any,
-                    exclude_modules: Any) -> tuple[dict[str, bool], list[str] | None]:
-    """``({module name: stored transposed (Conv1D)}, skip list for transformers or None)``; every check up front."""
+def _select_targets(header: dict, model: nn.Module | None, target_modules: Any, exclude_modules: Any,
+                    no_model_reason: str = "") -> tuple[dict[str, bool], list[str]]:
+    """``({module name: stored transposed (Conv1D)}, transformers' llm_int8_skip_modules)``; every check up front."""
     from .model import (
         ALL_LINEAR,
         _check_each_target_matches,
@@ -128,8 +147,8 @@ def _select_targets(header: dict, model: nn.Module | None, target_modules: Any,
     else:
         if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
             raise ValueError("target_modules='all-linear' needs the model's structure (which 2-D weights are Linear "
-                             "layers): src_dir has no config.json that transformers can build, so pass model= (e.g. "
-                             "built under torch.device('meta')) or a list of module names, e.g. ['q_proj', 'v_proj']")
+                             f"layers), and there is none ({no_model_reason}): pass model= (e.g. built under "
+                             "torch.device('meta')) or a list of module names, e.g. ['q_proj', 'v_proj']")
         cands = [k[: -len(".weight")] for k in header if k.endswith(".weight")]
         names = [n for n in cands if _is_target(n, target_modules) and not _is_excluded(n, exclude_modules)]
         if not isinstance(target_modules, str):
@@ -139,7 +158,10 @@ def _select_targets(header: dict, model: nn.Module | None, target_modules: Any,
         if not names:
             raise ValueError(f"target_modules {target_modules!r} matches no '<module>.weight' key of the checkpoint")
         targets = dict.fromkeys(names, False)
-        skip = None
+        # without the structure, every other 2-D float weight may be a Linear: all are named, else transformers'
+        # loader would make each Linear it finds 4-bit and leave the float weight unquantized in it (a broken model)
+        skip = sorted(n for n in cands if n not in targets and len(header[n + ".weight"][1]) == 2
+                      and header[n + ".weight"][2] in _FLOAT_CODES)
     for n in targets:
         _, shape, code = header[n + ".weight"]
         if len(shape) != 2 or code not in _FLOAT_CODES:
@@ -150,7 +172,7 @@ def _select_targets(header: dict, model: nn.Module | None, target_modules: Any,
 
 
 def _quantization_config(quant_type: str, double_quant: bool, quant_storage: torch.dtype,
-                         compute_dtype: torch.dtype, skip: list[str] | None) -> dict[str, Any]:
+                         compute_dtype: torch.dtype, skip: list[str]) -> dict[str, Any]:
     """transformers' ``BitsAndBytesConfig(load_in_4bit=True, ...).to_dict()`` for this format."""
     kwargs = dict(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
                   bnb_4bit_quant_storage=quant_storage, bnb_4bit_compute_dtype=compute_dtype,
@@ -174,7 +196,8 @@ class _ShardWriter:
         self.dst, self.max = dst, max_shard_size
         self.buffer: dict[str, torch.Tensor] = {}
         self.size = 0
-        self.files: list[tuple[Path, list[str]]] = []
+        self.files: list[tuple[Path, list[str]]] = []  # (temporary path, keys) per shard written
+        self.renamed: list[Path] = []  # final names given so far by finish()
         self.total = 0
 
     def add(self, group: dict[str, torch.Tensor]) -> None:
@@ -206,6 +229,7 @@ class _ShardWriter:
             names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         for (tmp, _), name in zip(self.files, names, strict=True):
             os.replace(tmp, self.dst / name)
+            self.renamed.append(self.dst / name)
         if n > 1:
             weight_map = {k: name for (_, keys), name in zip(self.files, names, strict=True) for k in keys}
             index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
@@ -213,8 +237,9 @@ class _ShardWriter:
         return names
 
     def discard(self) -> None:
-        for tmp, _ in self.files:
-            tmp.unlink(missing_ok=True)
+        """Remove every shard written, under its temporary or its final name."""
+        for path in [tmp for tmp, _ in self.files] + self.renamed:
+            path.unlink(missing_ok=True)
 
 
 def _human(n: int) -> str:
@@ -254,7 +279,9 @@ def quantize_checkpoint(
 
     Args:
         src_dir: a directory with ``model.safetensors`` or shards with ``model.safetensors.index.json`` (float
-            weights), and usually ``config.json``; every other file in it (tokenizer, generation config) is copied.
+            weights), and usually ``config.json``; every other file in it (tokenizer, generation config) is copied,
+            except weights in other formats (``pytorch_model*.bin``, ``*.pth``, ``*.h5``, ... and their indexes) and
+            subdirectories.
         dst_dir: where the 4-bit checkpoint goes (created; must hold no ``*.safetensors`` yet): ``model.safetensors``
             or ``model-0000i-of-0000n.safetensors`` + index, ``config.json`` with transformers' bitsandbytes
             ``quantization_config``. Shards are written under temporary names and renamed at the end; on an error they
@@ -266,7 +293,9 @@ def quantize_checkpoint(
             (GPT-2) weights are stored transposed to ``[out, in]``, as transformers' bitsandbytes loader stores them.
         quant_type, double_quant, blocksize, quant_storage: the 4-bit format (``quantize_4bit``).
         dtype: cast every float tensor to this dtype first (the quantized weights' ``quant_state.dtype``, and the
-            copied ones); None: as stored.
+            copied ones), except those transformers keeps in float32 at this dtype (``_keep_in_fp32_modules`` at
+            float16, e.g. T5's ``wo``; ``_keep_in_fp32_modules_strict``), which are stored in float32 as
+            transformers loads them; None: as stored.
         compute_dtype: ``bnb_4bit_compute_dtype`` written to the config; None: ``dtype`` or float32.
         model: the model's structure (any device, meta included) whose ``state_dict`` keys are the checkpoint's.
         max_shard_size: bytes per output shard (an int, or ``"5GB"``, ``"500MiB"``); a weight and its quant state stay
@@ -299,9 +328,11 @@ def quantize_checkpoint(
     header = _read_header(files)
     if any(k.endswith(".weight.absmax") or ".weight.quant_state." in k for k in header):
         raise ValueError(f"src_dir {str(src)!r} is already a 4-bit checkpoint (it has '.weight.absmax' keys)")
+    no_model_reason = ""
     if model is None:
-        model = _skeleton_from_config(src)
-    targets, skip = _select_targets(header, model, target_modules, exclude_modules)
+        model, no_model_reason = _skeleton_from_config(src)
+    targets, skip = _select_targets(header, model, target_modules, exclude_modules, no_model_reason)
+    keep_fp32 = _kept_in_float32(model, dtype)
     dst.mkdir(parents=True, exist_ok=True)
 
     def say(line: str) -> None:
@@ -320,7 +351,7 @@ def quantize_checkpoint(
                     t = sf.get_tensor(key)
                     bytes_in += t.numel() * t.element_size()
                     if dtype is not None and t.is_floating_point():
-                        t = t.to(dtype)
+                        t = t.to(torch.float32 if keep_fp32 is not None and keep_fp32.search(key) else dtype)
                     module = key[: -len(".weight")] if key.endswith(".weight") else None
                     if module in targets:
                         w = t.t() if targets[module] else t
@@ -341,23 +372,39 @@ def quantize_checkpoint(
                     if done % log_every == 0 or done == len(header):
                         say(f"quantize_checkpoint: {done}/{len(header)} tensors ({nq} quantized), "
                             f"{_human(writer.total)} out, {time.perf_counter() - t0:.1f} s")
+        # the side files first: a failure there (disk full) must not leave shards that look like a finished checkpoint
+        left_out = _copy_side_files(src, dst, quant_type, double_quant, quant_storage,
+                                    compute_dtype or dtype or torch.float32, skip, dtype)
         names = writer.finish()
     except BaseException:
         writer.discard()
         raise
-    _copy_side_files(src, dst, quant_type, double_quant, quant_storage, compute_dtype or dtype or torch.float32, skip,
-                     dtype)
+    if left_out:
+        say(f"quantize_checkpoint: not copied (float weights in another format): {left_out}")
     say(f"quantize_checkpoint: wrote {len(names)} file(s) to {str(dst)!r}: {_human(bytes_in)} -> "
         f"{_human(writer.total)} in {time.perf_counter() - t0:.1f} s")
     return {"quantized": sorted(targets), "tensors": len(header), "files": names, "bytes_in": bytes_in,
             "bytes_out": writer.total}
 
 
+def _is_weight_file(name: str) -> bool:
+    """A float checkpoint in another format (``pytorch_model*.bin``, ``tf_model.h5``, ``consolidated.pth``, ...) or
+    its index: a hub snapshot often holds one beside the safetensors. Copied, it would put the float model (as large
+    as the source) next to the 4-bit one, and ``from_pretrained(use_safetensors=False)`` would read it."""
+    return name.endswith(_WEIGHT_SUFFIXES) or any(name.endswith(s + ".index.json") for s in _WEIGHT_SUFFIXES)
+
+
 def _copy_side_files(src: Path, dst: Path, quant_type: str, double_quant: bool, quant_storage: torch.dtype,
-                     compute_dtype: torch.dtype, skip: list[str] | None, dtype: torch.dtype | None) -> None:
-    """Copy the non-weight files; ``config.json`` gets ``quantization_config`` (and the new dtype, when cast)."""
+                     compute_dtype: torch.dtype, skip: list[str], dtype: torch.dtype | None) -> list[str]:
+    """Copy the non-weight files (tokenizer, generation config, ...); ``config.json`` gets ``quantization_config``
+    (and the new dtype, when cast). Returns the names of the weight files in other formats that were left out."""
+    left_out = []
     for p in src.iterdir():
-        if p.is_file() and p.suffix != ".safetensors" and p.name not in (INDEX_NAME, "config.json"):
+        if not p.is_file() or p.suffix == ".safetensors" or p.name in (INDEX_NAME, "config.json"):
+            continue  # the source shards and config, written anew
+        if _is_weight_file(p.name):
+            left_out.append(p.name)
+        else:
             shutil.copy2(p, dst / p.name)
     cfg_path = src / "config.json"
     if cfg_path.is_file():
@@ -368,3 +415,4 @@ def _copy_side_files(src: Path, dst: Path, quant_type: str, double_quant: bool, 
                 if k in cfg:
                     cfg[k] = _DTYPE_NAMES[dtype]
         (dst / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return sorted(left_out)

@@ -35,6 +35,10 @@ class ModulesToSaveWrapper(nn.Module):
         adapter_name: the first adapter; it gets a copy of ``module`` and becomes active (trainable).
     """
 
+    # adapters whose copy holds no value: made from a meta original (a model built on the meta device, wrapped before
+    # its checkpoint is loaded). Class-level default: a wrapper pickled by an older qkernels has none.
+    _unloaded_copies: frozenset[str] = frozenset()
+
     def __init__(self, module: nn.Module, adapter_name: str):
         super().__init__()
         from .nn import QLoRALinear
@@ -61,6 +65,17 @@ class ModulesToSaveWrapper(nn.Module):
         new = copy.deepcopy(self.original_module)
         new.requires_grad_(False)
         self.modules_to_save[adapter_name] = new
+        if any(t.is_meta for t in new.state_dict().values()):
+            self._unloaded_copies = self._unloaded_copies | {adapter_name}
+
+    def load_copy(self, adapter_name: str, tensors: dict[str, Any]) -> None:
+        """Load ``adapter_name``'s copy from ``tensors`` (its state dict, strict). A copy made on the meta device takes
+        the tensors themselves (``assign``: copying into meta is a no-op) and counts as loaded from then on, so a base
+        checkpoint loaded later does not overwrite it."""
+        copy_ = self.modules_to_save[adapter_name]
+        copy_.load_state_dict(tensors, strict=True,
+                              assign=any(t.is_meta for t in copy_.state_dict().values()))
+        self._unloaded_copies = self._unloaded_copies - {adapter_name}
 
     def set_adapter(self, adapter_name: str | None) -> None:
         """Run and train ``adapter_name``'s copy; freeze the others. An adapter without a copy here (or None): the
@@ -80,6 +95,7 @@ class ModulesToSaveWrapper(nn.Module):
         if adapter_name not in self.modules_to_save:
             raise ValueError(f"no adapter named {adapter_name!r}; this module has {list(self.modules_to_save)}")
         del self.modules_to_save[adapter_name]
+        self._unloaded_copies = self._unloaded_copies - {adapter_name}
         if self.active_adapter == adapter_name:
             self.active_adapter = None
 
@@ -100,8 +116,39 @@ class ModulesToSaveWrapper(nn.Module):
         return self.modules_to_save[self.active_adapter]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Returns ``running_module()(*args, **kwargs)``: the wrapped module's own output."""
+        """Returns ``running_module()(*args, **kwargs)``: the wrapped module's own output.
+
+        Raises RuntimeError if the active copy was made on the meta device and never loaded."""
+        if self.active_adapter in self._unloaded_copies and not self.disable_adapters:
+            raise RuntimeError(
+                f"the copy of this module to save for adapter {self.active_adapter!r} was never loaded: it was made "
+                "from a module on the meta device. Load a checkpoint that holds the module (its base weights, e.g. "
+                "'lm_head.weight', give the copies their starting value) with load_state_dict(sd, assign=True)")
         return self.running_module()(*args, **kwargs)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        """Also read the base checkpoint's keys of the wrapped module (``<name>.weight``, as the model had before
+        wrapping: a transformers or bitsandbytes checkpoint) into ``original_module``, and into each copy that holds
+        no value yet (wrapped on the meta device: as a copy made after loading would start); a copy that has values
+        keeps them and is not reported missing (as a QLoRALinear's LoRA weights with a base-only checkpoint). A
+        copy's own keys (``modules_to_save.<adapter>.*``) win. The children load after this, from the same dict."""
+        own = list(self.original_module.state_dict(keep_vars=True))
+        base = {k: state_dict.pop(prefix + k) for k in own if prefix + k in state_dict}
+        for k, v in base.items():
+            state_dict.setdefault(f"{prefix}original_module.{k}", v)
+            for name, copy_ in self.modules_to_save.items():
+                # an unloaded copy gets a clone: training it must not move the original (assign=True would share);
+                # a loaded one its own tensor (a no-op load, the same Parameter under assign=True)
+                v_copy = v.clone() if name in self._unloaded_copies else copy_.state_dict(keep_vars=True)[k]
+                state_dict.setdefault(f"{prefix}modules_to_save.{name}.{k}", v_copy)
+        assign = local_metadata.get("assign_to_params_buffers", False)  # a meta copy takes a value only so
+        loaded = {name for name in self._unloaded_copies
+                  if all(f"{prefix}modules_to_save.{name}.{k}" in state_dict for k in own)
+                  and (assign or not any(t.is_meta for t in self.modules_to_save[name].state_dict().values()))}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._unloaded_copies = self._unloaded_copies - loaded
 
     def __getattr__(self, name: str) -> Any:
         try:

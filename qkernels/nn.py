@@ -18,6 +18,7 @@ The forward is one call to the fused ``matmul_4bit_lora`` with the active adapte
 from __future__ import annotations
 
 import copy
+import json
 import math
 import warnings
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from torch import nn
 from .codebooks import lowercase_hint
 from .functional import dequantize_4bit, quantize_4bit
 from .lora import matmul_4bit_lora
-from .quant_state import FLOAT_DTYPES, STORAGE_DTYPES, QuantState, as_dtype, check_blocksize
+from .quant_state import _QS_PREFIX, FLOAT_DTYPES, STORAGE_DTYPES, QuantState, as_dtype, check_blocksize
 from .reference import lora_scaling
 
 __all__ = ["Params4bit", "QLoRALinear"]
@@ -265,6 +266,9 @@ class QLoRALinear(nn.Module):
     # or uninitialized after to_empty. Class-level defaults: a layer pickled by an older qkernels has neither.
     _unloaded: frozenset[str] = frozenset()
     _lora_init: dict[str, bool | str] = {}  # noqa: RUF012 - replaced, never mutated: init_lora_weights per adapter
+    # the packed weight and quant-state tensors of a load split across calls (transformers' sharded 4-bit checkpoints
+    # put a weight's absmax and its quant_map / blob in different shards), by key without prefix, until complete
+    _pending_weight: dict[str, torch.Tensor] = {}  # noqa: RUF012 - replaced, never mutated
 
     def __init__(
         self,
@@ -661,6 +665,13 @@ class QLoRALinear(nn.Module):
             self._unloaded = self._unloaded | meta
 
     def _raise_unloaded(self) -> None:
+        if self._pending_weight:
+            raise RuntimeError(
+                f"QLoRALinear(in_features={self.in_features}, out_features={self.out_features}): its weight is "
+                f"partly loaded: the state dicts loaded so far held {sorted(self._pending_weight)} but not "
+                f"{self._waiting_for(self._pending_weight, '')}. Load the shard that holds them "
+                "(load_state_dict(shard, strict=False, assign=True) per shard completes the weight when its last "
+                "key arrives)")
         keys = sorted(self._unloaded)
         after = ("" if all(t.is_meta for k, t in self._local_tensors().items() if k in self._unloaded)
                  else "; to_empty() gave them memory but no values")
@@ -726,20 +737,27 @@ class QLoRALinear(nn.Module):
         - some but not all present: the absent ones are reported missing and ``load_state_dict`` raises
           ``RuntimeError`` (strict or not: half an adapter is never a valid load); nothing in this layer changes.
 
-        Base keys (``weight``, its quant-state keys, ``bias``) that are absent are reported missing as usual.
+        Base keys (``weight``, its quant-state keys, ``bias``) that are absent are reported missing as usual. A dict
+        with only part of the weight's keys (a shard of a sharded 4-bit checkpoint: transformers can split a weight
+        from its quant_map / blob) changes nothing of the weight: the part is kept (``_pending_weight``), the keys it
+        lacks are reported missing, the layer refuses to run, and a later call with the rest loads the weight.
         (``strict`` is not seen here: torch passes True to every module and applies strictness at the end.)
         """
         wkey = prefix + "weight"
-        qkeys = {k: state_dict[k] for k in list(state_dict) if k.startswith(wkey + ".")}
+        pieces = {k: state_dict.pop(k) for k in list(state_dict) if k == wkey or k.startswith(wkey + ".")}
+        if pieces and self._pending_weight:  # the rest of a weight whose first keys came in an earlier call (shard)
+            pieces = {**{prefix + k: v for k, v in self._pending_weight.items()}, **pieces}
+        waiting = self._waiting_for(pieces, prefix) if pieces else []
+        if waiting:  # part of the weight's keys: keep them until the rest comes; nothing of the weight changes
+            self._pending_weight = {k[len(prefix):]: v for k, v in pieces.items()}
+            self._unloaded = self._unloaded | {"weight"}
+            pieces = {}
+        state_dict.update(pieces)  # a complete set (or none): loaded below
+        qkeys = {k: v for k, v in pieces.items() if k != wkey}
         new_weight = None
-        had_weight = wkey in state_dict
+        had_weight = wkey in pieces
         if had_weight:
             new_weight = self._validated_weight(state_dict[wkey], qkeys, wkey, local_metadata)
-        elif qkeys:
-            raise ValueError(f"state dict has the quant state {sorted(qkeys)} but not the packed weight {wkey!r}; a "
-                             "layer's weight and quant-state keys load in one load_state_dict call (loading a sharded "
-                             "checkpoint shard by shard: merge the shards' dicts first; with assign=True that costs no "
-                             "second copy)")
         self._validate_other_keys(state_dict, prefix)
         assign = local_metadata.get("assign_to_params_buffers", False)
         lora_keys = [f"{prefix}{which}.{name}.weight" for name in self.lora_A for which in ("lora_A", "lora_B")]
@@ -777,11 +795,42 @@ class QLoRALinear(nn.Module):
         n_missing = len(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if had_weight:  # present in the checkpoint: not missing, even when a partial LoRA set kept it from loading
+        # the weight is not missing when present (even if a partial LoRA set kept it from loading) or pending; the
+        # keys a pending weight lacks are
+        if had_weight or waiting:
             missing_keys[n_missing:] = [k for k in missing_keys[n_missing:] if k != wkey]
+        missing_keys.extend(waiting)
         if new_weight is not None:
             self.weight = new_weight
+            self._pending_weight = {}
         self._unloaded = self._unloaded - loaded
+
+    def _waiting_for(self, pieces: dict[str, Any], prefix: str) -> list[str]:
+        """The keys (with ``prefix``) that ``pieces`` (the packed weight and quant-state entries seen so far) still
+        lack: bitsandbytes' weight, absmax, quant_map and blob, plus the nested keys when the blob says nested. A set
+        that cannot be judged (a float weight alone: an unquantized checkpoint; a blob that is not JSON, or meta)
+        counts as complete, so that its validation names the problem."""
+        wkey = prefix + "weight"
+        w = pieces.get(wkey)
+        if (len(pieces) == 1 and isinstance(w, torch.Tensor) and w.is_floating_point()
+                and tuple(w.shape) == (self.out_features, self.in_features)):
+            return []
+        blob = next((k for k in pieces if k.startswith(f"{wkey}.{_QS_PREFIX}")), None)
+        if blob is None and f"{wkey}.quant_type" in pieces:  # an unpacked quant state: no blob to wait for
+            return []
+        need = [wkey, f"{wkey}.absmax", f"{wkey}.quant_map"]
+        if blob is None:
+            state = getattr(self.weight, "quant_state", None)  # the blob's name in this layer's format, as a hint
+            need.append(f"{wkey}.{_QS_PREFIX}{getattr(state, 'quant_type', 'nf4')}")
+            nested = f"{wkey}.nested_absmax" in pieces or f"{wkey}.nested_quant_map" in pieces
+        else:
+            try:
+                nested = "nested_blocksize" in json.loads(bytes(pieces[blob].cpu().tolist()).decode("utf-8"))
+            except (AttributeError, TypeError, ValueError, NotImplementedError):  # NotImplementedError: a meta blob
+                return []
+        if nested:
+            need += [f"{wkey}.nested_absmax", f"{wkey}.nested_quant_map"]
+        return [k for k in need if k not in pieces]
 
     def _init_unloaded_lora(self, device: torch.device) -> None:
         """Give the adapters whose LoRA weights hold no value (a meta layer's; after ``to_empty``) their initial values

@@ -220,3 +220,112 @@ def test_peak_buffer_is_one_shard(dense_dir, tmp_path, monkeypatch):
     assert all(size <= limit or n <= 6 for size, n in peak)  # 6: a weight and its 5 quant-state keys
     assert len(res["files"]) >= res["bytes_out"] // limit
     assert qkernels.quantize_checkpoint is quantize_checkpoint
+
+
+def test_weights_in_other_formats_are_not_copied(tmp_path, capsys):
+    """A hub snapshot often holds pytorch_model.bin (and its index) beside model.safetensors: copying it put the whole
+    float model next to the 4-bit one. The tokenizer and other side files are copied; the left-out files are named."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 32))
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, src / "model.safetensors")
+    torch.save(net.state_dict(), src / "pytorch_model.bin")
+    (src / "pytorch_model.bin.index.json").write_text("{}")
+    (src / "tokenizer.json").write_text("{}")
+    quantize_checkpoint(src, tmp_path / "q", ["0"])
+    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["model.safetensors", "tokenizer.json"]
+    assert "not copied (float weights in another format): ['pytorch_model.bin', 'pytorch_model.bin.index.json']" in \
+        capsys.readouterr().err
+
+
+def test_t5_cast_to_float16_keeps_wo_in_float32_as_transformers_does(tmp_path):
+    """dtype=float16 on T5: transformers loads ``_keep_in_fp32_modules`` (``wo``) in float32 from the float source;
+    rounding them to float16 here changed the logits. Same files and logits as transformers' own 4-bit load in fp16."""
+    from transformers import AutoModelForSeq2SeqLM, BitsAndBytesConfig, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=96, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, decoder_start_token_id=0)
+    T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / "dense")
+    quantize_checkpoint(tmp_path / "dense", tmp_path / "q", exclude_modules=["wo"], quant_type="fp4",
+                        double_quant=False, dtype=torch.float16, verbose=False)
+    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float16, bnb_4bit_quant_type="fp4")
+    ref = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "dense", dtype=torch.float16, quantization_config=bnb_config,
+                                                device_map="cpu")
+    ref.save_pretrained(tmp_path / "ref")
+    want, got = _load_dir(tmp_path / "ref"), _load_dir(tmp_path / "q")
+    assert got["encoder.block.0.layer.1.DenseReluDense.wo.weight"].dtype == torch.float32
+    assert got["encoder.block.0.layer.0.SelfAttention.o.weight.absmax"].dtype == torch.float32
+    assert all(same_bits(got[k], want[k]) for k in want)
+    loaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "q", device_map="cpu")
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, decoder_input_ids=ids).logits,
+                           ref(input_ids=ids, decoder_input_ids=ids).logits)
+
+
+def test_a_config_transformers_cannot_build_names_every_other_weight_in_the_skip_list(dense_dir, tmp_path):
+    """config.json without ``architectures`` (or a class transformers lacks): no structure, so names. The written
+    llm_int8_skip_modules was None, so from_pretrained made every Linear but lm_head 4-bit, the float ones included,
+    and the model failed ('FP4 quantization state not initialized'). Now every other 2-D weight is listed."""
+    from transformers import AutoModelForCausalLM
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in dense_dir.iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((src / "config.json").read_text())
+    del cfg["architectures"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    quantize_checkpoint(src, tmp_path / "q", ["q_proj", "v_proj"], verbose=False)
+    skip = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"]
+    assert "model.layers.0.mlp.up_proj" in skip and "lm_head" in skip and "model.layers.0.self_attn.q_proj" not in skip
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu")
+    assert type(loaded.model.layers[0].mlp.up_proj) is nn.Linear
+    apply_qlora(loaded, ["q_proj", "v_proj"], r=4).eval()
+    want = apply_qlora(_llama(), ["q_proj", "v_proj"], r=4).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(_ids()).logits, want(_ids()).logits)
+
+
+def test_an_error_after_the_last_tensor_leaves_no_shard(dense_dir, tmp_path, monkeypatch):
+    """A failure while the side files are written (disk full, permissions) or while shards are renamed: no
+    *.safetensors is left to look like a finished checkpoint (a rerun would refuse the directory)."""
+    from qkernels import convert
+
+    def fail(*a, **k):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as m:
+        m.setattr(convert.shutil, "copy2", fail)
+        with pytest.raises(OSError, match="disk full"):
+            quantize_checkpoint(dense_dir, tmp_path / "a", max_shard_size="60KB", verbose=False)
+    assert not list((tmp_path / "a").glob("*.safetensors*"))
+    replace, calls = convert.os.replace, []
+
+    def second_rename_fails(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError("rename failed")
+        replace(src, dst)
+
+    monkeypatch.setattr(convert.os, "replace", second_rename_fails)
+    with pytest.raises(OSError, match="rename failed"):
+        quantize_checkpoint(dense_dir, tmp_path / "b", max_shard_size="60KB", verbose=False)
+    assert len(calls) == 2 and not list((tmp_path / "b").glob("*.safetensors*"))
+
+
+def test_a_custom_code_config_is_not_run_and_names_still_work(tmp_path):
+    """A trust_remote_code model (config.json with auto_map): transformers refused it (or asked on stdin "run the
+    custom code? [y/N]") and quantize_checkpoint failed even with explicit names. Now the structure is simply absent:
+    names work, and 'all-linear' says why it needs model=."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 32))
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, src / "model.safetensors")
+    (src / "config.json").write_text(json.dumps({"model_type": "mymodel", "architectures": ["MyModel"],
+                                                 "auto_map": {"AutoConfig": "configuration_my.MyConfig"}}))
+    assert quantize_checkpoint(src, tmp_path / "q", ["0"], verbose=False)["quantized"] == ["0"]
+    with pytest.raises(ValueError, match=r"there is none \(transformers cannot build config\.json's model.*model="):
+        quantize_checkpoint(src, tmp_path / "a", verbose=False)

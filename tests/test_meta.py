@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import pickle
 
 import pytest
@@ -233,6 +234,7 @@ def test_transformers_from_config_under_init_empty_weights_loads_a_4bit_save_pre
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=bnb_config,
                                                   device_map="cpu")
     loaded.save_pretrained(tmp_path / "q4")
+    loaded.save_pretrained(tmp_path / "q4s", max_shard_size="30KB")
     ref = apply_qlora(loaded, "all-linear", r=4).eval()
 
     with init_empty_weights():
@@ -247,6 +249,18 @@ def test_transformers_from_config_under_init_empty_weights_loads_a_4bit_save_pre
         assert torch.equal(model(ids).logits, ref(ids).logits)
     q = model.model.layers[1].self_attn.q_proj.weight.quant_state
     assert (q.quant_type, q.nested) == ("fp4", True)
+
+    # the same checkpoint sharded by transformers, loaded one shard at a time: some weights' quant states are split
+    index = json.loads((tmp_path / "q4s" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert any(f != index[k.rpartition(".weight.")[0] + ".weight"] for k, f in index.items() if ".weight." in k)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(cfg)
+    apply_qlora(model, "all-linear", r=4)
+    for shard in sorted(set(index.values())):
+        model.load_state_dict(load_file(tmp_path / "q4s" / shard), assign=True, strict=False)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
 
 
 # ---------------------------------------------------------------------------------------------- what must fail
@@ -306,13 +320,24 @@ def test_loading_into_meta_without_assign_leaves_the_float_tensors_unloaded_and_
     meta[2](torch.randn(2, HID))  # no bias: complete
 
 
-def test_a_quant_state_split_from_its_weight_names_the_fix():
-    """A sharded checkpoint can put ``w.weight`` and ``w.weight.absmax`` in different shards; loading shard by shard
-    is an error that says to merge them."""
+def test_a_weight_split_across_shards_loads_shard_by_shard():
+    """transformers' sharded 4-bit save puts a weight's absmax and its quant_map / blob in different shards (seen at
+    max_shard_size 30KB). Loading shard by shard keeps the first part until the rest comes, in either order; the
+    model runs bit-identically to one full load, and refuses to run (naming the keys) while a part is missing."""
     sd = _built_normally().state_dict()
-    shard1 = {k: v for k, v in sd.items() if k != "0.weight"}
-    with pytest.raises(ValueError, match=r"not the packed weight '0\.weight'.*merge the shards"):
-        _meta_net().load_state_dict(shard1, strict=False, assign=True)
+    first = {k: v for k, v in sd.items() if k in ("0.weight", "0.weight.absmax", "0.bias") or k.startswith("2.")}
+    second = {k: v for k, v in sd.items() if k not in first}
+    full = _meta_net()
+    full.load_state_dict(sd, assign=True)
+    for shards in ([first, second], [second, first]):
+        meta = _meta_net()
+        result = meta.load_state_dict(shards[0], strict=False, assign=True)
+        if shards[0] is first:  # the rest is missing (which nested keys, the blob will say)
+            assert result.missing_keys == ["0.weight.quant_map", "0.weight.quant_state.bitsandbytes__nf4"]
+        with pytest.raises(RuntimeError, match=r"out_features=200\): its weight is partly loaded.*but not \['"):
+            meta(_x())
+        meta.load_state_dict(shards[1], strict=False, assign=True)
+        assert torch.equal(meta(_x()), full(_x()))
     with pytest.raises(ValueError, match=r"meta tensor in the state dict"):
         _meta_net().load_state_dict(_meta_net().state_dict(), assign=True)
 
@@ -378,6 +403,38 @@ def test_a_peft_adapter_loads_into_a_meta_model_in_either_order(tmp_path, order)
         assert torch.equal(meta(x), normal(x))
 
 
+@pytest.mark.parametrize("order", ["adapter_first", "base_first"])
+@pytest.mark.parametrize("wrapped", ["at_apply", "by_adapter"])
+def test_an_adapter_with_modules_to_save_loads_into_a_meta_model_in_either_order(tmp_path, order, wrapped):
+    """The adapter's copy of a module to save (peft's modules_to_save) keeps its values: load_adapter copied them into
+    the meta copy in place (a no-op, with a warning), and the copy then stayed meta or took the base weight."""
+    torch.manual_seed(0)
+    normal = apply_qlora(_net(), ["0"], r=4, lora_alpha=8, modules_to_save=["2"])
+    _randomize_lora(normal)
+    with torch.no_grad():
+        normal[2].modules_to_save["default"].weight.add_(1.0)
+    qkernels.save_adapter(normal, tmp_path / "ad")
+    base = {k.replace("original_module.", ""): v for k, v in normal.state_dict().items()
+            if "lora_" not in k and "modules_to_save." not in k}  # the checkpoint of the model before wrapping
+    with torch.device("meta"):
+        meta = _net()
+    apply_qlora(meta, ["0"], r=4, lora_alpha=8, modules_to_save=["2"] if wrapped == "at_apply" else None)
+    if order == "adapter_first":
+        qkernels.load_adapter(meta, tmp_path / "ad", replace=True)
+        meta.load_state_dict(base, assign=True)
+    else:
+        meta.load_state_dict(base, assign=True)
+        qkernels.load_adapter(meta, tmp_path / "ad", replace=True)
+    with torch.no_grad():
+        assert torch.equal(meta(_x()), normal(_x()))
+    with torch.device("meta"):
+        meta = _net()
+    apply_qlora(meta, ["0"], r=4, lora_alpha=8, modules_to_save=["2"])
+    meta.load_state_dict({k: v for k, v in base.items() if not k.startswith("2.")}, assign=True, strict=False)
+    with pytest.raises(RuntimeError, match=r"module to save '2' for adapter 'default' was never loaded"):
+        qkernels.save_adapter(meta, tmp_path / "ad2")
+
+
 def test_save_adapter_of_lora_weights_never_loaded_is_refused(tmp_path):
     meta = _meta_net()
     meta.to_empty(device="cpu")  # memory, no values: saving it would write garbage
@@ -396,3 +453,31 @@ def test_set_lora_weight_names_bad_arguments():
     A = layer.lora_A.default.weight
     layer.set_lora_weight("default", "lora_A", torch.ones(4, IN, dtype=torch.float64))
     assert layer.lora_A.default.weight is A and torch.equal(A, torch.ones(4, IN))  # in place, cast
+
+
+@pytest.mark.parametrize("how", ["assign", "to_empty"])
+def test_modules_to_save_wrapped_on_meta_take_the_base_checkpoint(how):
+    """apply_qlora(modules_to_save=...) on a meta model, then a base checkpoint (``2.weight``, as the model had it
+    before wrapping): the original and the copy both start from it, as when wrapping after loading. It was
+    'unexpected' and both stayed meta (forward returned meta logits). The copy trains without moving the original."""
+    torch.manual_seed(0)
+    base = apply_qlora(_net(), ["0"], r=4, lora_alpha=8)
+    sd = {k: v for k, v in base.state_dict().items() if "lora_" not in k}
+    want = apply_qlora(_net(), ["0"], r=4, lora_alpha=8, modules_to_save=["2"])
+    want.load_state_dict({**sd, **{f"2.{w}.weight": sd["2.weight"] for w in ("original_module",
+                                                                             "modules_to_save.default")}})
+    with torch.device("meta"):
+        meta = _net()
+    apply_qlora(meta, ["0"], r=4, lora_alpha=8, modules_to_save=["2"])
+    with pytest.raises(RuntimeError, match=r"copy of this module to save for adapter 'default' was never loaded"):
+        meta[2](torch.randn(2, HID))
+    if how == "to_empty":
+        meta.to_empty(device="cpu")
+    result = meta.load_state_dict(sd, assign=how == "assign")
+    assert not result.missing_keys and not result.unexpected_keys
+    assert torch.equal(meta(_x()), want(_x()))
+    original = meta[2].original_module.weight.detach().clone()
+    meta(_x()).square().sum().backward()
+    torch.optim.SGD([p for p in meta.parameters() if p.requires_grad], lr=0.1).step()
+    assert not torch.equal(meta[2].modules_to_save["default"].weight, original)
+    assert torch.equal(meta[2].original_module.weight, original)

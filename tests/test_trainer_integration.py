@@ -118,6 +118,51 @@ def test_a_plain_trainer_checkpoint_still_resumes_in_qlora_trainer(tmp_path):
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
+class _Sixteen(torch.utils.data.Dataset):
+    """Sixteen sequences: at batch 2 x accumulation 2, four optimizer steps per epoch."""
+
+    def __init__(self):
+        self.ids = torch.randint(3, 96, (16, 12), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def test_resume_mid_epoch_with_accumulation_rotation_and_two_adapters(tmp_path):
+    """The usual long-run settings together: gradient accumulation, a linear schedule with warmup, save_total_limit,
+    two epochs resumed mid-way through the second (step 6 of 8) from the newest checkpoint kept, with a second
+    adapter and a module to save. Same later losses and final weights as the uninterrupted run."""
+    from transformers import TrainingArguments
+
+    def args():
+        return TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=8, per_device_train_batch_size=2,
+                                 gradient_accumulation_steps=2, learning_rate=1e-2, lr_scheduler_type="linear",
+                                 warmup_steps=1, save_steps=3, save_total_limit=2, logging_steps=1, report_to=[],
+                                 use_cpu=True, disable_tqdm=True, seed=0)
+
+    def model(seed):
+        m = _qlora_llama(seed, modules_to_save=["lm_head"])
+        qkernels.add_adapter(m, "second", r=2, lora_alpha=4, modules_to_save=["lm_head"])
+        qkernels.set_adapter(m, "default")
+        return m
+
+    first = model(1)
+    trainer = QLoRATrainer(model=first, args=args(), train_dataset=_Sixteen())
+    trainer.train()
+    assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint-6", "checkpoint-8"]
+    resumed = model(2)
+    again = QLoRATrainer(model=resumed, args=args(), train_dataset=_Sixteen())
+    again.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-6"))
+    assert _losses(again, after=6) == _losses(trainer)[6:]
+    want, got = _trained(first), _trained(resumed)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    second = {n: p for n, p in first.named_parameters() if ".second." in n}
+    assert second and all(torch.equal(p, second[n]) for n, p in resumed.named_parameters() if ".second." in n)
+
+
 def test_load_best_model_at_end_restores_the_best_adapter_and_the_other_adapters_round_trip(tmp_path):
     """``load_best_model_at_end`` with adapter checkpoints: the model ends on the best checkpoint's adapter (here the
     step-2 one: the metric is the eval loss with greater_is_better, so the earlier, higher loss wins). A second
