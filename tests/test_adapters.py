@@ -82,11 +82,12 @@ def randomize(model: nn.Module, adapter: str, seed: int) -> None:
 
 
 def quantized_weights(qk_model: nn.Module) -> dict[str, tuple[torch.Tensor, dict, torch.Tensor | None]]:
-    """Per QLoRALinear: (packed weight, bitsandbytes quant-state dict, bias), read from its state dict only."""
+    """Per 4-bit QLoRALinear: (packed weight, bitsandbytes quant-state dict, bias), read from its state dict only. A
+    float-base layer (``quantized`` False) holds the model's own float weight: the bases below keep ``make()``'s."""
     sd = qk_model.state_dict()
     out = {}
     for name, m in qk_model.named_modules():
-        if isinstance(m, QLoRALinear):
+        if isinstance(m, QLoRALinear) and m.quantized:
             pre = f"{name}.weight."
             stats = {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}
             out[name] = (sd[f"{name}.weight"], stats, sd.get(f"{name}.bias"))
