@@ -14,10 +14,12 @@ import warnings
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 import qkernels
 from qkernels import adapters, apply_qlora, merge_and_unload, merge_into_4bit
+from qkernels.integrations import _check_trl_model
 from qkernels.nn import QLoRALinear
 
 from .test_adapters import _Embeds, assert_matches, bnb_base, randomize, reference64, run
@@ -183,6 +185,49 @@ def test_t5_float_base_on_the_meta_device_loads_a_checkpoint(tmp_path):
                            real(input_ids=ids, decoder_input_ids=ids).logits)
 
 
+# ---------------------------------------------------------------------------------------------- lm_head, skip modules
+def test_float_linears_of_a_4bit_llama_keep_a_float_base_and_give_peft_outputs(tmp_path):
+    """A Llama loaded in 4 bits with ``llm_int8_skip_modules=["down_proj", "lm_head"]``: peft puts LoRA on those float
+    layers as they are. apply_qlora keeps them float (it quantized them before: outputs off by the quantization error),
+    and a peft adapter on them loads with peft's outputs. trl's fused head would skip lm_head's LoRA: refused."""
+    load = functools.partial(_load_4bit, transformers.LlamaForCausalLM, tiny_llama, tmp_path / "llama",
+                             llm_int8_skip_modules=["down_proj", "lm_head"])
+    targets = [*LLAMA_TARGETS, "lm_head"]
+    theirs = peft.get_peft_model(load(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    randomize(theirs, "default", seed=6)
+    theirs.save_pretrained(str(tmp_path / "ad"))
+    base = load()
+    head_w, down_w = base.lm_head.weight, base.model.layers[0].mlp.down_proj.weight
+    assert type(base.model.layers[0].mlp.down_proj) is nn.Linear
+    ours = apply_qlora(base, targets, r=4, lora_alpha=8)
+    for name, w in (("lm_head", head_w), ("model.layers.0.mlp.down_proj", down_w)):
+        layer = ours.get_submodule(name)
+        assert isinstance(layer, QLoRALinear) and not layer.quantized and layer.weight is w
+    assert ours.model.layers[0].mlp.up_proj.quantized
+    adapters.load_adapter(ours, tmp_path / "ad", replace=True)
+    ref = reference64(ours, tmp_path / "ad", tiny_llama)
+    ids = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(1))
+
+    def logits(m, dtype):
+        e = m.get_input_embeddings()(ids).to(dtype).detach().requires_grad_(True)
+        with torch.enable_grad():
+            return m(inputs_embeds=e).logits.detach()
+
+    assert_matches(logits(ours, torch.float32), logits(theirs, torch.float32), logits(ref, torch.float64))
+    # peft saved lm_head's base weight with the adapter (save_embedding_layers): so does save_adapter, and peft reads it
+    adapters.save_adapter(ours, tmp_path / "again")
+    want, got = (load_file(str(d / "adapter_model.safetensors")) for d in (tmp_path / "ad", tmp_path / "again"))
+    assert "base_model.model.lm_head.base_layer.weight" in want
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    again = peft.PeftModel.from_pretrained(load(), str(tmp_path / "again"))
+    assert torch.equal(logits(again, torch.float32), logits(theirs, torch.float32))
+    with pytest.raises(ValueError, match=r"output embedding 'lm_head'.*float base weight without its LoRA term"):
+        _check_trl_model(ours, None)
+    q = apply_qlora(tiny_llama(), targets, r=4)  # a float model: lm_head quantized, the packed-bytes reason
+    with pytest.raises(ValueError, match=r"output embedding 'lm_head'.*packed 4-bit bytes"):
+        _check_trl_model(q, None)
+
+
 # ---------------------------------------------------------------------------------------------- keep_float_modules
 def test_keep_float_modules_opts_targets_out_of_quantization():
     """``keep_float_modules``: those targets get a float base (exactly nn.Linear's output while B = 0), the others are
@@ -226,6 +271,54 @@ def test_trainable_parameters_count_a_float_base_as_peft():
     model = apply_qlora(make_t5(), "all-linear", r=4)
     theirs = peft.get_peft_model(bnb_base(model, make_t5), peft.LoraConfig(r=4, target_modules="all-linear"))
     assert qkernels.trainable_parameters(model) == theirs.get_nb_trainable_parameters()
+
+
+def test_peft_saved_base_weight_loads_into_a_float_base_and_is_refused_by_a_4bit_one(tmp_path, monkeypatch):
+    """peft loads ``lm_head.base_layer.weight`` from the file into its base layer; so does load_adapter on a float
+    base (undone with the adapter if loading fails later). A 4-bit lm_head cannot take a float weight: refused, named,
+    nothing loaded."""
+    targets = [*LLAMA_TARGETS, "lm_head"]
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    randomize(theirs, "default", seed=6)
+    with torch.no_grad():
+        theirs.base_model.model.lm_head.base_layer.weight.mul_(1.5)  # e.g. a head trained or resized with the adapter
+    theirs.save_pretrained(str(tmp_path / "ad"))
+    ours = apply_qlora(tiny_llama(), targets, r=4, lora_alpha=8, keep_float_modules=["lm_head"])
+    adapters.load_adapter(ours, tmp_path / "ad", replace=True)
+    assert torch.equal(ours.lm_head.weight, theirs.base_model.model.lm_head.base_layer.weight)
+
+    before = ours.lm_head.weight.detach().clone()
+    sd = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
+    bad = {k: (v[:2].contiguous() if k.endswith("layers.1.mlp.down_proj.lora_A.weight") else v)
+           for k, v in sd.items()}
+    from safetensors.torch import save_file
+
+    (tmp_path / "bad").mkdir()
+    save_file(bad, str(tmp_path / "bad" / "adapter_model.safetensors"))
+    (tmp_path / "bad" / "adapter_config.json").write_text((tmp_path / "ad" / "adapter_config.json").read_text())
+    with pytest.raises(ValueError, match=r"down_proj.lora_A.weight.*shape"):  # checked before any change
+        adapters.load_adapter(ours, tmp_path / "bad", adapter_name="other")
+    assert torch.equal(ours.lm_head.weight, before) and adapters.adapter_names(ours) == ["default"]
+    with torch.no_grad():
+        ours.lm_head.weight.mul_(2.0)
+    before = ours.lm_head.weight.detach().clone()
+    real = QLoRALinear.set_lora_weight
+
+    def fail_late(self, name, which, value):  # a failure after lm_head's base weight was copied (keys load sorted)
+        if self is ours.model.layers[1].mlp.down_proj:
+            raise RuntimeError("injected")
+        real(self, name, which, value)
+
+    monkeypatch.setattr(QLoRALinear, "set_lora_weight", fail_late)
+    with pytest.raises(RuntimeError, match="injected"):
+        adapters.load_adapter(ours, tmp_path / "ad", adapter_name="other")
+    monkeypatch.undo()
+    assert torch.equal(ours.lm_head.weight, before) and adapters.adapter_names(ours) == ["default"]
+
+    quantized = apply_qlora(tiny_llama(), targets, r=4, lora_alpha=8)
+    with pytest.raises(ValueError, match=r"lm_head.base_layer.weight.*4-bit.*keep_float_modules=\['lm_head'\]"):
+        adapters.load_adapter(quantized, tmp_path / "ad", adapter_name="peft")
+    assert adapters.adapter_names(quantized) == ["default"]
 
 
 def test_a_tied_head_is_refused_with_the_float_base_reason():
