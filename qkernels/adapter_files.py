@@ -50,6 +50,10 @@ BIN_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."  # peft's prefix of every LoRA key (PeftModel.base_model = LoraModel, .model)
 # peft writes ``<module>.lora_A.weight``; a live PeftModel's state dict has ``<module>.lora_A.<adapter>.weight``
 _KEY_RE = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+# peft's save_embedding_layers: with an "embed_tokens" / "lm_head" module targeted, peft also writes the base weight of
+# the model's input / output embedding, <module>.base_layer.weight (and .bias), and loads it back into the base layer
+_BASE_KEY_RE = re.compile(r"^(?P<module>.+)\.base_layer\.(?P<which>weight|bias)$")
+_EMBEDDING_NAME_RE = re.compile(r"(.*\.)?(embed_tokens|lm_head)$")
 
 # LoraConfig fields that change what the adapter computes or what the file holds beyond plain A/B on Linear layers.
 # qkernels' QLoRALinear does plain LoRA, so an adapter using any of these is refused rather than silently mis-applied.
@@ -261,6 +265,29 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
         if adapter_name in w.modules_to_save:
             for k, v in w.modules_to_save[adapter_name].state_dict().items():
                 out[f"{PEFT_PREFIX}{name}.{k}"] = v.detach().to("cpu", copy=True).contiguous()
+    out.update(_embedding_base_weights(model, adapter_name))
+    return out
+
+
+def _embedding_base_weights(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """What peft's ``save_embedding_layers="auto"`` adds: when a module named ``embed_tokens`` / ``lm_head`` carries
+    the adapter, the base weight (and bias) of the model's input / output embedding if it carries LoRA on a float
+    base, as ``<module>.base_layer.weight``. (A 4-bit layer's base is the checkpoint's, never written.)"""
+    layers = _require_adapter(model, adapter_name)
+    if not any(_EMBEDDING_NAME_RE.fullmatch(n) for n, _ in layers):
+        return {}
+    embeddings = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        get = getattr(model, getter, None)
+        embeddings.append(get() if callable(get) else None)
+    out = {}
+    for name, m in layers:
+        if not m.quantized and any(m is e for e in embeddings):
+            if "weight" in m._unloaded:
+                m._raise_unloaded()
+            out[f"{PEFT_PREFIX}{name}.base_layer.weight"] = m.weight.detach().to("cpu", copy=True).contiguous()
+            if m.bias is not None:
+                out[f"{PEFT_PREFIX}{name}.base_layer.bias"] = m.bias.detach().to("cpu", copy=True).contiguous()
     return out
 
 
@@ -392,6 +419,7 @@ class _Planned:
     alpha: float
     A: torch.Tensor
     B: torch.Tensor
+    base: dict[str, torch.Tensor] | None = None  # a float base's "weight" / "bias" from the file (peft's embeddings)
 
 
 @dataclass
@@ -414,7 +442,8 @@ def _config_targets(model: nn.Module, cfg: dict[str, Any]) -> set[str] | None:
 
 def _split_keys(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor]
                 ) -> tuple[dict[str, dict[str, tuple[str, torch.Tensor]]], dict[str, dict[str, torch.Tensor]]]:
-    """File keys -> ``{module: {"lora_A"|"lora_B": (key, tensor)}}`` and ``{module to save: {key: tensor}}``."""
+    """File keys -> ``{module: {"lora_A"|"lora_B"|"base.weight"|"base.bias": (key, tensor)}}`` and ``{module to save:
+    {key: tensor}}``."""
     from .modules_to_save import match_modules_to_save
 
     save_names = match_modules_to_save(model, cfg.get("modules_to_save") or [])
@@ -427,6 +456,10 @@ def _split_keys(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tenso
         if owner:  # the longest name: a module to save may not hold another (plan_modules_to_save)
             name = max(owner, key=len)
             saved.setdefault(name, {})[stripped[len(name) + 1:]] = t
+            continue
+        base = _BASE_KEY_RE.match(stripped)
+        if base is not None:  # a float base weight that peft saved with the adapter (save_embedding_layers)
+            pairs.setdefault(base["module"], {})["base." + base["which"]] = (key, t)
             continue
         match = _KEY_RE.match(stripped)
         if match is None:
@@ -496,9 +529,9 @@ def _plan(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor], ad
 
             kept = _kept_in_float(model, [name]) if m is not None else {}
             why = (f". transformers keeps it in float ({type(model).__name__}._keep_in_fp32_modules "
-                   f"{[kept[name]]}: peft trained LoRA on a float layer there), and qkernels puts LoRA on 4-bit "
-                   "layers only, so this adapter cannot be loaded; load it with peft, or train one with "
-                   f"exclude_modules={[kept[name]]}" if kept else "")
+                   f"{[kept[name]]}: peft trained LoRA on a float layer there); apply_qlora gives such a module "
+                   "LoRA on its float weight when it is a target: call apply_qlora with target_modules that include "
+                   f"{name.rpartition('.')[2]!r} (e.g. 'all-linear') before loading" if kept else "")
             raise ValueError(
                 f"adapter key {next(iter(ab.values()))[0]!r}: module {name!r} {what} in {type(model).__name__}; "
                 f"its {len(qlora_names)} QLoRALinear modules are {shown}{why}"
@@ -513,6 +546,7 @@ def _plan(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor], ad
         for which in ("lora_A", "lora_B"):
             if which not in ab:
                 raise ValueError(f"module {name!r}: the adapter has no {which} weight ({name}.{which}.weight)")
+        base = _planned_base(name, m, ab)
         r = _pattern_value(cfg.get("rank_pattern") or {}, name, r0)
         alpha = _pattern_value(cfg.get("alpha_pattern") or {}, name, a0)
         (ka, A), (kb, B) = ab["lora_A"], ab["lora_B"]
@@ -525,8 +559,31 @@ def _plan(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor], ad
                 )
             if not t.is_floating_point():
                 raise ValueError(f"adapter key {key!r}: dtype {t.dtype} is not a floating-point type")
-        plan.append(_Planned(name, m, int(r), alpha, A, B))
+        plan.append(_Planned(name, m, int(r), alpha, A, B, base))
     return _Plan(plan, saved)
+
+
+def _planned_base(name: str, m: nn.Module, ab: dict[str, tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The base ``weight`` / ``bias`` peft saved for module ``name`` (``<name>.base_layer.*``), checked for ``m``."""
+    base = {k.removeprefix("base."): kt for k, kt in ab.items() if k.startswith("base.")}
+    if not base:
+        return {}
+    key = base[next(iter(base))][0]
+    if m.quantized:
+        raise ValueError(
+            f"adapter key {key!r}: peft saved the float base weight of {name!r} with the adapter (its "
+            "save_embedding_layers, when lm_head / embed_tokens is targeted), but here that layer is 4-bit. peft keeps "
+            f"it float on a model loaded in 4 bits: load the model so (transformers never quantizes lm_head) before "
+            f"apply_qlora, or pass apply_qlora(..., keep_float_modules=[{name.rpartition('.')[2]!r}])")
+    want = {"weight": (m.out_features, m.in_features), "bias": None if m.bias is None else (m.out_features,)}
+    out = {}
+    for which, (k, t) in base.items():
+        if want[which] is None or tuple(t.shape) != want[which] or not t.is_floating_point():
+            have = "no bias" if want[which] is None else f"{want[which]} float"
+            raise ValueError(f"adapter key {k!r}: {tuple(t.shape)} {t.dtype} in the file, but module {name!r}'s base "
+                             f"{which} is {have}")
+        out[which] = t
+    return out
 
 
 def load_adapter(
@@ -594,6 +651,7 @@ def _apply_plan(model: nn.Module, cfg: dict[str, Any], whole: _Plan, adapter_nam
     dropout, rslora = float(cfg.get("lora_dropout", 0.0)), bool(cfg.get("use_rslora", False))
     done: list[_Planned] = []
     originals = {n: model.get_submodule(n) for n in whole.saved}
+    bases: list[tuple[nn.Module, str, nn.Parameter, torch.Tensor]] = []  # (module, name, Parameter, old value)
     try:
         for p in whole.lora:
             _add_to_module(p.module, adapter_name, p.r, p.alpha, dropout, rslora, False)
@@ -601,6 +659,14 @@ def _apply_plan(model: nn.Module, cfg: dict[str, Any], whole: _Plan, adapter_nam
             with torch.no_grad():
                 for which, t in (("lora_A", p.A), ("lora_B", p.B)):
                     p.module.set_lora_weight(adapter_name, which, t)
+                for which, t in (p.base or {}).items():  # peft loads these into its base layer: so do we
+                    param = getattr(p.module, which)
+                    bases.append((p.module, which, param, param.detach().clone()))
+                    if param.is_meta:
+                        setattr(p.module, which, nn.Parameter(t.to(param.dtype, copy=True), requires_grad=False))
+                        p.module._unloaded = p.module._unloaded - {which}
+                    else:
+                        param.copy_(t)
         if whole.saved:
             wrap_modules_to_save(model, cfg["modules_to_save"], adapter_name, activate=False)
             for n, tensors in whole.saved.items():
@@ -608,6 +674,13 @@ def _apply_plan(model: nn.Module, cfg: dict[str, Any], whole: _Plan, adapter_nam
     except Exception:
         for p in done:  # leave no half-loaded adapter behind
             p.module.delete_adapter(adapter_name)
+        with torch.no_grad():
+            for module, which, param, old in bases[::-1]:
+                if param.is_meta:
+                    setattr(module, which, param)
+                    module._track_meta()
+                else:
+                    param.copy_(old)
         for n, orig in originals.items():
             now = model.get_submodule(n)
             if isinstance(orig, ModulesToSaveWrapper):

@@ -256,8 +256,10 @@ def _check_trl_model(model: Any, peft_config: Any) -> None:
       QLoRALinear(...) is not supported. Currently, only the following modules are supported: `torch.nn.Linear`,
       ...") or, for other targets, stacks a second LoRA of peft's on the model.
     - LoRA on the output embedding (``lm_head`` targeted): trl's fused LM head multiplies the hidden states by
-      ``lm_head.weight`` itself, here the packed 4-bit bytes ("mat1 and mat2 shapes cannot be multiplied (36x64 and
-      1x3072)" at the first step), and the adapter would never train; trl refuses the same on a peft model."""
+      ``lm_head.weight`` itself, never calling the layer. A 4-bit head's weight is the packed bytes ("mat1 and mat2
+      shapes cannot be multiplied (36x64 and 1x3072)" at the first step); a float-base head's (``quantize=False``, as
+      apply_qlora keeps an lm_head on a model loaded in 4 bits) is the base weight alone, so the loss ignores the
+      adapter and it never trains. Either way it is refused; trl refuses the same on a peft model."""
     if not isinstance(model, nn.Module) or not has_adapters(model):
         return
     if peft_config is not None:
@@ -271,11 +273,12 @@ def _check_trl_model(model: Any, peft_config: Any) -> None:
     head = get_out() if callable(get_out) else None
     if isinstance(head, QLoRALinear):
         name = next((n for n, m in model.named_modules() if m is head), "lm_head")
+        why = ("here the packed 4-bit bytes), so the adapter would never train and the step fails" if head.quantized
+               else "here the float base weight without its LoRA term), so the adapter would never train nor count")
         raise ValueError(
             f"LoRA on the output embedding {name!r} is not supported by trl: its trainers compute log-probabilities "
-            f"from {name}.weight directly (here the packed 4-bit bytes), so the adapter would never train and the "
-            f"step fails. Leave {name!r} out of apply_qlora's target_modules (its default 'all-linear' does), or "
-            f"train it in full with modules_to_save=[{name!r}]")
+            f"from {name}.weight directly ({why}. Leave {name!r} out of apply_qlora's target_modules (its default "
+            f"'all-linear' does), or train it in full with modules_to_save=[{name!r}]")
 
 
 _DOCS = {

@@ -189,6 +189,7 @@ def apply_qlora(
     layers_to_transform: int | Iterable[int] | None = None,
     layers_pattern: str | Iterable[str] | None = None,
     modules_to_save: Iterable[str] | None = None,
+    keep_float_modules: str | Iterable[str] | None = None,
     quant_storage: torch.dtype = torch.uint8,
     init_lora_weights: bool | str = True,
     loftq_iter: int = 1,
@@ -217,6 +218,11 @@ def apply_qlora(
         modules_to_save: peft's: names (full-name suffixes, e.g. ``["score"]`` or ``["classifier"]``) of non-LoRA
             modules to train in full. Each is wrapped in a ``ModulesToSaveWrapper`` with a trainable copy for
             ``adapter_name`` (``qkernels.modules_to_save``); they and the modules inside them are never quantized.
+        keep_float_modules: targets (names/suffixes as in ``target_modules``, or a regex) that get LoRA on a float
+            base (``QLoRALinear(quantize=False)``) instead of being quantized. Added to the ones kept float anyway,
+            as peft + bitsandbytes keep them: modules in the model's ``_keep_in_fp32_modules`` (T5's ``wo``: its
+            feed-forward casts its input to ``wo.weight.dtype``) and, on a model loaded in 4 bits by bitsandbytes,
+            every targeted float ``nn.Linear`` (left float by ``llm_int8_skip_modules``, an output head).
         r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, loftq_iter, adapter_name: the adapter, and
             quant_type, double_quant, blocksize, compute_dtype, quant_storage: the 4-bit format, passed to
             ``QLoRALinear.from_linear`` for each layer (see ``QLoRALinear``; dtypes also by name, "bfloat16").
@@ -238,9 +244,10 @@ def apply_qlora(
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, or ``target_modules`` is not a str or a list of names.
         ValueError: ``target_modules`` is None or empty, an entry matches no module (the Linear layers are listed),
-            a bad format or LoRA argument (named), or a selected module cannot be adapted here (not a Linear, already
-            a QLoRALinear, kept in float32 by transformers, tied to another weight, read by weight by its parent,
-            8-bit, or a mixture of experts' 3-D parameters under "all-linear"); the message says what to pass.
+            a ``keep_float_modules`` entry matches no target, a bad format or LoRA argument (named), or a selected
+            module cannot be adapted here (not a Linear, already a QLoRALinear, tied to another weight, read by
+            weight by its parent, 8-bit, a float-base Conv1D or "loftq" on a float base, or a mixture of experts'
+            3-D parameters under "all-linear"); the message says what to pass.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -272,9 +279,9 @@ def apply_qlora(
     if not names:
         _raise_no_layer_match(model, target_modules, exclude_modules, layers_to_transform, layers_pattern,
                               modules_to_save)
-    _check_not_kept_in_float(model, names)
+    float_names = _float_base_names(model, names, keep_float_modules, init_lora_weights)
     _check_not_read_by_parent(model, names)
-    _check_not_tied(model, names)
+    _check_not_tied(model, names, float_names)
     clash = [(t, m) for t in names for m in save_names if t == m or t.startswith(m + ".") or m.startswith(t + ".")]
     if clash:  # peft's two rules differ (suffix vs dotted regex): one module can meet both; refuse before changing
         raise ValueError(f"module {clash[0][0]!r} is a LoRA target and module {clash[0][1]!r} a module to save; "
@@ -307,6 +314,7 @@ def apply_qlora(
     t0 = time.perf_counter()
     bnb_kwargs = {k: kwargs[k] for k in ("r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights",
                                          "adapter_name")}
+    float_kwargs = dict(bnb_kwargs)  # a float base computes in its weight's dtype, as peft's lora.Linear
     if compute_dtype is not None:
         bnb_kwargs["compute_dtype"] = compute_dtype
     for i, n in enumerate(names, 1):
@@ -315,7 +323,12 @@ def apply_qlora(
         m = modules[n]
         # a model loaded in 4 bits by bitsandbytes (transformers' BitsAndBytesConfig): wrap its packed weight as is
         # (its own quant_type / blocksize / double quant), as peft does; never requantize a 4-bit weight
-        layer = QLoRALinear.from_bnb(m, **bnb_kwargs) if _is_bnb_4bit(m) else QLoRALinear.from_linear(m, **kwargs)
+        if n in float_names:  # kept float, as peft + bitsandbytes keep it: LoRA on the float weight
+            layer = QLoRALinear.from_linear(m, quantize=False, **float_kwargs)
+        elif _is_bnb_4bit(m):
+            layer = QLoRALinear.from_bnb(m, **bnb_kwargs)
+        else:
+            layer = QLoRALinear.from_linear(m, **kwargs)
         # a new module starts in training mode; in a model in eval mode (from_pretrained returns one) that left LoRA
         # dropout on while model.training said False: generate() gave different tokens on each call
         layer.train(m.training)
@@ -446,9 +459,58 @@ def _check_no_expert_parameters(model: nn.Module, names: list[str]) -> None:
             f"Pass the Linear layers explicitly, e.g. target_modules={leaves!r}")
 
 
+def _loaded_in_4bit(model: nn.Module) -> bool:
+    """A model bitsandbytes quantized at load time (transformers sets ``is_loaded_in_4bit``), or holding a 4-bit
+    bitsandbytes layer."""
+    return any(m.__dict__.get("is_loaded_in_4bit") is True or _is_bnb_4bit(m) for m in model.modules())
+
+
+def _float_base_names(model: nn.Module, names: list[str], keep_float_modules: Any, init: Any) -> set[str]:
+    """The targets that keep a float base weight, where peft on a bitsandbytes-loaded model puts LoRA on a float layer:
+
+    - ``_keep_in_fp32_modules`` matches (``_kept_in_float``): transformers never quantizes them, and T5's feed-forward
+      casts its input to ``wo.weight.dtype`` (a 4-bit weight's packed uint8 made its logits silently wrong, 4.2 off);
+    - on a model loaded in 4 bits (``_loaded_in_4bit``), every float ``nn.Linear`` target: bitsandbytes left it float
+      (``llm_int8_skip_modules``, the output head), and peft adapts it as it is;
+    - ``keep_float_modules`` (peft's target rules; each entry must match a target).
+
+    Raises ValueError for what a float base cannot be: a Conv1D, or ``init_lora_weights="loftq"``."""
+    out = set(_kept_in_float(model, names))
+    if isinstance(keep_float_modules, str):
+        kept = {n for n in names if re.fullmatch(keep_float_modules, n)}
+        if not kept:
+            raise ValueError(f"keep_float_modules={keep_float_modules!r} (a regex, full match) matches none of the "
+                             f"targets {_summarize(names)}")
+        out |= kept
+    elif keep_float_modules is not None:
+        entries = list(keep_float_modules) if isinstance(keep_float_modules, Iterable) else None
+        if not entries or not all(isinstance(e, str) and e for e in entries):
+            raise ValueError(f"keep_float_modules must be a regex or a non-empty list of module names, got "
+                             f"{keep_float_modules!r}")
+        for e in entries:
+            hit = {n for n in names if _is_target(n, [e])}
+            if not hit:
+                raise ValueError(f"keep_float_modules entry {e!r} matches none of the targets {_summarize(names)}; "
+                                 "it names target modules to keep in float")
+            out |= hit
+    modules = dict(model.named_modules())
+    if _loaded_in_4bit(model):
+        out |= {n for n in names if type(modules[n]) is nn.Linear and modules[n].weight.is_floating_point()}
+    conv = sorted(n for n in out if is_conv1d(modules[n]))
+    if conv:
+        raise ValueError(f"target modules {conv[:4]} are to keep a float base, but they are transformers Conv1D "
+                         "layers ([in, out] weights), which a float-base QLoRALinear does not hold: leave them out of "
+                         "keep_float_modules (they are quantized then)")
+    if out and init == "loftq":
+        raise ValueError(f"init_lora_weights='loftq' fits LoRA to the 4-bit quantization error, but targets "
+                         f"{sorted(out)[:4]} keep a float base (transformers keeps them float, or keep_float_modules): "
+                         "leave them out (exclude_modules) or use init_lora_weights=True")
+    return out
+
+
 def _check_not_kept_in_float(model: nn.Module, names: list[str]) -> None:
-    """Refuse to quantize what transformers keeps in float: T5's feed-forward casts its input to ``wo.weight.dtype``
-    (``T5DenseActDense``), which for a 4-bit layer is the packed uint8: the logits come out wrong, silently."""
+    """``convert_checkpoint``: refuse to write 4-bit weights for what transformers keeps in float (its loader expects
+    them float: T5's feed-forward casts its input to ``wo.weight.dtype``). ``apply_qlora`` gives them a float base."""
     kept = _kept_in_float(model, names)
     if kept:
         patterns = sorted(set(kept.values()))
@@ -460,12 +522,14 @@ def _check_not_kept_in_float(model: nn.Module, names: list[str]) -> None:
             f"out: exclude_modules={patterns!r} (or a target_modules list without them)")
 
 
-def _check_not_tied(model: nn.Module, names: list[str]) -> None:
+def _check_not_tied(model: nn.Module, names: list[str], float_names: Iterable[str] = ()) -> None:
     """Refuse a Linear whose weight is shared with another module (a head tied to the input embeddings,
     ``tie_word_embeddings``): the 4-bit layer cannot share its weight with the float embedding, and transformers'
     ``tie_weights()`` (run by ``resize_token_embeddings``, loading, ...) assigns the embedding back over the packed
     weight, after which the layer fails (``'Parameter' object has no attribute 'quant_state'``). transformers' own
-    bitsandbytes loader never quantizes tied modules either."""
+    bitsandbytes loader never quantizes tied modules either. A float base (``float_names``) could share the weight,
+    but its merge cannot: ``merge_and_unload`` gives the layer its own ``W + s B A`` while the model still declares
+    the tie, which ``tie_weights()`` / ``from_pretrained`` restore, dropping the merge."""
     owners: dict[int, list[str]] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(pname)
@@ -473,10 +537,13 @@ def _check_not_tied(model: nn.Module, names: list[str]) -> None:
         w = getattr(model.get_submodule(n), "weight", None)
         others = [o for o in owners.get(id(w), []) if o != f"{n}.weight"]
         if others:
+            why = ("LoRA on a float base would share it, but merge_and_unload gives the layer its own merged weight, "
+                   "which tie_weights() / from_pretrained replace by the embedding, dropping the merge"
+                   if n in float_names else "a 4-bit layer cannot share it, and transformers' tie_weights() would "
+                   "later overwrite the packed weight")
             raise ValueError(
                 f"target module {n!r} shares its weight with {others[0]!r} (tied weights, e.g. tie_word_embeddings): "
-                "a 4-bit layer cannot share it, and transformers' tie_weights() would later overwrite the packed "
-                f"weight. Leave it out (exclude_modules=[{n.rpartition('.')[2]!r}]), or untie it first: give it its "
+                f"{why}. Leave it out (exclude_modules=[{n.rpartition('.')[2]!r}]), or untie it first: give it its "
                 "own weight (module.weight = nn.Parameter(module.weight.detach().clone())) and set "
                 "config.tie_word_embeddings = False")
 
@@ -582,10 +649,10 @@ def _qlora_layers(model: nn.Module) -> list[tuple[str, QLoRALinear]]:
 
 
 def _merged_weight(layer: QLoRALinear) -> torch.Tensor:
-    """``dequant(W) + s B A`` in float32 (the active adapter; none when disabled)."""
+    """``dequant(W) + s B A`` (a float base: ``W + s B A``) in float32 (the active adapter; none when disabled)."""
     if layer._unloaded:  # a meta layer, or one to_empty() left without values: nothing to merge
         layer._raise_unloaded()
-    W = dequantize_4bit(layer.weight.data, layer.weight.quant_state, torch.float32)
+    W = layer.dequantized_weight(torch.float32)
     if layer.active_adapter is not None and not layer.disable_adapters:
         W = W + layer.lora_delta().to(W.device)
     return W
@@ -609,7 +676,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     quantization, or the one the model was last cast to with ``.half()`` / ``.to(dtype)``; the dtype of the
     activations around the layer. Not ``compute_dtype``: that only sets the precision of the layer's own matmul
     (its output is cast back to the input's dtype), and a bf16 ``nn.Linear`` in a float32 model fails on its
-    float32 input. Nothing is requantized. The merged weight is frozen
+    float32 input. Nothing is requantized. A float-base layer (``quantized`` False) gives ``W + s B A`` in its weight's
+    dtype, as peft's merge of a plain ``nn.Linear``. The merged weight is frozen
     (as peft leaves a merged base weight). Each module to save (``ModulesToSaveWrapper``) is replaced by the module
     it runs: the active adapter's copy, or the original module when adapters are disabled or the active adapter has
     no copy (peft's ``unload``). A transformers model that was loaded in 4 bits by bitsandbytes loses its
@@ -618,22 +686,28 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """
     _unwrap_modules_to_save(model)
     for name, layer in _qlora_layers(model):
-        dtype = layer.float_dtype
-        with torch.no_grad():
-            W = _merged_weight(layer).to(dtype)
-        if getattr(layer, "is_target_conv_1d_layer", False):  # absent on a layer pickled by an older qkernels
-            dense = _conv1d(W, layer.bias)
-        else:
-            dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                              device=W.device, dtype=dtype)
-            dense.weight = nn.Parameter(W, requires_grad=False)
-            if layer.bias is not None:
-                dense.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=layer.bias.requires_grad)
-        dense.train(layer.training)  # a merged model in eval mode stays so
-        _replace(model, name, dense)
+        _replace(model, name, _dense(layer))
     _drop_quantization_config(model)
     _mark_bnb_model_quantized(model)
     return model
+
+
+def _dense(layer: QLoRALinear) -> nn.Module:
+    """The merged dense layer of ``layer`` (``merge_and_unload``): an ``nn.Linear`` (a ``Conv1D`` for one made from a
+    Conv1D) of ``float_dtype`` holding ``W + s B A``, its bias, its training mode."""
+    dtype = layer.float_dtype
+    with torch.no_grad():
+        W = _merged_weight(layer).to(dtype)
+    if getattr(layer, "is_target_conv_1d_layer", False):  # absent on a layer pickled by an older qkernels
+        dense = _conv1d(W, layer.bias)
+    else:
+        dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                          device=W.device, dtype=dtype)
+        dense.weight = nn.Parameter(W, requires_grad=False)
+        if layer.bias is not None:
+            dense.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=layer.bias.requires_grad)
+    dense.train(layer.training)  # a merged model in eval mode stays so
+    return dense
 
 
 def _drop_quantization_config(model: nn.Module) -> None:
@@ -696,10 +770,16 @@ def merge_into_4bit(model: nn.Module) -> dict[str, float]:
     Returns ``{module_name: ||M - dequant(quantize_4bit(M))||_F / ||M||_F}`` with ``M = dequant(W) + s B A``, and
     the same for the change of the layer's effective weight relative to the unmerged one, under
     ``"<name>.delta_lost"``: ``||dequant(Q_new) - M||_F / ||s B A||_F`` (1.0 = the adapter is entirely lost).
+
+    A float-base layer (``quantized`` False: kept float, as transformers keeps T5's ``wo``) is never quantized: it
+    becomes the dense ``nn.Linear`` ``merge_and_unload`` gives, exactly ``W + s B A``, and has no entry.
     """
     errors: dict[str, float] = {}
     _unwrap_modules_to_save(model)
     for name, layer in _qlora_layers(model):
+        if not layer.quantized:
+            _replace(model, name, _dense(layer))
+            continue
         st = layer.weight.quant_state
         with torch.no_grad():
             M = _merged_weight(layer)

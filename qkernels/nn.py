@@ -12,7 +12,9 @@ The layer holds the weight packed in bitsandbytes' 4-bit format (``weight``, a `
   missing. A state dict with some but not all of a layer's LoRA keys is an error (see ``_load_from_state_dict``);
   ours loads into bitsandbytes through ``Params4bit.from_prequantized``.
 
-The forward is one call to the fused ``matmul_4bit_lora`` with the active adapter (or none).
+The forward is one call to the fused ``matmul_4bit_lora`` with the active adapter (or none). A layer built with
+``quantize=False`` keeps a float base weight instead (peft's LoRA on a plain ``nn.Linear``: its keys, its forward),
+for the layers peft + bitsandbytes leave in float; every adapter function treats both alike.
 """
 
 from __future__ import annotations
@@ -242,6 +244,12 @@ class QLoRALinear(nn.Module):
         device, dtype: of the float weight before quantization (also ``quant_state.dtype`` and the bias dtype).
             LoRA weights are float32 (peft's ``autocast_adapter_dtype``) on ``device``.
         loftq_iter: LoftQ iterations; 1 keeps ``W`` quantized exactly as ``quantize_4bit(W)`` (see loftq.py).
+        quantize: False keeps the base weight in float (a "float base"): ``weight`` is a frozen float
+            ``nn.Parameter``, the forward is peft's ``lora.Linear`` (``F.linear`` in the weight's dtype plus the LoRA
+            term), the state dict is peft's on a plain ``nn.Linear`` (``weight``, ``bias``, LoRA keys) and merges
+            give ``W + s B A``. The 4-bit arguments and ``compute_dtype`` are then unused. ``apply_qlora`` builds
+            these where peft + bitsandbytes keep a layer float (``_keep_in_fp32_modules`` such as T5's ``wo``, a float
+            Linear of a model loaded in 4 bits, ``keep_float_modules``). ``quantized`` records the mode.
 
     Attributes (peft's names): ``lora_A``, ``lora_B``, ``lora_dropout`` (ModuleDicts by adapter name), ``r``,
     ``lora_alpha``, ``scaling``, ``use_rslora`` (dicts), ``active_adapter`` (str or None),
@@ -269,6 +277,7 @@ class QLoRALinear(nn.Module):
     # the packed weight and quant-state tensors of a load split across calls (transformers' sharded 4-bit checkpoints
     # put a weight's absmax and its quant_map / blob in different shards), by key without prefix, until complete
     _pending_weight: dict[str, torch.Tensor] = {}  # noqa: RUF012 - replaced, never mutated
+    quantized: bool = True  # False: a float base (quantize=False); the default for layers pickled by older qkernels
 
     def __init__(
         self,
@@ -290,6 +299,7 @@ class QLoRALinear(nn.Module):
         dtype: torch.dtype | None = None,
         adapter_name: str = "default",
         loftq_iter: int = 1,
+        quantize: bool = True,
         _float_weight: torch.Tensor | None = None,
         _packed: tuple[torch.Tensor, QuantState] | None = None,
     ):
@@ -303,6 +313,12 @@ class QLoRALinear(nn.Module):
             raise ValueError(f"double_quant must be a bool, got {double_quant!r}")
         if dtype is not None and dtype not in FLOAT_DTYPES:
             raise ValueError(f"dtype must be None or one of {FLOAT_DTYPES}, got {dtype!r}")
+        if not isinstance(quantize, bool):
+            raise ValueError(f"quantize must be a bool, got {quantize!r} (False keeps the base weight in float)")
+        if not quantize and init_lora_weights == "loftq":
+            raise ValueError("init_lora_weights='loftq' fits LoRA to the 4-bit quantization error, and quantize=False "
+                             "keeps the base weight in float (no error to fit): use init_lora_weights=True")
+        self.quantized = quantize
         self.in_features = in_features
         self.out_features = out_features
         self.compute_dtype = compute_dtype
@@ -328,34 +344,55 @@ class QLoRALinear(nn.Module):
             raise ValueError("init_lora_weights='loftq' needs the float weight, which a layer on the meta device does "
                              "not have: build the model on a real device for LoftQ, or load trained LoRA weights")
         float_weight = None
-        if on_meta:
-            shape_dtype = dtype or (_float_weight.dtype if _float_weight is not None else torch.float32)
-            if _packed is not None:  # the packed format, the values dropped
-                st, quant_storage = _packed[1], _packed[0].dtype
-                quant_type, double_quant, blocksize, shape_dtype = st.quant_type, st.nested, st.blocksize, st.dtype
-            packed, state = _new_meta_weight(out_features, in_features, quant_type, blocksize, double_quant,
-                                             quant_storage, shape_dtype)
-        elif _packed is not None:
-            packed, state = _packed
+        if not quantize:  # a float base (peft's lora.Linear on a plain nn.Linear): nothing is quantized
+            if _packed is not None:
+                raise ValueError("quantize=False keeps a float weight; a packed 4-bit weight cannot be its base")
+            w = _float_weight
+            if w is None:  # nn.Linear's initialization (none on the meta device: no values to draw)
+                w = torch.empty(out_features, in_features, device=device, dtype=dtype or torch.float32)
+                if not w.is_meta:
+                    nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+            elif dtype is not None and w.dtype != dtype:
+                w = w.detach().to(dtype)
+            if tuple(w.shape) != (out_features, in_features):
+                raise ValueError(f"weight has shape {tuple(w.shape)}, expected ({out_features}, {in_features}) = "
+                                 "(out_features, in_features)")
+            # the linear's own Parameter when it has one (as peft's base_layer keeps it): no copy, ties kept
+            self.weight = w if isinstance(w, nn.Parameter) else nn.Parameter(w.detach(), requires_grad=False)
+            self.weight.requires_grad_(False)
+            base_device, base_dtype = self.weight.device, self.weight.dtype
         else:
-            if _float_weight is None:  # nn.Linear's initialization, then quantize
-                _float_weight = torch.empty(out_features, in_features, device=device, dtype=dtype or torch.float32)
-                nn.init.kaiming_uniform_(_float_weight, a=math.sqrt(5))
-            float_weight = _float_weight if dtype is None else _float_weight.to(dtype)
-            if tuple(float_weight.shape) != (out_features, in_features):
-                raise ValueError(f"weight has shape {tuple(float_weight.shape)}, expected ({out_features}, "
-                                 f"{in_features}) = (out_features, in_features)")
-            packed, state = quantize_4bit(float_weight.detach().contiguous(), blocksize, quant_type, double_quant,
-                                          quant_storage)
-        self.weight = Params4bit(packed, False, state)
+            if on_meta:
+                shape_dtype = dtype or (_float_weight.dtype if _float_weight is not None else torch.float32)
+                if _packed is not None:  # the packed format, the values dropped
+                    st, quant_storage = _packed[1], _packed[0].dtype
+                    quant_type, double_quant, blocksize, shape_dtype = st.quant_type, st.nested, st.blocksize, st.dtype
+                packed, state = _new_meta_weight(out_features, in_features, quant_type, blocksize, double_quant,
+                                                 quant_storage, shape_dtype)
+            elif _packed is not None:
+                packed, state = _packed
+            else:
+                if _float_weight is None:  # nn.Linear's initialization, then quantize
+                    _float_weight = torch.empty(out_features, in_features, device=device,
+                                                dtype=dtype or torch.float32)
+                    nn.init.kaiming_uniform_(_float_weight, a=math.sqrt(5))
+                float_weight = _float_weight if dtype is None else _float_weight.to(dtype)
+                if tuple(float_weight.shape) != (out_features, in_features):
+                    raise ValueError(f"weight has shape {tuple(float_weight.shape)}, expected ({out_features}, "
+                                     f"{in_features}) = (out_features, in_features)")
+                packed, state = quantize_4bit(float_weight.detach().contiguous(), blocksize, quant_type,
+                                              double_quant, quant_storage)
+            self.weight = Params4bit(packed, False, state)
+            base_device, base_dtype = packed.device, state.dtype
         # The dtype the float parts of this layer were last given (dtype, then .half() / .to(dtype) / model.to(...)):
         # what merge_and_unload produces (compute_dtype only sets the matmul's precision). quant_state.dtype stays
         # the checkpoint's.
-        self.float_dtype: torch.dtype = dtype or state.dtype
+        self.float_dtype: torch.dtype = dtype or base_dtype
         if bias:
-            b = torch.empty(out_features, device=packed.device, dtype=dtype or state.dtype)
-            bound = 1 / math.sqrt(in_features)  # nn.Linear's bias init
-            nn.init.uniform_(b, -bound, bound)
+            b = torch.empty(out_features, device=base_device, dtype=dtype or base_dtype)
+            if not b.is_meta:
+                bound = 1 / math.sqrt(in_features)  # nn.Linear's bias init
+                nn.init.uniform_(b, -bound, bound)
             self.bias = nn.Parameter(b)
         else:
             self.register_parameter("bias", None)
@@ -373,6 +410,10 @@ class QLoRALinear(nn.Module):
         ``qlora_kwargs`` are ``QLoRALinear``'s keyword arguments (r, lora_alpha, quant_type, ...); ``dtype``
         (default: the linear's weight dtype) is what the weight is cast to before quantization (``quant_state.dtype``)
         and the bias dtype. ``init_lora_weights="loftq"`` uses the float weight.
+
+        ``quantize=False`` keeps the weight in float instead (a float base, see ``QLoRALinear``): the layer holds the
+        linear's own weight Parameter (frozen; converted only when ``dtype`` differs), as peft's ``lora.Linear`` holds
+        its base layer. An ``nn.Linear`` only: a ``Conv1D``'s ``[in, out]`` weight has no float-base layout here.
 
         Returns:
             A new ``QLoRALinear`` on the linear's device, in training mode as any new module (``apply_qlora``
@@ -397,6 +438,11 @@ class QLoRALinear(nn.Module):
         if w.dtype not in FLOAT_DTYPES:
             raise ValueError(f"linear.weight must be float32/float16/bfloat16 to quantize, got {w.dtype}")
         qlora_kwargs.setdefault("dtype", w.dtype)
+        if qlora_kwargs.get("quantize", True) is False:
+            if is_conv1d(linear):
+                raise ValueError("quantize=False (a float base) takes an nn.Linear; a transformers Conv1D stores its "
+                                 "weight [in, out], which a float-base QLoRALinear does not: quantize it (the default)")
+            w = linear.weight  # the Parameter itself: no copy, and a tie to another module survives
         layer = cls(in_features, out_features, bias=linear.bias is not None, device=w.device,
                     _float_weight=w, **qlora_kwargs)
         if linear.bias is not None:
@@ -482,6 +528,9 @@ class QLoRALinear(nn.Module):
         B = nn.Linear(r, self.out_features, bias=False, device=dev, dtype=torch.float32)
         scaling = lora_scaling(lora_alpha, r, use_rslora)
         if init_lora_weights == "loftq":
+            if not self.quantized:
+                raise ValueError("init_lora_weights='loftq' fits LoRA to the 4-bit quantization error; this layer "
+                                 "keeps its base weight in float (quantize=False): use init_lora_weights=True")
             if original_weight is None:
                 raise ValueError("init_lora_weights='loftq' needs the original float weight: build the layer with "
                                  "QLoRALinear.from_linear(linear, init_lora_weights='loftq') or apply_qlora(...)")
@@ -611,6 +660,8 @@ class QLoRALinear(nn.Module):
             p = getattr(self.lora_dropout[name], "p", 0.0)
             if self.training and not (A.requires_grad or B.requires_grad) and torch.is_grad_enabled():
                 _warn_frozen_adapter(name)
+        if not self.quantized:
+            return self._float_forward(x, name, A, B, scaling)
         state = getattr(self.weight, "quant_state", None)
         if state is None:
             raise TypeError(_NO_QUANT_STATE.format(type(self.weight).__name__))
@@ -619,10 +670,26 @@ class QLoRALinear(nn.Module):
         y = matmul_4bit_lora(xc, self.weight.data, state, A, B, scaling, self.bias, p, training=self.training)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
+    def _float_forward(self, x: torch.Tensor, name: str | None, A: torch.Tensor | None, B: torch.Tensor | None,
+                       scaling: float) -> torch.Tensor:
+        """A float base: peft's ``lora.Linear.forward`` step for step, so the outputs are peft's: the base layer in
+        the weight's dtype (``x`` cast to it, as T5 casts to ``wo.weight.dtype``; ``compute_dtype`` does not apply),
+        then ``lora_B(lora_A(dropout(x)))`` in the LoRA weights' dtype, added, and cast to the base result's dtype."""
+        W = self.weight
+        xb = x if x.dtype == W.dtype else x.to(W.dtype)
+        y = torch.nn.functional.linear(xb, W, self.bias)
+        if name is not None:
+            xl = xb if xb.dtype == A.dtype else xb.to(A.dtype)
+            lora = torch.nn.functional.linear(torch.nn.functional.linear(self.lora_dropout[name](xl), A), B)
+            y = (y + lora * scaling).to(y.dtype)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Returns ``dequant(W)`` as a new ``[out_features, in_features]`` tensor of ``dtype``."""
+        """Returns ``dequant(W)`` (a float base: ``W``) as a new ``[out_features, in_features]`` tensor of ``dtype``."""
         if self._unloaded:
             self._raise_unloaded()
+        if not self.quantized:
+            return self.weight.detach().to(dtype, copy=True)
         return dequantize_4bit(self.weight.data, self.weight.quant_state, dtype)
 
     def lora_delta(self, adapter_name: str | None = None) -> torch.Tensor:
@@ -639,11 +706,15 @@ class QLoRALinear(nn.Module):
         return self.scaling[name] * (B @ A)
 
     def extra_repr(self) -> str:
-        st = self.weight.quant_state
         lora = ", ".join(f"{n}: r={self.r[n]}, alpha={self.lora_alpha[n]}" for n in self.lora_A)
+        if self.quantized:
+            st = self.weight.quant_state
+            base = (f"quant_type={st.quant_type}, blocksize={st.blocksize}, double_quant={st.nested}, "
+                    f"storage={self.weight.dtype}, compute_dtype={self.compute_dtype}")
+        else:
+            base = f"float base: dtype={self.weight.dtype}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"quant_type={st.quant_type}, blocksize={st.blocksize}, double_quant={st.nested}, "
-                f"storage={self.weight.dtype}, compute_dtype={self.compute_dtype}, adapters=[{lora}], "
+                f"{base}, adapters=[{lora}], "
                 f"active={self.active_adapter!r}{', disabled' if self.disable_adapters else ''}"
                 f"{', from Conv1D' if getattr(self, 'is_target_conv_1d_layer', False) else ''}")
 
@@ -689,6 +760,11 @@ class QLoRALinear(nn.Module):
         scales (``QuantState.to_empty``); the keys stay in ``_unloaded`` until a checkpoint is loaded. A tensor moved
         to meta joins them.
         """
+        if not self.quantized:  # a float base moves and converts like nn.Linear's weight
+            super()._apply(fn, recurse)
+            self.float_dtype = self.weight.dtype
+            self._track_meta()
+            return self
         w = self._parameters["weight"]
         self._parameters["weight"] = None  # nn.Module._apply skips None entries; the key keeps its place
         try:
@@ -720,7 +796,9 @@ class QLoRALinear(nn.Module):
 
     # ------------------------------------------------------------------ state dict (bitsandbytes' keys)
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        super()._save_to_state_dict(destination, prefix, keep_vars)  # weight (packed), bias
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # weight (packed; a float base: float), bias
+        if not self.quantized:
+            return
         for k, v in self.weight.quant_state.as_dict(packed=True).items():
             destination[prefix + "weight." + k] = v if keep_vars else v.detach()
 
@@ -745,24 +823,33 @@ class QLoRALinear(nn.Module):
         """
         wkey = prefix + "weight"
         pieces = {k: state_dict.pop(k) for k in list(state_dict) if k == wkey or k.startswith(wkey + ".")}
-        if pieces and self._pending_weight:  # the rest of a weight whose first keys came in an earlier call (shard)
-            pieces = {**{prefix + k: v for k, v in self._pending_weight.items()}, **pieces}
-        waiting = self._waiting_for(pieces, prefix) if pieces else []
-        if waiting:  # part of the weight's keys: keep them until the rest comes; nothing of the weight changes
-            self._pending_weight = {k[len(prefix):]: v for k, v in pieces.items()}
-            self._unloaded = self._unloaded | {"weight"}
-            pieces = {}
+        waiting: list[str] = []
+        if self.quantized:  # a float base's weight is one tensor: nothing to wait for
+            if pieces and self._pending_weight:  # the rest of a weight whose first keys came in an earlier call
+                pieces = {**{prefix + k: v for k, v in self._pending_weight.items()}, **pieces}
+            waiting = self._waiting_for(pieces, prefix) if pieces else []
+            if waiting:  # part of the weight's keys: keep them until the rest comes; nothing of the weight changes
+                self._pending_weight = {k[len(prefix):]: v for k, v in pieces.items()}
+                self._unloaded = self._unloaded | {"weight"}
+                pieces = {}
         state_dict.update(pieces)  # a complete set (or none): loaded below
         qkeys = {k: v for k, v in pieces.items() if k != wkey}
         new_weight = None
         had_weight = wkey in pieces
-        if had_weight:
+        if not self.quantized:  # a float base: the weight loads as nn.Linear's (below, with the bias)
+            self._validate_float_weight(state_dict.get(wkey), qkeys, wkey)
+        elif had_weight:
             new_weight = self._validated_weight(state_dict[wkey], qkeys, wkey, local_metadata)
         self._validate_other_keys(state_dict, prefix)
         assign = local_metadata.get("assign_to_params_buffers", False)
         lora_keys = [f"{prefix}{which}.{name}.weight" for name in self.lora_A for which in ("lora_A", "lora_B")]
-        if new_weight is not None and not any(k in state_dict for k in lora_keys):
-            self._init_unloaded_lora(new_weight.device)  # a meta layer's LoRA, absent from a base checkpoint
+        base_device = None
+        if new_weight is not None:
+            base_device = new_weight.device
+        elif had_weight and not self.quantized:  # assign=True's rule for a meta layer: the checkpoint's device
+            base_device = state_dict[wkey].device if self.weight.is_meta else self.weight.device
+        if base_device is not None and not any(k in state_dict for k in lora_keys):
+            self._init_unloaded_lora(base_device)  # a meta layer's LoRA, absent from a base checkpoint
         lora = {f"{prefix}{which}.{name}.weight": getattr(self, which)[name].weight
                 for name in self.lora_A for which in ("lora_A", "lora_B")}
         present = [k for k in lora if k in state_dict]
@@ -786,11 +873,13 @@ class QLoRALinear(nn.Module):
         # what this call gives a value (bias here, LoRA in the children, after us): a key whose value is not the
         # tensor already there. A meta tensor only takes one with assign=True (else torch warns: copying is a no-op).
         loaded = {k for k, t in self._local_tensors().items()
-                  if k != "weight" and state_dict.get(prefix + k, t) is not t and (assign or not t.is_meta)}
+                  if (k != "weight" or not self.quantized) and state_dict.get(prefix + k, t) is not t
+                  and (assign or not t.is_meta)}
         if new_weight is not None:
             loaded.add("weight")
-        # the base class loads the bias (shape already checked) and reports unexpected keys; hide the weight keys
-        for k in [wkey, *qkeys]:
+        # the base class loads the bias (and a float base's weight; shapes already checked) and reports unexpected
+        # keys; hide the packed weight's keys
+        for k in [wkey, *qkeys] if self.quantized else []:
             state_dict.pop(k, None)
         n_missing = len(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -882,6 +971,22 @@ class QLoRALinear(nn.Module):
         else:
             data = packed.detach().to(dev, copy=True)
         return Params4bit(data.reshape(rows, 1).contiguous(), False, state)
+
+    def _validate_float_weight(self, w: Any, qkeys: dict, wkey: str) -> None:
+        """A float base's ``weight`` key: a float ``[out_features, in_features]`` tensor (None: absent, reported
+        missing by the base class). A 4-bit checkpoint's keys are refused: this layer keeps its weight in float."""
+        if qkeys:
+            raise ValueError(f"state dict has the 4-bit quant state {sorted(qkeys)[:3]} for {wkey!r}, but this layer "
+                             "keeps its base weight in float (quantize=False, e.g. a module transformers keeps in "
+                             "float32): load a float weight there, or build the layer quantized")
+        if w is None:
+            return
+        if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+            what = w.dtype if isinstance(w, torch.Tensor) else type(w).__name__
+            raise ValueError(f"{wkey!r} must be a float tensor (this layer's base weight is float), got {what}")
+        if tuple(w.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"size mismatch for {wkey!r}: checkpoint has {tuple(w.shape)}, this layer has "
+                             f"(out_features, in_features) = ({self.out_features}, {self.in_features})")
 
     def _validate_other_keys(self, state_dict: dict, prefix: str) -> None:
         """Shape checks for bias and LoRA keys, done before anything is assigned (they load after us)."""

@@ -82,11 +82,12 @@ def randomize(model: nn.Module, adapter: str, seed: int) -> None:
 
 
 def quantized_weights(qk_model: nn.Module) -> dict[str, tuple[torch.Tensor, dict, torch.Tensor | None]]:
-    """Per QLoRALinear: (packed weight, bitsandbytes quant-state dict, bias), read from its state dict only."""
+    """Per 4-bit QLoRALinear: (packed weight, bitsandbytes quant-state dict, bias), read from its state dict only. A
+    float-base layer (``quantized`` False) holds the model's own float weight: the bases below keep ``make()``'s."""
     sd = qk_model.state_dict()
     out = {}
     for name, m in qk_model.named_modules():
-        if isinstance(m, QLoRALinear):
+        if isinstance(m, QLoRALinear) and m.quantized:
             pre = f"{name}.weight."
             stats = {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}
             out[name] = (sd[f"{name}.weight"], stats, sd.get(f"{name}.bias"))
@@ -836,8 +837,7 @@ def test_adapters_both_ways_with_peft_on_a_4bit_base(tmp_path, emb, kind):
     from .test_model import tiny_model
 
     make = functools.partial(tiny_model, kind)
-    exclude = ["wo"] if kind == "t5" else None  # refused by apply_qlora: test_model.test_t5_wo_is_refused...
-    ours = apply_qlora(make(), "all-linear", r=4, lora_alpha=8, compute_dtype=torch.float32, exclude_modules=exclude)
+    ours = apply_qlora(make(), "all-linear", r=4, lora_alpha=8, compute_dtype=torch.float32)  # T5's wo: a float base
     randomize(ours, "default", seed=2)
     adapters.save_adapter(ours, tmp_path / "ours")
     theirs = peft.PeftModel.from_pretrained(bnb_base(ours, make), str(tmp_path / "ours"))
@@ -845,7 +845,7 @@ def test_adapters_both_ways_with_peft_on_a_4bit_base(tmp_path, emb, kind):
     assert_matches(run(_Embeds(ours), emb), run(_Embeds(theirs), emb), run(_Embeds(ref), emb.double()))
 
     leaves = sorted({n.rsplit(".", 1)[-1] for n, m in ours.named_modules() if isinstance(m, QLoRALinear)})
-    cfg = peft.LoraConfig(r=2, lora_alpha=6, target_modules=leaves[::2], exclude_modules=exclude)
+    cfg = peft.LoraConfig(r=2, lora_alpha=6, target_modules=leaves[::2])
     theirs = peft.get_peft_model(bnb_base(ours, make), cfg)
     randomize(theirs, "default", seed=4)
     theirs.save_pretrained(str(tmp_path / "theirs"))
@@ -856,16 +856,43 @@ def test_adapters_both_ways_with_peft_on_a_4bit_base(tmp_path, emb, kind):
     assert_matches(run(_Embeds(ours), emb), run(_Embeds(theirs), emb), run(_Embeds(ref), emb.double()))
 
 
-def test_peft_t5_adapter_with_lora_on_wo_is_refused_saying_why(tmp_path):
-    """peft's all-linear on a transformers 4-bit T5 puts LoRA on wo, which transformers keeps float; qkernels cannot
-    quantize wo (test_model.test_t5_wo_is_refused...), so such an adapter is refused, naming the reason, loading
-    nothing."""
+def test_peft_t5_adapter_with_lora_on_wo_loads_with_peft_outputs(tmp_path, emb):
+    """peft's all-linear on a 4-bit T5 puts LoRA on wo, which transformers keeps float. It loads here (apply_qlora
+    gave wo a float base) with peft's outputs on the bitsandbytes base; saved again, it is the file peft wrote (same
+    keys, tensors, and the config's target modules)."""
+    from .test_model import tiny_model
+
+    ours = apply_qlora(tiny_model("t5"), "all-linear", r=2, compute_dtype=torch.float32)
+    base = bnb_base(ours, lambda: tiny_model("t5"))
+    assert type(base.encoder.block[0].layer[1].DenseReluDense.wo) is nn.Linear  # float, as transformers keeps it
+    theirs = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=6, target_modules="all-linear"))
+    randomize(theirs, "default", seed=3)
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    loaded = adapters.load_adapter(ours, tmp_path / "theirs", adapter_name="peft")
+    assert "encoder.block.0.layer.1.DenseReluDense.wo" in loaded
+    ref = reference64(ours, tmp_path / "theirs", lambda: tiny_model("t5"))
+    assert_matches(run(_Embeds(ours), emb), run(_Embeds(theirs), emb), run(_Embeds(ref), emb.double()))
+
+    adapters.save_adapter(ours, tmp_path / "again", adapter_name="peft")
+    want, got = (load_file(str(d / "adapter_model.safetensors")) for d in (tmp_path / "theirs", tmp_path / "again"))
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    cfg_want, cfg_got = (json.loads((d / "adapter_config.json").read_text()) for d in (tmp_path / "theirs",
+                                                                                     tmp_path / "again"))
+    assert set(cfg_got["target_modules"]) == set(cfg_want["target_modules"]) and "wo" in cfg_got["target_modules"]
+    # and peft reads our file to the same model
+    again = peft.PeftModel.from_pretrained(bnb_base(ours, lambda: tiny_model("t5")), str(tmp_path / "again"))
+    assert torch.equal(run(_Embeds(again), emb), run(_Embeds(theirs), emb))
+
+
+def test_peft_t5_adapter_on_wo_without_a_wo_target_is_refused_saying_why(tmp_path):
+    """wo left out of apply_qlora (exclude_modules) is a plain Linear: an adapter with LoRA there is refused, loading
+    nothing, and the message says to target it."""
     from .test_model import tiny_model
 
     theirs = peft.get_peft_model(tiny_model("t5"), peft.LoraConfig(r=2, target_modules="all-linear"))
     theirs.save_pretrained(str(tmp_path))
     ours = apply_qlora(tiny_model("t5"), "all-linear", r=2, exclude_modules=["wo"])
     with pytest.raises(ValueError, match=r"DenseReluDense\.wo' is a Linear, not a QLoRALinear.*"
-                                         r"_keep_in_fp32_modules \['wo'\].*cannot be loaded"):
+                                         r"_keep_in_fp32_modules \['wo'\].*target_modules that include 'wo'"):
         adapters.load_adapter(ours, tmp_path, adapter_name="peft")
     assert adapters.adapter_names(ours) == ["default"]

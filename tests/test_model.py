@@ -180,7 +180,8 @@ LAYER_CONFIGS = [
     ("phi3", dict(target_modules="all-linear")),
     ("phi3", dict(target_modules=["qkv_proj", "gate_up_proj"])),
     ("gemma", dict(target_modules="all-linear")),
-    ("t5", dict(target_modules="all-linear", exclude_modules=["wo"])),  # wo: see test_t5_wo_is_refused...
+    ("t5", dict(target_modules="all-linear", exclude_modules=["wo"])),
+    ("t5", dict(target_modules="all-linear")),  # wo: LoRA on a float base (test_t5_wo_gets_lora_on_a_float_base)
     ("t5", dict(target_modules=["q", "v", "wi"], layers_to_transform=[1])),
 ]
 
@@ -198,18 +199,26 @@ def test_layers_and_modules_to_save_select_what_peft_wraps(kind, config):
 
 
 @pytest.mark.parametrize("targets", ["all-linear", ["q", "wo"]], ids=["all-linear", "list"])
-def test_t5_wo_is_refused_with_the_fix_named(targets):
-    """T5's feed-forward casts its input to ``wo.weight.dtype`` (uint8 for a 4-bit weight): with wo quantized the
-    logits were silently wrong (measured on a model like this one: logits 4.2 off). transformers never quantizes wo
-    (``_keep_in_fp32_modules``); apply_qlora refuses it, before changing anything, and says to exclude it."""
-    model = tiny_model("t5")
-    with pytest.raises(ValueError, match=r"DenseReluDense\.wo.*_keep_in_fp32_modules \['wo'\].*"
-                                         r"exclude_modules=\['wo'\]"):
-        apply_qlora(model, targets, r=4)
-    assert not any(isinstance(m, QLoRALinear) for m in model.modules())
-    apply_qlora(model, targets, r=4, exclude_modules=["wo"])
-    assert type(model.encoder.block[0].layer[1].DenseReluDense.wo) is nn.Linear
+def test_t5_wo_gets_lora_on_a_float_base(targets):
+    """T5's feed-forward casts its input to ``wo.weight.dtype`` (uint8 for a 4-bit weight: with wo quantized the logits
+    were silently wrong, 4.2 off on a model like this one), and transformers never quantizes wo
+    (``_keep_in_fp32_modules``); peft puts LoRA on it as it is. So apply_qlora gives wo LoRA on its float weight (the
+    same Parameter, untouched) and quantizes the rest: with B = 0 the logits are bit for bit those of the model with
+    wo left out, and its LoRA term is peft's."""
+    model, without = tiny_model("t5"), tiny_model("t5")
+    wo = model.encoder.block[0].layer[1].DenseReluDense.wo.weight
+    apply_qlora(model, targets, r=4)
+    layer = model.encoder.block[0].layer[1].DenseReluDense.wo
+    assert isinstance(layer, QLoRALinear) and not layer.quantized and layer.weight is wo
+    assert wo.dtype == torch.float32 and not wo.requires_grad
     assert isinstance(model.encoder.block[0].layer[0].SelfAttention.q, QLoRALinear)
+    assert model.encoder.block[0].layer[0].SelfAttention.q.quantized
+    apply_qlora(without, targets, r=4, exclude_modules=["wo"])
+    assert type(without.encoder.block[0].layer[1].DenseReluDense.wo) is nn.Linear
+    ids = torch.randint(2, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, decoder_input_ids=ids).logits,
+                           without(input_ids=ids, decoder_input_ids=ids).logits)
 
 
 def test_layer_arguments_are_checked_like_peft():

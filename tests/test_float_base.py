@@ -1,0 +1,337 @@
+"""LoRA on a float base (``QLoRALinear(quantize=False)``): where peft on a model loaded in 4 bits by bitsandbytes puts
+LoRA on a Linear that bitsandbytes left float (T5's ``wo`` from ``_keep_in_fp32_modules``, ``llm_int8_skip_modules``,
+an explicitly targeted ``lm_head``), qkernels keeps that layer float too, so peft's adapters load as they are and give
+peft's outputs. Outputs are compared with ``assert_matches`` (tests/test_adapters.py: ours and peft's differ from a
+float64 run by float32 rounding only); where both compute the very same float32 operations, bit for bit. Tiny models
+built from configs: nothing is downloaded."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import qkernels
+from qkernels import adapters, apply_qlora, merge_and_unload, merge_into_4bit
+from qkernels.integrations import _check_trl_model
+from qkernels.nn import QLoRALinear
+
+from .test_adapters import _Embeds, assert_matches, bnb_base, randomize, reference64, run
+from .test_model import tiny_model
+from .test_training import LLAMA_TARGETS, tiny_llama
+
+peft = pytest.importorskip("peft", reason="peft is the interop target of these tests")
+transformers = pytest.importorskip("transformers", reason="the tiny models are transformers models")
+
+make_t5 = functools.partial(tiny_model, "t5")
+WO = "encoder.block.0.layer.1.DenseReluDense.wo"
+
+
+def _bnb_config(**kw) -> transformers.BitsAndBytesConfig:
+    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                           bnb_4bit_compute_dtype=torch.float32, **kw)
+
+
+def _load_4bit(cls: type, make, d, **bnb_kw) -> nn.Module:
+    """``make()`` saved to ``d`` once, then loaded by transformers in 4 bits (bitsandbytes on the CPU)."""
+    if not d.exists():
+        make().save_pretrained(d)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cls.from_pretrained(d, quantization_config=_bnb_config(**bnb_kw), dtype=torch.float32).eval()
+
+
+# ---------------------------------------------------------------------------------------------- the layer
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 48)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_layer_is_peft_lora_linear_on_a_plain_linear(dtype):
+    """Forward, gradients, state-dict keys and the merged weight are peft's ``lora.Linear`` on the same nn.Linear, bit
+    for bit: the same float operations in the same order (base in the weight's dtype, LoRA in float32)."""
+    torch.manual_seed(0)
+    net = _Net().to(dtype)
+    theirs = peft.get_peft_model(copy.deepcopy(net), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["fc"]))
+    randomize(theirs, "default", seed=1)
+    ours = QLoRALinear.from_linear(copy.deepcopy(net.fc), quantize=False, r=4, lora_alpha=8)
+    lora = theirs.base_model.model.fc
+    ours.set_lora_weight("default", "lora_A", lora.lora_A["default"].weight)
+    ours.set_lora_weight("default", "lora_B", lora.lora_B["default"].weight)
+    assert not ours.quantized and ours.weight.dtype == dtype and not ours.weight.requires_grad
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(2)).to(dtype)
+    y_ours, y_theirs = ours(x), theirs(x)
+    assert y_ours.dtype == dtype and torch.equal(y_ours, y_theirs)
+    y_ours.square().sum().backward()
+    y_theirs.square().sum().backward()
+    for which in ("lora_A", "lora_B"):
+        assert torch.equal(getattr(ours, which)["default"].weight.grad, getattr(lora, which)["default"].weight.grad)
+    assert set(ours.state_dict()) == {"weight", "bias", "lora_A.default.weight", "lora_B.default.weight"}
+    assert torch.equal(ours.state_dict()["weight"], net.fc.weight)
+    merged = merge_and_unload(nn.Sequential(ours))[0]
+    assert type(merged) is nn.Linear and merged.weight.dtype == dtype
+    assert torch.equal(merged.weight, theirs.merge_and_unload().fc.weight)
+
+
+def test_layer_moves_loads_and_refuses_like_a_linear():
+    """``.half()`` converts the float weight (as nn.Linear's; ``float_dtype`` follows), a meta layer loads its float
+    weight with ``assign=True``, and a 4-bit checkpoint, a wrong shape, a Conv1D or LoftQ are refused by name."""
+    torch.manual_seed(0)
+    layer = QLoRALinear.from_linear(nn.Linear(64, 32), quantize=False, r=4)
+    randomize(nn.Sequential(layer), "default", seed=3)
+    sd = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(1))
+    meta = QLoRALinear(64, 32, quantize=False, r=4, device="meta")
+    assert meta.weight.is_meta and "weight" in meta._unloaded
+    meta.load_state_dict(sd, assign=True)
+    assert not meta._unloaded and torch.equal(meta(x), layer(x))
+    half = copy.deepcopy(layer).half()
+    assert half.weight.dtype == torch.float16 and half.float_dtype == torch.float16
+    assert half(x.half()).dtype == torch.float16
+    packed = QLoRALinear(64, 32, r=4).state_dict()
+    with pytest.raises(ValueError, match=r"4-bit quant state.*keeps its base weight in float"):
+        layer.load_state_dict(packed)
+    with pytest.raises(ValueError, match=r"size mismatch for 'weight'"):
+        layer.load_state_dict({**sd, "weight": torch.zeros(32, 63)})
+    assert torch.equal(layer.state_dict()["weight"], sd["weight"])
+    from transformers.pytorch_utils import Conv1D
+
+    with pytest.raises(ValueError, match=r"quantize=False .*Conv1D"):
+        QLoRALinear.from_linear(Conv1D(32, 64), quantize=False)
+    with pytest.raises(ValueError, match=r"loftq.*quantize=False"):
+        QLoRALinear.from_linear(nn.Linear(64, 32), quantize=False, init_lora_weights="loftq")
+    with pytest.raises(ValueError, match=r"quantize must be a bool"):
+        QLoRALinear(64, 32, quantize="no")
+
+
+# ---------------------------------------------------------------------------------------------- T5, all-linear
+def _train(model: nn.Module, steps: int = 3) -> list[float]:
+    """A few AdamW steps on one fixed batch (eval mode: no T5 dropout, so the loss falls step by step)."""
+    ids = torch.randint(2, 64, (2, 9), generator=torch.Generator().manual_seed(4))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("base", ["float", "bnb-loaded"])
+def test_t5_all_linear_trains_saves_loads_and_merges_as_peft(tmp_path, base):
+    """T5 with "all-linear" (wo included, as peft's all-linear on a 4-bit T5): loaded in float (qkernels quantizes)
+    or in 4 bits by transformers (wo stays float there): the LoRA on wo trains; the saved adapter gives peft's outputs
+    on the bitsandbytes base, reloads here bit for bit, and merge_and_unload keeps the outputs."""
+    float_base = base == "float"
+    load = functools.partial(_load_4bit, transformers.T5ForConditionalGeneration, make_t5, tmp_path / "t5")
+    model = make_t5() if float_base else load()
+    if not float_base:
+        assert type(model.get_submodule(WO)) is nn.Linear and model.get_submodule(WO).weight.dtype == torch.float32
+    torch.manual_seed(1)
+    apply_qlora(model, "all-linear", r=4, lora_alpha=8, compute_dtype=torch.float32)
+    wo = model.get_submodule(WO)
+    assert isinstance(wo, QLoRALinear) and not wo.quantized
+    assert model.get_submodule("encoder.block.0.layer.0.SelfAttention.q").quantized
+    losses = _train(model)
+    assert all(b < a for a, b in zip(losses[:-1], losses[1:], strict=True)), losses
+    assert wo.lora_B["default"].weight.abs().max() > 0  # B starts at 0: it trained
+    adapters.save_adapter(model, tmp_path / "ad")
+    assert "wo" in json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["target_modules"]
+
+    emb = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(7))
+    theirs = peft.PeftModel.from_pretrained(bnb_base(model, make_t5) if float_base else load(), str(tmp_path / "ad"))
+    ref = reference64(model, tmp_path / "ad", make_t5)
+    ours_out = run(_Embeds(model), emb)
+    assert_matches(ours_out, run(_Embeds(theirs), emb), run(_Embeds(ref), emb.double()))
+
+    fresh = apply_qlora(make_t5() if float_base else load(), "all-linear", r=4, lora_alpha=8,
+                        compute_dtype=torch.float32)
+    adapters.load_adapter(fresh, tmp_path / "ad", replace=True)
+    assert torch.equal(run(_Embeds(fresh), emb), ours_out)
+
+    merged = merge_and_unload(copy.deepcopy(model))
+    assert not any(isinstance(m, QLoRALinear) for m in merged.modules())
+    assert type(merged.get_submodule(WO)) is nn.Linear and merged.get_submodule(WO).weight.dtype == torch.float32
+    assert_matches(run(_Embeds(merged), emb), ours_out, run(_Embeds(ref), emb.double()))
+
+
+def test_t5_float_base_on_the_meta_device_loads_a_checkpoint(tmp_path):
+    """A T5 built on the meta device, after apply_qlora("all-linear"): wo is a meta float base; loading the state dict
+    of the same model built for real (``assign=True``) gives its logits bit for bit."""
+    real = apply_qlora(make_t5(), "all-linear", r=4)
+    randomize(real, "default", seed=5)
+    with torch.device("meta"):
+        meta = transformers.T5ForConditionalGeneration(make_t5().config)
+    apply_qlora(meta, "all-linear", r=4)
+    assert meta.get_submodule(WO).weight.is_meta and not meta.get_submodule(WO).quantized
+    meta.load_state_dict(real.state_dict(), assign=True)
+    meta.eval()
+    ids = torch.randint(2, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(meta(input_ids=ids, decoder_input_ids=ids).logits,
+                           real(input_ids=ids, decoder_input_ids=ids).logits)
+
+
+# ---------------------------------------------------------------------------------------------- lm_head, skip modules
+def test_float_linears_of_a_4bit_llama_keep_a_float_base_and_give_peft_outputs(tmp_path):
+    """A Llama loaded in 4 bits with ``llm_int8_skip_modules=["down_proj", "lm_head"]``: peft puts LoRA on those float
+    layers as they are. apply_qlora keeps them float (it quantized them before: outputs off by the quantization error),
+    and a peft adapter on them loads with peft's outputs. trl's fused head would skip lm_head's LoRA: refused."""
+    load = functools.partial(_load_4bit, transformers.LlamaForCausalLM, tiny_llama, tmp_path / "llama",
+                             llm_int8_skip_modules=["down_proj", "lm_head"])
+    targets = [*LLAMA_TARGETS, "lm_head"]
+    theirs = peft.get_peft_model(load(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    randomize(theirs, "default", seed=6)
+    theirs.save_pretrained(str(tmp_path / "ad"))
+    base = load()
+    head_w, down_w = base.lm_head.weight, base.model.layers[0].mlp.down_proj.weight
+    assert type(base.model.layers[0].mlp.down_proj) is nn.Linear
+    ours = apply_qlora(base, targets, r=4, lora_alpha=8)
+    for name, w in (("lm_head", head_w), ("model.layers.0.mlp.down_proj", down_w)):
+        layer = ours.get_submodule(name)
+        assert isinstance(layer, QLoRALinear) and not layer.quantized and layer.weight is w
+    assert ours.model.layers[0].mlp.up_proj.quantized
+    adapters.load_adapter(ours, tmp_path / "ad", replace=True)
+    ref = reference64(ours, tmp_path / "ad", tiny_llama)
+    ids = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(1))
+
+    def logits(m, dtype):
+        e = m.get_input_embeddings()(ids).to(dtype).detach().requires_grad_(True)
+        with torch.enable_grad():
+            return m(inputs_embeds=e).logits.detach()
+
+    assert_matches(logits(ours, torch.float32), logits(theirs, torch.float32), logits(ref, torch.float64))
+    # peft saved lm_head's base weight with the adapter (save_embedding_layers): so does save_adapter, and peft reads it
+    adapters.save_adapter(ours, tmp_path / "again")
+    want, got = (load_file(str(d / "adapter_model.safetensors")) for d in (tmp_path / "ad", tmp_path / "again"))
+    assert "base_model.model.lm_head.base_layer.weight" in want
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    again = peft.PeftModel.from_pretrained(load(), str(tmp_path / "again"))
+    assert torch.equal(logits(again, torch.float32), logits(theirs, torch.float32))
+    with pytest.raises(ValueError, match=r"output embedding 'lm_head'.*float base weight without its LoRA term"):
+        _check_trl_model(ours, None)
+    q = apply_qlora(tiny_llama(), targets, r=4)  # a float model: lm_head quantized, the packed-bytes reason
+    with pytest.raises(ValueError, match=r"output embedding 'lm_head'.*packed 4-bit bytes"):
+        _check_trl_model(q, None)
+
+
+# ---------------------------------------------------------------------------------------------- keep_float_modules
+def test_keep_float_modules_opts_targets_out_of_quantization():
+    """``keep_float_modules``: those targets get a float base (exactly nn.Linear's output while B = 0), the others are
+    quantized; merge_into_4bit leaves a float base float (its merge is exact); bad entries named, nothing changed."""
+    model, dense = tiny_llama(), tiny_llama()
+    apply_qlora(model, LLAMA_TARGETS, r=4, keep_float_modules=["down_proj"])
+    down = model.model.layers[1].mlp.down_proj
+    assert not down.quantized and model.model.layers[1].mlp.up_proj.quantized
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(down(x), dense.model.layers[1].mlp.down_proj(x))
+    randomize(model, "default", seed=2)
+    want = down.weight.detach().float() + down.lora_delta()
+    with pytest.warns(UserWarning, match="requantized"):
+        errors = merge_into_4bit(model)
+    merged = model.model.layers[1].mlp.down_proj
+    assert type(merged) is nn.Linear and torch.equal(merged.weight, want)
+    assert "model.layers.1.mlp.down_proj" not in errors and "model.layers.1.mlp.up_proj" in errors
+
+    for kw, msg in [(dict(keep_float_modules=["down_prj"]), r"keep_float_modules entry 'down_prj' matches none"),
+                    (dict(keep_float_modules=r".*\.nothing"), r"keep_float_modules=.*matches none of the targets"),
+                    (dict(keep_float_modules=[3]), r"keep_float_modules must be a regex or a non-empty list"),
+                    (dict(keep_float_modules=["down_proj"], init_lora_weights="loftq"), r"loftq.*keep a float base")]:
+        fresh = tiny_llama()
+        with pytest.raises(ValueError, match=msg):
+            apply_qlora(fresh, LLAMA_TARGETS, r=4, **kw)
+        assert not any(isinstance(m, QLoRALinear) for m in fresh.modules())
+
+
+def test_keep_float_modules_refuses_a_conv1d():
+    from .test_model import tiny_gpt2
+
+    model = tiny_gpt2()
+    with pytest.raises(ValueError, match=r"Conv1D.*keep_float_modules"):
+        apply_qlora(model, ["c_fc"], r=4, keep_float_modules=["c_fc"])
+    assert not any(isinstance(m, QLoRALinear) for m in model.modules())
+
+
+def test_trainable_parameters_count_a_float_base_as_peft():
+    """peft's count on a T5 all-linear model loaded in 4 bits holds wo's float weight as is: so does ours."""
+    model = apply_qlora(make_t5(), "all-linear", r=4)
+    theirs = peft.get_peft_model(bnb_base(model, make_t5), peft.LoraConfig(r=4, target_modules="all-linear"))
+    assert qkernels.trainable_parameters(model) == theirs.get_nb_trainable_parameters()
+
+
+def test_peft_saved_base_weight_loads_into_a_float_base_and_is_refused_by_a_4bit_one(tmp_path, monkeypatch):
+    """peft loads ``lm_head.base_layer.weight`` from the file into its base layer; so does load_adapter on a float
+    base (undone with the adapter if loading fails later). A 4-bit lm_head cannot take a float weight: refused, named,
+    nothing loaded."""
+    targets = [*LLAMA_TARGETS, "lm_head"]
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    randomize(theirs, "default", seed=6)
+    with torch.no_grad():
+        theirs.base_model.model.lm_head.base_layer.weight.mul_(1.5)  # e.g. a head trained or resized with the adapter
+    theirs.save_pretrained(str(tmp_path / "ad"))
+    ours = apply_qlora(tiny_llama(), targets, r=4, lora_alpha=8, keep_float_modules=["lm_head"])
+    adapters.load_adapter(ours, tmp_path / "ad", replace=True)
+    assert torch.equal(ours.lm_head.weight, theirs.base_model.model.lm_head.base_layer.weight)
+
+    before = ours.lm_head.weight.detach().clone()
+    sd = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
+    bad = {k: (v[:2].contiguous() if k.endswith("layers.1.mlp.down_proj.lora_A.weight") else v)
+           for k, v in sd.items()}
+    from safetensors.torch import save_file
+
+    (tmp_path / "bad").mkdir()
+    save_file(bad, str(tmp_path / "bad" / "adapter_model.safetensors"))
+    (tmp_path / "bad" / "adapter_config.json").write_text((tmp_path / "ad" / "adapter_config.json").read_text())
+    with pytest.raises(ValueError, match=r"down_proj.lora_A.weight.*shape"):  # checked before any change
+        adapters.load_adapter(ours, tmp_path / "bad", adapter_name="other")
+    assert torch.equal(ours.lm_head.weight, before) and adapters.adapter_names(ours) == ["default"]
+    with torch.no_grad():
+        ours.lm_head.weight.mul_(2.0)
+    before = ours.lm_head.weight.detach().clone()
+    real = QLoRALinear.set_lora_weight
+
+    def fail_late(self, name, which, value):  # a failure after lm_head's base weight was copied (keys load sorted)
+        if self is ours.model.layers[1].mlp.down_proj:
+            raise RuntimeError("injected")
+        real(self, name, which, value)
+
+    monkeypatch.setattr(QLoRALinear, "set_lora_weight", fail_late)
+    with pytest.raises(RuntimeError, match="injected"):
+        adapters.load_adapter(ours, tmp_path / "ad", adapter_name="other")
+    monkeypatch.undo()
+    assert torch.equal(ours.lm_head.weight, before) and adapters.adapter_names(ours) == ["default"]
+
+    quantized = apply_qlora(tiny_llama(), targets, r=4, lora_alpha=8)
+    with pytest.raises(ValueError, match=r"lm_head.base_layer.weight.*4-bit.*keep_float_modules=\['lm_head'\]"):
+        adapters.load_adapter(quantized, tmp_path / "ad", adapter_name="peft")
+    assert adapters.adapter_names(quantized) == ["default"]
+
+
+def test_a_tied_head_is_refused_with_the_float_base_reason():
+    """A float-base lm_head tied to the embeddings could share the weight, but its merge could not (tie_weights()
+    puts the embedding back): refused as a 4-bit one is, with the reason that holds for it."""
+    from .test_training import _config
+
+    cfg = _config()
+    cfg.tie_word_embeddings = True
+    model = transformers.LlamaForCausalLM(cfg)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with pytest.raises(ValueError, match=r"'lm_head' shares its weight.*float base.*dropping the merge.*exclude"):
+        apply_qlora(model, [*LLAMA_TARGETS, "lm_head"], r=4, keep_float_modules=["lm_head"])
+    with pytest.raises(ValueError, match=r"'lm_head' shares its weight.*4-bit layer cannot share it"):
+        apply_qlora(model, [*LLAMA_TARGETS, "lm_head"], r=4)
+    assert not any(isinstance(m, QLoRALinear) for m in model.modules())
