@@ -119,6 +119,7 @@ def _select_targets(header: dict, model: nn.Module | None, target_modules: Any, 
         _is_excluded,
         _is_linear,
         _is_target,
+        _kept_in_float,
         match_target_modules,
     )
 
@@ -130,6 +131,11 @@ def _select_targets(header: dict, model: nn.Module | None, target_modules: Any, 
         if bad:
             raise ValueError(f"target modules {bad[:4]} are not nn.Linear / Conv1D layers of {type(model).__name__}; "
                              "only Linear weights are quantized")
+        kept = _kept_in_float(model, names)
+        if kept and isinstance(target_modules, str):  # 'all-linear' / a regex: left float, as transformers' loader
+            names = [n for n in names if n not in kept]  # does (an explicit list naming them is refused below)
+            logger.info("quantize_checkpoint: %d module(s) of _keep_in_fp32_modules left float: %s", len(kept),
+                        sorted(kept)[:4])
         _check_not_kept_in_float(model, names)
         _check_not_tied(model, names)
         targets = {n: is_conv1d(model.get_submodule(n)) for n in names}
@@ -291,6 +297,8 @@ def quantize_checkpoint(
             ``src_dir/config.json`` names (built on the meta device: no memory); without either, pass a list of names
             or a regex (matched against ``<module>`` of each ``<module>.weight`` key). transformers' ``Conv1D``
             (GPT-2) weights are stored transposed to ``[out, in]``, as transformers' bitsandbytes loader stores them.
+            Modules the model lists in ``_keep_in_fp32_modules`` (T5's ``wo``) stay float under ``"all-linear"`` or a
+            regex, as transformers' loader leaves them; a list that names one is refused (ValueError).
         quant_type, double_quant, blocksize, quant_storage: the 4-bit format (``quantize_4bit``).
         dtype: cast every float tensor to this dtype first (the quantized weights' ``quant_state.dtype``, and the
             copied ones), except those transformers keeps in float32 at this dtype (``_keep_in_fp32_modules`` at

@@ -247,8 +247,8 @@ def test_t5_cast_to_float16_keeps_wo_in_float32_as_transformers_does(tmp_path):
     torch.manual_seed(0)
     cfg = T5Config(vocab_size=96, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, decoder_start_token_id=0)
     T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / "dense")
-    quantize_checkpoint(tmp_path / "dense", tmp_path / "q", exclude_modules=["wo"], quant_type="fp4",
-                        double_quant=False, dtype=torch.float16, verbose=False)
+    quantize_checkpoint(tmp_path / "dense", tmp_path / "q", quant_type="fp4",  # all-linear: wo left float, as
+                        double_quant=False, dtype=torch.float16, verbose=False)  # transformers leaves it
     bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float16, bnb_4bit_quant_type="fp4")
     ref = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "dense", dtype=torch.float16, quantization_config=bnb_config,
                                                 device_map="cpu")
@@ -329,3 +329,15 @@ def test_a_custom_code_config_is_not_run_and_names_still_work(tmp_path):
     assert quantize_checkpoint(src, tmp_path / "q", ["0"], verbose=False)["quantized"] == ["0"]
     with pytest.raises(ValueError, match=r"there is none \(transformers cannot build config\.json's model.*model="):
         quantize_checkpoint(src, tmp_path / "a", verbose=False)
+
+
+def test_an_explicit_list_naming_a_keep_in_fp32_module_is_refused(tmp_path):
+    """'all-linear' leaves T5's wo float as transformers does (test above); a list that names it asks for a 4-bit wo,
+    which transformers' loader would treat as float: refused, naming exclude_modules, with nothing written."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(vocab_size=96, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4, decoder_start_token_id=0)
+    T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / "dense")
+    with pytest.raises(ValueError, match=r"_keep_in_fp32_modules .*exclude_modules="):
+        quantize_checkpoint(tmp_path / "dense", tmp_path / "q", ["q", "wo"], verbose=False)
+    assert not (tmp_path / "q").exists() or not list((tmp_path / "q").glob("*.safetensors"))
