@@ -254,7 +254,8 @@ class QLoRALinear(nn.Module):
     Attributes (peft's names): ``lora_A``, ``lora_B``, ``lora_dropout`` (ModuleDicts by adapter name), ``r``,
     ``lora_alpha``, ``scaling``, ``use_rslora`` (dicts), ``active_adapter`` (str or None),
     ``disable_adapters`` (bool). Only the active adapter runs. ``float_dtype``: the dtype the layer's float parts
-    were last given (``dtype``, then ``.half()`` / ``.to(dtype)``); ``merge_and_unload`` produces it.
+    were last given (``dtype``, then ``.half()`` / ``.to(dtype)``; a float base: its weight's dtype, also after
+    ``load_state_dict(sd, assign=True)``); ``merge_and_unload`` produces it.
     ``is_target_conv_1d_layer`` (peft's name): the layer was built from a transformers ``Conv1D`` (``from_linear``; or
     ``from_bnb`` of a ``Linear4bit`` whose ``source_cls``, set by transformers' bitsandbytes loader, is ``Conv1D``),
     so ``merge_and_unload`` gives back a ``Conv1D`` (weight ``[in, out]``) that the model's checkpoints expect. The
@@ -642,13 +643,14 @@ class QLoRALinear(nn.Module):
             x: ``[..., in_features]`` float32/float16/bfloat16 (cast to ``compute_dtype`` when that is set).
 
         Returns:
-            ``[..., out_features]`` in ``x``'s dtype.
+            ``[..., out_features]`` in ``x``'s dtype (a float base: nn.Linear's, see ``_float_forward``).
 
         Raises:
             TypeError: the weight lost its ``quant_state`` (a float weight assigned over it, or torch.export's fake
                 parameters), or ``x`` has an unsupported dtype; ValueError: ``x``'s last dimension is not
                 ``in_features`` (from ``matmul_4bit_lora``); RuntimeError: weights never loaded (a meta layer
-                or ``to_empty`` memory; the message names the keys).
+                or ``to_empty`` memory; the message names the keys), or, on a float base, ``x``'s dtype is not the
+                weight's outside autocast (torch's error, as nn.Linear's).
         """
         if self._unloaded:
             self._raise_unloaded()
@@ -672,17 +674,17 @@ class QLoRALinear(nn.Module):
 
     def _float_forward(self, x: torch.Tensor, name: str | None, A: torch.Tensor | None, B: torch.Tensor | None,
                        scaling: float) -> torch.Tensor:
-        """A float base: peft's ``lora.Linear.forward`` step for step, so the outputs are peft's: the base layer in
-        the weight's dtype (``x`` cast to it, as T5 casts to ``wo.weight.dtype``; ``compute_dtype`` does not apply),
-        then ``lora_B(lora_A(dropout(x)))`` in the LoRA weights' dtype, added, and cast to the base result's dtype."""
-        W = self.weight
-        xb = x if x.dtype == W.dtype else x.to(W.dtype)
-        y = torch.nn.functional.linear(xb, W, self.bias)
-        if name is not None:
-            xl = xb if xb.dtype == A.dtype else xb.to(A.dtype)
-            lora = torch.nn.functional.linear(torch.nn.functional.linear(self.lora_dropout[name](xl), A), B)
-            y = (y + lora * scaling).to(y.dtype)
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+        """A float base: peft's ``lora.Linear.forward`` step for step, so the outputs are peft's and the dtypes
+        nn.Linear's: ``F.linear(x, W, bias)`` (``x`` must have the weight's dtype, as for nn.Linear: T5 casts its
+        input to ``wo.weight.dtype`` itself; under autocast, the autocast dtype), then ``lora_B(lora_A(dropout(x)))``
+        with ``x`` in the LoRA weights' dtype, added and cast to the base result's dtype. ``compute_dtype`` does not
+        apply."""
+        y = torch.nn.functional.linear(x, self.weight, self.bias)
+        if name is None:
+            return y
+        xl = x if x.dtype == A.dtype else x.to(A.dtype)
+        lora = torch.nn.functional.linear(torch.nn.functional.linear(self.lora_dropout[name](xl), A), B)
+        return (y + lora * scaling).to(y.dtype)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Returns ``dequant(W)`` (a float base: ``W``) as a new ``[out_features, in_features]`` tensor of ``dtype``."""
@@ -892,6 +894,8 @@ class QLoRALinear(nn.Module):
         if new_weight is not None:
             self.weight = new_weight
             self._pending_weight = {}
+        if not self.quantized:  # assign=True gives a float base the checkpoint's tensor, dtype included (nn.Linear's)
+            self.float_dtype = self.weight.dtype
         self._unloaded = self._unloaded - loaded
 
     def _waiting_for(self, pieces: dict[str, Any], prefix: str) -> list[str]:

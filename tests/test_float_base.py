@@ -335,3 +335,36 @@ def test_a_tied_head_is_refused_with_the_float_base_reason():
     with pytest.raises(ValueError, match=r"'lm_head' shares its weight.*4-bit layer cannot share it"):
         apply_qlora(model, [*LLAMA_TARGETS, "lm_head"], r=4)
     assert not any(isinstance(m, QLoRALinear) for m in model.modules())
+
+
+def test_float_base_under_autocast_returns_what_peft_and_nn_linear_return():
+    """Under ``torch.autocast`` a float base is nn.Linear plus LoRA: peft's ``lora.Linear`` returns the autocast dtype
+    (the base ``F.linear`` autocasts); the layer cast its result back to the input's float32, unlike both."""
+    torch.manual_seed(0)
+    net = _Net()
+    theirs = peft.get_peft_model(copy.deepcopy(net), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["fc"]))
+    randomize(theirs, "default", seed=1)
+    ours = QLoRALinear.from_linear(copy.deepcopy(net.fc), quantize=False, r=4, lora_alpha=8)
+    lora = theirs.base_model.model.fc
+    ours.set_lora_weight("default", "lora_A", lora.lora_A["default"].weight)
+    ours.set_lora_weight("default", "lora_B", lora.lora_B["default"].weight)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ours, y_theirs, y_linear = ours(x), theirs(x), net.fc(x)
+    assert y_ours.dtype == y_theirs.dtype == y_linear.dtype == torch.bfloat16
+    assert torch.equal(y_ours, y_theirs)
+
+
+def test_float_base_loaded_with_assign_takes_the_checkpoint_dtype_and_merges_in_it():
+    """``load_state_dict(sd, assign=True)`` gives a float base the checkpoint's tensor, dtype included (as nn.Linear,
+    and as transformers loads T5's ``wo`` in float32 in a float16 model): ``float_dtype`` and the merged Linear follow
+    it. They kept the dtype the meta layer was built with, so the merge silently rounded ``wo`` to float16."""
+    torch.manual_seed(0)
+    layer = QLoRALinear.from_linear(nn.Linear(64, 32), quantize=False, r=4)
+    randomize(nn.Sequential(layer), "default", seed=3)
+    meta = QLoRALinear(64, 32, quantize=False, r=4, device="meta", dtype=torch.float16)
+    meta.load_state_dict(layer.state_dict(), assign=True)
+    assert meta.weight.dtype == meta.float_dtype == torch.float32
+    merged = merge_and_unload(nn.Sequential(meta))[0]
+    assert merged.weight.dtype == torch.float32
+    assert torch.equal(merged.weight, merge_and_unload(nn.Sequential(layer))[0].weight)
