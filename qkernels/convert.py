@@ -108,13 +108,29 @@ def _read_header(files: list[Path]) -> dict[str, tuple[Path, list[int], str]]:
     return out
 
 
+def _check_not_kept_in_float(model: nn.Module, names: list[str], target_modules: Any) -> None:
+    """Refuse to write 4-bit weights for what transformers keeps in float (``_keep_in_fp32_modules``, T5's ``wo``):
+    its bitsandbytes loader leaves those modules float Linears, which cannot take packed bytes. (``apply_qlora`` gives
+    such a target a float base instead; here 'all-linear' or a regex leaves them float before this check.)"""
+    from .model import _kept_in_float
+
+    kept = _kept_in_float(model, names)
+    if kept:
+        patterns = sorted(set(kept.values()))
+        shown = list(kept)[:4] + (["..."] if len(kept) > 4 else [])
+        raise ValueError(
+            f"target_modules={target_modules!r} names modules {shown} that match {type(model).__name__}'s "
+            f"_keep_in_fp32_modules {patterns}: transformers' bitsandbytes loader keeps them float, so a 4-bit weight "
+            f"there would not load. Leave them out: exclude_modules={patterns!r}, or a target_modules list without "
+            "them ('all-linear' leaves them float by itself)")
+
+
 def _select_targets(header: dict, model: nn.Module | None, target_modules: Any, exclude_modules: Any,
                     no_model_reason: str = "") -> tuple[dict[str, bool], list[str]]:
     """``({module name: stored transposed (Conv1D)}, transformers' llm_int8_skip_modules)``; every check up front."""
     from .model import (
         ALL_LINEAR,
         _check_each_target_matches,
-        _check_not_kept_in_float,
         _check_not_tied,
         _is_excluded,
         _is_linear,
@@ -136,7 +152,7 @@ def _select_targets(header: dict, model: nn.Module | None, target_modules: Any, 
             names = [n for n in names if n not in kept]  # does (an explicit list naming them is refused below)
             logger.info("quantize_checkpoint: %d module(s) of _keep_in_fp32_modules left float: %s", len(kept),
                         sorted(kept)[:4])
-        _check_not_kept_in_float(model, names)
+        _check_not_kept_in_float(model, names, target_modules)
         _check_not_tied(model, names)
         targets = {n: is_conv1d(model.get_submodule(n)) for n in names}
         for n, conv in targets.items():

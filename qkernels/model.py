@@ -508,20 +508,6 @@ def _float_base_names(model: nn.Module, names: list[str], keep_float_modules: An
     return out
 
 
-def _check_not_kept_in_float(model: nn.Module, names: list[str]) -> None:
-    """``convert_checkpoint``: refuse to write 4-bit weights for what transformers keeps in float (its loader expects
-    them float: T5's feed-forward casts its input to ``wo.weight.dtype``). ``apply_qlora`` gives them a float base."""
-    kept = _kept_in_float(model, names)
-    if kept:
-        patterns = sorted(set(kept.values()))
-        shown = list(kept)[:4] + (["..."] if len(kept) > 4 else [])
-        raise ValueError(
-            f"target modules {shown} match {type(model).__name__}'s _keep_in_fp32_modules {patterns}: transformers "
-            "never quantizes these (its bitsandbytes loader keeps them float; T5-style models cast the feed-forward "
-            "input to wo.weight.dtype, which a 4-bit layer's packed uint8 weight turns into garbage). Leave them "
-            f"out: exclude_modules={patterns!r} (or a target_modules list without them)")
-
-
 def _check_not_tied(model: nn.Module, names: list[str], float_names: Iterable[str] = ()) -> None:
     """Refuse a Linear whose weight is shared with another module (a head tied to the input embeddings,
     ``tie_word_embeddings``): the 4-bit layer cannot share its weight with the float embedding, and transformers'
