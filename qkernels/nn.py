@@ -159,6 +159,11 @@ def _new_meta_weight(out_features: int, in_features: int, quant_type: str, block
     return packed, state
 
 
+def _gives_value(v: Any, current: torch.Tensor) -> bool:
+    """Whether a state-dict value ``v`` loads a value into the tensor ``current``: another tensor, not a meta one."""
+    return v is not current and not (isinstance(v, torch.Tensor) and v.is_meta)
+
+
 def _init_lora_(A: torch.Tensor, B: torch.Tensor, init: bool | str, r: int) -> None:
     """Initialize LoRA weights in place as ``update_layer`` does for ``init`` (True, "gaussian", False)."""
     if init == "gaussian":
@@ -873,9 +878,10 @@ class QLoRALinear(nn.Module):
                     state_dict[prefix + "bias"] = self.bias
                 new_weight = None
         # what this call gives a value (bias here, LoRA in the children, after us): a key whose value is not the
-        # tensor already there. A meta tensor only takes one with assign=True (else torch warns: copying is a no-op).
+        # tensor already there, nor a meta tensor (a meta model's state dict holds none). A meta tensor only takes one
+        # with assign=True (else torch warns: copying is a no-op).
         loaded = {k for k, t in self._local_tensors().items()
-                  if (k != "weight" or not self.quantized) and state_dict.get(prefix + k, t) is not t
+                  if (k != "weight" or not self.quantized) and _gives_value(state_dict.get(prefix + k, t), t)
                   and (assign or not t.is_meta)}
         if new_weight is not None:
             loaded.add("weight")

@@ -368,3 +368,14 @@ def test_float_base_loaded_with_assign_takes_the_checkpoint_dtype_and_merges_in_
     merged = merge_and_unload(nn.Sequential(meta))[0]
     assert merged.weight.dtype == torch.float32
     assert torch.equal(merged.weight, merge_and_unload(nn.Sequential(layer))[0].weight)
+
+
+def test_a_meta_state_dict_leaves_a_float_base_unloaded():
+    """A meta model's state dict holds no values: loaded with ``assign=True`` into a meta float base (nn.Linear takes
+    it), the layer still says which tensors never loaded instead of failing inside F.linear on a meta weight."""
+    meta = QLoRALinear(64, 32, quantize=False, r=4, device="meta")
+    meta.load_state_dict(QLoRALinear(64, 32, quantize=False, r=4, device="meta").state_dict(), assign=True)
+    assert meta._unloaded == {"weight", "bias", "lora_A.default.weight", "lora_B.default.weight"}
+    with pytest.raises(RuntimeError, match=r"\['bias', 'lora_A.default.weight', 'lora_B.default.weight', 'weight'\] "
+                                           r"never loaded"):
+        meta(torch.randn(2, 64))
