@@ -474,7 +474,8 @@ def _float_base_names(model: nn.Module, names: list[str], keep_float_modules: An
       (``llm_int8_skip_modules``, the output head), and peft adapts it as it is;
     - ``keep_float_modules`` (peft's target rules; each entry must match a target).
 
-    Raises ValueError for what a float base cannot be: a Conv1D, or ``init_lora_weights="loftq"``."""
+    Raises ValueError for what a float base cannot be: a bitsandbytes 4-bit layer, a Conv1D, or
+    ``init_lora_weights="loftq"``."""
     out = set(_kept_in_float(model, names))
     if isinstance(keep_float_modules, str):
         kept = {n for n in names if re.fullmatch(keep_float_modules, n)}
@@ -496,6 +497,12 @@ def _float_base_names(model: nn.Module, names: list[str], keep_float_modules: An
     modules = dict(model.named_modules())
     if _loaded_in_4bit(model):
         out |= {n for n in names if type(modules[n]) is nn.Linear and modules[n].weight.is_floating_point()}
+    packed = sorted(n for n in out if _is_bnb_4bit(modules[n]))
+    if packed:  # was: "linear.weight must be float32/float16/bfloat16 to quantize", after replacing earlier targets
+        raise ValueError(f"target modules {packed[:4]} are to keep a float base, but they are bitsandbytes 4-bit "
+                         "layers (the model was loaded in 4 bits): their float weight is gone. Leave them out of "
+                         "keep_float_modules, or load the model with BitsAndBytesConfig(llm_int8_skip_modules=[...]) "
+                         "naming them, which keeps them float")
     conv = sorted(n for n in out if is_conv1d(modules[n]))
     if conv:
         raise ValueError(f"target modules {conv[:4]} are to keep a float base, but they are transformers Conv1D "

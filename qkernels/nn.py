@@ -442,7 +442,8 @@ class QLoRALinear(nn.Module):
             if k in qlora_kwargs:
                 raise ValueError(f"from_linear takes {k!r} from the linear; do not pass it")
         if w.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"linear.weight must be float32/float16/bfloat16 to quantize, got {w.dtype}")
+            raise ValueError(f"linear.weight must be float32/float16/bfloat16, got {w.dtype} (a bitsandbytes "
+                             "Linear4bit is wrapped as it is by QLoRALinear.from_bnb)")
         qlora_kwargs.setdefault("dtype", w.dtype)
         if qlora_kwargs.get("quantize", True) is False:
             if is_conv1d(linear):

@@ -379,3 +379,13 @@ def test_a_meta_state_dict_leaves_a_float_base_unloaded():
     with pytest.raises(RuntimeError, match=r"\['bias', 'lora_A.default.weight', 'lora_B.default.weight', 'weight'\] "
                                            r"never loaded"):
         meta(torch.randn(2, 64))
+
+
+def test_keep_float_modules_naming_a_4bit_layer_is_refused_before_any_change(tmp_path):
+    """On a model loaded in 4 bits, a keep_float_modules entry naming bitsandbytes 4-bit layers asks for a float weight
+    that is gone: refused by name, with the loader option that keeps them float, and nothing replaced. (It failed
+    with "linear.weight must be float32/float16/bfloat16 to quantize" after replacing the targets before it.)"""
+    model = _load_4bit(transformers.LlamaForCausalLM, tiny_llama, tmp_path / "llama")
+    with pytest.raises(ValueError, match=r"up_proj.*bitsandbytes 4-bit layers.*llm_int8_skip_modules"):
+        apply_qlora(model, LLAMA_TARGETS, r=4, keep_float_modules=["up_proj"])
+    assert not any(isinstance(m, QLoRALinear) for m in model.modules())
