@@ -389,3 +389,39 @@ def test_keep_float_modules_naming_a_4bit_layer_is_refused_before_any_change(tmp
     with pytest.raises(ValueError, match=r"up_proj.*bitsandbytes 4-bit layers.*llm_int8_skip_modules"):
         apply_qlora(model, LLAMA_TARGETS, r=4, keep_float_modules=["up_proj"])
     assert not any(isinstance(m, QLoRALinear) for m in model.modules())
+
+
+def test_t5_float16_4bit_checkpoint_loads_shard_by_shard_into_a_meta_model(tmp_path):
+    """quantize_checkpoint(dtype=float16) keeps T5's wo in float32 (as transformers). Loaded one small shard at a time
+    (4-bit weights and float bases in the same dicts) into a float16 meta T5 after apply_qlora: every tensor loads,
+    wo is float32, the logits are apply_qlora's on transformers' own 4-bit load of the same files bit for bit, and the
+    merge keeps wo float32 (it was rounded to the meta model's float16)."""
+    from safetensors.torch import load_file
+
+    from qkernels import quantize_checkpoint
+
+    make_t5().save_pretrained(tmp_path / "dense")
+    report = quantize_checkpoint(tmp_path / "dense", tmp_path / "q", dtype=torch.float16, max_shard_size="40KB",
+                                 verbose=False)
+    assert len(report["files"]) > 2 and WO not in report["quantized"]
+    with torch.device("meta"):
+        meta = transformers.T5ForConditionalGeneration(make_t5().config).half()
+    apply_qlora(meta, "all-linear", r=4)
+    for f in report["files"]:
+        meta.load_state_dict(load_file(str(tmp_path / "q" / f)), strict=False, assign=True)
+    meta.tie_weights()  # T5's embeddings are tied to "shared", which the checkpoint holds once
+    assert not any(getattr(m, "_unloaded", None) for m in meta.modules())
+    assert not any(t.is_meta for t in meta.state_dict().values())
+    assert meta.get_submodule(WO).weight.dtype == torch.float32
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "q", dtype=torch.float16)
+    ref = apply_qlora(loaded, "all-linear", r=4)
+    for m in (meta, ref):
+        randomize(m, "default", seed=4)
+    ids = torch.randint(2, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    meta.eval()
+    with torch.no_grad():
+        assert torch.equal(meta(input_ids=ids, decoder_input_ids=ids).logits,
+                           ref.eval()(input_ids=ids, decoder_input_ids=ids).logits)
+    assert merge_and_unload(meta).get_submodule(WO).weight.dtype == torch.float32
