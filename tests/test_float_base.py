@@ -425,3 +425,28 @@ def test_t5_float16_4bit_checkpoint_loads_shard_by_shard_into_a_meta_model(tmp_p
         assert torch.equal(meta(input_ids=ids, decoder_input_ids=ids).logits,
                            ref.eval()(input_ids=ids, decoder_input_ids=ids).logits)
     assert merge_and_unload(meta).get_submodule(WO).weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("cast", ["half", "to_bf16"])
+def test_a_mixed_model_casts_its_float_bases_and_keeps_its_packed_bytes(cast):
+    """``model.half()`` / ``model.to(torch.bfloat16)`` on T5 "all-linear": wo's float base converts as nn.Linear's
+    weight (its LoRA too, as peft's), each 4-bit layer keeps its bytes and QuantState; the model runs in the new dtype
+    and merges to Linears of it."""
+    model = apply_qlora(make_t5(), "all-linear", r=4)
+    randomize(model, "default", seed=1)
+    q = "encoder.block.0.layer.0.SelfAttention.q"
+    before = model.get_submodule(q).weight.data.clone(), copy.deepcopy(model.get_submodule(q).weight.quant_state)
+    dtype = torch.float16 if cast == "half" else torch.bfloat16
+    model = model.half() if cast == "half" else model.to(torch.bfloat16)
+    wo, layer = model.get_submodule(WO), model.get_submodule(q)
+    assert wo.weight.dtype == wo.float_dtype == wo.lora_A["default"].weight.dtype == dtype
+    assert layer.weight.dtype == torch.uint8 and torch.equal(layer.weight.data, before[0])
+    assert layer.weight.quant_state.as_dict(packed=True).keys() == before[1].as_dict(packed=True).keys()
+    assert all(torch.equal(a, b) for a, b in zip(layer.weight.quant_state.as_dict(packed=True).values(),
+                                                 before[1].as_dict(packed=True).values(), strict=True))
+    ids = torch.randint(2, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(input_ids=ids, decoder_input_ids=ids).logits
+    assert logits.dtype == dtype and logits.isfinite().all()
+    merged = merge_and_unload(model)
+    assert {m.weight.dtype for m in merged.modules() if type(m) is nn.Linear} == {dtype}
