@@ -460,9 +460,19 @@ def _check_no_expert_parameters(model: nn.Module, names: list[str]) -> None:
 
 
 def _loaded_in_4bit(model: nn.Module) -> bool:
-    """A model bitsandbytes quantized at load time (transformers sets ``is_loaded_in_4bit``), or holding a 4-bit
-    bitsandbytes layer."""
-    return any(m.__dict__.get("is_loaded_in_4bit") is True or _is_bnb_4bit(m) for m in model.modules())
+    """A model bitsandbytes quantized at load time and still is, or holding a 4-bit bitsandbytes layer. transformers
+    sets ``is_loaded_in_4bit`` at load and leaves it set when the model becomes dense (its ``dequantize()``, or
+    ``merge_and_unload``), so the flag counts only while its bitsandbytes ``quantization_config`` is there (both drop
+    that): apply_qlora on a merged model kept every target float, quantizing nothing."""
+    return any(_is_bnb_4bit(m) or (m.__dict__.get("is_loaded_in_4bit") is True and _has_bnb_config(m))
+               for m in model.modules())
+
+
+def _has_bnb_config(model: nn.Module) -> bool:
+    """``model.config.quantization_config`` is bitsandbytes' (an object or a dict)."""
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    return method == "bitsandbytes"  # QuantizationMethod is a str enum
 
 
 def _float_base_names(model: nn.Module, names: list[str], keep_float_modules: Any, init: Any) -> set[str]:
@@ -709,13 +719,9 @@ def _drop_quantization_config(model: nn.Module) -> None:
     writes ``quantization_config`` beside float weights and ``from_pretrained`` fails on them (an AssertionError in
     bitsandbytes). Kept while any bitsandbytes layer remains (e.g. a Linear4bit that was not a target), and for any
     other quantization method (GPTQ, AWQ, ...: their layers are not nn.Linear, apply_qlora never replaced them)."""
-    cfg = getattr(model, "config", None)
-    qc = getattr(cfg, "quantization_config", None) if cfg is not None else None
-    if qc is None:
+    if not _has_bnb_config(model):
         return
-    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
-    if method != "bitsandbytes":  # QuantizationMethod is a str enum
-        return
+    cfg = model.config
     if any(type(p).__name__ in ("Params4bit", "Int8Params") for p in model.parameters()):
         return
     quantizer = getattr(model, "hf_quantizer", None)

@@ -450,3 +450,19 @@ def test_a_mixed_model_casts_its_float_bases_and_keeps_its_packed_bytes(cast):
     assert logits.dtype == dtype and logits.isfinite().all()
     merged = merge_and_unload(model)
     assert {m.weight.dtype for m in merged.modules() if type(m) is nn.Linear} == {dtype}
+
+
+@pytest.mark.parametrize("dense", ["merge_and_unload", "transformers_dequantize"])
+def test_a_4bit_loaded_model_made_dense_is_quantized_again_by_apply_qlora(tmp_path, dense):
+    """transformers leaves ``is_loaded_in_4bit`` set on a 4-bit-loaded model made dense (our merge_and_unload, its own
+    ``dequantize()``), which dropped the quantization config. apply_qlora read the flag alone and kept every target a
+    float base: a second QLoRA stage on the merged model quantized nothing. Only what bitsandbytes left float counts."""
+    model = _load_4bit(transformers.LlamaForCausalLM, tiny_llama, tmp_path / "llama")
+    if dense == "merge_and_unload":
+        merge_and_unload(apply_qlora(model, LLAMA_TARGETS, r=4))
+    else:
+        model.dequantize()
+    assert not any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    apply_qlora(model, LLAMA_TARGETS, r=4)
+    layers = [m for m in model.modules() if isinstance(m, QLoRALinear)]
+    assert len(layers) == 14 and all(m.quantized for m in layers)
