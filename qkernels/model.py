@@ -246,8 +246,8 @@ def apply_qlora(
         ValueError: ``target_modules`` is None or empty, an entry matches no module (the Linear layers are listed),
             a ``keep_float_modules`` entry matches no target, a bad format or LoRA argument (named), or a selected
             module cannot be adapted here (not a Linear, already a QLoRALinear, tied to another weight, read by
-            weight by its parent, 8-bit, a float-base Conv1D or "loftq" on a float base, or a mixture of experts'
-            3-D parameters under "all-linear"); the message says what to pass.
+            weight by its parent, 8-bit, a float-base Conv1D or bitsandbytes 4-bit layer, "loftq" on a float base,
+            or a mixture of experts' 3-D parameters under "all-linear"); the message says what to pass.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
