@@ -222,7 +222,8 @@ def apply_qlora(
             base (``QLoRALinear(quantize=False)``) instead of being quantized. Added to the ones kept float anyway,
             as peft + bitsandbytes keep them: modules in the model's ``_keep_in_fp32_modules`` (T5's ``wo``: its
             feed-forward casts its input to ``wo.weight.dtype``) and, on a model loaded in 4 bits by bitsandbytes,
-            every targeted float ``nn.Linear`` (left float by ``llm_int8_skip_modules``, an output head).
+            every targeted float ``nn.Linear`` (left float by ``llm_int8_skip_modules``, an output head). Float bases
+            compute in their weight's dtype, as peft's ``lora.Linear``: ``compute_dtype`` is for the 4-bit layers.
         r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, loftq_iter, adapter_name: the adapter, and
             quant_type, double_quant, blocksize, compute_dtype, quant_storage: the 4-bit format, passed to
             ``QLoRALinear.from_linear`` for each layer (see ``QLoRALinear``; dtypes also by name, "bfloat16").

@@ -252,9 +252,9 @@ class QLoRALinear(nn.Module):
         quantize: False keeps the base weight in float (a "float base"): ``weight`` is a frozen float
             ``nn.Parameter``, the forward is peft's ``lora.Linear`` (``F.linear`` in the weight's dtype plus the LoRA
             term), the state dict is peft's on a plain ``nn.Linear`` (``weight``, ``bias``, LoRA keys) and merges
-            give ``W + s B A``. The 4-bit arguments and ``compute_dtype`` are then unused. ``apply_qlora`` builds
-            these where peft + bitsandbytes keep a layer float (``_keep_in_fp32_modules`` such as T5's ``wo``, a float
-            Linear of a model loaded in 4 bits, ``keep_float_modules``). ``quantized`` records the mode.
+            give ``W + s B A``. The 4-bit arguments are then unused and ``compute_dtype`` must be None. ``apply_qlora``
+            builds these where peft + bitsandbytes keep a layer float (``_keep_in_fp32_modules`` such as T5's ``wo``,
+            a float Linear of a model loaded in 4 bits, ``keep_float_modules``). ``quantized`` records the mode.
 
     Attributes (peft's names): ``lora_A``, ``lora_B``, ``lora_dropout`` (ModuleDicts by adapter name), ``r``,
     ``lora_alpha``, ``scaling``, ``use_rslora`` (dicts), ``active_adapter`` (str or None),
@@ -321,6 +321,10 @@ class QLoRALinear(nn.Module):
             raise ValueError(f"dtype must be None or one of {FLOAT_DTYPES}, got {dtype!r}")
         if not isinstance(quantize, bool):
             raise ValueError(f"quantize must be a bool, got {quantize!r} (False keeps the base weight in float)")
+        if not quantize and compute_dtype is not None:  # was stored and silently unused: the matmul ran in float32
+            raise ValueError(f"compute_dtype={compute_dtype} sets the precision of a 4-bit layer's matmul; with "
+                             "quantize=False (a float base) the layer computes as nn.Linear, in its weight's dtype (or "
+                             "under autocast): pass compute_dtype=None, and dtype=... (or .to(dtype)) for the weight")
         if not quantize and init_lora_weights == "loftq":
             raise ValueError("init_lora_weights='loftq' fits LoRA to the 4-bit quantization error, and quantize=False "
                              "keeps the base weight in float (no error to fit): use init_lora_weights=True")

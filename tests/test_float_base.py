@@ -113,6 +113,8 @@ def test_layer_moves_loads_and_refuses_like_a_linear():
         QLoRALinear.from_linear(nn.Linear(64, 32), quantize=False, init_lora_weights="loftq")
     with pytest.raises(ValueError, match=r"quantize must be a bool"):
         QLoRALinear(64, 32, quantize="no")
+    with pytest.raises(ValueError, match=r"compute_dtype=torch.bfloat16 .*quantize=False.*compute_dtype=None"):
+        QLoRALinear.from_linear(nn.Linear(64, 32), quantize=False, compute_dtype="bfloat16")
 
 
 # ---------------------------------------------------------------------------------------------- T5, all-linear
