@@ -610,7 +610,10 @@ def load_adapter(
     honoured as peft does: every LoRA key must name a module they select. ``modules_to_save``: each selected module
     (peft's suffix rule) gets a copy for ``adapter_name`` holding the file's tensors
     (``base_model.model.<module>.<key>``, all of the module's state-dict keys), wrapped in a
-    ``ModulesToSaveWrapper`` if it is not one yet.
+    ``ModulesToSaveWrapper`` if it is not one yet. ``<module>.base_layer.weight`` / ``.bias`` (peft's
+    ``save_embedding_layers`` writes them when ``lm_head`` / ``embed_tokens`` is targeted) are copied into that
+    module's float base, as peft loads them into its base layer: the base is shared, so every adapter of the model
+    sees the new weight. A 4-bit module refuses them (its float weight is gone).
 
     Everything is validated before the model changes: a key naming no QLoRALinear (the error lists the modules
     that exist) or a module the config does not select, an A without its B, a shape that is not
