@@ -958,9 +958,15 @@ class QLoRALinear(nn.Module):
             raise ValueError(f"{wkey!r} must be a tensor of packed 4-bit codes, got {type(packed).__name__}")
         if not qkeys:
             if packed.is_floating_point() and tuple(packed.shape) == (self.out_features, self.in_features):
-                raise ValueError(f"{wkey!r} is a float weight {tuple(packed.shape)} (an unquantized checkpoint): load "
-                                 "it into the float model before apply_qlora, which quantizes it, or build this layer "
-                                 "with QLoRALinear.from_linear")
+                name = wkey[:-len(".weight")].rpartition(".")[2] if wkey != "weight" else ""
+                keep = (f"apply_qlora(..., keep_float_modules=[{name!r}])" if name
+                        else "QLoRALinear.from_linear(linear, quantize=False)")
+                raise ValueError(f"{wkey!r} is a float weight {tuple(packed.shape)} (an unquantized checkpoint, or one "
+                                 "that keeps this layer float) and this layer is 4-bit: load an unquantized checkpoint "
+                                 "into the float model before apply_qlora, which quantizes it (or build this layer "
+                                 "with QLoRALinear.from_linear); for one that keeps the layer float "
+                                 "(quantize_checkpoint's exclude_modules, llm_int8_skip_modules), keep it float here "
+                                 f"too: {keep}")
             raise ValueError(f"{wkey!r} has no quant state: expected {wkey}.absmax, {wkey}.quant_map, ... and "
                              f"{wkey}.quant_state.bitsandbytes__nf4/fp4 (a bitsandbytes Linear4bit state dict)")
         if packed.is_meta or any(isinstance(v, torch.Tensor) and v.is_meta for v in qkeys.values()):

@@ -487,3 +487,37 @@ def test_float_base_compiles_fullgraph_and_equals_eager():
     layer.disable_adapters = False
     compiled(x).square().sum().backward()
     assert layer.lora_A["default"].weight.grad is not None and layer.lora_B["default"].weight.grad.abs().sum() > 0
+
+
+def test_a_checkpoint_that_keeps_a_layer_float_loads_into_a_meta_model_with_keep_float_modules(tmp_path):
+    """quantize_checkpoint(exclude_modules=["down_proj"]) leaves down_proj float (transformers loads it float, and
+    apply_qlora there gives it a float base). A meta model after a plain apply_qlora has it 4-bit: the load error says
+    to keep it float (keep_float_modules); with that, every tensor loads and the logits are apply_qlora's on
+    transformers' own load of the same files."""
+    from safetensors.torch import load_file
+
+    from qkernels import quantize_checkpoint
+
+    tiny_llama().save_pretrained(tmp_path / "dense")
+    quantize_checkpoint(tmp_path / "dense", tmp_path / "q", exclude_modules=["down_proj"], verbose=False)
+    sd = load_file(str(tmp_path / "q" / "model.safetensors"))
+    with torch.device("meta"):
+        meta = transformers.LlamaForCausalLM(tiny_llama().config)
+    apply_qlora(meta, LLAMA_TARGETS, r=4)
+    with pytest.raises(ValueError, match=r"down_proj.weight.*float weight.*keep_float_modules=\['down_proj'\]"):
+        meta.load_state_dict(sd, strict=False, assign=True)
+    with torch.device("meta"):
+        meta = transformers.LlamaForCausalLM(tiny_llama().config)
+    apply_qlora(meta, LLAMA_TARGETS, r=4, keep_float_modules=["down_proj"])
+    meta.load_state_dict(sd, strict=True, assign=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "q")
+    ref = apply_qlora(loaded, LLAMA_TARGETS, r=4)
+    assert not ref.model.layers[0].mlp.down_proj.quantized
+    meta.model.rotary_emb.inv_freq = ref.model.rotary_emb.inv_freq  # a buffer: meta under torch.device("meta")
+    for m in (meta, ref):
+        randomize(m, "default", seed=4)
+    ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(meta.eval()(ids).logits, ref.eval()(ids).logits)
