@@ -908,6 +908,10 @@ class QLoRALinear(nn.Module):
         if not self.quantized:  # assign=True gives a float base the checkpoint's tensor, dtype included (nn.Linear's)
             self.float_dtype = self.weight.dtype
         self._unloaded = self._unloaded - loaded
+        # a meta weight / bias assigned over a real one (assign=True) holds no value either (the LoRA weights are
+        # assigned after this method, by the children: see `loaded`)
+        self._unloaded = self._unloaded | {k for k in ("weight", "bias")
+                                           if getattr(self, k) is not None and getattr(self, k).is_meta}
 
     def _waiting_for(self, pieces: dict[str, Any], prefix: str) -> list[str]:
         """The keys (with ``prefix``) that ``pieces`` (the packed weight and quant-state entries seen so far) still

@@ -381,6 +381,12 @@ def test_a_meta_state_dict_leaves_a_float_base_unloaded():
     with pytest.raises(RuntimeError, match=r"\['bias', 'lora_A.default.weight', 'lora_B.default.weight', 'weight'\] "
                                            r"never loaded"):
         meta(torch.randn(2, 64))
+    for quantize in (False, True):  # meta tensors assigned over real ones: unloaded again, by name
+        real = QLoRALinear(64, 32, quantize=quantize, r=4)
+        real.load_state_dict({"bias": torch.empty(32, device="meta")}, strict=False, assign=True)
+        assert real._unloaded == {"bias"}
+        with pytest.raises(RuntimeError, match=r"\['bias'\] never loaded"):
+            real(torch.randn(2, 64))
 
 
 def test_keep_float_modules_naming_a_4bit_layer_is_refused_before_any_change(tmp_path):
