@@ -836,13 +836,13 @@ class QLoRALinear(nn.Module):
         wkey = prefix + "weight"
         pieces = {k: state_dict.pop(k) for k in list(state_dict) if k == wkey or k.startswith(wkey + ".")}
         waiting: list[str] = []
+        pending: dict[str, torch.Tensor] = {}
         if self.quantized:  # a float base's weight is one tensor: nothing to wait for
             if pieces and self._pending_weight:  # the rest of a weight whose first keys came in an earlier call
                 pieces = {**{prefix + k: v for k, v in self._pending_weight.items()}, **pieces}
             waiting = self._waiting_for(pieces, prefix) if pieces else []
-            if waiting:  # part of the weight's keys: keep them until the rest comes; nothing of the weight changes
-                self._pending_weight = {k[len(prefix):]: v for k, v in pieces.items()}
-                self._unloaded = self._unloaded | {"weight"}
+            if waiting:  # part of the weight's keys: kept (once all is validated) until the rest comes
+                pending = {k[len(prefix):]: v for k, v in pieces.items()}
                 pieces = {}
         state_dict.update(pieces)  # a complete set (or none): loaded below
         qkeys = {k: v for k, v in pieces.items() if k != wkey}
@@ -853,6 +853,9 @@ class QLoRALinear(nn.Module):
         elif had_weight:
             new_weight = self._validated_weight(state_dict[wkey], qkeys, wkey, local_metadata)
         self._validate_other_keys(state_dict, prefix)
+        if waiting:  # validated (a failed call keeps nothing): the weight waits for its other keys, unchanged
+            self._pending_weight = pending
+            self._unloaded = self._unloaded | {"weight"}
         assign = local_metadata.get("assign_to_params_buffers", False)
         lora_keys = [f"{prefix}{which}.{name}.weight" for name in self.lora_A for which in ("lora_A", "lora_B")]
         base_device = None

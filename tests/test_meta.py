@@ -340,6 +340,11 @@ def test_a_weight_split_across_shards_loads_shard_by_shard():
         assert torch.equal(meta(_x()), full(_x()))
     with pytest.raises(ValueError, match=r"meta tensor in the state dict"):
         _meta_net().load_state_dict(_meta_net().state_dict(), assign=True)
+    # a shard refused (a bad bias) keeps nothing of its part of the weight, as the load's errors promise: it kept it
+    meta = _meta_net()
+    with pytest.raises(ValueError, match=r"size mismatch for '0.bias'"):
+        meta.load_state_dict({**first, "0.bias": torch.zeros(3)}, strict=False, assign=True)
+    assert not meta[0]._pending_weight
 
 
 def test_a_loaded_model_moved_to_meta_refuses_to_run():
