@@ -477,8 +477,13 @@ def test_a_4bit_loaded_model_made_dense_is_quantized_again_by_apply_qlora(tmp_pa
 
 
 def test_float_base_compiles_fullgraph_and_equals_eager():
-    """torch.compile(fullgraph=True) of a float-base layer (no graph break): its forward equals eager bit for bit (the
-    same ops; measured) with the adapter on, disabled, and under no_grad; its gradients reach the LoRA weights."""
+    """torch.compile(fullgraph=True) of a float-base layer (no graph break): its forward equals eager with the adapter
+    on, disabled, and under no_grad; its gradients reach the LoRA weights. Equal to rounding, not bit for bit: the
+    compiler may contract ``y + lora * s`` into one fused multiply-add (bit-equal here, measured; not promised)."""
+
+    def same(a: torch.Tensor, b: torch.Tensor) -> None:
+        torch.testing.assert_close(a, b, rtol=2 * torch.finfo(a.dtype).eps, atol=2 * torch.finfo(a.dtype).eps)
+
     torch.manual_seed(0)
     layer = QLoRALinear.from_linear(nn.Linear(64, 32), quantize=False, r=4)
     randomize(nn.Sequential(layer), "default", seed=3)
@@ -487,9 +492,9 @@ def test_float_base_compiles_fullgraph_and_equals_eager():
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
     for disabled in (False, True):
         layer.disable_adapters = disabled
-        assert torch.equal(compiled(x), layer(x))
+        same(compiled(x), layer(x))
         with torch.no_grad():
-            assert torch.equal(compiled(x), layer(x))
+            same(compiled(x), layer(x))
     layer.disable_adapters = False
     compiled(x).square().sum().backward()
     assert layer.lora_A["default"].weight.grad is not None and layer.lora_B["default"].weight.grad.abs().sum() > 0
