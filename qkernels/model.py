@@ -571,7 +571,8 @@ def _check_not_read_by_parent(model: nn.Module, names: list[str]) -> None:
         raise ValueError(
             f"target modules {list(bad)[:4]}{' ...' if len(bad) > 4 else ''} belong to {sorted(set(bad.values()))}, "
             "which read(s) the layer's weight directly (torch's fused attention / encoder-layer fast path) instead "
-            f"of calling it: a 4-bit layer cannot run there. Leave them out: exclude_modules={hint!r}")
+            f"of calling it: a 4-bit layer's packed weight cannot be read there, and a LoRA term would never run "
+            f"(on a float base too). Leave them out: exclude_modules={hint!r}")
 
 
 def _is_lora_param(pname: str) -> bool:
