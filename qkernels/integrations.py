@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Any
 
 import torch
@@ -51,6 +52,7 @@ logger = logging.getLogger("qkernels")
 
 DEFAULT_ADAPTER = "default"  # peft saves this one in the directory itself, every other one in a subdirectory
 TRAINING_ARGS_NAME = "training_args.bin"  # transformers.trainer.TRAINING_ARGS_NAME
+_CHECKPOINT_DIR = re.compile(r"checkpoint-\d+")  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR + "-<step>"
 
 # peft task types and the transformers auto-class mappings whose classes they describe, most specific first
 _TASK_MAPPINGS = (
@@ -97,10 +99,14 @@ def _is_adapter_dir(path: str | os.PathLike) -> bool:
 
 
 def _saved_adapters(path: str | os.PathLike) -> list[str]:
-    """The adapters a ``save_adapters`` directory holds: "default" in it, others in subdirectories (peft's layout)."""
+    """The adapters a ``save_adapters`` directory holds: "default" in it, others in subdirectories (peft's layout).
+
+    A Trainer's ``checkpoint-<step>`` subdirectories (``save_model()`` into ``output_dir`` puts the final adapter beside
+    them) are checkpoints, not adapters: they are not counted."""
     names = [DEFAULT_ADAPTER] if _is_adapter_dir(path) else []
     if os.path.isdir(path):
-        names += sorted(d for d in os.listdir(path) if d != DEFAULT_ADAPTER and _is_adapter_dir(os.path.join(path, d)))
+        names += sorted(d for d in os.listdir(path) if d != DEFAULT_ADAPTER and not _CHECKPOINT_DIR.fullmatch(d)
+                        and _is_adapter_dir(os.path.join(path, d)))
     return names
 
 

@@ -234,6 +234,21 @@ def test_resuming_an_adapter_checkpoint_without_apply_qlora_names_the_fix(tmp_pa
         trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
 
 
+def test_restore_adapters_from_an_output_dir_ignores_its_checkpoint_subdirectories(tmp_path):
+    """save_model() into output_dir puts the final adapter beside the Trainer's checkpoint-<step> directories, which
+    hold adapters too: restore_adapters(model, output_dir) counted each as an adapter named "checkpoint-2" and refused
+    ("holds adapters ['checkpoint-2', 'default']")."""
+    model = _qlora_llama(1)
+    trainer = QLoRATrainer(model=model, args=_args(tmp_path / "run", 2), train_dataset=_Batch())
+    trainer.train()
+    trainer.save_model()
+    assert (tmp_path / "run" / "checkpoint-2" / "adapter_config.json").is_file()
+    fresh = _qlora_llama(1)
+    assert restore_adapters(fresh, tmp_path / "run") == ["default"]
+    want = _trained(model)
+    assert all(torch.equal(_trained(fresh)[k], v) for k, v in want.items())
+
+
 def test_restore_adapters_refuses_another_adapter_before_copying(tmp_path):
     """A checkpoint from a different adapter (another rank, or another set of adapters) is a ValueError naming the
     difference, and nothing is copied."""
