@@ -57,18 +57,26 @@ class _Net(nn.Module):
         return self.fc(x)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_layer_is_peft_lora_linear_on_a_plain_linear(dtype):
-    """Forward, gradients, state-dict keys and the merged weight are peft's ``lora.Linear`` on the same nn.Linear, bit
-    for bit: the same float operations in the same order (base in the weight's dtype, LoRA in float32)."""
-    torch.manual_seed(0)
-    net = _Net().to(dtype)
+def _ours_and_peft(net: _Net) -> tuple[QLoRALinear, nn.Module]:
+    """A float-base QLoRALinear on a copy of ``net.fc`` and peft's LoRA on a copy of ``net``, with the same (random,
+    nonzero) A and B."""
     theirs = peft.get_peft_model(copy.deepcopy(net), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["fc"]))
     randomize(theirs, "default", seed=1)
     ours = QLoRALinear.from_linear(copy.deepcopy(net.fc), quantize=False, r=4, lora_alpha=8)
     lora = theirs.base_model.model.fc
     ours.set_lora_weight("default", "lora_A", lora.lora_A["default"].weight)
     ours.set_lora_weight("default", "lora_B", lora.lora_B["default"].weight)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_layer_is_peft_lora_linear_on_a_plain_linear(dtype):
+    """Forward, gradients, state-dict keys and the merged weight are peft's ``lora.Linear`` on the same nn.Linear, bit
+    for bit: the same float operations in the same order (base in the weight's dtype, LoRA in float32)."""
+    torch.manual_seed(0)
+    net = _Net().to(dtype)
+    ours, theirs = _ours_and_peft(net)
+    lora = theirs.base_model.model.fc
     assert not ours.quantized and ours.weight.dtype == dtype and not ours.weight.requires_grad
     x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(2)).to(dtype)
     y_ours, y_theirs = ours(x), theirs(x)
@@ -344,12 +352,7 @@ def test_float_base_under_autocast_returns_what_peft_and_nn_linear_return():
     (the base ``F.linear`` autocasts); the layer cast its result back to the input's float32, unlike both."""
     torch.manual_seed(0)
     net = _Net()
-    theirs = peft.get_peft_model(copy.deepcopy(net), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["fc"]))
-    randomize(theirs, "default", seed=1)
-    ours = QLoRALinear.from_linear(copy.deepcopy(net.fc), quantize=False, r=4, lora_alpha=8)
-    lora = theirs.base_model.model.fc
-    ours.set_lora_weight("default", "lora_A", lora.lora_A["default"].weight)
-    ours.set_lora_weight("default", "lora_B", lora.lora_B["default"].weight)
+    ours, theirs = _ours_and_peft(net)
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(2))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y_ours, y_theirs, y_linear = ours(x), theirs(x), net.fc(x)

@@ -119,19 +119,6 @@ def test_a_plain_trainer_checkpoint_still_resumes_in_qlora_trainer(tmp_path):
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
-class _T5Batch(torch.utils.data.Dataset):
-    """Four fixed sequences of T5's tiny vocabulary (64), as inputs and labels."""
-
-    def __init__(self):
-        self.ids = torch.randint(2, 64, (4, 12), generator=torch.Generator().manual_seed(0))
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
 def test_t5_with_a_float_base_wo_resumes_exactly(tmp_path):
     """T5 "all-linear" puts LoRA on wo's float base (transformers keeps wo float). Trained in train mode (T5's dropout
     on: the RNG state is restored too), the run resumed from checkpoint-2 into a differently initialized model logs the
@@ -147,29 +134,16 @@ def test_t5_with_a_float_base_wo_resumes_exactly(tmp_path):
 
     model = t5(1)
     assert not model.get_submodule(wo).quantized
-    trainer = QLoRATrainer(model=model, args=_args(tmp_path / "run", 4), train_dataset=_T5Batch())
+    trainer = QLoRATrainer(model=model, args=_args(tmp_path / "run", 4), train_dataset=_Batch(4, 12, low=2, vocab=64))
     trainer.train()
     losses, final = _losses(trainer), _trained(model)
     assert len(losses) == 4 and any(f"{wo}.lora_B.default.weight" == k for k in final)
     resumed = t5(2)
-    again = QLoRATrainer(model=resumed, args=_args(tmp_path / "run", 4), train_dataset=_T5Batch())
+    again = QLoRATrainer(model=resumed, args=_args(tmp_path / "run", 4), train_dataset=_Batch(4, 12, low=2, vocab=64))
     again.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
     assert _losses(again, after=2) == losses[2:]
     got = _trained(resumed)
     assert got.keys() == final.keys() and all(torch.equal(got[k], final[k]) for k in final)
-
-
-class _Sixteen(torch.utils.data.Dataset):
-    """Sixteen sequences: at batch 2 x accumulation 2, four optimizer steps per epoch."""
-
-    def __init__(self):
-        self.ids = torch.randint(3, 96, (16, 12), generator=torch.Generator().manual_seed(0))
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 def test_resume_mid_epoch_with_accumulation_rotation_and_two_adapters(tmp_path):
@@ -191,11 +165,11 @@ def test_resume_mid_epoch_with_accumulation_rotation_and_two_adapters(tmp_path):
         return m
 
     first = model(1)
-    trainer = QLoRATrainer(model=first, args=args(), train_dataset=_Sixteen())
+    trainer = QLoRATrainer(model=first, args=args(), train_dataset=_Batch(16, 12))
     trainer.train()
     assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint-6", "checkpoint-8"]
     resumed = model(2)
-    again = QLoRATrainer(model=resumed, args=args(), train_dataset=_Sixteen())
+    again = QLoRATrainer(model=resumed, args=args(), train_dataset=_Batch(16, 12))
     again.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-6"))
     assert _losses(again, after=6) == _losses(trainer)[6:]
     want, got = _trained(first), _trained(resumed)

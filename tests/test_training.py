@@ -41,10 +41,11 @@ def bnb_llama(tmp_path, storage: torch.dtype = torch.uint8) -> LlamaForCausalLM:
 
 
 class _Batch(torch.utils.data.Dataset):
-    """Four fixed sequences: with a batch of 4 every step sees the same batch, so the loss falls step by step."""
+    """``n`` fixed sequences of ids in ``[low, vocab)``, as inputs and labels. The default four: with a batch of 4
+    every step sees the same batch, so the loss falls step by step."""
 
-    def __init__(self):
-        self.ids = torch.randint(3, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    def __init__(self, n: int = 4, length: int = 16, low: int = 3, vocab: int = 96):
+        self.ids = torch.randint(low, vocab, (n, length), generator=torch.Generator().manual_seed(0))
 
     def __len__(self) -> int:
         return len(self.ids)
