@@ -353,20 +353,18 @@ class QLoRALinear(nn.Module):
         if on_meta and init_lora_weights == "loftq":
             raise ValueError("init_lora_weights='loftq' needs the float weight, which a layer on the meta device does "
                              "not have: build the model on a real device for LoftQ, or load trained LoRA weights")
+        if _float_weight is not None and tuple(_float_weight.shape) != (out_features, in_features):
+            raise ValueError(f"weight has shape {tuple(_float_weight.shape)}, expected ({out_features}, "
+                             f"{in_features}) = (out_features, in_features)")
+        if _float_weight is None and _packed is None:  # nn.Linear's initialization (none on meta: no values to draw)
+            _float_weight = torch.empty(out_features, in_features, device=device, dtype=dtype or torch.float32)
+            if not _float_weight.is_meta:
+                nn.init.kaiming_uniform_(_float_weight, a=math.sqrt(5))
         float_weight = None
         if not quantize:  # a float base (peft's lora.Linear on a plain nn.Linear): nothing is quantized
             if _packed is not None:
                 raise ValueError("quantize=False keeps a float weight; a packed 4-bit weight cannot be its base")
-            w = _float_weight
-            if w is None:  # nn.Linear's initialization (none on the meta device: no values to draw)
-                w = torch.empty(out_features, in_features, device=device, dtype=dtype or torch.float32)
-                if not w.is_meta:
-                    nn.init.kaiming_uniform_(w, a=math.sqrt(5))
-            elif dtype is not None and w.dtype != dtype:
-                w = w.detach().to(dtype)
-            if tuple(w.shape) != (out_features, in_features):
-                raise ValueError(f"weight has shape {tuple(w.shape)}, expected ({out_features}, {in_features}) = "
-                                 "(out_features, in_features)")
+            w = _float_weight if dtype is None or _float_weight.dtype == dtype else _float_weight.detach().to(dtype)
             # the linear's own Parameter when it has one (as peft's base_layer keeps it): no copy, ties kept
             self.weight = w if isinstance(w, nn.Parameter) else nn.Parameter(w.detach(), requires_grad=False)
             self.weight.requires_grad_(False)
@@ -381,15 +379,8 @@ class QLoRALinear(nn.Module):
                                                  quant_storage, shape_dtype)
             elif _packed is not None:
                 packed, state = _packed
-            else:
-                if _float_weight is None:  # nn.Linear's initialization, then quantize
-                    _float_weight = torch.empty(out_features, in_features, device=device,
-                                                dtype=dtype or torch.float32)
-                    nn.init.kaiming_uniform_(_float_weight, a=math.sqrt(5))
+            else:  # quantize the given (or just initialized) float weight
                 float_weight = _float_weight if dtype is None else _float_weight.to(dtype)
-                if tuple(float_weight.shape) != (out_features, in_features):
-                    raise ValueError(f"weight has shape {tuple(float_weight.shape)}, expected ({out_features}, "
-                                     f"{in_features}) = (out_features, in_features)")
                 packed, state = quantize_4bit(float_weight.detach().contiguous(), blocksize, quant_type,
                                               double_quant, quant_storage)
             self.weight = Params4bit(packed, False, state)
