@@ -15,7 +15,8 @@ A double backward (``create_graph=True``) is supported: the backward then uses d
 recomputed with its graph, W decoded into a fresh tensor that autograd keeps), so it costs a dequantized weight.
 
 The LoRA products run in the LoRA weights' dtype when it is wider than x's (peft keeps adapters in float32 on
-a bf16 base and casts x up: so do we), else in x's dtype.
+a bf16 base and casts x up: so do we), else in x's dtype; on a CPU without a fast GEMM for that half dtype, in
+float32 (``_lora_dtype``).
 """
 
 from __future__ import annotations
