@@ -23,6 +23,7 @@ using qkernels::DType;
 
 // Defined in csrc/bind_*.cpp (one file per kernel family, so each family's bindings sit beside nothing else).
 void qkernels_bind_gemv_cpu(py::module_& m);
+void qkernels_bind_lora_cpu(py::module_& m);
 void qkernels_bind_cuda_extra(py::module_& m);
 
 namespace {
@@ -238,5 +239,6 @@ PYBIND11_MODULE(_C, m) {
         "on a launch error.");
 #endif
   qkernels_bind_gemv_cpu(m);
+  qkernels_bind_lora_cpu(m);
   qkernels_bind_cuda_extra(m);
 }

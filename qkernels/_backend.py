@@ -60,6 +60,8 @@ def _native_ops(device: torch.device) -> set[str]:
             ops.add("quantize_blockwise")
         if hasattr(_native._C, "dequantize_blockwise_cpu"):
             ops.add("dequantize_blockwise")
+        if hasattr(_native._C, "lora_down_cpu"):
+            ops.add("lora_products")  # the skinny LoRA products of qkernels.lora (csrc/cpu/lora.h)
         return ops
     if device.type == "cuda" and _native.native_info().get("cuda_compiled", False):
         ops = {"dequantize_4bit", *_LINEAR_OPS}

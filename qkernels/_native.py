@@ -565,3 +565,118 @@ def gemv_4bit_lora_raw(x, raw, absmax, code, blocksize, N, nested_absmax, nested
         with torch.cuda.device(device):
             _C.gemv_4bit_lora_cuda(*args, torch.cuda.current_stream(device).cuda_stream)
     return out
+
+
+# ------------------------------------------------------------------------------------------ CPU LoRA products
+# The skinny products of a LoRA step (csrc/cpu/lora.h): X read once in its own dtype, float32 sums, an optional
+# dropout mask applied on the fly. Callers: qkernels.lora and qkernels._linear (after their own checks).
+
+
+def _lora_args(x: torch.Tensor, mask: torch.Tensor | None, fn: str) -> tuple[int, int]:
+    """Checks shared by the LoRA wrappers: x a contiguous 2-D float CPU tensor, mask None or a bool tensor of x's
+    shape. Returns (mask pointer or 0, native dtype)."""
+    if _C is None or not hasattr(_C, "lora_down_cpu"):
+        raise RuntimeError(f"{fn}: qkernels._C has no CPU LoRA kernels ({NATIVE_ERROR or 'stale build?'}): rebuild "
+                           "the native module")
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.device.type != "cpu" or x.dtype not in _DTYPE_TO_NATIVE:
+        raise ValueError(f"{fn}: x must be a 2-D float32/float16/bfloat16 CPU tensor, got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+    if not x.is_contiguous():
+        raise ValueError(f"{fn}: x must be contiguous (pass x.contiguous())")
+    if mask is None:
+        return 0, _DTYPE_TO_NATIVE[x.dtype]
+    if mask.dtype != torch.bool or mask.shape != x.shape or mask.device.type != "cpu" or not mask.is_contiguous():
+        raise ValueError(f"{fn}: mask must be a contiguous bool CPU tensor of x's shape {tuple(x.shape)}, got "
+                         f"{mask.dtype} {tuple(mask.shape)} on {mask.device}")
+    return mask.data_ptr(), _DTYPE_TO_NATIVE[x.dtype]
+
+
+def _f32(t: torch.Tensor, name: str, shape: tuple[int, int], fn: str) -> torch.Tensor:
+    ok = isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.is_floating_point()
+    if not ok or tuple(t.shape) != shape:
+        raise ValueError(f"{fn}: {name} must be a float CPU tensor of shape {shape}, got "
+                         f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+    return (t if t.dtype == torch.float32 else t.to(torch.float32)).contiguous()
+
+
+def lora_down_cpu(x: torch.Tensor, A: torch.Tensor, scale: float = 1.0, mask: torch.Tensor | None = None,
+                  mask_scale: float = 1.0) -> torch.Tensor:
+    """``scale * (x * mask * mask_scale) @ A^T`` as a float32 ``[M, r]`` tensor, on the CPU.
+
+    Args:
+        x: ``[M, K]`` float32 / float16 / bfloat16, contiguous (read in its dtype, converted exactly in registers).
+        A: ``[r, K]`` float (used in float32: a float16 / bfloat16 A is converted first).
+        scale: multiplies the result.
+        mask: None, or a bool ``[M, K]`` dropout mask (kept elements True); then x is multiplied by
+            ``mask * mask_scale`` on the fly (``mask_scale = 1 / (1 - p)``).
+        mask_scale: see mask.
+
+    Returns:
+        float32 ``[M, r]``.
+
+    Raises:
+        ValueError: a tensor of the wrong dtype, shape or device, or a non-contiguous x / mask.
+        RuntimeError: this build has no CPU LoRA kernels.
+    """
+    fn = "lora_down_cpu"
+    mask_ptr, dt = _lora_args(x, mask, fn)
+    M, K = x.shape
+    r = A.shape[0] if isinstance(A, torch.Tensor) and A.dim() == 2 else -1
+    A = _f32(A, "A", (r, K), fn)
+    t = torch.empty((M, r), dtype=torch.float32)
+    _C.lora_down_cpu(x.data_ptr(), dt, M, K, mask_ptr, float(mask_scale), A.data_ptr(), r, float(scale), t.data_ptr())
+    return t
+
+
+def lora_gram_cpu(u: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None,
+                  mask_scale: float = 1.0) -> torch.Tensor:
+    """``u^T @ (x * mask * mask_scale)`` as a float32 ``[r, K]`` tensor, on the CPU (sums over the M rows in float32,
+    in blocks of 256 rows).
+
+    Args:
+        u: ``[M, r]`` float (used in float32).
+        x: ``[M, K]`` float32 / float16 / bfloat16, contiguous.
+        mask, mask_scale: as for ``lora_down_cpu``.
+
+    Returns:
+        float32 ``[r, K]``.
+
+    Raises:
+        ValueError: a tensor of the wrong dtype, shape or device, or a non-contiguous x / mask.
+        RuntimeError: this build has no CPU LoRA kernels.
+    """
+    fn = "lora_gram_cpu"
+    mask_ptr, dt = _lora_args(x, mask, fn)
+    M, K = x.shape
+    r = u.shape[1] if isinstance(u, torch.Tensor) and u.dim() == 2 else -1
+    u = _f32(u, "u", (M, r), fn)
+    g = torch.empty((r, K), dtype=torch.float32)
+    _C.lora_gram_cpu(u.data_ptr(), M, r, x.data_ptr(), dt, K, mask_ptr, float(mask_scale), g.data_ptr())
+    return g
+
+
+def lora_up_add_cpu(y: torch.Tensor, u: torch.Tensor, A: torch.Tensor, mask: torch.Tensor | None = None,
+                    mask_scale: float = 1.0) -> torch.Tensor:
+    """``y += (u @ A) * mask * mask_scale`` in place on the CPU: the product summed in float32, added to ``float(y)``
+    and rounded once to y's dtype (nearest even).
+
+    Args:
+        y: ``[M, K]`` float32 / float16 / bfloat16, contiguous; updated in place.
+        u: ``[M, r]`` and A: ``[r, K]``, float (used in float32).
+        mask, mask_scale: as for ``lora_down_cpu`` (mask has y's shape).
+
+    Returns:
+        y.
+
+    Raises:
+        ValueError: a tensor of the wrong dtype, shape or device, or a non-contiguous y / mask.
+        RuntimeError: this build has no CPU LoRA kernels.
+    """
+    fn = "lora_up_add_cpu"
+    mask_ptr, dt = _lora_args(y, mask, fn)
+    M, K = y.shape
+    r = u.shape[1] if isinstance(u, torch.Tensor) and u.dim() == 2 else -1
+    u = _f32(u, "u", (M, r), fn)
+    A = _f32(A, "A", (r, K), fn)
+    _C.lora_up_add_cpu(y.data_ptr(), dt, M, K, u.data_ptr(), r, A.data_ptr(), mask_ptr, float(mask_scale))
+    return y

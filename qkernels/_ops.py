@@ -13,6 +13,11 @@ Ops (tensors flat unless stated):
   (decoded inline as ``nested_code[q] * nested_absmax[i // nested_blocksize] + offset``).
 - ``quantize_blockwise(A, code[256], blocksize) -> (codes uint8 [n], absmax float32 [nblocks])``
 - ``dequantize_blockwise(q uint8 [n], absmax, code[256], blocksize) -> float32 [n]``
+- ``linear_4bit`` / ``linear_4bit_dx``: the QLoRA matmul's big products (below, and ``qkernels._linear``).
+- ``lora_down(x [M, K], A [r, K], scale, mask?, mask_scale) -> float32 [M, r]`` and
+  ``lora_gram(u [M, r], x [M, K], mask?, mask_scale) -> float32 [r, K]``: the skinny LoRA products
+  ``scale * dropout(x) @ A^T`` and ``u^T @ dropout(x)`` (``dropout(x) = x * mask * mask_scale``, mask bool): the CPU
+  LoRA kernels (csrc/cpu/lora.h) where built, else torch matmuls in float32.
 """
 
 from __future__ import annotations
@@ -268,6 +273,8 @@ def _check_linear_4bit(x, packed, absmax, code, blocksize, W_shape, nested_absma
         torch._check(bias.shape == (W_shape[0],), lambda: f"bias must have shape [{W_shape[0]}]")
         torch._check(bias.device == x.device, lambda: f"bias is on {bias.device} but x is on {x.device}")
     if lora_mask is not None:
+        torch._check(lora_mask.dtype == torch.bool or lora_mask.dtype in _FLOATS,
+                     lambda: f"lora_mask must be bool (scaled by lora_mask_scale) or float, got {lora_mask.dtype}")
         torch._check(lora_mask.shape == (M, W_shape[1]), lambda: f"lora_mask must have shape [{M}, {W_shape[1]}]")
         torch._check(lora_mask.device == x.device, lambda: "lora_mask must be on x's device")
 
@@ -322,8 +329,10 @@ def linear_4bit_dx(
     lora_u: torch.Tensor | None = None,
     lora_A: torch.Tensor | None = None,
     lora_mask: torch.Tensor | None = None,
+    lora_mask_scale: float = 1.0,
 ) -> torch.Tensor:
-    """``grad_y @ dequant(W) + (lora_u @ lora_A) * lora_mask`` for grad_y ``[M, N]``: ``[M, in_features]``."""
+    """``grad_y @ dequant(W) + (lora_u @ lora_A) * lora_mask`` for grad_y ``[M, N]``: ``[M, in_features]``. A bool
+    ``lora_mask`` is scaled by ``lora_mask_scale`` (``1 / (1 - p)``); a float one is used as it is."""
     W_shape = [grad_y.shape[-1], in_features]
     _check_linear_4bit(grad_y, packed, absmax, code, blocksize, W_shape, nested_absmax, nested_code, offset,
                        nested_blocksize, (lora_u, lora_A, None), lora_mask)
@@ -331,13 +340,91 @@ def linear_4bit_dx(
 
     scales = (absmax, nested_absmax, nested_code, offset, nested_blocksize)
     return _linear.linear_4bit_dx_impl(grad_y, packed, scales, code, blocksize, in_features, lora_u, lora_A,
-                                       lora_mask, None)
+                                       lora_mask, None, lora_mask_scale)
 
 
 @linear_4bit_dx.register_fake
 def _(grad_y, packed, absmax, code, blocksize, in_features, nested_absmax=None, nested_code=None, offset=None,
-      nested_blocksize=256, lora_u=None, lora_A=None, lora_mask=None):
+      nested_blocksize=256, lora_u=None, lora_A=None, lora_mask=None, lora_mask_scale=1.0):
     W_shape = [grad_y.shape[-1], in_features]
     _check_linear_4bit(grad_y, packed, absmax, code, blocksize, W_shape, nested_absmax, nested_code, offset,
                        nested_blocksize, (lora_u, lora_A, None), lora_mask)
     return grad_y.new_empty((grad_y.shape[0], in_features))
+
+
+# The skinny LoRA products (qkernels.lora). One op each, so that eager and torch.compile run the same kernel and give
+# the same bits; implementations in lora_down_impl / lora_gram_impl.
+def _check_lora_operand(x, mask, name: str) -> None:
+    torch._check(x.dim() == 2, lambda: f"{name} must be 2-D, got shape {tuple(x.shape)}")
+    torch._check(x.dtype in _FLOATS, lambda: f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+    if mask is not None:
+        torch._check(mask.dtype == torch.bool, lambda: f"mask must be a bool tensor, got {mask.dtype}")
+        torch._check(mask.shape == x.shape, lambda: f"mask must have {name}'s shape {tuple(x.shape)}")
+        torch._check(mask.device == x.device, lambda: f"mask is on {mask.device} but {name} is on {x.device}")
+
+
+def _check_lora_factor(f, rows: int | None, cols: int | None, like, name: str) -> None:
+    torch._check(f.dim() == 2, lambda: f"{name} must be 2-D, got shape {tuple(f.shape)}")
+    torch._check(f.dtype in _FLOATS, lambda: f"{name} must be float32, float16 or bfloat16, got {f.dtype}")
+    torch._check(f.device == like.device, lambda: f"{name} is on {f.device} but x is on {like.device}")
+    if rows is not None:
+        torch._check(f.shape[0] == rows, lambda: f"{name} must have {rows} rows, got shape {tuple(f.shape)}")
+    if cols is not None:
+        torch._check(f.shape[1] == cols, lambda: f"{name} must have {cols} columns, got shape {tuple(f.shape)}")
+
+
+def _native_lora(device: torch.device) -> bool:
+    return device.type == "cpu" and "lora_products" in _backend.native_ops(device)
+
+
+def _dropped(x: torch.Tensor, mask: torch.Tensor | None, mask_scale: float) -> torch.Tensor:
+    """float32 ``x * mask * mask_scale`` (the fallback's dropout(x); the kernels apply the mask as they read x)."""
+    xf = x.to(torch.float32)
+    return xf if mask is None else xf * (mask.to(torch.float32) * mask_scale)
+
+
+@torch.library.custom_op("qkernels::lora_down", mutates_args=())
+def lora_down(x: torch.Tensor, A: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
+              mask_scale: float = 1.0) -> torch.Tensor:
+    """``scale * (x * mask * mask_scale) @ A^T``: float32 ``[M, r]`` for x ``[M, K]``, A ``[r, K]``."""
+    _check_lora_operand(x, mask, "x")
+    _check_lora_factor(A, None, x.shape[1], x, "A")
+    return lora_down_impl(x, A, scale, mask, mask_scale)
+
+
+def lora_down_impl(x, A, scale, mask, mask_scale):
+    """Body of ``qkernels::lora_down`` (checked arguments): the CPU kernel where built, else a float32 matmul."""
+    if _native_lora(x.device):
+        return _native.lora_down_cpu(x.contiguous(), A, scale, None if mask is None else mask.contiguous(),
+                                     mask_scale)
+    return (_dropped(x, mask, mask_scale) @ A.to(torch.float32).t()) * scale
+
+
+@lora_down.register_fake
+def _(x, A, scale, mask=None, mask_scale=1.0):
+    _check_lora_operand(x, mask, "x")
+    _check_lora_factor(A, None, x.shape[1], x, "A")
+    return x.new_empty((x.shape[0], A.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("qkernels::lora_gram", mutates_args=())
+def lora_gram(u: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None,
+              mask_scale: float = 1.0) -> torch.Tensor:
+    """``u^T @ (x * mask * mask_scale)``: float32 ``[r, K]`` for u ``[M, r]``, x ``[M, K]``."""
+    _check_lora_operand(x, mask, "x")
+    _check_lora_factor(u, x.shape[0], None, x, "u")
+    return lora_gram_impl(u, x, mask, mask_scale)
+
+
+def lora_gram_impl(u, x, mask, mask_scale):
+    """Body of ``qkernels::lora_gram`` (checked arguments): the CPU kernel where built, else a float32 matmul."""
+    if _native_lora(x.device):
+        return _native.lora_gram_cpu(u, x.contiguous(), None if mask is None else mask.contiguous(), mask_scale)
+    return u.to(torch.float32).t() @ _dropped(x, mask, mask_scale)
+
+
+@lora_gram.register_fake
+def _(u, x, mask=None, mask_scale=1.0):
+    _check_lora_operand(x, mask, "x")
+    _check_lora_factor(u, x.shape[0], None, x, "u")
+    return x.new_empty((u.shape[1], x.shape[1]), dtype=torch.float32)

@@ -87,6 +87,12 @@ class QLoRAFunction(torch.autograd.Function):
         create_graph = torch.is_grad_enabled()
         g = grad_y.contiguous()
         dx = dA = dB = dbias = None
+        if lora_A is not None and not create_graph and _cpu_lora(g, backend):
+            saved = (packed, absmax, code, nested_absmax, nested_code, offset, lora_A, lora_B, x, mask, t)
+            dx, dA, dB = QLoRAFunction._cpu_lora_backward(saved, ctx.meta, g, need_x, need_A, need_B)
+            if need_bias and has_bias:
+                dbias = g.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+            return dx, None, None, None, None, None, None, dA, dB, dbias, None, None, None, None, None, None, None
         u = xd = None
         if lora_A is not None and (need_A or create_graph):
             xd = x if mask is None else x * mask / (1.0 - dropout_p)  # as in _forward: the same bits
@@ -120,6 +126,28 @@ class QLoRAFunction(torch.autograd.Function):
         return dx, None, None, None, None, None, None, dA, dB, dbias, None, None, None, None, None, None, None
 
 
+    @staticmethod
+    def _cpu_lora_backward(saved, meta, g, need_x, need_A, need_B):
+        """dX, dA, dB with the LoRA products in the CPU LoRA kernels (``_cpu_lora``): each reads g or x once in its
+        dtype, float32 sums; the dropout mask is applied as x is read (dropout(x) is never built). ``saved`` is
+        ``ctx.saved_tensors`` unpacked once by the caller (under activation checkpointing a second unpack raises)."""
+        packed, absmax, code, nested_absmax, nested_code, offset, lora_A, lora_B, x, mask, t = saved
+        blocksize, nested_blocksize, K, scaling, dropout_p, backend, _ = meta
+        ms = 1.0 / (1.0 - dropout_p)
+        dx = dA = dB = None
+        u = None
+        if need_x or need_A:
+            u = _lora_down(g, lora_B.t(), scaling, None, 1.0)  # [M, r] = s * g @ B
+        if need_B:
+            dB = (_lora_gram(t, g, None, 1.0).t() * scaling).to(lora_B.dtype)  # [N, r] = s * g^T @ T
+        if need_x:  # dx = g @ W + (u @ A) * mask / (1 - p), the LoRA term added to the matmul's output in float32
+            scales = (absmax, nested_absmax, nested_code, offset, nested_blocksize)
+            dx = _linear_dx(g, packed, scales, code, blocksize, K, u, lora_A, mask, backend, ms)
+        if need_A:
+            dA = _lora_gram(u, x, mask, ms).to(lora_A.dtype)  # [r, K] = u^T @ dropout(x)
+        return dx, dA, dB
+
+
 def _dx_differentiable(g, packed, scales, code, blocksize, K, lora_u, lora_A, lora_mask):
     """``g @ W + (lora_u @ lora_A) * lora_mask`` from torch ops, for a double backward (create_graph=True).
 
@@ -137,15 +165,50 @@ def _dx_differentiable(g, packed, scales, code, blocksize, K, lora_u, lora_A, lo
     return dx
 
 
+def _cpu_lora(x: torch.Tensor, backend: str | None) -> bool:
+    """Whether the LoRA products run in the CPU LoRA kernels (csrc/cpu/lora.h: x read once in its dtype, float32
+    sums, the dropout mask applied on the fly), through the ``qkernels::lora_down`` / ``lora_gram`` ops: on the
+    native CPU path with a build that has them. Otherwise torch matmuls in ``_lora_dtype``."""
+    if x.device.type != "cpu":
+        return False
+    from . import _backend
+
+    return (_backend.resolve("linear_4bit", x.device, backend) == "cpu"
+            and "lora_products" in _backend.native_ops(x.device))
+
+
+def _lora_down(x, A, scale, mask, mask_scale):
+    """``qkernels::lora_down``: through the op when traced (one graph node), its body directly in eager (the same
+    kernel, so the same bits)."""
+    if _traced():
+        return torch.ops.qkernels.lora_down(x, A, scale, mask, mask_scale)
+    return _ops.lora_down_impl(x, A, scale, mask, mask_scale)
+
+
+def _lora_gram(u, x, mask, mask_scale):
+    """``qkernels::lora_gram``, as ``_lora_down``."""
+    if _traced():
+        return torch.ops.qkernels.lora_gram(u, x, mask, mask_scale)
+    return _ops.lora_gram_impl(u, x, mask, mask_scale)
+
+
 def _forward(x, packed, scales, code, blocksize, N, lora_A, lora_B, bias, scaling, dropout_p, training, backend):
-    """The forward computation; returns ``(y, dropout(x), bool mask or None, T = dropout(x) @ A^T or None)``."""
+    """The forward computation; returns ``(y, dropout(x), bool mask or None, T = dropout(x) @ A^T or None)``.
+
+    On the CPU LoRA kernels' path dropout(x) is never built (the kernel applies the mask as it reads x): the second
+    item is then None, and T is float32."""
     xd, mask, t = x, None, None
     if lora_A is not None:
-        ldt = _lora_dtype(x.dtype, lora_A.dtype, x.device)
         if training and dropout_p > 0.0:
             mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
-            xd = x * mask / (1.0 - dropout_p)
-        t = F.linear(_to(xd, ldt), _to(lora_A, ldt))  # [M, r] = xd A^T
+        if _cpu_lora(x, backend):
+            xd = None
+            t = _lora_down(x, lora_A, 1.0, mask, 1.0 / (1.0 - dropout_p))  # [M, r] = xd A^T
+        else:
+            ldt = _lora_dtype(x.dtype, lora_A.dtype, x.device)
+            if mask is not None:
+                xd = x * mask / (1.0 - dropout_p)
+            t = F.linear(_to(xd, ldt), _to(lora_A, ldt))  # [M, r] = xd A^T
     y = _linear(x, packed, scales, code, blocksize, N, None if t is None else t * scaling, lora_B, bias, backend)
     return y, xd, mask, t
 
@@ -175,14 +238,15 @@ def _linear(x, packed, scales, code, blocksize, N, lora_t, lora_B, bias, backend
     return impl.linear_4bit_impl(x, packed, scales, code, blocksize, N, lora_t, lora_B, bias, backend)
 
 
-def _linear_dx(g, packed, scales, code, blocksize, K, lora_u, lora_A, lora_mask, backend):
+def _linear_dx(g, packed, scales, code, blocksize, K, lora_u, lora_A, lora_mask, backend, lora_mask_scale=1.0):
     absmax, nested_absmax, nested_code, offset, nested_blocksize = scales
     if backend is None and _traced():
         return torch.ops.qkernels.linear_4bit_dx(g, packed, absmax, code, blocksize, K, nested_absmax, nested_code,
-                                                 offset, nested_blocksize, lora_u, lora_A, lora_mask)
+                                                 offset, nested_blocksize, lora_u, lora_A, lora_mask, lora_mask_scale)
     from . import _linear as impl
 
-    return impl.linear_4bit_dx_impl(g, packed, scales, code, blocksize, K, lora_u, lora_A, lora_mask, backend)
+    return impl.linear_4bit_dx_impl(g, packed, scales, code, blocksize, K, lora_u, lora_A, lora_mask, backend,
+                                    lora_mask_scale)
 
 
 def matmul_4bit_lora(
