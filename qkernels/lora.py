@@ -14,9 +14,12 @@ the dropout mask as bool, and ``T = dropout(X) A^T`` (``[M, r]``, the LoRA-B gra
 A double backward (``create_graph=True``) is supported: the backward then uses differentiable torch ops only (T
 recomputed with its graph, W decoded into a fresh tensor that autograd keeps), so it costs a dequantized weight.
 
-The LoRA products run in the LoRA weights' dtype when it is wider than x's (peft keeps adapters in float32 on
-a bf16 base and casts x up: so do we), else in x's dtype; on a CPU without a fast GEMM for that half dtype, in
-float32 (``_lora_dtype``).
+The LoRA products: on the native CPU path, the CPU LoRA kernels (``qkernels::lora_down`` / ``lora_gram`` ops and
+the up-add of ``qkernels._linear``, csrc/cpu/lora.h) read x and dY once in their own dtype and multiply and sum in
+float32 whatever the adapters' dtype, applying the dropout mask as they read x (dropout(x) is never built; T is
+float32). Elsewhere they are torch matmuls in the LoRA weights' dtype when it is wider than x's (peft keeps adapters
+in float32 on a bf16 base and casts x up: so do we), else in x's dtype; on a CPU without a fast GEMM for that half
+dtype, in float32 (``_lora_dtype``).
 """
 
 from __future__ import annotations
