@@ -12,10 +12,6 @@
 #define QK_X86 1
 #endif
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 namespace qkernels {
 namespace cpu {
 namespace lora_detail {
@@ -65,11 +61,12 @@ struct S {
 }  // namespace portable
 
 #ifdef QK_X86
+// Every function defined between QK_LORA_TARGET(t) and QK_LORA_TARGET_END is compiled for target t.
+#define QK_LORA_PRAGMA(x) _Pragma(#x)
 #if defined(__clang__)
-#define QK_LORA_TARGET(t) _Pragma("clang attribute push (__attribute__((target(" #t "))), apply_to = function)")
+#define QK_LORA_TARGET(t) QK_LORA_PRAGMA(clang attribute push(__attribute__((target(t))), apply_to = function))
 #define QK_LORA_TARGET_END _Pragma("clang attribute pop")
 #else
-#define QK_LORA_PRAGMA(x) _Pragma(#x)
 #define QK_LORA_TARGET(t) _Pragma("GCC push_options") QK_LORA_PRAGMA(GCC target(t))
 #define QK_LORA_TARGET_END _Pragma("GCC pop_options")
 #endif
