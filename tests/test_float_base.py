@@ -94,7 +94,7 @@ def test_layer_is_peft_lora_linear_on_a_plain_linear(dtype):
 
 def test_layer_moves_loads_and_refuses_like_a_linear():
     """``.half()`` converts the float weight (as nn.Linear's; ``float_dtype`` follows), a meta layer loads its float
-    weight with ``assign=True``, and a 4-bit checkpoint, a wrong shape, a Conv1D or LoftQ are refused by name."""
+    weight with ``assign=True``, and a 4-bit checkpoint, a wrong shape or LoftQ are refused by name."""
     torch.manual_seed(0)
     layer = QLoRALinear.from_linear(nn.Linear(64, 32), quantize=False, r=4)
     randomize(nn.Sequential(layer), "default", seed=3)
@@ -113,10 +113,6 @@ def test_layer_moves_loads_and_refuses_like_a_linear():
     with pytest.raises(ValueError, match=r"size mismatch for 'weight'"):
         layer.load_state_dict({**sd, "weight": torch.zeros(32, 63)})
     assert torch.equal(layer.state_dict()["weight"], sd["weight"])
-    from transformers.pytorch_utils import Conv1D
-
-    with pytest.raises(ValueError, match=r"quantize=False .*Conv1D"):
-        QLoRALinear.from_linear(Conv1D(32, 64), quantize=False)
     with pytest.raises(ValueError, match=r"loftq.*quantize=False"):
         QLoRALinear.from_linear(nn.Linear(64, 32), quantize=False, init_lora_weights="loftq")
     with pytest.raises(ValueError, match=r"quantize must be a bool"):
@@ -265,6 +261,56 @@ def test_keep_float_modules_opts_targets_out_of_quantization():
         with pytest.raises(ValueError, match=msg):
             apply_qlora(fresh, LLAMA_TARGETS, r=4, **kw)
         assert not any(isinstance(m, QLoRALinear) for m in fresh.modules())
+
+
+class _ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.c = Conv1D(48, 64)  # GPT-2's layout: y = x @ W + b, W [in=64, out=48]
+        nn.init.normal_(self.c.bias, std=0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_conv1d_float_base_is_peft_lora_on_that_conv1d(dtype):
+    """Bug: a Conv1D could not be a float base (refused, or quantized by apply_qlora). peft wraps a float Conv1D in
+    lora.Linear (fan_in_fan_out): a float-base QLoRALinear holds the Conv1D's own [in, out] Parameter and runs
+    Conv1D's addmm, so forward, gradients, state dict and merge are peft's bit for bit; a meta layer loads GPT-2's
+    [in, out] weight; a transposed one is refused by name."""
+    torch.manual_seed(0)
+    net = _ConvNet().to(dtype)
+    with pytest.warns(UserWarning, match="fan_in_fan_out"):
+        theirs = peft.get_peft_model(copy.deepcopy(net), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c"]))
+    randomize(theirs, "default", seed=1)
+    lora = theirs.base_model.model.c
+    conv = copy.deepcopy(net.c)
+    ours = QLoRALinear.from_linear(conv, quantize=False, r=4, lora_alpha=8)
+    for which in ("lora_A", "lora_B"):
+        ours.set_lora_weight("default", which, getattr(lora, which)["default"].weight)
+    assert ours.weight is conv.weight and ours.weight.shape == (64, 48) and ours.is_target_conv_1d_layer
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(2)).to(dtype)
+    y_ours, y_theirs = ours(x), theirs(x)
+    assert y_ours.dtype == dtype and torch.equal(y_ours, y_theirs)
+    y_ours.square().sum().backward()
+    y_theirs.square().sum().backward()
+    for which in ("lora_A", "lora_B"):
+        assert torch.equal(getattr(ours, which)["default"].weight.grad, getattr(lora, which)["default"].weight.grad)
+    sd = {k: v.clone() for k, v in ours.state_dict().items()}
+    assert sd["weight"].shape == (64, 48) and torch.equal(sd["weight"], net.c.weight)
+    assert torch.equal(ours.dequantized_weight(torch.float32), net.c.weight.float().t())
+    meta = QLoRALinear(64, 48, quantize=False, r=4, lora_alpha=8, device="meta", _conv1d=True)
+    meta.load_state_dict(sd, assign=True)
+    assert not meta._unloaded and torch.equal(meta(x), y_ours)
+    with pytest.raises(ValueError, match=r"size mismatch for 'weight'.*Conv1D's float base.*\(64, 48\)"):
+        ours.load_state_dict({**sd, "weight": sd["weight"].t()})
+    merged = merge_and_unload(nn.Sequential(ours))[0]
+    assert type(merged).__name__ == "Conv1D" and merged.weight.shape == (64, 48)
+    assert torch.equal(merged.weight, theirs.merge_and_unload().c.weight)
+    assert torch.equal(merged.bias, net.c.bias)
 
 
 def test_keep_float_modules_refuses_a_conv1d():
