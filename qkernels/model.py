@@ -481,12 +481,12 @@ def _float_base_names(model: nn.Module, names: list[str], keep_float_modules: An
 
     - ``_keep_in_fp32_modules`` matches (``_kept_in_float``): transformers never quantizes them, and T5's feed-forward
       casts its input to ``wo.weight.dtype`` (a 4-bit weight's packed uint8 made its logits silently wrong, 4.2 off);
-    - on a model loaded in 4 bits (``_loaded_in_4bit``), every float ``nn.Linear`` target: bitsandbytes left it float
-      (``llm_int8_skip_modules``, the output head), and peft adapts it as it is;
+    - on a model loaded in 4 bits (``_loaded_in_4bit``), every float ``nn.Linear`` / ``Conv1D`` target: bitsandbytes
+      left it float (``llm_int8_skip_modules``, the output head), and peft adapts it as it is;
     - ``keep_float_modules`` (peft's target rules; each entry must match a target).
 
-    Raises ValueError for what a float base cannot be: a bitsandbytes 4-bit layer, a Conv1D, or
-    ``init_lora_weights="loftq"``."""
+    Raises ValueError for what a float base cannot be: a bitsandbytes 4-bit layer, or ``init_lora_weights="loftq"``.
+    """
     out = set(_kept_in_float(model, names))
     if isinstance(keep_float_modules, str):
         kept = {n for n in names if re.fullmatch(keep_float_modules, n)}
@@ -507,18 +507,14 @@ def _float_base_names(model: nn.Module, names: list[str], keep_float_modules: An
             out |= hit
     modules = dict(model.named_modules())
     if _loaded_in_4bit(model):
-        out |= {n for n in names if type(modules[n]) is nn.Linear and modules[n].weight.is_floating_point()}
+        out |= {n for n in names if (type(modules[n]) is nn.Linear or is_conv1d(modules[n]))
+                and modules[n].weight.is_floating_point()}
     packed = sorted(n for n in out if _is_bnb_4bit(modules[n]))
     if packed:  # was: "linear.weight must be float32/float16/bfloat16 to quantize", after replacing earlier targets
         raise ValueError(f"target modules {packed[:4]} are to keep a float base, but they are bitsandbytes 4-bit "
                          "layers (the model was loaded in 4 bits): their float weight is gone. Leave them out of "
                          "keep_float_modules, or load the model with BitsAndBytesConfig(llm_int8_skip_modules=[...]) "
                          "naming them, which keeps them float")
-    conv = sorted(n for n in out if is_conv1d(modules[n]))
-    if conv:
-        raise ValueError(f"target modules {conv[:4]} are to keep a float base, but they are transformers Conv1D "
-                         "layers ([in, out] weights), which a float-base QLoRALinear does not hold: leave them out of "
-                         "keep_float_modules (they are quantized then)")
     if out and init == "loftq":
         raise ValueError(f"init_lora_weights='loftq' fits LoRA to the 4-bit quantization error, but targets "
                          f"{sorted(out)[:4]} keep a float base (transformers keeps them float, or keep_float_modules): "
@@ -699,10 +695,14 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 def _dense(layer: QLoRALinear) -> nn.Module:
     """The merged dense layer of ``layer`` (``merge_and_unload``): an ``nn.Linear`` (a ``Conv1D`` for one made from a
-    Conv1D) of ``float_dtype`` holding ``W + s B A``, its bias, its training mode."""
+    Conv1D) of ``float_dtype`` holding ``W + s B A``, its bias, its training mode. A float base's merged weight is
+    written into its own Parameter (peft merges into its base layer's weight in place), which the dense layer takes:
+    a tie to another module survives."""
     dtype = layer.float_dtype
     with torch.no_grad():
         W = _merged_weight(layer).to(dtype)
+    if not layer.quantized:
+        return _dense_float_base(layer, W)
     if getattr(layer, "is_target_conv_1d_layer", False):  # absent on a layer pickled by an older qkernels
         dense = _conv1d(W, layer.bias)
     else:
@@ -712,6 +712,30 @@ def _dense(layer: QLoRALinear) -> nn.Module:
         if layer.bias is not None:
             dense.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=layer.bias.requires_grad)
     dense.train(layer.training)  # a merged model in eval mode stays so
+    return dense
+
+
+def _dense_float_base(layer: QLoRALinear, W: torch.Tensor) -> nn.Module:
+    """``_dense`` of a float base: ``W`` (``[out, in]``, the weight's dtype) copied into the layer's weight Parameter
+    (``[in, out]`` for a Conv1D), which the new ``nn.Linear`` / ``Conv1D`` holds; the bias copied."""
+    w = layer.weight
+    conv = layer._weight_in_out
+    with torch.no_grad():
+        w.copy_(W.t() if conv else W)
+    w.requires_grad_(False)
+    with torch.device("meta"):  # no throwaway allocation and init
+        if conv:
+            from transformers.pytorch_utils import Conv1D  # the layer came from a Conv1D: transformers is installed
+
+            dense = Conv1D(layer.out_features, layer.in_features)
+        else:
+            dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    dense.weight = w
+    if layer.bias is not None:
+        dense.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=layer.bias.requires_grad)
+    elif conv:  # Conv1D always has a bias: zeros, as Conv1D initializes it
+        dense.bias = nn.Parameter(torch.zeros(layer.out_features, dtype=w.dtype, device=w.device), requires_grad=False)
+    dense.train(layer.training)
     return dense
 
 

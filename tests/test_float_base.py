@@ -313,13 +313,76 @@ def test_a_conv1d_float_base_is_peft_lora_on_that_conv1d(dtype):
     assert torch.equal(merged.bias, net.c.bias)
 
 
-def test_keep_float_modules_refuses_a_conv1d():
+def _gpt2_4bit(d, skip: list[str]) -> nn.Module:
     from .test_model import tiny_gpt2
 
-    model = tiny_gpt2()
-    with pytest.raises(ValueError, match=r"Conv1D.*keep_float_modules"):
-        apply_qlora(model, ["c_fc"], r=4, keep_float_modules=["c_fc"])
-    assert not any(isinstance(m, QLoRALinear) for m in model.modules())
+    return _load_4bit(transformers.GPT2LMHeadModel, tiny_gpt2, d, llm_int8_skip_modules=skip)
+
+
+def test_a_conv1d_that_bitsandbytes_left_float_keeps_a_float_base_as_peft(tmp_path):
+    """Bug: on a GPT-2 loaded in 4 bits, a Conv1D that bitsandbytes left float (``llm_int8_skip_modules``) was quantized
+    by apply_qlora, while peft gives it LoRA as it is (fan_in_fan_out). Now it keeps its float [in, out] weight: the
+    layer's outputs are peft's bit for bit, the model's match peft's, the adapter files are interchangeable
+    (fan_in_fan_out true), and merge_and_unload gives back the Conv1D with peft's merged weight."""
+    from .test_model import tiny_gpt2
+
+    load = functools.partial(_gpt2_4bit, tmp_path / "gpt2", ["c_fc", "lm_head"])
+    targets = ["c_attn", "c_proj", "c_fc"]
+    with pytest.warns(UserWarning, match="fan_in_fan_out"):
+        theirs = peft.get_peft_model(load(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    randomize(theirs, "default", seed=6)
+    theirs.save_pretrained(str(tmp_path / "ad"))
+    base = load()
+    fc = base.transformer.h[0].mlp.c_fc
+    assert type(fc).__name__ == "Conv1D" and fc.weight.shape == (64, 256)
+    w = fc.weight
+    ours = apply_qlora(base, targets, r=4, lora_alpha=8)
+    layer = ours.transformer.h[0].mlp.c_fc
+    assert isinstance(layer, QLoRALinear) and not layer.quantized and layer.weight is w
+    assert ours.transformer.h[0].attn.c_attn.quantized
+    adapters.load_adapter(ours, tmp_path / "ad", replace=True)
+    h = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(layer(h), theirs.base_model.model.transformer.h[0].mlp.c_fc(h))
+    ids = torch.randint(3, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+    ref = reference64(ours, tmp_path / "ad", tiny_gpt2)
+
+    def logits(m, dtype):
+        e = m.get_input_embeddings()(ids).to(dtype).detach().requires_grad_(True)
+        with torch.enable_grad():
+            return m(inputs_embeds=e).logits.detach()
+
+    assert_matches(logits(ours, torch.float32), logits(theirs, torch.float32), logits(ref, torch.float64))
+    adapters.save_adapter(ours, tmp_path / "again")
+    want, got = (load_file(str(d / "adapter_model.safetensors")) for d in (tmp_path / "ad", tmp_path / "again"))
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    cfg = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    assert cfg["fan_in_fan_out"] is True
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    again = peft.PeftModel.from_pretrained(load(), str(tmp_path / "again"))
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, theirs(input_ids=ids).logits)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's merge of the Linear4bit layers warns about rounding
+        peft_fc = theirs.merge_and_unload().transformer.h[0].mlp.c_fc
+    merged = merge_and_unload(ours).transformer.h[0].mlp.c_fc
+    assert type(merged).__name__ == "Conv1D" and merged.weight is w
+    assert torch.equal(merged.weight, peft_fc.weight) and torch.equal(merged.bias, peft_fc.bias)
+
+
+def test_keep_float_modules_keeps_a_conv1d_float():
+    """keep_float_modules on GPT-2's Conv1D (was refused): a float base holding the Conv1D's weight, exactly the
+    Conv1D's output while B = 0; the other targets quantized."""
+    from .test_model import tiny_gpt2
+
+    model, dense = tiny_gpt2(), tiny_gpt2()
+    w = model.transformer.h[1].mlp.c_fc.weight
+    apply_qlora(model, ["c_attn", "c_fc"], r=4, keep_float_modules=["c_fc"])
+    fc = model.transformer.h[1].mlp.c_fc
+    assert not fc.quantized and fc.weight is w and model.transformer.h[1].attn.c_attn.quantized
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(fc(x), dense.transformer.h[1].mlp.c_fc(x))
 
 
 def test_trainable_parameters_count_a_float_base_as_peft():
