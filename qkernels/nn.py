@@ -412,6 +412,19 @@ class QLoRALinear(nn.Module):
                           original_weight=float_weight, loftq_iter=loftq_iter)
         self._track_meta()
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """``nn.Module``'s, plus: a real tensor assigned as a float base's ``weight`` holds values. transformers'
+        ``tie_weights()`` assigns the input embedding's Parameter to a tied head this way, also to a meta layer that
+        no checkpoint gave a weight (a tied head's weight is saved once, under the embedding): the weight counts as
+        loaded then, ``float_dtype`` is its dtype, and LoRA weights that hold no value are initialized on its device
+        (as a checkpoint load without them does)."""
+        super().__setattr__(name, value)
+        if (name == "weight" and not getattr(self, "quantized", True) and isinstance(value, torch.Tensor)
+                and not value.is_meta and "weight" in self._unloaded and not self.__dict__.get("_loading")):
+            self._unloaded = self._unloaded - {"weight"}
+            self.float_dtype = value.dtype
+            self._init_unloaded_lora(value.device)
+
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_linear(cls, linear: nn.Module, **qlora_kwargs: Any) -> QLoRALinear:
@@ -910,8 +923,12 @@ class QLoRALinear(nn.Module):
         for k in [wkey, *qkeys] if self.quantized else []:
             state_dict.pop(k, None)
         n_missing = len(missing_keys)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        self.__dict__["_loading"] = True  # a float base's weight assigned here is accounted for below
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
+        finally:
+            del self.__dict__["_loading"]
         # the weight is not missing when present (even if a partial LoRA set kept it from loading) or pending; the
         # keys a pending weight lacks are
         if had_weight or waiting:

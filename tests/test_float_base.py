@@ -440,20 +440,175 @@ def test_peft_saved_base_weight_loads_into_a_float_base_and_is_refused_by_a_4bit
     assert adapters.adapter_names(quantized) == ["default"]
 
 
-def test_a_tied_head_is_refused_with_the_float_base_reason():
-    """A float-base lm_head tied to the embeddings could share the weight, but its merge could not (tie_weights()
-    puts the embedding back): refused as a 4-bit one is, with the reason that holds for it."""
+def tied_llama(seed: int = 0) -> transformers.LlamaForCausalLM:
+    """``tiny_llama`` with ``tie_word_embeddings=True`` (Gemma, Qwen2-0.5B, small Llamas): lm_head holds the input
+    embedding's Parameter."""
     from .test_training import _config
 
     cfg = _config()
     cfg.tie_word_embeddings = True
-    model = transformers.LlamaForCausalLM(cfg)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+TIED_TARGETS = [*LLAMA_TARGETS, "lm_head"]
+
+
+def _peft_tied(model: nn.Module, seed: int = 6) -> nn.Module:
+    """peft 0.21's LoRA on ``model`` with lm_head targeted: it warns (tuners_utils ``_check_tied_modules``) and wraps
+    the float head as it is, still tied."""
+    with pytest.warns(UserWarning, match="tie_word_embeddings=True"):
+        theirs = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TIED_TARGETS))
+    randomize(theirs, "default", seed=seed)
+    return theirs
+
+
+def test_a_tied_head_gets_lora_on_the_shared_float_weight_as_peft(tmp_path):
+    """Bug: a head tied to the input embeddings was refused. transformers' bitsandbytes loader never quantizes a tied
+    weight and peft wraps the float head, still tied: apply_qlora now keeps it float and SHARED (the same Parameter:
+    no copy, the embedding reads the same tensor, the tie survives tie_weights()), trains LoRA on it, counts as peft,
+    and gives peft's outputs on the same 4-bit model."""
+    model = tied_llama()
+    emb = model.model.embed_tokens.weight
+    apply_qlora(model, TIED_TARGETS, r=4, lora_alpha=8)
+    head = model.lm_head
+    assert isinstance(head, QLoRALinear) and not head.quantized and head.weight is emb
+    assert model.model.layers[0].mlp.up_proj.quantized
+    assert sum(p.numel() for p in model.parameters() if p.dim() == 2 and p.shape[0] == 96) == emb.numel() + 4 * 96
+    model.tie_weights()
+    assert model.lm_head.weight is emb and model.get_input_embeddings().weight is emb
+    ids = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(1))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    before = emb.detach().clone()
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert torch.equal(emb, before) and head.lora_B["default"].weight.abs().sum() > 0
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    with pytest.raises(ValueError, match=r"'lm_head' shares its weight.*float base.*dropping the merge.*exclude"):
-        apply_qlora(model, [*LLAMA_TARGETS, "lm_head"], r=4, keep_float_modules=["lm_head"])
-    with pytest.raises(ValueError, match=r"'lm_head' shares its weight.*4-bit layer cannot share it"):
-        apply_qlora(model, [*LLAMA_TARGETS, "lm_head"], r=4)
+
+    load = functools.partial(_load_4bit, transformers.LlamaForCausalLM, tied_llama, tmp_path / "tied")
+    base = load()
+    assert base.lm_head.weight is base.model.embed_tokens.weight and type(base.lm_head) is nn.Linear
+    theirs = _peft_tied(base)
+    theirs.save_pretrained(str(tmp_path / "ad"))
+    ours = load()
+    emb = ours.model.embed_tokens.weight
+    apply_qlora(ours, TIED_TARGETS, r=4, lora_alpha=8)
+    assert ours.lm_head.weight is emb and not ours.lm_head.quantized
+    assert qkernels.trainable_parameters(ours) == theirs.get_nb_trainable_parameters()
+    adapters.load_adapter(ours, tmp_path / "ad", replace=True)
+    ref = reference64(ours, tmp_path / "ad", tied_llama)
+
+    def logits(m, dtype):
+        e = m.get_input_embeddings()(ids).to(dtype).detach().requires_grad_(True)
+        with torch.enable_grad():
+            return m(inputs_embeds=e).logits.detach()
+
+    assert_matches(logits(ours, torch.float32), logits(theirs, torch.float32), logits(ref, torch.float64))
+    with torch.no_grad():  # the embedding output reads the shared tensor
+        assert torch.equal(ours.get_input_embeddings()(ids), theirs.get_input_embeddings()(ids))
+
+
+def test_a_tied_head_saves_and_loads_what_peft_saves_and_loads(tmp_path):
+    """peft's save_embedding_layers="auto" writes lm_head's base weight (the shared embedding) beside its LoRA when
+    lm_head is targeted: save_adapter writes the same keys and tensors, peft loads our file with identical outputs, and
+    load_adapter copies that weight into the shared Parameter (the embeddings change too, as in peft)."""
+    load = functools.partial(_load_4bit, transformers.LlamaForCausalLM, tied_llama, tmp_path / "tied")
+    theirs = _peft_tied(load())
+    theirs.save_pretrained(str(tmp_path / "ad"))
+    ours = apply_qlora(load(), TIED_TARGETS, r=4, lora_alpha=8)
+    adapters.load_adapter(ours, tmp_path / "ad", replace=True)
+    adapters.save_adapter(ours, tmp_path / "again")
+    want, got = (load_file(str(d / "adapter_model.safetensors")) for d in (tmp_path / "ad", tmp_path / "again"))
+    assert "base_model.model.lm_head.base_layer.weight" in want
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    cfg = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    assert sorted(cfg["target_modules"]) == sorted(TIED_TARGETS) and cfg["ensure_weight_tying"] is False
+    with pytest.warns(UserWarning, match="tie_word_embeddings=True"):
+        again = peft.PeftModel.from_pretrained(load(), str(tmp_path / "again"))
+    ids = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, theirs(input_ids=ids).logits)
+    # a file whose head weight differs (trained or resized with the adapter): both write it into the shared weight
+    sd = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
+    sd["base_model.model.lm_head.base_layer.weight"] = sd["base_model.model.lm_head.base_layer.weight"] * 1.5
+    from safetensors.torch import save_file
+
+    (tmp_path / "scaled").mkdir()
+    save_file(sd, str(tmp_path / "scaled" / "adapter_model.safetensors"))
+    (tmp_path / "scaled" / "adapter_config.json").write_text((tmp_path / "ad" / "adapter_config.json").read_text())
+    with pytest.warns(UserWarning, match="tie_word_embeddings=True"):
+        peft_scaled = peft.PeftModel.from_pretrained(load(), str(tmp_path / "scaled"))
+    adapters.load_adapter(ours, tmp_path / "scaled", replace=True)
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    assert torch.equal(ours.model.embed_tokens.weight, peft_scaled.get_input_embeddings().weight)
+
+
+def test_merging_a_tied_head_changes_the_embeddings_too_as_peft(tmp_path):
+    """peft's merge_and_unload writes W + s B A into the tied head's weight in place (lora.Linear.merge), so the input
+    embeddings change too and stay tied; it warns (``_check_merge_allowed``). merge_and_unload and merge_into_4bit do
+    the same, bit for bit on the float weight, with a warning that names the tie and how to untie first."""
+    theirs = _peft_tied(tied_llama())
+    theirs.save_pretrained(str(tmp_path / "ad"))
+    ours = apply_qlora(tied_llama(), TIED_TARGETS, r=4, lora_alpha=8)
+    adapters.load_adapter(ours, tmp_path / "ad", replace=True)
+    ids = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want_logits = ours(input_ids=ids).logits
+    with pytest.warns(UserWarning, match="tie_word_embeddings"):
+        peft_merged = theirs.merge_and_unload()
+    with pytest.warns(UserWarning, match=r"merging LoRA into 'lm_head', whose weight is tied to "
+                                         r"'model\.embed_tokens\.weight'.*changes too.*untie it first"):
+        merged = merge_and_unload(copy.deepcopy(ours))
+    assert type(merged.lm_head) is nn.Linear and merged.lm_head.weight is merged.model.embed_tokens.weight
+    assert torch.equal(merged.lm_head.weight, peft_merged.lm_head.weight)
+    assert torch.equal(merged.model.embed_tokens.weight, peft_merged.model.embed_tokens.weight)
+    assert merged.config.tie_word_embeddings and not merged.lm_head.weight.requires_grad
+    with torch.no_grad():  # the embeddings now hold W + s B A as well: the merged model is not the adapted one
+        assert not torch.allclose(merged(input_ids=ids).logits, want_logits, atol=1e-3)
+    with pytest.warns(UserWarning, match="whose weight is tied"):
+        errors = merge_into_4bit(ours)
+    assert "lm_head" not in errors and ours.lm_head.weight is ours.model.embed_tokens.weight
+    assert torch.equal(ours.lm_head.weight, peft_merged.lm_head.weight)
+
+
+def test_a_meta_tied_model_keeps_the_head_float_and_tie_weights_loads_it(tmp_path):
+    """A tied model built under accelerate's init_empty_weights is untied until tie_weights() (accelerate re-registers
+    each parameter), yet declares the tie (``all_tied_weights_keys``): apply_qlora keeps the head float there too. Its
+    4-bit checkpoint holds the shared weight once, under the embedding; tie_weights() then gives the head that
+    Parameter, and the layer counts as loaded (it raised 'never loaded'), its LoRA initialized: the logits of the model
+    loaded in 4 bits."""
+    accelerate = pytest.importorskip("accelerate", reason="init_empty_weights is accelerate's")
+    bnb_model = _load_4bit(transformers.LlamaForCausalLM, tied_llama, tmp_path / "tied")
+    sd = {k: v for k, v in bnb_model.state_dict().items() if k != "lm_head.weight"}  # what save_pretrained writes
+    with accelerate.init_empty_weights():
+        meta = transformers.LlamaForCausalLM(bnb_model.config)
+    assert meta.lm_head.weight is not meta.model.embed_tokens.weight
+    apply_qlora(meta, TIED_TARGETS, r=4)
+    assert not meta.lm_head.quantized and meta.model.layers[0].self_attn.q_proj.quantized
+    missing = meta.load_state_dict(sd, assign=True, strict=False).missing_keys
+    assert [k for k in missing if ".lora_" not in k] == ["lm_head.weight"]
+    meta.tie_weights()
+    assert meta.lm_head.weight is meta.model.embed_tokens.weight and not meta.lm_head._unloaded
+    ours = apply_qlora(bnb_model, TIED_TARGETS, r=4)
+    ids = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # B = 0: the LoRA terms vanish, the bases are the same bytes and the same float weight
+        assert torch.equal(meta.eval()(input_ids=ids).logits, ours(input_ids=ids).logits)
+
+
+def test_quantizing_a_tied_head_stays_refused_and_loftq_names_the_tie(tmp_path):
+    """A 4-bit weight cannot be shared with the float embedding (tie_weights() would overwrite it): quantize_checkpoint
+    refuses a tied target, naming the tie and the fixes; LoftQ (which needs a 4-bit base) names the float targets."""
+    model = tied_llama()
+    with pytest.raises(ValueError, match=r"'lm_head'.*keep a float base.*tied to another module"):
+        apply_qlora(model, TIED_TARGETS, r=4, init_lora_weights="loftq")
     assert not any(isinstance(m, QLoRALinear) for m in model.modules())
+    model.save_pretrained(tmp_path / "tied")
+    with pytest.raises(ValueError, match=r"'lm_head' shares its weight with 'model\.embed_tokens\.weight'.*4-bit "
+                                         r"weight cannot be shared.*exclude_modules=\['lm_head'\]"):
+        qkernels.quantize_checkpoint(tmp_path / "tied", tmp_path / "q4", TIED_TARGETS, model=tied_llama())
 
 
 def test_float_base_under_autocast_returns_what_peft_and_nn_linear_return():
