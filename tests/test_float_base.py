@@ -598,6 +598,23 @@ def test_a_meta_tied_model_keeps_the_head_float_and_tie_weights_loads_it(tmp_pat
         assert torch.equal(meta.eval()(input_ids=ids).logits, ours(input_ids=ids).logits)
 
 
+def test_peft_ensure_weight_tying_adapter_is_refused_naming_the_option(tmp_path):
+    """peft's ensure_weight_tying=True moves a tied lm_head's LoRA onto the input embedding (lora.Embedding, keys
+    lora_embedding_A/B) and ties the head's to it: qkernels has no LoRA on an embedding, so load_adapter refuses it,
+    naming the option and the default that loads; nothing is loaded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(tied_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"],
+                                                                   ensure_weight_tying=True))
+    assert type(theirs.base_model.model.model.embed_tokens).__name__ == "Embedding"  # peft's lora.Embedding
+    theirs.save_pretrained(str(tmp_path / "ad"))
+    ours = apply_qlora(tied_llama(), ["q_proj", "lm_head"], r=4)
+    with pytest.raises(ValueError, match=r"embed_tokens\.lora_embedding_A.*ensure_weight_tying=True.*"
+                                         r"ensure_weight_tying=False"):
+        adapters.load_adapter(ours, tmp_path / "ad", adapter_name="tied")
+    assert adapters.adapter_names(ours) == ["default"]
+
+
 def test_quantizing_a_tied_head_stays_refused_and_loftq_names_the_tie(tmp_path):
     """A 4-bit weight cannot be shared with the float embedding (tie_weights() would overwrite it): quantize_checkpoint
     refuses a tied target, naming the tie and the fixes; LoftQ (which needs a 4-bit base) names the float targets."""
