@@ -5,7 +5,8 @@
   and freeze everything but the LoRA weights.
 - ``trainable_parameters(model)`` / ``print_trainable_parameters(model)``: peft's counts and line.
 - ``merge_and_unload(model)``: dense ``nn.Linear`` layers holding ``dequant(W) + s B A`` (no requantization);
-  transformers ``Conv1D`` for layers that were one.
+  transformers ``Conv1D`` for layers that were one; a float base's merge is written into its own (possibly tied)
+  weight Parameter, as peft merges in place.
 - ``merge_into_4bit(model)``: explicit opt-in requantization of ``dequant(W) + s B A``; warns with the error.
 """
 
@@ -200,7 +201,8 @@ def apply_qlora(
     """Replace the targeted ``nn.Linear`` layers of ``model`` by ``QLoRALinear`` in place; freeze all but LoRA.
 
     transformers' ``Conv1D`` layers (GPT-2) count as linear, as in peft, and are stored transposed to
-    ``[out, in]`` the way transformers' bitsandbytes integration stores them. A model already loaded in 4 bits by
+    ``[out, in]`` the way transformers' bitsandbytes integration stores them when quantized (a float base keeps the
+    Conv1D's ``[in, out]``). A model already loaded in 4 bits by
     bitsandbytes (``BitsAndBytesConfig(load_in_4bit=True)``) works too: its ``Linear4bit`` layers are wrapped with
     ``QLoRALinear.from_bnb`` (their packed bytes and scales as they are; ``quant_type``, ``blocksize``,
     ``double_quant`` and ``quant_storage`` are the layer's own, and ``compute_dtype=None`` keeps the layer's).
@@ -221,9 +223,12 @@ def apply_qlora(
         keep_float_modules: targets (names/suffixes as in ``target_modules``, or a regex) that get LoRA on a float
             base (``QLoRALinear(quantize=False)``) instead of being quantized. Added to the ones kept float anyway,
             as peft + bitsandbytes keep them: modules in the model's ``_keep_in_fp32_modules`` (T5's ``wo``: its
-            feed-forward casts its input to ``wo.weight.dtype``) and, on a model loaded in 4 bits by bitsandbytes,
-            every targeted float ``nn.Linear`` (left float by ``llm_int8_skip_modules``, an output head). Float bases
-            compute in their weight's dtype, as peft's ``lora.Linear``: ``compute_dtype`` is for the 4-bit layers.
+            feed-forward casts its input to ``wo.weight.dtype``), targets whose weight is tied to another module's (a
+            head tied to the input embeddings: the float base holds the shared Parameter, so the tie stays; merging
+            then changes the embeddings too, as in peft) and, on a model loaded in 4 bits by bitsandbytes, every
+            targeted float ``nn.Linear`` / ``Conv1D`` (left float by ``llm_int8_skip_modules``, an output head; a
+            Conv1D float base keeps its ``[in, out]`` weight). Float bases compute in their weight's dtype, as peft's
+            ``lora.Linear``: ``compute_dtype`` is for the 4-bit layers.
         r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, loftq_iter, adapter_name: the adapter, and
             quant_type, double_quant, blocksize, compute_dtype, quant_storage: the 4-bit format, passed to
             ``QLoRALinear.from_linear`` for each layer (see ``QLoRALinear``; dtypes also by name, "bfloat16").
