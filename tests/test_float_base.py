@@ -511,6 +511,39 @@ def test_a_tied_head_gets_lora_on_the_shared_float_weight_as_peft(tmp_path):
         assert torch.equal(ours.get_input_embeddings()(ids), theirs.get_input_embeddings()(ids))
 
 
+def test_gemma_tied_head_gives_peft_outputs_and_files(tmp_path):
+    """Gemma ties its head by default (and scales the embedding output by sqrt(hidden), reading the same weight):
+    LoRA on the tied head of a Gemma loaded in 4 bits gives peft's logits, and the adapter files are interchangeable."""
+    load = functools.partial(_load_4bit, transformers.GemmaForCausalLM, functools.partial(tiny_model, "gemma"),
+                             tmp_path / "gemma")
+    targets = TIED_TARGETS
+    base = load()
+    assert base.config.tie_word_embeddings and base.lm_head.weight is base.model.embed_tokens.weight
+    with pytest.warns(UserWarning, match="tie_word_embeddings=True"):
+        theirs = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    randomize(theirs, "default", seed=2)
+    theirs.save_pretrained(str(tmp_path / "ad"))
+    ours = apply_qlora(load(), targets, r=4, lora_alpha=8)
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight and not ours.lm_head.quantized
+    adapters.load_adapter(ours, tmp_path / "ad", replace=True)
+    ref = reference64(ours, tmp_path / "ad", functools.partial(tiny_model, "gemma"))
+    ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+
+    def logits(m, dtype):
+        e = m.get_input_embeddings()(ids).to(dtype).detach().requires_grad_(True)
+        with torch.enable_grad():
+            return m(inputs_embeds=e).logits.detach()
+
+    assert_matches(logits(ours, torch.float32), logits(theirs, torch.float32), logits(ref, torch.float64))
+    adapters.save_adapter(ours, tmp_path / "again")
+    want, got = (load_file(str(d / "adapter_model.safetensors")) for d in (tmp_path / "ad", tmp_path / "again"))
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.warns(UserWarning, match="tie_word_embeddings=True"):
+        again = peft.PeftModel.from_pretrained(load(), str(tmp_path / "again"))
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, theirs(input_ids=ids).logits)
+
+
 def test_a_tied_head_saves_and_loads_what_peft_saves_and_loads(tmp_path):
     """peft's save_embedding_layers="auto" writes lm_head's base weight (the shared embedding) beside its LoRA when
     lm_head is targeted: save_adapter writes the same keys and tensors, peft loads our file with identical outputs, and
