@@ -462,6 +462,14 @@ def _split_keys(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tenso
             pairs.setdefault(base["module"], {})["base." + base["which"]] = (key, t)
             continue
         match = _KEY_RE.match(stripped)
+        if match is None and ".lora_embedding_" in stripped:  # peft's lora.Embedding
+            why = ("; peft writes it for ensure_weight_tying=True, which moves the tied lm_head's LoRA onto the input "
+                   "embedding and ties the head's to it" if cfg.get("ensure_weight_tying") else "")
+            raise ValueError(
+                f"adapter key {key!r} is LoRA on an embedding layer (peft's lora.Embedding){why}. qkernels gives LoRA "
+                "to Linear / Conv1D layers only: train the adapter without the embedding in target_modules and with "
+                "LoraConfig(ensure_weight_tying=False) (peft's default: LoRA on the tied lm_head itself, which loads)"
+            )
         if match is None:
             raise ValueError(
                 f"adapter key {key!r} is not a LoRA weight '{PEFT_PREFIX}<module>.lora_A.weight' / '.lora_B.weight' "

@@ -5,7 +5,8 @@
   and freeze everything but the LoRA weights.
 - ``trainable_parameters(model)`` / ``print_trainable_parameters(model)``: peft's counts and line.
 - ``merge_and_unload(model)``: dense ``nn.Linear`` layers holding ``dequant(W) + s B A`` (no requantization);
-  transformers ``Conv1D`` for layers that were one.
+  transformers ``Conv1D`` for layers that were one; a float base's merge is written into its own (possibly tied)
+  weight Parameter, as peft merges in place.
 - ``merge_into_4bit(model)``: explicit opt-in requantization of ``dequant(W) + s B A``; warns with the error.
 """
 
@@ -200,7 +201,8 @@ def apply_qlora(
     """Replace the targeted ``nn.Linear`` layers of ``model`` by ``QLoRALinear`` in place; freeze all but LoRA.
 
     transformers' ``Conv1D`` layers (GPT-2) count as linear, as in peft, and are stored transposed to
-    ``[out, in]`` the way transformers' bitsandbytes integration stores them. A model already loaded in 4 bits by
+    ``[out, in]`` the way transformers' bitsandbytes integration stores them when quantized (a float base keeps the
+    Conv1D's ``[in, out]``). A model already loaded in 4 bits by
     bitsandbytes (``BitsAndBytesConfig(load_in_4bit=True)``) works too: its ``Linear4bit`` layers are wrapped with
     ``QLoRALinear.from_bnb`` (their packed bytes and scales as they are; ``quant_type``, ``blocksize``,
     ``double_quant`` and ``quant_storage`` are the layer's own, and ``compute_dtype=None`` keeps the layer's).
@@ -221,9 +223,12 @@ def apply_qlora(
         keep_float_modules: targets (names/suffixes as in ``target_modules``, or a regex) that get LoRA on a float
             base (``QLoRALinear(quantize=False)``) instead of being quantized. Added to the ones kept float anyway,
             as peft + bitsandbytes keep them: modules in the model's ``_keep_in_fp32_modules`` (T5's ``wo``: its
-            feed-forward casts its input to ``wo.weight.dtype``) and, on a model loaded in 4 bits by bitsandbytes,
-            every targeted float ``nn.Linear`` (left float by ``llm_int8_skip_modules``, an output head). Float bases
-            compute in their weight's dtype, as peft's ``lora.Linear``: ``compute_dtype`` is for the 4-bit layers.
+            feed-forward casts its input to ``wo.weight.dtype``), targets whose weight is tied to another module's (a
+            head tied to the input embeddings: the float base holds the shared Parameter, so the tie stays; merging
+            then changes the embeddings too, as in peft) and, on a model loaded in 4 bits by bitsandbytes, every
+            targeted float ``nn.Linear`` / ``Conv1D`` (left float by ``llm_int8_skip_modules``, an output head; a
+            Conv1D float base keeps its ``[in, out]`` weight). Float bases compute in their weight's dtype, as peft's
+            ``lora.Linear``: ``compute_dtype`` is for the 4-bit layers.
         r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, loftq_iter, adapter_name: the adapter, and
             quant_type, double_quant, blocksize, compute_dtype, quant_storage: the 4-bit format, passed to
             ``QLoRALinear.from_linear`` for each layer (see ``QLoRALinear``; dtypes also by name, "bfloat16").
@@ -282,7 +287,6 @@ def apply_qlora(
                               modules_to_save)
     float_names = _float_base_names(model, names, keep_float_modules, init_lora_weights)
     _check_not_read_by_parent(model, names)
-    _check_not_tied(model, names, float_names)
     clash = [(t, m) for t in names for m in save_names if t == m or t.startswith(m + ".") or m.startswith(t + ".")]
     if clash:  # peft's two rules differ (suffix vs dotted regex): one module can meet both; refuse before changing
         raise ValueError(f"module {clash[0][0]!r} is a LoRA target and module {clash[0][1]!r} a module to save; "
@@ -481,13 +485,21 @@ def _float_base_names(model: nn.Module, names: list[str], keep_float_modules: An
 
     - ``_keep_in_fp32_modules`` matches (``_kept_in_float``): transformers never quantizes them, and T5's feed-forward
       casts its input to ``wo.weight.dtype`` (a 4-bit weight's packed uint8 made its logits silently wrong, 4.2 off);
-    - on a model loaded in 4 bits (``_loaded_in_4bit``), every float ``nn.Linear`` target: bitsandbytes left it float
-      (``llm_int8_skip_modules``, the output head), and peft adapts it as it is;
+    - targets whose weight is tied to another module's (``_tied_targets``: a head tied to the input embeddings,
+      ``tie_word_embeddings``): transformers' bitsandbytes loader never quantizes tied weights
+      (``quantizers/base.py`` ``get_keys_to_not_convert``), and peft puts LoRA on the float head, still tied;
+    - on a model loaded in 4 bits (``_loaded_in_4bit``), every float ``nn.Linear`` / ``Conv1D`` target: bitsandbytes
+      left it float (``llm_int8_skip_modules``, the output head), and peft adapts it as it is;
     - ``keep_float_modules`` (peft's target rules; each entry must match a target).
 
-    Raises ValueError for what a float base cannot be: a bitsandbytes 4-bit layer, a Conv1D, or
-    ``init_lora_weights="loftq"``."""
+    Raises ValueError for what a float base cannot be: a bitsandbytes 4-bit layer, or ``init_lora_weights="loftq"``.
+    """
     out = set(_kept_in_float(model, names))
+    tied = _tied_targets(model, names)
+    if tied:
+        logger.info("apply_qlora: %d target(s) share their weight with another module (tied), kept float as "
+                    "transformers' bitsandbytes loader keeps them: %s", len(tied), sorted(tied)[:4])
+    out |= set(tied)
     if isinstance(keep_float_modules, str):
         kept = {n for n in names if re.fullmatch(keep_float_modules, n)}
         if not kept:
@@ -507,49 +519,90 @@ def _float_base_names(model: nn.Module, names: list[str], keep_float_modules: An
             out |= hit
     modules = dict(model.named_modules())
     if _loaded_in_4bit(model):
-        out |= {n for n in names if type(modules[n]) is nn.Linear and modules[n].weight.is_floating_point()}
+        out |= {n for n in names if (type(modules[n]) is nn.Linear or is_conv1d(modules[n]))
+                and modules[n].weight.is_floating_point()}
     packed = sorted(n for n in out if _is_bnb_4bit(modules[n]))
     if packed:  # was: "linear.weight must be float32/float16/bfloat16 to quantize", after replacing earlier targets
         raise ValueError(f"target modules {packed[:4]} are to keep a float base, but they are bitsandbytes 4-bit "
                          "layers (the model was loaded in 4 bits): their float weight is gone. Leave them out of "
                          "keep_float_modules, or load the model with BitsAndBytesConfig(llm_int8_skip_modules=[...]) "
                          "naming them, which keeps them float")
-    conv = sorted(n for n in out if is_conv1d(modules[n]))
-    if conv:
-        raise ValueError(f"target modules {conv[:4]} are to keep a float base, but they are transformers Conv1D "
-                         "layers ([in, out] weights), which a float-base QLoRALinear does not hold: leave them out of "
-                         "keep_float_modules (they are quantized then)")
     if out and init == "loftq":
         raise ValueError(f"init_lora_weights='loftq' fits LoRA to the 4-bit quantization error, but targets "
-                         f"{sorted(out)[:4]} keep a float base (transformers keeps them float, or keep_float_modules): "
-                         "leave them out (exclude_modules) or use init_lora_weights=True")
+                         f"{sorted(out)[:4]} keep a float base (transformers keeps them float: kept in float32, tied "
+                         "to another module, or left float on a 4-bit model; or keep_float_modules): leave them out "
+                         "(exclude_modules) or use init_lora_weights=True")
     return out
 
 
-def _check_not_tied(model: nn.Module, names: list[str], float_names: Iterable[str] = ()) -> None:
-    """Refuse a Linear whose weight is shared with another module (a head tied to the input embeddings,
-    ``tie_word_embeddings``): the 4-bit layer cannot share its weight with the float embedding, and transformers'
-    ``tie_weights()`` (run by ``resize_token_embeddings``, loading, ...) assigns the embedding back over the packed
-    weight, after which the layer fails (``'Parameter' object has no attribute 'quant_state'``). transformers' own
-    bitsandbytes loader never quantizes tied modules either. A float base (``float_names``) could share the weight,
-    but its merge cannot: ``merge_and_unload`` gives the layer its own ``W + s B A`` while the model still declares
-    the tie, which ``tie_weights()`` / ``from_pretrained`` restore, dropping the merge."""
+def _tied_targets(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
+    """``{target: the parameter it is tied to}`` for the targets whose weight is tied to another module's: the same
+    Parameter held by both (``lm_head.weight is model.embed_tokens.weight``), or a tie a transformers model declares
+    (``all_tied_weights_keys``, read as transformers' ``get_keys_to_not_convert`` reads it: keys and values), which
+    holds before ``tie_weights()`` has run too (a model built under accelerate's ``init_empty_weights`` is untied until
+    then)."""
     owners: dict[int, list[str]] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(pname)
+    declared: dict[str, str] = {}
+    done: list[str] = []
+    for prefix, m in model.named_modules():
+        pre = f"{prefix}." if prefix else ""
+        if any(pre.startswith(d) for d in done):  # inside a transformers model already read (with its submodels)
+            continue
+        ties = _declared_ties(m)
+        if ties is None:
+            continue
+        done.append(pre)
+        for k, v in ties.items():
+            if isinstance(k, str) and isinstance(v, str):
+                declared.setdefault(pre + k, pre + v)
+                declared.setdefault(pre + v, pre + k)
+    out = {}
     for n in names:
         w = getattr(model.get_submodule(n), "weight", None)
         others = [o for o in owners.get(id(w), []) if o != f"{n}.weight"]
         if others:
-            why = ("LoRA on a float base would share it, but merge_and_unload gives the layer its own merged weight, "
-                   "which tie_weights() / from_pretrained replace by the embedding, dropping the merge"
-                   if n in float_names else "a 4-bit layer cannot share it, and transformers' tie_weights() would "
-                   "later overwrite the packed weight")
-            raise ValueError(
-                f"target module {n!r} shares its weight with {others[0]!r} (tied weights, e.g. tie_word_embeddings): "
-                f"{why}. Leave it out (exclude_modules=[{n.rpartition('.')[2]!r}]), or untie it first: give it its "
-                "own weight (module.weight = nn.Parameter(module.weight.detach().clone())) and set "
-                "config.tie_word_embeddings = False")
+            out[n] = others[0]
+        elif f"{n}.weight" in declared:
+            out[n] = declared[f"{n}.weight"]
+    return out
+
+
+def _declared_ties(m: nn.Module) -> dict[str, str] | None:
+    """The ``{target: source}`` ties a transformers model declares under its current config, as ``tie_weights()``
+    recomputes them (``get_expanded_tied_weights_keys(all_submodels=True)``: a config changed to
+    ``tie_word_embeddings=False`` unties); ``all_tied_weights_keys`` (set at init) where that is missing. None: not a
+    transformers model."""
+    get = getattr(m, "get_expanded_tied_weights_keys", None)
+    if callable(get):
+        try:
+            ties = get(all_submodels=True)
+        except Exception:  # noqa: BLE001 - a transformers internal: any failure falls back to the attribute
+            ties = None
+        if isinstance(ties, dict):
+            return ties
+    ties = getattr(m, "all_tied_weights_keys", None)
+    return ties if isinstance(ties, dict) else None
+
+
+def _check_not_tied(model: nn.Module, names: list[str]) -> None:
+    """Refuse to quantize a Linear whose weight is shared with another module (a head tied to the input embeddings,
+    ``tie_word_embeddings``): a 4-bit weight cannot be shared with the float embedding, and transformers'
+    ``tie_weights()`` (run by ``from_pretrained``, ``resize_token_embeddings``, ...) would assign the embedding back
+    over the packed weight. transformers' bitsandbytes loader never quantizes tied weights either. (``apply_qlora``
+    gives such a target a float base that keeps sharing the weight, as peft does; this guards the paths that
+    quantize: ``quantize_checkpoint``.)"""
+    tied = _tied_targets(model, names)
+    if tied:
+        n, other = next(iter(tied.items()))
+        raise ValueError(
+            f"target module {n!r} shares its weight with {other!r} (tied weights, e.g. tie_word_embeddings): a 4-bit "
+            "weight cannot be shared with the float embedding, and transformers' tie_weights() would later overwrite "
+            "the packed weight (its bitsandbytes loader never quantizes tied weights). Leave it out "
+            f"(exclude_modules=[{n.rpartition('.')[2]!r}]): it stays float, and apply_qlora gives it LoRA on that "
+            "float weight, still tied; or untie it first: give it its own weight (module.weight = "
+            "nn.Parameter(module.weight.detach().clone())) and set config.tie_word_embeddings = False")
 
 
 def _check_not_read_by_parent(model: nn.Module, names: list[str]) -> None:
@@ -682,7 +735,10 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     activations around the layer. Not ``compute_dtype``: that only sets the precision of the layer's own matmul
     (its output is cast back to the input's dtype), and a bf16 ``nn.Linear`` in a float32 model fails on its
     float32 input. Nothing is requantized. A float-base layer (``quantized`` False) gives ``W + s B A`` in its weight's
-    dtype, as peft's merge of a plain ``nn.Linear``. The merged weight is frozen
+    dtype, as peft's merge of a plain ``nn.Linear``, written into its own weight Parameter as peft writes into its base
+    layer's: a weight tied to another module (a head tied to the input embeddings) stays tied, so that module (the
+    embeddings) changes too, exactly as in peft's merge_and_unload; a UserWarning says so, as peft warns. The merged
+    weight is frozen
     (as peft leaves a merged base weight). Each module to save (``ModulesToSaveWrapper``) is replaced by the module
     it runs: the active adapter's copy, or the original module when adapters are disabled or the active adapter has
     no copy (peft's ``unload``). A transformers model that was loaded in 4 bits by bitsandbytes loses its
@@ -690,19 +746,42 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     ``save_pretrained`` / ``from_pretrained`` round-trip the merged model. Returns ``model`` (modified in place).
     """
     _unwrap_modules_to_save(model)
-    for name, layer in _qlora_layers(model):
+    layers = _qlora_layers(model)
+    _warn_tied_merge(model, layers)
+    for name, layer in layers:
         _replace(model, name, _dense(layer))
     _drop_quantization_config(model)
     _mark_bnb_model_quantized(model)
     return model
 
 
+def _warn_tied_merge(model: nn.Module, layers: list[tuple[str, QLoRALinear]]) -> None:
+    """peft's ``_check_merge_allowed`` warning, for the float bases whose weight another module shares: merging
+    writes ``W + s B A`` into the shared Parameter, so that module (the input embeddings) changes too."""
+    merging = [n for n, m in layers if not m.quantized and m.active_adapter is not None and not m.disable_adapters]
+    tied = _tied_targets(model, merging)
+    if tied:
+        n, other = next(iter(tied.items()))
+        warnings.warn(
+            f"merging LoRA into {n!r}, whose weight is tied to {other!r} (tie_word_embeddings): the merged weight "
+            "W + s B A is written into the shared Parameter, so that module changes too and the tie stays (what peft's "
+            "merge_and_unload does). To merge into the head alone, untie it first: module.weight = "
+            "nn.Parameter(module.weight.detach().clone()) and config.tie_word_embeddings = False",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def _dense(layer: QLoRALinear) -> nn.Module:
     """The merged dense layer of ``layer`` (``merge_and_unload``): an ``nn.Linear`` (a ``Conv1D`` for one made from a
-    Conv1D) of ``float_dtype`` holding ``W + s B A``, its bias, its training mode."""
+    Conv1D) of ``float_dtype`` holding ``W + s B A``, its bias, its training mode. A float base's merged weight is
+    written into its own Parameter (peft merges into its base layer's weight in place), which the dense layer takes:
+    a tie to another module survives."""
     dtype = layer.float_dtype
     with torch.no_grad():
         W = _merged_weight(layer).to(dtype)
+    if not layer.quantized:
+        return _dense_float_base(layer, W)
     if getattr(layer, "is_target_conv_1d_layer", False):  # absent on a layer pickled by an older qkernels
         dense = _conv1d(W, layer.bias)
     else:
@@ -712,6 +791,30 @@ def _dense(layer: QLoRALinear) -> nn.Module:
         if layer.bias is not None:
             dense.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=layer.bias.requires_grad)
     dense.train(layer.training)  # a merged model in eval mode stays so
+    return dense
+
+
+def _dense_float_base(layer: QLoRALinear, W: torch.Tensor) -> nn.Module:
+    """``_dense`` of a float base: ``W`` (``[out, in]``, the weight's dtype) copied into the layer's weight Parameter
+    (``[in, out]`` for a Conv1D), which the new ``nn.Linear`` / ``Conv1D`` holds; the bias copied."""
+    w = layer.weight
+    conv = layer._weight_in_out
+    with torch.no_grad():
+        w.copy_(W.t() if conv else W)
+    w.requires_grad_(False)
+    with torch.device("meta"):  # no throwaway allocation and init
+        if conv:
+            from transformers.pytorch_utils import Conv1D  # the layer came from a Conv1D: transformers is installed
+
+            dense = Conv1D(layer.out_features, layer.in_features)
+        else:
+            dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    dense.weight = w
+    if layer.bias is not None:
+        dense.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=layer.bias.requires_grad)
+    elif conv:  # Conv1D always has a bias: zeros, as Conv1D initializes it
+        dense.bias = nn.Parameter(torch.zeros(layer.out_features, dtype=w.dtype, device=w.device), requires_grad=False)
+    dense.train(layer.training)
     return dense
 
 
@@ -777,7 +880,9 @@ def merge_into_4bit(model: nn.Module) -> dict[str, float]:
     """
     errors: dict[str, float] = {}
     _unwrap_modules_to_save(model)
-    for name, layer in _qlora_layers(model):
+    layers = _qlora_layers(model)
+    _warn_tied_merge(model, layers)
+    for name, layer in layers:
         if not layer.quantized:
             _replace(model, name, _dense(layer))
             continue

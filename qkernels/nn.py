@@ -219,7 +219,8 @@ _NO_QUANT_STATE = (
     "QLoRALinear.weight is a {} without a quant_state: the packed 4-bit weight was replaced. torch.export is not "
     "supported (it swaps parameters for plain fake tensors): export qkernels.merge_and_unload(copy.deepcopy(model)), "
     "or use torch.compile. A float weight assigned over it (e.g. transformers' tie_weights() on a head tied to the "
-    "embeddings, which apply_qlora refuses) must be re-quantized with QLoRALinear.from_linear"
+    "embeddings: apply_qlora keeps a tied head float, so this is a layer quantized by hand) must be re-quantized with "
+    "QLoRALinear.from_linear, or the head kept float (QLoRALinear.from_linear(head, quantize=False) keeps the tie)"
 )
 
 
@@ -263,8 +264,11 @@ class QLoRALinear(nn.Module):
     ``load_state_dict(sd, assign=True)``); ``merge_and_unload`` produces it.
     ``is_target_conv_1d_layer`` (peft's name): the layer was built from a transformers ``Conv1D`` (``from_linear``; or
     ``from_bnb`` of a ``Linear4bit`` whose ``source_cls``, set by transformers' bitsandbytes loader, is ``Conv1D``),
-    so ``merge_and_unload`` gives back a ``Conv1D`` (weight ``[in, out]``) that the model's checkpoints expect. The
-    stored weight and the LoRA shapes are the same either way (``[out, in]``, ``A [r, in]``, ``B [out, r]``).
+    so ``merge_and_unload`` gives back a ``Conv1D`` (weight ``[in, out]``) that the model's checkpoints expect. A
+    4-bit layer stores the weight ``[out, in]`` either way (as transformers' bitsandbytes loader does); a float base
+    made from a Conv1D holds the Conv1D's own ``[in, out]`` Parameter (state-dict key ``weight`` as in GPT-2's
+    checkpoints, forward ``addmm(bias, x, W)`` as ``Conv1D``'s: peft's LoRA on a Conv1D, bit for bit). The LoRA
+    shapes are the same in all cases (``A [r, in]``, ``B [out, r]``).
 
     Big models: a layer built on the meta device (``device="meta"``; under ``torch.device("meta")`` or accelerate's
     ``init_empty_weights``; ``from_linear`` / ``apply_qlora`` of a meta ``nn.Linear``) computes nothing: its weight,
@@ -308,6 +312,7 @@ class QLoRALinear(nn.Module):
         quantize: bool = True,
         _float_weight: torch.Tensor | None = None,
         _packed: tuple[torch.Tensor, QuantState] | None = None,
+        _conv1d: bool = False,
     ):
         super().__init__()
         compute_dtype, quant_storage = as_dtype(compute_dtype), as_dtype(quant_storage)  # "bfloat16" as in BnB's config
@@ -342,7 +347,9 @@ class QLoRALinear(nn.Module):
         self.active_adapter: str | None = None
         self.disable_adapters = False
         self.merged = False  # peft's flag; a QLoRALinear never merges in place (see qkernels.merge_into_4bit)
-        self.is_target_conv_1d_layer = False  # set by from_linear for a transformers Conv1D (GPT-2 family)
+        # a transformers Conv1D (GPT-2 family; set by from_linear): merges back to one, and a float base keeps its
+        # weight [in, out]
+        self.is_target_conv_1d_layer = _conv1d
 
         # A probe registered where the weight will be: on meta under torch.device("meta") / set_default_device, with
         # device="meta", and under accelerate's init_empty_weights (which moves each parameter to meta as it is
@@ -353,13 +360,17 @@ class QLoRALinear(nn.Module):
         if on_meta and init_lora_weights == "loftq":
             raise ValueError("init_lora_weights='loftq' needs the float weight, which a layer on the meta device does "
                              "not have: build the model on a real device for LoftQ, or load trained LoRA weights")
-        if _float_weight is not None and tuple(_float_weight.shape) != (out_features, in_features):
-            raise ValueError(f"weight has shape {tuple(_float_weight.shape)}, expected ({out_features}, "
-                             f"{in_features}) = (out_features, in_features)")
+        in_out = _conv1d and not quantize  # a Conv1D float base holds the Conv1D's own [in, out] weight
+        want = (in_features, out_features) if in_out else (out_features, in_features)
+        if _float_weight is not None and tuple(_float_weight.shape) != want:
+            raise ValueError(f"weight has shape {tuple(_float_weight.shape)}, expected {want} = "
+                             f"{'(in_features, out_features): a Conv1D' if in_out else '(out_features, in_features)'}")
         if _float_weight is None and _packed is None:  # nn.Linear's initialization (none on meta: no values to draw)
             _float_weight = torch.empty(out_features, in_features, device=device, dtype=dtype or torch.float32)
             if not _float_weight.is_meta:
                 nn.init.kaiming_uniform_(_float_weight, a=math.sqrt(5))
+            if in_out:
+                _float_weight = _float_weight.t().contiguous()
         float_weight = None
         if not quantize:  # a float base (peft's lora.Linear on a plain nn.Linear): nothing is quantized
             if _packed is not None:
@@ -401,6 +412,19 @@ class QLoRALinear(nn.Module):
                           original_weight=float_weight, loftq_iter=loftq_iter)
         self._track_meta()
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """``nn.Module``'s, plus: a real tensor assigned as a float base's ``weight`` holds values. transformers'
+        ``tie_weights()`` assigns the input embedding's Parameter to a tied head this way, also to a meta layer that
+        no checkpoint gave a weight (a tied head's weight is saved once, under the embedding): the weight counts as
+        loaded then, ``float_dtype`` is its dtype, and LoRA weights that hold no value are initialized on its device
+        (as a checkpoint load without them does)."""
+        super().__setattr__(name, value)
+        if (name == "weight" and not getattr(self, "quantized", True) and isinstance(value, torch.Tensor)
+                and not value.is_meta and "weight" in self._unloaded and not self.__dict__.get("_loading")):
+            self._unloaded = self._unloaded - {"weight"}
+            self.float_dtype = value.dtype
+            self._init_unloaded_lora(value.device)
+
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_linear(cls, linear: nn.Module, **qlora_kwargs: Any) -> QLoRALinear:
@@ -414,7 +438,9 @@ class QLoRALinear(nn.Module):
 
         ``quantize=False`` keeps the weight in float instead (a float base, see ``QLoRALinear``): the layer holds the
         linear's own weight Parameter (frozen; converted only when ``dtype`` differs), as peft's ``lora.Linear`` holds
-        its base layer. An ``nn.Linear`` only: a ``Conv1D``'s ``[in, out]`` weight has no float-base layout here.
+        its base layer, so a weight tied to another module (a head tied to the input embeddings) stays shared. A
+        ``Conv1D``'s Parameter is held as it is, ``[in, out]``, and the forward is ``Conv1D``'s
+        (``addmm(bias, x, W)``), as peft's LoRA on a Conv1D (``fan_in_fan_out``).
 
         Returns:
             A new ``QLoRALinear`` on the linear's device, in training mode as any new module (``apply_qlora``
@@ -433,7 +459,7 @@ class QLoRALinear(nn.Module):
             in_features, out_features = linear.in_features, linear.out_features
         else:
             raise TypeError(f"from_linear expects an nn.Linear (or transformers Conv1D), got {type(linear).__name__}")
-        for k in ("device", "_float_weight", "_packed"):
+        for k in ("device", "_float_weight", "_packed", "_conv1d"):
             if k in qlora_kwargs:
                 raise ValueError(f"from_linear takes {k!r} from the linear; do not pass it")
         if w.dtype not in FLOAT_DTYPES:
@@ -441,16 +467,12 @@ class QLoRALinear(nn.Module):
                              "Linear4bit is wrapped as it is by QLoRALinear.from_bnb)")
         qlora_kwargs.setdefault("dtype", w.dtype)
         if qlora_kwargs.get("quantize", True) is False:
-            if is_conv1d(linear):
-                raise ValueError("quantize=False (a float base) takes an nn.Linear; a transformers Conv1D stores its "
-                                 "weight [in, out], which a float-base QLoRALinear does not: quantize it (the default)")
-            w = linear.weight  # the Parameter itself: no copy, and a tie to another module survives
+            w = linear.weight  # the Parameter itself ([in, out] for a Conv1D): no copy, and a tie survives
         layer = cls(in_features, out_features, bias=linear.bias is not None, device=w.device,
-                    _float_weight=w, **qlora_kwargs)
+                    _float_weight=w, _conv1d=is_conv1d(linear), **qlora_kwargs)
         if linear.bias is not None:
             bias = linear.bias.detach().to(qlora_kwargs["dtype"], copy=True)
             layer.bias = nn.Parameter(bias, requires_grad=linear.bias.requires_grad)
-        layer.is_target_conv_1d_layer = is_conv1d(linear)
         return layer
 
     @classmethod
@@ -679,8 +701,14 @@ class QLoRALinear(nn.Module):
         nn.Linear's: ``F.linear(x, W, bias)`` (``x`` must have the weight's dtype, as for nn.Linear: T5 casts its
         input to ``wo.weight.dtype`` itself; under autocast, the autocast dtype), then ``lora_B(lora_A(dropout(x)))``
         with ``x`` in the LoRA weights' dtype, added and cast to the base result's dtype. ``compute_dtype`` does not
-        apply."""
-        y = torch.nn.functional.linear(x, self.weight, self.bias)
+        apply. A Conv1D float base runs ``Conv1D.forward`` (``addmm(bias, x, W)``, W ``[in, out]``), as peft's
+        base layer does there."""
+        if self._weight_in_out:
+            x2 = x.reshape(-1, x.shape[-1])
+            y2 = x2 @ self.weight if self.bias is None else torch.addmm(self.bias, x2, self.weight)
+            y = y2.view(*x.shape[:-1], self.out_features)
+        else:
+            y = torch.nn.functional.linear(x, self.weight, self.bias)
         if name is None:
             return y
         xl = x if x.dtype == A.dtype else x.to(A.dtype)
@@ -692,8 +720,14 @@ class QLoRALinear(nn.Module):
         if self._unloaded:
             self._raise_unloaded()
         if not self.quantized:
-            return self.weight.detach().to(dtype, copy=True)
+            w = self.weight.detach()
+            return (w.t() if self._weight_in_out else w).to(dtype, copy=True).contiguous()
         return dequantize_4bit(self.weight.data, self.weight.quant_state, dtype)
+
+    @property
+    def _weight_in_out(self) -> bool:
+        """A float base made from a Conv1D: ``weight`` is the Conv1D's own ``[in_features, out_features]``."""
+        return not self.quantized and getattr(self, "is_target_conv_1d_layer", False)
 
     def lora_delta(self, adapter_name: str | None = None) -> torch.Tensor:
         """Returns ``scaling * B @ A`` of ``adapter_name`` (default: the active adapter), float32 ``[out, in]``.
@@ -889,8 +923,12 @@ class QLoRALinear(nn.Module):
         for k in [wkey, *qkeys] if self.quantized else []:
             state_dict.pop(k, None)
         n_missing = len(missing_keys)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        self.__dict__["_loading"] = True  # a float base's weight assigned here is accounted for below
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
+        finally:
+            del self.__dict__["_loading"]
         # the weight is not missing when present (even if a partial LoRA set kept it from loading) or pending; the
         # keys a pending weight lacks are
         if had_weight or waiting:
@@ -1003,7 +1041,10 @@ class QLoRALinear(nn.Module):
         if not isinstance(w, torch.Tensor) or not w.is_floating_point():
             what = w.dtype if isinstance(w, torch.Tensor) else type(w).__name__
             raise ValueError(f"{wkey!r} must be a float tensor (this layer's base weight is float), got {what}")
-        if tuple(w.shape) != (self.out_features, self.in_features):
+        if self._weight_in_out and tuple(w.shape) != (self.in_features, self.out_features):
+            raise ValueError(f"size mismatch for {wkey!r}: checkpoint has {tuple(w.shape)}, this layer (a Conv1D's "
+                             f"float base) has (in_features, out_features) = ({self.in_features}, {self.out_features})")
+        if not self._weight_in_out and tuple(w.shape) != (self.out_features, self.in_features):
             raise ValueError(f"size mismatch for {wkey!r}: checkpoint has {tuple(w.shape)}, this layer has "
                              f"(out_features, in_features) = ({self.out_features}, {self.in_features})")
 

@@ -94,7 +94,7 @@ def test_layer_is_peft_lora_linear_on_a_plain_linear(dtype):
 
 def test_layer_moves_loads_and_refuses_like_a_linear():
     """``.half()`` converts the float weight (as nn.Linear's; ``float_dtype`` follows), a meta layer loads its float
-    weight with ``assign=True``, and a 4-bit checkpoint, a wrong shape, a Conv1D or LoftQ are refused by name."""
+    weight with ``assign=True``, and a 4-bit checkpoint, a wrong shape or LoftQ are refused by name."""
     torch.manual_seed(0)
     layer = QLoRALinear.from_linear(nn.Linear(64, 32), quantize=False, r=4)
     randomize(nn.Sequential(layer), "default", seed=3)
@@ -113,10 +113,6 @@ def test_layer_moves_loads_and_refuses_like_a_linear():
     with pytest.raises(ValueError, match=r"size mismatch for 'weight'"):
         layer.load_state_dict({**sd, "weight": torch.zeros(32, 63)})
     assert torch.equal(layer.state_dict()["weight"], sd["weight"])
-    from transformers.pytorch_utils import Conv1D
-
-    with pytest.raises(ValueError, match=r"quantize=False .*Conv1D"):
-        QLoRALinear.from_linear(Conv1D(32, 64), quantize=False)
     with pytest.raises(ValueError, match=r"loftq.*quantize=False"):
         QLoRALinear.from_linear(nn.Linear(64, 32), quantize=False, init_lora_weights="loftq")
     with pytest.raises(ValueError, match=r"quantize must be a bool"):
@@ -267,13 +263,126 @@ def test_keep_float_modules_opts_targets_out_of_quantization():
         assert not any(isinstance(m, QLoRALinear) for m in fresh.modules())
 
 
-def test_keep_float_modules_refuses_a_conv1d():
+class _ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.c = Conv1D(48, 64)  # GPT-2's layout: y = x @ W + b, W [in=64, out=48]
+        nn.init.normal_(self.c.bias, std=0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_conv1d_float_base_is_peft_lora_on_that_conv1d(dtype):
+    """Bug: a Conv1D could not be a float base (refused, or quantized by apply_qlora). peft wraps a float Conv1D in
+    lora.Linear (fan_in_fan_out): a float-base QLoRALinear holds the Conv1D's own [in, out] Parameter and runs
+    Conv1D's addmm, so forward, gradients, state dict and merge are peft's bit for bit; a meta layer loads GPT-2's
+    [in, out] weight; a transposed one is refused by name."""
+    torch.manual_seed(0)
+    net = _ConvNet().to(dtype)
+    with pytest.warns(UserWarning, match="fan_in_fan_out"):
+        theirs = peft.get_peft_model(copy.deepcopy(net), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c"]))
+    randomize(theirs, "default", seed=1)
+    lora = theirs.base_model.model.c
+    conv = copy.deepcopy(net.c)
+    ours = QLoRALinear.from_linear(conv, quantize=False, r=4, lora_alpha=8)
+    for which in ("lora_A", "lora_B"):
+        ours.set_lora_weight("default", which, getattr(lora, which)["default"].weight)
+    assert ours.weight is conv.weight and ours.weight.shape == (64, 48) and ours.is_target_conv_1d_layer
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(2)).to(dtype)
+    y_ours, y_theirs = ours(x), theirs(x)
+    assert y_ours.dtype == dtype and torch.equal(y_ours, y_theirs)
+    y_ours.square().sum().backward()
+    y_theirs.square().sum().backward()
+    for which in ("lora_A", "lora_B"):
+        assert torch.equal(getattr(ours, which)["default"].weight.grad, getattr(lora, which)["default"].weight.grad)
+    sd = {k: v.clone() for k, v in ours.state_dict().items()}
+    assert sd["weight"].shape == (64, 48) and torch.equal(sd["weight"], net.c.weight)
+    assert torch.equal(ours.dequantized_weight(torch.float32), net.c.weight.float().t())
+    meta = QLoRALinear(64, 48, quantize=False, r=4, lora_alpha=8, device="meta", _conv1d=True)
+    meta.load_state_dict(sd, assign=True)
+    assert not meta._unloaded and torch.equal(meta(x), y_ours)
+    with pytest.raises(ValueError, match=r"size mismatch for 'weight'.*Conv1D's float base.*\(64, 48\)"):
+        ours.load_state_dict({**sd, "weight": sd["weight"].t()})
+    merged = merge_and_unload(nn.Sequential(ours))[0]
+    assert type(merged).__name__ == "Conv1D" and merged.weight.shape == (64, 48)
+    assert torch.equal(merged.weight, theirs.merge_and_unload().c.weight)
+    assert torch.equal(merged.bias, net.c.bias)
+
+
+def _gpt2_4bit(d, skip: list[str]) -> nn.Module:
     from .test_model import tiny_gpt2
 
-    model = tiny_gpt2()
-    with pytest.raises(ValueError, match=r"Conv1D.*keep_float_modules"):
-        apply_qlora(model, ["c_fc"], r=4, keep_float_modules=["c_fc"])
-    assert not any(isinstance(m, QLoRALinear) for m in model.modules())
+    return _load_4bit(transformers.GPT2LMHeadModel, tiny_gpt2, d, llm_int8_skip_modules=skip)
+
+
+def test_a_conv1d_that_bitsandbytes_left_float_keeps_a_float_base_as_peft(tmp_path):
+    """Bug: on a GPT-2 loaded in 4 bits, a Conv1D that bitsandbytes left float (``llm_int8_skip_modules``) was quantized
+    by apply_qlora, while peft gives it LoRA as it is (fan_in_fan_out). Now it keeps its float [in, out] weight: the
+    layer's outputs are peft's bit for bit, the model's match peft's, the adapter files are interchangeable
+    (fan_in_fan_out true), and merge_and_unload gives back the Conv1D with peft's merged weight."""
+    from .test_model import tiny_gpt2
+
+    load = functools.partial(_gpt2_4bit, tmp_path / "gpt2", ["c_fc", "lm_head"])
+    targets = ["c_attn", "c_proj", "c_fc"]
+    with pytest.warns(UserWarning, match="fan_in_fan_out"):
+        theirs = peft.get_peft_model(load(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    randomize(theirs, "default", seed=6)
+    theirs.save_pretrained(str(tmp_path / "ad"))
+    base = load()
+    fc = base.transformer.h[0].mlp.c_fc
+    assert type(fc).__name__ == "Conv1D" and fc.weight.shape == (64, 256)
+    w = fc.weight
+    ours = apply_qlora(base, targets, r=4, lora_alpha=8)
+    layer = ours.transformer.h[0].mlp.c_fc
+    assert isinstance(layer, QLoRALinear) and not layer.quantized and layer.weight is w
+    assert ours.transformer.h[0].attn.c_attn.quantized
+    adapters.load_adapter(ours, tmp_path / "ad", replace=True)
+    h = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(layer(h), theirs.base_model.model.transformer.h[0].mlp.c_fc(h))
+    ids = torch.randint(3, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+    ref = reference64(ours, tmp_path / "ad", tiny_gpt2)
+
+    def logits(m, dtype):
+        e = m.get_input_embeddings()(ids).to(dtype).detach().requires_grad_(True)
+        with torch.enable_grad():
+            return m(inputs_embeds=e).logits.detach()
+
+    assert_matches(logits(ours, torch.float32), logits(theirs, torch.float32), logits(ref, torch.float64))
+    adapters.save_adapter(ours, tmp_path / "again")
+    want, got = (load_file(str(d / "adapter_model.safetensors")) for d in (tmp_path / "ad", tmp_path / "again"))
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    cfg = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    assert cfg["fan_in_fan_out"] is True
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    again = peft.PeftModel.from_pretrained(load(), str(tmp_path / "again"))
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, theirs(input_ids=ids).logits)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's merge of the Linear4bit layers warns about rounding
+        peft_fc = theirs.merge_and_unload().transformer.h[0].mlp.c_fc
+    merged = merge_and_unload(ours).transformer.h[0].mlp.c_fc
+    assert type(merged).__name__ == "Conv1D" and merged.weight is w
+    assert torch.equal(merged.weight, peft_fc.weight) and torch.equal(merged.bias, peft_fc.bias)
+
+
+def test_keep_float_modules_keeps_a_conv1d_float():
+    """keep_float_modules on GPT-2's Conv1D (was refused): a float base holding the Conv1D's weight, exactly the
+    Conv1D's output while B = 0; the other targets quantized."""
+    from .test_model import tiny_gpt2
+
+    model, dense = tiny_gpt2(), tiny_gpt2()
+    w = model.transformer.h[1].mlp.c_fc.weight
+    apply_qlora(model, ["c_attn", "c_fc"], r=4, keep_float_modules=["c_fc"])
+    fc = model.transformer.h[1].mlp.c_fc
+    assert not fc.quantized and fc.weight is w and model.transformer.h[1].attn.c_attn.quantized
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(fc(x), dense.transformer.h[1].mlp.c_fc(x))
 
 
 def test_trainable_parameters_count_a_float_base_as_peft():
@@ -331,20 +440,225 @@ def test_peft_saved_base_weight_loads_into_a_float_base_and_is_refused_by_a_4bit
     assert adapters.adapter_names(quantized) == ["default"]
 
 
-def test_a_tied_head_is_refused_with_the_float_base_reason():
-    """A float-base lm_head tied to the embeddings could share the weight, but its merge could not (tie_weights()
-    puts the embedding back): refused as a 4-bit one is, with the reason that holds for it."""
+def tied_llama(seed: int = 0) -> transformers.LlamaForCausalLM:
+    """``tiny_llama`` with ``tie_word_embeddings=True`` (Gemma, Qwen2-0.5B, small Llamas): lm_head holds the input
+    embedding's Parameter."""
     from .test_training import _config
 
     cfg = _config()
     cfg.tie_word_embeddings = True
-    model = transformers.LlamaForCausalLM(cfg)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+TIED_TARGETS = [*LLAMA_TARGETS, "lm_head"]
+
+
+def _peft_tied(model: nn.Module, seed: int = 6) -> nn.Module:
+    """peft 0.21's LoRA on ``model`` with lm_head targeted: it warns (tuners_utils ``_check_tied_modules``) and wraps
+    the float head as it is, still tied."""
+    with pytest.warns(UserWarning, match="tie_word_embeddings=True"):
+        theirs = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TIED_TARGETS))
+    randomize(theirs, "default", seed=seed)
+    return theirs
+
+
+def test_a_tied_head_gets_lora_on_the_shared_float_weight_as_peft(tmp_path):
+    """Bug: a head tied to the input embeddings was refused. transformers' bitsandbytes loader never quantizes a tied
+    weight and peft wraps the float head, still tied: apply_qlora now keeps it float and SHARED (the same Parameter:
+    no copy, the embedding reads the same tensor, the tie survives tie_weights()), trains LoRA on it, counts as peft,
+    and gives peft's outputs on the same 4-bit model."""
+    model = tied_llama()
+    emb = model.model.embed_tokens.weight
+    apply_qlora(model, TIED_TARGETS, r=4, lora_alpha=8)
+    head = model.lm_head
+    assert isinstance(head, QLoRALinear) and not head.quantized and head.weight is emb
+    assert model.model.layers[0].mlp.up_proj.quantized
+    assert sum(p.numel() for p in model.parameters() if p.dim() == 2 and p.shape[0] == 96) == emb.numel() + 4 * 96
+    model.tie_weights()
+    assert model.lm_head.weight is emb and model.get_input_embeddings().weight is emb
+    ids = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(1))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    before = emb.detach().clone()
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert torch.equal(emb, before) and head.lora_B["default"].weight.abs().sum() > 0
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    with pytest.raises(ValueError, match=r"'lm_head' shares its weight.*float base.*dropping the merge.*exclude"):
-        apply_qlora(model, [*LLAMA_TARGETS, "lm_head"], r=4, keep_float_modules=["lm_head"])
-    with pytest.raises(ValueError, match=r"'lm_head' shares its weight.*4-bit layer cannot share it"):
-        apply_qlora(model, [*LLAMA_TARGETS, "lm_head"], r=4)
+
+    load = functools.partial(_load_4bit, transformers.LlamaForCausalLM, tied_llama, tmp_path / "tied")
+    base = load()
+    assert base.lm_head.weight is base.model.embed_tokens.weight and type(base.lm_head) is nn.Linear
+    theirs = _peft_tied(base)
+    theirs.save_pretrained(str(tmp_path / "ad"))
+    ours = load()
+    emb = ours.model.embed_tokens.weight
+    apply_qlora(ours, TIED_TARGETS, r=4, lora_alpha=8)
+    assert ours.lm_head.weight is emb and not ours.lm_head.quantized
+    assert qkernels.trainable_parameters(ours) == theirs.get_nb_trainable_parameters()
+    adapters.load_adapter(ours, tmp_path / "ad", replace=True)
+    ref = reference64(ours, tmp_path / "ad", tied_llama)
+
+    def logits(m, dtype):
+        e = m.get_input_embeddings()(ids).to(dtype).detach().requires_grad_(True)
+        with torch.enable_grad():
+            return m(inputs_embeds=e).logits.detach()
+
+    assert_matches(logits(ours, torch.float32), logits(theirs, torch.float32), logits(ref, torch.float64))
+    with torch.no_grad():  # the embedding output reads the shared tensor
+        assert torch.equal(ours.get_input_embeddings()(ids), theirs.get_input_embeddings()(ids))
+
+
+def test_gemma_tied_head_gives_peft_outputs_and_files(tmp_path):
+    """Gemma ties its head by default (and scales the embedding output by sqrt(hidden), reading the same weight):
+    LoRA on the tied head of a Gemma loaded in 4 bits gives peft's logits, and the adapter files are interchangeable."""
+    load = functools.partial(_load_4bit, transformers.GemmaForCausalLM, functools.partial(tiny_model, "gemma"),
+                             tmp_path / "gemma")
+    targets = TIED_TARGETS
+    base = load()
+    assert base.config.tie_word_embeddings and base.lm_head.weight is base.model.embed_tokens.weight
+    with pytest.warns(UserWarning, match="tie_word_embeddings=True"):
+        theirs = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    randomize(theirs, "default", seed=2)
+    theirs.save_pretrained(str(tmp_path / "ad"))
+    ours = apply_qlora(load(), targets, r=4, lora_alpha=8)
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight and not ours.lm_head.quantized
+    adapters.load_adapter(ours, tmp_path / "ad", replace=True)
+    ref = reference64(ours, tmp_path / "ad", functools.partial(tiny_model, "gemma"))
+    ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+
+    def logits(m, dtype):
+        e = m.get_input_embeddings()(ids).to(dtype).detach().requires_grad_(True)
+        with torch.enable_grad():
+            return m(inputs_embeds=e).logits.detach()
+
+    assert_matches(logits(ours, torch.float32), logits(theirs, torch.float32), logits(ref, torch.float64))
+    adapters.save_adapter(ours, tmp_path / "again")
+    want, got = (load_file(str(d / "adapter_model.safetensors")) for d in (tmp_path / "ad", tmp_path / "again"))
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.warns(UserWarning, match="tie_word_embeddings=True"):
+        again = peft.PeftModel.from_pretrained(load(), str(tmp_path / "again"))
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, theirs(input_ids=ids).logits)
+
+
+def test_a_tied_head_saves_and_loads_what_peft_saves_and_loads(tmp_path):
+    """peft's save_embedding_layers="auto" writes lm_head's base weight (the shared embedding) beside its LoRA when
+    lm_head is targeted: save_adapter writes the same keys and tensors, peft loads our file with identical outputs, and
+    load_adapter copies that weight into the shared Parameter (the embeddings change too, as in peft)."""
+    load = functools.partial(_load_4bit, transformers.LlamaForCausalLM, tied_llama, tmp_path / "tied")
+    theirs = _peft_tied(load())
+    theirs.save_pretrained(str(tmp_path / "ad"))
+    ours = apply_qlora(load(), TIED_TARGETS, r=4, lora_alpha=8)
+    adapters.load_adapter(ours, tmp_path / "ad", replace=True)
+    adapters.save_adapter(ours, tmp_path / "again")
+    want, got = (load_file(str(d / "adapter_model.safetensors")) for d in (tmp_path / "ad", tmp_path / "again"))
+    assert "base_model.model.lm_head.base_layer.weight" in want
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    cfg = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    assert sorted(cfg["target_modules"]) == sorted(TIED_TARGETS) and cfg["ensure_weight_tying"] is False
+    with pytest.warns(UserWarning, match="tie_word_embeddings=True"):
+        again = peft.PeftModel.from_pretrained(load(), str(tmp_path / "again"))
+    ids = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, theirs(input_ids=ids).logits)
+    # a file whose head weight differs (trained or resized with the adapter): both write it into the shared weight
+    sd = load_file(str(tmp_path / "ad" / "adapter_model.safetensors"))
+    sd["base_model.model.lm_head.base_layer.weight"] = sd["base_model.model.lm_head.base_layer.weight"] * 1.5
+    from safetensors.torch import save_file
+
+    (tmp_path / "scaled").mkdir()
+    save_file(sd, str(tmp_path / "scaled" / "adapter_model.safetensors"))
+    (tmp_path / "scaled" / "adapter_config.json").write_text((tmp_path / "ad" / "adapter_config.json").read_text())
+    with pytest.warns(UserWarning, match="tie_word_embeddings=True"):
+        peft_scaled = peft.PeftModel.from_pretrained(load(), str(tmp_path / "scaled"))
+    adapters.load_adapter(ours, tmp_path / "scaled", replace=True)
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    assert torch.equal(ours.model.embed_tokens.weight, peft_scaled.get_input_embeddings().weight)
+
+
+def test_merging_a_tied_head_changes_the_embeddings_too_as_peft(tmp_path):
+    """peft's merge_and_unload writes W + s B A into the tied head's weight in place (lora.Linear.merge), so the input
+    embeddings change too and stay tied; it warns (``_check_merge_allowed``). merge_and_unload and merge_into_4bit do
+    the same, bit for bit on the float weight, with a warning that names the tie and how to untie first."""
+    theirs = _peft_tied(tied_llama())
+    theirs.save_pretrained(str(tmp_path / "ad"))
+    ours = apply_qlora(tied_llama(), TIED_TARGETS, r=4, lora_alpha=8)
+    adapters.load_adapter(ours, tmp_path / "ad", replace=True)
+    ids = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want_logits = ours(input_ids=ids).logits
+    with pytest.warns(UserWarning, match="tie_word_embeddings"):
+        peft_merged = theirs.merge_and_unload()
+    with pytest.warns(UserWarning, match=r"merging LoRA into 'lm_head', whose weight is tied to "
+                                         r"'model\.embed_tokens\.weight'.*changes too.*untie it first"):
+        merged = merge_and_unload(copy.deepcopy(ours))
+    assert type(merged.lm_head) is nn.Linear and merged.lm_head.weight is merged.model.embed_tokens.weight
+    assert torch.equal(merged.lm_head.weight, peft_merged.lm_head.weight)
+    assert torch.equal(merged.model.embed_tokens.weight, peft_merged.model.embed_tokens.weight)
+    assert merged.config.tie_word_embeddings and not merged.lm_head.weight.requires_grad
+    with torch.no_grad():  # the embeddings now hold W + s B A as well: the merged model is not the adapted one
+        assert not torch.allclose(merged(input_ids=ids).logits, want_logits, atol=1e-3)
+    with pytest.warns(UserWarning, match="whose weight is tied"):
+        errors = merge_into_4bit(ours)
+    assert "lm_head" not in errors and ours.lm_head.weight is ours.model.embed_tokens.weight
+    assert torch.equal(ours.lm_head.weight, peft_merged.lm_head.weight)
+
+
+def test_a_meta_tied_model_keeps_the_head_float_and_tie_weights_loads_it(tmp_path):
+    """A tied model built under accelerate's init_empty_weights is untied until tie_weights() (accelerate re-registers
+    each parameter), yet declares the tie (``all_tied_weights_keys``): apply_qlora keeps the head float there too. Its
+    4-bit checkpoint holds the shared weight once, under the embedding; tie_weights() then gives the head that
+    Parameter, and the layer counts as loaded (it raised 'never loaded'), its LoRA initialized: the logits of the model
+    loaded in 4 bits."""
+    accelerate = pytest.importorskip("accelerate", reason="init_empty_weights is accelerate's")
+    bnb_model = _load_4bit(transformers.LlamaForCausalLM, tied_llama, tmp_path / "tied")
+    sd = {k: v for k, v in bnb_model.state_dict().items() if k != "lm_head.weight"}  # what save_pretrained writes
+    with accelerate.init_empty_weights():
+        meta = transformers.LlamaForCausalLM(bnb_model.config)
+    assert meta.lm_head.weight is not meta.model.embed_tokens.weight
+    apply_qlora(meta, TIED_TARGETS, r=4)
+    assert not meta.lm_head.quantized and meta.model.layers[0].self_attn.q_proj.quantized
+    missing = meta.load_state_dict(sd, assign=True, strict=False).missing_keys
+    assert [k for k in missing if ".lora_" not in k] == ["lm_head.weight"]
+    meta.tie_weights()
+    assert meta.lm_head.weight is meta.model.embed_tokens.weight and not meta.lm_head._unloaded
+    ours = apply_qlora(bnb_model, TIED_TARGETS, r=4)
+    ids = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # B = 0: the LoRA terms vanish, the bases are the same bytes and the same float weight
+        assert torch.equal(meta.eval()(input_ids=ids).logits, ours(input_ids=ids).logits)
+
+
+def test_peft_ensure_weight_tying_adapter_is_refused_naming_the_option(tmp_path):
+    """peft's ensure_weight_tying=True moves a tied lm_head's LoRA onto the input embedding (lora.Embedding, keys
+    lora_embedding_A/B) and ties the head's to it: qkernels has no LoRA on an embedding, so load_adapter refuses it,
+    naming the option and the default that loads; nothing is loaded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(tied_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"],
+                                                                   ensure_weight_tying=True))
+    assert type(theirs.base_model.model.model.embed_tokens).__name__ == "Embedding"  # peft's lora.Embedding
+    theirs.save_pretrained(str(tmp_path / "ad"))
+    ours = apply_qlora(tied_llama(), ["q_proj", "lm_head"], r=4)
+    with pytest.raises(ValueError, match=r"embed_tokens\.lora_embedding_A.*ensure_weight_tying=True.*"
+                                         r"ensure_weight_tying=False"):
+        adapters.load_adapter(ours, tmp_path / "ad", adapter_name="tied")
+    assert adapters.adapter_names(ours) == ["default"]
+
+
+def test_quantizing_a_tied_head_stays_refused_and_loftq_names_the_tie(tmp_path):
+    """A 4-bit weight cannot be shared with the float embedding (tie_weights() would overwrite it): quantize_checkpoint
+    refuses a tied target, naming the tie and the fixes; LoftQ (which needs a 4-bit base) names the float targets."""
+    model = tied_llama()
+    with pytest.raises(ValueError, match=r"'lm_head'.*keep a float base.*tied to another module"):
+        apply_qlora(model, TIED_TARGETS, r=4, init_lora_weights="loftq")
     assert not any(isinstance(m, QLoRALinear) for m in model.modules())
+    model.save_pretrained(tmp_path / "tied")
+    with pytest.raises(ValueError, match=r"'lm_head' shares its weight with 'model\.embed_tokens\.weight'.*4-bit "
+                                         r"weight cannot be shared.*exclude_modules=\['lm_head'\]"):
+        qkernels.quantize_checkpoint(tmp_path / "tied", tmp_path / "q4", TIED_TARGETS, model=tied_llama())
 
 
 def test_float_base_under_autocast_returns_what_peft_and_nn_linear_return():

@@ -244,24 +244,27 @@ def test_apply_qlora_on_a_model_in_eval_mode_keeps_it_in_eval_mode():
     assert all(m.training for m in trained.modules())
 
 
-def test_a_head_tied_to_the_embeddings_is_refused_before_any_change():
-    """Bug: targeting GPT-2's lm_head (tied to wte) quantized it; transformers' tie_weights() then put the float
+def test_a_head_tied_to_the_embeddings_stays_float_and_tied_through_generate():
+    """Bug (first): targeting GPT-2's lm_head (tied to wte) quantized it; transformers' tie_weights() then put the float
     embedding back over the packed weight and the next generate failed ('Parameter' object has no attribute
-    'quant_state'). Now refused up front, naming the module it is tied to and both fixes; an untied head works."""
+    'quant_state'). Then it was refused. Now, as transformers' bitsandbytes loader and peft: the head keeps the shared
+    float weight with LoRA on it, survives tie_weights(), and generates; an untied head is quantized."""
     model = tiny_gpt2()
-    assert model.lm_head.weight is model.transformer.wte.weight
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    tied = r"'lm_head' shares its weight with 'transformer\.wte\.weight'.*exclude_modules"
-    with pytest.raises(ValueError, match=tied):
-        apply_qlora(model, ["c_attn", "lm_head"], r=4)
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "nothing changed"
-    # the fix the message names: untie, then the head quantizes and survives tie_weights()
-    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
-    model.config.tie_word_embeddings = False
+    wte = model.transformer.wte.weight
+    assert model.lm_head.weight is wte
     apply_qlora(model, ["c_attn", "lm_head"], r=4)
+    assert not model.lm_head.quantized and model.lm_head.weight is wte
     model.tie_weights()
+    assert model.lm_head.weight is wte
     ids = torch.randint(3, 96, (1, 6), generator=torch.Generator().manual_seed(0))
     assert greedy(model, ids, new=3)[0].shape == (1, 9)
+    untied = tiny_gpt2()
+    untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach().clone())
+    untied.config.tie_word_embeddings = False
+    apply_qlora(untied, ["c_attn", "lm_head"], r=4)
+    assert untied.lm_head.quantized
+    untied.tie_weights()
+    assert greedy(untied, ids, new=3)[0].shape == (1, 9)
 
 
 # ---------------------------------------------------------------------------------------------- torch.jit.trace

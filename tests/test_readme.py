@@ -100,9 +100,17 @@ def _check_meta(ns: dict) -> None:
         assert torch.equal(model(ns["_ids"]).logits, source(ns["_ids"]).logits)  # loaded = the model saved
 
 
+def _check_tied(ns: dict) -> None:
+    model = ns["model"]
+    emb = model.model.embed_tokens.weight
+    model.tie_weights()  # the tie survives transformers' own re-tying
+    assert model.lm_head.weight is emb and sum(p is emb for p in model.parameters()) == 1  # counted once: no copy
+
+
 CHECKS = {"packed, state = qkernels.quantize_4bit(W": _check_use,
           "qkernels.apply_qlora(model, target_modules=": _check_qlora,
-          "init_empty_weights()": _check_meta}
+          "init_empty_weights()": _check_meta,
+          "tie_word_embeddings=True": _check_tied}
 
 
 def test_readme_has_the_blocks_this_file_knows():
