@@ -3,7 +3,8 @@
 - ``save_adapter(model, path, adapter_name)`` writes what ``PeftModel.save_pretrained`` writes:
   ``adapter_config.json`` (a ``peft.LoraConfig``) and ``adapter_model.safetensors`` with keys
   ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` (the adapter name removed, as peft's
-  ``get_peft_model_state_dict`` does), plus ``base_model.model.<module>.<key>`` for each module to save
+  ``get_peft_model_state_dict`` does; a DoRA adapter adds ``use_dora`` and ``<module>.lora_magnitude_vector``),
+  plus ``base_model.model.<module>.<key>`` for each module to save
   (``qkernels.modules_to_save``); the config carries ``layers_to_transform`` / ``layers_pattern`` /
   ``modules_to_save``. ``peft.PeftModel.from_pretrained(base, path)`` loads it.
 - ``load_adapter(model, path, adapter_name)`` reads such a directory (``adapter_model.safetensors``, else
@@ -319,13 +320,14 @@ def save_adapter(
     as short names, with ``layers_to_transform`` / ``layers_pattern`` when the adapter covers only some layers (a
     regex of the full names when neither selects exactly its modules), ``modules_to_save`` (the full names of the
     modules to save holding a copy for this adapter), rank_pattern / alpha_pattern for modules whose rank / alpha
-    differ from the most common, bias "none", inference_mode true) and ``adapter_model.safetensors`` (tensors in
-    their parameter dtype; see ``adapter_state_dict``).
+    differ from the most common, bias "none", inference_mode true, use_dora for a DoRA adapter) and
+    ``adapter_model.safetensors`` (tensors in their parameter dtype; see ``adapter_state_dict``).
     ``task_type`` (e.g. ``"CAUSAL_LM"``) and ``base_model_name_or_path`` are written when given or known
     (``model.config._name_or_path``).
 
     Raises:
-        ValueError: ``model`` has no QLoRALinear, or no adapter ``adapter_name``; ``path`` is an existing file.
+        ValueError: ``model`` has no QLoRALinear, or no adapter ``adapter_name``; ``path`` is an existing file; the
+            adapter is DoRA on some modules and plain LoRA on others (peft's ``use_dora`` is one flag).
     """
     from safetensors.torch import save_file
 
@@ -660,7 +662,9 @@ def load_adapter(
     Everything is validated before the model changes: a key naming no QLoRALinear (the error lists the modules
     that exist) or a module the config does not select, an A without its B, a shape that is not
     ``[r, in_features]`` / ``[out_features, r]``, a module to save whose tensors are missing or misshapen, an
-    unsupported config (DoRA, bias, Megatron, ...) each raise ``ValueError`` and load nothing.
+    unsupported config (lora_bias, Megatron, ...) each raise ``ValueError`` and load nothing. A DoRA adapter
+    (``use_dora: true``) needs one magnitude per module (``<module>.lora_magnitude_vector``, peft's key, or with
+    ``.weight``), a float ``[out_features]``: missing, misshapen, or present without ``use_dora`` is such an error.
 
     ``replace``: if ``adapter_name`` already exists, delete it first (otherwise that is an error).
     ``set_active``: make the loaded adapter active (``PeftModel.from_pretrained`` does; ``load_adapter`` in peft

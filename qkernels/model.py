@@ -2,10 +2,10 @@
 
 - ``apply_qlora(model, target_modules, ...)``: replace the matching ``nn.Linear`` layers in place, with peft's
   matching rules (``peft.tuners.tuners_utils.check_target_module_exists`` and ``_maybe_include_all_linear_layers``),
-  and freeze everything but the LoRA weights.
+  and freeze everything but the LoRA weights (``use_dora=True``: DoRA adapters, ``qkernels.dora``).
 - ``trainable_parameters(model)`` / ``print_trainable_parameters(model)``: peft's counts and line.
-- ``merge_and_unload(model)``: dense ``nn.Linear`` layers holding ``dequant(W) + s B A`` (no requantization);
-  transformers ``Conv1D`` for layers that were one.
+- ``merge_and_unload(model)``: dense ``nn.Linear`` layers holding ``dequant(W) + s B A`` (no requantization;
+  DoRA: peft's ``(m / ||W + s B A||) * (W + s B A)``); transformers ``Conv1D`` for layers that were one.
 - ``merge_into_4bit(model)``: explicit opt-in requantization of ``dequant(W) + s B A``; warns with the error.
 """
 
@@ -687,6 +687,9 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Replace each ``QLoRALinear`` by a dense ``nn.Linear`` with weight ``dequant(W) + s B A`` and its bias.
 
+    A DoRA adapter (``use_dora``) merges as peft's ``merge_safe``: ``(m / ||W + s B A||_row) * (W + s B A)`` with W
+    dequantized to its quant-state dtype (``qkernels.dora.dora_merged_weight``).
+
     A layer made from a transformers ``Conv1D`` (GPT-2's c_attn / c_proj / c_fc; ``is_target_conv_1d_layer``) becomes
     a ``Conv1D`` again, weight ``(dequant(W) + s B A)^T`` of shape ``[in, out]``, as peft's merge_and_unload gives:
     ``save_pretrained`` / ``from_pretrained`` then read the layout the model class expects.
@@ -782,7 +785,8 @@ def merge_into_4bit(model: nn.Module) -> dict[str, float]:
     double_quant and storage; afterwards it runs as a plain 4-bit linear (no adapters). Modules to save are replaced
     by the module they run, as in ``merge_and_unload``.
 
-    Returns ``{module_name: ||M - dequant(quantize_4bit(M))||_F / ||M||_F}`` with ``M = dequant(W) + s B A``, and
+    Returns ``{module_name: ||M - dequant(quantize_4bit(M))||_F / ||M||_F}`` with ``M = dequant(W) + s B A`` (a DoRA
+    adapter: ``M`` its merged weight as in ``merge_and_unload``, and ``s B A`` below is ``M - dequant(W)``), and
     the same for the change of the layer's effective weight relative to the unmerged one, under
     ``"<name>.delta_lost"``: ``||dequant(Q_new) - M||_F / ||s B A||_F`` (1.0 = the adapter is entirely lost).
 

@@ -12,7 +12,8 @@ The layer holds the weight packed in bitsandbytes' 4-bit format (``weight``, a `
   missing. A state dict with some but not all of a layer's LoRA keys is an error (see ``_load_from_state_dict``);
   ours loads into bitsandbytes through ``Params4bit.from_prequantized``.
 
-The forward is one call to the fused ``matmul_4bit_lora`` with the active adapter (or none). A layer built with
+The forward is one call to the fused ``matmul_4bit_lora`` with the active adapter (or none); a DoRA adapter
+(``use_dora``, peft's ``lora_magnitude_vector``) rescales its rows (``qkernels.dora``). A layer built with
 ``quantize=False`` keeps a float base weight instead (peft's LoRA on a plain ``nn.Linear``: its keys, its forward),
 for the layers peft + bitsandbytes leave in float; every adapter function treats both alike.
 """
@@ -771,7 +772,8 @@ class QLoRALinear(nn.Module):
         return dequantize_4bit(self.weight.data, self.weight.quant_state, dtype)
 
     def lora_delta(self, adapter_name: str | None = None) -> torch.Tensor:
-        """Returns ``scaling * B @ A`` of ``adapter_name`` (default: the active adapter), float32 ``[out, in]``.
+        """Returns ``scaling * B @ A`` of ``adapter_name`` (default: the active adapter), float32 ``[out, in]``. For a
+        DoRA adapter that is its LoRA part only (the merges apply the magnitude, see ``merge_and_unload``).
 
         Raises ValueError if there is no such adapter (or none is active)."""
         name = adapter_name or self.active_adapter
