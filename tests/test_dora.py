@@ -417,3 +417,21 @@ def test_qdora_training_lowers_the_loss_on_a_tiny_llama():
         losses.append(loss.item())
     assert losses[-1] < losses[0] * 0.9, losses
     assert all(not torch.equal(p.detach(), mags[n]) for n, p in params.items() if n in mags)
+
+
+def test_trainer_resume_restores_the_magnitudes_in_place(tmp_path):
+    """restore_adapters (QLoRATrainer's resume) copies a DoRA adapter's magnitudes into the same Parameters, and
+    refuses a checkpoint whose use_dora differs from the model's."""
+    from qkernels.integrations import restore_adapters, save_adapters
+
+    src = dora_toy()
+    randomize_dora(src, "default", seed=1)
+    save_adapters(src, tmp_path / "ck")
+    dst = dora_toy()
+    mag = dst.get_submodule("layers.0.up").lora_magnitude_vector["default"].weight
+    restore_adapters(dst, tmp_path / "ck")
+    assert dst.get_submodule("layers.0.up").lora_magnitude_vector["default"].weight is mag
+    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values(), strict=True))
+    plain = apply_qlora(dense_toy(), "all-linear", r=R, lora_alpha=ALPHA, compute_dtype=torch.float32)
+    with pytest.raises(ValueError, match="use_dora=True in the checkpoint but module .* is not a DoRA adapter"):
+        restore_adapters(plain, tmp_path / "ck")
