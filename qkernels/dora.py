@@ -6,7 +6,9 @@ rescales each output row by ``m / ||W + s B A||_row``:
     y = x W^T + bias + (g - 1) * (x W^T) + g * s * B A dropout(x),   g = m / ||W + s B A||_row (detached)
 
 (peft/tuners/lora/dora.py:132-165, variants.py:231-257). With dropout off (or the layer in eval mode) that is
-``g * (x W^T + s B A x) + bias``: one call to qkernels' fused ``matmul_4bit_lora`` scaled per row. With dropout
+``g * (x W^T + s B A x) + bias``: one call to qkernels' fused ``matmul_4bit_lora`` scaled per row (with a compute
+dtype narrower than the adapters', e.g. bf16, the base product alone in it and the LoRA term on x in the adapters'
+dtype, as peft's bitsandbytes layer keeps it). With dropout
 active in training peft computes the base a second time on ``dropout(x)`` (variants.py:241-245, dora.py:158-162):
 so do we, with qkernels' 4-bit matmul both times.
 
@@ -67,20 +69,28 @@ def _dropout_recomputes(dropout: nn.Module, training: bool) -> bool:
     return training and not isinstance(dropout, nn.Identity)
 
 
-def dora_forward_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, W: torch.Tensor,
+def dora_forward_4bit(x: torch.Tensor, xc: torch.Tensor, packed: torch.Tensor, state: QuantState, W: torch.Tensor,
                       A: torch.Tensor, B: torch.Tensor, magnitude: torch.Tensor, scaling: float,
                       bias: torch.Tensor | None, dropout: nn.Module, training: bool) -> torch.Tensor:
-    """DoRA on a 4-bit base (module docstring): ``x [..., in]`` in the compute dtype; ``W`` the dequantized weight in
-    the adapters' dtype (for the norm only); ``magnitude [out]``. Returns ``[..., out]`` in the promoted dtype of x
-    and the adapters (the caller casts back, as peft's bnb.py:561-562)."""
+    """DoRA on a 4-bit base (module docstring). ``x [..., in]`` the layer's input and ``xc`` the same in the compute
+    dtype (the base product's input, as bitsandbytes casts to its compute_dtype); the LoRA branch reads ``x`` in the
+    adapters' dtype (peft's bnb.py:543-545). ``W`` the dequantized weight in the adapters' dtype (for the norm only);
+    ``magnitude [out]``. Returns ``[..., out]`` in the promoted dtype of xc and the adapters (the caller casts back,
+    as peft's bnb.py:561-562)."""
     g = magnitude / dora_weight_norm(W, A, B, scaling)  # dora.py:152-153: the norm is detached, m is not
+    xl = x if x.dtype == A.dtype else x.to(A.dtype)
     if not _dropout_recomputes(dropout, training):
         # peft: result + (g - 1) * (result - bias) + g * s * lora(x) = g * (x W^T + s * lora(x)) + bias
-        y = g * matmul_4bit_lora(x, packed, state, A, B, scaling, None, 0.0, training=training)
+        if xc.dtype == A.dtype and x.dtype == A.dtype:  # one fused product, in the adapters' dtype as peft's sum
+            y = g * matmul_4bit_lora(xc, packed, state, A, B, scaling, None, 0.0, training=training)
+        else:  # a narrower compute dtype: the LoRA term (and its gradients) stay in the adapters' dtype, as peft's
+            base = matmul_4bit_lora(xc, packed, state, None, None, 0.0, None, training=training)
+            y = g * (base + F.linear(F.linear(xl, A), B) * scaling)
         return y if bias is None else y + bias
-    base = matmul_4bit_lora(x, packed, state, None, None, 0.0, bias, training=training)  # result, with bias
-    xd = dropout(x.to(A.dtype))  # bnb.py:543-545 casts x to the adapters' dtype, then variants.py:244 drops out
-    base_d = matmul_4bit_lora(xd.to(x.dtype), packed, state, None, None, 0.0, None, training=training)
+    base = matmul_4bit_lora(xc, packed, state, None, None, 0.0, bias, training=training)  # result, with bias
+    xd = dropout(xl)  # variants.py:244
+    # peft's recomputed base is F.linear(dropout(x), W) in the adapters' dtype (dora.py:162): the same with our matmul
+    base_d = matmul_4bit_lora(xd, packed, state, None, None, 0.0, None, training=training)
     lora = F.linear(F.linear(xd, A), B)
     return base + ((g - 1) * base_d + g * lora * scaling)  # dora.py:164
 

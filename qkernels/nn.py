@@ -743,8 +743,8 @@ class QLoRALinear(nn.Module):
             from .dora import dora_forward_4bit
 
             W = self._dora_base_weight(A.dtype)  # for ||W + s B A|| only; freed on return, never saved for backward
-            y = dora_forward_4bit(xc, self.weight.data, state, W, A, B, self._magnitudes()[name].weight, scaling,
-                                  self.bias, self.lora_dropout[name], self.training)
+            y = dora_forward_4bit(x, xc, self.weight.data, state, W, A, B, self._magnitudes()[name].weight,
+                                  scaling, self.bias, self.lora_dropout[name], self.training)
             return y if y.dtype == x.dtype else y.to(x.dtype)
         y = matmul_4bit_lora(xc, self.weight.data, state, A, B, scaling, self.bias, p, training=self.training)
         return y if y.dtype == x.dtype else y.to(x.dtype)

@@ -24,6 +24,7 @@ from qkernels import adapters
 from qkernels.model import apply_qlora, merge_and_unload, merge_into_4bit
 from qkernels.nn import QLoRALinear
 
+from ._oracle import bnb
 from .test_adapters import IN, assert_matches, bnb_base, dense_base, dense_toy, randomize
 
 peft = pytest.importorskip("peft", reason="peft is the DoRA reference")  # installed by make venv
@@ -141,6 +142,31 @@ def test_forward_and_gradients_match_peft_on_bitsandbytes(x, dropout, mode):
     if dropout:  # the masks matter: without dropout the output differs
         ours.eval()
         assert (forward_backward(ours, x, dy)[0] - y_o).abs().max() > 1e-3 or mode == "eval"
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no-dropout", "dropout-train-same-masks"])
+def test_bf16_compute_errors_are_peft_bitsandbytes_bf16_errors(x, dropout):
+    """compute_dtype=bfloat16 (the base product in bf16, the LoRA term and the DoRA scaling in the adapters' float32,
+    as peft's bnb layer with compute_dtype bf16): against the float64 run, our output and every gradient are at most
+    twice peft + bitsandbytes' own bf16 error on the same weights, plus 8 float32 ulps (STYLE 12)."""
+    ours = apply_qlora(dense_toy(), "all-linear", r=R, lora_alpha=ALPHA, lora_dropout=dropout,
+                       compute_dtype=torch.bfloat16, use_dora=True)
+    randomize_dora(ours, "default", seed=1)
+    theirs, ref = peft_pair(ours, dropout)
+    for m in theirs.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.compute_dtype = torch.bfloat16
+    for model in (ours, theirs, ref):
+        model.train()
+    dy = torch.randn(3, 5, IN, generator=torch.Generator().manual_seed(8))
+    y_o, g_o = forward_backward(ours, x, dy, 5)
+    y_t, g_t = forward_backward(theirs, x, dy, 5)
+    y_r, g_r = forward_backward(ref, x.double(), dy, 5)
+    g_o["y"], g_t["y"], g_r["y"] = y_o, y_t, y_r
+    for n in g_o:
+        e_ours, e_theirs = ((t.double() - g_r[n]).abs().max() for t in (g_o[n], g_t[n]))
+        ulp = torch.finfo(torch.float32).eps * g_r[n].abs().max()
+        assert e_ours <= 2 * e_theirs + 8 * ulp, (n, float(e_ours), float(e_theirs))
 
 
 def test_forward_keeps_no_dequantized_weight_for_backward(x):
@@ -435,3 +461,27 @@ def test_trainer_resume_restores_the_magnitudes_in_place(tmp_path):
     plain = apply_qlora(dense_toy(), "all-linear", r=R, lora_alpha=ALPHA, compute_dtype=torch.float32)
     with pytest.raises(ValueError, match="use_dora=True in the checkpoint but module .* is not a DoRA adapter"):
         restore_adapters(plain, tmp_path / "ck")
+
+
+@pytest.mark.parametrize("base_kind", ["bnb4bit", "dense-conv1d"])
+def test_gpt2_conv1d_dora_adapter_loads_in_peft_and_merges_to_conv1d(tmp_path, base_kind):
+    """GPT-2's Conv1D layers: our DoRA adapter (fan_in_fan_out, as peft writes for them) gives our outputs in peft on
+    a bitsandbytes GPT-2 and on the dense Conv1D one (peft's DoRA norm transposes the [in, out] weight: the same rows),
+    and merge_and_unload gives Conv1D layers computing the same."""
+    from .test_adapters import _Embeds, run
+    from .test_model import tiny_gpt2
+
+    ours = apply_qlora(tiny_gpt2(), "all-linear", r=R, lora_alpha=ALPHA, compute_dtype=torch.float32, use_dora=True)
+    randomize_dora(ours, "default", seed=2)
+    adapters.save_adapter(ours, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    base = bnb_base(ours, tiny_gpt2) if base_kind == "bnb4bit" else dense_base(ours, torch.float32, tiny_gpt2)
+    theirs = peft.PeftModel.from_pretrained(base, str(tmp_path))
+    ref = peft.PeftModel.from_pretrained(dense_base(ours, torch.float64, tiny_gpt2), str(tmp_path)).double()
+    emb = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(7))
+    y_ref = run(_Embeds(ref), emb.double())
+    y_ours = run(_Embeds(ours), emb)
+    assert_matches(y_ours, run(_Embeds(theirs), emb), y_ref)
+    merged = merge_and_unload(ours)
+    assert type(merged.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+    assert_matches(run(_Embeds(merged), emb), y_ours, y_ref)
