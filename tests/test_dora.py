@@ -485,3 +485,28 @@ def test_gpt2_conv1d_dora_adapter_loads_in_peft_and_merges_to_conv1d(tmp_path, b
     merged = merge_and_unload(ours)
     assert type(merged.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
     assert_matches(run(_Embeds(merged), emb), y_ours, y_ref)
+
+
+def test_bnb_loaded_model_meta_model_and_compile(tmp_path, x):
+    """apply_qlora(use_dora=True) on a model whose layers bitsandbytes already quantized wraps them as they are (the
+    magnitudes of the same bytes, peft's trainable count); a meta model refuses a DoRA adapter file naming the fix and
+    keeps nothing of it; a DoRA layer compiles with fullgraph=True to the eager result."""
+    ours = dora_toy()
+    randomize_dora(ours, "default", seed=1)
+    wrapped = apply_qlora(bnb_base(ours), "all-linear", r=R, lora_alpha=ALPHA, use_dora=True)
+    for (name, a), b in zip(qlora_layers(wrapped).items(), qlora_layers(dora_toy()).values(), strict=True):
+        assert torch.equal(a.lora_magnitude_vector["default"].weight, b.lora_magnitude_vector["default"].weight), name
+    theirs, _ = peft_pair(ours)
+    assert qkernels.trainable_parameters(ours) == theirs.get_nb_trainable_parameters()
+    adapters.save_adapter(ours, tmp_path)
+    with torch.device("meta"):
+        meta = apply_qlora(dense_toy(), "all-linear", r=R, lora_alpha=ALPHA)
+    with pytest.raises(ValueError, match="weight holds no values .*load the base checkpoint first"):
+        adapters.load_adapter(meta, tmp_path, adapter_name="d")
+    assert adapters.adapter_names(meta) == ["default"]
+    layer = ours.get_submodule("layers.0.up").eval()
+    xi = torch.randn(4, layer.in_features, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        eager, compiled = layer(xi), torch.compile(layer, fullgraph=True)(xi)
+    ulp = torch.finfo(torch.float32).eps * float(eager.abs().max())
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=8 * ulp)  # inductor may reorder the elementwise ops
