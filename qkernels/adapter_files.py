@@ -372,8 +372,8 @@ def _read_config(path: str | os.PathLike) -> dict[str, Any]:
     for key, what in _UNSUPPORTED_IF_SET.items():
         if cfg.get(key):
             raise ValueError(f"{cfg_path}: {key}={cfg[key]!r} ({what}) is not supported by qkernels' QLoRALinear, "
-                             "which runs plain LoRA and DoRA (use_dora) adapters: merge this adapter into the base "
-                             "with peft (merge_and_unload) or train a plain LoRA / DoRA adapter instead")
+                             "which runs plain LoRA and DoRA (use_dora) adapters: run this adapter with peft (or merge "
+                             "it into the base there with merge_and_unload), or train a plain LoRA / DoRA adapter")
     if not isinstance(cfg.get("use_dora", False), bool):
         raise ValueError(f"{cfg_path}: use_dora must be true or false, got {cfg['use_dora']!r}")
     if cfg.get("bias", "none") != "none":
@@ -704,7 +704,8 @@ def _apply_plan(model: nn.Module, cfg: dict[str, Any], whole: _Plan, adapter_nam
     bases: list[tuple[nn.Module, str, nn.Parameter, torch.Tensor]] = []  # (module, name, Parameter, old value)
     try:
         for p in whole.lora:
-            # init False: A, B random (the file replaces them) so DoRA's magnitude init (replaced too) costs one norm
+            # init False: the file's A, B replace any init; a DoRA adapter's initial magnitude (one dequantization and
+            # row norm per module) is replaced by the file's too
             _add_to_module(p.module, adapter_name, p.r, p.alpha, dropout, rslora, False, dora)
             done.append(p)
             with torch.no_grad():

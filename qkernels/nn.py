@@ -468,8 +468,7 @@ class QLoRALinear(nn.Module):
         The packed bytes and scales are copied (no storage shared with the bnb layer); the QuantState is rebuilt
         through bitsandbytes' own ``as_dict(packed=True)`` keys. ``lora_kwargs``: r, lora_alpha, lora_dropout,
         use_rslora, init_lora_weights (not "loftq": the float weight is gone), use_dora, adapter_name, compute_dtype
-        (default: the
-        bitsandbytes layer's ``compute_dtype``).
+        (default: the bitsandbytes layer's ``compute_dtype``).
 
         Args:
             bnb_linear: a bitsandbytes ``Linear4bit`` whose weight is quantized (moved to a device once).
