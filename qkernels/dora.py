@@ -5,11 +5,11 @@ rescales each output row by ``m / ||W + s B A||_row``:
 
     y = x W^T + bias + (g - 1) * (x W^T) + g * s * B A dropout(x),   g = m / ||W + s B A||_row (detached)
 
-(peft/tuners/lora/dora.py:132-165, variants.py:231-257). With dropout off (or the layer in eval mode) that is
+(peft/tuners/lora/dora.py:132-165, variants.py:230-257). With dropout off (or the layer in eval mode) that is
 ``g * (x W^T + s B A x) + bias``: one call to qkernels' fused ``matmul_4bit_lora`` scaled per row (with a compute
 dtype narrower than the adapters', e.g. bf16, the base product alone in it and the LoRA term on x in the adapters'
 dtype, as peft's bitsandbytes layer keeps it). With dropout
-active in training peft computes the base a second time on ``dropout(x)`` (variants.py:241-245, dora.py:158-162):
+active in training peft computes the base a second time on ``dropout(x)`` (variants.py:242-245, dora.py:158-162):
 so do we, with qkernels' 4-bit matmul both times.
 
 The row norm ``||W + s B A||`` needs the weight in float: it is dequantized into a temporary ``[out, in]`` tensor
@@ -52,7 +52,7 @@ def dora_weight_norm(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling:
 
     peft/tuners/lora/dora.py:86-91: ``weight + scaling * lora_weight``, ``torch.linalg.norm(dim=1)``, cast to the
     sum's dtype. ``W`` is the float base weight ``[out, in]`` already in the LoRA weights' dtype (peft casts it to
-    ``x.dtype``, which is the adapters' float32 outside autocast: bnb.py:543-545, dora.py:142), ``A [r, in]``,
+    ``x.dtype``, which is the adapters' float32 outside autocast: bnb.py:544-546, dora.py:142), ``A [r, in]``,
     ``B [out, r]``.
 
     Returns: float ``[out]``, detached.
@@ -64,7 +64,7 @@ def dora_weight_norm(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling:
 
 
 def _dropout_recomputes(dropout: nn.Module, training: bool) -> bool:
-    """peft/tuners/lora/variants.py:241-245: the base is recomputed on dropout(x) unless the dropout is an
+    """peft/tuners/lora/variants.py:242-245: the base is recomputed on dropout(x) unless the dropout is an
     ``nn.Identity`` (p == 0) or the layer is in eval mode."""
     return training and not isinstance(dropout, nn.Identity)
 
@@ -74,9 +74,9 @@ def dora_forward_4bit(x: torch.Tensor, xc: torch.Tensor, packed: torch.Tensor, s
                       bias: torch.Tensor | None, dropout: nn.Module, training: bool) -> torch.Tensor:
     """DoRA on a 4-bit base (module docstring). ``x [..., in]`` the layer's input and ``xc`` the same in the compute
     dtype (the base product's input, as bitsandbytes casts to its compute_dtype); the LoRA branch reads ``x`` in the
-    adapters' dtype (peft's bnb.py:543-545). ``W`` the dequantized weight in the adapters' dtype (for the norm only);
+    adapters' dtype (peft's bnb.py:544-546). ``W`` the dequantized weight in the adapters' dtype (for the norm only);
     ``magnitude [out]``. Returns ``[..., out]`` in the promoted dtype of xc and the adapters (the caller casts back,
-    as peft's bnb.py:561-562)."""
+    as peft's bnb.py:562-563)."""
     g = magnitude / dora_weight_norm(W, A, B, scaling)  # dora.py:152-153: the norm is detached, m is not
     xl = x if x.dtype == A.dtype else x.to(A.dtype)
     if not _dropout_recomputes(dropout, training):
@@ -88,7 +88,7 @@ def dora_forward_4bit(x: torch.Tensor, xc: torch.Tensor, packed: torch.Tensor, s
             y = g * (base + F.linear(F.linear(xl, A), B) * scaling)
         return y if bias is None else y + bias
     base = matmul_4bit_lora(xc, packed, state, None, None, 0.0, bias, training=training)  # result, with bias
-    xd = dropout(xl)  # variants.py:244
+    xd = dropout(xl)  # variants.py:245
     # peft's recomputed base is F.linear(dropout(x), W) in the adapters' dtype (dora.py:162): the same with our matmul
     base_d = matmul_4bit_lora(xd, packed, state, None, None, 0.0, None, training=training)
     lora = F.linear(F.linear(xd, A), B)
@@ -98,7 +98,7 @@ def dora_forward_4bit(x: torch.Tensor, xc: torch.Tensor, packed: torch.Tensor, s
 def dora_forward_float(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                        magnitude: torch.Tensor, scaling: float, bias: torch.Tensor | None, dropout: nn.Module,
                        training: bool) -> torch.Tensor:
-    """DoRA on a float base, peft's ``lora.Linear`` step for step (layer.py:1088-1113, variants.py:231-257,
+    """DoRA on a float base, peft's ``lora.Linear`` step for step (layer.py:1088-1113, variants.py:230-257,
     dora.py:132-165): ``x`` has the weight's dtype; returns ``[..., out]`` in the base result's dtype."""
     result = F.linear(x, weight, bias)
     xl = x.to(A.dtype)
@@ -115,10 +115,10 @@ def dora_forward_float(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B
 
 def dora_merged_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, magnitude: torch.Tensor,
                        scaling: float) -> torch.Tensor:
-    """``(m / ||W + s B A||_row) * (W + s B A)``: peft's ``DoraLinearVariant.merge_safe`` (variants.py:180-207).
+    """``(m / ||W + s B A||_row) * (W + s B A)``: peft's ``DoraLinearVariant.merge_safe`` (variants.py:170-194).
 
     ``W [out, in]`` the base weight as peft's merge sees it (a 4-bit weight dequantized to its quant-state dtype,
-    bnb.py:384), promoted with the float32 delta ``s B A`` (``get_delta_weight``, bnb.py:447-454).
+    bnb.py:384), promoted with the float32 delta ``s B A`` (``get_delta_weight``, bnb.py:449-456).
     Returns the merged ``[out, in]`` in the promoted dtype, no gradient.
     """
     with torch.no_grad():

@@ -667,7 +667,7 @@ def _merged_weight(layer: QLoRALinear) -> torch.Tensor:
         from .dora import dora_merged_weight
 
         # peft merges from the weight dequantized to its quant-state dtype (bnb.py:384), promoted with the float32
-        # delta (variants.py:200-201)
+        # delta (variants.py:192)
         W = layer._dora_base_weight(layer.float_dtype if not layer.quantized else layer.weight.quant_state.dtype)
         return dora_merged_weight(W.float(), layer.lora_A[name].weight, layer.lora_B[name].weight,
                                   layer.lora_magnitude_vector[name].weight, layer.scaling[name]).float()

@@ -580,7 +580,7 @@ class QLoRALinear(nn.Module):
             self.lora_magnitude_vector = nn.ModuleDict()
         if adapter_name in self.lora_magnitude_vector:  # replaced: a plain adapter of that name keeps no magnitude
             del self.lora_magnitude_vector[adapter_name]
-        if use_dora:  # after A, B (and a LoftQ weight) are final, as peft's layer.py:318-319 runs the variant's init
+        if use_dora:  # after A, B (and a LoftQ weight) are final, as peft's layer.py:316-317 runs the variant's init
             from .dora import DoraMagnitude, dora_weight_norm
 
             W = self._dora_base_weight(A.weight.dtype)
