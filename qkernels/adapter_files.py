@@ -3,7 +3,8 @@
 - ``save_adapter(model, path, adapter_name)`` writes what ``PeftModel.save_pretrained`` writes:
   ``adapter_config.json`` (a ``peft.LoraConfig``) and ``adapter_model.safetensors`` with keys
   ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` (the adapter name removed, as peft's
-  ``get_peft_model_state_dict`` does), plus ``base_model.model.<module>.<key>`` for each module to save
+  ``get_peft_model_state_dict`` does; a DoRA adapter adds ``use_dora`` and ``<module>.lora_magnitude_vector``),
+  plus ``base_model.model.<module>.<key>`` for each module to save
   (``qkernels.modules_to_save``); the config carries ``layers_to_transform`` / ``layers_pattern`` /
   ``modules_to_save``. ``peft.PeftModel.from_pretrained(base, path)`` loads it.
 - ``load_adapter(model, path, adapter_name)`` reads such a directory (``adapter_model.safetensors``, else
@@ -50,15 +51,21 @@ BIN_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."  # peft's prefix of every LoRA key (PeftModel.base_model = LoraModel, .model)
 # peft writes ``<module>.lora_A.weight``; a live PeftModel's state dict has ``<module>.lora_A.<adapter>.weight``
 _KEY_RE = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+# DoRA's magnitude. peft writes ``<module>.lora_magnitude_vector`` without ".weight" (the key of its older
+# ParameterDict: peft/tuners/lora/model.py:1107-1123) and reads that or ``...lora_magnitude_vector.weight``
+# (model.py:1126-1136); a live state dict has ``<module>.lora_magnitude_vector.<adapter>.weight``
+_MAGNITUDE_RE = re.compile(
+    r"^(?P<module>.+)\.(?P<which>lora_magnitude_vector)(?:\.(?P<adapter>[^.]+)\.weight|\.weight)?$")
+MAGNITUDE_KEY = "lora_magnitude_vector"  # the file key's suffix, as peft writes it
 # peft's save_embedding_layers: with an "embed_tokens" / "lm_head" module targeted, peft also writes the base weight of
 # the model's input / output embedding, <module>.base_layer.weight (and .bias), and loads it back into the base layer
 _BASE_KEY_RE = re.compile(r"^(?P<module>.+)\.base_layer\.(?P<which>weight|bias)$")
 _EMBEDDING_NAME_RE = re.compile(r"(.*\.)?(embed_tokens|lm_head)$")
 
 # LoraConfig fields that change what the adapter computes or what the file holds beyond plain A/B on Linear layers.
-# qkernels' QLoRALinear does plain LoRA, so an adapter using any of these is refused rather than silently mis-applied.
+# qkernels' QLoRALinear does plain LoRA and DoRA (use_dora, qkernels.dora), so an adapter using any of these is
+# refused rather than silently mis-applied (with use_dora too: DoRA combined with one of them is refused the same).
 _UNSUPPORTED_IF_SET = {
-    "use_dora": "DoRA (a learned magnitude vector)",
     "lora_bias": "a trainable bias on lora_B",
     "trainable_token_indices": "trainable embedding tokens",
     "layer_replication": "layer replication",
@@ -121,6 +128,7 @@ class _ModuleAdapter:
     dropout: float
     use_rslora: bool
     conv1d: bool  # built from a transformers Conv1D (peft's is_target_conv_1d_layer)
+    use_dora: bool = False
 
 
 def _describe(name: str, m: nn.Module, adapter: str) -> _ModuleAdapter:
@@ -133,7 +141,7 @@ def _describe(name: str, m: nn.Module, adapter: str) -> _ModuleAdapter:
             f" = {expected}; peft's LoraConfig cannot represent it"
         )
     return _ModuleAdapter(name, r, alpha, _dropout_p(m.lora_dropout[adapter]), use_rslora,
-                          bool(getattr(m, "is_target_conv_1d_layer", False)))
+                          bool(getattr(m, "is_target_conv_1d_layer", False)), m.is_dora(adapter))
 
 
 def _short_name(name: str) -> str:
@@ -194,6 +202,10 @@ def _config_fields(model: nn.Module, infos: list[_ModuleAdapter], task_type: str
     """The LoraConfig arguments describing ``infos``, with ``rank_pattern`` / ``alpha_pattern`` for the outliers."""
     if len({i.use_rslora for i in infos}) > 1:
         raise ValueError("modules mix rsLoRA and plain LoRA scaling in one adapter; peft's use_rslora is global")
+    if len({i.use_dora for i in infos}) > 1:
+        dora = [i.name for i in infos if i.use_dora][:3]
+        raise ValueError(f"adapter mixes DoRA modules (e.g. {dora}) with plain LoRA ones; peft's use_dora is global "
+                         "to an adapter: give every module of it use_dora=True (or none)")
     r, alpha = _most_common([i.r for i in infos]), _most_common([i.alpha for i in infos])
     # peft's get_pattern_key matches a pattern p as re.match(rf"(.*\.)?({p})$", module_name): an escaped full name
     # selects that module and every module whose name ends in "." + it (a top-level "up" also selects "layers.0.up");
@@ -215,6 +227,7 @@ def _config_fields(model: nn.Module, infos: list[_ModuleAdapter], task_type: str
         lora_alpha=alpha,
         lora_dropout=max(i.dropout for i in infos),  # dropout does not change a saved adapter's outputs
         use_rslora=infos[0].use_rslora,
+        use_dora=infos[0].use_dora,
         **_target_spec(model, [i.name for i in infos], modules_to_save),
         modules_to_save=modules_to_save,
         rank_pattern=rank_pattern,
@@ -237,7 +250,7 @@ def _config_json(fields: dict[str, Any]) -> str:
     if peft is not None:
         d = peft.LoraConfig(**fields).to_dict()
     else:  # the LoraConfig fields peft needs to rebuild this adapter; the others take their defaults when read
-        d = dict(fields, peft_type="LORA", init_lora_weights=True, use_dora=False, lora_bias=False,
+        d = dict(dict(use_dora=False), **fields, peft_type="LORA", init_lora_weights=True, lora_bias=False,
                  exclude_modules=None, revision=None, auto_mapping=None)
     d = {k: (sorted(v) if isinstance(v, set) else v) for k, v in d.items()}  # as PeftConfigMixin.save_pretrained
     return json.dumps(d, indent=2, sort_keys=True)
@@ -245,7 +258,8 @@ def _config_json(fields: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------------------------- save
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """peft's ``get_peft_model_state_dict`` for one adapter: ``base_model.model.<module>.lora_{A,B}.weight``, and
+    """peft's ``get_peft_model_state_dict`` for one adapter: ``base_model.model.<module>.lora_{A,B}.weight`` (a DoRA
+    adapter also ``base_model.model.<module>.lora_magnitude_vector``, without ".weight" as peft writes it), and
     for each module to save with a copy for the adapter that copy's state dict as ``base_model.model.<module>.<key>``
     (e.g. ``base_model.model.score.weight``: the adapter name and ``modules_to_save`` removed, as peft does).
 
@@ -253,11 +267,12 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     """
     out = {}
     for name, m in _require_adapter(model, adapter_name):
-        for which in ("lora_A", "lora_B"):
+        for which in ("lora_A", "lora_B", "lora_magnitude_vector")[:3 if m.is_dora(adapter_name) else 2]:
             if f"{which}.{adapter_name}.weight" in m._unloaded:  # meta, or to_empty memory: no values to save
                 m._raise_unloaded()
             w = getattr(m, which)[adapter_name].weight
-            out[f"{PEFT_PREFIX}{name}.{which}.weight"] = w.detach().to("cpu", copy=True).contiguous()
+            key = f"{PEFT_PREFIX}{name}.{which}" + ("" if which == MAGNITUDE_KEY else ".weight")
+            out[key] = w.detach().to("cpu", copy=True).contiguous()
     for name, w in _wrappers(model):
         if adapter_name in w._unloaded_copies:
             raise RuntimeError(f"the copy of module to save {name!r} for adapter {adapter_name!r} was never loaded "
@@ -305,13 +320,14 @@ def save_adapter(
     as short names, with ``layers_to_transform`` / ``layers_pattern`` when the adapter covers only some layers (a
     regex of the full names when neither selects exactly its modules), ``modules_to_save`` (the full names of the
     modules to save holding a copy for this adapter), rank_pattern / alpha_pattern for modules whose rank / alpha
-    differ from the most common, bias "none", inference_mode true) and ``adapter_model.safetensors`` (tensors in
-    their parameter dtype; see ``adapter_state_dict``).
+    differ from the most common, bias "none", inference_mode true, use_dora for a DoRA adapter) and
+    ``adapter_model.safetensors`` (tensors in their parameter dtype; see ``adapter_state_dict``).
     ``task_type`` (e.g. ``"CAUSAL_LM"``) and ``base_model_name_or_path`` are written when given or known
     (``model.config._name_or_path``).
 
     Raises:
-        ValueError: ``model`` has no QLoRALinear, or no adapter ``adapter_name``; ``path`` is an existing file.
+        ValueError: ``model`` has no QLoRALinear, or no adapter ``adapter_name``; ``path`` is an existing file; the
+            adapter is DoRA on some modules and plain LoRA on others (peft's ``use_dora`` is one flag).
     """
     from safetensors.torch import save_file
 
@@ -355,7 +371,11 @@ def _read_config(path: str | os.PathLike) -> dict[str, Any]:
     _check_variant_fields(cfg, cfg_path)
     for key, what in _UNSUPPORTED_IF_SET.items():
         if cfg.get(key):
-            raise ValueError(f"{cfg_path}: {key}={cfg[key]!r} ({what}) is not supported by qkernels' QLoRALinear")
+            raise ValueError(f"{cfg_path}: {key}={cfg[key]!r} ({what}) is not supported by qkernels' QLoRALinear, "
+                             "which runs plain LoRA and DoRA (use_dora) adapters: run this adapter with peft (or merge "
+                             "it into the base there with merge_and_unload), or train a plain LoRA / DoRA adapter")
+    if not isinstance(cfg.get("use_dora", False), bool):
+        raise ValueError(f"{cfg_path}: use_dora must be true or false, got {cfg['use_dora']!r}")
     if cfg.get("bias", "none") != "none":
         raise ValueError(f"{cfg_path}: bias={cfg['bias']!r} (trained base biases) is not supported; only 'none'")
     # fan_in_fan_out (peft sets it for GPT-2's Conv1D targets) is not checked: lora_A [r, in], lora_B [out, r] and
@@ -420,6 +440,7 @@ class _Planned:
     A: torch.Tensor
     B: torch.Tensor
     base: dict[str, torch.Tensor] | None = None  # a float base's "weight" / "bias" from the file (peft's embeddings)
+    magnitude: torch.Tensor | None = None  # a DoRA adapter's lora_magnitude_vector [out_features]
 
 
 @dataclass
@@ -461,7 +482,7 @@ def _split_keys(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tenso
         if base is not None:  # a float base weight that peft saved with the adapter (save_embedding_layers)
             pairs.setdefault(base["module"], {})["base." + base["which"]] = (key, t)
             continue
-        match = _KEY_RE.match(stripped)
+        match = _KEY_RE.match(stripped) or _MAGNITUDE_RE.match(stripped)
         if match is None and ".lora_embedding_" in stripped:  # peft's lora.Embedding
             why = ("; peft writes it for ensure_weight_tying=True, which moves the tied lm_head's LoRA onto the input "
                    "embedding and ties the head's to it" if cfg.get("ensure_weight_tying") else "")
@@ -473,8 +494,9 @@ def _split_keys(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tenso
         if match is None:
             raise ValueError(
                 f"adapter key {key!r} is not a LoRA weight '{PEFT_PREFIX}<module>.lora_A.weight' / '.lora_B.weight' "
-                f"nor a tensor of a module to save (the config's modules_to_save={cfg.get('modules_to_save')!r} "
-                f"selects {save_names} here); embedding/bias/DoRA tensors are not supported"
+                f"nor a DoRA magnitude ('.lora_magnitude_vector') nor a tensor of a module to save (the "
+                f"config's modules_to_save={cfg.get('modules_to_save')!r} selects {save_names} here); embedding/bias "
+                "tensors are not supported"
             )
         names_in_keys.setdefault(match["adapter"], key)
         if len(names_in_keys) > 1:
@@ -554,6 +576,7 @@ def _plan(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor], ad
         for which in ("lora_A", "lora_B"):
             if which not in ab:
                 raise ValueError(f"module {name!r}: the adapter has no {which} weight ({name}.{which}.weight)")
+        magnitude = _planned_magnitude(name, m, ab, bool(cfg.get("use_dora", False)))
         base = _planned_base(name, m, ab)
         r = _pattern_value(cfg.get("rank_pattern") or {}, name, r0)
         alpha = _pattern_value(cfg.get("alpha_pattern") or {}, name, a0)
@@ -567,8 +590,29 @@ def _plan(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor], ad
                 )
             if not t.is_floating_point():
                 raise ValueError(f"adapter key {key!r}: dtype {t.dtype} is not a floating-point type")
-        plan.append(_Planned(name, m, int(r), alpha, A, B, base))
+        plan.append(_Planned(name, m, int(r), alpha, A, B, base, magnitude))
     return _Plan(plan, saved)
+
+
+def _planned_magnitude(name: str, m: nn.Module, ab: dict[str, tuple[str, torch.Tensor]],
+                       use_dora: bool) -> torch.Tensor | None:
+    """The DoRA magnitude of module ``name`` from the file: present, ``[out_features]`` and float when the config says
+    ``use_dora``, absent otherwise (peft would neither write nor read it on a plain adapter)."""
+    key = f"{PEFT_PREFIX}{name}.{MAGNITUDE_KEY}"
+    if not use_dora:
+        if "lora_magnitude_vector" in ab:
+            raise ValueError(f"adapter key {ab['lora_magnitude_vector'][0]!r} is a DoRA magnitude, but the config has "
+                             "use_dora false: the config and the weights disagree (set use_dora to true if the adapter "
+                             "was trained with DoRA)")
+        return None
+    if "lora_magnitude_vector" not in ab:
+        raise ValueError(f"module {name!r}: the config has use_dora true but the adapter has no DoRA magnitude "
+                         f"{key!r}; a peft DoRA adapter saves one per module")
+    k, t = ab["lora_magnitude_vector"]
+    if tuple(t.shape) != (m.out_features,) or not t.is_floating_point():
+        raise ValueError(f"adapter key {k!r}: DoRA magnitude {tuple(t.shape)} {t.dtype} in the file, but module "
+                         f"{name!r} (out_features={m.out_features}) needs a float ({m.out_features},)")
+    return t
 
 
 def _planned_base(name: str, m: nn.Module, ab: dict[str, tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -626,7 +670,9 @@ def load_adapter(
     Everything is validated before the model changes: a key naming no QLoRALinear (the error lists the modules
     that exist) or a module the config does not select, an A without its B, a shape that is not
     ``[r, in_features]`` / ``[out_features, r]``, a module to save whose tensors are missing or misshapen, an
-    unsupported config (DoRA, bias, Megatron, ...) each raise ``ValueError`` and load nothing.
+    unsupported config (lora_bias, Megatron, ...) each raise ``ValueError`` and load nothing. A DoRA adapter
+    (``use_dora: true``) needs one magnitude per module (``<module>.lora_magnitude_vector``, peft's key, or with
+    ``.weight``), a float ``[out_features]``: missing, misshapen, or present without ``use_dora`` is such an error.
 
     ``replace``: if ``adapter_name`` already exists, delete it first (otherwise that is an error).
     ``set_active``: make the loaded adapter active (``PeftModel.from_pretrained`` does; ``load_adapter`` in peft
@@ -660,16 +706,20 @@ def _apply_plan(model: nn.Module, cfg: dict[str, Any], whole: _Plan, adapter_nam
     from .modules_to_save import ModulesToSaveWrapper, wrap_modules_to_save
 
     dropout, rslora = float(cfg.get("lora_dropout", 0.0)), bool(cfg.get("use_rslora", False))
+    dora = bool(cfg.get("use_dora", False))
     done: list[_Planned] = []
     originals = {n: model.get_submodule(n) for n in whole.saved}
     bases: list[tuple[nn.Module, str, nn.Parameter, torch.Tensor]] = []  # (module, name, Parameter, old value)
     try:
         for p in whole.lora:
-            _add_to_module(p.module, adapter_name, p.r, p.alpha, dropout, rslora, False)
+            # init False: the file's A, B replace any init; a DoRA adapter's initial magnitude (one dequantization and
+            # row norm per module) is replaced by the file's too
+            _add_to_module(p.module, adapter_name, p.r, p.alpha, dropout, rslora, False, dora)
             done.append(p)
             with torch.no_grad():
-                for which, t in (("lora_A", p.A), ("lora_B", p.B)):
-                    p.module.set_lora_weight(adapter_name, which, t)
+                for which, t in (("lora_A", p.A), ("lora_B", p.B), ("lora_magnitude_vector", p.magnitude)):
+                    if t is not None:
+                        p.module.set_lora_weight(adapter_name, which, t)
                 for which, t in (p.base or {}).items():  # peft loads these into its base layer: so do we
                     param = getattr(p.module, which)
                     bases.append((p.module, which, param, param.detach().clone()))

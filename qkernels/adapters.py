@@ -115,6 +115,8 @@ def _activate(m: nn.Module, name: str | None) -> None:
     for k in m.lora_A:
         m.lora_A[k].requires_grad_(False)
         m.lora_B[k].requires_grad_(False)
+        for mag in m._magnitude_modules(k):  # a DoRA adapter's magnitude
+            mag.requires_grad_(False)
     m.active_adapter = None
 
 
@@ -187,6 +189,7 @@ def add_adapter(
     modules_to_save: list[str] | None = None,
     layers_to_transform: int | list[int] | None = None,
     layers_pattern: str | list[str] | None = None,
+    use_dora: bool = False,
 ) -> list[str]:
     """Add a new adapter ``name`` to the QLoRALinear modules of ``model`` (defaults are peft's ``LoraConfig``'s).
 
@@ -197,8 +200,9 @@ def add_adapter(
     trainable copy for ``name`` (``qkernels.modules_to_save``). The active adapter is not changed (call
     ``set_adapter``), as in peft.
 
-    ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``init_lora_weights``: the new adapter's, as in
-    ``QLoRALinear`` / peft's ``LoraConfig`` (scaling ``lora_alpha / r``, or ``/ sqrt(r)`` with ``use_rslora``).
+    ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``init_lora_weights``, ``use_dora``: the new adapter's,
+    as in ``QLoRALinear`` / peft's ``LoraConfig`` (scaling ``lora_alpha / r``, or ``/ sqrt(r)`` with ``use_rslora``;
+    ``use_dora``: a DoRA adapter with a magnitude per output row, ``qkernels.dora``).
     Returns the module names that got a LoRA adapter.
 
     Raises:
@@ -212,6 +216,8 @@ def add_adapter(
         raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"r must be a positive integer, got {r!r}")
+    if not isinstance(use_dora, bool):
+        raise ValueError(f"use_dora must be a bool, got {use_dora!r}")
     mods = [(n, m) for n, m in _qlora_modules(model) if _matches(n, target_modules)]
     if layers_to_transform is not None or layers_pattern is not None:
         _check_layer_args("all-linear" if target_modules is None else target_modules, layers_to_transform,
@@ -230,17 +236,25 @@ def add_adapter(
     modules_to_save = check_modules_to_save(modules_to_save)
     if modules_to_save:
         plan_modules_to_save(model, modules_to_save, name)  # validated before any change
-    for _, m in mods:
-        _add_to_module(m, name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+    added = []
+    try:
+        for _, m in mods:
+            _add_to_module(m, name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, use_dora)
+            added.append(m)
+    except Exception:  # e.g. use_dora on a meta layer: leave no module with half the adapter
+        for m in added:
+            m.delete_adapter(name)
+        raise
     if modules_to_save:
         wrap_modules_to_save(model, modules_to_save, name, activate=False)
     return [n for n, _ in mods]
 
 
-def _add_to_module(m: nn.Module, name: str, r: int, alpha: float, dropout: float, rslora: bool, init: Any) -> None:
+def _add_to_module(m: nn.Module, name: str, r: int, alpha: float, dropout: float, rslora: bool, init: Any,
+                   use_dora: bool = False) -> None:
     """``update_layer`` without switching the module's active adapter (peft's ``add_adapter`` does not)."""
     had, active = len(m.lora_A) > 0, m.active_adapter
-    m.update_layer(name, r, alpha, dropout, init, rslora)
+    m.update_layer(name, r, alpha, dropout, init, rslora, use_dora=use_dora)
     if had:  # a module set to an adapter it lacks (active None) stays so; the new adapter is frozen
         _activate(m, active)
 

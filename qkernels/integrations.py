@@ -133,9 +133,10 @@ def restore_adapters(model: nn.Module, path: str | os.PathLike) -> list[str]:
     in place: the same ``nn.Parameter`` objects keep their identity, requires_grad and dtype, so an optimizer built on
     them stays valid (what resuming a Trainer needs). Returns the adapter names restored.
 
-    The checkpoint must hold exactly the model's adapters, each on the same modules with the same rank, alpha and
-    modules to save; any difference raises ``ValueError`` before a tensor is copied (to change the adapter's shape,
-    use ``qkernels.load_adapter(model, path, replace=True)`` instead)."""
+    The checkpoint must hold exactly the model's adapters, each on the same modules with the same rank, alpha,
+    use_dora (a DoRA adapter's magnitudes are restored too) and modules to save; any difference raises
+    ``ValueError`` before a tensor is copied (to change the adapter's shape, use
+    ``qkernels.load_adapter(model, path, replace=True)`` instead)."""
     have, saved = adapter_names(model), _saved_adapters(path)
     if sorted(have) != sorted(saved):
         raise ValueError(
@@ -148,6 +149,8 @@ def restore_adapters(model: nn.Module, path: str | os.PathLike) -> list[str]:
             for p in plan.lora:
                 p.module.lora_A[name].weight.copy_(p.A)
                 p.module.lora_B[name].weight.copy_(p.B)
+                if p.magnitude is not None:  # a DoRA adapter (its DoRA-ness checked equal in _plan_in_place)
+                    p.module.lora_magnitude_vector[name].weight.copy_(p.magnitude)
             for n, tensors in plan.saved.items():
                 model.get_submodule(n).modules_to_save[name].load_state_dict(tensors, strict=True)
     return have
@@ -174,6 +177,10 @@ def _plan_in_place(model: nn.Module, d: str, name: str) -> Any:
                 f"in the checkpoint but r={m.r[name]}, lora_alpha={m.lora_alpha[name]}, use_rslora="
                 f"{m.use_rslora[name]} in the model; resume with the same apply_qlora arguments"
             )
+        if bool(cfg.get("use_dora", False)) != m.is_dora(name):
+            raise ValueError(f"{d}: adapter {name!r} has use_dora={bool(cfg.get('use_dora', False))} in the checkpoint "
+                             f"but module {n!r} is{'' if m.is_dora(name) else ' not'} a DoRA adapter in the model; "
+                             "resume with the same apply_qlora / add_adapter use_dora")
     want_saved = {n for n, w in _wrappers(model) if name in w.modules_to_save}
     if set(plan.saved) != want_saved:
         raise ValueError(f"{d}: adapter {name!r} saves modules {sorted(plan.saved)}, the model's adapter has copies "

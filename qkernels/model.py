@@ -2,11 +2,11 @@
 
 - ``apply_qlora(model, target_modules, ...)``: replace the matching ``nn.Linear`` layers in place, with peft's
   matching rules (``peft.tuners.tuners_utils.check_target_module_exists`` and ``_maybe_include_all_linear_layers``),
-  and freeze everything but the LoRA weights.
+  and freeze everything but the LoRA weights (``use_dora=True``: DoRA adapters, ``qkernels.dora``).
 - ``trainable_parameters(model)`` / ``print_trainable_parameters(model)``: peft's counts and line.
-- ``merge_and_unload(model)``: dense ``nn.Linear`` layers holding ``dequant(W) + s B A`` (no requantization);
-  transformers ``Conv1D`` for layers that were one; a float base's merge is written into its own (possibly tied)
-  weight Parameter, as peft merges in place.
+- ``merge_and_unload(model)``: dense ``nn.Linear`` layers holding ``dequant(W) + s B A`` (no requantization;
+  DoRA: peft's ``(m / ||W + s B A||) * (W + s B A)``); transformers ``Conv1D`` for layers that were one; a float
+  base's merge is written into its own (possibly tied) weight Parameter, as peft merges in place.
 - ``merge_into_4bit(model)``: explicit opt-in requantization of ``dequant(W) + s B A``; warns with the error.
 """
 
@@ -195,6 +195,7 @@ def apply_qlora(
     init_lora_weights: bool | str = True,
     loftq_iter: int = 1,
     adapter_name: str = "default",
+    use_dora: bool = False,
     log_every: int = 50,
     verbose: bool | None = None,
 ) -> nn.Module:
@@ -232,6 +233,9 @@ def apply_qlora(
         r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, loftq_iter, adapter_name: the adapter, and
             quant_type, double_quant, blocksize, compute_dtype, quant_storage: the 4-bit format, passed to
             ``QLoRALinear.from_linear`` for each layer (see ``QLoRALinear``; dtypes also by name, "bfloat16").
+        use_dora: DoRA adapters (peft's ``LoraConfig(use_dora=True)``, "QDoRA" on the 4-bit layers; see
+            ``qkernels.dora``): each layer also trains a magnitude per output row. Not on a meta model (the magnitude
+            starts from the weight's row norms): load the checkpoint first, then ``add_adapter(..., use_dora=True)``.
         log_every: report ``"apply_qlora: i/n layers quantized (t s)"`` every this many layers, always to the
             ``qkernels`` logger (INFO).
         verbose: also print those lines to stderr. None (default): print only for large models, i.e. when at least
@@ -314,11 +318,11 @@ def apply_qlora(
                                   quant_type=quant_type, double_quant=double_quant, blocksize=blocksize,
                                   compute_dtype=compute_dtype, quant_storage=quant_storage,
                                   init_lora_weights=init_lora_weights, loftq_iter=loftq_iter,
-                                  adapter_name=adapter_name)
+                                  adapter_name=adapter_name, use_dora=use_dora)
     show = verbose if verbose is not None else len(names) >= 2 * log_every
     t0 = time.perf_counter()
     bnb_kwargs = {k: kwargs[k] for k in ("r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights",
-                                         "adapter_name")}
+                                         "adapter_name", "use_dora")}
     float_kwargs = dict(bnb_kwargs)  # a float base computes in its weight's dtype, as peft's lora.Linear
     if compute_dtype is not None:
         bnb_kwargs["compute_dtype"] = compute_dtype
@@ -629,7 +633,7 @@ def _check_not_read_by_parent(model: nn.Module, names: list[str]) -> None:
 
 
 def _is_lora_param(pname: str) -> bool:
-    return ".lora_A." in f".{pname}" or ".lora_B." in f".{pname}"
+    return any(f".{k}." in f".{pname}" for k in ("lora_A", "lora_B", "lora_magnitude_vector"))
 
 
 def _raise_no_layer_match(model: nn.Module, target_modules: Any, exclude_modules: Any, layers_to_transform: Any,
@@ -707,11 +711,21 @@ def _qlora_layers(model: nn.Module) -> list[tuple[str, QLoRALinear]]:
 
 
 def _merged_weight(layer: QLoRALinear) -> torch.Tensor:
-    """``dequant(W) + s B A`` (a float base: ``W + s B A``) in float32 (the active adapter; none when disabled)."""
+    """``dequant(W) + s B A`` (a float base: ``W + s B A``) in float32 (the active adapter; none when disabled). A DoRA
+    adapter: ``(m / ||W + s B A||_row) * (W + s B A)``, peft's merge (``qkernels.dora.dora_merged_weight``)."""
     if layer._unloaded:  # a meta layer, or one to_empty() left without values: nothing to merge
         layer._raise_unloaded()
+    name = None if layer.disable_adapters else layer.active_adapter
+    if name is not None and layer.is_dora(name):
+        from .dora import dora_merged_weight
+
+        # peft merges from the weight dequantized to its quant-state dtype (bnb.py:384), promoted with the float32
+        # delta (variants.py:192)
+        W = layer._dora_base_weight(layer.float_dtype if not layer.quantized else layer.weight.quant_state.dtype)
+        return dora_merged_weight(W.float(), layer.lora_A[name].weight, layer.lora_B[name].weight,
+                                  layer.lora_magnitude_vector[name].weight, layer.scaling[name]).float()
     W = layer.dequantized_weight(torch.float32)
-    if layer.active_adapter is not None and not layer.disable_adapters:
+    if name is not None:
         W = W + layer.lora_delta().to(W.device)
     return W
 
@@ -725,6 +739,9 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Replace each ``QLoRALinear`` by a dense ``nn.Linear`` with weight ``dequant(W) + s B A`` and its bias.
+
+    A DoRA adapter (``use_dora``) merges as peft's ``merge_safe``: ``(m / ||W + s B A||_row) * (W + s B A)`` with W
+    dequantized to its quant-state dtype (``qkernels.dora.dora_merged_weight``).
 
     A layer made from a transformers ``Conv1D`` (GPT-2's c_attn / c_proj / c_fc; ``is_target_conv_1d_layer``) becomes
     a ``Conv1D`` again, weight ``(dequant(W) + s B A)^T`` of shape ``[in, out]``, as peft's merge_and_unload gives:
@@ -871,7 +888,8 @@ def merge_into_4bit(model: nn.Module) -> dict[str, float]:
     double_quant and storage; afterwards it runs as a plain 4-bit linear (no adapters). Modules to save are replaced
     by the module they run, as in ``merge_and_unload``.
 
-    Returns ``{module_name: ||M - dequant(quantize_4bit(M))||_F / ||M||_F}`` with ``M = dequant(W) + s B A``, and
+    Returns ``{module_name: ||M - dequant(quantize_4bit(M))||_F / ||M||_F}`` with ``M = dequant(W) + s B A`` (a DoRA
+    adapter: ``M`` its merged weight as in ``merge_and_unload``, and ``s B A`` below is ``M - dequant(W)``), and
     the same for the change of the layer's effective weight relative to the unmerged one, under
     ``"<name>.delta_lost"``: ``||dequant(Q_new) - M||_F / ||s B A||_F`` (1.0 = the adapter is entirely lost).
 
@@ -895,7 +913,10 @@ def merge_into_4bit(model: nn.Module) -> dict[str, float]:
             m_norm = float(torch.linalg.vector_norm(M.double()))
             errors[name] = float(torch.linalg.vector_norm(diff.double())) / (m_norm or 1.0)
             if layer.active_adapter is not None and not layer.disable_adapters:
-                d_norm = float(torch.linalg.vector_norm(layer.lora_delta().double()))
+                # what the adapter adds: s B A, or for DoRA the whole change of the effective weight
+                delta = (M - layer.dequantized_weight(torch.float32) if layer.is_dora(layer.active_adapter)
+                         else layer.lora_delta())
+                d_norm = float(torch.linalg.vector_norm(delta.double()))
                 if d_norm > 0:
                     errors[name + ".delta_lost"] = float(torch.linalg.vector_norm(diff.double())) / d_norm
         layer.weight = Params4bit(packed, False, state)

@@ -12,7 +12,8 @@ The layer holds the weight packed in bitsandbytes' 4-bit format (``weight``, a `
   missing. A state dict with some but not all of a layer's LoRA keys is an error (see ``_load_from_state_dict``);
   ours loads into bitsandbytes through ``Params4bit.from_prequantized``.
 
-The forward is one call to the fused ``matmul_4bit_lora`` with the active adapter (or none). A layer built with
+The forward is one call to the fused ``matmul_4bit_lora`` with the active adapter (or none); a DoRA adapter
+(``use_dora``, peft's ``lora_magnitude_vector``) rescales its rows (``qkernels.dora``). A layer built with
 ``quantize=False`` keeps a float base weight instead (peft's LoRA on a plain ``nn.Linear``: its keys, its forward),
 for the layers peft + bitsandbytes leave in float; every adapter function treats both alike.
 """
@@ -256,9 +257,14 @@ class QLoRALinear(nn.Module):
             give ``W + s B A``. The 4-bit arguments are then unused and ``compute_dtype`` must be None. ``apply_qlora``
             builds these where peft + bitsandbytes keep a layer float (``_keep_in_fp32_modules`` such as T5's ``wo``,
             a float Linear of a model loaded in 4 bits, ``keep_float_modules``). ``quantized`` records the mode.
+        use_dora: the first adapter is a DoRA adapter (peft's ``use_dora=True``; ``qkernels.dora``): a magnitude
+            ``lora_magnitude_vector.<adapter>.weight [out_features]`` initialized to the row norms of
+            ``dequant(W) + s B A``, and the output rows rescaled by ``m / ||W + s B A||``. Needs the weight's values
+            (not on the meta device).
 
-    Attributes (peft's names): ``lora_A``, ``lora_B``, ``lora_dropout`` (ModuleDicts by adapter name), ``r``,
-    ``lora_alpha``, ``scaling``, ``use_rslora`` (dicts), ``active_adapter`` (str or None),
+    Attributes (peft's names): ``lora_A``, ``lora_B``, ``lora_dropout``, ``lora_magnitude_vector`` (DoRA adapters
+    only) (ModuleDicts by adapter name), ``r``, ``lora_alpha``, ``scaling``, ``use_rslora`` (dicts),
+    ``active_adapter`` (str or None),
     ``disable_adapters`` (bool). Only the active adapter runs. ``float_dtype``: the dtype the layer's float parts
     were last given (``dtype``, then ``.half()`` / ``.to(dtype)``; a float base: its weight's dtype, also after
     ``load_state_dict(sd, assign=True)``); ``merge_and_unload`` produces it.
@@ -310,6 +316,7 @@ class QLoRALinear(nn.Module):
         adapter_name: str = "default",
         loftq_iter: int = 1,
         quantize: bool = True,
+        use_dora: bool = False,
         _float_weight: torch.Tensor | None = None,
         _packed: tuple[torch.Tensor, QuantState] | None = None,
         _conv1d: bool = False,
@@ -340,6 +347,7 @@ class QLoRALinear(nn.Module):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters' magnitudes (qkernels.dora), keyed as peft's
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -409,7 +417,7 @@ class QLoRALinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora,
-                          original_weight=float_weight, loftq_iter=loftq_iter)
+                          original_weight=float_weight, loftq_iter=loftq_iter, use_dora=use_dora)
         self._track_meta()
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -481,8 +489,8 @@ class QLoRALinear(nn.Module):
 
         The packed bytes and scales are copied (no storage shared with the bnb layer); the QuantState is rebuilt
         through bitsandbytes' own ``as_dict(packed=True)`` keys. ``lora_kwargs``: r, lora_alpha, lora_dropout,
-        use_rslora, init_lora_weights (not "loftq": the float weight is gone), adapter_name, compute_dtype (default: the
-        bitsandbytes layer's ``compute_dtype``).
+        use_rslora, init_lora_weights (not "loftq": the float weight is gone), use_dora, adapter_name, compute_dtype
+        (default: the bitsandbytes layer's ``compute_dtype``).
 
         Args:
             bnb_linear: a bitsandbytes ``Linear4bit`` whose weight is quantized (moved to a device once).
@@ -500,7 +508,7 @@ class QLoRALinear(nn.Module):
             raise ValueError("from_bnb expects a quantized bitsandbytes Linear4bit (weight a Params4bit with a "
                              "quant_state); call .to(device) on it first: bitsandbytes quantizes on the first move")
         bad = set(lora_kwargs) - {"r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights",
-                                  "adapter_name", "compute_dtype"}
+                                  "adapter_name", "compute_dtype", "use_dora"}
         if bad:
             raise ValueError(f"from_bnb does not take {sorted(bad)}: the 4-bit format comes from the bnb layer")
         if lora_kwargs.get("init_lora_weights") == "loftq":
@@ -532,21 +540,31 @@ class QLoRALinear(nn.Module):
     # ------------------------------------------------------------------ adapters (peft's API)
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                      init_lora_weights: bool | str = True, use_rslora: bool = False, *,
-                     original_weight: torch.Tensor | None = None, loftq_iter: int = 1) -> None:
+                     original_weight: torch.Tensor | None = None, loftq_iter: int = 1, use_dora: bool = False) -> None:
         """Add (or replace) adapter ``adapter_name``: ``lora_A [r, in]``, ``lora_B [out, r]`` float32.
 
         The first adapter becomes active; later ones are added inactive and frozen (peft's behaviour).
         ``init_lora_weights="loftq"`` needs ``original_weight`` (the float weight W that was quantized); with
         ``loftq_iter > 1`` the stored 4-bit weight is replaced by LoftQ's (see ``qkernels.loftq``).
         ``lora_alpha``, ``lora_dropout``, ``use_rslora``: as in ``QLoRALinear`` (scaling ``lora_alpha / r``, or
-        ``/ sqrt(r)`` with ``use_rslora``).
+        ``/ sqrt(r)`` with ``use_rslora``). ``use_dora``: a DoRA adapter (``qkernels.dora``): its magnitude
+        ``lora_magnitude_vector.<adapter_name>.weight`` (float32 ``[out_features]``) starts as the row norms of
+        ``W + s B A`` with the initialized A, B and ``W`` dequantized to its quant-state dtype (peft's
+        ``DoraLinearLayer.update_layer``, peft/tuners/lora/dora.py:101-130).
 
         Raises:
-            ValueError: a bad LoRA argument (named in the message), or ``"loftq"`` without ``original_weight``.
+            ValueError: a bad LoRA argument (named in the message), ``"loftq"`` without ``original_weight``, or
+                ``use_dora`` on a layer whose weight holds no values yet (the meta device).
         """
         _check_lora_args(r, lora_alpha, lora_dropout, init_lora_weights, adapter_name)
         if not isinstance(use_rslora, bool):
             raise ValueError(f"use_rslora must be a bool, got {use_rslora!r}")
+        if not isinstance(use_dora, bool):
+            raise ValueError(f"use_dora must be a bool, got {use_dora!r}")
+        if use_dora and (self.weight.is_meta or "weight" in self._unloaded):
+            raise ValueError("use_dora=True initializes the DoRA magnitude from the base weight's row norms, and this "
+                             "layer's weight holds no values (the meta device): load the base checkpoint first "
+                             "(load_state_dict(sd, assign=True)), then add the DoRA adapter (or load_adapter)")
         dev = self.weight.device
         A = nn.Linear(self.in_features, r, bias=False, device=dev, dtype=torch.float32)
         B = nn.Linear(r, self.out_features, bias=False, device=dev, dtype=torch.float32)
@@ -580,13 +598,25 @@ class QLoRALinear(nn.Module):
             nn.init.normal_(A.weight, std=1 / r)
             nn.init.zeros_(B.weight)
         # init_lora_weights=False: nn.Linear's default init for both, as peft
+        if "lora_magnitude_vector" not in self._modules:  # a layer pickled by an older qkernels
+            self.lora_magnitude_vector = nn.ModuleDict()
+        if adapter_name in self.lora_magnitude_vector:  # replaced: a plain adapter of that name keeps no magnitude
+            del self.lora_magnitude_vector[adapter_name]
+        if use_dora:  # after A, B (and a LoftQ weight) are final, as peft's layer.py:316-317 runs the variant's init
+            from .dora import DoraMagnitude, dora_weight_norm
+
+            W = self._dora_base_weight(A.weight.dtype)
+            self.lora_magnitude_vector[adapter_name] = DoraMagnitude(
+                dora_weight_norm(W, A.weight, B.weight, scaling).to(torch.float32))
+            del W
         self.lora_A[adapter_name] = A
         self.lora_B[adapter_name] = B
         self._lora_init = {**self._lora_init, adapter_name: init_lora_weights}  # for a meta layer's load
-        self._unloaded = self._unloaded - {f"lora_A.{adapter_name}.weight", f"lora_B.{adapter_name}.weight"}
+        self._unloaded = self._unloaded - {f"lora_A.{adapter_name}.weight", f"lora_B.{adapter_name}.weight",
+                                           f"lora_magnitude_vector.{adapter_name}.weight"}
         self.lora_dropout[adapter_name] = nn.Dropout(p=float(lora_dropout)) if lora_dropout > 0 else nn.Identity()
-        for m in (A, B, self.lora_dropout[adapter_name]):  # an adapter added to a layer in eval mode is in eval mode
-            m.train(self.training)
+        for m in (A, B, self.lora_dropout[adapter_name], *self._magnitude_modules(adapter_name)):
+            m.train(self.training)  # an adapter added to a layer in eval mode is in eval mode
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = scaling
@@ -604,6 +634,8 @@ class QLoRALinear(nn.Module):
             on = name == adapter_name
             self.lora_A[name].requires_grad_(on)
             self.lora_B[name].requires_grad_(on)
+            for mag in self._magnitude_modules(name):  # peft: the magnitude is an adapter layer (variants.py:143)
+                mag.requires_grad_(on)
         self.active_adapter = adapter_name
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -614,30 +646,37 @@ class QLoRALinear(nn.Module):
             raise ValueError(f"no adapter named {adapter_name!r}; this layer has {list(self.lora_A)}")
         for d in (self.lora_A, self.lora_B, self.lora_dropout):
             del d[adapter_name]
+        if adapter_name in self._magnitudes():
+            del self.lora_magnitude_vector[adapter_name]
         for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora):
             del d[adapter_name]
         self._lora_init = {k: v for k, v in self._lora_init.items() if k != adapter_name}
-        self._unloaded = self._unloaded - {f"lora_A.{adapter_name}.weight", f"lora_B.{adapter_name}.weight"}
+        self._unloaded = self._unloaded - {f"lora_A.{adapter_name}.weight", f"lora_B.{adapter_name}.weight",
+                                           f"lora_magnitude_vector.{adapter_name}.weight"}
         if self.active_adapter == adapter_name:
             self.active_adapter = None
             if len(self.lora_A):
                 self.set_adapter(next(iter(self.lora_A)))
 
     def set_lora_weight(self, adapter_name: str, which: str, value: torch.Tensor) -> None:
-        """Set ``lora_A`` or ``lora_B`` (``which``) of ``adapter_name`` to ``value`` (its shape; cast to its dtype).
+        """Set ``lora_A``, ``lora_B`` or a DoRA adapter's ``lora_magnitude_vector`` (``which``) of ``adapter_name`` to
+        ``value`` (its shape; cast to its dtype).
 
         Copies in place, so the Parameter (and an optimizer holding it) stays. On the meta device, where a copy is a
         no-op, the Parameter is replaced by one holding ``value`` on ``value``'s device: an adapter loaded into a meta
         model before its base checkpoint keeps its values (the base load then leaves them alone).
 
         Raises:
-            ValueError: ``which`` is neither "lora_A" nor "lora_B", the layer has no adapter ``adapter_name``, or
-                ``value``'s shape differs from the weight's.
+            ValueError: ``which`` is not "lora_A", "lora_B" or "lora_magnitude_vector", the layer has no adapter
+                ``adapter_name`` (or it is not a DoRA adapter, for the magnitude), or ``value``'s shape differs from
+                the weight's.
         """
-        if which not in ("lora_A", "lora_B"):
-            raise ValueError(f"which must be 'lora_A' or 'lora_B', got {which!r}")
+        if which not in ("lora_A", "lora_B", "lora_magnitude_vector"):
+            raise ValueError(f"which must be 'lora_A', 'lora_B' or 'lora_magnitude_vector', got {which!r}")
         if adapter_name not in self.lora_A:
             raise ValueError(f"no adapter named {adapter_name!r}; this layer has {list(self.lora_A)}")
+        if which == "lora_magnitude_vector" and adapter_name not in self._magnitudes():
+            raise ValueError(f"adapter {adapter_name!r} is not a DoRA adapter (use_dora=False): it has no magnitude")
         w = getattr(self, which)[adapter_name].weight
         if tuple(value.shape) != tuple(w.shape):
             raise ValueError(f"{which}.{adapter_name}.weight has shape {tuple(w.shape)}, got {tuple(value.shape)}")
@@ -648,6 +687,28 @@ class QLoRALinear(nn.Module):
             else:
                 w.copy_(value)
         self._unloaded = self._unloaded - {f"{which}.{adapter_name}.weight"}
+
+    def _magnitudes(self) -> nn.ModuleDict | dict:
+        """The DoRA magnitudes by adapter name (``{}`` on a layer pickled by an older qkernels)."""
+        return self._modules.get("lora_magnitude_vector") or {}
+
+    def _magnitude_modules(self, name: str) -> list[nn.Module]:
+        """``[the DoraMagnitude of adapter name]`` for a DoRA adapter, ``[]`` for a plain one."""
+        return [self._magnitudes()[name]] if name in self._magnitudes() else []
+
+    def is_dora(self, adapter_name: str) -> bool:
+        """Returns whether adapter ``adapter_name`` is a DoRA adapter (has a ``lora_magnitude_vector`` entry);
+        False for a plain or absent one."""
+        return adapter_name in self._magnitudes()
+
+    def _dora_base_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The base weight as peft's DoRA sees it, a new ``[out, in]`` tensor of ``dtype``: a 4-bit weight dequantized
+        to its quant-state dtype (bitsandbytes' ``dequantize_4bit``, peft/utils/integrations.py:116-123) then cast; a
+        float base's weight cast (dora.py:141-142)."""
+        if not self.quantized:
+            return self.weight.detach().to(dtype)
+        st = self.weight.quant_state
+        return dequantize_4bit(self.weight.data, st, st.dtype).to(dtype)
 
     def enable_adapters(self, enabled: bool) -> None:
         """peft's toggle: ``enabled=False`` runs the plain 4-bit linear, ``True`` the active adapter again."""
@@ -660,7 +721,8 @@ class QLoRALinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ dequant(W)^T + scaling * dropout(x) @ A^T @ B^T + bias`` with the active adapter.
+        """``x @ dequant(W)^T + scaling * dropout(x) @ A^T @ B^T + bias`` with the active adapter (a DoRA adapter:
+        rows rescaled by ``m / ||W + s B A||``, see ``qkernels.dora``).
 
         Args:
             x: ``[..., in_features]`` float32/float16/bfloat16 (cast to ``compute_dtype`` when that is set).
@@ -685,13 +747,26 @@ class QLoRALinear(nn.Module):
             p = getattr(self.lora_dropout[name], "p", 0.0)
             if self.training and not (A.requires_grad or B.requires_grad) and torch.is_grad_enabled():
                 _warn_frozen_adapter(name)
+        dora = name is not None and name in self._magnitudes()
         if not self.quantized:
+            if dora:
+                from .dora import dora_forward_float
+
+                return dora_forward_float(x, self.weight, A, B, self._magnitudes()[name].weight, scaling, self.bias,
+                                          self.lora_dropout[name], self.training)
             return self._float_forward(x, name, A, B, scaling)
         state = getattr(self.weight, "quant_state", None)
         if state is None:
             raise TypeError(_NO_QUANT_STATE.format(type(self.weight).__name__))
         cdt = self.compute_dtype
         xc = x if cdt is None or cdt == x.dtype else x.to(cdt)
+        if dora:
+            from .dora import dora_forward_4bit
+
+            W = self._dora_base_weight(A.dtype)  # for ||W + s B A|| only; freed on return, never saved for backward
+            y = dora_forward_4bit(x, xc, self.weight.data, state, W, A, B, self._magnitudes()[name].weight,
+                                  scaling, self.bias, self.lora_dropout[name], self.training)
+            return y if y.dtype == x.dtype else y.to(x.dtype)
         y = matmul_4bit_lora(xc, self.weight.data, state, A, B, scaling, self.bias, p, training=self.training)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
@@ -730,7 +805,8 @@ class QLoRALinear(nn.Module):
         return not self.quantized and getattr(self, "is_target_conv_1d_layer", False)
 
     def lora_delta(self, adapter_name: str | None = None) -> torch.Tensor:
-        """Returns ``scaling * B @ A`` of ``adapter_name`` (default: the active adapter), float32 ``[out, in]``.
+        """Returns ``scaling * B @ A`` of ``adapter_name`` (default: the active adapter), float32 ``[out, in]``. For a
+        DoRA adapter that is its LoRA part only (the merges apply the magnitude, see ``merge_and_unload``).
 
         Raises ValueError if there is no such adapter (or none is active)."""
         name = adapter_name or self.active_adapter
@@ -743,7 +819,8 @@ class QLoRALinear(nn.Module):
         return self.scaling[name] * (B @ A)
 
     def extra_repr(self) -> str:
-        lora = ", ".join(f"{n}: r={self.r[n]}, alpha={self.lora_alpha[n]}" for n in self.lora_A)
+        lora = ", ".join(f"{n}: r={self.r[n]}, alpha={self.lora_alpha[n]}{', dora' if self.is_dora(n) else ''}"
+                         for n in self.lora_A)
         if self.quantized:
             st = self.weight.quant_state
             base = (f"quant_type={st.quant_type}, blocksize={st.blocksize}, double_quant={st.nested}, "
@@ -764,7 +841,14 @@ class QLoRALinear(nn.Module):
         for name in self.lora_A:
             out[f"lora_A.{name}.weight"] = self.lora_A[name].weight
             out[f"lora_B.{name}.weight"] = self.lora_B[name].weight
+            if name in self._magnitudes():
+                out[f"lora_magnitude_vector.{name}.weight"] = self._magnitudes()[name].weight
         return out
+
+    def _adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """Every adapter's tensors by state-dict key (without prefix): LoRA A and B, and a DoRA adapter's magnitude
+        (``lora_magnitude_vector.<name>.weight``, peft's key). They load all together or not at all."""
+        return {k: t for k, t in self._local_tensors().items() if k not in ("weight", "bias")}
 
     def _track_meta(self) -> None:
         """Every tensor now on the meta device holds no value: record its key in ``_unloaded``."""
@@ -882,7 +966,7 @@ class QLoRALinear(nn.Module):
             self._pending_weight = pending
             self._unloaded = self._unloaded | {"weight"}
         assign = local_metadata.get("assign_to_params_buffers", False)
-        lora_keys = [f"{prefix}{which}.{name}.weight" for name in self.lora_A for which in ("lora_A", "lora_B")]
+        lora_keys = [prefix + k for k in self._adapter_tensors()]
         base_device = None
         if new_weight is not None:
             base_device = new_weight.device
@@ -890,8 +974,7 @@ class QLoRALinear(nn.Module):
             base_device = state_dict[wkey].device if self.weight.is_meta else self.weight.device
         if base_device is not None and not any(k in state_dict for k in lora_keys):
             self._init_unloaded_lora(base_device)  # a meta layer's LoRA, absent from a base checkpoint
-        lora = {f"{prefix}{which}.{name}.weight": getattr(self, which)[name].weight
-                for name in self.lora_A for which in ("lora_A", "lora_B")}
+        lora = {prefix + k: t for k, t in self._adapter_tensors().items()}
         present = [k for k in lora if k in state_dict]
         if len(present) < len(lora):
             # the LoRA children load after this method from the same dict: give the keys they must not take from
@@ -1056,6 +1139,8 @@ class QLoRALinear(nn.Module):
         for name in self.lora_A:
             expected[f"{prefix}lora_A.{name}.weight"] = tuple(self.lora_A[name].weight.shape)
             expected[f"{prefix}lora_B.{name}.weight"] = tuple(self.lora_B[name].weight.shape)
+            if self.is_dora(name):
+                expected[f"{prefix}lora_magnitude_vector.{name}.weight"] = (self.out_features,)
         for k, shape in expected.items():
             if k in state_dict:
                 v = state_dict[k]
