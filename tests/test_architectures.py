@@ -95,7 +95,8 @@ MOES = {
     "qwen3_moe": Arch("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
                       dict(MOE, head_dim=16, num_experts=4, moe_intermediate_size=64)),
 }
-ALL = {**ARCHS, **MOES}
+PHIMOE = Arch("PhimoeConfig", "PhimoeForCausalLM", dict(MOE, num_local_experts=4))
+ALL = {**ARCHS, **MOES, "phimoe": PHIMOE}
 
 
 def _classes(arch: Arch) -> tuple[type, type]:
@@ -358,3 +359,24 @@ def test_load_checkpoint_renames_ties_shards_and_reports_what_is_missing(saved, 
                                     strict=False) == (["transformer.ln_f.bias"], ["extra.weight"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         qkernels.load_checkpoint(bloom, tmp_path / "nowhere")
+
+
+def test_a_router_that_subclasses_linear_is_refused_and_the_rest_matches_peft(saved):
+    """PhiMoE's router is an nn.Linear subclass returning (logits, weights, experts): peft's all-linear wraps it and
+    its forward then fails (``'tuple' object has no attribute 'dtype'``); apply_qlora refuses it by name, and with the
+    exclusion it names wraps what peft wraps, with peft's outputs."""
+    arch, d = ALL["phimoe"], saved("phimoe")
+    theirs = peft.get_peft_model(_load("phimoe", d, four_bit=True), peft.LoraConfig(target_modules="all-linear"))
+    inputs = _inputs(arch, theirs)
+    with pytest.raises(AttributeError, match="'tuple' object has no attribute"):
+        _logits(theirs, inputs)
+    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.router' is a PhimoeTopKRouter: its forward returns "
+                                         r"tuple.*exclude_modules=\['router'\]"):
+        _apply(_load("phimoe", d, four_bit=True))
+    ours = _apply(_load("phimoe", d, four_bit=True), exclude_modules=["router"])
+    theirs = peft.get_peft_model(_load("phimoe", d, four_bit=True), peft.LoraConfig(
+        target_modules="all-linear", exclude_modules=["router"], r=R, lora_alpha=ALPHA))
+    assert _lora_names(ours) == _lora_names(theirs) and _lora_names(theirs)
+    randomize(ours, "default", seed=2)
+    _copy_lora(ours, theirs)
+    assert_matches(_logits(ours, inputs), _logits(theirs, inputs), _logits(_reference64("phimoe", d, ours), inputs))
