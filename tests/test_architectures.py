@@ -380,3 +380,26 @@ def test_a_router_that_subclasses_linear_is_refused_and_the_rest_matches_peft(sa
     randomize(ours, "default", seed=2)
     _copy_lora(ours, theirs)
     assert_matches(_logits(ours, inputs), _logits(theirs, inputs), _logits(_reference64("phimoe", d, ours), inputs))
+
+
+def test_quantize_checkpoint_leaves_linear_subclasses_float_as_transformers_loader(saved, tmp_path):
+    """transformers' bitsandbytes loader converts ``type(m) is nn.Linear`` only: quantize_checkpoint wrote Falcon's
+    FalconLinear layers 4-bit, and ``from_pretrained`` of the result failed on a size mismatch; on PhiMoE it took the
+    router (``PhimoeTopKRouter``) for a target and failed on its key. 'all-linear' now leaves them float (PhiMoE's
+    files equal transformers' own 4-bit save, tensor for tensor, and load); a list naming one is refused, and a model
+    whose every Linear is a subclass (Falcon) is refused, saying to use apply_qlora."""
+    d = saved("phimoe")
+    qkernels.quantize_checkpoint(d, tmp_path / "q", target_modules="all-linear", double_quant=False)
+    _load("phimoe", d, four_bit=True).save_pretrained(tmp_path / "t")
+    ours, theirs = load_file(tmp_path / "q" / "model.safetensors"), load_file(tmp_path / "t" / "model.safetensors")
+    assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = _exact_bnb(transformers.PhimoeForCausalLM.from_pretrained(tmp_path / "q").eval())
+    inputs = _inputs(ALL["phimoe"], loaded)
+    assert torch.equal(_logits(loaded, inputs), _logits(_load("phimoe", tmp_path / "t", four_bit=False), inputs))
+    with pytest.raises(ValueError, match=r"PhimoeTopKRouter.*subclass nn.Linear.*exclude_modules=\['router'\]"):
+        qkernels.quantize_checkpoint(d, tmp_path / "q2", target_modules=["q_proj", "router"])
+    with pytest.raises(ValueError, match=r"every target is one of \['FalconLinear'\].*apply_qlora"):
+        qkernels.quantize_checkpoint(saved("falcon"), tmp_path / "q3", target_modules="all-linear")
+    assert not (tmp_path / "q2").exists() or not any((tmp_path / "q2").iterdir())
