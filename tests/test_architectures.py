@@ -403,3 +403,15 @@ def test_quantize_checkpoint_leaves_linear_subclasses_float_as_transformers_load
     with pytest.raises(ValueError, match=r"every target is one of \['FalconLinear'\].*apply_qlora"):
         qkernels.quantize_checkpoint(saved("falcon"), tmp_path / "q3", target_modules="all-linear")
     assert not (tmp_path / "q2").exists() or not any((tmp_path / "q2").iterdir())
+
+
+@pytest.mark.parametrize("kind", [k for k in ALL if k != "falcon"])  # falcon: refused (the test above)
+def test_quantize_checkpoint_equals_transformers_own_4bit_save(kind, saved, tmp_path):
+    """Without double quantization, quantize_checkpoint's file is transformers' 4-bit save_pretrained, tensor for
+    tensor (the experts of a mixture of experts, 3-D in the model, stay float per expert in both)."""
+    d = saved(kind)
+    qkernels.quantize_checkpoint(d, tmp_path / "q", target_modules="all-linear", double_quant=False)
+    _load(kind, d, four_bit=True).save_pretrained(tmp_path / "t")
+    ours, theirs = load_file(tmp_path / "q" / "model.safetensors"), load_file(tmp_path / "t" / "model.safetensors")
+    assert sorted(ours) == sorted(theirs)
+    assert [k for k in ours if not torch.equal(ours[k], theirs[k])] == []
