@@ -2,15 +2,18 @@
 
 For each architecture, a tiny seeded model (hidden 64, 2 layers, vocab 64; nothing downloaded), saved once, then:
 
-1. bitsandbytes quantizes it at load (transformers' ``BitsAndBytesConfig``) and qkernels quantizes the same float
-   weights (``apply_qlora(model, "all-linear")``): the same modules are adapted as peft's
-   ``LoraConfig(target_modules="all-linear")`` on the bitsandbytes model, with the same packed bytes and scales, and
-   with the same (nonzero) A and B the logits agree.
+1. transformers loads it in 4 bits (``BitsAndBytesConfig``, bitsandbytes quantizing): ``apply_qlora(model,
+   "all-linear")`` adapts the modules peft's ``LoraConfig(target_modules="all-linear")`` adapts there, and with the
+   same (nonzero) A and B the logits agree with peft's. qkernels quantizing the same float weights gives the same
+   packed bytes and scales wherever bitsandbytes quantized, and then the same logits bit for bit.
 2. ``save_adapter`` loads in peft (``PeftModel.from_pretrained`` on the bitsandbytes base) with the same logits, and
    peft's saved adapter loads with ``load_adapter``.
 3. transformers' 4-bit checkpoint (``save_pretrained`` of the bitsandbytes model) loads into a meta-device model
-   after ``apply_qlora`` (the README's flow), bit-identical to the model qkernels quantized.
-4. ``merge_and_unload`` keeps the logits; two AdamW steps lower the loss; ``generate()`` runs.
+   after ``apply_qlora`` with ``load_checkpoint`` (the README's flow), bit-identical to the wrapped bitsandbytes model.
+4. ``merge_and_unload`` keeps the logits; three AdamW steps lower the loss; ``generate()`` runs.
+
+Also: mixtures of experts, an ``nn.Linear`` subclass that is a router (PhiMoE), ``load_checkpoint``'s renames, ties
+and shards, ``quantize_checkpoint`` against transformers' own 4-bit save, and bfloat16 merges.
 
 No double quantization in this file: bitsandbytes' CPU path rounds nested scales approximately (±1 code in ~0.2% of
 scales, docs/format.md), so only without it do both quantizers give the same bytes and the comparison isolate the
