@@ -347,7 +347,33 @@ def apply_qlora(
     if save_names:
         wrap_modules_to_save(model, modules_to_save, adapter_name)
     _mark_bnb_model_trainable(model)
+    _prepare_for_gradient_checkpointing(model)
     return model
+
+
+def _prepare_for_gradient_checkpointing(model: nn.Module) -> None:
+    """peft's ``PeftModel._prepare_model_for_gradient_checkpointing``, which ``get_peft_model`` runs when the model
+    already checkpoints (``is_gradient_checkpointing``; absent counts as True) and is not loaded in 4 or 8 bits: make
+    the input embeddings' output require grad, so that torch's reentrant checkpoint, whose inputs must require grad,
+    passes gradients to the LoRA weights inside. transformers does it itself only for models whose input is
+    ``input_ids``: Whisper (``input_features``) failed with "element 0 of tensors does not require grad" where peft
+    trained."""
+    flag = getattr(model, "is_activation_checkpointing", None)
+    if flag is None:
+        with warnings.catch_warnings():  # transformers 5 deprecates this name for is_activation_checkpointing
+            warnings.simplefilter("ignore", FutureWarning)
+            flag = getattr(model, "is_gradient_checkpointing", True)
+    if not flag or any(getattr(model, a, False) for a in ("is_loaded_in_8bit", "is_loaded_in_4bit", "is_quantized")):
+        return
+    if callable(getattr(model, "enable_input_require_grads", None)):
+        model.enable_input_require_grads()
+    elif callable(getattr(model, "get_input_embeddings", None)) and model.get_input_embeddings() is not None:
+        model.get_input_embeddings().register_forward_hook(_output_requires_grad)
+
+
+def _output_requires_grad(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+    """Forward hook (a module-level function: a model holding it still pickles)."""
+    output.requires_grad_(True)
 
 
 def _mark_bnb_model_trainable(model: nn.Module) -> None:

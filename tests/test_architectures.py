@@ -443,3 +443,25 @@ def test_bfloat16_model_and_its_merge_are_within_bfloat16_rounding(kind, saved):
     for label, model in (("qkernels", ours), ("merged", merge_and_unload(copy.deepcopy(ours)))):
         err = (_logits(model, inputs).double() - want).abs().max()
         assert err <= tol, f"{label}: {err:.3g} > {tol:.3g}"
+
+
+def test_reentrant_checkpointing_enabled_before_apply_qlora_trains_whisper_as_peft(saved):
+    """peft's get_peft_model makes the input embeddings' output require grad when the model already checkpoints;
+    transformers does it itself only for ``input_ids`` models. On Whisper (``input_features``) torch's reentrant
+    checkpoint then got no input requiring grad: "element 0 of tensors does not require grad" where peft trained. Now
+    the LoRA gradients equal those without checkpointing (Whisper's dropouts are 0 by default)."""
+    arch, d = ALL["whisper"], saved("whisper")
+    grads = {}
+    for checkpointing in (False, True):
+        model = _load("whisper", d, four_bit=False)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        _apply(model)
+        randomize(model, "default", seed=2)
+        model.train()
+        inputs = _inputs(arch, model)
+        model(**inputs, labels=inputs["decoder_input_ids"]).loss.backward()
+        grads[checkpointing] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads[True].keys() == grads[False].keys() and all(g is not None for g in grads[True].values())
+    for n, g in grads[False].items():
+        assert torch.allclose(grads[True][n], g, rtol=1e-5, atol=1e-7), n  # recomputed in the same order: ~equal
