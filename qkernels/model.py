@@ -611,15 +611,16 @@ def _is_bnb_layer(m: nn.Module) -> bool:
 
 
 def _linear_forward_differs(m: nn.Linear) -> str | None:
-    """Why ``m``'s own ``forward`` is not ``x @ W^T + b`` (None when it is, or when ``m`` does not override it).
+    """Why ``m``'s own ``forward`` is not ``x @ W^T + b`` (None when it is, when ``m`` does not override it, or when
+    its weight is not float, which apply_qlora refuses on its own).
 
     Checked on one seeded 2-row input in the weight's dtype, hooks bypassed: the output must be one tensor of shape
     ``[2, out_features]`` and, on real weights, within twice the float rounding bound of ``F.linear``
     (``2 * gamma_K * (|x| @ |W|^T + |b|)``, K = in_features: the two only differ in summation order). On the meta
     device only the type and shape can be checked."""
-    if type(m).forward is nn.Linear.forward:
-        return None
     w, b = m.weight, m.bias
+    if type(m).forward is nn.Linear.forward or not w.is_floating_point():  # integer weights: apply_qlora names them
+        return None
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, m.in_features, generator=g).to(w.dtype).to(w.device)
     try:
