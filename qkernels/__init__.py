@@ -22,7 +22,8 @@ Modules and models
 - adapters in peft's format: ``save_adapter``, ``load_adapter``, ``add_adapter``, ``set_adapter``,
   ``disable_adapters`` (a context manager), ``delete_adapter``, ``adapter_names``; ``ModulesToSaveWrapper`` (peft's
   ``modules_to_save``: modules trained in full, one copy per adapter)
-- big models: ``QLoRALinear`` / ``apply_qlora`` on the meta device, then ``load_state_dict(sd, assign=True)``;
+- big models: ``QLoRALinear`` / ``apply_qlora`` on the meta device, then ``load_checkpoint(model, dir)`` (transformers'
+  key names and tied weights) or ``load_state_dict(sd, assign=True)``;
   ``quantize_checkpoint(src_dir, dst_dir, ...)`` streams a float safetensors checkpoint into a bitsandbytes 4-bit one
 
 Training (``qkernels.integrations``)
@@ -47,6 +48,7 @@ from .adapters import (
     save_adapter,
     set_adapter,
 )
+from .checkpoint import load_checkpoint
 from .codebooks import QuantType, dynamic_map, fp4_codebook, get_codebook, nf4_codebook
 from .convert import quantize_checkpoint
 from .functional import (
@@ -88,6 +90,7 @@ __all__ = [
     "fp4_codebook",
     "get_codebook",
     "load_adapter",
+    "load_checkpoint",
     "loftq_init",
     "lora_scaling",
     "matmul_4bit_lora",

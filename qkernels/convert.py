@@ -125,6 +125,31 @@ def _check_not_kept_in_float(model: nn.Module, names: list[str], target_modules:
             "them ('all-linear' leaves them float by itself)")
 
 
+def _drop_linear_subclasses(model: nn.Module, names: list[str], target_modules: Any) -> list[str]:
+    """transformers' bitsandbytes loader converts ``type(module) is nn.Linear`` and ``Conv1D`` only
+    (``integrations.bitsandbytes.replace_with_bnb_linear``): a subclass (Falcon's ``FalconLinear``) stays a float
+    layer, which cannot take packed bytes (``from_pretrained`` failed on a size mismatch). 'all-linear' or a regex
+    leaves them float, as transformers' own 4-bit save does; a list naming them is refused."""
+    sub = [n for n in names if isinstance(model.get_submodule(n), nn.Linear) and type(model.get_submodule(n))
+           is not nn.Linear]
+    if not sub:
+        return names
+    kinds = sorted({type(model.get_submodule(n)).__name__ for n in sub})
+    why = (f"{kinds} subclass nn.Linear, and transformers' bitsandbytes loader converts only nn.Linear itself "
+           "(and Conv1D): it keeps them float, so 4-bit weights there would not load")
+    if not isinstance(target_modules, str):
+        raise ValueError(f"target modules {sub[:4]}{' ...' if len(sub) > 4 else ''} of {type(model).__name__}: {why}. "
+                         f"Leave them out: exclude_modules={sorted({n.rsplit('.', 1)[-1] for n in sub})!r}")
+    left = [n for n in names if n not in sub]
+    if not left:
+        raise ValueError(f"target_modules={target_modules!r} on {type(model).__name__}: every target is one of "
+                         f"{kinds}; {why}, so the checkpoint would hold no 4-bit weight. Load the float model and "
+                         "call qkernels.apply_qlora on it instead (it quantizes them)")
+    logger.info("quantize_checkpoint: %d nn.Linear subclass layer(s) %s left float, as transformers' loader does: %s",
+                len(sub), kinds, sub[:4])
+    return left
+
+
 def _select_targets(header: dict, model: nn.Module | None, target_modules: Any, exclude_modules: Any,
                     no_model_reason: str = "") -> tuple[dict[str, bool], list[str]]:
     """``({module name: stored transposed (Conv1D)}, transformers' llm_int8_skip_modules)``; every check up front."""
@@ -152,6 +177,7 @@ def _select_targets(header: dict, model: nn.Module | None, target_modules: Any, 
             names = [n for n in names if n not in kept]  # does (an explicit list naming them is refused below)
             logger.info("quantize_checkpoint: %d module(s) of _keep_in_fp32_modules left float: %s", len(kept),
                         sorted(kept)[:4])
+        names = _drop_linear_subclasses(model, names, target_modules)
         _check_not_kept_in_float(model, names, target_modules)
         _check_not_tied(model, names)
         targets = {n: is_conv1d(model.get_submodule(n)) for n in names}

@@ -291,6 +291,7 @@ def apply_qlora(
                               modules_to_save)
     float_names = _float_base_names(model, names, keep_float_modules, init_lora_weights)
     _check_not_read_by_parent(model, names)
+    _check_forward_is_linear(model, names)
     clash = [(t, m) for t in names for m in save_names if t == m or t.startswith(m + ".") or m.startswith(t + ".")]
     if clash:  # peft's two rules differ (suffix vs dotted regex): one module can meet both; refuse before changing
         raise ValueError(f"module {clash[0][0]!r} is a LoRA target and module {clash[0][1]!r} a module to save; "
@@ -354,7 +355,33 @@ def apply_qlora(
     if save_names:
         wrap_modules_to_save(model, modules_to_save, adapter_name)
     _mark_bnb_model_trainable(model)
+    _prepare_for_gradient_checkpointing(model)
     return model
+
+
+def _prepare_for_gradient_checkpointing(model: nn.Module) -> None:
+    """peft's ``PeftModel._prepare_model_for_gradient_checkpointing``, which ``get_peft_model`` runs when the model
+    already checkpoints (``is_gradient_checkpointing``; absent counts as True) and is not loaded in 4 or 8 bits: make
+    the input embeddings' output require grad, so that torch's reentrant checkpoint, whose inputs must require grad,
+    passes gradients to the LoRA weights inside. transformers does it itself only for models whose input is
+    ``input_ids``: Whisper (``input_features``) failed with "element 0 of tensors does not require grad" where peft
+    trained."""
+    flag = getattr(model, "is_activation_checkpointing", None)
+    if flag is None:
+        with warnings.catch_warnings():  # transformers 5 deprecates this name for is_activation_checkpointing
+            warnings.simplefilter("ignore", FutureWarning)
+            flag = getattr(model, "is_gradient_checkpointing", True)
+    if not flag or any(getattr(model, a, False) for a in ("is_loaded_in_8bit", "is_loaded_in_4bit", "is_quantized")):
+        return
+    if callable(getattr(model, "enable_input_require_grads", None)):
+        model.enable_input_require_grads()
+    elif callable(getattr(model, "get_input_embeddings", None)) and model.get_input_embeddings() is not None:
+        model.get_input_embeddings().register_forward_hook(_output_requires_grad)
+
+
+def _output_requires_grad(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+    """Forward hook (a module-level function: a model holding it still pickles)."""
+    output.requires_grad_(True)
 
 
 def _mark_bnb_model_trainable(model: nn.Module) -> None:
@@ -522,8 +549,10 @@ def _float_base_names(model: nn.Module, names: list[str], keep_float_modules: An
                                  "it names target modules to keep in float")
             out |= hit
     modules = dict(model.named_modules())
-    if _loaded_in_4bit(model):
-        out |= {n for n in names if (type(modules[n]) is nn.Linear or is_conv1d(modules[n]))
+    if _loaded_in_4bit(model):  # transformers quantizes only `type(module) is nn.Linear` (replace_with_bnb_linear):
+        # its subclasses (Falcon's FalconLinear) stay float too, and peft adapts them as they are; GPT-2's Conv1D too
+        out |= {n for n in names if ((isinstance(modules[n], nn.Linear) and not _is_bnb_layer(modules[n]))
+                                     or is_conv1d(modules[n]))
                 and modules[n].weight.is_floating_point()}
     packed = sorted(n for n in out if _is_bnb_4bit(modules[n]))
     if packed:  # was: "linear.weight must be float32/float16/bfloat16 to quantize", after replacing earlier targets
@@ -630,6 +659,71 @@ def _check_not_read_by_parent(model: nn.Module, names: list[str]) -> None:
             "which read(s) the layer's weight directly (torch's fused attention / encoder-layer fast path) instead "
             f"of calling it: a 4-bit layer's packed weight cannot be read there, and a LoRA term would never run "
             f"(on a float base too). Leave them out: exclude_modules={hint!r}")
+
+
+def _is_bnb_layer(m: nn.Module) -> bool:
+    """A bitsandbytes layer (``Linear4bit``, ``Linear8bitLt``): an ``nn.Linear`` subclass with its own forward, handled
+    by ``from_bnb`` (4-bit) or refused (8-bit) on its own terms."""
+    return type(getattr(m, "weight", None)).__name__ in ("Params4bit", "Int8Params")
+
+
+def _linear_forward_differs(m: nn.Linear) -> str | None:
+    """Why ``m``'s own ``forward`` is not ``x @ W^T + b`` (None when it is, when ``m`` does not override it, or when
+    its weight is not float, which apply_qlora refuses on its own).
+
+    Checked on one seeded 2-row input in the weight's dtype, hooks bypassed: the output must be one tensor of shape
+    ``[2, out_features]`` and, on real weights, within twice the float rounding bound of ``F.linear``
+    (``2 * gamma_K * (|x| @ |W|^T + |b|)``, K = in_features: the two only differ in summation order). On the meta
+    device only the type and shape can be checked."""
+    w, b = m.weight, m.bias
+    if type(m).forward is nn.Linear.forward or not w.is_floating_point():  # integer weights: apply_qlora names them
+        return None
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, m.in_features, generator=g).to(w.dtype).to(w.device)
+    try:
+        with torch.no_grad():
+            y = type(m).forward(m, x)
+    except Exception as e:  # noqa: BLE001 - any failure on a plain [2, in] input means it is not a plain linear
+        return f"its forward fails on a [2, {m.in_features}] input ({type(e).__name__}: {e})"
+    if not isinstance(y, torch.Tensor) or y.shape != (2, m.out_features):
+        got = type(y).__name__ if not isinstance(y, torch.Tensor) else f"a tensor of shape {tuple(y.shape)}"
+        return f"its forward returns {got}, not one [2, {m.out_features}] tensor for a [2, {m.in_features}] input"
+    if w.is_meta:
+        return None
+    with torch.no_grad():
+        want = nn.functional.linear(x, w, b)
+        eps = torch.finfo(w.dtype).eps / 2
+        magnitude = x.abs().float() @ w.abs().float().t() + (0 if b is None else b.abs().float())
+        bound = 2 * m.in_features * eps * magnitude
+        err = (y.float() - want.float()).abs()
+    if not bool((err <= bound).all()):
+        return (f"its forward differs from x @ W^T + b by up to {float(err.max()):.3g} (rounding allows "
+                f"{float(bound.max()):.3g})")
+    return None
+
+
+def _check_forward_is_linear(model: nn.Module, names: list[str]) -> None:
+    """Refuse a target whose class subclasses ``nn.Linear`` but computes something else in its own ``forward``:
+    replacing it by a ``QLoRALinear`` (``x @ W^T + b`` plus LoRA) would change what the model computes. A router that
+    returns a tuple (Llama 4's ``Llama4Router``, PhiMoE's ``PhimoeTopKRouter``) made the model crash after apply_qlora,
+    a grouped projection (``DeepseekV4GroupedLinear``) would have given other numbers. peft's ``"all-linear"`` selects
+    them (``isinstance(module, nn.Linear)``) and its ``lora.Linear`` calls their forward, which then fails on the
+    tuple. Subclasses whose forward is the plain product (Falcon's ``FalconLinear``: ``x @ W.T + b``) pass."""
+    modules = dict(model.named_modules())
+    bad = {}
+    for n in names:
+        m = modules[n]
+        if isinstance(m, nn.Linear) and not isinstance(m, QLoRALinear) and not _is_bnb_layer(m):
+            why = _linear_forward_differs(m)
+            if why is not None:
+                bad[n] = f"{type(m).__name__}: {why}"
+    if bad:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in bad})
+        first = next(iter(bad))
+        raise ValueError(
+            f"target modules {list(bad)[:4]}{' ...' if len(bad) > 4 else ''} subclass nn.Linear but their forward is "
+            f"not x @ W^T + b ({first!r} is a {bad[first]}); a QLoRALinear in their place would compute "
+            f"something else. Leave them out: exclude_modules={leaves!r}")
 
 
 def _is_lora_param(pname: str) -> bool:

@@ -750,3 +750,56 @@ def test_all_linear_on_a_mixture_of_experts_is_refused_naming_the_list(monkeypat
     apply_qlora(model, ["k_proj", "o_proj", "q_proj", "v_proj"], r=4)
     want = _peft_targets(tf.MixtralForCausalLM(cfg), target_modules=["k_proj", "o_proj", "q_proj", "v_proj"])
     assert sorted(n for n, m in model.named_modules() if isinstance(m, QLoRALinear)) == sorted(want)
+
+
+class _Router(nn.Linear):
+    """A router as Llama 4's / PhiMoE's: an nn.Linear whose forward returns (logits, top-k indices)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = super().forward(x)
+        return logits, logits.topk(2, dim=-1).indices
+
+
+class _Scaled(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+class _Plain(nn.Linear):
+    """Falcon's FalconLinear: the plain product written out."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T + self.bias
+
+
+def _net_with_subclasses() -> Net:
+    net = Net()
+    net.layers[0].attn.q, net.layers[0].out, net.layers[1].attn.k = _Router(16, 16), _Scaled(16, 16), _Plain(16, 16)
+    return net
+
+
+def test_linear_subclasses_whose_forward_is_not_the_product_are_refused():
+    """peft's all-linear selects every nn.Linear subclass; replacing one whose forward does more than x @ W^T + b by
+    a QLoRALinear changed the model: a router's tuple became a tensor (Llama 4's / PhiMoE's MoE block then fails to
+    unpack it) and a scaled output lost its scale, silently. Refused before any change, naming the modules and the
+    exclusion; a subclass computing the plain product (Falcon's FalconLinear) is quantized as before."""
+    torch.manual_seed(0)
+    net = _net_with_subclasses()
+    with pytest.raises(ValueError, match=r"\['layers.0.attn.q', 'layers.0.out'\] subclass nn.Linear.*'layers.0.attn.q' "
+                                         r"is a _Router: its forward returns tuple.*exclude_modules=\['out', 'q'\]"):
+        apply_qlora(net, "all-linear", r=4)
+    assert not any(isinstance(m, QLoRALinear) for m in net.modules())
+    with pytest.raises(ValueError, match=r"'layers.0.out' is a _Scaled: its forward differs from x @ W\^T \+ b by up"):
+        apply_qlora(net, ["out"], r=4)
+    apply_qlora(net, "all-linear", r=4, exclude_modules=["out", "q"])
+    assert isinstance(net.layers[1].attn.k, QLoRALinear) and net.layers[1].attn.k.quantized
+
+
+def test_linear_subclasses_on_the_meta_device_are_checked_by_output_type_and_shape():
+    """On meta no value can be compared: the router (a tuple) is refused, the scaled one cannot be told apart."""
+    with torch.device("meta"):
+        net = _net_with_subclasses()
+    with pytest.raises(ValueError, match=r"\['layers.0.attn.q'\] subclass nn.Linear.*exclude_modules=\['q'\]"):
+        apply_qlora(net, "all-linear", r=4)
+    apply_qlora(net, "all-linear", r=4, exclude_modules=["q"])
+    assert isinstance(net.layers[0].out, QLoRALinear)

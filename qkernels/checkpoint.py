@@ -1,0 +1,138 @@
+"""Load a safetensors checkpoint (a transformers 4-bit one, qkernels' own) into a model after ``apply_qlora``, reading
+its keys as transformers' ``from_pretrained`` does.
+
+``model.load_state_dict(load_file(path), assign=True)`` is enough for a model whose checkpoint keys are its own
+state-dict keys. transformers 5 models are not all like that: ``save_pretrained`` writes the checkpoint's original
+names, which ``from_pretrained`` renames at load (GPT-NeoX's ``embed_out`` is the model's ``lm_head``:
+``transformers.conversion_mapping``), and it leaves out tied weights (Bloom's ``lm_head``, BART's ``embed_tokens``),
+which ``tie_weights()`` restores. ``load_checkpoint`` does both, shard by shard, and reports (or raises for) only what
+is really missing or unexpected. Checkpoint tensors that transformers converts at load, not just renames (a mixture
+of experts' per-expert weights merged into one 3-D parameter), are refused before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
+
+__all__ = ["load_checkpoint"]
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def _files(checkpoint: Path) -> list[Path]:
+    """A ``.safetensors`` file, or a directory's shards (those its index names) or its ``*.safetensors`` files."""
+    if checkpoint.is_file():
+        return [checkpoint]
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} does not exist (a directory holding model.safetensors "
+                                "or shards with model.safetensors.index.json, or one .safetensors file)")
+    index = checkpoint / INDEX_NAME
+    if index.is_file():
+        files = sorted({checkpoint / f for f in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        files = sorted(checkpoint.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} holds no *.safetensors file (convert a .bin "
+                                "checkpoint with save_pretrained(safe_serialization=True))")
+    return files
+
+
+def _keys(f: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(f, framework="pt", device="cpu") as sf:
+        return list(sf.keys())  # noqa: SIM118 - safe_open is not a dict
+
+
+def _renamer(model: nn.Module) -> Callable[[str], tuple[str, str | None]]:
+    """``key -> (model key, the pattern of a transformers converter that would change the tensor, or None)``: the
+    renamings transformers' ``from_pretrained`` applies to this model's checkpoint keys (its conversion mapping, and
+    adding / removing ``base_model_prefix``). The identity for a model that is not a transformers one."""
+    try:
+        from transformers import PreTrainedModel
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+    except ImportError:  # no transformers, or one without conversion mappings (4.x): keys are the model's own
+        return lambda k: (k, None)
+    if not isinstance(model, PreTrainedModel):
+        return lambda k: (k, None)
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    own = dict.fromkeys(model.state_dict(), True)
+    prefix = getattr(model, "base_model_prefix", None) or None
+    return lambda k: rename_source_key(k, renamings, converters, prefix, own)
+
+
+def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike, *, strict: bool = True) -> _IncompatibleKeys:
+    """Load ``checkpoint`` into ``model`` in place, shard by shard (``load_state_dict(shard, assign=True,
+    strict=False)``), with the key names transformers' ``from_pretrained`` would use, then ``model.tie_weights()``.
+
+    For a model built on the meta device and given ``apply_qlora`` (README): each ``QLoRALinear`` takes the
+    checkpoint's 4-bit format, and LoRA weights the checkpoint lacks are initialized. Peak memory: one shard.
+
+    Args:
+        model: the model (e.g. ``AutoModelForCausalLM.from_config(config)`` under ``init_empty_weights``, then
+            ``apply_qlora``).
+        checkpoint: a directory with ``model.safetensors`` or shards named by ``model.safetensors.index.json``, or one
+            ``.safetensors`` file.
+        strict: raise if a model tensor got no value (not in the checkpoint and not tied to one that is) or a
+            checkpoint key matches nothing.
+
+    Returns:
+        ``(missing_keys, unexpected_keys)`` as ``load_state_dict`` returns them, tied keys left out of the missing.
+
+    Raises:
+        FileNotFoundError: no checkpoint there.
+        ValueError: checkpoint tensors that transformers converts at load (merges, splits: a mixture of experts'
+            per-expert weights), named with the way to load them; nothing is loaded then.
+        RuntimeError: ``strict`` and keys missing or unexpected (the tensors found were loaded).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    from safetensors.torch import load_file
+
+    files = _files(Path(checkpoint))
+    rename = _renamer(model)
+    converted = {}
+    for f in files:
+        for k in _keys(f):
+            _, pattern = rename(k)
+            if pattern is not None:
+                converted.setdefault(pattern, []).append(k)
+    if converted:
+        pattern, keys = next(iter(converted.items()))
+        raise ValueError(
+            f"checkpoint {str(checkpoint)!r}: transformers converts {sum(map(len, converted.values()))} of its tensors "
+            f"at load, not only renames them (pattern {pattern!r}, e.g. {keys[:2]}: {type(model).__name__} stores "
+            "them merged, e.g. a mixture of experts' 3-D expert weights), which load_checkpoint does not do. Load the "
+            "model with transformers instead, from_pretrained(checkpoint) (a 4-bit checkpoint keeps its "
+            "quantization_config), and call apply_qlora on it: it wraps the 4-bit layers as they are")
+    missing: set[str] | None = None
+    unexpected: list[str] = []
+    loaded: set[str] = set()
+    for f in files:
+        sd = {rename(k)[0]: v for k, v in load_file(f).items()}
+        result = model.load_state_dict(sd, strict=False, assign=True)
+        unexpected += result.unexpected_keys
+        loaded |= set(sd) - set(result.unexpected_keys)
+        missing = set(result.missing_keys) if missing is None else missing & set(result.missing_keys)
+    tie = getattr(model, "tie_weights", None)
+    if callable(tie):
+        tie()
+    state = model.state_dict(keep_vars=True)
+    filled = {id(state[k]) for k in loaded if k in state}
+    still = sorted(k for k in missing or () if isinstance(state.get(k), torch.Tensor) and id(state[k]) not in filled)
+    if strict and (still or unexpected):
+        raise RuntimeError(f"load_checkpoint({str(checkpoint)!r}) into {type(model).__name__}: missing keys "
+                           f"{still[:8]}{' ...' if len(still) > 8 else ''} (neither in the checkpoint nor tied to a "
+                           f"key that is), unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}; "
+                           "pass strict=False to keep what was loaded")
+    return _IncompatibleKeys(still, unexpected)
