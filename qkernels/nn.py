@@ -704,9 +704,11 @@ class QLoRALinear(nn.Module):
     def _dora_base_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The base weight as peft's DoRA sees it, a new ``[out, in]`` tensor of ``dtype``: a 4-bit weight dequantized
         to its quant-state dtype (bitsandbytes' ``dequantize_4bit``, peft/utils/integrations.py:116-123) then cast; a
-        float base's weight cast (dora.py:141-142)."""
+        float base's weight cast (dora.py:141-142), ``[out, in]`` for a Conv1D too (peft's ``transpose(weight,
+        fan_in_fan_out)``, dora.py:90 and 157: its norm is over output rows)."""
         if not self.quantized:
-            return self.weight.detach().to(dtype)
+            w = self.weight.detach()
+            return (w.t() if self._weight_in_out else w).to(dtype)
         st = self.weight.quant_state
         return dequantize_4bit(self.weight.data, st, st.dtype).to(dtype)
 
@@ -752,7 +754,10 @@ class QLoRALinear(nn.Module):
             if dora:
                 from .dora import dora_forward_float
 
-                return dora_forward_float(x, self.weight, A, B, self._magnitudes()[name].weight, scaling, self.bias,
+                # a Conv1D's [in, out] weight as peft's transpose(weight, fan_in_fan_out) sees it (dora.py:90, 157):
+                # F.linear(x, W^T) runs Conv1D's addmm(bias, x, W), and the norm is over output rows
+                w = self.weight.t() if self._weight_in_out else self.weight
+                return dora_forward_float(x, w, A, B, self._magnitudes()[name].weight, scaling, self.bias,
                                           self.lora_dropout[name], self.training)
             return self._float_forward(x, name, A, B, scaling)
         state = getattr(self.weight, "quant_state", None)
@@ -778,17 +783,21 @@ class QLoRALinear(nn.Module):
         with ``x`` in the LoRA weights' dtype, added and cast to the base result's dtype. ``compute_dtype`` does not
         apply. A Conv1D float base runs ``Conv1D.forward`` (``addmm(bias, x, W)``, W ``[in, out]``), as peft's
         base layer does there."""
-        if self._weight_in_out:
-            x2 = x.reshape(-1, x.shape[-1])
-            y2 = x2 @ self.weight if self.bias is None else torch.addmm(self.bias, x2, self.weight)
-            y = y2.view(*x.shape[:-1], self.out_features)
-        else:
-            y = torch.nn.functional.linear(x, self.weight, self.bias)
+        y = self._float_base_forward(x)
         if name is None:
             return y
         xl = x if x.dtype == A.dtype else x.to(A.dtype)
         lora = torch.nn.functional.linear(torch.nn.functional.linear(self.lora_dropout[name](xl), A), B)
         return (y + lora * scaling).to(y.dtype)
+
+    def _float_base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """A float base's own product, ``[..., out]`` in the weight's dtype: ``F.linear(x, W, bias)``, or for a Conv1D
+        (``W [in, out]``) ``Conv1D.forward``'s ``addmm(bias, x, W)``, as peft's base layer runs it."""
+        if not self._weight_in_out:
+            return torch.nn.functional.linear(x, self.weight, self.bias)
+        x2 = x.reshape(-1, x.shape[-1])
+        y2 = x2 @ self.weight if self.bias is None else torch.addmm(self.bias, x2, self.weight)
+        return y2.view(*x.shape[:-1], self.out_features)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Returns ``dequant(W)`` (a float base: ``W``) as a new ``[out_features, in_features]`` tensor of ``dtype``."""

@@ -849,3 +849,44 @@ def test_a_checkpoint_that_keeps_a_layer_float_loads_into_a_meta_model_with_keep
     ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(meta.eval()(ids).logits, ref.eval()(ids).logits)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5], ids=["nodrop", "drop"])
+def test_a_conv1d_float_base_with_dora_is_peft_dora_on_that_conv1d(dropout):
+    """Bug: DoRA on a float Conv1D base (keep_float_modules, a Conv1D bitsandbytes left float) failed at init with a
+    size mismatch (the row norm read the [in, out] weight as [out, in]); a square Conv1D (GPT-2's attn.c_proj) would
+    have taken column norms silently. peft's DoRA transposes the weight (fan_in_fan_out): the same magnitudes,
+    outputs and gradients as peft's lora.Linear on that Conv1D (dropout in training too: both recompute the base on
+    the same mask), and peft's merge."""
+    torch.manual_seed(0)
+    net = _ConvNet()
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c"], use_dora=True, lora_dropout=dropout)
+    with pytest.warns(UserWarning, match="fan_in_fan_out"):
+        theirs = peft.get_peft_model(copy.deepcopy(net), cfg).train()
+    lora = theirs.base_model.model.c
+    ours = QLoRALinear.from_linear(copy.deepcopy(net.c), quantize=False, r=4, lora_alpha=8, lora_dropout=dropout,
+                                   use_dora=True).train()
+    mag = ours.lora_magnitude_vector["default"].weight
+    assert mag.shape == (48,)
+    torch.testing.assert_close(mag, lora.lora_magnitude_vector["default"].weight, rtol=0, atol=0)
+    randomize(theirs, "default", seed=1)
+    with torch.no_grad():
+        lora.lora_magnitude_vector["default"].weight.mul_(1.25)
+    for which in ("lora_A", "lora_B", "lora_magnitude_vector"):
+        ours.set_lora_weight("default", which, getattr(lora, which)["default"].weight)
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(3)
+    y_ours = ours(x)
+    torch.manual_seed(3)
+    y_theirs = theirs(x)
+    ulp = torch.finfo(torch.float32).eps * float(y_theirs.detach().abs().max())
+    torch.testing.assert_close(y_ours, y_theirs, rtol=0, atol=8 * ulp)  # the same float32 ops, summed in another order
+    y_ours.square().sum().backward()
+    y_theirs.square().sum().backward()
+    for which in ("lora_A", "lora_B", "lora_magnitude_vector"):
+        g_theirs = getattr(lora, which)["default"].weight.grad
+        torch.testing.assert_close(getattr(ours, which)["default"].weight.grad, g_theirs, rtol=1e-5,
+                                   atol=1e-5 * float(g_theirs.abs().max()))
+    merged = merge_and_unload(nn.Sequential(ours))[0]
+    assert type(merged).__name__ == "Conv1D" and merged.weight.shape == (64, 48)
+    torch.testing.assert_close(merged.weight, theirs.merge_and_unload().c.weight, rtol=1e-6, atol=1e-6)
