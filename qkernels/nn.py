@@ -941,7 +941,9 @@ class QLoRALinear(nn.Module):
         together or not at all:
 
         - none present (a base-only checkpoint, e.g. bitsandbytes' ``Linear4bit``): the LoRA weights keep their
-          current values and are not reported missing, so ``load_state_dict(sd, strict=True)`` succeeds;
+          current values and are not reported missing, so ``load_state_dict(sd, strict=True)`` succeeds (a DoRA
+          magnitude still at its initial value, the old weight's row norms, takes the new weight's:
+          ``_dora_magnitudes_at_init``);
         - some but not all present: the absent ones are reported missing and ``load_state_dict`` raises
           ``RuntimeError`` (strict or not: half an adapter is never a valid load); nothing in this layer changes.
 
@@ -983,6 +985,9 @@ class QLoRALinear(nn.Module):
             base_device = state_dict[wkey].device if self.weight.is_meta else self.weight.device
         if base_device is not None and not any(k in state_dict for k in lora_keys):
             self._init_unloaded_lora(base_device)  # a meta layer's LoRA, absent from a base checkpoint
+        # DoRA magnitudes still at their initial value, the row norms of the weight being replaced, that the checkpoint
+        # does not give: taken again from the new weight below, as if the adapter were added after loading
+        dora_init = self._dora_magnitudes_at_init(state_dict, prefix) if base_device is not None else []
         lora = {prefix + k: t for k, t in self._adapter_tensors().items()}
         present = [k for k in lora if k in state_dict]
         if len(present) < len(lora):
@@ -1032,10 +1037,43 @@ class QLoRALinear(nn.Module):
         if not self.quantized:  # assign=True gives a float base the checkpoint's tensor, dtype included (nn.Linear's)
             self.float_dtype = self.weight.dtype
         self._unloaded = self._unloaded - loaded
+        if dora_init and "weight" in loaded and not self.weight.is_meta:
+            self._reinit_dora_magnitudes(dora_init)
         # a meta weight / bias assigned over a real one (assign=True) holds no value either (the LoRA weights are
         # assigned after this method, by the children: see `loaded`)
         self._unloaded = self._unloaded | {k for k in ("weight", "bias")
                                            if getattr(self, k) is not None and getattr(self, k).is_meta}
+
+    def _dora_magnitudes_at_init(self, state_dict: dict, prefix: str) -> list[str]:
+        """The DoRA adapters whose magnitude ``state_dict`` lacks and that still hold exactly the row norms of the
+        current weight (``||W + s B A||``, as ``update_layer`` set them): a base-only checkpoint loaded after
+        ``apply_qlora(use_dora=True)`` on a model built with other weights (``from_config`` on the CPU) would leave
+        them the norms of those weights, rescaling every row of the loaded model. A magnitude trained away from its
+        initial value is the adapter's own and stays (as in peft)."""
+        from .dora import dora_weight_norm
+
+        names = [n for n in self._magnitudes() if f"{prefix}lora_magnitude_vector.{n}.weight" not in state_dict]
+        if not names or self.weight.is_meta or "weight" in self._unloaded:
+            return []
+        out = []
+        for n in names:
+            A, B, m = self.lora_A[n].weight, self.lora_B[n].weight, self._magnitudes()[n].weight
+            if A.is_meta or B.is_meta or m.is_meta:
+                continue
+            norm = dora_weight_norm(self._dora_base_weight(A.dtype), A, B, self.scaling[n]).to(torch.float32)
+            if torch.equal(norm, m.detach()):
+                out.append(n)
+        return out
+
+    def _reinit_dora_magnitudes(self, names: list[str]) -> None:
+        """Set the magnitudes of DoRA adapters ``names`` to the row norms of the (new) weight, in place (the same
+        Parameters: an optimizer holding them keeps them)."""
+        from .dora import dora_weight_norm
+
+        for n in names:
+            A, B, m = self.lora_A[n].weight, self.lora_B[n].weight, self._magnitudes()[n].weight
+            with torch.no_grad():
+                m.copy_(dora_weight_norm(self._dora_base_weight(A.dtype), A, B, self.scaling[n]))
 
     def _waiting_for(self, pieces: dict[str, Any], prefix: str) -> list[str]:
         """The keys (with ``prefix``) that ``pieces`` (the packed weight and quant-state entries seen so far) still

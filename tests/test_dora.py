@@ -403,6 +403,31 @@ def test_state_dict_holds_the_magnitudes_and_loads_them_together(x):
         dora_toy().load_state_dict(bad)
 
 
+def test_a_base_only_checkpoint_gives_initial_magnitudes_the_new_weights_row_norms(x):
+    """Bug: apply_qlora(use_dora=True) on a model built with other weights (from_config on the CPU), then a base-only
+    4-bit checkpoint loaded, kept the magnitudes of the old weights: every row of the loaded model rescaled (0.03 off
+    the base here) where a DoRA adapter at init is the base model. Magnitudes still at their initial value now follow
+    the new weight, a 4-bit one or a float base (the same Parameter); a trained magnitude stays, as in peft."""
+    src = apply_qlora(dense_toy(1), "all-linear", r=R, lora_alpha=ALPHA, compute_dtype=torch.float32,
+                      keep_float_modules=["up"])
+    base_only = {k: v for k, v in src.state_dict().items() if "lora_" not in k}
+    dst = dora_toy(keep_float_modules=["up"])
+    mag = dst.get_submodule("layers.0.up").lora_magnitude_vector["default"].weight
+    trained = dst.get_submodule("layers.1.down").lora_magnitude_vector["default"].weight
+    with torch.no_grad():
+        trained.mul_(1.5)
+    kept = trained.detach().clone()
+    dst.load_state_dict(base_only, strict=True)
+    assert dst.get_submodule("layers.0.up").lora_magnitude_vector["default"].weight is mag
+    assert torch.equal(trained, kept)
+    with torch.no_grad():
+        trained.copy_(dst.get_submodule("layers.1.down").dequantized_weight().norm(dim=1))
+        assert torch.equal(dst(x), src(x))  # B = 0: the base model's output, bit for bit
+    fresh = dora_toy(keep_float_modules=["up"])
+    fresh.load_state_dict(dst.state_dict())  # a checkpoint holding the magnitudes: they load as they are
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), dst.state_dict().values(), strict=True))
+
+
 # ---------------------------------------------------------------------------------------------- refusals
 def test_refusals_name_the_fix():
     with torch.device("meta"):
