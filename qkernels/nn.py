@@ -293,6 +293,7 @@ class QLoRALinear(nn.Module):
     # the packed weight and quant-state tensors of a load split across calls (transformers' sharded 4-bit checkpoints
     # put a weight's absmax and its quant_map / blob in different shards), by key without prefix, until complete
     _pending_weight: dict[str, torch.Tensor] = {}  # noqa: RUF012 - replaced, never mutated
+    _pending_dora: dict[str, torch.Tensor] = {}  # noqa: RUF012 - replaced, never mutated (_dora_magnitudes_at_init)
     quantized: bool = True  # False: a float base (quantize=False); the default for layers pickled by older qkernels
 
     def __init__(
@@ -973,7 +974,13 @@ class QLoRALinear(nn.Module):
         elif had_weight:
             new_weight = self._validated_weight(state_dict[wkey], qkeys, wkey, local_metadata)
         self._validate_other_keys(state_dict, prefix)
+        # DoRA magnitudes still at their initial value, the row norms of the weight being replaced, that the checkpoint
+        # does not give: taken again from the new weight below, as if the adapter were added after loading (a weight
+        # split over shards: judged on the first part, while the old weight is still here)
+        dora_init = {**self._pending_dora, **(self._dora_magnitudes_at_init(state_dict, prefix)
+                                              if had_weight or waiting else {})}
         if waiting:  # validated (a failed call keeps nothing): the weight waits for its other keys, unchanged
+            self._pending_dora = dora_init
             self._pending_weight = pending
             self._unloaded = self._unloaded | {"weight"}
         assign = local_metadata.get("assign_to_params_buffers", False)
@@ -985,9 +992,6 @@ class QLoRALinear(nn.Module):
             base_device = state_dict[wkey].device if self.weight.is_meta else self.weight.device
         if base_device is not None and not any(k in state_dict for k in lora_keys):
             self._init_unloaded_lora(base_device)  # a meta layer's LoRA, absent from a base checkpoint
-        # DoRA magnitudes still at their initial value, the row norms of the weight being replaced, that the checkpoint
-        # does not give: taken again from the new weight below, as if the adapter were added after loading
-        dora_init = self._dora_magnitudes_at_init(state_dict, prefix) if base_device is not None else []
         lora = {prefix + k: t for k, t in self._adapter_tensors().items()}
         present = [k for k in lora if k in state_dict]
         if len(present) < len(lora):
@@ -1037,41 +1041,47 @@ class QLoRALinear(nn.Module):
         if not self.quantized:  # assign=True gives a float base the checkpoint's tensor, dtype included (nn.Linear's)
             self.float_dtype = self.weight.dtype
         self._unloaded = self._unloaded - loaded
-        if dora_init and "weight" in loaded and not self.weight.is_meta:
+        if "weight" in loaded and not self.weight.is_meta:
             self._reinit_dora_magnitudes(dora_init)
+            self._pending_dora = {}
         # a meta weight / bias assigned over a real one (assign=True) holds no value either (the LoRA weights are
         # assigned after this method, by the children: see `loaded`)
         self._unloaded = self._unloaded | {k for k in ("weight", "bias")
                                            if getattr(self, k) is not None and getattr(self, k).is_meta}
 
-    def _dora_magnitudes_at_init(self, state_dict: dict, prefix: str) -> list[str]:
-        """The DoRA adapters whose magnitude ``state_dict`` lacks and that still hold exactly the row norms of the
-        current weight (``||W + s B A||``, as ``update_layer`` set them): a base-only checkpoint loaded after
-        ``apply_qlora(use_dora=True)`` on a model built with other weights (``from_config`` on the CPU) would leave
-        them the norms of those weights, rescaling every row of the loaded model. A magnitude trained away from its
-        initial value is the adapter's own and stays (as in peft)."""
+    def _dora_magnitudes_at_init(self, state_dict: dict, prefix: str) -> dict[str, torch.Tensor]:
+        """``{adapter: a copy of its magnitude}`` for the DoRA adapters whose magnitude ``state_dict`` lacks and that
+        still hold exactly the row norms of the current weight (``||W + s B A||``, as ``update_layer`` set them): a
+        base-only checkpoint loaded after ``apply_qlora(use_dora=True)`` on a model built with other weights
+        (``from_config`` on the CPU) would leave them the norms of those weights, rescaling every row of the loaded
+        model. A magnitude trained away from its initial value is the adapter's own and stays (as in peft)."""
         from .dora import dora_weight_norm
 
         names = [n for n in self._magnitudes() if f"{prefix}lora_magnitude_vector.{n}.weight" not in state_dict]
         if not names or self.weight.is_meta or "weight" in self._unloaded:
-            return []
-        out = []
+            return {}
+        out = {}
         for n in names:
             A, B, m = self.lora_A[n].weight, self.lora_B[n].weight, self._magnitudes()[n].weight
             if A.is_meta or B.is_meta or m.is_meta:
                 continue
             norm = dora_weight_norm(self._dora_base_weight(A.dtype), A, B, self.scaling[n]).to(torch.float32)
             if torch.equal(norm, m.detach()):
-                out.append(n)
+                out[n] = m.detach().clone()
         return out
 
-    def _reinit_dora_magnitudes(self, names: list[str]) -> None:
-        """Set the magnitudes of DoRA adapters ``names`` to the row norms of the (new) weight, in place (the same
-        Parameters: an optimizer holding them keeps them)."""
+    def _reinit_dora_magnitudes(self, at_init: dict[str, torch.Tensor]) -> None:
+        """Set the magnitudes of the DoRA adapters in ``at_init`` (``_dora_magnitudes_at_init``) to the row norms of
+        the (new) weight, in place (the same Parameters: an optimizer holding them keeps them); one that changed
+        since (loaded from another shard) stays."""
         from .dora import dora_weight_norm
 
-        for n in names:
+        for n, before in at_init.items():
+            if n not in self._magnitudes():
+                continue
             A, B, m = self.lora_A[n].weight, self.lora_B[n].weight, self._magnitudes()[n].weight
+            if m.is_meta or not torch.equal(m.detach(), before):
+                continue
             with torch.no_grad():
                 m.copy_(dora_weight_norm(self._dora_base_weight(A.dtype), A, B, self.scaling[n]))
 

@@ -423,6 +423,13 @@ def test_a_base_only_checkpoint_gives_initial_magnitudes_the_new_weights_row_nor
     with torch.no_grad():
         trained.copy_(dst.get_submodule("layers.1.down").dequantized_weight().norm(dim=1))
         assert torch.equal(dst(x), src(x))  # B = 0: the base model's output, bit for bit
+    shards = dora_toy(keep_float_modules=["up"])  # a weight split over two shards (transformers' sharded save can)
+    second = {k: v for k, v in base_only.items() if k.startswith("layers.0.q_proj.weight.quant")}
+    shards.load_state_dict({k: v for k, v in base_only.items() if k not in second}, strict=False)
+    shards.load_state_dict(second, strict=False)
+    with torch.no_grad():
+        shards.get_submodule("layers.1.down").lora_magnitude_vector["default"].weight.copy_(trained)
+        assert torch.equal(shards(x), src(x))
     fresh = dora_toy(keep_float_modules=["up"])
     fresh.load_state_dict(dst.state_dict())  # a checkpoint holding the magnitudes: they load as they are
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), dst.state_dict().values(), strict=True))
