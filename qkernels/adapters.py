@@ -238,8 +238,11 @@ def add_adapter(
         plan_modules_to_save(model, modules_to_save, name)  # validated before any change
     added = []
     try:
-        for _, m in mods:
-            _add_to_module(m, name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, use_dora)
+        for n, m in mods:
+            try:
+                _add_to_module(m, name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, use_dora)
+            except ValueError as e:
+                raise ValueError(f"module {n!r}: {e}") from e
             added.append(m)
     except Exception:  # e.g. use_dora on a meta layer: leave no module with half the adapter
         for m in added:

@@ -25,7 +25,7 @@ from torch import nn
 
 from .functional import dequantize_4bit, quantize_4bit
 from .modules_to_save import check_modules_to_save, plan_modules_to_save, wrap_modules_to_save, wrapper_modules
-from .nn import Params4bit, QLoRALinear, is_conv1d
+from .nn import Params4bit, QLoRALinear, _check_dora_norm, is_conv1d
 from .quant_state import as_dtype
 
 __all__ = [
@@ -315,6 +315,12 @@ def apply_qlora(
             raise ValueError(f"module {n!r} ({type(m).__name__}) holds a {m.weight.dtype} weight: only float "
                              "weights are quantized, and bitsandbytes 4-bit layers wrapped (8-bit layers are not "
                              "supported); load the model in float or in 4 bits")
+        elif use_dora and not m.weight.is_meta:  # before any change: DoRA's row scale would be 0/0 (QLoRALinear)
+            rows = m.weight.detach().abs().amax(dim=0 if is_conv1d(m) else 1)
+            try:
+                _check_dora_norm(rows)
+            except ValueError as e:
+                raise ValueError(f"module {n!r}: {e}") from None
     kwargs: dict[str, Any] = dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
                                   quant_type=quant_type, double_quant=double_quant, blocksize=blocksize,
                                   compute_dtype=compute_dtype, quant_storage=quant_storage,
@@ -333,12 +339,15 @@ def apply_qlora(
         m = modules[n]
         # a model loaded in 4 bits by bitsandbytes (transformers' BitsAndBytesConfig): wrap its packed weight as is
         # (its own quant_type / blocksize / double quant), as peft does; never requantize a 4-bit weight
-        if n in float_names:  # kept float, as peft + bitsandbytes keep it: LoRA on the float weight
-            layer = QLoRALinear.from_linear(m, quantize=False, **float_kwargs)
-        elif _is_bnb_4bit(m):
-            layer = QLoRALinear.from_bnb(m, **bnb_kwargs)
-        else:
-            layer = QLoRALinear.from_linear(m, **kwargs)
+        try:
+            if n in float_names:  # kept float, as peft + bitsandbytes keep it: LoRA on the float weight
+                layer = QLoRALinear.from_linear(m, quantize=False, **float_kwargs)
+            elif _is_bnb_4bit(m):
+                layer = QLoRALinear.from_bnb(m, **bnb_kwargs)
+            else:
+                layer = QLoRALinear.from_linear(m, **kwargs)
+        except ValueError as e:
+            raise ValueError(f"module {n!r}: {e}") from e
         # a new module starts in training mode; in a model in eval mode (from_pretrained returns one) that left LoRA
         # dropout on while model.training said False: generate() gave different tokens on each call
         layer.train(m.training)

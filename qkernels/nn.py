@@ -234,6 +234,18 @@ _UNLOADED = (
 
 
 # --------------------------------------------------------------------------------------------- the layer
+def _check_dora_norm(norm: torch.Tensor) -> None:
+    """Refuse a DoRA magnitude whose row norm ``||W + s B A||`` is 0: DoRA's scale ``m / ||W + s B A||`` is 0 / 0 there,
+    so that output (a tied head's logit of the padding token, whose embedding row is zero) is NaN, and so is the loss
+    (peft's too)."""
+    zero = (norm == 0).nonzero().flatten()
+    if zero.numel():
+        raise ValueError(f"use_dora=True: output row(s) {zero[:8].tolist()}{' ...' if zero.numel() > 8 else ''} of "
+                         "W + s B A are all zero (e.g. a tied head's padding-token embedding row), so DoRA's "
+                         "m / ||W + s B A|| is 0/0 and the outputs and loss NaN (as in peft): leave this module out of "
+                         "the DoRA adapter (exclude_modules / target_modules), or give it a plain LoRA adapter")
+
+
 class QLoRALinear(nn.Module):
     """``y = x @ dequant(W)^T + s * dropout(x) @ A^T @ B^T + bias`` with W frozen in 4 bits (drop-in nn.Linear).
 
@@ -607,9 +619,10 @@ class QLoRALinear(nn.Module):
             from .dora import DoraMagnitude, dora_weight_norm
 
             W = self._dora_base_weight(A.weight.dtype)
-            self.lora_magnitude_vector[adapter_name] = DoraMagnitude(
-                dora_weight_norm(W, A.weight, B.weight, scaling).to(torch.float32))
+            norm = dora_weight_norm(W, A.weight, B.weight, scaling).to(torch.float32)
             del W
+            _check_dora_norm(norm)
+            self.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm)
         self.lora_A[adapter_name] = A
         self.lora_B[adapter_name] = B
         self._lora_init = {**self._lora_init, adapter_name: init_lora_weights}  # for a meta layer's load

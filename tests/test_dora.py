@@ -455,6 +455,28 @@ def test_refusals_name_the_fix():
         model.get_submodule("layers.0.up").set_lora_weight("default", "lora_magnitude_vector", torch.ones(320))
 
 
+def test_dora_on_a_zero_row_is_refused_naming_the_module():
+    """Bug: DoRA on a tied head whose embedding has a zero padding-token row (Llama's padding_idx) gave NaN logits and
+    a NaN loss from the first step, m / ||W + s B A|| being 0/0 there (peft's too). apply_qlora and add_adapter refuse
+    it naming the module and the fix, before any change."""
+    from .test_float_base import TIED_TARGETS, tied_llama
+
+    model = tied_llama()
+    assert float(model.model.embed_tokens.weight[0].abs().max()) == 0.0  # padding_idx 0
+    with pytest.raises(ValueError, match=r"module 'lm_head': use_dora=True: output row\(s\) \[0\] .* 0/0 .*exclude"):
+        apply_qlora(model, TIED_TARGETS, r=R, lora_alpha=ALPHA, use_dora=True)
+    assert not any(isinstance(m, QLoRALinear) for m in model.modules())
+    apply_qlora(model, TIED_TARGETS, r=R, lora_alpha=ALPHA)
+    with pytest.raises(ValueError, match=r"module 'lm_head': use_dora=True: output row\(s\) \[0\]"):
+        adapters.add_adapter(model, "d", use_dora=True)
+    assert all("d" not in m.lora_A for m in model.modules() if isinstance(m, QLoRALinear))
+    adapters.add_adapter(model, "d", use_dora=True, target_modules=TIED_TARGETS[:-1])  # the fix the message names
+    adapters.set_adapter(model, "d")
+    ids = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
+
+
 # ---------------------------------------------------------------------------------------------- training
 def test_qdora_training_lowers_the_loss_on_a_tiny_llama():
     from .test_model import tiny_llama
