@@ -438,13 +438,23 @@ class QLoRALinear(nn.Module):
         ``tie_weights()`` assigns the input embedding's Parameter to a tied head this way, also to a meta layer that
         no checkpoint gave a weight (a tied head's weight is saved once, under the embedding): the weight counts as
         loaded then, ``float_dtype`` is its dtype, and LoRA weights that hold no value are initialized on its device
-        (as a checkpoint load without them does)."""
+        (as a checkpoint load without them does). DoRA magnitudes still at the old weight's row norms take the new
+        weight's (``_dora_magnitudes_at_init``)."""
+        at_init = {}
+        if (name == "weight" and not getattr(self, "quantized", True) and isinstance(value, torch.Tensor)
+                and not value.is_meta and "_modules" in self.__dict__ and not self.__dict__.get("_loading")
+                and value is not self._parameters.get("weight")):
+            # tie_weights() after a checkpoint replaced the embedding: DoRA magnitudes at init follow the new weight,
+            # as in a checkpoint load (_load_from_state_dict)
+            at_init = self._dora_magnitudes_at_init({}, "")
         super().__setattr__(name, value)
         if (name == "weight" and not getattr(self, "quantized", True) and isinstance(value, torch.Tensor)
                 and not value.is_meta and "weight" in self._unloaded and not self.__dict__.get("_loading")):
             self._unloaded = self._unloaded - {"weight"}
             self.float_dtype = value.dtype
             self._init_unloaded_lora(value.device)
+        if at_init:
+            self._reinit_dora_magnitudes(at_init)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -1096,7 +1106,12 @@ class QLoRALinear(nn.Module):
             if m.is_meta or not torch.equal(m.detach(), before):
                 continue
             with torch.no_grad():
-                m.copy_(dora_weight_norm(self._dora_base_weight(A.dtype), A, B, self.scaling[n]))
+                norm = dora_weight_norm(self._dora_base_weight(A.dtype), A, B, self.scaling[n])
+                m.copy_(norm)
+            try:
+                _check_dora_norm(norm)
+            except ValueError as e:  # mid-load: warn (the rest of the checkpoint still loads)
+                warnings.warn(f"DoRA adapter {n!r} after loading a new base weight: {e}", stacklevel=3)
 
     def _waiting_for(self, pieces: dict[str, Any], prefix: str) -> list[str]:
         """The keys (with ``prefix``) that ``pieces`` (the packed weight and quant-state entries seen so far) still

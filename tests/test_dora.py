@@ -477,6 +477,31 @@ def test_dora_on_a_zero_row_is_refused_naming_the_module():
         assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
 
 
+def test_a_tied_dora_head_follows_the_checkpoint_embedding_after_tie_weights(tmp_path):
+    """Bug: a tied head with DoRA on a model built with other weights, then load_checkpoint (the checkpoint holds the
+    embedding only; tie_weights() assigns it to the head): the head's magnitudes kept the old embedding's row norms,
+    logits 0.18 off the loaded model at B = 0. They follow the new weight, as a checkpoint load does."""
+    from safetensors.torch import save_file
+
+    from .test_float_base import TIED_TARGETS, tied_llama
+
+    def no_zero_row(seed, fill):  # DoRA refuses the zero padding row (test above)
+        model = tied_llama(seed)
+        with torch.no_grad():
+            model.model.embed_tokens.weight[0].fill_(fill)
+        return model
+
+    src = apply_qlora(no_zero_row(1, 0.02), TIED_TARGETS, r=R, lora_alpha=ALPHA)
+    sd = {k: v.contiguous() for k, v in src.state_dict().items() if "lora_" not in k and k != "lm_head.weight"}
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    dst = apply_qlora(no_zero_row(0, 0.01), TIED_TARGETS, r=R, lora_alpha=ALPHA, use_dora=True)
+    qkernels.load_checkpoint(dst, tmp_path)
+    assert dst.lm_head.weight is dst.model.embed_tokens.weight
+    ids = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(dst(input_ids=ids).logits, src(input_ids=ids).logits)
+
+
 # ---------------------------------------------------------------------------------------------- training
 def test_qdora_training_lowers_the_loss_on_a_tiny_llama():
     from .test_model import tiny_llama
