@@ -1224,8 +1224,16 @@ class QLoRALinear(nn.Module):
         for name in self.lora_A:
             expected[f"{prefix}lora_A.{name}.weight"] = tuple(self.lora_A[name].weight.shape)
             expected[f"{prefix}lora_B.{name}.weight"] = tuple(self.lora_B[name].weight.shape)
+            mkey = f"{prefix}lora_magnitude_vector.{name}.weight"
             if self.is_dora(name):
-                expected[f"{prefix}lora_magnitude_vector.{name}.weight"] = (self.out_features,)
+                expected[mkey] = (self.out_features,)
+            elif mkey in state_dict and f"{prefix}lora_A.{name}.weight" in state_dict:
+                # its A and B would load into this plain adapter and the magnitude be dropped as unexpected (with
+                # strict=False silently): plain LoRA with DoRA's A and B, another function
+                raise ValueError(f"{mkey!r}: the checkpoint's adapter {name!r} is a DoRA adapter and this layer's is "
+                                 "plain LoRA; give the model a DoRA adapter of that name first (apply_qlora(..., "
+                                 "use_dora=True) or add_adapter(model, name, use_dora=True): on a meta model, load "
+                                 "the base checkpoint first), or load the checkpoint's base keys only")
         for k, shape in expected.items():
             if k in state_dict:
                 v = state_dict[k]

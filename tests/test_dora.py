@@ -403,6 +403,23 @@ def test_state_dict_holds_the_magnitudes_and_loads_them_together(x):
         dora_toy().load_state_dict(bad)
 
 
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "nonstrict"])
+def test_a_dora_state_dict_into_a_plain_adapter_is_refused_naming_the_key(strict):
+    """Bug: a DoRA model's state dict (qkernels' own checkpoint) loaded into a model whose adapter of that name is
+    plain (a meta model, which cannot take use_dora=True) loaded A and B and dropped the magnitudes as unexpected:
+    with strict=False silently plain LoRA on DoRA's A and B, another function. Now a ValueError naming the key and
+    the fix, and that layer unchanged."""
+    src = dora_toy()
+    randomize_dora(src, "default", seed=1)
+    plain = apply_qlora(dense_toy(), "all-linear", r=R, lora_alpha=ALPHA, compute_dtype=torch.float32)
+    before = {k: v.clone() for k, v in plain.get_submodule("layers.0.q_proj").state_dict().items()}
+    with pytest.raises(ValueError, match=r"'layers\.0\.q_proj\.lora_magnitude_vector\.default\.weight': the "
+                                         r"checkpoint's adapter 'default' is a DoRA adapter .* use_dora=True"):
+        plain.load_state_dict(src.state_dict(), strict=strict)
+    after = plain.get_submodule("layers.0.q_proj").state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_a_base_only_checkpoint_gives_initial_magnitudes_the_new_weights_row_norms(x):
     """Bug: apply_qlora(use_dora=True) on a model built with other weights (from_config on the CPU), then a base-only
     4-bit checkpoint loaded, kept the magnitudes of the old weights: every row of the loaded model rescaled (0.03 off
