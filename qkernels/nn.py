@@ -1074,10 +1074,11 @@ class QLoRALinear(nn.Module):
 
     def _dora_magnitudes_at_init(self, state_dict: dict, prefix: str) -> dict[str, torch.Tensor]:
         """``{adapter: a copy of its magnitude}`` for the DoRA adapters whose magnitude ``state_dict`` lacks and that
-        still hold exactly the row norms of the current weight (``||W + s B A||``, as ``update_layer`` set them): a
-        base-only checkpoint loaded after ``apply_qlora(use_dora=True)`` on a model built with other weights
-        (``from_config`` on the CPU) would leave them the norms of those weights, rescaling every row of the loaded
-        model. A magnitude trained away from its initial value is the adapter's own and stays (as in peft)."""
+        still hold the row norms of the current weight (``||W + s B A||``, as ``update_layer`` set them; to 4 ulps of
+        the magnitude's dtype, as a model cast since rounded them): a base-only checkpoint loaded after
+        ``apply_qlora(use_dora=True)`` on a model built with other weights (``from_config`` on the CPU) would leave
+        them the norms of those weights, rescaling every row of the loaded model. A magnitude trained away from its
+        initial value is the adapter's own and stays (as in peft)."""
         from .dora import dora_weight_norm
 
         names = [n for n in self._magnitudes() if f"{prefix}lora_magnitude_vector.{n}.weight" not in state_dict]
@@ -1088,9 +1089,15 @@ class QLoRALinear(nn.Module):
             A, B, m = self.lora_A[n].weight, self.lora_B[n].weight, self._magnitudes()[n].weight
             if A.is_meta or B.is_meta or m.is_meta:
                 continue
-            norm = dora_weight_norm(self._dora_base_weight(A.dtype), A, B, self.scaling[n]).to(torch.float32)
-            if torch.equal(norm, m.detach()):
-                out[n] = m.detach().clone()
+            # update_layer's recipe (in the adapters' dtype), or in float32 for a model cast since (.to(bfloat16)
+            # rounded the float32 norms, and a float base's weight); equal within 4 ulps of the magnitude's dtype
+            mag = m.detach().float()
+            tol = 4 * torch.finfo(m.dtype).eps * mag.abs()
+            for dt in dict.fromkeys((A.dtype, torch.float32)):
+                norm = dora_weight_norm(self._dora_base_weight(dt), A.to(dt), B.to(dt), self.scaling[n]).float()
+                if bool(((norm - mag).abs() <= tol).all()):
+                    out[n] = m.detach().clone()
+                    break
         return out
 
     def _reinit_dora_magnitudes(self, at_init: dict[str, torch.Tensor]) -> None:

@@ -447,6 +447,12 @@ def test_a_base_only_checkpoint_gives_initial_magnitudes_the_new_weights_row_nor
     with torch.no_grad():
         shards.get_submodule("layers.1.down").lora_magnitude_vector["default"].weight.copy_(trained)
         assert torch.equal(shards(x), src(x))
+    cast = dora_toy(keep_float_modules=["up"]).to(torch.bfloat16)  # cast since: the float32 norms rounded
+    cast.load_state_dict(base_only)
+    for name, layer in qlora_layers(cast).items():
+        want = layer.dequantized_weight().norm(dim=1)  # the new weight's row norms (B = 0); the old ones are ~0.1 off
+        got = layer.lora_magnitude_vector["default"].weight.float()
+        torch.testing.assert_close(got, want, rtol=2**-7, atol=0, msg=name)  # two bfloat16 ulps: the norm rounded
     fresh = dora_toy(keep_float_modules=["up"])
     fresh.load_state_dict(dst.state_dict())  # a checkpoint holding the magnitudes: they load as they are
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), dst.state_dict().values(), strict=True))
