@@ -315,7 +315,8 @@ def apply_qlora(
             raise ValueError(f"module {n!r} ({type(m).__name__}) holds a {m.weight.dtype} weight: only float "
                              "weights are quantized, and bitsandbytes 4-bit layers wrapped (8-bit layers are not "
                              "supported); load the model in float or in 4 bits")
-        elif use_dora and not m.weight.is_meta:  # before any change: DoRA's row scale would be 0/0 (QLoRALinear)
+        elif use_dora and not m.weight.is_meta and init_lora_weights in (True, "gaussian"):
+            # before any change: B = 0, so an all-zero row of W makes DoRA's row scale 0/0 (QLoRALinear refuses it)
             rows = m.weight.detach().abs().amax(dim=0 if is_conv1d(m) else 1)
             try:
                 _check_dora_norm(rows)
