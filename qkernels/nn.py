@@ -1110,8 +1110,9 @@ class QLoRALinear(nn.Module):
             if n not in self._magnitudes():
                 continue
             A, B, m = self.lora_A[n].weight, self.lora_B[n].weight, self._magnitudes()[n].weight
-            if m.is_meta or not torch.equal(m.detach(), before):
-                continue
+            rows = self.out_features if self.quantized else self.weight.shape[1 if self._weight_in_out else 0]
+            if m.is_meta or rows != m.shape[0] or not torch.equal(m.detach(), before):
+                continue  # changed since (another shard), or a weight of another shape (left to forward's error)
             with torch.no_grad():
                 norm = dora_weight_norm(self._dora_base_weight(A.dtype), A, B, self.scaling[n])
                 m.copy_(norm)

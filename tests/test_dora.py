@@ -525,6 +525,17 @@ def test_a_tied_dora_head_follows_the_checkpoint_embedding_after_tie_weights(tmp
         assert torch.equal(dst(input_ids=ids).logits, src(input_ids=ids).logits)
 
 
+def test_a_float_base_weight_assigned_takes_new_norms_and_another_shape_is_left_to_forward():
+    """A float base's weight assigned (what tie_weights does): magnitudes at init follow it; one of another shape
+    (resize_token_embeddings on a tied head) does not fail the assignment on the norm (it failed with a size
+    mismatch inside __setattr__): forward names the shape problem as before."""
+    layer = QLoRALinear.from_linear(nn.Linear(16, 8), quantize=False, r=2, use_dora=True)
+    layer.weight = nn.Parameter(torch.randn(8, 16, generator=torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(layer.lora_magnitude_vector["default"].weight, layer.weight.norm(dim=1))
+    layer.weight = nn.Parameter(torch.randn(10, 16))
+    assert layer.lora_magnitude_vector["default"].weight.shape == (8,)
+
+
 # ---------------------------------------------------------------------------------------------- training
 def test_qdora_training_lowers_the_loss_on_a_tiny_llama():
     from .test_model import tiny_llama
