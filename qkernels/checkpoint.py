@@ -71,9 +71,34 @@ def _renamer(model: nn.Module) -> Callable[[str], tuple[str, str | None]]:
     return lambda k: rename_source_key(k, renamings, converters, prefix, own)
 
 
+def _tied_groups(model: nn.Module) -> list[list[str]]:
+    """The names of each Parameter the model holds under several names (a head tied to the embeddings)."""
+    by_id: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(n)
+    return [names for names in by_id.values() if len(names) > 1]
+
+
+def _retie(model: nn.Module, tied: list[list[str]], loaded: set[str]) -> None:
+    """Tie again what the model tied before loading: ``assign=True`` gives the name the checkpoint holds a new
+    Parameter, and a checkpoint saves a shared weight once (safetensors' ``save_model``, transformers), so the other
+    names would keep the old (meta) one. A model without ``tie_weights`` (nanoGPT's ``wte.weight = lm_head.weight``)
+    had no other way back; a transformers model's ``tie_weights()`` runs after this."""
+    for names in tied:
+        got = [n for n in names if n in loaded]
+        if not got:
+            continue
+        param = model.get_parameter(got[0])
+        for n in names:
+            if n not in loaded:
+                owner, _, leaf = n.rpartition(".")
+                setattr(model.get_submodule(owner) if owner else model, leaf, param)
+
+
 def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike, *, strict: bool = True) -> _IncompatibleKeys:
     """Load ``checkpoint`` into ``model`` in place, shard by shard (``load_state_dict(shard, assign=True,
-    strict=False)``), with the key names transformers' ``from_pretrained`` would use, then ``model.tie_weights()``.
+    strict=False)``), with the key names transformers' ``from_pretrained`` would use; then the Parameters the model
+    shared before loading (a tied head) are shared again, and ``model.tie_weights()`` runs where the model has it.
 
     For a model built on the meta device and given ``apply_qlora`` (README): each ``QLoRALinear`` takes the
     checkpoint's 4-bit format, and LoRA weights the checkpoint lacks are initialized. Peak memory: one shard.
@@ -118,12 +143,14 @@ def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike, *, strict: 
     missing: set[str] | None = None
     unexpected: list[str] = []
     loaded: set[str] = set()
+    tied = _tied_groups(model)
     for f in files:
         sd = {rename(k)[0]: v for k, v in load_file(f).items()}
         result = model.load_state_dict(sd, strict=False, assign=True)
         unexpected += result.unexpected_keys
         loaded |= set(sd) - set(result.unexpected_keys)
         missing = set(result.missing_keys) if missing is None else missing & set(result.missing_keys)
+    _retie(model, tied, loaded)
     tie = getattr(model, "tie_weights", None)
     if callable(tie):
         tie()

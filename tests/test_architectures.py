@@ -385,6 +385,38 @@ def test_a_router_that_subclasses_linear_is_refused_and_the_rest_matches_peft(sa
     assert_matches(_logits(ours, inputs), _logits(theirs, inputs), _logits(_reference64("phimoe", d, ours), inputs))
 
 
+class _NanoTied(nn.Module):
+    """nanoGPT's tie without transformers: ``wte.weight = lm_head.weight``, and no ``tie_weights``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte, self.fc = nn.Embedding(96, 64), nn.Linear(64, 64)
+        self.lm_head = nn.Linear(64, 96, bias=False)
+        self.wte.weight = self.lm_head.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(torch.relu(self.fc(self.wte(ids))))
+
+
+def test_load_checkpoint_reties_a_model_without_tie_weights(tmp_path):
+    """Bug: a model that shares a Parameter without transformers' tie_weights (nanoGPT) failed load_checkpoint with
+    "missing keys ['wte.weight'] (... not tied to a key that is)": safetensors saves the shared weight once and
+    assign=True gave only that name the new Parameter, the other kept the meta one. The model's ties are restored."""
+    from safetensors.torch import save_model
+
+    torch.manual_seed(0)
+    src = apply_qlora(_NanoTied(), ["fc", "lm_head"], r=4)
+    save_model(src, str(tmp_path / "model.safetensors"))  # keeps one name of the shared weight
+    with torch.device("meta"):
+        dst = _NanoTied()
+    apply_qlora(dst, ["fc", "lm_head"], r=4)
+    assert qkernels.load_checkpoint(dst, tmp_path) == ([], [])
+    assert dst.lm_head.weight is dst.wte.weight and not dst.lm_head.weight.is_meta
+    ids = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(dst(ids), src(ids))
+
+
 def test_quantize_checkpoint_leaves_linear_subclasses_float_as_transformers_loader(saved, tmp_path):
     """transformers' bitsandbytes loader converts ``type(m) is nn.Linear`` only: quantize_checkpoint wrote Falcon's
     FalconLinear layers 4-bit, and ``from_pretrained`` of the result failed on a size mismatch; on PhiMoE it took the
