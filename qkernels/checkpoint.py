@@ -144,6 +144,7 @@ def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike, *, strict: 
     unexpected: list[str] = []
     loaded: set[str] = set()
     tied = _tied_groups(model)
+    before = model.state_dict(keep_vars=True)  # the Parameters now: one replaced by a tie below is not missing
     for f in files:
         sd = {rename(k)[0]: v for k, v in load_file(f).items()}
         result = model.load_state_dict(sd, strict=False, assign=True)
@@ -156,7 +157,9 @@ def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike, *, strict: 
         tie()
     state = model.state_dict(keep_vars=True)
     filled = {id(state[k]) for k in loaded if k in state}
-    still = sorted(k for k in missing or () if isinstance(state.get(k), torch.Tensor) and id(state[k]) not in filled)
+    still = sorted(k for k in missing or () if isinstance(state.get(k), torch.Tensor) and id(state[k]) not in filled
+                   and not (isinstance(state[k], nn.Parameter) and state[k] is not before.get(k)
+                            and not state[k].is_meta))
     if strict and (still or unexpected):
         raise RuntimeError(f"load_checkpoint({str(checkpoint)!r}) into {type(model).__name__}: missing keys "
                            f"{still[:8]}{' ...' if len(still) > 8 else ''} (neither in the checkpoint nor tied to a "

@@ -22,6 +22,7 @@ import copy
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import nn
 
 __all__ = ["ModulesToSaveWrapper", "wrap_modules_to_save"]
@@ -149,6 +150,28 @@ class ModulesToSaveWrapper(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self._unloaded_copies = self._unloaded_copies - loaded
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """``nn.Module``'s, plus: a tensor assigned to a parameter name of the wrapped module (transformers'
+        ``tie_weights()`` sets a tied head's ``weight`` to the input embedding's) goes to ``original_module``, the
+        frozen base that the tie is about, and to each copy that holds no value yet (a clone, as a copy made after
+        loading would start). nn.Module's own ``__setattr__`` raised ``KeyError: "attribute 'weight' already
+        exists"`` there (the name reads through ``__getattr__``). Copies with values keep them: they train apart."""
+        orig = self.__dict__.get("_modules", {}).get("original_module")
+        if (orig is None or not isinstance(value, torch.Tensor) or name in self.__dict__.get("_parameters", {})
+                or name not in orig._parameters):
+            super().__setattr__(name, value)
+            return
+        setattr(orig, name, value)
+        if value.is_meta:
+            return
+        for adapter in sorted(self._unloaded_copies):
+            copy_ = self.modules_to_save[adapter]
+            old = copy_._parameters.get(name)
+            if old is not None and old.is_meta:
+                setattr(copy_, name, nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad))
+            if not any(t.is_meta for t in copy_.state_dict().values()):
+                self._unloaded_copies = self._unloaded_copies - {adapter}
 
     def __getattr__(self, name: str) -> Any:
         try:

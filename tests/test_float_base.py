@@ -890,3 +890,35 @@ def test_a_conv1d_float_base_with_dora_is_peft_dora_on_that_conv1d(dropout):
     merged = merge_and_unload(nn.Sequential(ours))[0]
     assert type(merged).__name__ == "Conv1D" and merged.weight.shape == (64, 48)
     torch.testing.assert_close(merged.weight, theirs.merge_and_unload().c.weight, rtol=1e-6, atol=1e-6)
+
+
+def test_a_tied_head_to_save_survives_tie_weights_and_load_checkpoint(tmp_path):
+    """Bug: modules_to_save=["lm_head"] on a tied model, then transformers' tie_weights() (load_checkpoint calls it;
+    so do resize_token_embeddings and the README's load_state_dict flow) raised KeyError "attribute 'weight' already
+    exists" (setattr on the wrapper). The tie goes to the frozen original head; a copy never loaded (meta) starts
+    from it, as if wrapped after loading; a copy with values keeps them."""
+    import accelerate
+    from safetensors.torch import save_file
+
+    from .test_training import _config
+
+    q = apply_qlora(tied_llama(1), LLAMA_TARGETS, r=4)
+    sd = {k: v.contiguous() for k, v in q.state_dict().items() if "lora_" not in k and k != "lm_head.weight"}
+    save_file(sd, str(tmp_path / "model.safetensors"))  # the tied head saved once, under the embedding
+    cfg = _config()
+    cfg.tie_word_embeddings = True
+    with accelerate.init_empty_weights():
+        meta = transformers.LlamaForCausalLM(cfg)
+    apply_qlora(meta, LLAMA_TARGETS, r=4, modules_to_save=["lm_head"])
+    assert qkernels.load_checkpoint(meta, tmp_path) == ([], [])
+    head = meta.lm_head
+    assert head.original_module.weight is meta.model.embed_tokens.weight
+    copy_ = head.modules_to_save["default"].weight
+    assert copy_ is not head.original_module.weight and torch.equal(copy_, head.original_module.weight)
+    assert copy_.requires_grad and not head.original_module.weight.requires_grad
+    ids = torch.randint(3, 96, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(meta(input_ids=ids).logits, q(input_ids=ids).logits)
+        copy_.add_(0.5)  # trained: a later tie_weights() leaves the copy alone
+    meta.tie_weights()
+    assert torch.equal(head.modules_to_save["default"].weight, copy_)
