@@ -792,8 +792,8 @@ class QLoRALinear(nn.Module):
         if dora:
             from .dora import dora_forward_4bit
 
-            W = self._dora_base_weight(A.dtype)  # for ||W + s B A|| only; freed on return, never saved for backward
-            y = dora_forward_4bit(x, xc, self.weight.data, state, W, A, B, self._magnitudes()[name].weight,
+            # ||W + s B A|| a slab of rows at a time (dora_weight_norm_4bit): nothing [out, in] kept or saved
+            y = dora_forward_4bit(x, xc, self.weight.data, state, A, B, self._magnitudes()[name].weight,
                                   scaling, self.bias, self.lora_dropout[name], self.training)
             return y if y.dtype == x.dtype else y.to(x.dtype)
         y = matmul_4bit_lora(xc, self.weight.data, state, A, B, scaling, self.bias, p, training=self.training)

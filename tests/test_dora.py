@@ -623,3 +623,27 @@ def test_bnb_loaded_model_meta_model_and_compile(tmp_path, x):
         eager, compiled = layer(xi), torch.compile(layer, fullgraph=True)(xi)
     ulp = torch.finfo(torch.float32).eps * float(eager.abs().max())
     torch.testing.assert_close(compiled, eager, rtol=0, atol=8 * ulp)  # inductor may reorder the elementwise ops
+
+
+@pytest.mark.parametrize("N,K,nested,dtype,storage", [
+    (96, 128, True, torch.float32, torch.uint8),    # nested blocks of 256 x 64 weights: slabs of 128 rows, then 2
+    (200, 96, False, torch.bfloat16, torch.uint8),  # plain scales: slabs of 2 rows
+    (130, 64, True, torch.float16, torch.bfloat16),  # a float quant_storage holding the bytes
+    (37, 33, True, torch.float32, torch.uint8),     # rows never start on a nested block: one slab, the whole weight
+])
+def test_dora_weight_norm_4bit_is_the_whole_matrix_norm(N, K, nested, dtype, storage):
+    """The slab-by-slab row norm the DoRA forward uses is peft's whole-matrix arithmetic (dequantize to the state's
+    dtype, cast to A's, B A, s * B A + W, norm), however the rows are cut: the same decoded weights, the same
+    operations; only the BLAS product's and the norm's summation order may change with a slab's row count (a few
+    float32 ulps: rtol 8 ulps of float32, on norms that sum K positive terms)."""
+    from qkernels.dora import dora_weight_norm, dora_weight_norm_4bit
+
+    g = torch.Generator().manual_seed(N + K)
+    W = (torch.randn(N, K, generator=g) * 0.05).to(dtype)
+    packed, state = qkernels.quantize_4bit(W, 64, "nf4", double_quant=nested, quant_storage=storage)
+    A = torch.randn(8, K, generator=g) * 0.1
+    B = torch.randn(N, 8, generator=g) * 0.1
+    whole = dora_weight_norm(qkernels.dequantize_4bit(packed, state, state.dtype).to(A.dtype), A, B, 2.0)
+    for chunk in (1, 1000, 1 << 20):
+        got = dora_weight_norm_4bit(packed, state, A, B, 2.0, chunk_weights=chunk)
+        torch.testing.assert_close(got, whole, rtol=8 * 2.0**-24, atol=0.0)
