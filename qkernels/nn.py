@@ -626,11 +626,9 @@ class QLoRALinear(nn.Module):
         if adapter_name in self.lora_magnitude_vector:  # replaced: a plain adapter of that name keeps no magnitude
             del self.lora_magnitude_vector[adapter_name]
         if use_dora:  # after A, B (and a LoftQ weight) are final, as peft's layer.py:316-317 runs the variant's init
-            from .dora import DoraMagnitude, dora_weight_norm
+            from .dora import DoraMagnitude
 
-            W = self._dora_base_weight(A.weight.dtype)
-            norm = dora_weight_norm(W, A.weight, B.weight, scaling).to(torch.float32)
-            del W
+            norm = self._dora_norm(A.weight, B.weight, scaling).to(torch.float32)
             _check_dora_norm(norm)
             self.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm)
         self.lora_A[adapter_name] = A
@@ -724,6 +722,16 @@ class QLoRALinear(nn.Module):
         """Returns whether adapter ``adapter_name`` is a DoRA adapter (has a ``lora_magnitude_vector`` entry);
         False for a plain or absent one."""
         return adapter_name in self._magnitudes()
+
+    def _dora_norm(self, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+        """``||W + scaling * B A||`` per row in A's dtype, no gradient, as the DoRA forward computes it (so a magnitude
+        set at init equals the forward's norm at B = 0): a 4-bit weight a slab of rows at a time
+        (``dora_weight_norm_4bit``), a float base's weight whole (``dora_weight_norm`` on ``_dora_base_weight``)."""
+        from .dora import dora_weight_norm, dora_weight_norm_4bit
+
+        if self.quantized:
+            return dora_weight_norm_4bit(self.weight.data, self.weight.quant_state, A, B, scaling)
+        return dora_weight_norm(self._dora_base_weight(A.dtype), A, B, scaling)
 
     def _dora_base_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The base weight as peft's DoRA sees it, a new ``[out, in]`` tensor of ``dtype``: a 4-bit weight dequantized
@@ -1079,8 +1087,6 @@ class QLoRALinear(nn.Module):
         ``apply_qlora(use_dora=True)`` on a model built with other weights (``from_config`` on the CPU) would leave
         them the norms of those weights, rescaling every row of the loaded model. A magnitude trained away from its
         initial value is the adapter's own and stays (as in peft)."""
-        from .dora import dora_weight_norm
-
         names = [n for n in self._magnitudes() if f"{prefix}lora_magnitude_vector.{n}.weight" not in state_dict]
         if not names or self.weight.is_meta or "weight" in self._unloaded:
             return {}
@@ -1094,7 +1100,7 @@ class QLoRALinear(nn.Module):
             mag = m.detach().float()
             tol = 4 * torch.finfo(m.dtype).eps * mag.abs()
             for dt in dict.fromkeys((A.dtype, torch.float32)):
-                norm = dora_weight_norm(self._dora_base_weight(dt), A.to(dt), B.to(dt), self.scaling[n]).float()
+                norm = self._dora_norm(A.to(dt), B.to(dt), self.scaling[n]).float()
                 if bool(((norm - mag).abs() <= tol).all()):
                     out[n] = m.detach().clone()
                     break
@@ -1104,8 +1110,6 @@ class QLoRALinear(nn.Module):
         """Set the magnitudes of the DoRA adapters in ``at_init`` (``_dora_magnitudes_at_init``) to the row norms of
         the (new) weight, in place (the same Parameters: an optimizer holding them keeps them); one that changed
         since (loaded from another shard) stays."""
-        from .dora import dora_weight_norm
-
         for n, before in at_init.items():
             if n not in self._magnitudes():
                 continue
@@ -1114,7 +1118,7 @@ class QLoRALinear(nn.Module):
             if m.is_meta or rows != m.shape[0] or not torch.equal(m.detach(), before):
                 continue  # changed since (another shard), or a weight of another shape (left to forward's error)
             with torch.no_grad():
-                norm = dora_weight_norm(self._dora_base_weight(A.dtype), A, B, self.scaling[n])
+                norm = self._dora_norm(A, B, self.scaling[n])
                 m.copy_(norm)
             try:
                 _check_dora_norm(norm)
