@@ -214,7 +214,7 @@ def linear_4bit_dx_impl(g, packed, scales, code, blocksize, K, lora_u, lora_A, l
 def _cpu_lora(y: torch.Tensor, impl: str) -> bool:
     """Whether the CPU LoRA kernels (csrc/cpu/lora.h) add the LoRA term into ``y``: the native CPU path with a build
     that has them (y is a fresh contiguous matmul output)."""
-    return impl == "cpu" and y.device.type == "cpu" and "lora_products" in _backend.native_ops(y.device)
+    return impl == "cpu" and _ops.native_lora(y.device)
 
 
 def _add_lora_dx(dx, lora_u, lora_A, lora_mask, impl: str = "reference", lora_mask_scale: float = 1.0) -> None:

@@ -373,7 +373,8 @@ def _check_lora_factor(f, rows: int | None, cols: int | None, like, name: str) -
         torch._check(f.shape[1] == cols, lambda: f"{name} must have {cols} columns, got shape {tuple(f.shape)}")
 
 
-def _native_lora(device: torch.device) -> bool:
+def native_lora(device: torch.device) -> bool:
+    """Whether the CPU LoRA kernels run on ``device``: a CPU, with a build that has them (the one test of it)."""
     return device.type == "cpu" and "lora_products" in _backend.native_ops(device)
 
 
@@ -394,7 +395,7 @@ def lora_down(x: torch.Tensor, A: torch.Tensor, scale: float, mask: torch.Tensor
 
 def lora_down_impl(x, A, scale, mask, mask_scale):
     """Body of ``qkernels::lora_down`` (checked arguments): the CPU kernel where built, else a float32 matmul."""
-    if _native_lora(x.device):
+    if native_lora(x.device):
         return _native.lora_down_cpu(x.contiguous(), A, scale, None if mask is None else mask.contiguous(),
                                      mask_scale)
     return (_dropped(x, mask, mask_scale) @ A.to(torch.float32).t()) * scale
@@ -418,7 +419,7 @@ def lora_gram(u: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None
 
 def lora_gram_impl(u, x, mask, mask_scale):
     """Body of ``qkernels::lora_gram`` (checked arguments): the CPU kernel where built, else a float32 matmul."""
-    if _native_lora(x.device):
+    if native_lora(x.device):
         return _native.lora_gram_cpu(u, x.contiguous(), None if mask is None else mask.contiguous(), mask_scale)
     return u.to(torch.float32).t() @ _dropped(x, mask, mask_scale)
 

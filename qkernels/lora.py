@@ -172,12 +172,11 @@ def _cpu_lora(x: torch.Tensor, backend: str | None) -> bool:
     """Whether the LoRA products run in the CPU LoRA kernels (csrc/cpu/lora.h: x read once in its dtype, float32
     sums, the dropout mask applied on the fly), through the ``qkernels::lora_down`` / ``lora_gram`` ops: on the
     native CPU path with a build that has them. Otherwise torch matmuls in ``_lora_dtype``."""
-    if x.device.type != "cpu":
+    if not _ops.native_lora(x.device):
         return False
     from . import _backend
 
-    return (_backend.resolve("linear_4bit", x.device, backend) == "cpu"
-            and "lora_products" in _backend.native_ops(x.device))
+    return _backend.resolve("linear_4bit", x.device, backend) == "cpu"
 
 
 def _lora_down(x, A, scale, mask, mask_scale):
