@@ -57,6 +57,21 @@ class _Net(nn.Module):
         return self.fc(x)
 
 
+def _embeds_logits(model: nn.Module, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Logits from ``ids``' embeddings in ``dtype``, fed as a grad-requiring ``inputs_embeds`` (bitsandbytes' exact
+    CPU path needs an input that requires grad, as in test_adapters' ``run``)."""
+    e = model.get_input_embeddings()(ids).to(dtype).detach().requires_grad_(True)
+    with torch.enable_grad():
+        return model(inputs_embeds=e).logits.detach()
+
+
+def _same_adapter_files(want_dir, got_dir) -> dict[str, torch.Tensor]:
+    """Assert two adapter directories hold the same tensors under the same keys; return the first's."""
+    want, got = (load_file(str(d / "adapter_model.safetensors")) for d in (want_dir, got_dir))
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    return want
+
+
 def _ours_and_peft(net: _Net) -> tuple[QLoRALinear, nn.Module]:
     """A float-base QLoRALinear on a copy of ``net.fc`` and peft's LoRA on a copy of ``net``, with the same (random,
     nonzero) A and B."""
@@ -214,19 +229,13 @@ def test_float_linears_of_a_4bit_llama_keep_a_float_base_and_give_peft_outputs(t
     ref = reference64(ours, tmp_path / "ad", tiny_llama)
     ids = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(1))
 
-    def logits(m, dtype):
-        e = m.get_input_embeddings()(ids).to(dtype).detach().requires_grad_(True)
-        with torch.enable_grad():
-            return m(inputs_embeds=e).logits.detach()
-
-    assert_matches(logits(ours, torch.float32), logits(theirs, torch.float32), logits(ref, torch.float64))
+    assert_matches(*(_embeds_logits(m, ids, dt) for m, dt in
+                     ((ours, torch.float32), (theirs, torch.float32), (ref, torch.float64))))
     # peft saved lm_head's base weight with the adapter (save_embedding_layers): so does save_adapter, and peft reads it
     adapters.save_adapter(ours, tmp_path / "again")
-    want, got = (load_file(str(d / "adapter_model.safetensors")) for d in (tmp_path / "ad", tmp_path / "again"))
-    assert "base_model.model.lm_head.base_layer.weight" in want
-    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert "base_model.model.lm_head.base_layer.weight" in _same_adapter_files(tmp_path / "ad", tmp_path / "again")
     again = peft.PeftModel.from_pretrained(load(), str(tmp_path / "again"))
-    assert torch.equal(logits(again, torch.float32), logits(theirs, torch.float32))
+    assert torch.equal(_embeds_logits(again, ids, torch.float32), _embeds_logits(theirs, ids, torch.float32))
     with pytest.raises(ValueError, match=r"output embedding 'lm_head'.*float base weight without its LoRA term"):
         _check_trl_model(ours, None)
     q = apply_qlora(tiny_llama(), targets, r=4)  # a float model: lm_head quantized, the packed-bytes reason
@@ -347,15 +356,10 @@ def test_a_conv1d_that_bitsandbytes_left_float_keeps_a_float_base_as_peft(tmp_pa
     ids = torch.randint(3, 64, (2, 10), generator=torch.Generator().manual_seed(1))
     ref = reference64(ours, tmp_path / "ad", tiny_gpt2)
 
-    def logits(m, dtype):
-        e = m.get_input_embeddings()(ids).to(dtype).detach().requires_grad_(True)
-        with torch.enable_grad():
-            return m(inputs_embeds=e).logits.detach()
-
-    assert_matches(logits(ours, torch.float32), logits(theirs, torch.float32), logits(ref, torch.float64))
+    assert_matches(*(_embeds_logits(m, ids, dt) for m, dt in
+                     ((ours, torch.float32), (theirs, torch.float32), (ref, torch.float64))))
     adapters.save_adapter(ours, tmp_path / "again")
-    want, got = (load_file(str(d / "adapter_model.safetensors")) for d in (tmp_path / "ad", tmp_path / "again"))
-    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    _same_adapter_files(tmp_path / "ad", tmp_path / "again")
     cfg = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
     assert cfg["fan_in_fan_out"] is True
     assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
@@ -501,12 +505,8 @@ def test_a_tied_head_gets_lora_on_the_shared_float_weight_as_peft(tmp_path):
     adapters.load_adapter(ours, tmp_path / "ad", replace=True)
     ref = reference64(ours, tmp_path / "ad", tied_llama)
 
-    def logits(m, dtype):
-        e = m.get_input_embeddings()(ids).to(dtype).detach().requires_grad_(True)
-        with torch.enable_grad():
-            return m(inputs_embeds=e).logits.detach()
-
-    assert_matches(logits(ours, torch.float32), logits(theirs, torch.float32), logits(ref, torch.float64))
+    assert_matches(*(_embeds_logits(m, ids, dt) for m, dt in
+                     ((ours, torch.float32), (theirs, torch.float32), (ref, torch.float64))))
     with torch.no_grad():  # the embedding output reads the shared tensor
         assert torch.equal(ours.get_input_embeddings()(ids), theirs.get_input_embeddings()(ids))
 
@@ -529,15 +529,10 @@ def test_gemma_tied_head_gives_peft_outputs_and_files(tmp_path):
     ref = reference64(ours, tmp_path / "ad", functools.partial(tiny_model, "gemma"))
     ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(1))
 
-    def logits(m, dtype):
-        e = m.get_input_embeddings()(ids).to(dtype).detach().requires_grad_(True)
-        with torch.enable_grad():
-            return m(inputs_embeds=e).logits.detach()
-
-    assert_matches(logits(ours, torch.float32), logits(theirs, torch.float32), logits(ref, torch.float64))
+    assert_matches(*(_embeds_logits(m, ids, dt) for m, dt in
+                     ((ours, torch.float32), (theirs, torch.float32), (ref, torch.float64))))
     adapters.save_adapter(ours, tmp_path / "again")
-    want, got = (load_file(str(d / "adapter_model.safetensors")) for d in (tmp_path / "ad", tmp_path / "again"))
-    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    _same_adapter_files(tmp_path / "ad", tmp_path / "again")
     with pytest.warns(UserWarning, match="tie_word_embeddings=True"):
         again = peft.PeftModel.from_pretrained(load(), str(tmp_path / "again"))
     with torch.no_grad():
@@ -554,9 +549,7 @@ def test_a_tied_head_saves_and_loads_what_peft_saves_and_loads(tmp_path):
     ours = apply_qlora(load(), TIED_TARGETS, r=4, lora_alpha=8)
     adapters.load_adapter(ours, tmp_path / "ad", replace=True)
     adapters.save_adapter(ours, tmp_path / "again")
-    want, got = (load_file(str(d / "adapter_model.safetensors")) for d in (tmp_path / "ad", tmp_path / "again"))
-    assert "base_model.model.lm_head.base_layer.weight" in want
-    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert "base_model.model.lm_head.base_layer.weight" in _same_adapter_files(tmp_path / "ad", tmp_path / "again")
     cfg = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
     assert sorted(cfg["target_modules"]) == sorted(TIED_TARGETS) and cfg["ensure_weight_tying"] is False
     with pytest.warns(UserWarning, match="tie_word_embeddings=True"):
