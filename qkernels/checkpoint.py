@@ -12,7 +12,6 @@ of experts' per-expert weights merged into one 3-D parameter), are refused befor
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -23,9 +22,6 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 __all__ = ["load_checkpoint"]
 
-INDEX_NAME = "model.safetensors.index.json"
-
-
 def _files(checkpoint: Path) -> list[Path]:
     """A ``.safetensors`` file, or a directory's shards (those its index names) or its ``*.safetensors`` files."""
     if checkpoint.is_file():
@@ -33,15 +29,9 @@ def _files(checkpoint: Path) -> list[Path]:
     if not checkpoint.is_dir():
         raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} does not exist (a directory holding model.safetensors "
                                 "or shards with model.safetensors.index.json, or one .safetensors file)")
-    index = checkpoint / INDEX_NAME
-    if index.is_file():
-        files = sorted({checkpoint / f for f in json.loads(index.read_text())["weight_map"].values()})
-    else:
-        files = sorted(checkpoint.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} holds no *.safetensors file (convert a .bin "
-                                "checkpoint with save_pretrained(safe_serialization=True))")
-    return files
+    from .convert import _source_files
+
+    return _source_files(checkpoint, "checkpoint")  # the same shard listing as quantize_checkpoint reads
 
 
 def _keys(f: Path) -> list[str]:

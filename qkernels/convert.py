@@ -41,8 +41,9 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msg
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.uint8: "uint8"}
 
 
-def _source_files(src: Path) -> list[Path]:
-    """The safetensors files of ``src`` in order: those its index names (sorted), else every ``*.safetensors``."""
+def _source_files(src: Path, arg: str = "src_dir") -> list[Path]:
+    """The safetensors files of directory ``src`` in order: those its index names (sorted), else every
+    ``*.safetensors``. ``arg`` names the caller's argument in the errors (also used by ``qkernels.load_checkpoint``)."""
     index = src / INDEX_NAME
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -50,7 +51,7 @@ def _source_files(src: Path) -> list[Path]:
     else:
         files = sorted(src.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"src_dir {str(src)!r} holds no *.safetensors checkpoint (a .bin checkpoint must be "
+        raise FileNotFoundError(f"{arg} {str(src)!r} holds no *.safetensors checkpoint (a .bin checkpoint must be "
                                 "converted to safetensors first, e.g. by save_pretrained(safe_serialization=True))")
     missing = [str(f) for f in files if not f.is_file()]
     if missing:

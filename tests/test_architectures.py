@@ -362,6 +362,10 @@ def test_load_checkpoint_renames_ties_shards_and_reports_what_is_missing(saved, 
                                     strict=False) == (["transformer.ln_f.bias"], ["extra.weight"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         qkernels.load_checkpoint(bloom, tmp_path / "nowhere")
+    # an index naming a shard that is gone: refused before anything loads (quantize_checkpoint's shard listing)
+    next(f for f in sorted((tmp_path / "shards").glob("*.safetensors"))).unlink()
+    with pytest.raises(FileNotFoundError, match="names shards that do not exist"):
+        qkernels.load_checkpoint(_meta_qlora("bloom", d), tmp_path / "shards")
 
 
 def test_a_router_that_subclasses_linear_is_refused_and_the_rest_matches_peft(saved):
