@@ -21,7 +21,6 @@ Run ``python -m benchmarks.bench_dora [--shape 4096x4096] [--rows 256] [--quick]
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -30,8 +29,8 @@ import torch
 import qkernels
 
 from . import _harness as H
+from .bench_train import ALPHA, BLOCKSIZE, R, _bnb_linear, _peft_layer  # the same layer and LoRA
 
-R, ALPHA, BLOCKSIZE = 16, 32, 64
 DTYPE = torch.bfloat16
 
 
@@ -44,29 +43,11 @@ def _qkernels_layer(W: torch.Tensor, use_dora: bool) -> torch.nn.Module:
 
 
 def _peft_bnb_layer(W: torch.Tensor) -> torch.nn.Module | None:
-    try:
-        import bitsandbytes as bnb
-        from peft import LoraConfig, get_peft_model
-    except Exception as exc:  # the incumbent, not a dependency
-        print(f"bitsandbytes / peft unavailable, their row is skipped: {type(exc).__name__}: {exc}", file=sys.stderr)
+    """peft's DoRA on bitsandbytes' Linear4bit holding W (bench_train's layers, with use_dora)."""
+    base = _bnb_linear(W)
+    if base is None:
         return None
-    N, K = W.shape
-    lin = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=DTYPE, compress_statistics=True, quant_type="nf4")
-    lin.weight = bnb.nn.Params4bit(W.float(), requires_grad=False, quant_type="nf4", compress_statistics=True,
-                                   blocksize=BLOCKSIZE)
-    lin = lin.to(W.device)
-
-    class Wrap(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.proj = lin
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.proj(x)
-
-    cfg = LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=["proj"], use_dora=True,
-                     init_lora_weights="gaussian")
-    return get_peft_model(Wrap(), cfg)
+    return _peft_layer(base, use_dora=True, init_lora_weights="gaussian")
 
 
 def _decode(layer: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:

@@ -51,7 +51,9 @@ def measure_matmul_rate(device: torch.device, dtype: torch.dtype = DTYPE, n: int
     return 2 * n**3 / stats.median
 
 
-def _peft_layer(base: torch.nn.Module) -> torch.nn.Module:
+def _peft_layer(base: torch.nn.Module, **lora_config: Any) -> torch.nn.Module:
+    """``base`` wrapped by peft's LoRA (r = R, alpha = ALPHA, no dropout; ``lora_config`` adds LoraConfig fields,
+    e.g. ``use_dora=True`` for bench_dora)."""
     from peft import LoraConfig, get_peft_model
 
     class Wrap(torch.nn.Module):
@@ -62,7 +64,7 @@ def _peft_layer(base: torch.nn.Module) -> torch.nn.Module:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.proj(x)
 
-    cfg = LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=["proj"], bias="none")
+    cfg = LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=["proj"], bias="none", **lora_config)
     model = get_peft_model(Wrap(), cfg)
     return model
 
