@@ -91,6 +91,9 @@ def _dequantize(packed, scales, code, blocksize, shape, dtype, impl: str) -> tor
         return _ops.dequantize_4bit_impl(packed, absmax, code, blocksize, shape, dtype, nested_absmax, nested_code,
                                          offset, nested_blocksize, "reference")
     out = _workspace(packed.device, dtype, shape)
+    if impl == "cpu":  # every caller validated the state against packed (matmul_4bit_lora, or the ops' checks)
+        nested = None if nested_absmax is None else (absmax, nested_absmax, nested_code, offset, nested_blocksize)
+        return _native.dequantize_4bit_cpu_into(packed, absmax, code, blocksize, out, nested)
     return _ops.dequantize_4bit_impl(packed, absmax, code, blocksize, shape, dtype, nested_absmax, nested_code, offset,
                                      nested_blocksize, impl, out=out)
 
@@ -176,7 +179,8 @@ def linear_4bit_impl(x, packed, scales, code, blocksize, N, lora_t, lora_B, bias
         y = xc @ W.t()
     if lora_t is not None:
         if _cpu_lora(y, impl):  # float32 sums, one rounding: faster than addmm_ and more accurate (no half casts)
-            _native.lora_up_add_cpu(y, lora_t, lora_B.t())
+            # y: the matmul's fresh dense output; B^T: a view of lora_B, read without a copy
+            _native.lora_up_add_raw(y, _native._DTYPE_TO_NATIVE[y.dtype], _dense_f32(lora_t), lora_B.t(), 0, 1.0)
         else:
             y.addmm_(lora_t.to(dt), lora_B.to(dt).t())
     return y.to(x.dtype)
@@ -222,12 +226,19 @@ def _add_lora_dx(dx, lora_u, lora_A, lora_mask, impl: str = "reference", lora_ma
     on the native CPU path (no mask or a bool one), else in dx's dtype."""
     boolean = lora_mask is not None and lora_mask.dtype == torch.bool
     if (lora_mask is None or boolean) and _cpu_lora(dx, impl):
-        _native.lora_up_add_cpu(dx, lora_u, lora_A, lora_mask.contiguous() if boolean else None, lora_mask_scale)
+        mask_ptr = lora_mask.contiguous().data_ptr() if boolean else 0  # its shape: checked by the callers
+        _native.lora_up_add_raw(dx, _native._DTYPE_TO_NATIVE[dx.dtype], _dense_f32(lora_u), lora_A, mask_ptr,
+                                lora_mask_scale)
         return
     lora = lora_u.to(dx.dtype) @ lora_A.to(dx.dtype)
     if lora_mask is not None:
         lora.mul_(lora_mask.to(dx.dtype) * lora_mask_scale if boolean else lora_mask.to(dx.dtype))
     dx.add_(lora)
+
+
+def _dense_f32(t: torch.Tensor) -> torch.Tensor:
+    """t as a dense float32 tensor (itself when it is one)."""
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.to(torch.float32).contiguous()
 
 
 def _dense(t: torch.Tensor | None) -> torch.Tensor | None:

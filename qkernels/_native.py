@@ -247,6 +247,28 @@ def dequantize_4bit_native(
     return out
 
 
+def dequantize_4bit_cpu_into(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+                             out: torch.Tensor, nested: tuple | None = None) -> torch.Tensor:
+    """``dequantize_4bit_native`` on the CPU into ``out`` without its checks, for callers that validated the state
+    against ``packed`` (``QuantState.validate`` or the ops' checks) and own ``out`` (the large-M path's workspace, a
+    dense tensor of the weight's size): in a training step the checks were ~15 % of a 1024 x 1024 dequantization.
+    ``packed`` uint8 and dense, ``absmax`` / ``code`` / the nested tensors float32 (uint8 codes when nested)."""
+    n = out.numel()
+    absmax = absmax.contiguous()
+    code = code.contiguous()
+    if nested is not None:  # absmax: the uint8 codes (nested[0] is the same tensor)
+        _, nested_absmax, nested_code, offset, nested_blocksize = nested
+        offset = offset_value(offset) if isinstance(offset, torch.Tensor) else float(offset)
+        _C.dequantize_4bit_nested_cpu(packed.data_ptr(), absmax.data_ptr(),
+                                      nested_absmax.contiguous().data_ptr(), nested_code.contiguous().data_ptr(),
+                                      offset, nested_blocksize, code.data_ptr(), n, blocksize, out.data_ptr(),
+                                      _DTYPE_TO_NATIVE[out.dtype])
+    else:
+        _C.dequantize_4bit_cpu(packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), n, blocksize, out.data_ptr(),
+                               _DTYPE_TO_NATIVE[out.dtype])
+    return out
+
+
 def quantize_4bit_native(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise 4-bit quantization of ``A`` (any shape, CPU or CUDA) with the native kernel.
 
@@ -599,6 +621,18 @@ def _f32(t: torch.Tensor, name: str, shape: tuple[int, int], fn: str) -> torch.T
     return (t if t.dtype == torch.float32 else t.to(torch.float32)).contiguous()
 
 
+def _rows(A: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """A float32 ``[r, K]`` factor as the kernels take it: ``(tensor, transposed)``. A transposed view of a dense
+    float32 ``[K, r]`` tensor (``lora_B.t()``) is passed as it is with ``transposed=True`` (the binding packs its rows,
+    cheaper than a torch copy per call); anything else as a dense float32 copy."""
+    if A.dtype == torch.float32:
+        if A.is_contiguous():
+            return A, False
+        if A.t().is_contiguous():
+            return A, True
+    return A.to(torch.float32).contiguous(), False
+
+
 def lora_down_cpu(x: torch.Tensor, A: torch.Tensor, scale: float = 1.0, mask: torch.Tensor | None = None,
                   mask_scale: float = 1.0) -> torch.Tensor:
     """``scale * (x * mask * mask_scale) @ A^T`` as a float32 ``[M, r]`` tensor, on the CPU.
@@ -622,10 +656,29 @@ def lora_down_cpu(x: torch.Tensor, A: torch.Tensor, scale: float = 1.0, mask: to
     mask_ptr, dt = _lora_args(x, mask, fn)
     M, K = x.shape
     r = A.shape[0] if isinstance(A, torch.Tensor) and A.dim() == 2 else -1
-    A = _f32(A, "A", (r, K), fn)
+    _check_shape(A, "A", (r, K), fn)
+    return lora_down_raw(x, dt, mask_ptr, A, scale, mask_scale)
+
+
+def lora_down_raw(x: torch.Tensor, dt: int, mask_ptr: int, A: torch.Tensor, scale: float, mask_scale: float):
+    """``lora_down_cpu`` without its checks, for callers that validated the arguments (``qkernels.lora`` in a training
+    step, where the checks were a measurable share of the per-layer glue): x dense 2-D of native dtype ``dt``,
+    ``mask_ptr`` a bool mask's data_ptr or 0, A ``[r, K]`` float (a ``lora_B.t()`` view is read without a copy)."""
+    M, K = x.shape
+    A, transposed = _rows(A)
+    r = A.shape[0]
     t = torch.empty((M, r), dtype=torch.float32)
-    _C.lora_down_cpu(x.data_ptr(), dt, M, K, mask_ptr, float(mask_scale), A.data_ptr(), r, float(scale), t.data_ptr())
+    _C.lora_down_cpu(x.data_ptr(), dt, M, K, mask_ptr, float(mask_scale), A.data_ptr(), r, float(scale), t.data_ptr(),
+                     transposed)
     return t
+
+
+def _check_shape(t: torch.Tensor, name: str, shape: tuple[int, int], fn: str) -> None:
+    """The checks of ``_f32`` without its copy (the raw functions convert what needs it)."""
+    ok = isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.is_floating_point()
+    if not ok or tuple(t.shape) != shape:
+        raise ValueError(f"{fn}: {name} must be a float CPU tensor of shape {shape}, got "
+                         f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
 
 
 def lora_gram_cpu(u: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None,
@@ -650,6 +703,14 @@ def lora_gram_cpu(u: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = 
     M, K = x.shape
     r = u.shape[1] if isinstance(u, torch.Tensor) and u.dim() == 2 else -1
     u = _f32(u, "u", (M, r), fn)
+    return lora_gram_raw(u, x, dt, mask_ptr, mask_scale)
+
+
+def lora_gram_raw(u: torch.Tensor, x: torch.Tensor, dt: int, mask_ptr: int, mask_scale: float) -> torch.Tensor:
+    """``lora_gram_cpu`` without its checks (see ``lora_down_raw``): u dense float32 ``[M, r]``, x dense ``[M, K]``
+    of native dtype ``dt``."""
+    M, K = x.shape
+    r = u.shape[1]
     g = torch.empty((r, K), dtype=torch.float32)
     _C.lora_gram_cpu(u.data_ptr(), M, r, x.data_ptr(), dt, K, mask_ptr, float(mask_scale), g.data_ptr())
     return g
@@ -677,6 +738,16 @@ def lora_up_add_cpu(y: torch.Tensor, u: torch.Tensor, A: torch.Tensor, mask: tor
     M, K = y.shape
     r = u.shape[1] if isinstance(u, torch.Tensor) and u.dim() == 2 else -1
     u = _f32(u, "u", (M, r), fn)
-    A = _f32(A, "A", (r, K), fn)
-    _C.lora_up_add_cpu(y.data_ptr(), dt, M, K, u.data_ptr(), r, A.data_ptr(), mask_ptr, float(mask_scale))
+    _check_shape(A, "A", (r, K), fn)
+    return lora_up_add_raw(y, dt, u, A, mask_ptr, mask_scale)
+
+
+def lora_up_add_raw(y: torch.Tensor, dt: int, u: torch.Tensor, A: torch.Tensor, mask_ptr: int,
+                    mask_scale: float) -> torch.Tensor:
+    """``lora_up_add_cpu`` without its checks (see ``lora_down_raw``): y dense ``[M, K]`` of native dtype ``dt``, u
+    dense float32 ``[M, r]``, A ``[r, K]`` float (a ``lora_B.t()`` view is read without a copy)."""
+    M, K = y.shape
+    A, transposed = _rows(A)
+    _C.lora_up_add_cpu(y.data_ptr(), dt, M, K, u.data_ptr(), u.shape[1], A.data_ptr(), mask_ptr, float(mask_scale),
+                       transposed)
     return y

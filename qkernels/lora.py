@@ -29,7 +29,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from . import _ops  # registers the qkernels:: ops
+from . import _native, _ops  # _ops registers the qkernels:: ops
 from .quant_state import QuantState
 from .reference import lora_scaling
 
@@ -180,18 +180,22 @@ def _cpu_lora(x: torch.Tensor, backend: str | None) -> bool:
 
 
 def _lora_down(x, A, scale, mask, mask_scale):
-    """``qkernels::lora_down``: through the op when traced (one graph node), its body directly in eager (the same
-    kernel, so the same bits)."""
+    """``qkernels::lora_down``: through the op when traced (one graph node), else the kernel directly (the same kernel,
+    so the same bits), without the op's checks: matmul_4bit_lora checked the shapes, x / grad_y are dense and the
+    mask is a fresh bool tensor of x's shape (per-call checks were a measurable share of a training step's glue)."""
     if _traced():
         return torch.ops.qkernels.lora_down(x, A, scale, mask, mask_scale)
-    return _ops.lora_down_impl(x, A, scale, mask, mask_scale)
+    return _native.lora_down_raw(x, _native._DTYPE_TO_NATIVE[x.dtype], 0 if mask is None else mask.data_ptr(), A,
+                                 scale, mask_scale)
 
 
 def _lora_gram(u, x, mask, mask_scale):
-    """``qkernels::lora_gram``, as ``_lora_down``."""
+    """``qkernels::lora_gram``, as ``_lora_down`` (u: a float32 result of ``_lora_down``, or the saved T)."""
     if _traced():
         return torch.ops.qkernels.lora_gram(u, x, mask, mask_scale)
-    return _ops.lora_gram_impl(u, x, mask, mask_scale)
+    u = u if u.dtype == torch.float32 and u.is_contiguous() else u.to(torch.float32).contiguous()
+    return _native.lora_gram_raw(u, x, _native._DTYPE_TO_NATIVE[x.dtype], 0 if mask is None else mask.data_ptr(),
+                                 mask_scale)
 
 
 def _forward(x, packed, scales, code, blocksize, N, lora_A, lora_B, bias, scaling, dropout_p, training, backend):

@@ -144,6 +144,27 @@ def test_bad_arguments_raise_clear_errors():
         _native.lora_up_add_cpu(torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 2), A)
 
 
+@pytest.mark.parametrize("dname", list(DTYPES))
+@pytest.mark.parametrize("M,K,r", [(3, 7, 5), (113, 130, 17), (9, 1027, 16)], ids=["small", "tails", "layer"])
+def test_transposed_factor_read_in_place_gives_the_same_bits(isa, M, K, r, dname):
+    """A factor passed as ``lora_B.t()`` (a transposed view of a dense float32 ``[K, r]`` tensor, as the training
+    step passes B^T) is read without a torch copy; the results are bit-identical to passing a dense copy, in
+    lora_down and the up-add, and a transposed bfloat16 view (converted, then dense) too."""
+    g, x, mask, ms, _, _ = _inputs(M, K, r, DTYPES[dname], 0.25, 7 * M + K)
+    Bt = torch.randn(K, r, generator=g).t()  # [r, K] view of a [K, r] tensor
+    assert not Bt.is_contiguous() and Bt.t().is_contiguous()
+    u = torch.randn(M, r, generator=g)
+    for factor in (Bt, Bt.to(torch.bfloat16)):
+        dense = factor.contiguous()
+        t1, t2 = (_native.lora_down_cpu(x, f, 0.5, mask, ms) for f in (factor, dense))
+        assert torch.equal(t1, t2)
+        y1, y2 = x.clone(), x.clone()
+        _native.lora_up_add_cpu(y1, u, factor, mask, ms)
+        _native.lora_up_add_cpu(y2, u, dense, mask, ms)
+        assert torch.equal(y1, y2)
+        assert not torch.equal(y1, x)  # the update happened
+
+
 def test_training_step_uses_the_kernels_and_matches_the_torch_path(monkeypatch):
     """matmul_4bit_lora's CPU training path (M past the GEMV) runs its LoRA products in these kernels, with dropout,
     and its gradients agree with the same step with the kernels switched off (torch matmuls in float32)."""
@@ -156,7 +177,8 @@ def test_training_step_uses_the_kernels_and_matches_the_torch_path(monkeypatch):
     B0 = torch.randn(N, r, generator=g) * 0.1
     dy = torch.randn(M, N, generator=g).to(torch.bfloat16)
     calls = {"down": 0, "gram": 0, "up": 0}
-    real = (_native.lora_down_cpu, _native.lora_gram_cpu, _native.lora_up_add_cpu)
+    # the step calls the kernels through the unchecked entry points (its arguments are validated once, up front)
+    real = (_native.lora_down_raw, _native.lora_gram_raw, _native.lora_up_add_raw)
 
     def counted(name, fn):
         def wrap(*a, **k):
@@ -171,9 +193,9 @@ def test_training_step_uses_the_kernels_and_matches_the_torch_path(monkeypatch):
         y.backward(dy)
         return y.detach(), x.grad, A.grad, B.grad
 
-    monkeypatch.setattr(_native, "lora_down_cpu", counted("down", real[0]))
-    monkeypatch.setattr(_native, "lora_gram_cpu", counted("gram", real[1]))
-    monkeypatch.setattr(_native, "lora_up_add_cpu", counted("up", real[2]))
+    monkeypatch.setattr(_native, "lora_down_raw", counted("down", real[0]))
+    monkeypatch.setattr(_native, "lora_gram_raw", counted("gram", real[1]))
+    monkeypatch.setattr(_native, "lora_up_add_raw", counted("up", real[2]))
     fast = step()
     assert calls == {"down": 2, "gram": 2, "up": 2}, calls  # T and u; dA and dB; y and dX
 

@@ -22,6 +22,14 @@ constexpr int64_t kLoraParallelMin = int64_t(1) << 18;
 // lora_gram sums M in blocks of this many rows (a float32 partial sum per block), so the error of a sum over many
 // tokens grows like a blocked GEMM's, not like one running sum's.
 constexpr int64_t kLoraSumRows = 256;
+// Software prefetch (lora_kernels.inc prefetch_span): cache line bytes, how far ahead along a row lora_down fetches
+// x (elements), and how many rows ahead lora_gram fetches its column strip.
+constexpr int64_t kLine = 64;
+constexpr int64_t kPrefetchAhead = 256;
+constexpr int64_t kPrefetchRows = 16;
+
+template <DType D>
+constexpr int elem_bytes() { return D == DType::float32 ? 4 : 2; }
 
 template <DType D>
 inline float load1(const void* base, int64_t e) {
