@@ -52,6 +52,7 @@ from .adapters import (
 from .checkpoint import load_checkpoint
 from .codebooks import QuantType, dynamic_map, fp4_codebook, get_codebook, nf4_codebook
 from .convert import quantize_checkpoint
+from .embedding import QLoRAEmbedding
 from .functional import (
     bits_per_parameter,
     dequantize_4bit,
@@ -64,7 +65,6 @@ from .loftq import loftq_init
 from .lora import QLoRAFunction, lora_scaling, matmul_4bit_lora
 from .model import apply_qlora, merge_and_unload, merge_into_4bit, print_trainable_parameters, trainable_parameters
 from .modules_to_save import ModulesToSaveWrapper
-from .embedding import QLoRAEmbedding
 from .nn import Params4bit, QLoRALinear
 from .quant_state import QuantState
 

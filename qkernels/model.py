@@ -1,6 +1,7 @@
 """Model-level QLoRA: put ``QLoRALinear`` into a model, count parameters, merge adapters back.
 
-- ``apply_qlora(model, target_modules, ...)``: replace the matching ``nn.Linear`` layers in place, with peft's
+- ``apply_qlora(model, target_modules, ...)``: replace the matching ``nn.Linear`` layers in place (a named
+  ``nn.Embedding``: peft's embedding LoRA, ``qkernels.embedding``), with peft's
   matching rules (``peft.tuners.tuners_utils.check_target_module_exists`` and ``_maybe_include_all_linear_layers``),
   and freeze everything but the LoRA weights (``use_dora=True``: DoRA adapters, ``qkernels.dora``).
 - ``trainable_parameters(model)`` / ``print_trainable_parameters(model)``: peft's counts and line.
@@ -212,7 +213,10 @@ def apply_qlora(
     Args:
         target_modules: list of names/suffixes, a regex (full match), or ``"all-linear"``: peft's semantics
             (``match_target_modules``). Every list entry must match at least one module, else ValueError
-            listing the Linear layers that exist. A matched module that is not an ``nn.Linear`` is an error.
+            listing the Linear layers that exist. A matched ``nn.Embedding`` gets peft's embedding LoRA on its float
+            weight (``qkernels.embedding.QLoRAEmbedding``; never under ``"all-linear"``, as in peft; DoRA and LoftQ
+            refused there, and a tied embedding warns as peft does); any other matched module that is not an
+            ``nn.Linear`` is an error.
         exclude_modules: peft's ``exclude_modules`` (list of names/suffixes, or a regex).
         layers_to_transform: peft's: an int or a list of ints; only modules (matched by a list entry's suffix) in
             those layers are replaced. The layer index is the number after the layer list's name in the module

@@ -334,6 +334,24 @@ def test_tied_embedding_warns_trains_the_input_side_and_merges_as_peft():
     assert torch.equal(merged.lm_head.weight, peft_merged.lm_head.weight)
 
 
+def test_tied_embedding_and_head_both_targeted_merge_both_deltas_in_peft_s_order():
+    """embed_tokens and the tied lm_head both adapted: both merges write into the one shared weight, embedding first
+    (``named_modules`` order, as peft's unload walks it), bit for bit as peft."""
+    targets = ["q_proj", "embed_tokens", "lm_head"]
+    theirs = _peft(tied_llama(), r=4, lora_alpha=8, target_modules=targets)
+    randomize(theirs, seed=5)
+    with pytest.warns(UserWarning, match="tied"):
+        ours = apply_qlora(tied_llama(), targets, r=4, lora_alpha=8)
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight and isinstance(ours.lm_head, QLoRALinear)
+    _copy_lora(theirs, ours)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_merged = theirs.merge_and_unload()
+        merged = merge_and_unload(ours)
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight
+    assert torch.equal(merged.lm_head.weight, peft_merged.lm_head.weight)
+
+
 # ---------------------------------------------------------------------------------------------- training
 def _train(model: nn.Module, ids: torch.Tensor, steps: int) -> list[float]:
     model.train()
