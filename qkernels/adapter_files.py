@@ -8,7 +8,8 @@
   (``qkernels.modules_to_save``); the config carries ``layers_to_transform`` / ``layers_pattern`` /
   ``modules_to_save``. ``peft.PeftModel.from_pretrained(base, path)`` loads it.
 - ``load_adapter(model, path, adapter_name)`` reads such a directory (``adapter_model.safetensors``, else
-  ``adapter_model.bin``). Every LoRA key must name a ``QLoRALinear`` of ``model`` that the config selects and every
+  ``adapter_model.bin``). Every LoRA key must name a ``QLoRALinear`` of ``model`` (``<module>.lora_embedding_A`` /
+  ``_B``, peft's keys for LoRA on an embedding: a ``QLoRAEmbedding``) that the config selects and every
   shape must match the module and the rank the config gives it (``r`` / ``rank_pattern``); modules to save must
   come whole. Any mismatch raises ``ValueError`` naming the key and both shapes, and nothing is loaded: the whole
   file is validated before the model is touched.

@@ -296,7 +296,17 @@ class QLoRAEmbedding(nn.Module):
         if name is None:
             return result
         dtype = result.dtype
-        after_A = self._embed(x, self.lora_embedding_A[name].T)
+        A = self.lora_embedding_A[name]
+        if self.sparse and A.requires_grad and torch.is_grad_enabled():
+            # F.embedding(x, A^T, sparse=True) gives A^T a sparse gradient that torch cannot transpose back to A
+            # ("permute(sparse_coo): transpositions between sparse and dense dimensions are not allowed"): peft's
+            # backward fails so too. Say why before the forward rather than in backward.
+            raise RuntimeError(
+                f"QLoRAEmbedding({self.num_embeddings}, {self.embedding_dim}) has sparse=True: the LoRA gradient "
+                "through F.embedding(x, A^T, sparse=True) cannot be formed (torch cannot transpose a sparse gradient "
+                "back to A; peft's lora.Embedding fails the same way in backward). Set layer.sparse = False to train "
+                "(A's gradient is dense, [r, num_embeddings]), or run under torch.no_grad()")
+        after_A = self._embed(x, A.T)
         adapter_output = (after_A @ self.lora_embedding_B[name].T) * self.scaling[name]
         return (result + adapter_output).to(dtype)
 

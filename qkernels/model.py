@@ -311,7 +311,7 @@ def apply_qlora(
             _check_embedding_target(n, m, use_dora, init_lora_weights)
             continue
         if isinstance(m, (QLoRALinear, QLoRAEmbedding)):
-            raise ValueError(f"module {n!r} is already a QLoRALinear; add an adapter with "
+            raise ValueError(f"module {n!r} is already a {type(m).__name__}; add an adapter with "
                              f"model.get_submodule({n!r}).update_layer(...)")
         if not _is_linear(m):
             raise ValueError(f"target module {n!r} is a {type(m).__name__}, not an nn.Linear; only nn.Linear (and "

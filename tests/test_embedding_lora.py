@@ -404,6 +404,31 @@ def test_state_dict_round_trip_is_bit_exact():
         fresh.load_state_dict(bad)
 
 
+def test_trainer_checkpoints_and_pickles_keep_the_embedding_adapter(tmp_path):
+    """``save_adapters`` / ``restore_adapters`` (the Trainer's adapter-only checkpoints) restore the embedding's LoRA
+    in place, and ``torch.save`` of the whole model round-trips: the same logits."""
+    import io
+
+    from qkernels.integrations import restore_adapters, save_adapters
+
+    ours = apply_qlora(tiny_llama(), EMB_TARGETS, r=4)
+    randomize(ours, seed=10)
+    save_adapters(ours, tmp_path / "ckpt")
+    again = apply_qlora(tiny_llama(), EMB_TARGETS, r=4)
+    A = again.model.embed_tokens.lora_embedding_A["default"]
+    restore_adapters(again, tmp_path / "ckpt")
+    assert again.model.embed_tokens.lora_embedding_A["default"] is A  # in place: an optimizer keeps its Parameter
+    buf = io.BytesIO()
+    torch.save(ours, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    ids = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ours(input_ids=ids).logits
+        assert torch.equal(again(input_ids=ids).logits, want) and torch.equal(loaded(input_ids=ids).logits, want)
+    assert type(merge_and_unload(loaded).model.embed_tokens) is nn.Embedding
+
+
 @pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non-reentrant"])
 def test_gradient_checkpointing_gives_the_same_embedding_lora_gradients(use_reentrant):
     """Checkpointed layers recompute; the embedding (outside them) and its LoRA get the same gradients."""
@@ -475,6 +500,26 @@ class _LM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed_tokens(x))
+
+
+def test_a_sparse_embedding_runs_without_grad_and_names_the_fix_with_grad():
+    """``sparse=True``: peft's backward fails inside torch (a sparse gradient of A^T cannot be transposed to A); here
+    the forward with grad says so and what to do, and without grad the output is peft's."""
+    torch.manual_seed(0)
+    net = _Tok(sparse=True)
+    theirs = _peft(copy.deepcopy(net), r=4, lora_alpha=8, target_modules=["emb"])
+    ours = apply_qlora(copy.deepcopy(net), ["emb"], r=4, lora_alpha=8)
+    randomize(theirs, seed=1)
+    _copy_lora(theirs, ours)
+    with pytest.raises(RuntimeError, match="permute"):
+        theirs(IDS).square().sum().backward()
+    with pytest.raises(RuntimeError, match=r"sparse=True.*Set layer\.sparse = False to train"):
+        ours(IDS)
+    with torch.no_grad():
+        assert torch.equal(ours(IDS), theirs(IDS))
+    ours.emb.sparse = False
+    ours(IDS).square().sum().backward()
+    assert ours.emb.lora_embedding_A["default"].grad.abs().sum() > 0
 
 
 def test_a_meta_model_gets_its_embedding_lora_when_the_checkpoint_loads():
