@@ -92,9 +92,10 @@ EMB_KW = {"plain": {}, "padding_idx": {"padding_idx": 3}, "max_norm": {"max_norm
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("kind", list(EMB_KW))
 def test_layer_is_peft_lora_embedding_bit_for_bit(kind, dtype, use_rslora):
-    """Forward (dtype included), the LoRA gradients and the state-dict keys are peft's ``lora.Embedding`` on the same
-    embedding, bit for bit: the base lookup in the weight's dtype, ``F.embedding(x, A^T, <the base's padding_idx,
-    max_norm, ...>) @ B^T * s`` in float32, the sum cast back (peft/tuners/lora/layer.py:1487-1538)."""
+    """Forward (dtype included), the LoRA gradients, the state-dict keys and the merged embedding are peft's
+    ``lora.Embedding`` on the same embedding, bit for bit: the base lookup in the weight's dtype,
+    ``F.embedding(x, A^T, <the base's padding_idx, max_norm, ...>) @ B^T * s`` in float32, the sum cast back
+    (peft/tuners/lora/layer.py:1487-1538); the merge ``W += ((B A)^T s).to(W.dtype)`` (layer.py:1364-1422)."""
     torch.manual_seed(0)
     net = _Tok(**EMB_KW[kind]).to(dtype)
     theirs = _peft(copy.deepcopy(net), r=4, lora_alpha=8, target_modules=["emb"], use_rslora=use_rslora)
@@ -115,6 +116,11 @@ def test_layer_is_peft_lora_embedding_bit_for_bit(kind, dtype, use_rslora):
     want = {k.replace("base_layer.", "") for k in theirs.base_model.model.state_dict()}
     assert set(ours.state_dict()) == want == {"emb.weight", "emb.lora_embedding_A.default",
                                               "emb.lora_embedding_B.default"}
+    merged, peft_merged = merge_and_unload(ours).emb, theirs.merge_and_unload().emb
+    assert type(merged) is nn.Embedding and merged.weight.dtype == dtype
+    assert torch.equal(merged.weight, peft_merged.weight)
+    assert (merged.padding_idx, merged.max_norm, merged.scale_grad_by_freq) == (
+        peft_merged.padding_idx, peft_merged.max_norm, peft_merged.scale_grad_by_freq)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
