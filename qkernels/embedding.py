@@ -11,7 +11,7 @@ out (peft/tuners/lora/layer.py:1150-1545, peft 0.21.2):
 - forward: ``E[x] + s * F.embedding(x, A^T, <the base's padding_idx, max_norm, ...>) @ B^T`` (layer.py:1464-1538), in
   the LoRA weights' dtype, the sum cast to the base result's dtype; ``lora_dropout`` is created but never applied
   (peft's embedding forward does not call it);
-- init (layer.py:1252-1253, 354-360): ``True`` / ``"gaussian"``: A zeros, B ~ N(0, 1); ``False``: both ~ N(0, 1);
+- init (layer.py:1264-1265, 346-350): ``True`` / ``"gaussian"``: A zeros, B ~ N(0, 1); ``False``: both ~ N(0, 1);
 - merge: ``W += ((B @ A)^T * s).to(W.dtype)`` into the embedding's own Parameter (layer.py:1394-1422, 1364-1371).
 
 DoRA on an embedding (peft's ``DoraEmbeddingVariant``) is not implemented: refused, naming the module.
@@ -43,11 +43,11 @@ def embedding_refusal(m: nn.Module) -> str | None:
     """Why ``m`` (an ``nn.Embedding``) cannot get a ``QLoRAEmbedding``, or None."""
     if type(m).forward is not nn.Embedding.forward:
         # Gemma's Gemma3TextScaledWordEmbedding multiplies by embed_scale in its own forward; peft then scales the LoRA
-        # term too (layer.py:1504-1514). Not mirrored here: say so rather than drop the scale.
+        # term too (layer.py:1506, 1522-1524). Not mirrored here: say so rather than drop the scale.
         return (f"it is a {type(m).__name__}, whose own forward is not nn.Embedding's (e.g. a scaled embedding: "
                 "embed_scale); qkernels gives LoRA to plain nn.Embedding layers only. Leave it out of target_modules")
     if hasattr(m, "embed_scale"):
-        return ("it has an embed_scale attribute, which peft applies to the LoRA term (layer.py:1504-1514) but "
+        return ("it has an embed_scale attribute, which peft applies to the LoRA term (layer.py:1506, 1522-1524) but "
                 "nn.Embedding's forward does not; leave it out of target_modules")
     if not m.weight.dtype.is_floating_point:
         return f"its weight is {m.weight.dtype}: LoRA on an embedding needs a float weight"
@@ -183,7 +183,7 @@ class QLoRAEmbedding(nn.Module):
                      init_lora_weights: bool | str = True, use_rslora: bool = False, *, use_dora: bool = False,
                      **_: Any) -> None:
         """Add (or replace) adapter ``adapter_name`` of rank ``r``: peft's ``Embedding.update_layer``
-        (layer.py:1207-1270). ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``init_lora_weights``: as in the
+        (layer.py:1207-1300). ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``init_lora_weights``: as in the
         class; ``use_dora=True`` raises ValueError (DoRA on embeddings is not implemented), as does a bad argument.
 
         A ``[r, num_embeddings]`` and B ``[embedding_dim, r]``, drawn in float32 (``torch.randn``), initialized
@@ -194,9 +194,9 @@ class QLoRAEmbedding(nn.Module):
         """
         _check_args(r, lora_alpha, lora_dropout, init_lora_weights, adapter_name, use_rslora, use_dora)
         w = self.weight
-        A = torch.randn((r, self.num_embeddings))  # peft draws both (layer.py:1238-1239), then re-initializes
+        A = torch.randn((r, self.num_embeddings))  # peft draws both (layer.py:1241-1242), then re-initializes
         B = torch.randn((self.embedding_dim, r))
-        if init_lora_weights is not False:  # reset_lora_parameters (layer.py:354-360): "gaussian" is the same here
+        if init_lora_weights is not False:  # reset_lora_parameters (layer.py:346-350): "gaussian" is the same here
             nn.init.zeros_(A)
             nn.init.normal_(B)
         if w.dtype in (torch.float16, torch.bfloat16):

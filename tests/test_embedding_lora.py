@@ -127,7 +127,7 @@ def test_layer_is_peft_lora_embedding_bit_for_bit(kind, dtype, use_rslora):
 @pytest.mark.parametrize("init", [True, "gaussian", False], ids=["true", "gaussian", "false"])
 def test_init_is_peft_s(init, dtype):
     """peft draws A and B with torch.randn, then for init True / "gaussian" sets A = 0 and B ~ N(0, 1) (the other way
-    round from Linear layers; layer.py:1238-1239 and 354-360), for False keeps both draws; a bf16 embedding rounds them
+    round from Linear layers; layer.py:1241-1242 and 346-350), for False keeps both draws; a bf16 embedding rounds them
     through bf16 (the adapter is moved to the base's dtype, then autocast back to float32). Same seed, same tensors."""
     net = _Tok().to(dtype)
     torch.manual_seed(3)
