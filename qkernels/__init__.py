@@ -16,7 +16,8 @@ The QLoRA matmul
   ``lora_scaling(lora_alpha, r, use_rslora=False)``
 
 Modules and models
-- ``QLoRALinear`` (drop-in ``nn.Linear``; ``from_linear``, ``from_bnb``), ``Params4bit`` (its packed weight)
+- ``QLoRALinear`` (drop-in ``nn.Linear``; ``from_linear``, ``from_bnb``), ``Params4bit`` (its packed weight);
+  ``QLoRAEmbedding`` (peft's LoRA on a float ``nn.Embedding``; ``from_embedding``)
 - ``apply_qlora(model, target_modules, r=8, lora_alpha=16, ...)``, ``trainable_parameters``,
   ``print_trainable_parameters``, ``merge_and_unload``, ``merge_into_4bit``, ``loftq_init``
 - adapters in peft's format: ``save_adapter``, ``load_adapter``, ``add_adapter``, ``set_adapter``,
@@ -51,6 +52,7 @@ from .adapters import (
 from .checkpoint import load_checkpoint
 from .codebooks import QuantType, dynamic_map, fp4_codebook, get_codebook, nf4_codebook
 from .convert import quantize_checkpoint
+from .embedding import QLoRAEmbedding
 from .functional import (
     bits_per_parameter,
     dequantize_4bit,
@@ -71,6 +73,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ModulesToSaveWrapper",
     "Params4bit",
+    "QLoRAEmbedding",
     "QLoRAFunction",
     "QLoRALinear",
     "QLoRATrainerMixin",

@@ -8,7 +8,8 @@
   (``qkernels.modules_to_save``); the config carries ``layers_to_transform`` / ``layers_pattern`` /
   ``modules_to_save``. ``peft.PeftModel.from_pretrained(base, path)`` loads it.
 - ``load_adapter(model, path, adapter_name)`` reads such a directory (``adapter_model.safetensors``, else
-  ``adapter_model.bin``). Every LoRA key must name a ``QLoRALinear`` of ``model`` that the config selects and every
+  ``adapter_model.bin``). Every LoRA key must name a ``QLoRALinear`` of ``model`` (``<module>.lora_embedding_A`` /
+  ``_B``, peft's keys for LoRA on an embedding: a ``QLoRAEmbedding``) that the config selects and every
   shape must match the module and the rank the config gives it (``r`` / ``rank_pattern``); modules to save must
   come whole. Any mismatch raises ``ValueError`` naming the key and both shapes, and nothing is loaded: the whole
   file is validated before the model is touched.
@@ -51,6 +52,11 @@ BIN_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."  # peft's prefix of every LoRA key (PeftModel.base_model = LoraModel, .model)
 # peft writes ``<module>.lora_A.weight``; a live PeftModel's state dict has ``<module>.lora_A.<adapter>.weight``
 _KEY_RE = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")
+# LoRA on an embedding (peft's lora.Embedding: ParameterDicts, so no ".weight"): peft writes
+# ``<module>.lora_embedding_A`` / ``_B`` (its get_peft_model_state_dict strips the adapter name from the ParameterDict
+# key, save_and_load.py:528 reads it back so); a live state dict has ``<module>.lora_embedding_A.<adapter>``
+_EMB_KEY_RE = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<which>A|B)(?:\.(?P<adapter>[^.]+))?$")
+EMBEDDING_KEYS = {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}  # the file keys' suffixes, as peft's
 # DoRA's magnitude. peft writes ``<module>.lora_magnitude_vector`` without ".weight" (the key of its older
 # ParameterDict: peft/tuners/lora/model.py:1107-1123) and reads that or ``...lora_magnitude_vector.weight``
 # (model.py:1126-1136); a live state dict has ``<module>.lora_magnitude_vector.<adapter>.weight``
@@ -265,8 +271,17 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
 
     Returns that dict (CPU copies) for adapter ``adapter_name`` of ``model``; raises ValueError if no module has it.
     """
+    from .embedding import QLoRAEmbedding
+
     out = {}
     for name, m in _require_adapter(model, adapter_name):
+        if isinstance(m, QLoRAEmbedding):  # peft's keys: <module>.lora_embedding_A / _B, no ".weight"
+            if m._unloaded - {"weight"}:
+                m._raise_unloaded()
+            for which, suffix in EMBEDDING_KEYS.items():
+                t = getattr(m, which)[adapter_name]
+                out[f"{PEFT_PREFIX}{name}.{suffix}"] = t.detach().to("cpu", copy=True).contiguous()
+            continue
         for which in ("lora_A", "lora_B", "lora_magnitude_vector")[:3 if m.is_dora(adapter_name) else 2]:
             if f"{which}.{adapter_name}.weight" in m._unloaded:  # meta, or to_empty memory: no values to save
                 m._raise_unloaded()
@@ -483,20 +498,28 @@ def _split_keys(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tenso
             pairs.setdefault(base["module"], {})["base." + base["which"]] = (key, t)
             continue
         match = _KEY_RE.match(stripped) or _MAGNITUDE_RE.match(stripped)
-        if match is None and ".lora_embedding_" in stripped:  # peft's lora.Embedding
-            why = ("; peft writes it for ensure_weight_tying=True, which moves the tied lm_head's LoRA onto the input "
-                   "embedding and ties the head's to it" if cfg.get("ensure_weight_tying") else "")
+        emb = _EMB_KEY_RE.match(stripped) if match is None else None
+        if emb is not None and cfg.get("ensure_weight_tying"):
+            # peft then also gives the tied lm_head a LoRA whose A, B are the embedding's B^T, A^T (lora/model.py:
+            # 316-322), saved nowhere as such: loaded here, the head would run without it
             raise ValueError(
-                f"adapter key {key!r} is LoRA on an embedding layer (peft's lora.Embedding){why}. qkernels gives LoRA "
-                "to Linear / Conv1D layers only: train the adapter without the embedding in target_modules and with "
-                "LoraConfig(ensure_weight_tying=False) (peft's default: LoRA on the tied lm_head itself, which loads)"
+                f"adapter key {key!r} is LoRA on an embedding of an adapter saved with ensure_weight_tying=True, for "
+                "which peft also runs the tied lm_head with that LoRA transposed; qkernels does not tie adapters. "
+                "Train the adapter with LoraConfig(ensure_weight_tying=False) (peft's default: LoRA on the tied "
+                "lm_head itself, which loads)"
             )
+        if emb is not None:
+            match = emb
+            which = "lora_" + emb["which"]
+        elif match is not None:
+            which = match["which"]
         if match is None:
             raise ValueError(
                 f"adapter key {key!r} is not a LoRA weight '{PEFT_PREFIX}<module>.lora_A.weight' / '.lora_B.weight' "
-                f"nor a DoRA magnitude ('.lora_magnitude_vector') nor a tensor of a module to save (the "
-                f"config's modules_to_save={cfg.get('modules_to_save')!r} selects {save_names} here); embedding/bias "
-                "tensors are not supported"
+                "nor LoRA on an embedding ('.lora_embedding_A' / '_B') nor a DoRA magnitude "
+                "('.lora_magnitude_vector') nor a tensor of a module to save (the "
+                f"config's modules_to_save={cfg.get('modules_to_save')!r} selects {save_names} here); other "
+                "tensors (lora_bias, trainable tokens) are not supported"
             )
         names_in_keys.setdefault(match["adapter"], key)
         if len(names_in_keys) > 1:
@@ -504,7 +527,7 @@ def _split_keys(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tenso
                 f"adapter keys {sorted(names_in_keys.values())} disagree on the adapter name between lora_A/lora_B "
                 "and weight; a file holds one adapter, in peft's format without the name (<module>.lora_A.weight)"
             )
-        pairs.setdefault(match["module"], {})[match["which"]] = (key, t)
+        pairs.setdefault(match["module"], {})[which] = (key, t)
     return pairs, saved
 
 
@@ -558,6 +581,9 @@ def _plan(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor], ad
             from .model import _kept_in_float
 
             kept = _kept_in_float(model, [name]) if m is not None else {}
+            if isinstance(m, nn.Embedding):
+                what += (f" (an embedding: call apply_qlora with target_modules that include "
+                         f"{name.rpartition('.')[2]!r}, which gives it LoRA, before loading)")
             why = (f". transformers keeps it in float ({type(model).__name__}._keep_in_fp32_modules "
                    f"{[kept[name]]}: peft trained LoRA on a float layer there); apply_qlora gives such a module "
                    "LoRA on its float weight when it is a target: call apply_qlora with target_modules that include "
@@ -573,9 +599,7 @@ def _plan(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor], ad
                 f"adapter key {next(iter(ab.values()))[0]!r}: module {name!r} is not selected by the adapter's config "
                 f"{fields} (peft would not load it there); the config and the weights disagree"
             )
-        for which in ("lora_A", "lora_B"):
-            if which not in ab:
-                raise ValueError(f"module {name!r}: the adapter has no {which} weight ({name}.{which}.weight)")
+        _check_kind(name, m, ab, bool(cfg.get("use_dora", False)))
         magnitude = _planned_magnitude(name, m, ab, bool(cfg.get("use_dora", False)))
         base = _planned_base(name, m, ab)
         r = _pattern_value(cfg.get("rank_pattern") or {}, name, r0)
@@ -592,6 +616,28 @@ def _plan(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor], ad
                 raise ValueError(f"adapter key {key!r}: dtype {t.dtype} is not a floating-point type")
         plan.append(_Planned(name, m, int(r), alpha, A, B, base, magnitude))
     return _Plan(plan, saved)
+
+
+def _check_kind(name: str, m: nn.Module, ab: dict[str, tuple[str, torch.Tensor]], use_dora: bool) -> None:
+    """The file's LoRA keys for module ``name`` are of its kind: ``lora_embedding_A`` / ``_B`` for an embedding
+    (``QLoRAEmbedding``), ``lora_A.weight`` / ``lora_B.weight`` for a linear layer, both present; no DoRA on an
+    embedding (peft's DoraEmbeddingVariant is not implemented here)."""
+    from .embedding import QLoRAEmbedding
+
+    emb = isinstance(m, QLoRAEmbedding)
+    for which in ("lora_A", "lora_B"):
+        want = f"{name}.{EMBEDDING_KEYS[which]}" if emb else f"{name}.{which}.weight"
+        if which not in ab:
+            raise ValueError(f"module {name!r}: the adapter has no {which} weight ({want})")
+        key = ab[which][0]
+        if (".lora_embedding_" in key) != emb:
+            what = "an nn.Embedding (QLoRAEmbedding)" if emb else f"a {type(m).__name__}"
+            raise ValueError(f"adapter key {key!r}: module {name!r} is {what} here, whose LoRA key is {want!r}; the "
+                             "adapter was trained on a model where that module is of another kind")
+    if emb and use_dora:
+        raise ValueError(f"adapter key {ab['lora_A'][0]!r}: a DoRA adapter (use_dora true) on the embedding {name!r}; "
+                         "qkernels does not implement DoRA on embeddings (peft's DoraEmbeddingVariant): run this "
+                         "adapter with peft (or merge it there), or train it without the embedding in target_modules")
 
 
 def _planned_magnitude(name: str, m: nn.Module, ab: dict[str, tuple[str, torch.Tensor]],
@@ -627,7 +673,10 @@ def _planned_base(name: str, m: nn.Module, ab: dict[str, tuple[str, torch.Tensor
             "save_embedding_layers, when lm_head / embed_tokens is targeted), but here that layer is 4-bit. peft keeps "
             f"it float on a model loaded in 4 bits: load the model so (transformers never quantizes lm_head) before "
             f"apply_qlora, or pass apply_qlora(..., keep_float_modules=[{name.rpartition('.')[2]!r}])")
-    want = {"weight": (m.out_features, m.in_features), "bias": None if m.bias is None else (m.out_features,)}
+    from .embedding import QLoRAEmbedding
+
+    w_shape = tuple(m.weight.shape) if isinstance(m, QLoRAEmbedding) else (m.out_features, m.in_features)
+    want = {"weight": w_shape, "bias": None if m.bias is None else (m.out_features,)}
     out = {}
     for which, (k, t) in base.items():
         if want[which] is None or tuple(t.shape) != want[which] or not t.is_floating_point():

@@ -2,7 +2,9 @@
 
 The functions take the model and walk its ``QLoRALinear`` modules (``qkernels.nn``), whose adapter layout is
 peft's: ``lora_A`` / ``lora_B`` are ``nn.ModuleDict({adapter_name: nn.Linear})``, with ``r``, ``lora_alpha``,
-``scaling`` and ``lora_dropout`` keyed by adapter name, an ``active_adapter`` and a ``disable_adapters`` flag.
+``scaling`` and ``lora_dropout`` keyed by adapter name, an ``active_adapter`` and a ``disable_adapters`` flag;
+and its ``QLoRAEmbedding`` modules (``qkernels.embedding``, peft's LoRA on an ``nn.Embedding``), laid out the same
+but for ``lora_A`` / ``lora_B``: its ``lora_embedding_A`` / ``_B`` ParameterDicts of bare Parameters.
 
 - ``add_adapter(model, name, r=8, lora_alpha=8, ...)``, ``set_adapter(model, name)``,
   ``delete_adapter(model, name)``, ``with disable_adapters(model): ...`` (restores on exit, like peft's
@@ -35,14 +37,18 @@ __all__ = [
 ]
 
 # ---------------------------------------------------------------------------------------------- walking
-def _qlora_class() -> type:
+def _qlora_class() -> tuple[type, ...]:
+    """The adapter layers, for ``isinstance``: ``QLoRALinear`` and ``QLoRAEmbedding`` (same adapter API; the
+    embedding's ``lora_A`` / ``lora_B`` are its ``lora_embedding_A`` / ``_B`` ParameterDicts)."""
+    from .embedding import QLoRAEmbedding
     from .nn import QLoRALinear  # imported here: qkernels.nn imports the kernels, adapters stays light
 
-    return QLoRALinear
+    return QLoRALinear, QLoRAEmbedding
 
 
 def _qlora_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` for every QLoRALinear in ``model``, in definition order. Raises if there is none."""
+    """``(name, module)`` for every QLoRALinear / QLoRAEmbedding in ``model``, in definition order. Raises if there is
+    none."""
     cls = _qlora_class()
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, cls)]
     if not found:
@@ -168,10 +174,14 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         _mark_bnb_model_quantized(model)
 
 
-def _matches(name: str, target_modules: str | list[str] | None) -> bool:
-    """peft's rule: a string is a full regex match of the module name; a list matches the name or a ``.suffix``."""
+def _matches(name: str, target_modules: str | list[str] | None, m: nn.Module | None = None) -> bool:
+    """peft's rule: a string is a full regex match of the module name; a list matches the name or a ``.suffix``.
+    ``None`` / ``"all-linear"`` select every QLoRALinear but no embedding (peft's "all-linear" takes Linear layers
+    only, tuners_utils ``_maybe_include_all_linear_layers``)."""
     if target_modules is None or target_modules == "all-linear":
-        return True
+        from .embedding import QLoRAEmbedding
+
+        return not isinstance(m, QLoRAEmbedding)
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
     return any(name == t or name.endswith("." + t) for t in target_modules)
@@ -193,8 +203,9 @@ def add_adapter(
 ) -> list[str]:
     """Add a new adapter ``name`` to the QLoRALinear modules of ``model`` (defaults are peft's ``LoraConfig``'s).
 
-    ``target_modules``: ``None`` / ``"all-linear"`` = every QLoRALinear; a list of names or name suffixes
-    (``["q_proj", "v_proj"]``); or a regex string matched against the whole module name (peft's rules).
+    ``target_modules``: ``None`` / ``"all-linear"`` = every QLoRALinear (not the ``QLoRAEmbedding`` layers, which
+    must be named); a list of names or name suffixes (``["q_proj", "v_proj"]``); or a regex string matched against
+    the whole module name (peft's rules).
     ``layers_to_transform`` / ``layers_pattern``: peft's layer filter (with a list ``target_modules``; see
     ``qkernels.apply_qlora``). ``modules_to_save``: names (full-name suffixes) of non-LoRA modules that get a
     trainable copy for ``name`` (``qkernels.modules_to_save``). The active adapter is not changed (call
@@ -218,7 +229,7 @@ def add_adapter(
         raise ValueError(f"r must be a positive integer, got {r!r}")
     if not isinstance(use_dora, bool):
         raise ValueError(f"use_dora must be a bool, got {use_dora!r}")
-    mods = [(n, m) for n, m in _qlora_modules(model) if _matches(n, target_modules)]
+    mods = [(n, m) for n, m in _qlora_modules(model) if _matches(n, target_modules, m)]
     if layers_to_transform is not None or layers_pattern is not None:
         _check_layer_args("all-linear" if target_modules is None else target_modules, layers_to_transform,
                           layers_pattern)

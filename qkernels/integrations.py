@@ -66,10 +66,10 @@ _TASK_MAPPINGS = (
 
 
 def has_adapters(model: nn.Module) -> bool:
-    """True when ``model`` holds a ``QLoRALinear`` with at least one adapter."""
-    from .nn import QLoRALinear
+    """True when ``model`` holds a ``QLoRALinear`` (or ``QLoRAEmbedding``) with at least one adapter."""
+    from .adapters import _qlora_class
 
-    return any(isinstance(m, QLoRALinear) and len(m.lora_A) > 0 for m in model.modules())
+    return any(isinstance(m, _qlora_class()) and len(m.lora_A) > 0 for m in model.modules())
 
 
 def task_type_of(model: nn.Module) -> str | None:
@@ -147,8 +147,8 @@ def restore_adapters(model: nn.Module, path: str | os.PathLike) -> list[str]:
     with torch.no_grad():
         for name, plan in plans.items():
             for p in plan.lora:
-                p.module.lora_A[name].weight.copy_(p.A)
-                p.module.lora_B[name].weight.copy_(p.B)
+                p.module.set_lora_weight(name, "lora_A", p.A)  # in place (an embedding's A is a bare Parameter)
+                p.module.set_lora_weight(name, "lora_B", p.B)
                 if p.magnitude is not None:  # a DoRA adapter (its DoRA-ness checked equal in _plan_in_place)
                     p.module.lora_magnitude_vector[name].weight.copy_(p.magnitude)
             for n, tensors in plan.saved.items():

@@ -1,6 +1,7 @@
 """Model-level QLoRA: put ``QLoRALinear`` into a model, count parameters, merge adapters back.
 
-- ``apply_qlora(model, target_modules, ...)``: replace the matching ``nn.Linear`` layers in place, with peft's
+- ``apply_qlora(model, target_modules, ...)``: replace the matching ``nn.Linear`` layers in place (a named
+  ``nn.Embedding``: peft's embedding LoRA, ``qkernels.embedding``), with peft's
   matching rules (``peft.tuners.tuners_utils.check_target_module_exists`` and ``_maybe_include_all_linear_layers``),
   and freeze everything but the LoRA weights (``use_dora=True``: DoRA adapters, ``qkernels.dora``).
 - ``trainable_parameters(model)`` / ``print_trainable_parameters(model)``: peft's counts and line.
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .embedding import QLoRAEmbedding, embedding_refusal, is_embedding
 from .functional import dequantize_4bit, quantize_4bit
 from .modules_to_save import check_modules_to_save, plan_modules_to_save, wrap_modules_to_save, wrapper_modules
 from .nn import Params4bit, QLoRALinear, _check_dora_norm, is_conv1d
@@ -211,7 +213,10 @@ def apply_qlora(
     Args:
         target_modules: list of names/suffixes, a regex (full match), or ``"all-linear"``: peft's semantics
             (``match_target_modules``). Every list entry must match at least one module, else ValueError
-            listing the Linear layers that exist. A matched module that is not an ``nn.Linear`` is an error.
+            listing the Linear layers that exist. A matched ``nn.Embedding`` gets peft's embedding LoRA on its float
+            weight (``qkernels.embedding.QLoRAEmbedding``; never under ``"all-linear"``, as in peft; DoRA and LoftQ
+            refused there, and a tied embedding warns as peft does); any other matched module that is not an
+            ``nn.Linear`` is an error.
         exclude_modules: peft's ``exclude_modules`` (list of names/suffixes, or a regex).
         layers_to_transform: peft's: an int or a list of ints; only modules (matched by a list entry's suffix) in
             those layers are replaced. The layer index is the number after the layer list's name in the module
@@ -289,7 +294,10 @@ def apply_qlora(
     if not names:
         _raise_no_layer_match(model, target_modules, exclude_modules, layers_to_transform, layers_pattern,
                               modules_to_save)
-    float_names = _float_base_names(model, names, keep_float_modules, init_lora_weights)
+    modules = dict(model.named_modules())
+    emb_names = [n for n in names if is_embedding(modules[n])]  # LoRA on the float embedding (qkernels.embedding)
+    float_names = _float_base_names(model, [n for n in names if n not in emb_names], keep_float_modules,
+                                    init_lora_weights)
     _check_not_read_by_parent(model, names)
     _check_forward_is_linear(model, names)
     clash = [(t, m) for t in names for m in save_names if t == m or t.startswith(m + ".") or m.startswith(t + ".")]
@@ -297,16 +305,18 @@ def apply_qlora(
         raise ValueError(f"module {clash[0][0]!r} is a LoRA target and module {clash[0][1]!r} a module to save; "
                          "they overlap. Name the module to save exactly (e.g. its full name) or exclude it from "
                          "target_modules")
-    modules = dict(model.named_modules())
     for n in names:
         m = modules[n]
-        if isinstance(m, QLoRALinear):
-            raise ValueError(f"module {n!r} is already a QLoRALinear; add an adapter with "
+        if n in emb_names:
+            _check_embedding_target(n, m, use_dora, init_lora_weights)
+            continue
+        if isinstance(m, (QLoRALinear, QLoRAEmbedding)):
+            raise ValueError(f"module {n!r} is already a {type(m).__name__}; add an adapter with "
                              f"model.get_submodule({n!r}).update_layer(...)")
         if not _is_linear(m):
             raise ValueError(f"target module {n!r} is a {type(m).__name__}, not an nn.Linear; only nn.Linear (and "
-                             "transformers Conv1D) layers are quantized. Linear layers here: "
-                             f"{_summarize(linear_names)}")
+                             "transformers Conv1D) layers are quantized, and nn.Embedding layers get LoRA on their "
+                             f"float weight. Linear layers here: {_summarize(linear_names)}")
         if _is_bnb_4bit(m):
             if init_lora_weights == "loftq":
                 raise ValueError(f"module {n!r} is already a bitsandbytes 4-bit layer: init_lora_weights='loftq' "
@@ -332,6 +342,8 @@ def apply_qlora(
     bnb_kwargs = {k: kwargs[k] for k in ("r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights",
                                          "adapter_name", "use_dora")}
     float_kwargs = dict(bnb_kwargs)  # a float base computes in its weight's dtype, as peft's lora.Linear
+    emb_kwargs = {k: v for k, v in bnb_kwargs.items() if k != "use_dora"}  # DoRA refused above on embeddings
+    _warn_tied_embedding_targets(model, emb_names)
     if compute_dtype is not None:
         bnb_kwargs["compute_dtype"] = compute_dtype
     for i, n in enumerate(names, 1):
@@ -341,7 +353,9 @@ def apply_qlora(
         # a model loaded in 4 bits by bitsandbytes (transformers' BitsAndBytesConfig): wrap its packed weight as is
         # (its own quant_type / blocksize / double quant), as peft does; never requantize a 4-bit weight
         try:
-            if n in float_names:  # kept float, as peft + bitsandbytes keep it: LoRA on the float weight
+            if n in emb_names:  # peft's lora.Embedding: the embedding stays float
+                layer = QLoRAEmbedding.from_embedding(m, **emb_kwargs)
+            elif n in float_names:  # kept float, as peft + bitsandbytes keep it: LoRA on the float weight
                 layer = QLoRALinear.from_linear(m, quantize=False, **float_kwargs)
             elif _is_bnb_4bit(m):
                 layer = QLoRALinear.from_bnb(m, **bnb_kwargs)
@@ -367,6 +381,38 @@ def apply_qlora(
     _mark_bnb_model_trainable(model)
     _prepare_for_gradient_checkpointing(model)
     return model
+
+
+def _check_embedding_target(n: str, m: nn.Module, use_dora: bool, init_lora_weights: Any) -> None:
+    """Refuse, before any change, an ``nn.Embedding`` target that ``QLoRAEmbedding`` cannot adapt as peft does."""
+    why = embedding_refusal(m)
+    if why is not None:
+        raise ValueError(f"target module {n!r}: {why}")
+    if use_dora:
+        raise ValueError(f"target module {n!r} is an nn.Embedding and use_dora=True: qkernels does not implement DoRA "
+                         "on embeddings (peft's DoraEmbeddingVariant). Leave it out (exclude_modules=["
+                         f"{n.rpartition('.')[2]!r}]) or use plain LoRA (use_dora=False)")
+    if init_lora_weights == "loftq":
+        raise ValueError(f"target module {n!r} is an nn.Embedding, which stays float: init_lora_weights='loftq' fits "
+                         "LoRA to a 4-bit quantization error and has none to fit there; leave it out "
+                         f"(exclude_modules=[{n.rpartition('.')[2]!r}]) or use init_lora_weights=True")
+
+
+def _warn_tied_embedding_targets(model: nn.Module, emb_names: list[str]) -> None:
+    """peft's ``_check_tied_modules`` warning (tuners_utils.py:1454-1470): an embedding target tied to another module
+    (``tie_word_embeddings``: the head reads the same weight). Its LoRA changes the input side only; the head keeps
+    computing with the shared base weight, without the embedding's LoRA, as in peft (``ensure_weight_tying=False``)."""
+    tied = _tied_targets(model, emb_names)
+    if tied:
+        n, other = next(iter(tied.items()))
+        warnings.warn(
+            f"LoRA on embedding {n!r}, whose weight is tied to {other!r} (tie_word_embeddings): the LoRA term applies "
+            "to the input embeddings only and the tied module keeps the plain shared weight, as in peft with "
+            "ensure_weight_tying=False (which peft also warns about); merging writes into the shared weight, so the "
+            "tied module then changes too",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _prepare_for_gradient_checkpointing(model: nn.Module) -> None:
@@ -737,7 +783,8 @@ def _check_forward_is_linear(model: nn.Module, names: list[str]) -> None:
 
 
 def _is_lora_param(pname: str) -> bool:
-    return any(f".{k}." in f".{pname}" for k in ("lora_A", "lora_B", "lora_magnitude_vector"))
+    return any(f".{k}." in f".{pname}" for k in ("lora_A", "lora_B", "lora_magnitude_vector", "lora_embedding_A",
+                                                 "lora_embedding_B"))
 
 
 def _raise_no_layer_match(model: nn.Module, target_modules: Any, exclude_modules: Any, layers_to_transform: Any,
@@ -810,8 +857,10 @@ def print_trainable_parameters(model: nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------------------------- merging
-def _qlora_layers(model: nn.Module) -> list[tuple[str, QLoRALinear]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, QLoRALinear)]
+def _qlora_layers(model: nn.Module) -> list[tuple[str, QLoRALinear | QLoRAEmbedding]]:
+    """The adapter layers in ``named_modules()`` order: peft merges in that order too (``_unload_and_optionally_merge``
+    walks ``named_modules``), which matters when two of them write into one tied weight."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (QLoRALinear, QLoRAEmbedding))]
 
 
 def _merged_weight(layer: QLoRALinear) -> torch.Tensor:
@@ -870,7 +919,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     layers = _qlora_layers(model)
     _warn_tied_merge(model, layers)
     for name, layer in layers:
-        _replace(model, name, _dense(layer))
+        _replace(model, name, layer.merged_embedding() if isinstance(layer, QLoRAEmbedding) else _dense(layer))
     _drop_quantization_config(model)
     _mark_bnb_model_quantized(model)
     return model
@@ -886,7 +935,7 @@ def _warn_tied_merge(model: nn.Module, layers: list[tuple[str, QLoRALinear]]) ->
         warnings.warn(
             f"merging LoRA into {n!r}, whose weight is tied to {other!r} (tie_word_embeddings): the merged weight "
             "W + s B A is written into the shared Parameter, so that module changes too and the tie stays (what peft's "
-            "merge_and_unload does). To merge into the head alone, untie it first: module.weight = "
+            "merge_and_unload does). To merge into one module alone, untie it first: module.weight = "
             "nn.Parameter(module.weight.detach().clone()) and config.tie_word_embeddings = False",
             UserWarning,
             stacklevel=3,
@@ -1005,6 +1054,9 @@ def merge_into_4bit(model: nn.Module) -> dict[str, float]:
     layers = _qlora_layers(model)
     _warn_tied_merge(model, layers)
     for name, layer in layers:
+        if isinstance(layer, QLoRAEmbedding):  # never quantized: merged as merge_and_unload merges it
+            _replace(model, name, layer.merged_embedding())
+            continue
         if not layer.quantized:
             _replace(model, name, _dense(layer))
             continue

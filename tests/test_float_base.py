@@ -626,8 +626,9 @@ def test_a_meta_tied_model_keeps_the_head_float_and_tie_weights_loads_it(tmp_pat
 
 def test_peft_ensure_weight_tying_adapter_is_refused_naming_the_option(tmp_path):
     """peft's ensure_weight_tying=True moves a tied lm_head's LoRA onto the input embedding (lora.Embedding, keys
-    lora_embedding_A/B) and ties the head's to it: qkernels has no LoRA on an embedding, so load_adapter refuses it,
-    naming the option and the default that loads; nothing is loaded."""
+    lora_embedding_A/B) and runs the head with that LoRA transposed (peft/tuners/lora/model.py:316-322): qkernels'
+    embedding LoRA does not tie adapters, so load_adapter refuses it, naming the option and the default that loads;
+    nothing is loaded."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = peft.get_peft_model(tied_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"],

@@ -1,0 +1,421 @@
+"""``QLoRAEmbedding``: LoRA on an ``nn.Embedding``, peft's ``lora.Embedding`` step for step.
+
+The embedding weight stays a frozen float ``weight`` Parameter (the embedding's own: a head tied to it stays tied),
+as bitsandbytes + transformers keep embeddings float in a 4-bit model. The adapters are laid out as peft lays them
+out (peft/tuners/lora/layer.py:1150-1545, peft 0.21.2):
+
+- ``lora_embedding_A`` / ``lora_embedding_B``: ``nn.ParameterDict({adapter: Parameter})``, A ``[r, num_embeddings]``,
+  B ``[embedding_dim, r]`` (peft's ``in_features`` / ``out_features`` of an embedding are ``num_embeddings`` /
+  ``embedding_dim``); state-dict keys ``lora_embedding_A.<adapter>``, in peft's adapter files
+  ``<module>.lora_embedding_A`` without ``.weight``;
+- forward: ``E[x] + s * F.embedding(x, A^T, <the base's padding_idx, max_norm, ...>) @ B^T`` (layer.py:1464-1538), in
+  the LoRA weights' dtype, the sum cast to the base result's dtype; ``lora_dropout`` is created but never applied
+  (peft's embedding forward does not call it);
+- init (layer.py:1264-1265, 346-350): ``True`` / ``"gaussian"``: A zeros, B ~ N(0, 1); ``False``: both ~ N(0, 1);
+- merge: ``W += ((B @ A)^T * s).to(W.dtype)`` into the embedding's own Parameter (layer.py:1394-1422, 1364-1371).
+
+DoRA on an embedding (peft's ``DoraEmbeddingVariant``) is not implemented: refused, naming the module.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .reference import lora_scaling
+
+__all__ = ["QLoRAEmbedding", "is_embedding"]
+
+EMBEDDING_INITS = (True, False, "gaussian")
+# peft's LoraLayer.adapter_layer_names for an embedding (layer.py:110-116) -> qkernels' generic names
+WHICH = {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
+
+
+def is_embedding(m: nn.Module) -> bool:
+    """An ``nn.Embedding`` (a subclass too: ``embedding_refusal`` says whether it can be wrapped)."""
+    return isinstance(m, nn.Embedding)
+
+
+def embedding_refusal(m: nn.Module) -> str | None:
+    """Why ``m`` (an ``nn.Embedding``) cannot get a ``QLoRAEmbedding``, or None."""
+    if type(m).forward is not nn.Embedding.forward:
+        # Gemma's Gemma3TextScaledWordEmbedding multiplies by embed_scale in its own forward; peft then scales the LoRA
+        # term too (layer.py:1506, 1522-1524). Not mirrored here: say so rather than drop the scale.
+        return (f"it is a {type(m).__name__}, whose own forward is not nn.Embedding's (e.g. a scaled embedding: "
+                "embed_scale); qkernels gives LoRA to plain nn.Embedding layers only. Leave it out of target_modules")
+    if hasattr(m, "embed_scale"):
+        return ("it has an embed_scale attribute, which peft applies to the LoRA term (layer.py:1506, 1522-1524) but "
+                "nn.Embedding's forward does not; leave it out of target_modules")
+    if not m.weight.dtype.is_floating_point:
+        return f"its weight is {m.weight.dtype}: LoRA on an embedding needs a float weight"
+    return None
+
+
+def _check_args(r: Any, lora_alpha: Any, lora_dropout: Any, init_lora_weights: Any, adapter_name: Any,
+                use_rslora: Any, use_dora: Any) -> None:
+    from .nn import _check_lora_args
+
+    if init_lora_weights == "loftq":
+        raise ValueError("init_lora_weights='loftq' fits LoRA to a 4-bit quantization error; an embedding stays float "
+                         "(nothing is quantized): use init_lora_weights=True, or leave the embedding out")
+    _check_lora_args(r, lora_alpha, lora_dropout, init_lora_weights, adapter_name)
+    if not isinstance(use_rslora, bool):
+        raise ValueError(f"use_rslora must be a bool, got {use_rslora!r}")
+    if not isinstance(use_dora, bool):
+        raise ValueError(f"use_dora must be a bool, got {use_dora!r}")
+    if use_dora:
+        raise ValueError("use_dora=True on an nn.Embedding: qkernels does not implement DoRA on embeddings (peft's "
+                         "DoraEmbeddingVariant). Leave the embedding out of this DoRA adapter (exclude_modules / "
+                         "target_modules), or give it a plain LoRA adapter (use_dora=False)")
+
+
+class QLoRAEmbedding(nn.Module):
+    """``y = E[x] + s * (A^T)[x] @ B^T`` with the embedding ``E`` frozen in float: peft's ``lora.Embedding``.
+
+    Built with ``QLoRAEmbedding.from_embedding(embedding, r=..., ...)`` (``apply_qlora`` does it for targets that are
+    ``nn.Embedding``). The embedding's own ``weight`` Parameter is kept (no copy), so a head tied to it stays tied;
+    ``padding_idx``, ``max_norm``, ``norm_type``, ``scale_grad_by_freq`` and ``sparse`` are the embedding's and apply
+    to the LoRA lookup as in peft (``_embed``, layer.py:1464-1485).
+
+    Args:
+        num_embeddings, embedding_dim: the embedding's shape (``from_embedding`` takes them from it).
+        r, lora_alpha, lora_dropout, use_rslora: the first adapter, as peft's ``LoraConfig`` (scaling ``lora_alpha /
+            r``, or ``/ sqrt(r)`` with rsLoRA; the dropout is recorded, never applied, as in peft).
+        init_lora_weights: ``True`` / ``"gaussian"`` (A = 0, B ~ N(0, 1)) or ``False`` (both ~ N(0, 1)); "loftq" is
+            refused (nothing is quantized here).
+        adapter_name: the first adapter's name. use_dora: must be False (DoRA on embeddings is refused).
+
+    Attributes (peft's names): ``lora_embedding_A`` / ``lora_embedding_B`` (ParameterDicts by adapter name, float32
+    ``[r, num_embeddings]`` / ``[embedding_dim, r]``), ``lora_dropout`` (kept for the config; not applied, as peft),
+    ``r``, ``lora_alpha``, ``scaling``, ``use_rslora`` (dicts), ``active_adapter``, ``disable_adapters``. ``lora_A``
+    / ``lora_B`` are the same dicts under the names ``QLoRALinear`` uses, for qkernels' adapter functions.
+    ``in_features`` / ``out_features``: ``num_embeddings`` / ``embedding_dim`` (peft's). ``quantized`` is False.
+    """
+
+    quantized = False
+    is_target_conv_1d_layer = False
+    bias = None
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, _embedding: nn.Embedding, r: int = 8,
+                 lora_alpha: float = 16, lora_dropout: float = 0.0, use_rslora: bool = False,
+                 init_lora_weights: bool | str = True, adapter_name: str = "default", use_dora: bool = False):
+        super().__init__()
+        _check_args(r, lora_alpha, lora_dropout, init_lora_weights, adapter_name, use_rslora, use_dora)
+        self.num_embeddings = self.in_features = num_embeddings
+        self.embedding_dim = self.out_features = embedding_dim
+        e = _embedding
+        self.padding_idx, self.max_norm, self.norm_type = e.padding_idx, e.max_norm, e.norm_type
+        self.scale_grad_by_freq, self.sparse = e.scale_grad_by_freq, e.sparse
+        self.weight = e.weight if isinstance(e.weight, nn.Parameter) else nn.Parameter(e.weight.detach())
+        self.weight.requires_grad_(False)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self._lora_init: dict[str, bool | str] = {}
+        self.active_adapter: str | None = None
+        self.disable_adapters = False
+        self.merged = False
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Module, **lora_kwargs: Any) -> QLoRAEmbedding:
+        """A ``QLoRAEmbedding`` holding ``embedding.weight`` (the same Parameter) and one adapter (``r``,
+        ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``init_lora_weights``, ``adapter_name``; ``use_dora=True``
+        is refused). The embedding module itself is kept aside (without its weight) so that ``merge_and_unload``
+        gives it back holding the merged weight.
+
+        Raises:
+            TypeError: ``embedding`` is not an ``nn.Embedding``. ValueError: an embedding that cannot be wrapped (its
+                own forward, e.g. a scaled embedding; an integer weight) or a bad LoRA argument, named.
+        """
+        if not is_embedding(embedding):
+            raise TypeError(f"from_embedding needs an nn.Embedding, got {type(embedding).__name__}")
+        why = embedding_refusal(embedding)
+        if why is not None:
+            raise ValueError(f"cannot add LoRA to this embedding: {why}")
+        layer = cls(embedding.num_embeddings, embedding.embedding_dim, _embedding=embedding, **lora_kwargs)
+        layer.train(embedding.training)
+        base = copy_without_weight(embedding)
+        object.__setattr__(layer, "_base_embedding", base)  # not a child: no duplicate keys, parameters or moves
+        return layer
+
+    # ------------------------------------------------------------------ adapters (peft's API, QLoRALinear's names)
+    @property
+    def lora_A(self) -> nn.ParameterDict:
+        """``lora_embedding_A`` under ``QLoRALinear``'s name (the adapter names are its keys)."""
+        return self.lora_embedding_A
+
+    @property
+    def lora_B(self) -> nn.ParameterDict:
+        """``lora_embedding_B`` under ``QLoRALinear``'s name."""
+        return self.lora_embedding_B
+
+    @property
+    def _unloaded(self) -> frozenset[str]:
+        """State-dict keys (no prefix) whose tensors hold no value (the meta device), derived from the tensors."""
+        return frozenset(k for k, t in self._local_tensors().items() if t.is_meta)
+
+    @_unloaded.setter
+    def _unloaded(self, value: Any) -> None:  # QLoRALinear's callers update theirs; here it is always derived
+        pass
+
+    def _local_tensors(self) -> dict[str, torch.Tensor]:
+        out = {"weight": self.weight}
+        for n in self.lora_embedding_A:
+            out[f"lora_embedding_A.{n}"] = self.lora_embedding_A[n]
+            out[f"lora_embedding_B.{n}"] = self.lora_embedding_B[n]
+        return out
+
+    def _raise_unloaded(self) -> None:
+        raise RuntimeError(
+            f"QLoRAEmbedding(num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}): "
+            f"{sorted(self._unloaded)} never loaded: the embedding was built on the meta device, which holds shapes "
+            "only. Load a checkpoint that holds them: model.load_state_dict(sd, assign=True)")
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                     init_lora_weights: bool | str = True, use_rslora: bool = False, *, use_dora: bool = False,
+                     **_: Any) -> None:
+        """Add (or replace) adapter ``adapter_name`` of rank ``r``: peft's ``Embedding.update_layer``
+        (layer.py:1207-1300). ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``init_lora_weights``: as in the
+        class; ``use_dora=True`` raises ValueError (DoRA on embeddings is not implemented), as does a bad argument.
+
+        A ``[r, num_embeddings]`` and B ``[embedding_dim, r]``, drawn in float32 (``torch.randn``), initialized
+        (``True`` / ``"gaussian"``: A zeros, B ~ N(0, 1); ``False``: both ~ N(0, 1) as drawn), then rounded through
+        the embedding's dtype when that is float16 / bfloat16 (peft moves the adapter to the base layer's dtype,
+        tuners_utils.py:2168-2212, and ``get_peft_model`` casts it back to float32, tuners_utils.py:2705-2745), kept
+        float32 on the weight's device. The first adapter becomes active; later ones are added inactive and frozen.
+        """
+        _check_args(r, lora_alpha, lora_dropout, init_lora_weights, adapter_name, use_rslora, use_dora)
+        w = self.weight
+        A = torch.randn((r, self.num_embeddings))  # peft draws both (layer.py:1241-1242), then re-initializes
+        B = torch.randn((self.embedding_dim, r))
+        if init_lora_weights is not False:  # reset_lora_parameters (layer.py:346-350): "gaussian" is the same here
+            nn.init.zeros_(A)
+            nn.init.normal_(B)
+        if w.dtype in (torch.float16, torch.bfloat16):
+            A, B = A.to(w.dtype).float(), B.to(w.dtype).float()
+        dev = w.device
+        self.lora_embedding_A[adapter_name] = nn.Parameter(A.to(dev))
+        self.lora_embedding_B[adapter_name] = nn.Parameter(B.to(dev))
+        self.lora_dropout[adapter_name] = nn.Dropout(p=float(lora_dropout)) if lora_dropout > 0 else nn.Identity()
+        self.lora_dropout[adapter_name].train(self.training)
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = lora_scaling(lora_alpha, r, use_rslora)
+        self.use_rslora[adapter_name] = use_rslora
+        self._lora_init = {**self._lora_init, adapter_name: init_lora_weights}
+        self.set_adapter(self.active_adapter if self.active_adapter is not None else adapter_name)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the one adapter that runs (trainable), the others frozen. ValueError if absent."""
+        if adapter_name not in self.lora_embedding_A:
+            raise ValueError(f"no adapter named {adapter_name!r}; this layer has {list(self.lora_embedding_A)}")
+        for name in self.lora_embedding_A:
+            on = name == adapter_name
+            self.lora_embedding_A[name].requires_grad_(on)
+            self.lora_embedding_B[name].requires_grad_(on)
+        self.active_adapter = adapter_name
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove ``adapter_name``; if it was active, the first remaining adapter becomes active (or none).
+
+        Raises ValueError if the layer has no adapter of that name."""
+        if adapter_name not in self.lora_embedding_A:
+            raise ValueError(f"no adapter named {adapter_name!r}; this layer has {list(self.lora_embedding_A)}")
+        for d in (self.lora_embedding_A, self.lora_embedding_B, self.lora_dropout):
+            del d[adapter_name]
+        for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora):
+            del d[adapter_name]
+        self._lora_init = {k: v for k, v in self._lora_init.items() if k != adapter_name}
+        if self.active_adapter == adapter_name:
+            self.active_adapter = None
+            if len(self.lora_embedding_A):
+                self.set_adapter(next(iter(self.lora_embedding_A)))
+
+    def set_lora_weight(self, adapter_name: str, which: str, value: torch.Tensor) -> None:
+        """Set ``"lora_A"`` (``lora_embedding_A``, ``[r, num_embeddings]``) or ``"lora_B"`` (``lora_embedding_B``,
+        ``[embedding_dim, r]``) of ``adapter_name`` to ``value`` in place (cast to its dtype); on the meta device the
+        Parameter is replaced by one holding ``value``. ValueError: another ``which``, no such adapter, a shape."""
+        if which not in WHICH:
+            raise ValueError(f"which must be 'lora_A' or 'lora_B' on an embedding (no DoRA magnitude), got {which!r}")
+        if adapter_name not in self.lora_embedding_A:
+            raise ValueError(f"no adapter named {adapter_name!r}; this layer has {list(self.lora_embedding_A)}")
+        d = getattr(self, WHICH[which])
+        p = d[adapter_name]
+        if tuple(value.shape) != tuple(p.shape):
+            raise ValueError(f"{WHICH[which]}.{adapter_name} has shape {tuple(p.shape)}, got {tuple(value.shape)}")
+        with torch.no_grad():
+            if p.is_meta:
+                d[adapter_name] = nn.Parameter(value.detach().to(p.dtype, copy=True), requires_grad=p.requires_grad)
+            else:
+                p.copy_(value)
+
+    def is_dora(self, adapter_name: str) -> bool:
+        """Returns False for any ``adapter_name``: DoRA on an embedding is refused."""
+        return False
+
+    def _magnitude_modules(self, name: str) -> list[nn.Module]:
+        return []
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """peft's toggle: ``enabled=False`` runs the plain embedding, ``True`` the active adapter again."""
+        self.disable_adapters = not enabled
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """peft's list of the adapters that run: ``[active_adapter]``, or ``[]`` when none is set."""
+        return [] if self.active_adapter is None else [self.active_adapter]
+
+    # ------------------------------------------------------------------ forward
+    def _embed(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """peft's ``_embed`` (layer.py:1464-1485): ``F.embedding`` with the base embedding's arguments."""
+        return F.embedding(x, weight, padding_idx=self.padding_idx, max_norm=self.max_norm, norm_type=self.norm_type,
+                           scale_grad_by_freq=self.scale_grad_by_freq, sparse=self.sparse)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``E[x] + scaling * F.embedding(x, A^T) @ B^T`` for the active adapter, cast to ``E``'s dtype (peft's
+        ``Embedding.forward``, layer.py:1487-1538; dropout is not applied there, so not here).
+
+        Args:
+            x: integer indices, any shape. Returns ``[*x.shape, embedding_dim]`` in the weight's dtype.
+
+        Raises:
+            RuntimeError: a tensor never loaded (the meta device), naming it.
+        """
+        if self._unloaded:
+            self._raise_unloaded()
+        result = self._embed(x, self.weight)  # nn.Embedding.forward, the base layer
+        name = None if self.disable_adapters else self.active_adapter
+        if name is None:
+            return result
+        dtype = result.dtype
+        A = self.lora_embedding_A[name]
+        if self.sparse and A.requires_grad and torch.is_grad_enabled():
+            # F.embedding(x, A^T, sparse=True) gives A^T a sparse gradient that torch cannot transpose back to A
+            # ("permute(sparse_coo): transpositions between sparse and dense dimensions are not allowed"): peft's
+            # backward fails so too. Say why before the forward rather than in backward.
+            raise RuntimeError(
+                f"QLoRAEmbedding({self.num_embeddings}, {self.embedding_dim}) has sparse=True: the LoRA gradient "
+                "through F.embedding(x, A^T, sparse=True) cannot be formed (torch cannot transpose a sparse gradient "
+                "back to A; peft's lora.Embedding fails the same way in backward). Set layer.sparse = False to train "
+                "(A's gradient is dense, [r, num_embeddings]), or run under torch.no_grad()")
+        after_A = self._embed(x, A.T)
+        adapter_output = (after_A @ self.lora_embedding_B[name].T) * self.scaling[name]
+        return (result + adapter_output).to(dtype)
+
+    # ------------------------------------------------------------------ merging
+    def get_delta_weight(self, adapter_name: str | None = None) -> torch.Tensor:
+        """Returns peft's ``get_delta_weight`` (layer.py:1394-1422) of ``adapter_name`` (default: the active adapter):
+        ``(B @ A)^T * scaling``, ``[num_embeddings, embedding_dim]`` in A's dtype (half-precision adapters on the CPU
+        computed in float32 and cast back). Raises ValueError if there is no such adapter (or none is active)."""
+        name = adapter_name or self.active_adapter
+        if name is None or name not in self.lora_embedding_A:
+            raise ValueError(f"no adapter {name!r} to take a delta of; this layer has {list(self.lora_embedding_A)}")
+        A, B = self.lora_embedding_A[name].detach(), self.lora_embedding_B[name].detach()
+        dtype = A.dtype
+        cast = B.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16)
+        if cast:
+            A, B = A.float(), B.float()
+        out = (B @ A).T * self.scaling[name]
+        return out.to(dtype) if cast else out
+
+    def lora_delta(self, adapter_name: str | None = None) -> torch.Tensor:
+        """Returns ``get_delta_weight(adapter_name)`` in float32 (ValueError if there is no such adapter)."""
+        return self.get_delta_weight(adapter_name).float()
+
+    def merged_embedding(self) -> nn.Module:
+        """peft's ``merge`` then ``get_base_layer()`` (layer.py:1332-1374): the active adapter's delta added in place
+        to the embedding's own weight Parameter (``W.data += delta.to(W.dtype)``; a head tied to it changes too).
+        Adapters disabled or none active: nothing is added.
+
+        Returns the original embedding module (its class and arguments) holding that Parameter, frozen. Raises
+        RuntimeError if the weights were never loaded (the meta device)."""
+        if self._unloaded:
+            self._raise_unloaded()
+        w = self.weight
+        name = None if self.disable_adapters else self.active_adapter
+        if name is not None:
+            with torch.no_grad():
+                w.data += self.get_delta_weight(name).to(w.dtype)
+        w.requires_grad_(False)
+        base = self.__dict__.get("_base_embedding")
+        if base is None:
+            with torch.device("meta"):
+                base = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx,
+                                    max_norm=self.max_norm, norm_type=self.norm_type,
+                                    scale_grad_by_freq=self.scale_grad_by_freq, sparse=self.sparse)
+        else:
+            base = copy_without_weight(base)
+        base.weight = w
+        base.train(self.training)
+        return base
+
+    # ------------------------------------------------------------------ state dict
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        """``nn.Module``'s, after checking the LoRA shapes (a ValueError naming the key, before anything loads); a
+        LoRA key absent from a base-only checkpoint keeps its value and is not reported missing (as QLoRALinear); LoRA
+        weights still on the meta device once the weight has values are initialized per ``init_lora_weights``."""
+        for k, t in self._local_tensors().items():
+            v = state_dict.get(prefix + k)
+            if isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(t.shape):
+                hint = " (a different LoRA rank r?)" if k != "weight" else ""
+                raise ValueError(f"size mismatch for {prefix + k!r}: checkpoint has {tuple(v.shape)}, this layer has "
+                                 f"{tuple(t.shape)}{hint}")
+        lora = [prefix + k for k in self._local_tensors() if k != "weight"]
+        present = [k for k in lora if k in state_dict]
+        if present and len(present) < len(lora):
+            error_msgs.append(f"{prefix[:-1] or 'QLoRAEmbedding'}: the state dict has LoRA key(s) {present} but not "
+                              f"{[k for k in lora if k not in present]}; a layer's LoRA weights load together")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if not present:
+            # a base-only checkpoint: LoRA still on the meta device is initialized on the weight's device, and the
+            # ParameterDicts (which load after this method, from the same dict) are given their current values, so
+            # they are neither changed nor reported missing
+            if not self.weight.is_meta:
+                self._init_meta_lora()
+            state_dict.update({prefix + k: t for k, t in self._local_tensors().items() if k != "weight"})
+
+    def _init_meta_lora(self) -> None:
+        for n in list(self.lora_embedding_A):
+            A, B = self.lora_embedding_A[n], self.lora_embedding_B[n]
+            if not (A.is_meta or B.is_meta):
+                continue
+            active = self.active_adapter
+            self.update_layer(n, self.r[n], self.lora_alpha[n], _dropout_p(self.lora_dropout[n]),
+                              self._lora_init.get(n, True), self.use_rslora[n])
+            self.lora_embedding_A[n].requires_grad_(A.requires_grad)
+            self.lora_embedding_B[n].requires_grad_(B.requires_grad)
+            self.active_adapter = active
+
+    def extra_repr(self) -> str:
+        lora = ", ".join(f"{n}: r={self.r[n]}, alpha={self.lora_alpha[n]}" for n in self.lora_embedding_A)
+        extra = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
+        return (f"{self.num_embeddings}, {self.embedding_dim}{extra}, float base: dtype={self.weight.dtype}, "
+                f"adapters=[{lora}], active={self.active_adapter!r}{', disabled' if self.disable_adapters else ''}")
+
+
+def _dropout_p(d: nn.Module) -> float:
+    return float(getattr(d, "p", 0.0))
+
+
+def copy_without_weight(embedding: nn.Module) -> nn.Module:
+    """A shallow copy of ``embedding`` whose ``weight`` entry is None (its class, hooks and attributes kept)."""
+    import copy
+
+    base = copy.copy(embedding)
+    base._parameters = dict(embedding._parameters)
+    base._parameters["weight"] = None
+    base._modules = dict(embedding._modules)
+    base._buffers = dict(embedding._buffers)
+    return base
+
