@@ -812,19 +812,22 @@ class QLoRALinear(nn.Module):
         state = getattr(w, "quant_state", None)
         if state is not None:
             return w.data, state
-        rec = self._packed_record
         if type(w).__name__ == "DTensor":  # torch.distributed.tensor.DTensor, without importing it
             raise TypeError(_SHARDED)
-        if rec is None or not isinstance(w, torch.Tensor) or torch.compiler.is_exporting():
-            raise TypeError(_NO_QUANT_STATE.format(type(w).__name__))
-        if w.numel() != rec.numel:
+        state = self._recorded_state(w)
+        if state.device != w.device:  # FSDP moved the parameters (the state is not one): it follows, as in .to()
+            state.to(w.device)
+        return w.detach().reshape(-1, 1), state
+
+    def _recorded_state(self, w: Any) -> QuantState:
+        """The module's recorded QuantState for a weight ``w`` that has none, if ``w`` holds the packed weight's
+        bytes: ``_PackedRecord.numel`` elements of its storage dtype (an FSDP2 DTensor counts its global size)."""
+        rec = self._packed_record
+        if rec is None or not isinstance(w, torch.Tensor) or torch.compiler.is_exporting() or w.numel() != rec.numel:
             raise TypeError(_NO_QUANT_STATE.format(type(w).__name__))
         if w.dtype != rec.storage:
             raise TypeError(_CAST_PACKED.format(w.numel(), w.dtype, rec.storage, w.dtype))
-        state = rec.quant_state
-        if state.device != w.device:  # FSDP moved the parameters (the state is not one): it follows, as in .to()
-            state.to(w.device)
-        return w.detach().reshape(rec.numel, 1), state
+        return rec.quant_state
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -1041,10 +1044,7 @@ class QLoRALinear(nn.Module):
             return
         state = getattr(self.weight, "quant_state", None)
         if state is None:  # FSDP's weight (a shard, or gathered): the module's record, if it holds these bytes
-            rec = self._packed_record
-            if rec is None or self.weight.numel() != rec.numel or self.weight.dtype != rec.storage:
-                raise TypeError(_NO_QUANT_STATE.format(type(self.weight).__name__))
-            state = rec.quant_state
+            state = self._recorded_state(self.weight)
         for k, v in state.as_dict(packed=True).items():
             destination[prefix + "weight." + k] = v if keep_vars else v.detach()
 
