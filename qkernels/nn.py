@@ -109,6 +109,24 @@ class Params4bit(nn.Parameter):
         """The 16-entry float32 codebook, ``quant_state.code``."""
         return self.quant_state.code
 
+    # torch.distributed.checkpoint's get_model_state_dict resolves every state-dict key as an attribute path
+    # (weight.nested_absmax, weight.quant_state.bitsandbytes__nf4): bitsandbytes answers them the same way
+    @property
+    def nested_absmax(self) -> torch.Tensor:
+        """The float32 scales of the double-quantized absmax, ``quant_state.state2.absmax``; AttributeError when the
+        absmax is not double-quantized (the key does not exist then)."""
+        if not self.quant_state.nested:
+            raise AttributeError("nested_absmax: this weight's absmax is not double-quantized")
+        return self.quant_state.state2.absmax
+
+    @property
+    def nested_quant_map(self) -> torch.Tensor:
+        """The 256-entry dynamic map of the double-quantized absmax, ``quant_state.state2.code``; AttributeError when
+        the absmax is not double-quantized."""
+        if not self.quant_state.nested:
+            raise AttributeError("nested_quant_map: this weight's absmax is not double-quantized")
+        return self.quant_state.state2.code
+
     def __deepcopy__(self, memo: dict) -> Params4bit:
         if id(self) in memo:
             return memo[id(self)]

@@ -100,6 +100,7 @@ def _fsdp2_mixed_precision(storage: torch.dtype, param_dtype: torch.dtype) -> to
 
 
 def _fsdp1_case(rank: int, out: str) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import FullStateDictConfig, StateDictType
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
@@ -117,8 +118,11 @@ def _fsdp1_case(rank: int, out: str) -> None:
     # offload_to_cpu=True crashes (SIGSEGV) in torch 2.13 on CPU even for plain nn.Linear layers: not used here
     with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=True)):
         full = model.state_dict()
+    # torch.distributed.checkpoint's API resolves each key as an attribute path (weight.quant_state.bitsandbytes__nf4):
+    # the original Params4bit holds this rank's shard between steps and answers them
+    dcp = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     if rank == 0:
-        torch.save({"losses": losses, "full": full}, os.path.join(out, "fsdp1.pt"))
+        torch.save({"losses": losses, "full": full, "dcp": dcp}, os.path.join(out, "fsdp1.pt"))
 
 
 def _worker(rank: int, init: str, out: str) -> None:
@@ -192,6 +196,8 @@ def test_fsdp1_use_orig_params_training_equals_training_without_fsdp(fsdp_result
     assert got["losses"] == losses
     plain = _model(torch.float32)
     plain.load_state_dict(got["full"])  # FSDP1's full state dict: the unwrapped model's keys, quant state included
+    assert got["dcp"].keys() == got["full"].keys()
+    assert all(_same_bytes(got["dcp"][k], v) for k, v in got["full"].items())
     assert torch.equal(_logits(plain), _logits(ref))
     qkernels.save_adapter(plain, tmp_path)
     fresh = _model(torch.float32)
@@ -251,3 +257,17 @@ def test_other_bytes_in_the_weight_are_refused():
     layer.weight = nn.Parameter(torch.randn(48, 64), requires_grad=False)  # a float weight over it
     with pytest.raises(TypeError, match="Parameter without a quant_state"):
         layer(x)
+
+
+def test_get_model_state_dict_resolves_the_4bit_keys_as_bitsandbytes_does():
+    """torch.distributed.checkpoint's ``get_model_state_dict`` walks each key as attributes (``weight.nested_absmax``,
+    ``weight.quant_state.bitsandbytes__nf4``); it failed with AttributeError. Now the model's own state dict."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    for double_quant in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(QLoRALinear(64, 48, r=4, double_quant=double_quant))
+        got, sd = get_model_state_dict(model), model.state_dict()
+        assert got.keys() == sd.keys() and all(_same_bytes(got[k], v) for k, v in sd.items())
+    with pytest.raises(AttributeError, match="bitsandbytes__fp4"):
+        _ = model[0].weight.quant_state.bitsandbytes__fp4  # an nf4 state has no fp4 blob
