@@ -261,6 +261,14 @@ _SHARDED = (
 
 
 @dataclasses.dataclass(frozen=True)
+class _CheckpointKeys:
+    """What ``QLoRALinear._fqn_modifiers`` points torch.distributed.checkpoint at: ``weight`` answers the attributes
+    ``absmax``, ``quant_map``, ``nested_absmax``, ``nested_quant_map``, ``quant_state.bitsandbytes__<type>``."""
+
+    weight: Params4bit
+
+
+@dataclasses.dataclass(frozen=True)
 class _PackedRecord:
     """What a 4-bit layer remembers of its packed weight, as bitsandbytes' ``Linear4bit`` keeps ``quant_state`` on the
     module: FSDP replaces the weight Parameter by its own (FSDP2: a DTensor shard, then the all-gathered plain tensor
@@ -846,6 +854,20 @@ class QLoRALinear(nn.Module):
         if w.dtype != rec.storage:
             raise TypeError(_CAST_PACKED.format(w.numel(), w.dtype, rec.storage, w.dtype))
         return rec.quant_state
+
+    def _fqn_modifiers(self) -> dict[str, str]:
+        """torch.distributed.checkpoint's hook (``StateDictOptions.dsd_fqn_modifiers``): ``get_model_state_dict``
+        resolves each key as an attribute path, and under FSDP2 ``weight`` is a DTensor without ``absmax`` & co.
+        Mapping ``weight`` to ``_checkpoint_keys`` makes it resolve ``weight.*`` on that object instead; the keys
+        are unchanged."""
+        return {"weight": "_checkpoint_keys"} if self.quantized and self._packed_record is not None else {}
+
+    @property
+    def _checkpoint_keys(self) -> Any:
+        """An object whose ``weight`` answers the state-dict keys under ``weight`` as attributes (a meta Params4bit
+        with the recorded QuantState: ``absmax``, ``quant_map``, ``nested_*``, ``quant_state.bitsandbytes__*``)."""
+        rec = self._packed_record
+        return _CheckpointKeys(Params4bit(torch.empty(0, dtype=rec.storage, device="meta"), False, rec.quant_state))
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:

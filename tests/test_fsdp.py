@@ -64,6 +64,7 @@ def _logits(model: nn.Module) -> torch.Tensor:
 
 
 def _fsdp2_case(rank: int, out: str, storage: torch.dtype) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import fully_shard
 
     model = _model(storage)
@@ -77,14 +78,19 @@ def _fsdp2_case(rank: int, out: str, storage: torch.dtype) -> None:
     losses = _train(model)
     with pytest.raises(ValueError, match="sharded by FSDP"):  # the modules hold shards: gather first
         qkernels.save_adapter(model, os.path.join(out, "refused"))
-    # every rank: DTensor.full_tensor() is a collective. Only the trainable (LoRA) parameters are gathered; the whole
-    # model's state dict (model.state_dict(): DTensors + the quant-state keys) gathers the same way
-    lora = {n: p.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
-    full = {k: v.full_tensor() if type(v).__name__ == "DTensor" else v for k, v in model.state_dict().items()}
+    # every rank (collectives): torch.distributed.checkpoint's full state dict, on rank 0's CPU only (cpu_offload);
+    # ignore_frozen_params leaves out the frozen parameters (the packed weights; their quant-state keys stay)
+    opts = {"full_state_dict": True, "cpu_offload": True}
+    full = get_model_state_dict(model, options=StateDictOptions(**opts))
+    lora = get_model_state_dict(model, options=StateDictOptions(**opts, ignore_frozen_params=True))
+    # or DTensor.full_tensor() of each trainable parameter, on every rank
+    gathered = {n: p.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
     logits = _logits(model)
     if rank == 0:
+        assert all(torch.equal(lora[k], v) for k, v in gathered.items())
         qkernels.save_adapter(model, os.path.join(out, f"adapter-{storage}"), state_dict=lora)
-        torch.save({"losses": losses, "lora": lora, "full": full, "logits": logits}, os.path.join(out, f"{storage}.pt"))
+        torch.save({"losses": losses, "lora": gathered, "full": full, "logits": logits},
+                   os.path.join(out, f"{storage}.pt"))
 
 
 def _fsdp2_mixed_precision(storage: torch.dtype, param_dtype: torch.dtype) -> torch.Tensor:
@@ -261,7 +267,8 @@ def test_other_bytes_in_the_weight_are_refused():
 
 def test_get_model_state_dict_resolves_the_4bit_keys_as_bitsandbytes_does():
     """torch.distributed.checkpoint's ``get_model_state_dict`` walks each key as attributes (``weight.nested_absmax``,
-    ``weight.quant_state.bitsandbytes__nf4``); it failed with AttributeError. Now the model's own state dict."""
+    ``weight.quant_state.bitsandbytes__nf4``); it failed with AttributeError. Now the model's own state dict (also
+    with the weight replaced, as FSDP2 does: the module points the walk at its record, ``_fqn_modifiers``)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     for double_quant in (True, False):
@@ -269,5 +276,8 @@ def test_get_model_state_dict_resolves_the_4bit_keys_as_bitsandbytes_does():
         model = nn.Sequential(QLoRALinear(64, 48, r=4, double_quant=double_quant))
         got, sd = get_model_state_dict(model), model.state_dict()
         assert got.keys() == sd.keys() and all(_same_bytes(got[k], v) for k, v in sd.items())
+        model[0].weight = nn.Parameter(model[0].weight.data.clone(), requires_grad=False)
+        got = get_model_state_dict(model)
+        assert got.keys() == sd.keys() and all(_same_bytes(got[k], v) for k, v in sd.items())
     with pytest.raises(AttributeError, match="bitsandbytes__fp4"):
-        _ = model[0].weight.quant_state.bitsandbytes__fp4  # an nf4 state has no fp4 blob
+        _ = model[0]._packed_record.quant_state.bitsandbytes__fp4  # an nf4 state has no fp4 blob
