@@ -263,13 +263,14 @@ def _saved(state_dict: dict[str, torch.Tensor] | None, key: str, t: torch.Tensor
     if state_dict is not None:
         if key not in state_dict:
             raise ValueError(f"state_dict has no {key!r}: pass the model's state dict with this adapter's weights "
-                             "(under FSDP2: {name: p.full_tensor() for name, p in model.named_parameters() if "
-                             "p.requires_grad}, on every rank)")
+                             "(under FSDP: get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, "
+                             "cpu_offload=True)) from torch.distributed.checkpoint.state_dict, on every rank)")
         t = state_dict[key]
     elif type(t).__name__ == "DTensor":  # FSDP2's shard: this rank's part only
-        raise ValueError(f"{key!r} is sharded by FSDP (a DTensor): gather the adapter on every rank, lora = "
-                         "{name: p.full_tensor() for name, p in model.named_parameters() if p.requires_grad}, then "
-                         "on rank 0 save_adapter(model, path, state_dict=lora)")
+        raise ValueError(f"{key!r} is sharded by FSDP (a DTensor): gather the adapter on every rank, sd = "
+                         "get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True, "
+                         "ignore_frozen_params=True)) (torch.distributed.checkpoint.state_dict), then on rank 0 "
+                         "save_adapter(model, path, state_dict=sd)")
     return t.detach().to("cpu", copy=True).contiguous()
 
 
@@ -348,9 +349,9 @@ def save_adapter(
     ``adapter_model.safetensors`` (tensors in their parameter dtype; see ``adapter_state_dict``).
     ``task_type`` (e.g. ``"CAUSAL_LM"``) and ``base_model_name_or_path`` are written when given or known
     (``model.config._name_or_path``). ``state_dict``: the tensors to write by the model's state-dict keys, instead of
-    the modules' (peft's ``save_pretrained(state_dict=...)``; see ``adapter_state_dict``): under FSDP2, gather the
-    trainable parameters on every rank (``{n: p.full_tensor() for n, p in model.named_parameters() if
-    p.requires_grad}``) and save on rank 0 with them.
+    the modules' (peft's ``save_pretrained(state_dict=...)``; see ``adapter_state_dict``): under FSDP, gather on
+    every rank with torch's ``get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+    cpu_offload=True, ignore_frozen_params=True))`` and save on rank 0 with it.
 
     Raises:
         ValueError: ``model`` has no QLoRALinear, or no adapter ``adapter_name``; ``path`` is an existing file; the
