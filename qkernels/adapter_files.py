@@ -263,13 +263,36 @@ def _config_json(fields: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- save
-def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+def _saved(state_dict: dict[str, torch.Tensor] | None, key: str, t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of the tensor to save for the model's state-dict key ``key``: ``state_dict[key]`` when a state dict
+    is given (peft's ``save_pretrained(state_dict=...)``: e.g. gathered from FSDP's shards), else the module's ``t``."""
+    if state_dict is not None:
+        if key not in state_dict:
+            raise ValueError(f"state_dict has no {key!r}: pass the model's state dict with this adapter's weights "
+                             "(under FSDP: get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, "
+                             "cpu_offload=True)) from torch.distributed.checkpoint.state_dict, on every rank)")
+        t = state_dict[key]
+    elif type(t).__name__ == "DTensor":  # FSDP2's shard: this rank's part only
+        raise ValueError(f"{key!r} is sharded by FSDP (a DTensor): gather the adapter on every rank, sd = "
+                         "get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True, "
+                         "ignore_frozen_params=True)) (torch.distributed.checkpoint.state_dict), then on rank 0 "
+                         "save_adapter(model, path, state_dict=sd)")
+    return t.detach().to("cpu", copy=True).contiguous()
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default", *,
+                       state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """peft's ``get_peft_model_state_dict`` for one adapter: ``base_model.model.<module>.lora_{A,B}.weight`` (a DoRA
     adapter also ``base_model.model.<module>.lora_magnitude_vector``, without ".weight" as peft writes it), and
     for each module to save with a copy for the adapter that copy's state dict as ``base_model.model.<module>.<key>``
     (e.g. ``base_model.model.score.weight``: the adapter name and ``modules_to_save`` removed, as peft does).
 
-    Returns that dict (CPU copies) for adapter ``adapter_name`` of ``model``; raises ValueError if no module has it.
+    ``state_dict``: the tensors by the model's own state-dict keys (``<module>.lora_A.<adapter>.weight``...), read
+    instead of the modules' (as peft's ``get_peft_model_state_dict(model, state_dict)``): the full tensors gathered
+    from FSDP's shards, whose modules hold one rank's part.
+
+    Returns that dict (CPU copies) for adapter ``adapter_name`` of ``model``; raises ValueError if no module has it,
+    or if ``state_dict`` lacks one of its tensors (or none is given and a tensor is an FSDP2 shard).
     """
     from .embedding import QLoRAEmbedding
 
@@ -287,19 +310,20 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
                 m._raise_unloaded()
             w = getattr(m, which)[adapter_name].weight
             key = f"{PEFT_PREFIX}{name}.{which}" + ("" if which == MAGNITUDE_KEY else ".weight")
-            out[key] = w.detach().to("cpu", copy=True).contiguous()
+            out[key] = _saved(state_dict, f"{name}.{which}.{adapter_name}.weight", w)
     for name, w in _wrappers(model):
         if adapter_name in w._unloaded_copies:
             raise RuntimeError(f"the copy of module to save {name!r} for adapter {adapter_name!r} was never loaded "
                                "(made on the meta device): load the base checkpoint or the adapter before saving it")
         if adapter_name in w.modules_to_save:
             for k, v in w.modules_to_save[adapter_name].state_dict().items():
-                out[f"{PEFT_PREFIX}{name}.{k}"] = v.detach().to("cpu", copy=True).contiguous()
-    out.update(_embedding_base_weights(model, adapter_name))
+                out[f"{PEFT_PREFIX}{name}.{k}"] = _saved(state_dict, f"{name}.modules_to_save.{adapter_name}.{k}", v)
+    out.update(_embedding_base_weights(model, adapter_name, state_dict))
     return out
 
 
-def _embedding_base_weights(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+def _embedding_base_weights(model: nn.Module, adapter_name: str,
+                            state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """What peft's ``save_embedding_layers="auto"`` adds: when a module named ``embed_tokens`` / ``lm_head`` carries
     the adapter, the base weight (and bias) of the model's input / output embedding if it carries LoRA on a float
     base, as ``<module>.base_layer.weight``. (A 4-bit layer's base is the checkpoint's, never written.)"""
@@ -315,9 +339,9 @@ def _embedding_base_weights(model: nn.Module, adapter_name: str) -> dict[str, to
         if not m.quantized and any(m is e for e in embeddings):
             if "weight" in m._unloaded:
                 m._raise_unloaded()
-            out[f"{PEFT_PREFIX}{name}.base_layer.weight"] = m.weight.detach().to("cpu", copy=True).contiguous()
+            out[f"{PEFT_PREFIX}{name}.base_layer.weight"] = _saved(state_dict, f"{name}.weight", m.weight)
             if m.bias is not None:
-                out[f"{PEFT_PREFIX}{name}.base_layer.bias"] = m.bias.detach().to("cpu", copy=True).contiguous()
+                out[f"{PEFT_PREFIX}{name}.base_layer.bias"] = _saved(state_dict, f"{name}.bias", m.bias)
     return out
 
 
@@ -328,6 +352,7 @@ def save_adapter(
     *,
     task_type: str | None = None,
     base_model_name_or_path: str | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write adapter ``adapter_name`` to directory ``path`` in peft's format (created if needed).
 
@@ -338,7 +363,10 @@ def save_adapter(
     differ from the most common, bias "none", inference_mode true, use_dora for a DoRA adapter) and
     ``adapter_model.safetensors`` (tensors in their parameter dtype; see ``adapter_state_dict``).
     ``task_type`` (e.g. ``"CAUSAL_LM"``) and ``base_model_name_or_path`` are written when given or known
-    (``model.config._name_or_path``).
+    (``model.config._name_or_path``). ``state_dict``: the tensors to write by the model's state-dict keys, instead of
+    the modules' (peft's ``save_pretrained(state_dict=...)``; see ``adapter_state_dict``): under FSDP, gather on
+    every rank with torch's ``get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+    cpu_offload=True, ignore_frozen_params=True))`` and save on rank 0 with it.
 
     Raises:
         ValueError: ``model`` has no QLoRALinear, or no adapter ``adapter_name``; ``path`` is an existing file; the
@@ -353,7 +381,7 @@ def save_adapter(
     infos = [_describe(n, m, adapter_name) for n, m in mods]
     text = _config_json(_config_fields(model, infos, task_type, base_model_name_or_path,
                                        _save_names(model, adapter_name) or None))
-    tensors = adapter_state_dict(model, adapter_name)
+    tensors = adapter_state_dict(model, adapter_name, state_dict=state_dict)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:
         f.write(text)

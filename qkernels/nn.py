@@ -21,6 +21,7 @@ for the layers peft + bitsandbytes leave in float; every adapter function treats
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import warnings
@@ -107,6 +108,24 @@ class Params4bit(nn.Parameter):
     def quant_map(self) -> torch.Tensor:
         """The 16-entry float32 codebook, ``quant_state.code``."""
         return self.quant_state.code
+
+    # torch.distributed.checkpoint's get_model_state_dict resolves every state-dict key as an attribute path
+    # (weight.nested_absmax, weight.quant_state.bitsandbytes__nf4): bitsandbytes answers them the same way
+    @property
+    def nested_absmax(self) -> torch.Tensor:
+        """The float32 scales of the double-quantized absmax, ``quant_state.state2.absmax``; AttributeError when the
+        absmax is not double-quantized (the key does not exist then)."""
+        if not self.quant_state.nested:
+            raise AttributeError("nested_absmax: this weight's absmax is not double-quantized")
+        return self.quant_state.state2.absmax
+
+    @property
+    def nested_quant_map(self) -> torch.Tensor:
+        """The 256-entry dynamic map of the double-quantized absmax, ``quant_state.state2.code``; AttributeError when
+        the absmax is not double-quantized."""
+        if not self.quant_state.nested:
+            raise AttributeError("nested_quant_map: this weight's absmax is not double-quantized")
+        return self.quant_state.state2.code
 
     def __deepcopy__(self, memo: dict) -> Params4bit:
         if id(self) in memo:
@@ -225,6 +244,42 @@ _NO_QUANT_STATE = (
 )
 
 
+# FSDP casts every parameter to MixedPrecision's param_dtype: a packed weight stored in another dtype loses its codes.
+_CAST_PACKED = (
+    "QLoRALinear.weight holds {} elements of {}, and its packed 4-bit weight was stored as {}: it was cast (FSDP's "
+    "MixedPrecision / MixedPrecisionPolicy param_dtype casts every parameter), so its bytes are no longer the 4-bit "
+    "codes. Store the packed weight in that dtype, quant_storage={} (apply_qlora(..., quant_storage=...), "
+    "transformers' bnb_4bit_quant_storage), so the cast changes nothing"
+)
+
+# FSDP2 shards a parameter into a DTensor outside forward: a shard holds part of the bytes, no decodable weight.
+_SHARDED = (
+    "QLoRALinear.weight is sharded by FSDP (a DTensor): each rank holds part of the packed bytes. Gather it first "
+    "(FSDP2: module.unshard(), FSDP1: FullyShardedDataParallel.summon_full_params), or save a full state dict "
+    "(torch.distributed.checkpoint.state_dict.get_model_state_dict with full_state_dict=True)"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class _CheckpointKeys:
+    """What ``QLoRALinear._fqn_modifiers`` points torch.distributed.checkpoint at: ``weight`` answers the attributes
+    ``absmax``, ``quant_map``, ``nested_absmax``, ``nested_quant_map``, ``quant_state.bitsandbytes__<type>``."""
+
+    weight: Params4bit
+
+
+@dataclasses.dataclass(frozen=True)
+class _PackedRecord:
+    """What a 4-bit layer remembers of its packed weight, as bitsandbytes' ``Linear4bit`` keeps ``quant_state`` on the
+    module: FSDP replaces the weight Parameter by its own (FSDP2: a DTensor shard, then the all-gathered plain tensor
+    in forward; FSDP1 ``use_orig_params=True``: a view of the flat parameter), which carries the same bytes but no
+    ``quant_state``. A weight with ``storage`` dtype and ``numel`` elements is those bytes; any other is refused."""
+
+    quant_state: QuantState
+    storage: torch.dtype
+    numel: int
+
+
 _UNLOADED = (
     "QLoRALinear(in_features={}, out_features={}): {} never loaded. The layer was created on the meta device "
     "(QLoRALinear(device='meta'), or apply_qlora on a model built under torch.device('meta') / accelerate's "
@@ -307,6 +362,9 @@ class QLoRALinear(nn.Module):
     _pending_weight: dict[str, torch.Tensor] = {}  # noqa: RUF012 - replaced, never mutated
     _pending_dora: dict[str, torch.Tensor] = {}  # noqa: RUF012 - replaced, never mutated (_dora_magnitudes_at_init)
     quantized: bool = True  # False: a float base (quantize=False); the default for layers pickled by older qkernels
+    # the packed weight's QuantState, storage dtype and size, kept on the module (see _PackedRecord); None on a float
+    # base and on layers pickled by an older qkernels (their weight still carries its quant_state)
+    _packed_record: _PackedRecord | None = None
 
     def __init__(
         self,
@@ -448,6 +506,8 @@ class QLoRALinear(nn.Module):
             # as in a checkpoint load (_load_from_state_dict)
             at_init = self._dora_magnitudes_at_init({}, "")
         super().__setattr__(name, value)
+        if name == "weight" and isinstance(value, Params4bit):
+            self._remember_packed(value)
         if (name == "weight" and not getattr(self, "quantized", True) and isinstance(value, torch.Tensor)
                 and not value.is_meta and "weight" in self._unloaded and not self.__dict__.get("_loading")):
             self._unloaded = self._unloaded - {"weight"}
@@ -730,7 +790,7 @@ class QLoRALinear(nn.Module):
         from .dora import dora_weight_norm, dora_weight_norm_4bit
 
         if self.quantized:
-            return dora_weight_norm_4bit(self.weight.data, self.weight.quant_state, A, B, scaling)
+            return dora_weight_norm_4bit(*self._packed(), A, B, scaling)
         return dora_weight_norm(self._dora_base_weight(A.dtype), A, B, scaling)
 
     def _dora_base_weight(self, dtype: torch.dtype) -> torch.Tensor:
@@ -741,8 +801,8 @@ class QLoRALinear(nn.Module):
         if not self.quantized:
             w = self.weight.detach()
             return (w.t() if self._weight_in_out else w).to(dtype)
-        st = self.weight.quant_state
-        return dequantize_4bit(self.weight.data, st, st.dtype).to(dtype)
+        packed, st = self._packed()
+        return dequantize_4bit(packed, st, st.dtype).to(dtype)
 
     def enable_adapters(self, enabled: bool) -> None:
         """peft's toggle: ``enabled=False`` runs the plain 4-bit linear, ``True`` the active adapter again."""
@@ -752,6 +812,62 @@ class QLoRALinear(nn.Module):
     def active_adapters(self) -> list[str]:
         """peft's list of the adapters that run: ``[active_adapter]``, or ``[]`` when none is set."""
         return [] if self.active_adapter is None else [self.active_adapter]
+
+    # ------------------------------------------------------------------ the packed weight, also under FSDP
+    def _remember_packed(self, w: Params4bit) -> None:
+        """Record ``w``'s QuantState, storage dtype and size on the module (``_PackedRecord``). The size is the one
+        the state needs, not ``w``'s: FSDP1 (``use_orig_params=True``) sets the original Parameter back holding this
+        rank's shard (often empty)."""
+        if w.quant_state is not None:
+            rows = _packed_rows(w.quant_state.numel, w.dtype)
+            self.__dict__["_packed_record"] = _PackedRecord(w.quant_state, w.dtype, rows)
+
+    def _packed(self) -> tuple[torch.Tensor, QuantState]:
+        """The packed bytes (``[rows, 1]`` of the storage dtype) and the QuantState that decodes them.
+
+        The weight's own ``quant_state`` when it has one; else (FSDP replaced the Parameter: the all-gathered plain
+        tensor in FSDP2's forward, a flat-parameter view in FSDP1's) the module's record, if the weight holds as many
+        elements of the same dtype as the packed weight did: the same bytes. Like bitsandbytes'
+        ``fix_4bit_weight_quant_state_from_module``, with the size and dtype checked, so other bytes are never decoded.
+
+        Raises:
+            TypeError: the weight is of another size (a float weight assigned over it; torch.export's fake parameters,
+                refused whatever their size), of another dtype (cast: FSDP's mixed precision), or an FSDP shard.
+        """
+        w = self.weight
+        state = getattr(w, "quant_state", None)
+        if state is not None:
+            return w.data, state
+        if type(w).__name__ == "DTensor":  # torch.distributed.tensor.DTensor, without importing it
+            raise TypeError(_SHARDED)
+        state = self._recorded_state(w)
+        if state.device != w.device:  # FSDP moved the parameters (the state is not one): it follows, as in .to()
+            state.to(w.device)
+        return w.detach().reshape(-1, 1), state
+
+    def _recorded_state(self, w: Any) -> QuantState:
+        """The module's recorded QuantState for a weight ``w`` that has none, if ``w`` holds the packed weight's
+        bytes: ``_PackedRecord.numel`` elements of its storage dtype (an FSDP2 DTensor counts its global size)."""
+        rec = self._packed_record
+        if rec is None or not isinstance(w, torch.Tensor) or torch.compiler.is_exporting() or w.numel() != rec.numel:
+            raise TypeError(_NO_QUANT_STATE.format(type(w).__name__))
+        if w.dtype != rec.storage:
+            raise TypeError(_CAST_PACKED.format(w.numel(), w.dtype, rec.storage, w.dtype))
+        return rec.quant_state
+
+    def _fqn_modifiers(self) -> dict[str, str]:
+        """torch.distributed.checkpoint's hook (``StateDictOptions.dsd_fqn_modifiers``): ``get_model_state_dict``
+        resolves each key as an attribute path, and under FSDP2 ``weight`` is a DTensor without ``absmax`` & co.
+        Mapping ``weight`` to ``_checkpoint_keys`` makes it resolve ``weight.*`` on that object instead; the keys
+        are unchanged."""
+        return {"weight": "_checkpoint_keys"} if self.quantized and self._packed_record is not None else {}
+
+    @property
+    def _checkpoint_keys(self) -> Any:
+        """An object whose ``weight`` answers the state-dict keys under ``weight`` as attributes (a meta Params4bit
+        with the recorded QuantState: ``absmax``, ``quant_map``, ``nested_*``, ``quant_state.bitsandbytes__*``)."""
+        rec = self._packed_record
+        return _CheckpointKeys(Params4bit(torch.empty(0, dtype=rec.storage, device="meta"), False, rec.quant_state))
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -792,19 +908,17 @@ class QLoRALinear(nn.Module):
                 return dora_forward_float(x, w, A, B, self._magnitudes()[name].weight, scaling, self.bias,
                                           self.lora_dropout[name], self.training)
             return self._float_forward(x, name, A, B, scaling)
-        state = getattr(self.weight, "quant_state", None)
-        if state is None:
-            raise TypeError(_NO_QUANT_STATE.format(type(self.weight).__name__))
+        packed, state = self._packed()
         cdt = self.compute_dtype
         xc = x if cdt is None or cdt == x.dtype else x.to(cdt)
         if dora:
             from .dora import dora_forward_4bit
 
             # ||W + s B A|| a slab of rows at a time (dora_weight_norm_4bit): nothing [out, in] kept or saved
-            y = dora_forward_4bit(x, xc, self.weight.data, state, A, B, self._magnitudes()[name].weight,
+            y = dora_forward_4bit(x, xc, packed, state, A, B, self._magnitudes()[name].weight,
                                   scaling, self.bias, self.lora_dropout[name], self.training)
             return y if y.dtype == x.dtype else y.to(x.dtype)
-        y = matmul_4bit_lora(xc, self.weight.data, state, A, B, scaling, self.bias, p, training=self.training)
+        y = matmul_4bit_lora(xc, packed, state, A, B, scaling, self.bias, p, training=self.training)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def _float_forward(self, x: torch.Tensor, name: str | None, A: torch.Tensor | None, B: torch.Tensor | None,
@@ -838,7 +952,7 @@ class QLoRALinear(nn.Module):
         if not self.quantized:
             w = self.weight.detach()
             return (w.t() if self._weight_in_out else w).to(dtype, copy=True).contiguous()
-        return dequantize_4bit(self.weight.data, self.weight.quant_state, dtype)
+        return dequantize_4bit(*self._packed(), dtype)
 
     @property
     def _weight_in_out(self) -> bool:
@@ -862,10 +976,12 @@ class QLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         lora = ", ".join(f"{n}: r={self.r[n]}, alpha={self.lora_alpha[n]}{', dora' if self.is_dora(n) else ''}"
                          for n in self.lora_A)
-        if self.quantized:
-            st = self.weight.quant_state
+        st = getattr(self.weight, "quant_state", None) or self._packed_record and self._packed_record.quant_state
+        if self.quantized and st is not None:  # (FSDP's weight: the module's record)
             base = (f"quant_type={st.quant_type}, blocksize={st.blocksize}, double_quant={st.nested}, "
                     f"storage={self.weight.dtype}, compute_dtype={self.compute_dtype}")
+        elif self.quantized:
+            base = f"weight replaced by a {type(self.weight).__name__} without a quant_state"
         else:
             base = f"float base: dtype={self.weight.dtype}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -928,6 +1044,10 @@ class QLoRALinear(nn.Module):
             self._track_meta()
             return self
         w = self._parameters["weight"]
+        if not isinstance(w, Params4bit):  # FSDP's parameter: its owner's to move; _packed refuses it if cast
+            super()._apply(fn, recurse)
+            self._track_meta()
+            return self
         self._parameters["weight"] = None  # nn.Module._apply skips None entries; the key keeps its place
         try:
             super()._apply(fn, recurse)
@@ -948,6 +1068,7 @@ class QLoRALinear(nn.Module):
                 w.data = data
             else:  # meta -> a real device (to_empty): .data cannot change the tensor's kind; torch makes a new one too
                 w = self._parameters["weight"] = Params4bit(data, False, w.quant_state)
+                self._remember_packed(w)
             if w.quant_state.device != moved.device:
                 if w.quant_state.device.type == "meta":
                     w.quant_state.to_empty(moved.device)
@@ -961,7 +1082,10 @@ class QLoRALinear(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)  # weight (packed; a float base: float), bias
         if not self.quantized:
             return
-        for k, v in self.weight.quant_state.as_dict(packed=True).items():
+        state = getattr(self.weight, "quant_state", None)
+        if state is None:  # FSDP's weight (a shard, or gathered): the module's record, if it holds these bytes
+            state = self._recorded_state(self.weight)
+        for k, v in state.as_dict(packed=True).items():
             destination[prefix + "weight." + k] = v if keep_vars else v.detach()
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,

@@ -152,6 +152,14 @@ class QuantState:
         """The device of the state's tensors (where ``absmax`` is; ``to(device)`` moves them all)."""
         return self.absmax.device
 
+    def __getattr__(self, name: str) -> Any:
+        """``bitsandbytes__<quant_type>``: the packed blob tensor (``as_dict(packed=True)``'s last key), as
+        bitsandbytes' QuantState answers it: torch.distributed.checkpoint's ``get_model_state_dict`` resolves the key
+        ``weight.quant_state.bitsandbytes__nf4`` as an attribute path. Any other missing name: AttributeError."""
+        if name.startswith("bitsandbytes__") and name == f"bitsandbytes__{self.__dict__.get('quant_type')}":
+            return self.as_dict(packed=True)[_QS_PREFIX + name.removeprefix("bitsandbytes__")]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute {name!r}")
+
     def __repr__(self) -> str:
         nested = f", nested_blocksize={self.state2.blocksize}" if self.nested else ""
         return (

@@ -3,7 +3,8 @@
 A block runs as written unless the line above it is ``<!-- readme-test: ... -->``: then FILLERS below, keyed by that
 text, fills in its placeholders (``model = ...``, a path to a peft adapter) before it runs. Each run happens in a
 temporary directory, so relative paths in the examples land there. A block that cannot run at all would be marked
-``<!-- readme-test: not run: <reason> -->``; there is none today.
+``<!-- readme-test: not run: <reason> -->``: the FSDP block (it needs torch.distributed processes; tests/test_fsdp.py
+runs that flow).
 """
 
 from __future__ import annotations
