@@ -124,6 +124,8 @@ class QLoRAEmbedding(nn.Module):
     ``r``, ``lora_alpha``, ``scaling``, ``use_rslora`` (dicts), ``active_adapter``, ``disable_adapters``. ``lora_A``
     / ``lora_B`` are the same dicts under the names ``QLoRALinear`` uses, for qkernels' adapter functions.
     ``in_features`` / ``out_features``: ``num_embeddings`` / ``embedding_dim`` (peft's). ``quantized`` is False.
+    ``embed_scale``: a Gemma scaled embedding's scale (a non-persistent buffer; None otherwise), applied to the lookup
+    and to the LoRA term as peft applies it (module docstring).
     """
 
     quantized = False
@@ -168,7 +170,7 @@ class QLoRAEmbedding(nn.Module):
 
         Raises:
             TypeError: ``embedding`` is not an ``nn.Embedding``. ValueError: an embedding that cannot be wrapped (its
-                own forward, e.g. a scaled embedding; an integer weight) or a bad LoRA argument, named.
+                own forward, other than Gemma's scaled embeddings; an integer weight) or a bad LoRA argument, named.
         """
         if not is_embedding(embedding):
             raise TypeError(f"from_embedding needs an nn.Embedding, got {type(embedding).__name__}")
