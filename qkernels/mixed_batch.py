@@ -28,8 +28,9 @@ peft's rules, kept here:
   there, cast to the base output's dtype (peft's ``result[rows] += lora(x[rows]).to(result.dtype)``). An embedding
   with an ``embed_scale`` (Gemma) scales each adapter's term by it, as peft does.
 
-Beam search: peft repeats each name ``num_beams`` times for the decoder (model.py:651-677); here the names apply to
-every layer as given, so pass one name per row the layers see (no repetition is done for you).
+Beam search: ``generate(..., num_beams=k)`` runs ``k`` rows per sample; pass ``adapter_batch(model, names,
+num_beams=k)`` and each name is repeated ``k`` times, except for an encoder-decoder's encoder (which runs before the
+expansion), as peft does from ``generate``'s ``num_beams`` (model.py:627-677).
 """
 
 from __future__ import annotations
@@ -139,8 +140,16 @@ def _inject(adapter_names: list[str], module: nn.Module, args: tuple, kwargs: di
     return args, kwargs
 
 
+def _encoder(model: nn.Module) -> nn.Module | None:
+    """peft's ``_get_encoder`` (model.py:83-93): ``model.get_encoder()`` unless that is the model itself."""
+    if not hasattr(model, "get_encoder"):
+        return None
+    encoder = model.get_encoder()
+    return None if encoder is model else encoder
+
+
 @contextlib.contextmanager
-def adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.Module]:
+def adapter_batch(model: nn.Module, adapter_names: Sequence[str], *, num_beams: int = 1) -> Iterator[nn.Module]:
     """Context manager: inside it, each forward of ``model`` runs sample ``i`` with adapter ``adapter_names[i]``
     (``"__base__"``: no adapter) in one batch: peft's ``model(x, adapter_names=...)``.
 
@@ -151,16 +160,19 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn
     Args:
         model: an ``apply_qlora`` model (QLoRALinear / QLoRAEmbedding layers) in eval mode.
         adapter_names: one adapter name (str) per sample of every forward run inside the context.
+        num_beams: the ``num_beams`` of a ``generate`` call inside the context: each name then stands for that many
+            rows (an encoder's layers still get one per sample), as peft repeats them.
 
     Returns:
         The context manager; ``as`` binds ``model``.
 
     Raises:
         TypeError: ``adapter_names`` is not a sequence of str (a lone str is refused: it would be one name per
-            character).
-        ValueError: the model is in training mode, or a name is neither ``"__base__"`` nor an adapter of the model
-            (the message lists the model's adapters). Inside the context, a layer's forward raises ValueError when
-            the batch size is not ``len(adapter_names)`` or a named adapter is a DoRA adapter (peft's messages).
+            character), or ``num_beams`` is not a positive int.
+        ValueError: the model has no QLoRALinear / QLoRAEmbedding, is in training mode, or a name is neither
+            ``"__base__"`` nor an adapter of the model (the message lists the model's adapters). Inside the
+            context, a layer's forward raises ValueError when the batch size is not ``len(adapter_names)`` (times
+            ``num_beams``) or a named adapter is a DoRA adapter (peft's messages).
     """
     from .adapters import _qlora_modules, _wrappers
     from .adapters import adapter_names as known_names
@@ -169,6 +181,8 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn
             isinstance(n, str) for n in adapter_names):
         raise TypeError(f"adapter_names must be a list of str (one adapter name per sample, {BASE!r} for the base "
                         f"model), got {adapter_names!r}")
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+        raise TypeError(f"num_beams must be a positive int (generate's num_beams), got {num_beams!r}")
     names = list(adapter_names)
     mods = [m for _, m in _qlora_modules(model) + _wrappers(model)]
     if all(m.disable_adapters for m in mods):  # peft_model.py:992: no enabled adapter, no hook (names ignored)
@@ -182,8 +196,12 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn
     if unexpected:
         raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unexpected))}; the model "
                          f"has adapters {known_names(model)} (and {BASE!r} for the base model)")
-    hook = functools.partial(_inject, names)
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in mods]
+    rows = [n for n in names for _ in range(num_beams)]  # model.py:659: each sample's beams
+    handles = [m.register_forward_pre_hook(functools.partial(_inject, rows), with_kwargs=True) for m in mods]
+    encoder = _encoder(model) if num_beams > 1 else None
+    if encoder is not None:  # model.py:667-677: the encoder runs on the samples, before the beams; this hook runs last
+        enc = [m for m in encoder.modules() if any(m is x for x in mods)]
+        handles += [m.register_forward_pre_hook(functools.partial(_inject, names), with_kwargs=True) for m in enc]
     try:  # peft removes its hooks after the yield without a finally: an exception inside would leave them installed
         yield model
     finally:

@@ -321,3 +321,47 @@ def test_samples_of_one_adapter_alone_are_that_adapter_s_rows_in_a_batch():
     want = _alone(ours, ids, ["b"] * 3)
     assert (only_b - want).abs().max() <= 8 * torch.finfo(torch.float32).eps * want.abs().max()
     assert _lora_tensors(ours, "b")  # "b" exists on the layers it targets
+
+
+def _generate_alone(model: nn.Module, ids: torch.Tensor, names: list[str], **kw) -> list[torch.Tensor]:
+    out = []
+    with torch.no_grad():
+        for i, n in enumerate(names):
+            if n == "__base__":
+                with adapters.disable_adapters(model):
+                    out.append(model.generate(ids[i:i + 1], **kw))
+            else:
+                adapters.set_adapter(model, n)
+                out.append(model.generate(ids[i:i + 1], **kw))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["llama", "bart"])
+def test_beam_search_repeats_each_name_per_beam_and_not_for_the_encoder(kind):
+    """``num_beams=k``: each name covers its sample's ``k`` beams (peft repeats them from generate's ``num_beams``,
+    model.py:651-677); an encoder-decoder's encoder runs on the samples themselves and keeps one name each. Each
+    sample's beams then give the tokens that sample gets alone with its adapter; without ``num_beams`` the layers
+    refuse the batch size."""
+    from .test_architectures import BART
+
+    if kind == "llama":
+        ours = _two_adapters(tiny_llama())
+    else:
+        torch.manual_seed(0)
+        ours = apply_qlora(transformers.BartForConditionalGeneration(transformers.BartConfig(**BART)), "all-linear",
+                           r=4, lora_alpha=8, compute_dtype=torch.float32)
+        adapters.add_adapter(ours, "b", r=2, lora_alpha=6)
+        randomize(ours, "default", 1)
+        randomize(ours, "b", 2)
+        ours.eval()
+    ids = torch.randint(3, 64, (3, 6), generator=torch.Generator().manual_seed(1))
+    names = ["b", "__base__", "default"]
+    kw = dict(max_new_tokens=3, num_beams=2, do_sample=False)
+    with torch.no_grad(), adapter_batch(ours, names, num_beams=2):
+        out = ours.generate(ids, **kw)
+    for row, want in zip(out, _generate_alone(ours, ids, names, **kw), strict=True):
+        assert torch.equal(row[:want.shape[1]], want[0])
+    with pytest.raises(ValueError, match="Length of `adapter_names`"), torch.no_grad(), adapter_batch(ours, names):
+        ours.generate(ids, **kw)
+    with pytest.raises(TypeError, match="num_beams must be a positive int"), adapter_batch(ours, names, num_beams=0):
+        pass
