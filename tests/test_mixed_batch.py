@@ -100,7 +100,8 @@ def test_each_sample_gets_its_adapter_s_logits_on_a_4bit_llama():
 def test_mixed_batch_equals_peft_s_on_a_bitsandbytes_base(tmp_path):
     """Two peft adapters (LoRA on embed_tokens too) saved by peft and loaded here: the mixed batch's logits match
     peft's mixed batch on the transformers-4-bit-loaded model within ``assert_matches`` of a float64 run (row by row
-    the adapter's float64 peft model, the base rows with its adapters disabled), and ours run alone too."""
+    the adapter's float64 peft model, the base rows with its adapters disabled), and ours run alone too; beam search
+    in a mixed batch gives peft's tokens."""
     load = functools.partial(_load_4bit, transformers.LlamaForCausalLM, tiny_llama, tmp_path / "dense")
     theirs = _peft(_exact_bnb(load()), r=4, lora_alpha=8, target_modules=TARGETS)
     theirs.add_adapter("b", peft.LoraConfig(r=2, lora_alpha=6, use_rslora=True, target_modules=B_TARGETS))
@@ -131,6 +132,12 @@ def test_mixed_batch_equals_peft_s_on_a_bitsandbytes_base(tmp_path):
     ref_rows = torch.stack(rows)
     assert_matches(mixed, peft_mixed, ref_rows)
     assert_matches(mixed, _alone(ours, ids, NAMES), ref_rows)
+    # generate with beam search: peft repeats the names per beam from num_beams, adapter_batch from its argument
+    kw = dict(max_new_tokens=4, num_beams=2, do_sample=False)
+    with torch.no_grad():
+        with adapter_batch(ours, NAMES, num_beams=2):
+            out = ours.generate(ids, **kw)
+        assert torch.equal(out, theirs.generate(input_ids=ids, adapter_names=NAMES, **kw))
 
 
 # ---------------------------------------------------------------------------------------------- the layers

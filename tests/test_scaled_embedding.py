@@ -38,7 +38,8 @@ from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbed
 
 SCALED = {"gemma": GemmaTextScaledWordEmbedding, "gemma2": Gemma2TextScaledWordEmbedding,
           "gemma3": Gemma3TextScaledWordEmbedding}
-MODELS = {"gemma": ("GemmaConfig", "GemmaForCausalLM"), "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM")}
+MODELS = {"gemma": ("GemmaConfig", "GemmaForCausalLM"), "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+          "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM")}
 TARGETS = [*LLAMA_TARGETS, "embed_tokens"]
 
 
