@@ -22,7 +22,8 @@ Modules and models
   ``print_trainable_parameters``, ``merge_and_unload``, ``merge_into_4bit``, ``loftq_init``
 - adapters in peft's format: ``save_adapter``, ``load_adapter``, ``add_adapter``, ``set_adapter``,
   ``disable_adapters`` (a context manager), ``delete_adapter``, ``adapter_names``; ``ModulesToSaveWrapper`` (peft's
-  ``modules_to_save``: modules trained in full, one copy per adapter)
+  ``modules_to_save``: modules trained in full, one copy per adapter); ``adapter_batch(model, names)`` (a context
+  manager: peft's mixed-adapter batch, ``model(x, adapter_names=[...])``, one adapter per sample)
 - big models: ``QLoRALinear`` / ``apply_qlora`` on the meta device, then ``load_checkpoint(model, dir)`` (transformers'
   key names and tied weights) or ``load_state_dict(sd, assign=True)``;
   ``quantize_checkpoint(src_dir, dst_dir, ...)`` streams a float safetensors checkpoint into a bitsandbytes 4-bit one
@@ -63,6 +64,7 @@ from .functional import (
 from .integrations import QLoRATrainerMixin, restore_adapters, save_adapters
 from .loftq import loftq_init
 from .lora import QLoRAFunction, lora_scaling, matmul_4bit_lora
+from .mixed_batch import adapter_batch
 from .model import apply_qlora, merge_and_unload, merge_into_4bit, print_trainable_parameters, trainable_parameters
 from .modules_to_save import ModulesToSaveWrapper
 from .nn import Params4bit, QLoRALinear
@@ -79,6 +81,7 @@ __all__ = [
     "QLoRATrainerMixin",
     "QuantState",
     "QuantType",
+    "adapter_batch",
     "adapter_names",
     "adapters",
     "add_adapter",

@@ -15,10 +15,20 @@ out (peft/tuners/lora/layer.py:1150-1545, peft 0.21.2):
 - merge: ``W += ((B @ A)^T * s).to(W.dtype)`` into the embedding's own Parameter (layer.py:1394-1422, 1364-1371).
 
 DoRA on an embedding (peft's ``DoraEmbeddingVariant``) is not implemented: refused, naming the module.
+
+Scaled embeddings: transformers' Gemma / Gemma 2 / Gemma 3 ``*TextScaledWordEmbedding`` keep ``nn.Embedding``'s lookup
+and multiply it by their ``embed_scale`` buffer (``sqrt(hidden_size)``) in the weight's dtype. peft scales the LoRA term
+by the same ``embed_scale`` cast to the term's dtype (``_get_embed_scale``, peft/tuners/tuners_utils.py:1905-1940;
+layer.py:1506, 1522-1524, and 1456-1458 in a mixed batch), and merges the unscaled delta into the weight (the merged
+module scales it in its own forward; layer.py:1364-1371). The layer keeps the scale as its own non-persistent
+``embed_scale`` buffer (the base module's tensor: no state-dict key, moved and cast with the model as the base's is).
+Other ``nn.Embedding`` subclasses with their own forward, and a plain embedding carrying an ``embed_scale``
+attribute (peft would scale the LoRA term only), are refused.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -39,14 +49,35 @@ def is_embedding(m: nn.Module) -> bool:
     return isinstance(m, nn.Embedding)
 
 
+# transformers' scaled embeddings whose forward is ``nn.Embedding.forward(x) * self.embed_scale.to(self.weight.dtype)``
+# with a scalar ``embed_scale`` buffer (read in transformers 5.23: models/gemma/modeling_gemma.py:49-60, gemma2 335-341,
+# gemma3 105-116); QLoRAEmbedding computes exactly that as its base output.
+SCALED_EMBEDDINGS = (
+    ("transformers.models.gemma.modeling_gemma", "GemmaTextScaledWordEmbedding"),
+    ("transformers.models.gemma2.modeling_gemma2", "Gemma2TextScaledWordEmbedding"),
+    ("transformers.models.gemma3.modeling_gemma3", "Gemma3TextScaledWordEmbedding"),
+)
+
+
+def is_scaled_embedding(m: nn.Module) -> bool:
+    """True for one of ``SCALED_EMBEDDINGS`` (the class itself, not a subclass), with a one-element tensor
+    ``embed_scale``."""
+    cls = type(m)
+    known = any(cls.__module__ == mod and cls.__qualname__ == name and getattr(sys.modules.get(mod), name, None) is cls
+                for mod, name in SCALED_EMBEDDINGS)
+    scale = getattr(m, "embed_scale", None)
+    return known and isinstance(scale, torch.Tensor) and scale.numel() == 1
+
+
 def embedding_refusal(m: nn.Module) -> str | None:
     """Why ``m`` (an ``nn.Embedding``) cannot get a ``QLoRAEmbedding``, or None."""
-    if type(m).forward is not nn.Embedding.forward:
-        # Gemma's Gemma3TextScaledWordEmbedding multiplies by embed_scale in its own forward; peft then scales the LoRA
-        # term too (layer.py:1506, 1522-1524). Not mirrored here: say so rather than drop the scale.
-        return (f"it is a {type(m).__name__}, whose own forward is not nn.Embedding's (e.g. a scaled embedding: "
-                "embed_scale); qkernels gives LoRA to plain nn.Embedding layers only. Leave it out of target_modules")
-    if hasattr(m, "embed_scale"):
+    if is_scaled_embedding(m):
+        pass  # a Gemma scaled embedding: nn.Embedding's lookup times embed_scale (module docstring)
+    elif type(m).forward is not nn.Embedding.forward:
+        return (f"it is a {type(m).__name__}, whose own forward is not nn.Embedding's; qkernels gives LoRA to "
+                "nn.Embedding layers and to transformers' Gemma / Gemma 2 / Gemma 3 scaled word embeddings only. "
+                "Leave it out of target_modules")
+    elif hasattr(m, "embed_scale"):
         return ("it has an embed_scale attribute, which peft applies to the LoRA term (layer.py:1506, 1522-1524) but "
                 "nn.Embedding's forward does not; leave it out of target_modules")
     if not m.weight.dtype.is_floating_point:
@@ -93,6 +124,8 @@ class QLoRAEmbedding(nn.Module):
     ``r``, ``lora_alpha``, ``scaling``, ``use_rslora`` (dicts), ``active_adapter``, ``disable_adapters``. ``lora_A``
     / ``lora_B`` are the same dicts under the names ``QLoRALinear`` uses, for qkernels' adapter functions.
     ``in_features`` / ``out_features``: ``num_embeddings`` / ``embedding_dim`` (peft's). ``quantized`` is False.
+    ``embed_scale``: a Gemma scaled embedding's scale (a non-persistent buffer; None otherwise), applied to the lookup
+    and to the LoRA term as peft applies it (module docstring).
     """
 
     quantized = False
@@ -111,6 +144,10 @@ class QLoRAEmbedding(nn.Module):
         self.scale_grad_by_freq, self.sparse = e.scale_grad_by_freq, e.sparse
         self.weight = e.weight if isinstance(e.weight, nn.Parameter) else nn.Parameter(e.weight.detach())
         self.weight.requires_grad_(False)
+        # a Gemma scaled embedding's scale (the same tensor; None for a plain embedding), and the value transformers
+        # initializes it to (``scalar_embed_scale``): the buffer is not in checkpoints, a meta one gets it at load
+        self.register_buffer("embed_scale", e.embed_scale if is_scaled_embedding(e) else None, persistent=False)
+        self._scalar_embed_scale = getattr(e, "scalar_embed_scale", None)
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
@@ -133,7 +170,7 @@ class QLoRAEmbedding(nn.Module):
 
         Raises:
             TypeError: ``embedding`` is not an ``nn.Embedding``. ValueError: an embedding that cannot be wrapped (its
-                own forward, e.g. a scaled embedding; an integer weight) or a bad LoRA argument, named.
+                own forward, other than Gemma's scaled embeddings; an integer weight) or a bad LoRA argument, named.
         """
         if not is_embedding(embedding):
             raise TypeError(f"from_embedding needs an nn.Embedding, got {type(embedding).__name__}")
@@ -279,19 +316,42 @@ class QLoRAEmbedding(nn.Module):
         return F.embedding(x, weight, padding_idx=self.padding_idx, max_norm=self.max_norm, norm_type=self.norm_type,
                            scale_grad_by_freq=self.scale_grad_by_freq, sparse=self.sparse)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _scale(self) -> torch.Tensor | None:
+        """The ``embed_scale`` buffer of a scaled embedding, else None (a layer pickled before it existed: None)."""
+        return self.__dict__.get("_buffers", {}).get("embed_scale")
+
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's output: ``nn.Embedding.forward``, times ``embed_scale.to(weight.dtype)`` for a scaled
+        embedding (the Gemma classes' forward, op for op)."""
+        result = self._embed(x, self.weight)
+        scale = self._scale()
+        return result if scale is None else result * scale.to(self.weight.dtype)
+
+    def forward(self, x: torch.Tensor, *, adapter_names: list[str] | None = None) -> torch.Tensor:
         """``E[x] + scaling * F.embedding(x, A^T) @ B^T`` for the active adapter, cast to ``E``'s dtype (peft's
-        ``Embedding.forward``, layer.py:1487-1538; dropout is not applied there, so not here).
+        ``Embedding.forward``, layer.py:1487-1538; dropout is not applied there, so not here). A scaled embedding
+        (Gemma): both terms times ``embed_scale`` (the base in the weight's dtype, the LoRA term in its own).
 
         Args:
             x: integer indices, any shape. Returns ``[*x.shape, embedding_dim]`` in the weight's dtype.
+            adapter_names: peft's mixed batch, one adapter name per sample (``x``'s first dimension), ``"__base__"``
+                for none (``qkernels.mixed_batch``).
 
         Raises:
-            RuntimeError: a tensor never loaded (the meta device), naming it.
+            RuntimeError: a tensor never loaded (the meta device), naming it. ValueError: ``adapter_names`` of a
+                length other than the batch size.
         """
         if self._unloaded:
             self._raise_unloaded()
-        result = self._embed(x, self.weight)  # nn.Embedding.forward, the base layer
+        if adapter_names is not None:  # layer.py:1488-1497
+            from .mixed_batch import check_layer_args, embedding_mixed_batch
+
+            check_layer_args(self, x, adapter_names)
+            result = self._base_forward(x)
+            if self.disable_adapters:
+                return result
+            return embedding_mixed_batch(self, x, result, adapter_names, self._scale())
+        result = self._base_forward(x)  # the base layer
         name = None if self.disable_adapters else self.active_adapter
         if name is None:
             return result
@@ -308,6 +368,9 @@ class QLoRAEmbedding(nn.Module):
                 "(A's gradient is dense, [r, num_embeddings]), or run under torch.no_grad()")
         after_A = self._embed(x, A.T)
         adapter_output = (after_A @ self.lora_embedding_B[name].T) * self.scaling[name]
+        scale = self._scale()
+        if scale is not None:  # layer.py:1522-1524: the scale in the LoRA term's dtype
+            adapter_output = adapter_output * scale.to(adapter_output.dtype)
         return (result + adapter_output).to(dtype)
 
     # ------------------------------------------------------------------ merging
@@ -353,6 +416,8 @@ class QLoRAEmbedding(nn.Module):
                                     scale_grad_by_freq=self.scale_grad_by_freq, sparse=self.sparse)
         else:
             base = copy_without_weight(base)
+            if self._scale() is not None:  # the scale as the model holds it now (moved / cast with it)
+                base._buffers["embed_scale"] = self._scale()
         base.weight = w
         base.train(self.training)
         return base
@@ -384,6 +449,10 @@ class QLoRAEmbedding(nn.Module):
             if not self.weight.is_meta:
                 self._init_meta_lora()
             state_dict.update({prefix + k: t for k, t in self._local_tensors().items() if k != "weight"})
+        scale, value = self._scale(), getattr(self, "_scalar_embed_scale", None)
+        if scale is not None and scale.is_meta and not self.weight.is_meta and value is not None:
+            # not in checkpoints (persistent=False): transformers' _init_weights sets it to scalar_embed_scale, float32
+            self.embed_scale = torch.tensor(float(value), device=self.weight.device)
 
     def _init_meta_lora(self) -> None:
         for n in list(self.lora_embedding_A):

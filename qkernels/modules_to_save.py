@@ -119,7 +119,15 @@ class ModulesToSaveWrapper(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Returns ``running_module()(*args, **kwargs)``: the wrapped module's own output.
 
+        ``adapter_names`` (a keyword, peft's mixed batch): one adapter per sample, each sample run by that adapter's
+        copy (the original module for ``"__base__"`` or an adapter without a copy; ``qkernels.mixed_batch``).
+
         Raises RuntimeError if the active copy was made on the meta device and never loaded."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None:
+            from .mixed_batch import wrapper_mixed_batch
+
+            return wrapper_mixed_batch(self, args, kwargs, adapter_names)
         if self.active_adapter in self._unloaded_copies and not self.disable_adapters:
             raise RuntimeError(
                 f"the copy of this module to save for adapter {self.active_adapter!r} was never loaded: it was made "

@@ -870,12 +870,14 @@ class QLoRALinear(nn.Module):
         return _CheckpointKeys(Params4bit(torch.empty(0, dtype=rec.storage, device="meta"), False, rec.quant_state))
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, adapter_names: list[str] | None = None) -> torch.Tensor:
         """``x @ dequant(W)^T + scaling * dropout(x) @ A^T @ B^T + bias`` with the active adapter (a DoRA adapter:
         rows rescaled by ``m / ||W + s B A||``, see ``qkernels.dora``).
 
         Args:
             x: ``[..., in_features]`` float32/float16/bfloat16 (cast to ``compute_dtype`` when that is set).
+            adapter_names: peft's mixed batch: one adapter name per sample (``x``'s first dimension), ``"__base__"``
+                for none; see ``qkernels.mixed_batch`` (ValueError: a length that is not the batch size, a DoRA one).
 
         Returns:
             ``[..., out_features]`` in ``x``'s dtype (a float base: nn.Linear's, see ``_float_forward``).
@@ -889,6 +891,8 @@ class QLoRALinear(nn.Module):
         """
         if self._unloaded:
             self._raise_unloaded()
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, adapter_names)
         name = None if self.disable_adapters else self.active_adapter
         A = B = None
         scaling, p = 0.0, 0.0
@@ -920,6 +924,26 @@ class QLoRALinear(nn.Module):
             return y if y.dtype == x.dtype else y.to(x.dtype)
         y = matmul_4bit_lora(xc, packed, state, A, B, scaling, self.bias, p, training=self.training)
         return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
+        """peft's ``_check_forward_args`` then, unless adapters are disabled, ``_mixed_batch_forward``
+        (peft/tuners/lora/bnb.py:458-511, layer.py:853-898): the base product once for the batch (``forward`` with no
+        adapter), each named adapter's LoRA term on its rows only (``qkernels.mixed_batch``)."""
+        from .mixed_batch import check_layer_args, linear_mixed_batch
+
+        check_layer_args(self, x, adapter_names)
+        if not self.quantized:
+            result = self._float_base_forward(x)
+        else:  # forward's 4-bit product with no adapter
+            state = getattr(self.weight, "quant_state", None)
+            if state is None:
+                raise TypeError(_NO_QUANT_STATE.format(type(self.weight).__name__))
+            cdt = self.compute_dtype
+            xc = x if cdt is None or cdt == x.dtype else x.to(cdt)
+            result = matmul_4bit_lora(xc, self.weight.data, state, None, None, 0.0, self.bias, 0.0,
+                                      training=self.training)
+            result = result if result.dtype == x.dtype else result.to(x.dtype)
+        return result if self.disable_adapters else linear_mixed_batch(self, x, result, adapter_names)
 
     def _float_forward(self, x: torch.Tensor, name: str | None, A: torch.Tensor | None, B: torch.Tensor | None,
                        scaling: float) -> torch.Tensor:

@@ -108,7 +108,21 @@ def _check_tied(ns: dict) -> None:
     assert model.lm_head.weight is emb and sum(p is emb for p in model.parameters()) == 1  # counted once: no copy
 
 
+def _check_mixed(ns: dict) -> None:
+    import qkernels
+
+    model, ids, logits = ns["model"], ns["ids"], ns["logits"]
+    with torch.no_grad():
+        for i, name in enumerate(["default", "other"]):
+            qkernels.set_adapter(model, name)
+            alone = model(ids).logits[i]
+            assert (logits[i] - alone).abs().max() <= 8 * torch.finfo(torch.float32).eps * alone.abs().max()
+        with qkernels.disable_adapters(model):
+            assert torch.equal(logits[2], model(ids).logits[2])  # the base alone
+
+
 CHECKS = {"packed, state = qkernels.quantize_4bit(W": _check_use,
+          "qkernels.adapter_batch(model,": _check_mixed,
           "qkernels.apply_qlora(model, target_modules=": _check_qlora,
           "init_empty_weights()": _check_meta,
           "tie_word_embeddings=True": _check_tied}
