@@ -934,14 +934,11 @@ class QLoRALinear(nn.Module):
         check_layer_args(self, x, adapter_names)
         if not self.quantized:
             result = self._float_base_forward(x)
-        else:  # forward's 4-bit product with no adapter
-            state = getattr(self.weight, "quant_state", None)
-            if state is None:
-                raise TypeError(_NO_QUANT_STATE.format(type(self.weight).__name__))
+        else:  # forward's 4-bit product with no adapter (the packed weight as forward finds it, FSDP included)
+            packed, state = self._packed()
             cdt = self.compute_dtype
             xc = x if cdt is None or cdt == x.dtype else x.to(cdt)
-            result = matmul_4bit_lora(xc, self.weight.data, state, None, None, 0.0, self.bias, 0.0,
-                                      training=self.training)
+            result = matmul_4bit_lora(xc, packed, state, None, None, 0.0, self.bias, 0.0, training=self.training)
             result = result if result.dtype == x.dtype else result.to(x.dtype)
         return result if self.disable_adapters else linear_mixed_batch(self, x, result, adapter_names)
 
