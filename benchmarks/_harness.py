@@ -78,6 +78,46 @@ def measure(
     return Stats(_percentile(times, 50), _percentile(times, 10), _percentile(times, 90), len(times), first)
 
 
+def measure_interleaved(
+    fns: dict[str, Callable[[], Any]], *, warmup: int = 2, min_runs: int = 5, min_time_s: float = 0.5,
+    max_runs: int = 10_000,
+) -> dict[str, Stats]:
+    """Time several callables round-robin: ``warmup`` untimed rounds, then rounds of one timed call of each, until
+    every one has ``min_runs`` runs and ``min_time_s`` seconds of timed work (at most ``max_runs`` rounds).
+
+    For ratios between implementations of one step: timed one after the other, each got its own stretch of the
+    machine's state, and on the shared VM those stretches differ (the same block step's baselines moved by 20-35 %
+    between processes, and one implementation's whole run could land in a slow or a fast one). Round-robin, every
+    implementation sees the same drift, and each call starts with the caches the others left (as a layer's step does
+    inside a network). Returns ``{name: Stats}``; ``first`` is the first warmup call's time.
+    """
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    first: dict[str, float] = {}
+    for i in range(max(warmup, 1)):
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            if i == 0:
+                first[name] = time.perf_counter() - t0
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    rounds = 0
+    while rounds < max_runs and any(len(t) < min_runs or sum(t) < min_time_s for t in times.values()):
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
+    out = {}
+    for name, ts in times.items():
+        ts.sort()
+        out[name] = Stats(_percentile(ts, 50), _percentile(ts, 10), _percentile(ts, 90), len(ts), first[name])
+    return out
+
+
 @dataclass
 class Result:
     """One row of a benchmark table: one op, shape, dtype and implementation.

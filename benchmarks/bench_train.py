@@ -109,29 +109,33 @@ def bench_shape(shape: tuple[int, int], M: int, rate: float, bandwidth: float, *
     flops = 2 * (2 * M * N * K) + 3 * 2 * M * R * (N + K)
     floor_s = flops / rate
     nbytes = packed.numel() + state.nbytes() + 2 * (M * K + M * N) * 2  # weight once + x, y, dy, dx
-    rows: list[H.Result] = []
-
-    def row(impl: str, fn: Any, note: str) -> H.Result:
-        st = H.measure(_step(fn, x, dy), **kw)
-        r = H.Result(op="train_step", shape=f"{M}x{K}->{N}", dtype=dname, impl=impl, median_ms=st.median * 1e3,
-                     p10_ms=st.p10 * 1e3, p90_ms=st.p90 * 1e3, runs=st.runs, nbytes=nbytes,
-                     gbps=nbytes / st.median / 1e9, floor_ms=floor_s * 1e3, vs_floor=st.median / floor_s,
-                     first_call_ms=st.first * 1e3, note=note)
-        rows.append(r)
-        return r
-
+    # (key, impl, step, note), timed round-robin (H.measure_interleaved): one step of each per round, so every row
+    # sees the same stretch of the shared machine's state (timed one after the other, the baselines moved by 20 % and
+    # more between processes)
+    entries: list[tuple[str, str, Any, str]] = []
     backend, note = backend_note("linear_4bit", device)
-    qk = row("qkernels", lambda xg: qkernels.matmul_4bit_lora(xg, packed, state, A, B, s), f"matmul_4bit_lora, {note}")
+    entries.append(("qkernels", "qkernels", lambda xg: qkernels.matmul_4bit_lora(xg, packed, state, A, B, s),
+                    f"matmul_4bit_lora, {note}"))
     bnb_lin = _bnb_linear(W)
-    peft_bnb = None
     if bnb_lin is not None:
-        peft_bnb = row("bitsandbytes", _peft_layer(bnb_lin), "peft LoRA on bitsandbytes Linear4bit")
+        entries.append(("peft_bnb", "bitsandbytes", _peft_layer(bnb_lin), "peft LoRA on bitsandbytes Linear4bit"))
     dense = torch.nn.Linear(K, N, bias=False, device=device, dtype=dtype)
     with torch.no_grad():
         dense.weight.copy_(W)
     dense.weight.requires_grad_(False)
-    peft_dense = row("torch", _peft_layer(dense), f"peft LoRA on dense {dname} nn.Linear")
-    plain = row("torch", lambda xg: xg @ W.t(), "dense x @ W.T, no LoRA (the matmul work alone)")
+    entries.append(("peft_dense", "torch", _peft_layer(dense), f"peft LoRA on dense {dname} nn.Linear"))
+    entries.append(("plain", "torch", lambda xg: xg @ W.t(), "dense x @ W.T, no LoRA (the matmul work alone)"))
+    stats = H.measure_interleaved({key: _step(fn, x, dy) for key, _, fn, _ in entries}, **kw)
+    rows: list[H.Result] = []
+    by: dict[str, H.Result] = {}
+    for key, impl, _, rnote in entries:
+        st = stats[key]
+        by[key] = H.Result(op="train_step", shape=f"{M}x{K}->{N}", dtype=dname, impl=impl, median_ms=st.median * 1e3,
+                           p10_ms=st.p10 * 1e3, p90_ms=st.p90 * 1e3, runs=st.runs, nbytes=nbytes,
+                           gbps=nbytes / st.median / 1e9, floor_ms=floor_s * 1e3, vs_floor=st.median / floor_s,
+                           first_call_ms=st.first * 1e3, note=rnote + "; timed round-robin with the others")
+        rows.append(by[key])
+    qk, peft_bnb, peft_dense, plain = by["qkernels"], by.get("peft_bnb"), by["peft_dense"], by["plain"]
     H.fill_vs_bnb(rows)
     summary = {
         "shape": f"{M}x{K}->{N}",
