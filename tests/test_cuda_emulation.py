@@ -229,8 +229,9 @@ def test_blockwise_bit_exact(emu, blocksize, map_name):
 
 
 # (N, K): K % 32 == 0 (fast kernel; rows past N in the last warp), K odd / not a multiple of 32 (general kernel),
-# blocks straddling rows (96 at blocksize 64), N smaller than one CTA's rows.
+# blocks straddling rows (96 at blocksize 64; 1024 at 4096: one block over 4 rows), N smaller than one CTA's rows.
 _GEMV_SHAPES = [(3, 63), (17, 96), (13, 257), (33, 64), (5, 1024)]
+_GEMV_BS = {(3, 63): 32, (17, 96): 64, (13, 257): 4096, (33, 64): 32, (5, 1024): 4096}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS.get)
@@ -240,7 +241,7 @@ def test_gemv_vs_fp64(emu, N, K, nested, dtype):
     """M in 1..17 (every M-tile template, and two tiles at 17), r in {0, 3, 40} (r > 32), bias or not, x / packed
     aligned or not (fast / general kernel)."""
     g = torch.Generator().manual_seed(N * K)
-    bs = 64
+    bs = _GEMV_BS[(N, K)]
     code, dyn = _codes()["nf4"], dynamic_map()
     W = torch.randn(N * K, generator=g)
     packed, absmax = reference.quantize_4bit(W, code, bs)
