@@ -123,6 +123,8 @@ def _data(n: int, seed: int, dtype=torch.float32) -> torch.Tensor:
     A = torch.randn(n, generator=g) * torch.rand(n, generator=g) * 3
     if n > 64:
         A[:64] = 0.0  # an all-zero block at every blocksize <= 64
+    if n > 192:
+        A[128:192] *= 1e-39  # subnormal values (and at blocksize <= 64 a subnormal absmax, below the 1e-38 floor)
     return A.to(dtype)
 
 
@@ -283,10 +285,18 @@ def test_launch_rewrite_finds_every_launch():
         assert count == text.count("<<<") and "<<<" not in new, p.name
 
 
-# Kernels whose results must match the reference bit for bit: no FMA may appear in them, and every float32 multiply,
-# add and divide must be the IEEE round-to-nearest form (nvcc contracts a plain a * b + c into an FMA by default).
+# Kernels whose results must match the reference bit for bit: no FMA may appear in them, every float32 multiply,
+# add and divide must be the IEEE round-to-nearest form (nvcc contracts a plain a * b + c into an FMA by default),
+# and nothing may flush subnormals (-ftz=true / --use_fast_math: tiny scales and outputs are subnormal, format.md §7.8).
 _EXACT = {"dequantize.cu": "dequantize_4bit_kernel", "quantize.cu": "quantize_4bit_kernel",
           "blockwise.cu": "blockwise_kernel"}
+
+
+def test_cuda_build_keeps_ieee_flags():
+    """The PTX check below compiles with nvcc's defaults; the project's build must not relax them either."""
+    build = (ROOT / "CMakeLists.txt").read_text() + (ROOT / "setup.py").read_text()
+    for flag in ("use_fast_math", "ftz=true", "prec-div=false", "prec-sqrt=false"):
+        assert flag not in build.replace(" ", ""), flag
 
 
 @pytest.mark.parametrize("source", sorted(_EXACT))
@@ -304,5 +314,6 @@ def test_exact_kernels_ptx_has_no_fma(source, tmp_path):
     assert entries, f"no {_EXACT[source]} entry in the PTX of {source}"
     for body in entries:
         assert not re.search(r"\bfma\.", body), f"{source}: an FMA in a bit-exact kernel"
+        assert ".ftz" not in body, f"{source}: a flush-to-zero instruction in a bit-exact kernel"
         for op in re.findall(r"\b(?:mul|add|sub|div)(?:\.[a-z0-9]+)*\.f32\b", body):
             assert ".rn" in op, f"{source}: {op} (not the IEEE round-to-nearest form) in a bit-exact kernel"
