@@ -9,6 +9,7 @@ never a silent fallback.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -34,6 +35,23 @@ def triton_usable(device: torch.device) -> tuple[bool, str]:
 
 
 _native_ops_cache: dict[tuple[str, int], frozenset[str]] = {}
+logger = logging.getLogger(__name__)
+
+
+def cuda_unusable_reason() -> str | None:
+    """Why the CUDA kernels of ``qkernels._C`` cannot run in this process although it was built with them, or None.
+
+    ``_C`` links its own (static) CUDA runtime, of the toolkit it was built with. A driver older than that toolkit's
+    major version (e.g. a wheel built with CUDA 13 on a CUDA 12.x driver, where torch's own runtime still works) makes
+    that runtime see no device: every launch would then fail with cudaErrorInsufficientDriver. The ops fall back to
+    the reference path instead, and say why.
+    """
+    info = _native.native_info()
+    if not info.get("cuda_compiled", False) or info.get("cuda_device_count", 0) > 0:
+        return None
+    return (f"qkernels._C's CUDA runtime sees no GPU while torch sees {torch.cuda.device_count()} (a driver older "
+            "than the CUDA toolkit _C was built with? rebuild it with the CUDA version torch uses, "
+            f"{torch.version.cuda})")
 
 
 def native_ops(device: torch.device) -> frozenset[str]:
@@ -64,6 +82,10 @@ def _native_ops(device: torch.device) -> set[str]:
             ops.add("lora_products")  # the skinny LoRA products of qkernels.lora (csrc/cpu/lora.h)
         return ops
     if device.type == "cuda" and _native.native_info().get("cuda_compiled", False):
+        why = cuda_unusable_reason()
+        if why is not None:
+            logger.warning("qkernels: CUDA kernels disabled, using the reference path: %s", why)
+            return set()
         ops = {"dequantize_4bit", *_LINEAR_OPS}
         if hasattr(_native._C, "gemv_4bit_lora_cuda") and hasattr(_native, "gemv_4bit_lora_native"):
             ops.add("gemv_4bit_lora")
@@ -98,7 +120,8 @@ def resolve(op: str, device: torch.device, backend: str | None) -> str:
         if device.type != forced:
             raise ValueError(f"backend {forced!r} cannot run on {device.type} tensors; use backend=None or 'reference'")
         if op not in native:
-            why = _native.native_info().get("reason", "this build has no native implementation of it")
+            why = (device.type == "cuda" and cuda_unusable_reason()) or _native.native_info().get(
+                "reason", "this build has no native implementation of it")
             raise ValueError(f"backend {forced!r} cannot run {op}: {why}; use backend='reference'")
         return forced
     if op not in TRITON_OPS:

@@ -484,3 +484,23 @@ def test_blockwise_and_nested_binding_checks():
         C.dequantize_4bit_nested_cuda(16, 16, 16, 16, 0.0, 256, 16, 10, 64, 16, 7, 0)
     with pytest.raises(ValueError, match="argument 'blocksize'"):
         C.dequantize_4bit_nested_cuda(16, 16, 16, 16, 0.0, 256, 16, 10, 16, 16, 0, 0)
+
+
+@pytest.mark.parametrize("count", [0, 1])
+def test_cuda_ops_fall_back_when_the_native_runtime_sees_no_gpu(monkeypatch, count):
+    """_C's static CUDA runtime sees no device when the driver is older than the toolkit _C was built with (a CUDA 13
+    build on a 12.x driver, where torch still runs): the CUDA ops must then resolve to the reference path and a forced
+    backend='cuda' must say why, instead of every launch failing with cudaErrorInsufficientDriver."""
+    info = {"native": True, "cuda_compiled": True, "cuda_device_count": count}
+    monkeypatch.setattr(_native, "native_available", lambda: True)
+    monkeypatch.setattr(_native, "native_info", lambda: dict(info))
+    monkeypatch.setattr(_backend, "_native_ops_cache", {})
+    dev = torch.device("cuda")
+    if count == 0:
+        assert _backend.native_ops(dev) == frozenset()
+        assert _backend.resolve("dequantize_4bit", dev, None) == "reference"
+        with pytest.raises(ValueError, match="runtime sees no GPU"):
+            _backend.resolve("dequantize_4bit", dev, "cuda")
+    else:
+        assert "dequantize_4bit" in _backend.native_ops(dev)
+        assert _backend.resolve("dequantize_4bit", dev, None) == "cuda"
