@@ -470,6 +470,31 @@ def test_dequantize_cpu_bit_exact_per_isa(cpu_isa, dtype, blocksize, n):
     assert torch.equal(_bits(out), _bits(ref))
 
 
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_dequantize_cpu_streaming_outputs_bit_exact_per_isa(cpu_isa, dtype):
+    """Outputs of 16 MiB and more take non-temporal stores on the AVX-512 path (dequantize.cpp kStreamMinBytes): the
+    same bits as the reference, plain and nested scales, a partial last block, into a fresh output, an aligned out=
+    buffer and a misaligned one (a view one element into a buffer: normal stores). Every path runs the sizes."""
+    import qkernels
+    from qkernels import reference
+
+    n = (16 << 20) // torch.empty(0, dtype=dtype).element_size() + 37  # just past the threshold, not a block multiple
+    packed, absmax, code = _make_inputs(n, 64, seed=11 + DTYPES.index(dtype))
+    ref = reference.dequantize_4bit(packed, absmax, code, 64, n, dtype)
+    buf = torch.empty(n + 64, dtype=dtype)
+    aligned = buf[(-buf.data_ptr() % 64) // buf.element_size():][:n]
+    misaligned = buf[1:n + 1] if buf[1:].data_ptr() % 64 else buf[2:n + 2]
+    assert aligned.data_ptr() % 64 == 0 and misaligned.data_ptr() % 64 != 0
+    for out in (None, aligned, misaligned):
+        got = _native.dequantize_4bit_native(packed, absmax, code, n, 64, dtype, out=out)
+        assert torch.equal(_bits(got), _bits(ref))
+    W = (torch.randn(n - 37, generator=torch.Generator().manual_seed(5)) * 0.02).to(dtype).reshape(-1, 64)
+    wp, st = qkernels.quantize_4bit(W, blocksize=64, double_quant=True)
+    assert torch.equal(_bits(qkernels.dequantize_4bit(wp, st)), _bits(qkernels.dequantize_4bit(wp, st,
+                                                                                              backend="reference")))
+
+
 def test_cpu_isa_env_validation(monkeypatch):
     if not _native.native_available():
         pytest.skip("qkernels._C is missing")

@@ -6,6 +6,7 @@
 #include "dequantize.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <type_traits>
 
@@ -68,26 +69,42 @@ inline void dequantize_block(const uint8_t* packed, float scale, const float* co
 
 // One loop for every path: per block, `vec_block` decodes the whole multiple of 32 elements and the scalar
 // `dequantize_block` the rest (the scalar path passes a `vec_block` that is `dequantize_block` itself).
-template <typename Conv, typename Scale, typename VecBlock>
+// `fence` runs on every thread after its blocks: the streaming-store paths pass _mm_sfence (their non-temporal
+// stores must be visible before the caller reads the output), the others nothing.
+template <typename Conv, typename Scale, typename VecBlock, typename Fence>
 void dequantize_vec(const uint8_t* packed, Scale scale_of, const float* code, int64_t n, int64_t blocksize,
-                    typename Conv::T* out, VecBlock vec_block) {
+                    typename Conv::T* out, VecBlock vec_block, Fence fence) {
   const int64_t nblocks = (n + blocksize - 1) / blocksize;
   float cb[16];
   std::copy(code, code + 16, cb);
   // Below ~256K elements the thread start-up costs more than it saves.
   constexpr int64_t kParallelThreshold = int64_t(1) << 18;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (n >= kParallelThreshold)
+#pragma omp parallel if (n >= kParallelThreshold)
 #endif
-  for (int64_t b = 0; b < nblocks; ++b) {
-    const int64_t begin = b * blocksize;
-    const int64_t end = std::min(n, begin + blocksize);
-    const int64_t vend = begin + ((end - begin) & ~int64_t(31));
-    const float scale = scale_of(b);
-    vec_block(packed, scale, cb, begin, vend, out);
-    if (vend < end) dequantize_block<Conv>(packed, scale, cb, vend, end, out);
+  {
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (int64_t b = 0; b < nblocks; ++b) {
+      const int64_t begin = b * blocksize;
+      const int64_t end = std::min(n, begin + blocksize);
+      const int64_t vend = begin + ((end - begin) & ~int64_t(31));
+      const float scale = scale_of(b);
+      vec_block(packed, scale, cb, begin, vend, out);
+      if (vend < end) dequantize_block<Conv>(packed, scale, cb, vend, end, out);
+    }
+    fence();
   }
   (void)kParallelThreshold;
+}
+
+inline void no_fence() {}
+
+template <typename Conv, typename Scale, typename VecBlock>
+void dequantize_vec(const uint8_t* packed, Scale scale_of, const float* code, int64_t n, int64_t blocksize,
+                    typename Conv::T* out, VecBlock vec_block) {
+  dequantize_vec<Conv>(packed, scale_of, code, n, blocksize, out, vec_block, no_fence);
 }
 
 template <typename Conv, typename Scale>
@@ -175,6 +192,14 @@ QK_AVX512 inline __m256i nibbles32_avx512(const uint8_t* p) {
   return _mm256_or_si256(_mm256_srli_epi16(w, 4), _mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x0f)), 8));
 }
 
+// Stream: non-temporal stores (the output 64-byte aligned, see kStreamMinBytes).
+template <bool Stream>
+QK_AVX512 inline void store512(void* p, __m512i v) {
+  if (Stream) _mm512_stream_si512(static_cast<__m512i*>(p), v);
+  else _mm512_storeu_si512(p, v);
+}
+
+template <bool Stream>
 QK_AVX512 void block_f32_avx512(const uint8_t* packed, float scale, const float* code, int64_t begin, int64_t vend,
                                 float* out) {
   alignas(64) float lut[16];
@@ -182,12 +207,14 @@ QK_AVX512 void block_f32_avx512(const uint8_t* packed, float scale, const float*
   const __m512 l = _mm512_load_ps(lut);
   for (int64_t i = begin; i < vend; i += 32) {
     const __m256i x = nibbles32_avx512(packed + i / 2);
-    _mm512_storeu_ps(out + i, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(x)), l));
-    _mm512_storeu_ps(out + i + 16, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(x, 1)), l));
+    store512<Stream>(out + i,
+                     _mm512_castps_si512(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(x)), l)));
+    store512<Stream>(out + i + 16, _mm512_castps_si512(
+                                       _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(x, 1)), l)));
   }
 }
 
-template <typename Conv>
+template <typename Conv, bool Stream>
 QK_AVX512 void block_u16_avx512(const uint8_t* packed, float scale, const float* code, int64_t begin, int64_t vend,
                                 uint16_t* out) {
   // Table: 16 float32 products (one multiply each, as in the scalar path), converted in-register exactly like
@@ -209,26 +236,50 @@ QK_AVX512 void block_u16_avx512(const uint8_t* packed, float scale, const float*
   const __m512i l = _mm512_castsi256_si512(h);  // permutexvar_epi16 only reads lanes 0..15 (indices < 16)
   for (int64_t i = begin; i < vend; i += 32) {
     const __m512i idx = _mm512_cvtepu8_epi16(nibbles32_avx512(packed + i / 2));
-    _mm512_storeu_si512(out + i, _mm512_permutexvar_epi16(idx, l));
+    store512<Stream>(out + i, _mm512_permutexvar_epi16(idx, l));
   }
 }
 
+
+// Outputs from this size up are written with non-temporal (streaming) stores on the AVX-512 path: larger than any
+// L3 they would be written back to DRAM anyway, and streaming skips reading each output line first (the
+// read-for-ownership of a normal store). Measured inside a 512 x 4096 x 4096 training step timed round-robin with
+// peft's (the reused 32 MiB buffer and the packed weight cold, as inside a network), alternating in one process:
+// 90.1-90.8 vs 94.2-95.0 ms per step. Below it the output may stay in cache for the matmul that reads it next.
+constexpr int64_t kStreamMinBytes = int64_t(16) << 20;
+
+QK_AVX512 void sfence_avx512() { _mm_sfence(); }
 
 template <typename Scale>
 bool dequantize_simd(Isa isa, const uint8_t* packed, Scale absmax, const float* code, int64_t n,
                      int64_t blocksize, void* out, DType out_dtype) {
   if (isa == Isa::avx512) {
+    const int64_t bytes = n * (out_dtype == DType::float32 ? 4 : 2);
+    // every block starts 64-byte aligned when the output does (blocksize >= 32 elements of >= 2 bytes)
+    const bool stream = bytes >= kStreamMinBytes && (reinterpret_cast<uintptr_t>(out) & 63) == 0;
     switch (out_dtype) {
       case DType::float32:
-        dequantize_vec<ToF32>(packed, absmax, code, n, blocksize, static_cast<float*>(out), block_f32_avx512);
+        if (stream)
+          dequantize_vec<ToF32>(packed, absmax, code, n, blocksize, static_cast<float*>(out), block_f32_avx512<true>,
+                                sfence_avx512);
+        else
+          dequantize_vec<ToF32>(packed, absmax, code, n, blocksize, static_cast<float*>(out), block_f32_avx512<false>);
         return true;
       case DType::float16:
-        dequantize_vec<ToF16>(packed, absmax, code, n, blocksize, static_cast<uint16_t*>(out),
-                              block_u16_avx512<ToF16>);
+        if (stream)
+          dequantize_vec<ToF16>(packed, absmax, code, n, blocksize, static_cast<uint16_t*>(out),
+                                block_u16_avx512<ToF16, true>, sfence_avx512);
+        else
+          dequantize_vec<ToF16>(packed, absmax, code, n, blocksize, static_cast<uint16_t*>(out),
+                                block_u16_avx512<ToF16, false>);
         return true;
       case DType::bfloat16:
-        dequantize_vec<ToBF16>(packed, absmax, code, n, blocksize, static_cast<uint16_t*>(out),
-                               block_u16_avx512<ToBF16>);
+        if (stream)
+          dequantize_vec<ToBF16>(packed, absmax, code, n, blocksize, static_cast<uint16_t*>(out),
+                                 block_u16_avx512<ToBF16, true>, sfence_avx512);
+        else
+          dequantize_vec<ToBF16>(packed, absmax, code, n, blocksize, static_cast<uint16_t*>(out),
+                                 block_u16_avx512<ToBF16, false>);
         return true;
     }
   } else if (isa == Isa::avx2) {
