@@ -58,8 +58,9 @@ def _serial_mean(absmax: torch.Tensor) -> torch.Tensor:
 
     bitsandbytes takes ``absmax.mean()`` at whatever thread count is set, so its offset (and from it every nested
     code and decoded value) of a tensor over ~131k blocks (8M parameters at blocksize 64) can differ in the last bit
-    between machines with different core counts. Here it is the one-thread value everywhere: the same checkpoint
-    from any machine, equal to bitsandbytes run with one thread (docs/format.md §7.9). ~0.04 ms at 700k blocks.
+    between machines with different core counts. Here a CPU tensor's is the one-thread value: the same checkpoint
+    from any CPU, equal to bitsandbytes run with one thread (docs/format.md §7.9). ~0.04 ms at 700k blocks. A CUDA
+    tensor's is torch's CUDA mean (bitsandbytes' on CUDA), which can differ from the CPU's in the last bit.
     """
     threads = torch.get_num_threads()
     if (absmax.device.type != "cpu" or absmax.numel() <= _SERIAL_REDUCTION_MAX or threads == 1
