@@ -44,10 +44,13 @@ def cuda_unusable_reason() -> str | None:
     ``_C`` links its own (static) CUDA runtime, of the toolkit it was built with. A driver older than that toolkit's
     major version (e.g. a wheel built with CUDA 13 on a CUDA 12.x driver, where torch's own runtime still works) makes
     that runtime see no device: every launch would then fail with cudaErrorInsufficientDriver. The ops fall back to
-    the reference path instead, and say why.
+    the reference path instead, and say why. None as well where torch sees no GPU either (no CUDA tensor exists there:
+    the CUDA ops stay registered, as on a GPU machine).
     """
     info = _native.native_info()
     if not info.get("cuda_compiled", False) or info.get("cuda_device_count", 0) > 0:
+        return None
+    if torch.cuda.device_count() == 0:  # no GPU at all (a CPU machine with a CUDA build): nothing to fall back from
         return None
     return (f"qkernels._C's CUDA runtime sees no GPU while torch sees {torch.cuda.device_count()} (a driver older "
             "than the CUDA toolkit _C was built with? rebuild it with the CUDA version torch uses, "

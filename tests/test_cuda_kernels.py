@@ -492,6 +492,7 @@ def test_cuda_ops_fall_back_when_the_native_runtime_sees_no_gpu(monkeypatch, cou
     build on a 12.x driver, where torch still runs): the CUDA ops must then resolve to the reference path and a forced
     backend='cuda' must say why, instead of every launch failing with cudaErrorInsufficientDriver."""
     info = {"native": True, "cuda_compiled": True, "cuda_device_count": count}
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # torch's own runtime sees the GPU
     monkeypatch.setattr(_native, "native_available", lambda: True)
     monkeypatch.setattr(_native, "native_info", lambda: dict(info))
     monkeypatch.setattr(_backend, "_native_ops_cache", {})
@@ -504,3 +505,15 @@ def test_cuda_ops_fall_back_when_the_native_runtime_sees_no_gpu(monkeypatch, cou
     else:
         assert "dequantize_4bit" in _backend.native_ops(dev)
         assert _backend.resolve("dequantize_4bit", dev, None) == "cuda"
+
+
+def test_cuda_ops_stay_registered_where_no_gpu_exists(monkeypatch):
+    """A CUDA build on a machine without any GPU (CI): _C's runtime and torch both see none, so there is no CUDA
+    tensor to fall back for; the CUDA ops stay registered (the bindings exist and validate, as on a GPU machine)."""
+    info = {"native": True, "cuda_compiled": True, "cuda_device_count": 0}
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(_native, "native_available", lambda: True)
+    monkeypatch.setattr(_native, "native_info", lambda: dict(info))
+    monkeypatch.setattr(_backend, "_native_ops_cache", {})
+    assert _backend.cuda_unusable_reason() is None
+    assert "dequantize_4bit" in _backend.native_ops(torch.device("cuda"))
