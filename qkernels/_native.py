@@ -614,10 +614,8 @@ def _lora_args(x: torch.Tensor, mask: torch.Tensor | None, fn: str) -> tuple[int
 
 
 def _f32(t: torch.Tensor, name: str, shape: tuple[int, int], fn: str) -> torch.Tensor:
-    ok = isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.is_floating_point()
-    if not ok or tuple(t.shape) != shape:
-        raise ValueError(f"{fn}: {name} must be a float CPU tensor of shape {shape}, got "
-                         f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+    """``t`` checked (``_check_shape``) and as a dense float32 tensor."""
+    _check_shape(t, name, shape, fn)
     return (t if t.dtype == torch.float32 else t.to(torch.float32)).contiguous()
 
 
@@ -674,7 +672,8 @@ def lora_down_raw(x: torch.Tensor, dt: int, mask_ptr: int, A: torch.Tensor, scal
 
 
 def _check_shape(t: torch.Tensor, name: str, shape: tuple[int, int], fn: str) -> None:
-    """The checks of ``_f32`` without its copy (the raw functions convert what needs it)."""
+    """``t`` is a float CPU tensor of ``shape``, else ValueError naming it (no copy: the raw functions convert what
+    needs it)."""
     ok = isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.is_floating_point()
     if not ok or tuple(t.shape) != shape:
         raise ValueError(f"{fn}: {name} must be a float CPU tensor of shape {shape}, got "

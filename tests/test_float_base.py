@@ -84,6 +84,19 @@ def _ours_and_peft(net: _Net) -> tuple[QLoRALinear, nn.Module]:
     return ours, theirs
 
 
+def _assert_same_forward_and_grads(ours, theirs, lora, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our layer and peft's (``theirs``, its LoRA layer ``lora``) on one input: the same output bits in ``dtype``, and
+    the same LoRA gradients bit for bit (the same torch ops in the same order). Returns ``(x, our output)``."""
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(2)).to(dtype)
+    y_ours, y_theirs = ours(x), theirs(x)
+    assert y_ours.dtype == dtype and torch.equal(y_ours, y_theirs)
+    y_ours.square().sum().backward()
+    y_theirs.square().sum().backward()
+    for which in ("lora_A", "lora_B"):
+        assert torch.equal(getattr(ours, which)["default"].weight.grad, getattr(lora, which)["default"].weight.grad)
+    return x, y_ours.detach()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_layer_is_peft_lora_linear_on_a_plain_linear(dtype):
     """Forward, gradients, state-dict keys and the merged weight are peft's ``lora.Linear`` on the same nn.Linear, bit
@@ -93,13 +106,7 @@ def test_layer_is_peft_lora_linear_on_a_plain_linear(dtype):
     ours, theirs = _ours_and_peft(net)
     lora = theirs.base_model.model.fc
     assert not ours.quantized and ours.weight.dtype == dtype and not ours.weight.requires_grad
-    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(2)).to(dtype)
-    y_ours, y_theirs = ours(x), theirs(x)
-    assert y_ours.dtype == dtype and torch.equal(y_ours, y_theirs)
-    y_ours.square().sum().backward()
-    y_theirs.square().sum().backward()
-    for which in ("lora_A", "lora_B"):
-        assert torch.equal(getattr(ours, which)["default"].weight.grad, getattr(lora, which)["default"].weight.grad)
+    _assert_same_forward_and_grads(ours, theirs, lora, dtype)
     assert set(ours.state_dict()) == {"weight", "bias", "lora_A.default.weight", "lora_B.default.weight"}
     assert torch.equal(ours.state_dict()["weight"], net.fc.weight)
     merged = merge_and_unload(nn.Sequential(ours))[0]
@@ -301,13 +308,7 @@ def test_a_conv1d_float_base_is_peft_lora_on_that_conv1d(dtype):
     for which in ("lora_A", "lora_B"):
         ours.set_lora_weight("default", which, getattr(lora, which)["default"].weight)
     assert ours.weight is conv.weight and ours.weight.shape == (64, 48) and ours.is_target_conv_1d_layer
-    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(2)).to(dtype)
-    y_ours, y_theirs = ours(x), theirs(x)
-    assert y_ours.dtype == dtype and torch.equal(y_ours, y_theirs)
-    y_ours.square().sum().backward()
-    y_theirs.square().sum().backward()
-    for which in ("lora_A", "lora_B"):
-        assert torch.equal(getattr(ours, which)["default"].weight.grad, getattr(lora, which)["default"].weight.grad)
+    x, y_ours = _assert_same_forward_and_grads(ours, theirs, lora, dtype)
     sd = {k: v.clone() for k, v in ours.state_dict().items()}
     assert sd["weight"].shape == (64, 48) and torch.equal(sd["weight"], net.c.weight)
     assert torch.equal(ours.dequantized_weight(torch.float32), net.c.weight.float().t())

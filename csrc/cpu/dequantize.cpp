@@ -250,6 +250,15 @@ constexpr int64_t kStreamMinBytes = int64_t(16) << 20;
 
 QK_AVX512 void sfence_avx512() { _mm_sfence(); }
 
+// dequantize_vec with the streaming block kernel and its fence, or the plain one.
+template <typename Conv, typename Scale, typename StreamBlock, typename PlainBlock>
+void dequantize_vec_avx512(bool stream, const uint8_t* packed, Scale absmax, const float* code, int64_t n,
+                           int64_t blocksize, void* out, StreamBlock stream_block, PlainBlock plain_block) {
+  auto* o = static_cast<typename Conv::T*>(out);
+  if (stream) dequantize_vec<Conv>(packed, absmax, code, n, blocksize, o, stream_block, sfence_avx512);
+  else dequantize_vec<Conv>(packed, absmax, code, n, blocksize, o, plain_block);
+}
+
 template <typename Scale>
 bool dequantize_simd(Isa isa, const uint8_t* packed, Scale absmax, const float* code, int64_t n,
                      int64_t blocksize, void* out, DType out_dtype) {
@@ -259,27 +268,16 @@ bool dequantize_simd(Isa isa, const uint8_t* packed, Scale absmax, const float* 
     const bool stream = bytes >= kStreamMinBytes && (reinterpret_cast<uintptr_t>(out) & 63) == 0;
     switch (out_dtype) {
       case DType::float32:
-        if (stream)
-          dequantize_vec<ToF32>(packed, absmax, code, n, blocksize, static_cast<float*>(out), block_f32_avx512<true>,
-                                sfence_avx512);
-        else
-          dequantize_vec<ToF32>(packed, absmax, code, n, blocksize, static_cast<float*>(out), block_f32_avx512<false>);
+        dequantize_vec_avx512<ToF32>(stream, packed, absmax, code, n, blocksize, out, block_f32_avx512<true>,
+                                     block_f32_avx512<false>);
         return true;
       case DType::float16:
-        if (stream)
-          dequantize_vec<ToF16>(packed, absmax, code, n, blocksize, static_cast<uint16_t*>(out),
-                                block_u16_avx512<ToF16, true>, sfence_avx512);
-        else
-          dequantize_vec<ToF16>(packed, absmax, code, n, blocksize, static_cast<uint16_t*>(out),
-                                block_u16_avx512<ToF16, false>);
+        dequantize_vec_avx512<ToF16>(stream, packed, absmax, code, n, blocksize, out, block_u16_avx512<ToF16, true>,
+                                     block_u16_avx512<ToF16, false>);
         return true;
       case DType::bfloat16:
-        if (stream)
-          dequantize_vec<ToBF16>(packed, absmax, code, n, blocksize, static_cast<uint16_t*>(out),
-                                 block_u16_avx512<ToBF16, true>, sfence_avx512);
-        else
-          dequantize_vec<ToBF16>(packed, absmax, code, n, blocksize, static_cast<uint16_t*>(out),
-                                 block_u16_avx512<ToBF16, false>);
+        dequantize_vec_avx512<ToBF16>(stream, packed, absmax, code, n, blocksize, out, block_u16_avx512<ToBF16, true>,
+                                      block_u16_avx512<ToBF16, false>);
         return true;
     }
   } else if (isa == Isa::avx2) {
