@@ -152,6 +152,31 @@ def test_bf16_constant_table_path(monkeypatch, M, N, K, bs, nested, qt, r, bias)
     assert (y32.double() - y64).abs().max().item() <= tol
 
 
+# bf16 past 8 rows (several M tiles over a row pair decoded into a buffer) with K % 128 == 0 and blocksize >= 64: the
+# word-order decode (two 64-blocks per 128-weight step, one table for both), x packed to match. K 1152 ends in a
+# partial 128-column span past the 1024-column one; blocksize 4096 > K spans rows; N odd leaves a single last row;
+# M 17 and 25 a partial last M tile; blocksize 32 (and K % 128 != 0 in SHAPES) keep the per-32 decode.
+WORDS_CASES = [
+    (9, 5, 1152, 64, True, "nf4", 8, True), (16, 6, 1152, 64, False, "fp4", 0, False),
+    (17, 7, 1152, 4096, True, "nf4", 1, True), (16, 67, 256, 128, False, "nf4", 16, False),
+    (25, 33, 384, 256, True, "fp4", 8, True), (32, 4, 2048, 64, True, "nf4", 0, True),
+    (16, 5, 1152, 32, True, "nf4", 8, True),
+]
+
+
+@pytest.mark.parametrize("M,N,K,bs,nested,qt,r,bias", WORDS_CASES,
+                         ids=[f"M{c[0]}-{c[1]}x{c[2]}-bs{c[3]}-{c[5]}-{'dq' if c[4] else 'plain'}-r{c[6]}"
+                              for c in WORDS_CASES])
+def test_bf16_multi_tile_word_order_decode(monkeypatch, M, N, K, bs, nested, qt, r, bias):
+    if "avx512" not in _native._C.cpu_isa_available():
+        pytest.skip("this CPU has no AVX-512: the bf16 dot-product tiles are not compiled in for it")
+    monkeypatch.setenv("QKERNELS_CPU_ISA", "avx512")
+    packed, st, x, t, B, b, y64, tol = _case(M, N, K, bs, nested, qt, "bf16", r, bias)
+    y = _native.gemv_4bit_lora_native(x, packed, st, t, B, b)
+    err = (y.double() - y64).abs().max().item()
+    assert err <= tol, f"max error {err:.3g} > tolerance {tol:.3g}"
+
+
 @pytest.mark.parametrize("dname", ["fp32", "fp16"])
 @pytest.mark.parametrize("M,N,K,bs,nested,qt,r,bias", [c for c in CONST_CASES if c[0] <= 2],
                          ids=[f"M{c[0]}-{c[1]}x{c[2]}-bs{c[3]}-{c[5]}" for c in CONST_CASES if c[0] <= 2])
