@@ -16,14 +16,22 @@ out (peft/tuners/lora/layer.py:1150-1545, peft 0.21.2):
 
 DoRA on an embedding (peft's ``DoraEmbeddingVariant``) is not implemented: refused, naming the module.
 
-Scaled embeddings: transformers' Gemma / Gemma 2 / Gemma 3 ``*TextScaledWordEmbedding`` keep ``nn.Embedding``'s lookup
-and multiply it by their ``embed_scale`` buffer (``sqrt(hidden_size)``) in the weight's dtype. peft scales the LoRA term
-by the same ``embed_scale`` cast to the term's dtype (``_get_embed_scale``, peft/tuners/tuners_utils.py:1905-1940;
-layer.py:1506, 1522-1524, and 1456-1458 in a mixed batch), and merges the unscaled delta into the weight (the merged
-module scales it in its own forward; layer.py:1364-1371). The layer keeps the scale as its own non-persistent
-``embed_scale`` buffer (the base module's tensor: no state-dict key, moved and cast with the model as the base's is).
-Other ``nn.Embedding`` subclasses with their own forward, and a plain embedding carrying an ``embed_scale``
-attribute (peft would scale the LoRA term only), are refused.
+Scaled embeddings: transformers' ``*ScaledWordEmbedding`` classes keep ``nn.Embedding``'s lookup and multiply it by
+their ``embed_scale`` (``sqrt(hidden_size)``, or 1.0), in one of two forms (``SCALE_FORMS``, recognized by the
+forward's bytecode):
+
+- "buffer" (Gemma, Gemma 2 / 3 / 3n / 4, VaultGemma, MiniCPM3, ...): ``lookup * embed_scale.to(weight.dtype)`` with a
+  one-element float32 buffer. The layer keeps the base module's tensor as its own non-persistent ``embed_scale``
+  buffer (no state-dict key, moved and cast with the model as the base's is);
+- "float" (BART, mBART, PLBart, M2M100, NLLB-MoE, PEGASUS-X, BigBird-Pegasus, Blenderbot, BioGPT, XGLM, TrOCR,
+  SeamlessM4T, ...): ``lookup * embed_scale`` with a Python float attribute; the layer keeps the same float attribute.
+
+peft scales the LoRA term by ``embed_scale`` too (``_get_embed_scale``, peft/tuners/tuners_utils.py:1905-1940;
+layer.py:1506, 1522-1524, and 1456-1458 in a mixed batch): the buffer cast to the term's dtype, or a float made a
+tensor of the WEIGHT's dtype first (a bf16 BART's LoRA term is scaled by bf16(sqrt(d_model))); so do we. It merges the
+unscaled delta into the weight (the merged module, the original class again, scales it in its own forward;
+layer.py:1364-1371). Other ``nn.Embedding`` subclasses with their own forward (T5Gemma2's, user subclasses), and a
+plain embedding carrying an ``embed_scale`` attribute (peft would scale the LoRA term only), are refused.
 """
 
 from __future__ import annotations
@@ -49,34 +57,74 @@ def is_embedding(m: nn.Module) -> bool:
     return isinstance(m, nn.Embedding)
 
 
-# transformers' scaled embeddings whose forward is ``nn.Embedding.forward(x) * self.embed_scale.to(self.weight.dtype)``
-# with a scalar ``embed_scale`` buffer (read in transformers 5.23: models/gemma/modeling_gemma.py:49-60, gemma2 335-341,
-# gemma3 105-116); QLoRAEmbedding computes exactly that as its base output.
-SCALED_EMBEDDINGS = (
-    ("transformers.models.gemma.modeling_gemma", "GemmaTextScaledWordEmbedding"),
-    ("transformers.models.gemma2.modeling_gemma2", "Gemma2TextScaledWordEmbedding"),
-    ("transformers.models.gemma3.modeling_gemma3", "Gemma3TextScaledWordEmbedding"),
-)
+class _BufferScaled(nn.Embedding):
+    """The forward of transformers' Gemma-family scaled embeddings (``embed_scale``: a one-element float32 buffer)."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(input_ids) * self.embed_scale.to(self.weight.dtype)
+
+
+class _FloatScaled(nn.Embedding):
+    """The forward of transformers' BART-family scaled embeddings (``embed_scale``: a Python float attribute)."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(input_ids) * self.embed_scale
+
+
+def _code(f: Any) -> tuple:
+    c = f.__code__
+    return c.co_code, c.co_names, c.co_consts, c.co_argcount, c.co_kwonlyargcount, c.co_freevars
+
+
+# transformers' ``*ScaledWordEmbedding`` classes (transformers 5.23: 24 of 25 classes, in bart, mbart, plbart, m2m_100,
+# nllb_moe, pegasus_x, bigbird_pegasus, blenderbot, biogpt, xglm, trocr, seamless_m4t(_v2), pp_formulanet: "float";
+# gemma, gemma2, gemma3, gemma3n, gemma4(_unified), diffusion_gemma, embedding_gemma2, vaultgemma, minicpm3:
+# "buffer"; T5Gemma2's also writes an eoi embedding: refused) are recognized by their forward's bytecode, compared
+# with the two forms above: the class accepted is exactly what QLoRAEmbedding's base forward computes, op for op, and a
+# future transformers that changes a forward is refused rather than computed wrongly.
+SCALE_FORMS = {"buffer": _code(_BufferScaled.forward), "float": _code(_FloatScaled.forward)}
+
+
+def scaled_embedding_form(m: nn.Module) -> str | None:
+    """``"buffer"`` / ``"float"`` when ``m``'s class is a transformers ``*ScaledWordEmbedding`` (defined in a
+    ``transformers.models`` module under its own name, a direct ``nn.Embedding`` subclass) whose own ``forward`` is
+    one of ``SCALE_FORMS``; else None. The class only: ``embed_scale``'s value is checked by ``embedding_refusal``."""
+    cls = type(m)
+    mod = cls.__module__
+    if not (mod.startswith("transformers.models.") and cls.__name__.endswith("ScaledWordEmbedding")):
+        return None
+    if getattr(sys.modules.get(mod), cls.__qualname__, None) is not cls or cls.__bases__ != (nn.Embedding,):
+        return None
+    fwd = cls.__dict__.get("forward")
+    if not hasattr(fwd, "__code__"):  # not a plain function (absent: the forward is inherited)
+        return None
+    code = _code(fwd)
+    return next((form for form, want in SCALE_FORMS.items() if code == want), None)
 
 
 def is_scaled_embedding(m: nn.Module) -> bool:
-    """True for one of ``SCALED_EMBEDDINGS`` (the class itself, not a subclass), with a one-element tensor
-    ``embed_scale``."""
-    cls = type(m)
-    known = any(cls.__module__ == mod and cls.__qualname__ == name and getattr(sys.modules.get(mod), name, None) is cls
-                for mod, name in SCALED_EMBEDDINGS)
+    """True for a transformers scaled embedding that ``QLoRAEmbedding`` adapts: ``scaled_embedding_form`` says which
+    form, and its ``embed_scale`` is a one-element float tensor (``"buffer"``) or a Python int / float (``"float"``)."""
+    form = scaled_embedding_form(m)
     scale = getattr(m, "embed_scale", None)
-    return known and isinstance(scale, torch.Tensor) and scale.numel() == 1
+    if form == "buffer":
+        return isinstance(scale, torch.Tensor) and scale.numel() == 1 and scale.dtype.is_floating_point
+    return form == "float" and isinstance(scale, (int, float)) and not isinstance(scale, bool)
 
 
 def embedding_refusal(m: nn.Module) -> str | None:
     """Why ``m`` (an ``nn.Embedding``) cannot get a ``QLoRAEmbedding``, or None."""
     if is_scaled_embedding(m):
-        pass  # a Gemma scaled embedding: nn.Embedding's lookup times embed_scale (module docstring)
+        pass  # nn.Embedding's lookup times embed_scale (module docstring)
+    elif scaled_embedding_form(m) is not None:
+        want = "a one-element float tensor" if scaled_embedding_form(m) == "buffer" else "a Python float"
+        return (f"it is a {type(m).__name__} whose embed_scale is {getattr(m, 'embed_scale', None)!r}, not {want} "
+                "as transformers sets it (its own forward multiplies the lookup by it). Set embed_scale to the "
+                "model's value (e.g. math.sqrt(d_model), or 1.0) or leave it out of target_modules")
     elif type(m).forward is not nn.Embedding.forward:
         return (f"it is a {type(m).__name__}, whose own forward is not nn.Embedding's; qkernels gives LoRA to "
-                "nn.Embedding layers and to transformers' Gemma / Gemma 2 / Gemma 3 scaled word embeddings only. "
-                "Leave it out of target_modules")
+                "nn.Embedding layers and to transformers' *ScaledWordEmbedding classes whose forward is the lookup "
+                "times embed_scale (BART, M2M100, Gemma, ...; not a subclass). Leave it out of target_modules")
     elif hasattr(m, "embed_scale"):
         return ("it has an embed_scale attribute, which peft applies to the LoRA term (layer.py:1506, 1522-1524) but "
                 "nn.Embedding's forward does not; leave it out of target_modules")
@@ -124,8 +172,8 @@ class QLoRAEmbedding(nn.Module):
     ``r``, ``lora_alpha``, ``scaling``, ``use_rslora`` (dicts), ``active_adapter``, ``disable_adapters``. ``lora_A``
     / ``lora_B`` are the same dicts under the names ``QLoRALinear`` uses, for qkernels' adapter functions.
     ``in_features`` / ``out_features``: ``num_embeddings`` / ``embedding_dim`` (peft's). ``quantized`` is False.
-    ``embed_scale``: a Gemma scaled embedding's scale (a non-persistent buffer; None otherwise), applied to the lookup
-    and to the LoRA term as peft applies it (module docstring).
+    ``embed_scale``: a scaled embedding's scale (a Gemma-form non-persistent buffer, or a BART-form Python float;
+    None otherwise), applied to the lookup and to the LoRA term as peft applies it (module docstring).
     """
 
     quantized = False
@@ -144,9 +192,14 @@ class QLoRAEmbedding(nn.Module):
         self.scale_grad_by_freq, self.sparse = e.scale_grad_by_freq, e.sparse
         self.weight = e.weight if isinstance(e.weight, nn.Parameter) else nn.Parameter(e.weight.detach())
         self.weight.requires_grad_(False)
-        # a Gemma scaled embedding's scale (the same tensor; None for a plain embedding), and the value transformers
-        # initializes it to (``scalar_embed_scale``): the buffer is not in checkpoints, a meta one gets it at load
-        self.register_buffer("embed_scale", e.embed_scale if is_scaled_embedding(e) else None, persistent=False)
+        # a scaled embedding's scale: the Gemma form's buffer (the same tensor; None for a plain embedding) and the
+        # value transformers initializes it to (``scalar_embed_scale``: the buffer is not in checkpoints, a meta one
+        # gets it at load), or the BART form's Python float, a plain attribute as the base module holds it
+        form = scaled_embedding_form(e) if is_scaled_embedding(e) else None
+        if form == "float":
+            self.embed_scale = e.embed_scale
+        else:
+            self.register_buffer("embed_scale", e.embed_scale if form == "buffer" else None, persistent=False)
         self._scalar_embed_scale = getattr(e, "scalar_embed_scale", None)
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
@@ -170,7 +223,8 @@ class QLoRAEmbedding(nn.Module):
 
         Raises:
             TypeError: ``embedding`` is not an ``nn.Embedding``. ValueError: an embedding that cannot be wrapped (its
-                own forward, other than Gemma's scaled embeddings; an integer weight) or a bad LoRA argument, named.
+                own forward, other than transformers' scaled embeddings; an integer weight) or a bad LoRA
+                argument, named.
         """
         if not is_embedding(embedding):
             raise TypeError(f"from_embedding needs an nn.Embedding, got {type(embedding).__name__}")
@@ -317,20 +371,38 @@ class QLoRAEmbedding(nn.Module):
                            scale_grad_by_freq=self.scale_grad_by_freq, sparse=self.sparse)
 
     def _scale(self) -> torch.Tensor | None:
-        """The ``embed_scale`` buffer of a scaled embedding, else None (a layer pickled before it existed: None)."""
+        """The ``embed_scale`` buffer of a Gemma-form scaled embedding, else None (a layer pickled before it existed:
+        None)."""
         return self.__dict__.get("_buffers", {}).get("embed_scale")
 
+    def _float_scale(self) -> float | None:
+        """The Python number ``embed_scale`` of a BART-form scaled embedding, else None."""
+        v = self.__dict__.get("embed_scale")
+        return v if isinstance(v, (int, float)) else None
+
+    def _lora_scale(self) -> torch.Tensor | None:
+        """The scale peft applies to the LoRA term (``_get_embed_scale``, tuners_utils.py:1905-1940): the buffer, or a
+        Python number as ``torch.tensor(embed_scale, dtype=weight.dtype)`` (rounded to the weight's dtype, so a bf16
+        BART's LoRA term is scaled by bf16(sqrt(d_model)) while its lookup is scaled by the exact float); None."""
+        f = self._float_scale()
+        if f is not None:
+            return torch.tensor(f, device=self.weight.device, dtype=self.weight.dtype)
+        return self._scale()
+
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The base layer's output: ``nn.Embedding.forward``, times ``embed_scale.to(weight.dtype)`` for a scaled
-        embedding (the Gemma classes' forward, op for op)."""
+        """The base layer's output: ``nn.Embedding.forward``, times ``embed_scale.to(weight.dtype)`` for a Gemma-form
+        scaled embedding, times the Python float ``embed_scale`` for a BART-form one (their forwards, op for op)."""
         result = self._embed(x, self.weight)
+        f = self._float_scale()
+        if f is not None:
+            return result * f
         scale = self._scale()
         return result if scale is None else result * scale.to(self.weight.dtype)
 
     def forward(self, x: torch.Tensor, *, adapter_names: list[str] | None = None) -> torch.Tensor:
         """``E[x] + scaling * F.embedding(x, A^T) @ B^T`` for the active adapter, cast to ``E``'s dtype (peft's
         ``Embedding.forward``, layer.py:1487-1538; dropout is not applied there, so not here). A scaled embedding
-        (Gemma): both terms times ``embed_scale`` (the base in the weight's dtype, the LoRA term in its own).
+        (Gemma, BART, ...): both terms times ``embed_scale`` (the base as its class does, the LoRA term as peft does).
 
         Args:
             x: integer indices, any shape. Returns ``[*x.shape, embedding_dim]`` in the weight's dtype.
@@ -350,7 +422,7 @@ class QLoRAEmbedding(nn.Module):
             result = self._base_forward(x)
             if self.disable_adapters:
                 return result
-            return embedding_mixed_batch(self, x, result, adapter_names, self._scale())
+            return embedding_mixed_batch(self, x, result, adapter_names, self._lora_scale())
         result = self._base_forward(x)  # the base layer
         name = None if self.disable_adapters else self.active_adapter
         if name is None:
@@ -368,7 +440,7 @@ class QLoRAEmbedding(nn.Module):
                 "(A's gradient is dense, [r, num_embeddings]), or run under torch.no_grad()")
         after_A = self._embed(x, A.T)
         adapter_output = (after_A @ self.lora_embedding_B[name].T) * self.scaling[name]
-        scale = self._scale()
+        scale = self._lora_scale()
         if scale is not None:  # layer.py:1522-1524: the scale in the LoRA term's dtype
             adapter_output = adapter_output * scale.to(adapter_output.dtype)
         return (result + adapter_output).to(dtype)
