@@ -14,7 +14,13 @@ out (peft/tuners/lora/layer.py:1150-1545, peft 0.21.2):
 - init (layer.py:1264-1265, 346-350): ``True`` / ``"gaussian"``: A zeros, B ~ N(0, 1); ``False``: both ~ N(0, 1);
 - merge: ``W += ((B @ A)^T * s).to(W.dtype)`` into the embedding's own Parameter (layer.py:1394-1422, 1364-1371).
 
-DoRA on an embedding (peft's ``DoraEmbeddingVariant``) is not implemented: refused, naming the module.
+DoRA (``use_dora=True``): peft's ``DoraEmbeddingVariant`` (variants.py:260-365, dora.py:173-202) with
+``qkernels.dora``'s embedding helpers: a magnitude ``lora_magnitude_vector.<adapter>.weight`` ``[embedding_dim]``
+(peft's key; in adapter files ``<module>.lora_magnitude_vector``), initialized to the column norms of ``W + s (B A)^T``
+computed as peft does (with the adapter still in a half weight's dtype); forward ``g * E[x] + g * s * (A^T)[x] @ B^T``
+with ``g = m / ||W + s (B A)^T||_col`` detached (a scaled embedding: ``E[x]`` scaled by its class, the second term by
+``embed_scale`` after the norm, as peft); merge ``W = (m / ||W + delta||_col) * (W + delta)``. The ``[num_embeddings,
+embedding_dim]`` norm is formed whole on every forward, as in peft.
 
 Scaled embeddings: transformers' ``*ScaledWordEmbedding`` classes keep ``nn.Embedding``'s lookup and multiply it by
 their ``embed_scale`` (``sqrt(hidden_size)``, or 1.0), in one of two forms (``SCALE_FORMS``, recognized by the
@@ -145,10 +151,17 @@ def _check_args(r: Any, lora_alpha: Any, lora_dropout: Any, init_lora_weights: A
         raise ValueError(f"use_rslora must be a bool, got {use_rslora!r}")
     if not isinstance(use_dora, bool):
         raise ValueError(f"use_dora must be a bool, got {use_dora!r}")
-    if use_dora:
-        raise ValueError("use_dora=True on an nn.Embedding: qkernels does not implement DoRA on embeddings (peft's "
-                         "DoraEmbeddingVariant). Leave the embedding out of this DoRA adapter (exclude_modules / "
-                         "target_modules), or give it a plain LoRA adapter (use_dora=False)")
+
+
+def _check_dora_norm(norm: torch.Tensor) -> None:
+    """Refuse a DoRA magnitude whose column norm ``||W + s (B A)^T||`` is 0: ``m / norm`` is 0 / 0 there, so that
+    dimension of every embedding (and the loss) is NaN, as in peft."""
+    zero = (norm == 0).nonzero().flatten()
+    if zero.numel():
+        raise ValueError(f"use_dora=True: embedding dimension(s) {zero[:8].tolist()}"
+                         f"{' ...' if zero.numel() > 8 else ''} of W + s (B A)^T are zero for every token, so DoRA's "
+                         "m / ||W + s (B A)^T|| is 0/0 and the embeddings NaN (as in peft): leave this embedding "
+                         "out of the DoRA adapter (exclude_modules / target_modules), or give it a plain LoRA adapter")
 
 
 class QLoRAEmbedding(nn.Module):
@@ -165,7 +178,8 @@ class QLoRAEmbedding(nn.Module):
             r``, or ``/ sqrt(r)`` with rsLoRA; the dropout is recorded, never applied, as in peft).
         init_lora_weights: ``True`` / ``"gaussian"`` (A = 0, B ~ N(0, 1)) or ``False`` (both ~ N(0, 1)); "loftq" is
             refused (nothing is quantized here).
-        adapter_name: the first adapter's name. use_dora: must be False (DoRA on embeddings is refused).
+        adapter_name: the first adapter's name. use_dora: a DoRA adapter (peft's ``DoraEmbeddingVariant``: a
+            magnitude per embedding dimension, module docstring).
 
     Attributes (peft's names): ``lora_embedding_A`` / ``lora_embedding_B`` (ParameterDicts by adapter name, float32
     ``[r, num_embeddings]`` / ``[embedding_dim, r]``), ``lora_dropout`` (kept for the config; not applied, as peft),
@@ -204,6 +218,7 @@ class QLoRAEmbedding(nn.Module):
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters' magnitudes (qkernels.dora.DoraMagnitude)
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -212,14 +227,14 @@ class QLoRAEmbedding(nn.Module):
         self.active_adapter: str | None = None
         self.disable_adapters = False
         self.merged = False
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora=use_dora)
 
     @classmethod
     def from_embedding(cls, embedding: nn.Module, **lora_kwargs: Any) -> QLoRAEmbedding:
         """A ``QLoRAEmbedding`` holding ``embedding.weight`` (the same Parameter) and one adapter (``r``,
-        ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``init_lora_weights``, ``adapter_name``; ``use_dora=True``
-        is refused). The embedding module itself is kept aside (without its weight) so that ``merge_and_unload``
-        gives it back holding the merged weight.
+        ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``init_lora_weights``, ``adapter_name``, ``use_dora``). The
+        embedding module itself is kept aside (without its weight) so that ``merge_and_unload`` gives it back holding
+        the merged weight.
 
         Raises:
             TypeError: ``embedding`` is not an ``nn.Embedding``. ValueError: an embedding that cannot be wrapped (its
@@ -262,6 +277,8 @@ class QLoRAEmbedding(nn.Module):
         for n in self.lora_embedding_A:
             out[f"lora_embedding_A.{n}"] = self.lora_embedding_A[n]
             out[f"lora_embedding_B.{n}"] = self.lora_embedding_B[n]
+            for mag in self._magnitude_modules(n):
+                out[f"lora_magnitude_vector.{n}.weight"] = mag.weight
         return out
 
     def _raise_unloaded(self) -> None:
@@ -275,7 +292,10 @@ class QLoRAEmbedding(nn.Module):
                      **_: Any) -> None:
         """Add (or replace) adapter ``adapter_name`` of rank ``r``: peft's ``Embedding.update_layer``
         (layer.py:1207-1300). ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``init_lora_weights``: as in the
-        class; ``use_dora=True`` raises ValueError (DoRA on embeddings is not implemented), as does a bad argument.
+        class; a bad argument raises ValueError. ``use_dora``: a DoRA adapter, its magnitude
+        ``lora_magnitude_vector.<adapter_name>.weight`` (float32 ``[embedding_dim]``) the column norms of ``W + s (B
+        A)^T`` as peft computes them at init (``qkernels.dora.dora_embedding_init_norm``); ValueError on a weight with
+        no values (the meta device), or a zero norm.
 
         A ``[r, num_embeddings]`` and B ``[embedding_dim, r]``, drawn in float32 (``torch.randn``), initialized
         (``True`` / ``"gaussian"``: A zeros, B ~ N(0, 1); ``False``: both ~ N(0, 1) as drawn), then rounded through
@@ -293,13 +313,32 @@ class QLoRAEmbedding(nn.Module):
         if w.dtype in (torch.float16, torch.bfloat16):
             A, B = A.to(w.dtype).float(), B.to(w.dtype).float()
         dev = w.device
+        scaling = lora_scaling(lora_alpha, r, use_rslora)
+        magnitude = None
+        if use_dora:  # peft: the variant's init after A, B are final (layer.py:1267-1271)
+            from .dora import DoraMagnitude, dora_embedding_init_norm
+
+            if w.is_meta:
+                raise ValueError("use_dora=True initializes the DoRA magnitude from the embedding's column norms, and "
+                                 "this layer's weight holds no values (the meta device): load the base checkpoint "
+                                 "first (load_state_dict(sd, assign=True)), then add the DoRA adapter (or "
+                                 "load_adapter)")
+            norm = dora_embedding_init_norm(w, A.to(dev), B.to(dev), scaling).to(torch.float32)
+            _check_dora_norm(norm)
+            magnitude = DoraMagnitude(norm)
+        if "lora_magnitude_vector" not in self._modules:  # a layer pickled by an older qkernels
+            self.lora_magnitude_vector = nn.ModuleDict()
+        if adapter_name in self.lora_magnitude_vector:  # replaced: a plain adapter of that name keeps no magnitude
+            del self.lora_magnitude_vector[adapter_name]
+        if magnitude is not None:
+            self.lora_magnitude_vector[adapter_name] = magnitude.train(self.training)
         self.lora_embedding_A[adapter_name] = nn.Parameter(A.to(dev))
         self.lora_embedding_B[adapter_name] = nn.Parameter(B.to(dev))
         self.lora_dropout[adapter_name] = nn.Dropout(p=float(lora_dropout)) if lora_dropout > 0 else nn.Identity()
         self.lora_dropout[adapter_name].train(self.training)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
-        self.scaling[adapter_name] = lora_scaling(lora_alpha, r, use_rslora)
+        self.scaling[adapter_name] = scaling
         self.use_rslora[adapter_name] = use_rslora
         self._lora_init = {**self._lora_init, adapter_name: init_lora_weights}
         self.set_adapter(self.active_adapter if self.active_adapter is not None else adapter_name)
@@ -312,6 +351,8 @@ class QLoRAEmbedding(nn.Module):
             on = name == adapter_name
             self.lora_embedding_A[name].requires_grad_(on)
             self.lora_embedding_B[name].requires_grad_(on)
+            for mag in self._magnitude_modules(name):  # peft: the magnitude is an adapter layer (variants.py:263-265)
+                mag.requires_grad_(on)
         self.active_adapter = adapter_name
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -322,6 +363,8 @@ class QLoRAEmbedding(nn.Module):
             raise ValueError(f"no adapter named {adapter_name!r}; this layer has {list(self.lora_embedding_A)}")
         for d in (self.lora_embedding_A, self.lora_embedding_B, self.lora_dropout):
             del d[adapter_name]
+        if adapter_name in self._magnitudes():
+            del self.lora_magnitude_vector[adapter_name]
         for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora):
             del d[adapter_name]
         self._lora_init = {k: v for k, v in self._lora_init.items() if k != adapter_name}
@@ -331,29 +374,42 @@ class QLoRAEmbedding(nn.Module):
                 self.set_adapter(next(iter(self.lora_embedding_A)))
 
     def set_lora_weight(self, adapter_name: str, which: str, value: torch.Tensor) -> None:
-        """Set ``"lora_A"`` (``lora_embedding_A``, ``[r, num_embeddings]``) or ``"lora_B"`` (``lora_embedding_B``,
-        ``[embedding_dim, r]``) of ``adapter_name`` to ``value`` in place (cast to its dtype); on the meta device the
-        Parameter is replaced by one holding ``value``. ValueError: another ``which``, no such adapter, a shape."""
-        if which not in WHICH:
-            raise ValueError(f"which must be 'lora_A' or 'lora_B' on an embedding (no DoRA magnitude), got {which!r}")
+        """Set ``"lora_A"`` (``lora_embedding_A``, ``[r, num_embeddings]``), ``"lora_B"`` (``lora_embedding_B``,
+        ``[embedding_dim, r]``) or a DoRA adapter's ``"lora_magnitude_vector"`` (``[embedding_dim]``) of
+        ``adapter_name`` to ``value`` in place (cast to its dtype); on the meta device the Parameter is replaced by one
+        holding ``value``. ValueError: another ``which``, no such adapter (or not a DoRA one, for the magnitude), a
+        shape."""
+        if which not in (*WHICH, "lora_magnitude_vector"):
+            raise ValueError(f"which must be 'lora_A', 'lora_B' or 'lora_magnitude_vector', got {which!r}")
         if adapter_name not in self.lora_embedding_A:
             raise ValueError(f"no adapter named {adapter_name!r}; this layer has {list(self.lora_embedding_A)}")
-        d = getattr(self, WHICH[which])
-        p = d[adapter_name]
+        if which == "lora_magnitude_vector":
+            if adapter_name not in self._magnitudes():
+                raise ValueError(f"adapter {adapter_name!r} is not a DoRA adapter (use_dora=False): it has no "
+                                 "magnitude")
+            d, p, what = self._magnitudes()[adapter_name]._parameters, self._magnitudes()[adapter_name].weight, which
+            key = "weight"
+        else:
+            d, what = getattr(self, WHICH[which]), WHICH[which]
+            p, key = d[adapter_name], adapter_name
         if tuple(value.shape) != tuple(p.shape):
-            raise ValueError(f"{WHICH[which]}.{adapter_name} has shape {tuple(p.shape)}, got {tuple(value.shape)}")
+            raise ValueError(f"{what}.{adapter_name} has shape {tuple(p.shape)}, got {tuple(value.shape)}")
         with torch.no_grad():
             if p.is_meta:
-                d[adapter_name] = nn.Parameter(value.detach().to(p.dtype, copy=True), requires_grad=p.requires_grad)
+                d[key] = nn.Parameter(value.detach().to(p.dtype, copy=True), requires_grad=p.requires_grad)
             else:
                 p.copy_(value)
 
+    def _magnitudes(self) -> nn.ModuleDict | dict:
+        """The DoRA magnitudes by adapter name (``{}`` on a layer pickled by an older qkernels)."""
+        return self._modules.get("lora_magnitude_vector") or {}
+
     def is_dora(self, adapter_name: str) -> bool:
-        """Returns False for any ``adapter_name``: DoRA on an embedding is refused."""
-        return False
+        """Returns whether adapter ``adapter_name`` is a DoRA adapter (has a ``lora_magnitude_vector`` entry)."""
+        return adapter_name in self._magnitudes()
 
     def _magnitude_modules(self, name: str) -> list[nn.Module]:
-        return []
+        return [self._magnitudes()[name]] if name in self._magnitudes() else []
 
     def enable_adapters(self, enabled: bool) -> None:
         """peft's toggle: ``enabled=False`` runs the plain embedding, ``True`` the active adapter again."""
@@ -438,9 +494,18 @@ class QLoRAEmbedding(nn.Module):
                 "through F.embedding(x, A^T, sparse=True) cannot be formed (torch cannot transpose a sparse gradient "
                 "back to A; peft's lora.Embedding fails the same way in backward). Set layer.sparse = False to train "
                 "(A's gradient is dense, [r, num_embeddings]), or run under torch.no_grad()")
+        B, scaling, scale = self.lora_embedding_B[name], self.scaling[name], self._lora_scale()
+        if name in self._magnitudes():  # DoRA: peft's DoraEmbeddingVariant.forward (variants.py:335-365)
+            from .dora import dora_embedding_norm
+
+            # dora.py:183-198: g = m / ||W + s B A||_col (detached), g * s * (A^T)[x] @ B^T; then g * result + that
+            g = self._magnitudes()[name].weight / dora_embedding_norm(self.weight, A, B, scaling)
+            dora = g * (self._embed(x, A.T) @ B.T) * scaling
+            if scale is not None:  # variants.py:357-362: after the norm, in the term's dtype
+                dora = dora * scale.to(dora.dtype)
+            return (g * result + dora).to(dtype)
         after_A = self._embed(x, A.T)
-        adapter_output = (after_A @ self.lora_embedding_B[name].T) * self.scaling[name]
-        scale = self._lora_scale()
+        adapter_output = (after_A @ B.T) * scaling
         if scale is not None:  # layer.py:1522-1524: the scale in the LoRA term's dtype
             adapter_output = adapter_output * scale.to(adapter_output.dtype)
         return (result + adapter_output).to(dtype)
@@ -467,8 +532,9 @@ class QLoRAEmbedding(nn.Module):
 
     def merged_embedding(self) -> nn.Module:
         """peft's ``merge`` then ``get_base_layer()`` (layer.py:1332-1374): the active adapter's delta added in place
-        to the embedding's own weight Parameter (``W.data += delta.to(W.dtype)``; a head tied to it changes too).
-        Adapters disabled or none active: nothing is added.
+        to the embedding's own weight Parameter (``W.data += delta.to(W.dtype)``; a head tied to it changes too); a
+        DoRA adapter's ``(m / ||W + delta||_col) * (W + delta)`` written into it (peft's ``merge_unsafe``,
+        ``qkernels.dora.dora_embedding_merged_weight``). Adapters disabled or none active: nothing is added.
 
         Returns the original embedding module (its class and arguments) holding that Parameter, frozen. Raises
         RuntimeError if the weights were never loaded (the meta device)."""
@@ -476,7 +542,11 @@ class QLoRAEmbedding(nn.Module):
             self._raise_unloaded()
         w = self.weight
         name = None if self.disable_adapters else self.active_adapter
-        if name is not None:
+        if name is not None and name in self._magnitudes():  # DoRA: merge_unsafe (variants.py:304-323)
+            from .dora import dora_embedding_merged_weight
+
+            w.data = dora_embedding_merged_weight(w, self.get_delta_weight(name), self._magnitudes()[name].weight)
+        elif name is not None:
             with torch.no_grad():
                 w.data += self.get_delta_weight(name).to(w.dtype)
         w.requires_grad_(False)
@@ -533,13 +603,14 @@ class QLoRAEmbedding(nn.Module):
                 continue
             active = self.active_adapter
             self.update_layer(n, self.r[n], self.lora_alpha[n], _dropout_p(self.lora_dropout[n]),
-                              self._lora_init.get(n, True), self.use_rslora[n])
+                              self._lora_init.get(n, True), self.use_rslora[n], use_dora=self.is_dora(n))
             self.lora_embedding_A[n].requires_grad_(A.requires_grad)
             self.lora_embedding_B[n].requires_grad_(B.requires_grad)
             self.active_adapter = active
 
     def extra_repr(self) -> str:
-        lora = ", ".join(f"{n}: r={self.r[n]}, alpha={self.lora_alpha[n]}" for n in self.lora_embedding_A)
+        lora = ", ".join(f"{n}: r={self.r[n]}, alpha={self.lora_alpha[n]}{', dora' if self.is_dora(n) else ''}"
+                         for n in self.lora_embedding_A)
         extra = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
         return (f"{self.num_embeddings}, {self.embedding_dim}{extra}, float base: dtype={self.weight.dtype}, "
                 f"adapters=[{lora}], active={self.active_adapter!r}{', disabled' if self.disable_adapters else ''}")
