@@ -550,6 +550,12 @@ class QLoRAEmbedding(nn.Module):
             with torch.no_grad():
                 w.data += self.get_delta_weight(name).to(w.dtype)
         w.requires_grad_(False)
+        return self.base_embedding()
+
+    def base_embedding(self) -> nn.Module:
+        """The original embedding module (its class, arguments and scale) holding this layer's weight Parameter
+        (the same object: nothing merged, nothing copied), frozen, in this layer's training mode."""
+        w = self.weight
         base = self.__dict__.get("_base_embedding")
         if base is None:
             with torch.device("meta"):
@@ -563,6 +569,35 @@ class QLoRAEmbedding(nn.Module):
         base.weight = w
         base.train(self.training)
         return base
+
+    def take_resized(self, resized: nn.Module) -> None:
+        """Adopt the vocabulary of ``resized``, the embedding transformers' ``resize_token_embeddings`` left where
+        this layer was (``qkernels.resize``): its weight Parameter (``[new_num_embeddings, embedding_dim]``, the old
+        rows first), ``num_embeddings`` and ``padding_idx``. Every adapter's A ``[r, num_embeddings]`` keeps its
+        first ``min(old, new)`` columns and gets zero columns for added tokens (their LoRA term starts at 0, as a
+        fresh adapter's A = 0), in place (``A.data``: the same Parameter). Raises ValueError for a DoRA adapter (its
+        magnitude is a norm over the vocabulary) or another embedding width."""
+        if tuple(resized.weight.shape[1:]) != (self.embedding_dim,):
+            raise ValueError(f"the resized embedding has shape {tuple(resized.weight.shape)}; this layer's "
+                             f"embedding_dim is {self.embedding_dim}")
+        dora = [n for n in self.lora_embedding_A if self.is_dora(n)]
+        if dora:
+            raise ValueError(f"DoRA adapter(s) {dora}: the magnitude is a norm over the vocabulary, which resizing "
+                             "changes. Resize before adding the DoRA adapter")
+        n_old, n_new = self.num_embeddings, int(resized.weight.shape[0])
+        w = resized.weight if isinstance(resized.weight, nn.Parameter) else nn.Parameter(resized.weight.detach())
+        self.weight = w.requires_grad_(False)
+        self.num_embeddings = self.in_features = n_new
+        self.padding_idx = resized.padding_idx
+        base = self.__dict__.get("_base_embedding")
+        if base is not None:
+            base.num_embeddings, base.padding_idx = n_new, resized.padding_idx
+        keep = min(n_old, n_new)
+        with torch.no_grad():
+            for A in self.lora_embedding_A.values():
+                grown = A.new_zeros((A.shape[0], n_new))
+                grown[:, :keep] = A[:, :keep]
+                A.data = grown
 
     # ------------------------------------------------------------------ state dict
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,

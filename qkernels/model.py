@@ -247,6 +247,11 @@ def apply_qlora(
         verbose: also print those lines to stderr. None (default): print only for large models, i.e. when at least
             ``2 * log_every`` layers are replaced (a 7B Llama with all-linear: 224 layers, 5 lines).
 
+    A model given LoRA on an embedding (or on its output embedding) gets ``qkernels.resize.resize_token_embeddings``
+    as its ``resize_token_embeddings`` (an instance attribute): transformers' own refuses the LoRA layer (as it
+    refuses peft's); this one resizes the base embedding as transformers does and grows A with zero columns, or says
+    to resize first (DoRA on the embedding, LoRA on the head).
+
     Returns ``model`` (modified in place). Each new layer takes the training mode of the module it replaces (a model
     in eval mode stays in eval mode: no LoRA dropout until ``model.train()``). Layers are quantized one at a time on
     their own device, so peak memory is one float layer above the quantized model. On a model transformers loaded in
@@ -379,9 +384,22 @@ def apply_qlora(
         p.requires_grad_(p.requires_grad and (_is_lora_param(pname) or ".modules_to_save." in f".{pname}"))
     if save_names:
         wrap_modules_to_save(model, modules_to_save, adapter_name)
+    if emb_names or any(n in names for n in _output_embedding_names(model)):
+        # transformers' resize_token_embeddings refuses a QLoRAEmbedding (TypeError, as peft's lora.Embedding) and
+        # would put BART's plain shared embedding back over it: qkernels.resize's works, or says what to do
+        from .resize import install_resize_hook
+
+        install_resize_hook(model)
     _mark_bnb_model_trainable(model)
     _prepare_for_gradient_checkpointing(model)
     return model
+
+
+def _output_embedding_names(model: nn.Module) -> list[str]:
+    """The names of ``model.get_output_embeddings()`` (a transformers head; ``[]`` without one)."""
+    get = getattr(model, "get_output_embeddings", None)
+    out = get() if callable(get) else None
+    return [n for n, m in model.named_modules() if out is not None and m is out]
 
 
 def _check_embedding_target(n: str, m: nn.Module, use_dora: bool, init_lora_weights: Any) -> None:
