@@ -23,8 +23,8 @@ with ``g = m / ||W + s (B A)^T||_col`` detached (a scaled embedding: ``E[x]`` sc
 embedding_dim]`` norm is formed whole on every forward, as in peft.
 
 Scaled embeddings: transformers' ``*ScaledWordEmbedding`` classes keep ``nn.Embedding``'s lookup and multiply it by
-their ``embed_scale`` (``sqrt(hidden_size)``, or 1.0), in one of two forms (``SCALE_FORMS``, recognized by the
-forward's bytecode):
+their ``embed_scale`` (``sqrt(hidden_size)``, or 1.0), in one of two forms (``qkernels.scaled_embeddings``,
+recognized by the forward's bytecode):
 
 - "buffer" (Gemma, Gemma 2 / 3 / 3n / 4, VaultGemma, MiniCPM3, ...): ``lookup * embed_scale.to(weight.dtype)`` with a
   one-element float32 buffer. The layer keeps the base module's tensor as its own non-persistent ``embed_scale``
@@ -42,7 +42,6 @@ plain embedding carrying an ``embed_scale`` attribute (peft would scale the LoRA
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
@@ -50,6 +49,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .reference import lora_scaling
+from .scaled_embeddings import is_scaled_embedding, scaled_embedding_form
 
 __all__ = ["QLoRAEmbedding", "is_embedding"]
 
@@ -61,61 +61,6 @@ WHICH = {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
 def is_embedding(m: nn.Module) -> bool:
     """An ``nn.Embedding`` (a subclass too: ``embedding_refusal`` says whether it can be wrapped)."""
     return isinstance(m, nn.Embedding)
-
-
-class _BufferScaled(nn.Embedding):
-    """The forward of transformers' Gemma-family scaled embeddings (``embed_scale``: a one-element float32 buffer)."""
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return super().forward(input_ids) * self.embed_scale.to(self.weight.dtype)
-
-
-class _FloatScaled(nn.Embedding):
-    """The forward of transformers' BART-family scaled embeddings (``embed_scale``: a Python float attribute)."""
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return super().forward(input_ids) * self.embed_scale
-
-
-def _code(f: Any) -> tuple:
-    c = f.__code__
-    return c.co_code, c.co_names, c.co_consts, c.co_argcount, c.co_kwonlyargcount, c.co_freevars
-
-
-# transformers' ``*ScaledWordEmbedding`` classes (transformers 5.23: 24 of 25 classes, in bart, mbart, plbart, m2m_100,
-# nllb_moe, pegasus_x, bigbird_pegasus, blenderbot, biogpt, xglm, trocr, seamless_m4t(_v2), pp_formulanet: "float";
-# gemma, gemma2, gemma3, gemma3n, gemma4(_unified), diffusion_gemma, embedding_gemma2, vaultgemma, minicpm3:
-# "buffer"; T5Gemma2's also writes an eoi embedding: refused) are recognized by their forward's bytecode, compared
-# with the two forms above: the class accepted is exactly what QLoRAEmbedding's base forward computes, op for op, and a
-# future transformers that changes a forward is refused rather than computed wrongly.
-SCALE_FORMS = {"buffer": _code(_BufferScaled.forward), "float": _code(_FloatScaled.forward)}
-
-
-def scaled_embedding_form(m: nn.Module) -> str | None:
-    """``"buffer"`` / ``"float"`` when ``m``'s class is a transformers ``*ScaledWordEmbedding`` (defined in a
-    ``transformers.models`` module under its own name, a direct ``nn.Embedding`` subclass) whose own ``forward`` is
-    one of ``SCALE_FORMS``; else None. The class only: ``embed_scale``'s value is checked by ``embedding_refusal``."""
-    cls = type(m)
-    mod = cls.__module__
-    if not (mod.startswith("transformers.models.") and cls.__name__.endswith("ScaledWordEmbedding")):
-        return None
-    if getattr(sys.modules.get(mod), cls.__qualname__, None) is not cls or cls.__bases__ != (nn.Embedding,):
-        return None
-    fwd = cls.__dict__.get("forward")
-    if not hasattr(fwd, "__code__"):  # not a plain function (absent: the forward is inherited)
-        return None
-    code = _code(fwd)
-    return next((form for form, want in SCALE_FORMS.items() if code == want), None)
-
-
-def is_scaled_embedding(m: nn.Module) -> bool:
-    """True for a transformers scaled embedding that ``QLoRAEmbedding`` adapts: ``scaled_embedding_form`` says which
-    form, and its ``embed_scale`` is a one-element float tensor (``"buffer"``) or a Python int / float (``"float"``)."""
-    form = scaled_embedding_form(m)
-    scale = getattr(m, "embed_scale", None)
-    if form == "buffer":
-        return isinstance(scale, torch.Tensor) and scale.numel() == 1 and scale.dtype.is_floating_point
-    return form == "float" and isinstance(scale, (int, float)) and not isinstance(scale, bool)
 
 
 def embedding_refusal(m: nn.Module) -> str | None:
@@ -153,7 +98,7 @@ def _check_args(r: Any, lora_alpha: Any, lora_dropout: Any, init_lora_weights: A
         raise ValueError(f"use_dora must be a bool, got {use_dora!r}")
 
 
-def _check_dora_norm(norm: torch.Tensor) -> None:
+def _check_dora_column_norm(norm: torch.Tensor) -> None:
     """Refuse a DoRA magnitude whose column norm ``||W + s (B A)^T||`` is 0: ``m / norm`` is 0 / 0 there, so that
     dimension of every embedding (and the loss) is NaN, as in peft."""
     zero = (norm == 0).nonzero().flatten()
@@ -324,7 +269,7 @@ class QLoRAEmbedding(nn.Module):
                                  "first (load_state_dict(sd, assign=True)), then add the DoRA adapter (or "
                                  "load_adapter)")
             norm = dora_embedding_init_norm(w, A.to(dev), B.to(dev), scaling).to(torch.float32)
-            _check_dora_norm(norm)
+            _check_dora_column_norm(norm)
             magnitude = DoraMagnitude(norm)
         if "lora_magnitude_vector" not in self._modules:  # a layer pickled by an older qkernels
             self.lora_magnitude_vector = nn.ModuleDict()

@@ -413,10 +413,10 @@ def _check_embedding_target(n: str, m: nn.Module, use_dora: bool, init_lora_weig
                          "the base checkpoint first, then apply_qlora (or add_adapter(..., use_dora=True))")
     if use_dora and init_lora_weights in (True, "gaussian"):
         # before any change: A = 0 at init, so an all-zero column of W makes DoRA's scale 0/0 (QLoRAEmbedding refuses)
-        from .embedding import _check_dora_norm as _check_embedding_dora_norm
+        from .embedding import _check_dora_column_norm
 
         try:
-            _check_embedding_dora_norm(m.weight.detach().abs().amax(dim=0))
+            _check_dora_column_norm(m.weight.detach().abs().amax(dim=0))
         except ValueError as e:
             raise ValueError(f"target module {n!r}: {e}") from None
     if init_lora_weights == "loftq":
