@@ -19,7 +19,9 @@ Modules and models
 - ``QLoRALinear`` (drop-in ``nn.Linear``; ``from_linear``, ``from_bnb``), ``Params4bit`` (its packed weight);
   ``QLoRAEmbedding`` (peft's LoRA on a float ``nn.Embedding``; ``from_embedding``)
 - ``apply_qlora(model, target_modules, r=8, lora_alpha=16, ...)``, ``trainable_parameters``,
-  ``print_trainable_parameters``, ``merge_and_unload``, ``merge_into_4bit``, ``loftq_init``
+  ``print_trainable_parameters``, ``merge_and_unload``, ``merge_into_4bit``, ``loftq_init``;
+  ``resize_token_embeddings(model, n)`` (transformers' resize on a model with LoRA on its embedding; ``apply_qlora``
+  makes it the model's ``resize_token_embeddings``)
 - adapters in peft's format: ``save_adapter``, ``load_adapter``, ``add_adapter``, ``set_adapter``,
   ``disable_adapters`` (a context manager), ``delete_adapter``, ``adapter_names``; ``ModulesToSaveWrapper`` (peft's
   ``modules_to_save``: modules trained in full, one copy per adapter); ``adapter_batch(model, names)`` (a context
@@ -69,6 +71,7 @@ from .model import apply_qlora, merge_and_unload, merge_into_4bit, print_trainab
 from .modules_to_save import ModulesToSaveWrapper
 from .nn import Params4bit, QLoRALinear
 from .quant_state import QuantState
+from .resize import resize_token_embeddings
 
 __version__ = "0.1.0"
 
@@ -110,6 +113,7 @@ __all__ = [
     "quantize_blockwise",
     "quantize_checkpoint",
     "reference",
+    "resize_token_embeddings",
     "restore_adapters",
     "save_adapter",
     "save_adapters",

@@ -304,6 +304,9 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default", *,
             for which, suffix in EMBEDDING_KEYS.items():
                 t = getattr(m, which)[adapter_name]
                 out[f"{PEFT_PREFIX}{name}.{suffix}"] = t.detach().to("cpu", copy=True).contiguous()
+            if m.is_dora(adapter_name):  # peft's DoraEmbeddingVariant: the same key as a Linear's magnitude
+                t = m.lora_magnitude_vector[adapter_name].weight
+                out[f"{PEFT_PREFIX}{name}.{MAGNITUDE_KEY}"] = t.detach().to("cpu", copy=True).contiguous()
             continue
         for which in ("lora_A", "lora_B", "lora_magnitude_vector")[:3 if m.is_dora(adapter_name) else 2]:
             if f"{which}.{adapter_name}.weight" in m._unloaded:  # meta, or to_empty memory: no values to save
@@ -648,8 +651,8 @@ def _plan(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor], ad
 
 def _check_kind(name: str, m: nn.Module, ab: dict[str, tuple[str, torch.Tensor]], use_dora: bool) -> None:
     """The file's LoRA keys for module ``name`` are of its kind: ``lora_embedding_A`` / ``_B`` for an embedding
-    (``QLoRAEmbedding``), ``lora_A.weight`` / ``lora_B.weight`` for a linear layer, both present; no DoRA on an
-    embedding (peft's DoraEmbeddingVariant is not implemented here)."""
+    (``QLoRAEmbedding``), ``lora_A.weight`` / ``lora_B.weight`` for a linear layer, both present (a DoRA magnitude,
+    ``<module>.lora_magnitude_vector``, is checked by ``_planned_magnitude``)."""
     from .embedding import QLoRAEmbedding
 
     emb = isinstance(m, QLoRAEmbedding)
@@ -662,10 +665,6 @@ def _check_kind(name: str, m: nn.Module, ab: dict[str, tuple[str, torch.Tensor]]
             what = "an nn.Embedding (QLoRAEmbedding)" if emb else f"a {type(m).__name__}"
             raise ValueError(f"adapter key {key!r}: module {name!r} is {what} here, whose LoRA key is {want!r}; the "
                              "adapter was trained on a model where that module is of another kind")
-    if emb and use_dora:
-        raise ValueError(f"adapter key {ab['lora_A'][0]!r}: a DoRA adapter (use_dora true) on the embedding {name!r}; "
-                         "qkernels does not implement DoRA on embeddings (peft's DoraEmbeddingVariant): run this "
-                         "adapter with peft (or merge it there), or train it without the embedding in target_modules")
 
 
 def _planned_magnitude(name: str, m: nn.Module, ab: dict[str, tuple[str, torch.Tensor]],

@@ -34,8 +34,8 @@ from torch import nn
 from .lora import matmul_4bit_lora
 from .quant_state import QuantState
 
-__all__ = ["DoraMagnitude", "dora_forward_4bit", "dora_forward_float", "dora_merged_weight", "dora_weight_norm",
-           "dora_weight_norm_4bit"]
+__all__ = ["DoraMagnitude", "dora_embedding_init_norm", "dora_embedding_merged_weight", "dora_embedding_norm",
+           "dora_forward_4bit", "dora_forward_float", "dora_merged_weight", "dora_weight_norm", "dora_weight_norm_4bit"]
 
 
 class DoraMagnitude(nn.Module):
@@ -181,3 +181,56 @@ def dora_merged_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, magnit
         weight = W + delta
         norm = torch.linalg.norm(weight, dim=1).to(weight.dtype)  # get_weight_norm(W, delta, scaling=1)
         return (magnitude.detach() / norm).view(-1, 1) * weight
+
+
+# ---------------------------------------------------------------------------------------------- DoRA on an embedding
+# peft's DoraEmbeddingVariant / DoraEmbeddingLayer (variants.py:260-365, dora.py:173-202): the magnitude m has one entry
+# per embedding dimension, the norm is taken over the vocabulary (column norms of W [num_embeddings, embedding_dim]:
+# ``transpose(W, fan_in_fan_out=True)`` rows), and the output is ``g * E[x] + g * s * (A^T)[x] @ B^T`` with
+# ``g = m / ||W + s (B A)^T||_col`` (detached). Each helper below is peft's sequence of torch ops, so the bits match.
+
+
+def dora_embedding_init_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The initial magnitude, as peft's ``DoraLinearLayer.update_layer`` (dora.py:101-130) computes it for an
+    embedding: the adapter then still holds the embedding's dtype when that is float16 / bfloat16 (peft moves it to
+    the base layer's dtype before the variant's init, layer.py:1267-1271, tuners_utils.py:2168-2212; float16 is
+    multiplied in float32 and rounded back), ``B @ A`` ``[embedding_dim, num_embeddings]``, plus ``W^T``, norms of its
+    rows in the sum's dtype.
+
+    Args: ``weight [num_embeddings, embedding_dim]``; ``A [r, num_embeddings]``, ``B [embedding_dim, r]`` (float32
+    holding values already rounded through a half weight dtype, as ``QLoRAEmbedding.update_layer`` draws them).
+    Returns ``[embedding_dim]`` in the weight's dtype (float32 for a float32 weight), no gradient.
+    """
+    with torch.no_grad():
+        adt = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else A.dtype
+        A_, B_ = A.detach().to(adt), B.detach().to(adt)
+        if adt == torch.float16:  # dora.py:103-106, 122-123
+            A_, B_ = A_.float(), B_.float()
+        lora_weight = B_ @ A_
+        if adt == torch.float16:
+            lora_weight = lora_weight.half()
+        w = weight.detach().T + scaling * lora_weight  # get_weight_norm: transpose(weight, fan_in_fan_out=True)
+        return torch.linalg.norm(w, dim=1).to(w.dtype)
+
+
+def dora_embedding_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``||W^T + s (A^T @ B^T)^T||`` per embedding dimension, as peft's ``DoraEmbeddingLayer.forward`` forms it
+    (dora.py:183-195: ``lora_weight = (lora_A @ lora_B).T`` with ``lora_A = A^T``, ``lora_B = B^T``). ``weight
+    [num_embeddings, embedding_dim]`` in its own dtype, ``A [r, num_embeddings]``, ``B [embedding_dim, r]``.
+    Returns ``[embedding_dim]`` in the sum's dtype, no gradient (peft detaches it)."""
+    with torch.no_grad():
+        lora_weight = (A.detach().T @ B.detach().T).T
+        w = weight.detach().T + scaling * lora_weight
+        return torch.linalg.norm(w, dim=1).to(w.dtype)
+
+
+def dora_embedding_merged_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """peft's ``DoraEmbeddingVariant.merge_unsafe`` (variants.py:304-323): with ``delta = get_delta_weight()``
+    (``(B A)^T s``, ``[num_embeddings, embedding_dim]``), the norm ``||W^T + 1 * delta^T||`` per embedding dimension
+    of the unmerged weight, then ``(m / norm).view(1, -1) * (W + delta)`` cast to W's dtype. No gradient."""
+    with torch.no_grad():
+        w = weight.detach()
+        s = w.T + 1 * delta.T  # get_weight_norm(base_weight, delta_weight.T, scaling=1)
+        norm = torch.linalg.norm(s, dim=1).to(s.dtype)
+        factor = (magnitude.detach() / norm).view(1, -1)
+        return (factor * (w + delta)).to(w.dtype)

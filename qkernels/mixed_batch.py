@@ -26,7 +26,8 @@ peft's rules, kept here:
   output, with no check, as peft's ``PeftModel`` installs no hook then (peft_model.py:988-999);
 - the base product runs once for the whole batch; each adapter's LoRA term runs on its own rows only and is added
   there, cast to the base output's dtype (peft's ``result[rows] += lora(x[rows]).to(result.dtype)``). An embedding
-  with an ``embed_scale`` (Gemma) scales each adapter's term by it, as peft does.
+  with an ``embed_scale`` (Gemma, BART: as a tensor, ``QLoRAEmbedding._lora_scale``) scales each adapter's term by it,
+  as peft does.
 
 Beam search: ``generate(..., num_beams=k)`` runs ``k`` rows per sample; pass ``adapter_batch(model, names,
 num_beams=k)`` and each name is repeated ``k`` times, except for an encoder-decoder's encoder (which runs before the

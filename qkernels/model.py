@@ -214,9 +214,9 @@ def apply_qlora(
         target_modules: list of names/suffixes, a regex (full match), or ``"all-linear"``: peft's semantics
             (``match_target_modules``). Every list entry must match at least one module, else ValueError
             listing the Linear layers that exist. A matched ``nn.Embedding`` gets peft's embedding LoRA on its float
-            weight (``qkernels.embedding.QLoRAEmbedding``; never under ``"all-linear"``, as in peft; DoRA and LoftQ
-            refused there, and a tied embedding warns as peft does); any other matched module that is not an
-            ``nn.Linear`` is an error.
+            weight (``qkernels.embedding.QLoRAEmbedding``; never under ``"all-linear"``, as in peft; LoftQ refused
+            there, DoRA is peft's DoraEmbeddingVariant, and a tied embedding warns as peft does); any other matched
+            module that is not an ``nn.Linear`` is an error.
         exclude_modules: peft's ``exclude_modules`` (list of names/suffixes, or a regex).
         layers_to_transform: peft's: an int or a list of ints; only modules (matched by a list entry's suffix) in
             those layers are replaced. The layer index is the number after the layer list's name in the module
@@ -239,12 +239,18 @@ def apply_qlora(
             quant_type, double_quant, blocksize, compute_dtype, quant_storage: the 4-bit format, passed to
             ``QLoRALinear.from_linear`` for each layer (see ``QLoRALinear``; dtypes also by name, "bfloat16").
         use_dora: DoRA adapters (peft's ``LoraConfig(use_dora=True)``, "QDoRA" on the 4-bit layers; see
-            ``qkernels.dora``): each layer also trains a magnitude per output row. Not on a meta model (the magnitude
+            ``qkernels.dora``): each layer also trains a magnitude per output row (an embedding: per embedding
+            dimension). Not on a meta model (the magnitude
             starts from the weight's row norms): load the checkpoint first, then ``add_adapter(..., use_dora=True)``.
         log_every: report ``"apply_qlora: i/n layers quantized (t s)"`` every this many layers, always to the
             ``qkernels`` logger (INFO).
         verbose: also print those lines to stderr. None (default): print only for large models, i.e. when at least
             ``2 * log_every`` layers are replaced (a 7B Llama with all-linear: 224 layers, 5 lines).
+
+    A model given LoRA on an embedding (or on its output embedding) gets ``qkernels.resize.resize_token_embeddings``
+    as its ``resize_token_embeddings`` (an instance attribute): transformers' own refuses the LoRA layer (as it
+    refuses peft's); this one resizes the base embedding as transformers does and grows A with zero columns, or says
+    to resize first (DoRA on the embedding, LoRA on the head).
 
     Returns ``model`` (modified in place). Each new layer takes the training mode of the module it replaces (a model
     in eval mode stays in eval mode: no LoRA dropout until ``model.train()``). Layers are quantized one at a time on
@@ -342,7 +348,7 @@ def apply_qlora(
     bnb_kwargs = {k: kwargs[k] for k in ("r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights",
                                          "adapter_name", "use_dora")}
     float_kwargs = dict(bnb_kwargs)  # a float base computes in its weight's dtype, as peft's lora.Linear
-    emb_kwargs = {k: v for k, v in bnb_kwargs.items() if k != "use_dora"}  # DoRA refused above on embeddings
+    emb_kwargs = dict(bnb_kwargs)  # peft's lora.Embedding (DoRA: its DoraEmbeddingVariant)
     _warn_tied_embedding_targets(model, emb_names)
     if compute_dtype is not None:
         bnb_kwargs["compute_dtype"] = compute_dtype
@@ -378,9 +384,22 @@ def apply_qlora(
         p.requires_grad_(p.requires_grad and (_is_lora_param(pname) or ".modules_to_save." in f".{pname}"))
     if save_names:
         wrap_modules_to_save(model, modules_to_save, adapter_name)
+    if emb_names or any(n in names for n in _output_embedding_names(model)):
+        # transformers' resize_token_embeddings refuses a QLoRAEmbedding (TypeError, as peft's lora.Embedding) and
+        # would put BART's plain shared embedding back over it: qkernels.resize's works, or says what to do
+        from .resize import install_resize_hook
+
+        install_resize_hook(model)
     _mark_bnb_model_trainable(model)
     _prepare_for_gradient_checkpointing(model)
     return model
+
+
+def _output_embedding_names(model: nn.Module) -> list[str]:
+    """The names of ``model.get_output_embeddings()`` (a transformers head; ``[]`` without one)."""
+    get = getattr(model, "get_output_embeddings", None)
+    out = get() if callable(get) else None
+    return [n for n, m in model.named_modules() if out is not None and m is out]
 
 
 def _check_embedding_target(n: str, m: nn.Module, use_dora: bool, init_lora_weights: Any) -> None:
@@ -388,10 +407,18 @@ def _check_embedding_target(n: str, m: nn.Module, use_dora: bool, init_lora_weig
     why = embedding_refusal(m)
     if why is not None:
         raise ValueError(f"target module {n!r}: {why}")
-    if use_dora:
-        raise ValueError(f"target module {n!r} is an nn.Embedding and use_dora=True: qkernels does not implement DoRA "
-                         "on embeddings (peft's DoraEmbeddingVariant). Leave it out (exclude_modules=["
-                         f"{n.rpartition('.')[2]!r}]) or use plain LoRA (use_dora=False)")
+    if use_dora and m.weight.is_meta:
+        raise ValueError(f"target module {n!r} is an nn.Embedding on the meta device and use_dora=True: the DoRA "
+                         "magnitude starts from the embedding's column norms, which a meta weight does not hold. Load "
+                         "the base checkpoint first, then apply_qlora (or add_adapter(..., use_dora=True))")
+    if use_dora and init_lora_weights in (True, "gaussian"):
+        # before any change: A = 0 at init, so an all-zero column of W makes DoRA's scale 0/0 (QLoRAEmbedding refuses)
+        from .embedding import _check_dora_column_norm
+
+        try:
+            _check_dora_column_norm(m.weight.detach().abs().amax(dim=0))
+        except ValueError as e:
+            raise ValueError(f"target module {n!r}: {e}") from None
     if init_lora_weights == "loftq":
         raise ValueError(f"target module {n!r} is an nn.Embedding, which stays float: init_lora_weights='loftq' fits "
                          "LoRA to a 4-bit quantization error and has none to fit there; leave it out "

@@ -457,28 +457,9 @@ def test_gradient_checkpointing_gives_the_same_embedding_lora_gradients(use_reen
 
 
 # ---------------------------------------------------------------------------------------------- refusals, meta
-def test_dora_on_an_embedding_is_refused_naming_the_module(tmp_path):
-    """peft's DoraEmbeddingVariant is not implemented: apply_qlora, add_adapter and load_adapter refuse DoRA on an
-    embedding by name, before any change."""
-    model = tiny_llama()
-    with pytest.raises(ValueError, match=r"'model\.embed_tokens' is an nn\.Embedding and use_dora=True.*"
-                                         r"exclude_modules=\['embed_tokens'\]"):
-        apply_qlora(model, EMB_TARGETS, r=4, use_dora=True)
-    assert not any(isinstance(m, (QLoRALinear, QLoRAEmbedding)) for m in model.modules())
-    ours = apply_qlora(model, EMB_TARGETS, r=4)
-    with pytest.raises(ValueError, match=r"'model\.embed_tokens'.*DoRA on embeddings"):
-        adapters.add_adapter(ours, "d", use_dora=True, target_modules=EMB_TARGETS)
-    assert adapters.adapter_names(ours) == ["default"]
-    theirs = _peft(tiny_llama(), r=4, target_modules=EMB_TARGETS, use_dora=True)
-    theirs.save_pretrained(str(tmp_path / "dora"))
-    with pytest.raises(ValueError, match=r"embed_tokens\.lora_embedding_A'.*DoRA.*embeddings"):
-        adapters.load_adapter(ours, tmp_path / "dora", adapter_name="d")
-    assert adapters.adapter_names(ours) == ["default"]
-
-
 def test_embeddings_that_cannot_be_adapted_are_refused_by_name():
-    """An embedding with its own forward (a scaled embedding) or an integer weight, and LoftQ on an embedding, are
-    refused before any change, naming the module."""
+    """An embedding with its own forward (not one of transformers' scaled embeddings) or an integer weight, and LoftQ
+    on an embedding, are refused before any change, naming the module (DoRA on an embedding: test_embedding_dora.py)."""
 
     class Scaled(nn.Embedding):
         def forward(self, x):
