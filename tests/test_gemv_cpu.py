@@ -152,11 +152,14 @@ def test_bf16_constant_table_path(monkeypatch, M, N, K, bs, nested, qt, r, bias)
     assert (y32.double() - y64).abs().max().item() <= tol
 
 
-# bf16 past 8 rows (several M tiles over a row pair decoded into a buffer) with K % 128 == 0 and blocksize >= 64: the
-# word-order decode (two 64-blocks per 128-weight step, one table for both), x packed to match. K 1152 ends in a
-# partial 128-column span past the 1024-column one; blocksize 4096 > K spans rows; N odd leaves a single last row;
-# M 17 and 25 a partial last M tile; blocksize 32 (and K % 128 != 0 in SHAPES) keep the per-32 decode.
+# bf16 with K % 128 == 0 and blocksize >= 64 past the constant-table tile's 4 rows: the word-order decode (two
+# 64-blocks per 128-weight step, one table for both), x packed to match; M 5-8 in registers (one M tile; N 9 leaves a
+# single-row remainder), past 8 rows into a buffer per row pair (several M tiles). K 1152 ends in a partial 128-column
+# span past the 1024-column one; blocksize 4096 > K spans rows; N odd leaves a single last row; M 17 and 25 a partial
+# last M tile; blocksize 32 (and K % 128 != 0 in SHAPES) keep the per-32 decode.
 WORDS_CASES = [
+    (5, 7, 1152, 64, True, "nf4", 8, True), (8, 6, 256, 4096, False, "fp4", 0, False),
+    (6, 9, 384, 128, True, "nf4", 1, True), (7, 3, 128, 64, False, "nf4", 16, True),
     (9, 5, 1152, 64, True, "nf4", 8, True), (16, 6, 1152, 64, False, "fp4", 0, False),
     (17, 7, 1152, 4096, True, "nf4", 1, True), (16, 67, 256, 128, False, "nf4", 16, False),
     (25, 33, 384, 256, True, "fp4", 8, True), (32, 4, 2048, 64, True, "nf4", 0, True),

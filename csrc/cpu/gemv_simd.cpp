@@ -213,6 +213,54 @@ struct TileBf16Avx512 {
   }
 };
 
+// Word-order decode of 128 weights (a 64-byte load of packed bytes at element e, e % 128 == 0, blocksize >= 64) into
+// 4 vectors of 32 bf16 values: vector j, word w holds weight 4w + kPermOfNibble[j] (OrderWords128), value
+// bf16(code * scale) with the scale of its 64-block (words 0-15: the first block, 16-31: the second; each word's
+// table index is its nibble with bit 4 set in words 16-31, a vpternlogd).
+struct WordsDecoder {
+  __m512 code;
+  __m512i low, half;
+  QK_AVX512BF16 explicit WordsDecoder(const float* c)
+      : code(_mm512_loadu_ps(c)), low(_mm512_set1_epi16(15)),
+        half(_mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(16), 1)) {}
+  QK_AVX512BF16 QK_INLINE void operator()(const Problem& p, const uint8_t* src, int64_t e, __m512i (&w)[4]) const {
+    const __m512i lut = (__m512i)_mm512_cvtne2ps_pbh(
+        _mm512_mul_ps(code, _mm512_set1_ps(p.scale((e + 64) >> p.bs_shift))),
+        _mm512_mul_ps(code, _mm512_set1_ps(p.scale(e >> p.bs_shift))));
+    const __m512i v = _mm512_loadu_si512(src);
+    w[0] = _mm512_permutexvar_epi16(_mm512_ternarylogic_epi32(v, low, half, 0xEA), lut);
+    w[1] = _mm512_permutexvar_epi16(_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), low, half, 0xEA), lut);
+    w[2] = _mm512_permutexvar_epi16(_mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), low, half, 0xEA), lut);
+    w[3] = _mm512_permutexvar_epi16(_mm512_or_si512(_mm512_srli_epi16(v, 12), half), lut);
+  }
+};
+
+template <int NR, int MT>
+struct TileBf16Words {
+  QK_AVX512BF16 static void run(const Problem& p, const void* xprep, int64_t n0, int64_t m0) {
+    const int64_t K = p.K;
+    const uint16_t* xt = static_cast<const uint16_t*>(xprep) + m0 * K;
+    const WordsDecoder decode(p.code);
+    __m512 acc[NR][MT];
+    const uint8_t* row[NR];
+    for (int r = 0; r < NR; ++r) {
+      row[r] = p.packed + (((n0 + r) * K) >> 1);
+      for (int i = 0; i < MT; ++i) acc[r][i] = _mm512_setzero_ps();
+    }
+    for (int64_t k = 0; k < K; k += 128) {
+      const uint16_t* xk = xt + k * MT;
+      __m512i w[NR][4];
+      for (int r = 0; r < NR; ++r) decode(p, row[r] + (k >> 1), (n0 + r) * K + k, w[r]);
+      for (int i = 0; i < MT; ++i)
+        for (int j = 0; j < 4; ++j) {
+          const __m512i xv = _mm512_loadu_si512(xk + 128 * i + 32 * j);
+          for (int r = 0; r < NR; ++r) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], (__m512bh)w[r][j], (__m512bh)xv);
+        }
+    }
+    finish_avx512<NR, MT>(p, acc, n0, m0);
+  }
+};
+
 // ---- AVX-512 + AVX512_BF16, bfloat16 x, small M, K % 128 == 0 and blocksize >= 64: a constant table and the
 // scale applied after the dot product.  128 weights (64 packed bytes, two 64-blocks or part of one) are one zmm
 // load; viewed as 32 words, word w holds the nibbles of weights 4w+1 (bits 0-3), 4w (4-7), 4w+3 (8-11), 4w+2
@@ -424,30 +472,17 @@ QK_AVX512BF16 void decode_row_bf16(const Problem& p, int64_t n, int64_t k0, int6
   }
 }
 
-// The same decode in the constant-table tiles' word order (K % 128 == 0, blocksize >= 64): per 128 weights one
-// 64-byte load, 3 shifts, 4 vpternlogd and 4 vpermw, against 4 x (vpmovzxwq, vpmultishiftqb, vpermw) above.  The
-// table holds both 64-blocks of the 128 weights (words 0-15: bf16(code * s0), 16-31: bf16(code * s1)) and each
-// word's index is its nibble with bit 4 set in words 16-31 (vpternlogd: (v >> 4j) & 15 | lane bit), so the decoded
-// values are those of decode_row_bf16, bf16(code * scale), in OrderWords128's order (x packed to match).
+// The same decode in the constant-table tiles' word order (WordsDecoder; K % 128 == 0, blocksize >= 64): per 128
+// weights one 64-byte load, 3 shifts, 4 vpternlogd and 4 vpermw, against 4 x (vpmovzxwq, vpmultishiftqb, vpermw)
+// above; the same values, in OrderWords128's order (x packed to match).
 QK_AVX512BF16 void decode_row_bf16_words(const Problem& p, int64_t n, int64_t k0, int64_t k1, uint16_t* dst) {
-  const __m512 code = _mm512_loadu_ps(p.code);
-  const __m512i low = _mm512_set1_epi16(15);
-  const __m512i half = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(16), 1);  // 16 in words 16-31
+  const WordsDecoder decode(p.code);
   const uint8_t* row = p.packed + ((n * p.K) >> 1);
   for (int64_t k = k0; k < k1; k += 128) {
-    const int64_t e = n * p.K + k;
-    const float s0 = p.scale(e >> p.bs_shift), s1 = p.scale((e + 64) >> p.bs_shift);
-    const __m512i lut = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(code, _mm512_set1_ps(s1)),
-                                                     _mm512_mul_ps(code, _mm512_set1_ps(s0)));
     _mm_prefetch(reinterpret_cast<const char*>(row + (k >> 1) + kDecodePrefetch), _MM_HINT_T0);
-    const __m512i v = _mm512_loadu_si512(row + (k >> 1));
-    uint16_t* d = dst + (k - k0);
-    _mm512_store_si512(d, _mm512_permutexvar_epi16(_mm512_ternarylogic_epi32(v, low, half, 0xEA), lut));
-    _mm512_store_si512(d + 32, _mm512_permutexvar_epi16(
-        _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), low, half, 0xEA), lut));
-    _mm512_store_si512(d + 64, _mm512_permutexvar_epi16(
-        _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), low, half, 0xEA), lut));
-    _mm512_store_si512(d + 96, _mm512_permutexvar_epi16(_mm512_or_si512(_mm512_srli_epi16(v, 12), half), lut));
+    __m512i w[4];
+    decode(p, row + (k >> 1), n * p.K + k, w);
+    for (int j = 0; j < 4; ++j) _mm512_store_si512(dst + (k - k0) + 32 * j, w[j]);
   }
 }
 
@@ -616,9 +651,14 @@ bool gemv_simd(const Problem& p, const void* x) {
   if (isa == Isa::avx512) {
     if (p.dtype == DType::bfloat16 && bf16_dot_enabled()) {
       // Up to M 4 the decode dominates and the constant-table tile wins (one core-pair, 4096 x 4096: M 1 0.46 ->
-      // 0.31 ms, M 2 0.53 -> 0.37, M 4 0.67 -> 0.53); from M 6 its extra fma per 128 weights and row of x costs
-      // what the cheaper decode saves (M 6 equal, M 8 1.2 vs 1.3 ms), so larger M keeps the per-block tables.
-      if (p.K % 128 == 0 && p.bs_shift >= 6 && p.M <= kConstMaxM) {
+      // 0.31 ms, M 2 0.53 -> 0.37, M 4 0.67 -> 0.53; against the word-order tile, one thread: M 1 0.50 vs 0.65 ms,
+      // M 4 0.97 vs 1.15); from M 6 its extra fma per 128 weights and row of x costs what the cheaper decode saves
+      // (M 6 equal, M 8 1.2 vs 1.3 ms against the per-block tables).  M 5-8: the word-order tile (one thread,
+      // alternating: M 5 1.50 -> 1.36 ms, M 6 1.88 -> 1.76, M 8 2.04 -> 1.88 against the per-block tables); past
+      // 8 rows the row-pair decode into L1 (run_bf16_multi: M 12 2.80 vs 3.08 ms for word-order tiles, M 16 equal).
+      // Without the word order's conditions (K % 128 != 0, blocksize 32): the per-block tables.
+      const bool words = p.K % 128 == 0 && p.bs_shift >= 6;  // the word-order decodes apply
+      if (words && p.M <= kConstMaxM) {
         static const TileTable tc = make_table<TileBf16Const, 4, 2, 1>(Mts4{});
         std::vector<uint16_t> xp(static_cast<size_t>(p.M * p.K));
         pack_x_words_bf16(x, p.M, p.K, tc.mt_max, xp.data());
@@ -628,12 +668,17 @@ bool gemv_simd(const Problem& p, const void* x) {
       static const TileTable t = make_table<TileBf16Avx512, 4, 2, 2>(Mts8{});
       std::vector<uint16_t> xp(static_cast<size_t>(p.M * p.K));
       if (p.M > t.mt_max) {
-        const bool words = p.K % 128 == 0 && p.bs_shift >= 6;  // decode_row_bf16_words applies
         if (words)
           pack_x_words_bf16(x, p.M, p.K, t.mt_max, xp.data());
         else
           pack_x<RawU16, OrderAsIs32>(x, p.M, p.K, t.mt_max, xp.data());
         run_bf16_multi(p, xp.data(), t.mt_max, words);
+        return true;
+      }
+      if (words) {
+        static const TileTable tw = make_table<TileBf16Words, 4, 2, 2>(Mts8{});
+        pack_x_words_bf16(x, p.M, p.K, tw.mt_max, xp.data());
+        run_tiles(p, xp.data(), tw);
         return true;
       }
       pack_x<RawU16, OrderAsIs32>(x, p.M, p.K, t.mt_max, xp.data());
