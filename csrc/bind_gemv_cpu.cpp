@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "common.h"
 #include "cpu/gemv.h"
@@ -13,12 +14,26 @@ namespace py = pybind11;
 
 namespace {
 
+// float32 values of a buffer of dtype `dtype` (float32: itself; bfloat16: widened into buf, exact); null stays null.
+const float* as_f32(std::uint64_t ptr, int dtype, int64_t n, std::vector<float>& buf) {
+  if (ptr == 0 || dtype == static_cast<int>(qkernels::DType::float32)) return reinterpret_cast<const float*>(ptr);
+  const auto* src = reinterpret_cast<const uint16_t*>(ptr);
+  buf.resize(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) buf[static_cast<size_t>(i)] = qkernels::bf16_bits_to_float(src[i]);
+  return buf.data();
+}
+
 void gemv_4bit_lora_cpu(std::uint64_t x_ptr, int dtype, int64_t M, int64_t K, std::uint64_t packed_ptr,
                         std::uint64_t absmax_ptr, std::uint64_t absmax_q_ptr, std::uint64_t nested_absmax_ptr,
                         std::uint64_t nested_code_ptr, float offset, int64_t nested_blocksize, std::uint64_t code_ptr,
                         int64_t blocksize, int64_t N, std::uint64_t lora_t_ptr, std::uint64_t lora_B_ptr, int64_t r,
-                        std::uint64_t bias_ptr, std::uint64_t out_ptr) {
+                        std::uint64_t bias_ptr, std::uint64_t out_ptr, int lora_B_dtype, int bias_dtype) {
   const char* fn = "gemv_4bit_lora_cpu";
+  const int f32 = static_cast<int>(qkernels::DType::float32), bf16 = static_cast<int>(qkernels::DType::bfloat16);
+  QK_CHECK_ARG(lora_B_dtype == f32 || lora_B_dtype == bf16, fn, "lora_B_dtype",
+               "must be float32 or bfloat16 (got " + std::to_string(lora_B_dtype) + ")");
+  QK_CHECK_ARG(bias_dtype == f32 || bias_dtype == bf16, fn, "bias_dtype",
+               "must be float32 or bfloat16 (got " + std::to_string(bias_dtype) + ")");
   QK_CHECK_PTR(x_ptr, fn, "x_ptr");
   QK_CHECK_DTYPE(dtype, fn, "dtype");
   QK_CHECK_POSITIVE(M, fn, "M");
@@ -42,13 +57,18 @@ void gemv_4bit_lora_cpu(std::uint64_t x_ptr, int dtype, int64_t M, int64_t K, st
   QK_CHECK_PTR(out_ptr, fn, "out_ptr");
   (void)qkernels::cpu::active_isa();  // validates QKERNELS_CPU_ISA before releasing the GIL
   py::gil_scoped_release release;
+  // bfloat16 lora_B / bias (a decode step's bf16 model) widened here, exactly: ~15 us per call less than torch's
+  // .to(float32) of a [4096, 16] factor.
+  thread_local std::vector<float> b_buf, bias_buf;  // kept: a fresh 256 KB vector per call page-faulted ~10 us
+  const float* lora_B = as_f32(lora_B_ptr, lora_B_dtype, r > 0 ? N * r : 0, b_buf);
+  const float* bias = as_f32(bias_ptr, bias_dtype, N, bias_buf);
   qkernels::cpu::gemv_4bit_lora(
       reinterpret_cast<const void*>(x_ptr), static_cast<qkernels::DType>(dtype), M, K,
       reinterpret_cast<const uint8_t*>(packed_ptr), reinterpret_cast<const float*>(absmax_ptr),
       reinterpret_cast<const uint8_t*>(absmax_q_ptr), reinterpret_cast<const float*>(nested_absmax_ptr),
       reinterpret_cast<const float*>(nested_code_ptr), offset, nested_blocksize,
       reinterpret_cast<const float*>(code_ptr), blocksize, N, reinterpret_cast<const float*>(lora_t_ptr),
-      reinterpret_cast<const float*>(lora_B_ptr), r, reinterpret_cast<const float*>(bias_ptr),
+      lora_B, r, bias,
       reinterpret_cast<void*>(out_ptr));
 }
 
@@ -59,15 +79,16 @@ void qkernels_bind_gemv_cpu(py::module_& m) {
         py::arg("packed_ptr"), py::arg("absmax_ptr"), py::arg("absmax_q_ptr"), py::arg("nested_absmax_ptr"),
         py::arg("nested_code_ptr"), py::arg("offset"), py::arg("nested_blocksize"), py::arg("code_ptr"),
         py::arg("blocksize"), py::arg("N"), py::arg("lora_t_ptr"), py::arg("lora_B_ptr"), py::arg("r"),
-        py::arg("bias_ptr"), py::arg("out_ptr"),
+        py::arg("bias_ptr"), py::arg("out_ptr"), py::arg("lora_B_dtype") = static_cast<int>(qkernels::DType::float32),
+        py::arg("bias_dtype") = static_cast<int>(qkernels::DType::float32),
         "Fused y = x @ W^T + lora_t @ lora_B^T + bias on the CPU, W [N, K] in bitsandbytes' 4-bit format; float32 "
         "accumulation, one rounding to dtype. Pointers are data_ptr() ints of contiguous buffers: x [M, K] and out "
         "[M, N] of dtype (a DType or its int); packed uint8[ceil(N*K/2)] (flat element e = n*K+k, element 2j in the "
         "HIGH nibble); code float32[16]; blocks of `blocksize` over the flat index. Scales: absmax float32[nblocks], "
         "or absmax_ptr=0 and double-quantized absmax_q uint8[nblocks], nested_absmax float32, nested_code "
         "float32[256], offset, nested_blocksize (scale = float32(nested_code[q] * nested_absmax[b // "
-        "nested_blocksize]) + offset). lora_t float32 [M, r], lora_B float32 [N, r] (0 when r == 0); bias float32 "
-        "[N] or 0. SIMD path chosen per call (cpu_isa_active; QKERNELS_CPU_GEMV_BF16=0 disables vdpbf16ps).");
+        "nested_blocksize]) + offset). lora_t float32 [M, r], lora_B [N, r] of lora_B_dtype (float32 or bfloat16; 0 when r == "
+        "0); bias [N] of bias_dtype (float32 or bfloat16) or 0. SIMD path chosen per call (cpu_isa_active; QKERNELS_CPU_GEMV_BF16=0 disables vdpbf16ps).");
   m.def("gemv_cpu_max_m", [](int dtype, int64_t K) {
           QK_CHECK_DTYPE(dtype, "gemv_cpu_max_m", "dtype");
           return qkernels::cpu::gemv_max_m(static_cast<qkernels::DType>(dtype), K);

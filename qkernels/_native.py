@@ -556,13 +556,14 @@ def gemv_4bit_lora_raw(x, raw, absmax, code, blocksize, N, nested_absmax, nested
     M, K = x.shape
     device = x.device
     r = 0
-    f32 = torch.float32
+    # float32, or on the CPU bfloat16 too (the binding widens it, exactly: cheaper than torch's .to per call)
+    kept = (torch.float32, torch.bfloat16) if device.type == "cpu" else (torch.float32,)
     if lora_t is not None:
         r = lora_t.shape[1]
         lora_t = lora_t.contiguous()
-        lora_B = (lora_B if lora_B.dtype == f32 else lora_B.to(f32)).contiguous()  # no dispatch when already f32
+        lora_B = (lora_B if lora_B.dtype in kept else lora_B.to(torch.float32)).contiguous()  # no dispatch when dense
     if bias is not None:
-        bias = (bias if bias.dtype == f32 else bias.to(f32)).contiguous()
+        bias = (bias if bias.dtype in kept else bias.to(torch.float32)).contiguous()
     if out is None:
         out = torch.empty((M, N), dtype=x.dtype, device=device)
     absmax = absmax.contiguous()
@@ -582,7 +583,8 @@ def gemv_4bit_lora_raw(x, raw, absmax, code, blocksize, N, nested_absmax, nested
         bias.data_ptr() if bias is not None else 0, out.data_ptr(),
     )
     if device.type == "cpu":
-        _C.gemv_4bit_lora_cpu(*args)
+        _C.gemv_4bit_lora_cpu(*args, _DTYPE_TO_NATIVE[lora_B.dtype] if r else _DTYPE_TO_NATIVE[torch.float32],
+                              _DTYPE_TO_NATIVE[bias.dtype] if bias is not None else _DTYPE_TO_NATIVE[torch.float32])
     else:
         with torch.cuda.device(device):
             _C.gemv_4bit_lora_cuda(*args, torch.cuda.current_stream(device).cuda_stream)
@@ -619,16 +621,17 @@ def _f32(t: torch.Tensor, name: str, shape: tuple[int, int], fn: str) -> torch.T
     return (t if t.dtype == torch.float32 else t.to(torch.float32)).contiguous()
 
 
-def _rows(A: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """A float32 ``[r, K]`` factor as the kernels take it: ``(tensor, transposed)``. A transposed view of a dense
-    float32 ``[K, r]`` tensor (``lora_B.t()``) is passed as it is with ``transposed=True`` (the binding packs its rows,
-    cheaper than a torch copy per call); anything else as a dense float32 copy."""
-    if A.dtype == torch.float32:
+def _rows(A: torch.Tensor) -> tuple[torch.Tensor, bool, int]:
+    """An ``[r, K]`` factor as the kernels take it: ``(tensor, transposed, native dtype)``. A dense float32 or bfloat16
+    tensor, or a transposed view of a dense ``[K, r]`` one (``lora_B.t()``: ``transposed=True``), is passed as it is:
+    the binding widens bfloat16 (exactly) and packs the rows, cheaper than torch's copies per call; anything else as
+    a dense float32 copy."""
+    if A.dtype in (torch.float32, torch.bfloat16):
         if A.is_contiguous():
-            return A, False
+            return A, False, _DTYPE_TO_NATIVE[A.dtype]
         if A.t().is_contiguous():
-            return A, True
-    return A.to(torch.float32).contiguous(), False
+            return A, True, _DTYPE_TO_NATIVE[A.dtype]
+    return A.to(torch.float32).contiguous(), False, _DTYPE_TO_NATIVE[torch.float32]
 
 
 def lora_down_cpu(x: torch.Tensor, A: torch.Tensor, scale: float = 1.0, mask: torch.Tensor | None = None,
@@ -637,7 +640,8 @@ def lora_down_cpu(x: torch.Tensor, A: torch.Tensor, scale: float = 1.0, mask: to
 
     Args:
         x: ``[M, K]`` float32 / float16 / bfloat16, contiguous (read in its dtype, converted exactly in registers).
-        A: ``[r, K]`` float (used in float32: a float16 / bfloat16 A is converted first).
+        A: ``[r, K]`` float, used in float32: a bfloat16 A is read as it is and widened (exactly) by the kernel, a
+            float16 one converted first.
         scale: multiplies the result.
         mask: None, or a bool ``[M, K]`` dropout mask (kept elements True); then x is multiplied by
             ``mask * mask_scale`` on the fly (``mask_scale = 1 / (1 - p)``).
@@ -663,11 +667,11 @@ def lora_down_raw(x: torch.Tensor, dt: int, mask_ptr: int, A: torch.Tensor, scal
     step, where the checks were a measurable share of the per-layer glue): x dense 2-D of native dtype ``dt``,
     ``mask_ptr`` a bool mask's data_ptr or 0, A ``[r, K]`` float (a ``lora_B.t()`` view is read without a copy)."""
     M, K = x.shape
-    A, transposed = _rows(A)
+    A, transposed, a_dt = _rows(A)
     r = A.shape[0]
     t = torch.empty((M, r), dtype=torch.float32)
     _C.lora_down_cpu(x.data_ptr(), dt, M, K, mask_ptr, float(mask_scale), A.data_ptr(), r, float(scale), t.data_ptr(),
-                     transposed)
+                     transposed, a_dt)
     return t
 
 
@@ -722,7 +726,7 @@ def lora_up_add_cpu(y: torch.Tensor, u: torch.Tensor, A: torch.Tensor, mask: tor
 
     Args:
         y: ``[M, K]`` float32 / float16 / bfloat16, contiguous; updated in place.
-        u: ``[M, r]`` and A: ``[r, K]``, float (used in float32).
+        u: ``[M, r]`` and A: ``[r, K]``, float (used in float32; a bfloat16 A is widened, exactly, by the binding).
         mask, mask_scale: as for ``lora_down_cpu`` (mask has y's shape).
 
     Returns:
@@ -746,7 +750,7 @@ def lora_up_add_raw(y: torch.Tensor, dt: int, u: torch.Tensor, A: torch.Tensor, 
     """``lora_up_add_cpu`` without its checks (see ``lora_down_raw``): y dense ``[M, K]`` of native dtype ``dt``, u
     dense float32 ``[M, r]``, A ``[r, K]`` float (a ``lora_B.t()`` view is read without a copy)."""
     M, K = y.shape
-    A, transposed = _rows(A)
+    A, transposed, a_dt = _rows(A)
     _C.lora_up_add_cpu(y.data_ptr(), dt, M, K, u.data_ptr(), u.shape[1], A.data_ptr(), mask_ptr, float(mask_scale),
-                       transposed)
+                       transposed, a_dt)
     return y

@@ -297,6 +297,8 @@ def _raw_args(**over):
         (dict(M=0), "argument 'M' must be > 0"),
         (dict(K=-1), "argument 'K' must be > 0"),
         (dict(r=-1), "argument 'r' must be >= 0"),
+        (dict(lora_B_dtype=_native._DTYPE_TO_NATIVE[torch.float16]), "argument 'lora_B_dtype' must be float32 or "),
+        (dict(bias_dtype=_native._DTYPE_TO_NATIVE[torch.float16]), "argument 'bias_dtype' must be float32 or "),
     ],
     ids=lambda o: next(iter(o)) if isinstance(o, dict) else None,
 )
@@ -312,6 +314,25 @@ def test_binding_accepts_null_lora_when_rank_zero_and_null_bias():
     packed, st, x, *_rest, out = keep
     y = _native.gemv_4bit_lora_native(x, packed, st, None, None, None)
     torch.testing.assert_close(out, y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("M", [1, 3, 16])
+def test_bfloat16_lora_B_and_bias_give_the_bits_of_their_float32_copies(M):
+    """lora_B and bias in bfloat16 are widened by the binding (exact) instead of a torch copy per call: the output is
+    bit-identical to passing float32 copies, on the GEMV's tiles for M 1 (constant table), 3 and 16 (several M tiles),
+    through the raw entry point the inference path calls."""
+    N, K, r = 67, 256, 16
+    packed, st, x, t, B, b, _, _ = _case(M, N, K, 64, True, "nf4", "bf16", r, True)
+    B16, b16 = B.to(torch.bfloat16), b.to(torch.bfloat16)
+    raw = packed.view(torch.uint8)
+
+    def run(B_, b_):
+        return _native.gemv_4bit_lora_raw(x, raw, st.absmax, st.code, 64, N, st.state2.absmax, st.state2.code,
+                                          st.offset, st.state2.blocksize, t, B_, b_)
+
+    y = run(B16, b16)
+    assert torch.equal(y, run(B16.float(), b16.float()))
+    assert torch.equal(run(B16.t().contiguous().t(), b16), run(B16.float(), b16.float()))  # strided: made dense
 
 
 def test_bad_isa_env_raises(monkeypatch):

@@ -148,14 +148,15 @@ def test_bad_arguments_raise_clear_errors():
 @pytest.mark.parametrize("M,K,r", [(3, 7, 5), (113, 130, 17), (9, 1027, 16)], ids=["small", "tails", "layer"])
 def test_transposed_factor_read_in_place_gives_the_same_bits(isa, M, K, r, dname):
     """A factor passed as ``lora_B.t()`` (a transposed view of a dense float32 ``[K, r]`` tensor, as the training
-    step passes B^T) is read without a torch copy; the results are bit-identical to passing a dense copy, in
-    lora_down and the up-add, and a transposed bfloat16 view (converted, then dense) too."""
+    step passes B^T) is read without a torch copy; the results are bit-identical to passing a dense float32 copy, in
+    lora_down and the up-add; a bfloat16 factor, dense or transposed, is widened by the binding (exactly) and gives
+    the bits of its float32 copy too."""
     g, x, mask, ms, _, _ = _inputs(M, K, r, DTYPES[dname], 0.25, 7 * M + K)
     Bt = torch.randn(K, r, generator=g).t()  # [r, K] view of a [K, r] tensor
     assert not Bt.is_contiguous() and Bt.t().is_contiguous()
     u = torch.randn(M, r, generator=g)
-    for factor in (Bt, Bt.to(torch.bfloat16)):
-        dense = factor.contiguous()
+    for factor in (Bt, Bt.to(torch.bfloat16), Bt.to(torch.bfloat16).contiguous()):
+        dense = factor.to(torch.float32).contiguous()
         t1, t2 = (_native.lora_down_cpu(x, f, 0.5, mask, ms) for f in (factor, dense))
         assert torch.equal(t1, t2)
         y1, y2 = x.clone(), x.clone()
@@ -163,6 +164,22 @@ def test_transposed_factor_read_in_place_gives_the_same_bits(isa, M, K, r, dname
         _native.lora_up_add_cpu(y2, u, dense, mask, ms)
         assert torch.equal(y1, y2)
         assert not torch.equal(y1, x)  # the update happened
+
+
+def test_bindings_refuse_a_factor_dtype_they_do_not_widen():
+    """The bindings read a float32 or bfloat16 factor; any other dtype code is a ValueError naming a_dtype (the Python
+    wrappers convert float16 factors to float32 before calling)."""
+    x = torch.randn(2, 8)
+    A = torch.randn(3, 8).half()
+    t = torch.empty(2, 3)
+    fp16 = _native._DTYPE_TO_NATIVE[torch.float16]
+    with pytest.raises(ValueError, match="a_dtype"):
+        _native._C.lora_down_cpu(x.data_ptr(), _native._DTYPE_TO_NATIVE[x.dtype], 2, 8, 0, 1.0, A.data_ptr(), 3, 1.0,
+                                 t.data_ptr(), False, fp16)
+    with pytest.raises(ValueError, match="a_dtype"):
+        _native._C.lora_up_add_cpu(x.data_ptr(), _native._DTYPE_TO_NATIVE[x.dtype], 2, 8, t.data_ptr(), 3,
+                                   A.data_ptr(), 0, 1.0, False, fp16)
+    assert torch.equal(_native.lora_down_cpu(x, A), _native.lora_down_cpu(x, A.float()))  # the wrapper converts
 
 
 def test_training_step_uses_the_kernels_and_matches_the_torch_path(monkeypatch):

@@ -197,13 +197,14 @@ QK_LORA_TARGET_END
 }  // namespace lora_detail
 
 void lora_down(const void* x, DType dtype, int64_t M, int64_t K, const uint8_t* mask, float mask_scale,
-               const float* A, int64_t r, float scale, float* t) {
+               const void* A, DType a_dtype, int64_t r, float scale, float* t) {
 #ifdef QK_X86
   const Isa isa = active_isa();
-  if (isa == Isa::avx512) return lora_detail::avx512::down(x, dtype, M, K, mask, mask_scale, A, r, scale, t);
-  if (isa == Isa::avx2) return lora_detail::avx2::down(x, dtype, M, K, mask, mask_scale, A, r, scale, t);
+  if (isa == Isa::avx512)
+    return lora_detail::avx512::down(x, dtype, M, K, mask, mask_scale, A, a_dtype, r, scale, t);
+  if (isa == Isa::avx2) return lora_detail::avx2::down(x, dtype, M, K, mask, mask_scale, A, a_dtype, r, scale, t);
 #endif
-  lora_detail::portable::down(x, dtype, M, K, mask, mask_scale, A, r, scale, t);
+  lora_detail::portable::down(x, dtype, M, K, mask, mask_scale, A, a_dtype, r, scale, t);
 }
 
 void lora_gram(const float* u, int64_t M, int64_t r, const void* x, DType dtype, int64_t K, const uint8_t* mask,

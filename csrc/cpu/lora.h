@@ -8,7 +8,7 @@
 // registers), multiply and sum in float32, and optionally apply a dropout mask on the fly (never materializing
 // dropout(X)):
 //
-//   lora_down   : T [M, r]  = scale * Xd @ A^T           A [r, K] float32;   Xd = X * mask * mask_scale
+//   lora_down   : T [M, r]  = scale * Xd @ A^T           A [r, K] float32 or bfloat16 (a_dtype); Xd = X * mask * mask_scale
 //   lora_gram   : G [r, K]  = U^T @ Xd                   U [M, r] float32;   sums over the M rows
 //   lora_up_add : Y [M, K] += mask * mask_scale * (U @ A)  Y of dtype, in place: float(Y) + the float32 sum, rounded
 //                                                         once to dtype (round to nearest even, as torch's .to())
@@ -35,7 +35,7 @@ namespace qkernels {
 namespace cpu {
 
 void lora_down(const void* x, DType dtype, int64_t M, int64_t K, const uint8_t* mask, float mask_scale,
-               const float* A, int64_t r, float scale, float* t);
+               const void* A, DType a_dtype, int64_t r, float scale, float* t);
 
 void lora_gram(const float* u, int64_t M, int64_t r, const void* x, DType dtype, int64_t K, const uint8_t* mask,
                float mask_scale, float* g);
