@@ -7,7 +7,7 @@ with ``W = dequant(packed)`` of shape ``[N, K]`` (docs/format.md). Paths, chosen
 and the number of rows ``M`` (DESIGN §2):
 
 - ``reference``: dequantize W (pure torch) to x's dtype, then torch matmuls. The definition of correct.
-- ``cpu`` / ``cuda``, ``M <= gemv_max_m(x)`` (decode: 16 rows; on an AVX-512 CPU with K % 32 == 0, 32 for bf16
+- ``cpu`` / ``cuda``, ``M <= gemv_max_m(x)`` (decode: 16 rows; on an AVX-512 CPU with K % 32 == 0, 48 for bf16
   and 64 for float32 / float16 x, where the CPU kernel was measured faster than the next path): the native fused
   GEMV reads the packed weight once, decodes
   both scale levels per block and adds the LoRA term and bias per output element (csrc/cpu/gemv.cpp,

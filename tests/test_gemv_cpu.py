@@ -163,7 +163,7 @@ WORDS_CASES = [
     (9, 5, 1152, 64, True, "nf4", 8, True), (16, 6, 1152, 64, False, "fp4", 0, False),
     (17, 7, 1152, 4096, True, "nf4", 1, True), (16, 67, 256, 128, False, "nf4", 16, False),
     (25, 33, 384, 256, True, "fp4", 8, True), (32, 4, 2048, 64, True, "nf4", 0, True),
-    (16, 5, 1152, 32, True, "nf4", 8, True),
+    (16, 5, 1152, 32, True, "nf4", 8, True), (48, 9, 384, 64, True, "nf4", 8, True),
 ]
 
 
@@ -342,7 +342,7 @@ def test_bad_isa_env_raises(monkeypatch):
         _native.gemv_4bit_lora_native(x, packed, st, t, B, b)
 
 
-# Rows past 16, up to the CPU GEMV's measured limit (qkernels._linear.gemv_max_m: 32 for bf16 with vdpbf16ps, 64 for
+# Rows past 16, up to the CPU GEMV's measured limit (qkernels._linear.gemv_max_m: 48 for bf16 with vdpbf16ps, 64 for
 # float32 / float16 on AVX-512): several M tiles of 8 with a partial last one, on every path and dtype.
 WIDE_M_CASES = [(33, 67, 1056, 64, True, "nf4", 8, True), (61, 65, 96, 32, False, "fp4", 0, False),
                 (64, 7, 256, 256, True, "nf4", 1, True)]

@@ -715,14 +715,15 @@ bool gemv_simd(const Problem&, const void*) { return false; }
 // Rows up to which this kernel beats "dequantize into a buffer + torch matmul" (qkernels._linear asks per call).
 // Measured on the 2-core Zen 4 machine (4096 x 4096, and 11008 x 4096 for bf16; same process, OMP active):
 //   bf16 with vdpbf16ps: M 24 2.9-3.3 vs 3.9 ms, M 32 3.7 vs 4.5 ms (11008 x 4096: 10.4-13.8 vs 14.2 ms), M 48 6.2-6.6
-//   vs 5.9 ms: GEMV to 32.  float32 / float16 x (and bf16 without vdpbf16ps, which takes the float32 tiles): M 32
+//   vs 5.9 ms: GEMV to 32; with the word-order decode and its prefetch (eighth session, medians, alternating): M 40
+//   5.1 vs 5.7 ms, M 48 6.1 vs 6.3, M 64 7.9 vs 7.4 (11008 x 4096: M 40 13.1 vs 16.0, M 48 15.2 vs 16.5): GEMV to 48.  float32 / float16 x (and bf16 without vdpbf16ps, which takes the float32 tiles): M 32
 //   7.4 vs 20.4 ms, M 64 15.2 vs 26.6 ms, M 128 29-40 vs 39.8 ms: GEMV to 64.  The AVX2 tiles and the portable path
 //   (K % 32 != 0, scalar ISA) were not measured past 16: they keep 16.
 int gemv_max_m(DType dtype, int64_t K) {
   constexpr int kDefault = 16;
 #ifdef QK_X86
   if (K % 32 != 0 || active_isa() != Isa::avx512) return kDefault;
-  return dtype == DType::bfloat16 && bf16_dot_enabled() ? 32 : 64;
+  return dtype == DType::bfloat16 && bf16_dot_enabled() ? 48 : 64;
 #else
   (void)dtype;
   (void)K;
