@@ -366,6 +366,8 @@ def apply_qlora(
         # a new module starts in training mode; in a model in eval mode (from_pretrained returns one) that left LoRA
         # dropout on while model.training said False: generate() gave different tokens on each call
         layer.train(m.training)
+        if isinstance(layer, QLoRALinear):
+            layer._module_name = n  # for error messages that name a key (accelerate's loader gives the layer no name)
         setattr(parent, child, layer)
         if i % log_every == 0 or i == len(names):
             line = f"apply_qlora: {i}/{len(names)} layers quantized ({time.perf_counter() - t0:.1f} s)"

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import _accelerate
 from .codebooks import lowercase_hint
 from .functional import dequantize_4bit, quantize_4bit
 from .lora import matmul_4bit_lora
@@ -64,14 +65,32 @@ class Params4bit(nn.Parameter):
     """
 
     def __new__(cls, data: torch.Tensor | None = None, requires_grad: bool = False,
-                quant_state: QuantState | None = None) -> Params4bit:
+                quant_state: QuantState | None = None, _qkernels_layer: Any = None) -> Params4bit:
         if data is None:
             data = torch.empty(0, dtype=torch.uint8)
         if requires_grad:
             raise ValueError("a packed 4-bit weight is frozen: requires_grad must be False (train LoRA adapters)")
+        # accelerate's set_module_tensor_to_device rebuilds a layer's weight from a checkpoint's packed bytes as
+        # type(old)(value, requires_grad=..., **old.__dict__): the owner link in old.__dict__ sends them to the layer,
+        # which loads them with the weight's quant-state keys (qkernels._accelerate)
+        layer = _qkernels_layer() if _qkernels_layer is not None else None
+        if layer is not None and not data.is_meta:
+            return layer._accelerate_weight(data)
         self = torch.Tensor._make_subclass(cls, data, False)
         self.quant_state = quant_state
+        if layer is not None:
+            _accelerate.link(self, layer)
         return self
+
+    # accelerate walks a key such as "<layer>.weight.absmax" with getattr and then sets module._parameters["absmax"]:
+    # a layer's weight answers with its quant-state pieces (qkernels._accelerate); any other Params4bit is no module
+    @property
+    def _parameters(self) -> Any:
+        return _accelerate.slots(self, "weight.", "_parameters")
+
+    @property
+    def _buffers(self) -> Any:
+        return _accelerate.slots(self, "weight.", "_buffers")
 
     # bitsandbytes' attribute names, read from the QuantState
     @property
@@ -361,6 +380,9 @@ class QLoRALinear(nn.Module):
     # put a weight's absmax and its quant_map / blob in different shards), by key without prefix, until complete
     _pending_weight: dict[str, torch.Tensor] = {}  # noqa: RUF012 - replaced, never mutated
     _pending_dora: dict[str, torch.Tensor] = {}  # noqa: RUF012 - replaced, never mutated (_dora_magnitudes_at_init)
+    # keys in _unloaded whose tensors left the meta device without values (to_empty): see _sync_assigned
+    _empty_keys: frozenset[str] = frozenset()
+    _module_name: str = ""  # the name apply_qlora found the layer under, for error messages ("" if unknown)
     quantized: bool = True  # False: a float base (quantize=False); the default for layers pickled by older qkernels
     # the packed weight's QuantState, storage dtype and size, kept on the module (see _PackedRecord); None on a float
     # base and on layers pickled by an older qkernels (their weight still carries its quant_state)
@@ -508,6 +530,7 @@ class QLoRALinear(nn.Module):
         super().__setattr__(name, value)
         if name == "weight" and isinstance(value, Params4bit):
             self._remember_packed(value)
+            self._link_weight()
         if (name == "weight" and not getattr(self, "quantized", True) and isinstance(value, torch.Tensor)
                 and not value.is_meta and "weight" in self._unloaded and not self.__dict__.get("_loading")):
             self._unloaded = self._unloaded - {"weight"}
@@ -515,6 +538,19 @@ class QLoRALinear(nn.Module):
             self._init_unloaded_lora(value.device)
         if at_init:
             self._reinit_dora_magnitudes(at_init)
+
+    def __setstate__(self, state: dict) -> None:
+        """``nn.Module``'s (unpickling, deepcopy), then the weight linked to this layer again (the link is weak and
+        not copied: ``_link_weight``)."""
+        super().__setstate__(state)
+        if isinstance(self._parameters.get("weight"), Params4bit):
+            self._link_weight()
+
+    def _link_weight(self) -> None:
+        """Link the packed weight and its QuantState to this layer, so that accelerate's per-key loader can give
+        their pieces to it (``qkernels._accelerate``). Links the object ``_parameters`` holds: accelerate's
+        ``init_empty_weights`` replaces a Parameter as it is registered."""
+        self._link_weight_of(self._parameters["weight"])
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -1035,6 +1071,13 @@ class QLoRALinear(nn.Module):
             self._unloaded = self._unloaded | meta
 
     def _raise_unloaded(self) -> None:
+        """Raise the RuntimeError naming what holds no value yet; return if nothing does once the tensors that
+        accelerate assigned directly are counted (``_sync_assigned``)."""
+        self._sync_assigned()
+        if not self._unloaded:
+            return
+        if _accelerate.offloading_hook(self):
+            raise RuntimeError(_accelerate.OFFLOADED.format(self.in_features, self.out_features))
         if self._pending_weight:
             raise RuntimeError(
                 f"QLoRALinear(in_features={self.in_features}, out_features={self.out_features}): its weight is "
@@ -1046,6 +1089,85 @@ class QLoRALinear(nn.Module):
         after = ("" if all(t.is_meta for k, t in self._local_tensors().items() if k in self._unloaded)
                  else "; to_empty() gave them memory but no values")
         raise RuntimeError(_UNLOADED.format(self.in_features, self.out_features, keys, after))
+
+    # ------------------------------------------------------------------ accelerate's per-key loader
+    def _sync_assigned(self) -> None:
+        """Count as loaded the tensors that were assigned directly: accelerate's ``set_module_tensor_to_device``
+        writes ``module._parameters[name]`` (bias, LoRA, magnitudes, a float base's weight), never calling
+        ``load_state_dict``. A key in ``_unloaded`` whose tensor is no longer meta got a value that way, unless
+        ``to_empty`` gave it memory only (``_empty_keys``). A 4-bit weight loads through ``_accelerate_piece``."""
+        if not self._unloaded:
+            return
+        tensors = self._local_tensors()
+        got = {k for k in self._unloaded - self._empty_keys
+               if k in tensors and not tensors[k].is_meta and (k != "weight" or not self.quantized)}
+        if not got:
+            return
+        self._unloaded = self._unloaded - got
+        if "weight" in got:  # a float base's weight: as a checkpoint load of it (_load_from_state_dict)
+            self.float_dtype = self.weight.dtype
+            self._init_unloaded_lora(self.weight.device)
+
+    def _key(self, local: str) -> str:
+        """A state-dict key of this layer for messages: with the module's name when apply_qlora recorded it."""
+        return f"{self._module_name}.{local}" if self._module_name else local
+
+    def _accelerate_accepts(self, key: str) -> bool:
+        """Whether ``key`` (``weight.absmax``, ``weight.quant_state.bitsandbytes__nf4``, ...) is a piece of this
+        layer's weight in its format. A piece only another format has is a ValueError naming the fix: accelerate
+        passes such keys only with ``strict=True`` (otherwise it drops them as absent from the model's state dict)."""
+        st = getattr(self.weight, "quant_state", None)
+        short = key.removeprefix("weight.")
+        if st is None or short in ("absmax", "quant_map"):
+            return st is not None
+        if short in ("nested_absmax", "nested_quant_map"):
+            if not st.nested:
+                raise ValueError(_accelerate.FORMAT.format(
+                    key=self._key(key), what="the checkpoint's absmax is double-quantized, this layer's is not",
+                    fix="apply_qlora(..., double_quant=True)"))
+            return True
+        if short.startswith("quant_state.bitsandbytes__"):
+            qt = short.rpartition("__")[2]
+            if qt != st.quant_type:
+                raise ValueError(_accelerate.FORMAT.format(
+                    key=self._key(key), what=f"the checkpoint is {qt}, this layer {st.quant_type}",
+                    fix=f"apply_qlora(..., quant_type={qt!r})"))
+            return True
+        return False
+
+    def _accelerate_weight(self, data: torch.Tensor) -> Params4bit:
+        """accelerate rebuilt this layer's weight from the checkpoint's packed bytes (``Params4bit.__new__``): load
+        them as the key ``weight``. Returns what accelerate stores as ``weight``: the loaded weight once the quant
+        state is complete; else the layer's weight as it is, or, on the meta device (from which accelerate cannot
+        move it), the bytes with the meta quant state, until the rest arrives (the layer refuses to run meanwhile)."""
+        w = self._accelerate_piece("weight", data)
+        if "weight" not in self._unloaded or not w.is_meta:
+            return w
+        waiting = Params4bit(self._pending_weight["weight"], False, w.quant_state)
+        self._link_weight_of(waiting)
+        return waiting
+
+    def _link_weight_of(self, w: Params4bit) -> None:
+        """Link ``w`` and its QuantState to this layer (``qkernels._accelerate.link``)."""
+        _accelerate.link(w, self)
+        _accelerate.link(w.quant_state, self)
+
+    def _accelerate_piece(self, key: str, value: torch.Tensor) -> Params4bit:
+        """Load one key of this layer's weight that accelerate delivered (``weight``, ``weight.absmax``, ...,
+        ``weight.quant_state.bitsandbytes__<type>``) as a ``load_state_dict(..., assign=True)`` of that key alone:
+        the parts are kept until the set is complete, then validated and loaded whole (``_load_from_state_dict``).
+        Pieces that accelerate cast (its ``dtype=``) or that belong to another format are refused first, naming the
+        key and the fix. Returns the layer's weight."""
+        self._sync_assigned()  # LoRA weights accelerate already set are not initialized again when the weight loads
+        _accelerate.check_piece(self, key, value)
+        missing: list[str] = []
+        errors: list[str] = []
+        try:
+            self._load_from_state_dict({key: value}, "", {"assign_to_params_buffers": True}, True, missing, [],
+                                       errors)
+        except ValueError as e:
+            raise ValueError(f"{self._key(key)}: {e}") from e
+        return self.weight
 
     # ------------------------------------------------------------------ device / dtype moves
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QLoRALinear:
@@ -1059,6 +1181,18 @@ class QLoRALinear(nn.Module):
         scales (``QuantState.to_empty``); the keys stay in ``_unloaded`` until a checkpoint is loaded. A tensor moved
         to meta joins them.
         """
+        self._sync_assigned()  # before a move (accelerate's dispatch_model calls model.to)
+        was_meta = {k for k, t in self._local_tensors().items() if t.is_meta}
+        try:
+            return self._apply_inner(fn, recurse)
+        finally:
+            # tensors that left the meta device here got memory without values (to_empty): _sync_assigned must not
+            # count them as assigned
+            now = self._local_tensors()
+            self._empty_keys = frozenset(k for k in self._unloaded if k in now and not now[k].is_meta
+                                         and (k in was_meta or k in self._empty_keys))
+
+    def _apply_inner(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool) -> QLoRALinear:
         if not self.quantized:  # a float base moves and converts like nn.Linear's weight
             super()._apply(fn, recurse)
             self.float_dtype = self.weight.dtype
@@ -1090,6 +1224,7 @@ class QLoRALinear(nn.Module):
             else:  # meta -> a real device (to_empty): .data cannot change the tensor's kind; torch makes a new one too
                 w = self._parameters["weight"] = Params4bit(data, False, w.quant_state)
                 self._remember_packed(w)
+                self._link_weight()
             if w.quant_state.device != moved.device:
                 if w.quant_state.device.type == "meta":
                     w.quant_state.to_empty(moved.device)
