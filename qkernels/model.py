@@ -239,8 +239,8 @@ def apply_qlora(
             quant_type, double_quant, blocksize, compute_dtype, quant_storage: the 4-bit format, passed to
             ``QLoRALinear.from_linear`` for each layer (see ``QLoRALinear``; dtypes also by name, "bfloat16").
         use_dora: DoRA adapters (peft's ``LoraConfig(use_dora=True)``, "QDoRA" on the 4-bit layers; see
-            ``qkernels.dora``): each layer also trains a magnitude per output row. Not on a meta model (the magnitude
-            starts from the weight's row norms): load the checkpoint first, then ``add_adapter(..., use_dora=True)``.
+            ``qkernels.dora``): each layer also trains a magnitude per output row. It starts from the weight's row
+            norms, as in peft; on a meta model these are computed when the checkpoint's weight is loaded.
         log_every: report ``"apply_qlora: i/n layers quantized (t s)"`` every this many layers, always to the
             ``qkernels`` logger (INFO).
         verbose: also print those lines to stderr. None (default): print only for large models, i.e. when at least

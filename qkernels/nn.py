@@ -345,8 +345,8 @@ class QLoRALinear(nn.Module):
             a float Linear of a model loaded in 4 bits, ``keep_float_modules``). ``quantized`` records the mode.
         use_dora: the first adapter is a DoRA adapter (peft's ``use_dora=True``; ``qkernels.dora``): a magnitude
             ``lora_magnitude_vector.<adapter>.weight [out_features]`` initialized to the row norms of
-            ``dequant(W) + s B A``, and the output rows rescaled by ``m / ||W + s B A||``. Needs the weight's values
-            (not on the meta device).
+            ``dequant(W) + s B A``, and the output rows rescaled by ``m / ||W + s B A||``. On the meta device the
+            magnitude is meta too and takes that value when the weight is loaded (unless the checkpoint holds it).
 
     Attributes (peft's names): ``lora_A``, ``lora_B``, ``lora_dropout``, ``lora_magnitude_vector`` (DoRA adapters
     only) (ModuleDicts by adapter name), ``r``, ``lora_alpha``, ``scaling``, ``use_rslora`` (dicts),
@@ -536,6 +536,7 @@ class QLoRALinear(nn.Module):
             self._unloaded = self._unloaded - {"weight"}
             self.float_dtype = value.dtype
             self._init_unloaded_lora(value.device)
+            self._init_unloaded_magnitudes()
         if at_init:
             self._reinit_dora_magnitudes(at_init)
 
@@ -673,17 +674,19 @@ class QLoRALinear(nn.Module):
 
         Raises:
             ValueError: a bad LoRA argument (named in the message), ``"loftq"`` without ``original_weight``, or
-                ``use_dora`` on a layer whose weight holds no values yet (the meta device).
+                ``use_dora`` on a layer whose weight holds no values and is not meta (``to_empty`` memory, part of a
+                sharded load). On a meta weight the magnitude is computed when the weight is loaded
+                (``_init_unloaded_magnitudes``).
         """
         _check_lora_args(r, lora_alpha, lora_dropout, init_lora_weights, adapter_name)
         if not isinstance(use_rslora, bool):
             raise ValueError(f"use_rslora must be a bool, got {use_rslora!r}")
         if not isinstance(use_dora, bool):
             raise ValueError(f"use_dora must be a bool, got {use_dora!r}")
-        if use_dora and (self.weight.is_meta or "weight" in self._unloaded):
+        if use_dora and not self.weight.is_meta and "weight" in self._unloaded:
             raise ValueError("use_dora=True initializes the DoRA magnitude from the base weight's row norms, and this "
-                             "layer's weight holds no values (the meta device): load the base checkpoint first "
-                             "(load_state_dict(sd, assign=True)), then add the DoRA adapter (or load_adapter)")
+                             "layer's weight holds no values (memory from to_empty, or part of a sharded load): "
+                             "load the base checkpoint first, then add the DoRA adapter (or load_adapter)")
         dev = self.weight.device
         A = nn.Linear(self.in_features, r, bias=False, device=dev, dtype=torch.float32)
         B = nn.Linear(r, self.out_features, bias=False, device=dev, dtype=torch.float32)
@@ -724,8 +727,11 @@ class QLoRALinear(nn.Module):
         if use_dora:  # after A, B (and a LoftQ weight) are final, as peft's layer.py:316-317 runs the variant's init
             from .dora import DoraMagnitude
 
-            norm = self._dora_norm(A.weight, B.weight, scaling).to(torch.float32)
-            _check_dora_norm(norm)
+            if self.weight.is_meta:  # computed when the weight is loaded (_init_unloaded_magnitudes), as peft would
+                norm = torch.empty(self.out_features, dtype=torch.float32, device="meta")
+            else:
+                norm = self._dora_norm(A.weight, B.weight, scaling).to(torch.float32)
+                _check_dora_norm(norm)
             self.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm)
         self.lora_A[adapter_name] = A
         self.lora_B[adapter_name] = B
@@ -1107,6 +1113,7 @@ class QLoRALinear(nn.Module):
         if "weight" in got:  # a float base's weight: as a checkpoint load of it (_load_from_state_dict)
             self.float_dtype = self.weight.dtype
             self._init_unloaded_lora(self.weight.device)
+            self._init_unloaded_magnitudes()
 
     def _key(self, local: str) -> str:
         """A state-dict key of this layer for messages: with the module's name when apply_qlora recorded it."""
@@ -1355,6 +1362,11 @@ class QLoRALinear(nn.Module):
         if "weight" in loaded and not self.weight.is_meta:
             self._reinit_dora_magnitudes(dora_init)
             self._pending_dora = {}
+            # a DoRA adapter added on meta, absent from the checkpoint: its new magnitude replaces the meta one that
+            # the children would otherwise take back from the state dict (the no-op entries set above)
+            for k in self._init_unloaded_magnitudes():
+                if prefix + k in state_dict:
+                    state_dict[prefix + k] = self._local_tensors()[k]
         # a meta weight / bias assigned over a real one (assign=True) holds no value either (the LoRA weights are
         # assigned after this method, by the children: see `loaded`)
         self._unloaded = self._unloaded | {k for k in ("weight", "bias")
@@ -1431,6 +1443,31 @@ class QLoRALinear(nn.Module):
         if nested:
             need += [f"{wkey}.nested_absmax", f"{wkey}.nested_quant_map"]
         return [k for k in need if k not in pieces]
+
+    def _init_unloaded_magnitudes(self) -> list[str]:
+        """Give the DoRA adapters added on the meta device whose magnitude holds no value (absent from the checkpoint)
+        peft's initial one, the row norms of ``W + s B A``, once the weight and A, B hold values: what
+        ``update_layer(use_dora=True)`` would have computed had the weight been there. A new Parameter (a meta one
+        cannot take values in place). An all-zero row warns (0/0: NaN in peft) and the rest of the load goes on.
+        Returns the keys it set."""
+        done: list[str] = []
+        if "weight" in self._unloaded or self.weight.is_meta:
+            return done
+        for name, mag in self._magnitudes().items():
+            key = f"lora_magnitude_vector.{name}.weight"
+            if key not in self._unloaded or {f"lora_A.{name}.weight", f"lora_B.{name}.weight"} & self._unloaded:
+                continue
+            A, B = self.lora_A[name].weight, self.lora_B[name].weight
+            with torch.no_grad():
+                norm = self._dora_norm(A, B, self.scaling[name]).to(torch.float32)
+            mag.weight = nn.Parameter(norm, requires_grad=mag.weight.requires_grad)
+            self._unloaded = self._unloaded - {key}
+            done.append(key)
+            try:
+                _check_dora_norm(norm)
+            except ValueError as e:
+                warnings.warn(f"DoRA adapter {name!r} initialized at load: {e}", stacklevel=3)
+        return done
 
     def _init_unloaded_lora(self, device: torch.device) -> None:
         """Give the adapters whose LoRA weights hold no value (a meta layer's; after ``to_empty``) their initial values

@@ -292,3 +292,32 @@ def test_meta_pieces_link_survives_deepcopy_and_pickle(transformers_4bit):
         assert qkernels._accelerate.owner(w.quant_state) is clone.model.layers[0].mlp.up_proj
         accelerate.load_checkpoint_in_model(clone, str(transformers_4bit["dir"]), device_map={"": "cpu"})
         _assert_same(clone, transformers_4bit["ref"], lora_from_checkpoint=False)
+
+
+# ---------------------------------------------------------------------------------------------- DoRA on meta
+@pytest.mark.parametrize("how", ["load_state_dict", "load_checkpoint_in_model", "dispatch_auto"])
+def test_dora_added_on_meta_takes_peft_s_initial_magnitude_when_the_weight_arrives(transformers_4bit, how):
+    """peft sets a DoRA magnitude to the row norms of W + s B A when the adapter is added; on meta there is no W,
+    so the layer computes it when the weight is loaded (a base-only checkpoint: B = 0, the norms of W), equal to the
+    model built on the CPU with DoRA and loaded normally."""
+    model = _meta_model(use_dora=True, **FP4)
+    up = model.model.layers[0].mlp.up_proj
+    assert up.lora_magnitude_vector["default"].weight.is_meta
+    if how == "load_state_dict":
+        model.load_state_dict(transformers_4bit["sd"], assign=True)
+    else:
+        model = _load(how, model, transformers_4bit["dir"])
+    ref = _normal_model(transformers_4bit["sd"], use_dora=True, **FP4)
+    _assert_same(model, ref, lora_from_checkpoint=False)
+    mag = up.lora_magnitude_vector["default"].weight
+    assert mag.requires_grad and mag.dtype == torch.float32
+    torch.testing.assert_close(mag, torch.linalg.vector_norm(up.dequantized_weight(), dim=1), rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("how", HOWS)
+def test_a_dora_checkpoint_loads_its_trained_magnitudes_into_a_meta_model(tmp_path, how):
+    sd = _own_checkpoint(use_dora=True)  # magnitudes randomized too
+    assert any("lora_magnitude_vector" in k for k in sd)
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    model = _load(how, _meta_model(use_dora=True), tmp_path)
+    _assert_same(model, _normal_model(sd, use_dora=True))
