@@ -535,6 +535,7 @@ class QLoRALinear(nn.Module):
                 and not value.is_meta and "weight" in self._unloaded and not self.__dict__.get("_loading")):
             self._unloaded = self._unloaded - {"weight"}
             self.float_dtype = value.dtype
+            self._sync_assigned()  # LoRA weights that accelerate assigned (before its retie) are not initialized again
             self._init_unloaded_lora(value.device)
             self._init_unloaded_magnitudes()
         if at_init:

@@ -173,6 +173,46 @@ def test_a_model_built_on_the_cpu_reloads_through_accelerate(tmp_path):
     _assert_same(model, _normal_model(sd))
 
 
+@pytest.mark.parametrize("case", ["embedding-lora", "tied-head", "keep-float", "modules-to-save"])
+def test_other_layer_kinds_load_through_accelerate(tmp_path, case):
+    """LoRA on the input embedding, a head tied to it (float base sharing the embedding's Parameter: as for any
+    transformers model built under init_empty_weights, call tie_weights() before accelerate loads, so accelerate sees
+    the tie), a Linear kept float, and a module to save (qkernels' own state dict: its keys are the wrapper's)."""
+    from transformers import LlamaForSequenceClassification
+
+    cls, cfg_kw, kw = LlamaForCausalLM, {}, dict(target_modules="all-linear")
+    if case == "embedding-lora":
+        kw = dict(target_modules=["q_proj", "v_proj", "embed_tokens"])
+    elif case == "tied-head":
+        cfg_kw, kw = {"tie_word_embeddings": True}, dict(target_modules=["q_proj", "lm_head"])
+    elif case == "keep-float":
+        kw = dict(target_modules="all-linear", keep_float_modules=["o_proj"])
+    else:
+        cls, cfg_kw, kw = LlamaForSequenceClassification, {"num_labels": 3}, dict(modules_to_save=["score"])
+    cfg = LlamaConfig(**{**CFG, **cfg_kw})
+    torch.manual_seed(5)
+    src = apply_qlora(cls(cfg), r=4, **kw).eval()
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for n, p in src.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    sd = {k: v.detach().clone().contiguous() for k, v in src.state_dict().items()}
+    if case == "tied-head":
+        del sd["lm_head.weight"]  # saved once, under the embedding
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with accelerate.init_empty_weights():
+        model = cls(cfg)
+    apply_qlora(model, r=4, **kw)
+    model.tie_weights()
+    model = accelerate.load_checkpoint_and_dispatch(model, str(tmp_path), device_map={"": "cpu"}).eval()
+    assert all(not p.is_meta for p in model.parameters())
+    if case == "tied-head":
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, src(IDS).logits)
+
+
 def test_cast_to_bfloat16_after_loading_keeps_the_4bit_weights(transformers_4bit):
     """The fix the dtype= refusal names: load, then model.to(torch.bfloat16)."""
     model = _load("dispatch_cpu", _meta_model(**FP4), transformers_4bit["dir"]).to(torch.bfloat16)
