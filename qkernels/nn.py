@@ -1117,7 +1117,8 @@ class QLoRALinear(nn.Module):
             self._init_unloaded_magnitudes()
 
     def _key(self, local: str) -> str:
-        """A state-dict key of this layer for messages: with the module's name when apply_qlora recorded it."""
+        """A state-dict key of this layer for messages: with the module's name when apply_qlora recorded it
+        (``_key("")``: the prefix)."""
         return f"{self._module_name}.{local}" if self._module_name else local
 
     def _accelerate_accepts(self, key: str) -> bool:
@@ -1168,13 +1169,9 @@ class QLoRALinear(nn.Module):
         key and the fix. Returns the layer's weight."""
         self._sync_assigned()  # LoRA weights accelerate already set are not initialized again when the weight loads
         _accelerate.check_piece(self, key, value)
-        missing: list[str] = []
-        errors: list[str] = []
-        try:
-            self._load_from_state_dict({key: value}, "", {"assign_to_params_buffers": True}, True, missing, [],
-                                       errors)
-        except ValueError as e:
-            raise ValueError(f"{self._key(key)}: {e}") from e
+        prefix = self._key("")  # the module's name in messages ("model.layers.0.mlp.up_proj.weight.*")
+        self._load_from_state_dict({prefix + key: value}, prefix, {"assign_to_params_buffers": True}, True, [], [],
+                                   [])
         return self.weight
 
     # ------------------------------------------------------------------ device / dtype moves
