@@ -369,7 +369,9 @@ class QLoRALinear(nn.Module):
     and quant state are the checkpoint's, in the checkpoint's format (quant_type, blocksize, double quant, storage;
     the shape must match); LoRA weights absent from the checkpoint are initialized then, per ``init_lora_weights``,
     on the weight's device. Until every tensor is loaded, ``forward`` raises a RuntimeError naming the ones that are
-    not (never meta or uninitialized values).
+    not (never meta or uninitialized values). accelerate's ``load_checkpoint_in_model`` and
+    ``load_checkpoint_and_dispatch`` (with a ``device_map``) load it too, one key at a time, when the layer is in the
+    checkpoint's format (quant_type, double quant, storage): see ``qkernels._accelerate``.
     """
 
     # state-dict keys of this layer (weight, bias, lora_A.<name>.weight, ...) whose tensors hold no loaded value: meta,

@@ -163,13 +163,15 @@ def test_an_index_json_checkpoint_with_a_weight_and_its_quant_state_in_different
         _assert_same(model, ref)
 
 
-def test_a_model_built_on_the_cpu_reloads_through_accelerate(tmp_path):
-    """Not only meta models: accelerate's loader replaces a real layer's weight and quant state too."""
+@pytest.mark.parametrize("device_map", [{"": "cpu"}, None], ids=["cpu", "none"])
+def test_a_model_built_on_the_cpu_reloads_through_accelerate(tmp_path, device_map):
+    """Not only meta models: accelerate's loader replaces a real layer's weight and quant state too, key by key with
+    a device_map, and through torch's set_model_state_dict (load_state_dict) without one."""
     sd = _own_checkpoint()
     save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
     torch.manual_seed(99)
     model = apply_qlora(LlamaForCausalLM(_cfg()), "all-linear", r=4)
-    accelerate.load_checkpoint_in_model(model, str(tmp_path), device_map={"": "cpu"})
+    accelerate.load_checkpoint_in_model(model, str(tmp_path), device_map=device_map)
     _assert_same(model, _normal_model(sd))
 
 
