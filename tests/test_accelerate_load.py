@@ -36,13 +36,13 @@ def _cfg() -> LlamaConfig:
 def _meta_model(**kw) -> torch.nn.Module:
     with accelerate.init_empty_weights():
         model = AutoModelForCausalLM.from_config(_cfg())
-    return apply_qlora(model, "all-linear", r=4, **kw)
+    return apply_qlora(model, kw.pop("target_modules", "all-linear"), r=4, **kw)
 
 
 def _normal_model(sd: dict[str, torch.Tensor], **kw) -> torch.nn.Module:
     """Built on the CPU (float weights quantized, then replaced) and loaded with load_state_dict."""
     torch.manual_seed(11)
-    model = apply_qlora(LlamaForCausalLM(_cfg()), "all-linear", r=4, **kw)
+    model = apply_qlora(LlamaForCausalLM(_cfg()), kw.pop("target_modules", "all-linear"), r=4, **kw)
     model.load_state_dict(sd)
     return model.eval()
 
@@ -95,6 +95,20 @@ def test_a_transformers_4bit_checkpoint(transformers_4bit, how):
     assert torch.equal(B, torch.zeros_like(B))
     st = model.model.layers[1].self_attn.o_proj.weight.quant_state
     assert (st.quant_type, st.nested, st.blocksize) == ("fp4", True, 64)
+
+
+@pytest.mark.parametrize("how", ["load_checkpoint_in_model", "dispatch_cpu"])
+def test_lora_on_the_embedding_absent_from_a_base_checkpoint_is_initialized(transformers_4bit, how):
+    """accelerate assigns the embedding's weight directly: its meta LoRA is initialized (peft's embedding init: A = 0,
+    B normal) before dispatch_model moves the model, or at the first forward after load_checkpoint_in_model."""
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens"]
+    model = _load(how, _meta_model(target_modules=targets, **FP4), transformers_4bit["dir"])
+    ref = _normal_model(transformers_4bit["sd"], target_modules=targets, **FP4)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, ref(IDS).logits)
+    A, B = model.model.embed_tokens.lora_embedding_A["default"], model.model.embed_tokens.lora_embedding_B["default"]
+    assert torch.equal(A, torch.zeros_like(A)) and not B.is_meta and bool(B.abs().sum() > 0)
 
 
 @pytest.mark.parametrize("how", ["load_checkpoint_in_model", "dispatch_auto"])
