@@ -227,6 +227,11 @@ class QLoRAEmbedding(nn.Module):
         return out
 
     def _raise_unloaded(self) -> None:
+        """Raise the RuntimeError naming the tensors still on meta; return if none is once a weight that accelerate
+        assigned directly has been accounted for (``_sync_assigned``)."""
+        self._sync_assigned()
+        if not self._unloaded:
+            return
         raise RuntimeError(
             f"QLoRAEmbedding(num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}): "
             f"{sorted(self._unloaded)} never loaded: the embedding was built on the meta device, which holds shapes "
@@ -571,10 +576,28 @@ class QLoRAEmbedding(nn.Module):
             if not self.weight.is_meta:
                 self._init_meta_lora()
             state_dict.update({prefix + k: t for k, t in self._local_tensors().items() if k != "weight"})
+        self._init_meta_scale()
+
+    def _init_meta_scale(self) -> None:
         scale, value = self._scale(), getattr(self, "_scalar_embed_scale", None)
         if scale is not None and scale.is_meta and not self.weight.is_meta and value is not None:
             # not in checkpoints (persistent=False): transformers' _init_weights sets it to scalar_embed_scale, float32
             self.embed_scale = torch.tensor(float(value), device=self.weight.device)
+
+    def _sync_assigned(self) -> None:
+        """accelerate's loaders assign the weight directly (``module._parameters["weight"]``, no
+        ``load_state_dict``): once it holds values, LoRA weights still on meta (a base-only checkpoint) and a Gemma
+        scale are initialized, as ``_load_from_state_dict`` does. Called before a move (accelerate's
+        ``dispatch_model`` calls ``model.to``) and by ``_raise_unloaded``."""
+        if self.weight.is_meta:
+            return
+        if any(t.is_meta for k, t in self._local_tensors().items() if k != "weight"):
+            self._init_meta_lora()
+        self._init_meta_scale()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> QLoRAEmbedding:
+        self._sync_assigned()
+        return super()._apply(fn, recurse)
 
     def _init_meta_lora(self) -> None:
         for n in list(self.lora_embedding_A):

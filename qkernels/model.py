@@ -240,8 +240,8 @@ def apply_qlora(
             ``QLoRALinear.from_linear`` for each layer (see ``QLoRALinear``; dtypes also by name, "bfloat16").
         use_dora: DoRA adapters (peft's ``LoraConfig(use_dora=True)``, "QDoRA" on the 4-bit layers; see
             ``qkernels.dora``): each layer also trains a magnitude per output row (an embedding: per embedding
-            dimension). Not on a meta model (the magnitude
-            starts from the weight's row norms): load the checkpoint first, then ``add_adapter(..., use_dora=True)``.
+            dimension). It starts from the weight's norms, as in peft; on a meta model a linear layer's are computed
+            when the checkpoint's weight is loaded (a meta embedding with DoRA is refused: load it first).
         log_every: report ``"apply_qlora: i/n layers quantized (t s)"`` every this many layers, always to the
             ``qkernels`` logger (INFO).
         verbose: also print those lines to stderr. None (default): print only for large models, i.e. when at least
@@ -372,6 +372,8 @@ def apply_qlora(
         # a new module starts in training mode; in a model in eval mode (from_pretrained returns one) that left LoRA
         # dropout on while model.training said False: generate() gave different tokens on each call
         layer.train(m.training)
+        if isinstance(layer, QLoRALinear):
+            layer._module_name = n  # for error messages that name a key (accelerate's loader gives the layer no name)
         setattr(parent, child, layer)
         if i % log_every == 0 or i == len(names):
             line = f"apply_qlora: {i}/{len(names)} layers quantized ({time.perf_counter() - t0:.1f} s)"

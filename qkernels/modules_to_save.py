@@ -129,10 +129,16 @@ class ModulesToSaveWrapper(nn.Module):
 
             return wrapper_mixed_batch(self, args, kwargs, adapter_names)
         if self.active_adapter in self._unloaded_copies and not self.disable_adapters:
-            raise RuntimeError(
-                f"the copy of this module to save for adapter {self.active_adapter!r} was never loaded: it was made "
-                "from a module on the meta device. Load a checkpoint that holds the module (its base weights, e.g. "
-                "'lm_head.weight', give the copies their starting value) with load_state_dict(sd, assign=True)")
+            copy_ = self.modules_to_save[self.active_adapter]
+            if not any(t.is_meta for t in copy_.state_dict().values()):  # assigned directly (accelerate's loaders)
+                self._unloaded_copies = self._unloaded_copies - {self.active_adapter}
+            else:
+                raise RuntimeError(
+                    f"the copy of this module to save for adapter {self.active_adapter!r} was never loaded: it was "
+                    "made from a module on the meta device. Load a checkpoint that holds the module (its base "
+                    "weights, e.g. 'lm_head.weight', give the copies their starting value) with "
+                    "load_state_dict(sd, assign=True) or qkernels.load_checkpoint (accelerate's loaders skip a base "
+                    "checkpoint's 'lm_head.weight': the wrapper's keys are original_module.* and modules_to_save.*)")
         return self.running_module()(*args, **kwargs)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import _accelerate
 from .codebooks import lowercase_hint
 from .functional import dequantize_4bit, quantize_4bit
 from .lora import matmul_4bit_lora
@@ -64,14 +65,32 @@ class Params4bit(nn.Parameter):
     """
 
     def __new__(cls, data: torch.Tensor | None = None, requires_grad: bool = False,
-                quant_state: QuantState | None = None) -> Params4bit:
+                quant_state: QuantState | None = None, _qkernels_layer: Any = None) -> Params4bit:
         if data is None:
             data = torch.empty(0, dtype=torch.uint8)
         if requires_grad:
             raise ValueError("a packed 4-bit weight is frozen: requires_grad must be False (train LoRA adapters)")
+        # accelerate's set_module_tensor_to_device rebuilds a layer's weight from a checkpoint's packed bytes as
+        # type(old)(value, requires_grad=..., **old.__dict__): the owner link in old.__dict__ sends them to the layer,
+        # which loads them with the weight's quant-state keys (qkernels._accelerate)
+        layer = _qkernels_layer() if _qkernels_layer is not None else None
+        if layer is not None and not data.is_meta:
+            return layer._accelerate_weight(data)
         self = torch.Tensor._make_subclass(cls, data, False)
         self.quant_state = quant_state
+        if layer is not None:
+            _accelerate.link(self, layer)
         return self
+
+    # accelerate walks a key such as "<layer>.weight.absmax" with getattr and then sets module._parameters["absmax"]:
+    # a layer's weight answers with its quant-state pieces (qkernels._accelerate); any other Params4bit is no module
+    @property
+    def _parameters(self) -> Any:
+        return _accelerate.slots(self, "weight.", "_parameters")
+
+    @property
+    def _buffers(self) -> Any:
+        return _accelerate.slots(self, "weight.", "_buffers")
 
     # bitsandbytes' attribute names, read from the QuantState
     @property
@@ -326,8 +345,8 @@ class QLoRALinear(nn.Module):
             a float Linear of a model loaded in 4 bits, ``keep_float_modules``). ``quantized`` records the mode.
         use_dora: the first adapter is a DoRA adapter (peft's ``use_dora=True``; ``qkernels.dora``): a magnitude
             ``lora_magnitude_vector.<adapter>.weight [out_features]`` initialized to the row norms of
-            ``dequant(W) + s B A``, and the output rows rescaled by ``m / ||W + s B A||``. Needs the weight's values
-            (not on the meta device).
+            ``dequant(W) + s B A``, and the output rows rescaled by ``m / ||W + s B A||``. On the meta device the
+            magnitude is meta too and takes that value when the weight is loaded (unless the checkpoint holds it).
 
     Attributes (peft's names): ``lora_A``, ``lora_B``, ``lora_dropout``, ``lora_magnitude_vector`` (DoRA adapters
     only) (ModuleDicts by adapter name), ``r``, ``lora_alpha``, ``scaling``, ``use_rslora`` (dicts),
@@ -350,7 +369,9 @@ class QLoRALinear(nn.Module):
     and quant state are the checkpoint's, in the checkpoint's format (quant_type, blocksize, double quant, storage;
     the shape must match); LoRA weights absent from the checkpoint are initialized then, per ``init_lora_weights``,
     on the weight's device. Until every tensor is loaded, ``forward`` raises a RuntimeError naming the ones that are
-    not (never meta or uninitialized values).
+    not (never meta or uninitialized values). accelerate's ``load_checkpoint_in_model`` and
+    ``load_checkpoint_and_dispatch`` (with a ``device_map``) load it too, one key at a time, when the layer is in the
+    checkpoint's format (quant_type, double quant, storage): see ``qkernels._accelerate``.
     """
 
     # state-dict keys of this layer (weight, bias, lora_A.<name>.weight, ...) whose tensors hold no loaded value: meta,
@@ -361,6 +382,9 @@ class QLoRALinear(nn.Module):
     # put a weight's absmax and its quant_map / blob in different shards), by key without prefix, until complete
     _pending_weight: dict[str, torch.Tensor] = {}  # noqa: RUF012 - replaced, never mutated
     _pending_dora: dict[str, torch.Tensor] = {}  # noqa: RUF012 - replaced, never mutated (_dora_magnitudes_at_init)
+    # keys in _unloaded whose tensors left the meta device without values (to_empty): see _sync_assigned
+    _empty_keys: frozenset[str] = frozenset()
+    _module_name: str = ""  # the name apply_qlora found the layer under, for error messages ("" if unknown)
     quantized: bool = True  # False: a float base (quantize=False); the default for layers pickled by older qkernels
     # the packed weight's QuantState, storage dtype and size, kept on the module (see _PackedRecord); None on a float
     # base and on layers pickled by an older qkernels (their weight still carries its quant_state)
@@ -508,13 +532,29 @@ class QLoRALinear(nn.Module):
         super().__setattr__(name, value)
         if name == "weight" and isinstance(value, Params4bit):
             self._remember_packed(value)
+            self._link_weight()
         if (name == "weight" and not getattr(self, "quantized", True) and isinstance(value, torch.Tensor)
                 and not value.is_meta and "weight" in self._unloaded and not self.__dict__.get("_loading")):
             self._unloaded = self._unloaded - {"weight"}
             self.float_dtype = value.dtype
+            self._sync_assigned()  # LoRA weights that accelerate assigned (before its retie) are not initialized again
             self._init_unloaded_lora(value.device)
+            self._init_unloaded_magnitudes()
         if at_init:
             self._reinit_dora_magnitudes(at_init)
+
+    def __setstate__(self, state: dict) -> None:
+        """``nn.Module``'s (unpickling, deepcopy), then the weight linked to this layer again (the link is weak and
+        not copied: ``_link_weight``)."""
+        super().__setstate__(state)
+        if isinstance(self._parameters.get("weight"), Params4bit):
+            self._link_weight()
+
+    def _link_weight(self) -> None:
+        """Link the packed weight and its QuantState to this layer, so that accelerate's per-key loader can give
+        their pieces to it (``qkernels._accelerate``). Links the object ``_parameters`` holds: accelerate's
+        ``init_empty_weights`` replaces a Parameter as it is registered."""
+        self._link_weight_of(self._parameters["weight"])
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -637,17 +677,19 @@ class QLoRALinear(nn.Module):
 
         Raises:
             ValueError: a bad LoRA argument (named in the message), ``"loftq"`` without ``original_weight``, or
-                ``use_dora`` on a layer whose weight holds no values yet (the meta device).
+                ``use_dora`` on a layer whose weight holds no values and is not meta (``to_empty`` memory, part of a
+                sharded load). On a meta weight the magnitude is computed when the weight is loaded
+                (``_init_unloaded_magnitudes``).
         """
         _check_lora_args(r, lora_alpha, lora_dropout, init_lora_weights, adapter_name)
         if not isinstance(use_rslora, bool):
             raise ValueError(f"use_rslora must be a bool, got {use_rslora!r}")
         if not isinstance(use_dora, bool):
             raise ValueError(f"use_dora must be a bool, got {use_dora!r}")
-        if use_dora and (self.weight.is_meta or "weight" in self._unloaded):
+        if use_dora and not self.weight.is_meta and "weight" in self._unloaded:
             raise ValueError("use_dora=True initializes the DoRA magnitude from the base weight's row norms, and this "
-                             "layer's weight holds no values (the meta device): load the base checkpoint first "
-                             "(load_state_dict(sd, assign=True)), then add the DoRA adapter (or load_adapter)")
+                             "layer's weight holds no values (memory from to_empty, or part of a sharded load): "
+                             "load the base checkpoint first, then add the DoRA adapter (or load_adapter)")
         dev = self.weight.device
         A = nn.Linear(self.in_features, r, bias=False, device=dev, dtype=torch.float32)
         B = nn.Linear(r, self.out_features, bias=False, device=dev, dtype=torch.float32)
@@ -688,8 +730,11 @@ class QLoRALinear(nn.Module):
         if use_dora:  # after A, B (and a LoftQ weight) are final, as peft's layer.py:316-317 runs the variant's init
             from .dora import DoraMagnitude
 
-            norm = self._dora_norm(A.weight, B.weight, scaling).to(torch.float32)
-            _check_dora_norm(norm)
+            if self.weight.is_meta:  # computed when the weight is loaded (_init_unloaded_magnitudes), as peft would
+                norm = torch.empty(self.out_features, dtype=torch.float32, device="meta")
+            else:
+                norm = self._dora_norm(A.weight, B.weight, scaling).to(torch.float32)
+                _check_dora_norm(norm)
             self.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm)
         self.lora_A[adapter_name] = A
         self.lora_B[adapter_name] = B
@@ -1035,6 +1080,13 @@ class QLoRALinear(nn.Module):
             self._unloaded = self._unloaded | meta
 
     def _raise_unloaded(self) -> None:
+        """Raise the RuntimeError naming what holds no value yet; return if nothing does once the tensors that
+        accelerate assigned directly are counted (``_sync_assigned``)."""
+        self._sync_assigned()
+        if not self._unloaded:
+            return
+        if _accelerate.offloading_hook(self):
+            raise RuntimeError(_accelerate.OFFLOADED.format(self.in_features, self.out_features))
         if self._pending_weight:
             raise RuntimeError(
                 f"QLoRALinear(in_features={self.in_features}, out_features={self.out_features}): its weight is "
@@ -1046,6 +1098,83 @@ class QLoRALinear(nn.Module):
         after = ("" if all(t.is_meta for k, t in self._local_tensors().items() if k in self._unloaded)
                  else "; to_empty() gave them memory but no values")
         raise RuntimeError(_UNLOADED.format(self.in_features, self.out_features, keys, after))
+
+    # ------------------------------------------------------------------ accelerate's per-key loader
+    def _sync_assigned(self) -> None:
+        """Count as loaded the tensors that were assigned directly: accelerate's ``set_module_tensor_to_device``
+        writes ``module._parameters[name]`` (bias, LoRA, magnitudes, a float base's weight), never calling
+        ``load_state_dict``. A key in ``_unloaded`` whose tensor is no longer meta got a value that way, unless
+        ``to_empty`` gave it memory only (``_empty_keys``). A 4-bit weight loads through ``_accelerate_piece``."""
+        if not self._unloaded:
+            return
+        tensors = self._local_tensors()
+        got = {k for k in self._unloaded - self._empty_keys
+               if k in tensors and not tensors[k].is_meta and (k != "weight" or not self.quantized)}
+        if not got:
+            return
+        self._unloaded = self._unloaded - got
+        if "weight" in got:  # a float base's weight: as a checkpoint load of it (_load_from_state_dict)
+            self.float_dtype = self.weight.dtype
+            self._init_unloaded_lora(self.weight.device)
+            self._init_unloaded_magnitudes()
+
+    def _key(self, local: str) -> str:
+        """A state-dict key of this layer for messages: with the module's name when apply_qlora recorded it
+        (``_key("")``: the prefix)."""
+        return f"{self._module_name}.{local}" if self._module_name else local
+
+    def _accelerate_accepts(self, key: str) -> bool:
+        """Whether ``key`` (``weight.absmax``, ``weight.quant_state.bitsandbytes__nf4``, ...) is a piece of this
+        layer's weight in its format. A piece only another format has is a ValueError naming the fix: accelerate
+        passes such keys only with ``strict=True`` (otherwise it drops them as absent from the model's state dict)."""
+        st = getattr(self.weight, "quant_state", None)
+        short = key.removeprefix("weight.")
+        if st is None or short in ("absmax", "quant_map"):
+            return st is not None
+        if short in ("nested_absmax", "nested_quant_map"):
+            if not st.nested:
+                raise ValueError(_accelerate.FORMAT.format(
+                    key=self._key(key), what="the checkpoint's absmax is double-quantized, this layer's is not",
+                    fix="apply_qlora(..., double_quant=True)"))
+            return True
+        if short.startswith("quant_state.bitsandbytes__"):
+            qt = short.rpartition("__")[2]
+            if qt != st.quant_type:
+                raise ValueError(_accelerate.FORMAT.format(
+                    key=self._key(key), what=f"the checkpoint is {qt}, this layer {st.quant_type}",
+                    fix=f"apply_qlora(..., quant_type={qt!r})"))
+            return True
+        return False
+
+    def _accelerate_weight(self, data: torch.Tensor) -> Params4bit:
+        """accelerate rebuilt this layer's weight from the checkpoint's packed bytes (``Params4bit.__new__``): load
+        them as the key ``weight``. Returns what accelerate stores as ``weight``: the loaded weight once the quant
+        state is complete; else the layer's weight as it is, or, on the meta device (from which accelerate cannot
+        move it), the bytes with the meta quant state, until the rest arrives (the layer refuses to run meanwhile)."""
+        w = self._accelerate_piece("weight", data)
+        if "weight" not in self._unloaded or not w.is_meta:
+            return w
+        waiting = Params4bit(self._pending_weight["weight"], False, w.quant_state)
+        self._link_weight_of(waiting)
+        return waiting
+
+    def _link_weight_of(self, w: Params4bit) -> None:
+        """Link ``w`` and its QuantState to this layer (``qkernels._accelerate.link``)."""
+        _accelerate.link(w, self)
+        _accelerate.link(w.quant_state, self)
+
+    def _accelerate_piece(self, key: str, value: torch.Tensor) -> Params4bit:
+        """Load one key of this layer's weight that accelerate delivered (``weight``, ``weight.absmax``, ...,
+        ``weight.quant_state.bitsandbytes__<type>``) as a ``load_state_dict(..., assign=True)`` of that key alone:
+        the parts are kept until the set is complete, then validated and loaded whole (``_load_from_state_dict``).
+        Pieces that accelerate cast (its ``dtype=``) or that belong to another format are refused first, naming the
+        key and the fix. Returns the layer's weight."""
+        self._sync_assigned()  # LoRA weights accelerate already set are not initialized again when the weight loads
+        _accelerate.check_piece(self, key, value)
+        prefix = self._key("")  # the module's name in messages ("model.layers.0.mlp.up_proj.weight.*")
+        self._load_from_state_dict({prefix + key: value}, prefix, {"assign_to_params_buffers": True}, True, [], [],
+                                   [])
+        return self.weight
 
     # ------------------------------------------------------------------ device / dtype moves
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QLoRALinear:
@@ -1059,6 +1188,18 @@ class QLoRALinear(nn.Module):
         scales (``QuantState.to_empty``); the keys stay in ``_unloaded`` until a checkpoint is loaded. A tensor moved
         to meta joins them.
         """
+        self._sync_assigned()  # before a move (accelerate's dispatch_model calls model.to)
+        was_meta = {k for k, t in self._local_tensors().items() if t.is_meta}
+        try:
+            return self._apply_inner(fn, recurse)
+        finally:
+            # tensors that left the meta device here got memory without values (to_empty): _sync_assigned must not
+            # count them as assigned
+            now = self._local_tensors()
+            self._empty_keys = frozenset(k for k in self._unloaded if k in now and not now[k].is_meta
+                                         and (k in was_meta or k in self._empty_keys))
+
+    def _apply_inner(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool) -> QLoRALinear:
         if not self.quantized:  # a float base moves and converts like nn.Linear's weight
             super()._apply(fn, recurse)
             self.float_dtype = self.weight.dtype
@@ -1090,6 +1231,7 @@ class QLoRALinear(nn.Module):
             else:  # meta -> a real device (to_empty): .data cannot change the tensor's kind; torch makes a new one too
                 w = self._parameters["weight"] = Params4bit(data, False, w.quant_state)
                 self._remember_packed(w)
+                self._link_weight()
             if w.quant_state.device != moved.device:
                 if w.quant_state.device.type == "meta":
                     w.quant_state.to_empty(moved.device)
@@ -1220,6 +1362,11 @@ class QLoRALinear(nn.Module):
         if "weight" in loaded and not self.weight.is_meta:
             self._reinit_dora_magnitudes(dora_init)
             self._pending_dora = {}
+            # a DoRA adapter added on meta, absent from the checkpoint: its new magnitude replaces the meta one that
+            # the children would otherwise take back from the state dict (the no-op entries set above)
+            for k in self._init_unloaded_magnitudes():
+                if prefix + k in state_dict:
+                    state_dict[prefix + k] = self._local_tensors()[k]
         # a meta weight / bias assigned over a real one (assign=True) holds no value either (the LoRA weights are
         # assigned after this method, by the children: see `loaded`)
         self._unloaded = self._unloaded | {k for k in ("weight", "bias")
@@ -1296,6 +1443,31 @@ class QLoRALinear(nn.Module):
         if nested:
             need += [f"{wkey}.nested_absmax", f"{wkey}.nested_quant_map"]
         return [k for k in need if k not in pieces]
+
+    def _init_unloaded_magnitudes(self) -> list[str]:
+        """Give the DoRA adapters added on the meta device whose magnitude holds no value (absent from the checkpoint)
+        peft's initial one, the row norms of ``W + s B A``, once the weight and A, B hold values: what
+        ``update_layer(use_dora=True)`` would have computed had the weight been there. A new Parameter (a meta one
+        cannot take values in place). An all-zero row warns (0/0: NaN in peft) and the rest of the load goes on.
+        Returns the keys it set."""
+        done: list[str] = []
+        if "weight" in self._unloaded or self.weight.is_meta:
+            return done
+        for name, mag in self._magnitudes().items():
+            key = f"lora_magnitude_vector.{name}.weight"
+            if key not in self._unloaded or {f"lora_A.{name}.weight", f"lora_B.{name}.weight"} & self._unloaded:
+                continue
+            A, B = self.lora_A[name].weight, self.lora_B[name].weight
+            with torch.no_grad():
+                norm = self._dora_norm(A, B, self.scaling[name]).to(torch.float32)
+            mag.weight = nn.Parameter(norm, requires_grad=mag.weight.requires_grad)
+            self._unloaded = self._unloaded - {key}
+            done.append(key)
+            try:
+                _check_dora_norm(norm)
+            except ValueError as e:
+                warnings.warn(f"DoRA adapter {name!r} initialized at load: {e}", stacklevel=3)
+        return done
 
     def _init_unloaded_lora(self, device: torch.device) -> None:
         """Give the adapters whose LoRA weights hold no value (a meta layer's; after ``to_empty``) their initial values

@@ -160,6 +160,26 @@ class QuantState:
             return self.as_dict(packed=True)[_QS_PREFIX + name.removeprefix("bitsandbytes__")]
         raise AttributeError(f"'{type(self).__name__}' object has no attribute {name!r}")
 
+    # accelerate's set_module_tensor_to_device walks "<layer>.weight.quant_state.bitsandbytes__nf4" with getattr and
+    # sets module._parameters["bitsandbytes__nf4"]: the state of a layer's weight answers (qkernels._accelerate)
+    @property
+    def _parameters(self) -> Any:
+        from . import _accelerate
+
+        return _accelerate.slots(self, "weight.quant_state.", "_parameters")
+
+    @property
+    def _buffers(self) -> Any:
+        from . import _accelerate
+
+        return _accelerate.slots(self, "weight.quant_state.", "_buffers")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle / deepcopy state: the fields, without the weak link to the layer that holds this state."""
+        from . import _accelerate
+
+        return {k: v for k, v in self.__dict__.items() if k != _accelerate.OWNER}
+
     def __repr__(self) -> str:
         nested = f", nested_blocksize={self.state2.blocksize}" if self.nested else ""
         return (

@@ -460,10 +460,11 @@ def test_a_base_only_checkpoint_gives_initial_magnitudes_the_new_weights_row_nor
 
 # ---------------------------------------------------------------------------------------------- refusals
 def test_refusals_name_the_fix():
-    with torch.device("meta"):
-        meta = dense_toy()
+    with torch.device("meta"):  # on meta the magnitude is computed at load (test_accelerate_load.py); after
+        meta = apply_qlora(dense_toy(), "all-linear")  # to_empty the weight holds no values and is not meta
+    meta.to_empty(device="cpu")
     with pytest.raises(ValueError, match=r"use_dora=True initializes the DoRA magnitude.*load the base checkpoint"):
-        apply_qlora(meta, "all-linear", use_dora=True)
+        adapters.add_adapter(meta, "d", use_dora=True)
     model = apply_qlora(dense_toy(), "all-linear", r=R)
     with pytest.raises(ValueError, match="use_dora must be a bool"):
         adapters.add_adapter(model, "d", use_dora=1)
@@ -602,8 +603,9 @@ def test_gpt2_conv1d_dora_adapter_loads_in_peft_and_merges_to_conv1d(tmp_path, b
 
 def test_bnb_loaded_model_meta_model_and_compile(tmp_path, x):
     """apply_qlora(use_dora=True) on a model whose layers bitsandbytes already quantized wraps them as they are (the
-    magnitudes of the same bytes, peft's trainable count); a meta model refuses a DoRA adapter file naming the fix and
-    keeps nothing of it; a DoRA layer compiles with fullgraph=True to the eager result."""
+    magnitudes of the same bytes, peft's trainable count); a meta model takes a DoRA adapter file before its base
+    checkpoint (the trained magnitudes kept) and runs as the model that saved it; a DoRA layer compiles with
+    fullgraph=True to the eager result."""
     ours = dora_toy()
     randomize_dora(ours, "default", seed=1)
     wrapped = apply_qlora(bnb_base(ours), "all-linear", r=R, lora_alpha=ALPHA, use_dora=True)
@@ -614,9 +616,15 @@ def test_bnb_loaded_model_meta_model_and_compile(tmp_path, x):
     adapters.save_adapter(ours, tmp_path)
     with torch.device("meta"):
         meta = apply_qlora(dense_toy(), "all-linear", r=R, lora_alpha=ALPHA)
-    with pytest.raises(ValueError, match="weight holds no values .*load the base checkpoint first"):
-        adapters.load_adapter(meta, tmp_path, adapter_name="d")
-    assert adapters.adapter_names(meta) == ["default"]
+    adapters.load_adapter(meta, tmp_path, adapter_name="d")
+    meta.load_state_dict({k: v for k, v in ours.state_dict().items() if "lora_" not in k}, assign=True)
+    adapters.set_adapter(meta, "d")
+    for name, layer in qlora_layers(meta).items():
+        layer.compute_dtype = torch.float32  # as dora_toy's
+        assert torch.equal(layer.lora_magnitude_vector["d"].weight,
+                           ours.get_submodule(name).lora_magnitude_vector["default"].weight), name
+    with torch.no_grad():
+        assert torch.equal(meta(x), ours(x))
     layer = ours.get_submodule("layers.0.up").eval()
     xi = torch.randn(4, layer.in_features, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
