@@ -503,8 +503,12 @@ class QLoRAEmbedding(nn.Module):
         return self.base_embedding()
 
     def base_embedding(self) -> nn.Module:
-        """The original embedding module (its class, arguments and scale) holding this layer's weight Parameter
-        (the same object: nothing merged, nothing copied), frozen, in this layer's training mode."""
+        """The original embedding module without LoRA (``qkernels.resize`` hands it to transformers' resize).
+
+        Returns:
+            The embedding as it was before LoRA (its class, arguments and scale), holding this layer's weight
+            Parameter (the same object: nothing merged, nothing copied), frozen, in this layer's training mode.
+        """
         w = self.weight
         base = self.__dict__.get("_base_embedding")
         if base is None:
