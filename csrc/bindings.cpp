@@ -112,6 +112,33 @@ void dequantize_4bit_nested_cpu(std::uint64_t packed_ptr, std::uint64_t absmax_q
       static_cast<DType>(out_dtype));
 }
 
+bool dequantize_4bit_t_cpu(std::uint64_t packed_ptr, std::uint64_t absmax_ptr, std::uint64_t absmax_q_ptr,
+                           std::uint64_t nested_absmax_ptr, std::uint64_t nested_code_ptr, float offset,
+                           int64_t nested_blocksize, std::uint64_t code_ptr, int64_t N, int64_t K, int64_t blocksize,
+                           std::uint64_t out_ptr, int out_dtype) {
+  const char* fn = "dequantize_4bit_t_cpu";
+  QK_CHECK_POSITIVE(N, fn, "N");
+  QK_CHECK_POSITIVE(K, fn, "K");
+  check_dequantize_args(fn, packed_ptr, absmax_ptr != 0 ? absmax_ptr : absmax_q_ptr, code_ptr, N * K, blocksize,
+                        out_ptr, out_dtype);
+  QK_CHECK_ARG(out_dtype == static_cast<int>(DType::float32) || out_dtype == static_cast<int>(DType::bfloat16), fn,
+               "out_dtype", "must be float32 or bfloat16 (got " + std::to_string(out_dtype) + ")");
+  if (absmax_ptr == 0) {
+    QK_CHECK_PTR(nested_absmax_ptr, fn, "nested_absmax_ptr");
+    QK_CHECK_PTR(nested_code_ptr, fn, "nested_code_ptr");
+    QK_CHECK_ARG(nested_blocksize > 0 && (nested_blocksize & (nested_blocksize - 1)) == 0, fn, "nested_blocksize",
+                 "must be a positive power of two (got " + std::to_string(nested_blocksize) + ")");
+  }
+  (void)qkernels::cpu::active_isa();  // validates QKERNELS_CPU_ISA before releasing the GIL
+  py::gil_scoped_release release;
+  return qkernels::cpu::dequantize_4bit_transposed(
+      reinterpret_cast<const uint8_t*>(packed_ptr), reinterpret_cast<const float*>(absmax_ptr),
+      reinterpret_cast<const uint8_t*>(absmax_q_ptr), reinterpret_cast<const float*>(nested_absmax_ptr),
+      reinterpret_cast<const float*>(nested_code_ptr), offset, nested_blocksize,
+      reinterpret_cast<const float*>(code_ptr), N, K, blocksize, reinterpret_cast<void*>(out_ptr),
+      static_cast<DType>(out_dtype));
+}
+
 void quantize_blockwise_cpu(std::uint64_t A_ptr, int64_t n, int64_t blocksize, std::uint64_t code_ptr,
                             std::uint64_t out_ptr, std::uint64_t absmax_ptr) {
   const char* fn = "quantize_blockwise_cpu";
@@ -209,6 +236,21 @@ PYBIND11_MODULE(_C, m) {
         "dequantize_4bit_cpu with double-quantized scales decoded inline: absmax_q uint8[ceil(n/blocksize)], "
         "nested_absmax float32[ceil(nblocks/nested_blocksize)], nested_code float32[256], offset float; block b's "
         "scale = float32(nested_code[absmax_q[b]] * nested_absmax[b // nested_blocksize]) + offset (two roundings).");
+  m.def("dequantize_4bit_t_cpu", &dequantize_4bit_t_cpu, py::arg("packed_ptr"), py::arg("absmax_ptr"),
+        py::arg("absmax_q_ptr"), py::arg("nested_absmax_ptr"), py::arg("nested_code_ptr"), py::arg("offset"),
+        py::arg("nested_blocksize"), py::arg("code_ptr"), py::arg("N"), py::arg("K"), py::arg("blocksize"),
+        py::arg("out_ptr"), py::arg("out_dtype"),
+        "Dequantize a 4-bit weight W [N, K] (bitsandbytes layout, row-major) into its transpose out [K, N] of "
+        "out_dtype (float32 or bfloat16): bit for bit the transpose of dequantize_4bit_cpu / "
+        "dequantize_4bit_nested_cpu's output. Scales: absmax_ptr (float32), or absmax_ptr=0 and the nested ones "
+        "as for dequantize_4bit_nested_cpu. Returns whether the vectorized path ran "
+        "(dequantize_4bit_t_cpu_vectorized).");
+  m.def("dequantize_4bit_t_cpu_vectorized", [](int64_t N, int64_t K, int64_t blocksize, int out_dtype) {
+          QK_CHECK_DTYPE(out_dtype, "dequantize_4bit_t_cpu_vectorized", "out_dtype");
+          return qkernels::cpu::dequantize_4bit_transposed_vectorized(N, K, blocksize, static_cast<DType>(out_dtype));
+        }, py::arg("N"), py::arg("K"), py::arg("blocksize"), py::arg("out_dtype"),
+        "bool: whether dequantize_4bit_t_cpu is vectorized for this shape and out_dtype on the active ISA (AVX-512, "
+        "bfloat16, K % 128 == 0, K % blocksize == 0, N >= 32); elsewhere it is a slow portable loop.");
   m.def("quantize_blockwise_cpu", &quantize_blockwise_cpu, py::arg("A_ptr"), py::arg("n"), py::arg("blocksize"),
         py::arg("code_ptr"), py::arg("out_ptr"), py::arg("absmax_ptr"),
         "8-bit blockwise quantization of n contiguous float32 values against a 256-entry map (any order) on the CPU, "

@@ -269,6 +269,32 @@ def dequantize_4bit_cpu_into(packed: torch.Tensor, absmax: torch.Tensor, code: t
     return out
 
 
+def dequantize_4bit_cpu_t_into(packed: torch.Tensor, scales: tuple, code: torch.Tensor, blocksize: int, N: int, K: int,
+                               out: torch.Tensor) -> torch.Tensor:
+    """The weight ``W [N, K]`` dequantized on the CPU into ``out [K, N]`` as its transpose: ``out[k, n] = W[n, k]``,
+    bit for bit the transpose of ``dequantize_4bit_cpu_into``'s result. Without checks, like that function: ``packed``
+    uint8 and dense, validated against the scales; ``out`` dense float32 / bfloat16 (fast only where
+    ``_C.dequantize_4bit_t_cpu_vectorized`` says so). ``scales``: ``(absmax, nested_absmax, nested_code, offset,
+    nested_blocksize)``, the nested entries None for float32 absmax.
+
+    Returns:
+        ``out``.
+    """
+    absmax, nested_absmax, nested_code, offset, nested_blocksize = scales
+    absmax = absmax.contiguous()
+    code = code.contiguous()
+    dt = _DTYPE_TO_NATIVE[out.dtype]
+    if nested_absmax is not None:
+        offset = offset_value(offset) if isinstance(offset, torch.Tensor) else float(offset)
+        _C.dequantize_4bit_t_cpu(packed.data_ptr(), 0, absmax.data_ptr(), nested_absmax.contiguous().data_ptr(),
+                                 nested_code.contiguous().data_ptr(), offset, int(nested_blocksize), code.data_ptr(),
+                                 N, K, blocksize, out.data_ptr(), dt)
+    else:
+        _C.dequantize_4bit_t_cpu(packed.data_ptr(), absmax.data_ptr(), 0, 0, 0, 0.0, 256, code.data_ptr(), N, K,
+                                 blocksize, out.data_ptr(), dt)
+    return out
+
+
 def quantize_4bit_native(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise 4-bit quantization of ``A`` (any shape, CPU or CUDA) with the native kernel.
 

@@ -28,6 +28,19 @@ void dequantize_4bit_nested(const uint8_t* packed, const uint8_t* absmax_q, cons
                             const float* nested_code, float offset, int64_t nested_blocksize, const float* code,
                             int64_t n, int64_t blocksize, void* out, DType out_dtype);
 
+// The 4-bit weight W [N, K] (row-major, element e = n * K + k) dequantized into its transpose: out[k * N + n] =
+// W[n, k], bit for bit the transpose of dequantize_4bit / dequantize_4bit_nested's output.  Scales: absmax (float32)
+// or, when absmax is null, the nested ones (absmax_q, nested_absmax, nested_code, offset, nested_blocksize).
+// out_dtype float32 or bfloat16.  Returns whether the vectorized path ran (dequantize_4bit_transposed_vectorized);
+// the result is the same either way.  Arguments are assumed validated (see bindings.cpp).
+bool dequantize_4bit_transposed(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q,
+                                const float* nested_absmax, const float* nested_code, float offset,
+                                int64_t nested_blocksize, const float* code, int64_t N, int64_t K, int64_t blocksize,
+                                void* out, DType out_dtype);
+// Whether dequantize_4bit_transposed takes its vectorized path (AVX-512 active, bfloat16 out, K % 128 == 0,
+// K % blocksize == 0, N >= 32); elsewhere it runs a portable loop, slow: callers keep the row-major layout then.
+bool dequantize_4bit_transposed_vectorized(int64_t N, int64_t K, int64_t blocksize, DType out_dtype);
+
 // 8-bit blockwise dequantization (the nested-scale format): out[i] = code[q[i]] * absmax[i / blocksize], one float32
 // multiply per element (bit-identical to qkernels.reference.dequantize_blockwise on every ISA path).
 //   q : uint8[n];  absmax : float32[ceil(n/blocksize)];  code : float32[256];  out : float32[n]
