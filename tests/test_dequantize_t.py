@@ -139,7 +139,7 @@ def test_backward_dx_the_same_with_either_layout(monkeypatch, M, N, K):
     dx64 = dy.double() @ Wd + (2.0 * (dy.double() @ B0.double())) @ A0.double()
     dx_torch = (dy @ Wd.to(torch.bfloat16)).double()
     tol = 2 * (dx_torch - dx64).abs().max().item() + 2.0**-8 * dx64.abs().max().item()
-    for name, a, b in zip(("dA", "dB"), t_grads[1:], r_grads[1:]):  # not computed from W: the same either way
+    for name, a, b in zip(("dA", "dB"), t_grads[1:], r_grads[1:], strict=True):  # not from W: the same either way
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name} differs between the layouts")
     for dx in (t_grads[0], r_grads[0]):  # the matmul's summation order may differ between the layouts
         assert (dx.double() - dx64).abs().max().item() <= tol
