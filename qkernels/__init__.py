@@ -72,6 +72,7 @@ from .modules_to_save import ModulesToSaveWrapper
 from .nn import Params4bit, QLoRALinear
 from .quant_state import QuantState
 from .resize import resize_token_embeddings
+from .trainable_tokens import TrainableTokensWrapper
 
 __version__ = "0.1.0"
 
@@ -84,6 +85,7 @@ __all__ = [
     "QLoRATrainerMixin",
     "QuantState",
     "QuantType",
+    "TrainableTokensWrapper",
     "adapter_batch",
     "adapter_names",
     "adapters",

@@ -38,11 +38,13 @@ from .adapters import (
     _qlora_class,
     _qlora_modules,
     _require_adapter,
+    _token_wrappers,
     _wrappers,
     adapter_names,
     delete_adapter,
     set_adapter,
 )
+from .trainable_tokens import DELTA_KEY
 
 __all__ = ["adapter_state_dict", "load_adapter", "save_adapter"]
 
@@ -67,13 +69,15 @@ MAGNITUDE_KEY = "lora_magnitude_vector"  # the file key's suffix, as peft writes
 # the model's input / output embedding, <module>.base_layer.weight (and .bias), and loads it back into the base layer
 _BASE_KEY_RE = re.compile(r"^(?P<module>.+)\.base_layer\.(?P<which>weight|bias)$")
 _EMBEDDING_NAME_RE = re.compile(r"(.*\.)?(embed_tokens|lm_head)$")
+# peft's trainable tokens (trainable_token_indices): ``<module>.token_adapter.trainable_tokens_delta``, the new rows
+# ``[len(indices), embedding_dim]``; a live state dict has ``...trainable_tokens_delta.<adapter>``
+_DELTA_RE = re.compile(r"^(?P<module>.+)\.token_adapter\.trainable_tokens_delta(?:\.(?P<adapter>[^.]+))?$")
 
 # LoraConfig fields that change what the adapter computes or what the file holds beyond plain A/B on Linear layers.
 # qkernels' QLoRALinear does plain LoRA and DoRA (use_dora, qkernels.dora), so an adapter using any of these is
 # refused rather than silently mis-applied (with use_dora too: DoRA combined with one of them is refused the same).
 _UNSUPPORTED_IF_SET = {
     "lora_bias": "a trainable bias on lora_B",
-    "trainable_token_indices": "trainable embedding tokens",
     "layer_replication": "layer replication",
     "target_parameters": "LoRA on nn.Parameter targets",
     "alora_invocation_tokens": "activated LoRA (aLoRA)",
@@ -169,6 +173,7 @@ def _target_spec(model: nn.Module, names: list[str], modules_to_save: list[str] 
     cls = _qlora_class()
     inside = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, cls))  # their lora_A / lora_B
     inside += tuple(f"{n}." for n, _ in _wrappers(model))  # a module to save's original and copies
+    inside += tuple(f"{n}." for n, _ in _token_wrappers(model))  # a trainable-tokens embedding's base layer
     # every module peft would try to wrap counts, whatever its type: GPT-2's Conv1D c_proj beside a targeted c_proj,
     # or an Embedding / LayerNorm sharing a target's short name (peft wraps or refuses those; never skips them)
     visible = {n for n, _ in model.named_modules() if n and not n.startswith(inside)}
@@ -203,8 +208,22 @@ def _most_common(values: list[Any]) -> Any:
     return collections.Counter(values).most_common(1)[0][0]
 
 
+def _token_spec(model: nn.Module, adapter: str) -> list[int] | dict[str, list[int]] | None:
+    """peft's ``trainable_token_indices`` for ``adapter``: a list when only the input embedding has rows (how users
+    write it; peft applies a list there), else ``{full module name: ids}`` (peft matches a key as a name suffix)."""
+    own = [(n, t) for n, t in _token_wrappers(model) if not t.tied and adapter in t.deltas]
+    if not own:
+        return None
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    if len(own) == 1 and own[0][1] is emb:
+        return list(own[0][1].token_indices[adapter])
+    return {n: list(t.token_indices[adapter]) for n, t in own}
+
+
 def _config_fields(model: nn.Module, infos: list[_ModuleAdapter], task_type: str | None,
-                   base_model_name_or_path: str | None, modules_to_save: list[str] | None) -> dict[str, Any]:
+                   base_model_name_or_path: str | None, modules_to_save: list[str] | None,
+                   trainable_token_indices: list[int] | dict[str, list[int]] | None = None) -> dict[str, Any]:
     """The LoraConfig arguments describing ``infos``, with ``rank_pattern`` / ``alpha_pattern`` for the outliers."""
     if len({i.use_rslora for i in infos}) > 1:
         raise ValueError("modules mix rsLoRA and plain LoRA scaling in one adapter; peft's use_rslora is global")
@@ -236,6 +255,7 @@ def _config_fields(model: nn.Module, infos: list[_ModuleAdapter], task_type: str
         use_dora=infos[0].use_dora,
         **_target_spec(model, [i.name for i in infos], modules_to_save),
         modules_to_save=modules_to_save,
+        trainable_token_indices=trainable_token_indices,
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
         bias="none",
@@ -321,6 +341,10 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default", *,
         if adapter_name in w.modules_to_save:
             for k, v in w.modules_to_save[adapter_name].state_dict().items():
                 out[f"{PEFT_PREFIX}{name}.{k}"] = _saved(state_dict, f"{name}.modules_to_save.{adapter_name}.{k}", v)
+    for name, t in _token_wrappers(model):  # peft's TrainableTokensWrapper.adapter_state_dict: tied heads write none
+        if not t.tied and adapter_name in t.deltas:
+            out[f"{PEFT_PREFIX}{name}.{DELTA_KEY}"] = _saved(state_dict, f"{name}.{DELTA_KEY}.{adapter_name}",
+                                                          t.deltas[adapter_name])
     out.update(_embedding_base_weights(model, adapter_name, state_dict))
     return out
 
@@ -383,7 +407,7 @@ def save_adapter(
     mods = _require_adapter(model, adapter_name)
     infos = [_describe(n, m, adapter_name) for n, m in mods]
     text = _config_json(_config_fields(model, infos, task_type, base_model_name_or_path,
-                                       _save_names(model, adapter_name) or None))
+                                       _save_names(model, adapter_name) or None, _token_spec(model, adapter_name)))
     tensors = adapter_state_dict(model, adapter_name, state_dict=state_dict)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:
@@ -493,6 +517,9 @@ class _Planned:
 class _Plan:
     lora: list[_Planned]
     saved: dict[str, dict[str, torch.Tensor]]  # module to save -> its state dict from the file
+    # trainable_token_indices: {module: (indices, tied source or None)} and the file's rows per untied module
+    tokens: dict[str, tuple[list[int], str | None]] | None = None
+    token_rows: dict[str, torch.Tensor] | None = None
 
 
 def _config_targets(model: nn.Module, cfg: dict[str, Any]) -> set[str] | None:
@@ -524,6 +551,10 @@ def _split_keys(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tenso
             name = max(owner, key=len)
             saved.setdefault(name, {})[stripped[len(name) + 1:]] = t
             continue
+        delta = _DELTA_RE.match(stripped)
+        if delta is not None:  # trainable tokens: checked against the config's trainable_token_indices in _plan
+            pairs.setdefault(delta["module"], {})["tokens"] = (key, t)
+            continue
         base = _BASE_KEY_RE.match(stripped)
         if base is not None:  # a float base weight that peft saved with the adapter (save_embedding_layers)
             pairs.setdefault(base["module"], {})["base." + base["which"]] = (key, t)
@@ -548,9 +579,10 @@ def _split_keys(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tenso
             raise ValueError(
                 f"adapter key {key!r} is not a LoRA weight '{PEFT_PREFIX}<module>.lora_A.weight' / '.lora_B.weight' "
                 "nor LoRA on an embedding ('.lora_embedding_A' / '_B') nor a DoRA magnitude "
-                "('.lora_magnitude_vector') nor a tensor of a module to save (the "
+                "('.lora_magnitude_vector') nor trainable tokens ('.token_adapter.trainable_tokens_delta') nor a "
+                "tensor of a module to save (the "
                 f"config's modules_to_save={cfg.get('modules_to_save')!r} selects {save_names} here); other "
-                "tensors (lora_bias, trainable tokens) are not supported"
+                "tensors are not supported"
             )
         names_in_keys.setdefault(match["adapter"], key)
         if len(names_in_keys) > 1:
@@ -598,6 +630,7 @@ def _plan(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor], ad
     if not qlora_names:
         _qlora_modules(model)  # raises the "quantize it first" error
     pairs, saved = _split_keys(model, cfg, sd)
+    tokens, token_rows = _planned_tokens(model, cfg, pairs, adapter_name)
     if not pairs:
         raise ValueError("the adapter file holds no LoRA weights")
     _check_saved(model, cfg, saved, adapter_name, replace)
@@ -646,7 +679,51 @@ def _plan(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor], ad
             if not t.is_floating_point():
                 raise ValueError(f"adapter key {key!r}: dtype {t.dtype} is not a floating-point type")
         plan.append(_Planned(name, m, int(r), alpha, A, B, base, magnitude))
-    return _Plan(plan, saved)
+    return _Plan(plan, saved, tokens, token_rows)
+
+
+def _planned_tokens(model: nn.Module, cfg: dict[str, Any], pairs: dict[str, dict[str, tuple[str, torch.Tensor]]],
+                    adapter_name: str) -> tuple[dict[str, tuple[list[int], str | None]], dict[str, torch.Tensor]]:
+    """Take the trainable-token rows out of ``pairs``; check them against the config's ``trainable_token_indices``
+    (``qkernels.trainable_tokens.plan_trainable_tokens``): one ``[len(indices), embedding_dim]`` float tensor per
+    wrapped embedding (a tied head has none), none without the config field."""
+    from .trainable_tokens import plan_trainable_tokens
+
+    found = {n: ab.pop("tokens") for n, ab in list(pairs.items()) if "tokens" in ab}
+    for n in [n for n, ab in pairs.items() if not ab]:
+        del pairs[n]
+    spec = cfg.get("trainable_token_indices")
+    if spec is None:
+        if found:
+            key = next(iter(found.values()))[0]
+            raise ValueError(f"adapter key {key!r} holds trainable tokens, but the config has no "
+                             "trainable_token_indices: the config and the weights disagree")
+        return {}, {}
+    plan = plan_trainable_tokens(model, spec, adapter_name, cfg.get("modules_to_save"),
+                                 arg="adapter config trainable_token_indices")
+    lora = [n for n in plan if n in pairs]
+    if lora:
+        raise ValueError(f"adapter config trainable_token_indices selects {lora[0]!r}, which the file also gives LoRA; "
+                         "peft refuses trainable tokens on a LoRA embedding, so peft did not write this file")
+    rows = {}
+    for n, (indices, source) in plan.items():
+        if source is not None:
+            continue
+        if n not in found:
+            raise ValueError(f"module {n!r}: the config's trainable_token_indices selects it but the adapter has no "
+                             f"rows for it ({PEFT_PREFIX}{n}.{DELTA_KEY})")
+        key, t = found.pop(n)
+        m = model.get_submodule(n)
+        dim = (m.base_layer if hasattr(m, "token_adapter") else m).embedding_dim
+        if tuple(t.shape) != (len(indices), dim) or not t.is_floating_point():
+            raise ValueError(f"adapter key {key!r}: {tuple(t.shape)} {t.dtype} in the file, but module {n!r} with the "
+                             f"config's {len(indices)} token indices needs a float ({len(indices)}, {dim})")
+        rows[n] = t
+    if found:
+        key = next(iter(found.values()))[0]
+        raise ValueError(f"adapter key {key!r}: trainable tokens for a module that the config's "
+                         f"trainable_token_indices={spec!r} does not select here")
+    return plan, rows
 
 
 def _check_kind(name: str, m: nn.Module, ab: dict[str, tuple[str, torch.Tensor]], use_dora: bool) -> None:
@@ -780,6 +857,7 @@ def load_adapter(
 def _apply_plan(model: nn.Module, cfg: dict[str, Any], whole: _Plan, adapter_name: str) -> None:
     """Create and fill the adapter's LoRA weights and module-to-save copies; on any error undo all of it."""
     from .modules_to_save import ModulesToSaveWrapper, wrap_modules_to_save
+    from .trainable_tokens import TrainableTokensWrapper, add_trainable_tokens
 
     dropout, rslora = float(cfg.get("lora_dropout", 0.0)), bool(cfg.get("use_rslora", False))
     dora = bool(cfg.get("use_dora", False))
@@ -808,6 +886,12 @@ def _apply_plan(model: nn.Module, cfg: dict[str, Any], whole: _Plan, adapter_nam
             wrap_modules_to_save(model, cfg["modules_to_save"], adapter_name, activate=False)
             for n, tensors in whole.saved.items():
                 model.get_submodule(n).load_copy(adapter_name, tensors)
+        if whole.tokens:
+            originals.update({n: model.get_submodule(n) for n in whole.tokens})
+            add_trainable_tokens(model, whole.tokens, adapter_name, activate=False)
+            with torch.no_grad():
+                for n, t in whole.token_rows.items():
+                    model.get_submodule(n).deltas[adapter_name].copy_(t)
     except Exception:
         for p in done:  # leave no half-loaded adapter behind
             p.module.delete_adapter(adapter_name)
@@ -820,8 +904,8 @@ def _apply_plan(model: nn.Module, cfg: dict[str, Any], whole: _Plan, adapter_nam
                     param.copy_(old)
         for n, orig in originals.items():
             now = model.get_submodule(n)
-            if isinstance(orig, ModulesToSaveWrapper):
-                if adapter_name in orig.modules_to_save:
+            if isinstance(orig, (ModulesToSaveWrapper, TrainableTokensWrapper)):
+                if isinstance(orig, TrainableTokensWrapper) or adapter_name in orig.modules_to_save:
                     orig.delete_adapter(adapter_name)
             elif now is not orig:
                 parent, _, leaf = n.rpartition(".")

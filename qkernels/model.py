@@ -198,6 +198,7 @@ def apply_qlora(
     loftq_iter: int = 1,
     adapter_name: str = "default",
     use_dora: bool = False,
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None,
     log_every: int = 50,
     verbose: bool | None = None,
 ) -> nn.Module:
@@ -242,6 +243,12 @@ def apply_qlora(
             ``qkernels.dora``): each layer also trains a magnitude per output row (an embedding: per embedding
             dimension). Not on a meta model (the magnitude
             starts from the weight's row norms): load the checkpoint first, then ``add_adapter(..., use_dora=True)``.
+        trainable_token_indices: peft's (``LoraConfig(trainable_token_indices=...)``): a list of token ids whose rows
+            of the input embedding train beside LoRA (new special tokens), or ``{name suffix: ids}`` (e.g.
+            ``{"embed_tokens": [...]}``). The embedding is wrapped in a ``TrainableTokensWrapper``
+            (``qkernels.trainable_tokens``); a head tied to it (``tie_word_embeddings``) sees the same rows. Each id
+            must be a row of the embedding, listed once; the embedding must not also be a LoRA target or a module to
+            save (peft refuses both).
         log_every: report ``"apply_qlora: i/n layers quantized (t s)"`` every this many layers, always to the
             ``qkernels`` logger (INFO).
         verbose: also print those lines to stderr. None (default): print only for large models, i.e. when at least
@@ -311,6 +318,7 @@ def apply_qlora(
         raise ValueError(f"module {clash[0][0]!r} is a LoRA target and module {clash[0][1]!r} a module to save; "
                          "they overlap. Name the module to save exactly (e.g. its full name) or exclude it from "
                          "target_modules")
+    tokens = _plan_tokens(model, trainable_token_indices, adapter_name, modules_to_save, names, save_names)
     for n in names:
         m = modules[n]
         if n in emb_names:
@@ -384,6 +392,10 @@ def apply_qlora(
         p.requires_grad_(p.requires_grad and (_is_lora_param(pname) or ".modules_to_save." in f".{pname}"))
     if save_names:
         wrap_modules_to_save(model, modules_to_save, adapter_name)
+    if tokens:
+        from .trainable_tokens import add_trainable_tokens
+
+        add_trainable_tokens(model, tokens, adapter_name, activate=True)
     if emb_names or any(n in names for n in _output_embedding_names(model)):
         # transformers' resize_token_embeddings refuses a QLoRAEmbedding (TypeError, as peft's lora.Embedding) and
         # would put BART's plain shared embedding back over it: qkernels.resize's works, or says what to do
@@ -393,6 +405,28 @@ def apply_qlora(
     _mark_bnb_model_trainable(model)
     _prepare_for_gradient_checkpointing(model)
     return model
+
+
+def _plan_tokens(model: nn.Module, spec: Any, adapter_name: str, modules_to_save: list[str] | None,
+                 names: list[str], save_names: list[str]) -> dict[str, tuple[list[int], str | None]]:
+    """``trainable_token_indices`` checked before any change (``qkernels.trainable_tokens.plan_trainable_tokens``),
+    and refused where peft refuses it: on a LoRA target (peft: "cannot be applied to modules of type
+    lora.Embedding") or a module to save."""
+    if spec is None:
+        return {}
+    from .trainable_tokens import plan_trainable_tokens
+
+    plan = plan_trainable_tokens(model, spec, adapter_name, modules_to_save)
+    for n, (_, source) in plan.items():
+        what = ("a LoRA target (target_modules selects it)" if n in names else
+                "a module to save" if any(n == m or n.startswith(m + ".") for m in save_names) else None)
+        if what is not None:
+            tied = f", tied to {source!r}," if source else ""
+            raise ValueError(f"trainable_token_indices: module {n!r}{tied} is also {what}; peft refuses trainable "
+                             "tokens on a LoRA embedding (trainable_token_indices cannot be applied to modules of "
+                             f"type lora.Embedding) or a module to save: exclude {n.rpartition('.')[2]!r} from "
+                             "target_modules / modules_to_save, or drop trainable_token_indices")
+    return plan
 
 
 def _output_embedding_names(model: nn.Module) -> list[str]:
@@ -811,7 +845,7 @@ def _check_forward_is_linear(model: nn.Module, names: list[str]) -> None:
 
 def _is_lora_param(pname: str) -> bool:
     return any(f".{k}." in f".{pname}" for k in ("lora_A", "lora_B", "lora_magnitude_vector", "lora_embedding_A",
-                                                 "lora_embedding_B"))
+                                                 "lora_embedding_B", "trainable_tokens_delta"))
 
 
 def _raise_no_layer_match(model: nn.Module, target_modules: Any, exclude_modules: Any, layers_to_transform: Any,
@@ -1055,6 +1089,9 @@ def _conv1d(W: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
 
 
 def _unwrap_modules_to_save(model: nn.Module) -> None:
+    from .trainable_tokens import unwrap_trainable_tokens
+
+    unwrap_trainable_tokens(model, merge=True)  # peft's TrainableTokensWrapper.unload_and_optionally_merge_module
     for name, w in wrapper_modules(model)[::-1]:  # inner first (they cannot nest, but names stay valid either way)
         _replace(model, name, w.running_module())
 
