@@ -26,6 +26,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +58,8 @@ _KEY_RE = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)(?:\.(?P<adapter
 # LoRA on an embedding (peft's lora.Embedding: ParameterDicts, so no ".weight"): peft writes
 # ``<module>.lora_embedding_A`` / ``_B`` (its get_peft_model_state_dict strips the adapter name from the ParameterDict
 # key, save_and_load.py:528 reads it back so); a live state dict has ``<module>.lora_embedding_A.<adapter>``
+# lora_bias: ``<module>.lora_B.bias`` (a live state dict: ``<module>.lora_B.<adapter>.bias``)
+_BIAS_RE = re.compile(r"^(?P<module>.+)\.(?P<which>lora_B)(?:\.(?P<adapter>[^.]+))?\.bias$")
 _EMB_KEY_RE = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<which>A|B)(?:\.(?P<adapter>[^.]+))?$")
 EMBEDDING_KEYS = {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}  # the file keys' suffixes, as peft's
 # DoRA's magnitude. peft writes ``<module>.lora_magnitude_vector`` without ".weight" (the key of its older
@@ -77,7 +80,6 @@ _DELTA_RE = re.compile(r"^(?P<module>.+)\.token_adapter\.trainable_tokens_delta(
 # qkernels' QLoRALinear does plain LoRA and DoRA (use_dora, qkernels.dora), so an adapter using any of these is
 # refused rather than silently mis-applied (with use_dora too: DoRA combined with one of them is refused the same).
 _UNSUPPORTED_IF_SET = {
-    "lora_bias": "a trainable bias on lora_B",
     "layer_replication": "layer replication",
     "target_parameters": "LoRA on nn.Parameter targets",
     "alora_invocation_tokens": "activated LoRA (aLoRA)",
@@ -139,6 +141,7 @@ class _ModuleAdapter:
     use_rslora: bool
     conv1d: bool  # built from a transformers Conv1D (peft's is_target_conv_1d_layer)
     use_dora: bool = False
+    lora_bias: bool = False
 
 
 def _describe(name: str, m: nn.Module, adapter: str) -> _ModuleAdapter:
@@ -151,7 +154,8 @@ def _describe(name: str, m: nn.Module, adapter: str) -> _ModuleAdapter:
             f" = {expected}; peft's LoraConfig cannot represent it"
         )
     return _ModuleAdapter(name, r, alpha, _dropout_p(m.lora_dropout[adapter]), use_rslora,
-                          bool(getattr(m, "is_target_conv_1d_layer", False)), m.is_dora(adapter))
+                          bool(getattr(m, "is_target_conv_1d_layer", False)), m.is_dora(adapter),
+                          bool(getattr(m, "has_lora_bias", lambda _: False)(adapter)))
 
 
 def _short_name(name: str) -> str:
@@ -231,6 +235,10 @@ def _config_fields(model: nn.Module, infos: list[_ModuleAdapter], task_type: str
         dora = [i.name for i in infos if i.use_dora][:3]
         raise ValueError(f"adapter mixes DoRA modules (e.g. {dora}) with plain LoRA ones; peft's use_dora is global "
                          "to an adapter: give every module of it use_dora=True (or none)")
+    if len({i.lora_bias for i in infos}) > 1:
+        some = [i.name for i in infos if i.lora_bias][:3]
+        raise ValueError(f"adapter mixes modules with a lora_B bias (e.g. {some}) and modules without; peft's "
+                         "lora_bias is global to an adapter: give every module of it lora_bias=True (or none)")
     r, alpha = _most_common([i.r for i in infos]), _most_common([i.alpha for i in infos])
     # peft's get_pattern_key matches a pattern p as re.match(rf"(.*\.)?({p})$", module_name): an escaped full name
     # selects that module and every module whose name ends in "." + it (a top-level "up" also selects "layers.0.up");
@@ -253,6 +261,7 @@ def _config_fields(model: nn.Module, infos: list[_ModuleAdapter], task_type: str
         lora_dropout=max(i.dropout for i in infos),  # dropout does not change a saved adapter's outputs
         use_rslora=infos[0].use_rslora,
         use_dora=infos[0].use_dora,
+        lora_bias=infos[0].lora_bias,
         **_target_spec(model, [i.name for i in infos], modules_to_save),
         modules_to_save=modules_to_save,
         trainable_token_indices=trainable_token_indices,
@@ -276,7 +285,7 @@ def _config_json(fields: dict[str, Any]) -> str:
     if peft is not None:
         d = peft.LoraConfig(**fields).to_dict()
     else:  # the LoraConfig fields peft needs to rebuild this adapter; the others take their defaults when read
-        d = dict(dict(use_dora=False), **fields, peft_type="LORA", init_lora_weights=True, lora_bias=False,
+        d = dict(dict(use_dora=False, lora_bias=False), **fields, peft_type="LORA", init_lora_weights=True,
                  exclude_modules=None, revision=None, auto_mapping=None)
     d = {k: (sorted(v) if isinstance(v, set) else v) for k, v in d.items()}  # as PeftConfigMixin.save_pretrained
     return json.dumps(d, indent=2, sort_keys=True)
@@ -334,6 +343,9 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default", *,
             w = getattr(m, which)[adapter_name].weight
             key = f"{PEFT_PREFIX}{name}.{which}" + ("" if which == MAGNITUDE_KEY else ".weight")
             out[key] = _saved(state_dict, f"{name}.{which}.{adapter_name}.weight", w)
+        if m.has_lora_bias(adapter_name):  # peft's key for lora_bias: <module>.lora_B.bias
+            out[f"{PEFT_PREFIX}{name}.lora_B.bias"] = _saved(state_dict, f"{name}.lora_B.{adapter_name}.bias",
+                                                             m.lora_B[adapter_name].bias)
     for name, w in _wrappers(model):
         if adapter_name in w._unloaded_copies:
             raise RuntimeError(f"the copy of module to save {name!r} for adapter {adapter_name!r} was never loaded "
@@ -446,6 +458,11 @@ def _read_config(path: str | os.PathLike) -> dict[str, Any]:
                              "it into the base there with merge_and_unload), or train a plain LoRA / DoRA adapter")
     if not isinstance(cfg.get("use_dora", False), bool):
         raise ValueError(f"{cfg_path}: use_dora must be true or false, got {cfg['use_dora']!r}")
+    if not isinstance(cfg.get("lora_bias", False), bool):
+        raise ValueError(f"{cfg_path}: lora_bias must be true or false, got {cfg['lora_bias']!r}")
+    if cfg.get("lora_bias") and cfg.get("use_dora"):
+        raise ValueError(f"{cfg_path}: lora_bias=true with use_dora=true, which peft refuses (\"The argument "
+                         "lora_bias=True is not supported for DoRA\"): the file was not written by peft")
     if cfg.get("bias", "none") != "none":
         raise ValueError(f"{cfg_path}: bias={cfg['bias']!r} (trained base biases) is not supported; only 'none'")
     # fan_in_fan_out (peft sets it for GPT-2's Conv1D targets) is not checked: lora_A [r, in], lora_B [out, r] and
@@ -511,6 +528,7 @@ class _Planned:
     B: torch.Tensor
     base: dict[str, torch.Tensor] | None = None  # a float base's "weight" / "bias" from the file (peft's embeddings)
     magnitude: torch.Tensor | None = None  # a DoRA adapter's lora_magnitude_vector [out_features]
+    lora_B_bias: torch.Tensor | None = None  # lora_bias: lora_B's bias [out_features]
 
 
 @dataclass
@@ -559,7 +577,7 @@ def _split_keys(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tenso
         if base is not None:  # a float base weight that peft saved with the adapter (save_embedding_layers)
             pairs.setdefault(base["module"], {})["base." + base["which"]] = (key, t)
             continue
-        match = _KEY_RE.match(stripped) or _MAGNITUDE_RE.match(stripped)
+        match = _KEY_RE.match(stripped) or _MAGNITUDE_RE.match(stripped) or _BIAS_RE.match(stripped)
         emb = _EMB_KEY_RE.match(stripped) if match is None else None
         if emb is not None and cfg.get("ensure_weight_tying"):
             # peft then also gives the tied lm_head a LoRA whose A, B are the embedding's B^T, A^T (lora/model.py:
@@ -574,12 +592,13 @@ def _split_keys(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tenso
             match = emb
             which = "lora_" + emb["which"]
         elif match is not None:
-            which = match["which"]
+            which = match["which"] + (".bias" if stripped.endswith(".bias") else "")
         if match is None:
             raise ValueError(
                 f"adapter key {key!r} is not a LoRA weight '{PEFT_PREFIX}<module>.lora_A.weight' / '.lora_B.weight' "
                 "nor LoRA on an embedding ('.lora_embedding_A' / '_B') nor a DoRA magnitude "
-                "('.lora_magnitude_vector') nor trainable tokens ('.token_adapter.trainable_tokens_delta') nor a "
+                "('.lora_magnitude_vector') nor a lora_bias ('.lora_B.bias') nor trainable tokens "
+                "('.token_adapter.trainable_tokens_delta') nor a "
                 "tensor of a module to save (the "
                 f"config's modules_to_save={cfg.get('modules_to_save')!r} selects {save_names} here); other "
                 "tensors are not supported"
@@ -665,6 +684,7 @@ def _plan(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor], ad
             )
         _check_kind(name, m, ab, bool(cfg.get("use_dora", False)))
         magnitude = _planned_magnitude(name, m, ab, bool(cfg.get("use_dora", False)))
+        lora_B_bias = _planned_lora_bias(name, m, ab, bool(cfg.get("lora_bias", False)))
         base = _planned_base(name, m, ab)
         r = _pattern_value(cfg.get("rank_pattern") or {}, name, r0)
         alpha = _pattern_value(cfg.get("alpha_pattern") or {}, name, a0)
@@ -678,7 +698,7 @@ def _plan(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor], ad
                 )
             if not t.is_floating_point():
                 raise ValueError(f"adapter key {key!r}: dtype {t.dtype} is not a floating-point type")
-        plan.append(_Planned(name, m, int(r), alpha, A, B, base, magnitude))
+        plan.append(_Planned(name, m, int(r), alpha, A, B, base, magnitude, lora_B_bias))
     return _Plan(plan, saved, tokens, token_rows)
 
 
@@ -761,6 +781,32 @@ def _planned_magnitude(name: str, m: nn.Module, ab: dict[str, tuple[str, torch.T
     k, t = ab["lora_magnitude_vector"]
     if tuple(t.shape) != (m.out_features,) or not t.is_floating_point():
         raise ValueError(f"adapter key {k!r}: DoRA magnitude {tuple(t.shape)} {t.dtype} in the file, but module "
+                         f"{name!r} (out_features={m.out_features}) needs a float ({m.out_features},)")
+    return t
+
+
+def _planned_lora_bias(name: str, m: nn.Module, ab: dict[str, tuple[str, torch.Tensor]],
+                       lora_bias: bool) -> torch.Tensor | None:
+    """The ``lora_B`` bias of module ``name`` from the file (``<module>.lora_B.bias``): a float ``[out_features]`` when
+    the config says ``lora_bias``, absent otherwise; never on an embedding (peft's lora.Embedding refuses it)."""
+    from .embedding import QLoRAEmbedding
+
+    key = f"{PEFT_PREFIX}{name}.lora_B.bias"
+    if lora_bias and isinstance(m, QLoRAEmbedding):
+        raise ValueError(f"module {name!r}: the config has lora_bias true, which peft's lora.Embedding refuses "
+                         "(\"lora_bias=True is not supported for Embedding\"); the file was not written by peft")
+    if not lora_bias:
+        if "lora_B.bias" in ab:
+            raise ValueError(f"adapter key {ab['lora_B.bias'][0]!r} is a lora_B bias, but the config has lora_bias "
+                             "false: the config and the weights disagree (set lora_bias to true if the adapter was "
+                             "trained with it)")
+        return None
+    if "lora_B.bias" not in ab:
+        raise ValueError(f"module {name!r}: the config has lora_bias true but the adapter has no lora_B bias {key!r}; "
+                         "a peft lora_bias adapter saves one per module")
+    k, t = ab["lora_B.bias"]
+    if tuple(t.shape) != (m.out_features,) or not t.is_floating_point():
+        raise ValueError(f"adapter key {k!r}: lora_B bias {tuple(t.shape)} {t.dtype} in the file, but module "
                          f"{name!r} (out_features={m.out_features}) needs a float ({m.out_features},)")
     return t
 
@@ -868,10 +914,14 @@ def _apply_plan(model: nn.Module, cfg: dict[str, Any], whole: _Plan, adapter_nam
         for p in whole.lora:
             # init False: the file's A, B replace any init; a DoRA adapter's initial magnitude (one dequantization and
             # row norm per module) is replaced by the file's too
-            _add_to_module(p.module, adapter_name, p.r, p.alpha, dropout, rslora, False, dora)
+            with warnings.catch_warnings():  # a base without a bias: peft warns at load too; loading is what was asked
+                warnings.simplefilter("ignore", UserWarning)
+                _add_to_module(p.module, adapter_name, p.r, p.alpha, dropout, rslora, False, dora,
+                               p.lora_B_bias is not None)
             done.append(p)
             with torch.no_grad():
-                for which, t in (("lora_A", p.A), ("lora_B", p.B), ("lora_magnitude_vector", p.magnitude)):
+                for which, t in (("lora_A", p.A), ("lora_B", p.B), ("lora_magnitude_vector", p.magnitude),
+                                 ("lora_B.bias", p.lora_B_bias)):
                     if t is not None:
                         p.module.set_lora_weight(adapter_name, which, t)
                 for which, t in (p.base or {}).items():  # peft loads these into its base layer: so do we

@@ -216,6 +216,7 @@ def add_adapter(
     layers_pattern: str | list[str] | None = None,
     use_dora: bool = False,
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None,
+    lora_bias: bool = False,
 ) -> list[str]:
     """Add a new adapter ``name`` to the QLoRALinear modules of ``model`` (defaults are peft's ``LoraConfig``'s).
 
@@ -231,7 +232,8 @@ def add_adapter(
     as in ``QLoRALinear`` / peft's ``LoraConfig`` (scaling ``lora_alpha / r``, or ``/ sqrt(r)`` with ``use_rslora``;
     ``use_dora``: a DoRA adapter with a magnitude per output row, ``qkernels.dora``).
     ``trainable_token_indices``: peft's, as in ``qkernels.apply_qlora`` (rows of the input embedding trained for this
-    adapter; ``qkernels.trainable_tokens``).
+    adapter; ``qkernels.trainable_tokens``). ``lora_bias``: peft's, as in ``qkernels.apply_qlora`` (a bias on each
+    ``lora_B``; not on an embedding).
     Returns the module names that got a LoRA adapter.
 
     Raises:
@@ -278,7 +280,8 @@ def add_adapter(
     try:
         for n, m in mods:
             try:
-                _add_to_module(m, name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, use_dora)
+                _add_to_module(m, name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, use_dora,
+                               lora_bias)
             except ValueError as e:
                 raise ValueError(f"module {n!r}: {e}") from e
             added.append(m)
@@ -294,10 +297,18 @@ def add_adapter(
 
 
 def _add_to_module(m: nn.Module, name: str, r: int, alpha: float, dropout: float, rslora: bool, init: Any,
-                   use_dora: bool = False) -> None:
+                   use_dora: bool = False, lora_bias: bool = False) -> None:
     """``update_layer`` without switching the module's active adapter (peft's ``add_adapter`` does not)."""
     had, active = len(m.lora_A) > 0, m.active_adapter
-    m.update_layer(name, r, alpha, dropout, init, rslora, use_dora=use_dora)
+    if lora_bias:
+        from .nn import QLoRALinear
+
+        if not isinstance(m, QLoRALinear):  # peft's lora.Embedding: "lora_bias=True is not supported for Embedding"
+            raise ValueError(f"lora_bias=True is not supported for {type(m).__name__} (peft refuses it on "
+                             "embeddings too): leave the embedding out of target_modules or pass lora_bias=False")
+        m.update_layer(name, r, alpha, dropout, init, rslora, use_dora=use_dora, lora_bias=True)
+    else:
+        m.update_layer(name, r, alpha, dropout, init, rslora, use_dora=use_dora)
     if had:  # a module set to an adapter it lacks (active None) stays so; the new adapter is frozen
         _activate(m, active)
 
