@@ -4,10 +4,12 @@ peft 0.21.2 (``LoraConfig(trainable_token_indices=[...] or {"embed_tokens": [...
 ``set_additional_trainable_modules`` and ``TrainableTokensWrapper``, ``peft/tuners/trainable_tokens/layer.py``) wraps
 the embedding; this module does the same, with the same layout and rules:
 
-- ``<name>.token_adapter.base_layer`` is the frozen embedding; ``<name>.token_adapter.trainable_tokens_delta`` a
-  ``ParameterDict`` with one ``[len(indices), embedding_dim]`` Parameter per adapter, in the weight's dtype, started
-  from the rows it replaces. Despite its name it holds the new rows themselves, not a difference: the forward looks
-  tokens up in ``W.index_copy(0, indices, delta.to(W))`` (the gradient reaches the chosen rows only). A transformers
+- ``<name>.token_adapter.base_layer`` is the frozen embedding (in state dicts under ``<name>.weight``, the key it had);
+  ``<name>.token_adapter.trainable_tokens_delta`` a ``ParameterDict`` with one ``[len(indices), embedding_dim]``
+  Parameter per adapter, started from the rows it replaces, float32 for a float16 / bfloat16 weight (peft's
+  ``autocast_adapter_dtype``), else the weight's dtype. Despite its name it holds the new rows themselves, not a
+  difference: the forward looks tokens up in ``W.index_copy(0, indices, delta.to(W))`` (the gradient reaches the
+  chosen rows only). A transformers
   scaled embedding (Gemma's ``embed_scale``) multiplies the lookup by its scale, as peft's ``_get_embed_scale``.
 - A model whose config ties the head to the input embeddings (``tie_word_embeddings``) gets a *tied* wrapper on each
   module sharing the embedding's weight (``lm_head``): ``F.linear(x, W')`` with the same replaced rows, the same
@@ -64,6 +66,11 @@ class TrainableTokensWrapper(nn.Module):
         self.active_adapter: str | None = None
         self.disable_adapters = False
         base_layer.requires_grad_(False)
+        # the base layer's keys under the wrapper's own name in state dicts (model.embed_tokens.weight, lm_head.weight),
+        # as QLoRALinear / QLoRAEmbedding keep theirs: transformers' save_pretrained then finds the tie it knows and
+        # the checkpoint loads into the plain model (peft's live layout, token_adapter.base_layer.weight, broke both)
+        self.register_state_dict_post_hook(_base_keys_out)
+        self.register_load_state_dict_pre_hook(_base_keys_in)
 
     # ------------------------------------------------------------------ adapters
     @property
@@ -88,14 +95,17 @@ class TrainableTokensWrapper(nn.Module):
 
     def add(self, adapter_name: str, indices: Sequence[int]) -> None:
         """New rows for ``adapter_name``: a copy of the weight's rows ``indices`` (peft's ``init_weights=True``),
-        frozen until ``set_adapter``. A tied wrapper has nothing of its own to add."""
+        float32 for a half-precision weight (peft's ``cast_adapter_dtype``), frozen until ``set_adapter``. A tied
+        wrapper has nothing of its own to add."""
         if self.tied:
             return
         w = self.base_layer.weight
         idx = torch.tensor(list(indices), dtype=torch.long, device=w.device)
         self.token_adapter.token_indices[adapter_name] = [int(i) for i in indices]
-        self.token_adapter.trainable_tokens_delta[adapter_name] = nn.Parameter(
-            w.detach()[idx].clone(), requires_grad=False)
+        rows = w.detach()[idx].clone()
+        if rows.dtype in (torch.float16, torch.bfloat16):
+            rows = rows.float()
+        self.token_adapter.trainable_tokens_delta[adapter_name] = nn.Parameter(rows, requires_grad=False)
 
     def set_adapter(self, adapter_name: str | None) -> None:
         """Run and train ``adapter_name``'s rows (frozen in a tied wrapper: the source trains them); an adapter without
@@ -200,6 +210,23 @@ class TrainableTokensWrapper(nn.Module):
             if "token_adapter" not in self.__dict__.get("_modules", {}):
                 raise
         return getattr(self.token_adapter.base_layer, name)  # num_embeddings, padding_idx, embed_scale, ...
+
+
+_INNER = "token_adapter.base_layer."
+
+
+def _base_keys_out(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict post-hook: ``<prefix>token_adapter.base_layer.<k>`` -> ``<prefix><k>``."""
+    inner = prefix + _INNER
+    for k in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + k[len(inner):]] = state_dict.pop(k)
+
+
+def _base_keys_in(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """Load pre-hook: the base layer's keys as saved (``<prefix><k>``, or peft's ``token_adapter.base_layer.<k>``)."""
+    for k in module.token_adapter.base_layer.state_dict():
+        if prefix + k in state_dict:
+            state_dict[prefix + _INNER + k] = state_dict.pop(prefix + k)
 
 
 def token_wrappers(model: nn.Module) -> list[tuple[str, TrainableTokensWrapper]]:

@@ -324,3 +324,63 @@ def test_add_adapter_with_tokens_is_inactive_until_set(dense_dirs):
     with pytest.raises(ValueError, match="out of range"):
         qkernels.add_adapter(ours, "c", target_modules=TARGETS, trainable_token_indices=[1000])
     assert qkernels.adapter_names(ours) == ["default", "b"]
+
+
+def test_the_model_saves_loads_and_pickles_with_the_base_keys_it_had(tmp_path, dense_dirs):
+    """The wrapper keeps the embedding's (and a tied head's) state-dict keys (``model.embed_tokens.weight``), as
+    QLoRALinear keeps its: transformers' save_pretrained finds the tie it knows (with peft's live layout,
+    ``token_adapter.base_layer.weight``, it raised on shared tensors) and the plain model loads the checkpoint; a
+    state dict round trip restores the rows; a deep copy runs the same."""
+    ours = apply_qlora(load4(dense_dirs[True]), TARGETS, r=4, lora_alpha=8, trainable_token_indices=TOKENS)
+    randomize(ours)
+    sd = ours.state_dict()
+    assert "model.embed_tokens.weight" in sd and "model.embed_tokens.token_adapter.trainable_tokens_delta.default" in sd
+    assert not any("base_layer" in k for k in sd)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours.save_pretrained(tmp_path / "full")
+    saved = load_file(str(tmp_path / "full" / "model.safetensors"))
+    assert torch.equal(saved["model.embed_tokens.weight"], ours.get_input_embeddings().base_layer.weight)
+    assert "lm_head.weight" not in saved and not any("base_layer" in k for k in saved)  # the tie, as transformers
+    again = apply_qlora(load4(dense_dirs[True]), TARGETS, r=4, lora_alpha=8, trainable_token_indices=TOKENS)
+    emb_sd = {k.removeprefix("model.embed_tokens."): v for k, v in sd.items() if k.startswith("model.embed_tokens.")}
+    again.get_input_embeddings().load_state_dict(emb_sd)  # (the bitsandbytes layers' own keys do not reload strictly)
+    assert torch.equal(again.get_input_embeddings()(IDS), ours.get_input_embeddings()(IDS))
+    assert torch.equal(copy.deepcopy(ours).get_input_embeddings()(IDS), ours.get_input_embeddings()(IDS))
+
+
+class _EmbNet(nn.Module):
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(40, 16, padding_idx=3).to(dtype)
+        self.fc = nn.Linear(16, 8).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.emb(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_wrapper_is_peft_s_bit_for_bit_in_each_dtype(dtype):
+    """On a plain embedding of ``dtype`` (padding_idx among the rows): rows float32 (peft's autocast_adapter_dtype
+    upcasts half-precision adapters), forward (in ``dtype``) and the rows' gradient equal to peft's
+    TrainableTokensWrapper, bit for bit."""
+    torch.manual_seed(0)
+    net = _EmbNet(dtype)
+    ids = torch.tensor([[3, 5, 7, 0], [39, 3, 1, 5]])
+    spec = {"emb": [3, 5, 39]}
+    theirs = peft.get_peft_model(copy.deepcopy(net), peft.LoraConfig(r=2, target_modules=["fc"],
+                                                                     trainable_token_indices=spec))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        ours = apply_qlora(copy.deepcopy(net), ["fc"], r=2, trainable_token_indices=spec)
+    rows_t = theirs.base_model.model.emb.token_adapter.trainable_tokens_delta["default"]
+    rows_o = ours.emb.deltas["default"]
+    assert rows_o.dtype == rows_t.dtype == torch.float32 and torch.equal(rows_o, rows_t)
+    with torch.no_grad():
+        rows_t.copy_(torch.randn(rows_t.shape, generator=torch.Generator().manual_seed(1)))
+        rows_o.copy_(rows_t)
+    e_o, e_t = ours.emb(ids), theirs.base_model.model.emb(ids)
+    assert e_o.dtype == dtype and torch.equal(e_o, e_t)
+    e_o.float().square().sum().backward()
+    e_t.float().square().sum().backward()
+    assert torch.equal(rows_o.grad, rows_t.grad)
