@@ -268,3 +268,44 @@ def test_mixed_batch_rows_get_their_adapter_s_scaled_bias(x):
                 adapters.set_adapter(model, name)
                 alone = model(x[i:i + 1])
         assert (mixed[i:i + 1] - alone).abs().max() <= 1e-5 * alone.abs().max(), name
+
+
+def test_a_meta_model_gets_b_b_from_its_adapter_or_at_init(tmp_path):
+    """On the meta device b_B is one more unloaded key: a base-only checkpoint initializes it (zeros, init True), an
+    adapter loaded before the checkpoint keeps its b_B; both give the float model's outputs."""
+    def net() -> nn.Module:
+        return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
+
+    torch.manual_seed(0)
+    q = apply_qlora(net(), ["0", "2"], r=4, lora_bias=True)
+    base = {k: v for k, v in q.state_dict().items() if "lora" not in k}
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(5))
+    for with_adapter in (False, True):
+        if with_adapter:
+            randomize(q)
+            adapters.save_adapter(q, tmp_path)
+        with torch.device("meta"):
+            m = net()
+        m = apply_qlora(m, ["0", "2"], r=4, lora_bias=True)
+        assert "lora_B.default.bias" in m[0]._unloaded
+        if with_adapter:
+            adapters.load_adapter(m, tmp_path, replace=True)
+        m.load_state_dict(base, assign=True, strict=False)
+        assert not m[0]._unloaded and torch.equal(m[0].lora_B["default"].bias, q[0].lora_B["default"].bias)
+        assert torch.equal(m(x), q(x))
+
+
+def test_a_trainer_checkpoint_restores_b_b_in_place(tmp_path):
+    """save_adapters / restore_adapters (the Trainer's resume): b_B comes back into the same Parameter; a model
+    without lora_bias is refused before any copy."""
+    model = qk_toy()
+    b = model.layers[0].q_proj.lora_B["default"].bias
+    want = b.detach().clone()
+    qkernels.save_adapters(model, tmp_path)
+    with torch.no_grad():
+        b.zero_()
+    qkernels.restore_adapters(model, tmp_path)
+    assert model.layers[0].q_proj.lora_B["default"].bias is b and torch.equal(b, want)
+    plain = apply_qlora(dense_toy(), BIASED, r=4, lora_alpha=8, compute_dtype=torch.float32)
+    with pytest.raises(ValueError, match="same apply_qlora lora_bias"):
+        qkernels.restore_adapters(plain, tmp_path)
