@@ -384,3 +384,25 @@ def test_the_wrapper_is_peft_s_bit_for_bit_in_each_dtype(dtype):
     e_o.float().square().sum().backward()
     e_t.float().square().sum().backward()
     assert torch.equal(rows_o.grad, rows_t.grad)
+
+
+def test_gemma_scaled_tied_embedding_is_peft_s_bit_for_bit():
+    """Gemma 3's scaled word embedding (``embed_scale``, peft's ``_get_embed_scale``) with its tied head: the
+    embeddings and the head's logits equal peft's wrappers, bit for bit."""
+    cfg = transformers.Gemma3TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    torch.manual_seed(0)
+    net = transformers.Gemma3ForCausalLM(cfg).eval()
+    assert cfg.tie_word_embeddings and hasattr(net.model.embed_tokens, "embed_scale")
+    theirs = peft.get_peft_model(copy.deepcopy(net), peft.LoraConfig(r=4, target_modules=["q_proj"],
+                                                                     trainable_token_indices=[3, 9]))
+    ours = apply_qlora(copy.deepcopy(net), ["q_proj"], r=4, trainable_token_indices=[3, 9])
+    rows = torch.randn(2, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs.get_input_embeddings().token_adapter.trainable_tokens_delta["default"].copy_(rows)
+        ours.get_input_embeddings().deltas["default"].copy_(rows)
+    ids = torch.tensor([[3, 4, 9, 1]])
+    assert torch.equal(ours.get_input_embeddings()(ids), theirs.get_input_embeddings()(ids))
+    h = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(2))
+    assert isinstance(ours.lm_head, TrainableTokensWrapper)
+    assert torch.equal(ours.lm_head(h), theirs.base_model.model.lm_head(h))
