@@ -3,8 +3,10 @@
 - ``save_adapter(model, path, adapter_name)`` writes what ``PeftModel.save_pretrained`` writes:
   ``adapter_config.json`` (a ``peft.LoraConfig``) and ``adapter_model.safetensors`` with keys
   ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` (the adapter name removed, as peft's
-  ``get_peft_model_state_dict`` does; a DoRA adapter adds ``use_dora`` and ``<module>.lora_magnitude_vector``),
-  plus ``base_model.model.<module>.<key>`` for each module to save
+  ``get_peft_model_state_dict`` does; a DoRA adapter adds ``use_dora`` and ``<module>.lora_magnitude_vector``, a
+  ``lora_bias`` adapter ``lora_bias`` and ``<module>.lora_B.bias``, trainable tokens ``trainable_token_indices`` and
+  ``<embedding>.token_adapter.trainable_tokens_delta``), plus ``base_model.model.<module>.<key>`` for each module to
+  save
   (``qkernels.modules_to_save``); the config carries ``layers_to_transform`` / ``layers_pattern`` /
   ``modules_to_save``. ``peft.PeftModel.from_pretrained(base, path)`` loads it.
 - ``load_adapter(model, path, adapter_name)`` reads such a directory (``adapter_model.safetensors``, else
@@ -77,7 +79,8 @@ _EMBEDDING_NAME_RE = re.compile(r"(.*\.)?(embed_tokens|lm_head)$")
 _DELTA_RE = re.compile(r"^(?P<module>.+)\.token_adapter\.trainable_tokens_delta(?:\.(?P<adapter>[^.]+))?$")
 
 # LoraConfig fields that change what the adapter computes or what the file holds beyond plain A/B on Linear layers.
-# qkernels' QLoRALinear does plain LoRA and DoRA (use_dora, qkernels.dora), so an adapter using any of these is
+# qkernels' QLoRALinear does plain LoRA, DoRA (use_dora, qkernels.dora) and lora_bias, and trainable_token_indices is
+# qkernels.trainable_tokens, so an adapter using any of these is
 # refused rather than silently mis-applied (with use_dora too: DoRA combined with one of them is refused the same).
 _UNSUPPORTED_IF_SET = {
     "layer_replication": "layer replication",
@@ -454,8 +457,9 @@ def _read_config(path: str | os.PathLike) -> dict[str, Any]:
     for key, what in _UNSUPPORTED_IF_SET.items():
         if cfg.get(key):
             raise ValueError(f"{cfg_path}: {key}={cfg[key]!r} ({what}) is not supported by qkernels' QLoRALinear, "
-                             "which runs plain LoRA and DoRA (use_dora) adapters: run this adapter with peft (or merge "
-                             "it into the base there with merge_and_unload), or train a plain LoRA / DoRA adapter")
+                             "which runs plain LoRA, DoRA (use_dora) and lora_bias adapters: run this adapter with "
+                             "peft (or merge it into the base there with merge_and_unload), or train a plain LoRA / "
+                             "DoRA adapter")
     if not isinstance(cfg.get("use_dora", False), bool):
         raise ValueError(f"{cfg_path}: use_dora must be true or false, got {cfg['use_dora']!r}")
     if not isinstance(cfg.get("lora_bias", False), bool):
@@ -869,9 +873,12 @@ def load_adapter(
     Everything is validated before the model changes: a key naming no QLoRALinear (the error lists the modules
     that exist) or a module the config does not select, an A without its B, a shape that is not
     ``[r, in_features]`` / ``[out_features, r]``, a module to save whose tensors are missing or misshapen, an
-    unsupported config (lora_bias, Megatron, ...) each raise ``ValueError`` and load nothing. A DoRA adapter
+    unsupported config (Megatron, layer replication, ...) each raise ``ValueError`` and load nothing. A DoRA adapter
     (``use_dora: true``) needs one magnitude per module (``<module>.lora_magnitude_vector``, peft's key, or with
-    ``.weight``), a float ``[out_features]``: missing, misshapen, or present without ``use_dora`` is such an error.
+    ``.weight``), a float ``[out_features]``: missing, misshapen, or present without ``use_dora`` is such an error;
+    likewise a ``lora_bias`` adapter's ``<module>.lora_B.bias`` (float ``[out_features]``, with ``lora_bias: true``
+    only). ``trainable_token_indices`` (``qkernels.trainable_tokens``) wraps the embedding(s) it names, with a tied
+    head, and loads ``<embedding>.token_adapter.trainable_tokens_delta`` (``[len(indices), embedding_dim]``) into them.
 
     ``replace``: if ``adapter_name`` already exists, delete it first (otherwise that is an error).
     ``set_active``: make the loaded adapter active (``PeftModel.from_pretrained`` does; ``load_adapter`` in peft
