@@ -402,7 +402,7 @@ def apply_qlora(
         from .trainable_tokens import add_trainable_tokens
 
         add_trainable_tokens(model, tokens, adapter_name, activate=True)
-    if emb_names or any(n in names for n in _output_embedding_names(model)):
+    if tokens or emb_names or any(n in names for n in _output_embedding_names(model)):
         # transformers' resize_token_embeddings refuses a QLoRAEmbedding (TypeError, as peft's lora.Embedding) and
         # would put BART's plain shared embedding back over it: qkernels.resize's works, or says what to do
         from .resize import install_resize_hook

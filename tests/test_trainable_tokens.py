@@ -406,3 +406,13 @@ def test_gemma_scaled_tied_embedding_is_peft_s_bit_for_bit():
     h = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(2))
     assert isinstance(ours.lm_head, TrainableTokensWrapper)
     assert torch.equal(ours.lm_head(h), theirs.base_model.model.lm_head(h))
+
+
+def test_resizing_after_adding_tokens_says_to_resize_first(dense_dirs):
+    """transformers' resize refuses the wrapper (a TypeError about old embeddings, as with peft's); qkernels says
+    what to do, and the model is unchanged."""
+    ours = apply_qlora(load4(dense_dirs[False]), TARGETS, r=4, trainable_token_indices=TOKENS)
+    with pytest.raises(ValueError, match=r"Resize the plain model first .*trainable_token_indices naming the new"):
+        ours.resize_token_embeddings(130)
+    assert ours.get_input_embeddings().base_layer.num_embeddings == 128 and ours.config.vocab_size == 128
+    ours.resize_token_embeddings()  # a no-op call still passes through
