@@ -20,6 +20,12 @@ the embedding; this module does the same, with the same layout and rules:
   as it is. ``merge_and_unload`` writes the running adapter's rows into the embedding weight (shared with a tied head,
   which then sees them too) and puts the embedding back.
 
+Not kept from peft: ``trainable_tokens_original`` (a copy of the replaced rows, which peft needs to unmerge in place;
+qkernels never merges in place, ``merge_and_unload`` is final), and its tolerance of repeated indices (``index_copy``
+with a repeated index keeps an unspecified one of the rows: refused here). As with peft's wrapper, ``.weight`` is the
+merged weight (a tensor, not a Parameter), so transformers' ``tie_weights()`` cannot run on a model with trainable
+tokens on a tied embedding (``get_parameter`` refuses it); the tie itself is kept by the wrappers.
+
 peft refuses trainable tokens on an embedding that also has LoRA (``TypeError: trainable_token_indices cannot be
 applied to modules of type <class 'peft.tuners.lora.layer.Embedding'>``) and on a module to save; so does qkernels.
 """
