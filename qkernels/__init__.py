@@ -24,7 +24,8 @@ Modules and models
   makes it the model's ``resize_token_embeddings``)
 - adapters in peft's format: ``save_adapter``, ``load_adapter``, ``add_adapter``, ``set_adapter``,
   ``disable_adapters`` (a context manager), ``delete_adapter``, ``adapter_names``; ``ModulesToSaveWrapper`` (peft's
-  ``modules_to_save``: modules trained in full, one copy per adapter); ``adapter_batch(model, names)`` (a context
+  ``modules_to_save``: modules trained in full, one copy per adapter); ``TrainableTokensWrapper`` (peft's
+  ``trainable_token_indices``: chosen embedding rows trained per adapter); ``adapter_batch(model, names)`` (a context
   manager: peft's mixed-adapter batch, ``model(x, adapter_names=[...])``, one adapter per sample)
 - big models: ``QLoRALinear`` / ``apply_qlora`` on the meta device, then ``load_checkpoint(model, dir)`` (transformers'
   key names and tied weights) or ``load_state_dict(sd, assign=True)``;
@@ -72,6 +73,7 @@ from .modules_to_save import ModulesToSaveWrapper
 from .nn import Params4bit, QLoRALinear
 from .quant_state import QuantState
 from .resize import resize_token_embeddings
+from .trainable_tokens import TrainableTokensWrapper
 
 __version__ = "0.1.0"
 
@@ -84,6 +86,7 @@ __all__ = [
     "QLoRATrainerMixin",
     "QuantState",
     "QuantType",
+    "TrainableTokensWrapper",
     "adapter_batch",
     "adapter_names",
     "adapters",

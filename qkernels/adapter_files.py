@@ -3,8 +3,10 @@
 - ``save_adapter(model, path, adapter_name)`` writes what ``PeftModel.save_pretrained`` writes:
   ``adapter_config.json`` (a ``peft.LoraConfig``) and ``adapter_model.safetensors`` with keys
   ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` (the adapter name removed, as peft's
-  ``get_peft_model_state_dict`` does; a DoRA adapter adds ``use_dora`` and ``<module>.lora_magnitude_vector``),
-  plus ``base_model.model.<module>.<key>`` for each module to save
+  ``get_peft_model_state_dict`` does; a DoRA adapter adds ``use_dora`` and ``<module>.lora_magnitude_vector``, a
+  ``lora_bias`` adapter ``lora_bias`` and ``<module>.lora_B.bias``, trainable tokens ``trainable_token_indices`` and
+  ``<embedding>.token_adapter.trainable_tokens_delta``), plus ``base_model.model.<module>.<key>`` for each module to
+  save
   (``qkernels.modules_to_save``); the config carries ``layers_to_transform`` / ``layers_pattern`` /
   ``modules_to_save``. ``peft.PeftModel.from_pretrained(base, path)`` loads it.
 - ``load_adapter(model, path, adapter_name)`` reads such a directory (``adapter_model.safetensors``, else
@@ -26,6 +28,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,11 +41,13 @@ from .adapters import (
     _qlora_class,
     _qlora_modules,
     _require_adapter,
+    _token_wrappers,
     _wrappers,
     adapter_names,
     delete_adapter,
     set_adapter,
 )
+from .trainable_tokens import DELTA_KEY
 
 __all__ = ["adapter_state_dict", "load_adapter", "save_adapter"]
 
@@ -55,6 +60,8 @@ _KEY_RE = re.compile(r"^(?P<module>.+)\.(?P<which>lora_A|lora_B)(?:\.(?P<adapter
 # LoRA on an embedding (peft's lora.Embedding: ParameterDicts, so no ".weight"): peft writes
 # ``<module>.lora_embedding_A`` / ``_B`` (its get_peft_model_state_dict strips the adapter name from the ParameterDict
 # key, save_and_load.py:528 reads it back so); a live state dict has ``<module>.lora_embedding_A.<adapter>``
+# lora_bias: ``<module>.lora_B.bias`` (a live state dict: ``<module>.lora_B.<adapter>.bias``)
+_BIAS_RE = re.compile(r"^(?P<module>.+)\.(?P<which>lora_B)(?:\.(?P<adapter>[^.]+))?\.bias$")
 _EMB_KEY_RE = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<which>A|B)(?:\.(?P<adapter>[^.]+))?$")
 EMBEDDING_KEYS = {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}  # the file keys' suffixes, as peft's
 # DoRA's magnitude. peft writes ``<module>.lora_magnitude_vector`` without ".weight" (the key of its older
@@ -67,13 +74,15 @@ MAGNITUDE_KEY = "lora_magnitude_vector"  # the file key's suffix, as peft writes
 # the model's input / output embedding, <module>.base_layer.weight (and .bias), and loads it back into the base layer
 _BASE_KEY_RE = re.compile(r"^(?P<module>.+)\.base_layer\.(?P<which>weight|bias)$")
 _EMBEDDING_NAME_RE = re.compile(r"(.*\.)?(embed_tokens|lm_head)$")
+# peft's trainable tokens (trainable_token_indices): ``<module>.token_adapter.trainable_tokens_delta``, the new rows
+# ``[len(indices), embedding_dim]``; a live state dict has ``...trainable_tokens_delta.<adapter>``
+_DELTA_RE = re.compile(r"^(?P<module>.+)\.token_adapter\.trainable_tokens_delta(?:\.(?P<adapter>[^.]+))?$")
 
 # LoraConfig fields that change what the adapter computes or what the file holds beyond plain A/B on Linear layers.
-# qkernels' QLoRALinear does plain LoRA and DoRA (use_dora, qkernels.dora), so an adapter using any of these is
+# qkernels' QLoRALinear does plain LoRA, DoRA (use_dora, qkernels.dora) and lora_bias, and trainable_token_indices is
+# qkernels.trainable_tokens, so an adapter using any of these is
 # refused rather than silently mis-applied (with use_dora too: DoRA combined with one of them is refused the same).
 _UNSUPPORTED_IF_SET = {
-    "lora_bias": "a trainable bias on lora_B",
-    "trainable_token_indices": "trainable embedding tokens",
     "layer_replication": "layer replication",
     "target_parameters": "LoRA on nn.Parameter targets",
     "alora_invocation_tokens": "activated LoRA (aLoRA)",
@@ -135,6 +144,7 @@ class _ModuleAdapter:
     use_rslora: bool
     conv1d: bool  # built from a transformers Conv1D (peft's is_target_conv_1d_layer)
     use_dora: bool = False
+    lora_bias: bool = False
 
 
 def _describe(name: str, m: nn.Module, adapter: str) -> _ModuleAdapter:
@@ -147,7 +157,8 @@ def _describe(name: str, m: nn.Module, adapter: str) -> _ModuleAdapter:
             f" = {expected}; peft's LoraConfig cannot represent it"
         )
     return _ModuleAdapter(name, r, alpha, _dropout_p(m.lora_dropout[adapter]), use_rslora,
-                          bool(getattr(m, "is_target_conv_1d_layer", False)), m.is_dora(adapter))
+                          bool(getattr(m, "is_target_conv_1d_layer", False)), m.is_dora(adapter),
+                          bool(getattr(m, "has_lora_bias", lambda _: False)(adapter)))
 
 
 def _short_name(name: str) -> str:
@@ -169,6 +180,7 @@ def _target_spec(model: nn.Module, names: list[str], modules_to_save: list[str] 
     cls = _qlora_class()
     inside = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, cls))  # their lora_A / lora_B
     inside += tuple(f"{n}." for n, _ in _wrappers(model))  # a module to save's original and copies
+    inside += tuple(f"{n}." for n, _ in _token_wrappers(model))  # a trainable-tokens embedding's base layer
     # every module peft would try to wrap counts, whatever its type: GPT-2's Conv1D c_proj beside a targeted c_proj,
     # or an Embedding / LayerNorm sharing a target's short name (peft wraps or refuses those; never skips them)
     visible = {n for n, _ in model.named_modules() if n and not n.startswith(inside)}
@@ -203,8 +215,22 @@ def _most_common(values: list[Any]) -> Any:
     return collections.Counter(values).most_common(1)[0][0]
 
 
+def _token_spec(model: nn.Module, adapter: str) -> list[int] | dict[str, list[int]] | None:
+    """peft's ``trainable_token_indices`` for ``adapter``: a list when only the input embedding has rows (how users
+    write it; peft applies a list there), else ``{full module name: ids}`` (peft matches a key as a name suffix)."""
+    own = [(n, t) for n, t in _token_wrappers(model) if not t.tied and adapter in t.deltas]
+    if not own:
+        return None
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    if len(own) == 1 and own[0][1] is emb:
+        return list(own[0][1].token_indices[adapter])
+    return {n: list(t.token_indices[adapter]) for n, t in own}
+
+
 def _config_fields(model: nn.Module, infos: list[_ModuleAdapter], task_type: str | None,
-                   base_model_name_or_path: str | None, modules_to_save: list[str] | None) -> dict[str, Any]:
+                   base_model_name_or_path: str | None, modules_to_save: list[str] | None,
+                   trainable_token_indices: list[int] | dict[str, list[int]] | None = None) -> dict[str, Any]:
     """The LoraConfig arguments describing ``infos``, with ``rank_pattern`` / ``alpha_pattern`` for the outliers."""
     if len({i.use_rslora for i in infos}) > 1:
         raise ValueError("modules mix rsLoRA and plain LoRA scaling in one adapter; peft's use_rslora is global")
@@ -212,6 +238,10 @@ def _config_fields(model: nn.Module, infos: list[_ModuleAdapter], task_type: str
         dora = [i.name for i in infos if i.use_dora][:3]
         raise ValueError(f"adapter mixes DoRA modules (e.g. {dora}) with plain LoRA ones; peft's use_dora is global "
                          "to an adapter: give every module of it use_dora=True (or none)")
+    if len({i.lora_bias for i in infos}) > 1:
+        some = [i.name for i in infos if i.lora_bias][:3]
+        raise ValueError(f"adapter mixes modules with a lora_B bias (e.g. {some}) and modules without; peft's "
+                         "lora_bias is global to an adapter: give every module of it lora_bias=True (or none)")
     r, alpha = _most_common([i.r for i in infos]), _most_common([i.alpha for i in infos])
     # peft's get_pattern_key matches a pattern p as re.match(rf"(.*\.)?({p})$", module_name): an escaped full name
     # selects that module and every module whose name ends in "." + it (a top-level "up" also selects "layers.0.up");
@@ -234,8 +264,10 @@ def _config_fields(model: nn.Module, infos: list[_ModuleAdapter], task_type: str
         lora_dropout=max(i.dropout for i in infos),  # dropout does not change a saved adapter's outputs
         use_rslora=infos[0].use_rslora,
         use_dora=infos[0].use_dora,
+        lora_bias=infos[0].lora_bias,
         **_target_spec(model, [i.name for i in infos], modules_to_save),
         modules_to_save=modules_to_save,
+        trainable_token_indices=trainable_token_indices,
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
         bias="none",
@@ -256,7 +288,7 @@ def _config_json(fields: dict[str, Any]) -> str:
     if peft is not None:
         d = peft.LoraConfig(**fields).to_dict()
     else:  # the LoraConfig fields peft needs to rebuild this adapter; the others take their defaults when read
-        d = dict(dict(use_dora=False), **fields, peft_type="LORA", init_lora_weights=True, lora_bias=False,
+        d = dict(dict(use_dora=False, lora_bias=False), **fields, peft_type="LORA", init_lora_weights=True,
                  exclude_modules=None, revision=None, auto_mapping=None)
     d = {k: (sorted(v) if isinstance(v, set) else v) for k, v in d.items()}  # as PeftConfigMixin.save_pretrained
     return json.dumps(d, indent=2, sort_keys=True)
@@ -314,6 +346,9 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default", *,
             w = getattr(m, which)[adapter_name].weight
             key = f"{PEFT_PREFIX}{name}.{which}" + ("" if which == MAGNITUDE_KEY else ".weight")
             out[key] = _saved(state_dict, f"{name}.{which}.{adapter_name}.weight", w)
+        if m.has_lora_bias(adapter_name):  # peft's key for lora_bias: <module>.lora_B.bias
+            out[f"{PEFT_PREFIX}{name}.lora_B.bias"] = _saved(state_dict, f"{name}.lora_B.{adapter_name}.bias",
+                                                             m.lora_B[adapter_name].bias)
     for name, w in _wrappers(model):
         if adapter_name in w._unloaded_copies:
             raise RuntimeError(f"the copy of module to save {name!r} for adapter {adapter_name!r} was never loaded "
@@ -321,6 +356,10 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default", *,
         if adapter_name in w.modules_to_save:
             for k, v in w.modules_to_save[adapter_name].state_dict().items():
                 out[f"{PEFT_PREFIX}{name}.{k}"] = _saved(state_dict, f"{name}.modules_to_save.{adapter_name}.{k}", v)
+    for name, t in _token_wrappers(model):  # peft's TrainableTokensWrapper.adapter_state_dict: tied heads write none
+        if not t.tied and adapter_name in t.deltas:
+            out[f"{PEFT_PREFIX}{name}.{DELTA_KEY}"] = _saved(state_dict, f"{name}.{DELTA_KEY}.{adapter_name}",
+                                                          t.deltas[adapter_name])
     out.update(_embedding_base_weights(model, adapter_name, state_dict))
     return out
 
@@ -383,7 +422,7 @@ def save_adapter(
     mods = _require_adapter(model, adapter_name)
     infos = [_describe(n, m, adapter_name) for n, m in mods]
     text = _config_json(_config_fields(model, infos, task_type, base_model_name_or_path,
-                                       _save_names(model, adapter_name) or None))
+                                       _save_names(model, adapter_name) or None, _token_spec(model, adapter_name)))
     tensors = adapter_state_dict(model, adapter_name, state_dict=state_dict)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:
@@ -418,10 +457,16 @@ def _read_config(path: str | os.PathLike) -> dict[str, Any]:
     for key, what in _UNSUPPORTED_IF_SET.items():
         if cfg.get(key):
             raise ValueError(f"{cfg_path}: {key}={cfg[key]!r} ({what}) is not supported by qkernels' QLoRALinear, "
-                             "which runs plain LoRA and DoRA (use_dora) adapters: run this adapter with peft (or merge "
-                             "it into the base there with merge_and_unload), or train a plain LoRA / DoRA adapter")
+                             "which runs plain LoRA, DoRA (use_dora) and lora_bias adapters: run this adapter with "
+                             "peft (or merge it into the base there with merge_and_unload), or train a plain LoRA / "
+                             "DoRA adapter")
     if not isinstance(cfg.get("use_dora", False), bool):
         raise ValueError(f"{cfg_path}: use_dora must be true or false, got {cfg['use_dora']!r}")
+    if not isinstance(cfg.get("lora_bias", False), bool):
+        raise ValueError(f"{cfg_path}: lora_bias must be true or false, got {cfg['lora_bias']!r}")
+    if cfg.get("lora_bias") and cfg.get("use_dora"):
+        raise ValueError(f"{cfg_path}: lora_bias=true with use_dora=true, which peft refuses (\"The argument "
+                         "lora_bias=True is not supported for DoRA\"): the file was not written by peft")
     if cfg.get("bias", "none") != "none":
         raise ValueError(f"{cfg_path}: bias={cfg['bias']!r} (trained base biases) is not supported; only 'none'")
     # fan_in_fan_out (peft sets it for GPT-2's Conv1D targets) is not checked: lora_A [r, in], lora_B [out, r] and
@@ -487,12 +532,16 @@ class _Planned:
     B: torch.Tensor
     base: dict[str, torch.Tensor] | None = None  # a float base's "weight" / "bias" from the file (peft's embeddings)
     magnitude: torch.Tensor | None = None  # a DoRA adapter's lora_magnitude_vector [out_features]
+    lora_B_bias: torch.Tensor | None = None  # lora_bias: lora_B's bias [out_features]
 
 
 @dataclass
 class _Plan:
     lora: list[_Planned]
     saved: dict[str, dict[str, torch.Tensor]]  # module to save -> its state dict from the file
+    # trainable_token_indices: {module: (indices, tied source or None)} and the file's rows per untied module
+    tokens: dict[str, tuple[list[int], str | None]] | None = None
+    token_rows: dict[str, torch.Tensor] | None = None
 
 
 def _config_targets(model: nn.Module, cfg: dict[str, Any]) -> set[str] | None:
@@ -524,11 +573,15 @@ def _split_keys(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tenso
             name = max(owner, key=len)
             saved.setdefault(name, {})[stripped[len(name) + 1:]] = t
             continue
+        delta = _DELTA_RE.match(stripped)
+        if delta is not None:  # trainable tokens: checked against the config's trainable_token_indices in _plan
+            pairs.setdefault(delta["module"], {})["tokens"] = (key, t)
+            continue
         base = _BASE_KEY_RE.match(stripped)
         if base is not None:  # a float base weight that peft saved with the adapter (save_embedding_layers)
             pairs.setdefault(base["module"], {})["base." + base["which"]] = (key, t)
             continue
-        match = _KEY_RE.match(stripped) or _MAGNITUDE_RE.match(stripped)
+        match = _KEY_RE.match(stripped) or _MAGNITUDE_RE.match(stripped) or _BIAS_RE.match(stripped)
         emb = _EMB_KEY_RE.match(stripped) if match is None else None
         if emb is not None and cfg.get("ensure_weight_tying"):
             # peft then also gives the tied lm_head a LoRA whose A, B are the embedding's B^T, A^T (lora/model.py:
@@ -543,14 +596,16 @@ def _split_keys(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tenso
             match = emb
             which = "lora_" + emb["which"]
         elif match is not None:
-            which = match["which"]
+            which = match["which"] + (".bias" if stripped.endswith(".bias") else "")
         if match is None:
             raise ValueError(
                 f"adapter key {key!r} is not a LoRA weight '{PEFT_PREFIX}<module>.lora_A.weight' / '.lora_B.weight' "
                 "nor LoRA on an embedding ('.lora_embedding_A' / '_B') nor a DoRA magnitude "
-                "('.lora_magnitude_vector') nor a tensor of a module to save (the "
+                "('.lora_magnitude_vector') nor a lora_bias ('.lora_B.bias') nor trainable tokens "
+                "('.token_adapter.trainable_tokens_delta') nor a "
+                "tensor of a module to save (the "
                 f"config's modules_to_save={cfg.get('modules_to_save')!r} selects {save_names} here); other "
-                "tensors (lora_bias, trainable tokens) are not supported"
+                "tensors are not supported"
             )
         names_in_keys.setdefault(match["adapter"], key)
         if len(names_in_keys) > 1:
@@ -598,6 +653,7 @@ def _plan(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor], ad
     if not qlora_names:
         _qlora_modules(model)  # raises the "quantize it first" error
     pairs, saved = _split_keys(model, cfg, sd)
+    tokens, token_rows = _planned_tokens(model, cfg, pairs, adapter_name)
     if not pairs:
         raise ValueError("the adapter file holds no LoRA weights")
     _check_saved(model, cfg, saved, adapter_name, replace)
@@ -632,6 +688,7 @@ def _plan(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor], ad
             )
         _check_kind(name, m, ab, bool(cfg.get("use_dora", False)))
         magnitude = _planned_magnitude(name, m, ab, bool(cfg.get("use_dora", False)))
+        lora_B_bias = _planned_lora_bias(name, m, ab, bool(cfg.get("lora_bias", False)))
         base = _planned_base(name, m, ab)
         r = _pattern_value(cfg.get("rank_pattern") or {}, name, r0)
         alpha = _pattern_value(cfg.get("alpha_pattern") or {}, name, a0)
@@ -645,8 +702,52 @@ def _plan(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor], ad
                 )
             if not t.is_floating_point():
                 raise ValueError(f"adapter key {key!r}: dtype {t.dtype} is not a floating-point type")
-        plan.append(_Planned(name, m, int(r), alpha, A, B, base, magnitude))
-    return _Plan(plan, saved)
+        plan.append(_Planned(name, m, int(r), alpha, A, B, base, magnitude, lora_B_bias))
+    return _Plan(plan, saved, tokens, token_rows)
+
+
+def _planned_tokens(model: nn.Module, cfg: dict[str, Any], pairs: dict[str, dict[str, tuple[str, torch.Tensor]]],
+                    adapter_name: str) -> tuple[dict[str, tuple[list[int], str | None]], dict[str, torch.Tensor]]:
+    """Take the trainable-token rows out of ``pairs``; check them against the config's ``trainable_token_indices``
+    (``qkernels.trainable_tokens.plan_trainable_tokens``): one ``[len(indices), embedding_dim]`` float tensor per
+    wrapped embedding (a tied head has none), none without the config field."""
+    from .trainable_tokens import plan_trainable_tokens
+
+    found = {n: ab.pop("tokens") for n, ab in list(pairs.items()) if "tokens" in ab}
+    for n in [n for n, ab in pairs.items() if not ab]:
+        del pairs[n]
+    spec = cfg.get("trainable_token_indices")
+    if spec is None:
+        if found:
+            key = next(iter(found.values()))[0]
+            raise ValueError(f"adapter key {key!r} holds trainable tokens, but the config has no "
+                             "trainable_token_indices: the config and the weights disagree")
+        return {}, {}
+    plan = plan_trainable_tokens(model, spec, adapter_name, cfg.get("modules_to_save"),
+                                 arg="adapter config trainable_token_indices")
+    lora = [n for n in plan if n in pairs]
+    if lora:
+        raise ValueError(f"adapter config trainable_token_indices selects {lora[0]!r}, which the file also gives LoRA; "
+                         "peft refuses trainable tokens on a LoRA embedding, so peft did not write this file")
+    rows = {}
+    for n, (indices, source) in plan.items():
+        if source is not None:
+            continue
+        if n not in found:
+            raise ValueError(f"module {n!r}: the config's trainable_token_indices selects it but the adapter has no "
+                             f"rows for it ({PEFT_PREFIX}{n}.{DELTA_KEY})")
+        key, t = found.pop(n)
+        m = model.get_submodule(n)
+        dim = (m.base_layer if hasattr(m, "token_adapter") else m).embedding_dim
+        if tuple(t.shape) != (len(indices), dim) or not t.is_floating_point():
+            raise ValueError(f"adapter key {key!r}: {tuple(t.shape)} {t.dtype} in the file, but module {n!r} with the "
+                             f"config's {len(indices)} token indices needs a float ({len(indices)}, {dim})")
+        rows[n] = t
+    if found:
+        key = next(iter(found.values()))[0]
+        raise ValueError(f"adapter key {key!r}: trainable tokens for a module that the config's "
+                         f"trainable_token_indices={spec!r} does not select here")
+    return plan, rows
 
 
 def _check_kind(name: str, m: nn.Module, ab: dict[str, tuple[str, torch.Tensor]], use_dora: bool) -> None:
@@ -684,6 +785,32 @@ def _planned_magnitude(name: str, m: nn.Module, ab: dict[str, tuple[str, torch.T
     k, t = ab["lora_magnitude_vector"]
     if tuple(t.shape) != (m.out_features,) or not t.is_floating_point():
         raise ValueError(f"adapter key {k!r}: DoRA magnitude {tuple(t.shape)} {t.dtype} in the file, but module "
+                         f"{name!r} (out_features={m.out_features}) needs a float ({m.out_features},)")
+    return t
+
+
+def _planned_lora_bias(name: str, m: nn.Module, ab: dict[str, tuple[str, torch.Tensor]],
+                       lora_bias: bool) -> torch.Tensor | None:
+    """The ``lora_B`` bias of module ``name`` from the file (``<module>.lora_B.bias``): a float ``[out_features]`` when
+    the config says ``lora_bias``, absent otherwise; never on an embedding (peft's lora.Embedding refuses it)."""
+    from .embedding import QLoRAEmbedding
+
+    key = f"{PEFT_PREFIX}{name}.lora_B.bias"
+    if lora_bias and isinstance(m, QLoRAEmbedding):
+        raise ValueError(f"module {name!r}: the config has lora_bias true, which peft's lora.Embedding refuses "
+                         "(\"lora_bias=True is not supported for Embedding\"); the file was not written by peft")
+    if not lora_bias:
+        if "lora_B.bias" in ab:
+            raise ValueError(f"adapter key {ab['lora_B.bias'][0]!r} is a lora_B bias, but the config has lora_bias "
+                             "false: the config and the weights disagree (set lora_bias to true if the adapter was "
+                             "trained with it)")
+        return None
+    if "lora_B.bias" not in ab:
+        raise ValueError(f"module {name!r}: the config has lora_bias true but the adapter has no lora_B bias {key!r}; "
+                         "a peft lora_bias adapter saves one per module")
+    k, t = ab["lora_B.bias"]
+    if tuple(t.shape) != (m.out_features,) or not t.is_floating_point():
+        raise ValueError(f"adapter key {k!r}: lora_B bias {tuple(t.shape)} {t.dtype} in the file, but module "
                          f"{name!r} (out_features={m.out_features}) needs a float ({m.out_features},)")
     return t
 
@@ -746,9 +873,12 @@ def load_adapter(
     Everything is validated before the model changes: a key naming no QLoRALinear (the error lists the modules
     that exist) or a module the config does not select, an A without its B, a shape that is not
     ``[r, in_features]`` / ``[out_features, r]``, a module to save whose tensors are missing or misshapen, an
-    unsupported config (lora_bias, Megatron, ...) each raise ``ValueError`` and load nothing. A DoRA adapter
+    unsupported config (Megatron, layer replication, ...) each raise ``ValueError`` and load nothing. A DoRA adapter
     (``use_dora: true``) needs one magnitude per module (``<module>.lora_magnitude_vector``, peft's key, or with
-    ``.weight``), a float ``[out_features]``: missing, misshapen, or present without ``use_dora`` is such an error.
+    ``.weight``), a float ``[out_features]``: missing, misshapen, or present without ``use_dora`` is such an error;
+    likewise a ``lora_bias`` adapter's ``<module>.lora_B.bias`` (float ``[out_features]``, with ``lora_bias: true``
+    only). ``trainable_token_indices`` (``qkernels.trainable_tokens``) wraps the embedding(s) it names, with a tied
+    head, and loads ``<embedding>.token_adapter.trainable_tokens_delta`` (``[len(indices), embedding_dim]``) into them.
 
     ``replace``: if ``adapter_name`` already exists, delete it first (otherwise that is an error).
     ``set_active``: make the loaded adapter active (``PeftModel.from_pretrained`` does; ``load_adapter`` in peft
@@ -780,6 +910,7 @@ def load_adapter(
 def _apply_plan(model: nn.Module, cfg: dict[str, Any], whole: _Plan, adapter_name: str) -> None:
     """Create and fill the adapter's LoRA weights and module-to-save copies; on any error undo all of it."""
     from .modules_to_save import ModulesToSaveWrapper, wrap_modules_to_save
+    from .trainable_tokens import TrainableTokensWrapper, add_trainable_tokens
 
     dropout, rslora = float(cfg.get("lora_dropout", 0.0)), bool(cfg.get("use_rslora", False))
     dora = bool(cfg.get("use_dora", False))
@@ -790,10 +921,14 @@ def _apply_plan(model: nn.Module, cfg: dict[str, Any], whole: _Plan, adapter_nam
         for p in whole.lora:
             # init False: the file's A, B replace any init; a DoRA adapter's initial magnitude (one dequantization and
             # row norm per module) is replaced by the file's too
-            _add_to_module(p.module, adapter_name, p.r, p.alpha, dropout, rslora, False, dora)
+            with warnings.catch_warnings():  # a base without a bias: peft warns at load too; loading is what was asked
+                warnings.simplefilter("ignore", UserWarning)
+                _add_to_module(p.module, adapter_name, p.r, p.alpha, dropout, rslora, False, dora,
+                               p.lora_B_bias is not None)
             done.append(p)
             with torch.no_grad():
-                for which, t in (("lora_A", p.A), ("lora_B", p.B), ("lora_magnitude_vector", p.magnitude)):
+                for which, t in (("lora_A", p.A), ("lora_B", p.B), ("lora_magnitude_vector", p.magnitude),
+                                 ("lora_B.bias", p.lora_B_bias)):
                     if t is not None:
                         p.module.set_lora_weight(adapter_name, which, t)
                 for which, t in (p.base or {}).items():  # peft loads these into its base layer: so do we
@@ -808,6 +943,12 @@ def _apply_plan(model: nn.Module, cfg: dict[str, Any], whole: _Plan, adapter_nam
             wrap_modules_to_save(model, cfg["modules_to_save"], adapter_name, activate=False)
             for n, tensors in whole.saved.items():
                 model.get_submodule(n).load_copy(adapter_name, tensors)
+        if whole.tokens:
+            originals.update({n: model.get_submodule(n) for n in whole.tokens})
+            add_trainable_tokens(model, whole.tokens, adapter_name, activate=False)
+            with torch.no_grad():
+                for n, t in whole.token_rows.items():
+                    model.get_submodule(n).deltas[adapter_name].copy_(t)
     except Exception:
         for p in done:  # leave no half-loaded adapter behind
             p.module.delete_adapter(adapter_name)
@@ -820,8 +961,8 @@ def _apply_plan(model: nn.Module, cfg: dict[str, Any], whole: _Plan, adapter_nam
                     param.copy_(old)
         for n, orig in originals.items():
             now = model.get_submodule(n)
-            if isinstance(orig, ModulesToSaveWrapper):
-                if adapter_name in orig.modules_to_save:
+            if isinstance(orig, (ModulesToSaveWrapper, TrainableTokensWrapper)):
+                if isinstance(orig, TrainableTokensWrapper) or adapter_name in orig.modules_to_save:
                     orig.delete_adapter(adapter_name)
             elif now is not orig:
                 parent, _, leaf = n.rpartition(".")

@@ -66,6 +66,13 @@ def _wrappers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return wrapper_modules(model)
 
 
+def _token_wrappers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, TrainableTokensWrapper)`` of ``model`` (peft's trainable_token_indices; tied heads included)."""
+    from .trainable_tokens import token_wrappers
+
+    return token_wrappers(model)
+
+
 def adapter_names(model: nn.Module) -> list[str]:
     """Returns the adapter names present on at least one QLoRALinear (or module to save) of ``model``, in first-seen
     order (``[]`` for a model without adapters)."""
@@ -74,6 +81,8 @@ def adapter_names(model: nn.Module) -> list[str]:
         names.update(dict.fromkeys(m.lora_A.keys()))
     for _, w in _wrappers(model):
         names.update(dict.fromkeys(w.modules_to_save.keys()))
+    for _, t in _token_wrappers(model):
+        names.update(dict.fromkeys(t.deltas.keys()))
     return list(names)
 
 
@@ -109,7 +118,7 @@ def set_adapter(model: nn.Module, name: str) -> None:
     _require_known(model, name)
     for _, m in _qlora_modules(model):
         _activate(m, name)
-    for _, w in _wrappers(model):
+    for _, w in _wrappers(model) + _token_wrappers(model):
         w.set_adapter(name)
 
 
@@ -134,7 +143,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     ``with qkernels.disable_adapters(model): y_base = model(x)`` — peft's ``with peft_model.disable_adapter():``.
     Returns the context manager; ``as`` binds ``model`` itself.
     """
-    mods = _qlora_modules(model) + _wrappers(model)
+    mods = _qlora_modules(model) + _wrappers(model) + _token_wrappers(model)
     saved = [(m, bool(m.disable_adapters)) for _, m in mods]
     try:
         for m, _ in saved:
@@ -168,6 +177,12 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if name in w.modules_to_save:
             w.delete_adapter(name)
             w.set_adapter(new_active)
+    tokens = _token_wrappers(model)
+    for _, t in tokens:  # the embedding's rows first: a tied head reads them
+        t.delete_adapter(name)
+    for _, t in tokens:
+        if t.active_adapter is None:
+            t.set_adapter(new_active)  # peft's TrainableTokensWrapper.delete_adapter: the new active, if it has rows
     if not any(len(m.lora_A) for _, m in mods):  # no LoRA left: a 4-bit model is purely quantized again
         from .model import _mark_bnb_model_quantized
 
@@ -200,6 +215,8 @@ def add_adapter(
     layers_to_transform: int | list[int] | None = None,
     layers_pattern: str | list[str] | None = None,
     use_dora: bool = False,
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None,
+    lora_bias: bool = False,
 ) -> list[str]:
     """Add a new adapter ``name`` to the QLoRALinear modules of ``model`` (defaults are peft's ``LoraConfig``'s).
 
@@ -214,6 +231,9 @@ def add_adapter(
     ``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``init_lora_weights``, ``use_dora``: the new adapter's,
     as in ``QLoRALinear`` / peft's ``LoraConfig`` (scaling ``lora_alpha / r``, or ``/ sqrt(r)`` with ``use_rslora``;
     ``use_dora``: a DoRA adapter with a magnitude per output row, ``qkernels.dora``).
+    ``trainable_token_indices``: peft's, as in ``qkernels.apply_qlora`` (rows of the input embedding trained for this
+    adapter; ``qkernels.trainable_tokens``). ``lora_bias``: peft's, as in ``qkernels.apply_qlora`` (a bias on each
+    ``lora_B``; not on an embedding).
     Returns the module names that got a LoRA adapter.
 
     Raises:
@@ -247,11 +267,21 @@ def add_adapter(
     modules_to_save = check_modules_to_save(modules_to_save)
     if modules_to_save:
         plan_modules_to_save(model, modules_to_save, name)  # validated before any change
+    tokens = {}
+    if trainable_token_indices is not None:
+        from .trainable_tokens import add_trainable_tokens, plan_trainable_tokens
+
+        tokens = plan_trainable_tokens(model, trainable_token_indices, name, modules_to_save)
+        lora = [n for n, _ in _qlora_modules(model) if n in tokens]
+        if lora:
+            raise ValueError(f"trainable_token_indices: module {lora[0]!r} has LoRA (a QLoRAEmbedding / QLoRALinear); "
+                             "peft refuses trainable tokens on a LoRA layer")
     added = []
     try:
         for n, m in mods:
             try:
-                _add_to_module(m, name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, use_dora)
+                _add_to_module(m, name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, use_dora,
+                               lora_bias)
             except ValueError as e:
                 raise ValueError(f"module {n!r}: {e}") from e
             added.append(m)
@@ -261,14 +291,24 @@ def add_adapter(
         raise
     if modules_to_save:
         wrap_modules_to_save(model, modules_to_save, name, activate=False)
+    if tokens:
+        add_trainable_tokens(model, tokens, name, activate=False)
     return [n for n, _ in mods]
 
 
 def _add_to_module(m: nn.Module, name: str, r: int, alpha: float, dropout: float, rslora: bool, init: Any,
-                   use_dora: bool = False) -> None:
+                   use_dora: bool = False, lora_bias: bool = False) -> None:
     """``update_layer`` without switching the module's active adapter (peft's ``add_adapter`` does not)."""
     had, active = len(m.lora_A) > 0, m.active_adapter
-    m.update_layer(name, r, alpha, dropout, init, rslora, use_dora=use_dora)
+    if lora_bias:
+        from .nn import QLoRALinear
+
+        if not isinstance(m, QLoRALinear):  # peft's lora.Embedding: "lora_bias=True is not supported for Embedding"
+            raise ValueError(f"lora_bias=True is not supported for {type(m).__name__} (peft refuses it on "
+                             "embeddings too): leave the embedding out of target_modules or pass lora_bias=False")
+        m.update_layer(name, r, alpha, dropout, init, rslora, use_dora=use_dora, lora_bias=True)
+    else:
+        m.update_layer(name, r, alpha, dropout, init, rslora, use_dora=use_dora)
     if had:  # a module set to an adapter it lacks (active None) stays so; the new adapter is frozen
         _activate(m, active)
 

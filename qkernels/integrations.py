@@ -151,8 +151,12 @@ def restore_adapters(model: nn.Module, path: str | os.PathLike) -> list[str]:
                 p.module.set_lora_weight(name, "lora_B", p.B)
                 if p.magnitude is not None:  # a DoRA adapter (its DoRA-ness checked equal in _plan_in_place)
                     p.module.lora_magnitude_vector[name].weight.copy_(p.magnitude)
+                if p.lora_B_bias is not None:  # lora_bias (checked equal in _plan_in_place)
+                    p.module.set_lora_weight(name, "lora_B.bias", p.lora_B_bias)
             for n, tensors in plan.saved.items():
                 model.get_submodule(n).modules_to_save[name].load_state_dict(tensors, strict=True)
+            for n, rows in (plan.token_rows or {}).items():  # trainable tokens (checked equal in _plan_in_place)
+                model.get_submodule(n).deltas[name].copy_(rows)
     return have
 
 
@@ -177,10 +181,20 @@ def _plan_in_place(model: nn.Module, d: str, name: str) -> Any:
                 f"in the checkpoint but r={m.r[name]}, lora_alpha={m.lora_alpha[name]}, use_rslora="
                 f"{m.use_rslora[name]} in the model; resume with the same apply_qlora arguments"
             )
+        if (p.lora_B_bias is not None) != bool(getattr(m, "has_lora_bias", lambda _: False)(name)):
+            raise ValueError(f"{d}: adapter {name!r} has lora_bias={p.lora_B_bias is not None} in the checkpoint but "
+                             f"module {n!r} does not match in the model; resume with the same apply_qlora lora_bias")
         if bool(cfg.get("use_dora", False)) != m.is_dora(name):
             raise ValueError(f"{d}: adapter {name!r} has use_dora={bool(cfg.get('use_dora', False))} in the checkpoint "
                              f"but module {n!r} is{'' if m.is_dora(name) else ' not'} a DoRA adapter in the model; "
                              "resume with the same apply_qlora / add_adapter use_dora")
+    from .trainable_tokens import token_wrappers
+
+    live_tokens = {n: w.token_indices[name] for n, w in token_wrappers(model) if not w.tied and name in w.deltas}
+    got_tokens = {n: ids for n, (ids, source) in (plan.tokens or {}).items() if source is None}
+    if got_tokens != live_tokens:
+        raise ValueError(f"{d}: adapter {name!r} has trainable tokens {got_tokens} in the checkpoint but {live_tokens} "
+                         "in the model; resume with the same trainable_token_indices")
     want_saved = {n for n, w in _wrappers(model) if name in w.modules_to_save}
     if set(plan.saved) != want_saved:
         raise ValueError(f"{d}: adapter {name!r} saves modules {sorted(plan.saved)}, the model's adapter has copies "

@@ -175,7 +175,7 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str], *, num_beams: 
             context, a layer's forward raises ValueError when the batch size is not ``len(adapter_names)`` (times
             ``num_beams``) or a named adapter is a DoRA adapter (peft's messages).
     """
-    from .adapters import _qlora_modules, _wrappers
+    from .adapters import _qlora_modules, _token_wrappers, _wrappers
     from .adapters import adapter_names as known_names
 
     if isinstance(adapter_names, (str, bytes)) or not isinstance(adapter_names, Sequence) or not all(
@@ -185,7 +185,7 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str], *, num_beams: 
     if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
         raise TypeError(f"num_beams must be a positive int (generate's num_beams), got {num_beams!r}")
     names = list(adapter_names)
-    mods = [m for _, m in _qlora_modules(model) + _wrappers(model)]
+    mods = [m for _, m in _qlora_modules(model) + _wrappers(model) + _token_wrappers(model)]
     if all(m.disable_adapters for m in mods):  # peft_model.py:992: no enabled adapter, no hook (names ignored)
         yield model
         return

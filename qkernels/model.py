@@ -198,6 +198,8 @@ def apply_qlora(
     loftq_iter: int = 1,
     adapter_name: str = "default",
     use_dora: bool = False,
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None,
+    lora_bias: bool = False,
     log_every: int = 50,
     verbose: bool | None = None,
 ) -> nn.Module:
@@ -242,6 +244,16 @@ def apply_qlora(
             ``qkernels.dora``): each layer also trains a magnitude per output row (an embedding: per embedding
             dimension). It starts from the weight's norms, as in peft; on a meta model a linear layer's are computed
             when the checkpoint's weight is loaded (a meta embedding with DoRA is refused: load it first).
+        trainable_token_indices: peft's (``LoraConfig(trainable_token_indices=...)``): a list of token ids whose rows
+            of the input embedding train beside LoRA (new special tokens), or ``{name suffix: ids}`` (e.g.
+            ``{"embed_tokens": [...]}``). The embedding is wrapped in a ``TrainableTokensWrapper``
+            (``qkernels.trainable_tokens``); a head tied to it (``tie_word_embeddings``) sees the same rows. Each id
+            must be a row of the embedding, listed once; the embedding must not also be a LoRA target or a module to
+            save (peft refuses both).
+        lora_bias: peft's: each ``lora_B`` gets a trainable bias, scaled with the LoRA term
+            (``s * (dropout(x) A^T B^T + b_B)``); ``merge_and_unload`` adds ``s * b_B`` to the layer's bias (a layer
+            without one cannot merge it: refused, as peft). Not with DoRA, an init other than True / False, or an
+            embedding target (peft refuses all three).
         log_every: report ``"apply_qlora: i/n layers quantized (t s)"`` every this many layers, always to the
             ``qkernels`` logger (INFO).
         verbose: also print those lines to stderr. None (default): print only for large models, i.e. when at least
@@ -311,6 +323,8 @@ def apply_qlora(
         raise ValueError(f"module {clash[0][0]!r} is a LoRA target and module {clash[0][1]!r} a module to save; "
                          "they overlap. Name the module to save exactly (e.g. its full name) or exclude it from "
                          "target_modules")
+    tokens = _plan_tokens(model, trainable_token_indices, adapter_name, modules_to_save, names, save_names)
+    _check_lora_bias_args(lora_bias, use_dora, init_lora_weights, emb_names)
     for n in names:
         m = modules[n]
         if n in emb_names:
@@ -342,13 +356,13 @@ def apply_qlora(
                                   quant_type=quant_type, double_quant=double_quant, blocksize=blocksize,
                                   compute_dtype=compute_dtype, quant_storage=quant_storage,
                                   init_lora_weights=init_lora_weights, loftq_iter=loftq_iter,
-                                  adapter_name=adapter_name, use_dora=use_dora)
+                                  adapter_name=adapter_name, use_dora=use_dora, lora_bias=lora_bias)
     show = verbose if verbose is not None else len(names) >= 2 * log_every
     t0 = time.perf_counter()
     bnb_kwargs = {k: kwargs[k] for k in ("r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights",
-                                         "adapter_name", "use_dora")}
+                                         "adapter_name", "use_dora", "lora_bias")}
     float_kwargs = dict(bnb_kwargs)  # a float base computes in its weight's dtype, as peft's lora.Linear
-    emb_kwargs = dict(bnb_kwargs)  # peft's lora.Embedding (DoRA: its DoraEmbeddingVariant)
+    emb_kwargs = {k: v for k, v in bnb_kwargs.items() if k != "lora_bias"}  # peft's lora.Embedding (DoRA too)
     _warn_tied_embedding_targets(model, emb_names)
     if compute_dtype is not None:
         bnb_kwargs["compute_dtype"] = compute_dtype
@@ -386,7 +400,11 @@ def apply_qlora(
         p.requires_grad_(p.requires_grad and (_is_lora_param(pname) or ".modules_to_save." in f".{pname}"))
     if save_names:
         wrap_modules_to_save(model, modules_to_save, adapter_name)
-    if emb_names or any(n in names for n in _output_embedding_names(model)):
+    if tokens:
+        from .trainable_tokens import add_trainable_tokens
+
+        add_trainable_tokens(model, tokens, adapter_name, activate=True)
+    if tokens or emb_names or any(n in names for n in _output_embedding_names(model)):
         # transformers' resize_token_embeddings refuses a QLoRAEmbedding (TypeError, as peft's lora.Embedding) and
         # would put BART's plain shared embedding back over it: qkernels.resize's works, or says what to do
         from .resize import install_resize_hook
@@ -395,6 +413,40 @@ def apply_qlora(
     _mark_bnb_model_trainable(model)
     _prepare_for_gradient_checkpointing(model)
     return model
+
+
+def _plan_tokens(model: nn.Module, spec: Any, adapter_name: str, modules_to_save: list[str] | None,
+                 names: list[str], save_names: list[str]) -> dict[str, tuple[list[int], str | None]]:
+    """``trainable_token_indices`` checked before any change (``qkernels.trainable_tokens.plan_trainable_tokens``),
+    and refused where peft refuses it: on a LoRA target (peft: "cannot be applied to modules of type
+    lora.Embedding") or a module to save."""
+    if spec is None:
+        return {}
+    from .trainable_tokens import plan_trainable_tokens
+
+    plan = plan_trainable_tokens(model, spec, adapter_name, modules_to_save)
+    for n, (_, source) in plan.items():
+        what = ("a LoRA target (target_modules selects it)" if n in names else
+                "a module to save" if any(n == m or n.startswith(m + ".") for m in save_names) else None)
+        if what is not None:
+            tied = f", tied to {source!r}," if source else ""
+            raise ValueError(f"trainable_token_indices: module {n!r}{tied} is also {what}; peft refuses trainable "
+                             "tokens on a LoRA embedding (trainable_token_indices cannot be applied to modules of "
+                             f"type lora.Embedding) or a module to save: exclude {n.rpartition('.')[2]!r} from "
+                             "target_modules / modules_to_save, or drop trainable_token_indices")
+    return plan
+
+
+def _check_lora_bias_args(lora_bias: Any, use_dora: bool, init_lora_weights: Any, emb_names: list[str]) -> None:
+    """peft's refusals of ``lora_bias`` (LoraConfig: DoRA, inits other than True / False; lora.Embedding), before any
+    change."""
+    from .nn import _check_lora_bias
+
+    _check_lora_bias(lora_bias, use_dora, init_lora_weights, True)
+    if lora_bias and emb_names:
+        raise ValueError(f"lora_bias=True on embedding target {emb_names[0]!r}: peft's lora.Embedding refuses it "
+                         "(\"lora_bias=True is not supported for Embedding\"); leave the embedding out of "
+                         "target_modules or pass lora_bias=False")
 
 
 def _output_embedding_names(model: nn.Module) -> list[str]:
@@ -813,7 +865,7 @@ def _check_forward_is_linear(model: nn.Module, names: list[str]) -> None:
 
 def _is_lora_param(pname: str) -> bool:
     return any(f".{k}." in f".{pname}" for k in ("lora_A", "lora_B", "lora_magnitude_vector", "lora_embedding_A",
-                                                 "lora_embedding_B"))
+                                                 "lora_embedding_B", "trainable_tokens_delta"))
 
 
 def _raise_no_layer_match(model: nn.Module, target_modules: Any, exclude_modules: Any, layers_to_transform: Any,
@@ -944,6 +996,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     ``config.quantization_config`` once no 4-bit layer is left (as after transformers' ``model.dequantize()``), so
     ``save_pretrained`` / ``from_pretrained`` round-trip the merged model. Returns ``model`` (modified in place).
     """
+    _check_bias_mergeable(_qlora_layers(model))
     _unwrap_modules_to_save(model)
     layers = _qlora_layers(model)
     _warn_tied_merge(model, layers)
@@ -971,6 +1024,30 @@ def _warn_tied_merge(model: nn.Module, layers: list[tuple[str, QLoRALinear]]) ->
         )
 
 
+def _check_bias_mergeable(layers: list[tuple[str, nn.Module]]) -> None:
+    """Refuse, before any change, a merge of a ``lora_bias`` adapter into a layer without a bias (peft raises
+    "Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias.")."""
+    for name, layer in layers:
+        active = None if layer.disable_adapters else layer.active_adapter
+        if isinstance(layer, QLoRALinear) and active is not None and layer.has_lora_bias(active) and layer.bias is None:
+            raise RuntimeError(f"Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias "
+                               f"(module {name!r}, adapter {active!r}; peft's message). A merged nn.Linear with a new "
+                               "bias would not match the model's checkpoints; keep the adapter unmerged")
+
+
+def _merged_bias(layer: QLoRALinear) -> torch.Tensor | None:
+    """The merged layer's bias: the base bias plus ``scaling * b_B`` for an active ``lora_bias`` adapter, in the base
+    bias's dtype (peft's ``bias.data += lora_B.bias * scaling``, layer.py:1041; its bitsandbytes 4-bit merge,
+    bnb.py:404, adds b_B unscaled, unlike its forward: qkernels keeps the forward's ``s * b_B``)."""
+    if layer.bias is None:
+        return None
+    b = layer.bias.detach()
+    name = None if layer.disable_adapters else layer.active_adapter
+    if name is not None and layer.has_lora_bias(name):
+        b = (b + layer.lora_B[name].bias.detach() * layer.scaling[name]).to(b.dtype)
+    return b.clone()
+
+
 def _dense(layer: QLoRALinear) -> nn.Module:
     """The merged dense layer of ``layer`` (``merge_and_unload``): an ``nn.Linear`` (a ``Conv1D`` for one made from a
     Conv1D) of ``float_dtype`` holding ``W + s B A``, its bias, its training mode. A float base's merged weight is
@@ -982,13 +1059,14 @@ def _dense(layer: QLoRALinear) -> nn.Module:
     if not layer.quantized:
         return _dense_float_base(layer, W)
     if getattr(layer, "is_target_conv_1d_layer", False):  # absent on a layer pickled by an older qkernels
-        dense = _conv1d(W, layer.bias)
+        dense = _conv1d(W, _merged_bias(layer))
+        dense.bias.requires_grad_(layer.bias is not None and layer.bias.requires_grad)
     else:
         dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                           device=W.device, dtype=dtype)
         dense.weight = nn.Parameter(W, requires_grad=False)
         if layer.bias is not None:
-            dense.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=layer.bias.requires_grad)
+            dense.bias = nn.Parameter(_merged_bias(layer), requires_grad=layer.bias.requires_grad)
     dense.train(layer.training)  # a merged model in eval mode stays so
     return dense
 
@@ -1010,7 +1088,7 @@ def _dense_float_base(layer: QLoRALinear, W: torch.Tensor) -> nn.Module:
             dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
     dense.weight = w
     if layer.bias is not None:
-        dense.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=layer.bias.requires_grad)
+        dense.bias = nn.Parameter(_merged_bias(layer), requires_grad=layer.bias.requires_grad)
     elif conv:  # Conv1D always has a bias: zeros, as Conv1D initializes it
         dense.bias = nn.Parameter(torch.zeros(layer.out_features, dtype=w.dtype, device=w.device), requires_grad=False)
     dense.train(layer.training)
@@ -1057,6 +1135,9 @@ def _conv1d(W: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
 
 
 def _unwrap_modules_to_save(model: nn.Module) -> None:
+    from .trainable_tokens import unwrap_trainable_tokens
+
+    unwrap_trainable_tokens(model, merge=True)  # peft's TrainableTokensWrapper.unload_and_optionally_merge_module
     for name, w in wrapper_modules(model)[::-1]:  # inner first (they cannot nest, but names stay valid either way)
         _replace(model, name, w.running_module())
 
@@ -1079,6 +1160,7 @@ def merge_into_4bit(model: nn.Module) -> dict[str, float]:
     becomes the dense ``nn.Linear`` ``merge_and_unload`` gives, exactly ``W + s B A``, and has no entry.
     """
     errors: dict[str, float] = {}
+    _check_bias_mergeable(_qlora_layers(model))
     _unwrap_modules_to_save(model)
     layers = _qlora_layers(model)
     _warn_tied_merge(model, layers)
@@ -1105,6 +1187,9 @@ def merge_into_4bit(model: nn.Module) -> dict[str, float]:
                 if d_norm > 0:
                     errors[name + ".delta_lost"] = float(torch.linalg.vector_norm(diff.double())) / d_norm
         layer.weight = Params4bit(packed, False, state)
+        if layer.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(_merged_bias(layer))  # + s * b_B of a lora_bias adapter
         for adapter in list(layer.lora_A):
             layer.delete_adapter(adapter)
     _mark_bnb_model_quantized(model)

@@ -240,6 +240,24 @@ def _check_lora_args(r: Any, lora_alpha: Any, lora_dropout: Any, init_lora_weigh
                          "(it becomes a state-dict key segment, e.g. lora_A.default.weight)")
 
 
+def _check_lora_bias(lora_bias: Any, use_dora: bool, init_lora_weights: Any, has_bias: bool) -> None:
+    """peft's LoraConfig checks of ``lora_bias`` (config.py:1081-1088), and its warning for a base without a bias."""
+    if not isinstance(lora_bias, bool):
+        raise ValueError(f"lora_bias must be a bool, got {lora_bias!r}")
+    if not lora_bias:
+        return
+    if use_dora:
+        raise ValueError("lora_bias=True is not supported with DoRA (peft refuses it too: \"The argument "
+                         "lora_bias=True is not supported for DoRA\"): pass use_dora=False or lora_bias=False")
+    if init_lora_weights not in (True, False):
+        raise ValueError(f"lora_bias=True is only supported with init_lora_weights=True or False (as in peft), got "
+                         f"init_lora_weights={init_lora_weights!r}")
+    if not has_bias:
+        warnings.warn("lora_bias=True was passed but the targeted layer has no bias. This means that merging LoRA "
+                      "weights won't be possible (peft's warning; qkernels.merge_and_unload refuses it as peft does)",
+                      UserWarning, stacklevel=4)
+
+
 def _check_quant_args(quant_type: Any, blocksize: Any, quant_storage: Any, compute_dtype: Any) -> None:
     if quant_type not in ("nf4", "fp4"):
         raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}{lowercase_hint(quant_type)}")
@@ -347,6 +365,10 @@ class QLoRALinear(nn.Module):
             ``lora_magnitude_vector.<adapter>.weight [out_features]`` initialized to the row norms of
             ``dequant(W) + s B A``, and the output rows rescaled by ``m / ||W + s B A||``. On the meta device the
             magnitude is meta too and takes that value when the weight is loaded (unless the checkpoint holds it).
+        lora_bias: the first adapter's ``lora_B`` gets a trainable bias (peft's ``LoraConfig(lora_bias=True)``): the
+            LoRA term is ``s * (dropout(x) A^T B^T + b_B)``, so the bias is scaled too; zeros at init True (peft's).
+            Not with DoRA or ``init_lora_weights`` "gaussian" / "loftq" (peft refuses them); on a layer without a bias
+            it warns as peft does (the adapter then cannot be merged).
 
     Attributes (peft's names): ``lora_A``, ``lora_B``, ``lora_dropout``, ``lora_magnitude_vector`` (DoRA adapters
     only) (ModuleDicts by adapter name), ``r``, ``lora_alpha``, ``scaling``, ``use_rslora`` (dicts),
@@ -412,6 +434,7 @@ class QLoRALinear(nn.Module):
         loftq_iter: int = 1,
         quantize: bool = True,
         use_dora: bool = False,
+        lora_bias: bool = False,
         _float_weight: torch.Tensor | None = None,
         _packed: tuple[torch.Tensor, QuantState] | None = None,
         _conv1d: bool = False,
@@ -512,7 +535,7 @@ class QLoRALinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora,
-                          original_weight=float_weight, loftq_iter=loftq_iter, use_dora=use_dora)
+                          original_weight=float_weight, loftq_iter=loftq_iter, use_dora=use_dora, lora_bias=lora_bias)
         self._track_meta()
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -631,7 +654,7 @@ class QLoRALinear(nn.Module):
             raise ValueError("from_bnb expects a quantized bitsandbytes Linear4bit (weight a Params4bit with a "
                              "quant_state); call .to(device) on it first: bitsandbytes quantizes on the first move")
         bad = set(lora_kwargs) - {"r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights",
-                                  "adapter_name", "compute_dtype", "use_dora"}
+                                  "adapter_name", "compute_dtype", "use_dora", "lora_bias"}
         if bad:
             raise ValueError(f"from_bnb does not take {sorted(bad)}: the 4-bit format comes from the bnb layer")
         if lora_kwargs.get("init_lora_weights") == "loftq":
@@ -663,7 +686,8 @@ class QLoRALinear(nn.Module):
     # ------------------------------------------------------------------ adapters (peft's API)
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                      init_lora_weights: bool | str = True, use_rslora: bool = False, *,
-                     original_weight: torch.Tensor | None = None, loftq_iter: int = 1, use_dora: bool = False) -> None:
+                     original_weight: torch.Tensor | None = None, loftq_iter: int = 1, use_dora: bool = False,
+                     lora_bias: bool = False) -> None:
         """Add (or replace) adapter ``adapter_name``: ``lora_A [r, in]``, ``lora_B [out, r]`` float32.
 
         The first adapter becomes active; later ones are added inactive and frozen (peft's behaviour).
@@ -673,26 +697,31 @@ class QLoRALinear(nn.Module):
         ``/ sqrt(r)`` with ``use_rslora``). ``use_dora``: a DoRA adapter (``qkernels.dora``): its magnitude
         ``lora_magnitude_vector.<adapter_name>.weight`` (float32 ``[out_features]``) starts as the row norms of
         ``W + s B A`` with the initialized A, B and ``W`` dequantized to its quant-state dtype (peft's
-        ``DoraLinearLayer.update_layer``, peft/tuners/lora/dora.py:101-130).
+        ``DoraLinearLayer.update_layer``, peft/tuners/lora/dora.py:101-130). ``lora_bias``: ``lora_B`` gets a bias
+        (``lora_B.<adapter_name>.bias``, float32 ``[out_features]``, zeros at init True; see ``QLoRALinear``).
 
         Raises:
-            ValueError: a bad LoRA argument (named in the message), ``"loftq"`` without ``original_weight``, or
+            ValueError: a bad LoRA argument (named in the message), ``"loftq"`` without ``original_weight``,
                 ``use_dora`` on a layer whose weight holds no values and is not meta (``to_empty`` memory, part of a
-                sharded load). On a meta weight the magnitude is computed when the weight is loaded
-                (``_init_unloaded_magnitudes``).
+                sharded load; on a meta weight the magnitude is computed when the weight is loaded:
+                ``_init_unloaded_magnitudes``), or ``lora_bias`` with DoRA or an init other than True / False (peft's
+                LoraConfig refuses both).
         """
         _check_lora_args(r, lora_alpha, lora_dropout, init_lora_weights, adapter_name)
         if not isinstance(use_rslora, bool):
             raise ValueError(f"use_rslora must be a bool, got {use_rslora!r}")
         if not isinstance(use_dora, bool):
             raise ValueError(f"use_dora must be a bool, got {use_dora!r}")
+        _check_lora_bias(lora_bias, use_dora, init_lora_weights, self.bias is not None)
         if use_dora and not self.weight.is_meta and "weight" in self._unloaded:
             raise ValueError("use_dora=True initializes the DoRA magnitude from the base weight's row norms, and this "
                              "layer's weight holds no values (memory from to_empty, or part of a sharded load): "
                              "load the base checkpoint first, then add the DoRA adapter (or load_adapter)")
         dev = self.weight.device
         A = nn.Linear(self.in_features, r, bias=False, device=dev, dtype=torch.float32)
-        B = nn.Linear(r, self.out_features, bias=False, device=dev, dtype=torch.float32)
+        B = nn.Linear(r, self.out_features, bias=lora_bias, device=dev, dtype=torch.float32)
+        if lora_bias and init_lora_weights is True:
+            nn.init.zeros_(B.bias)  # peft's init; False keeps nn.Linear's default, as peft
         scaling = lora_scaling(lora_alpha, r, use_rslora)
         if init_lora_weights == "loftq":
             if not self.quantized:
@@ -739,8 +768,7 @@ class QLoRALinear(nn.Module):
         self.lora_A[adapter_name] = A
         self.lora_B[adapter_name] = B
         self._lora_init = {**self._lora_init, adapter_name: init_lora_weights}  # for a meta layer's load
-        self._unloaded = self._unloaded - {f"lora_A.{adapter_name}.weight", f"lora_B.{adapter_name}.weight",
-                                           f"lora_magnitude_vector.{adapter_name}.weight"}
+        self._unloaded = self._unloaded - self._adapter_keys(adapter_name)
         self.lora_dropout[adapter_name] = nn.Dropout(p=float(lora_dropout)) if lora_dropout > 0 else nn.Identity()
         for m in (A, B, self.lora_dropout[adapter_name], *self._magnitude_modules(adapter_name)):
             m.train(self.training)  # an adapter added to a layer in eval mode is in eval mode
@@ -778,8 +806,7 @@ class QLoRALinear(nn.Module):
         for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora):
             del d[adapter_name]
         self._lora_init = {k: v for k, v in self._lora_init.items() if k != adapter_name}
-        self._unloaded = self._unloaded - {f"lora_A.{adapter_name}.weight", f"lora_B.{adapter_name}.weight",
-                                           f"lora_magnitude_vector.{adapter_name}.weight"}
+        self._unloaded = self._unloaded - self._adapter_keys(adapter_name)
         if self.active_adapter == adapter_name:
             self.active_adapter = None
             if len(self.lora_A):
@@ -798,22 +825,43 @@ class QLoRALinear(nn.Module):
                 ``adapter_name`` (or it is not a DoRA adapter, for the magnitude), or ``value``'s shape differs from
                 the weight's.
         """
-        if which not in ("lora_A", "lora_B", "lora_magnitude_vector"):
-            raise ValueError(f"which must be 'lora_A', 'lora_B' or 'lora_magnitude_vector', got {which!r}")
+        if which not in ("lora_A", "lora_B", "lora_magnitude_vector", "lora_B.bias"):
+            raise ValueError(f"which must be 'lora_A', 'lora_B', 'lora_B.bias' or 'lora_magnitude_vector', got "
+                             f"{which!r}")
         if adapter_name not in self.lora_A:
             raise ValueError(f"no adapter named {adapter_name!r}; this layer has {list(self.lora_A)}")
         if which == "lora_magnitude_vector" and adapter_name not in self._magnitudes():
             raise ValueError(f"adapter {adapter_name!r} is not a DoRA adapter (use_dora=False): it has no magnitude")
-        w = getattr(self, which)[adapter_name].weight
+        if which == "lora_B.bias" and not self.has_lora_bias(adapter_name):
+            raise ValueError(f"adapter {adapter_name!r} has no lora_B bias (lora_bias=False)")
+        module, attr = (self.lora_B[adapter_name], "bias") if which == "lora_B.bias" else \
+            (getattr(self, which)[adapter_name], "weight")
+        w = getattr(module, attr)
+        key = f"lora_B.{adapter_name}.bias" if which == "lora_B.bias" else f"{which}.{adapter_name}.weight"
         if tuple(value.shape) != tuple(w.shape):
-            raise ValueError(f"{which}.{adapter_name}.weight has shape {tuple(w.shape)}, got {tuple(value.shape)}")
+            raise ValueError(f"{key} has shape {tuple(w.shape)}, got {tuple(value.shape)}")
         with torch.no_grad():
             if w.is_meta:
                 new = nn.Parameter(value.detach().to(w.dtype, copy=True), requires_grad=w.requires_grad)
-                getattr(self, which)[adapter_name].weight = new
+                setattr(module, attr, new)
             else:
                 w.copy_(value)
-        self._unloaded = self._unloaded - {f"{which}.{adapter_name}.weight"}
+        self._unloaded = self._unloaded - {key}
+
+    @staticmethod
+    def _adapter_keys(name: str) -> set[str]:
+        """The state-dict keys (without prefix) an adapter ``name`` may have."""
+        return {f"lora_A.{name}.weight", f"lora_B.{name}.weight", f"lora_B.{name}.bias",
+                f"lora_magnitude_vector.{name}.weight"}
+
+    def has_lora_bias(self, adapter_name: str) -> bool:
+        """Returns whether adapter ``adapter_name``'s ``lora_B`` has a bias (peft's ``lora_bias[adapter_name]``)."""
+        return adapter_name in self.lora_B and self.lora_B[adapter_name].bias is not None
+
+    @property
+    def lora_bias(self) -> dict[str, bool]:
+        """peft's ``lora_bias`` dict: adapter name -> whether its ``lora_B`` has a bias."""
+        return {n: self.has_lora_bias(n) for n in self.lora_B}
 
     def _magnitudes(self) -> nn.ModuleDict | dict:
         """The DoRA magnitudes by adapter name (``{}`` on a layer pickled by an older qkernels)."""
@@ -967,8 +1015,19 @@ class QLoRALinear(nn.Module):
             y = dora_forward_4bit(x, xc, packed, state, A, B, self._magnitudes()[name].weight,
                                   scaling, self.bias, self.lora_dropout[name], self.training)
             return y if y.dtype == x.dtype else y.to(x.dtype)
-        y = matmul_4bit_lora(xc, packed, state, A, B, scaling, self.bias, p, training=self.training)
+        y = matmul_4bit_lora(xc, packed, state, A, B, scaling, self._effective_bias(name, scaling), p,
+                             training=self.training)
         return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def _effective_bias(self, name: str | None, scaling: float) -> torch.Tensor | None:
+        """The bias the fused op adds: the base bias, plus ``scaling * b_B`` for an adapter with ``lora_bias`` (peft's
+        ``lora_B(...) * scaling`` scales lora_B's bias), formed with differentiable ops in float32 (b_B's dtype), so
+        both biases get their gradients. peft adds ``base + bias`` and ``s * (x A^T B^T + b_B)`` separately: the sum is
+        the same up to float32 rounding of the bias terms (tests/test_lora_bias.py states the bound)."""
+        if name is None or not self.has_lora_bias(name):
+            return self.bias
+        b = self.lora_B[name].bias * scaling
+        return b if self.bias is None else self.bias.to(b.dtype) + b
 
     def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
         """peft's ``_check_forward_args`` then, unless adapters are disabled, ``_mixed_batch_forward``
@@ -999,7 +1058,8 @@ class QLoRALinear(nn.Module):
         if name is None:
             return y
         xl = x if x.dtype == A.dtype else x.to(A.dtype)
-        lora = torch.nn.functional.linear(torch.nn.functional.linear(self.lora_dropout[name](xl), A), B)
+        lora = torch.nn.functional.linear(torch.nn.functional.linear(self.lora_dropout[name](xl), A), B,
+                                          self.lora_B[name].bias)  # peft's lora_B(...): its bias (lora_bias) too
         return (y + lora * scaling).to(y.dtype)
 
     def _float_base_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -1064,6 +1124,8 @@ class QLoRALinear(nn.Module):
         for name in self.lora_A:
             out[f"lora_A.{name}.weight"] = self.lora_A[name].weight
             out[f"lora_B.{name}.weight"] = self.lora_B[name].weight
+            if self.has_lora_bias(name):
+                out[f"lora_B.{name}.bias"] = self.lora_B[name].bias
             if name in self._magnitudes():
                 out[f"lora_magnitude_vector.{name}.weight"] = self._magnitudes()[name].weight
         return out
@@ -1484,7 +1546,17 @@ class QLoRALinear(nn.Module):
                 self.lora_A[name].weight, self.lora_B[name].weight = A, B
             with torch.no_grad():
                 _init_lora_(A, B, self._lora_init.get(name, True), self.r[name])
-            self._unloaded = self._unloaded - keys
+            if self.has_lora_bias(name):  # zeros (init True), nn.Linear's default (False): update_layer's init
+                b = self.lora_B[name].bias
+                if b.is_meta:
+                    b = nn.Parameter(torch.empty_like(b, device=device), requires_grad=b.requires_grad)
+                    self.lora_B[name].bias = b
+                with torch.no_grad():
+                    if self._lora_init.get(name, True) is False:
+                        nn.init.uniform_(b, -1 / math.sqrt(self.r[name]), 1 / math.sqrt(self.r[name]))
+                    else:
+                        b.zero_()
+            self._unloaded = self._unloaded - keys - {f"lora_B.{name}.bias"}
 
     def _validated_weight(self, packed: Any, qkeys: dict, wkey: str, local_metadata: dict) -> Params4bit:
         if not isinstance(packed, torch.Tensor):
@@ -1553,6 +1625,8 @@ class QLoRALinear(nn.Module):
         for name in self.lora_A:
             expected[f"{prefix}lora_A.{name}.weight"] = tuple(self.lora_A[name].weight.shape)
             expected[f"{prefix}lora_B.{name}.weight"] = tuple(self.lora_B[name].weight.shape)
+            if self.has_lora_bias(name):
+                expected[f"{prefix}lora_B.{name}.bias"] = (self.out_features,)
             mkey = f"{prefix}lora_magnitude_vector.{name}.weight"
             if self.is_dora(name):
                 expected[mkey] = (self.out_features,)

@@ -19,7 +19,9 @@ and applying LoRA after:
 
 Refused before any change (ValueError naming the module and the fix: resize before ``apply_qlora``): a DoRA adapter on
 such an embedding (its magnitude is a norm over the vocabulary), an output embedding with LoRA (``QLoRALinear``: a
-4-bit head's rows cannot grow, a tied float one's B cannot follow), and layers whose weights were never loaded.
+4-bit head's rows cannot grow, a tied float one's B cannot follow), an input embedding with trainable tokens
+(``qkernels.trainable_tokens``: apply_qlora installs this function for it to say so), and layers whose weights were
+never loaded.
 ``apply_qlora`` installs this function as the model's ``resize_token_embeddings`` (an instance attribute, a
 ``functools.partial``: it survives ``deepcopy`` and pickling) when it gives an embedding LoRA, so
 ``model.resize_token_embeddings(n)`` works as on the plain model. An optimizer made before the resize keeps the same
@@ -82,7 +84,15 @@ def resize_token_embeddings(model: nn.Module, new_num_tokens: int | None = None,
     if resize is None:
         raise TypeError(f"{type(model).__name__} has no resize_token_embeddings (a transformers PreTrainedModel "
                         "method); resize its nn.Embedding before apply_qlora")
-    layers = _vocab_layers(model) if new_num_tokens is not None or pad_to_multiple_of is not None else []
+    from .trainable_tokens import TrainableTokensWrapper
+
+    resizing = new_num_tokens is not None or pad_to_multiple_of is not None
+    if resizing and isinstance(model.get_input_embeddings(), TrainableTokensWrapper):
+        raise ValueError("resize_token_embeddings: the input embedding has trainable tokens (trainable_token_indices: "
+                         "a TrainableTokensWrapper, which transformers' resize refuses as it refuses peft's). Resize "
+                         "the plain model first (model.resize_token_embeddings(len(tokenizer))), then apply_qlora with "
+                         "trainable_token_indices naming the new token ids, as peft advises before get_peft_model")
+    layers = _vocab_layers(model) if resizing else []
     if not layers:  # nothing with LoRA in the way (or a no-op call): transformers' own
         return resize(model, new_num_tokens, pad_to_multiple_of, mean_resizing, **kwargs)
     _check(model, layers)

@@ -393,7 +393,8 @@ LAST = "base_model.model.layers.1.v_proj"  # sorts last: an eager loader would h
         ("missing-B", lambda sd: sd.pop(f"{LAST}.lora_B.weight"), None, r"layers\.1\.v_proj.*no lora_B"),
         # a DoRA config needs a magnitude per module (tests/test_dora.py covers DoRA files in full)
         ("dora", None, lambda c: c.update(use_dora=True), r"use_dora true but the adapter has no DoRA magnitude"),
-        ("lora-bias", None, lambda c: c.update(lora_bias=True), r"lora_bias=True \(a trainable bias"),
+        # lora_bias loads (tests/test_lora_bias.py); a config saying it without the biases in the file does not
+        ("lora-bias", None, lambda c: c.update(lora_bias=True), r"lora_bias true but the adapter has no lora_B bias"),
         ("peft-type", None, lambda c: c.update(peft_type="IA3"), r"peft_type is 'IA3'"),
         # peft re-derives the base residual W - B0 A0 of these inits when it loads the adapter (olora on this 4-bit
         # toy: outputs 0.54 off the plain LoRA ones); qkernels cannot, so it must not load them as plain LoRA

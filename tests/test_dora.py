@@ -285,7 +285,7 @@ MAG = "base_model.model.layers.1.down.lora_magnitude_vector"  # peft's file key:
          r"module 'layers\.1\.down'.*use_dora true but the adapter has no DoRA magnitude "
          r"'base_model\.model\.layers\.1\.down\.lora_magnitude_vector'"),
         ("not-dora", None, {"use_dora": False}, r"is a DoRA magnitude, but the config has use_dora false"),
-        ("dora-and-bias", None, {"lora_bias": True}, r"lora_bias=True .*plain LoRA and DoRA \(use_dora\)"),
+        ("dora-and-bias", None, {"lora_bias": True}, r"lora_bias=true with use_dora=true, which peft refuses"),
         ("not-bool", None, {"use_dora": "yes"}, r"use_dora must be true or false"),
     ],
 )

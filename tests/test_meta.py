@@ -449,7 +449,7 @@ def test_save_adapter_of_lora_weights_never_loaded_is_refused(tmp_path):
 
 def test_set_lora_weight_names_bad_arguments():
     layer = QLoRALinear(IN, HID, r=4)
-    with pytest.raises(ValueError, match="which must be 'lora_A', 'lora_B' or 'lora_magnitude_vector'"):
+    with pytest.raises(ValueError, match="which must be 'lora_A', 'lora_B', 'lora_B.bias' or 'lora_magnitude_vector'"):
         layer.set_lora_weight("default", "lora_C", torch.zeros(4, IN))
     with pytest.raises(ValueError, match="no adapter named 'other'"):
         layer.set_lora_weight("other", "lora_A", torch.zeros(4, IN))
