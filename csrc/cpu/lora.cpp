@@ -47,23 +47,59 @@ inline void store1(void* base, int64_t e, float v) {
 
 // ------------------------------------------------------------------------------------------------------ portable
 namespace portable {
+// Eight emulated lanes, as the AVX2 path: the sums over K (lora_down) spread over eight partial sums added at the end,
+// whose error grows like the SIMD paths' (one float lane summed K terms in order: at M 1 with dropout its error
+// exceeded twice plain torch's in tests/test_lora.py). Plain loops the compiler may vectorize.
 struct S {
-  static constexpr int W = 1;
+  static constexpr int W = 8;
   static constexpr int DOWN_MR = 4, DOWN_JR = 4, GRAM_JR = 4, GRAM_CW = 4, UP_MR = 4, UP_CW = 4;
-  using V = float;
-  static V zero() { return 0.0f; }
-  static V set1(float a) { return a; }
-  static V fma(V a, V b, V c) { return a * b + c; }  // two roundings (-ffp-contract=off), as the tails
-  static V mul(V a, V b) { return a * b; }
-  static V add(V a, V b) { return a + b; }
-  static V loadf(const float* p) { return *p; }
-  static void storef(float* p, V v) { *p = v; }
-  static float hsum(V v) { return v; }
+  struct V {
+    float v[W];
+  };
+  static V zero() { return set1(0.0f); }
+  static V set1(float a) {
+    V r;
+    for (int i = 0; i < W; ++i) r.v[i] = a;
+    return r;
+  }
+  static V fma(V a, V b, V c) {  // two roundings (-ffp-contract=off), as the tails
+    for (int i = 0; i < W; ++i) c.v[i] = a.v[i] * b.v[i] + c.v[i];
+    return c;
+  }
+  static V mul(V a, V b) {
+    for (int i = 0; i < W; ++i) a.v[i] *= b.v[i];
+    return a;
+  }
+  static V add(V a, V b) {
+    for (int i = 0; i < W; ++i) a.v[i] += b.v[i];
+    return a;
+  }
+  static V loadf(const float* p) {
+    V r;
+    for (int i = 0; i < W; ++i) r.v[i] = p[i];
+    return r;
+  }
+  static void storef(float* p, V v) {
+    for (int i = 0; i < W; ++i) p[i] = v.v[i];
+  }
+  static float hsum(V v) {  // pairwise, as the AVX2 path's
+    return ((v.v[0] + v.v[4]) + (v.v[2] + v.v[6])) + ((v.v[1] + v.v[5]) + (v.v[3] + v.v[7]));
+  }
   template <DType D>
-  static V loadx(const void* base, int64_t e) { return load1<D>(base, e); }
+  static V loadx(const void* base, int64_t e) {
+    V r;
+    for (int i = 0; i < W; ++i) r.v[i] = load1<D>(base, e + i);
+    return r;
+  }
   template <DType D>
-  static void storex(void* base, int64_t e, V v) { store1<D>(base, e, v); }
-  static V maskv(const uint8_t* p, float s) { return static_cast<float>(p[0]) * s; }
+  static void storex(void* base, int64_t e, V v) {
+    for (int i = 0; i < W; ++i) store1<D>(base, e + i, v.v[i]);
+  }
+  static V maskv(const uint8_t* p, float s) {
+    V r;
+    for (int i = 0; i < W; ++i) r.v[i] = static_cast<float>(p[i]) * s;
+    return r;
+  }
 };
 #include "lora_kernels.inc"
 }  // namespace portable
