@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import qkernels
-from qkernels import _linear, reference
+from qkernels import _linear, _native, reference
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CPU_BACKENDS = ["cpu", "reference"]
@@ -116,6 +116,20 @@ def test_awkward_shapes(M, N, K, blocksize, backend):
 def test_lora_variants(r, dropout_p, bias, rslora, backend):
     _check(16, 96, 160, r, torch.float32, backend, bias=bias, dropout_p=dropout_p, rslora=rslora)
     _check(3, 96, 160, r, torch.bfloat16, backend, bias=bias, dropout_p=dropout_p, rslora=rslora)
+
+
+@pytest.mark.parametrize("isa", _native._C.cpu_isa_available() if _native._C is not None else [])
+@pytest.mark.parametrize("r", [1, 64])
+def test_lora_with_dropout_on_every_cpu_path(monkeypatch, isa, r):
+    """The native CPU path forced onto each ISA this machine has (QKERNELS_CPU_ISA; non-x86 machines run the scalar
+    one): the LoRA kernels' sums stay within the same tolerance (the scalar path once summed K in one float, in order,
+    and failed the float32 cases without bias here)."""
+    if "lora_products" not in qkernels._backend.native_ops(torch.device("cpu")):
+        pytest.skip("this build has no CPU LoRA kernels (see qkernels.native_info())")
+    monkeypatch.setenv("QKERNELS_CPU_ISA", isa)
+    for bias, rslora in ((False, False), (False, True), (True, False)):
+        _check(16, 96, 160, r, torch.float32, "cpu", bias=bias, dropout_p=0.25, rslora=rslora)
+        _check(3, 96, 160, r, torch.bfloat16, "cpu", bias=bias, dropout_p=0.25, rslora=rslora)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
