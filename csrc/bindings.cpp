@@ -71,6 +71,15 @@ void check_dequantize_args(const char* fn, std::uint64_t packed_ptr, std::uint64
   QK_CHECK_DTYPE(out_dtype, fn, "out_dtype");
 }
 
+// The double-quantized scales' pointers and nested blocksize (the nested dequantize entry points).
+void check_nested_args(const char* fn, std::uint64_t nested_absmax_ptr, std::uint64_t nested_code_ptr,
+                       int64_t nested_blocksize) {
+  QK_CHECK_PTR(nested_absmax_ptr, fn, "nested_absmax_ptr");
+  QK_CHECK_PTR(nested_code_ptr, fn, "nested_code_ptr");
+  QK_CHECK_ARG(nested_blocksize > 0 && (nested_blocksize & (nested_blocksize - 1)) == 0, fn, "nested_blocksize",
+               "must be a positive power of two (got " + std::to_string(nested_blocksize) + ")");
+}
+
 // Shared argument validation of the 4-bit quantize entry points.
 void check_quantize_args(const char* fn, std::uint64_t A_ptr, int in_dtype, int64_t n, int64_t blocksize,
                          std::uint64_t code_ptr, std::uint64_t packed_ptr, std::uint64_t absmax_ptr) {
@@ -99,10 +108,7 @@ void dequantize_4bit_nested_cpu(std::uint64_t packed_ptr, std::uint64_t absmax_q
                                 int out_dtype) {
   const char* fn = "dequantize_4bit_nested_cpu";
   check_dequantize_args(fn, packed_ptr, absmax_q_ptr, code_ptr, n, blocksize, out_ptr, out_dtype);
-  QK_CHECK_PTR(nested_absmax_ptr, fn, "nested_absmax_ptr");
-  QK_CHECK_PTR(nested_code_ptr, fn, "nested_code_ptr");
-  QK_CHECK_ARG(nested_blocksize > 0 && (nested_blocksize & (nested_blocksize - 1)) == 0, fn, "nested_blocksize",
-               "must be a positive power of two (got " + std::to_string(nested_blocksize) + ")");
+  check_nested_args(fn, nested_absmax_ptr, nested_code_ptr, nested_blocksize);
   (void)qkernels::cpu::active_isa();  // validates QKERNELS_CPU_ISA before releasing the GIL
   py::gil_scoped_release release;
   qkernels::cpu::dequantize_4bit_nested(
@@ -123,12 +129,7 @@ bool dequantize_4bit_t_cpu(std::uint64_t packed_ptr, std::uint64_t absmax_ptr, s
                         out_ptr, out_dtype);
   QK_CHECK_ARG(out_dtype == static_cast<int>(DType::float32) || out_dtype == static_cast<int>(DType::bfloat16), fn,
                "out_dtype", "must be float32 or bfloat16 (got " + std::to_string(out_dtype) + ")");
-  if (absmax_ptr == 0) {
-    QK_CHECK_PTR(nested_absmax_ptr, fn, "nested_absmax_ptr");
-    QK_CHECK_PTR(nested_code_ptr, fn, "nested_code_ptr");
-    QK_CHECK_ARG(nested_blocksize > 0 && (nested_blocksize & (nested_blocksize - 1)) == 0, fn, "nested_blocksize",
-                 "must be a positive power of two (got " + std::to_string(nested_blocksize) + ")");
-  }
+  if (absmax_ptr == 0) check_nested_args(fn, nested_absmax_ptr, nested_code_ptr, nested_blocksize);
   (void)qkernels::cpu::active_isa();  // validates QKERNELS_CPU_ISA before releasing the GIL
   py::gil_scoped_release release;
   return qkernels::cpu::dequantize_4bit_transposed(

@@ -136,10 +136,8 @@ CONST_CASES = [
 ]
 
 
-@pytest.mark.parametrize("M,N,K,bs,nested,qt,r,bias", CONST_CASES,
-                         ids=[f"M{c[0]}-{c[1]}x{c[2]}-bs{c[3]}-{c[5]}-{'dq' if c[4] else 'plain'}-r{c[6]}"
-                              for c in CONST_CASES])
-def test_bf16_constant_table_path(monkeypatch, M, N, K, bs, nested, qt, r, bias):
+def _check_bf16_on_avx512(monkeypatch, M, N, K, bs, nested, qt, r, bias):
+    """The bf16 case on the AVX-512 path against float64 (the module's tolerance); returns its inputs."""
     if "avx512" not in _native._C.cpu_isa_available():
         pytest.skip("this CPU has no AVX-512: the bf16 dot-product tiles are not compiled in for it")
     monkeypatch.setenv("QKERNELS_CPU_ISA", "avx512")
@@ -147,6 +145,14 @@ def test_bf16_constant_table_path(monkeypatch, M, N, K, bs, nested, qt, r, bias)
     y = _native.gemv_4bit_lora_native(x, packed, st, t, B, b)
     err = (y.double() - y64).abs().max().item()
     assert err <= tol, f"max error {err:.3g} > tolerance {tol:.3g}"
+    return packed, st, x, t, B, b, y64, tol
+
+
+@pytest.mark.parametrize("M,N,K,bs,nested,qt,r,bias", CONST_CASES,
+                         ids=[f"M{c[0]}-{c[1]}x{c[2]}-bs{c[3]}-{c[5]}-{'dq' if c[4] else 'plain'}-r{c[6]}"
+                              for c in CONST_CASES])
+def test_bf16_constant_table_path(monkeypatch, M, N, K, bs, nested, qt, r, bias):
+    packed, st, x, t, B, b, y64, tol = _check_bf16_on_avx512(monkeypatch, M, N, K, bs, nested, qt, r, bias)
     monkeypatch.setenv("QKERNELS_CPU_GEMV_BF16", "0")  # the float32 tiles (constant table at M 1) agree too
     y32 = _native.gemv_4bit_lora_native(x, packed, st, t, B, b)
     assert (y32.double() - y64).abs().max().item() <= tol
@@ -171,13 +177,7 @@ WORDS_CASES = [
                          ids=[f"M{c[0]}-{c[1]}x{c[2]}-bs{c[3]}-{c[5]}-{'dq' if c[4] else 'plain'}-r{c[6]}"
                               for c in WORDS_CASES])
 def test_bf16_multi_tile_word_order_decode(monkeypatch, M, N, K, bs, nested, qt, r, bias):
-    if "avx512" not in _native._C.cpu_isa_available():
-        pytest.skip("this CPU has no AVX-512: the bf16 dot-product tiles are not compiled in for it")
-    monkeypatch.setenv("QKERNELS_CPU_ISA", "avx512")
-    packed, st, x, t, B, b, y64, tol = _case(M, N, K, bs, nested, qt, "bf16", r, bias)
-    y = _native.gemv_4bit_lora_native(x, packed, st, t, B, b)
-    err = (y.double() - y64).abs().max().item()
-    assert err <= tol, f"max error {err:.3g} > tolerance {tol:.3g}"
+    _check_bf16_on_avx512(monkeypatch, M, N, K, bs, nested, qt, r, bias)
 
 
 @pytest.mark.parametrize("dname", ["fp32", "fp16"])

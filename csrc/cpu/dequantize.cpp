@@ -4,6 +4,7 @@
 // single rounding as the reference -- and then each packed byte expands to two table lookups.  This is exact and
 // cheap: 16 multiplies+conversions per block instead of `blocksize`.
 #include "dequantize.h"
+#include "dequantize_internal.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -41,13 +42,8 @@ struct ToBF16 {
   static T conv(float v) { return float_to_bf16_bits(v); }
 };
 
-// Per-block scale providers.  PlainScale reads a float32 absmax; NestedScale (common.h) decodes a double-quantized
-// scale inline.
-struct PlainScale {
-  const float* absmax;
-  float operator()(int64_t b) const { return absmax[b]; }
-};
-using qkernels::NestedScale;  // common.h
+using dequant_detail::PlainScale;  // dequantize_internal.h
+using qkernels::NestedScale;      // common.h
 
 // Elements [begin, end) of block `b`; `begin` is even because blocksize is even.
 template <typename Conv>
@@ -224,14 +220,7 @@ QK_AVX512 void block_u16_avx512(const uint8_t* packed, float scale, const float*
   if (std::is_same<Conv, ToF16>::value) {
     h = _mm512_cvtps_ph(prod, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   } else {
-    const __m512i u = _mm512_castps_si512(prod);
-    const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16),
-                                                                                       _mm512_set1_epi32(1)));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
-    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                                  _mm512_set1_epi32(0x7f800000));
-    r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
-    h = _mm512_cvtepi32_epi16(r);
+    h = dequant_detail::bf16_rne_avx512(prod);
   }
   const __m512i l = _mm512_castsi256_si512(h);  // permutexvar_epi16 only reads lanes 0..15 (indices < 16)
   for (int64_t i = begin; i < vend; i += 32) {
@@ -241,12 +230,7 @@ QK_AVX512 void block_u16_avx512(const uint8_t* packed, float scale, const float*
 }
 
 
-// Outputs from this size up are written with non-temporal (streaming) stores on the AVX-512 path: larger than any
-// L3 they would be written back to DRAM anyway, and streaming skips reading each output line first (the
-// read-for-ownership of a normal store). Measured inside a 512 x 4096 x 4096 training step timed round-robin with
-// peft's (the reused 32 MiB buffer and the packed weight cold, as inside a network), alternating in one process:
-// 90.1-90.8 vs 94.2-95.0 ms per step. Below it the output may stay in cache for the matmul that reads it next.
-constexpr int64_t kStreamMinBytes = int64_t(16) << 20;
+using dequant_detail::kStreamMinBytes;  // dequantize_internal.h: why and from which size
 
 QK_AVX512 void sfence_avx512() { _mm_sfence(); }
 

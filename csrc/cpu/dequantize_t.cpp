@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "dequantize.h"
+#include "dequantize_internal.h"
 #include "isa.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -27,10 +28,8 @@ namespace qkernels {
 namespace cpu {
 namespace {
 
-struct PlainScale {
-  const float* absmax;
-  float operator()(int64_t b) const { return absmax[b]; }
-};
+using dequant_detail::PlainScale;
+using dequant_detail::kStreamMinBytes;  // the row-major kernel's threshold, same reason
 
 template <typename T>
 inline T convert(float v);
@@ -56,17 +55,7 @@ void rows_portable(const uint8_t* packed, Scale scale, const float* code, int64_
 #define QK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 #define QK_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
-// float_to_bf16_bits on 16 lanes (integer round-to-nearest-even, NaN -> 0x7FC0), as dequantize.cpp's table.
-QK_AVX512 inline __m256i bf16_rne(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16),
-                                                                                     _mm512_set1_epi32(1)));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
-  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                                _mm512_set1_epi32(0x7f800000));
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
-  return _mm512_cvtepi32_epi16(r);
-}
+using dequant_detail::bf16_rne_avx512;  // the row-major kernel's rounding, so the bits are its
 
 // Column c of a dword's 8 (c = 0..7): weight 8d + c is the high nibble (c even) or the low nibble (c odd) of byte
 // c / 2 of dword d.
@@ -97,7 +86,7 @@ QK_AVX512 inline void transpose16x16_epi32(__m512i (&r)[16]) {
   }
 }
 
-// 16 lanes to bf16: vcvtneps2bf16 (one instruction; Cvt) or dequantize.cpp's integer rounding (bf16_rne).  Both round
+// 16 lanes to bf16: vcvtneps2bf16 (one instruction; Cvt) or dequantize.cpp's integer rounding (bf16_rne_avx512).  Both round
 // to nearest even; vcvtneps2bf16 flushes subnormal inputs / outputs to zero and keeps a NaN's payload, so the tile
 // takes it only for blocks whose scales make every product a normal number or zero: then the bits are the same.
 QK_AVX512BF16 inline __m256i bf16x16_cvtne(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
@@ -140,7 +129,7 @@ QK_AVX512BF16 void tile32_avx512(const uint8_t* packed, Scale scale, const float
         }
         for (int c = 0; c < 8; ++c) {
           const __m512 v = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(r[d], kShift[c]), codes), sv);
-          _mm256_store_si256(reinterpret_cast<__m256i*>(&stage[8 * d + c][16 * h]), cvt ? bf16x16_cvtne(v) : bf16_rne(v));
+          _mm256_store_si256(reinterpret_cast<__m256i*>(&stage[8 * d + c][16 * h]), cvt ? bf16x16_cvtne(v) : bf16_rne_avx512(v));
         }
       }
     }
@@ -163,9 +152,6 @@ bool has_avx512bf16() {
   return has;
 }
 #endif  // QK_X86
-
-// Outputs from this size up are streamed (dequantize.cpp's kStreamMinBytes, same reason).
-constexpr int64_t kStreamMinBytes = int64_t(16) << 20;
 
 // The vectorized path's conditions (dequantize_4bit_transposed_vectorized): AVX-512, bfloat16 out, whole 128-column
 // chunks whose blocks start at the same columns in every row, and at least one 32-row tile.
