@@ -175,8 +175,14 @@ def _has_gemv(device: torch.device) -> bool:
 
 def linear_4bit_impl(x, packed, scales, code, blocksize, N, lora_t, lora_B, bias, backend: str | None):
     """Body of ``qkernels::linear_4bit`` with an explicit backend (``None``: the fastest available)."""
-    M, K = x.shape
     impl = _backend.resolve("linear_4bit", x.device, backend)
+    return linear_4bit_resolved(x, packed, scales, code, blocksize, N, lora_t, lora_B, bias, impl)
+
+
+def linear_4bit_resolved(x, packed, scales, code, blocksize, N, lora_t, lora_B, bias, impl: str):
+    """``linear_4bit_impl`` with the backend already resolved (``_backend.resolve("linear_4bit", ...)``'s answer),
+    for ``qkernels.lora``, which resolves it once per call for the LoRA products and the matmul."""
+    M, K = x.shape
     if M == 0:
         return x.new_empty((0, N))
     if impl == "triton":
@@ -216,8 +222,15 @@ def linear_4bit_dx_impl(g, packed, scales, code, blocksize, K, lora_u, lora_A, l
                         lora_mask_scale: float = 1.0):
     """Body of ``qkernels::linear_4bit_dx`` with an explicit backend (``None``: the fastest available). A bool
     ``lora_mask`` is scaled by ``lora_mask_scale``."""
-    M, N = g.shape
     impl = _backend.resolve("linear_4bit_dx", g.device, backend)
+    return linear_4bit_dx_resolved(g, packed, scales, code, blocksize, K, lora_u, lora_A, lora_mask, impl,
+                                   lora_mask_scale)
+
+
+def linear_4bit_dx_resolved(g, packed, scales, code, blocksize, K, lora_u, lora_A, lora_mask, impl: str,
+                            lora_mask_scale: float = 1.0):
+    """``linear_4bit_dx_impl`` with the backend already resolved (see ``linear_4bit_resolved``)."""
+    M, N = g.shape
     if M == 0:
         return g.new_empty((0, K))
     if impl == "triton":

@@ -29,7 +29,8 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from . import _native, _ops  # _ops registers the qkernels:: ops
+from . import _backend, _native, _ops  # _ops registers the qkernels:: ops
+from . import _linear as _linear_mod
 from .quant_state import QuantState
 from .reference import lora_scaling
 
@@ -77,6 +78,8 @@ class QLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
+        if not torch.is_autocast_enabled(grad_y.device.type):  # entering the context costs more than asking
+            return QLoRAFunction._backward(ctx, grad_y)
         with torch.autocast(grad_y.device.type, enabled=False):
             return QLoRAFunction._backward(ctx, grad_y)
 
@@ -84,15 +87,17 @@ class QLoRAFunction(torch.autograd.Function):
     def _backward(ctx, grad_y):
         packed, absmax, code, nested_absmax, nested_code, offset, lora_A, lora_B, x, mask, t = ctx.saved_tensors
         blocksize, nested_blocksize, K, scaling, dropout_p, backend, has_bias = ctx.meta
-        need_x, need_A, need_B, need_bias = (ctx.needs_input_grad[i] for i in (0, 7, 8, 9))
+        needs = ctx.needs_input_grad
+        need_x, need_A, need_B, need_bias = needs[0], needs[7], needs[8], needs[9]
         # Grad mode is on here only under create_graph=True (a double backward follows): then every gradient is
         # built from differentiable torch ops on tensors that keep their graph (see _dx_differentiable).
         create_graph = torch.is_grad_enabled()
         g = grad_y.contiguous()
         dx = dA = dB = dbias = None
-        if lora_A is not None and not create_graph and _cpu_lora(g, backend):
+        impl = _backend.resolve("linear_4bit_dx", g.device, backend)  # once, for the LoRA products and dX
+        if lora_A is not None and not create_graph and impl == "cpu" and _ops.native_lora(g.device):
             saved = (packed, absmax, code, nested_absmax, nested_code, offset, lora_A, lora_B, x, mask, t)
-            dx, dA, dB = QLoRAFunction._cpu_lora_backward(saved, ctx.meta, g, need_x, need_A, need_B)
+            dx, dA, dB = QLoRAFunction._cpu_lora_backward(saved, ctx.meta, g, need_x, need_A, need_B, impl)
             if need_bias and has_bias:
                 dbias = g.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
             return dx, None, None, None, None, None, None, dA, dB, dbias, None, None, None, None, None, None, None
@@ -121,7 +126,7 @@ class QLoRAFunction(torch.autograd.Function):
             if create_graph:
                 dx = _dx_differentiable(g, packed, scales, code, blocksize, K, *lora)
             else:
-                dx = _linear_dx(g, packed, scales, code, blocksize, K, *lora, backend)
+                dx = _linear_dx(g, packed, scales, code, blocksize, K, *lora, backend, impl=impl)
         if need_A:
             dA = (u.t() @ xd.to(u.dtype)).to(lora_A.dtype)
         if need_bias and has_bias:
@@ -130,24 +135,27 @@ class QLoRAFunction(torch.autograd.Function):
 
 
     @staticmethod
-    def _cpu_lora_backward(saved, meta, g, need_x, need_A, need_B):
-        """dX, dA, dB with the LoRA products in the CPU LoRA kernels (``_cpu_lora``): each reads g or x once in its
-        dtype, float32 sums; the dropout mask is applied as x is read (dropout(x) is never built). ``saved`` is
-        ``ctx.saved_tensors`` unpacked once by the caller (under activation checkpointing a second unpack raises)."""
+    def _cpu_lora_backward(saved, meta, g, need_x, need_A, need_B, impl):
+        """dX, dA, dB with the LoRA products in the CPU LoRA kernels (csrc/cpu/lora.h; ``_backward`` calls this on the
+        native CPU path of a build that has them): each reads g or x once in its dtype, float32 sums; the dropout
+        mask is applied as x is read (dropout(x) is never built). ``saved`` is
+        ``ctx.saved_tensors`` unpacked once by the caller (under activation checkpointing a second unpack raises);
+        ``impl`` the resolved backend."""
         packed, absmax, code, nested_absmax, nested_code, offset, lora_A, lora_B, x, mask, t = saved
         blocksize, nested_blocksize, K, scaling, dropout_p, backend, _ = meta
         ms = 1.0 / (1.0 - dropout_p)
         dx = dA = dB = None
         u = None
+        traced = _traced()
         if need_x or need_A:
-            u = _lora_down(g, lora_B.t(), scaling, None, 1.0)  # [M, r] = s * g @ B
+            u = _lora_down(g, lora_B.t(), scaling, None, 1.0, traced)  # [M, r] = s * g @ B
         if need_B:
-            dB = (_lora_gram(t, g, None, 1.0).t() * scaling).to(lora_B.dtype)  # [N, r] = s * g^T @ T
+            dB = (_lora_gram(t, g, None, 1.0, traced).t() * scaling).to(lora_B.dtype)  # [N, r] = s * g^T @ T
         if need_x:  # dx = g @ W + (u @ A) * mask / (1 - p), the LoRA term added to the matmul's output in float32
             scales = (absmax, nested_absmax, nested_code, offset, nested_blocksize)
-            dx = _linear_dx(g, packed, scales, code, blocksize, K, u, lora_A, mask, backend, ms)
+            dx = _linear_dx(g, packed, scales, code, blocksize, K, u, lora_A, mask, backend, ms, impl, traced)
         if need_A:
-            dA = _lora_gram(u, x, mask, ms).to(lora_A.dtype)  # [r, K] = u^T @ dropout(x)
+            dA = _lora_gram(u, x, mask, ms, traced).to(lora_A.dtype)  # [r, K] = u^T @ dropout(x)
         return dx, dA, dB
 
 
@@ -168,30 +176,20 @@ def _dx_differentiable(g, packed, scales, code, blocksize, K, lora_u, lora_A, lo
     return dx
 
 
-def _cpu_lora(x: torch.Tensor, backend: str | None) -> bool:
-    """Whether the LoRA products run in the CPU LoRA kernels (csrc/cpu/lora.h: x read once in its dtype, float32
-    sums, the dropout mask applied on the fly), through the ``qkernels::lora_down`` / ``lora_gram`` ops: on the
-    native CPU path with a build that has them. Otherwise torch matmuls in ``_lora_dtype``."""
-    if not _ops.native_lora(x.device):
-        return False
-    from . import _backend
-
-    return _backend.resolve("linear_4bit", x.device, backend) == "cpu"
-
-
-def _lora_down(x, A, scale, mask, mask_scale):
+def _lora_down(x, A, scale, mask, mask_scale, traced=None):
     """``qkernels::lora_down``: through the op when traced (one graph node), else the kernel directly (the same kernel,
     so the same bits), without the op's checks: matmul_4bit_lora checked the shapes, x / grad_y are dense and the
-    mask is a fresh bool tensor of x's shape (per-call checks were a measurable share of a training step's glue)."""
-    if _traced():
+    mask is a fresh bool tensor of x's shape (per-call checks were a measurable share of a training step's glue).
+    ``traced``: ``_traced()`` when the caller knows it."""
+    if _traced() if traced is None else traced:
         return torch.ops.qkernels.lora_down(x, A, scale, mask, mask_scale)
     return _native.lora_down_raw(x, _native._DTYPE_TO_NATIVE[x.dtype], 0 if mask is None else mask.data_ptr(), A,
                                  scale, mask_scale)
 
 
-def _lora_gram(u, x, mask, mask_scale):
+def _lora_gram(u, x, mask, mask_scale, traced=None):
     """``qkernels::lora_gram``, as ``_lora_down`` (u: a float32 result of ``_lora_down``, or the saved T)."""
-    if _traced():
+    if _traced() if traced is None else traced:
         return torch.ops.qkernels.lora_gram(u, x, mask, mask_scale)
     u = u if u.dtype == torch.float32 and u.is_contiguous() else u.to(torch.float32).contiguous()
     return _native.lora_gram_raw(u, x, _native._DTYPE_TO_NATIVE[x.dtype], 0 if mask is None else mask.data_ptr(),
@@ -204,18 +202,24 @@ def _forward(x, packed, scales, code, blocksize, N, lora_A, lora_B, bias, scalin
     On the CPU LoRA kernels' path dropout(x) is never built (the kernel applies the mask as it reads x): the second
     item is then None, and T is float32."""
     xd, mask, t = x, None, None
+    traced = _traced()
+    # The backend, resolved once for the LoRA products and the matmul. The LoRA products run in the CPU LoRA kernels
+    # (csrc/cpu/lora.h: x read once in its dtype, float32 sums, the dropout mask applied on the fly) on the native CPU
+    # path with a build that has them, else as torch matmuls in _lora_dtype.
+    impl = _backend.resolve("linear_4bit", x.device, backend)
     if lora_A is not None:
         if training and dropout_p > 0.0:
             mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
-        if _cpu_lora(x, backend):
+        if impl == "cpu" and _ops.native_lora(x.device):
             xd = None
-            t = _lora_down(x, lora_A, 1.0, mask, 1.0 / (1.0 - dropout_p))  # [M, r] = xd A^T
+            t = _lora_down(x, lora_A, 1.0, mask, 1.0 / (1.0 - dropout_p), traced)  # [M, r] = xd A^T
         else:
             ldt = _lora_dtype(x.dtype, lora_A.dtype, x.device)
             if mask is not None:
                 xd = x * mask / (1.0 - dropout_p)
             t = F.linear(_to(xd, ldt), _to(lora_A, ldt))  # [M, r] = xd A^T
-    y = _linear(x, packed, scales, code, blocksize, N, None if t is None else t * scaling, lora_B, bias, backend)
+    y = _linear(x, packed, scales, code, blocksize, N, None if t is None else t * scaling, lora_B, bias, backend,
+                impl, traced)
     return y, xd, mask, t
 
 
@@ -231,28 +235,30 @@ def _traced() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
-def _linear(x, packed, scales, code, blocksize, N, lora_t, lora_B, bias, backend):
-    absmax, nested_absmax, nested_code, offset, nested_blocksize = scales
+def _linear(x, packed, scales, code, blocksize, N, lora_t, lora_B, bias, backend, impl, traced):
+    """The matmul with the LoRA up-projection and bias; ``impl``: the resolved backend, ``traced``: ``_traced()``."""
     # Traced (torch.compile, torch.jit.trace): through the registered op, so the graph holds one node. Eager:
     # matmul_4bit_lora has validated everything the op would check, so call its body directly (saves ~0.1 ms of
     # dispatch and re-checks, a fifth of a 4096 x 4096 decode GEMV here).
-    if backend is None and _traced():
+    if backend is None and traced:
+        absmax, nested_absmax, nested_code, offset, nested_blocksize = scales
         return torch.ops.qkernels.linear_4bit(x, packed, absmax, code, blocksize, N, nested_absmax, nested_code,
                                               offset, nested_blocksize, lora_t, lora_B, bias)
-    from . import _linear as impl
-
-    return impl.linear_4bit_impl(x, packed, scales, code, blocksize, N, lora_t, lora_B, bias, backend)
+    return _linear_mod.linear_4bit_resolved(x, packed, scales, code, blocksize, N, lora_t, lora_B, bias, impl)
 
 
-def _linear_dx(g, packed, scales, code, blocksize, K, lora_u, lora_A, lora_mask, backend, lora_mask_scale=1.0):
-    absmax, nested_absmax, nested_code, offset, nested_blocksize = scales
-    if backend is None and _traced():
+def _linear_dx(g, packed, scales, code, blocksize, K, lora_u, lora_A, lora_mask, backend, lora_mask_scale=1.0,
+               impl=None, traced=None):
+    """``g @ W`` plus the LoRA term; ``impl`` / ``traced``: the resolved backend and ``_traced()`` when known."""
+    if backend is None and (_traced() if traced is None else traced):
+        absmax, nested_absmax, nested_code, offset, nested_blocksize = scales
         return torch.ops.qkernels.linear_4bit_dx(g, packed, absmax, code, blocksize, K, nested_absmax, nested_code,
                                                  offset, nested_blocksize, lora_u, lora_A, lora_mask, lora_mask_scale)
-    from . import _linear as impl
-
-    return impl.linear_4bit_dx_impl(g, packed, scales, code, blocksize, K, lora_u, lora_A, lora_mask, backend,
-                                    lora_mask_scale)
+    if impl is None:
+        return _linear_mod.linear_4bit_dx_impl(g, packed, scales, code, blocksize, K, lora_u, lora_A, lora_mask,
+                                               backend, lora_mask_scale)
+    return _linear_mod.linear_4bit_dx_resolved(g, packed, scales, code, blocksize, K, lora_u, lora_A, lora_mask, impl,
+                                               lora_mask_scale)
 
 
 def matmul_4bit_lora(
@@ -310,7 +316,7 @@ def matmul_4bit_lora(
         raise ValueError("packed must be contiguous (its bytes are read in order); pass packed.contiguous()")
     if len(quant_state.shape) != 2:
         raise ValueError(f"the quantized weight must be 2-D [N, K] (out, in features), got {tuple(quant_state.shape)}")
-    N, K = (int(s) for s in quant_state.shape)
+    N, K = int(quant_state.shape[0]), int(quant_state.shape[1])
     if x.dim() == 0 or x.shape[-1] != K:
         raise ValueError(f"x has shape {tuple(x.shape)} but the weight is [{N}, {K}]: x's last dim must be {K}")
     if packed.device != x.device:
@@ -335,9 +341,11 @@ def matmul_4bit_lora(
     if bias is not None and not bias.is_floating_point():
         raise TypeError(f"bias must be a floating-point tensor (as for nn.Linear), got {bias.dtype}")
     # numbers.Real: Python and NumPy scalars alike (a config read with NumPy gives np.float32 / np.float64).
-    if not isinstance(dropout_p, numbers.Real) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
+    # type() is float first: the ABC check of numbers.Real costs ~0.5 us, and the module always passes floats
+    if (type(dropout_p) is not float and (not isinstance(dropout_p, numbers.Real) or isinstance(dropout_p, bool))
+            or not 0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    if not isinstance(scaling, numbers.Real) or isinstance(scaling, bool):
+    if type(scaling) is not float and (not isinstance(scaling, numbers.Real) or isinstance(scaling, bool)):
         raise TypeError(f"scaling must be a real number (lora_alpha / r), got {type(scaling).__name__}")
 
     if backend is not None and torch.jit.is_tracing():
@@ -348,7 +356,7 @@ def matmul_4bit_lora(
     if autocast:
         x = x.to(torch.get_autocast_dtype(device_type))
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
+    x2 = x if x.dim() == 2 else x.reshape(-1, K)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     raw = packed if packed.dtype == torch.uint8 else packed.reshape(-1).view(torch.uint8)
@@ -368,7 +376,7 @@ def matmul_4bit_lora(
         scales = (qs.absmax, *nested, nested_blocksize)
         y = _forward(x2, raw, scales, qs.code, qs.blocksize, N, lora_A, lora_B, bias, float(scaling),
                      float(dropout_p), bool(training), backend)[0]
-    return y.reshape(*lead, N)
+    return y if x.dim() == 2 else y.reshape(*lead, N)
 
 
 def _needs_grad(x, lora_A, lora_B, bias) -> bool:
