@@ -70,7 +70,7 @@ if want bench; then
   # The GPU benchmarks only (bench_gemv is the CPU GEMV); their JSON goes to a fresh folder, archived into one file.
   log "benchmarks"
   BENCH_DIR=$(mktemp -d)
-  for b in bench_gemv_cuda bench_triton bench_quant bench_train bench_block; do
+  for b in bench_gemv_cuda bench_triton bench_quant bench_train bench_block bench_decode; do
     [ -f "benchmarks/$b.py" ] || continue
     echo "=== $b" >>"$OUT/bench.log"
     run_for 40 240 python3 -m "benchmarks.$b" --results-dir "$BENCH_DIR" >>"$OUT/bench.log" 2>&1 || log "$b FAILED or timed out"
