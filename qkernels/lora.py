@@ -196,11 +196,12 @@ def _lora_gram(u, x, mask, mask_scale, traced=None):
                                  mask_scale)
 
 
-def _forward(x, packed, scales, code, blocksize, N, lora_A, lora_B, bias, scaling, dropout_p, training, backend):
+def _forward(x, packed, scales, code, blocksize, N, lora_A, lora_B, bias, scaling, dropout_p, training, backend,
+             keep_t=True):
     """The forward computation; returns ``(y, dropout(x), bool mask or None, T = dropout(x) @ A^T or None)``.
 
     On the CPU LoRA kernels' path dropout(x) is never built (the kernel applies the mask as it reads x): the second
-    item is then None, and T is float32."""
+    item is then None, and T is float32. ``keep_t=False`` (nothing will be saved): T may be None there too."""
     xd, mask, t = x, None, None
     traced = _traced()
     # The backend, resolved once for the LoRA products and the matmul. The LoRA products run in the CPU LoRA kernels
@@ -210,6 +211,12 @@ def _forward(x, packed, scales, code, blocksize, N, lora_A, lora_B, bias, scalin
     if lora_A is not None:
         if training and dropout_p > 0.0:
             mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
+        if impl == "cpu" and _ops.native_lora(x.device) and not keep_t:
+            # nothing saved: the kernel scales its float32 sums (the same float32 multiply as t * scaling)
+            y = _linear(x, packed, scales, code, blocksize, N,
+                        _lora_down(x, lora_A, scaling, mask, 1.0 / (1.0 - dropout_p), traced), lora_B, bias, backend,
+                        impl, traced)
+            return y, None, mask, None
         if impl == "cpu" and _ops.native_lora(x.device):
             xd = None
             t = _lora_down(x, lora_A, 1.0, mask, 1.0 / (1.0 - dropout_p), traced)  # [M, r] = xd A^T
@@ -375,7 +382,7 @@ def matmul_4bit_lora(
         # (~40 us against a ~0.3 ms 4096 x 4096 decode GEMV here). Same code, same result; nothing is saved.
         scales = (qs.absmax, *nested, nested_blocksize)
         y = _forward(x2, raw, scales, qs.code, qs.blocksize, N, lora_A, lora_B, bias, float(scaling),
-                     float(dropout_p), bool(training), backend)[0]
+                     float(dropout_p), bool(training), backend, keep_t=False)[0]
     return y if x.dim() == 2 else y.reshape(*lead, N)
 
 

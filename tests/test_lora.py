@@ -204,24 +204,25 @@ def test_dropout_off_in_eval():
 def test_inference_path_equals_the_autograd_forward(M, backend):
     """No grad wanted (no_grad, inference_mode, or frozen inputs) skips the autograd Function: same bits, no graph."""
     packed, state, x, A, B, b, _ = _problem(M, 40, 96, 8, torch.bfloat16)
+    S = 1.7  # not a power of two: the inference path scales T inside the kernel, the Function scales it after
     Ag = A.clone().requires_grad_()
-    want = qkernels.matmul_4bit_lora(x, packed, state, Ag, B, 2.0, b, backend=backend)
+    want = qkernels.matmul_4bit_lora(x, packed, state, Ag, B, S, b, backend=backend)
     assert want.grad_fn is not None
     with torch.no_grad():
-        got = qkernels.matmul_4bit_lora(x, packed, state, Ag, B, 2.0, b, backend=backend)
+        got = qkernels.matmul_4bit_lora(x, packed, state, Ag, B, S, b, backend=backend)
     assert got.grad_fn is None
     torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
     with torch.inference_mode():
-        got = qkernels.matmul_4bit_lora(x, packed, state, A, B, 2.0, b, backend=backend)
+        got = qkernels.matmul_4bit_lora(x, packed, state, A, B, S, b, backend=backend)
     torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
-    got = qkernels.matmul_4bit_lora(x, packed, state, A, B, 2.0, b, backend=backend)  # nothing requires grad
+    got = qkernels.matmul_4bit_lora(x, packed, state, A, B, S, b, backend=backend)  # nothing requires grad
     assert got.grad_fn is None
     torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
     torch.manual_seed(3)  # dropout in training mode still applies on the inference path
     with torch.no_grad():
-        d1 = qkernels.matmul_4bit_lora(x, packed, state, A, B, 2.0, b, 0.5, backend=backend)
+        d1 = qkernels.matmul_4bit_lora(x, packed, state, A, B, S, b, 0.5, backend=backend)
     torch.manual_seed(3)
-    d2 = qkernels.matmul_4bit_lora(x, packed, state, Ag, B, 2.0, b, 0.5, backend=backend)
+    d2 = qkernels.matmul_4bit_lora(x, packed, state, Ag, B, S, b, 0.5, backend=backend)
     torch.testing.assert_close(d1, d2.detach(), rtol=0, atol=0)
     assert not torch.equal(d1, want.detach())
 
