@@ -367,11 +367,12 @@ QK_AVX512 QK_INLINE __m512 pair_scales(const Problem& p, int64_t e) {
                               _mm512_set1_ps(p.scale((e + 64) >> p.bs_shift)));
 }
 
-// Bytes ahead, in each row's packed stream, that the constant-table tile prefetches.  Its weights come from DRAM in a
-// model (a 0.5B one's 185 MB of packed projections per token, read once each): 24 layers of Qwen2-0.5B's shapes
-// decoded one after the other, M 1, GEMV time per token (ms, two runs each): no prefetch 16.3 / 18.2, 2 KB ahead
-// 12.4 / 14.0, 4 KB 13.5 / 12.8, 8 KB 11.6 / 11.7, 16 KB 14.6 / 14.4, 32 KB 16.8 / 16.5; the down projection
-// (K 4864) gained most (147 -> 112 us); 11008 x 4096 alone 1.04-1.25 -> 0.72-0.73 ms (~32 GB/s).
+// Bytes ahead, in each row's packed stream, that the constant-table tile prefetches (into L2: _MM_HINT_T1).  Its
+// weights come from DRAM in a model (a 0.5B one's 185 MB of packed projections per token, read once each): 24 layers
+// of Qwen2-0.5B's shapes decoded one after the other, M 1, GEMV time per token (ms, two runs each, into L1): no
+// prefetch 16.3 / 18.2, 2 KB ahead 12.4 / 14.0, 4 KB 13.5 / 12.8, 8 KB 11.6 / 11.7, 16 KB 14.6 / 14.4, 32 KB 16.8 /
+// 16.5; the down projection (K 4864) gained most (147 -> 112 us).  8 KB into L2 instead of L1, alternating processes
+// (three pairs): 14.5 / 14.7 / 12.9 -> 11.1 / 11.9 / 12.7 (more misses in flight than L1's fill buffers hold).
 constexpr int64_t kConstPrefetch = 8192;
 
 template <int NR, int MT>
@@ -390,7 +391,7 @@ struct TileBf16Const {
     for (int64_t k = 0; k < K; k += 128) {
       const uint16_t* xk = xt + k * MT;
       for (int r = 0; r < NR; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(row[r] + (k >> 1) + kConstPrefetch), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(row[r] + (k >> 1) + kConstPrefetch), _MM_HINT_T1);
         const __m512i v = _mm512_loadu_si512(row[r] + (k >> 1));
         const __m512i w0 = _mm512_permutexvar_epi16(v, lut), w1 = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), lut);
         const __m512i w2 = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), lut);
