@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._bnb_config import has_bnb_config, transformers_skip
 from .embedding import QLoRAEmbedding, embedding_refusal, is_embedding
 from .functional import dequantize_4bit, quantize_4bit
 from .modules_to_save import check_modules_to_save, plan_modules_to_save, wrap_modules_to_save, wrapper_modules
@@ -569,7 +570,6 @@ def _kept_in_float(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
     ``_keep_in_fp32_modules`` of the model or of a transformers model inside it (names relative to that model), by
     transformers' rule (``quantizers_utils.should_convert_module``: the pattern as a regex from the start up to a
     ``.`` boundary, or a plain suffix). Its bitsandbytes loader leaves them float for this list."""
-    boundary = r"(?:(?<=\.)|(?=\.|$))"
     out: dict[str, str] = {}
     for prefix, m in model.named_modules():
         patterns = getattr(m, "_keep_in_fp32_modules", None)
@@ -578,9 +578,7 @@ def _kept_in_float(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
         for n in names:
             if prefix and not n.startswith(prefix + "."):
                 continue
-            rel = n[len(prefix) + 1:] if prefix else n
-            hit = next((p for p in sorted(patterns) if isinstance(p, str) and p
-                        and (re.match(rf"(?:{p}){boundary}", rel) or rel.endswith(p))), None)
+            hit = transformers_skip(n[len(prefix) + 1:] if prefix else n, patterns)
             if hit is not None:
                 out.setdefault(n, hit)
     return out
@@ -637,15 +635,8 @@ def _loaded_in_4bit(model: nn.Module) -> bool:
     sets ``is_loaded_in_4bit`` at load and leaves it set when the model becomes dense (its ``dequantize()``, or
     ``merge_and_unload``), so the flag counts only while its bitsandbytes ``quantization_config`` is there (both drop
     that): apply_qlora on a merged model kept every target float, quantizing nothing."""
-    return any(_is_bnb_4bit(m) or (m.__dict__.get("is_loaded_in_4bit") is True and _has_bnb_config(m))
+    return any(_is_bnb_4bit(m) or (m.__dict__.get("is_loaded_in_4bit") is True and has_bnb_config(m))
                for m in model.modules())
-
-
-def _has_bnb_config(model: nn.Module) -> bool:
-    """``model.config.quantization_config`` is bitsandbytes' (an object or a dict)."""
-    qc = getattr(getattr(model, "config", None), "quantization_config", None)
-    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
-    return method == "bitsandbytes"  # QuantizationMethod is a str enum
 
 
 def _float_base_names(model: nn.Module, names: list[str], keep_float_modules: Any, init: Any) -> set[str]:
@@ -1101,7 +1092,7 @@ def _drop_quantization_config(model: nn.Module) -> None:
     writes ``quantization_config`` beside float weights and ``from_pretrained`` fails on them (an AssertionError in
     bitsandbytes). Kept while any bitsandbytes layer remains (e.g. a Linear4bit that was not a target), and for any
     other quantization method (GPTQ, AWQ, ...: their layers are not nn.Linear, apply_qlora never replaced them)."""
-    if not _has_bnb_config(model):
+    if not has_bnb_config(model):
         return
     cfg = model.config
     if any(type(p).__name__ in ("Params4bit", "Int8Params") for p in model.parameters()):
