@@ -104,7 +104,8 @@ FORMAT = (
     "{key!r}: {what}. accelerate's loaders load only the keys that the model's state dict has, each cast to the "
     "dtype of the model's tensor, so with them a meta model's 4-bit layers must be built in the checkpoint's format: "
     "{fix} (a transformers 4-bit checkpoint's config.json says it under quantization_config: bnb_4bit_quant_type, "
-    "bnb_4bit_use_double_quant, bnb_4bit_quant_storage). qkernels.load_checkpoint(model, path) and "
+    "bnb_4bit_use_double_quant, bnb_4bit_quant_storage; apply_qlora takes them from there when the meta model is "
+    "built from that config, AutoConfig.from_pretrained(checkpoint)). qkernels.load_checkpoint(model, path) and "
     "model.load_state_dict(sd, assign=True) take any format"
 )
 

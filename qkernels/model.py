@@ -3,7 +3,8 @@
 - ``apply_qlora(model, target_modules, ...)``: replace the matching ``nn.Linear`` layers in place (a named
   ``nn.Embedding``: peft's embedding LoRA, ``qkernels.embedding``), with peft's
   matching rules (``peft.tuners.tuners_utils.check_target_module_exists`` and ``_maybe_include_all_linear_layers``),
-  and freeze everything but the LoRA weights (``use_dora=True``: DoRA adapters, ``qkernels.dora``).
+  and freeze everything but the LoRA weights (``use_dora=True``: DoRA adapters, ``qkernels.dora``). On a meta model
+  built from a 4-bit checkpoint's config, the format comes from its ``quantization_config`` (``qkernels._bnb_config``).
 - ``trainable_parameters(model)`` / ``print_trainable_parameters(model)``: peft's counts and line.
 - ``merge_and_unload(model)``: dense ``nn.Linear`` layers holding ``dequant(W) + s B A`` (no requantization;
   DoRA: peft's ``(m / ||W + s B A||) * (W + s B A)``); transformers ``Conv1D`` for layers that were one; a float
@@ -24,11 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._bnb_config import ConfigFormat, Default, config_format, has_bnb_config, resolve, transformers_skip
 from .embedding import QLoRAEmbedding, embedding_refusal, is_embedding
 from .functional import dequantize_4bit, quantize_4bit
 from .modules_to_save import check_modules_to_save, plan_modules_to_save, wrap_modules_to_save, wrapper_modules
 from .nn import Params4bit, QLoRALinear, _check_dora_norm, is_conv1d
-from .quant_state import as_dtype
 
 __all__ = [
     "apply_qlora",
@@ -43,6 +44,10 @@ __all__ = [
 logger = logging.getLogger("qkernels")
 
 ALL_LINEAR = "all-linear"
+# apply_qlora's format defaults, told apart from the same values passed: on a meta model they yield to the model's
+# bitsandbytes quantization_config (qkernels._bnb_config); each reads as its value in help() and inspect.signature
+_QUANT_TYPE, _DOUBLE_QUANT, _BLOCKSIZE = Default("nf4"), Default(True), Default(64)
+_COMPUTE_DTYPE, _QUANT_STORAGE = Default(None), Default(torch.uint8)
 
 
 def _is_excluded(key: str, exclude_modules: str | Iterable[str] | None) -> bool:
@@ -183,17 +188,17 @@ def apply_qlora(
     lora_alpha: float = 16,
     lora_dropout: float = 0.0,
     use_rslora: bool = False,
-    quant_type: str = "nf4",
-    double_quant: bool = True,
-    blocksize: int = 64,
-    compute_dtype: torch.dtype | None = None,
+    quant_type: str = _QUANT_TYPE,
+    double_quant: bool = _DOUBLE_QUANT,
+    blocksize: int = _BLOCKSIZE,
+    compute_dtype: torch.dtype | None = _COMPUTE_DTYPE,
     exclude_modules: str | Iterable[str] | None = None,
     *,
     layers_to_transform: int | Iterable[int] | None = None,
     layers_pattern: str | Iterable[str] | None = None,
     modules_to_save: Iterable[str] | None = None,
     keep_float_modules: str | Iterable[str] | None = None,
-    quant_storage: torch.dtype = torch.uint8,
+    quant_storage: torch.dtype = _QUANT_STORAGE,
     init_lora_weights: bool | str = True,
     loftq_iter: int = 1,
     adapter_name: str = "default",
@@ -235,11 +240,14 @@ def apply_qlora(
             head tied to the input embeddings: the float base holds the shared Parameter, so the tie stays; merging
             then changes the embeddings too, as in peft) and, on a model loaded in 4 bits by bitsandbytes, every
             targeted float ``nn.Linear`` / ``Conv1D`` (left float by ``llm_int8_skip_modules``, an output head; a
-            Conv1D float base keeps its ``[in, out]`` weight). Float bases compute in their weight's dtype, as peft's
-            ``lora.Linear``: ``compute_dtype`` is for the 4-bit layers.
+            Conv1D float base keeps its ``[in, out]`` weight), and on a meta model built from a bitsandbytes 4-bit
+            config the targets its checkpoint holds in float (below). Float bases compute in their weight's dtype, as
+            peft's ``lora.Linear``: ``compute_dtype`` is for the 4-bit layers.
         r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, loftq_iter, adapter_name: the adapter, and
             quant_type, double_quant, blocksize, compute_dtype, quant_storage: the 4-bit format, passed to
             ``QLoRALinear.from_linear`` for each layer (see ``QLoRALinear``; dtypes also by name, "bfloat16").
+            Defaults: ``"nf4"``, ``True``, ``64``, ``None`` (the input's dtype), ``torch.uint8``; on a meta model
+            with a bitsandbytes 4-bit ``quantization_config``, those not passed are the config's (below).
         use_dora: DoRA adapters (peft's ``LoraConfig(use_dora=True)``, "QDoRA" on the 4-bit layers; see
             ``qkernels.dora``): each layer also trains a magnitude per output row (an embedding: per embedding
             dimension). It starts from the weight's norms, as in peft; on a meta model a linear layer's are computed
@@ -255,7 +263,8 @@ def apply_qlora(
             without one cannot merge it: refused, as peft). Not with DoRA, an init other than True / False, or an
             embedding target (peft refuses all three).
         log_every: report ``"apply_qlora: i/n layers quantized (t s)"`` every this many layers, always to the
-            ``qkernels`` logger (INFO).
+            ``qkernels`` logger (INFO); on a meta model the format taken from its ``quantization_config`` (and the
+            targets kept float for it) are reported first, the same way.
         verbose: also print those lines to stderr. None (default): print only for large models, i.e. when at least
             ``2 * log_every`` layers are replaced (a 7B Llama with all-linear: 224 layers, 5 lines).
 
@@ -272,7 +281,28 @@ def apply_qlora(
 
     A model whose Linear layers are on the meta device (built under ``torch.device("meta")`` or accelerate's
     ``init_empty_weights``, e.g. transformers' ``from_config``) gets meta ``QLoRALinear`` layers: shapes only, nothing
-    quantized; load a 4-bit checkpoint into it with ``model.load_state_dict(sd, assign=True)`` (see ``QLoRALinear``).
+    quantized; load a 4-bit checkpoint into it with ``qkernels.load_checkpoint``, ``model.load_state_dict(sd,
+    assign=True)`` (see ``QLoRALinear``) or accelerate's ``load_checkpoint_and_dispatch``, which needs the layers in
+    the checkpoint's format. So when every targeted Linear is on meta and ``model.config.quantization_config`` (a 4-bit
+    checkpoint's ``config.json``, read by ``AutoConfig.from_pretrained``: a dict, or transformers'
+    ``BitsAndBytesConfig``) is bitsandbytes 4-bit (``load_in_4bit``), the format is the config's:
+
+    - ``quant_type``, ``double_quant``, ``quant_storage`` and ``compute_dtype`` not passed take
+      ``bnb_4bit_quant_type``, ``bnb_4bit_use_double_quant``, ``bnb_4bit_quant_storage`` and
+      ``bnb_4bit_compute_dtype`` (transformers' defaults for an absent field: fp4, False, uint8, float32);
+    - a passed ``quant_type``, ``double_quant`` or ``quant_storage`` that differs from the config is a ValueError
+      naming both values; a passed ``compute_dtype`` is kept (the matmul's precision, not stored in the checkpoint:
+      as over a bitsandbytes layer's own); the config has no blocksize (transformers' checkpoints are at 64,
+      ``quantize_checkpoint``'s at any), so ``blocksize`` stays as passed (64 by default) and each layer takes its
+      checkpoint's at load;
+    - targets that such a checkpoint holds in float get a float base, as transformers' bitsandbytes loader (5.23,
+      ``replace_with_bnb_linear``) leaves them: those matching ``llm_int8_skip_modules`` (its rule: a regex from the
+      start of the name to a ``.`` boundary, or a suffix: ``"o_proj"``), or, where that is None, its default skips
+      (the output embedding, the last module), and ``nn.Linear`` subclasses (Falcon's ``FalconLinear``).
+
+    Another quantization config on a meta model (8-bit bitsandbytes, GPTQ, AWQ, ...) is a ValueError: qkernels reads
+    bitsandbytes 4-bit checkpoints only. A model with real weights ignores the config for its format: the arguments
+    (or the defaults above) say how its weights are quantized.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``, or ``target_modules`` is not a str or a list of names.
@@ -280,11 +310,12 @@ def apply_qlora(
             a ``keep_float_modules`` entry matches no target, a bad format or LoRA argument (named), or a selected
             module cannot be adapted here (not a Linear, already a QLoRALinear, tied to another weight, read by
             weight by its parent, 8-bit, a float-base Conv1D or bitsandbytes 4-bit layer, "loftq" on a float base,
-            or a mixture of experts' 3-D parameters under "all-linear"); the message says what to pass.
+            or a mixture of experts' 3-D parameters under "all-linear"); on a meta model, a ``quantization_config``
+            that is not bitsandbytes 4-bit or a passed format argument that contradicts it; the message says what to
+            pass.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    compute_dtype, quant_storage = as_dtype(compute_dtype), as_dtype(quant_storage)  # "bfloat16" as in BnB's config
     if target_modules is None:  # peft's None: a per-architecture default list, which qkernels does not guess
         raise ValueError("target_modules is None: pass the module names to adapt, e.g. ['q_proj', 'v_proj'], or "
                          "'all-linear' (peft picks a default list per model type for None; qkernels does not)")
@@ -314,8 +345,17 @@ def apply_qlora(
                               modules_to_save)
     modules = dict(model.named_modules())
     emb_names = [n for n in names if is_embedding(modules[n])]  # LoRA on the float embedding (qkernels.embedding)
+    show = verbose if verbose is not None else len(names) >= 2 * log_every
+    # a meta model built from a 4-bit checkpoint's config.json: its layers in that checkpoint's format
+    cfg = config_format(model) if _targets_on_meta(modules, names) else None
+    given = dict(quant_type=quant_type, double_quant=double_quant, blocksize=blocksize, compute_dtype=compute_dtype,
+                 quant_storage=quant_storage)
+    fmt = resolve(given, cfg)  # "bfloat16" as in BnB's config -> torch.bfloat16
+    quant_type, double_quant, blocksize = fmt["quant_type"], fmt["double_quant"], fmt["blocksize"]
+    compute_dtype, quant_storage = fmt["compute_dtype"], fmt["quant_storage"]
+    stored_float = _stored_float(model, [n for n in names if n not in emb_names], cfg) if cfg else {}
     float_names = _float_base_names(model, [n for n in names if n not in emb_names], keep_float_modules,
-                                    init_lora_weights)
+                                    init_lora_weights, stored_float)
     _check_not_read_by_parent(model, names)
     _check_forward_is_linear(model, names)
     clash = [(t, m) for t in names for m in save_names if t == m or t.startswith(m + ".") or m.startswith(t + ".")]
@@ -357,7 +397,8 @@ def apply_qlora(
                                   compute_dtype=compute_dtype, quant_storage=quant_storage,
                                   init_lora_weights=init_lora_weights, loftq_iter=loftq_iter,
                                   adapter_name=adapter_name, use_dora=use_dora, lora_bias=lora_bias)
-    show = verbose if verbose is not None else len(names) >= 2 * log_every
+    if cfg is not None:
+        _log_config_format(cfg, given, stored_float, show)
     t0 = time.perf_counter()
     bnb_kwargs = {k: kwargs[k] for k in ("r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights",
                                          "adapter_name", "use_dora", "lora_bias")}
@@ -569,7 +610,6 @@ def _kept_in_float(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
     ``_keep_in_fp32_modules`` of the model or of a transformers model inside it (names relative to that model), by
     transformers' rule (``quantizers_utils.should_convert_module``: the pattern as a regex from the start up to a
     ``.`` boundary, or a plain suffix). Its bitsandbytes loader leaves them float for this list."""
-    boundary = r"(?:(?<=\.)|(?=\.|$))"
     out: dict[str, str] = {}
     for prefix, m in model.named_modules():
         patterns = getattr(m, "_keep_in_fp32_modules", None)
@@ -578,9 +618,7 @@ def _kept_in_float(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
         for n in names:
             if prefix and not n.startswith(prefix + "."):
                 continue
-            rel = n[len(prefix) + 1:] if prefix else n
-            hit = next((p for p in sorted(patterns) if isinstance(p, str) and p
-                        and (re.match(rf"(?:{p}){boundary}", rel) or rel.endswith(p))), None)
+            hit = transformers_skip(n[len(prefix) + 1:] if prefix else n, patterns)
             if hit is not None:
                 out.setdefault(n, hit)
     return out
@@ -637,18 +675,12 @@ def _loaded_in_4bit(model: nn.Module) -> bool:
     sets ``is_loaded_in_4bit`` at load and leaves it set when the model becomes dense (its ``dequantize()``, or
     ``merge_and_unload``), so the flag counts only while its bitsandbytes ``quantization_config`` is there (both drop
     that): apply_qlora on a merged model kept every target float, quantizing nothing."""
-    return any(_is_bnb_4bit(m) or (m.__dict__.get("is_loaded_in_4bit") is True and _has_bnb_config(m))
+    return any(_is_bnb_4bit(m) or (m.__dict__.get("is_loaded_in_4bit") is True and has_bnb_config(m))
                for m in model.modules())
 
 
-def _has_bnb_config(model: nn.Module) -> bool:
-    """``model.config.quantization_config`` is bitsandbytes' (an object or a dict)."""
-    qc = getattr(getattr(model, "config", None), "quantization_config", None)
-    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
-    return method == "bitsandbytes"  # QuantizationMethod is a str enum
-
-
-def _float_base_names(model: nn.Module, names: list[str], keep_float_modules: Any, init: Any) -> set[str]:
+def _float_base_names(model: nn.Module, names: list[str], keep_float_modules: Any, init: Any,
+                      stored_float: Iterable[str] = ()) -> set[str]:
     """The targets that keep a float base weight, where peft on a bitsandbytes-loaded model puts LoRA on a float layer:
 
     - ``_keep_in_fp32_modules`` matches (``_kept_in_float``): transformers never quantizes them, and T5's feed-forward
@@ -658,11 +690,13 @@ def _float_base_names(model: nn.Module, names: list[str], keep_float_modules: An
       (``quantizers/base.py`` ``get_keys_to_not_convert``), and peft puts LoRA on the float head, still tied;
     - on a model loaded in 4 bits (``_loaded_in_4bit``), every float ``nn.Linear`` / ``Conv1D`` target: bitsandbytes
       left it float (``llm_int8_skip_modules``, the output head), and peft adapts it as it is;
-    - ``keep_float_modules`` (peft's target rules; each entry must match a target).
+    - ``keep_float_modules`` (peft's target rules; each entry must match a target);
+    - ``stored_float``: on a meta model built from a bitsandbytes 4-bit config, the targets its checkpoint holds in
+      float (``_stored_float``).
 
     Raises ValueError for what a float base cannot be: a bitsandbytes 4-bit layer, or ``init_lora_weights="loftq"``.
     """
-    out = set(_kept_in_float(model, names))
+    out = set(_kept_in_float(model, names)) | set(stored_float)
     tied = _tied_targets(model, names)
     if tied:
         logger.info("apply_qlora: %d target(s) share their weight with another module (tied), kept float as "
@@ -703,6 +737,57 @@ def _float_base_names(model: nn.Module, names: list[str], keep_float_modules: An
                          "to another module, or left float on a 4-bit model; or keep_float_modules): leave them out "
                          "(exclude_modules) or use init_lora_weights=True")
     return out
+
+
+def _targets_on_meta(modules: dict[str, nn.Module], names: list[str]) -> bool:
+    """Every targeted Linear / Conv1D weight is on the meta device (and there is one): the model waits for a
+    checkpoint (``init_empty_weights``, ``torch.device("meta")``) rather than holding weights to quantize."""
+    weights = [modules[n].weight for n in names if _is_linear(modules[n])]
+    return bool(weights) and all(w.is_meta for w in weights)
+
+
+def _stored_float(model: nn.Module, names: list[str], cfg: ConfigFormat) -> dict[str, str]:
+    """``{target: why}`` for the Linear targets that a transformers bitsandbytes 4-bit checkpoint with config ``cfg``
+    holds in float, as transformers 5.23's loader leaves them (``replace_with_bnb_linear``, ``should_convert_module``
+    through ``transformers_skip``): a subclass of ``nn.Linear`` (Falcon's ``FalconLinear``: it converts only
+    ``type(m) is nn.Linear`` and ``Conv1D``), and a match of ``llm_int8_skip_modules``, or where that is None of its
+    default skips (``get_keys_to_not_convert``: the output embedding and the module of the last parameter). Ties and
+    ``_keep_in_fp32_modules``, which it skips too, are ``_float_base_names``' own rules."""
+    modules = dict(model.named_modules())
+    if cfg.skip_modules is not None:
+        patterns, source = list(cfg.skip_modules), "llm_int8_skip_modules"
+    else:
+        params = [p for p, _ in model.named_parameters()]
+        patterns = _output_embedding_names(model) + ([params[-1].removesuffix(".weight")] if params else [])
+        source = "transformers' default skip (llm_int8_skip_modules is None)"
+    out = {}
+    for n in names:
+        m = modules[n]
+        if not _is_linear(m):
+            continue
+        if type(m) is not nn.Linear and not is_conv1d(m):
+            out[n] = f"a {type(m).__name__}, not a plain nn.Linear"
+        elif (hit := transformers_skip(n, patterns)) is not None:
+            out[n] = f"{source} {hit!r}"
+    return out
+
+
+def _log_config_format(cfg: ConfigFormat, given: dict[str, Any], stored_float: dict[str, str], show: bool) -> None:
+    """Say which format apply_qlora took from the meta model's quantization_config, and which targets it keeps float
+    for it: to the ``qkernels`` logger, and to stderr when ``show``."""
+    passed = [f"{k}={v!r}" for k, v in given.items() if not isinstance(v, Default)]
+    lines = [f"apply_qlora: meta model, format from model.config.quantization_config (bitsandbytes 4-bit): "
+             f"{cfg.describe()}" + (f"; passed: {', '.join(passed)}" if passed else "")
+             + "; blocksize: each layer's checkpoint's, read at load"]
+    if stored_float:
+        first = next(iter(stored_float.items()))
+        lines.append(f"apply_qlora: {len(stored_float)} target(s) stored in float by such a checkpoint, given a float "
+                     f"base: {sorted(stored_float)[:4]}{' ...' if len(stored_float) > 4 else ''} ({first[0]!r}: "
+                     f"{first[1]})")
+    for line in lines:
+        logger.info(line)
+        if show:
+            print(line, file=sys.stderr, flush=True)
 
 
 def _tied_targets(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
@@ -1101,7 +1186,7 @@ def _drop_quantization_config(model: nn.Module) -> None:
     writes ``quantization_config`` beside float weights and ``from_pretrained`` fails on them (an AssertionError in
     bitsandbytes). Kept while any bitsandbytes layer remains (e.g. a Linear4bit that was not a target), and for any
     other quantization method (GPTQ, AWQ, ...: their layers are not nn.Linear, apply_qlora never replaced them)."""
-    if not _has_bnb_config(model):
+    if not has_bnb_config(model):
         return
     cfg = model.config
     if any(type(p).__name__ in ("Params4bit", "Int8Params") for p in model.parameters()):
