@@ -22,6 +22,10 @@ VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 STORAGE_DTYPES = (torch.uint8, torch.bfloat16, torch.float16, torch.float32)
 NESTED_BLOCKSIZE = 256
+# The largest nested blocksize read (bitsandbytes writes 256; its blockwise format goes to 4096). A larger one has no
+# use, and a corrupted one near 2**40 made the reference decode allocate nested_blocksize floats per nested block
+# (killed for memory), or overflowed the native binding's int64 argument past 2**63.
+MAX_NESTED_BLOCKSIZE = 4096
 
 _QS_PREFIX = "quant_state.bitsandbytes__"
 _TENSOR_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
@@ -34,6 +38,12 @@ def check_blocksize(blocksize: Any, name: str = "blocksize") -> int:
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in VALID_BLOCKSIZES:
         raise ValueError(f"{name} must be one of {VALID_BLOCKSIZES} (a power of two, 32..4096), got {blocksize!r}")
     return blocksize
+
+
+def valid_nested_blocksize(nested_blocksize: Any) -> bool:
+    """Whether ``nested_blocksize`` is an int power of two from 1 to ``MAX_NESTED_BLOCKSIZE``."""
+    return (isinstance(nested_blocksize, int) and not isinstance(nested_blocksize, bool)
+            and 0 < nested_blocksize <= MAX_NESTED_BLOCKSIZE and nested_blocksize & (nested_blocksize - 1) == 0)
 
 
 def as_dtype(value: Any) -> Any:
@@ -217,8 +227,9 @@ class QuantState:
             s2 = self.state2
             if self.absmax.dtype != torch.uint8:
                 raise ValueError(f"quant_state.absmax must be uint8 when double-quantized, got {self.absmax.dtype}")
-            if not isinstance(s2.blocksize, int) or s2.blocksize <= 0 or s2.blocksize & (s2.blocksize - 1):
-                raise ValueError(f"nested_blocksize must be a positive power of two, got {s2.blocksize!r}")
+            if not valid_nested_blocksize(s2.blocksize):
+                raise ValueError(f"nested_blocksize must be a power of two from 1 to {MAX_NESTED_BLOCKSIZE} "
+                                 f"(bitsandbytes writes 256), got {s2.blocksize!r}")
             n2 = -(-self.nblocks // s2.blocksize)
             if not isinstance(s2.absmax, torch.Tensor) or s2.absmax.dtype != torch.float32 or s2.absmax.shape != (n2,):
                 got = (tuple(s2.absmax.shape), s2.absmax.dtype) if isinstance(s2.absmax, torch.Tensor) else s2.absmax

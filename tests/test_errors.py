@@ -213,6 +213,20 @@ def test_state_table_on_another_device(table):
         qkernels.matmul_4bit_lora(torch.randn(2, 64), p, moved, None, None, 1.0)
 
 
+@pytest.mark.parametrize("nested_blocksize", [0, -256, 100, 8192, 2**40, 2**64])
+def test_nested_blocksize_out_of_range(nested_blocksize):
+    """A state's nested blocksize is a power of two from 1 to 4096 (bitsandbytes writes 256). 8192 and 2**40 were
+    accepted (the reference decode then allocated nested_blocksize floats per nested block: 4 TiB at 2**40), 2**64
+    failed in the native binding with "Overflow when unpacking long long" (found by tests/fuzz_public_api.py)."""
+    p, s = qkernels.quantize_4bit(torch.randn(8, 64))
+    s.state2.blocksize = nested_blocksize
+    for call in (lambda: qkernels.dequantize_4bit(p, s, backend="cpu"),
+                 lambda: qkernels.matmul_4bit_lora(torch.randn(2, 64), p, s, None, None, 1.0)):
+        with pytest.raises(ValueError, match=r"nested_blocksize must be a power of two from 1 to 4096 \(bitsandbytes "
+                                             rf"writes 256\), got {nested_blocksize}"):
+            call()
+
+
 # ----------------------------------------------------------------------------------------- adapter paths
 def _model_with_adapter():
     model = torch.nn.Sequential(torch.nn.Linear(64, 32))
