@@ -67,6 +67,17 @@ def _parse_dtype(name: Any, key: str) -> torch.dtype:
     return _DTYPE_NAMES[name]
 
 
+def _parse_nested_dtype(name: Any) -> torch.dtype:
+    """The blob's ``nested_dtype``: "float32", the only value bitsandbytes writes. bitsandbytes decodes the nested
+    scales in that dtype (its ``dequantize_blockwise`` output) before adding the offset, qkernels always in float32, so
+    another value would decode differently in the two libraries."""
+    dtype = _parse_dtype(name, "nested_dtype")
+    if dtype != torch.float32:
+        raise ValueError(f"quant state key 'nested_dtype' must be 'float32' (what bitsandbytes writes; it would decode "
+                         f"the nested scales in {name}, qkernels in float32), got {name!r}")
+    return dtype
+
+
 def _from_cpu_inference_layout(absmax: Any, shape: list[int], blocksize: Any) -> Any:
     """A plain (not nested) absmax in bitsandbytes' CPU inference layout -> the format's float32 ``[nblocks]``.
 
@@ -99,8 +110,12 @@ def _check_loaded_scales(state: QuantState) -> None:
             f"another quant_type); bitsandbytes decodes quant_type={state.quant_type!r} with its standard table, so "
             "this checkpoint is inconsistent. Re-save it from the model that wrote it."
         )
-    scales = [("nested_absmax", state.state2.absmax)] if state.nested else [("absmax", state.absmax)]
+    # nested_quant_map is read as it is (bitsandbytes decodes the nested scales with the stored map too), so a NaN in it
+    # corrupts every block whose code points there, like a NaN scale
+    scales = [("nested_absmax", state.state2.absmax), ("nested_quant_map", state.state2.code)] if state.nested else [
+        ("absmax", state.absmax)]
     for key, t in scales:
+        t = t.reshape(-1)
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"quant state key {key!r} holds NaN or inf (first at index "
                              f"{int((~torch.isfinite(t)).nonzero()[0, 0])}); the checkpoint is corrupted")
@@ -436,14 +451,15 @@ class QuantState:
             absmax = _from_cpu_inference_layout(absmax, shape, fields.get("blocksize"))
         if nested:
             offset_v = need("nested_offset", (float, int))
-            if not math.isfinite(offset_v):
+            # an int past float's range (JSON allows 1e400 written as digits) raised OverflowError from isfinite
+            if isinstance(offset_v, int) and abs(offset_v) > 2**128 or not math.isfinite(offset_v):
                 raise ValueError(f"quant state key 'nested_offset' must be a finite number, got {offset_v!r}")
             offset = torch.tensor(float(offset_v), dtype=torch.float32, device=dev)
             state2 = cls(
                 absmax=need("nested_absmax", torch.Tensor).to(dev),
                 code=need("nested_quant_map", torch.Tensor).to(dev),
                 blocksize=need("nested_blocksize", int),
-                dtype=_parse_dtype(fields.get("nested_dtype", "float32"), "nested_dtype"),
+                dtype=_parse_nested_dtype(fields.get("nested_dtype", "float32")),
             )
         state = cls(
             absmax=absmax.to(dev),
