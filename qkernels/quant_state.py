@@ -276,7 +276,8 @@ class QuantState:
             # cpu", a RuntimeError that named neither the state nor the fix)
             others = [("quant_state.code (quant_map)", self.code)]
             if self.nested:
-                others += [("nested_absmax", self.state2.absmax), ("nested_quant_map", self.state2.code)]
+                others += [("nested_absmax", self.state2.absmax), ("nested_quant_map", self.state2.code),
+                           ("nested_offset (quant_state.offset)", self.offset)]
             for name, t in others:
                 if t.device != packed.device:
                     raise ValueError(f"{name} is on {t.device} but packed and quant_state.absmax are on "

@@ -190,10 +190,11 @@ def test_bits_per_parameter_checks_its_state():
         qkernels.bits_per_parameter(p, None)
 
 
-@pytest.mark.parametrize("table", ["code", "nested_absmax", "nested_code"])
+@pytest.mark.parametrize("table", ["code", "nested_absmax", "nested_code", "offset"])
 def test_state_table_on_another_device(table):
     """A state whose codebook (or nested tables) sits on another device than packed failed inside the op with
-    "RuntimeError: code is on meta but the data is on cpu", naming neither the state nor the fix."""
+    "RuntimeError: code is on meta but the data is on cpu", naming neither the state nor the fix. The offset on meta
+    failed with "Tensor.item() cannot be called on meta tensors" (found by tests/fuzz_public_api.py)."""
     import copy
 
     torch.manual_seed(0)
@@ -203,9 +204,12 @@ def test_state_table_on_another_device(table):
         moved.code = s.code.to("meta")
     elif table == "nested_absmax":
         moved.state2.absmax = s.state2.absmax.to("meta")
+    elif table == "offset":
+        moved.offset = s.offset.to("meta")
     else:
         moved.state2.code = s.state2.code.to("meta")
-    name = {"code": "quant_map", "nested_absmax": "nested_absmax", "nested_code": "nested_quant_map"}[table]
+    name = {"code": "quant_map", "nested_absmax": "nested_absmax", "nested_code": "nested_quant_map",
+            "offset": "quant_state.offset"}[table]
     with pytest.raises(ValueError, match=rf"{name}\)? is on meta but packed .* on cpu; move the whole state with "
                                          r"quant_state.to\('cpu'\)"):
         qkernels.dequantize_4bit(p, moved)
