@@ -108,6 +108,16 @@ def test_out_that_requires_grad(backend):
     assert torch.equal(out.detach(), qkernels.dequantize_4bit(p, s, backend=backend))
 
 
+@pytest.mark.parametrize("backend", [None, "reference", "cpu"])
+def test_out_is_returned_itself(backend):
+    """dequantize_4bit(..., out=out) returns out itself, as documented; with a forced backend it returned a new view of
+    it (found by tests/fuzz_public_api.py)."""
+    p, s = qkernels.quantize_4bit(torch.randn(8, 64))
+    out = torch.empty(8, 64)
+    assert qkernels.dequantize_4bit(p, s, out=out, backend=backend) is out
+    assert torch.equal(out, qkernels.dequantize_4bit(p, s, backend="reference"))
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "nested"])
 def test_strided_absmax_view(double_quant, backend):
