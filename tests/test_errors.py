@@ -241,6 +241,28 @@ def test_nested_blocksize_out_of_range(nested_blocksize):
             call()
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_codebook_of_any_shape(backend, monkeypatch):
+    """A codebook is its entries in order, whatever its shape: validate and the ops count entries, and the native
+    kernels read them flat. The reference path raised IndexError (dequantize) or "boundaries tensor must be 1
+    dimension" (quantize) for a [4, 4] quant_map or a [16, 16] nested map (found by tests/fuzz_public_api.py)."""
+    import copy
+
+    torch.manual_seed(0)
+    A = torch.randn(8, 64)
+    p, s = qkernels.quantize_4bit(A)
+    shaped = copy.deepcopy(s)
+    shaped.code, shaped.state2.code = s.code.reshape(4, 4), s.state2.code.reshape(16, 16)
+    assert torch.equal(qkernels.dequantize_4bit(p, shaped, backend=backend), qkernels.dequantize_4bit(p, s))
+    monkeypatch.setenv("QKERNELS_BACKEND", backend)
+    ops = torch.ops.qkernels
+    assert torch.equal(ops.quantize_4bit(A, s.code.reshape(4, 4), 64)[0], p)
+    q, absmax = ops.quantize_blockwise(A, s.state2.code.reshape(16, 16), 256)
+    assert torch.equal(q, ops.quantize_blockwise(A, s.state2.code, 256)[0])
+    assert torch.equal(ops.dequantize_blockwise(q, absmax, s.state2.code.reshape(16, 16), 256),
+                       ops.dequantize_blockwise(q, absmax, s.state2.code, 256))
+
+
 # ----------------------------------------------------------------------------------------- adapter paths
 def _model_with_adapter():
     model = torch.nn.Sequential(torch.nn.Linear(64, 32))
