@@ -27,6 +27,7 @@ import math
 import torch
 
 from . import _backend, _native, reference
+from .quant_state import MAX_NESTED_BLOCKSIZE, valid_nested_blocksize
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -135,6 +136,7 @@ def _check_dequantize(packed, absmax, code, blocksize, shape, dtype, nested_absm
     torch._check(dtype in _FLOATS, lambda: f"dtype must be float32, float16 or bfloat16, got {dtype}")
     _check_blocksize(blocksize)
     _check_code(code, 16, packed)
+    torch._check(all(s >= 0 for s in shape), lambda: f"shape {shape} has a negative size")
     n = math.prod(shape)
     torch._check(n > 0, lambda: f"shape {shape} has no elements")
     torch._check(packed.numel() >= (n + 1) // 2, lambda: f"packed has {packed.numel()} bytes, {(n + 1) // 2} needed")
@@ -147,12 +149,17 @@ def _check_dequantize(packed, absmax, code, blocksize, shape, dtype, nested_absm
     torch._check(absmax.dtype == torch.uint8, lambda: f"absmax must be uint8 codes when nested, got {absmax.dtype}")
     torch._check(nested_code is not None and offset is not None, lambda: "nested_absmax needs nested_code and offset")
     _check_code(nested_code, 256, packed)
+    # before the division below (0 raised ZeroDivisionError); a huge one made the reference decode allocate that many
+    torch._check(valid_nested_blocksize(nested_bs),
+                 lambda: f"nested_blocksize must be a power of two from 1 to {MAX_NESTED_BLOCKSIZE}, got {nested_bs}")
     n2 = _ceil_div(nblocks, nested_bs)
     torch._check(nested_absmax.numel() == n2, lambda: f"nested_absmax must have {n2} entries")
     torch._check(nested_absmax.dtype == torch.float32, lambda: "nested_absmax must be float32")
     torch._check(offset.numel() == 1, lambda: "offset must be a single float32 value")
-    torch._check(nested_bs > 0 and nested_bs & (nested_bs - 1) == 0,
-                 lambda: f"nested_blocksize must be a positive power of two, got {nested_bs}")
+    # the kernels read these through raw pointers (a meta nested_absmax was decoded as garbage)
+    torch._check(nested_absmax.device == packed.device,
+                 lambda: f"nested_absmax is on {nested_absmax.device}, packed on {packed.device}")
+    torch._check(offset.device == packed.device, lambda: f"offset is on {offset.device}, packed on {packed.device}")
 
 
 @dequantize_4bit.register_fake
@@ -256,7 +263,7 @@ def _(q, absmax, code, blocksize):
 # offset. The LoRA terms are the caller's already-scaled skinny products (qkernels.lora computes them), so one op
 # writes the M x N (or M x K) output once. Implementations: qkernels._linear (reference, cpu, cuda, triton).
 def _check_linear_4bit(x, packed, absmax, code, blocksize, W_shape, nested_absmax, nested_code, offset, nested_bs,
-                       lora, lora_mask=None):
+                       lora, lora_mask=None, dx=False):
     torch._check(x.dim() == 2, lambda: f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
     torch._check(x.dtype in _FLOATS, lambda: f"x must be float32, float16 or bfloat16, got {x.dtype}")
     torch._check(packed.device == x.device, lambda: f"packed is on {packed.device} but x is on {x.device}")
@@ -265,12 +272,20 @@ def _check_linear_4bit(x, packed, absmax, code, blocksize, W_shape, nested_absma
     M = x.shape[0]
     if lhs is not None or rhs is not None:
         torch._check(lhs is not None and rhs is not None, lambda: "the two LoRA factors must be given together")
-        torch._check(lhs.dim() == 2 and lhs.shape[0] == M, lambda: f"LoRA left factor must be [{M}, r]")
-        torch._check(rhs.dim() == 2, lambda: "LoRA right factor must be 2-D")
+        torch._check(lhs.dim() == 2 and lhs.shape[0] == M,
+                     lambda: f"LoRA left factor must be [{M}, r], got shape {tuple(lhs.shape)}")
+        # the kernels read the right factor through a raw pointer with the left factor's r: a smaller one was read
+        # past its end (linear_4bit: lora_B [N, r]; linear_4bit_dx: lora_A [r, K])
+        r = lhs.shape[1]
+        want = (r, W_shape[1]) if dx else (W_shape[0], r)
+        torch._check(tuple(rhs.shape) == want,
+                     lambda: f"LoRA right factor must be {list(want)} for a left factor [{M}, {r}], got shape "
+                             f"{tuple(rhs.shape)}")
         torch._check(lhs.device == x.device and rhs.device == x.device, lambda: "LoRA factors must be on x's device")
         torch._check(lhs.dtype in _FLOATS and rhs.dtype in _FLOATS, lambda: "LoRA factors must be floating point")
     if bias is not None:
         torch._check(bias.shape == (W_shape[0],), lambda: f"bias must have shape [{W_shape[0]}]")
+        torch._check(bias.is_floating_point(), lambda: f"bias must be a floating-point tensor, got {bias.dtype}")
         torch._check(bias.device == x.device, lambda: f"bias is on {bias.device} but x is on {x.device}")
     if lora_mask is not None:
         torch._check(lora_mask.dtype == torch.bool or lora_mask.dtype in _FLOATS,
@@ -335,7 +350,7 @@ def linear_4bit_dx(
     ``lora_mask`` is scaled by ``lora_mask_scale`` (``1 / (1 - p)``); a float one is used as it is."""
     W_shape = [grad_y.shape[-1], in_features]
     _check_linear_4bit(grad_y, packed, absmax, code, blocksize, W_shape, nested_absmax, nested_code, offset,
-                       nested_blocksize, (lora_u, lora_A, None), lora_mask)
+                       nested_blocksize, (lora_u, lora_A, None), lora_mask, dx=True)
     from . import _linear
 
     scales = (absmax, nested_absmax, nested_code, offset, nested_blocksize)
@@ -348,7 +363,7 @@ def _(grad_y, packed, absmax, code, blocksize, in_features, nested_absmax=None, 
       nested_blocksize=256, lora_u=None, lora_A=None, lora_mask=None, lora_mask_scale=1.0):
     W_shape = [grad_y.shape[-1], in_features]
     _check_linear_4bit(grad_y, packed, absmax, code, blocksize, W_shape, nested_absmax, nested_code, offset,
-                       nested_blocksize, (lora_u, lora_A, None), lora_mask)
+                       nested_blocksize, (lora_u, lora_A, None), lora_mask, dx=True)
     return grad_y.new_empty((grad_y.shape[0], in_features))
 
 

@@ -145,7 +145,7 @@ def midpoints(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``right=False``): a value exactly on a midpoint goes to the lower entry. For the sorted NF4 and
     dynamic maps ``order`` is the identity.
     """
-    code = code.to(torch.float32)
+    code = code.reshape(-1).to(torch.float32)  # its entries in order, whatever its shape (as the native kernels)
     order = torch.argsort(code, stable=True)
     s = code[order]
     return (s[:-1] + s[1:]) / 2, order

@@ -208,7 +208,8 @@ def dequantize_4bit(
         if backend is None:
             torch.ops.qkernels.dequantize_4bit_out(raw, qs.absmax, qs.code, qs.blocksize, out, *nested)
             return out
-        return _ops.dequantize_4bit_impl(*args, backend, out=out)
+        _ops.dequantize_4bit_impl(*args, backend, out=out)  # returns a reshaped view of out, not out itself
+        return out
     if backend is None:  # through the registered op, so torch.compile sees one node
         return torch.ops.qkernels.dequantize_4bit(*args)
     return _ops.dequantize_4bit_impl(*args, backend)

@@ -22,6 +22,10 @@ VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 STORAGE_DTYPES = (torch.uint8, torch.bfloat16, torch.float16, torch.float32)
 NESTED_BLOCKSIZE = 256
+# The largest nested blocksize read (bitsandbytes writes 256; its blockwise format goes to 4096). A larger one has no
+# use, and a corrupted one near 2**40 made the reference decode allocate nested_blocksize floats per nested block
+# (killed for memory), or overflowed the native binding's int64 argument past 2**63.
+MAX_NESTED_BLOCKSIZE = 4096
 
 _QS_PREFIX = "quant_state.bitsandbytes__"
 _TENSOR_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
@@ -34,6 +38,12 @@ def check_blocksize(blocksize: Any, name: str = "blocksize") -> int:
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in VALID_BLOCKSIZES:
         raise ValueError(f"{name} must be one of {VALID_BLOCKSIZES} (a power of two, 32..4096), got {blocksize!r}")
     return blocksize
+
+
+def valid_nested_blocksize(nested_blocksize: Any) -> bool:
+    """Whether ``nested_blocksize`` is an int power of two from 1 to ``MAX_NESTED_BLOCKSIZE``."""
+    return (isinstance(nested_blocksize, int) and not isinstance(nested_blocksize, bool)
+            and 0 < nested_blocksize <= MAX_NESTED_BLOCKSIZE and nested_blocksize & (nested_blocksize - 1) == 0)
 
 
 def as_dtype(value: Any) -> Any:
@@ -55,6 +65,17 @@ def _parse_dtype(name: Any, key: str) -> torch.dtype:
     if name not in _DTYPE_NAMES:
         raise ValueError(f"quant state key '{key}' must be one of {sorted(_DTYPE_NAMES)}, got {name!r}")
     return _DTYPE_NAMES[name]
+
+
+def _parse_nested_dtype(name: Any) -> torch.dtype:
+    """The blob's ``nested_dtype``: "float32", the only value bitsandbytes writes. bitsandbytes decodes the nested
+    scales in that dtype (its ``dequantize_blockwise`` output) before adding the offset, qkernels always in float32, so
+    another value would decode differently in the two libraries."""
+    dtype = _parse_dtype(name, "nested_dtype")
+    if dtype != torch.float32:
+        raise ValueError(f"quant state key 'nested_dtype' must be 'float32' (what bitsandbytes writes; it would decode "
+                         f"the nested scales in {name}, qkernels in float32), got {name!r}")
+    return dtype
 
 
 def _from_cpu_inference_layout(absmax: Any, shape: list[int], blocksize: Any) -> Any:
@@ -89,8 +110,12 @@ def _check_loaded_scales(state: QuantState) -> None:
             f"another quant_type); bitsandbytes decodes quant_type={state.quant_type!r} with its standard table, so "
             "this checkpoint is inconsistent. Re-save it from the model that wrote it."
         )
-    scales = [("nested_absmax", state.state2.absmax)] if state.nested else [("absmax", state.absmax)]
+    # nested_quant_map is read as it is (bitsandbytes decodes the nested scales with the stored map too), so a NaN in it
+    # corrupts every block whose code points there, like a NaN scale
+    scales = [("nested_absmax", state.state2.absmax), ("nested_quant_map", state.state2.code)] if state.nested else [
+        ("absmax", state.absmax)]
     for key, t in scales:
+        t = t.reshape(-1)
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"quant state key {key!r} holds NaN or inf (first at index "
                              f"{int((~torch.isfinite(t)).nonzero()[0, 0])}); the checkpoint is corrupted")
@@ -223,8 +248,9 @@ class QuantState:
             if absmax.dtype != torch.uint8:
                 raise ValueError(f"quant_state.absmax must be uint8 when double-quantized, got {absmax.dtype}")
             bs2 = s2.blocksize
-            if not isinstance(bs2, int) or bs2 <= 0 or bs2 & (bs2 - 1):
-                raise ValueError(f"nested_blocksize must be a positive power of two, got {bs2!r}")
+            if not valid_nested_blocksize(bs2):
+                raise ValueError(f"nested_blocksize must be a power of two from 1 to {MAX_NESTED_BLOCKSIZE} "
+                                 f"(bitsandbytes writes 256), got {bs2!r}")
             n2 = -(-nblocks // bs2)
             a2, c2 = s2.absmax, s2.code
             if not isinstance(a2, torch.Tensor) or a2.dtype != torch.float32 or a2.shape != (n2,):
@@ -257,7 +283,8 @@ class QuantState:
             # the other tables too: a codebook left behind failed deep in an op ("code is on meta but the data is on
             # cpu", a RuntimeError that named neither the state nor the fix)
             others = (("quant_state.code (quant_map)", code),) if s2 is None else (
-                ("quant_state.code (quant_map)", code), ("nested_absmax", s2.absmax), ("nested_quant_map", s2.code))
+                ("quant_state.code (quant_map)", code), ("nested_absmax", s2.absmax), ("nested_quant_map", s2.code),
+                ("nested_offset (quant_state.offset)", self.offset))
             for name, t in others:
                 if t.device != device:
                     raise ValueError(f"{name} is on {t.device} but packed and quant_state.absmax are on "
@@ -432,14 +459,15 @@ class QuantState:
             absmax = _from_cpu_inference_layout(absmax, shape, fields.get("blocksize"))
         if nested:
             offset_v = need("nested_offset", (float, int))
-            if not math.isfinite(offset_v):
+            # an int past float's range (JSON allows 1e400 written as digits) raised OverflowError from isfinite
+            if isinstance(offset_v, int) and abs(offset_v) > 2**128 or not math.isfinite(offset_v):
                 raise ValueError(f"quant state key 'nested_offset' must be a finite number, got {offset_v!r}")
             offset = torch.tensor(float(offset_v), dtype=torch.float32, device=dev)
             state2 = cls(
                 absmax=need("nested_absmax", torch.Tensor).to(dev),
                 code=need("nested_quant_map", torch.Tensor).to(dev),
                 blocksize=need("nested_blocksize", int),
-                dtype=_parse_dtype(fields.get("nested_dtype", "float32"), "nested_dtype"),
+                dtype=_parse_nested_dtype(fields.get("nested_dtype", "float32")),
             )
         state = cls(
             absmax=absmax.to(dev),

@@ -90,7 +90,7 @@ def dequantize_4bit(
     """
     b = packed.reshape(-1)[: (n + 1) // 2]
     nibbles = torch.stack([b >> 4, b & 0xF], dim=1).reshape(-1)[:n].long()
-    values = code.to(torch.float32)[nibbles]
+    values = code.reshape(-1).to(torch.float32)[nibbles]  # a [4, 4] codebook is 16 entries, as for the native kernels
     scale = absmax.to(torch.float32).repeat_interleave(blocksize)[:n]
     return (values * scale).to(dtype)
 
@@ -109,7 +109,8 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int) -> t
 def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
     """Inverse of ``quantize_blockwise``: returns ``code[q] * absmax[i // blocksize]`` in float32, flat ``[n]``."""
     n = q.numel()
-    return code.to(torch.float32)[q.reshape(-1).long()] * absmax.to(torch.float32).repeat_interleave(blocksize)[:n]
+    scale = absmax.reshape(-1).to(torch.float32).repeat_interleave(blocksize)[:n]
+    return code.reshape(-1).to(torch.float32)[q.reshape(-1).long()] * scale
 
 
 def decode_nested_absmax(

@@ -108,6 +108,16 @@ def test_out_that_requires_grad(backend):
     assert torch.equal(out.detach(), qkernels.dequantize_4bit(p, s, backend=backend))
 
 
+@pytest.mark.parametrize("backend", [None, "reference", "cpu"])
+def test_out_is_returned_itself(backend):
+    """dequantize_4bit(..., out=out) returns out itself, as documented; with a forced backend it returned a new view of
+    it (found by tests/fuzz_public_api.py)."""
+    p, s = qkernels.quantize_4bit(torch.randn(8, 64))
+    out = torch.empty(8, 64)
+    assert qkernels.dequantize_4bit(p, s, out=out, backend=backend) is out
+    assert torch.equal(out, qkernels.dequantize_4bit(p, s, backend="reference"))
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "nested"])
 def test_strided_absmax_view(double_quant, backend):
@@ -190,10 +200,11 @@ def test_bits_per_parameter_checks_its_state():
         qkernels.bits_per_parameter(p, None)
 
 
-@pytest.mark.parametrize("table", ["code", "nested_absmax", "nested_code"])
+@pytest.mark.parametrize("table", ["code", "nested_absmax", "nested_code", "offset"])
 def test_state_table_on_another_device(table):
     """A state whose codebook (or nested tables) sits on another device than packed failed inside the op with
-    "RuntimeError: code is on meta but the data is on cpu", naming neither the state nor the fix."""
+    "RuntimeError: code is on meta but the data is on cpu", naming neither the state nor the fix. The offset on meta
+    failed with "Tensor.item() cannot be called on meta tensors" (found by tests/fuzz_public_api.py)."""
     import copy
 
     torch.manual_seed(0)
@@ -203,14 +214,53 @@ def test_state_table_on_another_device(table):
         moved.code = s.code.to("meta")
     elif table == "nested_absmax":
         moved.state2.absmax = s.state2.absmax.to("meta")
+    elif table == "offset":
+        moved.offset = s.offset.to("meta")
     else:
         moved.state2.code = s.state2.code.to("meta")
-    name = {"code": "quant_map", "nested_absmax": "nested_absmax", "nested_code": "nested_quant_map"}[table]
+    name = {"code": "quant_map", "nested_absmax": "nested_absmax", "nested_code": "nested_quant_map",
+            "offset": "quant_state.offset"}[table]
     with pytest.raises(ValueError, match=rf"{name}\)? is on meta but packed .* on cpu; move the whole state with "
                                          r"quant_state.to\('cpu'\)"):
         qkernels.dequantize_4bit(p, moved)
     with pytest.raises(ValueError, match=rf"{name}\)? is on meta"):
         qkernels.matmul_4bit_lora(torch.randn(2, 64), p, moved, None, None, 1.0)
+
+
+@pytest.mark.parametrize("nested_blocksize", [0, -256, 100, 8192, 2**40, 2**64])
+def test_nested_blocksize_out_of_range(nested_blocksize):
+    """A state's nested blocksize is a power of two from 1 to 4096 (bitsandbytes writes 256). 8192 and 2**40 were
+    accepted (the reference decode then allocated nested_blocksize floats per nested block: 4 TiB at 2**40), 2**64
+    failed in the native binding with "Overflow when unpacking long long" (found by tests/fuzz_public_api.py)."""
+    p, s = qkernels.quantize_4bit(torch.randn(8, 64))
+    s.state2.blocksize = nested_blocksize
+    for call in (lambda: qkernels.dequantize_4bit(p, s, backend="cpu"),
+                 lambda: qkernels.matmul_4bit_lora(torch.randn(2, 64), p, s, None, None, 1.0)):
+        with pytest.raises(ValueError, match=r"nested_blocksize must be a power of two from 1 to 4096 \(bitsandbytes "
+                                             rf"writes 256\), got {nested_blocksize}"):
+            call()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_codebook_of_any_shape(backend, monkeypatch):
+    """A codebook is its entries in order, whatever its shape: validate and the ops count entries, and the native
+    kernels read them flat. The reference path raised IndexError (dequantize) or "boundaries tensor must be 1
+    dimension" (quantize) for a [4, 4] quant_map or a [16, 16] nested map (found by tests/fuzz_public_api.py)."""
+    import copy
+
+    torch.manual_seed(0)
+    A = torch.randn(8, 64)
+    p, s = qkernels.quantize_4bit(A)
+    shaped = copy.deepcopy(s)
+    shaped.code, shaped.state2.code = s.code.reshape(4, 4), s.state2.code.reshape(16, 16)
+    assert torch.equal(qkernels.dequantize_4bit(p, shaped, backend=backend), qkernels.dequantize_4bit(p, s))
+    monkeypatch.setenv("QKERNELS_BACKEND", backend)
+    ops = torch.ops.qkernels
+    assert torch.equal(ops.quantize_4bit(A, s.code.reshape(4, 4), 64)[0], p)
+    q, absmax = ops.quantize_blockwise(A, s.state2.code.reshape(16, 16), 256)
+    assert torch.equal(q, ops.quantize_blockwise(A, s.state2.code, 256)[0])
+    assert torch.equal(ops.dequantize_blockwise(q, absmax, s.state2.code.reshape(16, 16), 256),
+                       ops.dequantize_blockwise(q, absmax, s.state2.code, 256))
 
 
 # ----------------------------------------------------------------------------------------- adapter paths

@@ -83,3 +83,48 @@ def test_op_argument_checks():
     with pytest.raises(RuntimeError, match="absmax must be uint8 codes when nested"):
         ops.dequantize_4bit(p, s.absmax, s.code, 64, [64, 64], torch.float32, s.absmax, qkernels.dynamic_map(),
                             torch.tensor(0.0), 256)
+
+
+def test_op_lora_right_factor_shape_is_checked():
+    """The kernels read the right LoRA factor through a raw pointer with the left factor's r: a lora_B (linear_4bit)
+    or lora_A (linear_4bit_dx) of another shape was accepted and read past its end (a wrong result, or a crash)."""
+    torch.manual_seed(0)
+    p, s = qkernels.quantize_4bit(torch.randn(32, 64), 64)
+    ops = torch.ops.qkernels
+    nested = (s.state2.absmax, s.state2.code, s.offset, 256)
+    x, g, t = torch.randn(3, 64), torch.randn(3, 32), torch.randn(3, 8)
+    with pytest.raises(RuntimeError, match=r"LoRA right factor must be \[32, 8\] .* got shape \(1, 1\)"):
+        ops.linear_4bit(x, p, s.absmax, s.code, 64, 32, *nested, t, torch.randn(1, 1), None)
+    with pytest.raises(RuntimeError, match=r"LoRA right factor must be \[32, 8\] .* got shape \(32, 2\)"):
+        ops.linear_4bit(x, p, s.absmax, s.code, 64, 32, *nested, t, torch.randn(32, 2), None)
+    with pytest.raises(RuntimeError, match=r"LoRA right factor must be \[8, 64\] .* got shape \(8, 1\)"):
+        ops.linear_4bit_dx(g, p, s.absmax, s.code, 64, 64, *nested, t, torch.randn(8, 1), None, 1.0)
+    with pytest.raises(RuntimeError, match=r"bias must be a floating-point tensor, got torch.int32"):
+        ops.linear_4bit(x, p, s.absmax, s.code, 64, 32, *nested, None, None, torch.zeros(32, dtype=torch.int32))
+    B = torch.randn(32, 8)  # the right shapes still run, and agree with the reference
+    want = x @ qkernels.dequantize_4bit(p, s).t() + t @ B.t()
+    torch.testing.assert_close(ops.linear_4bit(x, p, s.absmax, s.code, 64, 32, *nested, t, B, None), want)
+
+
+def test_op_nested_arguments_are_checked():
+    """nested_blocksize 0 raised ZeroDivisionError inside the check; 2**40 passed it (the reference decode then
+    allocated 2**40 floats; past 2**63 the binding overflowed); a nested_absmax or offset on another device (meta) was
+    read through its pointer as garbage; a shape of two negative sizes passed the element count check."""
+    torch.manual_seed(0)
+    p, s = qkernels.quantize_4bit(torch.randn(32, 64), 64)
+    ops = torch.ops.qkernels
+
+    def dq(nested_absmax=s.state2.absmax, offset=s.offset, nested_blocksize=256, shape=(32, 64)):
+        return ops.dequantize_4bit(p, s.absmax, s.code, 64, list(shape), torch.float32, nested_absmax, s.state2.code,
+                                   offset, nested_blocksize)
+
+    for bad in (0, 3, 2**13, 2**40):
+        with pytest.raises(RuntimeError, match=rf"nested_blocksize must be a power of two from 1 to 4096, got {bad}"):
+            dq(nested_blocksize=bad)
+    with pytest.raises(RuntimeError, match="nested_absmax is on meta, packed on cpu"):
+        dq(nested_absmax=s.state2.absmax.to("meta"))
+    with pytest.raises(RuntimeError, match="offset is on meta, packed on cpu"):
+        dq(offset=s.offset.to("meta"))
+    with pytest.raises(RuntimeError, match=r"shape \[-32, -64\] has a negative size"):
+        dq(shape=(-32, -64))
+    assert torch.equal(dq(), qkernels.dequantize_4bit(p, s))

@@ -100,9 +100,25 @@ def _packed_dict():
                                                                        offset=float("nan"))),
          "'nested_offset' must be a finite number"),
         (lambda d: d["nested_absmax"].__setitem__(0, float("inf")), "'nested_absmax' holds NaN or inf"),
+        # found by tests/fuzz_public_api.py: a NaN in the nested map was decoded into whole NaN blocks
+        (lambda d: d["nested_quant_map"].__setitem__(7, float("nan")),
+         r"'nested_quant_map' holds NaN or inf \(first at index 7\)"),
+        # 2**40 made the reference decode allocate 2**40 floats per nested block (4 TiB); past 2**63 the native binding
+        # raised "Overflow when unpacking long long"
+        (lambda d: d.__setitem__("quant_state.bitsandbytes__nf4", _blob(_META, nested_blocksize=2**40)),
+         "nested_blocksize must be a power of two from 1 to 4096"),
+        (lambda d: d.__setitem__("quant_state.bitsandbytes__nf4", _blob(_META, nested_blocksize=2**64)),
+         "nested_blocksize must be a power of two from 1 to 4096"),
+        # an int past float's range: "OverflowError: int too large to convert to float" from math.isfinite
+        (lambda d: d.__setitem__("quant_state.bitsandbytes__nf4", _blob(_META, offset=10**400)),
+         "'nested_offset' must be a finite number"),
+        # bitsandbytes decodes the nested scales in nested_dtype: float16 would differ from our float32 decode
+        (lambda d: d.__setitem__("quant_state.bitsandbytes__nf4", _blob(_META, nested_dtype="float16")),
+         "'nested_dtype' must be 'float32'"),
     ],
     ids=["no-absmax", "no-nested-absmax", "no-blob", "bad-json", "short-absmax", "bad-quant-map", "extra-key",
-         "half-nested", "bad-blocksize", "bad-dtype", "fp4-map-for-nf4", "scaled-map", "nan-offset", "inf-nested"],
+         "half-nested", "bad-blocksize", "bad-dtype", "fp4-map-for-nf4", "scaled-map", "nan-offset", "inf-nested",
+         "nan-nested-map", "huge-nested-blocksize", "nested-blocksize-2**64", "huge-int-offset", "half-nested-dtype"],
 )
 def test_corrupted_state_dict_raises_value_error(corrupt, match):
     d = _packed_dict()
@@ -111,9 +127,13 @@ def test_corrupted_state_dict_raises_value_error(corrupt, match):
         QuantState.from_dict(d)
 
 
-def _blob(meta, offset=0.5):
+_META = {"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [64, 64]}
+
+
+def _blob(meta, offset=0.5, nested_blocksize=256, nested_dtype="float32"):
     d = dict(meta)
-    d.update({"nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": offset})  # NaN: json writes NaN
+    # NaN: json writes NaN
+    d.update({"nested_blocksize": nested_blocksize, "nested_dtype": nested_dtype, "nested_offset": offset})
     return torch.tensor(list(json.dumps(d).encode()), dtype=torch.uint8)
 
 
