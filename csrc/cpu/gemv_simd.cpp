@@ -433,6 +433,7 @@ struct TileF32Const {
     for (int64_t k = 0; k < K; k += 128) {
       const float* xk = xt + k * MT;
       for (int r = 0; r < NR; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(row[r] + (k >> 1) + kConstPrefetch), _MM_HINT_T1);  // as TileBf16Const
         const __m512i v = _mm512_loadu_si512(row[r] + (k >> 1));
         __m512 w[8];
         w[0] = _mm512_permutexvar_ps(v, code);
