@@ -109,6 +109,9 @@ def _dequantize(packed, scales, code, blocksize, shape, dtype, impl: str) -> tor
 # dequantize costing ~0.7 ms more than the row-major one; a whole 4096 x 4096 layer step 89.2 -> 88.2 ms. The same
 # bits on this machine (not promised: the matmul's summation order may differ). Where the transposing kernel is not
 # vectorized (not AVX-512, not bfloat16, K % 128 != 0, ...) the row-major layout stays. False: always row-major.
+# Re-measured (ninth session, layer steps alternating the two layouts): 256 rows of 1024-2816 wide layers 2-9 % slower
+# in one run, level in another; 512-1024 rows within +-1.5 %; the bench_block step level (58.0 vs 57.7 ms). No
+# measured win either way at these sizes; kept for the large-layer gain above.
 CPU_DX_TRANSPOSED = True
 
 
