@@ -13,6 +13,7 @@ of experts' per-expert weights merged into one 3-D parameter), are refused befor
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -85,6 +86,34 @@ def _retie(model: nn.Module, tied: list[list[str]], loaded: set[str]) -> None:
                 setattr(model.get_submodule(owner) if owner else model, leaf, param)
 
 
+# a 4-bit weight's quant-state key in bitsandbytes' format: what is left of the key is the layer's name
+_QUANT_STATE_KEY = re.compile(r"\.weight\.quant_state\.bitsandbytes__(?:nf4|fp4)$")
+
+
+def _check_4bit_layers_targeted(model: nn.Module, packed: set[str], checkpoint: str | os.PathLike) -> None:
+    """Refuse, before anything loads, a checkpoint whose 4-bit layers are plain float Linear layers in ``model``
+    (``apply_qlora`` did not target them): ``load_state_dict`` would fail on a size mismatch (the packed
+    ``[n/2, 1]`` weight against ``[out, in]``) after loading the other tensors, and name neither cause nor fix."""
+    from .model import _is_bnb_4bit, _is_linear  # QLoRALinear is no nn.Linear; a bitsandbytes Linear4bit is one
+
+    plain = []
+    for name in sorted(packed):
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            continue  # not a module of this model: reported as unexpected keys
+        if _is_linear(m) and not _is_bnb_4bit(m) and type(m).__name__ != "Linear4bit":
+            plain.append(name)
+    if plain:
+        short = sorted({n.rpartition(".")[2] for n in plain})
+        raise ValueError(
+            f"checkpoint {str(checkpoint)!r} holds {len(plain)} layers in 4 bits that are plain "
+            f"{type(model.get_submodule(plain[0])).__name__} layers in the model, not QLoRALinear (e.g. "
+            f"{plain[:3]}): apply_qlora did not target them, so their packed weights cannot load. Give "
+            f"apply_qlora every 4-bit layer of the checkpoint, e.g. apply_qlora(model, 'all-linear', ...) or add "
+            f"{short} to target_modules; nothing was loaded")
+
+
 def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike, *, strict: bool = True) -> _IncompatibleKeys:
     """Load ``checkpoint`` into ``model`` in place, shard by shard (``load_state_dict(shard, assign=True,
     strict=False)``), with the key names transformers' ``from_pretrained`` would use; then the Parameters the model
@@ -117,11 +146,14 @@ def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike, *, strict: 
     files = _files(Path(checkpoint))
     rename = _renamer(model)
     converted = {}
+    packed: set[str] = set()
     for f in files:
         for k in _keys(f):
-            _, pattern = rename(k)
+            key, pattern = rename(k)
             if pattern is not None:
                 converted.setdefault(pattern, []).append(k)
+            if _QUANT_STATE_KEY.search(key):
+                packed.add(_QUANT_STATE_KEY.sub("", key))
     if converted:
         pattern, keys = next(iter(converted.items()))
         raise ValueError(
@@ -130,6 +162,7 @@ def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike, *, strict: 
             "them merged, e.g. a mixture of experts' 3-D expert weights), which load_checkpoint does not do. Load the "
             "model with transformers instead, from_pretrained(checkpoint) (a 4-bit checkpoint keeps its "
             "quantization_config), and call apply_qlora on it: it wraps the 4-bit layers as they are")
+    _check_4bit_layers_targeted(model, packed, checkpoint)
     missing: set[str] | None = None
     unexpected: list[str] = []
     loaded: set[str] = set()
