@@ -228,6 +228,34 @@ def _token_spec(model: nn.Module, adapter: str) -> list[int] | dict[str, list[in
     return {n: list(t.token_indices[adapter]) for n, t in own}
 
 
+# peft task types and the transformers auto-class mappings whose classes they describe, most specific first
+_TASK_MAPPINGS = (
+    ("SEQ_CLS", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
+    ("TOKEN_CLS", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"),
+    ("QUESTION_ANS", "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES"),
+    ("SEQ_2_SEQ_LM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"),
+    ("CAUSAL_LM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
+    ("FEATURE_EXTRACTION", "MODEL_MAPPING_NAMES"),
+)
+
+
+def task_type_of(model: nn.Module) -> str | None:
+    """peft's ``task_type`` for a transformers model class (``LlamaForCausalLM`` -> ``"CAUSAL_LM"``), else None.
+
+    Read from transformers' auto-class mappings; None when transformers is not installed or the class is in none
+    of them (``PeftModel.from_pretrained`` then builds a plain ``PeftModel``, which computes the same outputs)."""
+    try:
+        from transformers.models.auto import modeling_auto
+    except ImportError:
+        return None
+    cls = type(model).__name__
+    for task, mapping_name in _TASK_MAPPINGS:
+        for v in getattr(modeling_auto, mapping_name, {}).values():
+            if cls == v or (isinstance(v, (tuple, list)) and cls in v):
+                return task
+    return None
+
+
 def _config_fields(model: nn.Module, infos: list[_ModuleAdapter], task_type: str | None,
                    base_model_name_or_path: str | None, modules_to_save: list[str] | None,
                    trainable_token_indices: list[int] | dict[str, list[int]] | None = None) -> dict[str, Any]:
@@ -404,11 +432,13 @@ def save_adapter(
     modules to save holding a copy for this adapter), rank_pattern / alpha_pattern for modules whose rank / alpha
     differ from the most common, bias "none", inference_mode true, use_dora for a DoRA adapter) and
     ``adapter_model.safetensors`` (tensors in their parameter dtype; see ``adapter_state_dict``).
-    ``task_type`` (e.g. ``"CAUSAL_LM"``) and ``base_model_name_or_path`` are written when given or known
-    (``model.config._name_or_path``). ``state_dict``: the tensors to write by the model's state-dict keys, instead of
-    the modules' (peft's ``save_pretrained(state_dict=...)``; see ``adapter_state_dict``): under FSDP, gather on
-    every rank with torch's ``get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-    cpu_offload=True, ignore_frozen_params=True))`` and save on rank 0 with it.
+    ``task_type`` (e.g. ``"CAUSAL_LM"``; None: ``task_type_of(model)``, from the transformers model class, so that
+    ``PeftModel.from_pretrained`` builds the task's class and peft's ``AutoPeftModelForCausalLM`` & co. read the
+    directory) and ``base_model_name_or_path`` (None: ``model.config._name_or_path``) are written when given or
+    known. ``state_dict``: the tensors to write by the model's state-dict keys, instead of the modules' (peft's
+    ``save_pretrained(state_dict=...)``; see ``adapter_state_dict``): under FSDP, gather on every rank with torch's
+    ``get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+    ignore_frozen_params=True))`` and save on rank 0 with it.
 
     Raises:
         ValueError: ``model`` has no QLoRALinear, or no adapter ``adapter_name``; ``path`` is an existing file; the
@@ -421,6 +451,7 @@ def save_adapter(
                          "and adapter_model.safetensors): pass a directory path")
     mods = _require_adapter(model, adapter_name)
     infos = [_describe(n, m, adapter_name) for n, m in mods]
+    task_type = task_type if task_type is not None else task_type_of(model)
     text = _config_json(_config_fields(model, infos, task_type, base_model_name_or_path,
                                        _save_names(model, adapter_name) or None, _token_spec(model, adapter_name)))
     tensors = adapter_state_dict(model, adapter_name, state_dict=state_dict)

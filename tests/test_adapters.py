@@ -588,6 +588,33 @@ def test_saved_layer_fields_reproduce_the_modules_on_a_llama(tmp_path):
                                                               "model.layers.1.self_attn.v_proj"}
 
 
+def test_save_adapter_writes_the_task_type_peft_auto_classes_need(tmp_path, trained):
+    """save_adapter wrote task_type null (only the Trainer path inferred it), so peft's
+    ``AutoPeftModelForCausalLM.from_pretrained(dir)`` refused the directory ("Cannot infer the auto class from the
+    config") and ``PeftModel.from_pretrained`` built a plain ``PeftModel``. It is now the model class's task, as
+    ``save_adapters`` writes it; an explicit task_type wins, and a model outside transformers writes none."""
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    from .test_model import tiny_llama
+
+    base = tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    model = apply_qlora(tiny_llama(), ["q_proj", "v_proj"], r=4)
+    model.config._name_or_path = str(tmp_path / "base")
+    adapters.save_adapter(model, tmp_path / "llama")
+    assert json.loads((tmp_path / "llama" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    auto = peft.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "llama"))
+    assert type(auto).__name__ == "PeftModelForCausalLM"
+    adapters.save_adapter(model, tmp_path / "explicit", task_type="FEATURE_EXTRACTION")
+    assert json.loads((tmp_path / "explicit" / "adapter_config.json").read_text())["task_type"] == "FEATURE_EXTRACTION"
+    bert = AutoModelForSequenceClassification.from_config(BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    adapters.save_adapter(apply_qlora(bert, ["query"], r=2), tmp_path / "cls")
+    assert json.loads((tmp_path / "cls" / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+    _, plain = trained  # a plain nn.Module: no task
+    assert json.loads((plain / "adapter_config.json").read_text())["task_type"] is None
+
+
 def test_config_that_does_not_select_a_saved_module_is_refused(trained):
     """load_adapter honours the config's layer fields: weights for a module the config leaves out are an error."""
     _, path = trained
