@@ -734,6 +734,13 @@ def _plan(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor], ad
             if not t.is_floating_point():
                 raise ValueError(f"adapter key {key!r}: dtype {t.dtype} is not a floating-point type")
         plan.append(_Planned(name, m, int(r), alpha, A, B, base, magnitude, lora_B_bias))
+    uncovered = sorted(n for n in targets or () if n not in pairs and isinstance(modules.get(n), cls))
+    if uncovered:  # as peft's "Found missing adapter keys while loading the checkpoint"
+        warnings.warn(
+            f"adapter {adapter_name!r}: its config selects {len(uncovered)} LoRA module(s) of {type(model).__name__} "
+            f"that the file holds no weights for (e.g. {uncovered[:4]}); they get no adapter {adapter_name!r}, which "
+            "computes what peft does with them (it warns of missing adapter keys and leaves their B at zero). Was the "
+            "adapter saved for another model (fewer layers?), or is the file incomplete?", UserWarning, stacklevel=3)
     return _Plan(plan, saved, tokens, token_rows)
 
 
@@ -893,7 +900,9 @@ def load_adapter(
     qkernels does not know (a newer peft) when set.
 
     The config's ``target_modules`` / ``exclude_modules`` / ``layers_to_transform`` / ``layers_pattern`` are
-    honoured as peft does: every LoRA key must name a module they select. ``modules_to_save``: each selected module
+    honoured as peft does: every LoRA key must name a module they select; a LoRA module they select that the file
+    has no weights for (an adapter of a shallower model) gets no adapter, with a ``UserWarning`` naming it (peft warns
+    of missing adapter keys and leaves its B at zero: the same outputs). ``modules_to_save``: each selected module
     (peft's suffix rule) gets a copy for ``adapter_name`` holding the file's tensors
     (``base_model.model.<module>.<key>``, all of the module's state-dict keys), wrapped in a
     ``ModulesToSaveWrapper`` if it is not one yet. ``<module>.base_layer.weight`` / ``.bias`` (peft's

@@ -615,6 +615,34 @@ def test_save_adapter_writes_the_task_type_peft_auto_classes_need(tmp_path, trai
     assert json.loads((plain / "adapter_config.json").read_text())["task_type"] is None
 
 
+def test_an_adapter_of_a_shallower_model_loads_with_a_warning_naming_the_uncovered_modules(tmp_path):
+    """An adapter saved for a 2-layer Llama loaded into a 3-layer one: its config selects layer 2's q_proj / v_proj,
+    which the file has no weights for. peft warns ("Found missing adapter keys"); qkernels loaded it silently. Now a
+    UserWarning names them; they get no adapter (peft's get B = 0: the same outputs)."""
+    import warnings
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def llama(layers):
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                            num_key_value_heads=2, num_hidden_layers=layers))
+
+    model = apply_qlora(llama(2), ["q_proj", "v_proj"], r=4, init_lora_weights=False)
+    adapters.save_adapter(model, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the model it was saved for: no warning
+        adapters.load_adapter(apply_qlora(llama(2), ["q_proj", "v_proj"], r=4), tmp_path, replace=True)
+    deeper = apply_qlora(llama(3), ["q_proj", "v_proj"], r=4)
+    with pytest.warns(UserWarning, match=r"selects 2 LoRA module\(s\) of LlamaForCausalLM that the file holds no "
+                                         r"weights for \(e\.g\. \['model\.layers\.2\.self_attn\.q_proj'"):
+        adapters.load_adapter(deeper, tmp_path, replace=True)
+    layers = deeper.model.layers
+    assert "default" not in layers[2].self_attn.q_proj.lora_A
+    assert torch.equal(layers[1].self_attn.v_proj.lora_B["default"].weight,
+                       model.model.layers[1].self_attn.v_proj.lora_B["default"].weight)
+
+
 def test_config_that_does_not_select_a_saved_module_is_refused(trained):
     """load_adapter honours the config's layer fields: weights for a module the config leaves out are an error."""
     _, path = trained
