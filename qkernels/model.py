@@ -920,8 +920,14 @@ def _summarize(names: list[str], limit: int = 30) -> str:
 def _check_each_target_matches(model: nn.Module, target_modules: Any, exclude_modules: Any, names: list[str],
                                linear_names: list[str]) -> None:
     if isinstance(target_modules, str):
-        if not names:
-            raise ValueError(f"target_modules {target_modules!r} matches no module of {type(model).__name__}. "
+        if not names and not match_target_modules(model, target_modules):  # all excluded: _raise_no_layer_match says
+            hint = ""
+            if re.sub(r"[^a-z]", "", target_modules.lower()) == "alllinear":
+                hint = f" Did you mean {ALL_LINEAR!r}?"
+            elif match_target_modules(model, [target_modules]):  # a name, read as a regex of the whole name
+                hint = (" A string is a regex that must match the whole module name (peft's rule); for the modules "
+                        f"named {target_modules!r} pass a list, target_modules=[{target_modules!r}].")
+            raise ValueError(f"target_modules {target_modules!r} matches no module of {type(model).__name__}.{hint} "
                              f"Linear layers: {_summarize(linear_names)}")
         return
     for t in target_modules:  # an entry whose matches are all excluded is not a typo: check before exclusion
