@@ -12,8 +12,11 @@ of experts' per-expert weights merged into one 3-D parameter), are refused befor
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +25,9 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 __all__ = ["load_checkpoint"]
+
+logger = logging.getLogger("qkernels")
+
 
 def _files(checkpoint: Path) -> list[Path]:
     """A ``.safetensors`` file, or a directory's shards (those its index names) or its ``*.safetensors`` files."""
@@ -114,7 +120,8 @@ def _check_4bit_layers_targeted(model: nn.Module, packed: set[str], checkpoint: 
             f"{short} to target_modules; nothing was loaded")
 
 
-def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike, *, strict: bool = True) -> _IncompatibleKeys:
+def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike, *, strict: bool = True,
+                    verbose: bool | None = None) -> _IncompatibleKeys:
     """Load ``checkpoint`` into ``model`` in place, shard by shard (``load_state_dict(shard, assign=True,
     strict=False)``), with the key names transformers' ``from_pretrained`` would use; then the Parameters the model
     shared before loading (a tied head) are shared again, and ``model.tie_weights()`` runs where the model has it.
@@ -129,6 +136,9 @@ def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike, *, strict: 
             ``.safetensors`` file.
         strict: raise if a model tensor got no value (not in the checkpoint and not tied to one that is) or a
             checkpoint key matches nothing.
+        verbose: print ``"load_checkpoint: shard i/n loaded (t s)"`` to stderr after each shard (always logged to the
+            ``qkernels`` logger at INFO). None (default): print only for a sharded checkpoint (two files or more: a
+            big model, whose shards take minutes to read).
 
     Returns:
         ``(missing_keys, unexpected_keys)`` as ``load_state_dict`` returns them, tied keys left out of the missing.
@@ -168,12 +178,18 @@ def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike, *, strict: 
     loaded: set[str] = set()
     tied = _tied_groups(model)
     before = model.state_dict(keep_vars=True)  # the Parameters now: one replaced by a tie below is not missing
-    for f in files:
+    show = verbose if verbose is not None else len(files) > 1
+    t0 = time.perf_counter()
+    for i, f in enumerate(files, 1):
         sd = {rename(k)[0]: v for k, v in load_file(f).items()}
         result = model.load_state_dict(sd, strict=False, assign=True)
         unexpected += result.unexpected_keys
         loaded |= set(sd) - set(result.unexpected_keys)
         missing = set(result.missing_keys) if missing is None else missing & set(result.missing_keys)
+        line = f"load_checkpoint: shard {i}/{len(files)} loaded ({f.name}, {time.perf_counter() - t0:.1f} s)"
+        logger.info(line)
+        if show:
+            print(line, file=sys.stderr, flush=True)
     _retie(model, tied, loaded)
     tie = getattr(model, "tie_weights", None)
     if callable(tie):

@@ -263,6 +263,31 @@ def test_transformers_from_config_under_init_empty_weights_loads_a_4bit_save_pre
         assert torch.equal(model(ids).logits, ref(ids).logits)
 
 
+def test_load_checkpoint_reports_progress_per_shard_of_a_sharded_checkpoint(tmp_path, capsys):
+    """A big model's shards take minutes to read and load_checkpoint printed nothing meanwhile; it now prints a line
+    per shard to stderr for a sharded checkpoint (verbose=None), none for one file unless asked."""
+    from safetensors.torch import save_file
+
+    sd = {k: v.contiguous() for k, v in _built_normally().state_dict().items()}
+    keys = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    (tmp_path / "sharded").mkdir()
+    for name, ks in shards.items():
+        save_file({k: sd[k] for k in ks}, tmp_path / "sharded" / name)
+    index = {"metadata": {}, "weight_map": {k: name for name, ks in shards.items() for k in ks}}
+    (tmp_path / "sharded" / "model.safetensors.index.json").write_text(json.dumps(index))
+    qkernels.load_checkpoint(_meta_net(), tmp_path / "sharded")
+    err = capsys.readouterr().err
+    assert "load_checkpoint: shard 1/2 loaded (model-00001-of-00002.safetensors" in err
+    assert "load_checkpoint: shard 2/2 loaded" in err
+    save_file(sd, tmp_path / "one.safetensors")
+    qkernels.load_checkpoint(_meta_net(), tmp_path / "one.safetensors")
+    assert capsys.readouterr().err == ""
+    qkernels.load_checkpoint(_meta_net(), tmp_path / "one.safetensors", verbose=True)
+    assert "load_checkpoint: shard 1/1 loaded (one.safetensors" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------- what must fail
 def test_load_checkpoint_refuses_4bit_layers_that_apply_qlora_did_not_target(tmp_path):
     """A 4-bit checkpoint loaded into a meta model given LoRA on some layers only: the others are plain meta Linear
