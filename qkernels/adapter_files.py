@@ -237,13 +237,20 @@ _TASK_MAPPINGS = (
     ("CAUSAL_LM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
     ("FEATURE_EXTRACTION", "MODEL_MAPPING_NAMES"),
 )
+# the tasks whose peft class changes what the adapter covers: PeftModelForSequenceClassification & co. add their
+# head ("classifier", "score", "qa_outputs") to modules_to_save, which qkernels' "all-linear" gives LoRA (peft's
+# all-linear skips it for these tasks only): peft then wraps a 4-bit head and fails ("only Tensors of floating point
+# dtype can require gradients"), or trains a copy the file does not hold. Such a model's adapter gets no task_type.
+_HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
 
 
 def task_type_of(model: nn.Module) -> str | None:
     """peft's ``task_type`` for a transformers model class (``LlamaForCausalLM`` -> ``"CAUSAL_LM"``), else None.
 
-    Read from transformers' auto-class mappings; None when transformers is not installed or the class is in none
-    of them (``PeftModel.from_pretrained`` then builds a plain ``PeftModel``, which computes the same outputs)."""
+    Read from transformers' auto-class mappings; None when transformers is not installed, the class is in none of
+    them, or its task is a classification / question-answering head (``_HEAD_TASKS``: peft's class for it would
+    add the head to the adapter's modules to save). ``PeftModel.from_pretrained`` then builds a plain ``PeftModel``,
+    which computes the same outputs, and peft's ``AutoPeftModelFor...`` classes read ``auto_mapping`` instead."""
     try:
         from transformers.models.auto import modeling_auto
     except ImportError:
@@ -252,7 +259,7 @@ def task_type_of(model: nn.Module) -> str | None:
     for task, mapping_name in _TASK_MAPPINGS:
         for v in getattr(modeling_auto, mapping_name, {}).values():
             if cls == v or (isinstance(v, (tuple, list)) and cls in v):
-                return task
+                return None if task in _HEAD_TASKS else task
     return None
 
 
@@ -304,6 +311,9 @@ def _config_fields(model: nn.Module, infos: list[_ModuleAdapter], task_type: str
         # layer was one
         fan_in_fan_out=all(i.conv1d for i in infos),
         inference_mode=True,  # what PeftModel.save_pretrained writes
+        # without a task type peft writes the model's class, which its AutoPeftModelFor... classes then build
+        auto_mapping=None if task_type is not None else {"base_model_class": type(model).__name__,
+                                                         "parent_library": type(model).__module__},
     )
 
 
@@ -317,7 +327,7 @@ def _config_json(fields: dict[str, Any]) -> str:
         d = peft.LoraConfig(**fields).to_dict()
     else:  # the LoraConfig fields peft needs to rebuild this adapter; the others take their defaults when read
         d = dict(dict(use_dora=False, lora_bias=False), **fields, peft_type="LORA", init_lora_weights=True,
-                 exclude_modules=None, revision=None, auto_mapping=None)
+                 exclude_modules=None, revision=None)
     d = {k: (sorted(v) if isinstance(v, set) else v) for k, v in d.items()}  # as PeftConfigMixin.save_pretrained
     return json.dumps(d, indent=2, sort_keys=True)
 
@@ -433,12 +443,14 @@ def save_adapter(
     differ from the most common, bias "none", inference_mode true, use_dora for a DoRA adapter) and
     ``adapter_model.safetensors`` (tensors in their parameter dtype; see ``adapter_state_dict``).
     ``task_type`` (e.g. ``"CAUSAL_LM"``; None: ``task_type_of(model)``, from the transformers model class, so that
-    ``PeftModel.from_pretrained`` builds the task's class and peft's ``AutoPeftModelForCausalLM`` & co. read the
-    directory) and ``base_model_name_or_path`` (None: ``model.config._name_or_path``) are written when given or
-    known. ``state_dict``: the tensors to write by the model's state-dict keys, instead of the modules' (peft's
-    ``save_pretrained(state_dict=...)``; see ``adapter_state_dict``): under FSDP, gather on every rank with torch's
-    ``get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-    ignore_frozen_params=True))`` and save on rank 0 with it.
+    ``PeftModel.from_pretrained`` builds the task's class; none for a classification head, see ``task_type_of``;
+    without one ``auto_mapping`` names the model's class, as peft writes it: either way peft's
+    ``AutoPeftModelForCausalLM`` & co. read the directory) and ``base_model_name_or_path`` (None:
+    ``model.config._name_or_path``) are written when given or known. ``state_dict``: the tensors to write by the
+    model's state-dict keys, instead of the modules' (peft's ``save_pretrained(state_dict=...)``; see
+    ``adapter_state_dict``): under FSDP, gather on every rank with torch's ``get_model_state_dict(model,
+    options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))`` and save on rank 0
+    with it.
 
     Raises:
         ValueError: ``model`` has no QLoRALinear, or no adapter ``adapter_name``; ``path`` is an existing file; the

@@ -100,7 +100,7 @@ def _check_4bit_layers_targeted(model: nn.Module, packed: set[str], checkpoint: 
     """Refuse, before anything loads, a checkpoint whose 4-bit layers are plain float Linear layers in ``model``
     (``apply_qlora`` did not target them): ``load_state_dict`` would fail on a size mismatch (the packed
     ``[n/2, 1]`` weight against ``[out, in]``) after loading the other tensors, and name neither cause nor fix."""
-    from .model import _is_bnb_4bit, _is_linear  # QLoRALinear is no nn.Linear; a bitsandbytes Linear4bit is one
+    from .model import _is_bnb_layer, _is_linear  # QLoRALinear is no nn.Linear; a bitsandbytes Linear4bit is one
 
     plain = []
     for name in sorted(packed):
@@ -108,7 +108,7 @@ def _check_4bit_layers_targeted(model: nn.Module, packed: set[str], checkpoint: 
             m = model.get_submodule(name)
         except AttributeError:
             continue  # not a module of this model: reported as unexpected keys
-        if _is_linear(m) and not _is_bnb_4bit(m) and type(m).__name__ != "Linear4bit":
+        if _is_linear(m) and not _is_bnb_layer(m):
             plain.append(name)
     if plain:
         short = sorted({n.rpartition(".")[2] for n in plain})
@@ -146,7 +146,9 @@ def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike, *, strict: 
     Raises:
         FileNotFoundError: no checkpoint there.
         ValueError: checkpoint tensors that transformers converts at load (merges, splits: a mixture of experts'
-            per-expert weights), named with the way to load them; nothing is loaded then.
+            per-expert weights), named with the way to load them; or 4-bit layers of the checkpoint that are plain
+            Linear layers in ``model`` (not targeted by ``apply_qlora``), named with the ``target_modules`` to add;
+            nothing is loaded then.
         RuntimeError: ``strict`` and keys missing or unexpected (the tensors found were loaded).
     """
     if not isinstance(model, nn.Module):

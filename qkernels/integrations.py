@@ -20,7 +20,8 @@ resuming from an adapter-only directory goes through ``Trainer._load_from_checkp
 - ``save_adapters(model, path)`` / ``restore_adapters(model, path)``: the two halves, usable without a Trainer.
 
 The saved directory loads with ``peft.PeftModel.from_pretrained(base_model, path)`` (``task_type`` is written from
-the model's class, e.g. ``"CAUSAL_LM"`` for a ``LlamaForCausalLM``) and with ``qkernels.load_adapter``. Under FSDP
+the model's class, e.g. ``"CAUSAL_LM"`` for a ``LlamaForCausalLM``, none for a classification head: see
+``qkernels.adapter_files.task_type_of``) and with ``qkernels.load_adapter``. Under FSDP
 or DeepSpeed the mixin keeps the Trainer's own (full) saving and loading: adapter gathering there is not covered.
 """
 

@@ -588,31 +588,45 @@ def test_saved_layer_fields_reproduce_the_modules_on_a_llama(tmp_path):
                                                               "model.layers.1.self_attn.v_proj"}
 
 
-def test_save_adapter_writes_the_task_type_peft_auto_classes_need(tmp_path, trained):
-    """save_adapter wrote task_type null (only the Trainer path inferred it), so peft's
+def test_save_adapter_writes_what_peft_auto_classes_need(tmp_path, trained):
+    """save_adapter wrote task_type null and no auto_mapping, so peft's
     ``AutoPeftModelForCausalLM.from_pretrained(dir)`` refused the directory ("Cannot infer the auto class from the
-    config") and ``PeftModel.from_pretrained`` built a plain ``PeftModel``. It is now the model class's task, as
-    ``save_adapters`` writes it; an explicit task_type wins, and a model outside transformers writes none."""
+    config"). A language model's adapter now gets its task (``PeftModelForCausalLM``); a classification model's
+    gets none (peft's class for it would add the head to the modules to save, and fail on a 4-bit head with LoRA)
+    but peft's ``auto_mapping``, as peft writes it without a task, which ``peft.AutoPeftModel`` reads; an explicit
+    task_type wins."""
     from transformers import AutoModelForSequenceClassification, BertConfig
 
     from .test_model import tiny_llama
 
-    base = tiny_llama()
-    base.save_pretrained(tmp_path / "base")
+    def config(path):
+        return json.loads((path / "adapter_config.json").read_text())
+
+    tiny_llama().save_pretrained(tmp_path / "base")
     model = apply_qlora(tiny_llama(), ["q_proj", "v_proj"], r=4)
     model.config._name_or_path = str(tmp_path / "base")
     adapters.save_adapter(model, tmp_path / "llama")
-    assert json.loads((tmp_path / "llama" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    assert config(tmp_path / "llama")["task_type"] == "CAUSAL_LM"
     auto = peft.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "llama"))
     assert type(auto).__name__ == "PeftModelForCausalLM"
     adapters.save_adapter(model, tmp_path / "explicit", task_type="FEATURE_EXTRACTION")
-    assert json.loads((tmp_path / "explicit" / "adapter_config.json").read_text())["task_type"] == "FEATURE_EXTRACTION"
+    assert config(tmp_path / "explicit")["task_type"] == "FEATURE_EXTRACTION"
+
+    torch.manual_seed(0)
     bert = AutoModelForSequenceClassification.from_config(BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
-    adapters.save_adapter(apply_qlora(bert, ["query"], r=2), tmp_path / "cls")
-    assert json.loads((tmp_path / "cls" / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
-    _, plain = trained  # a plain nn.Module: no task
-    assert json.loads((plain / "adapter_config.json").read_text())["task_type"] is None
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, num_labels=3))
+    bert.save_pretrained(tmp_path / "bert")
+    bert.config._name_or_path = str(tmp_path / "bert")  # as from_pretrained(tmp_path / "bert") sets it
+    bert = apply_qlora(bert, "all-linear", r=2)  # the classifier too: a 4-bit head with LoRA
+    qkernels.integrations.save_adapters(bert, tmp_path / "cls")  # the Trainer's writer wrote SEQ_CLS
+    assert config(tmp_path / "cls")["task_type"] is None
+    assert config(tmp_path / "cls")["auto_mapping"] == {
+        "base_model_class": "BertForSequenceClassification",
+        "parent_library": "transformers.models.bert.modeling_bert"}
+    theirs = peft.AutoPeftModel.from_pretrained(str(tmp_path / "cls"))
+    assert type(theirs.base_model.model).__name__ == "BertForSequenceClassification"
+    _, plain = trained  # a plain nn.Module: no task, its class as peft names it
+    assert config(plain)["task_type"] is None and config(plain)["auto_mapping"]["base_model_class"] == "Toy"
 
 
 def test_an_adapter_of_a_shallower_model_loads_with_a_warning_naming_the_uncovered_modules(tmp_path):
