@@ -228,6 +228,41 @@ def _token_spec(model: nn.Module, adapter: str) -> list[int] | dict[str, list[in
     return {n: list(t.token_indices[adapter]) for n, t in own}
 
 
+# peft task types and the transformers auto-class mappings whose classes they describe, most specific first
+_TASK_MAPPINGS = (
+    ("SEQ_CLS", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
+    ("TOKEN_CLS", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"),
+    ("QUESTION_ANS", "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES"),
+    ("SEQ_2_SEQ_LM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"),
+    ("CAUSAL_LM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
+    ("FEATURE_EXTRACTION", "MODEL_MAPPING_NAMES"),
+)
+# the tasks whose peft class changes what the adapter covers: PeftModelForSequenceClassification & co. add their
+# head ("classifier", "score", "qa_outputs") to modules_to_save, which qkernels' "all-linear" gives LoRA (peft's
+# all-linear skips it for these tasks only): peft then wraps a 4-bit head and fails ("only Tensors of floating point
+# dtype can require gradients"), or trains a copy the file does not hold. Such a model's adapter gets no task_type.
+_HEAD_TASKS = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
+
+
+def task_type_of(model: nn.Module) -> str | None:
+    """peft's ``task_type`` for a transformers model class (``LlamaForCausalLM`` -> ``"CAUSAL_LM"``), else None.
+
+    Read from transformers' auto-class mappings; None when transformers is not installed, the class is in none of
+    them, or its task is a classification / question-answering head (``_HEAD_TASKS``: peft's class for it would
+    add the head to the adapter's modules to save). ``PeftModel.from_pretrained`` then builds a plain ``PeftModel``,
+    which computes the same outputs, and peft's ``AutoPeftModelFor...`` classes read ``auto_mapping`` instead."""
+    try:
+        from transformers.models.auto import modeling_auto
+    except ImportError:
+        return None
+    cls = type(model).__name__
+    for task, mapping_name in _TASK_MAPPINGS:
+        for v in getattr(modeling_auto, mapping_name, {}).values():
+            if cls == v or (isinstance(v, (tuple, list)) and cls in v):
+                return None if task in _HEAD_TASKS else task
+    return None
+
+
 def _config_fields(model: nn.Module, infos: list[_ModuleAdapter], task_type: str | None,
                    base_model_name_or_path: str | None, modules_to_save: list[str] | None,
                    trainable_token_indices: list[int] | dict[str, list[int]] | None = None) -> dict[str, Any]:
@@ -276,6 +311,9 @@ def _config_fields(model: nn.Module, infos: list[_ModuleAdapter], task_type: str
         # layer was one
         fan_in_fan_out=all(i.conv1d for i in infos),
         inference_mode=True,  # what PeftModel.save_pretrained writes
+        # without a task type peft writes the model's class, which its AutoPeftModelFor... classes then build
+        auto_mapping=None if task_type is not None else {"base_model_class": type(model).__name__,
+                                                         "parent_library": type(model).__module__},
     )
 
 
@@ -289,7 +327,7 @@ def _config_json(fields: dict[str, Any]) -> str:
         d = peft.LoraConfig(**fields).to_dict()
     else:  # the LoraConfig fields peft needs to rebuild this adapter; the others take their defaults when read
         d = dict(dict(use_dora=False, lora_bias=False), **fields, peft_type="LORA", init_lora_weights=True,
-                 exclude_modules=None, revision=None, auto_mapping=None)
+                 exclude_modules=None, revision=None)
     d = {k: (sorted(v) if isinstance(v, set) else v) for k, v in d.items()}  # as PeftConfigMixin.save_pretrained
     return json.dumps(d, indent=2, sort_keys=True)
 
@@ -404,11 +442,15 @@ def save_adapter(
     modules to save holding a copy for this adapter), rank_pattern / alpha_pattern for modules whose rank / alpha
     differ from the most common, bias "none", inference_mode true, use_dora for a DoRA adapter) and
     ``adapter_model.safetensors`` (tensors in their parameter dtype; see ``adapter_state_dict``).
-    ``task_type`` (e.g. ``"CAUSAL_LM"``) and ``base_model_name_or_path`` are written when given or known
-    (``model.config._name_or_path``). ``state_dict``: the tensors to write by the model's state-dict keys, instead of
-    the modules' (peft's ``save_pretrained(state_dict=...)``; see ``adapter_state_dict``): under FSDP, gather on
-    every rank with torch's ``get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-    cpu_offload=True, ignore_frozen_params=True))`` and save on rank 0 with it.
+    ``task_type`` (e.g. ``"CAUSAL_LM"``; None: ``task_type_of(model)``, from the transformers model class, so that
+    ``PeftModel.from_pretrained`` builds the task's class; none for a classification head, see ``task_type_of``;
+    without one ``auto_mapping`` names the model's class, as peft writes it: either way peft's
+    ``AutoPeftModelForCausalLM`` & co. read the directory) and ``base_model_name_or_path`` (None:
+    ``model.config._name_or_path``) are written when given or known. ``state_dict``: the tensors to write by the
+    model's state-dict keys, instead of the modules' (peft's ``save_pretrained(state_dict=...)``; see
+    ``adapter_state_dict``): under FSDP, gather on every rank with torch's ``get_model_state_dict(model,
+    options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))`` and save on rank 0
+    with it.
 
     Raises:
         ValueError: ``model`` has no QLoRALinear, or no adapter ``adapter_name``; ``path`` is an existing file; the
@@ -421,6 +463,7 @@ def save_adapter(
                          "and adapter_model.safetensors): pass a directory path")
     mods = _require_adapter(model, adapter_name)
     infos = [_describe(n, m, adapter_name) for n, m in mods]
+    task_type = task_type if task_type is not None else task_type_of(model)
     text = _config_json(_config_fields(model, infos, task_type, base_model_name_or_path,
                                        _save_names(model, adapter_name) or None, _token_spec(model, adapter_name)))
     tensors = adapter_state_dict(model, adapter_name, state_dict=state_dict)
@@ -703,6 +746,13 @@ def _plan(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor], ad
             if not t.is_floating_point():
                 raise ValueError(f"adapter key {key!r}: dtype {t.dtype} is not a floating-point type")
         plan.append(_Planned(name, m, int(r), alpha, A, B, base, magnitude, lora_B_bias))
+    uncovered = sorted(n for n in targets or () if n not in pairs and isinstance(modules.get(n), cls))
+    if uncovered:  # as peft's "Found missing adapter keys while loading the checkpoint"
+        warnings.warn(
+            f"adapter {adapter_name!r}: its config selects {len(uncovered)} LoRA module(s) of {type(model).__name__} "
+            f"that the file holds no weights for (e.g. {uncovered[:4]}); they get no adapter {adapter_name!r}, which "
+            "computes what peft does with them (it warns of missing adapter keys and leaves their B at zero). Was the "
+            "adapter saved for another model (fewer layers?), or is the file incomplete?", UserWarning, stacklevel=3)
     return _Plan(plan, saved, tokens, token_rows)
 
 
@@ -862,7 +912,9 @@ def load_adapter(
     qkernels does not know (a newer peft) when set.
 
     The config's ``target_modules`` / ``exclude_modules`` / ``layers_to_transform`` / ``layers_pattern`` are
-    honoured as peft does: every LoRA key must name a module they select. ``modules_to_save``: each selected module
+    honoured as peft does: every LoRA key must name a module they select; a LoRA module they select that the file
+    has no weights for (an adapter of a shallower model) gets no adapter, with a ``UserWarning`` naming it (peft warns
+    of missing adapter keys and leaves its B at zero: the same outputs). ``modules_to_save``: each selected module
     (peft's suffix rule) gets a copy for ``adapter_name`` holding the file's tensors
     (``base_model.model.<module>.<key>``, all of the module's state-dict keys), wrapped in a
     ``ModulesToSaveWrapper`` if it is not one yet. ``<module>.base_layer.weight`` / ``.bias`` (peft's

@@ -12,7 +12,11 @@ of experts' per-expert weights merged into one 3-D parameter), are refused befor
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +25,9 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 __all__ = ["load_checkpoint"]
+
+logger = logging.getLogger("qkernels")
+
 
 def _files(checkpoint: Path) -> list[Path]:
     """A ``.safetensors`` file, or a directory's shards (those its index names) or its ``*.safetensors`` files."""
@@ -85,7 +92,36 @@ def _retie(model: nn.Module, tied: list[list[str]], loaded: set[str]) -> None:
                 setattr(model.get_submodule(owner) if owner else model, leaf, param)
 
 
-def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike, *, strict: bool = True) -> _IncompatibleKeys:
+# a 4-bit weight's quant-state key in bitsandbytes' format: what is left of the key is the layer's name
+_QUANT_STATE_KEY = re.compile(r"\.weight\.quant_state\.bitsandbytes__(?:nf4|fp4)$")
+
+
+def _check_4bit_layers_targeted(model: nn.Module, packed: set[str], checkpoint: str | os.PathLike) -> None:
+    """Refuse, before anything loads, a checkpoint whose 4-bit layers are plain float Linear layers in ``model``
+    (``apply_qlora`` did not target them): ``load_state_dict`` would fail on a size mismatch (the packed
+    ``[n/2, 1]`` weight against ``[out, in]``) after loading the other tensors, and name neither cause nor fix."""
+    from .model import _is_bnb_layer, _is_linear  # QLoRALinear is no nn.Linear; a bitsandbytes Linear4bit is one
+
+    plain = []
+    for name in sorted(packed):
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            continue  # not a module of this model: reported as unexpected keys
+        if _is_linear(m) and not _is_bnb_layer(m):
+            plain.append(name)
+    if plain:
+        short = sorted({n.rpartition(".")[2] for n in plain})
+        raise ValueError(
+            f"checkpoint {str(checkpoint)!r} holds {len(plain)} layers in 4 bits that are plain "
+            f"{type(model.get_submodule(plain[0])).__name__} layers in the model, not QLoRALinear (e.g. "
+            f"{plain[:3]}): apply_qlora did not target them, so their packed weights cannot load. Give "
+            f"apply_qlora every 4-bit layer of the checkpoint, e.g. apply_qlora(model, 'all-linear', ...) or add "
+            f"{short} to target_modules; nothing was loaded")
+
+
+def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike, *, strict: bool = True,
+                    verbose: bool | None = None) -> _IncompatibleKeys:
     """Load ``checkpoint`` into ``model`` in place, shard by shard (``load_state_dict(shard, assign=True,
     strict=False)``), with the key names transformers' ``from_pretrained`` would use; then the Parameters the model
     shared before loading (a tied head) are shared again, and ``model.tie_weights()`` runs where the model has it.
@@ -100,6 +136,9 @@ def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike, *, strict: 
             ``.safetensors`` file.
         strict: raise if a model tensor got no value (not in the checkpoint and not tied to one that is) or a
             checkpoint key matches nothing.
+        verbose: print ``"load_checkpoint: shard i/n loaded (t s)"`` to stderr after each shard (always logged to the
+            ``qkernels`` logger at INFO). None (default): print only for a sharded checkpoint (two files or more: a
+            big model, whose shards take minutes to read).
 
     Returns:
         ``(missing_keys, unexpected_keys)`` as ``load_state_dict`` returns them, tied keys left out of the missing.
@@ -107,7 +146,9 @@ def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike, *, strict: 
     Raises:
         FileNotFoundError: no checkpoint there.
         ValueError: checkpoint tensors that transformers converts at load (merges, splits: a mixture of experts'
-            per-expert weights), named with the way to load them; nothing is loaded then.
+            per-expert weights), named with the way to load them; or 4-bit layers of the checkpoint that are plain
+            Linear layers in ``model`` (not targeted by ``apply_qlora``), named with the ``target_modules`` to add;
+            nothing is loaded then.
         RuntimeError: ``strict`` and keys missing or unexpected (the tensors found were loaded).
     """
     if not isinstance(model, nn.Module):
@@ -117,11 +158,14 @@ def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike, *, strict: 
     files = _files(Path(checkpoint))
     rename = _renamer(model)
     converted = {}
+    packed: set[str] = set()
     for f in files:
         for k in _keys(f):
-            _, pattern = rename(k)
+            key, pattern = rename(k)
             if pattern is not None:
                 converted.setdefault(pattern, []).append(k)
+            if _QUANT_STATE_KEY.search(key):
+                packed.add(_QUANT_STATE_KEY.sub("", key))
     if converted:
         pattern, keys = next(iter(converted.items()))
         raise ValueError(
@@ -130,17 +174,24 @@ def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike, *, strict: 
             "them merged, e.g. a mixture of experts' 3-D expert weights), which load_checkpoint does not do. Load the "
             "model with transformers instead, from_pretrained(checkpoint) (a 4-bit checkpoint keeps its "
             "quantization_config), and call apply_qlora on it: it wraps the 4-bit layers as they are")
+    _check_4bit_layers_targeted(model, packed, checkpoint)
     missing: set[str] | None = None
     unexpected: list[str] = []
     loaded: set[str] = set()
     tied = _tied_groups(model)
     before = model.state_dict(keep_vars=True)  # the Parameters now: one replaced by a tie below is not missing
-    for f in files:
+    show = verbose if verbose is not None else len(files) > 1
+    t0 = time.perf_counter()
+    for i, f in enumerate(files, 1):
         sd = {rename(k)[0]: v for k, v in load_file(f).items()}
         result = model.load_state_dict(sd, strict=False, assign=True)
         unexpected += result.unexpected_keys
         loaded |= set(sd) - set(result.unexpected_keys)
         missing = set(result.missing_keys) if missing is None else missing & set(result.missing_keys)
+        line = f"load_checkpoint: shard {i}/{len(files)} loaded ({f.name}, {time.perf_counter() - t0:.1f} s)"
+        logger.info(line)
+        if show:
+            print(line, file=sys.stderr, flush=True)
     _retie(model, tied, loaded)
     tie = getattr(model, "tie_weights", None)
     if callable(tie):

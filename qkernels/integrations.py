@@ -20,7 +20,8 @@ resuming from an adapter-only directory goes through ``Trainer._load_from_checkp
 - ``save_adapters(model, path)`` / ``restore_adapters(model, path)``: the two halves, usable without a Trainer.
 
 The saved directory loads with ``peft.PeftModel.from_pretrained(base_model, path)`` (``task_type`` is written from
-the model's class, e.g. ``"CAUSAL_LM"`` for a ``LlamaForCausalLM``) and with ``qkernels.load_adapter``. Under FSDP
+the model's class, e.g. ``"CAUSAL_LM"`` for a ``LlamaForCausalLM``, none for a classification head: see
+``qkernels.adapter_files.task_type_of``) and with ``qkernels.load_adapter``. Under FSDP
 or DeepSpeed the mixin keeps the Trainer's own (full) saving and loading: adapter gathering there is not covered.
 """
 
@@ -42,6 +43,7 @@ from .adapter_files import (
     _read_config,
     _read_weights,
     save_adapter,
+    task_type_of,
 )
 from .adapters import _qlora_modules, _wrappers, adapter_names
 
@@ -54,39 +56,11 @@ DEFAULT_ADAPTER = "default"  # peft saves this one in the directory itself, ever
 TRAINING_ARGS_NAME = "training_args.bin"  # transformers.trainer.TRAINING_ARGS_NAME
 _CHECKPOINT_DIR = re.compile(r"checkpoint-\d+")  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR + "-<step>"
 
-# peft task types and the transformers auto-class mappings whose classes they describe, most specific first
-_TASK_MAPPINGS = (
-    ("SEQ_CLS", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
-    ("TOKEN_CLS", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"),
-    ("QUESTION_ANS", "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES"),
-    ("SEQ_2_SEQ_LM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"),
-    ("CAUSAL_LM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
-    ("FEATURE_EXTRACTION", "MODEL_MAPPING_NAMES"),
-)
-
-
 def has_adapters(model: nn.Module) -> bool:
     """True when ``model`` holds a ``QLoRALinear`` (or ``QLoRAEmbedding``) with at least one adapter."""
     from .adapters import _qlora_class
 
     return any(isinstance(m, _qlora_class()) and len(m.lora_A) > 0 for m in model.modules())
-
-
-def task_type_of(model: nn.Module) -> str | None:
-    """peft's ``task_type`` for a transformers model class (``LlamaForCausalLM`` -> ``"CAUSAL_LM"``), else None.
-
-    Read from transformers' auto-class mappings; None when transformers is not installed or the class is in none
-    of them (``PeftModel.from_pretrained`` then builds a plain ``PeftModel``, which computes the same outputs)."""
-    try:
-        from transformers.models.auto import modeling_auto
-    except ImportError:
-        return None
-    cls = type(model).__name__
-    for task, mapping_name in _TASK_MAPPINGS:
-        for v in getattr(modeling_auto, mapping_name, {}).values():
-            if cls == v or (isinstance(v, (tuple, list)) and cls in v):
-                return task
-    return None
 
 
 def _adapter_dir(path: str | os.PathLike, name: str) -> str:

@@ -452,6 +452,7 @@ def apply_qlora(
 
         install_resize_hook(model)
     _mark_bnb_model_trainable(model)
+    _drop_bnb_load_conversions(model)
     _prepare_for_gradient_checkpointing(model)
     return model
 
@@ -593,6 +594,27 @@ def _mark_bnb_model_trainable(model: nn.Module) -> None:
             return
     for m in flagged:
         m.is_quantized = False
+
+
+def _drop_bnb_load_conversions(model: nn.Module) -> None:
+    """Forget the bitsandbytes deserialization transformers recorded when it loaded a 4-bit checkpoint, so that
+    ``save_pretrained`` (and a plain Trainer's checkpoints, which call it) work.
+
+    transformers 5 keeps the conversions it applied at load (``model._weight_conversions``) and reverses them in
+    ``save_pretrained``; the one that gathers ``weight`` / ``weight.absmax`` / ... into a ``Params4bit``
+    (``Bnb4bitDeserialize``) has no reverse and raises ``NotImplementedError`` (transformers
+    5.23: a model loaded from a 4-bit checkpoint cannot be saved, with or without LoRA, merged or not; its PR #45743
+    was closed unmerged). Its reverse is the identity: ``QLoRALinear`` and bitsandbytes' ``Linear4bit`` both give
+    their state dict in that serialized form already (a model quantized at load, which records no such conversion,
+    saves exactly those keys). Other conversions (renamings) are kept."""
+    for m in model.modules():
+        convs = m.__dict__.get("_weight_conversions")
+        if not convs:
+            continue
+        kept = [c for c in convs
+                if not any(type(op).__name__ == "Bnb4bitDeserialize" for op in getattr(c, "operations", None) or ())]
+        if len(kept) != len(convs):
+            m._weight_conversions = kept
 
 
 def _mark_bnb_model_quantized(model: nn.Module) -> None:
@@ -983,8 +1005,14 @@ def _summarize(names: list[str], limit: int = 30) -> str:
 def _check_each_target_matches(model: nn.Module, target_modules: Any, exclude_modules: Any, names: list[str],
                                linear_names: list[str]) -> None:
     if isinstance(target_modules, str):
-        if not names:
-            raise ValueError(f"target_modules {target_modules!r} matches no module of {type(model).__name__}. "
+        if not names and not match_target_modules(model, target_modules):  # all excluded: _raise_no_layer_match says
+            hint = ""
+            if re.sub(r"[^a-z]", "", target_modules.lower()) == "alllinear":
+                hint = f" Did you mean {ALL_LINEAR!r}?"
+            elif match_target_modules(model, [target_modules]):  # a name, read as a regex of the whole name
+                hint = (" A string is a regex that must match the whole module name (peft's rule); for the modules "
+                        f"named {target_modules!r} pass a list, target_modules=[{target_modules!r}].")
+            raise ValueError(f"target_modules {target_modules!r} matches no module of {type(model).__name__}.{hint} "
                              f"Linear layers: {_summarize(linear_names)}")
         return
     for t in target_modules:  # an entry whose matches are all excluded is not a typo: check before exclusion

@@ -617,8 +617,10 @@ class QLoRALinear(nn.Module):
             if k in qlora_kwargs:
                 raise ValueError(f"from_linear takes {k!r} from the linear; do not pass it")
         if w.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"linear.weight must be float32/float16/bfloat16, got {w.dtype} (a bitsandbytes "
-                             "Linear4bit is wrapped as it is by QLoRALinear.from_bnb)")
+            fix = ("cast the model first, model.float() or model.to(torch.bfloat16): the 4-bit kernels compute in "
+                   "those dtypes" if w.is_floating_point() else
+                   "a bitsandbytes Linear4bit is wrapped as it is by QLoRALinear.from_bnb")
+            raise ValueError(f"linear.weight must be float32/float16/bfloat16, got {w.dtype} ({fix})")
         qlora_kwargs.setdefault("dtype", w.dtype)
         if qlora_kwargs.get("quantize", True) is False:
             w = linear.weight  # the Parameter itself ([in, out] for a Conv1D): no copy, and a tie survives

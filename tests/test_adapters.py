@@ -588,6 +588,75 @@ def test_saved_layer_fields_reproduce_the_modules_on_a_llama(tmp_path):
                                                               "model.layers.1.self_attn.v_proj"}
 
 
+def test_save_adapter_writes_what_peft_auto_classes_need(tmp_path, trained):
+    """save_adapter wrote task_type null and no auto_mapping, so peft's
+    ``AutoPeftModelForCausalLM.from_pretrained(dir)`` refused the directory ("Cannot infer the auto class from the
+    config"). A language model's adapter now gets its task (``PeftModelForCausalLM``); a classification model's
+    gets none (peft's class for it would add the head to the modules to save, and fail on a 4-bit head with LoRA)
+    but peft's ``auto_mapping``, as peft writes it without a task, which ``peft.AutoPeftModel`` reads; an explicit
+    task_type wins."""
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    from .test_model import tiny_llama
+
+    def config(path):
+        return json.loads((path / "adapter_config.json").read_text())
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    model = apply_qlora(tiny_llama(), ["q_proj", "v_proj"], r=4)
+    model.config._name_or_path = str(tmp_path / "base")
+    adapters.save_adapter(model, tmp_path / "llama")
+    assert config(tmp_path / "llama")["task_type"] == "CAUSAL_LM"
+    auto = peft.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "llama"))
+    assert type(auto).__name__ == "PeftModelForCausalLM"
+    adapters.save_adapter(model, tmp_path / "explicit", task_type="FEATURE_EXTRACTION")
+    assert config(tmp_path / "explicit")["task_type"] == "FEATURE_EXTRACTION"
+
+    torch.manual_seed(0)
+    bert = AutoModelForSequenceClassification.from_config(BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, num_labels=3))
+    bert.save_pretrained(tmp_path / "bert")
+    bert.config._name_or_path = str(tmp_path / "bert")  # as from_pretrained(tmp_path / "bert") sets it
+    bert = apply_qlora(bert, "all-linear", r=2)  # the classifier too: a 4-bit head with LoRA
+    qkernels.integrations.save_adapters(bert, tmp_path / "cls")  # the Trainer's writer wrote SEQ_CLS
+    assert config(tmp_path / "cls")["task_type"] is None
+    assert config(tmp_path / "cls")["auto_mapping"] == {
+        "base_model_class": "BertForSequenceClassification",
+        "parent_library": "transformers.models.bert.modeling_bert"}
+    theirs = peft.AutoPeftModel.from_pretrained(str(tmp_path / "cls"))
+    assert type(theirs.base_model.model).__name__ == "BertForSequenceClassification"
+    _, plain = trained  # a plain nn.Module: no task, its class as peft names it
+    assert config(plain)["task_type"] is None and config(plain)["auto_mapping"]["base_model_class"] == "Toy"
+
+
+def test_an_adapter_of_a_shallower_model_loads_with_a_warning_naming_the_uncovered_modules(tmp_path):
+    """An adapter saved for a 2-layer Llama loaded into a 3-layer one: its config selects layer 2's q_proj / v_proj,
+    which the file has no weights for. peft warns ("Found missing adapter keys"); qkernels loaded it silently. Now a
+    UserWarning names them; they get no adapter (peft's get B = 0: the same outputs)."""
+    import warnings
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def llama(layers):
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                            num_key_value_heads=2, num_hidden_layers=layers))
+
+    model = apply_qlora(llama(2), ["q_proj", "v_proj"], r=4, init_lora_weights=False)
+    adapters.save_adapter(model, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the model it was saved for: no warning
+        adapters.load_adapter(apply_qlora(llama(2), ["q_proj", "v_proj"], r=4), tmp_path, replace=True)
+    deeper = apply_qlora(llama(3), ["q_proj", "v_proj"], r=4)
+    with pytest.warns(UserWarning, match=r"selects 2 LoRA module\(s\) of LlamaForCausalLM that the file holds no "
+                                         r"weights for \(e\.g\. \['model\.layers\.2\.self_attn\.q_proj'"):
+        adapters.load_adapter(deeper, tmp_path, replace=True)
+    layers = deeper.model.layers
+    assert "default" not in layers[2].self_attn.q_proj.lora_A
+    assert torch.equal(layers[1].self_attn.v_proj.lora_B["default"].weight,
+                       model.model.layers[1].self_attn.v_proj.lora_B["default"].weight)
+
+
 def test_config_that_does_not_select_a_saved_module_is_refused(trained):
     """load_adapter honours the config's layer fields: weights for a module the config leaves out are an error."""
     _, path = trained

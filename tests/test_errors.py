@@ -182,6 +182,34 @@ def test_target_modules_none_or_not_a_list():
     assert isinstance(model[0], torch.nn.Linear)  # untouched
 
 
+def test_a_single_name_or_a_misspelt_all_linear_says_what_was_meant():
+    """A str target_modules is a regex of the whole module name (peft's rule): "q_proj" matches nothing in a model
+    whose layer is "0.q_proj", and "all_linear" is no keyword. The error said only "matches no module"; it now says
+    to pass a list, or names 'all-linear'."""
+    model = torch.nn.Sequential(torch.nn.ModuleDict({"q_proj": torch.nn.Linear(64, 32)}))
+    with pytest.raises(ValueError, match=r"'q_proj' matches no module.*regex that must match the whole module name.*"
+                                         r"target_modules=\['q_proj'\]"):
+        qkernels.apply_qlora(model, target_modules="q_proj")
+    with pytest.raises(ValueError, match=r"'all_linear' matches no module of Sequential\. Did you mean 'all-linear'\?"):
+        qkernels.apply_qlora(model, target_modules="all_linear")
+    with pytest.raises(ValueError, match=r"'nothing' matches no module of Sequential\. Linear layers"):
+        qkernels.apply_qlora(model, target_modules="nothing")
+    qkernels.apply_qlora(model, target_modules=r".*q_proj")  # the regex of the whole name works
+    assert isinstance(model[0]["q_proj"], qkernels.QLoRALinear)
+
+
+def test_a_float64_model_is_told_to_cast_first():
+    """apply_qlora on a model cast with .double(): the message named bitsandbytes' from_bnb, not the fix."""
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32)).double()
+    with pytest.raises(ValueError, match=r"got torch\.float64 \(cast the model first, model\.float\(\) or "
+                                         r"model\.to\(torch\.bfloat16\)"):
+        qkernels.apply_qlora(model, target_modules="all-linear")
+    int8 = torch.nn.Linear(64, 32)
+    int8.weight = torch.nn.Parameter(torch.zeros(32, 64, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(ValueError, match=r"got torch\.int8 \(a bitsandbytes Linear4bit is wrapped"):
+        qkernels.QLoRALinear.from_linear(int8)
+
+
 @pytest.mark.parametrize("r", [2.5, True, 0, -1, "8"])
 def test_lora_scaling_rank_must_be_a_positive_integer(r):
     """lora_scaling(16, 2.5) returned 6.4, a scale no layer can have (QLoRALinear refuses r=2.5)."""

@@ -263,7 +263,61 @@ def test_transformers_from_config_under_init_empty_weights_loads_a_4bit_save_pre
         assert torch.equal(model(ids).logits, ref(ids).logits)
 
 
+def test_load_checkpoint_reports_progress_per_shard_of_a_sharded_checkpoint(tmp_path, capsys):
+    """A big model's shards take minutes to read and load_checkpoint printed nothing meanwhile; it now prints a line
+    per shard to stderr for a sharded checkpoint (verbose=None), none for one file unless asked."""
+    from safetensors.torch import save_file
+
+    sd = {k: v.contiguous() for k, v in _built_normally().state_dict().items()}
+    keys = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    (tmp_path / "sharded").mkdir()
+    for name, ks in shards.items():
+        save_file({k: sd[k] for k in ks}, tmp_path / "sharded" / name)
+    index = {"metadata": {}, "weight_map": {k: name for name, ks in shards.items() for k in ks}}
+    (tmp_path / "sharded" / "model.safetensors.index.json").write_text(json.dumps(index))
+    qkernels.load_checkpoint(_meta_net(), tmp_path / "sharded")
+    err = capsys.readouterr().err
+    assert "load_checkpoint: shard 1/2 loaded (model-00001-of-00002.safetensors" in err
+    assert "load_checkpoint: shard 2/2 loaded" in err
+    save_file(sd, tmp_path / "one.safetensors")
+    qkernels.load_checkpoint(_meta_net(), tmp_path / "one.safetensors")
+    assert capsys.readouterr().err == ""
+    qkernels.load_checkpoint(_meta_net(), tmp_path / "one.safetensors", verbose=True)
+    assert "load_checkpoint: shard 1/1 loaded (one.safetensors" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------- what must fail
+def test_load_checkpoint_refuses_4bit_layers_that_apply_qlora_did_not_target(tmp_path):
+    """A 4-bit checkpoint loaded into a meta model given LoRA on some layers only: the others are plain meta Linear
+    layers, which cannot take a packed weight. Before, torch's "size mismatch ... [1024, 1] ... [32, 64]" came after
+    the rest had loaded; now a ValueError names the layers and the target_modules to pass, and nothing loads."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    full = apply_qlora(LlamaForCausalLM(cfg), "all-linear", r=4)
+    save_file({k: v.contiguous() for k, v in full.state_dict().items()}, tmp_path / "model.safetensors")
+    with init_empty_weights():
+        model = LlamaForCausalLM(cfg)
+    apply_qlora(model, ["q_proj", "v_proj"], r=4)
+    with pytest.raises(ValueError, match=r"5 layers in 4 bits that are plain Linear.*'all-linear'.*"
+                                         r"\['down_proj', 'gate_proj', 'k_proj', 'o_proj', 'up_proj'\]"):
+        qkernels.load_checkpoint(model, tmp_path)
+    assert model.model.layers[0].self_attn.q_proj.weight.is_meta and model.lm_head.weight.is_meta  # nothing loaded
+    with init_empty_weights():
+        model = LlamaForCausalLM(cfg)
+    apply_qlora(model, "all-linear", r=4)
+    qkernels.load_checkpoint(model, tmp_path)  # every 4-bit layer targeted: loads
+    ids = torch.randint(0, 96, (1, 5))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, full(ids).logits)
+
+
 def test_a_checkpoint_of_another_shape_or_rank_is_an_error_naming_the_key():
     meta = _meta_net()
     wrong = QLoRALinear(IN, HID + 1, r=4).state_dict()

@@ -241,3 +241,32 @@ def test_transformers_4bit_checkpoint_loads_into_qkernels_and_back(tmp_path, qua
     back = LlamaForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32)
     assert back.model.layers[0].mlp.down_proj.weight.quant_state.blocksize == 128
     assert torch.equal(_logits(back, ids), _logits(mine, ids))
+
+
+def test_a_model_loaded_from_a_4bit_checkpoint_saves_after_apply_qlora(tmp_path):
+    """transformers 5 records the bitsandbytes deserialization it ran when loading a 4-bit checkpoint and tries to
+    reverse it in save_pretrained, which raised NotImplementedError: a plain Trainer's first checkpoint crashed, and
+    so did save_pretrained after merge_and_unload, which the README says works. apply_qlora drops that record (its
+    reverse is the identity): the 4-bit save keeps the checkpoint's bytes and reloads; the merge reloads in float."""
+    from safetensors.torch import load_file
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    dense_dir, _ = _tiny_llama_dir(tmp_path)
+    bnb_cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.float32)
+    LlamaForCausalLM.from_pretrained(dense_dir, quantization_config=bnb_cfg).save_pretrained(tmp_path / "q4")
+    model = qkernels.apply_qlora(LlamaForCausalLM.from_pretrained(tmp_path / "q4"), "all-linear", r=4)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    want = _logits(model, ids)
+    model.save_pretrained(tmp_path / "q4-lora")
+    before = load_file(tmp_path / "q4" / "model.safetensors")
+    after = load_file(tmp_path / "q4-lora" / "model.safetensors")
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # the 4-bit weights as they were loaded
+    reloaded = qkernels.apply_qlora(LlamaForCausalLM.from_pretrained(tmp_path / "q4-lora"), "all-linear", r=4)
+    reloaded.load_state_dict({k: v for k, v in after.items() if ".lora_" in k}, strict=False)
+    assert torch.equal(_logits(reloaded, ids), want)
+    merged = qkernels.merge_and_unload(model)
+    merged.save_pretrained(tmp_path / "merged")
+    dense = LlamaForCausalLM.from_pretrained(tmp_path / "merged")
+    assert type(dense.model.layers[0].mlp.up_proj) is torch.nn.Linear
+    assert torch.equal(_logits(dense, ids), _logits(merged, ids))
