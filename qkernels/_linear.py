@@ -182,10 +182,19 @@ def linear_4bit_impl(x, packed, scales, code, blocksize, N, lora_t, lora_B, bias
     return linear_4bit_resolved(x, packed, scales, code, blocksize, N, lora_t, lora_B, bias, impl)
 
 
-def linear_4bit_resolved(x, packed, scales, code, blocksize, N, lora_t, lora_B, bias, impl: str):
+def linear_4bit_resolved(x, packed, scales, code, blocksize, N, lora_t, lora_B, bias, impl: str, lora_A=None,
+                         lora_scale: float = 1.0):
     """``linear_4bit_impl`` with the backend already resolved (``_backend.resolve("linear_4bit", ...)``'s answer),
-    for ``qkernels.lora``, which resolves it once per call for the LoRA products and the matmul."""
+    for ``qkernels.lora``, which resolves it once per call for the LoRA products and the matmul.
+
+    On the native CPU path ``lora_A`` (with ``lora_t`` None) asks for the LoRA down-projection here,
+    ``lora_t = lora_scale * x @ lora_A^T`` by the CPU LoRA kernel: inside the GEMV's binding where the GEMV runs
+    (one call per decode step instead of two), else just before the matmul."""
     M, K = x.shape
+    if lora_A is not None and not (impl == "cpu" and _has_gemv(x.device) and (M <= GEMV_MAX_M or M <= gemv_max_m(x))
+                                   and lora_A.dtype in (torch.float32, torch.bfloat16) and lora_A.is_contiguous()):
+        lora_t = _native.lora_down_raw(x, _native._DTYPE_TO_NATIVE[x.dtype], 0, lora_A, lora_scale, 1.0)
+        lora_A = None
     if M == 0:
         return x.new_empty((0, N))
     if impl == "triton":
@@ -204,7 +213,8 @@ def linear_4bit_resolved(x, packed, scales, code, blocksize, N, lora_t, lora_B, 
         absmax, nested_absmax, nested_code, offset, nested_blocksize = scales
         t = lora_t if lora_t is None or lora_t.dtype == torch.float32 else lora_t.to(torch.float32)
         return _native.gemv_4bit_lora_raw(x.contiguous(), packed, absmax, code, blocksize, N, nested_absmax,
-                                          nested_code, offset, nested_blocksize, t, lora_B, bias)
+                                          nested_code, offset, nested_blocksize, t, lora_B, bias, lora_A=lora_A,
+                                          lora_scale=lora_scale)
     dt = _matmul_dtype(x, impl)
     W = _dequantize(packed, scales, code, blocksize, [N, K], dt, impl)
     xc = x.to(dt)

@@ -570,18 +570,24 @@ def gemv_4bit_lora_native(
 
 
 def gemv_4bit_lora_raw(x, raw, absmax, code, blocksize, N, nested_absmax, nested_code, offset, nested_blocksize,
-                       lora_t, lora_B, bias, out=None):
+                       lora_t, lora_B, bias, out=None, lora_A=None, lora_scale=1.0):
     """The kernel call of ``gemv_4bit_lora_native`` on already validated, flat arguments (no checks).
 
     For callers that have checked everything (``qkernels::linear_4bit``'s op checks, ``matmul_4bit_lora``): a
     decode step of a 4096 x 4096 weight is ~0.3 ms of kernel on the CPU machine, and the checks of
     ``gemv_4bit_lora_native`` cost ~30 us. ``x`` is ``[M, K]`` contiguous, ``raw`` the uint8 codes, ``lora_t``
     float32 ``[M, r]`` and ``lora_B [N, r]`` (both or neither), ``bias [N]`` of any float dtype; ``absmax`` is
-    uint8 when ``nested_absmax`` is given, else float32.
+    uint8 when ``nested_absmax`` is given, else float32. On the CPU ``lora_A`` (dense ``[r, K]``, float32 or
+    bfloat16) may replace ``lora_t``: the binding computes ``lora_t = lora_scale * x @ lora_A^T`` itself with the CPU
+    LoRA kernel (the same bits as ``lora_down_raw``), one call less per decode step.
     """
     M, K = x.shape
     device = x.device
     r = 0
+    a_ptr, a_dt = 0, _DTYPE_TO_NATIVE[torch.float32]
+    if lora_A is not None:
+        r, a_ptr, a_dt = lora_A.shape[0], lora_A.data_ptr(), _DTYPE_TO_NATIVE[lora_A.dtype]
+        lora_B = (lora_B if lora_B.dtype in (torch.float32, torch.bfloat16) else lora_B.to(torch.float32)).contiguous()
     # float32, or on the CPU bfloat16 too (the binding widens it, exactly: cheaper than torch's .to per call)
     kept = (torch.float32, torch.bfloat16) if device.type == "cpu" else (torch.float32,)
     if lora_t is not None:
@@ -605,12 +611,13 @@ def gemv_4bit_lora_raw(x, raw, absmax, code, blocksize, N, nested_absmax, nested
     args = (
         x.data_ptr(), _DTYPE_TO_NATIVE[x.dtype], M, K, raw.data_ptr(), absmax_ptr, q_ptr, na_ptr, nc_ptr, offset,
         int(nested_blocksize), code.data_ptr(), int(blocksize), N,
-        lora_t.data_ptr() if r else 0, lora_B.data_ptr() if r else 0, r,
+        lora_t.data_ptr() if lora_t is not None and r else 0, lora_B.data_ptr() if r else 0, r,
         bias.data_ptr() if bias is not None else 0, out.data_ptr(),
     )
     if device.type == "cpu":
         _C.gemv_4bit_lora_cpu(*args, _DTYPE_TO_NATIVE[lora_B.dtype] if r else _DTYPE_TO_NATIVE[torch.float32],
-                              _DTYPE_TO_NATIVE[bias.dtype] if bias is not None else _DTYPE_TO_NATIVE[torch.float32])
+                              _DTYPE_TO_NATIVE[bias.dtype] if bias is not None else _DTYPE_TO_NATIVE[torch.float32],
+                              a_ptr, a_dt, float(lora_scale))
     else:
         with torch.cuda.device(device):
             _C.gemv_4bit_lora_cuda(*args, torch.cuda.current_stream(device).cuda_stream)

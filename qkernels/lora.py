@@ -213,6 +213,10 @@ def _forward(x, packed, scales, code, blocksize, N, lora_A, lora_B, bias, scalin
             mask = torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
         if impl == "cpu" and _ops.native_lora(x.device) and not keep_t:
             # nothing saved: the kernel scales its float32 sums (the same float32 multiply as t * scaling)
+            if mask is None and not traced:  # the down-projection inside the matmul's call (the GEMV's binding)
+                y = _linear_mod.linear_4bit_resolved(x, packed, scales, code, blocksize, N, None, lora_B, bias, impl,
+                                                     lora_A=lora_A, lora_scale=scaling)
+                return y, None, mask, None
             y = _linear(x, packed, scales, code, blocksize, N,
                         _lora_down(x, lora_A, scaling, mask, 1.0 / (1.0 - dropout_p), traced), lora_B, bias, backend,
                         impl, traced)

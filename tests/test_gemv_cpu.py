@@ -288,7 +288,10 @@ def _raw_args(**over):
         (dict(absmax_q_ptr=0), "argument 'absmax_q_ptr' must be a non-null pointer"),
         (dict(nested_absmax_ptr=0), "argument 'nested_absmax_ptr' must be a non-null pointer"),
         (dict(code_ptr=0), "argument 'code_ptr' must be a non-null pointer"),
-        (dict(lora_t_ptr=0), "argument 'lora_t_ptr' must be a non-null pointer"),
+        (dict(lora_t_ptr=0), "argument 'lora_t_ptr / lora_A_ptr' exactly one must be given"),
+        (dict(lora_A_ptr=1), "argument 'lora_t_ptr / lora_A_ptr' exactly one must be given"),
+        (dict(lora_t_ptr=0, lora_A_ptr=1, lora_A_dtype=_native._DTYPE_TO_NATIVE[torch.float16]),
+         "argument 'lora_A_dtype' must be float32 or "),
         (dict(lora_B_ptr=0), "argument 'lora_B_ptr' must be a non-null pointer"),
         (dict(out_ptr=0), "argument 'out_ptr' must be a non-null pointer"),
         (dict(blocksize=48), "argument 'blocksize' must be a power of two"),
@@ -369,3 +372,21 @@ def test_gemv_wide_m_matches_fp64(monkeypatch, isa, bf16dot, dname, M, N, K, bs,
     assert y.dtype == x.dtype and y.shape == (M, N)
     err = (y.double() - y64).abs().max().item()
     assert err <= tol, f"max error {err:.3g} > tolerance {tol:.3g} (path {isa}, bf16dot={bf16dot})"
+
+
+@pytest.mark.parametrize("a_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 5, 16])
+def test_lora_A_given_to_the_gemv_equals_its_down_projection_given(M, a_dtype):
+    """The binding's own down-projection (lora_A instead of lora_t, qkernels.lora's inference path) runs the CPU LoRA
+    kernel that lora_down_raw runs: the same t, so the same bits, with a scale that is not a power of two."""
+    torch.manual_seed(M)
+    N, K, r, s = 96, 256, 16, 1.7
+    packed, st = qkernels.quantize_4bit(torch.randn(N, K) * 0.05, 64, double_quant=True)
+    x = torch.randn(M, K).to(torch.bfloat16)
+    A, B, b = (torch.randn(r, K) * 0.1).to(a_dtype), torch.randn(N, r) * 0.1, torch.randn(N)
+    args = (x, packed, st.absmax, st.code, 64, N, st.state2.absmax, st.state2.code, st.offset, st.state2.blocksize)
+    t = _native.lora_down_raw(x, _native._DTYPE_TO_NATIVE[x.dtype], 0, A, s, 1.0)
+    want = _native.gemv_4bit_lora_raw(*args, t, B, b)
+    got = _native.gemv_4bit_lora_raw(*args, None, B, b, lora_A=A, lora_scale=s)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    assert not torch.equal(got, _native.gemv_4bit_lora_raw(*args, None, B, b, lora_A=A, lora_scale=2 * s))
