@@ -191,8 +191,9 @@ def linear_4bit_resolved(x, packed, scales, code, blocksize, N, lora_t, lora_B, 
     ``lora_t = lora_scale * x @ lora_A^T`` by the CPU LoRA kernel: inside the GEMV's binding where the GEMV runs
     (one call per decode step instead of two), else just before the matmul."""
     M, K = x.shape
-    if lora_A is not None and not (impl == "cpu" and _has_gemv(x.device) and (M <= GEMV_MAX_M or M <= gemv_max_m(x))
-                                   and lora_A.dtype in (torch.float32, torch.bfloat16) and lora_A.is_contiguous()):
+    gemv = impl in ("cpu", "cuda") and _has_gemv(x.device) and (M <= GEMV_MAX_M or M <= gemv_max_m(x))
+    if lora_A is not None and not (impl == "cpu" and gemv and lora_A.dtype in (torch.float32, torch.bfloat16)
+                                   and lora_A.is_contiguous()):
         lora_t = _native.lora_down_raw(x, _native._DTYPE_TO_NATIVE[x.dtype], 0, lora_A, lora_scale, 1.0)
         lora_A = None
     if M == 0:
@@ -207,7 +208,7 @@ def linear_4bit_resolved(x, packed, scales, code, blocksize, N, lora_t, lora_B, 
         if lora_t is not None and not fused:
             y.addmm_(lora_t.to(x.dtype), lora_B.to(x.dtype).t())
         return y
-    if impl != "reference" and _has_gemv(x.device) and (M <= GEMV_MAX_M or M <= gemv_max_m(x)):
+    if gemv:
         # The op's checks (or matmul_4bit_lora's) have run and packed is uint8: call the kernel without re-validating
         # (one check per layer boundary; a decode step is ~0.3 ms, gemv_4bit_lora_native's checks ~30 us).
         absmax, nested_absmax, nested_code, offset, nested_blocksize = scales
