@@ -150,12 +150,12 @@ class QLoRAFunction(torch.autograd.Function):
         if need_x or need_A:
             u = _lora_down(g, lora_B.t(), scaling, None, 1.0, traced)  # [M, r] = s * g @ B
         if need_B:
-            dB = (_lora_gram(t, g, None, 1.0, traced).t() * scaling).to(lora_B.dtype)  # [N, r] = s * g^T @ T
+            dB = _to(_lora_gram(t, g, None, 1.0, traced).t() * scaling, lora_B.dtype)  # [N, r] = s * g^T @ T
         if need_x:  # dx = g @ W + (u @ A) * mask / (1 - p), the LoRA term added to the matmul's output in float32
             scales = (absmax, nested_absmax, nested_code, offset, nested_blocksize)
             dx = _linear_dx(g, packed, scales, code, blocksize, K, u, lora_A, mask, backend, ms, impl, traced)
         if need_A:
-            dA = _lora_gram(u, x, mask, ms, traced).to(lora_A.dtype)  # [r, K] = u^T @ dropout(x)
+            dA = _to(_lora_gram(u, x, mask, ms, traced), lora_A.dtype)  # [r, K] = u^T @ dropout(x)
         return dx, dA, dB
 
 
