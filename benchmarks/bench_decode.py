@@ -22,7 +22,6 @@ Run ``python -m benchmarks.bench_decode [--hidden 896 --intermediate 4864 --laye
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import os
 import sys
@@ -32,14 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
-import qkernels
-
 from . import _harness as H
-from .bench_block import state_bytes
 
-R, ALPHA, BLOCKSIZE = 16, 32, 64
-DTYPE = torch.bfloat16
-PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# The same three builds as the block benchmark (same projections, LoRA r / alpha, format), put in eval mode here.
+from .bench_block import DTYPE, R, build_bnb, build_dense, build_qkernels, state_bytes
+
 DEFAULT = dict(hidden=896, intermediate=4864, layers=24, heads=14, kv_heads=2, vocab=32000)
 PROMPT = 16
 
@@ -60,40 +56,9 @@ def dense_model(args: argparse.Namespace, device: torch.device) -> nn.Module:
     return model.to(device, DTYPE).eval().requires_grad_(False)
 
 
-def build_qkernels(dense: nn.Module) -> nn.Module:
-    return qkernels.apply_qlora(copy.deepcopy(dense), target_modules=PROJ, r=R, lora_alpha=ALPHA,
-                                compute_dtype=DTYPE, blocksize=BLOCKSIZE, double_quant=True, verbose=False).eval()
-
-
-def _peft(model: nn.Module) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    return get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=PROJ)).eval()
-
-
-def build_bnb(dense: nn.Module) -> nn.Module:
-    import bitsandbytes as bnb
-
-    model = copy.deepcopy(dense)
-    for name, m in list(model.named_modules()):
-        if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in PROJ:
-            lin = bnb.nn.Linear4bit(m.in_features, m.out_features, bias=False, compute_dtype=DTYPE,
-                                    compress_statistics=True, quant_type="nf4")
-            lin.weight = bnb.nn.Params4bit(m.weight.data.cpu(), requires_grad=False, quant_type="nf4",
-                                           compress_statistics=True, blocksize=BLOCKSIZE)
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, lin.to(m.weight.device))  # first move quantizes (DESIGN §5)
-    model.is_loaded_in_4bit = True  # peft then uses its bitsandbytes LoRA layer
-    return _peft(model)
-
-
-def build_dense(dense: nn.Module) -> nn.Module:
-    return _peft(copy.deepcopy(dense))
-
-
-def make_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[Callable[[], list[int]], Any]:
+def make_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> Callable[[], list[int]]:
     """A callable decoding ``new_tokens`` greedy tokens after ``prompt`` (its KV cache computed once here, cropped
-    back to it at the start of each call); returns the callable and the prompt's last logits."""
+    back to it at the start of each call)."""
     with torch.inference_mode():
         out = model(input_ids=prompt, use_cache=True)
     cache, first = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
@@ -110,7 +75,7 @@ def make_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tupl
                 toks.append(int(tok))
         return toks
 
-    return decode, out.logits[:, -1].float()
+    return decode
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,15 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     ]
     wanted = args.impls.split(",")
     builders = sorted((b for b in builders if b[0] in wanted), key=lambda b: wanted.index(b[0]))
-    calls, notes, nbytes, last = {}, {}, {}, {}
+    calls, notes, nbytes = {}, {}, {}
     for impl, build, note in builders:
         try:
-            model = build(dense)
+            model = build(dense).eval()
         except ImportError as exc:
             print(f"{impl} skipped: {exc}", file=sys.stderr)
             continue
         nbytes[impl] = state_bytes(model)
-        calls[impl], last[impl] = make_decode(model, prompt, args.new_tokens)
+        calls[impl] = make_decode(model, prompt, args.new_tokens)
         notes[impl] = note
     del dense
     gc.collect()

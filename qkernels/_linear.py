@@ -294,7 +294,8 @@ def _add_lora_dx(dx, lora_u, lora_A, lora_mask, impl: str = "reference", lora_ma
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t.to(dtype)``, without the dispatch (~1 us) when it already is: a training step makes several such calls."""
+    """``t.to(dtype)``, without the dispatch (~1 us) when it already is: a training step and a decode step make
+    several such calls (also qkernels.lora's ``_to``)."""
     return t if t.dtype == dtype else t.to(dtype)
 
 

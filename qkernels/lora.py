@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from . import _backend, _native, _ops  # _ops registers the qkernels:: ops
 from . import _linear as _linear_mod
+from ._linear import _as as _to  # t.to(dtype) without the dispatch when t already has it
 from .quant_state import QuantState
 from .reference import lora_scaling
 
@@ -232,11 +233,6 @@ def _forward(x, packed, scales, code, blocksize, N, lora_A, lora_B, bias, scalin
     y = _linear(x, packed, scales, code, blocksize, N, None if t is None else t * scaling, lora_B, bias, backend,
                 impl, traced)
     return y, xd, mask, t
-
-
-def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t.to(dtype)`` without a dispatch when it is already that dtype (a decode step makes many such calls)."""
-    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _traced() -> bool:
