@@ -52,7 +52,12 @@ except ImportError as exc:  # pragma: no cover - triton is a dev dependency
 
 __all__ = ["matmul_4bit_lora_fwd", "matmul_4bit_lora_dx", "triton_available"]
 
-MAX_LORA_RANK = 256  # the padded rank lives in registers: R_PAD x BLOCK tiles of the epilogue
+# The epilogue's LoRA operands are [BLOCK_M, R_PAD] and [BLOCK_out, R_PAD] tiles staged in shared memory. At R_PAD 256
+# with float32 operands (peft keeps adapters in float32) that is 256 KiB: over the 227 KiB a block may have on an
+# H100 in 4 of the 6 forward and 2 of the 6 dX tilings (triton 3.6 for sm_90a, compiled on the CPU machine), which
+# the autotuner then drops after compiling them (~10 s each). At 128 every tiling fits (<= 128 KiB); larger ranks
+# take the separate addmm path of qkernels._linear.
+MAX_LORA_RANK = 128
 
 
 def _interpret_env() -> bool:
@@ -148,13 +153,14 @@ def _grouped_pid(pid, num_rows, num_cols, GROUP: tl.constexpr):
 def _matmul_4bit_lora_fwd_kernel(
     x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr,
     lora_t_ptr, lora_b_ptr, bias_ptr, y_ptr,
-    M, N, K, R,
+    M, N, K, R, M_KEY,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, ROW_ALIGNED: tl.constexpr,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """``y[M, N] = x[M, K] @ W[N, K]^T (+ lora_t[M, R] @ lora_b[N, R]^T) (+ bias[N])``, all row-major contiguous."""
+    """``y[M, N] = x[M, K] @ W[N, K]^T (+ lora_t[M, R] @ lora_b[N, R]^T) (+ bias[N])``, all row-major contiguous.
+    ``M_KEY`` is read by the autotuner only (see ``_m_key``)."""
     pid_m, pid_n = _grouped_pid(tl.program_id(0), (M + BLOCK_M - 1) // BLOCK_M, (N + BLOCK_N - 1) // BLOCK_N,
                                   GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -187,7 +193,7 @@ def _matmul_4bit_lora_fwd_kernel(
 def _matmul_4bit_lora_dx_kernel(
     g_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr,
     lora_u_ptr, lora_a_ptr, mask_ptr, dx_ptr,
-    M, N, K, R,
+    M, N, K, R, M_KEY,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, ROW_ALIGNED: tl.constexpr,
     HAS_LORA: tl.constexpr, HAS_MASK: tl.constexpr, R_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
@@ -237,6 +243,11 @@ _FWD_TILES = ((128, 128, 32, 8, 3), (128, 128, 32, 8, 4), (128, 128, 64, 8, 3), 
               (128, 64, 32, 4, 4), (64, 64, 64, 4, 3))
 _DX_TILES = ((128, 128, 32, 8, 3), (128, 128, 32, 8, 4), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4),
              (64, 64, 64, 4, 3), (64, 64, 64, 4, 4))
+# Exact float32 dots ("ieee": float32 activations while torch disallows TF32, its default) run as CUDA-core FMA loops,
+# not tensor-core MMAs, and hold whole accumulator tiles in registers: the tilings above then compiled (triton 3.6,
+# sm_90a) to 32 registers with 13-35 KiB of spills per thread and took 20-100 s each to compile. These smaller ones
+# compile in 1-6 s with at most ~2 KiB of spills (in the r = 128 epilogue; < 400 bytes at r = 16).
+_FMA_TILES = ((64, 64, 16, 4, 3), (64, 64, 16, 4, 4), (64, 32, 32, 4, 3), (32, 64, 32, 4, 3))
 
 
 def _gpu_configs(tiles, tile_m: str, tile_out: str, tile_red: str) -> list:
@@ -255,6 +266,8 @@ _INTERPRET_DX = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 2}
 class _Kernels:
     fwd: object  # triton Autotuner over a JITFunction or an InterpretedFunction
     dx: object
+    fwd_fma: object  # the same kernels over _FMA_TILES, for exact float32 dots (the interpreter: fwd / dx again)
+    dx_fma: object
 
 
 @functools.cache
@@ -276,13 +289,22 @@ def _kernels(interpret: bool) -> _Kernels:
         build(helper)
     if interpret:
         fwd_cfg, dx_cfg = [triton.Config(_INTERPRET_FWD)], [triton.Config(_INTERPRET_DX)]
+        fwd_fma_cfg, dx_fma_cfg = fwd_cfg, dx_cfg
     else:
         fwd_cfg = _gpu_configs(_FWD_TILES, "BLOCK_M", "BLOCK_N", "BLOCK_K")
         dx_cfg = _gpu_configs(_DX_TILES, "BLOCK_M", "BLOCK_K", "BLOCK_N")
-    key = ["M", "N", "K", "R"]
+        fwd_fma_cfg = _gpu_configs(_FMA_TILES, "BLOCK_M", "BLOCK_N", "BLOCK_K")
+        dx_fma_cfg = _gpu_configs(_FMA_TILES, "BLOCK_M", "BLOCK_K", "BLOCK_N")
+    # What changes the best tiling: the shape (M bucketed, see _m_key) and the constexprs that change a tile's work
+    # (scale decoding, the row-aligned byte path, the epilogue). The autotuner adds every tensor's dtype itself.
+    # (triton >= 3.9 rejects a key that names no argument, so each kernel names its own epilogue switch.)
+    key = ["M_KEY", "N", "K", "R", "BLOCKSIZE", "NESTED", "ROW_ALIGNED", "HAS_LORA"]
+    fwd, dx = build(_matmul_4bit_lora_fwd_kernel), build(_matmul_4bit_lora_dx_kernel)
     return _Kernels(
-        fwd=triton.autotune(configs=fwd_cfg, key=key)(build(_matmul_4bit_lora_fwd_kernel)),
-        dx=triton.autotune(configs=dx_cfg, key=key)(build(_matmul_4bit_lora_dx_kernel)),
+        fwd=triton.autotune(configs=fwd_cfg, key=[*key, "HAS_BIAS"])(fwd),
+        dx=triton.autotune(configs=dx_cfg, key=[*key, "HAS_MASK"])(dx),
+        fwd_fma=triton.autotune(configs=fwd_fma_cfg, key=[*key, "HAS_BIAS"])(fwd),
+        dx_fma=triton.autotune(configs=dx_fma_cfg, key=[*key, "HAS_MASK"])(dx),
     )
 
 
@@ -304,6 +326,27 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"  # ignored by tl.dot for 16-bit operands
 
 
+def _lora_precision(act_dtype: torch.dtype) -> str:
+    """The epilogue's LoRA product: float32 operands (float32 adapters) with 16-bit activations use TF32 tensor cores.
+
+    TF32 keeps 10 mantissa bits, more than the bf16 x and W of the base product (7), so the output, rounded to 16 bits,
+    loses nothing measurable; "ieee" there is a CUDA-core FMA loop that, compiled for sm_90a (triton 3.6), spilled
+    1.6 KiB per thread at r = 64, 3.5 KiB at r = 128, and took ~40 s per tiling to compile. float32 activations keep
+    torch's rule (``_dot_precision``)."""
+    return "tf32" if act_dtype in (torch.float16, torch.bfloat16) else _dot_precision(act_dtype)
+
+
+def _m_key(m):
+    """The autotuner's view of M: the next power of two, at least 16. Tuning on the exact M re-benchmarked all six
+    tilings (each ~0.1 s of do_bench, after compiling) for every new number of tokens, i.e. on most steps of a
+    training run without sequence packing; one bucket's best tiling is within noise of its neighbours'. Traced
+    (a SymInt under torch.compile) M is passed as it is: Inductor autotunes user kernels itself, and reading the
+    value would specialize the graph on it."""
+    if isinstance(m, int):
+        return max(16, 1 << (max(m, 1) - 1).bit_length())
+    return m
+
+
 def _r_pad(r: int) -> int:
     return max(16, 1 << (r - 1).bit_length())  # tl.dot needs every dimension >= 16
 
@@ -316,7 +359,11 @@ def _launch(kernel_name: str, a: torch.Tensor, packed, absmax, code, blocksize, 
     if interpret and _is_fake(a):
         return  # shape propagation only (fake tensors): the interpreter cannot run, and nothing needs to
     kernels = _kernels(interpret)
-    kernel = kernels.fwd if kernel_name == "fwd" else kernels.dx
+    precision = _dot_precision(a.dtype)
+    if precision == "ieee":  # CUDA-core FMA dots: their own tilings (see _FMA_TILES)
+        kernel = kernels.fwd_fma if kernel_name == "fwd" else kernels.dx_fma
+    else:
+        kernel = kernels.fwd if kernel_name == "fwd" else kernels.dx
     nested = nested_absmax is not None
     has_lora = lora_1 is not None
     r = int(lora_1.shape[1]) if has_lora else 0
@@ -336,11 +383,11 @@ def _launch(kernel_name: str, a: torch.Tensor, packed, absmax, code, blocksize, 
             a, packed, absmax,
             nested_absmax if nested else dummy, nested_code if nested else dummy, offset if nested else dummy, code,
             lora_1 if has_lora else dummy, lora_2 if has_lora else dummy, extra if has_extra else dummy, out,
-            int(m), int(n), int(k), int(r),
+            m, int(n), int(k), int(r), _m_key(m),
             BLOCKSIZE=int(blocksize), NESTED_BLOCKSIZE=int(nested_blocksize), NESTED=bool(nested),
             ROW_ALIGNED=bool(k % blocksize == 0), HAS_LORA=bool(has_lora), **{extra_name: bool(has_extra)},
-            R_PAD=_r_pad(r), DOT_PRECISION=_dot_precision(a.dtype),
-            LORA_PRECISION=_dot_precision(lora_1.dtype if has_lora else a.dtype),
+            R_PAD=_r_pad(r), DOT_PRECISION=precision,
+            LORA_PRECISION=_lora_precision(a.dtype),
         )
 
 
@@ -520,7 +567,7 @@ def matmul_4bit_lora_fwd(
         packed, state: the 4-bit weight, ``state.shape == [N, K]`` (uint8 or a float ``quant_storage`` view;
             plain or double-quantized scales, any blocksize, any N and K).
         lora_t: ``[..., r]`` (x's leading dims), x's dtype or float32: the LoRA down-projection already scaled,
-            ``s * dropout(x) @ A^T``. ``0 < r <= 256``.
+            ``s * dropout(x) @ A^T``. ``0 < r <= MAX_LORA_RANK`` (128).
         lora_B: ``[N, r]`` (peft's ``lora_B.weight``), any float dtype: converted in-kernel to lora_t's dtype.
         bias: ``[N]``, any float dtype, added in float32.
         out: optional contiguous ``[..., N]`` tensor of x's dtype to write into.
@@ -528,7 +575,8 @@ def matmul_4bit_lora_fwd(
     Returns:
         ``y [..., N]`` in x's dtype (``out`` when given). Accumulation is float32; W is rounded to x's dtype
         before the dot product (as ``dequantize_4bit(..., dtype=x.dtype)`` would), the LoRA product is taken in
-        lora_t's dtype; float32 operands use exact float32 products unless ``torch.backends.cuda.matmul.allow_tf32``.
+        lora_t's dtype (float32 lora_t with 16-bit x: TF32, see ``_lora_precision``); float32 x uses exact float32
+        products unless ``torch.backends.cuda.matmul.allow_tf32``.
     """
     raw, absmax, code, bs, n_abs, n_code, off, nbs = _weight_args(packed, state)
     n, k = state.shape
@@ -557,7 +605,7 @@ def matmul_4bit_lora_dx(
         grad_y: ``[..., N]`` float32/float16/bfloat16.
         packed, state: the 4-bit weight, ``state.shape == [N, K]``.
         lora_u: ``[..., r]``, grad_y's dtype or float32: ``s * grad_y @ lora_B`` (the caller computes it; it also
-            feeds dA). ``0 < r <= 256``.
+            feeds dA). ``0 < r <= MAX_LORA_RANK`` (128).
         lora_A: ``[r, K]`` (peft's ``lora_A.weight``), any float dtype: converted in-kernel to lora_u's dtype.
         lora_mask: optional ``[..., K]`` in grad_y's dtype, the dropout mask already divided by ``1 - p``; it
             multiplies the LoRA term only (the base path saw undropped x).

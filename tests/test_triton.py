@@ -269,39 +269,173 @@ def test_ops_trace_to_triton_kernel_nodes(op):
     assert f"'HAS_LORA': True, '{'HAS_BIAS' if op == 'fwd' else 'HAS_MASK'}': True" in gm.code
 
 
-def _compile_for_sm90(op: str, dtype: str, nested: bool, row_aligned: bool, blocksize: int):
-    """Compile one kernel variant with the first H100 tiling to PTX, no GPU needed: what the interpreter cannot
-    check (the compiler's typing of constexpr branches, dot shapes, layouts)."""
+def _compile(op: str, dtype: str, nested: bool, row_aligned: bool, blocksize: int, *, cfg=None, r_pad: int = 16,
+             lora_dtype: str | None = None, arch: int = 90):
+    """Compile one kernel variant to a cubin for ``sm_<arch>`` without a GPU (what the interpreter cannot check: the
+    compiler's typing of constexpr branches, dot shapes, layouts, shared memory), with the precisions ``_launch``
+    picks for ``dtype`` activations. ``cfg``: a ``triton.Config`` (default: the first of the set ``_launch`` uses)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from qkernels import triton_kernels as tk
 
-    kernel = getattr(tk._kernels(False), op).fn
-    cfg = getattr(tk._kernels(False), op).configs[0]
-    precision = "ieee" if dtype == "fp32" else "tf32"
+    act = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    precision = tk._dot_precision(act)
+    tuner = getattr(tk._kernels(False), f"{op}_fma" if precision == "ieee" else op)
+    cfg = cfg or tuner.configs[0]
     consts = dict(BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=256, NESTED=nested, ROW_ALIGNED=row_aligned, HAS_LORA=True,
-                  R_PAD=16, DOT_PRECISION=precision, LORA_PRECISION=precision, **cfg.kwargs,
+                  R_PAD=r_pad, DOT_PRECISION=precision, LORA_PRECISION=tk._lora_precision(act), **cfg.kwargs,
                   **{"HAS_BIAS" if op == "fwd" else "HAS_MASK": True})
     u8_or_f32 = "*u8" if nested else "*fp32"
+    lora = "*" + (lora_dtype or dtype)
     types = {"packed_ptr": "*u8", "absmax_ptr": u8_or_f32, "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32",
-             "offset_ptr": "*fp32", "code_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "R": "i32"}
-    signature = {a: "constexpr" if a in consts else types.get(a, "*" + dtype) for a in kernel.arg_names}
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    return compiled.asm["ptx"]
+             "offset_ptr": "*fp32", "code_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "R": "i32",
+             "M_KEY": "i32", "lora_t_ptr": lora, "lora_u_ptr": lora}
+    signature = {a: "constexpr" if a in consts else types.get(a, "*" + dtype) for a in tuner.fn.arg_names}
+    return triton.compile(ASTSource(tuner.fn, signature, constexprs=consts), target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
 
 
-@pytest.mark.parametrize("op", ["fwd", "dx"])
-@pytest.mark.parametrize("variant", [("bf16", True, True, 64), ("bf16", True, True, 32), ("fp16", False, False, 64)],
-                         ids=["bf16-dq-aligned-bs64", "bf16-dq-aligned-bs32", "fp16-plain-general-bs64"])
-def test_kernels_compile_for_h100_without_a_gpu(op, variant):
+def _compile_for_sm90(op: str, dtype: str, nested: bool, row_aligned: bool, blocksize: int):
+    return _compile(op, dtype, nested, row_aligned, blocksize).asm["ptx"]
+
+
+def _needs_nvidia_backend():
     triton = pytest.importorskip("triton")
     if "nvidia" not in triton.backends.backends:
         pytest.skip("this triton build has no NVIDIA backend")
+
+
+@pytest.mark.parametrize("op", ["fwd", "dx"])
+@pytest.mark.parametrize("variant", [("bf16", True, True, 64), ("bf16", True, True, 32), ("fp16", False, False, 64),
+                                     ("bf16", False, True, 4096), ("fp16", True, False, 128)],
+                         ids=["bf16-dq-aligned-bs64", "bf16-dq-aligned-bs32", "fp16-plain-general-bs64",
+                              "bf16-plain-aligned-bs4096", "fp16-dq-general-bs128"])
+def test_kernels_compile_for_h100_without_a_gpu(op, variant):
+    _needs_nvidia_backend()
     ptx = _compile_for_sm90(op, *variant)
     assert "wgmma" in ptx  # Hopper tensor-core MMA: the in-loop dequantization did not force a slower dot path
+
+
+H100_SMEM_PER_BLOCK = 232448  # 227 KiB: the most shared memory one block may opt into on sm_90 (H100 and H200)
+
+
+def _cubin_stack_bytes(cubin: bytes, tmp_path) -> int:
+    """Per-thread local memory (spills + stack) of the kernel in ``cubin``, read with triton's bundled cuobjdump."""
+    import re
+    import subprocess
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        pytest.skip("triton's NVIDIA backend ships no cuobjdump here")
+    path = tmp_path / "k.cubin"
+    path.write_bytes(cubin)
+    out = subprocess.run([tool, "-res-usage", str(path)], capture_output=True, text=True, check=True).stdout
+    return int(re.search(r"STACK:(\d+)", out).group(1))
+
+
+@pytest.mark.parametrize("kernel_set", ["fwd", "dx", "fwd_fma", "dx_fma"])
+def test_every_autotune_config_fits_an_h100_at_the_rank_limit(kernel_set):
+    """Every tiling the autotuner may pick compiles for sm_90a with its shared memory within a block's 227 KiB at
+    the largest epilogue: r = MAX_LORA_RANK with float32 LoRA operands (peft's float32 adapters). A tiling over the
+    limit is dropped by the autotuner at run time, but only after compiling it; at r = 256 four of the six forward
+    tilings were over (256 KiB). The FMA set (float32 activations, exact dots) at its own worst case, float32
+    everywhere."""
+    _needs_nvidia_backend()
+    from qkernels import triton_kernels as tk
+
+    op = kernel_set.split("_")[0]
+    fma = kernel_set.endswith("fma")
+    r_pad = tk._r_pad(tk.MAX_LORA_RANK)
+    for cfg in getattr(tk._kernels(False), kernel_set).configs:
+        compiled = _compile(op, "fp32" if fma else "bf16", True, False, 32, cfg=cfg, r_pad=r_pad, lora_dtype="fp32")
+        what = f"{kernel_set} {cfg}"
+        assert compiled.metadata.shared <= H100_SMEM_PER_BLOCK, f"{what}: {compiled.metadata.shared} bytes of smem"
+        assert fma or "wgmma" in compiled.asm["ptx"], f"{what}: no tensor-core MMA"
+
+
+@pytest.mark.parametrize("op", ["fwd", "dx"])
+def test_exact_float32_tilings_do_not_spill(op, tmp_path):
+    """float32 activations with exact dots run on CUDA cores (FMA loops). On the tensor-core tilings that compiled to
+    32 registers and a 6.8 KiB stack (13-35 KiB of spill stores per thread) and 20-100 s per tiling; the FMA set
+    must keep its K loop in registers (r = 16: the epilogue small)."""
+    _needs_nvidia_backend()
+    from qkernels import triton_kernels as tk
+
+    for cfg in getattr(tk._kernels(False), f"{op}_fma").configs:
+        compiled = _compile(op, "fp32", True, True, 64, cfg=cfg)
+        assert _cubin_stack_bytes(compiled.asm["cubin"], tmp_path) <= 1024, f"{op}_fma {cfg}: spills"
+
+
+def test_kernels_compile_for_a100():
+    """The CUDA build targets sm_80 too (QKERNELS_CUDA_ARCHS): the kernels must lower to Ampere's mma.sync."""
+    _needs_nvidia_backend()
+    ptx = _compile("fwd", "bf16", True, True, 64, arch=80).asm["ptx"]
+    assert "mma.sync" in ptx and "wgmma" not in ptx
+
+
+def test_lora_precision_uses_tensor_cores_for_float32_adapters():
+    """float32 LoRA operands with 16-bit activations: TF32 (tensor cores); float32 activations follow torch's rule."""
+    pytest.importorskip("triton")
+    from qkernels import triton_kernels as tk
+
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = False
+        assert tk._lora_precision(torch.bfloat16) == tk._lora_precision(torch.float16) == "tf32"
+        assert tk._lora_precision(torch.float32) == tk._dot_precision(torch.float32) == "ieee"
+        matmul.allow_tf32 = True
+        assert tk._lora_precision(torch.float32) == "tf32"
+    finally:
+        matmul.allow_tf32 = saved
+
+
+def test_autotune_key_buckets_m_and_names_the_constexprs():
+    """The tuning is keyed on M's power-of-two bucket (keyed on M itself, every new token count re-benchmarked six
+    tilings) and on the constexprs that change a tile's work; triton adds the dtypes itself."""
+    pytest.importorskip("triton")
+    from qkernels import triton_kernels as tk
+
+    assert [tk._m_key(m) for m in (0, 1, 16, 17, 300, 512, 513, 4096)] == [16, 16, 16, 32, 512, 512, 1024, 4096]
+    kernels = tk._kernels(False)
+    for name, extra in (("fwd", "HAS_BIAS"), ("dx", "HAS_MASK"), ("fwd_fma", "HAS_BIAS"), ("dx_fma", "HAS_MASK")):
+        tuner = getattr(kernels, name)
+        assert "M" not in tuner.keys
+        assert {"M_KEY", "N", "K", "R", "BLOCKSIZE", "NESTED", "ROW_ALIGNED", "HAS_LORA", extra} <= set(tuner.keys)
+        assert set(tuner.keys) <= set(tuner.arg_names)
+
+
+@pytest.mark.parametrize("op", ["fwd", "dx"])
+def test_traced_ops_keep_m_symbolic(op):
+    """Traced with a symbolic number of rows (torch.compile's dynamic shapes), the launcher must pass M on as a
+    SymInt: ``int(M)`` there added the guard ``M == 128``, i.e. a recompilation for every new batch size."""
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.functional_tensor import dispatch_functionalize
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    packed, state = _weight(48, 96, 64, "nf4", True)
+    real = [packed, state.absmax, state.code, state.state2.absmax, state.state2.code, state.offset.reshape(1)]
+    env = ShapeEnv()
+    m = env.create_symintnode(env.create_symbol(128, ConstantSource("M"), dynamic_dim=DimDynamic.DYNAMIC), hint=128)
+    rows, lead = (96, 48) if op == "fwd" else (48, 96)
+    with FakeTensorMode(shape_env=env):
+        fake = [torch.empty(t.shape, dtype=t.dtype, device="cuda") for t in real]
+        a = torch.empty(m, rows, dtype=torch.bfloat16, device="cuda")
+        l1 = torch.empty(m, 16, dtype=torch.bfloat16, device="cuda")
+        l2 = torch.empty(*((48, 16) if op == "fwd" else (16, 96)), dtype=torch.bfloat16, device="cuda")
+    fn = getattr(torch.ops.qkernels, f"triton_matmul_4bit_lora_{op}")
+    gm = make_fx(dispatch_functionalize(
+        lambda *t: fn(t[0], t[1], t[2], t[3], 64, lead, t[4], t[5], t[6], 256, t[7], t[8], None)
+    ), tracing_mode="symbolic")(a, *fake, l1, l2)
+    assert "triton_kernel_wrapper_functional" in gm.code
+    assert "'M': sym_size" in gm.code, "M was passed as a constant"
+    assert not env.guards, f"tracing specialized on {[str(g.expr) for g in env.guards]}"
 
 
 def test_triton_available(monkeypatch):
