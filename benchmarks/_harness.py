@@ -285,20 +285,22 @@ class ForeignLoad:
         return max(other, 0) / os.sysconf("SC_CLK_TCK") / wall if wall > 0 else None
 
 
-def measure_copy_bandwidth(nbytes: int = COPY_BYTES, *, min_runs: int = 5, min_time_s: float = 0.5) -> float:
-    """Memory bandwidth of this machine in bytes/s: ``dst.copy_(src)`` on a float32 tensor of ``nbytes``
-    (256 MiB by default, well past the caches), counted as read + write (``2 * nbytes`` per copy), median time.
+def measure_copy_bandwidth(nbytes: int = COPY_BYTES, *, min_runs: int = 5, min_time_s: float = 0.5,
+                           device: str = "cpu") -> float:
+    """Memory bandwidth of ``device`` (this machine's RAM by default) in bytes/s: ``dst.copy_(src)`` on a float32
+    tensor of ``nbytes`` (256 MiB by default, well past the caches), counted as read + write (``2 * nbytes`` per
+    copy), median time.
     """
-    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     stats = measure(lambda: dst.copy_(src), warmup=2, min_runs=min_runs, min_time_s=min_time_s)
     return 2 * nbytes / stats.median
 
 
 @functools.cache
-def copy_bandwidth() -> float:
-    """``measure_copy_bandwidth()``, measured once per process and shared by all benchmarks."""
-    return measure_copy_bandwidth()
+def copy_bandwidth(device: str = "cpu") -> float:
+    """``measure_copy_bandwidth(device=device)``, measured once per process and shared by all benchmarks."""
+    return measure_copy_bandwidth(device=device)
 
 
 def markdown_table(results: Sequence[Result]) -> str:

@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
 
     machine = H.machine_info()
     load = H.ForeignLoad().start()
-    bandwidth = H.copy_bandwidth()
+    bandwidth = H.copy_bandwidth(device.type)  # the device's: the floor of a GPU run is its HBM
     rate = measure_matmul_rate(device)
     dense = dense_block(args, device)
     g = torch.Generator().manual_seed(1)

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
     machine = H.machine_info()
     load = H.ForeignLoad().start()
-    bandwidth = H.copy_bandwidth()
+    bandwidth = H.copy_bandwidth(device.type)  # the device's: the floor of a GPU run is its HBM
     dense = dense_model(args, device)
     prompt = torch.randint(3, args.vocab, (1, PROMPT), generator=torch.Generator().manual_seed(1)).to(device)
     shape = f"{args.layers}x{args.hidden}->{args.intermediate}"

@@ -78,13 +78,14 @@ def backend_note(op: str, device: torch.device) -> tuple[str, str]:
 
 
 def bench_shape(
-    shape: tuple[int, ...], bandwidth: float, *, quick: bool = False
+    shape: tuple[int, ...], bandwidth: float, *, quick: bool = False, device: str = "cpu"
 ) -> tuple[list[H.Result], dict[str, Any]]:
-    """Time every implementation for one weight shape; return the rows and a summary of ratios and checks."""
+    """Time every implementation for one weight shape on ``device``; return the rows and a summary of ratios and
+    checks."""
     fast = dict(warmup=1, min_runs=3, min_time_s=0.1) if quick else dict(warmup=2, min_runs=5, min_time_s=0.5)
     slow = dict(warmup=1, min_runs=3, min_time_s=0.1) if quick else dict(warmup=1, min_runs=3, min_time_s=0.5)
     torch.manual_seed(0)
-    W = torch.randn(*shape, dtype=DTYPE)
+    W = torch.randn(*shape, dtype=DTYPE).to(device)
     n = W.numel()
     bnb_f = _load_bnb()
 
@@ -244,15 +245,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer, shorter runs (a smoke test, noisier numbers)")
     ap.add_argument("--no-save", action="store_true", help="print only; do not write benchmarks/results/")
     ap.add_argument("--results-dir", default=None, help="where to write the JSON (default benchmarks/results)")
+    ap.add_argument("--device", default=None, choices=("cpu", "cuda"),
+                    help="where the weight lives (default: cuda when available, else cpu)")
     args = ap.parse_args(argv)
 
+    # On a GPU machine the GPU: the results file is named after the GPU (H.machine_tag), so CPU figures there were
+    # filed as the GPU's, and the CPU reference quantize spent the GPU session's minutes.
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     machine = H.machine_info()
+    machine["bench_device"] = device
     load = H.ForeignLoad().start()  # covers the bandwidth measurement when it is not cached yet
-    bandwidth = H.copy_bandwidth()
+    bandwidth = H.copy_bandwidth(device)
     rows: list[H.Result] = []
     summaries = []
     for shape in args.shapes:
-        r, s = bench_shape(tuple(shape), bandwidth, quick=args.quick)
+        r, s = bench_shape(tuple(shape), bandwidth, quick=args.quick, device=device)
         rows += r
         summaries.append(s)
     foreign = load.stop()

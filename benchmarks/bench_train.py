@@ -169,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
 
     machine = H.machine_info()
     load = H.ForeignLoad().start()
-    bandwidth = H.copy_bandwidth()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bandwidth = H.copy_bandwidth(device.type)  # the device's: the floor of a GPU run is its HBM
     dtype = DTYPES[args.dtype]
     from qkernels import _linear
 
