@@ -505,3 +505,27 @@ def test_gpu_opcheck():
     A = torch.randn(16, 512, generator=g).cuda().bfloat16()
     w_dx = (*w[:4], 512, *w[5:])
     torch.library.opcheck(torch.ops.qkernels.triton_matmul_4bit_lora_dx.default, (gy, *w_dx, t, A, None))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("op", ["fwd", "dx"])
+@pytest.mark.parametrize("r", [64, 128])
+def test_gpu_float32_lora_operands_at_the_rank_limit(op, r):
+    """peft's float32 adapters with bf16 activations up to the largest fused rank: the TF32 epilogue (compiled, never
+    run before) within the 2x-torch bound, and every tiling the autotuner tries launches (none over shared memory)."""
+    _check_case(_gpu_case(op, 300, 384, 512, torch.bfloat16, r=r), device="cuda", lora_dtype=torch.float32)
+
+
+@pytest.mark.cuda
+def test_gpu_autotune_reused_within_an_m_bucket():
+    """M = 300, 400 and 512 share the bucket 512: one tuning, not three."""
+    from qkernels import triton_kernels as tk
+
+    tuner = tk._kernels(False).fwd
+    packed, state = _weight(320, 640, 64, "nf4", True, "cuda")
+    before = set(tuner.cache)
+    for m in (300, 400, 512):
+        x = torch.randn(m, 640, device="cuda", dtype=torch.bfloat16)
+        matmul_4bit_lora_fwd(x, packed, state)
+    new = set(tuner.cache) - before
+    assert len(new) <= 1 and all(key[0] == 512 for key in new), new
