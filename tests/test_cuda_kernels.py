@@ -517,3 +517,35 @@ def test_cuda_ops_stay_registered_where_no_gpu_exists(monkeypatch):
     monkeypatch.setattr(_backend, "_native_ops_cache", {})
     assert _backend.cuda_unusable_reason() is None
     assert "dequantize_4bit" in _backend.native_ops(torch.device("cuda"))
+
+
+def test_every_cuda_launch_is_guarded_on_the_tensors_device():
+    """A source-level check of what the two-GPU tests above check at run time (the GPU machine has one GPU): the raw
+    launches run on the runtime's current device and on the stream they are handed, so every ``_C.*_cuda`` call in
+    qkernels must sit inside ``with torch.cuda.device(<the tensors' device>)`` and pass that device's current stream
+    (``torch.cuda.current_stream(device)``, not the current device's)."""
+    import ast
+    from pathlib import Path
+
+    calls = 0
+    for path in sorted((Path(qkernels.__file__).parent).glob("*.py")):
+        tree = ast.parse(path.read_text())
+        guarded: set[int] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.With) and any(
+                    ast.unparse(item.context_expr).startswith("torch.cuda.device(") for item in node.items):
+                device = ast.unparse(node.items[0].context_expr)[len("torch.cuda.device("):-1]
+                for inner in ast.walk(node):
+                    guarded.add(id(inner))
+                    if isinstance(inner, ast.Call) and ast.unparse(inner.func) == "torch.cuda.current_stream":
+                        assert [ast.unparse(a) for a in inner.args] == [device], (
+                            f"{path.name}:{inner.lineno}: the stream of another device than the guard's")
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and ast.unparse(node.func.value) == "_C" and node.func.attr.endswith("_cuda")):
+                calls += 1
+                assert id(node) in guarded, f"{path.name}:{node.lineno}: _C.{node.func.attr} outside a device guard"
+                text = ast.unparse(node)
+                stream_args = [a for a in ast.walk(node) if isinstance(a, ast.Name) and a.id == "stream"]
+                assert "current_stream(device)" in text or stream_args, f"{path.name}:{node.lineno}: no stream"
+    assert calls >= 6  # dequantize (plain, nested), quantize, blockwise quantize / dequantize, GEMV

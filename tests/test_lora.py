@@ -364,7 +364,7 @@ def test_double_backward_triton_in_the_interpreter(monkeypatch):
 @pytest.mark.parametrize("r", [0, 4, 300], ids=["r0", "r4", "r300"])
 def test_triton_backend_takes_what_the_others_take(r, monkeypatch):
     """Strided views of the LoRA weights, the bias and the absmax, and LoRA ranks the fused epilogue does not hold
-    (empty r = 0 factors, r > 256), run on the Triton backend as on the others; they were RuntimeErrors there
+    (empty r = 0 factors, r > MAX_LORA_RANK), run on the Triton backend as on the others; they were RuntimeErrors there
     ("lora_B must be contiguous", "lora_t must be [M, r] with 0 < r <= 256")."""
     pytest.importorskip("triton", reason="Triton is not installed")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -415,6 +415,25 @@ def test_cuda_backends(M, dtype, backend):
 @pytest.mark.parametrize("M", [1, 16, 1024])
 def test_cuda_llama_shape(M, backend):
     _check(M, 4096, 4096, 16, torch.bfloat16, backend, device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton", None], ids=["cuda", "triton", "default"])
+@pytest.mark.parametrize("M", [3, 130])
+def test_autocast_cuda_bf16_with_float32_adapters(M, backend):
+    """``torch.autocast("cuda", bfloat16)`` on float32 x with peft's float32 adapters (the QLoRA training setup): the
+    matmuls run in bf16 (the GEMV at 3 rows, dequantize + cuBLAS or Triton at 130), y is bf16, the gradients come
+    back float32 to x and the adapters, and the forward equals the call with x already in bf16."""
+    packed, state, x, A, B, b, _ = _problem(M, 40, 96, 4, torch.float32, device="cuda")
+    leaves = [t.clone().requires_grad_() for t in (x, A, B)]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = qkernels.matmul_4bit_lora(leaves[0], packed, state, leaves[1], leaves[2], 2.0, b, backend=backend)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert [t.grad.dtype for t in leaves] == [torch.float32] * 3
+    assert all(torch.isfinite(t.grad).all() for t in leaves)
+    ref = qkernels.matmul_4bit_lora(x.bfloat16(), packed, state, A, B, 2.0, b, backend=backend)
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------------------------- bad input
