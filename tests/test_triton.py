@@ -209,6 +209,23 @@ def test_quant_storage_out_and_leading_dims():
     _assert_within_2x_torch(dx, plain, ref, "dx with leading dims")
 
 
+@pytest.mark.parametrize("lead", [(0,), (2, 0)], ids=["0-rows", "2x0-rows"])
+def test_no_rows_launches_nothing(lead, monkeypatch):
+    """M = 0 returns empty results without reaching a kernel: on the GPU the autotuner would have timed six empty
+    grids and kept the winner of that noise for every M up to 16 (the same bucket)."""
+    from qkernels import triton_kernels as tk
+
+    packed, state = _weight(48, 96, 64, "nf4", True)
+
+    def no_kernels(interpret):
+        raise AssertionError("a kernel was built for an empty input")
+
+    monkeypatch.setattr(tk, "_kernels", no_kernels)
+    t, B = torch.randn(*lead, 4), torch.randn(48, 4)
+    assert matmul_4bit_lora_fwd(torch.randn(*lead, 96), packed, state, t, B).shape == (*lead, 48)
+    assert matmul_4bit_lora_dx(torch.randn(*lead, 48), packed, state, t, torch.randn(4, 96)).shape == (*lead, 96)
+
+
 def test_argument_errors_name_the_argument():
     packed, state = _weight(32, 64, 64, "nf4", True)
     x = torch.randn(3, 64)
