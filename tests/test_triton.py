@@ -17,6 +17,7 @@ full cartesian product (~2.5k cases, tens of minutes here).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -474,13 +475,54 @@ def test_gpu_real_shape(op, dtype):
     _check_case(_gpu_case(op, 512, 4096, 4096, dtype), device="cuda")
 
 
+@contextlib.contextmanager
+def _one_tiling(i: int):
+    """Run with only the ``i``-th tiling (modulo the set's size) of each kernel set. Autotuning every awkward case
+    compiled all six tilings of each of its ~64 constexpr variants in each xdist worker and timed them (~7 s a
+    case): past the GPU session's test budget. One tiling per case, round-robin over the cases, runs every tiling
+    at awkward shapes for a sixth of the compiles and no timing."""
+    from qkernels import triton_kernels as tk
+
+    kernels = tk._kernels(False)
+    saved = {name: getattr(kernels, name).configs for name in ("fwd", "dx", "fwd_fma", "dx_fma")}
+    try:
+        for name, configs in saved.items():
+            getattr(kernels, name).configs = [configs[i % len(configs)]]
+        yield
+    finally:
+        for name, configs in saved.items():
+            getattr(kernels, name).configs = configs
+
+
+_AWKWARD = [c for c in _all_cases() if c.dtype == torch.float16 and c.qtype == "nf4" and c.r == 8 and c.M in (17, 113)]
+
+
+def test_awkward_gpu_cases_run_every_tiling():
+    """The round-robin of test_gpu_awkward_shapes reaches every tiling of both kernels, and restores the sets."""
+    pytest.importorskip("triton")
+    from qkernels import triton_kernels as tk
+
+    kernels = tk._kernels(False)
+    before = {name: list(getattr(kernels, name).configs) for name in ("fwd", "dx")}
+    seen = {"fwd": set(), "dx": set()}
+    for i, case in enumerate(_AWKWARD):
+        for j in (i, i + 3):
+            with _one_tiling(j):
+                assert len(kernels.fwd.configs) == len(kernels.dx_fma.configs) == 1
+                seen[case.op].add(str(getattr(kernels, case.op).configs[0]))
+    assert {name: list(getattr(kernels, name).configs) for name in ("fwd", "dx")} == before
+    assert {name: len(s) for name, s in seen.items()} == {name: len(c) for name, c in before.items()}
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("case", [c for c in _all_cases() if c.dtype == torch.float16 and c.qtype == "nf4"
-                                  and c.r == 8 and c.M in (17, 113)], ids=lambda c: c.id)
-def test_gpu_awkward_shapes(case):
-    """The compiled kernels (autotuned tilings, BLOCK_K up to 128) at the interpreter's awkward shapes, and bf16."""
-    _check_case(case, device="cuda")
-    _check_case(dataclasses.replace(case, dtype=torch.bfloat16), device="cuda")
+@pytest.mark.parametrize("i", range(len(_AWKWARD)), ids=[c.id for c in _AWKWARD])
+def test_gpu_awkward_shapes(i):
+    """The compiled kernels (every tiling, round-robin) at the interpreter's awkward shapes, and bf16."""
+    case = _AWKWARD[i]
+    with _one_tiling(i):
+        _check_case(case, device="cuda")
+    with _one_tiling(i + 3):
+        _check_case(dataclasses.replace(case, dtype=torch.bfloat16), device="cuda")
 
 
 @pytest.mark.cuda
