@@ -8,6 +8,7 @@ each time is the median of several runs, reported with its p10-p90 spread.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import functools
@@ -15,6 +16,7 @@ import json
 import os
 import platform
 import re
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -283,6 +285,34 @@ class ForeignLoad:
             return None
         wall = time.perf_counter() - self._t0
         return max(other, 0) / os.sysconf("SC_CLK_TCK") / wall if wall > 0 else None
+
+
+class Deadline:
+    """``with Deadline() as d:`` around a benchmark's loop over its cases: a SIGTERM (``timeout``'s signal, which
+    scripts/gpu_check.sh sends at a stage's deadline, with 10 s to go before its SIGKILL) ends the loop instead of the
+    process, so the cases measured so far are still printed and saved; ``d.hit`` says whether it came. Without this
+    a benchmark cut at its deadline lost every row it had measured (the JSON is written at the end)."""
+
+    def __init__(self) -> None:
+        self.hit = False
+        self._previous: Any = None
+
+    def __enter__(self) -> Deadline:
+        def handler(signum, frame):
+            self.hit = True
+            raise KeyboardInterrupt
+
+        with contextlib.suppress(ValueError):  # not the main thread: no handler, the default behaviour stays
+            self._previous = signal.signal(signal.SIGTERM, handler)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        if exc_type is KeyboardInterrupt and self.hit:
+            print("\nSIGTERM (deadline): stopped; the cases measured so far follow")
+            return True
+        return False
 
 
 def measure_copy_bandwidth(nbytes: int = COPY_BYTES, *, min_runs: int = 5, min_time_s: float = 0.5,

@@ -219,17 +219,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device copy bandwidth (read+write, 256 MiB float32 copy_): {bandwidth / 1e9:.0f} GB/s")
     rows: list[H.Result] = []
     summaries = []
-    for n, k in shapes:
-        r, s = bench_shape(n, k, args.m, bandwidth, quick=args.quick)
-        rows += r
-        summaries.append(s)
+    with H.Deadline() as deadline:
+        for n, k in shapes:
+            r, s = bench_shape(n, k, args.m, bandwidth, quick=args.quick)
+            rows += r
+            summaries.append(s)
     H.print_results("fused 4-bit GEMV + LoRA (CUDA, NF4, blocksize 64, double quant, bf16, r=16)", rows, machine,
                     bandwidth)
     print()
     for s in summaries:
         print_summary(s)
     if not args.no_save:
-        summary = {"quick": args.quick, "targets": TARGETS, "shapes": summaries}
+        summary = {"quick": args.quick, "targets": TARGETS, "shapes": summaries, "cut_at_deadline": deadline.hit}
         path = H.write_json("gemv_cuda", rows, machine, bandwidth, summary=summary, results_dir=args.results_dir)
         print(f"\nwrote {path}")
     return 0

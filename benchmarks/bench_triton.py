@@ -167,14 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     machine = H.machine_info()
     bandwidth, rate = gpu_copy_bandwidth(), dense_matmul_rate()
     rows: list[H.Result] = []
-    for N, K in args.shapes:
-        for M in ms:
-            rows += bench_case(N, K, M, bandwidth, rate, args.quick)
-            torch.cuda.empty_cache()
+    with H.Deadline() as deadline:
+        for N, K in args.shapes:
+            for M in ms:
+                rows += bench_case(N, K, M, bandwidth, rate, args.quick)
+                torch.cuda.empty_cache()
     H.print_results(f"QLoRA large-M path (NF4 bs{BLOCKSIZE} double quant, bf16, r={RANK})", rows, machine, bandwidth)
     print(f"dense bf16 matmul rate (8192^3): {rate / 1e12:.0f} TFLOP/s")
     summary = {"quick": args.quick, "matmul_rate_tflops": rate / 1e12, "gpu_copy_gbps": bandwidth / 1e9,
-               "fused_speedup_vs_dequant_cublas": {}}
+               "fused_speedup_vs_dequant_cublas": {}, "cut_at_deadline": deadline.hit}
     by_key = {(r.op, r.shape): r for r in rows}
     for (op, shape), r in by_key.items():
         if op.endswith("/fused-triton"):

@@ -91,3 +91,32 @@ def test_failure_log_names_each_failure_as_it_happens(tmp_path):
     text = log.read_text()
     assert re.findall(r"^FAILED (\S+)", text, re.M) == ["test_x.py::test_bad"]
     assert "arithmetic" in text
+
+
+def test_benchmark_loop_stops_at_sigterm_and_keeps_its_rows(tmp_path):
+    """The stage deadline is a SIGTERM from ``timeout``: inside ``_harness.Deadline`` it ends the benchmark's loop,
+    so the rows measured so far are still printed and saved (the JSON is written at the end); outside one, and for
+    a Ctrl-C, nothing changes."""
+    code = (
+        "import os, signal, time\n"
+        "from benchmarks import _harness as H\n"
+        "rows = []\n"
+        "with H.Deadline() as d:\n"
+        "    for i in range(100):\n"
+        "        rows.append(i)\n"
+        "        if i == 2:\n"
+        "            os.kill(os.getpid(), signal.SIGTERM)\n"
+        "            time.sleep(30)  # the handler runs here at the latest\n"
+        "print('rows', rows, 'hit', d.hit)\n"
+        "try:\n"
+        "    with H.Deadline() as d:\n"
+        "        raise KeyboardInterrupt\n"
+        "except KeyboardInterrupt:\n"
+        "    print('ctrl-c passed through', d.hit)\n"
+        "assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    assert "rows [0, 1, 2] hit True" in proc.stdout
+    assert "ctrl-c passed through False" in proc.stdout
