@@ -31,6 +31,9 @@ def triton_usable(device: torch.device) -> tuple[bool, str]:
         return False, f"Triton is not importable ({exc})"
     if triton_kernels.triton_available(device):
         return True, ""
+    why = triton_kernels.interpreter_unusable_reason() if triton_kernels._interpret_env() else None
+    if device.type != "cuda" and why is not None:
+        return False, f"Triton cannot run on {device.type} here: {why}"
     return False, f"Triton cannot run on {device.type} here (a CUDA device, or TRITON_INTERPRET=1 on the CPU)"
 
 
