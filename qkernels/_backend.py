@@ -31,10 +31,14 @@ def triton_usable(device: torch.device) -> tuple[bool, str]:
         return False, f"Triton is not importable ({exc})"
     if triton_kernels.triton_available(device):
         return True, ""
+    why = triton_kernels.interpreter_unusable_reason() if triton_kernels._interpret_env() else None
+    if device.type != "cuda" and why is not None:
+        return False, f"Triton cannot run on {device.type} here: {why}"
     return False, f"Triton cannot run on {device.type} here (a CUDA device, or TRITON_INTERPRET=1 on the CPU)"
 
 
-_native_ops_cache: dict[tuple[str, int], frozenset[str]] = {}
+# device type -> (the qkernels._C module the answer is for, its ops): a test may swap the module
+_native_ops_cache: dict[str, tuple[object, frozenset[str]]] = {}
 logger = logging.getLogger(__name__)
 
 
@@ -60,12 +64,13 @@ def cuda_unusable_reason() -> str | None:
 def native_ops(device: torch.device) -> frozenset[str]:
     """Names of the native ops ``qkernels._C`` can run on ``device`` in this build.
 
-    Cached per device type and loaded module (it is asked on every op call; for CUDA it reads ``native_info()``)."""
-    key = (device.type, id(_native._C))
-    ops = _native_ops_cache.get(key)
-    if ops is None:
-        ops = _native_ops_cache[key] = frozenset(_native_ops(device))
-    return ops
+    Cached per device type and loaded module (it is asked on every op call; for CUDA it reads ``native_info()``).
+    The module is compared with ``is``, not keyed by ``id()``: torch.compile traces this function, and Dynamo in
+    torch 2.11 cannot trace ``id()`` of a module (a graph break, an error under ``fullgraph=True``)."""
+    entry = _native_ops_cache.get(device.type)
+    if entry is None or entry[0] is not _native._C:
+        entry = _native_ops_cache[device.type] = (_native._C, frozenset(_native_ops(device)))
+    return entry[1]
 
 
 def _native_ops(device: torch.device) -> set[str]:

@@ -172,13 +172,29 @@ def resolve(args: dict[str, Any], fmt: ConfigFormat | None) -> dict[str, Any]:
     return values
 
 
+def _transformers_should_convert() -> Any:
+    """The installed transformers' ``quantizers_utils.should_convert_module``, or None (absent, or no transformers)."""
+    try:
+        from transformers.quantizers.quantizers_utils import should_convert_module
+    except ImportError:
+        return None
+    return should_convert_module
+
+
 def transformers_skip(name: str, patterns: Iterable[str]) -> str | None:
     """The first of ``patterns`` under which transformers leaves module ``name`` unquantized, or None.
 
-    transformers 5.23's ``quantizers_utils.should_convert_module``, which its bitsandbytes loader applies to
-    ``llm_int8_skip_modules`` and ``_keep_in_fp32_modules``: a pattern matches as a regex from the start of the name up
-    to a ``.`` boundary (``"layers.1"`` matches ``layers.1.attn``, not ``layers.11.attn``; ``"mlp.gate"`` not
-    ``mlp.gate_proj``), or as a plain suffix of the name (``"o_proj"`` matches ``model.layers.0.self_attn.o_proj``)."""
+    The rule is the installed transformers' own ``quantizers_utils.should_convert_module``, which its bitsandbytes
+    loader applies to ``llm_int8_skip_modules`` and ``_keep_in_fp32_modules``: the checkpoint to be loaded was made by a
+    loader that followed it, and the rule changed between releases (transformers 5.17 matches a pattern as a plain
+    regex prefix, so ``"model.layers.1"`` also skips ``model.layers.11``; 5.23 stops a pattern at a ``.`` boundary).
+    Without that function (an older or no transformers), 5.23's rule: a pattern matches as a regex from the start of
+    the name up to a ``.`` boundary (``"layers.1"`` matches ``layers.1.attn``, not ``layers.11.attn``; ``"mlp.gate"``
+    not ``mlp.gate_proj``), or as a plain suffix of the name (``"o_proj"`` matches
+    ``model.layers.0.self_attn.o_proj``)."""
+    patterns = sorted(p for p in patterns if isinstance(p, str) and p)
+    should_convert = _transformers_should_convert()
+    if should_convert is not None:
+        return next((p for p in patterns if not should_convert(name, [p])), None)
     boundary = r"(?:(?<=\.)|(?=\.|$))"
-    return next((p for p in sorted(patterns) if isinstance(p, str) and p
-                 and (re.match(rf"(?:{p}){boundary}", name) or name.endswith(p))), None)
+    return next((p for p in patterns if re.match(rf"(?:{p}){boundary}", name) or name.endswith(p)), None)

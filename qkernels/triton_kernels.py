@@ -50,7 +50,7 @@ except ImportError as exc:  # pragma: no cover - triton is a dev dependency
     triton = tl = None
     _TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
-__all__ = ["matmul_4bit_lora_fwd", "matmul_4bit_lora_dx", "triton_available"]
+__all__ = ["matmul_4bit_lora_fwd", "matmul_4bit_lora_dx", "triton_available", "interpreter_unusable_reason"]
 
 # The epilogue's LoRA operands are [BLOCK_M, R_PAD] and [BLOCK_out, R_PAD] tiles staged in shared memory. At R_PAD 256
 # with float32 operands (peft keeps adapters in float32) that is 256 KiB: over the 227 KiB a block may have on an
@@ -66,12 +66,49 @@ def _interpret_env() -> bool:
 
 def triton_available(device: torch.device | str) -> bool:
     """True when the Triton kernels can serve ``device``: triton imports, and the device is CUDA, or
-    ``TRITON_INTERPRET=1`` asks for the (slow, CPU) interpreter. The launchers themselves also run CPU tensors
-    through the interpreter without the variable; this is the switch a dispatcher should read.
+    ``TRITON_INTERPRET=1`` asks for the (slow, CPU) interpreter and it can run them here
+    (``interpreter_unusable_reason``). The launchers themselves also run CPU tensors through the interpreter without
+    the variable; this is the switch a dispatcher should read.
     """
     if _TRITON_IMPORT_ERROR is not None:
         return False
-    return torch.device(device).type == "cuda" or _interpret_env()
+    return torch.device(device).type == "cuda" or (_interpret_env() and interpreter_unusable_reason() is None)
+
+
+def _probe_kernel(out_ptr, n):
+    """16 lanes counting the trips of a loop bounded by a scalar argument, as the kernels' K loops are."""
+    acc = tl.full((16,), 0, tl.int32)
+    for _ in range(0, n, 1):
+        acc += 1
+    tl.store(out_ptr + tl.arange(0, 16), acc)
+
+
+@functools.cache
+def interpreter_unusable_reason() -> str | None:
+    """Why Triton's CPU interpreter cannot run these kernels in this process, or None (it can, or triton is not
+    installed: ``triton_available`` says that).
+
+    Found by running a 16-lane probe kernel once. The known case: triton 3.6's interpreter holds a scalar argument as a
+    1-element numpy array and turns it into a loop bound with ``int(array)``, which numpy 2.4 and later refuse ("only
+    0-dimensional arrays can be converted to Python scalars"); newer triton releases squeeze the array first. The
+    compiled (GPU) kernels are not affected.
+    """
+    if _TRITON_IMPORT_ERROR is not None:
+        return None
+    import numpy as np
+    from triton.runtime.interpreter import InterpretedFunction
+
+    out = torch.zeros(16, dtype=torch.int32)
+    versions = f"triton {triton.__version__}, numpy {np.__version__}"
+    try:
+        InterpretedFunction(_probe_kernel)[(1,)](out, 3)
+    except Exception as exc:  # noqa: BLE001 - any failure of the interpreter itself is the answer
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
+        return (f"Triton's interpreter fails on a loop bounded by a kernel argument here ({versions}: "
+                f"{type(cause).__name__}: {cause})")
+    if not bool((out == 3).all()):
+        return f"Triton's interpreter miscounted a probe kernel's loop here ({versions})"
+    return None
 
 
 # ------------------------------------------------------------------------------------------------------ kernels
@@ -362,6 +399,10 @@ def _launch(kernel_name: str, a: torch.Tensor, packed, absmax, code, blocksize, 
         # Nothing to write. Launched, the autotuner would time six empty grids (do_bench sizes its repeats by the
         # measured ~0 ms: seconds of Python launches) and file the winner of that noise under M's bucket 16.
         return
+    if interpret and (why := interpreter_unusable_reason()) is not None:
+        raise RuntimeError(f"the Triton kernels cannot run on {a.device.type} tensors in this process: {why}. "
+                           "Upgrade triton (or use numpy < 2.4) for the interpreter, run on a CUDA GPU, or use "
+                           "backend='cpu' or 'reference'")
     kernels = _kernels(interpret)
     precision = _dot_precision(a.dtype)
     if precision == "ieee":  # CUDA-core FMA dots: their own tilings (see _FMA_TILES)

@@ -1,6 +1,8 @@
 """Shared pytest configuration.
 
 - Tests marked ``@pytest.mark.cuda`` are skipped, with a reason, when there is no GPU.
+- ``triton_interpreter``: a fixture for tests that run the Triton kernels in Triton's CPU interpreter (skips where
+  it cannot run, saying why).
 - ``QKERNELS_TEST_FAILURES=path``: each failing test's id and the last lines of its report are appended to ``path``
   the moment it fails (scripts/gpu_check.sh sets it). The GPU run is cut at a deadline by ``timeout``, which kills
   pytest before its end-of-run summary: without this file a killed run said how many tests failed, not which.
@@ -44,3 +46,16 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     tail = "\n".join(text.splitlines()[-_TAIL_LINES:])
     with open(_failure_log, "a", encoding="utf-8") as f:
         f.write(f"FAILED {report.nodeid} ({report.when})\n{tail}\n\n")
+
+
+@pytest.fixture
+def triton_interpreter():
+    """For tests that run qkernels' Triton kernels in Triton's CPU interpreter: skips, saying why, where it cannot
+    (triton not installed, or ``qkernels.triton_kernels.interpreter_unusable_reason``: e.g. triton 3.6's interpreter
+    with numpy >= 2.4). With the triton the project pins (Makefile) they run: test_triton.py checks that."""
+    pytest.importorskip("triton", reason="Triton is not installed")
+    from qkernels.triton_kernels import interpreter_unusable_reason
+
+    why = interpreter_unusable_reason()
+    if why is not None:
+        pytest.skip(f"{why}; the project's pinned triton (Makefile) runs these tests")

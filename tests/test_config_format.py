@@ -256,6 +256,24 @@ def test_the_skip_rule_is_transformers_own(name, patterns):
     assert (transformers_skip(name, patterns) is not None) == (not should_convert_module(name, patterns))
 
 
+# transformers 5.23's rule, which transformers_skip follows where transformers has no should_convert_module: a pattern
+# stops at a "." boundary or matches as a suffix (5.17's plain regex prefix also skipped layers.11 for "layers.1")
+@pytest.mark.parametrize("name,patterns,hit", [
+    ("model.layers.0.self_attn.o_proj", ["o_proj"], "o_proj"), ("model.layers.11.mlp", ["model.layers.1"], None),
+    ("model.layers.1.mlp.up_proj", ["model.layers.1"], "model.layers.1"),
+    ("model.layers.0.mlp.gate_proj", ["model.layers.0.mlp.gate"], None),
+    ("model.layers.0.mlp.gate", ["model.layers.0.mlp.gate"], "model.layers.0.mlp.gate"),
+    ("model.layers.3.mlp.up_proj", [r"model\.layers\.\d+"], r"model\.layers\.\d+"),
+    ("model.layers.0.mlp.up_proj", ["mlp"], None), ("lm_head", ["o_proj", "lm_head"], "lm_head"),
+    ("model.lm_head", ["lm_head"], "lm_head"), ("model.layers.0.mlp", ["", 3, "mlp"], "mlp"),
+])
+def test_the_skip_rule_without_transformers_function_is_5_23s(name, patterns, hit, monkeypatch):
+    from qkernels import _bnb_config
+
+    monkeypatch.setattr(_bnb_config, "_transformers_should_convert", lambda: None)
+    assert transformers_skip(name, patterns) == hit
+
+
 # ---------------------------------------------------------------------------------------------- ignored, refused
 def test_a_model_with_real_weights_ignores_the_config_for_its_format():
     """The user quantizes fresh weights: the arguments (or their defaults) decide, as before; skip modules too."""

@@ -18,6 +18,7 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
+from packaging.version import Version
 from torch import nn
 
 import qkernels
@@ -26,6 +27,9 @@ from qkernels import QLoRALinear, apply_qlora
 from .test_training import LLAMA_TARGETS, tiny_llama
 
 IDS = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+# torch 2.11's FSDP2 wraps each shard in nn.Parameter(...) with the default requires_grad=True, which torch refuses for
+# an integer tensor (pytorch/pytorch#177844): fully_shard of a model with uint8-stored packed weights fails there
+_INT_REFUSAL = "only Tensors of floating point dtype can require gradients"
 WORLD = 2
 STEPS = 3
 
@@ -136,13 +140,24 @@ def _worker(rank: int, init: str, out: str) -> None:
     warnings.filterwarnings("ignore")
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
     try:
-        for storage in (torch.bfloat16, torch.float32, torch.uint8):
+        for storage in (torch.bfloat16, torch.float32):
             _fsdp2_case(rank, out, storage)
+        try:
+            _fsdp2_case(rank, out, torch.uint8)
+            uint8 = True
+        except RuntimeError as exc:  # torch 2.11's fully_shard: see _INT_REFUSAL
+            if _INT_REFUSAL not in str(exc):
+                raise
+            uint8 = False
+            if rank == 0:
+                with open(os.path.join(out, "uint8-refused.txt"), "w") as f:
+                    f.write(str(exc))
         # HF's recipe: storage = param_dtype. uint8 storage is not cast (FSDP2 casts floating-point parameters only):
         # the same codes, so the same logits (B = 0: the base model's)
         mixed = _fsdp2_mixed_precision(torch.bfloat16, torch.bfloat16)
         assert bool(torch.isfinite(mixed).all())
-        assert torch.equal(_fsdp2_mixed_precision(torch.uint8, torch.bfloat16), mixed)
+        if uint8:
+            assert torch.equal(_fsdp2_mixed_precision(torch.uint8, torch.bfloat16), mixed)
         with pytest.raises(TypeError, match=r"quant_storage=torch\.bfloat16"):
             _fsdp2_mixed_precision(torch.float32, torch.bfloat16)
         _fsdp1_case(rank, out)
@@ -177,6 +192,12 @@ def _reference(storage: torch.dtype) -> tuple[list[float], nn.Module]:
 
 @pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32, torch.uint8], ids=str)
 def test_fsdp2_training_equals_training_without_fsdp_and_its_adapter_reloads(fsdp_results, one_thread, storage):
+    refused = os.path.join(fsdp_results, "uint8-refused.txt")
+    if storage == torch.uint8 and os.path.exists(refused):
+        # torch before 2.13 only (CI runs 2.13, which shards it): the skip must not hide a regression there
+        assert Version(torch.__version__.split("+")[0]) < Version("2.13"), open(refused).read()
+        pytest.skip(f"torch {torch.__version__}'s fully_shard cannot shard a uint8 parameter (pytorch/pytorch#177844, "
+                    "fixed in later releases): use quant_storage=torch.bfloat16 there (README, FSDP)")
     got = torch.load(os.path.join(fsdp_results, f"{storage}.pt"))
     losses, ref = _reference(storage)
     assert got["losses"] == losses, "exact: see the module docstring"

@@ -347,26 +347,23 @@ def test_cpu_bfloat16_large_m_multiplies_in_float32_without_bf16_gemm(monkeypatc
 # ------------------------------------------------------------------------ Triton, in the CPU interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])  # interpreter: no bf16 dot
 @pytest.mark.parametrize("M,N,K,dropout_p", [(3, 48, 96, 0.0), (17, 33, 63, 0.25)], ids=["even", "odd-K-drop"])
-def test_triton_backend_in_the_interpreter(M, N, K, dropout_p, dtype, monkeypatch):
+def test_triton_backend_in_the_interpreter(M, N, K, dropout_p, dtype, monkeypatch, triton_interpreter):
     """The whole Function on the Triton kernels (fused dequant-GEMM forward, dX with the LoRA term and mask)."""
-    pytest.importorskip("triton", reason="Triton is not installed")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     _check(M, N, K, 8, dtype, "triton", dropout_p=dropout_p)
 
 
-def test_double_backward_triton_in_the_interpreter(monkeypatch):
+def test_double_backward_triton_in_the_interpreter(monkeypatch, triton_interpreter):
     """The Triton forward, then a double backward (the differentiable torch path), against float64."""
-    pytest.importorskip("triton", reason="Triton is not installed")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     test_double_backward(0.25, 3, "triton")
 
 
 @pytest.mark.parametrize("r", [0, 4, 300], ids=["r0", "r4", "r300"])
-def test_triton_backend_takes_what_the_others_take(r, monkeypatch):
+def test_triton_backend_takes_what_the_others_take(r, monkeypatch, triton_interpreter):
     """Strided views of the LoRA weights, the bias and the absmax, and LoRA ranks the fused epilogue does not hold
     (empty r = 0 factors, r > MAX_LORA_RANK), run on the Triton backend as on the others; they were RuntimeErrors there
     ("lora_B must be contiguous", "lora_t must be [M, r] with 0 < r <= 256")."""
-    pytest.importorskip("triton", reason="Triton is not installed")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     M, N, K = 5, 24, 40
     packed, state, x, _, _, b, gy = _problem(M, N, K, 0, torch.float32)

@@ -156,7 +156,7 @@ def _check_result(case: Case, got, packed, state, a, l1, l2, extra) -> None:
 
 # ------------------------------------------------------------------------------------------ CPU (interpreter)
 @pytest.mark.parametrize("case", _default_cases(), ids=lambda c: c.id)
-def test_matches_fp64_reference(case):
+def test_matches_fp64_reference(case, triton_interpreter):
     _check_case(case)
 
 
@@ -167,22 +167,22 @@ FULL_SWEEP = os.environ.get("QKERNELS_FULL_TRITON_SWEEP") == "1"
 @pytest.mark.skipif(not FULL_SWEEP, reason="the full sweep takes tens of minutes in the interpreter: "
                     "set QKERNELS_FULL_TRITON_SWEEP=1")
 @pytest.mark.parametrize("case", _all_cases() if FULL_SWEEP else [None], ids=lambda c: c.id if c else "all")
-def test_full_sweep(case):
+def test_full_sweep(case, triton_interpreter):
     _check_case(case)
 
 
 @pytest.mark.parametrize("op", ["fwd", "dx"])
-def test_float32_lora_operands_with_fp16_activations(op):
+def test_float32_lora_operands_with_fp16_activations(op, triton_interpreter):
     _check_case(Case(op, 17, 65, 130, 64, True, "nf4", torch.float16, 8, True), lora_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("op", ["fwd", "dx"])
-def test_no_lora_term_rank_16_and_large_M(op):
+def test_no_lora_term_rank_16_and_large_M(op, triton_interpreter):
     _check_case(Case(op, 113, 48, 96, 32, True, "nf4", torch.float16, 0, False))
     _check_case(Case(op, 40, 33, 63, 64, False, "fp4", torch.float32, 16, True))
 
 
-def test_quant_storage_out_and_leading_dims():
+def test_quant_storage_out_and_leading_dims(triton_interpreter):
     """A bf16 quant_storage view of the bytes, x with two leading dims, and writing into out= buffers."""
     packed, state = _weight(48, 96, 64, "nf4", True, quant_storage=torch.bfloat16)
     assert packed.dtype == torch.bfloat16
@@ -246,7 +246,7 @@ def test_argument_errors_name_the_argument():
         matmul_4bit_lora_dx(torch.randn(3, 32), packed, state, out=torch.empty(3, 64, dtype=torch.float16))
 
 
-def test_ops_pass_opcheck_schema_and_fake():
+def test_ops_pass_opcheck_schema_and_fake(triton_interpreter):
     """Schema (mutation declared for out=) and fake-tensor shape propagation. The compile-path checks of opcheck
     need a traceable (compiled) kernel: GPU only, below."""
     packed, state = _weight(48, 96, 64, "nf4", True)
@@ -457,10 +457,42 @@ def test_traced_ops_keep_m_symbolic(op):
 
 
 def test_triton_available(monkeypatch):
+    from qkernels.triton_kernels import interpreter_unusable_reason
+
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert triton_available("cuda") and not triton_available("cpu")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert triton_available("cpu")
+    assert triton_available("cpu") == (interpreter_unusable_reason() is None)
+
+
+def test_the_pinned_triton_interprets_the_kernels():
+    """The interpreter tests skip where the interpreter cannot run the kernels (triton 3.6 with numpy >= 2.4); with
+    the triton the project pins (Makefile: 3.9) they must run, or CI would skip them all without anyone noticing."""
+    import triton
+    from packaging.version import Version
+
+    from qkernels.triton_kernels import interpreter_unusable_reason
+
+    if Version(triton.__version__) < Version("3.9"):
+        pytest.skip(f"triton {triton.__version__} is older than the pinned 3.9: the probe may rightly refuse it")
+    assert interpreter_unusable_reason() is None
+
+
+def test_an_interpreter_that_cannot_run_the_kernels_is_refused_saying_why(monkeypatch):
+    """triton 3.6's interpreter with numpy >= 2.4 fails inside the kernels' K loop with a bare numpy TypeError; the
+    probe's reason is what a caller sees instead, from the launcher and from matmul_4bit_lora's dispatch."""
+    from qkernels import triton_kernels
+
+    why = "Triton's interpreter fails on a loop bounded by a kernel argument here (a test's reason)"
+    monkeypatch.setattr(triton_kernels, "interpreter_unusable_reason", lambda: why)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not triton_available("cpu") and triton_available("cuda")
+    packed, state = _weight(32, 64, 64, "nf4", True)
+    x = torch.randn(3, 64)
+    with pytest.raises(RuntimeError, match=r"a test's reason\)\. Upgrade triton .* backend='cpu' or 'reference'"):
+        matmul_4bit_lora_fwd(x, packed, state)
+    with pytest.raises(ValueError, match=r"Triton cannot run on cpu here: .*a test's reason"):
+        qkernels.matmul_4bit_lora(x, packed, state, None, None, 1.0, backend="triton")
 
 
 # ------------------------------------------------------------------------------------------------------ GPU
