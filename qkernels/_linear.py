@@ -283,9 +283,12 @@ def _add_lora_dx(dx, lora_u, lora_A, lora_mask, impl: str = "reference", lora_ma
     on the native CPU path (no mask or a bool one), else in dx's dtype."""
     boolean = lora_mask is not None and lora_mask.dtype == torch.bool
     if (lora_mask is None or boolean) and _cpu_lora(dx, impl):
-        mask_ptr = lora_mask.contiguous().data_ptr() if boolean else 0  # its shape: checked by the callers
-        _native.lora_up_add_raw(dx, _native._DTYPE_TO_NATIVE[dx.dtype], _dense_f32(lora_u), lora_A, mask_ptr,
-                                lora_mask_scale)
+        # The dense mask is held in a name until the kernel has read it: a strided mask's contiguous() copy, freed
+        # right after data_ptr() was taken, was overwritten by the next allocation (the float32 copy of a float16
+        # lora_A, same byte count) and the kernel read garbage. Its shape: checked by the callers.
+        mask = lora_mask.contiguous() if boolean else None
+        _native.lora_up_add_raw(dx, _native._DTYPE_TO_NATIVE[dx.dtype], _dense_f32(lora_u), lora_A,
+                                0 if mask is None else mask.data_ptr(), lora_mask_scale)
         return
     lora = lora_u.to(dx.dtype) @ lora_A.to(dx.dtype)
     if lora_mask is not None:

@@ -247,6 +247,13 @@ def dequantize_4bit_native(
     return out
 
 
+def _dense_nested(nested_absmax: torch.Tensor, nested_code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The nested scales as dense tensors, for a kernel that reads them by pointer. The caller keeps the result in
+    names until the kernel returns: ``f(t.contiguous().data_ptr(), ...)`` frees a strided ``t``'s copy before ``f``
+    runs, and the next allocation (the other table's copy) reused its memory, so the kernel read the wrong scales."""
+    return nested_absmax.contiguous(), nested_code.contiguous()
+
+
 def dequantize_4bit_cpu_into(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
                              out: torch.Tensor, nested: tuple | None = None) -> torch.Tensor:
     """``dequantize_4bit_native`` on the CPU into ``out`` without its checks, for callers that validated the state
@@ -259,10 +266,11 @@ def dequantize_4bit_cpu_into(packed: torch.Tensor, absmax: torch.Tensor, code: t
     if nested is not None:  # absmax: the uint8 codes (nested[0] is the same tensor)
         _, nested_absmax, nested_code, offset, nested_blocksize = nested
         offset = offset_value(offset) if isinstance(offset, torch.Tensor) else float(offset)
-        _C.dequantize_4bit_nested_cpu(packed.data_ptr(), absmax.data_ptr(),
-                                      nested_absmax.contiguous().data_ptr(), nested_code.contiguous().data_ptr(),
-                                      offset, nested_blocksize, code.data_ptr(), n, blocksize, out.data_ptr(),
-                                      _DTYPE_TO_NATIVE[out.dtype])
+        # dense copies held in names until the kernel returns (see _dense_nested)
+        nested_absmax, nested_code = _dense_nested(nested_absmax, nested_code)
+        _C.dequantize_4bit_nested_cpu(packed.data_ptr(), absmax.data_ptr(), nested_absmax.data_ptr(),
+                                      nested_code.data_ptr(), offset, nested_blocksize, code.data_ptr(), n, blocksize,
+                                      out.data_ptr(), _DTYPE_TO_NATIVE[out.dtype])
     else:
         _C.dequantize_4bit_cpu(packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), n, blocksize, out.data_ptr(),
                                _DTYPE_TO_NATIVE[out.dtype])
@@ -286,9 +294,10 @@ def dequantize_4bit_cpu_t_into(packed: torch.Tensor, scales: tuple, code: torch.
     dt = _DTYPE_TO_NATIVE[out.dtype]
     if nested_absmax is not None:
         offset = offset_value(offset) if isinstance(offset, torch.Tensor) else float(offset)
-        _C.dequantize_4bit_t_cpu(packed.data_ptr(), 0, absmax.data_ptr(), nested_absmax.contiguous().data_ptr(),
-                                 nested_code.contiguous().data_ptr(), offset, int(nested_blocksize), code.data_ptr(),
-                                 N, K, blocksize, out.data_ptr(), dt)
+        nested_absmax, nested_code = _dense_nested(nested_absmax, nested_code)
+        _C.dequantize_4bit_t_cpu(packed.data_ptr(), 0, absmax.data_ptr(), nested_absmax.data_ptr(),
+                                 nested_code.data_ptr(), offset, int(nested_blocksize), code.data_ptr(), N, K,
+                                 blocksize, out.data_ptr(), dt)
     else:
         _C.dequantize_4bit_t_cpu(packed.data_ptr(), absmax.data_ptr(), 0, 0, 0, 0.0, 256, code.data_ptr(), N, K,
                                  blocksize, out.data_ptr(), dt)

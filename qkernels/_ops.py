@@ -42,7 +42,17 @@ def _check_code(code: torch.Tensor, entries: int, like: torch.Tensor) -> None:
     torch._check(code.device == like.device, lambda: f"code is on {code.device} but the data is on {like.device}")
 
 
+def _format_int(v):
+    """A format integer (blocksize, nested blocksize) with its value: a ``torch.SymInt`` becomes a Python int, anything
+    else is returned for the checks to judge. Under ``torch.compile(dynamic=True)`` an int that reaches an op from a
+    Python object (a QuantState held outside a module) is symbolic, and the power-of-two checks compared the symbol:
+    "nested_blocksize must be a power of two from 1 to 4096, got s93". int() specializes it (dynamo guards on the
+    value, so another blocksize recompiles, as it must: the kernels are chosen by it)."""
+    return int(v) if isinstance(v, torch.SymInt) else v
+
+
 def _check_blocksize(blocksize: int, lo: int = 32) -> None:
+    blocksize = _format_int(blocksize)
     torch._check(
         lo <= blocksize <= 4096 and blocksize & (blocksize - 1) == 0,
         lambda: f"blocksize must be a power of two in [{lo}, 4096], got {blocksize}",
@@ -129,6 +139,7 @@ def dequantize_4bit_impl(packed, absmax, code, blocksize, shape, dtype, nested_a
 
 
 def _check_dequantize(packed, absmax, code, blocksize, shape, dtype, nested_absmax, nested_code, offset, nested_bs):
+    blocksize, nested_bs = _format_int(blocksize), _format_int(nested_bs)
     torch._check(packed.dtype == torch.uint8, lambda: f"packed must be uint8 (view other storage), got {packed.dtype}")
     # The native kernels read the bytes through a raw pointer: a strided view would be decoded as the wrong bytes.
     torch._check(packed.is_contiguous(), lambda: "packed must be contiguous (its bytes are read in order); pass "

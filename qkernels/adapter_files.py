@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._compiled import ORIG_MOD, strip_compiled_prefix, unwrap_compiled
 from .adapters import (
     _add_to_module,
     _dropout_p,
@@ -362,10 +363,13 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default", *,
     from FSDP's shards, whose modules hold one rank's part.
 
     Returns that dict (CPU copies) for adapter ``adapter_name`` of ``model``; raises ValueError if no module has it,
-    or if ``state_dict`` lacks one of its tensors (or none is given and a tensor is an FSDP2 shard).
+    or if ``state_dict`` lacks one of its tensors (or none is given and a tensor is an FSDP2 shard). A
+    ``torch.compile(model)`` gives ``model``'s keys (``qkernels._compiled``); a compiled submodule put in the tree
+    (its names hold ``_orig_mod``) is a ValueError: its keys would not be peft's.
     """
     from .embedding import QLoRAEmbedding
 
+    model, state_dict = _uncompiled(model, state_dict)
     out = {}
     for name, m in _require_adapter(model, adapter_name):
         if isinstance(m, QLoRAEmbedding):  # peft's keys: <module>.lora_embedding_A / _B, no ".weight"
@@ -400,6 +404,27 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default", *,
                                                           t.deltas[adapter_name])
     out.update(_embedding_base_weights(model, adapter_name, state_dict))
     return out
+
+
+def _uncompiled(model: nn.Module, state_dict: dict[str, torch.Tensor] | None
+                ) -> tuple[nn.Module, dict[str, torch.Tensor] | None]:
+    """The model (and its state dict) a file is written from: ``torch.compile``'s wrapper seen through, so that the
+    keys are the uncompiled model's (peft loaded ``_orig_mod.`` keys as missing ones: the adapter silently lost).
+
+    Raises:
+        ValueError: a module with the adapter sits under a compiled submodule (``layers[0] = torch.compile(...)``):
+            ``_orig_mod`` in the middle of its name, which peft's names do not have.
+    """
+    inner = unwrap_compiled(model)
+    if inner is not model and state_dict is not None:
+        state_dict = strip_compiled_prefix(state_dict)
+    nested = next((n for n, _ in inner.named_modules() if ORIG_MOD in n.split(".")), None)
+    if nested is not None:
+        raise ValueError(f"module {nested!r} is inside a torch.compile wrapper put into the model (a submodule "
+                         "replaced by torch.compile(submodule)): its adapter keys would hold '_orig_mod' and peft "
+                         "would load none of them. Compile submodules in place with submodule.compile() (same "
+                         "speed, names unchanged), or save from the uncompiled module")
+    return inner, state_dict
 
 
 def _embedding_base_weights(model: nn.Module, adapter_name: str,
@@ -458,6 +483,7 @@ def save_adapter(
     """
     from safetensors.torch import save_file
 
+    model, state_dict = _uncompiled(model, state_dict)
     if os.path.isfile(path):  # was FileExistsError from makedirs, which reads as "the directory exists"
         raise ValueError(f"path {os.fspath(path)!r} is a file; save_adapter writes a directory (adapter_config.json "
                          "and adapter_model.safetensors): pass a directory path")
@@ -942,6 +968,7 @@ def load_adapter(
         ValueError: ``path`` is a file, the adapter exists (without ``replace``), or the files do not fit the model
             (see above); the model is unchanged then.
     """
+    model = unwrap_compiled(model)  # the uncompiled model's names (qkernels._compiled)
     cfg = _read_config(path)
     existing = adapter_name in adapter_names(model)
     if existing and not replace:

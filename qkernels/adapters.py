@@ -25,6 +25,8 @@ from typing import Any
 
 from torch import nn
 
+from ._compiled import unwrap_compiled
+
 __all__ = [
     "add_adapter",
     "delete_adapter",
@@ -76,6 +78,7 @@ def _token_wrappers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def adapter_names(model: nn.Module) -> list[str]:
     """Returns the adapter names present on at least one QLoRALinear (or module to save) of ``model``, in first-seen
     order (``[]`` for a model without adapters)."""
+    model = unwrap_compiled(model)
     names: dict[str, None] = {}
     for _, m in _qlora_modules(model):
         names.update(dict.fromkeys(m.lora_A.keys()))
@@ -115,6 +118,7 @@ def set_adapter(model: nn.Module, name: str) -> None:
     ``name`` has none, as peft's ``ModulesToSaveWrapper``. ``model``: any module holding QLoRALinear layers
     (``apply_qlora``'s result). Raises ``ValueError`` if no module has it.
     """
+    model = unwrap_compiled(model)
     _require_known(model, name)
     for _, m in _qlora_modules(model):
         _activate(m, name)
@@ -143,7 +147,8 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     ``with qkernels.disable_adapters(model): y_base = model(x)`` — peft's ``with peft_model.disable_adapter():``.
     Returns the context manager; ``as`` binds ``model`` itself.
     """
-    mods = _qlora_modules(model) + _wrappers(model) + _token_wrappers(model)
+    inner = unwrap_compiled(model)
+    mods = _qlora_modules(inner) + _wrappers(inner) + _token_wrappers(inner)
     saved = [(m, bool(m.disable_adapters)) for _, m in mods]
     try:
         for m, _ in saved:
@@ -163,6 +168,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     copy of that new active adapter, or their original module when they have none (peft's
     ``ModulesToSaveWrapper.delete_adapter``). Raises ``ValueError`` if no module has it.
     """
+    model = unwrap_compiled(model)
     _require_known(model, name)
     mods, wrappers = _qlora_modules(model), _wrappers(model)
     was_active = any(m.active_adapter == name for _, m in mods + wrappers)
@@ -243,6 +249,7 @@ def add_adapter(
     from .model import _check_layer_args, match_target_modules
     from .modules_to_save import check_modules_to_save, plan_modules_to_save, wrap_modules_to_save
 
+    model = unwrap_compiled(model)
     if not isinstance(name, str) or not name:
         raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:

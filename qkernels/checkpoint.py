@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
+from ._compiled import unwrap_compiled
+
 __all__ = ["load_checkpoint"]
 
 logger = logging.getLogger("qkernels")
@@ -153,6 +155,7 @@ def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike, *, strict: 
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    model = unwrap_compiled(model)  # torch.compile(model): the checkpoint's keys are the uncompiled model's
     from safetensors.torch import load_file
 
     files = _files(Path(checkpoint))

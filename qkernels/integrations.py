@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._compiled import unwrap_compiled
 from .adapter_files import (
     BIN_NAME,
     CONFIG_NAME,
@@ -95,6 +96,7 @@ def save_adapters(model: nn.Module, path: str | os.PathLike, *, task_type: str |
     Adapter "default" goes to ``path`` itself, any other adapter ``name`` to ``path/name`` (each an
     ``adapter_config.json`` + ``adapter_model.safetensors`` written by ``qkernels.save_adapter``, modules to save
     included). ``task_type`` (None: ``task_type_of(model)``) is written to each config. Returns the adapter names."""
+    model = unwrap_compiled(model)  # torch.compile(model): the uncompiled model's class and names
     names = adapter_names(model)
     task_type = task_type if task_type is not None else task_type_of(model)
     for name in names:
@@ -111,6 +113,7 @@ def restore_adapters(model: nn.Module, path: str | os.PathLike) -> list[str]:
     use_dora (a DoRA adapter's magnitudes are restored too) and modules to save; any difference raises
     ``ValueError`` before a tensor is copied (to change the adapter's shape, use
     ``qkernels.load_adapter(model, path, replace=True)`` instead)."""
+    model = unwrap_compiled(model)
     have, saved = adapter_names(model), _saved_adapters(path)
     if sorted(have) != sorted(saved):
         raise ValueError(

@@ -44,6 +44,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._compiled import unwrap_compiled
+
 __all__ = ["BASE", "adapter_batch"]
 
 BASE = "__base__"  # peft's placeholder for "no adapter" (layer.py:868)
@@ -185,9 +187,10 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str], *, num_beams: 
     if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
         raise TypeError(f"num_beams must be a positive int (generate's num_beams), got {num_beams!r}")
     names = list(adapter_names)
+    outer, model = model, unwrap_compiled(model)  # the hooks go on the uncompiled modules; `as` binds what was passed
     mods = [m for _, m in _qlora_modules(model) + _wrappers(model) + _token_wrappers(model)]
     if all(m.disable_adapters for m in mods):  # peft_model.py:992: no enabled adapter, no hook (names ignored)
-        yield model
+        yield outer
         return
     if model.training:
         raise ValueError("Cannot pass `adapter_names` when the model is in training mode. Call model.eval() first "
@@ -204,7 +207,7 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str], *, num_beams: 
         enc = [m for m in encoder.modules() if any(m is x for x in mods)]
         handles += [m.register_forward_pre_hook(functools.partial(_inject, names), with_kwargs=True) for m in enc]
     try:  # peft removes its hooks after the yield without a finally: an exception inside would leave them installed
-        yield model
+        yield outer
     finally:
         for h in handles:
             h.remove()

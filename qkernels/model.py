@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ._bnb_config import ConfigFormat, Default, config_format, has_bnb_config, resolve, transformers_skip
+from ._compiled import unwrap_compiled
 from .embedding import QLoRAEmbedding, embedding_refusal, is_embedding
 from .functional import dequantize_4bit, quantize_4bit
 from .modules_to_save import check_modules_to_save, plan_modules_to_save, wrap_modules_to_save, wrapper_modules
@@ -162,7 +163,9 @@ def match_target_modules(model: nn.Module, target_modules: str | Iterable[str],
     modules matched by a list entry's ``.``-suffix whose layer index (``layer_index(name, layers_pattern)``) is among
     them; as in peft, a module named in full by an entry is kept whatever its index, and the filter is ignored for a
     regex ``target_modules`` (peft's LoraConfig refuses that combination up front, as ``apply_qlora`` does).
-    Modules to save, and modules inside them, are never targeted."""
+    Modules to save, and modules inside them, are never targeted. A ``torch.compile(model)`` gives ``model``'s names
+    (``qkernels._compiled``)."""
+    model = unwrap_compiled(model)
     if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
         target_modules = _all_linear_names(model)
     elif not isinstance(target_modules, str):
@@ -316,6 +319,8 @@ def apply_qlora(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    # torch.compile(model): names, patterns and attributes are the uncompiled model's; the wrapper is returned
+    outer, model = model, unwrap_compiled(model)
     if target_modules is None:  # peft's None: a per-architecture default list, which qkernels does not guess
         raise ValueError("target_modules is None: pass the module names to adapt, e.g. ['q_proj', 'v_proj'], or "
                          "'all-linear' (peft picks a default list per model type for None; qkernels does not)")
@@ -454,7 +459,7 @@ def apply_qlora(
     _mark_bnb_model_trainable(model)
     _drop_bnb_load_conversions(model)
     _prepare_for_gradient_checkpointing(model)
-    return model
+    return outer
 
 
 def _plan_tokens(model: nn.Module, spec: Any, adapter_name: str, modules_to_save: list[str] | None,
@@ -1107,8 +1112,10 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     it runs: the active adapter's copy, or the original module when adapters are disabled or the active adapter has
     no copy (peft's ``unload``). A transformers model that was loaded in 4 bits by bitsandbytes loses its
     ``config.quantization_config`` once no 4-bit layer is left (as after transformers' ``model.dequantize()``), so
-    ``save_pretrained`` / ``from_pretrained`` round-trip the merged model. Returns ``model`` (modified in place).
+    ``save_pretrained`` / ``from_pretrained`` round-trip the merged model. Returns ``model`` (modified in place; a
+    ``torch.compile`` wrapper stays one, around the merged model).
     """
+    outer, model = model, unwrap_compiled(model)
     _check_bias_mergeable(_qlora_layers(model))
     _unwrap_modules_to_save(model)
     layers = _qlora_layers(model)
@@ -1117,7 +1124,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         _replace(model, name, layer.merged_embedding() if isinstance(layer, QLoRAEmbedding) else _dense(layer))
     _drop_quantization_config(model)
     _mark_bnb_model_quantized(model)
-    return model
+    return outer
 
 
 def _warn_tied_merge(model: nn.Module, layers: list[tuple[str, QLoRALinear]]) -> None:
@@ -1273,6 +1280,7 @@ def merge_into_4bit(model: nn.Module) -> dict[str, float]:
     becomes the dense ``nn.Linear`` ``merge_and_unload`` gives, exactly ``W + s B A``, and has no entry.
     """
     errors: dict[str, float] = {}
+    model = unwrap_compiled(model)  # the uncompiled model's names in the result
     _check_bias_mergeable(_qlora_layers(model))
     _unwrap_modules_to_save(model)
     layers = _qlora_layers(model)

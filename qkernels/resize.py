@@ -35,6 +35,7 @@ from typing import Any
 
 from torch import nn
 
+from ._compiled import unwrap_compiled
 from .embedding import QLoRAEmbedding
 
 __all__ = ["install_resize_hook", "resize_token_embeddings"]
@@ -80,6 +81,7 @@ def resize_token_embeddings(model: nn.Module, new_num_tokens: int | None = None,
         ValueError: a DoRA adapter on the embedding, LoRA on the output embedding, weights never loaded (named; the
             model is unchanged). TypeError: ``model`` has no transformers ``resize_token_embeddings``.
     """
+    model = unwrap_compiled(model)  # torch.compile's wrapper has no resize_token_embeddings of its own
     resize = getattr(type(model), "resize_token_embeddings", None)
     if resize is None:
         raise TypeError(f"{type(model).__name__} has no resize_token_embeddings (a transformers PreTrainedModel "

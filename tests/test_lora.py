@@ -544,6 +544,44 @@ def test_opcheck(case):
     torch.library.opcheck(op, args)
 
 
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values in a non-contiguous view (every other element of a doubled buffer; a 2-D t: a transpose)."""
+    if t.dim() == 2:
+        return t.t().contiguous().t()
+    return torch.stack([t, torch.zeros_like(t)], 1)[:, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_ops_take_strided_arguments(dtype):
+    """The ops give the same bits for strided arguments as for dense ones: torch.compile passes the ops whatever
+    strides the graph produced, and opcheck only feeds dense tensors. Regression: the native path took the pointer of
+    a strided bool mask's (and nested scales') contiguous() copy, which was freed before the kernel ran; with a float16
+    lora_A the next allocation (its float32 copy, the same byte count) overwrote it (dx off by ~2500)."""
+    N, K, r, M = 256, 512, 8, 4 * 8  # M * K mask bytes == r * K float32 bytes: the freed copy is reused at once
+    packed, state, _, _, _, _, _ = _problem(1, N, K, r, torch.float32)
+    g = torch.Generator().manual_seed(3)
+    gy, x = torch.randn(M, N, generator=g).to(dtype), torch.randn(80, K, generator=g).to(dtype)  # 80 rows: no GEMV
+    A, u = torch.randn(r, K, generator=g).half(), torch.randn(M, r, generator=g)
+    mask = torch.rand(M, K, generator=g) > 0.5
+    n2 = state.state2.absmax.numel()
+    assert n2 >= 8, "want several nested blocks"
+    ops = torch.ops.qkernels
+
+    def dx(m, nested_absmax, nested_code):
+        return ops.linear_4bit_dx(gy, packed, state.absmax, state.code, 64, K, nested_absmax, nested_code,
+                                  state.offset, 256, u, A, m, 2.0)
+
+    def y(nested_absmax, nested_code):
+        return ops.linear_4bit(x, packed, state.absmax, state.code, 64, N, nested_absmax, nested_code, state.offset)
+
+    dense = (state.state2.absmax, state.state2.code)
+    strided = (_strided(state.state2.absmax), _strided(state.state2.code))
+    assert not (mask.t().contiguous().t().is_contiguous() or strided[0].is_contiguous())
+    assert torch.equal(dx(_strided(mask), *dense), dx(mask, *dense))
+    assert torch.equal(dx(mask, *strided), dx(mask, *dense))
+    assert torch.equal(y(*strided), y(*dense))
+
+
 def test_compile_training_step_matches_eager():
     """fullgraph: forward and (through AOTAutograd) backward of the Function compile without graph breaks."""
     packed, state, x, A, B, b, _ = _problem(24, 48, 96, 8, torch.float32)
