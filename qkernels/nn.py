@@ -438,6 +438,7 @@ class QLoRALinear(nn.Module):
         _float_weight: torch.Tensor | None = None,
         _packed: tuple[torch.Tensor, QuantState] | None = None,
         _conv1d: bool = False,
+        _bias: torch.Tensor | None = None,
     ):
         super().__init__()
         compute_dtype, quant_storage = as_dtype(compute_dtype), as_dtype(quant_storage)  # "bfloat16" as in BnB's config
@@ -526,7 +527,9 @@ class QLoRALinear(nn.Module):
         # what merge_and_unload produces (compute_dtype only sets the matmul's precision). quant_state.dtype stays
         # the checkpoint's.
         self.float_dtype: torch.dtype = dtype or base_dtype
-        if bias:
+        if bias and _bias is not None:  # the replaced layer's (from_linear / from_bnb): nothing drawn, so the LoRA
+            self.bias = _bias  # init below takes the random numbers peft's would under the same seed
+        elif bias:
             b = torch.empty(out_features, device=base_device, dtype=dtype or base_dtype)
             if not b.is_meta:
                 bound = 1 / math.sqrt(in_features)  # nn.Linear's bias init
@@ -613,7 +616,7 @@ class QLoRALinear(nn.Module):
             in_features, out_features = linear.in_features, linear.out_features
         else:
             raise TypeError(f"from_linear expects an nn.Linear (or transformers Conv1D), got {type(linear).__name__}")
-        for k in ("device", "_float_weight", "_packed", "_conv1d"):
+        for k in ("device", "_float_weight", "_packed", "_conv1d", "_bias"):
             if k in qlora_kwargs:
                 raise ValueError(f"from_linear takes {k!r} from the linear; do not pass it")
         if w.dtype not in FLOAT_DTYPES:
@@ -624,12 +627,12 @@ class QLoRALinear(nn.Module):
         qlora_kwargs.setdefault("dtype", w.dtype)
         if qlora_kwargs.get("quantize", True) is False:
             w = linear.weight  # the Parameter itself ([in, out] for a Conv1D): no copy, and a tie survives
-        layer = cls(in_features, out_features, bias=linear.bias is not None, device=w.device,
-                    _float_weight=w, _conv1d=is_conv1d(linear), **qlora_kwargs)
+        bias = None
         if linear.bias is not None:
-            bias = linear.bias.detach().to(qlora_kwargs["dtype"], copy=True)
-            layer.bias = nn.Parameter(bias, requires_grad=linear.bias.requires_grad)
-        return layer
+            bias = nn.Parameter(linear.bias.detach().to(qlora_kwargs["dtype"], copy=True),
+                                requires_grad=linear.bias.requires_grad)
+        return cls(in_features, out_features, bias=bias is not None, device=w.device, _float_weight=w,
+                   _conv1d=is_conv1d(linear), _bias=bias, **qlora_kwargs)
 
     @classmethod
     def from_bnb(cls, bnb_linear: nn.Module, **lora_kwargs: Any) -> QLoRALinear:
@@ -675,11 +678,12 @@ class QLoRALinear(nn.Module):
         state.validate(packed)
         lora_kwargs.setdefault("compute_dtype", getattr(bnb_linear, "compute_dtype", None))
         out_features, in_features = state.shape
-        layer = cls(in_features, out_features, bias=bnb_linear.bias is not None, quant_type=state.quant_type,
-                    double_quant=state.nested, blocksize=state.blocksize, quant_storage=packed.dtype,
-                    device=packed.device, dtype=state.dtype, _packed=(packed, state), **lora_kwargs)
+        bias = None
         if bnb_linear.bias is not None:
-            layer.bias = nn.Parameter(bnb_linear.bias.detach().clone(), requires_grad=bnb_linear.bias.requires_grad)
+            bias = nn.Parameter(bnb_linear.bias.detach().clone(), requires_grad=bnb_linear.bias.requires_grad)
+        layer = cls(in_features, out_features, bias=bias is not None, quant_type=state.quant_type,
+                    double_quant=state.nested, blocksize=state.blocksize, quant_storage=packed.dtype,
+                    device=packed.device, dtype=state.dtype, _packed=(packed, state), _bias=bias, **lora_kwargs)
         # transformers' bitsandbytes loader records what each Linear4bit replaced: a GPT-2 Conv1D merges back to one
         source = getattr(bnb_linear, "source_cls", None)
         layer.is_target_conv_1d_layer = isinstance(source, type) and any(c.__name__ == "Conv1D" for c in source.__mro__)
@@ -754,6 +758,7 @@ class QLoRALinear(nn.Module):
             nn.init.normal_(A.weight, std=1 / r)
             nn.init.zeros_(B.weight)
         # init_lora_weights=False: nn.Linear's default init for both, as peft
+        self._round_as_peft(A, B)
         if "lora_magnitude_vector" not in self._modules:  # a layer pickled by an older qkernels
             self.lora_magnitude_vector = nn.ModuleDict()
         if adapter_name in self.lora_magnitude_vector:  # replaced: a plain adapter of that name keeps no magnitude
@@ -780,6 +785,21 @@ class QLoRALinear(nn.Module):
         self.use_rslora[adapter_name] = use_rslora
         self.set_adapter(self.active_adapter if self.active_adapter is not None else adapter_name)
         self._track_meta()
+
+    def _round_as_peft(self, A: nn.Module, B: nn.Module) -> None:
+        """Round freshly initialized LoRA weights through the dtype peft gives them: peft moves a new adapter to its
+        base layer's dtype (a bitsandbytes ``Linear4bit``'s ``compute_dtype``, a float base's weight dtype;
+        tuners_utils.py:2149-2212) and ``get_peft_model`` casts it back to float32 (``autocast_adapter_dtype``), so
+        under bf16 / fp16 peft's initial A and B are float32 tensors holding bf16 / fp16 values. Rounding them here
+        gives the same initial adapter under the same seed (the DoRA magnitude is computed from these, as in peft).
+        A 4-bit layer without a ``compute_dtype`` computes in its input's dtype, the model's: peft's LoRA on that
+        float model is in the weight's dtype, so that is the dtype here (``float_dtype``)."""
+        dtype = (self.compute_dtype or self.float_dtype) if self.quantized else self.weight.dtype
+        if dtype in (torch.float16, torch.bfloat16):
+            with torch.no_grad():
+                for p in (*A.parameters(), *B.parameters()):
+                    if not p.is_meta:
+                        p.copy_(p.to(dtype))
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make ``adapter_name`` the one adapter that runs; it becomes trainable, the others frozen (as peft).
@@ -1562,6 +1582,7 @@ class QLoRALinear(nn.Module):
                         nn.init.uniform_(b, -1 / math.sqrt(self.r[name]), 1 / math.sqrt(self.r[name]))
                     else:
                         b.zero_()
+            self._round_as_peft(self.lora_A[name], self.lora_B[name])
             self._unloaded = self._unloaded - keys - {f"lora_B.{name}.bias"}
 
     def _validated_weight(self, packed: Any, qkeys: dict, wkey: str, local_metadata: dict) -> Params4bit:
