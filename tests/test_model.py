@@ -234,6 +234,33 @@ def test_same_seed_gives_peft_initial_lora_on_layers_with_a_bias(loaded, compute
     assert torch.equal(A, A.to(compute).float())  # peft's rounding
 
 
+def test_rank_and_alpha_patterns_are_peft_s():
+    """peft's LoraConfig rank_pattern / alpha_pattern (a regex matched at the end of the module name, the first match
+    winning) in apply_qlora and add_adapter: apply_qlora had no such argument, so a LoraConfig's fields could not be
+    passed on (tests/fuzz_vs_peft.py, flow init). Ranks, alphas and scalings are peft's module by module."""
+    config = dict(target_modules=["q_proj", "v_proj", "down_proj"], r=4, lora_alpha=8,
+                  rank_pattern={r"1\.self_attn\.q_proj": 2, "down_proj": 6, "q_proj": 3},
+                  alpha_pattern={"v_proj": 5, r"layers\.0\..*": 32})
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**config)).base_model.model
+    ours = apply_qlora(tiny_llama(), **config)
+    qkernels.add_adapter(ours, "second", **{k: v for k, v in config.items() if k != "target_modules"})
+    layers = {n: m for n, m in ours.named_modules() if isinstance(m, QLoRALinear)}
+    assert layers.keys() == {n for n, m in theirs.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    for n, m in layers.items():
+        p = theirs.get_submodule(n)
+        for adapter in ("default", "second"):
+            assert (m.r[adapter], m.lora_alpha[adapter]) == (p.r["default"], p.lora_alpha["default"]), n
+            assert m.scaling[adapter] == p.scaling["default"] and m.lora_A[adapter].weight.shape[0] == p.r["default"]
+    assert {m.r["default"] for m in layers.values()} == {2, 3, 4, 6}
+    with pytest.raises(ValueError, match=r"rank_pattern\['q_proj'\] must be a positive int rank, got 0"):
+        apply_qlora(tiny_llama(), ["q_proj"], rank_pattern={"q_proj": 0})
+    with pytest.raises(ValueError, match=r"alpha_pattern key '\(' is not a valid regular expression"):
+        apply_qlora(tiny_llama(), ["q_proj"], alpha_pattern={"(": 2})
+    with pytest.raises(TypeError, match="rank_pattern must be a dict"):
+        qkernels.add_adapter(ours, "third", rank_pattern=[("q_proj", 2)])
+    assert "third" not in qkernels.adapter_names(ours)
+
+
 @pytest.mark.parametrize("targets", ["all-linear", ["q", "wo"]], ids=["all-linear", "list"])
 def test_t5_wo_gets_lora_on_a_float_base(targets):
     """T5's feed-forward casts its input to ``wo.weight.dtype`` (uint8 for a 4-bit weight: with wo quantized the logits
