@@ -714,6 +714,10 @@ def _plan(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor], ad
             if isinstance(m, nn.Embedding):
                 what += (f" (an embedding: call apply_qlora with target_modules that include "
                          f"{name.rpartition('.')[2]!r}, which gives it LoRA, before loading)")
+            elif m is not None and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D") and not kept:
+                what += (f" (peft's load_adapter would add a LoRA layer there; qkernels loads into the layers "
+                         f"apply_qlora made: give apply_qlora target_modules that include {name.rpartition('.')[2]!r}"
+                         ", e.g. the union of every adapter's targets, before loading)")
             why = (f". transformers keeps it in float ({type(model).__name__}._keep_in_fp32_modules "
                    f"{[kept[name]]}: peft trained LoRA on a float layer there); apply_qlora gives such a module "
                    "LoRA on its float weight when it is a target: call apply_qlora with target_modules that include "
