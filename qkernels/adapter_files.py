@@ -511,7 +511,10 @@ def _read_config(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{cfg_path}: lora_bias=true with use_dora=true, which peft refuses (\"The argument "
                          "lora_bias=True is not supported for DoRA\"): the file was not written by peft")
     if cfg.get("bias", "none") != "none":
-        raise ValueError(f"{cfg_path}: bias={cfg['bias']!r} (trained base biases) is not supported; only 'none'")
+        raise ValueError(f"{cfg_path}: bias={cfg['bias']!r}: peft trained the base layers' biases too and saved them "
+                         "beside the LoRA weights; qkernels keeps base biases frozen, so it loads bias='none' adapters "
+                         "only. Train with LoraConfig(bias='none'), or merge this adapter with peft "
+                         "(merge_and_unload) and quantize the merged model")
     # fan_in_fan_out (peft sets it for GPT-2's Conv1D targets) is not checked: lora_A [r, in], lora_B [out, r] and
     # the LoRA forward are the same either way in peft (tuners/lora/layer.py); it only transposes B @ A when peft
     # merges into a Conv1D weight [in, out], and qkernels' merge_and_unload handles Conv1D layers itself
