@@ -215,6 +215,11 @@ def _init_lora_(A: torch.Tensor, B: torch.Tensor, init: bool | str, r: int) -> N
         nn.init.zeros_(B)
 
 
+def _loses_precision(dtype: torch.dtype, to: torch.dtype) -> bool:
+    """Whether casting from ``dtype`` to ``to`` rounds (float32 -> bf16 / fp16, fp16 -> bf16)."""
+    return torch.finfo(to).eps > torch.finfo(dtype).eps
+
+
 def is_conv1d(module: nn.Module) -> bool:
     """True for transformers' ``Conv1D`` (GPT-2 family: a linear layer with its weight stored ``[in, out]``)."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
@@ -1041,9 +1046,25 @@ class QLoRALinear(nn.Module):
             y = dora_forward_4bit(x, xc, packed, state, A, B, self._magnitudes()[name].weight,
                                   scaling, self.bias, self.lora_dropout[name], self.training)
             return y if y.dtype == x.dtype else y.to(x.dtype)
+        if name is not None and xc is not x and _loses_precision(x.dtype, cdt) and not torch.is_autocast_enabled():
+            return self._lora_beside_base(x, xc, packed, state, name, A, b_mod, scaling)
         bias = self.bias if b_mod is None or b_mod.bias is None else self._effective_bias(name, scaling)
         y = matmul_4bit_lora(xc, packed, state, A, B, scaling, bias, p, training=self.training)
         return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def _lora_beside_base(self, x: torch.Tensor, xc: torch.Tensor, packed: torch.Tensor, state: QuantState,
+                          name: str, A: torch.Tensor, b_mod: nn.Module, scaling: float) -> torch.Tensor:
+        """peft's bitsandbytes layer (peft/tuners/lora/bnb.py:540-575) when ``compute_dtype`` is narrower than the
+        input's dtype (a float32 model with a bf16 / fp16 compute dtype): the base product in the compute dtype on the
+        cast input, cast back to the input's dtype, plus ``s * lora_B(lora_A(dropout(x)))`` on the input itself in
+        the adapters' dtype. Fused on the cast input instead, the LoRA term and the gradients of A and B carried the
+        compute dtype's rounding of x and of the output gradient, which peft's do not: A and B gradients 4x (fp16)
+        to 60x peft's error on a BART (tests/fuzz_vs_peft.py, flow c)."""
+        y = matmul_4bit_lora(xc, packed, state, None, None, 0.0, self.bias, 0.0, training=self.training)
+        y = y if y.dtype == x.dtype else y.to(x.dtype)
+        xl = x if x.dtype == A.dtype else x.to(A.dtype)
+        lora = b_mod(nn.functional.linear(self.lora_dropout[name](xl), A)) * scaling
+        return y + (lora if lora.dtype == y.dtype else lora.to(y.dtype))
 
     def _effective_bias(self, name: str | None, scaling: float) -> torch.Tensor | None:
         """The bias the fused op adds: the base bias, plus ``scaling * b_B`` for an adapter with ``lora_bias`` (peft's
