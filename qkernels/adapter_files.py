@@ -537,7 +537,10 @@ def _read_config(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{cfg_path}: lora_bias=true with use_dora=true, which peft refuses (\"The argument "
                          "lora_bias=True is not supported for DoRA\"): the file was not written by peft")
     if cfg.get("bias", "none") != "none":
-        raise ValueError(f"{cfg_path}: bias={cfg['bias']!r} (trained base biases) is not supported; only 'none'")
+        raise ValueError(f"{cfg_path}: bias={cfg['bias']!r}: peft trained the base layers' biases too and saved them "
+                         "beside the LoRA weights; qkernels keeps base biases frozen, so it loads bias='none' adapters "
+                         "only. Train with LoraConfig(bias='none'), or merge this adapter with peft "
+                         "(merge_and_unload) and quantize the merged model")
     # fan_in_fan_out (peft sets it for GPT-2's Conv1D targets) is not checked: lora_A [r, in], lora_B [out, r] and
     # the LoRA forward are the same either way in peft (tuners/lora/layer.py); it only transposes B @ A when peft
     # merges into a Conv1D weight [in, out], and qkernels' merge_and_unload handles Conv1D layers itself
@@ -740,6 +743,10 @@ def _plan(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor], ad
             if isinstance(m, nn.Embedding):
                 what += (f" (an embedding: call apply_qlora with target_modules that include "
                          f"{name.rpartition('.')[2]!r}, which gives it LoRA, before loading)")
+            elif m is not None and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D") and not kept:
+                what += (f" (peft's load_adapter would add a LoRA layer there; qkernels loads into the layers "
+                         f"apply_qlora made: give apply_qlora target_modules that include {name.rpartition('.')[2]!r}"
+                         ", e.g. the union of every adapter's targets, before loading)")
             why = (f". transformers keeps it in float ({type(model).__name__}._keep_in_fp32_modules "
                    f"{[kept[name]]}: peft trained LoRA on a float layer there); apply_qlora gives such a module "
                    "LoRA on its float weight when it is a target: call apply_qlora with target_modules that include "

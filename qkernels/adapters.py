@@ -223,6 +223,8 @@ def add_adapter(
     use_dora: bool = False,
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None,
     lora_bias: bool = False,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, float] | None = None,
 ) -> list[str]:
     """Add a new adapter ``name`` to the QLoRALinear modules of ``model`` (defaults are peft's ``LoraConfig``'s).
 
@@ -239,14 +241,15 @@ def add_adapter(
     ``use_dora``: a DoRA adapter with a magnitude per output row, ``qkernels.dora``).
     ``trainable_token_indices``: peft's, as in ``qkernels.apply_qlora`` (rows of the input embedding trained for this
     adapter; ``qkernels.trainable_tokens``). ``lora_bias``: peft's, as in ``qkernels.apply_qlora`` (a bias on each
-    ``lora_B``; not on an embedding).
+    ``lora_B``; not on an embedding). ``rank_pattern`` / ``alpha_pattern``: peft's per-module ``r`` / ``lora_alpha``,
+    as in ``qkernels.apply_qlora``.
     Returns the module names that got a LoRA adapter.
 
     Raises:
         ValueError: ``name`` already exists, a selector matches no QLoRALinear, or a LoRA argument is bad (each
             named in the message); nothing is added then.
     """
-    from .model import _check_layer_args, match_target_modules
+    from .model import _check_layer_args, check_pattern, match_target_modules, pattern_value
     from .modules_to_save import check_modules_to_save, plan_modules_to_save, wrap_modules_to_save
 
     model = unwrap_compiled(model)
@@ -256,6 +259,8 @@ def add_adapter(
         raise ValueError(f"r must be a positive integer, got {r!r}")
     if not isinstance(use_dora, bool):
         raise ValueError(f"use_dora must be a bool, got {use_dora!r}")
+    rank_pattern = check_pattern(rank_pattern, "rank_pattern")
+    alpha_pattern = check_pattern(alpha_pattern, "alpha_pattern")
     mods = [(n, m) for n, m in _qlora_modules(model) if _matches(n, target_modules, m)]
     if layers_to_transform is not None or layers_pattern is not None:
         _check_layer_args("all-linear" if target_modules is None else target_modules, layers_to_transform,
@@ -287,8 +292,8 @@ def add_adapter(
     try:
         for n, m in mods:
             try:
-                _add_to_module(m, name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, use_dora,
-                               lora_bias)
+                _add_to_module(m, name, pattern_value(rank_pattern, n, r), pattern_value(alpha_pattern, n, lora_alpha),
+                               lora_dropout, use_rslora, init_lora_weights, use_dora, lora_bias)
             except ValueError as e:
                 raise ValueError(f"module {n!r}: {e}") from e
             added.append(m)

@@ -94,6 +94,25 @@ def _retie(model: nn.Module, tied: list[list[str]], loaded: set[str]) -> None:
                 setattr(model.get_submodule(owner) if owner else model, leaf, param)
 
 
+def _tie_towards_loaded(model: nn.Module, loaded: dict[str, torch.Tensor]) -> None:
+    """Undo a ``tie_weights()`` that pointed a loaded key at a Parameter the checkpoint did not fill: transformers
+    ties ``lm_head.weight`` to the input embedding's, and a checkpoint that saved the shared weight under the head's
+    name (safetensors' ``save_model`` keeps one name of a shared tensor, here the head's) left the embedding on meta,
+    which ``tie_weights()`` then gave the head too: both meta, no key reported missing, and the forward failed on
+    "Tensor on device meta is not on the expected device cpu". ``from_pretrained`` ties such a checkpoint towards the
+    loaded weight; so does this: every name of that meta Parameter gets the loaded one."""
+    state = model.state_dict(keep_vars=True)
+    for key, value in loaded.items():
+        now = state.get(key)
+        if not isinstance(now, nn.Parameter) or not now.is_meta or value.is_meta or now is value:
+            continue
+        for name, t in state.items():
+            if t is now:
+                owner, _, leaf = name.rpartition(".")
+                setattr(model.get_submodule(owner) if owner else model, leaf, value)
+        state = model.state_dict(keep_vars=True)
+
+
 # a 4-bit weight's quant-state key in bitsandbytes' format: what is left of the key is the layer's name
 _QUANT_STATE_KEY = re.compile(r"\.weight\.quant_state\.bitsandbytes__(?:nf4|fp4)$")
 
@@ -198,7 +217,9 @@ def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike, *, strict: 
     _retie(model, tied, loaded)
     tie = getattr(model, "tie_weights", None)
     if callable(tie):
+        got = model.state_dict(keep_vars=True)
         tie()
+        _tie_towards_loaded(model, {k: got[k] for k in loaded if k in got})
     state = model.state_dict(keep_vars=True)
     filled = {id(state[k]) for k in loaded if k in state}
     still = sorted(k for k in missing or () if isinstance(state.get(k), torch.Tensor) and id(state[k]) not in filled

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 import sys
 import time
@@ -208,6 +209,8 @@ def apply_qlora(
     use_dora: bool = False,
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None,
     lora_bias: bool = False,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, float] | None = None,
     log_every: int = 50,
     verbose: bool | None = None,
 ) -> nn.Module:
@@ -251,6 +254,10 @@ def apply_qlora(
             ``QLoRALinear.from_linear`` for each layer (see ``QLoRALinear``; dtypes also by name, "bfloat16").
             Defaults: ``"nf4"``, ``True``, ``64``, ``None`` (the input's dtype), ``torch.uint8``; on a meta model
             with a bitsandbytes 4-bit ``quantization_config``, those not passed are the config's (below).
+        rank_pattern, alpha_pattern: peft's: ``{key: r}`` / ``{key: lora_alpha}`` for the modules whose name ends
+            with a match of the regex ``key`` (``re.match(rf"(.*\\.)?({key})$", name)``: ``"q_proj"``,
+            ``"layers\\.0\\.self_attn\\.q_proj"``, ``"0\\..*v_proj"``); the first key that matches wins, the other
+            modules take ``r`` / ``lora_alpha``.
         use_dora: DoRA adapters (peft's ``LoraConfig(use_dora=True)``, "QDoRA" on the 4-bit layers; see
             ``qkernels.dora``): each layer also trains a magnitude per output row (an embedding: per embedding
             dimension). It starts from the weight's norms, as in peft; on a meta model a linear layer's are computed
@@ -337,6 +344,8 @@ def apply_qlora(
     if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every <= 0:
         raise ValueError(f"log_every must be a positive int, got {log_every!r}")
     _check_layer_args(target_modules, layers_to_transform, layers_pattern)
+    rank_pattern = check_pattern(rank_pattern, "rank_pattern")
+    alpha_pattern = check_pattern(alpha_pattern, "alpha_pattern")
     modules_to_save = check_modules_to_save(modules_to_save)
     save_names = plan_modules_to_save(model, modules_to_save, adapter_name) if modules_to_save else []
     names = match_target_modules(model, target_modules, exclude_modules, layers_to_transform=layers_to_transform,
@@ -416,17 +425,18 @@ def apply_qlora(
         parent_name, _, child = n.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         m = modules[n]
+        own = dict(r=pattern_value(rank_pattern, n, r), lora_alpha=pattern_value(alpha_pattern, n, lora_alpha))
         # a model loaded in 4 bits by bitsandbytes (transformers' BitsAndBytesConfig): wrap its packed weight as is
         # (its own quant_type / blocksize / double quant), as peft does; never requantize a 4-bit weight
         try:
             if n in emb_names:  # peft's lora.Embedding: the embedding stays float
-                layer = QLoRAEmbedding.from_embedding(m, **emb_kwargs)
+                layer = QLoRAEmbedding.from_embedding(m, **{**emb_kwargs, **own})
             elif n in float_names:  # kept float, as peft + bitsandbytes keep it: LoRA on the float weight
-                layer = QLoRALinear.from_linear(m, quantize=False, **float_kwargs)
+                layer = QLoRALinear.from_linear(m, quantize=False, **{**float_kwargs, **own})
             elif _is_bnb_4bit(m):
-                layer = QLoRALinear.from_bnb(m, **bnb_kwargs)
+                layer = QLoRALinear.from_bnb(m, **{**bnb_kwargs, **own})
             else:
-                layer = QLoRALinear.from_linear(m, **kwargs)
+                layer = QLoRALinear.from_linear(m, **{**kwargs, **own})
         except ValueError as e:
             raise ValueError(f"module {n!r}: {e}") from e
         # a new module starts in training mode; in a model in eval mode (from_pretrained returns one) that left LoRA
@@ -460,6 +470,39 @@ def apply_qlora(
     _drop_bnb_load_conversions(model)
     _prepare_for_gradient_checkpointing(model)
     return outer
+
+
+def check_pattern(pattern: Any, what: str) -> dict[str, Any]:
+    """peft's ``rank_pattern`` / ``alpha_pattern``: a dict of regex keys to a positive int rank (a number alpha);
+    None is ``{}``. Each key must compile (peft raises ``re.error`` while adapting the model)."""
+    if pattern is None:
+        return {}
+    if not isinstance(pattern, dict):
+        raise TypeError(f"{what} must be a dict {{module name regex: value}}, as peft's LoraConfig, got "
+                        f"{type(pattern).__name__}")
+    for key, value in pattern.items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"{what} keys are module-name regexes (non-empty strings), got {key!r}")
+        try:
+            re.compile(key)
+        except re.error as e:
+            raise ValueError(f"{what} key {key!r} is not a valid regular expression ({e}); peft matches each key as "
+                             "a regex against the end of the module name") from None
+        ok = (isinstance(value, int) and value > 0) if what == "rank_pattern" else (
+            isinstance(value, (int, float)) and math.isfinite(value))
+        if isinstance(value, bool) or not ok:
+            want = "a positive int rank" if what == "rank_pattern" else "a finite number"
+            raise ValueError(f"{what}[{key!r}] must be {want}, got {value!r}")
+    return dict(pattern)
+
+
+def pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
+    """peft's ``get_pattern_key`` + lookup: the value of the first key ``p`` with ``re.match(rf"(.*\\.)?({p})$",
+    module)``, else ``default``."""
+    for p, v in pattern.items():
+        if re.match(rf"(.*\.)?({p})$", module):
+            return v
+    return default
 
 
 def _plan_tokens(model: nn.Module, spec: Any, adapter_name: str, modules_to_save: list[str] | None,

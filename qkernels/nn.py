@@ -215,6 +215,11 @@ def _init_lora_(A: torch.Tensor, B: torch.Tensor, init: bool | str, r: int) -> N
         nn.init.zeros_(B)
 
 
+def _loses_precision(dtype: torch.dtype, to: torch.dtype) -> bool:
+    """Whether casting from ``dtype`` to ``to`` rounds (float32 -> bf16 / fp16, fp16 -> bf16)."""
+    return torch.finfo(to).eps > torch.finfo(dtype).eps
+
+
 def is_conv1d(module: nn.Module) -> bool:
     """True for transformers' ``Conv1D`` (GPT-2 family: a linear layer with its weight stored ``[in, out]``)."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
@@ -438,6 +443,7 @@ class QLoRALinear(nn.Module):
         _float_weight: torch.Tensor | None = None,
         _packed: tuple[torch.Tensor, QuantState] | None = None,
         _conv1d: bool = False,
+        _bias: torch.Tensor | None = None,
     ):
         super().__init__()
         compute_dtype, quant_storage = as_dtype(compute_dtype), as_dtype(quant_storage)  # "bfloat16" as in BnB's config
@@ -526,7 +532,9 @@ class QLoRALinear(nn.Module):
         # what merge_and_unload produces (compute_dtype only sets the matmul's precision). quant_state.dtype stays
         # the checkpoint's.
         self.float_dtype: torch.dtype = dtype or base_dtype
-        if bias:
+        if bias and _bias is not None:  # the replaced layer's (from_linear / from_bnb): nothing drawn, so the LoRA
+            self.bias = _bias  # init below takes the random numbers peft's would under the same seed
+        elif bias:
             b = torch.empty(out_features, device=base_device, dtype=dtype or base_dtype)
             if not b.is_meta:
                 bound = 1 / math.sqrt(in_features)  # nn.Linear's bias init
@@ -613,7 +621,7 @@ class QLoRALinear(nn.Module):
             in_features, out_features = linear.in_features, linear.out_features
         else:
             raise TypeError(f"from_linear expects an nn.Linear (or transformers Conv1D), got {type(linear).__name__}")
-        for k in ("device", "_float_weight", "_packed", "_conv1d"):
+        for k in ("device", "_float_weight", "_packed", "_conv1d", "_bias"):
             if k in qlora_kwargs:
                 raise ValueError(f"from_linear takes {k!r} from the linear; do not pass it")
         if w.dtype not in FLOAT_DTYPES:
@@ -624,12 +632,12 @@ class QLoRALinear(nn.Module):
         qlora_kwargs.setdefault("dtype", w.dtype)
         if qlora_kwargs.get("quantize", True) is False:
             w = linear.weight  # the Parameter itself ([in, out] for a Conv1D): no copy, and a tie survives
-        layer = cls(in_features, out_features, bias=linear.bias is not None, device=w.device,
-                    _float_weight=w, _conv1d=is_conv1d(linear), **qlora_kwargs)
+        bias = None
         if linear.bias is not None:
-            bias = linear.bias.detach().to(qlora_kwargs["dtype"], copy=True)
-            layer.bias = nn.Parameter(bias, requires_grad=linear.bias.requires_grad)
-        return layer
+            bias = nn.Parameter(linear.bias.detach().to(qlora_kwargs["dtype"], copy=True),
+                                requires_grad=linear.bias.requires_grad)
+        return cls(in_features, out_features, bias=bias is not None, device=w.device, _float_weight=w,
+                   _conv1d=is_conv1d(linear), _bias=bias, **qlora_kwargs)
 
     @classmethod
     def from_bnb(cls, bnb_linear: nn.Module, **lora_kwargs: Any) -> QLoRALinear:
@@ -675,11 +683,12 @@ class QLoRALinear(nn.Module):
         state.validate(packed)
         lora_kwargs.setdefault("compute_dtype", getattr(bnb_linear, "compute_dtype", None))
         out_features, in_features = state.shape
-        layer = cls(in_features, out_features, bias=bnb_linear.bias is not None, quant_type=state.quant_type,
-                    double_quant=state.nested, blocksize=state.blocksize, quant_storage=packed.dtype,
-                    device=packed.device, dtype=state.dtype, _packed=(packed, state), **lora_kwargs)
+        bias = None
         if bnb_linear.bias is not None:
-            layer.bias = nn.Parameter(bnb_linear.bias.detach().clone(), requires_grad=bnb_linear.bias.requires_grad)
+            bias = nn.Parameter(bnb_linear.bias.detach().clone(), requires_grad=bnb_linear.bias.requires_grad)
+        layer = cls(in_features, out_features, bias=bias is not None, quant_type=state.quant_type,
+                    double_quant=state.nested, blocksize=state.blocksize, quant_storage=packed.dtype,
+                    device=packed.device, dtype=state.dtype, _packed=(packed, state), _bias=bias, **lora_kwargs)
         # transformers' bitsandbytes loader records what each Linear4bit replaced: a GPT-2 Conv1D merges back to one
         source = getattr(bnb_linear, "source_cls", None)
         layer.is_target_conv_1d_layer = isinstance(source, type) and any(c.__name__ == "Conv1D" for c in source.__mro__)
@@ -754,6 +763,7 @@ class QLoRALinear(nn.Module):
             nn.init.normal_(A.weight, std=1 / r)
             nn.init.zeros_(B.weight)
         # init_lora_weights=False: nn.Linear's default init for both, as peft
+        self._round_as_peft(A, B)
         if "lora_magnitude_vector" not in self._modules:  # a layer pickled by an older qkernels
             self.lora_magnitude_vector = nn.ModuleDict()
         if adapter_name in self.lora_magnitude_vector:  # replaced: a plain adapter of that name keeps no magnitude
@@ -780,6 +790,21 @@ class QLoRALinear(nn.Module):
         self.use_rslora[adapter_name] = use_rslora
         self.set_adapter(self.active_adapter if self.active_adapter is not None else adapter_name)
         self._track_meta()
+
+    def _round_as_peft(self, A: nn.Module, B: nn.Module) -> None:
+        """Round freshly initialized LoRA weights through the dtype peft gives them: peft moves a new adapter to its
+        base layer's dtype (a bitsandbytes ``Linear4bit``'s ``compute_dtype``, a float base's weight dtype;
+        tuners_utils.py:2149-2212) and ``get_peft_model`` casts it back to float32 (``autocast_adapter_dtype``), so
+        under bf16 / fp16 peft's initial A and B are float32 tensors holding bf16 / fp16 values. Rounding them here
+        gives the same initial adapter under the same seed (the DoRA magnitude is computed from these, as in peft).
+        A 4-bit layer without a ``compute_dtype`` computes in its input's dtype, the model's: peft's LoRA on that
+        float model is in the weight's dtype, so that is the dtype here (``float_dtype``)."""
+        dtype = (self.compute_dtype or self.float_dtype) if self.quantized else self.weight.dtype
+        if dtype in (torch.float16, torch.bfloat16):
+            with torch.no_grad():
+                for p in (*A.parameters(), *B.parameters()):
+                    if not p.is_meta:
+                        p.copy_(p.to(dtype))
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make ``adapter_name`` the one adapter that runs; it becomes trainable, the others frozen (as peft).
@@ -1021,9 +1046,25 @@ class QLoRALinear(nn.Module):
             y = dora_forward_4bit(x, xc, packed, state, A, B, self._magnitudes()[name].weight,
                                   scaling, self.bias, self.lora_dropout[name], self.training)
             return y if y.dtype == x.dtype else y.to(x.dtype)
+        if name is not None and xc is not x and _loses_precision(x.dtype, cdt) and not torch.is_autocast_enabled():
+            return self._lora_beside_base(x, xc, packed, state, name, A, b_mod, scaling)
         bias = self.bias if b_mod is None or b_mod.bias is None else self._effective_bias(name, scaling)
         y = matmul_4bit_lora(xc, packed, state, A, B, scaling, bias, p, training=self.training)
         return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def _lora_beside_base(self, x: torch.Tensor, xc: torch.Tensor, packed: torch.Tensor, state: QuantState,
+                          name: str, A: torch.Tensor, b_mod: nn.Module, scaling: float) -> torch.Tensor:
+        """peft's bitsandbytes layer (peft/tuners/lora/bnb.py:540-575) when ``compute_dtype`` is narrower than the
+        input's dtype (a float32 model with a bf16 / fp16 compute dtype): the base product in the compute dtype on the
+        cast input, cast back to the input's dtype, plus ``s * lora_B(lora_A(dropout(x)))`` on the input itself in
+        the adapters' dtype. Fused on the cast input instead, the LoRA term and the gradients of A and B carried the
+        compute dtype's rounding of x and of the output gradient, which peft's do not: A and B gradients 4x (fp16)
+        to 60x peft's error on a BART (tests/fuzz_vs_peft.py, flow c)."""
+        y = matmul_4bit_lora(xc, packed, state, None, None, 0.0, self.bias, 0.0, training=self.training)
+        y = y if y.dtype == x.dtype else y.to(x.dtype)
+        xl = x if x.dtype == A.dtype else x.to(A.dtype)
+        lora = b_mod(nn.functional.linear(self.lora_dropout[name](xl), A)) * scaling
+        return y + (lora if lora.dtype == y.dtype else lora.to(y.dtype))
 
     def _effective_bias(self, name: str | None, scaling: float) -> torch.Tensor | None:
         """The bias the fused op adds: the base bias, plus ``scaling * b_B`` for an adapter with ``lora_bias`` (peft's
@@ -1562,6 +1603,7 @@ class QLoRALinear(nn.Module):
                         nn.init.uniform_(b, -1 / math.sqrt(self.r[name]), 1 / math.sqrt(self.r[name]))
                     else:
                         b.zero_()
+            self._round_as_peft(self.lora_A[name], self.lora_B[name])
             self._unloaded = self._unloaded - keys - {f"lora_B.{name}.bias"}
 
     def _validated_weight(self, packed: Any, qkeys: dict, wkey: str, local_metadata: dict) -> Params4bit:

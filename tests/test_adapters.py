@@ -396,6 +396,10 @@ LAST = "base_model.model.layers.1.v_proj"  # sorts last: an eager loader would h
         # lora_bias loads (tests/test_lora_bias.py); a config saying it without the biases in the file does not
         ("lora-bias", None, lambda c: c.update(lora_bias=True), r"lora_bias true but the adapter has no lora_B bias"),
         ("peft-type", None, lambda c: c.update(peft_type="IA3"), r"peft_type is 'IA3'"),
+        # peft's trained base biases (tests/fuzz_vs_peft.py draws them): refused naming the option and the fix
+        ("bias-all", None, lambda c: c.update(bias="all"), r"bias='all': peft trained the base layers' biases.*"
+                                                           r"LoraConfig\(bias='none'\), or merge"),
+        ("bias-lora-only", None, lambda c: c.update(bias="lora_only"), r"bias='lora_only': .*frozen"),
         # peft re-derives the base residual W - B0 A0 of these inits when it loads the adapter (olora on this 4-bit
         # toy: outputs 0.54 off the plain LoRA ones); qkernels cannot, so it must not load them as plain LoRA
         ("olora", None, lambda c: c.update(init_lora_weights="olora"), r"init_lora_weights='olora' trains against"),
@@ -968,3 +972,53 @@ def test_peft_t5_adapter_on_wo_without_a_wo_target_is_refused_saying_why(tmp_pat
                                          r"_keep_in_fp32_modules \['wo'\].*target_modules that include 'wo'"):
         adapters.load_adapter(ours, tmp_path, adapter_name="peft")
     assert adapters.adapter_names(ours) == ["default"]
+
+
+class _OneLayer(nn.Module):
+    """One Linear: its input and its output gradient are exact, so the LoRA gradients show the layer's own rounding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(IN, HID)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("compute", [torch.float16, torch.bfloat16])
+def test_half_compute_dtype_keeps_the_lora_term_and_its_gradients_in_float32_as_peft(tmp_path, x, compute):
+    """Bug (tests/fuzz_vs_peft.py, flow c: a float32 BART with compute_dtype float16): with a compute dtype narrower
+    than the input's, the fused matmul ran the LoRA term on the input cast to it, so the LoRA gradients carried its
+    rounding of x and of the output gradient; peft's bitsandbytes layer computes only the base in the compute dtype and
+    the LoRA term on x in float32 (on BART, A and B gradients 4x (median) to 60x peft's error against float64; on
+    this one layer, whose input and output gradient are exact, the gradients of A and B were off by the compute
+    dtype's rounding). Now the output (the base's rounding, in both) and every gradient are within twice peft's
+    error plus 8 float32 ulps at the tensor's scale (a compute-dtype ulp would hide the bug: it is that rounding)."""
+    ours = apply_qlora(_OneLayer(), "all-linear", r=4, lora_alpha=8, compute_dtype=compute, lora_dropout=0.2)
+    randomize(ours, "default", seed=1)
+    adapters.save_adapter(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(bnb_base(ours, _OneLayer), str(tmp_path), is_trainable=True)
+    for m in theirs.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.compute_dtype = compute
+            m.support_avx512bf16_for_cpu = False  # its exact path (DESIGN §5)
+    ref = peft.PeftModel.from_pretrained(dense_base(ours, torch.float64, _OneLayer), str(tmp_path),
+                                         is_trainable=True).double()
+    dy = torch.randn(*x.shape[:-1], HID, generator=torch.Generator().manual_seed(9))
+    results = []
+    for model, inp in ((ours, x), (theirs, x), (ref, x.double())):
+        model.train()  # the same dropout mask, drawn from one seed
+        torch.manual_seed(5)
+        xi = inp.detach().clone().requires_grad_(True)
+        y = model(xi)
+        y.backward(dy.to(y.dtype))
+        core = model.base_model.model if isinstance(model, peft.PeftModel) else model
+        grads = {n: p.grad for n, p in core.named_parameters() if p.requires_grad}
+        results.append((y.detach(), {"x": xi.grad, **grads}))
+    (y_o, g_o), (y_t, g_t), (y_r, g_r) = results
+    assert y_o.dtype == y_t.dtype == torch.float32 and g_o.keys() == g_t.keys() == g_r.keys() and len(g_r) == 3
+    eps = torch.finfo(torch.float32).eps
+    for name, o, t, r in [("y", y_o, y_t, y_r)] + [(n, g_o[n], g_t[n], g_r[n]) for n in g_r]:
+        e_o, e_t = (o.double() - r).abs().max(), (t.double() - r).abs().max()
+        assert e_o <= 2 * e_t + 8 * eps * r.abs().max(), f"{name}: ours {e_o:.3g}, peft {e_t:.3g}"

@@ -421,6 +421,37 @@ def test_load_checkpoint_reties_a_model_without_tie_weights(tmp_path):
         assert torch.equal(dst(ids), src(ids))
 
 
+@pytest.mark.parametrize("head", ["untargeted", "targeted"])
+def test_load_checkpoint_ties_towards_the_weight_the_checkpoint_holds(head, tmp_path):
+    """Bug (tests/fuzz_vs_peft.py, flow a): safetensors' ``save_model`` keeps one name of a shared tensor, for a tied
+    OPT the head's (``lm_head.weight``). transformers' ``tie_weights()`` then pointed the loaded head back at the
+    embedding, still on meta: load_checkpoint reported nothing missing and the forward failed with "Tensor on device
+    cpu is not on the expected device meta". ``from_pretrained`` ties such a checkpoint towards the loaded weight, and
+    so does load_checkpoint now: the tie kept, nothing meta, the source model's logits bit for bit."""
+    import accelerate
+    from safetensors.torch import save_model
+
+    config = transformers.OPTConfig(vocab_size=64, hidden_size=64, ffn_dim=128, num_hidden_layers=1,
+                                    num_attention_heads=4, word_embed_proj_dim=64, tie_word_embeddings=True)
+    targets = "all-linear" if head == "untargeted" else ["q_proj", "v_proj", "fc1", "k_proj", "out_proj", "fc2",
+                                                          "lm_head"]
+    torch.manual_seed(0)
+    src = apply_qlora(transformers.OPTForCausalLM(config).eval(), targets, r=4)
+    randomize(src, "default", seed=1)
+    save_model(src, str(tmp_path / "model.safetensors"))
+    assert "lm_head.weight" in load_file(tmp_path / "model.safetensors")
+    assert "model.decoder.embed_tokens.weight" not in load_file(tmp_path / "model.safetensors")
+    with accelerate.init_empty_weights():
+        dst = transformers.OPTForCausalLM(config)
+    apply_qlora(dst, targets, r=4)
+    assert qkernels.load_checkpoint(dst, tmp_path) == ([], [])
+    assert not [n for n, p in dst.named_parameters(remove_duplicate=False) if p.is_meta]
+    assert dst.lm_head.weight is dst.model.decoder.embed_tokens.weight
+    ids = torch.randint(3, 64, (2, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(dst.eval()(ids).logits, src(ids).logits)
+
+
 def test_quantize_checkpoint_leaves_linear_subclasses_float_as_transformers_loader(saved, tmp_path):
     """transformers' bitsandbytes loader converts ``type(m) is nn.Linear`` only: quantize_checkpoint wrote Falcon's
     FalconLinear layers 4-bit, and ``from_pretrained`` of the result failed on a size mismatch; on PhiMoE it took the

@@ -198,6 +198,69 @@ def test_layers_and_modules_to_save_select_what_peft_wraps(kind, config):
     assert {n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)} == want_save
 
 
+@pytest.mark.parametrize("loaded, compute", [("float", torch.float32), ("float", torch.bfloat16),
+                                             ("bitsandbytes", torch.float32), ("bitsandbytes", torch.bfloat16),
+                                             ("bitsandbytes", torch.float16)])
+@pytest.mark.parametrize("init", [True, "gaussian", False])
+def test_same_seed_gives_peft_initial_lora_on_layers_with_a_bias(loaded, compute, init, tmp_path):
+    """Bugs (tests/fuzz_vs_peft.py, flow init): under one seed apply_qlora drew other initial A (and B for init False)
+    than peft's get_peft_model wherever the replaced Linear had a bias (Qwen2's q/k/v, GPT-NeoX, OPT, ...): the
+    layer drew nn.Linear's bias init before the LoRA init, then overwrote it with the linear's bias. The bias is now
+    taken as it is. And with a bf16 / fp16 compute dtype peft's initial A and B hold values rounded to it (peft moves
+    a new adapter to the bitsandbytes layer's compute_dtype, then casts it back to float32); qkernels' were unrounded,
+    0.05% apart (as on a bf16 model, where peft's LoRA is in the weight's dtype). Now the same seed gives peft's LoRA
+    weights bit for bit, from a float model (quantized here) and from a bitsandbytes 4-bit load (wrapped)."""
+    from transformers import BitsAndBytesConfig, Qwen2ForCausalLM
+
+    tiny_model("qwen2").save_pretrained(tmp_path)
+
+    def load():
+        if loaded == "float":  # a bf16 model: peft's LoRA in bf16 (then float32), ours quantized, computing in bf16
+            return Qwen2ForCausalLM.from_pretrained(tmp_path, dtype=compute)
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute)
+        return Qwen2ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, quantization_config=config)
+
+    targets = ["q_proj", "v_proj", "o_proj", "up_proj"]  # q / v with a bias, o / up without
+    torch.manual_seed(3)
+    theirs = peft.get_peft_model(load(), peft.LoraConfig(r=4, target_modules=targets, init_lora_weights=init))
+    torch.manual_seed(3)
+    ours = apply_qlora(load(), targets, r=4, init_lora_weights=init)
+    want = {n.removeprefix("base_model.model."): p for n, p in theirs.named_parameters() if p.requires_grad}
+    got = {n: p for n, p in ours.named_parameters() if p.requires_grad}
+    assert got.keys() == want.keys() and len(got) == 2 * 2 * len(targets)
+    assert all(got[n].dtype == torch.float32 and torch.equal(got[n], want[n]) for n in want)
+    assert torch.equal(ours.model.layers[0].self_attn.q_proj.bias, load().model.layers[0].self_attn.q_proj.bias)
+    A = got["model.layers.0.self_attn.q_proj.lora_A.default.weight"]
+    assert torch.equal(A, A.to(compute).float())  # peft's rounding
+
+
+def test_rank_and_alpha_patterns_are_peft_s():
+    """peft's LoraConfig rank_pattern / alpha_pattern (a regex matched at the end of the module name, the first match
+    winning) in apply_qlora and add_adapter: apply_qlora had no such argument, so a LoraConfig's fields could not be
+    passed on (tests/fuzz_vs_peft.py, flow init). Ranks, alphas and scalings are peft's module by module."""
+    config = dict(target_modules=["q_proj", "v_proj", "down_proj"], r=4, lora_alpha=8,
+                  rank_pattern={r"1\.self_attn\.q_proj": 2, "down_proj": 6, "q_proj": 3},
+                  alpha_pattern={"v_proj": 5, r"layers\.0\..*": 32})
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**config)).base_model.model
+    ours = apply_qlora(tiny_llama(), **config)
+    qkernels.add_adapter(ours, "second", **{k: v for k, v in config.items() if k != "target_modules"})
+    layers = {n: m for n, m in ours.named_modules() if isinstance(m, QLoRALinear)}
+    assert layers.keys() == {n for n, m in theirs.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    for n, m in layers.items():
+        p = theirs.get_submodule(n)
+        for adapter in ("default", "second"):
+            assert (m.r[adapter], m.lora_alpha[adapter]) == (p.r["default"], p.lora_alpha["default"]), n
+            assert m.scaling[adapter] == p.scaling["default"] and m.lora_A[adapter].weight.shape[0] == p.r["default"]
+    assert {m.r["default"] for m in layers.values()} == {2, 3, 4, 6}
+    with pytest.raises(ValueError, match=r"rank_pattern\['q_proj'\] must be a positive int rank, got 0"):
+        apply_qlora(tiny_llama(), ["q_proj"], rank_pattern={"q_proj": 0})
+    with pytest.raises(ValueError, match=r"alpha_pattern key '\(' is not a valid regular expression"):
+        apply_qlora(tiny_llama(), ["q_proj"], alpha_pattern={"(": 2})
+    with pytest.raises(TypeError, match="rank_pattern must be a dict"):
+        qkernels.add_adapter(ours, "third", rank_pattern=[("q_proj", 2)])
+    assert "third" not in qkernels.adapter_names(ours)
+
+
 @pytest.mark.parametrize("targets", ["all-linear", ["q", "wo"]], ids=["all-linear", "list"])
 def test_t5_wo_gets_lora_on_a_float_base(targets):
     """T5's feed-forward casts its input to ``wo.weight.dtype`` (uint8 for a 4-bit weight: with wo quantized the logits

@@ -125,11 +125,17 @@ def test_compute_dtype_casts_the_input_and_returns_its_dtype():
     x = torch.randn(3, 128)
     y = layer(x)
     assert y.dtype == torch.float32
-    # the formula: x cast to bf16, the fused matmul in bf16, the result cast back to x's dtype
-    y_bf16 = qkernels.matmul_4bit_lora(x.bfloat16(), layer.weight.data, layer.weight.quant_state,
-                                       layer.lora_A["default"].weight, layer.lora_B["default"].weight,
-                                       layer.scaling["default"], layer.bias, training=False)
-    assert torch.equal(y, y_bf16.float())
+    # the formula (peft's bitsandbytes layer): the base product on x cast to bf16, cast back to x's dtype, plus the
+    # LoRA term on x itself in the adapters' float32 (fused on the cast x, the LoRA gradients carried bf16 rounding)
+    base = qkernels.matmul_4bit_lora(x.bfloat16(), layer.weight.data, layer.weight.quant_state, None, None, 0.0,
+                                     layer.bias, training=False)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    lora = torch.nn.functional.linear(torch.nn.functional.linear(x, A), B) * layer.scaling["default"]
+    assert torch.equal(y, base.float() + lora)
+    xb = x.bfloat16()  # an input in the compute dtype: one fused matmul, as before
+    fused = qkernels.matmul_4bit_lora(xb, layer.weight.data, layer.weight.quant_state, A, B, layer.scaling["default"],
+                                      layer.bias, training=False)
+    assert torch.equal(layer(xb), fused)
 
 
 # ---------------------------------------------------------------------------------------------- adapters
