@@ -3,8 +3,9 @@ loads what peft saves, refuses mismatches without touching the model, and handle
 
 Tolerance (``assert_matches``): ours and peft compute the same function in float32 with different summation
 orders (qkernels' base GEMM vs bitsandbytes' dequantize + F.linear, and the LoRA term added separately), so each
-differs from a float64 run of the same weights by rounding only. Their difference must be at most twice the sum of
-those two rounding errors (STYLE 12), plus 8 float32 ulps of the output's magnitude for outputs that land exactly.
+differs from a float64 run of the same weights by rounding only. Our error against that run must be at most twice
+peft's (STYLE 12), plus 8 float32 ulps of the output's magnitude for outputs that land exactly, and both errors
+within 32 ulps (float32 rounding; measured at most 3).
 bitsandbytes runs its exact dequantize path: the input requires grad (its no-grad CPU path keeps bf16 scales,
 DESIGN §5).
 """
@@ -140,13 +141,15 @@ def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def assert_matches(ours: torch.Tensor, theirs: torch.Tensor, ref: torch.Tensor) -> None:
-    """``|ours - theirs| <= 2 (|ours - ref| + |theirs - ref|) + 8 ulp`` (module docstring)."""
+    """``|ours - ref| <= 2 |theirs - ref| + 8 ulp``, and both within float32 rounding of ``ref`` (module docstring)."""
     ref = ref.to(torch.float64)
     e_ours, e_theirs = (ours.double() - ref).abs().max(), (theirs.double() - ref).abs().max()
     diff = (ours.double() - theirs.double()).abs().max()
     ulp = torch.finfo(torch.float32).eps * ref.abs().max()
-    bound = 2 * (e_ours + e_theirs) + 8 * ulp
-    assert diff <= bound, f"max |ours - peft| = {diff:.3g} > {bound:.3g} (errors vs fp64: {e_ours:.3g}, {e_theirs:.3g})"
+    # (|ours - theirs| <= e_ours + e_theirs always holds, so the bound is on our error against peft's)
+    bound = 2 * e_theirs + 8 * ulp
+    assert e_ours <= bound, (f"error vs fp64 {e_ours:.3g} > 2x peft's ({e_theirs:.3g}) + 8 ulp; max |ours - peft| = "
+                             f"{diff:.3g}")
     # and neither is more than float32 rounding away from the float64 run (measured here: at most 3 ulps)
     assert e_ours <= 32 * ulp and e_theirs <= 32 * ulp, f"errors vs fp64: {e_ours:.3g}, {e_theirs:.3g}, ulp {ulp:.3g}"
 
