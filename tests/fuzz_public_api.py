@@ -35,7 +35,6 @@ import json
 import math
 import os
 import random
-import subprocess
 import sys
 import traceback
 from collections import Counter
@@ -45,6 +44,7 @@ from typing import Any
 
 # this checkout's qkernels, not an installed one (the script's own directory is tests/)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _fuzz_batches import run_batches  # noqa: E402 - beside this script (its directory is on sys.path)
 
 PROBLEMS = ("crash", "wrong", "unhelpful", "accepted", "refused")
 ISAS = ("default", "avx2", "scalar")
@@ -1445,38 +1445,10 @@ def run_isa(isa: str, seed: int, cases: int, batch: int, only: list[str] | None,
     env.pop("QKERNELS_BACKEND", None)
     if isa != "default":
         env["QKERNELS_CPU_ISA"] = isa
-    results: list[dict] = []
-    i = 0
-    while i < cases:
-        stop = min(cases, i + batch)
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", "--seed", str(seed), "--start", str(i),
-               "--stop", str(stop)] + (["--only", ",".join(only)] if only else [])
-        try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-            out, err, rc = proc.stdout, proc.stderr, proc.returncode
-        except subprocess.TimeoutExpired as e:
-            out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-            err, rc = "timeout", "timeout"
-        last, done = None, set()
-        for line in out.splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if "start" in rec:
-                last = rec["start"]
-            else:
-                rec["isa"] = isa
-                results.append(rec)
-                done.add(rec["i"])
-        if rc == 0:
-            i = stop
-            continue
-        bad = last if last is not None and last not in done else i
-        results.append({"i": bad, "isa": isa, "surface": "?", "desc": "", "outcome": "crash",
-                        "detail": f"child exit {rc}; stderr tail: {err[-600:]}"})
-        i = bad + 1
-    return results
+    return run_batches(os.path.abspath(__file__), seed, cases, batch, ["--only", ",".join(only)] if only else [], env,
+                       timeout, lambda rec: {**rec, "isa": isa},
+                       lambda i, detail: {"i": i, "isa": isa, "surface": "?", "desc": "", "outcome": "crash",
+                                          "detail": detail})
 
 
 def main(argv: list[str] | None = None) -> int:

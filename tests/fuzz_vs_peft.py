@@ -87,7 +87,6 @@ import math
 import os
 import random
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -100,6 +99,8 @@ from typing import Any
 
 # this checkout's qkernels, not an installed one (the script's own directory is tests/)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _fuzz_batches import run_batches  # noqa: E402 - beside this script (its directory is on sys.path)
+
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -1080,40 +1081,16 @@ def child(seed: int, start: int, stop: int, archs: list[str] | None) -> None:
 
 
 def run_all(seed: int, cases: int, batch: int, archs: list[str] | None, timeout: float) -> list[dict]:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    results: list[dict] = []
-    i = 0
-    while i < cases:
-        stop = min(cases, i + batch)
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", "--seed", str(seed), "--start", str(i),
-               "--stop", str(stop)] + (["--arch", ",".join(archs)] if archs else [])
-        try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-            out, err, rc = proc.stdout, proc.stderr, proc.returncode
-        except subprocess.TimeoutExpired as e:
-            out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-            err, rc = "timeout", "timeout"
-        last, done = None, set()
-        for line in out.splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if "start" in rec:
-                last = rec["start"]
-            else:
-                results.append(rec)
-                done.add(rec["i"])
-                print(f"case {rec['i']}: {rec['outcome']} ({rec['flow']}, {rec.get('seconds', '?')}s)", file=sys.stderr,
-                      flush=True)
-        if rc == 0:
-            i = stop
-            continue
-        bad = last if last is not None and last not in done else i
-        results.append({"i": bad, "desc": "", "outcome": "crash", "flow": "process", "flows": {},
-                        "detail": f"child exit {rc}; stderr tail: {err[-600:]}"})
-        i = bad + 1
-    return results
+    def record(rec: dict) -> dict:
+        print(f"case {rec['i']}: {rec['outcome']} ({rec['flow']}, {rec.get('seconds', '?')}s)", file=sys.stderr,
+              flush=True)
+        return rec
+
+    def crash(i: int, detail: str) -> dict:
+        return {"i": i, "desc": "", "outcome": "crash", "flow": "process", "flows": {}, "detail": detail}
+
+    return run_batches(os.path.abspath(__file__), seed, cases, batch, ["--arch", ",".join(archs)] if archs else [],
+                       dict(os.environ, OMP_NUM_THREADS="1"), timeout, record, crash)
 
 
 def summary(results: list[dict], seed: int, archs: str | None) -> int:
