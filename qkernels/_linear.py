@@ -312,7 +312,8 @@ def _dense(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _triton_rank_ok(lora_left: torch.Tensor | None, triton_kernels) -> bool:
-    """Whether the Triton epilogue takes this LoRA term: its padded rank lives in registers, 0 < r <= 256. Other
-    ranks (r = 0 tensors, or r > 256) are added by a separate matmul into the kernel's output."""
+    """Whether the Triton epilogue takes this LoRA term: its padded rank lives in registers and shared memory,
+    0 < r <= ``triton_kernels.MAX_LORA_RANK`` (128). Other ranks (r = 0 tensors, or larger) are added by a separate
+    matmul into the kernel's output."""
     return lora_left is not None and 0 < lora_left.shape[1] <= triton_kernels.MAX_LORA_RANK
 
