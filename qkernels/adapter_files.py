@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import math
 import os
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +39,7 @@ from torch import nn
 
 from ._compiled import ORIG_MOD, strip_compiled_prefix, unwrap_compiled
 from .adapters import (
+    _activate,
     _add_to_module,
     _dropout_p,
     _qlora_class,
@@ -722,8 +725,6 @@ def _plan(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor], ad
     cls = _qlora_class()
     modules = dict(model.named_modules())
     qlora_names = [n for n, m in modules.items() if isinstance(m, cls)]
-    if not qlora_names:
-        _qlora_modules(model)  # raises the "quantize it first" error
     pairs, saved = _split_keys(model, cfg, sd)
     tokens, token_rows = _planned_tokens(model, cfg, pairs, adapter_name)
     if not pairs:
@@ -734,33 +735,20 @@ def _plan(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor], ad
     r0, a0 = cfg["r"], cfg.get("lora_alpha", 8)
     for name, ab in pairs.items():
         m = modules.get(name)
-        if not isinstance(m, cls):
-            what = "does not exist" if m is None else f"is a {type(m).__name__}, not a QLoRALinear"
-            shown = qlora_names[:12] + (["..."] if len(qlora_names) > 12 else [])
-            from .model import _kept_in_float
-
-            kept = _kept_in_float(model, [name]) if m is not None else {}
-            if isinstance(m, nn.Embedding):
-                what += (f" (an embedding: call apply_qlora with target_modules that include "
-                         f"{name.rpartition('.')[2]!r}, which gives it LoRA, before loading)")
-            elif m is not None and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D") and not kept:
-                what += (f" (peft's load_adapter would add a LoRA layer there; qkernels loads into the layers "
-                         f"apply_qlora made: give apply_qlora target_modules that include {name.rpartition('.')[2]!r}"
-                         ", e.g. the union of every adapter's targets, before loading)")
-            why = (f". transformers keeps it in float ({type(model).__name__}._keep_in_fp32_modules "
-                   f"{[kept[name]]}: peft trained LoRA on a float layer there); apply_qlora gives such a module "
-                   "LoRA on its float weight when it is a target: call apply_qlora with target_modules that include "
-                   f"{name.rpartition('.')[2]!r} (e.g. 'all-linear') before loading" if kept else "")
-            raise ValueError(
-                f"adapter key {next(iter(ab.values()))[0]!r}: module {name!r} {what} in {type(model).__name__}; "
-                f"its {len(qlora_names)} QLoRALinear modules are {shown}{why}"
-            )
-        if targets is not None and name not in targets:
+        if m is not None and targets is not None and name not in targets:
             fields = {k: cfg.get(k) for k in ("target_modules", "exclude_modules", "layers_to_transform",
                                               "layers_pattern", "modules_to_save") if cfg.get(k) is not None}
             raise ValueError(
                 f"adapter key {next(iter(ab.values()))[0]!r}: module {name!r} is not selected by the adapter's config "
                 f"{fields} (peft would not load it there); the config and the weights disagree"
+            )
+        if not isinstance(m, cls):  # _add_lora_layers gave every Linear / Conv1D / Embedding of the file a LoRA layer
+            what = ("does not exist" if m is None else f"is a {type(m).__name__}, which takes no LoRA here (nn.Linear, "
+                    "transformers' Conv1D, nn.Embedding and bitsandbytes' Linear4bit do)")
+            shown = qlora_names[:12] + (["..."] if len(qlora_names) > 12 else [])
+            raise ValueError(
+                f"adapter key {next(iter(ab.values()))[0]!r}: module {name!r} {what} in {type(model).__name__}; "
+                f"its {len(qlora_names)} QLoRA modules are {shown}"
             )
         _check_kind(name, m, ab, bool(cfg.get("use_dora", False)))
         magnitude = _planned_magnitude(name, m, ab, bool(cfg.get("use_dora", False)))
@@ -932,7 +920,15 @@ def load_adapter(
     replace: bool = False,
     set_active: bool = True,
 ) -> list[str]:
-    """Load a peft LoRA adapter directory into the QLoRALinear modules of ``model`` as ``adapter_name``.
+    """Load a peft LoRA adapter directory into ``model`` as ``adapter_name``, as ``PeftModel.from_pretrained`` does.
+
+    The file's LoRA weights go into the model's QLoRALinear / QLoRAEmbedding modules (``apply_qlora``'s). A module
+    the file adapts that has no LoRA layer yet gets one first, as peft gives it one: a bitsandbytes ``Linear4bit`` (a
+    model transformers loaded in 4 bits) is wrapped as it is (its packed bytes, no requantization), a float
+    ``nn.Linear`` / ``Conv1D`` gets LoRA beside its float weight (nothing is quantized: call ``apply_qlora`` first
+    for that), an ``nn.Embedding`` peft's embedding LoRA. So ``load_adapter`` works on a model with no QLoRA layer
+    at all, and then freezes every parameter but the adapter's, as ``apply_qlora`` does. Should the load fail, those
+    modules are put back as they were.
 
     ``path``: a local adapter directory (what ``save_adapter`` or ``PeftModel.save_pretrained`` wrote; download a
     Hub adapter first). It holds ``adapter_config.json`` and ``adapter_model.safetensors`` (else peft's older
@@ -967,7 +963,8 @@ def load_adapter(
 
     ``replace``: if ``adapter_name`` already exists, delete it first (otherwise that is an error).
     ``set_active``: make the loaded adapter active (``PeftModel.from_pretrained`` does; ``load_adapter`` in peft
-    does not — pass ``False`` for that). Returns the module names loaded.
+    does not — pass ``False`` for that; a LoRA layer added at this load then follows the model's active adapter, so
+    the outputs do not change). Returns the module names loaded.
 
     Raises:
         FileNotFoundError: ``path`` does not exist, or lacks ``adapter_config.json`` or both weight files.
@@ -977,20 +974,83 @@ def load_adapter(
     """
     model = unwrap_compiled(model)  # the uncompiled model's names (qkernels._compiled)
     cfg = _read_config(path)
-    existing = adapter_name in adapter_names(model)
+    qlora = [m for m in model.modules() if isinstance(m, _qlora_class())]  # none: a model peft's way (below)
+    existing = bool(qlora) and adapter_name in adapter_names(model)
     if existing and not replace:
         n = sum(adapter_name in m.lora_A for _, m in _qlora_modules(model))
         raise ValueError(
             f"adapter {adapter_name!r} already exists on {n} modules; choose another adapter_name, "
             "delete it first, or pass replace=True"
         )
-    whole = _plan(model, cfg, _read_weights(path), adapter_name, replace)
-    if existing:
-        delete_adapter(model, adapter_name)
-    _apply_plan(model, cfg, whole, adapter_name)
+    sd = _read_weights(path)
+    active = next((m.active_adapter for m in qlora if m.active_adapter is not None), None)
+    added, undo = _add_lora_layers(model, cfg, sd)
+    try:
+        whole = _plan(model, cfg, sd, adapter_name, replace)
+        if existing:
+            delete_adapter(model, adapter_name)
+        _apply_plan(model, cfg, whole, adapter_name)
+    except BaseException:
+        undo()
+        raise
+    if not set_active:  # as peft: a LoRA layer added now follows the model's active adapter, which it may lack
+        for n in added:
+            _activate(model.get_submodule(n), active)
     if set_active:
         set_adapter(model, adapter_name)
     return [p.name for p in whole.lora]
+
+
+def _add_lora_layers(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor]
+                     ) -> tuple[list[str], Callable[[], None]]:
+    """Give the modules the file adapts that have no LoRA layer yet one, as ``PeftModel.from_pretrained`` does, with
+    ``apply_qlora`` on exactly those modules: a bitsandbytes ``Linear4bit`` (a model transformers loaded in 4 bits)
+    wrapped as it is, a float ``nn.Linear`` / ``Conv1D`` with LoRA on its float weight (no quantization: peft adds
+    a float LoRA layer there), an ``nn.Embedding`` peft's embedding LoRA. Only modules the adapter's config selects
+    (the others are ``_plan``'s error). Returns the modules given a layer and a function that puts the model back as it
+    was (the original modules, every parameter's ``requires_grad``, transformers' ``is_quantized`` flags)."""
+    from .model import _is_bnb_4bit, _is_linear, apply_qlora, is_embedding
+
+    cls = _qlora_class()
+    modules = dict(model.named_modules())
+    targets = _config_targets(model, cfg)
+    pairs, _ = _split_keys(model, cfg, sd)
+    names = [n for n, ab in pairs.items()
+             if ("lora_A" in ab or "lora_B" in ab) and n in modules and not isinstance(modules[n], cls)
+             and (targets is None or n in targets) and (_is_linear(modules[n]) or is_embedding(modules[n]))]
+    if not names:
+        return [], lambda: None
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    quantized = {m: m.__dict__["is_quantized"] for m in model.modules() if "is_quantized" in m.__dict__}
+    originals = {n: modules[n] for n in names}
+    float_names = [n for n in names if not _is_bnb_4bit(modules[n]) and not is_embedding(modules[n])]
+
+    def undo() -> None:
+        for n, m in originals.items():
+            parent, _, leaf = n.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, m)
+        params = dict(model.named_parameters())
+        for n, flag in flags.items():
+            if n in params:
+                params[n].requires_grad_(flag)
+        for m, flag in quantized.items():
+            m.is_quantized = flag
+
+    tmp = "__qkernels_load__"
+    try:
+        with warnings.catch_warnings():  # a base without a bias etc.: the adapter's own warnings come at load
+            warnings.simplefilter("ignore", UserWarning)
+            apply_qlora(model, "^(?:" + "|".join(re.escape(n) for n in names) + ")$", r=1,
+                        init_lora_weights=False, keep_float_modules=float_names or None, adapter_name=tmp,
+                        use_dora=bool(cfg.get("use_dora", False)), verbose=False)
+        for n in names:
+            model.get_submodule(n).delete_adapter(tmp)
+    except BaseException:
+        undo()
+        raise
+    logging.getLogger("qkernels").info("load_adapter: added LoRA layers to %d modules the adapter adapts (%s)",
+                                       len(names), ", ".join(names[:5]) + (", ..." if len(names) > 5 else ""))
+    return names, undo
 
 
 def _apply_plan(model: nn.Module, cfg: dict[str, Any], whole: _Plan, adapter_name: str) -> None:

@@ -392,7 +392,7 @@ LAST = "base_model.model.layers.1.v_proj"  # sorts last: an eager loader would h
          r"layers\.1\.v_proj\.lora_B\.weight'?: shape \(192, 5\).*needs \(192, 4\)"),
         ("key", lambda sd: sd.update({f"{LAST}x.lora_A.weight": sd.pop(f"{LAST}.lora_A.weight"),
                                       f"{LAST}x.lora_B.weight": sd.pop(f"{LAST}.lora_B.weight")}), None,
-         r"'layers\.1\.v_projx' does not exist.*QLoRALinear modules are \['layers\.0\.q_proj'"),
+         r"'layers\.1\.v_projx' does not exist.*QLoRA modules are \['layers\.0\.q_proj'"),
         ("missing-B", lambda sd: sd.pop(f"{LAST}.lora_B.weight"), None, r"layers\.1\.v_proj.*no lora_B"),
         # a DoRA config needs a magnitude per module (tests/test_dora.py covers DoRA files in full)
         ("dora", None, lambda c: c.update(use_dora=True), r"use_dora true but the adapter has no DoRA magnitude"),
@@ -468,16 +468,89 @@ def test_damaged_files_raise_value_error_naming_the_file(trained, edit, message)
     _assert_unchanged(target, before, ["default"])
 
 
-def test_non_qlora_target_and_existing_name(trained, x):
-    model, path = trained
-    partial = apply_qlora(dense_toy(), target_modules=["q_proj", "v_proj", "down"], r=4, lora_alpha=8,
-                          compute_dtype=torch.float32)
-    with pytest.raises(ValueError, match=r"module 'layers\.\d\.up' is a Linear, not a QLoRALinear"):
-        adapters.load_adapter(partial, path, adapter_name="x")
+def test_existing_name_is_refused(trained):
+    _, path = trained
     with pytest.raises(ValueError, match=r"adapter 'default' already exists on 8 modules.*replace=True"):
         adapters.load_adapter(qk_toy(), path)
-    with pytest.raises(ValueError, match="no qkernels.nn.QLoRALinear"):
-        adapters.load_adapter(dense_toy(), path)
+
+
+def test_modules_without_a_lora_layer_get_one_as_peft_from_pretrained_gives_them(trained, x):
+    """A module the file adapts that apply_qlora left alone gets a LoRA layer, as ``PeftModel.from_pretrained``
+    gives it one: a float Linear keeps its float weight (LoRA beside it, no quantization), a model with no QLoRA
+    layer at all loads too; the outputs are peft's on the same base."""
+    _, path = trained
+    partial = apply_qlora(dense_toy(), target_modules=["q_proj", "v_proj", "down"], r=4, lora_alpha=8,
+                          compute_dtype=torch.float32)
+    loaded = adapters.load_adapter(partial, path, adapter_name="x")
+    assert len(loaded) == 8 and "layers.0.up" in loaded
+    up = partial.get_submodule("layers.0.up")
+    assert isinstance(up, QLoRALinear) and not up.quantized and up.active_adapter == "x"
+    assert up.lora_A["x"].weight.requires_grad and not up.weight.requires_grad
+    theirs = peft.PeftModel.from_pretrained(bnb_base(partial), str(path))
+    assert_matches(run(partial, x), run(theirs, x), run(reference64(partial, path), x.double()))
+
+    dense = dense_toy()
+    adapters.load_adapter(dense, path)  # no QLoRA layer at all: every module of the file, on its float weight
+    assert all(isinstance(m, QLoRALinear) and not m.quantized for n, m in dense.named_modules() if n in loaded)
+    theirs = peft.PeftModel.from_pretrained(dense_toy(), str(path))
+    assert torch.equal(run(dense, x), run(theirs, x))
+    assert [n for n, p in dense.named_parameters() if p.requires_grad] == [
+        n for n, p in theirs.base_model.model.named_parameters() if ".lora_" in n]
+
+
+def test_a_model_loaded_in_4_bits_takes_an_adapter_without_apply_qlora(trained, x):
+    """bitsandbytes Linear4bit layers (transformers' 4-bit load) are wrapped as they are, as apply_qlora wraps them:
+    the same packed bytes, and bit for bit the outputs of apply_qlora + load_adapter(replace=True)."""
+    model, path = trained
+    four = bnb_base(model)
+    adapters.load_adapter(four, path)
+    want = bnb_base(model)
+    apply_qlora(want, "all-linear", r=4, compute_dtype=torch.float32)
+    adapters.load_adapter(want, path, replace=True)
+    assert torch.equal(run(four, x), run(want, x)) and torch.equal(run(four, x), run(model, x))
+    for name, (packed, _, _) in quantized_weights(model).items():
+        assert torch.equal(four.get_submodule(name).state_dict()["weight"], packed)
+    assert [n for n, p in four.named_parameters() if p.requires_grad] == [
+        n for n, p in want.named_parameters() if p.requires_grad]
+
+
+def test_a_file_that_does_not_fit_leaves_the_modules_it_would_have_adapted_as_they_were(trained):
+    _, path = trained
+    key = "base_model.model.layers.1.down.lora_A.weight"
+    _rewrite(path, edit_tensors=lambda sd: sd.update({key: sd[key][:, :7].contiguous()}))
+    partial = apply_qlora(dense_toy(), target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8,
+                          compute_dtype=torch.float32)
+    modules = dict(partial.named_modules())
+    flags = {n: p.requires_grad for n, p in partial.named_parameters()}
+    before = _snapshot(partial)
+    with pytest.raises(ValueError, match=r"layers\.1\.down\.lora_A.*\(4, 7\)"):
+        adapters.load_adapter(partial, path, adapter_name="x")
+    _assert_unchanged(partial, before, ["default"])
+    assert dict(partial.named_modules()).keys() == modules.keys()
+    assert all(partial.get_submodule(n) is m for n, m in modules.items() if n)
+    assert {n: p.requires_grad for n, p in partial.named_parameters()} == flags
+    dense = dense_toy()
+    flags = {n: p.requires_grad for n, p in dense.named_parameters()}
+    with pytest.raises(ValueError, match=r"layers\.1\.down\.lora_A"):
+        adapters.load_adapter(dense, path)
+    assert not any(isinstance(m, QLoRALinear) for m in dense.modules())
+    assert {n: p.requires_grad for n, p in dense.named_parameters()} == flags
+
+
+def test_set_active_false_leaves_the_model_computing_as_before(trained, x):
+    """A LoRA layer added at load follows the model's active adapter (here "default", which it lacks: base only),
+    so that set_active=False changes no output."""
+    _, path = trained
+    partial = apply_qlora(dense_toy(), target_modules=["q_proj", "v_proj", "down"], r=4, lora_alpha=8,
+                          compute_dtype=torch.float32)
+    randomize(partial, "default", seed=5)
+    y = run(partial, x)
+    adapters.load_adapter(partial, path, adapter_name="x", set_active=False)
+    assert torch.equal(run(partial, x), y)
+    up = partial.get_submodule("layers.0.up")
+    assert up.active_adapter is None and not up.lora_A["x"].weight.requires_grad
+    adapters.set_adapter(partial, "x")
+    assert up.active_adapter == "x" and not torch.equal(run(partial, x), y)
 
 
 # ---------------------------------------------------------------------------------------------- several adapters
@@ -963,18 +1036,21 @@ def test_peft_t5_adapter_with_lora_on_wo_loads_with_peft_outputs(tmp_path, emb):
     assert torch.equal(run(_Embeds(again), emb), run(_Embeds(theirs), emb))
 
 
-def test_peft_t5_adapter_on_wo_without_a_wo_target_is_refused_saying_why(tmp_path):
-    """wo left out of apply_qlora (exclude_modules) is a plain Linear: an adapter with LoRA there is refused, loading
-    nothing, and the message says to target it."""
+def test_peft_t5_adapter_on_wo_without_a_wo_target_loads_with_peft_outputs(tmp_path, emb):
+    """wo left out of apply_qlora (exclude_modules) is a plain float Linear: an adapter with LoRA there gives it a LoRA
+    layer on its float weight at load, as peft's from_pretrained does, with peft's outputs."""
     from .test_model import tiny_model
 
-    theirs = peft.get_peft_model(tiny_model("t5"), peft.LoraConfig(r=2, target_modules="all-linear"))
+    ours = apply_qlora(tiny_model("t5"), "all-linear", r=2, exclude_modules=["wo"], compute_dtype=torch.float32)
+    theirs = peft.get_peft_model(bnb_base(ours, lambda: tiny_model("t5")),
+                                 peft.LoraConfig(r=2, lora_alpha=6, target_modules="all-linear"))
+    randomize(theirs, "default", seed=3)
     theirs.save_pretrained(str(tmp_path))
-    ours = apply_qlora(tiny_model("t5"), "all-linear", r=2, exclude_modules=["wo"])
-    with pytest.raises(ValueError, match=r"DenseReluDense\.wo' is a Linear, not a QLoRALinear.*"
-                                         r"_keep_in_fp32_modules \['wo'\].*target_modules that include 'wo'"):
-        adapters.load_adapter(ours, tmp_path, adapter_name="peft")
-    assert adapters.adapter_names(ours) == ["default"]
+    loaded = adapters.load_adapter(ours, tmp_path, adapter_name="peft")
+    wo = ours.get_submodule("encoder.block.0.layer.1.DenseReluDense.wo")
+    assert "encoder.block.0.layer.1.DenseReluDense.wo" in loaded and isinstance(wo, QLoRALinear) and not wo.quantized
+    ref = reference64(ours, tmp_path, lambda: tiny_model("t5"))
+    assert_matches(run(_Embeds(ours), emb), run(_Embeds(theirs), emb), run(_Embeds(ref), emb.double()))
 
 
 class _OneLayer(nn.Module):

@@ -279,12 +279,17 @@ def test_mismatched_embedding_adapter_files_name_the_key_and_load_nothing(tmp_pa
         with pytest.raises(ValueError, match=message):
             adapters.load_adapter(ours, tmp_path / case, adapter_name="x")
         assert adapters.adapter_names(ours) == ["default"]
+    # an embedding apply_qlora left alone gets peft's embedding LoRA at load (PeftModel.from_pretrained's rule); a
+    # file that does not fit leaves it the plain embedding it was
     plain = apply_qlora(tiny_llama(), ["q_proj", "v_proj"], r=4, lora_alpha=8)
-    with pytest.raises(ValueError, match=r"embed_tokens.*'model\.embed_tokens' is a Embedding, not a QLoRALinear "
-                                         r"\(an embedding: call apply_qlora with target_modules that include "
-                                         r"'embed_tokens'"):
-        adapters.load_adapter(plain, tmp_path / "ok", adapter_name="x")
-    assert adapters.adapter_names(plain) == ["default"]
+    emb = plain.model.embed_tokens
+    with pytest.raises(ValueError, match=r"lora_embedding_A'.*\(3, 96\)"):
+        adapters.load_adapter(plain, tmp_path / "rank", adapter_name="x")
+    assert plain.model.embed_tokens is emb and adapters.adapter_names(plain) == ["default"]
+    adapters.load_adapter(plain, tmp_path / "ok", adapter_name="x")
+    sd = load_file(str(tmp_path / "ok" / "adapter_model.safetensors"))
+    assert isinstance(plain.model.embed_tokens, QLoRAEmbedding)
+    assert torch.equal(plain.model.embed_tokens.lora_embedding_A["x"], sd[A])
 
 
 def test_merge_and_unload_is_peft_s_merge_into_the_embedding():
