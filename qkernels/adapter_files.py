@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import base_bias
 from ._compiled import ORIG_MOD, strip_compiled_prefix, unwrap_compiled
 from .adapters import (
     _add_to_module,
@@ -146,6 +147,7 @@ class _ModuleAdapter:
     conv1d: bool  # built from a transformers Conv1D (peft's is_target_conv_1d_layer)
     use_dora: bool = False
     lora_bias: bool = False
+    bias: str = "none"  # peft's LoraConfig.bias: the base biases trained with the adapter (qkernels.base_bias)
 
 
 def _describe(name: str, m: nn.Module, adapter: str) -> _ModuleAdapter:
@@ -159,7 +161,8 @@ def _describe(name: str, m: nn.Module, adapter: str) -> _ModuleAdapter:
         )
     return _ModuleAdapter(name, r, alpha, _dropout_p(m.lora_dropout[adapter]), use_rslora,
                           bool(getattr(m, "is_target_conv_1d_layer", False)), m.is_dora(adapter),
-                          bool(getattr(m, "has_lora_bias", lambda _: False)(adapter)))
+                          bool(getattr(m, "has_lora_bias", lambda _: False)(adapter)),
+                          base_bias.layer_mode(m, adapter))
 
 
 def _short_name(name: str) -> str:
@@ -278,6 +281,9 @@ def _config_fields(model: nn.Module, infos: list[_ModuleAdapter], task_type: str
         some = [i.name for i in infos if i.lora_bias][:3]
         raise ValueError(f"adapter mixes modules with a lora_B bias (e.g. {some}) and modules without; peft's "
                          "lora_bias is global to an adapter: give every module of it lora_bias=True (or none)")
+    if len({i.bias for i in infos}) > 1:
+        raise ValueError(f"adapter's modules record different bias modes {sorted({i.bias for i in infos})}; peft's "
+                         "bias is global to an adapter (qkernels.base_bias)")
     r, alpha = _most_common([i.r for i in infos]), _most_common([i.alpha for i in infos])
     # peft's get_pattern_key matches a pattern p as re.match(rf"(.*\.)?({p})$", module_name): an escaped full name
     # selects that module and every module whose name ends in "." + it (a top-level "up" also selects "layers.0.up");
@@ -306,7 +312,7 @@ def _config_fields(model: nn.Module, infos: list[_ModuleAdapter], task_type: str
         trainable_token_indices=trainable_token_indices,
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
-        bias="none",
+        bias=infos[0].bias,
         # what peft writes for an adapter on GPT-2's Conv1D layers; it changes nothing but the direction of a merge
         # into a Conv1D weight (peft forces it off on nn.Linear and bitsandbytes layers), so True only when every
         # layer was one
@@ -402,8 +408,21 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default", *,
         if not t.tied and adapter_name in t.deltas:
             out[f"{PEFT_PREFIX}{name}.{DELTA_KEY}"] = _saved(state_dict, f"{name}.{DELTA_KEY}.{adapter_name}",
                                                           t.deltas[adapter_name])
+    out.update(_base_biases(model, adapter_name, state_dict))
     out.update(_embedding_base_weights(model, adapter_name, state_dict))
     return out
+
+
+def _base_biases(model: nn.Module, adapter_name: str,
+                 state_dict: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """The base biases peft saves for an adapter with ``bias`` "all" / "lora_only" (``qkernels.base_bias``)."""
+    mode = base_bias.adapter_modes(model).get(adapter_name, "none")
+    if mode == "none":
+        return {}
+    others = [n for n in adapter_names(model) if n != adapter_name]
+    keys = base_bias.file_keys(model, adapter_name, mode, others, None if state_dict is None else list(state_dict))
+    tensors = dict(base_bias._state_bias_keys(model)) if state_dict is None else {}
+    return {f"{PEFT_PREFIX}{k}": _saved(state_dict, qk, tensors.get(qk)) for k, qk in keys.items()}
 
 
 def _uncompiled(model: nn.Module, state_dict: dict[str, torch.Tensor] | None
@@ -536,11 +555,10 @@ def _read_config(path: str | os.PathLike) -> dict[str, Any]:
     if cfg.get("lora_bias") and cfg.get("use_dora"):
         raise ValueError(f"{cfg_path}: lora_bias=true with use_dora=true, which peft refuses (\"The argument "
                          "lora_bias=True is not supported for DoRA\"): the file was not written by peft")
-    if cfg.get("bias", "none") != "none":
-        raise ValueError(f"{cfg_path}: bias={cfg['bias']!r}: peft trained the base layers' biases too and saved them "
-                         "beside the LoRA weights; qkernels keeps base biases frozen, so it loads bias='none' adapters "
-                         "only. Train with LoraConfig(bias='none'), or merge this adapter with peft "
-                         "(merge_and_unload) and quantize the merged model")
+    try:  # "all" / "lora_only": the base biases peft trained, saved beside the LoRA weights (qkernels.base_bias)
+        base_bias.check_bias(cfg.get("bias", "none"), "bias")
+    except ValueError as e:
+        raise ValueError(f"{cfg_path}: {e}") from None
     # fan_in_fan_out (peft sets it for GPT-2's Conv1D targets) is not checked: lora_A [r, in], lora_B [out, r] and
     # the LoRA forward are the same either way in peft (tuners/lora/layer.py); it only transposes B @ A when peft
     # merges into a Conv1D weight [in, out], and qkernels' merge_and_unload handles Conv1D layers itself
@@ -614,6 +632,8 @@ class _Plan:
     # trainable_token_indices: {module: (indices, tied source or None)} and the file's rows per untied module
     tokens: dict[str, tuple[list[int], str | None]] | None = None
     token_rows: dict[str, torch.Tensor] | None = None
+    # the base biases from the file: (module, "bias", tensor) (qkernels.base_bias.plan_load)
+    biases: list[tuple[nn.Module, str, torch.Tensor]] | None = None
 
 
 def _config_targets(model: nn.Module, cfg: dict[str, Any]) -> set[str] | None:
@@ -629,27 +649,37 @@ def _config_targets(model: nn.Module, cfg: dict[str, Any]) -> set[str] | None:
 
 
 def _split_keys(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor]
-                ) -> tuple[dict[str, dict[str, tuple[str, torch.Tensor]]], dict[str, dict[str, torch.Tensor]]]:
-    """File keys -> ``{module: {"lora_A"|"lora_B"|"base.weight"|"base.bias": (key, tensor)}}`` and ``{module to save:
-    {key: tensor}}``."""
+                ) -> tuple[dict[str, dict[str, tuple[str, torch.Tensor]]], dict[str, dict[str, torch.Tensor]],
+                           list[tuple[str, str, torch.Tensor]]]:
+    """File keys -> ``{module: {"lora_A"|"lora_B"|"base.weight": (key, tensor)}}``, ``{module to save: {key:
+    tensor}}`` and the base biases ``[(key, key without the prefix, tensor)]`` (``<module>.base_layer.bias``, and
+    under bias "all" any other ``<name>.bias``: ``qkernels.base_bias``)."""
     from .modules_to_save import match_modules_to_save
 
     save_names = match_modules_to_save(model, cfg.get("modules_to_save") or [])
+    all_biases = cfg.get("bias", "none") == "all"
     pairs: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     saved: dict[str, dict[str, torch.Tensor]] = {}
+    biases: list[tuple[str, str, torch.Tensor]] = []
     names_in_keys: dict[str | None, str] = {}  # adapter name segment (None: peft's file format) -> first key with it
     for key, t in sd.items():
         stripped = key.removeprefix(PEFT_PREFIX)
         owner = [n for n in save_names if stripped.startswith(n + ".")]
         if owner:  # the longest name: a module to save may not hold another (plan_modules_to_save)
             name = max(owner, key=len)
-            saved.setdefault(name, {})[stripped[len(name) + 1:]] = t
+            sub = stripped[len(name) + 1:]
+            if all_biases and sub.startswith(("original_module.", "modules_to_save.")) and sub.endswith("bias"):
+                continue  # peft's "all" also writes the wrapper's own bias keys; its load takes <module>.bias
+            saved.setdefault(name, {})[sub] = t
             continue
         delta = _DELTA_RE.match(stripped)
         if delta is not None:  # trainable tokens: checked against the config's trainable_token_indices in _plan
             pairs.setdefault(delta["module"], {})["tokens"] = (key, t)
             continue
         base = _BASE_KEY_RE.match(stripped)
+        if base is not None and base["which"] == "bias":  # a LoRA layer's base bias: bias != "none", or an embedding's
+            biases.append((key, stripped, t))
+            continue
         if base is not None:  # a float base weight that peft saved with the adapter (save_embedding_layers)
             pairs.setdefault(base["module"], {})["base." + base["which"]] = (key, t)
             continue
@@ -669,6 +699,9 @@ def _split_keys(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tenso
             which = "lora_" + emb["which"]
         elif match is not None:
             which = match["which"] + (".bias" if stripped.endswith(".bias") else "")
+        if match is None and all_biases and (stripped == "bias" or stripped.endswith(".bias")):
+            biases.append((key, stripped, t))  # a base bias of a module without LoRA (peft's bias "all")
+            continue
         if match is None:
             raise ValueError(
                 f"adapter key {key!r} is not a LoRA weight '{PEFT_PREFIX}<module>.lora_A.weight' / '.lora_B.weight' "
@@ -686,7 +719,7 @@ def _split_keys(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tenso
                 "and weight; a file holds one adapter, in peft's format without the name (<module>.lora_A.weight)"
             )
         pairs.setdefault(match["module"], {})[which] = (key, t)
-    return pairs, saved
+    return pairs, saved, biases
 
 
 def _check_saved(model: nn.Module, cfg: dict[str, Any], saved: dict[str, dict[str, torch.Tensor]],
@@ -724,7 +757,7 @@ def _plan(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor], ad
     qlora_names = [n for n, m in modules.items() if isinstance(m, cls)]
     if not qlora_names:
         _qlora_modules(model)  # raises the "quantize it first" error
-    pairs, saved = _split_keys(model, cfg, sd)
+    pairs, saved, bias_keys = _split_keys(model, cfg, sd)
     tokens, token_rows = _planned_tokens(model, cfg, pairs, adapter_name)
     if not pairs:
         raise ValueError("the adapter file holds no LoRA weights")
@@ -786,7 +819,7 @@ def _plan(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor], ad
             f"that the file holds no weights for (e.g. {uncovered[:4]}); they get no adapter {adapter_name!r}, which "
             "computes what peft does with them (it warns of missing adapter keys and leaves their B at zero). Was the "
             "adapter saved for another model (fewer layers?), or is the file incomplete?", UserWarning, stacklevel=3)
-    return _Plan(plan, saved, tokens, token_rows)
+    return _Plan(plan, saved, tokens, token_rows, base_bias.plan_load(model, bias_keys))
 
 
 def _planned_tokens(model: nn.Module, cfg: dict[str, Any], pairs: dict[str, dict[str, tuple[str, torch.Tensor]]],
@@ -984,12 +1017,14 @@ def load_adapter(
             f"adapter {adapter_name!r} already exists on {n} modules; choose another adapter_name, "
             "delete it first, or pass replace=True"
         )
+    base_bias.check_single(model, adapter_name, cfg.get("bias", "none"), replacing=existing)
     whole = _plan(model, cfg, _read_weights(path), adapter_name, replace)
     if existing:
         delete_adapter(model, adapter_name)
     _apply_plan(model, cfg, whole, adapter_name)
     if set_active:
         set_adapter(model, adapter_name)
+    base_bias.mark_trainable(model)  # as peft's load: the active adapter's bias mode picks the trainable biases
     return [p.name for p in whole.lora]
 
 
@@ -1010,7 +1045,7 @@ def _apply_plan(model: nn.Module, cfg: dict[str, Any], whole: _Plan, adapter_nam
             with warnings.catch_warnings():  # a base without a bias: peft warns at load too; loading is what was asked
                 warnings.simplefilter("ignore", UserWarning)
                 _add_to_module(p.module, adapter_name, p.r, p.alpha, dropout, rslora, False, dora,
-                               p.lora_B_bias is not None)
+                               p.lora_B_bias is not None, cfg.get("bias", "none"))
             done.append(p)
             with torch.no_grad():
                 for which, t in (("lora_A", p.A), ("lora_B", p.B), ("lora_magnitude_vector", p.magnitude),
@@ -1025,6 +1060,11 @@ def _apply_plan(model: nn.Module, cfg: dict[str, Any], whole: _Plan, adapter_nam
                         p.module._unloaded = p.module._unloaded - {which}
                     else:
                         param.copy_(t)
+        with torch.no_grad():
+            for module, which, t in whole.biases or ():  # the base biases peft trained (shared by every adapter)
+                param = base_bias.bias_tensor(module)
+                bases.append((module, which, param, param.detach().clone()))
+                param.copy_(t)
         if whole.saved:
             wrap_modules_to_save(model, cfg["modules_to_save"], adapter_name, activate=False)
             for n, tensors in whole.saved.items():
