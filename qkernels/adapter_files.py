@@ -1024,7 +1024,8 @@ def load_adapter(
     _apply_plan(model, cfg, whole, adapter_name)
     if set_active:
         set_adapter(model, adapter_name)
-    base_bias.mark_trainable(model)  # as peft's load: the active adapter's bias mode picks the trainable biases
+    if adapter_names(model) == [adapter_name]:  # the only adapter: its bias mode picks the trainable biases, as
+        base_bias.mark_trainable(model)  # PeftModel.from_pretrained; beside others the flags stay, as its load_adapter
     return [p.name for p in whole.lora]
 
 

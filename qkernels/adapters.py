@@ -250,8 +250,9 @@ def add_adapter(
     ``lora_B``; not on an embedding). ``rank_pattern`` / ``alpha_pattern``: peft's per-module ``r`` / ``lora_alpha``,
     as in ``qkernels.apply_qlora``. ``bias``: peft's ``LoraConfig.bias``, as in ``qkernels.apply_qlora``: which
     base biases train with this adapter ("none", "all", "lora_only"; ``qkernels.base_bias``). As in peft, the
-    biases' flags then follow the *active* adapter's mode (a new adapter is not made active: with the active one at
-    "none", every base bias is frozen), and at most one adapter of a model may have a mode other than "none".
+    biases' flags are set only when this is the model's only adapter (peft's first adapter); beside other adapters
+    they stay as they are (peft 0.21's ``add_adapter`` restores every existing parameter's flag), and at most one
+    adapter of a model may have a mode other than "none".
     Returns the module names that got a LoRA adapter.
 
     Raises:
@@ -317,7 +318,8 @@ def add_adapter(
         wrap_modules_to_save(model, modules_to_save, name, activate=False)
     if tokens:
         add_trainable_tokens(model, tokens, name, activate=False)
-    base_bias.mark_trainable(model)  # peft re-marks the biases on add_adapter, by the active adapter's mode
+    if adapter_names(model) == [name]:  # the model's only adapter: its mode picks the trainable biases (as peft's
+        base_bias.mark_trainable(model)  # first injection); with others, their flags stay (peft 0.21's add_adapter)
     return [n for n, _ in mods]
 
 

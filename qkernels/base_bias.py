@@ -10,11 +10,15 @@ biases train, as peft 0.21 does it (peft/tuners/tuners_utils.py ``_mark_only_ada
 - ``"lora_only"``: the biases of the LoRA layers, i.e. of the ``QLoRALinear`` layers that hold an adapter (peft's
   LoRA layers: every layer any adapter targets; an ``nn.Embedding`` has no bias).
 
-When: as peft, the selection is applied when an adapter is created or loaded (``apply_qlora``, ``add_adapter``,
-``load_adapter``), from the *active* adapter's mode: ``"none"`` then freezes every base bias. ``set_adapter``,
-``disable_adapters`` and ``delete_adapter`` leave the biases (values and flags) as they are, as peft does: a base bias
-is one tensor shared by every adapter, not part of an adapter, so disabling adapters does not give the base model's
-outputs (peft warns; so does qkernels). As peft, at most one adapter of a model may have a mode other than "none".
+When: as peft, the selection is applied when a model gets its first adapter (peft's ``get_peft_model`` /
+``PeftModel.from_pretrained``): ``apply_qlora``, and ``add_adapter`` / ``load_adapter`` when the new adapter is the
+model's only one (e.g. ``load_adapter(..., replace=True)`` of the adapter ``apply_qlora`` made); ``"none"`` then
+freezes every base bias. Beside other adapters, ``add_adapter`` / ``load_adapter`` leave every bias's flag as it is
+(peft 0.21's ``inject_adapter`` restores the flags of all parameters already present), and so do ``set_adapter``,
+``disable_adapters`` and ``delete_adapter``. A base bias is one tensor shared by every adapter, not part of an
+adapter: its trained values stay when adapters are switched, disabled or deleted, so disabling adapters does not give
+the base model's outputs (peft warns; so does qkernels). As peft, at most one adapter of a model may have a mode other
+than "none".
 
 Each adapter layer records its adapters' modes in ``config_bias`` (``{adapter: mode}``; absent: "none"), so the mode
 travels with the layer as ``r`` and ``lora_alpha`` do and ``save_adapter`` writes it into ``adapter_config.json``.
@@ -136,7 +140,7 @@ def selected(model: nn.Module, mode: str) -> set[str]:
 
 def mark_trainable(model: nn.Module) -> None:
     """peft's ``_mark_only_adapters_as_trainable`` for the biases: the base biases that the active adapters' modes
-    select train, every other base bias is frozen (run when an adapter is created or loaded, as in peft)."""
+    select train, every other base bias is frozen (run for a model's first adapter, as in peft)."""
     active = {m.active_adapter for _, m in _layers(model)} - {None}
     modes = adapter_modes(model)
     want: set[str] = set()
