@@ -5,8 +5,9 @@
   ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` (the adapter name removed, as peft's
   ``get_peft_model_state_dict`` does; a DoRA adapter adds ``use_dora`` and ``<module>.lora_magnitude_vector``, a
   ``lora_bias`` adapter ``lora_bias`` and ``<module>.lora_B.bias``, trainable tokens ``trainable_token_indices`` and
-  ``<embedding>.token_adapter.trainable_tokens_delta``), plus ``base_model.model.<module>.<key>`` for each module to
-  save
+  ``<embedding>.token_adapter.trainable_tokens_delta``, an adapter with ``bias`` "all" / "lora_only" the base biases
+  it trains, ``<module>.base_layer.bias`` / ``<name>.bias``: ``qkernels.base_bias``), plus
+  ``base_model.model.<module>.<key>`` for each module to save
   (``qkernels.modules_to_save``); the config carries ``layers_to_transform`` / ``layers_pattern`` /
   ``modules_to_save``. ``peft.PeftModel.from_pretrained(base, path)`` loads it.
 - ``load_adapter(model, path, adapter_name)`` reads such a directory (``adapter_model.safetensors``, else
@@ -362,7 +363,9 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default", *,
     """peft's ``get_peft_model_state_dict`` for one adapter: ``base_model.model.<module>.lora_{A,B}.weight`` (a DoRA
     adapter also ``base_model.model.<module>.lora_magnitude_vector``, without ".weight" as peft writes it), and
     for each module to save with a copy for the adapter that copy's state dict as ``base_model.model.<module>.<key>``
-    (e.g. ``base_model.model.score.weight``: the adapter name and ``modules_to_save`` removed, as peft does).
+    (e.g. ``base_model.model.score.weight``: the adapter name and ``modules_to_save`` removed, as peft does). An
+    adapter with ``bias`` "all" / "lora_only" adds the base biases peft's ``_get_learnable_bias_state_dict`` selects,
+    under its keys (``base_model.model.<module>.base_layer.bias`` for a LoRA layer; ``qkernels.base_bias``).
 
     ``state_dict``: the tensors by the model's own state-dict keys (``<module>.lora_A.<adapter>.weight``...), read
     instead of the modules' (as peft's ``get_peft_model_state_dict(model, state_dict)``): the full tensors gathered
@@ -484,7 +487,8 @@ def save_adapter(
     as short names, with ``layers_to_transform`` / ``layers_pattern`` when the adapter covers only some layers (a
     regex of the full names when neither selects exactly its modules), ``modules_to_save`` (the full names of the
     modules to save holding a copy for this adapter), rank_pattern / alpha_pattern for modules whose rank / alpha
-    differ from the most common, bias "none", inference_mode true, use_dora for a DoRA adapter) and
+    differ from the most common, bias (the adapter's ``bias`` mode: "none", or "all" / "lora_only" with the base
+    biases in the file, ``qkernels.base_bias``), inference_mode true, use_dora for a DoRA adapter) and
     ``adapter_model.safetensors`` (tensors in their parameter dtype; see ``adapter_state_dict``).
     ``task_type`` (e.g. ``"CAUSAL_LM"``; None: ``task_type_of(model)``, from the transformers model class, so that
     ``PeftModel.from_pretrained`` builds the task's class; none for a classification head, see ``task_type_of``;
@@ -997,6 +1001,12 @@ def load_adapter(
     likewise a ``lora_bias`` adapter's ``<module>.lora_B.bias`` (float ``[out_features]``, with ``lora_bias: true``
     only). ``trainable_token_indices`` (``qkernels.trainable_tokens``) wraps the embedding(s) it names, with a tied
     head, and loads ``<embedding>.token_adapter.trainable_tokens_delta`` (``[len(indices), embedding_dim]``) into them.
+    ``bias`` "all" / "lora_only" (peft trained the base biases; ``qkernels.base_bias``): the file's biases
+    (``<module>.base_layer.bias``, and under "all" ``<name>.bias`` of any module) are copied into the model's, which
+    every adapter shares, as peft loads them (a misshapen one is such an error; one naming no bias of the model is
+    skipped with a ``UserWarning``, as peft drops it); when the loaded adapter is the model's only one, its mode sets
+    which base biases train (as ``PeftModel.from_pretrained``); a second adapter with a mode other than "none" is a
+    ``ValueError`` (peft allows one).
 
     ``replace``: if ``adapter_name`` already exists, delete it first (otherwise that is an error).
     ``set_active``: make the loaded adapter active (``PeftModel.from_pretrained`` does; ``load_adapter`` in peft
