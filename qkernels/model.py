@@ -354,7 +354,7 @@ def apply_qlora(
         raise ValueError(f"log_every must be a positive int, got {log_every!r}")
     base_bias.check_bias(bias)
     if any(isinstance(m, (QLoRALinear, QLoRAEmbedding)) for m in model.modules()):  # apply_qlora called before
-        base_bias.check_single(model, adapter_name, bias)
+        base_bias.check_single(model, adapter_name, bias, replacing=True)  # its own earlier layers: one adapter
     _check_layer_args(target_modules, layers_to_transform, layers_pattern)
     rank_pattern = check_pattern(rank_pattern, "rank_pattern")
     alpha_pattern = check_pattern(alpha_pattern, "alpha_pattern")

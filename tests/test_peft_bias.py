@@ -329,6 +329,12 @@ def test_merge_keeps_the_trained_biases(x, mode):
     for n, b in trained.items():
         assert torch.equal(params[n], b) and params[n].requires_grad, n
     torch.testing.assert_close(run(merged, x), y, rtol=0, atol=1e-4)  # W + s B A rounded to float32 once
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # merge_into_4bit's requantization report
+        qkernels.merge_into_4bit(ours)  # requantizes in place: the bias Parameters are kept as they are
+    params = dict(ours.named_parameters())
+    for n, b in trained.items():
+        assert torch.equal(params[n], b) and params[n].requires_grad, n
 
 
 def test_state_dict_and_trainer_checkpoints_keep_the_biases(tmp_path):
