@@ -5,8 +5,9 @@
   ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` (the adapter name removed, as peft's
   ``get_peft_model_state_dict`` does; a DoRA adapter adds ``use_dora`` and ``<module>.lora_magnitude_vector``, a
   ``lora_bias`` adapter ``lora_bias`` and ``<module>.lora_B.bias``, trainable tokens ``trainable_token_indices`` and
-  ``<embedding>.token_adapter.trainable_tokens_delta``), plus ``base_model.model.<module>.<key>`` for each module to
-  save
+  ``<embedding>.token_adapter.trainable_tokens_delta``, an adapter with ``bias`` "all" / "lora_only" the base biases
+  it trains, ``<module>.base_layer.bias`` / ``<name>.bias``: ``qkernels.base_bias``), plus
+  ``base_model.model.<module>.<key>`` for each module to save
   (``qkernels.modules_to_save``); the config carries ``layers_to_transform`` / ``layers_pattern`` /
   ``modules_to_save``. ``peft.PeftModel.from_pretrained(base, path)`` loads it.
 - ``load_adapter(model, path, adapter_name)`` reads such a directory (``adapter_model.safetensors``, else
@@ -37,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import base_bias
 from ._compiled import ORIG_MOD, strip_compiled_prefix, unwrap_compiled
 from .adapters import (
     _activate,
@@ -149,6 +151,7 @@ class _ModuleAdapter:
     conv1d: bool  # built from a transformers Conv1D (peft's is_target_conv_1d_layer)
     use_dora: bool = False
     lora_bias: bool = False
+    bias: str = "none"  # peft's LoraConfig.bias: the base biases trained with the adapter (qkernels.base_bias)
 
 
 def _describe(name: str, m: nn.Module, adapter: str) -> _ModuleAdapter:
@@ -162,7 +165,8 @@ def _describe(name: str, m: nn.Module, adapter: str) -> _ModuleAdapter:
         )
     return _ModuleAdapter(name, r, alpha, _dropout_p(m.lora_dropout[adapter]), use_rslora,
                           bool(getattr(m, "is_target_conv_1d_layer", False)), m.is_dora(adapter),
-                          bool(getattr(m, "has_lora_bias", lambda _: False)(adapter)))
+                          bool(getattr(m, "has_lora_bias", lambda _: False)(adapter)),
+                          base_bias.layer_mode(m, adapter))
 
 
 def _short_name(name: str) -> str:
@@ -281,6 +285,9 @@ def _config_fields(model: nn.Module, infos: list[_ModuleAdapter], task_type: str
         some = [i.name for i in infos if i.lora_bias][:3]
         raise ValueError(f"adapter mixes modules with a lora_B bias (e.g. {some}) and modules without; peft's "
                          "lora_bias is global to an adapter: give every module of it lora_bias=True (or none)")
+    if len({i.bias for i in infos}) > 1:
+        raise ValueError(f"adapter's modules record different bias modes {sorted({i.bias for i in infos})}; peft's "
+                         "bias is global to an adapter (qkernels.base_bias)")
     r, alpha = _most_common([i.r for i in infos]), _most_common([i.alpha for i in infos])
     # peft's get_pattern_key matches a pattern p as re.match(rf"(.*\.)?({p})$", module_name): an escaped full name
     # selects that module and every module whose name ends in "." + it (a top-level "up" also selects "layers.0.up");
@@ -309,7 +316,7 @@ def _config_fields(model: nn.Module, infos: list[_ModuleAdapter], task_type: str
         trainable_token_indices=trainable_token_indices,
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
-        bias="none",
+        bias=infos[0].bias,
         # what peft writes for an adapter on GPT-2's Conv1D layers; it changes nothing but the direction of a merge
         # into a Conv1D weight (peft forces it off on nn.Linear and bitsandbytes layers), so True only when every
         # layer was one
@@ -359,7 +366,9 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default", *,
     """peft's ``get_peft_model_state_dict`` for one adapter: ``base_model.model.<module>.lora_{A,B}.weight`` (a DoRA
     adapter also ``base_model.model.<module>.lora_magnitude_vector``, without ".weight" as peft writes it), and
     for each module to save with a copy for the adapter that copy's state dict as ``base_model.model.<module>.<key>``
-    (e.g. ``base_model.model.score.weight``: the adapter name and ``modules_to_save`` removed, as peft does).
+    (e.g. ``base_model.model.score.weight``: the adapter name and ``modules_to_save`` removed, as peft does). An
+    adapter with ``bias`` "all" / "lora_only" adds the base biases peft's ``_get_learnable_bias_state_dict`` selects,
+    under its keys (``base_model.model.<module>.base_layer.bias`` for a LoRA layer; ``qkernels.base_bias``).
 
     ``state_dict``: the tensors by the model's own state-dict keys (``<module>.lora_A.<adapter>.weight``...), read
     instead of the modules' (as peft's ``get_peft_model_state_dict(model, state_dict)``): the full tensors gathered
@@ -405,8 +414,21 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default", *,
         if not t.tied and adapter_name in t.deltas:
             out[f"{PEFT_PREFIX}{name}.{DELTA_KEY}"] = _saved(state_dict, f"{name}.{DELTA_KEY}.{adapter_name}",
                                                           t.deltas[adapter_name])
+    out.update(_base_biases(model, adapter_name, state_dict))
     out.update(_embedding_base_weights(model, adapter_name, state_dict))
     return out
+
+
+def _base_biases(model: nn.Module, adapter_name: str,
+                 state_dict: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """The base biases peft saves for an adapter with ``bias`` "all" / "lora_only" (``qkernels.base_bias``)."""
+    mode = base_bias.adapter_modes(model).get(adapter_name, "none")
+    if mode == "none":
+        return {}
+    others = [n for n in adapter_names(model) if n != adapter_name]
+    keys = base_bias.file_keys(model, adapter_name, mode, others, None if state_dict is None else list(state_dict))
+    tensors = dict(base_bias._state_bias_keys(model)) if state_dict is None else {}
+    return {f"{PEFT_PREFIX}{k}": _saved(state_dict, qk, tensors.get(qk)) for k, qk in keys.items()}
 
 
 def _uncompiled(model: nn.Module, state_dict: dict[str, torch.Tensor] | None
@@ -468,7 +490,8 @@ def save_adapter(
     as short names, with ``layers_to_transform`` / ``layers_pattern`` when the adapter covers only some layers (a
     regex of the full names when neither selects exactly its modules), ``modules_to_save`` (the full names of the
     modules to save holding a copy for this adapter), rank_pattern / alpha_pattern for modules whose rank / alpha
-    differ from the most common, bias "none", inference_mode true, use_dora for a DoRA adapter) and
+    differ from the most common, bias (the adapter's ``bias`` mode: "none", or "all" / "lora_only" with the base
+    biases in the file, ``qkernels.base_bias``), inference_mode true, use_dora for a DoRA adapter) and
     ``adapter_model.safetensors`` (tensors in their parameter dtype; see ``adapter_state_dict``).
     ``task_type`` (e.g. ``"CAUSAL_LM"``; None: ``task_type_of(model)``, from the transformers model class, so that
     ``PeftModel.from_pretrained`` builds the task's class; none for a classification head, see ``task_type_of``;
@@ -539,11 +562,10 @@ def _read_config(path: str | os.PathLike) -> dict[str, Any]:
     if cfg.get("lora_bias") and cfg.get("use_dora"):
         raise ValueError(f"{cfg_path}: lora_bias=true with use_dora=true, which peft refuses (\"The argument "
                          "lora_bias=True is not supported for DoRA\"): the file was not written by peft")
-    if cfg.get("bias", "none") != "none":
-        raise ValueError(f"{cfg_path}: bias={cfg['bias']!r}: peft trained the base layers' biases too and saved them "
-                         "beside the LoRA weights; qkernels keeps base biases frozen, so it loads bias='none' adapters "
-                         "only. Train with LoraConfig(bias='none'), or merge this adapter with peft "
-                         "(merge_and_unload) and quantize the merged model")
+    try:  # "all" / "lora_only": the base biases peft trained, saved beside the LoRA weights (qkernels.base_bias)
+        base_bias.check_bias(cfg.get("bias", "none"), "bias")
+    except ValueError as e:
+        raise ValueError(f"{cfg_path}: {e}") from None
     # fan_in_fan_out (peft sets it for GPT-2's Conv1D targets) is not checked: lora_A [r, in], lora_B [out, r] and
     # the LoRA forward are the same either way in peft (tuners/lora/layer.py); it only transposes B @ A when peft
     # merges into a Conv1D weight [in, out], and qkernels' merge_and_unload handles Conv1D layers itself
@@ -617,6 +639,8 @@ class _Plan:
     # trainable_token_indices: {module: (indices, tied source or None)} and the file's rows per untied module
     tokens: dict[str, tuple[list[int], str | None]] | None = None
     token_rows: dict[str, torch.Tensor] | None = None
+    # the base biases from the file: (module, "bias", tensor) (qkernels.base_bias.plan_load)
+    biases: list[tuple[nn.Module, str, torch.Tensor]] | None = None
 
 
 def _config_targets(model: nn.Module, cfg: dict[str, Any]) -> set[str] | None:
@@ -632,27 +656,37 @@ def _config_targets(model: nn.Module, cfg: dict[str, Any]) -> set[str] | None:
 
 
 def _split_keys(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor]
-                ) -> tuple[dict[str, dict[str, tuple[str, torch.Tensor]]], dict[str, dict[str, torch.Tensor]]]:
-    """File keys -> ``{module: {"lora_A"|"lora_B"|"base.weight"|"base.bias": (key, tensor)}}`` and ``{module to save:
-    {key: tensor}}``."""
+                ) -> tuple[dict[str, dict[str, tuple[str, torch.Tensor]]], dict[str, dict[str, torch.Tensor]],
+                           list[tuple[str, str, torch.Tensor]]]:
+    """File keys -> ``{module: {"lora_A"|"lora_B"|"base.weight": (key, tensor)}}``, ``{module to save: {key:
+    tensor}}`` and the base biases ``[(key, key without the prefix, tensor)]`` (``<module>.base_layer.bias``, and
+    under bias "all" any other ``<name>.bias``: ``qkernels.base_bias``)."""
     from .modules_to_save import match_modules_to_save
 
     save_names = match_modules_to_save(model, cfg.get("modules_to_save") or [])
+    all_biases = cfg.get("bias", "none") == "all"
     pairs: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     saved: dict[str, dict[str, torch.Tensor]] = {}
+    biases: list[tuple[str, str, torch.Tensor]] = []
     names_in_keys: dict[str | None, str] = {}  # adapter name segment (None: peft's file format) -> first key with it
     for key, t in sd.items():
         stripped = key.removeprefix(PEFT_PREFIX)
         owner = [n for n in save_names if stripped.startswith(n + ".")]
         if owner:  # the longest name: a module to save may not hold another (plan_modules_to_save)
             name = max(owner, key=len)
-            saved.setdefault(name, {})[stripped[len(name) + 1:]] = t
+            sub = stripped[len(name) + 1:]
+            if all_biases and sub.startswith(("original_module.", "modules_to_save.")) and sub.endswith("bias"):
+                continue  # peft's "all" also writes the wrapper's own bias keys; its load takes <module>.bias
+            saved.setdefault(name, {})[sub] = t
             continue
         delta = _DELTA_RE.match(stripped)
         if delta is not None:  # trainable tokens: checked against the config's trainable_token_indices in _plan
             pairs.setdefault(delta["module"], {})["tokens"] = (key, t)
             continue
         base = _BASE_KEY_RE.match(stripped)
+        if base is not None and base["which"] == "bias":  # a LoRA layer's base bias: bias != "none", or an embedding's
+            biases.append((key, stripped, t))
+            continue
         if base is not None:  # a float base weight that peft saved with the adapter (save_embedding_layers)
             pairs.setdefault(base["module"], {})["base." + base["which"]] = (key, t)
             continue
@@ -672,6 +706,9 @@ def _split_keys(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tenso
             which = "lora_" + emb["which"]
         elif match is not None:
             which = match["which"] + (".bias" if stripped.endswith(".bias") else "")
+        if match is None and all_biases and (stripped == "bias" or stripped.endswith(".bias")):
+            biases.append((key, stripped, t))  # a base bias of a module without LoRA (peft's bias "all")
+            continue
         if match is None:
             raise ValueError(
                 f"adapter key {key!r} is not a LoRA weight '{PEFT_PREFIX}<module>.lora_A.weight' / '.lora_B.weight' "
@@ -689,7 +726,7 @@ def _split_keys(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tenso
                 "and weight; a file holds one adapter, in peft's format without the name (<module>.lora_A.weight)"
             )
         pairs.setdefault(match["module"], {})[which] = (key, t)
-    return pairs, saved
+    return pairs, saved, biases
 
 
 def _check_saved(model: nn.Module, cfg: dict[str, Any], saved: dict[str, dict[str, torch.Tensor]],
@@ -725,7 +762,7 @@ def _plan(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor], ad
     cls = _qlora_class()
     modules = dict(model.named_modules())
     qlora_names = [n for n, m in modules.items() if isinstance(m, cls)]
-    pairs, saved = _split_keys(model, cfg, sd)
+    pairs, saved, bias_keys = _split_keys(model, cfg, sd)
     tokens, token_rows = _planned_tokens(model, cfg, pairs, adapter_name)
     if not pairs:
         raise ValueError("the adapter file holds no LoRA weights")
@@ -774,7 +811,7 @@ def _plan(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor], ad
             f"that the file holds no weights for (e.g. {uncovered[:4]}); they get no adapter {adapter_name!r}, which "
             "computes what peft does with them (it warns of missing adapter keys and leaves their B at zero). Was the "
             "adapter saved for another model (fewer layers?), or is the file incomplete?", UserWarning, stacklevel=3)
-    return _Plan(plan, saved, tokens, token_rows)
+    return _Plan(plan, saved, tokens, token_rows, base_bias.plan_load(model, bias_keys))
 
 
 def _planned_tokens(model: nn.Module, cfg: dict[str, Any], pairs: dict[str, dict[str, tuple[str, torch.Tensor]]],
@@ -960,6 +997,12 @@ def load_adapter(
     likewise a ``lora_bias`` adapter's ``<module>.lora_B.bias`` (float ``[out_features]``, with ``lora_bias: true``
     only). ``trainable_token_indices`` (``qkernels.trainable_tokens``) wraps the embedding(s) it names, with a tied
     head, and loads ``<embedding>.token_adapter.trainable_tokens_delta`` (``[len(indices), embedding_dim]``) into them.
+    ``bias`` "all" / "lora_only" (peft trained the base biases; ``qkernels.base_bias``): the file's biases
+    (``<module>.base_layer.bias``, and under "all" ``<name>.bias`` of any module) are copied into the model's, which
+    every adapter shares, as peft loads them (a misshapen one is such an error; one naming no bias of the model is
+    skipped with a ``UserWarning``, as peft drops it); when the loaded adapter is the model's only one, its mode sets
+    which base biases train (as ``PeftModel.from_pretrained``); a second adapter with a mode other than "none" is a
+    ``ValueError`` (peft allows one).
 
     ``replace``: if ``adapter_name`` already exists, delete it first (otherwise that is an error).
     ``set_active``: make the loaded adapter active (``PeftModel.from_pretrained`` does; ``load_adapter`` in peft
@@ -982,6 +1025,7 @@ def load_adapter(
             f"adapter {adapter_name!r} already exists on {n} modules; choose another adapter_name, "
             "delete it first, or pass replace=True"
         )
+    base_bias.check_single(model, adapter_name, cfg.get("bias", "none"), replacing=existing)
     sd = _read_weights(path)
     active = next((m.active_adapter for m in qlora if m.active_adapter is not None), None)
     added, undo = _add_lora_layers(model, cfg, sd)
@@ -998,6 +1042,8 @@ def load_adapter(
             _activate(model.get_submodule(n), active)
     if set_active:
         set_adapter(model, adapter_name)
+    if adapter_names(model) == [adapter_name]:  # the only adapter: its bias mode picks the trainable biases, as
+        base_bias.mark_trainable(model)  # PeftModel.from_pretrained; beside others the flags stay, as its load_adapter
     return [p.name for p in whole.lora]
 
 
@@ -1007,20 +1053,23 @@ def _add_lora_layers(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.
     ``apply_qlora`` on exactly those modules: a bitsandbytes ``Linear4bit`` (a model transformers loaded in 4 bits)
     wrapped as it is, a float ``nn.Linear`` / ``Conv1D`` with LoRA on its float weight (no quantization: peft adds
     a float LoRA layer there), an ``nn.Embedding`` peft's embedding LoRA. Only modules the adapter's config selects
-    (the others are ``_plan``'s error). Returns the modules given a layer and a function that puts the model back as it
-    was (the original modules, every parameter's ``requires_grad``, transformers' ``is_quantized`` flags)."""
+    (the others are ``_plan``'s error). In a model that has LoRA layers already every parameter keeps its
+    ``requires_grad``; in one without, all but LoRA are frozen (``apply_qlora``'s rule). Returns the modules given a
+    layer and a function that puts the model back as it was (the original modules, every parameter's
+    ``requires_grad``, transformers' ``is_quantized`` flags)."""
     from .model import _is_bnb_4bit, _is_linear, apply_qlora, is_embedding
 
     cls = _qlora_class()
     modules = dict(model.named_modules())
     targets = _config_targets(model, cfg)
-    pairs, _ = _split_keys(model, cfg, sd)
+    pairs, _, _ = _split_keys(model, cfg, sd)
     names = [n for n, ab in pairs.items()
              if ("lora_A" in ab or "lora_B" in ab) and n in modules and not isinstance(modules[n], cls)
              and (targets is None or n in targets) and (_is_linear(modules[n]) or is_embedding(modules[n]))]
     if not names:
         return [], lambda: None
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    had_lora = any(isinstance(m, cls) for m in modules.values())
     quantized = {m: m.__dict__["is_quantized"] for m in model.modules() if "is_quantized" in m.__dict__}
     originals = {n: modules[n] for n in names}
     float_names = [n for n in names if not _is_bnb_4bit(modules[n]) and not is_embedding(modules[n])]
@@ -1045,6 +1094,11 @@ def _add_lora_layers(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.
                         use_dora=bool(cfg.get("use_dora", False)), verbose=False)
         for n in names:
             model.get_submodule(n).delete_adapter(tmp)
+        if had_lora:  # a model with adapters keeps its parameters' flags (peft's load_adapter leaves them)
+            params = dict(model.named_parameters())
+            for n, flag in flags.items():
+                if n in params:
+                    params[n].requires_grad_(flag)
     except BaseException:
         undo()
         raise
@@ -1070,7 +1124,7 @@ def _apply_plan(model: nn.Module, cfg: dict[str, Any], whole: _Plan, adapter_nam
             with warnings.catch_warnings():  # a base without a bias: peft warns at load too; loading is what was asked
                 warnings.simplefilter("ignore", UserWarning)
                 _add_to_module(p.module, adapter_name, p.r, p.alpha, dropout, rslora, False, dora,
-                               p.lora_B_bias is not None)
+                               p.lora_B_bias is not None, cfg.get("bias", "none"))
             done.append(p)
             with torch.no_grad():
                 for which, t in (("lora_A", p.A), ("lora_B", p.B), ("lora_magnitude_vector", p.magnitude),
@@ -1085,6 +1139,11 @@ def _apply_plan(model: nn.Module, cfg: dict[str, Any], whole: _Plan, adapter_nam
                         p.module._unloaded = p.module._unloaded - {which}
                     else:
                         param.copy_(t)
+        with torch.no_grad():
+            for module, which, t in whole.biases or ():  # the base biases peft trained (shared by every adapter)
+                param = base_bias.bias_tensor(module)
+                bases.append((module, which, param, param.detach().clone()))
+                param.copy_(t)
         if whole.saved:
             wrap_modules_to_save(model, cfg["modules_to_save"], adapter_name, activate=False)
             for n, tensors in whole.saved.items():

@@ -145,9 +145,14 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     module; each module's flag is restored on exit.
 
     ``with qkernels.disable_adapters(model): y_base = model(x)`` — peft's ``with peft_model.disable_adapter():``.
-    Returns the context manager; ``as`` binds ``model`` itself.
+    Returns the context manager; ``as`` binds ``model`` itself. Base biases trained by an adapter with ``bias``
+    "all" / "lora_only" stay (they are the model's): as peft, a ``UserWarning`` says the outputs are then not the
+    base model's.
     """
+    from .base_bias import warn_if_disabled_with_bias
+
     inner = unwrap_compiled(model)
+    warn_if_disabled_with_bias(inner)
     mods = _qlora_modules(inner) + _wrappers(inner) + _token_wrappers(inner)
     saved = [(m, bool(m.disable_adapters)) for _, m in mods]
     try:
@@ -225,6 +230,7 @@ def add_adapter(
     lora_bias: bool = False,
     rank_pattern: dict[str, int] | None = None,
     alpha_pattern: dict[str, float] | None = None,
+    bias: str = "none",
 ) -> list[str]:
     """Add a new adapter ``name`` to the QLoRALinear modules of ``model`` (defaults are peft's ``LoraConfig``'s).
 
@@ -242,19 +248,25 @@ def add_adapter(
     ``trainable_token_indices``: peft's, as in ``qkernels.apply_qlora`` (rows of the input embedding trained for this
     adapter; ``qkernels.trainable_tokens``). ``lora_bias``: peft's, as in ``qkernels.apply_qlora`` (a bias on each
     ``lora_B``; not on an embedding). ``rank_pattern`` / ``alpha_pattern``: peft's per-module ``r`` / ``lora_alpha``,
-    as in ``qkernels.apply_qlora``.
+    as in ``qkernels.apply_qlora``. ``bias``: peft's ``LoraConfig.bias``, as in ``qkernels.apply_qlora``: which
+    base biases train with this adapter ("none", "all", "lora_only"; ``qkernels.base_bias``). As in peft, the
+    biases' flags are set only when this is the model's only adapter (peft's first adapter); beside other adapters
+    they stay as they are (peft 0.21's ``add_adapter`` restores every existing parameter's flag), and at most one
+    adapter of a model may have a mode other than "none".
     Returns the module names that got a LoRA adapter.
 
     Raises:
-        ValueError: ``name`` already exists, a selector matches no QLoRALinear, or a LoRA argument is bad (each
-            named in the message); nothing is added then.
+        ValueError: ``name`` already exists, a selector matches no QLoRALinear, a LoRA argument is bad (each
+            named in the message), or ``bias`` is not "none" while another adapter's is; nothing is added then.
     """
+    from . import base_bias
     from .model import _check_layer_args, check_pattern, match_target_modules, pattern_value
     from .modules_to_save import check_modules_to_save, plan_modules_to_save, wrap_modules_to_save
 
     model = unwrap_compiled(model)
     if not isinstance(name, str) or not name:
         raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
+    base_bias.check_bias(bias)
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"r must be a positive integer, got {r!r}")
     if not isinstance(use_dora, bool):
@@ -276,6 +288,7 @@ def add_adapter(
     clash = [n for n, m in mods if name in m.lora_A]
     if clash:
         raise ValueError(f"adapter {name!r} already exists on {clash[:3]}{'...' if len(clash) > 3 else ''}")
+    base_bias.check_single(model, name, bias)
     modules_to_save = check_modules_to_save(modules_to_save)
     if modules_to_save:
         plan_modules_to_save(model, modules_to_save, name)  # validated before any change
@@ -293,7 +306,7 @@ def add_adapter(
         for n, m in mods:
             try:
                 _add_to_module(m, name, pattern_value(rank_pattern, n, r), pattern_value(alpha_pattern, n, lora_alpha),
-                               lora_dropout, use_rslora, init_lora_weights, use_dora, lora_bias)
+                               lora_dropout, use_rslora, init_lora_weights, use_dora, lora_bias, bias)
             except ValueError as e:
                 raise ValueError(f"module {n!r}: {e}") from e
             added.append(m)
@@ -305,12 +318,17 @@ def add_adapter(
         wrap_modules_to_save(model, modules_to_save, name, activate=False)
     if tokens:
         add_trainable_tokens(model, tokens, name, activate=False)
+    if adapter_names(model) == [name]:  # the model's only adapter: its mode picks the trainable biases (as peft's
+        base_bias.mark_trainable(model)  # first injection); with others, their flags stay (peft 0.21's add_adapter)
     return [n for n, _ in mods]
 
 
 def _add_to_module(m: nn.Module, name: str, r: int, alpha: float, dropout: float, rslora: bool, init: Any,
-                   use_dora: bool = False, lora_bias: bool = False) -> None:
-    """``update_layer`` without switching the module's active adapter (peft's ``add_adapter`` does not)."""
+                   use_dora: bool = False, lora_bias: bool = False, bias: str = "none") -> None:
+    """``update_layer`` without switching the module's active adapter (peft's ``add_adapter`` does not); records the
+    adapter's ``bias`` mode on the layer (``qkernels.base_bias``)."""
+    from .base_bias import record
+
     had, active = len(m.lora_A) > 0, m.active_adapter
     if lora_bias:
         from .nn import QLoRALinear
@@ -321,6 +339,7 @@ def _add_to_module(m: nn.Module, name: str, r: int, alpha: float, dropout: float
         m.update_layer(name, r, alpha, dropout, init, rslora, use_dora=use_dora, lora_bias=True)
     else:
         m.update_layer(name, r, alpha, dropout, init, rslora, use_dora=use_dora)
+    record(m, name, bias)
     if had:  # a module set to an adapter it lacks (active None) stays so; the new adapter is frozen
         _activate(m, active)
 

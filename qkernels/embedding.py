@@ -48,6 +48,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .base_bias import forget as forget_bias_mode
 from .reference import lora_scaling
 from .scaled_embeddings import is_scaled_embedding, scaled_embedding_form
 
@@ -318,6 +319,7 @@ class QLoRAEmbedding(nn.Module):
         for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora):
             del d[adapter_name]
         self._lora_init = {k: v for k, v in self._lora_init.items() if k != adapter_name}
+        forget_bias_mode(self, adapter_name)  # its LoraConfig.bias (qkernels.base_bias)
         if self.active_adapter == adapter_name:
             self.active_adapter = None
             if len(self.lora_embedding_A):

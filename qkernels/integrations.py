@@ -47,6 +47,8 @@ from .adapter_files import (
     task_type_of,
 )
 from .adapters import _qlora_modules, _wrappers, adapter_names
+from .base_bias import adapter_modes
+from .base_bias import bias_tensor as base_bias_tensor
 
 # QLoRATrainer and QLoRASFTTrainer are module attributes built on first access (``__getattr__`` below)
 __all__ = ["QLoRATrainerMixin", "restore_adapters", "save_adapters"]
@@ -130,6 +132,8 @@ def restore_adapters(model: nn.Module, path: str | os.PathLike) -> list[str]:
                     p.module.lora_magnitude_vector[name].weight.copy_(p.magnitude)
                 if p.lora_B_bias is not None:  # lora_bias (checked equal in _plan_in_place)
                     p.module.set_lora_weight(name, "lora_B.bias", p.lora_B_bias)
+            for module, _, t in plan.biases or ():  # base biases (bias "all" / "lora_only"), in place
+                base_bias_tensor(module).copy_(t)
             for n, tensors in plan.saved.items():
                 model.get_submodule(n).modules_to_save[name].load_state_dict(tensors, strict=True)
             for n, rows in (plan.token_rows or {}).items():  # trainable tokens (checked equal in _plan_in_place)
@@ -165,6 +169,10 @@ def _plan_in_place(model: nn.Module, d: str, name: str) -> Any:
             raise ValueError(f"{d}: adapter {name!r} has use_dora={bool(cfg.get('use_dora', False))} in the checkpoint "
                              f"but module {n!r} is{'' if m.is_dora(name) else ' not'} a DoRA adapter in the model; "
                              "resume with the same apply_qlora / add_adapter use_dora")
+    mode, live_mode = cfg.get("bias", "none"), adapter_modes(model).get(name, "none")
+    if mode != live_mode:
+        raise ValueError(f"{d}: adapter {name!r} has bias={mode!r} in the checkpoint but {live_mode!r} in the model; "
+                         "resume with the same apply_qlora / add_adapter bias")
     from .trainable_tokens import token_wrappers
 
     live_tokens = {n: w.token_indices[name] for n, w in token_wrappers(model) if not w.tied and name in w.deltas}

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import base_bias
 from ._bnb_config import ConfigFormat, Default, config_format, has_bnb_config, resolve, transformers_skip
 from ._compiled import unwrap_compiled
 from .embedding import QLoRAEmbedding, embedding_refusal, is_embedding
@@ -211,6 +212,7 @@ def apply_qlora(
     lora_bias: bool = False,
     rank_pattern: dict[str, int] | None = None,
     alpha_pattern: dict[str, float] | None = None,
+    bias: str = "none",
     log_every: int = 50,
     verbose: bool | None = None,
 ) -> nn.Module:
@@ -272,6 +274,13 @@ def apply_qlora(
             (``s * (dropout(x) A^T B^T + b_B)``); ``merge_and_unload`` adds ``s * b_B`` to the layer's bias (a layer
             without one cannot merge it: refused, as peft). Not with DoRA, an init other than True / False, or an
             embedding target (peft refuses all three).
+        bias: peft's ``LoraConfig.bias`` (not ``lora_bias``): which of the model's own biases train beside the
+            adapter (``qkernels.base_bias``). ``"none"`` (default): none; ``"all"``: every parameter named ``bias``
+            (untargeted Linears, LayerNorms, heads; not those inside modules to save, which train their copies);
+            ``"lora_only"``: the biases of the layers given LoRA. A 4-bit layer's bias is float, so it trains as is.
+            ``save_adapter`` writes the trained biases under peft's keys and ``"bias"`` in the config;
+            ``merge_and_unload`` keeps them in the merged layers; ``disable_adapters`` leaves them (with peft's
+            warning). Anything else is a ValueError.
         log_every: report ``"apply_qlora: i/n layers quantized (t s)"`` every this many layers, always to the
             ``qkernels`` logger (INFO); on a meta model the format taken from its ``quantization_config`` (and the
             targets kept float for it) are reported first, the same way.
@@ -343,6 +352,9 @@ def apply_qlora(
             raise ValueError(f"target_modules must be a non-empty list of module names, got {target_modules!r}")
     if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every <= 0:
         raise ValueError(f"log_every must be a positive int, got {log_every!r}")
+    base_bias.check_bias(bias)
+    if any(isinstance(m, (QLoRALinear, QLoRAEmbedding)) for m in model.modules()):  # apply_qlora called before
+        base_bias.check_single(model, adapter_name, bias, replacing=True)  # its own earlier layers: one adapter
     _check_layer_args(target_modules, layers_to_transform, layers_pattern)
     rank_pattern = check_pattern(rank_pattern, "rank_pattern")
     alpha_pattern = check_pattern(alpha_pattern, "alpha_pattern")
@@ -444,6 +456,7 @@ def apply_qlora(
         layer.train(m.training)
         if isinstance(layer, QLoRALinear):
             layer._module_name = n  # for error messages that name a key (accelerate's loader gives the layer no name)
+        base_bias.record(layer, adapter_name, bias)
         setattr(parent, child, layer)
         if i % log_every == 0 or i == len(names):
             line = f"apply_qlora: {i}/{len(names)} layers quantized ({time.perf_counter() - t0:.1f} s)"
@@ -460,6 +473,8 @@ def apply_qlora(
         from .trainable_tokens import add_trainable_tokens
 
         add_trainable_tokens(model, tokens, adapter_name, activate=True)
+    # bias "all" / "lora_only": the base biases it selects train (peft's marking; modules to save keep their own)
+    base_bias.mark_trainable(model)
     if tokens or emb_names or any(n in names for n in _output_embedding_names(model)):
         # transformers' resize_token_embeddings refuses a QLoRAEmbedding (TypeError, as peft's lora.Embedding) and
         # would put BART's plain shared embedding back over it: qkernels.resize's works, or says what to do

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from . import _accelerate
+from .base_bias import forget as forget_bias_mode
 from .codebooks import lowercase_hint
 from .functional import dequantize_4bit, quantize_4bit
 from .lora import matmul_4bit_lora
@@ -834,6 +835,7 @@ class QLoRALinear(nn.Module):
             del d[adapter_name]
         self._lora_init = {k: v for k, v in self._lora_init.items() if k != adapter_name}
         self._unloaded = self._unloaded - self._adapter_keys(adapter_name)
+        forget_bias_mode(self, adapter_name)  # its LoraConfig.bias (qkernels.base_bias)
         if self.active_adapter == adapter_name:
             self.active_adapter = None
             if len(self.lora_A):

@@ -160,16 +160,17 @@ def ours(what: str):
 
 
 def compare(label: str, got, want, ref, dtype, log: list[str], *, k: float = 8.0, scale: float | None = None,
-            ref_want=None, factor: float = 2.0, floor: float = 0.0) -> None:
+            ref_want=None, factor: float = 2.0, floor: float = 0.0, any_dtype: bool = False) -> None:
     """``|got - ref| <= factor |want - ref| + k eps(dtype) S`` (the module docstring), S = max|ref| unless ``scale``
     gives the magnitude the rounding is relative to (a loss: the logits'; a gradient: the largest gradient of the
-    step, since a gradient that cancels to ~0 keeps the rounding of its terms); raises a mismatch."""
+    step, since a gradient that cancels to ~0 keeps the rounding of its terms); raises a mismatch. ``any_dtype``: the
+    two may differ in dtype (a base bias that bitsandbytes cast to the compute dtype; see flow ``c``)."""
     import torch
 
     if got.shape != want.shape or got.shape != ref.shape:
         raise Outcome("mismatch", f"{label}: shapes {tuple(got.shape)} / peft {tuple(want.shape)} / ref "
                                   f"{tuple(ref.shape)}")
-    if got.dtype != want.dtype:
+    if got.dtype != want.dtype and not any_dtype:
         raise Outcome("mismatch", f"{label}: dtype {got.dtype}, peft's {want.dtype}")
     r = ref.detach().double()
     rw = r if ref_want is None else ref_want.detach().double()  # peft's own point (flow c after a step)
@@ -371,7 +372,7 @@ def _lora_config(rng: random.Random, info: dict, like: dict | None = None) -> di
         cfg["use_dora"] = True
     elif rng.random() < 0.12 and cfg["init_lora_weights"] in (True, False):
         cfg["lora_bias"] = True
-    if rng.random() < 0.06:
+    if rng.random() < 0.15:  # a second adapter with a bias mode is refused by peft (and qkernels): oracle-fails
         cfg["bias"] = rng.choice(["all", "lora_only"])
     targets = cfg.get("target_modules")
     emb_leaf = info["emb"].rsplit(".", 1)[-1]
@@ -587,7 +588,10 @@ def logits(model, inputs: dict, dtype=None):
 
 
 def trainables(model) -> dict:
-    return {n: p for n, p in core(model).named_parameters() if p.requires_grad}
+    """The trainable parameters by name; a LoRA layer's base bias (bias "all" / "lora_only") is peft's
+    ``<module>.base_layer.bias`` and qkernels' ``<module>.bias``: named the latter way for both."""
+    return {n.removesuffix("base_layer.bias") + "bias" if n.endswith(".base_layer.bias") else n: p
+            for n, p in core(model).named_parameters() if p.requires_grad}
 
 
 # ------------------------------------------------------------------------------------------------ qkernels' side
@@ -598,7 +602,7 @@ def qk_apply_kwargs(spec: dict, cfg: dict, name: str) -> dict:
                               "use_dora", "lora_bias", "trainable_token_indices", "rank_pattern",
                               "alpha_pattern") if k in cfg}
     if cfg.get("bias", "none") != "none":
-        kw["bias"] = cfg["bias"]  # not an apply_qlora argument: refused as a TypeError naming it
+        kw["bias"] = cfg["bias"]  # peft's base biases trained with the adapter (qkernels.base_bias)
     kw["adapter_name"] = name
     kw["compute_dtype"] = _dtype(spec["fmt"]["compute_dtype"])
     return kw
@@ -789,6 +793,18 @@ def _refuses_too(spec: dict, float_dir: Path, ctx: Ctx) -> None:
     import qkernels
 
     detail = ctx.results["setup"][1]
+    if "adapter with bias" in detail:  # peft allows one adapter with bias != "none" per model: so must qkernels
+        (n0, c0), *rest = spec["adapters"]
+        model = build_float(spec["arch"], spec["dims"], spec["model_seed"])
+        try:
+            qkernels.apply_qlora(model, **qk_apply_kwargs(spec, c0, n0))
+            for n, c in rest:  # every QLoRALinear, this adapter's bias mode: the refusal comes first
+                qkernels.add_adapter(model, n, bias=c.get("bias", "none"))
+        except ValueError as e:
+            raise Outcome("oracle-fails", f"both refuse: peft {detail[:200]} | qkernels {_short(e, 200)}") from e
+        except Exception as e:  # noqa: BLE001
+            raise Outcome("crash", f"peft refuses ({detail[:200]}); qkernels raised {_short(e)}") from e
+        raise Outcome("accepted", f"peft refuses these adapters ({detail[:300]}); qkernels added them all")
     for n, c in spec["adapters"]:  # noqa: B007 - the loop stops at the refused config
         try:
             peft.LoraConfig(**c)
@@ -893,6 +909,11 @@ def flow_b(spec: dict, Q, q4: Path, float_dir: Path, q4_sd: dict, inputs: dict, 
             raise Outcome("mismatch", f"adapter {n}: peft saves keys {sorted(set(back) ^ set(mine))[:4]} that ours "
                                       "does not, or the reverse")
         for k in mine:
+            if back[k].dtype == cdt != mine[k].dtype and k.endswith(".bias") and ".lora_" not in k:
+                # a base bias (bias "all" / "lora_only"): bitsandbytes' Linear4bit.forward casts its bias Parameter to
+                # the compute dtype in place (bias.data = bias.data.to(x.dtype)), so peft saves it back in that dtype
+                # after the logits above; qkernels keeps the model's dtype. The values must agree after that cast.
+                mine[k] = mine[k].to(cdt)
             if back[k].dtype != mine[k].dtype or not torch.equal(back[k], mine[k]):
                 raise Outcome("mismatch", f"adapter {n}: {k} saved back by peft differs ({mine[k].dtype} vs "
                                           f"{back[k].dtype})")
@@ -1032,8 +1053,12 @@ def flow_c(spec: dict, Q, theirs, ref, inputs: dict, ctx: Ctx) -> None:
                         raise Outcome("mismatch", f"step {step} grad {n}: {'peft' if g_p is None else 'ours'} has "
                                                   "none, the other one has")
                     continue
+                # a 4-bit layer's base bias (bias "all" / "lora_only"): bitsandbytes' Linear4bit.forward casts its
+                # bias Parameter to the compute dtype in place, so peft trains it (and its gradient) in that dtype;
+                # qkernels keeps the model's dtype. Each is still held to its own float64 reference.
+                base_bias = n.endswith(".bias") and ".lora_" not in n and g_p.dtype == cdt
                 compare(f"grad step {step} {n}", g_o, g_p, r_o[1][n], cdt, ctx.log, scale=gscale,
-                        ref_want=r_p[1][n], factor=4.0)
+                        ref_want=r_p[1][n], factor=4.0, any_dtype=base_bias)
             with torch.no_grad():
                 for m in (Q, theirs):
                     for prm in trainables(m).values():

@@ -399,10 +399,11 @@ LAST = "base_model.model.layers.1.v_proj"  # sorts last: an eager loader would h
         # lora_bias loads (tests/test_lora_bias.py); a config saying it without the biases in the file does not
         ("lora-bias", None, lambda c: c.update(lora_bias=True), r"lora_bias true but the adapter has no lora_B bias"),
         ("peft-type", None, lambda c: c.update(peft_type="IA3"), r"peft_type is 'IA3'"),
-        # peft's trained base biases (tests/fuzz_vs_peft.py draws them): refused naming the option and the fix
-        ("bias-all", None, lambda c: c.update(bias="all"), r"bias='all': peft trained the base layers' biases.*"
-                                                           r"LoraConfig\(bias='none'\), or merge"),
-        ("bias-lora-only", None, lambda c: c.update(bias="lora_only"), r"bias='lora_only': .*frozen"),
+        # bias "all" / "lora_only" load (tests/test_peft_bias.py); another value is refused naming the field and
+        # the values (peft's "_only" test would read "boft_only" as "lora_only")
+        ("bias-boft-only", None, lambda c: c.update(bias="boft_only"),
+         r"bias must be one of \['none', 'all', 'lora_only'\].*got 'boft_only'"),
+        ("bias-none-object", None, lambda c: c.update(bias=None), r"bias must be one of .*got None"),
         # peft re-derives the base residual W - B0 A0 of these inits when it loads the adapter (olora on this 4-bit
         # toy: outputs 0.54 off the plain LoRA ones); qkernels cannot, so it must not load them as plain LoRA
         ("olora", None, lambda c: c.update(init_lora_weights="olora"), r"init_lora_weights='olora' trains against"),
@@ -512,6 +513,19 @@ def test_a_model_loaded_in_4_bits_takes_an_adapter_without_apply_qlora(trained, 
         assert torch.equal(four.get_submodule(name).state_dict()["weight"], packed)
     assert [n for n, p in four.named_parameters() if p.requires_grad] == [
         n for n, p in want.named_parameters() if p.requires_grad]
+
+
+def test_a_layer_added_at_load_changes_no_other_parameter_s_flag(trained):
+    """In a model with adapters already (here one whose q_proj biases train), adding LoRA layers at load leaves every
+    existing parameter's requires_grad as it was, as peft's load_adapter does."""
+    _, path = trained
+    partial = apply_qlora(dense_toy(), target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8, bias="lora_only",
+                          compute_dtype=torch.float32)
+    flags = {n: p.requires_grad for n, p in partial.named_parameters()}
+    assert flags["layers.0.q_proj.bias"] and not flags["layers.0.up.bias"]
+    adapters.load_adapter(partial, path, adapter_name="x", set_active=False)
+    after = {n: p.requires_grad for n, p in partial.named_parameters()}
+    assert {n: after[n] for n in flags} == flags
 
 
 def test_a_file_that_does_not_fit_leaves_the_modules_it_would_have_adapted_as_they_were(trained):
