@@ -917,3 +917,30 @@ def test_a_tied_head_to_save_survives_tie_weights_and_load_checkpoint(tmp_path):
         copy_.add_(0.5)  # trained: a later tie_weights() leaves the copy alone
     meta.tie_weights()
     assert torch.equal(head.modules_to_save["default"].weight, copy_)
+
+
+def test_a_peft_adapter_loads_into_a_model_transformers_loaded_in_4_bits_without_apply_qlora(tmp_path):
+    """PeftModel.from_pretrained(model_4bit, adapter)'s one-call flow: load_adapter wraps the Linear4bit layers the
+    file adapts as they are (the 4-bit head transformers kept float gets float LoRA), freezes the rest, and gives
+    the logits of apply_qlora + load_adapter(replace=True) bit for bit; the model then saves and trains as one that
+    apply_qlora prepared (transformers' is_quantized cleared, save_pretrained works)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(_load_4bit(transformers.LlamaForCausalLM, tiny_llama, tmp_path / "m"),
+                                     peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj",
+                                                                                        "lm_head"]))
+    randomize(theirs, "default", seed=2)
+    theirs.save_pretrained(str(tmp_path / "ad"))
+    ours = _load_4bit(transformers.LlamaForCausalLM, tiny_llama, tmp_path / "m")
+    loaded = adapters.load_adapter(ours, tmp_path / "ad")
+    assert len(loaded) == 2 * 2 + 1 and not ours.lm_head.quantized and ours.model.layers[0].mlp.down_proj.quantized
+    want = _load_4bit(transformers.LlamaForCausalLM, tiny_llama, tmp_path / "m")
+    apply_qlora(want, ["q_proj", "down_proj", "lm_head"], r=4, lora_alpha=8)
+    adapters.load_adapter(want, tmp_path / "ad", replace=True)
+    ids = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=ids).logits, want(input_ids=ids).logits)
+    assert ([n for n, p in ours.named_parameters() if p.requires_grad]
+            == [n for n, p in want.named_parameters() if p.requires_grad] != [])
+    assert ours.is_quantized is False
+    ours.save_pretrained(tmp_path / "saved")
