@@ -396,3 +396,18 @@ def test_dense_base_too(tmp_path, x):
     adapters.save_adapter(ours, tmp_path)
     theirs = peft.PeftModel.from_pretrained(dense_base(ours, torch.float32, headed), str(tmp_path))
     assert_matches(run(ours, x), run(theirs, x), run(reference64(ours, tmp_path, headed), x.double()))
+
+
+@pytest.mark.parametrize("mode", ["all", "lora_only"])
+def test_a_bias_adapter_loads_into_a_float_model_with_no_lora_layer_as_peft_from_pretrained(tmp_path, x, mode):
+    """load_adapter adds the LoRA layers itself (PeftModel.from_pretrained's flow): the file's biases, LoRA weights
+    and trainable set are peft's (is_trainable=True), the outputs bit for bit peft's on the same float model."""
+    theirs = peft.get_peft_model(headed(), peft.LoraConfig(r=4, target_modules=["q_proj", "up"], bias=mode,
+                                                           init_lora_weights=False))
+    perturb(theirs, 3)
+    theirs.save_pretrained(str(tmp_path))
+    ours = headed()
+    adapters.load_adapter(ours, tmp_path)
+    again = peft.PeftModel.from_pretrained(headed(), str(tmp_path), is_trainable=True)
+    assert torch.equal(run(ours, x), run(again, x)) and torch.equal(run(ours, x), run(theirs, x))
+    assert ours_names(ours) == peft_names(again)
