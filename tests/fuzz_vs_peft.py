@@ -71,9 +71,10 @@ with the roles swapped, peft 41 times (float32 6 / 2, bf16 / fp16 25 / 39; media
 
 - a comparison that fails at the case's point is looked at again at ``RESAMPLES`` nearby points (the embedding
   tables of all three models times ``1 + 2^-13 n``, the same float32 values in each, every error against its own
-  float64 reference), and the rule is applied to the medians of both errors over the 7 points: a systematic error
-  persists at nearby points (an injected relative error of 4 float32 ulps on every ``QLoRALinear`` output: ratios
-  1.2-20x, medians 5-9x, still reported), a draw of the rounding does not. Where peft's own median error exceeds the
+  float64 reference), and the comparison passes when the rule holds at most of the 7 points, each point's two errors
+  compared with each other (a point's conditioning scales both alike): a systematic error persists at nearby points
+  (an injected relative error of 4 float32 ulps on every ``QLoRALinear`` output: ratios 1.2-31x, over 2x at 6 or 7 of
+  the 7 points, still reported), a draw of the rounding does not. Where peft's own median error exceeds the
   tensor's scale (a step that diverged: ``--seed 2 --case 191``'s second step, gradients ~1e9 against a reference
   ~1) float32 has no correct digit to hold ours to, and the comparison is logged as not measured;
 - flow ``c``'s second step runs peft at ours' weights (its trainables set to ours' after the update): the
@@ -183,7 +184,7 @@ def ours(what: str):
 
 
 # A first-sight failure is looked at again at RESAMPLES nearby points (``nearby``): each point's error against its own
-# float64 reference, and the rule applied to the medians (module docstring, "Resampling").
+# float64 reference, and the rule must hold at most of the points (module docstring, "Resampling").
 RESAMPLES = 6
 NEARBY = 2.0 ** -13  # relative size of the embedding-table perturbation that makes a nearby point
 
@@ -199,7 +200,7 @@ def compare(label: str, got, want, ref, dtype, log: list[str], *, k: float = 8.0
     step, since a gradient that cancels to ~0 keeps the rounding of its terms); raises a mismatch.
 
     ``resample(i)``: ``(got, want, ref, ref_want)`` at the i-th nearby point (1..RESAMPLES); when given, a failure
-    is decided on the medians of both errors over this point and those (the module docstring, "Resampling")."""
+    is decided by the rule holding at most of this point and those (the module docstring, "Resampling")."""
     import torch
 
     if got.shape != want.shape or got.shape != ref.shape:
@@ -222,18 +223,20 @@ def compare(label: str, got, want, ref, dtype, log: list[str], *, k: float = 8.0
         for i in range(1, RESAMPLES + 1):
             g, w, r_i, rw_i = resample(i)
             errs.append((_err(g, r_i), _err(w, r_i if rw_i is None else rw_i)))
-        m_ours, m_peft = (statistics.median(e[j] for e in errs) for j in (0, 1))
-        m_bound = max(factor * m_peft, floor) + slack
-        log.append(f"{label}: resampled at {RESAMPLES} nearby points: median err {m_ours:.3g} peft {m_peft:.3g} "
-                   f"bound {m_bound:.3g} (ratios {' '.join(f'{a / max(b, 1e-300):.2f}' for a, b in errs)})")
-        if math.isfinite(m_ours) and m_ours <= m_bound:
+        # paired, point by point: each point's conditioning scales both errors alike
+        held = sum(math.isfinite(a) and a <= max(factor * b, floor) + slack for a, b in errs)
+        ratios = " ".join(f"{a / max(b, 1e-300):.2f}" for a, b in errs)
+        log.append(f"{label}: resampled at {RESAMPLES} nearby points: the rule holds at {held} of {len(errs)} "
+                   f"(ratios {ratios})")
+        if 2 * held > len(errs):
             return
+        m_peft = statistics.median(b for _, b in errs)
         if m_peft > scale:  # peft's float32 result has no correct digit here: nothing to hold ours to
             log.append(f"{label}: not measured (peft's own median error {m_peft:.3g} exceeds the scale {scale:.3g})")
             return
-        raise Outcome("mismatch", f"{label}: median over {len(errs)} nearby points |ours - ref| = {m_ours:.3g} > "
-                                  f"{factor:g} |peft - ref| + {k:g} ulp = {m_bound:.3g} (|peft - ref| = {m_peft:.3g}; "
-                                  f"at the point itself {e_ours:.3g} vs {e_peft:.3g}, scale {scale:.3g}, {dtype})")
+        raise Outcome("mismatch", f"{label}: |ours - ref| > {factor:g} |peft - ref| + {k:g} ulp at {len(errs) - held} "
+                                  f"of {len(errs)} nearby points (ratios {ratios}; at the point itself {e_ours:.3g} vs "
+                                  f"{e_peft:.3g}, bound {bound:.3g}, scale {scale:.3g}, {dtype})")
     raise Outcome("mismatch", f"{label}: |ours - ref| = {e_ours:.3g} > {factor:g} |peft - ref| + {k:g} ulp = "
                               f"{bound:.3g} (|peft - ref| = {e_peft:.3g}, scale {scale:.3g}, {dtype})")
 
