@@ -59,6 +59,36 @@ Merged logits (flow ``d``) are compared where ours is as dense as peft's float b
 layers no adapter targeted stay 4-bit in ours and compute in the compute dtype (the merged weights are compared
 always).
 
+Resampling. The largest error of a whole model's output is a noisy statistic where the model amplifies rounding, so
+the ratio of two equally accurate computations' errors has a long tail. T5's attention has no 1/sqrt(d) scaling
+(scores up to ~540 in ``--seed 2 --case 191``): a softmax near a tie turns a score error of 1e-3 into a context error
+30x larger for whichever computation's rounding fell there. Bisected there module by module, every ``QLoRALinear``
+given the reference's input was within 0.6-1.3x of peft's error (and over random layers at M 6..200, its forward
+and input-gradient errors at or below peft's); the first divergence was encoder block 1's attention context (31x)
+from q / k errors 1.4-1.7x. Over 380 T5 / BART cases the ratio was symmetric: the 2x rule failed ours 31 times and,
+with the roles swapped, peft 41 times (float32 6 / 2, bf16 / fp16 25 / 39; median log2 ratio 0.0, mean -0.06 to
+-0.26). Two changes follow, neither a wider factor:
+
+- a comparison that fails at the case's point is looked at again at ``RESAMPLES`` nearby points (the embedding
+  tables of all three models times ``1 + d n``, d = 2^-13 or 4 ulps of a half compute dtype, the same float32 values
+  in each, every error against its own float64 reference), and the comparison passes when the rule holds at most of
+  the 7 points, each point's two errors compared with each other (a point's conditioning scales both alike): a
+  systematic error persists at nearby points (an injected relative error of 4 ulps of the compute dtype on every
+  ``QLoRALinear`` output: over 2x at 6 or 7 of the 7 points in float32, 7 of 7 in fp16, still reported), a draw of
+  the rounding does not. In a half compute dtype the draw is often a ReLU's kink (T5's ``DenseReluDense``): an input
+  within the dtype's rounding of 0 takes the other sign in one computation, and that element's gradient is off by the
+  whole upstream gradient however small the forward error (``--seed 5 --case 39``: ours' forward error 3.4e-3, peft's
+  4.1e-3, one ``wi`` output at 2.6e-4 in float64 computed -2.2e-4 by ours, a 64x larger gradient error there). A
+  nearby point must move such an input by more than that rounding, hence d = 4 ulps of the compute dtype (at 2^-13 the
+  same flip recurred at every point). Over the 380 cases, T5 in fp16 had peft's per-tensor gradient error over 2x
+  ours' 100 times and ours over 2x peft's 4 times. Where the rule fails at most points but peft's own median error
+  exceeds the tensor's scale (a step that diverged, as ``--seed 2 --case 191``'s second step: both errors ~1e9
+  against gradients ~1), float32 has no correct digit to hold ours to, and the comparison is logged as not measured;
+- flow ``c``'s second step runs peft at ours' weights (its trainables set to ours' after the update): the
+  conditioning differs between points even ulps apart (``--seed 1 --case 101``: peft's own gradient error 4.4e-6 at
+  ours' point, 1.5e-6 at its own, 3e-8 away), so errors at the two points compared the points, not the two
+  implementations.
+
 The oracle is run as the tests run it (DESIGN §5, docs/format.md §7): bitsandbytes' exact path
 (``support_avx512bf16_for_cpu`` off: its no-grad CPU path keeps bf16 scales), and its PyTorch dequantizer in place
 of its CPU C++ one, which indexes blocks per row and decodes rows that are not whole blocks with other blocks'
@@ -87,6 +117,7 @@ import math
 import os
 import random
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -159,12 +190,30 @@ def ours(what: str):
                       f"{what}: {_short(e)} [{Path(where.filename).name}:{where.lineno}]") from e
 
 
+# A first-sight failure is looked at again at RESAMPLES nearby points (``nearby``): each point's error against its own
+# float64 reference, and the rule must hold at most of the points (module docstring, "Resampling").
+RESAMPLES = 6
+# Relative size of the embedding-table perturbation that makes a nearby point: 2^-13, or 4 ulps of a half compute
+# dtype, so that an activation within that dtype's rounding of a ReLU kink is drawn again (at 2^-13 a bf16 / fp16
+# point kept the same sign flip at every nearby point: --seed 5 --case 39).
+NEARBY = 2.0 ** -13
+NEARBY_ULPS = 4
+
+
+def _err(a, b) -> float:
+    return (a.detach().double() - b.detach().double()).abs().max().item() if b.numel() else 0.0
+
+
 def compare(label: str, got, want, ref, dtype, log: list[str], *, k: float = 8.0, scale: float | None = None,
-            ref_want=None, factor: float = 2.0, floor: float = 0.0, any_dtype: bool = False) -> None:
+            ref_want=None, factor: float = 2.0, floor: float = 0.0, any_dtype: bool = False,
+            resample=None) -> None:
     """``|got - ref| <= factor |want - ref| + k eps(dtype) S`` (the module docstring), S = max|ref| unless ``scale``
     gives the magnitude the rounding is relative to (a loss: the logits'; a gradient: the largest gradient of the
     step, since a gradient that cancels to ~0 keeps the rounding of its terms); raises a mismatch. ``any_dtype``: the
-    two may differ in dtype (a base bias that bitsandbytes cast to the compute dtype; see flow ``c``)."""
+    two may differ in dtype (a base bias that bitsandbytes cast to the compute dtype; see flow ``c``).
+
+    ``resample(i)``: ``(got, want, ref, ref_want)`` at the i-th nearby point (1..RESAMPLES); when given, a failure
+    is decided by the rule holding at most of this point and those (the module docstring, "Resampling")."""
     import torch
 
     if got.shape != want.shape or got.shape != ref.shape:
@@ -174,15 +223,95 @@ def compare(label: str, got, want, ref, dtype, log: list[str], *, k: float = 8.0
         raise Outcome("mismatch", f"{label}: dtype {got.dtype}, peft's {want.dtype}")
     r = ref.detach().double()
     rw = r if ref_want is None else ref_want.detach().double()  # peft's own point (flow c after a step)
-    e_ours = (got.detach().double() - r).abs().max().item() if r.numel() else 0.0
-    e_peft = (want.detach().double() - rw).abs().max().item() if r.numel() else 0.0
+    e_ours, e_peft = _err(got, r), _err(want, rw)
     scale = max(r.abs().max().item() if r.numel() else 0.0, scale or 0.0)
     # a float32 ulp: peft's LoRA path is float32; ``floor``: an error the inputs' own (already held) explain
-    bound = max(factor * e_peft, floor) + k * torch.finfo(torch.float32).eps * scale
+    slack = k * torch.finfo(torch.float32).eps * scale
+    bound = max(factor * e_peft, floor) + slack
     log.append(f"{label}: err {e_ours:.3g} peft {e_peft:.3g} bound {bound:.3g}")
-    if not math.isfinite(e_ours) or e_ours > bound:
-        raise Outcome("mismatch", f"{label}: |ours - ref| = {e_ours:.3g} > {factor:g} |peft - ref| + {k:g} ulp = "
-                                  f"{bound:.3g} (|peft - ref| = {e_peft:.3g}, scale {scale:.3g}, {dtype})")
+    if math.isfinite(e_ours) and e_ours <= bound:
+        return
+    if resample is not None and math.isfinite(e_ours):
+        errs = [(e_ours, e_peft)]
+        for i in range(1, RESAMPLES + 1):
+            g, w, r_i, rw_i = resample(i)
+            errs.append((_err(g, r_i), _err(w, r_i if rw_i is None else rw_i)))
+        # paired, point by point: each point's conditioning scales both errors alike
+        held = sum(math.isfinite(a) and a <= max(factor * b, floor) + slack for a, b in errs)
+        ratios = " ".join(f"{a / max(b, 1e-300):.2f}" for a, b in errs)
+        log.append(f"{label}: resampled at {RESAMPLES} nearby points: the rule holds at {held} of {len(errs)} "
+                   f"(ratios {ratios})")
+        if 2 * held > len(errs):
+            return
+        m_peft = statistics.median(b for _, b in errs)
+        if m_peft > scale:  # peft's float32 result has no correct digit here: nothing to hold ours to
+            log.append(f"{label}: not measured (peft's own median error {m_peft:.3g} exceeds the scale {scale:.3g})")
+            return
+        raise Outcome("mismatch", f"{label}: |ours - ref| > {factor:g} |peft - ref| + {k:g} ulp at {len(errs) - held} "
+                                  f"of {len(errs)} nearby points (ratios {ratios}; at the point itself {e_ours:.3g} vs "
+                                  f"{e_peft:.3g}, bound {bound:.3g}, scale {scale:.3g}, {dtype})")
+    raise Outcome("mismatch", f"{label}: |ours - ref| = {e_ours:.3g} > {factor:g} |peft - ref| + {k:g} ulp = "
+                              f"{bound:.3g} (|peft - ref| = {e_peft:.3g}, scale {scale:.3g}, {dtype})")
+
+
+def _embedding_weights(model) -> dict:
+    """The embedding tables a model reads its inputs through (token, position; each tied Parameter once), by module
+    name without peft's / qkernels' wrapper levels. Every one, not ``get_input_embeddings()``: an untied BART reads
+    ``encoder.embed_tokens``, not ``shared``."""
+    import torch
+    from torch import nn
+
+    out, seen = {}, set()
+    for n, mod in core(model).named_modules():
+        if not (isinstance(mod, nn.Embedding) or type(mod).__name__ == "QLoRAEmbedding"):
+            continue
+        w = getattr(mod, "weight", None)
+        if isinstance(w, torch.Tensor) and w.is_floating_point() and id(w) not in seen:
+            seen.add(id(w))
+            out[re.sub(r"\.(base_layer|original_module)(?=\.|$)", "", n)] = w
+    return out
+
+
+@contextlib.contextmanager
+def nearby(models: list, i: int, compute_dtype):
+    """The i-th nearby point of ``models`` (ours, peft's, the reference): each embedding table (``_embedding_weights``)
+    times ``1 + d n`` (n standard normal, seeded by i; d the larger of NEARBY and NEARBY_ULPS ulps of
+    ``compute_dtype``), rounded to float32 once, so all hold the same values (the
+    float64 reference those float32 values exactly: its error is measured at the very point the others compute);
+    restored after. Yields False (nothing changed) when the models' tables differ in names or values."""
+    import torch
+
+    tables = [_embedding_weights(m) for m in models]
+    if not tables[0] or any(set(t) != set(tables[0]) for t in tables) or any(
+            t[k].shape != tables[0][k].shape or not torch.equal(t[k].detach().double(), tables[0][k].detach().double())
+            for t in tables for k in t):
+        yield False
+        return
+    saved = [{k: w.detach().clone() for k, w in t.items()} for t in tables]
+    g = torch.Generator().manual_seed(i)
+    d = max(NEARBY, NEARBY_ULPS * torch.finfo(compute_dtype).eps)
+    new = {k: (w.double() * (1 + d * torch.randn(w.shape, generator=g, dtype=torch.float64))).float()
+           for k, w in sorted(saved[0].items())}
+    try:
+        with torch.no_grad():
+            for t in tables:
+                for k, w in t.items():
+                    w.copy_(new[k])
+        yield True
+    finally:
+        with torch.no_grad():
+            for t, sv in zip(tables, saved, strict=True):
+                for k, w in t.items():
+                    w.copy_(sv[k])
+
+
+def logits_resampler(models: list, inputs: dict, compute_dtype):
+    """``resample`` for a logits comparison of (ours, peft's, reference)."""
+    def resample(i: int):
+        with nearby(models, i, compute_dtype):
+            got, want, ref = (logits(m, inputs) for m in models)
+        return got, want, ref, None
+    return resample
 
 
 # ------------------------------------------------------------------------------------------------ the oracle's setup
@@ -758,7 +887,8 @@ def run_case(spec: dict, tmp: Path, verbose: bool = False) -> Ctx:
             got = logits(Q, inputs)
         if isinstance(ref, Outcome):
             raise ref
-        compare(f"logits[{names[0]}]", got, logits(theirs, inputs), logits(ref, inputs), cdt, ctx.log)
+        compare(f"logits[{names[0]}]", got, logits(theirs, inputs), logits(ref, inputs), cdt, ctx.log,
+                resample=logits_resampler([Q, theirs, ref], inputs, cdt))
 
     if not flow("a", flow_a):
         return ctx  # (also when the float64 reference could not be built: flow a raised its failure)
@@ -900,7 +1030,7 @@ def flow_b(spec: dict, Q, q4: Path, float_dir: Path, q4_sd: dict, inputs: dict, 
         for m in (Q, theirs, ref):
             (qkernels.set_adapter(m, n) if m is Q else m.set_adapter(n))
         compare(f"logits[{n}] (peft loading ours)", logits(Q, inputs), logits(theirs, inputs), logits(ref, inputs),
-                cdt, ctx.log)
+                cdt, ctx.log, resample=logits_resampler([Q, theirs, ref], inputs, cdt))
         with oracle("peft save_pretrained"):
             theirs.save_pretrained(tmp / "back", selected_adapters=[n])
         back = load_file(adapter_dir(tmp / "back", n) / "adapter_model.safetensors")
@@ -959,7 +1089,7 @@ def flow_d(spec: dict, Q, float_dir: Path, q4_sd: dict, dirs: dict, inputs: dict
     with ours("forward (merged)"):
         got = logits(mine, inputs)
     compare("logits (merged)", got, logits(theirs, inputs), logits(ref, inputs), _dtype(spec["fmt"]["compute_dtype"]),
-            ctx.log)
+            ctx.log, resample=logits_resampler([mine, theirs, ref], inputs, _dtype(spec["fmt"]["compute_dtype"])))
 
 
 def flow_e(spec: dict, Q, theirs, ref, inputs: dict, ctx: Ctx) -> None:
@@ -975,7 +1105,8 @@ def flow_e(spec: dict, Q, theirs, ref, inputs: dict, ctx: Ctx) -> None:
             got = logits(Q, inputs)
         with oracle(f"peft forward ({label})"):
             want, r = logits(theirs, inputs), logits(ref, inputs)
-        compare(f"logits ({label})", got, want, r, cdt, ctx.log)
+        compare(f"logits ({label})", got, want, r, cdt, ctx.log,
+                resample=logits_resampler([Q, theirs, ref], inputs, cdt))
 
     for n in rng.sample(names, len(names)):
         with ours(f"set_adapter({n})"):
@@ -1004,7 +1135,8 @@ def flow_c(spec: dict, Q, theirs, ref, inputs: dict, ctx: Ctx) -> None:
     """Two training steps with the same data and dropout masks; plain SGD. Each step's loss and gradients are held
     against the float64 reference at the model's own point (the reference's LoRA weights set to that model's), so the
     second step measures that step's rounding, not how far the first step's rounding moved the weights (which the
-    first step's gradients bound: an SGD update is ``lr`` times them)."""
+    first step's gradients bound: an SGD update is ``lr`` times them). After ours' update peft's trainable weights
+    are set to ours', so that the second step compares both at one point (module docstring, "Resampling")."""
     import torch
 
     cdt = _dtype(spec["fmt"]["compute_dtype"])
@@ -1027,13 +1159,33 @@ def flow_c(spec: dict, Q, theirs, ref, inputs: dict, ctx: Ctx) -> None:
                 p.copy_(params[n].detach().to(p.dtype))
         return step_of("ref", ref, step)
 
+    def resampler(pick):
+        """``resample`` for a comparison of this step: ``pick(result)`` the tensor out of a ``step_of`` result; the
+        four steps (ours and peft at their points, the reference at each) are run once per nearby point."""
+        def resample(i: int):
+            if i not in points:
+                grads = [{n: prm.grad for n, prm in trainables(m).items()} for m in (Q, theirs)]
+                with nearby([Q, theirs, ref], i, cdt):
+                    points[i] = (step_of("ours", Q, step), step_of("peft", theirs, step), at(trainables(Q)),
+                                 at(trainables(theirs)))
+                for m, saved in zip((Q, theirs), grads, strict=True):  # this step's own gradients make the SGD update
+                    for n, prm in trainables(m).items():
+                        prm.grad = saved[n]
+            return tuple(pick(x) for x in points[i])
+        return resample
+
+    def cat_grads(names: list[str]):
+        return lambda res: torch.cat([res[1][n].detach().double().reshape(-1) for n in names])
+
     try:
         for step in range(2):
+            points: dict[int, tuple] = {}
             o, p = step_of("ours", Q, step), step_of("peft", theirs, step)
             if set(o[1]) != set(p[1]):
                 raise Outcome("mismatch", f"trainable parameters differ: {sorted(set(o[1]) ^ set(p[1]))[:4]}")
             r_o, r_p = at(trainables(Q)), at(trainables(theirs))
-            compare(f"logits step {step}", o[2], p[2], r_o[2], cdt, ctx.log, ref_want=r_p[2])
+            compare(f"logits step {step}", o[2], p[2], r_o[2], cdt, ctx.log, ref_want=r_p[2],
+                    resample=resampler(lambda res: res[2]))
             # the mean cross entropy moves at most 2 max|dz| with the logits z: a loss error is explained by the
             # logits' (held to 2x just above) up to 2 x 2 x peft's logits error, whatever peft's own loss error was
             e_logits = (p[2].double() - r_p[2]).abs().max().item()
@@ -1042,10 +1194,9 @@ def flow_c(spec: dict, Q, theirs, ref, inputs: dict, ctx: Ctx) -> None:
             gscale = max((g.abs().max().item() for g in r_o[1].values() if g is not None), default=0.0)
             names = sorted(n for n in p[1] if p[1][n] is not None and o[1][n] is not None)
             if names:  # the step's gradients together: STYLE 12's 2x
-                cat = [torch.cat([d[n].detach().double().reshape(-1) for n in names]) for d in (o[1], p[1], r_o[1],
-                                                                                                  r_p[1])]
+                cat = [cat_grads(names)(res) for res in (o, p, r_o, r_p)]
                 compare(f"all gradients step {step}", cat[0], cat[1], cat[2], cdt, ctx.log, scale=gscale,
-                        ref_want=cat[3])
+                        ref_want=cat[3], resample=resampler(cat_grads(names)))
             for n in sorted(p[1]):
                 g_o, g_p = o[1][n], p[1][n]
                 if g_p is None or g_o is None:
@@ -1058,12 +1209,17 @@ def flow_c(spec: dict, Q, theirs, ref, inputs: dict, ctx: Ctx) -> None:
                 # qkernels keeps the model's dtype. Each is still held to its own float64 reference.
                 base_bias = n.endswith(".bias") and ".lora_" not in n and g_p.dtype == cdt
                 compare(f"grad step {step} {n}", g_o, g_p, r_o[1][n], cdt, ctx.log, scale=gscale,
-                        ref_want=r_p[1][n], factor=4.0, any_dtype=base_bias)
+                        ref_want=r_p[1][n], factor=4.0, any_dtype=base_bias,
+                        resample=resampler(lambda res, n=n: res[1][n]))
             with torch.no_grad():
                 for m in (Q, theirs):
                     for prm in trainables(m).values():
                         if prm.grad is not None:
                             prm.sub_(spec["lr"] * prm.grad)
+                # the next step at one point for both: ours' (module docstring, "Resampling")
+                mine = trainables(Q)
+                for n, prm in trainables(theirs).items():
+                    prm.copy_(mine[n])
     finally:
         for m in models.values():
             m.eval()
