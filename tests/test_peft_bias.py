@@ -411,3 +411,26 @@ def test_a_bias_adapter_loads_into_a_float_model_with_no_lora_layer_as_peft_from
     again = peft.PeftModel.from_pretrained(headed(), str(tmp_path), is_trainable=True)
     assert torch.equal(run(ours, x), run(again, x)) and torch.equal(run(ours, x), run(theirs, x))
     assert ours_names(ours) == peft_names(again)
+
+
+def test_lora_only_counts_a_layer_whose_adapters_were_deleted_as_peft_does(tmp_path):
+    """peft keeps a LoRA layer whose adapters were all deleted, and "lora_only" still covers its bias (trainable set
+    and saved keys): adapter "a" on q_proj and up, "b" (lora_only) on q_proj, "a" deleted."""
+    a_cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "up"])
+    theirs = peft.get_peft_model(headed(), peft.LoraConfig(**a_cfg, bias="lora_only"), adapter_name="b")
+    theirs.add_adapter("a", peft.LoraConfig(**a_cfg))
+    theirs.delete_adapter("b")
+    theirs.add_adapter("c", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], bias="lora_only"))
+    theirs.delete_adapter("a")
+    theirs.save_pretrained(str(tmp_path / "theirs"), selected_adapters=["c"])
+    ours = apply_qlora(headed(), ["q_proj", "up"], r=4, lora_alpha=8, bias="lora_only", adapter_name="b",
+                       compute_dtype=torch.float32)
+    adapters.add_adapter(ours, "a", r=4, lora_alpha=8, target_modules=["q_proj", "up"])
+    adapters.delete_adapter(ours, "b")
+    adapters.add_adapter(ours, "c", r=4, lora_alpha=8, target_modules=["q_proj"], bias="lora_only")
+    adapters.delete_adapter(ours, "a")
+    adapters.save_adapter(ours, tmp_path / "ours", adapter_name="c")
+    # peft writes a non-"default" adapter into a subdirectory of its name
+    keys = [set(load_file(str(tmp_path / d / "adapter_model.safetensors"))) for d in ("theirs/c", "ours")]
+    assert keys[0] == keys[1] and "base_model.model.inner.layers.0.up.base_layer.bias" in keys[1]
+    assert ours_names(ours) == peft_names(theirs)
