@@ -66,6 +66,12 @@ class Case:
     extra: dict = field(default_factory=dict)
 
 
+def _tolerances() -> dict:
+    import torch
+
+    return {torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 8e-2}
+
+
 def _pick(rng: random.Random, options):
     return options[rng.randrange(len(options))]
 
@@ -104,7 +110,7 @@ def _same(got, want, exact: bool, tol: float | None = None) -> str | None:
         if not bool((~torch.isfinite(g))[bad].all()):
             return "the reference overflowed where this result is finite"
         g, w = g.masked_fill(bad, 0), w.masked_fill(bad, 0)
-    tol = tol or {torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 8e-2}.get(want.dtype, 1e-4)
+    tol = tol or _tolerances().get(want.dtype, 1e-4)
     scale = w.abs().max().item() if w.numel() else 0.0
     err = (g - w).abs().max().item() if w.numel() else 0.0
     if not math.isfinite(err) or err > tol * max(scale, 1.0):
@@ -674,8 +680,12 @@ def gen_matmul(rng: random.Random) -> Case:
     desc = (f"matmul_4bit_lora[{mut}] ({_desc(info)}, x {xdt} lead={lead}, r={r}, A {adt}, B {bdt}, bias="
             f"{None if bias is None else getattr(bias, 'dtype', type(bias).__name__)}, p={dropout_p}, "
             f"training={training}, grad={grad}, backend={backend})")
+    # the tolerance of the least precise input, not of each result's dtype: a float32 lora_A's gradient is computed
+    # from bf16 x and dY, and the reference backend rounds those products in x's dtype (seed 23 case 94: its dA off
+    # the float64 value by 1.2e-3 relative, the native path's by 7e-8)
+    tol = max(_tolerances().get(getattr(t, "dtype", None), 1e-4) for t in (x, A, B))
     return Case("matmul_4bit_lora", desc, lambda: call(backend), valid, names, lambda: call("reference"),
-                exact=False)
+                exact=False, tol=tol)
 
 
 # ------------------------------------------------------------------------------------------------ ops, directly
