@@ -548,14 +548,17 @@ def test_quantize_bad_arguments_binding():
 
 
 @needs_native
+@pytest.mark.parametrize("bs", [32, 64, 128])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-def test_dequantize_cpu_conversion_bit_patterns_per_isa(cpu_isa, dtype):
+def test_dequantize_cpu_conversion_bit_patterns_per_isa(cpu_isa, dtype, bs):
     """code = 1.0 everywhere, absmax = random float32 bit patterns (subnormals, overflow, inf, NaN): every path
-    converts exactly like the scalar path, and like torch for all non-NaN values."""
+    converts exactly like the scalar path, and like torch for all non-NaN values. Blocksizes 64 and 128 take the
+    AVX-512 VBMI 128-element path (two blocks' tables in one register; vcvtne2ps2bf16 only where it rounds as the
+    integer path: its guard sees every kind of scale here)."""
     from qkernels import reference
 
-    g = torch.Generator().manual_seed(17)
-    n, bs = 32 * 20000, 32
+    g = torch.Generator().manual_seed(17 + bs)
+    n = 32 * 20000
     bits = torch.randint(-(2**31), 2**31 - 1, (n // bs,), generator=g, dtype=torch.int64).to(torch.int32)
     absmax = bits.view(torch.float32).clone()
     packed = torch.randint(0, 256, (n // 2,), generator=g, dtype=torch.uint8)
