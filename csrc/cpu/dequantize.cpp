@@ -283,6 +283,7 @@ QK_AVX512VBMI_BF16 void chunks128_u16(const uint8_t* packed, Scale scale_of, con
     const float a = s < 0 ? -s : s;
     return a == 0.0f || (a >= min_normal_scale && a <= 3.4e38f);  // finite, products normal or 0
   };
+  (void)normal;  // unused where Cvt is false
   int64_t pb0 = -1, pb1 = -1;
   __m512i tab = _mm512_setzero_si512();
   for (int64_t c = c_begin; c < c_end; ++c) {
@@ -291,13 +292,19 @@ QK_AVX512VBMI_BF16 void chunks128_u16(const uint8_t* packed, Scale scale_of, con
     if (b0 != pb0 || b1 != pb1) {
       const float s0 = scale_of(b0), s1 = b1 == b0 ? s0 : scale_of(b1);
       const __m512 p0 = _mm512_mul_ps(cv, _mm512_set1_ps(s0)), p1 = _mm512_mul_ps(cv, _mm512_set1_ps(s1));
-      if (std::is_same<Conv, ToF16>::value) {
+      bool done = false;
+      if constexpr (std::is_same<Conv, ToF16>::value) {
         tab = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtps_ph(p0, _MM_FROUND_TO_NEAREST_INT |
                                                                                 _MM_FROUND_NO_EXC)),
                                  _mm512_cvtps_ph(p1, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), 1);
-      } else if (Cvt && normal(s0) && normal(s1)) {
-        tab = bf16x32_cvtne(p0, p1);
-      } else {
+        done = true;
+      } else if constexpr (Cvt) {  // instantiated only where the CPU has AVX512_BF16 (has_bf16cvt)
+        if (normal(s0) && normal(s1)) {
+          tab = bf16x32_cvtne(p0, p1);
+          done = true;
+        }
+      }
+      if (!done) {
         tab = _mm512_inserti64x4(_mm512_castsi256_si512(dequant_detail::bf16_rne_avx512(p0)),
                                  dequant_detail::bf16_rne_avx512(p1), 1);
       }
