@@ -1032,7 +1032,7 @@ def load_adapter(
     try:
         whole = _plan(model, cfg, sd, adapter_name, replace)
         if existing:
-            delete_adapter(model, adapter_name)
+            delete_adapter(model, adapter_name, _keep_layers=False)  # a fresh load: no layer kept for "lora_only"
         _apply_plan(model, cfg, whole, adapter_name)
     except BaseException:
         undo()

@@ -164,7 +164,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             m.disable_adapters = was
 
 
-def delete_adapter(model: nn.Module, name: str) -> None:
+def delete_adapter(model: nn.Module, name: str, *, _keep_layers: bool = True) -> None:
     """Remove adapter ``name`` from every QLoRALinear that has it (peft's ``PeftModel.delete_adapter``).
 
     As peft's ``LoraModel.delete_adapter``: if ``name`` was the active adapter, each QLoRALinear that ran it (or
@@ -172,6 +172,10 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     model's new active adapter is the first QLoRALinear's. Modules to save drop their copy for ``name`` and run the
     copy of that new active adapter, or their original module when they have none (peft's
     ``ModulesToSaveWrapper.delete_adapter``). Raises ``ValueError`` if no module has it.
+
+    A layer left without adapters stays a LoRA layer, as in peft, and counts for ``bias="lora_only"``
+    (``qkernels.base_bias``); ``_keep_layers=False`` (``load_adapter(replace=True)``, which stands for a fresh load)
+    leaves such a layer as if it had never held the adapter.
     """
     model = unwrap_compiled(model)
     _require_known(model, name)
@@ -181,6 +185,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         ran = m.active_adapter == name or (was_active and m.active_adapter is None)
         if name in m.lora_A:
             m.delete_adapter(name)
+            if _keep_layers and not len(m.lora_A):
+                m._emptied_by_delete = True  # peft keeps the layer: its bias counts for "lora_only"
         if ran:
             _activate(m, min(m.lora_A, default=None))  # peft: sorted(remaining adapters)[0]
     new_active = mods[0][1].active_adapter

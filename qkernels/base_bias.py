@@ -7,8 +7,9 @@ biases train, as peft 0.21 does it (peft/tuners/tuners_utils.py ``_mark_only_ada
 - ``"none"``: no bias trains (the default);
 - ``"all"``: every parameter named ``bias`` of the model (LayerNorms, heads and untargeted Linears included), except
   those of the LoRA weights and inside a module to save, which manage their own;
-- ``"lora_only"``: the biases of the LoRA layers, i.e. of every ``QLoRALinear`` (peft's LoRA layers: every layer an
-  adapter targeted, also one whose adapters were all deleted since; an ``nn.Embedding`` has no bias).
+- ``"lora_only"``: the biases of the LoRA layers, i.e. of the ``QLoRALinear`` layers holding an adapter or emptied by
+  ``delete_adapter`` (peft's LoRA layers: every layer an adapter targeted, kept when its adapters are deleted; an
+  ``nn.Embedding`` has no bias).
 
 When: as peft, the selection is applied when a model gets its first adapter (peft's ``get_peft_model`` /
 ``PeftModel.from_pretrained``): ``apply_qlora``, and ``add_adapter`` / ``load_adapter`` when the new adapter is the
@@ -126,10 +127,11 @@ def base_biases(model: nn.Module) -> Iterator[tuple[str, str, nn.Parameter]]:
 
 
 def _lora_layer_names(model: nn.Module) -> set[str]:
-    """peft's LoRA layers (its tuner layers): every adapter layer, also one whose adapters were all deleted (peft
-    keeps such a layer, and its bias counts for "lora_only": ``_mark_only_adapters_as_trainable``,
-    ``_get_learnable_bias_state_dict``)."""
-    return {n for n, _ in _layers(model)}
+    """peft's LoRA layers (its tuner layers): the adapter layers holding an adapter, and those whose adapters
+    ``delete_adapter`` removed (peft keeps such a layer, and its bias counts for "lora_only":
+    ``_mark_only_adapters_as_trainable``, ``_get_learnable_bias_state_dict``). A layer ``apply_qlora`` made whose
+    adapter ``load_adapter(replace=True)`` dropped is none: peft, loading the file afresh, would not have made it."""
+    return {n for n, m in _layers(model) if len(m.lora_A) or getattr(m, "_emptied_by_delete", False)}
 
 
 def selected(model: nn.Module, mode: str) -> set[str]:

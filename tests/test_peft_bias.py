@@ -434,3 +434,17 @@ def test_lora_only_counts_a_layer_whose_adapters_were_deleted_as_peft_does(tmp_p
     keys = [set(load_file(str(tmp_path / d / "adapter_model.safetensors"))) for d in ("theirs/c", "ours")]
     assert keys[0] == keys[1] and "base_model.model.inner.layers.0.up.base_layer.bias" in keys[1]
     assert ours_names(ours) == peft_names(theirs)
+
+
+def test_lora_only_after_apply_qlora_on_the_union_and_a_replacing_load_is_peft_s(tmp_path):
+    """The README's flow (apply_qlora on every adapter's targets, then load_adapter(replace=True)): a layer whose
+    adapter the replacing load dropped is no LoRA layer of the file's, as peft loading it afresh would not make one,
+    so "lora_only" leaves its bias frozen (the union's up layers here); a layer delete_adapter empties counts (above)."""
+    theirs = peft.get_peft_model(headed(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                           bias="lora_only"))
+    theirs.save_pretrained(str(tmp_path))
+    ours = apply_qlora(headed(), ["q_proj", "up"], r=4, lora_alpha=8, compute_dtype=torch.float32)
+    adapters.load_adapter(ours, tmp_path, replace=True)
+    again = peft.PeftModel.from_pretrained(headed(), str(tmp_path), is_trainable=True)
+    assert base_bias_names(ours) == {n for n in peft_names(again) if n.endswith(".bias")} != set()
+    assert "inner.layers.0.up.bias" not in ours_names(ours)
