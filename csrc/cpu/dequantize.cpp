@@ -253,13 +253,6 @@ bool has_vbmi() {
   return has;
 }
 
-bool has_bf16cvt() {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16");
-  }();
-  return has;
-}
 
 QK_AVX512VBMI_BF16 inline __m512i bf16x32_cvtne(__m512 lo, __m512 hi) {
   return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);  // lanes 0..15 from lo, 16..31 from hi
@@ -279,11 +272,6 @@ QK_AVX512VBMI_BF16 void chunks128_u16(const uint8_t* packed, Scale scale_of, con
   const __m512i nib = _mm512_set1_epi16(0x0f);
   const __m512i half[2] = {_mm512_setzero_si512(), _mm512_set1_epi16(0x10)};
   const __m512 cv = _mm512_loadu_ps(code);
-  auto normal = [min_normal_scale](float s) {
-    const float a = s < 0 ? -s : s;
-    return a == 0.0f || (a >= min_normal_scale && a <= 3.4e38f);  // finite, products normal or 0
-  };
-  (void)normal;  // unused where Cvt is false
   int64_t pb0 = -1, pb1 = -1;
   __m512i tab = _mm512_setzero_si512();
   for (int64_t c = c_begin; c < c_end; ++c) {
@@ -298,8 +286,9 @@ QK_AVX512VBMI_BF16 void chunks128_u16(const uint8_t* packed, Scale scale_of, con
                                                                                 _MM_FROUND_NO_EXC)),
                                  _mm512_cvtps_ph(p1, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), 1);
         done = true;
-      } else if constexpr (Cvt) {  // instantiated only where the CPU has AVX512_BF16 (has_bf16cvt)
-        if (normal(s0) && normal(s1)) {
+      } else if constexpr (Cvt) {  // instantiated only where the CPU has AVX512_BF16 (has_avx512bf16)
+        if (dequant_detail::bf16_cvt_scale_ok(s0, min_normal_scale) &&
+            dequant_detail::bf16_cvt_scale_ok(s1, min_normal_scale)) {
           tab = bf16x32_cvtne(p0, p1);
           done = true;
         }
@@ -329,13 +318,8 @@ bool dequantize_u16_chunks(bool stream, const uint8_t* packed, Scale scale_of, c
   const int bs_shift = __builtin_ctzll(static_cast<unsigned long long>(blocksize));
   float cb[16];
   std::copy(code, code + 16, cb);
-  float cmin = 0.0f;
-  for (int i = 0; i < 16; ++i) {
-    const float a = cb[i] < 0 ? -cb[i] : cb[i];
-    if (a > 0.0f && (cmin == 0.0f || a < cmin)) cmin = a;
-  }
-  const float min_normal_scale = cmin > 0.0f ? 2.0f * 1.1754944e-38f / cmin : 0.0f;
-  const bool cvt = has_bf16cvt() && min_normal_scale < 1.0e30f;
+  const float min_normal_scale = dequant_detail::bf16_cvt_min_normal_scale(cb);
+  const bool cvt = dequant_detail::has_avx512bf16() && min_normal_scale < 1.0e30f;
   const int64_t chunks = n / 128;
   constexpr int64_t kParallelThreshold = int64_t(1) << 18;
 #ifdef _OPENMP

@@ -40,7 +40,34 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m256i bf16_rne_avx
   r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
   return _mm512_cvtepi32_epi16(r);
 }
+
+// Whether this CPU has AVX512_BF16 (vcvtneps2bf16 / vcvtne2ps2bf16), asked once.
+inline bool has_avx512bf16() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16");
+  }();
+  return has;
+}
 #endif
+
+// The smallest |scale| from which every nonzero |code[k] * scale| is at least 2^-125, a normal float32 (0: none is
+// nonzero). There vcvtneps2bf16, which flushes subnormals and keeps a NaN's payload, rounds exactly as
+// float_to_bf16_bits; the bf16 kernels take it only for blocks whose finite |scale| is at least this.
+inline float bf16_cvt_min_normal_scale(const float* code) {
+  float cmin = 0.0f;
+  for (int i = 0; i < 16; ++i) {
+    const float a = code[i] < 0 ? -code[i] : code[i];
+    if (a > 0.0f && (cmin == 0.0f || a < cmin)) cmin = a;
+  }
+  return cmin > 0.0f ? 2.0f * 1.1754944e-38f / cmin : 0.0f;
+}
+
+// A block whose scale takes vcvtneps2bf16: finite, and every product code[k] * scale normal or zero.
+inline bool bf16_cvt_scale_ok(float scale, float min_normal_scale) {
+  const float a = scale < 0 ? -scale : scale;
+  return a == 0.0f || (a >= min_normal_scale && a <= 3.4e38f);
+}
 
 }  // namespace dequant_detail
 }  // namespace cpu

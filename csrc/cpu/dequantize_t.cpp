@@ -122,8 +122,7 @@ QK_AVX512BF16 void tile32_avx512(const uint8_t* packed, Scale scale, const float
           cvt = Cvt;
           for (int i = 0; i < 16; ++i) {
             s[i] = scale((n0 + 16 * h + i) * blocks_per_row + (k >> bs_shift));
-            const float a = s[i] < 0 ? -s[i] : s[i];
-            cvt = cvt && (a == 0.0f || (a >= min_normal_scale && a <= 3.4e38f));  // finite, products normal or 0
+            cvt = cvt && dequant_detail::bf16_cvt_scale_ok(s[i], min_normal_scale);
           }
           sv = _mm512_load_ps(s);
         }
@@ -144,13 +143,6 @@ QK_AVX512BF16 void tile32_avx512(const uint8_t* packed, Scale scale, const float
 
 QK_AVX512 void sfence_avx512() { _mm_sfence(); }
 
-bool has_avx512bf16() {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16");
-  }();
-  return has;
-}
 #endif  // QK_X86
 
 // The vectorized path's conditions (dequantize_4bit_transposed_vectorized): AVX-512, bfloat16 out, whole 128-column
@@ -180,13 +172,8 @@ bool run(const uint8_t* packed, Scale scale, const float* code, int64_t N, int64
                           reinterpret_cast<std::uintptr_t>(out) % 64 == 0 && (N * int64_t(sizeof(T))) % 64 == 0;
       // vcvtneps2bf16 (AVX512_BF16) in blocks whose |scale| >= min_normal_scale: then every nonzero |code * scale|
       // is at least 2^-125, a normal number, where it rounds as the integer path does.
-      float cmin = 0.0f;
-      for (int i = 0; i < 16; ++i) {
-        const float a = code[i] < 0 ? -code[i] : code[i];
-        if (a > 0.0f && (cmin == 0.0f || a < cmin)) cmin = a;
-      }
-      const float min_normal_scale = cmin > 0.0f ? 2.0f * 1.1754944e-38f / cmin : 0.0f;
-      const bool cvt = has_avx512bf16() && min_normal_scale < 1.0e30f;
+      const float min_normal_scale = dequant_detail::bf16_cvt_min_normal_scale(code);
+      const bool cvt = dequant_detail::has_avx512bf16() && min_normal_scale < 1.0e30f;
 #ifdef _OPENMP
 #pragma omp parallel
 #endif
