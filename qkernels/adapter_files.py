@@ -1057,7 +1057,7 @@ def _add_lora_layers(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.
     ``requires_grad``; in one without, all but LoRA are frozen (``apply_qlora``'s rule). Returns the modules given a
     layer and a function that puts the model back as it was (the original modules, every parameter's
     ``requires_grad``, transformers' ``is_quantized`` flags)."""
-    from .model import _is_bnb_4bit, _is_linear, apply_qlora, is_embedding
+    from .model import _is_bnb_4bit, _is_linear, _replace, apply_qlora, is_embedding
 
     cls = _qlora_class()
     modules = dict(model.named_modules())
@@ -1074,14 +1074,16 @@ def _add_lora_layers(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.
     originals = {n: modules[n] for n in names}
     float_names = [n for n in names if not _is_bnb_4bit(modules[n]) and not is_embedding(modules[n])]
 
-    def undo() -> None:
-        for n, m in originals.items():
-            parent, _, leaf = n.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, m)
+    def restore_flags() -> None:
         params = dict(model.named_parameters())
         for n, flag in flags.items():
             if n in params:
                 params[n].requires_grad_(flag)
+
+    def undo() -> None:
+        for n, m in originals.items():
+            _replace(model, n, m)
+        restore_flags()
         for m, flag in quantized.items():
             m.is_quantized = flag
 
@@ -1089,16 +1091,14 @@ def _add_lora_layers(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.
     try:
         with warnings.catch_warnings():  # a base without a bias etc.: the adapter's own warnings come at load
             warnings.simplefilter("ignore", UserWarning)
+            # a plain placeholder adapter, deleted below: the file's own (DoRA, lora_bias, ...) comes in _apply_plan
             apply_qlora(model, "^(?:" + "|".join(re.escape(n) for n in names) + ")$", r=1,
                         init_lora_weights=False, keep_float_modules=float_names or None, adapter_name=tmp,
-                        use_dora=bool(cfg.get("use_dora", False)), verbose=False)
+                        verbose=False)
         for n in names:
             model.get_submodule(n).delete_adapter(tmp)
         if had_lora:  # a model with adapters keeps its parameters' flags (peft's load_adapter leaves them)
-            params = dict(model.named_parameters())
-            for n, flag in flags.items():
-                if n in params:
-                    params[n].requires_grad_(flag)
+            restore_flags()
     except BaseException:
         undo()
         raise

@@ -499,6 +499,17 @@ def test_modules_without_a_lora_layer_get_one_as_peft_from_pretrained_gives_them
         n for n, p in theirs.base_model.model.named_parameters() if ".lora_" in n]
 
 
+def test_a_dora_adapter_loads_into_a_model_with_no_lora_layer_as_peft(tmp_path, x):
+    """The layers added at load carry the file's own kind of adapter (here DoRA, its magnitudes from the file)."""
+    theirs = peft.get_peft_model(dense_toy(), peft.LoraConfig(r=4, target_modules=["q_proj", "up"], use_dora=True))
+    randomize(theirs, "default", seed=3)
+    theirs.save_pretrained(str(tmp_path))
+    ours = dense_toy()
+    adapters.load_adapter(ours, tmp_path)
+    assert ours.get_submodule("layers.0.q_proj").is_dora("default")
+    assert torch.equal(run(ours, x), run(theirs, x))
+
+
 def test_a_model_loaded_in_4_bits_takes_an_adapter_without_apply_qlora(trained, x):
     """bitsandbytes Linear4bit layers (transformers' 4-bit load) are wrapped as they are, as apply_qlora wraps them:
     the same packed bytes, and bit for bit the outputs of apply_qlora + load_adapter(replace=True)."""

@@ -439,7 +439,8 @@ def test_lora_only_counts_a_layer_whose_adapters_were_deleted_as_peft_does(tmp_p
 def test_lora_only_after_apply_qlora_on_the_union_and_a_replacing_load_is_peft_s(tmp_path):
     """The README's flow (apply_qlora on every adapter's targets, then load_adapter(replace=True)): a layer whose
     adapter the replacing load dropped is no LoRA layer of the file's, as peft loading it afresh would not make one,
-    so "lora_only" leaves its bias frozen (the union's up layers here); a layer delete_adapter empties counts (above)."""
+    so "lora_only" leaves its bias frozen (the union's up layers here); a layer delete_adapter empties counts
+    (the test above)."""
     theirs = peft.get_peft_model(headed(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
                                                            bias="lora_only"))
     theirs.save_pretrained(str(tmp_path))
