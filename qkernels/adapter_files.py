@@ -44,9 +44,11 @@ from .adapters import (
     _activate,
     _add_to_module,
     _dropout_p,
+    _is_lora_layer,
     _qlora_class,
     _qlora_modules,
     _require_adapter,
+    _selected,
     _token_wrappers,
     _wrappers,
     adapter_names,
@@ -1027,7 +1029,7 @@ def load_adapter(
         )
     base_bias.check_single(model, adapter_name, cfg.get("bias", "none"), replacing=existing)
     sd = _read_weights(path)
-    active = next((m.active_adapter for m in qlora if m.active_adapter is not None), None)
+    active = next((_selected(m) for m in qlora if _is_lora_layer(m)), None)  # peft's model-level active adapter
     added, undo = _add_lora_layers(model, cfg, sd)
     try:
         whole = _plan(model, cfg, sd, adapter_name, replace)

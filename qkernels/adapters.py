@@ -127,7 +127,11 @@ def set_adapter(model: nn.Module, name: str) -> None:
 
 
 def _activate(m: nn.Module, name: str | None) -> None:
-    """``m.set_adapter(name)``; on a module without ``name``: no adapter runs and all are frozen (as peft)."""
+    """``m.set_adapter(name)``; on a module without ``name``: no adapter runs and all are frozen (as peft).
+
+    The name is remembered (``_selected``): peft's layer keeps an absent adapter as its active one, and
+    ``delete_adapter`` hands the first LoRA layer's active adapter to the modules to save."""
+    m._absent_active = None if name is None or name in m.lora_A else name
     if name is not None and name in m.lora_A:
         m.set_adapter(name)
         return
@@ -137,6 +141,21 @@ def _activate(m: nn.Module, name: str | None) -> None:
         for mag in m._magnitude_modules(k):  # a DoRA adapter's magnitude
             mag.requires_grad_(False)
     m.active_adapter = None
+
+
+def _selected(m: nn.Module) -> str | None:
+    """The adapter layer ``m`` is set to, as peft's layer holds it: its active adapter, or the one ``set_adapter``
+    named that it lacks (it then runs none); ``None`` when it is set to none."""
+    if m.active_adapter is not None:
+        return m.active_adapter
+    absent = getattr(m, "_absent_active", None)
+    return absent if absent is not None and absent not in m.lora_A else None
+
+
+def _is_lora_layer(m: nn.Module) -> bool:
+    """Whether peft would hold ``m`` as a LoRA layer: it has an adapter, or ``delete_adapter`` emptied it (peft
+    keeps the layer). A QLoRALinear that never held one (a 4-bit base layer outside the targets) is not."""
+    return bool(len(m.lora_A)) or getattr(m, "_emptied_by_delete", False)
 
 
 @contextlib.contextmanager
@@ -189,7 +208,8 @@ def delete_adapter(model: nn.Module, name: str, *, _keep_layers: bool = True) ->
                 m._emptied_by_delete = True  # peft keeps the layer: its bias counts for "lora_only"
         if ran:
             _activate(m, min(m.lora_A, default=None))  # peft: sorted(remaining adapters)[0]
-    new_active = mods[0][1].active_adapter
+    # peft: the first LoRA layer's active adapter after the deletion (a 4-bit layer with no LoRA is not one)
+    new_active = next((_selected(m) for _, m in mods if _is_lora_layer(m)), None)
     for _, w in wrappers:
         if name in w.modules_to_save:
             w.delete_adapter(name)
@@ -335,7 +355,7 @@ def _add_to_module(m: nn.Module, name: str, r: int, alpha: float, dropout: float
     adapter's ``bias`` mode on the layer (``qkernels.base_bias``)."""
     from .base_bias import record
 
-    had, active = len(m.lora_A) > 0, m.active_adapter
+    had, active = len(m.lora_A) > 0, _selected(m)
     if lora_bias:
         from .nn import QLoRALinear
 

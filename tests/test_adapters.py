@@ -910,6 +910,55 @@ def test_modules_to_save_with_several_adapters_behave_as_peft(tmp_path, x):
     assert "d" not in adapters.adapter_names(ours), "validated before any change"
 
 
+def test_deleting_an_adapter_leaves_the_modules_to_save_on_peft_s_choice(tmp_path, x):
+    """peft hands the modules to save the first LoRA layer's active adapter after a deletion. That layer is not
+    simply the first QLoRALinear: (1) a 4-bit layer a replacing load left bare holds no LoRA (peft has a plain
+    Linear4bit there; found by tests/fuzz_vs_peft.py seed 14 case 9, where the head fell back to its original module
+    and froze the active copy); (2) a LoRA layer that lacks the active adapter keeps that name as its active one in
+    peft (ours runs none); (3) so does one the deletion emptied."""
+    src = qk_head(modules_to_save=["score"])
+    adapters.add_adapter(src, "b", r=2, lora_alpha=4, target_modules=["up"], modules_to_save=["score"])
+    adapters.add_adapter(src, "c", r=2, lora_alpha=4, target_modules=["q_proj"])
+    for name, seed in (("default", 41), ("b", 42), ("c", 43)):
+        randomize(src, name, seed)
+        if name != "c":
+            perturb(src.score.modules_to_save[name], seed + 10)
+        adapters.save_adapter(src, tmp_path / name, adapter_name=name)
+    # "default" as a file that adapts only up / down: the q_proj / v_proj layers apply_qlora made are left bare
+    _rewrite(tmp_path / "default", edit_config=lambda c: c.update(target_modules=["up", "down"]),
+             edit_tensors=lambda sd: [sd.pop(k) for k in list(sd) if "q_proj" in k or "v_proj" in k])
+
+    def case(others: list[str], active: str, gone: str, first: str) -> None:
+        ours = qk_head(modules_to_save=["score"])
+        adapters.load_adapter(ours, tmp_path / "default", replace=True)
+        theirs = peft.PeftModel.from_pretrained(bnb_base(ours, head_toy), str(tmp_path / "default"),
+                                                is_trainable=True)
+        ref = reference64(ours, tmp_path / "default", head_toy)
+        for name in others:
+            adapters.load_adapter(ours, tmp_path / name, adapter_name=name, set_active=False)
+            theirs.load_adapter(str(tmp_path / name), adapter_name=name, is_trainable=True)
+            ref.load_adapter(str(tmp_path / name), adapter_name=name)
+        first_lora = next(n for n, m in ours.named_modules() if isinstance(m, QLoRALinear) and len(m.lora_A))
+        assert first_lora == first and not len(ours.layers[0].v_proj.lora_A)
+        for m in (theirs, ref):
+            m.set_adapter(active)
+        adapters.set_adapter(ours, active)
+        adapters.delete_adapter(ours, gone)
+        theirs.delete_adapter(gone)
+        ref.delete_adapter(gone)
+        assert theirs.active_adapter == active and theirs.base_model.model.score.active_adapters == [active]
+        assert ours.score.active_adapter == active
+        assert_matches(run(ours, x), run(theirs, x), run(ref, x.double()))
+        mine = {n for n, p in ours.named_parameters() if p.requires_grad}
+        peft_trainable = {n.removeprefix("base_model.model.") for n, p in theirs.named_parameters() if p.requires_grad}
+        assert f"score.modules_to_save.{active}.weight" in mine
+        assert mine == peft_trainable, sorted(mine ^ peft_trainable)
+
+    case(["b"], active="default", gone="b", first="layers.0.up")  # (1): layers.0.q_proj comes first, bare
+    case(["b", "c"], active="default", gone="b", first="layers.0.q_proj")  # (2): q_proj holds c only
+    case(["b", "c"], active="b", gone="c", first="layers.0.q_proj")  # (3): q_proj emptied, set to b
+
+
 def test_bad_modules_to_save_in_a_file_load_nothing(tmp_path):
     model = qk_head(modules_to_save=["score"])
     adapters.save_adapter(model, tmp_path)
