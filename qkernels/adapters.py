@@ -188,7 +188,8 @@ def delete_adapter(model: nn.Module, name: str, *, _keep_layers: bool = True) ->
 
     As peft's ``LoraModel.delete_adapter``: if ``name`` was the active adapter, each QLoRALinear that ran it (or
     was set to it but lacks it) switches to the alphabetically first of its remaining adapters (or none), and the
-    model's new active adapter is the first QLoRALinear's. Modules to save drop their copy for ``name`` and run the
+    model's new active adapter is the first LoRA layer's (a QLoRALinear that never held an adapter is none; one set
+    to an adapter it lacks counts as set to it, as in peft). Modules to save drop their copy for ``name`` and run the
     copy of that new active adapter, or their original module when they have none (peft's
     ``ModulesToSaveWrapper.delete_adapter``). Raises ``ValueError`` if no module has it.
 
