@@ -182,8 +182,8 @@ def _target_spec(model: nn.Module, names: list[str], modules_to_save: list[str] 
 
     Tried in order, the first that selects exactly ``names`` wins: the short names (``["query", "value"]``); the
     short names with ``layers_to_transform`` = the layer indices of ``names`` (peft's default layer pattern, then
-    the layer list's name as ``layers_pattern``); the same with the last two name parts (``["attn.c_proj"]``);
-    else a regex string matching exactly these names (peft full-matches a string against module names).
+    the layer list's name as ``layers_pattern``); the same with the last two name parts (``["attn.c_proj"]``); the
+    full names; else a regex string matching exactly these names (peft full-matches a string against module names).
     """
     from .model import layer_index, match_target_modules
 
@@ -207,8 +207,10 @@ def _target_spec(model: nn.Module, names: list[str], modules_to_save: list[str] 
         if None not in indices:
             candidates.append(dict(layers_to_transform=sorted(set(indices)), layers_pattern=pattern))
     two = sorted({".".join(n.split(".")[-2:]) for n in names})  # ["attn.c_proj"]: not GPT-2's mlp.c_proj
-    for targets in (short, two):
-        for c in candidates:
+    # the full names last: not a regex, which peft (0.21) turns into the short names it matches on a transformers 5
+    # mixture of experts (its v4 -> v5 config conversion), so "layer 0's q_proj" would load as every layer's
+    for targets in (short, two, sorted(names)):
+        for c in candidates[:1] if targets == sorted(names) else candidates:
             chosen = set(match_target_modules(model, targets, modules_to_save=modules_to_save, **c)) & visible
             if chosen == set(names):
                 return dict(target_modules=targets, **c)

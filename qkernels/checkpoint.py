@@ -7,7 +7,8 @@ names, which ``from_pretrained`` renames at load (GPT-NeoX's ``embed_out`` is th
 ``transformers.conversion_mapping``), and it leaves out tied weights (Bloom's ``lm_head``, BART's ``embed_tokens``),
 which ``tie_weights()`` restores. ``load_checkpoint`` does both, shard by shard, and reports (or raises for) only what
 is really missing or unexpected. Checkpoint tensors that transformers converts at load, not just renames (a mixture
-of experts' per-expert weights merged into one 3-D parameter), are refused before anything is loaded.
+of experts' per-expert weights merged into one 3-D parameter), go through a copy of transformers' own
+``WeightConverter``, fed as ``from_pretrained`` feeds it (``_Conversions``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,6 +50,57 @@ def _keys(f: Path) -> list[str]:
 
     with safe_open(f, framework="pt", device="cpu") as sf:
         return list(sf.keys())  # noqa: SIM118 - safe_open is not a dict
+
+
+def _converters(model: nn.Module) -> dict[str, Any]:
+    """``source pattern -> transformers' WeightConverter`` for ``model`` (``{}`` for a model that is not a
+    transformers one, or a transformers without conversion mappings)."""
+    try:
+        from transformers import PreTrainedModel
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter
+    except ImportError:
+        return {}
+    if not isinstance(model, PreTrainedModel):
+        return {}
+    return {p: t for t in get_model_conversion_mapping(model) if isinstance(t, WeightConverter)
+            for p in t.source_patterns}
+
+
+def _natural(key: str) -> tuple:
+    """transformers' ``dot_natural_key``: ``experts.10`` after ``experts.9``, the order a converter stacks them in."""
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in key.split("."))
+
+
+class _Conversions:
+    """The checkpoint tensors transformers converts at load (a mixture of experts' per-expert weights, merged into one
+    3-D parameter), converted as ``from_pretrained`` converts them: each target's sources are gathered across shards
+    and handed, in transformers' key order, to a copy of its ``WeightConverter`` once the last one is read, so at most
+    the targets a shard leaves incomplete wait in memory."""
+
+    def __init__(self, model: nn.Module, groups: dict[str, list[tuple[str, str]]]) -> None:
+        self.model, self.by_pattern = model, _converters(model)
+        self.need = {target: {k for k, _ in srcs} for target, srcs in groups.items()}
+        self.pattern = {k: p for srcs in groups.values() for k, p in srcs}
+        self.target = {k: target for target, srcs in groups.items() for k, _ in srcs}
+        self.got: dict[str, dict[str, torch.Tensor]] = {}
+
+    def add(self, key: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Take checkpoint tensor ``key``; returns the model tensors its target's conversion made (``{}`` until the
+        target's last source arrives)."""
+        target = self.target[key]
+        have = self.got.setdefault(target, {})
+        have[key] = tensor
+        if set(have) != self.need[target]:
+            return {}
+        del self.got[target]
+        import copy
+
+        conv = copy.deepcopy(self.by_pattern[self.pattern[key]])
+        for k in sorted(have, key=_natural):
+            conv.add_tensor(target, k, self.pattern[k], have[k])
+        out = conv.convert(target, model=self.model, config=getattr(self.model, "config", None))
+        return {name: (t[0] if isinstance(t, list) else t) for name, t in out.items()}
 
 
 def _renamer(model: nn.Module) -> Callable[[str], tuple[str, str | None]]:
@@ -148,7 +201,9 @@ def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike, *, strict: 
     shared before loading (a tied head) are shared again, and ``model.tie_weights()`` runs where the model has it.
 
     For a model built on the meta device and given ``apply_qlora`` (README): each ``QLoRALinear`` takes the
-    checkpoint's 4-bit format, and LoRA weights the checkpoint lacks are initialized. Peak memory: one shard.
+    checkpoint's 4-bit format, and LoRA weights the checkpoint lacks are initialized. Tensors transformers converts
+    at load (a mixture of experts' per-expert weights) are converted by its own converters, as ``from_pretrained``
+    does. Peak memory: one shard, plus the converted tensors whose sources a shard leaves incomplete.
 
     Args:
         model: the model (e.g. ``AutoModelForCausalLM.from_config(config)`` under ``init_empty_weights``, then
@@ -166,10 +221,10 @@ def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike, *, strict: 
 
     Raises:
         FileNotFoundError: no checkpoint there.
-        ValueError: checkpoint tensors that transformers converts at load (merges, splits: a mixture of experts'
-            per-expert weights), named with the way to load them; or 4-bit layers of the checkpoint that are plain
-            Linear layers in ``model`` (not targeted by ``apply_qlora``), named with the ``target_modules`` to add;
-            nothing is loaded then.
+        ValueError: 4-bit checkpoint tensors that transformers would convert at load (a mixture of experts'
+            per-expert weights stored in 4 bits: no converter merges packed bytes); or 4-bit layers of the
+            checkpoint that are plain Linear layers in ``model`` (not targeted by ``apply_qlora``), named with the
+            ``target_modules`` to add; nothing is loaded then.
         RuntimeError: ``strict`` and keys missing or unexpected (the tensors found were loaded).
     """
     if not isinstance(model, nn.Module):
@@ -179,24 +234,29 @@ def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike, *, strict: 
 
     files = _files(Path(checkpoint))
     rename = _renamer(model)
-    converted = {}
-    packed: set[str] = set()
+    groups: dict[str, list[tuple[str, str]]] = {}  # converted: model key -> its checkpoint (key, source pattern)s
+    packed: set[str] = set()  # the 4-bit layers, by model name
+    packed_keys: set[str] = set()  # their weights, by checkpoint key
+    own = model.state_dict(keep_vars=True)
     for f in files:
         for k in _keys(f):
             key, pattern = rename(k)
-            if pattern is not None:
-                converted.setdefault(pattern, []).append(k)
+            if pattern is not None and key in own:  # (a converted key the model lacks is reported unexpected)
+                groups.setdefault(key, []).append((k, pattern))
             if _QUANT_STATE_KEY.search(key):
                 packed.add(_QUANT_STATE_KEY.sub("", key))
-    if converted:
-        pattern, keys = next(iter(converted.items()))
+            if _QUANT_STATE_KEY.search(k):
+                packed_keys.add(_QUANT_STATE_KEY.sub(".weight", k))
+    quantized = sorted(k for srcs in groups.values() for k, _ in srcs if k in packed_keys)
+    if quantized:
         raise ValueError(
-            f"checkpoint {str(checkpoint)!r}: transformers converts {sum(map(len, converted.values()))} of its tensors "
-            f"at load, not only renames them (pattern {pattern!r}, e.g. {keys[:2]}: {type(model).__name__} stores "
-            "them merged, e.g. a mixture of experts' 3-D expert weights), which load_checkpoint does not do. Load the "
-            "model with transformers instead, from_pretrained(checkpoint) (a 4-bit checkpoint keeps its "
-            "quantization_config), and call apply_qlora on it: it wraps the 4-bit layers as they are")
+            f"checkpoint {str(checkpoint)!r}: {len(quantized)} tensors that transformers merges at load are 4-bit "
+            f"(e.g. {quantized[:2]}: {type(model).__name__} stores them merged, e.g. a mixture of experts' 3-D "
+            "expert weights, which stay float in a 4-bit model); merging packed 4-bit tensors is not supported. "
+            "Write the checkpoint again from the float model (qkernels.quantize_checkpoint or transformers' "
+            "BitsAndBytesConfig leave the experts float); nothing was loaded")
     _check_4bit_layers_targeted(model, packed, checkpoint)
+    conversions = _Conversions(model, groups)
     missing: set[str] | None = None
     unexpected: list[str] = []
     loaded: set[str] = set()
@@ -205,7 +265,13 @@ def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike, *, strict: 
     show = verbose if verbose is not None else len(files) > 1
     t0 = time.perf_counter()
     for i, f in enumerate(files, 1):
-        sd = {rename(k)[0]: v for k, v in load_file(f).items()}
+        sd = {}
+        for k, v in load_file(f).items():
+            key, pattern = rename(k)
+            if pattern is not None and key in groups:
+                sd.update(conversions.add(k, v))
+            else:
+                sd[key] = v
         result = model.load_state_dict(sd, strict=False, assign=True)
         unexpected += result.unexpected_keys
         loaded |= set(sd) - set(result.unexpected_keys)

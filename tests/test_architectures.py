@@ -29,12 +29,13 @@ scales, DESIGN §5).
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 from dataclasses import dataclass, field
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import qkernels
@@ -280,13 +281,13 @@ def test_architecture_matches_peft_and_bitsandbytes(kind, saved, tmp_path):
 
 
 @pytest.mark.parametrize("kind", list(MOES))
-def test_mixture_of_experts_against_peft_and_its_checkpoint_refused_saying_how(kind, saved, tmp_path):
+def test_mixture_of_experts_against_peft_and_its_checkpoint_loaded_as_transformers_does(kind, saved, tmp_path):
     """transformers 5 stores the experts as 3-D parameters, which bitsandbytes leaves float. Where peft's all-linear
     adapts them (``target_parameters``, from transformers' conversion mapping: Mixtral, Qwen3-MoE) apply_qlora refuses
     all-linear naming the Linear list (it cannot adapt them); where peft does not (Qwen2-MoE) all-linear is peft's.
     Either way apply_qlora wraps what peft wraps, with peft's outputs. transformers' 4-bit checkpoint stores the experts
-    one by one (merged at load by a converter): load_checkpoint refuses it before loading anything, saying to load with
-    transformers and wrap."""
+    one by one; load_checkpoint merges them with transformers' own converters, as from_pretrained does, also when a
+    layer's experts are spread over several shards: the same experts, bit for bit, and the same logits."""
     arch, d = ALL[kind], saved(kind)
     targets = "all-linear"
     experts = peft.get_peft_model(_load(kind, d, four_bit=True), peft.LoraConfig(target_modules=targets))
@@ -309,11 +310,34 @@ def test_mixture_of_experts_against_peft_and_its_checkpoint_refused_saying_how(k
 
     with accelerate.init_empty_weights():
         meta = _classes(arch)[1](ours.config)
-    apply_qlora(meta, targets, r=R, lora_alpha=ALPHA)
-    with pytest.raises(ValueError, match=r"transformers converts \d+ of its tensors at load.*experts.*"
-                                         r"from_pretrained\(checkpoint\).*apply_qlora on it"):
-        qkernels.load_checkpoint(meta, tmp_path / "q4")
-    assert all(p.is_meta for p in meta.parameters())  # nothing loaded
+        sharded = _classes(arch)[1](ours.config)
+    _load(kind, d, four_bit=True).save_pretrained(tmp_path / "shards", max_shard_size="40KB")
+    lora = {k: v for k, v in ours.state_dict().items() if "lora_" in k}
+    want = {k: v for k, v in ours.state_dict().items() if "experts" in k}
+    assert want and all(v.dim() == 3 for v in want.values())
+    for model, path in ((meta, tmp_path / "q4"), (sharded, tmp_path / "shards")):
+        apply_qlora(model, targets, r=R, lora_alpha=ALPHA, compute_dtype=torch.float32)
+        assert qkernels.load_checkpoint(model, path) == ([], [])
+        model.load_state_dict(lora, strict=False)
+        got = model.state_dict()
+        for k, v in want.items():
+            assert torch.equal(got[k], v), k
+        assert torch.equal(_logits(model.eval(), inputs), _logits(ours, inputs))
+    index = json.loads((tmp_path / "shards" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len({f for k, f in index.items() if ".layers.0." in k and ".experts." in k}) > 1  # one layer, 2+ shards
+    # an expert stored in 4 bits (a converter would merge packed bytes): refused before anything loads
+    sd = load_file(str(tmp_path / "q4" / "model.safetensors"))
+    key = next(k for k in sd if ".experts.0." in k)
+    sd[key] = torch.zeros(sd[key].numel() // 2, 1, dtype=torch.uint8)
+    sd[key + ".quant_state.bitsandbytes__nf4"] = torch.zeros(8, dtype=torch.uint8)
+    (tmp_path / "packed").mkdir()
+    save_file(sd, str(tmp_path / "packed" / "model.safetensors"))
+    with accelerate.init_empty_weights():
+        packed = _classes(arch)[1](ours.config)
+    apply_qlora(packed, targets, r=R, lora_alpha=ALPHA)
+    with pytest.raises(ValueError, match=r"1 tensors that transformers merges at load are 4-bit.*nothing was loaded"):
+        qkernels.load_checkpoint(packed, tmp_path / "packed")
+    assert all(p.is_meta for p in packed.parameters())
 
 
 def _meta_qlora(kind: str, d) -> nn.Module:
