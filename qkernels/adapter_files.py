@@ -183,7 +183,10 @@ def _target_spec(model: nn.Module, names: list[str], modules_to_save: list[str] 
     Tried in order, the first that selects exactly ``names`` wins: the short names (``["query", "value"]``); the
     short names with ``layers_to_transform`` = the layer indices of ``names`` (peft's default layer pattern, then
     the layer list's name as ``layers_pattern``); the same with the last two name parts (``["attn.c_proj"]``); the
-    full names; else a regex string matching exactly these names (peft full-matches a string against module names).
+    full names; the full names with an ``embed_tokens`` / ``lm_head`` by its short name; else a regex string matching
+    exactly these names (peft full-matches a string against module names). A list must name ``embed_tokens`` /
+    ``lm_head`` as such exactly when such a module is adapted: peft's ``save_embedding_layers="auto"`` checks the list's
+    elements, and ``adapter_state_dict`` writes that module's base weight as peft then does.
     """
     from .model import layer_index, match_target_modules
 
@@ -209,8 +212,15 @@ def _target_spec(model: nn.Module, names: list[str], modules_to_save: list[str] 
     two = sorted({".".join(n.split(".")[-2:]) for n in names})  # ["attn.c_proj"]: not GPT-2's mlp.c_proj
     # the full names last: not a regex, which peft (0.21) turns into the short names it matches on a transformers 5
     # mixture of experts (its v4 -> v5 config conversion), so "layer 0's q_proj" would load as every layer's
-    for targets in (short, two, sorted(names)):
-        for c in candidates[:1] if targets == sorted(names) else candidates:
+    # peft's save_embedding_layers="auto" reads a list's elements: "embed_tokens" / "lm_head" must be one of them
+    # exactly when such a module is adapted, as adapter_state_dict writes its base weight then
+    embedding = any(_EMBEDDING_NAME_RE.fullmatch(n) for n in names)
+    full = sorted(names)
+    mixed = sorted({_short_name(n) if _EMBEDDING_NAME_RE.fullmatch(n) else n for n in names})  # "lm_head" + full
+    for targets in (short, two, full, mixed):
+        if any(e in targets for e in ("embed_tokens", "lm_head")) != embedding:
+            continue
+        for c in candidates[:1] if targets in (full, mixed) else candidates:
             chosen = set(match_target_modules(model, targets, modules_to_save=modules_to_save, **c)) & visible
             if chosen == set(names):
                 return dict(target_modules=targets, **c)

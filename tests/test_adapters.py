@@ -1175,3 +1175,41 @@ def test_half_compute_dtype_keeps_the_lora_term_and_its_gradients_in_float32_as_
     for name, o, t, r in [("y", y_o, y_t, y_r)] + [(n, g_o[n], g_t[n], g_r[n]) for n in g_r]:
         e_o, e_t = (o.double() - r).abs().max(), (t.double() - r).abs().max()
         assert e_o <= 2 * e_t + 8 * eps * r.abs().max(), f"{name}: ours {e_o:.3g}, peft {e_t:.3g}"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_moe"])
+def test_targets_no_short_name_selects_are_saved_as_full_names_which_peft_loads_exactly(tmp_path, arch):
+    """Layer 0's q_proj and layer 1's up_proj: neither short names nor layers_to_transform select exactly these, so the
+    config lists their full names, not a regex: peft 0.21 turns a regex on a transformers 5 mixture of experts into the
+    short names it matches (every layer's; fuzz_vs_peft seed 41). An adapted ``lm_head`` on a float base is named
+    ``"lm_head"``, so that peft's save_embedding_layers writes its base weight, as ours does: peft loading the file and
+    saving it again writes the same tensors."""
+    transformers = pytest.importorskip("transformers")
+    kw = dict(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, tie_word_embeddings=False)
+    make = {"llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)),
+            "qwen3_moe": lambda: transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+                **kw, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48))}[arch]
+    up = "model.layers.1.mlp.up_proj" if arch == "llama" else "model.layers.1.self_attn.v_proj"
+    for names, float_head in ((["model.layers.0.self_attn.q_proj", up], False),
+                              (["lm_head", "model.layers.0.self_attn.q_proj", up], True)):
+        torch.manual_seed(0)
+        model = apply_qlora(make(), names, r=4, lora_alpha=8, compute_dtype=torch.float32,
+                            keep_float_modules=["lm_head"] if float_head else None)
+        randomize(model, "default", seed=3)
+        path = tmp_path / f"{arch}{len(names)}"
+        adapters.save_adapter(model, path)
+        cfg = json.loads((path / "adapter_config.json").read_text())
+        assert cfg["target_modules"] == sorted(names) and cfg["layers_to_transform"] is None
+        ours = load_file(str(path / "adapter_model.safetensors"))
+        assert ("base_model.model.lm_head.base_layer.weight" in ours) == float_head
+        torch.manual_seed(0)
+        theirs = peft.PeftModel.from_pretrained(make(), str(path))
+        wrapped = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                   if isinstance(m, peft.tuners.lora.LoraLayer)}
+        assert wrapped == set(names)
+        theirs.save_pretrained(str(tmp_path / "again"))
+        again = load_file(str(tmp_path / "again" / "adapter_model.safetensors"))
+        assert again.keys() == ours.keys()
+        for k, v in ours.items():
+            assert torch.equal(again[k], v), k
