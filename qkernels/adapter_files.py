@@ -797,9 +797,16 @@ def _plan(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor], ad
             what = ("does not exist" if m is None else f"is a {type(m).__name__}, which takes no LoRA here (nn.Linear, "
                     "transformers' Conv1D, nn.Embedding and bitsandbytes' Linear4bit do)")
             shown = qlora_names[:12] + (["..."] if len(qlora_names) > 12 else [])
+            from .checkpoint import _renamer
+
+            converted = m is None and _renamer(model)(f"{name}.weight")[1] is not None
+            why = "" if not converted else (
+                "; transformers 5 stores it merged into a 3-D parameter (a mixture of experts' per-expert Linear "
+                "layers of transformers 4), which peft adapts as target_parameters (LoRA on nn.Parameter) and "
+                "qkernels does not: run this adapter with peft, or train one on the other layers")
             raise ValueError(
-                f"adapter key {next(iter(ab.values()))[0]!r}: module {name!r} {what} in {type(model).__name__}; "
-                f"its {len(qlora_names)} QLoRA modules are {shown}"
+                f"adapter key {next(iter(ab.values()))[0]!r}: module {name!r} {what} in {type(model).__name__}"
+                f"{why}; its {len(qlora_names)} QLoRA modules are {shown}"
             )
         _check_kind(name, m, ab, bool(cfg.get("use_dora", False)))
         magnitude = _planned_magnitude(name, m, ab, bool(cfg.get("use_dora", False)))

@@ -556,3 +556,24 @@ def test_reentrant_checkpointing_enabled_before_apply_qlora_trains_whisper_as_pe
     assert grads[True].keys() == grads[False].keys() and all(g is not None for g in grads[True].values())
     for n, g in grads[False].items():
         assert torch.allclose(grads[True][n], g, rtol=1e-5, atol=1e-7), n  # recomputed in the same order: ~equal
+
+
+def test_a_transformers_4_moe_adapter_on_expert_linears_is_refused_naming_why(tmp_path):
+    """A peft adapter trained under transformers 4 on Mixtral's per-expert Linear layers (``w1``): transformers 5 holds
+    those experts as one 3-D parameter, which peft then adapts as ``target_parameters``; qkernels cannot, and says so
+    (not only that the module does not exist), loading nothing."""
+    cfg_cls, model_cls = _classes(MOES["mixtral"])
+    make = lambda: model_cls(cfg_cls(**MOES["mixtral"].kwargs))  # noqa: E731
+    model = apply_qlora(make(), ["q_proj"], r=R, lora_alpha=ALPHA, compute_dtype=torch.float32)
+    qkernels.save_adapter(model, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": ["q_proj", "w1"]}))
+    sd = load_file(str(tmp_path / "adapter_model.safetensors"))
+    w1 = "base_model.model.model.layers.0.block_sparse_moe.experts.0.w1"
+    sd[f"{w1}.lora_A.weight"], sd[f"{w1}.lora_B.weight"] = torch.zeros(R, 8), torch.zeros(8, R)
+    save_file(sd, str(tmp_path / "adapter_model.safetensors"))
+    target = apply_qlora(make(), ["q_proj"], r=R, lora_alpha=ALPHA, compute_dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"experts\.0\.w1' does not exist in MixtralForCausalLM; transformers 5 stores "
+                                         r"it merged into a 3-D parameter.*target_parameters"):
+        qkernels.load_adapter(target, tmp_path, adapter_name="v4")
+    assert "v4" not in qkernels.adapter_names(target)
