@@ -44,10 +44,12 @@ from .adapters import (
     _activate,
     _add_to_module,
     _dropout_p,
+    _existing_flags,
     _is_lora_layer,
     _qlora_class,
     _qlora_modules,
     _require_adapter,
+    _restore_flags,
     _selected,
     _token_wrappers,
     _wrappers,
@@ -1049,6 +1051,7 @@ def load_adapter(
     base_bias.check_single(model, adapter_name, cfg.get("bias", "none"), replacing=existing)
     sd = _read_weights(path)
     active = next((_selected(m) for m in qlora if _is_lora_layer(m)), None)  # peft's model-level active adapter
+    flags = _existing_flags(model)
     added, undo = _add_lora_layers(model, cfg, sd)
     try:
         whole = _plan(model, cfg, sd, adapter_name, replace)
@@ -1058,6 +1061,7 @@ def load_adapter(
     except BaseException:
         undo()
         raise
+    _restore_flags(flags)  # peft: every parameter present before keeps its flag (a module to save wrapped now too)
     if not set_active:  # as peft: a LoRA layer added now follows the model's active adapter, which it may lack
         for n in added:
             _activate(model.get_submodule(n), active)

@@ -152,6 +152,20 @@ def _selected(m: nn.Module) -> str | None:
     return absent if absent is not None and absent not in m.lora_A else None
 
 
+def _existing_flags(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
+    """Every parameter of ``model`` with its ``requires_grad``, by identity (a module wrapped later as a module to
+    save keeps its Parameters under new names): what peft 0.21's ``inject_adapter`` restores after adding an adapter
+    to a model that has LoRA layers already. ``[]`` for a model without (its first adapter sets the flags)."""
+    if not any(_is_lora_layer(m) for m in model.modules() if isinstance(m, _qlora_class())):
+        return []
+    return [(p, p.requires_grad) for p in model.parameters()]
+
+
+def _restore_flags(saved: list[tuple[nn.Parameter, bool]]) -> None:
+    for p, flag in saved:
+        p.requires_grad_(flag)
+
+
 def _is_lora_layer(m: nn.Module) -> bool:
     """Whether peft would hold ``m`` as a LoRA layer: it has an adapter, or ``delete_adapter`` emptied it (peft
     keeps the layer). A QLoRALinear that never held one (a 4-bit base layer outside the targets) is not."""
@@ -328,6 +342,7 @@ def add_adapter(
         if lora:
             raise ValueError(f"trainable_token_indices: module {lora[0]!r} has LoRA (a QLoRAEmbedding / QLoRALinear); "
                              "peft refuses trainable tokens on a LoRA layer")
+    flags = _existing_flags(model)
     added = []
     try:
         for n, m in mods:
@@ -345,6 +360,7 @@ def add_adapter(
         wrap_modules_to_save(model, modules_to_save, name, activate=False)
     if tokens:
         add_trainable_tokens(model, tokens, name, activate=False)
+    _restore_flags(flags)  # peft: a module to save wrapped now keeps its parameters' flags (a bias "all" trains)
     if adapter_names(model) == [name]:  # the model's only adapter: its mode picks the trainable biases (as peft's
         base_bias.mark_trainable(model)  # first injection); with others, their flags stay (peft 0.21's add_adapter)
     return [n for n, _ in mods]

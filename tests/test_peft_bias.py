@@ -315,6 +315,30 @@ def test_flags_follow_peft_through_add_set_disable_delete(x, first, second):
         assert base_bias_names(ours) == {n for n in peft_names(theirs) if n.endswith(".bias") and "lora_" not in n}, i
 
 
+@pytest.mark.parametrize("how", ["add_adapter", "load_adapter"])
+def test_a_module_to_save_wrapped_beside_a_bias_all_adapter_keeps_its_trained_bias(tmp_path, how):
+    """peft 0.21 restores every existing parameter's flag after adding an adapter, by identity: a module a later
+    adapter wraps as a module to save keeps its bias trainable under an active "all" adapter, now named
+    ``norm.original_module.bias`` (fuzz_vs_peft seed 44 case 102, Falcon's ``ln_f``). Ours froze it."""
+    ours = qk(TARGETS + ["v_proj"], bias="all")
+    theirs = peft.get_peft_model(bnb(ours), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS + ["v_proj"],
+                                                            bias="all"))
+    assert "norm.bias" in ours_names(ours) and ours_names(ours) == peft_names(theirs)
+    if how == "add_adapter":
+        adapters.add_adapter(ours, "b", r=4, lora_alpha=8, target_modules=["v_proj"], modules_to_save=["norm"])
+        theirs.add_adapter("b", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj"], modules_to_save=["norm"]))
+    else:
+        src = qk(["v_proj"], modules_to_save=["norm"])
+        adapters.save_adapter(src, tmp_path)
+        adapters.load_adapter(ours, tmp_path, adapter_name="b", set_active=False)
+        theirs.load_adapter(str(tmp_path), adapter_name="b", is_trainable=True)
+    # (peft's load_adapter(is_trainable=True) also leaves the inactive adapter's own weights trainable; those aside)
+    mine, peft_s = ({n for n in names if how == "add_adapter" or ".b." not in n}
+                    for names in (ours_names(ours), peft_names(theirs)))
+    assert "norm.original_module.bias" in peft_s
+    assert mine == peft_s, sorted(mine ^ peft_s)
+
+
 # ---------------------------------------------------------------------------------------------- merge, checkpoints
 @pytest.mark.parametrize("mode", ["all", "lora_only"])
 def test_merge_keeps_the_trained_biases(x, mode):
