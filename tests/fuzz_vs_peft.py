@@ -5,6 +5,7 @@ Not collected by pytest (the file name does not start with ``test_``). Run from 
     python tests/fuzz_vs_peft.py --cases 300 --seed 0           # child processes, a batch each; summary at the end
     python tests/fuzz_vs_peft.py --cases 50 --arch llama,gpt2    # only these architectures
     python tests/fuzz_vs_peft.py --seed 0 --case 17 -v           # replay one case in this process, with tracebacks
+    python tests/fuzz_local.py --seed 0 --case 17 --label "logits[default]"   # triage: each LoRA layer's own error
 
 Each case (``random.Random(f"{seed}:{index}")``, so ``--case`` replays it) draws:
 
