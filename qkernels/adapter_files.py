@@ -471,8 +471,9 @@ def _uncompiled(model: nn.Module, state_dict: dict[str, torch.Tensor] | None
 def _embedding_base_weights(model: nn.Module, adapter_name: str,
                             state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """What peft's ``save_embedding_layers="auto"`` adds: when a module named ``embed_tokens`` / ``lm_head`` carries
-    the adapter, the base weight (and bias) of the model's input / output embedding if it carries LoRA on a float
-    base, as ``<module>.base_layer.weight``. (A 4-bit layer's base is the checkpoint's, never written.)"""
+    the adapter, the base weight (and bias) of the model's input / output embedding if it is a LoRA layer on a float
+    base (any adapter's: peft checks for a base layer, not for this adapter), as ``<module>.base_layer.weight``. (A
+    4-bit layer's base is the checkpoint's, never written.)"""
     layers = _require_adapter(model, adapter_name)
     if not any(_EMBEDDING_NAME_RE.fullmatch(n) for n, _ in layers):
         return {}
@@ -481,8 +482,8 @@ def _embedding_base_weights(model: nn.Module, adapter_name: str,
         get = getattr(model, getter, None)
         embeddings.append(get() if callable(get) else None)
     out = {}
-    for name, m in layers:
-        if not m.quantized and any(m is e for e in embeddings):
+    for name, m in _qlora_modules(model):
+        if _is_lora_layer(m) and not m.quantized and any(m is e for e in embeddings):
             if "weight" in m._unloaded:
                 m._raise_unloaded()
             out[f"{PEFT_PREFIX}{name}.base_layer.weight"] = _saved(state_dict, f"{name}.weight", m.weight)
@@ -657,6 +658,8 @@ class _Plan:
     token_rows: dict[str, torch.Tensor] | None = None
     # the base biases from the file: (module, "bias", tensor) (qkernels.base_bias.plan_load)
     biases: list[tuple[nn.Module, str, torch.Tensor]] | None = None
+    # float base weights of LoRA layers this adapter does not adapt: (module, {"weight": tensor}) (_plan)
+    bases: list[tuple[nn.Module, dict[str, torch.Tensor]]] | None = None
 
 
 def _config_targets(model: nn.Module, cfg: dict[str, Any]) -> set[str] | None:
@@ -784,10 +787,18 @@ def _plan(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor], ad
         raise ValueError("the adapter file holds no LoRA weights")
     _check_saved(model, cfg, saved, adapter_name, replace)
     targets = _config_targets(model, cfg)
-    plan = []
+    plan, bases = [], []
     r0, a0 = cfg["r"], cfg.get("lora_alpha", 8)
     for name, ab in pairs.items():
         m = modules.get(name)
+        if all(k.startswith("base.") for k in ab) and (targets is None or name not in targets):
+            # peft's save_embedding_layers writes the base weight of the model's input and output embeddings when
+            # they are LoRA layers, also into the file of an adapter that does not adapt them (another adapter of the
+            # saving model did). peft's load puts it into that module's base layer if the module is a LoRA layer
+            # then, and drops the key otherwise (strict=False); so do we
+            if isinstance(m, cls) and _is_lora_layer(m):
+                bases.append((m, _planned_base(name, m, ab)))
+            continue
         if m is not None and targets is not None and name not in targets:
             fields = {k: cfg.get(k) for k in ("target_modules", "exclude_modules", "layers_to_transform",
                                               "layers_pattern", "modules_to_save") if cfg.get(k) is not None}
@@ -834,7 +845,7 @@ def _plan(model: nn.Module, cfg: dict[str, Any], sd: dict[str, torch.Tensor], ad
             f"that the file holds no weights for (e.g. {uncovered[:4]}); they get no adapter {adapter_name!r}, which "
             "computes what peft does with them (it warns of missing adapter keys and leaves their B at zero). Was the "
             "adapter saved for another model (fewer layers?), or is the file incomplete?", UserWarning, stacklevel=3)
-    return _Plan(plan, saved, tokens, token_rows, base_bias.plan_load(model, bias_keys))
+    return _Plan(plan, saved, tokens, token_rows, base_bias.plan_load(model, bias_keys), bases)
 
 
 def _planned_tokens(model: nn.Module, cfg: dict[str, Any], pairs: dict[str, dict[str, tuple[str, torch.Tensor]]],
@@ -1156,12 +1167,14 @@ def _apply_plan(model: nn.Module, cfg: dict[str, Any], whole: _Plan, adapter_nam
                                  ("lora_B.bias", p.lora_B_bias)):
                     if t is not None:
                         p.module.set_lora_weight(adapter_name, which, t)
-                for which, t in (p.base or {}).items():  # peft loads these into its base layer: so do we
-                    param = getattr(p.module, which)
-                    bases.append((p.module, which, param, param.detach().clone()))
+        for module, base in [(p.module, p.base) for p in whole.lora] + list(whole.bases or ()):
+            with torch.no_grad():
+                for which, t in (base or {}).items():  # peft loads these into its base layer: so do we
+                    param = getattr(module, which)
+                    bases.append((module, which, param, param.detach().clone()))
                     if param.is_meta:
-                        setattr(p.module, which, nn.Parameter(t.to(param.dtype, copy=True), requires_grad=False))
-                        p.module._unloaded = p.module._unloaded - {which}
+                        setattr(module, which, nn.Parameter(t.to(param.dtype, copy=True), requires_grad=False))
+                        module._unloaded = module._unloaded - {which}
                     else:
                         param.copy_(t)
         with torch.no_grad():
