@@ -1051,8 +1051,11 @@ class QLoRALinear(nn.Module):
         if name is not None and xc is not x and _loses_precision(x.dtype, cdt) and not torch.is_autocast_enabled():
             return self._lora_beside_base(x, xc, packed, state, name, A, b_mod, scaling)
         bias = self.bias if b_mod is None or b_mod.bias is None else self._effective_bias(name, scaling)
-        y = matmul_4bit_lora(xc, packed, state, A, B, scaling, bias, p, training=self.training)
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+        # (no adapter here: with one, a narrowing cast took _lora_beside_base above)
+        late = bias is not None and xc is not x and _loses_precision(x.dtype, cdt) and not torch.is_autocast_enabled()
+        y = matmul_4bit_lora(xc, packed, state, A, B, scaling, None if late else bias, p, training=self.training)
+        y = y if y.dtype == x.dtype else y.to(x.dtype)
+        return y + bias.to(y.dtype) if late else y
 
     def _lora_beside_base(self, x: torch.Tensor, xc: torch.Tensor, packed: torch.Tensor, state: QuantState,
                           name: str, A: torch.Tensor, b_mod: nn.Module, scaling: float) -> torch.Tensor:
@@ -1061,9 +1064,17 @@ class QLoRALinear(nn.Module):
         cast input, cast back to the input's dtype, plus ``s * lora_B(lora_A(dropout(x)))`` on the input itself in
         the adapters' dtype. Fused on the cast input instead, the LoRA term and the gradients of A and B carried the
         compute dtype's rounding of x and of the output gradient, which peft's do not: A and B gradients 4x (fp16)
-        to 60x peft's error on a BART (tests/fuzz_vs_peft.py, flow c)."""
-        y = matmul_4bit_lora(xc, packed, state, None, None, 0.0, self.bias, 0.0, training=self.training)
+        to 60x peft's error on a BART (tests/fuzz_vs_peft.py, flow c).
+
+        The base bias is added after the cast back, in the input's dtype: bitsandbytes adds it in the compute dtype
+        (its ``Linear4bit`` casts the bias Parameter itself to it), a rounding of the same bias value in every row;
+        a float32 bias that training moved (peft's ``bias="all"``) then put a systematic error into every token, which
+        a sum over tokens (the gradient of a LayerNorm's bias) accumulates: 5x peft's error on a Starcoder2
+        (fuzz_vs_peft seed 52 case 67), where peft's own bias is its bf16 Parameter."""
+        y = matmul_4bit_lora(xc, packed, state, None, None, 0.0, None, 0.0, training=self.training)
         y = y if y.dtype == x.dtype else y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
         xl = x if x.dtype == A.dtype else x.to(A.dtype)
         lora = b_mod(nn.functional.linear(self.lora_dropout[name](xl), A)) * scaling
         return y + (lora if lora.dtype == y.dtype else lora.to(y.dtype))

@@ -126,16 +126,41 @@ def test_compute_dtype_casts_the_input_and_returns_its_dtype():
     y = layer(x)
     assert y.dtype == torch.float32
     # the formula (peft's bitsandbytes layer): the base product on x cast to bf16, cast back to x's dtype, plus the
-    # LoRA term on x itself in the adapters' float32 (fused on the cast x, the LoRA gradients carried bf16 rounding)
+    # LoRA term on x itself in the adapters' float32 (fused on the cast x, the LoRA gradients carried bf16 rounding);
+    # the float32 bias added in float32 (bitsandbytes rounds it to bf16: test below)
     base = qkernels.matmul_4bit_lora(x.bfloat16(), layer.weight.data, layer.weight.quant_state, None, None, 0.0,
-                                     layer.bias, training=False)
+                                     None, training=False)
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     lora = torch.nn.functional.linear(torch.nn.functional.linear(x, A), B) * layer.scaling["default"]
-    assert torch.equal(y, base.float() + lora)
+    assert torch.equal(y, base.float() + layer.bias + lora)
     xb = x.bfloat16()  # an input in the compute dtype: one fused matmul, as before
     fused = qkernels.matmul_4bit_lora(xb, layer.weight.data, layer.weight.quant_state, A, B, layer.scaling["default"],
                                       layer.bias, training=False)
     assert torch.equal(layer(xb), fused)
+
+
+@pytest.mark.parametrize("cdt", [torch.bfloat16, torch.float16])
+def test_a_wider_bias_is_added_in_the_input_dtype_not_rounded_to_the_compute_dtype(cdt):
+    """A float32 layer with a bf16 / fp16 compute dtype: its float32 bias is added after the product is cast back, so a
+    bias value the compute dtype cannot hold comes out exact (a zero weight: the output is the bias), with an adapter,
+    without one, in training; bitsandbytes rounds it (its Linear4bit casts the bias to the compute dtype), a per-column
+    error shared by every row that a sum over rows accumulates (fuzz_vs_peft seed 52 case 67: a LayerNorm bias's
+    gradient 5x peft's error)."""
+    lin = torch.nn.Linear(64, 32)
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.bias.copy_(torch.linspace(0.1, 3.0, 32) + 3e-5)
+    assert not torch.equal(lin.bias.to(cdt).float(), lin.bias)
+    layer = QLoRALinear.from_linear(lin, r=2, compute_dtype=cdt)  # B = 0: the LoRA term is zero
+    x = torch.randn(5, 64)
+    for train in (False, True):
+        layer.train(train)
+        assert torch.equal(layer(x), lin.bias.expand(5, 32))
+        with qkernels.disable_adapters(layer):
+            assert torch.equal(layer(x), lin.bias.expand(5, 32))
+    layer.bias.requires_grad_(True)  # (peft's bias="all"): its gradient is the float32 column sum
+    layer(x).sum().backward()
+    assert torch.equal(layer.bias.grad, torch.full((32,), 5.0))
 
 
 # ---------------------------------------------------------------------------------------------- adapters
