@@ -13,6 +13,7 @@ of experts' per-expert weights merged into one 3-D parameter), go through a copy
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
@@ -52,19 +53,20 @@ def _keys(f: Path) -> list[str]:
         return list(sf.keys())  # noqa: SIM118 - safe_open is not a dict
 
 
-def _converters(model: nn.Module) -> dict[str, Any]:
-    """``source pattern -> transformers' WeightConverter`` for ``model`` (``{}`` for a model that is not a
-    transformers one, or a transformers without conversion mappings)."""
+def _transforms(model: nn.Module) -> tuple[list[Any], list[Any]] | None:
+    """transformers' conversion mapping for ``model``: ``(renamings, WeightConverters)``; None for a model that is not
+    a transformers one, or without transformers / its conversion mappings (4.x: keys are the model's own)."""
     try:
         from transformers import PreTrainedModel
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter
     except ImportError:
-        return {}
+        return None
     if not isinstance(model, PreTrainedModel):
-        return {}
-    return {p: t for t in get_model_conversion_mapping(model) if isinstance(t, WeightConverter)
-            for p in t.source_patterns}
+        return None
+    transforms = get_model_conversion_mapping(model)
+    return ([t for t in transforms if not isinstance(t, WeightConverter)],
+            [t for t in transforms if isinstance(t, WeightConverter)])
 
 
 def _natural(key: str) -> tuple:
@@ -79,7 +81,8 @@ class _Conversions:
     the targets a shard leaves incomplete wait in memory."""
 
     def __init__(self, model: nn.Module, groups: dict[str, list[tuple[str, str]]]) -> None:
-        self.model, self.by_pattern = model, _converters(model)
+        converters = (_transforms(model) or ([], []))[1]
+        self.model, self.by_pattern = model, {p: t for t in converters for p in t.source_patterns}
         self.need = {target: {k for k, _ in srcs} for target, srcs in groups.items()}
         self.pattern = {k: p for srcs in groups.values() for k, p in srcs}
         self.target = {k: target for target, srcs in groups.items() for k, _ in srcs}
@@ -94,8 +97,6 @@ class _Conversions:
         if set(have) != self.need[target]:
             return {}
         del self.got[target]
-        import copy
-
         conv = copy.deepcopy(self.by_pattern[self.pattern[key]])
         for k in sorted(have, key=_natural):
             conv.add_tensor(target, k, self.pattern[k], have[k])
@@ -107,17 +108,12 @@ def _renamer(model: nn.Module) -> Callable[[str], tuple[str, str | None]]:
     """``key -> (model key, the pattern of a transformers converter that would change the tensor, or None)``: the
     renamings transformers' ``from_pretrained`` applies to this model's checkpoint keys (its conversion mapping, and
     adding / removing ``base_model_prefix``). The identity for a model that is not a transformers one."""
-    try:
-        from transformers import PreTrainedModel
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, rename_source_key
-    except ImportError:  # no transformers, or one without conversion mappings (4.x): keys are the model's own
+    transforms = _transforms(model)
+    if transforms is None:
         return lambda k: (k, None)
-    if not isinstance(model, PreTrainedModel):
-        return lambda k: (k, None)
-    transforms = get_model_conversion_mapping(model)
-    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    from transformers.core_model_loading import rename_source_key
+
+    renamings, converters = transforms
     own = dict.fromkeys(model.state_dict(), True)
     prefix = getattr(model, "base_model_prefix", None) or None
     return lambda k: rename_source_key(k, renamings, converters, prefix, own)
@@ -261,7 +257,7 @@ def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike, *, strict: 
     unexpected: list[str] = []
     loaded: set[str] = set()
     tied = _tied_groups(model)
-    before = model.state_dict(keep_vars=True)  # the Parameters now: one replaced by a tie below is not missing
+    before = own  # the Parameters now: one replaced by a tie below is not missing
     show = verbose if verbose is not None else len(files) > 1
     t0 = time.perf_counter()
     for i, f in enumerate(files, 1):
