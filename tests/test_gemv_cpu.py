@@ -30,8 +30,9 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 # (N, K): one output row; odd K (rows starting in a low nibble); K % 32 != 0; blocks straddling rows with K % 32 == 0
 # (the SIMD path across block boundaries inside a row); K odd and not a multiple of anything; a real row length;
-# N % 4 == 2 and 3 (the M > 8 bf16 path's last group of rows) with K one 32-column chunk past its 1024-column span.
-SHAPES = [(1, 64), (3, 63), (7, 130), (65, 96), (113, 257), (256, 4096), (66, 1056), (67, 1056)]
+# N % 4 == 2 and 3 (the in-register tiles' last group of rows) and N % 6 == 0 and 1 (the bf16 multi-tile path's)
+# with K one 32-column chunk past its 2048-column span.
+SHAPES = [(1, 64), (3, 63), (7, 130), (65, 96), (113, 257), (256, 4096), (66, 2080), (67, 2080)]
 MS = [1, 2, 3, 16, 17]
 # The quantization variants and epilogue variants rotate across the (shape, dtype, M) grid so that every shape meets
 # every blocksize, both scale formats, both codebooks, every rank and bias / no bias, without the full product.
@@ -159,10 +160,11 @@ def test_bf16_constant_table_path(monkeypatch, M, N, K, bs, nested, qt, r, bias)
 
 
 # bf16 with K % 128 == 0 and blocksize >= 64 past the constant-table tile's 4 rows: the word-order decode (two
-# 64-blocks per 128-weight step, one table for both), x packed to match; M 5-8 in registers (one M tile; N 9 leaves a
-# single-row remainder), past 8 rows into a buffer per row pair (several M tiles). K 1152 ends in a partial 128-column
-# span past the 1024-column one; blocksize 4096 > K spans rows; N odd leaves a single last row; M 17 and 25 a partial
-# last M tile; blocksize 32 (and K % 128 != 0 in SHAPES) keep the per-32 decode.
+# 64-blocks per 128-weight step, one table for both), x packed to match; M 5-6 in registers (one M tile; N 9 leaves a
+# single-row remainder), from 7 rows into a buffer per group of 6 rows read by M tiles of 4 (run_bf16_multi): N mod 6
+# from 0 to 5 (N 3 and 4: one short group), M mod 4 from 0 to 3 (M 7, 9 / 17 / 25, 10 / 14, 8 / 16). K 1152 is one
+# partial 2048-column span, 2048 exactly one, 2176 and 4224 a partial 128-column span past full ones; blocksize 4096 >
+# K spans rows; blocksize 32 (and K % 128 != 0: K 2080, and the SHAPES) keep the per-32 decode.
 WORDS_CASES = [
     (5, 7, 1152, 64, True, "nf4", 8, True), (8, 6, 256, 4096, False, "fp4", 0, False),
     (6, 9, 384, 128, True, "nf4", 1, True), (7, 3, 128, 64, False, "nf4", 16, True),
@@ -170,6 +172,8 @@ WORDS_CASES = [
     (17, 7, 1152, 4096, True, "nf4", 1, True), (16, 67, 256, 128, False, "nf4", 16, False),
     (25, 33, 384, 256, True, "fp4", 8, True), (32, 4, 2048, 64, True, "nf4", 0, True),
     (16, 5, 1152, 32, True, "nf4", 8, True), (48, 9, 384, 64, True, "nf4", 8, True),
+    (10, 8, 2176, 64, True, "nf4", 8, True), (14, 11, 4224, 128, False, "fp4", 1, False),
+    (12, 14, 2080, 32, True, "nf4", 8, True), (96, 10, 2176, 64, True, "nf4", 16, True),
 ]
 
 
@@ -345,8 +349,8 @@ def test_bad_isa_env_raises(monkeypatch):
         _native.gemv_4bit_lora_native(x, packed, st, t, B, b)
 
 
-# Rows past 16, up to the CPU GEMV's measured limit (qkernels._linear.gemv_max_m: 48 for bf16 with vdpbf16ps, 64 for
-# float32 / float16 on AVX-512): several M tiles of 8 with a partial last one, on every path and dtype.
+# Rows past 16, up to the CPU GEMV's measured limit (qkernels._linear.gemv_max_m: 96 / 64 for bf16 with vdpbf16ps, 64
+# for float32 / float16 on AVX-512): several M tiles with a partial last one, on every path and dtype.
 WIDE_M_CASES = [(33, 67, 1056, 64, True, "nf4", 8, True), (61, 65, 96, 32, False, "fp4", 0, False),
                 (64, 7, 256, 256, True, "nf4", 1, True)]
 

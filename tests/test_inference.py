@@ -70,7 +70,7 @@ def assert_close_to_merged(ours: torch.Tensor, merged: torch.Tensor, ref64: torc
 # ---------------------------------------------------------------------------------------------- generate
 @pytest.mark.parametrize("n", [1, 16, 17, 33, 64, 65, 100], ids=lambda n: f"prompt{n}")
 def test_greedy_generate_equals_the_merged_model_across_the_gemv_switch(n):
-    """The prompt's forward runs the GEMV up to gemv_max_m rows (16/48/64 by dtype and CPU) and dequantize + matmul
+    """The prompt's forward runs the GEMV up to gemv_max_m rows (16 to 96 by dtype, K and CPU) and dequantize + matmul
     above; each decode step runs the GEMV. Step by step, the logits are the merged dense model's up to rounding."""
     model = qlora_llama()
     merged = merge_and_unload(copy.deepcopy(model))

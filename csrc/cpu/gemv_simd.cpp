@@ -454,11 +454,22 @@ struct TileF32Const {
   }
 };
 
-// ---- bfloat16, M > 8 (several M tiles).  Decoding in registers per M tile would decode each W chunk once per tile
-// (at M 16: 6 decode ops per 16 vdpbf16ps, which share the vector pipes).  Instead a pair of rows is decoded once,
-// kKc columns at a time, into a 4 KB bf16 buffer that stays in L1, and every M tile reads it from there; the tiles'
-// accumulators live in a small per-thread array between column spans.
-constexpr int64_t kKc = 1024;
+// ---- bfloat16, several M tiles (M >= 7 with the word-order decode, M > 8 without).  Decoding in registers per M
+// tile would decode each W chunk once per tile (at M 16: 6 decode ops per 16 vdpbf16ps, which share the vector
+// pipes).  Instead kMultiNr rows are decoded once, kKc columns at a time, into a bf16 buffer in L1 (6 x 4 KB), and
+// every M tile of at most kMultiMt rows reads it from there; the tiles' accumulators live in a small per-thread
+// array between column spans.  A span's inner step loads NR W vectors (L1) and MT x vectors (x is M x K: L2) for
+// NR x MT vdpbf16ps, so more rows per span means fewer x loads per product: 6 x 4 (24 accumulators, 6 W, 1 x: 31 of
+// the 32 zmm) against the first design's 2 x 8, measured alternating in one process (4096 x 4096, NF4 bs 64, two
+// threads, medians, ms): M 16 1.26 -> 0.89, M 32 2.52 -> 1.62, M 48 3.84 -> 2.36, M 7 (word-order tile) 0.67 ->
+// 0.51, M 8 0.62 -> 0.55; 4 x 4 and 4 x 6 within 5 % of 6 x 4, 5 x 5 and 6 x 3 slower, 6 x 2 18 % slower.  kKc 2048
+// against 1024: 3-6 % faster at M 16 and 32 (4096 x 4096) and at M 16 with K 11008; 4096 (48 KB of W) 10 % slower.
+// Blocksize 32 (no word-order decode: per-block tables, slower) at M 7: the in-register tile 0.69 ms, this one
+// 1.22; at M 16 1.94 vs 1.65 (the 2 x 8 version: 1.94).
+constexpr int64_t kKc = 2048;
+constexpr int kMultiNr = 6;
+constexpr int kMultiMt = 4;
+constexpr int kWordsTileMaxM = 6;  // the word-order in-register tile (TileBf16Words) up to here: M 5 0.36 vs 0.43 ms
 
 // Bytes ahead of the decode, in a row's packed stream, that it prefetches.  M 16, 4096 x 4096, one thread: the
 // decode's load of the packed bytes was the kernel's hottest instruction (perf: ~20 % of its samples, a miss: the
@@ -499,15 +510,15 @@ QK_AVX512BF16 void decode_row_bf16_words(const Problem& p, int64_t n, int64_t k0
 
 template <int NR, int MT, int G>
 struct SpanBf16 {
-  // acc[NR][MT] (in memory) += W[n0 .. n0+NR, k0 .. k0+kc] . x[m0 .. m0+MT, same k]; W rows at wbuf + r * kKc, in
+  // acc[NR][MT] (in memory) += W[n0 .. n0+NR, k0 .. k0+kc] . x[m0 .. m0+MT, same k]; W rows at wbuf + r * ws, in
   // the order of x's packing, whose groups are G columns (pack_x: a group's MT rows back to back).
-  QK_AVX512BF16 static void run(const uint16_t* wbuf, const uint16_t* xk, int64_t kc, float* acc_mem) {
+  QK_AVX512BF16 static void run(const uint16_t* wbuf, int64_t ws, const uint16_t* xk, int64_t kc, float* acc_mem) {
     __m512 acc[NR][MT];
     for (int r = 0; r < NR; ++r)
       for (int i = 0; i < MT; ++i) acc[r][i] = _mm512_load_ps(acc_mem + 16 * (r * MT + i));
     for (int64_t c = 0; c < kc; c += 32) {
       __m512i w[NR];
-      for (int r = 0; r < NR; ++r) w[r] = _mm512_load_si512(wbuf + r * kKc + c);
+      for (int r = 0; r < NR; ++r) w[r] = _mm512_load_si512(wbuf + r * ws + c);
       const uint16_t* xc = xk + (c / G) * G * MT + c % G;
       for (int i = 0; i < MT; ++i) {
         const __m512i xv = _mm512_loadu_si512(xc + G * i);
@@ -525,55 +536,62 @@ struct SpanBf16 {
   }
 };
 
-using SpanFn = void (*)(const uint16_t*, const uint16_t*, int64_t, float*);
+using SpanFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, float*);
 using SpanFinishFn = void (*)(const Problem&, const float*, int64_t, int64_t);
 struct SpanTable {
-  SpanFn span[3][kMaxMt + 1] = {};  // [NR][MT], NR in {1, 2}
-  SpanFinishFn finish[3][kMaxMt + 1] = {};
+  SpanFn span[kMultiNr + 1][kMultiMt + 1] = {};  // [NR][MT]
+  SpanFinishFn finish[kMultiNr + 1][kMultiMt + 1] = {};
 };
 
-template <int G, int... MT>
-SpanTable make_span_table(std::integer_sequence<int, MT...>) {
+template <int G, int NR, int... MT>
+void fill_span_row(SpanTable& t, std::integer_sequence<int, MT...>) {
+  ((t.span[NR][MT] = &SpanBf16<NR, MT, G>::run, t.finish[NR][MT] = &SpanBf16<NR, MT, G>::finish), ...);
+}
+
+template <int G, int... NR>
+SpanTable make_span_table(std::integer_sequence<int, NR...>) {
   SpanTable t;
-  ((t.span[1][MT] = &SpanBf16<1, MT, G>::run, t.span[2][MT] = &SpanBf16<2, MT, G>::run,
-    t.finish[1][MT] = &SpanBf16<1, MT, G>::finish, t.finish[2][MT] = &SpanBf16<2, MT, G>::finish),
-   ...);
+  static_assert(kMultiMt == 4, "fill_span_row's list is 1..kMultiMt");
+  (fill_span_row<G, NR>(t, std::integer_sequence<int, 1, 2, 3, 4>{}), ...);
   return t;
 }
 
-// words: W decoded by decode_row_bf16_words and x packed with OrderWords128 (else decode_row_bf16, OrderAsIs32).
-void run_bf16_multi(const Problem& p, const uint16_t* xp, int mt_max, bool words) {
-  static const SpanTable t32 = make_span_table<32>(std::integer_sequence<int, 1, 2, 3, 4, 5, 6, 7, 8>{});
-  static const SpanTable t128 = make_span_table<128>(std::integer_sequence<int, 1, 2, 3, 4, 5, 6, 7, 8>{});
+// x packed (pack_x / pack_x_words_bf16) in M tiles of kMultiMt rows.  words: W decoded by decode_row_bf16_words and
+// x packed with OrderWords128 (else decode_row_bf16, OrderAsIs32).
+void run_bf16_multi(const Problem& p, const uint16_t* xp, bool words) {
+  using Nrs = std::integer_sequence<int, 1, 2, 3, 4, 5, 6>;
+  static_assert(kMultiNr == 6, "Nrs lists 1..kMultiNr");
+  static const SpanTable t32 = make_span_table<32>(Nrs{});
+  static const SpanTable t128 = make_span_table<128>(Nrs{});
   const SpanTable& t = words ? t128 : t32;
   const auto decode = words ? &decode_row_bf16_words : &decode_row_bf16;
-  const int64_t npairs = (p.N + 1) / 2;
-  const bool par = p.N * p.K >= kParallelMinWeights && npairs > 1;
+  const int64_t ngroups = (p.N + kMultiNr - 1) / kMultiNr;
+  const bool par = p.N * p.K >= kParallelMinWeights && ngroups > 1;
   (void)par;
 #ifdef _OPENMP
 #pragma omp parallel if (par)
 #endif
   {
-    std::vector<uint16_t, AlignedAlloc<uint16_t>> wbuf(2 * kKc);
-    std::vector<float, AlignedAlloc<float>> acc(static_cast<size_t>(2 * p.M * 16));  // [M tile][NR][MT][16]
+    std::vector<uint16_t, AlignedAlloc<uint16_t>> wbuf(static_cast<size_t>(kMultiNr * kKc));
+    std::vector<float, AlignedAlloc<float>> acc(static_cast<size_t>(kMultiNr * p.M * 16));  // [M tile][NR][MT][16]
 #ifdef _OPENMP
-#pragma omp for schedule(dynamic, 16)
+#pragma omp for schedule(dynamic, 4)
 #endif
-    for (int64_t g = 0; g < npairs; ++g) {
-      const int64_t n0 = 2 * g;
-      const int nr = static_cast<int>(std::min<int64_t>(2, p.N - n0));
+    for (int64_t g = 0; g < ngroups; ++g) {
+      const int64_t n0 = kMultiNr * g;
+      const int nr = static_cast<int>(std::min<int64_t>(kMultiNr, p.N - n0));
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t k0 = 0; k0 < p.K; k0 += kKc) {
         const int64_t kc = std::min(kKc, p.K - k0);
         for (int r = 0; r < nr; ++r) decode(p, n0 + r, k0, k0 + kc, wbuf.data() + r * kKc);
-        for (int64_t m0 = 0; m0 < p.M; m0 += mt_max) {
-          const int mt = static_cast<int>(std::min<int64_t>(mt_max, p.M - m0));
-          t.span[nr][mt](wbuf.data(), xp + m0 * p.K + k0 * mt, kc, acc.data() + 2 * m0 * 16);
+        for (int64_t m0 = 0; m0 < p.M; m0 += kMultiMt) {
+          const int mt = static_cast<int>(std::min<int64_t>(kMultiMt, p.M - m0));
+          t.span[nr][mt](wbuf.data(), kKc, xp + m0 * p.K + k0 * mt, kc, acc.data() + kMultiNr * m0 * 16);
         }
       }
-      for (int64_t m0 = 0; m0 < p.M; m0 += mt_max) {
-        const int mt = static_cast<int>(std::min<int64_t>(mt_max, p.M - m0));
-        t.finish[nr][mt](p, acc.data() + 2 * m0 * 16, n0, m0);
+      for (int64_t m0 = 0; m0 < p.M; m0 += kMultiMt) {
+        const int mt = static_cast<int>(std::min<int64_t>(kMultiMt, p.M - m0));
+        t.finish[nr][mt](p, acc.data() + kMultiNr * m0 * 16, n0, m0);
       }
     }
   }
@@ -664,10 +682,10 @@ bool gemv_simd(const Problem& p, const void* x) {
       // Up to M 4 the decode dominates and the constant-table tile wins (one core-pair, 4096 x 4096: M 1 0.46 ->
       // 0.31 ms, M 2 0.53 -> 0.37, M 4 0.67 -> 0.53; against the word-order tile, one thread: M 1 0.50 vs 0.65 ms,
       // M 4 0.97 vs 1.15); from M 6 its extra fma per 128 weights and row of x costs what the cheaper decode saves
-      // (M 6 equal, M 8 1.2 vs 1.3 ms against the per-block tables).  M 5-8: the word-order tile (one thread,
-      // alternating: M 5 1.50 -> 1.36 ms, M 6 1.88 -> 1.76, M 8 2.04 -> 1.88 against the per-block tables); past
-      // 8 rows the row-pair decode into L1 (run_bf16_multi: M 12 2.80 vs 3.08 ms for word-order tiles, M 16 equal).
-      // Without the word order's conditions (K % 128 != 0, blocksize 32): the per-block tables.
+      // (M 6 equal, M 8 1.2 vs 1.3 ms against the per-block tables).  M 5-6: the word-order tile (one thread,
+      // alternating: M 5 1.50 -> 1.36 ms, M 6 1.88 -> 1.76 against the per-block tables); from 7 rows the decode
+      // into L1 shared by the M tiles (run_bf16_multi; measurements there).  Without the word order's conditions
+      // (K % 128 != 0, blocksize 32): the per-block tables to M 8, then run_bf16_multi with the per-block decode.
       const bool words = p.K % 128 == 0 && p.bs_shift >= 6;  // the word-order decodes apply
       if (words && p.M <= kConstMaxM) {
         static const TileTable tc = make_table<TileBf16Const, 4, 2, 1>(Mts4{});
@@ -678,12 +696,12 @@ bool gemv_simd(const Problem& p, const void* x) {
       }
       static const TileTable t = make_table<TileBf16Avx512, 4, 2, 2>(Mts8{});
       std::vector<uint16_t> xp(static_cast<size_t>(p.M * p.K));
-      if (p.M > t.mt_max) {
+      if (p.M > (words ? kWordsTileMaxM : t.mt_max)) {
         if (words)
-          pack_x_words_bf16(x, p.M, p.K, t.mt_max, xp.data());
+          pack_x_words_bf16(x, p.M, p.K, kMultiMt, xp.data());
         else
-          pack_x<RawU16, OrderAsIs32>(x, p.M, p.K, t.mt_max, xp.data());
-        run_bf16_multi(p, xp.data(), t.mt_max, words);
+          pack_x<RawU16, OrderAsIs32>(x, p.M, p.K, kMultiMt, xp.data());
+        run_bf16_multi(p, xp.data(), words);
         return true;
       }
       if (words) {
@@ -725,16 +743,21 @@ bool gemv_simd(const Problem&, const void*) { return false; }
 
 // Rows up to which this kernel beats "dequantize into a buffer + torch matmul" (qkernels._linear asks per call).
 // Measured on the 2-core Zen 4 machine (4096 x 4096, and 11008 x 4096 for bf16; same process, OMP active):
-//   bf16 with vdpbf16ps: M 24 2.9-3.3 vs 3.9 ms, M 32 3.7 vs 4.5 ms (11008 x 4096: 10.4-13.8 vs 14.2 ms), M 48 6.2-6.6
-//   vs 5.9 ms: GEMV to 32; with the word-order decode and its prefetch (eighth session, medians, alternating): M 40
-//   5.1 vs 5.7 ms, M 48 6.1 vs 6.3, M 64 7.9 vs 7.4 (11008 x 4096: M 40 13.1 vs 16.0, M 48 15.2 vs 16.5): GEMV to 48.  float32 / float16 x (and bf16 without vdpbf16ps, which takes the float32 tiles): M 32
+//   bf16 with vdpbf16ps, the 6 x 4 spans of run_bf16_multi (thirteenth session; through matmul_4bit_lora, LoRA r 16
+//   and bias, medians of alternating runs, GEMV vs dequantize + matmul, ms): 4096 x 4096 M 48 2.37 vs 3.46, M 64
+//   2.96 vs 3.83, M 96 4.20 vs 4.85, M 128 5.48 vs 5.90; 11008 x 4096 and 4096 x 11008 M 96 12.2-12.6 vs 13.5-13.9,
+//   M 128 16.4-16.6 vs 16.6-16.9; blocksize 32 (the slower per-block decode) M 96 5.59 vs 5.48; K 4064 (K % 128 != 0:
+//   the same) M 48 2.71 vs 3.18, M 96 5.00 vs 4.86.  GEMV to 96 with K % 128 == 0 (the word-order decode at
+//   blocksize >= 64; at 32 even), else to 64.  (Past 128 rows x's span no longer fits L2: M 256 14.3 vs 9.8 ms.)
+//   float32 / float16 x (and bf16 without vdpbf16ps, which takes the float32 tiles): M 32
 //   7.4 vs 20.4 ms, M 64 15.2 vs 26.6 ms, M 128 29-40 vs 39.8 ms: GEMV to 64.  The AVX2 tiles and the portable path
 //   (K % 32 != 0, scalar ISA) were not measured past 16: they keep 16.
 int gemv_max_m(DType dtype, int64_t K) {
   constexpr int kDefault = 16;
 #ifdef QK_X86
   if (K % 32 != 0 || active_isa() != Isa::avx512) return kDefault;
-  return dtype == DType::bfloat16 && bf16_dot_enabled() ? 48 : 64;
+  if (dtype == DType::bfloat16 && bf16_dot_enabled()) return K % 128 == 0 ? 96 : 64;
+  return 64;
 #else
   (void)dtype;
   (void)K;
