@@ -2,6 +2,7 @@
 // Thin: validate (ValueError naming the argument) and forward; qkernels/_native.py owns the torch-side checks.
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -33,18 +34,26 @@ const float* rows_of_A(std::uint64_t a_ptr, int a_dtype, bool a_transposed, int6
   const bool bf16 = a_dtype == static_cast<int>(DType::bfloat16);
   if (!bf16 && !a_transposed) return reinterpret_cast<const float*>(a_ptr);
   float* o = aligned64(buf, r * K);
-  if (bf16) {
+  if (bf16 && !a_transposed) {
     const auto* a = reinterpret_cast<const uint16_t*>(a_ptr);
-    if (!a_transposed) {
-      for (int64_t i = 0; i < r * K; ++i) o[i] = qkernels::bf16_bits_to_float(a[i]);
+    for (int64_t i = 0; i < r * K; ++i) o[i] = qkernels::bf16_bits_to_float(a[i]);
+    return o;
+  }
+  // Transposed: in strips of kStrip columns, each output row's strip one cache line written whole.  Column by column
+  // (o[j * K + k] for every j, then the next k) the r rows' lines, K * 4 bytes apart, fall in one L1 set when K is a
+  // multiple of 1024 and evict each other: 45 us per call at r 16, K 1024 (bf16), ~4 us in strips.
+  constexpr int64_t kStrip = 16;
+  for (int64_t k0 = 0; k0 < K; k0 += kStrip) {
+    const int64_t k1 = std::min(K, k0 + kStrip);
+    if (bf16) {
+      const auto* a = reinterpret_cast<const uint16_t*>(a_ptr);
+      for (int64_t j = 0; j < r; ++j)
+        for (int64_t k = k0; k < k1; ++k) o[j * K + k] = qkernels::bf16_bits_to_float(a[k * r + j]);
     } else {
-      for (int64_t k = 0; k < K; ++k)
-        for (int64_t j = 0; j < r; ++j) o[j * K + k] = qkernels::bf16_bits_to_float(a[k * r + j]);
+      const float* a = reinterpret_cast<const float*>(a_ptr);
+      for (int64_t j = 0; j < r; ++j)
+        for (int64_t k = k0; k < k1; ++k) o[j * K + k] = a[k * r + j];
     }
-  } else {
-    const float* a = reinterpret_cast<const float*>(a_ptr);
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t j = 0; j < r; ++j) o[j * K + k] = a[k * r + j];
   }
   return o;
 }
