@@ -13,7 +13,7 @@ A gradient comparison of a training step (flow ``c``, a label ``grad step S <par
 backwards: the reference's step is rerun with hooks that capture, at every LoRA layer, its input and the gradient
 arriving at its output; then every layer of ours, of peft and of the reference runs forward and backward on those
 two (the same dropout seed for the three: the flows draw their masks identically), and each LoRA parameter's gradient
-error is printed for ours and for peft, the compared parameter's layer first.
+error is printed for ours and for peft, the compared parameter's layer first (``all gradients step S``: every layer).
 
     python tests/fuzz_local.py --seed 55 --case 42 --label "grad step 1 model.decoder.layers.0.self_attn.v_proj"
 """
@@ -61,9 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     done: set = set()
 
     def local(label, *a, **kw):
-        if label.startswith(args.label) and label.startswith("grad step ") and training and label not in done:
+        grad = label.startswith("grad step ") or label.startswith("all gradients step ")
+        if label.startswith(args.label) and grad and training and label not in done:
             done.add(label)
-            step, name = label.split()[2], label.split()[3]
+            words = label.split()
+            step, name = (words[2], words[3]) if words[0] == "grad" else (words[3], "")
             report_grads(training["models"], training["inputs"], training["seed"] + int(step), name)
         elif label.startswith(args.label) and len(seen) >= 3:
             report(seen[-3:], inputs["x"])
@@ -143,26 +145,40 @@ def report_grads(models: list, batch: dict, seed: int, param: str) -> None:
     for n, p in ref.named_parameters():
         p.grad = grads_before[n]
     layers = [_lora_layers(m) for m in models]
+    dtypes: list[dict] = [{}, {}]  # each layer's input dtype in ours' and peft's own forward
+
+    def seen_dtype(d: dict, short: str):
+        def hook(mm, inp, out):  # returns None: the output stays
+            d.setdefault(short, inp[0].dtype)
+        return hook
+
+    hooks = [mod.register_forward_hook(seen_dtype(d, short))
+             for ls, d in zip(layers[:2], dtypes, strict=True) for short, mod in ls.items()]
+    with torch.no_grad():
+        for m in models[:2]:
+            torch.manual_seed(seed)
+            m(**batch)
+    for h in hooks:
+        h.remove()
     order = sorted(captured, key=lambda s: (not param.startswith(s + "."), s))
-    print(f"each LoRA layer's gradients on the reference's input and output gradient ({param} first):")
+    print(f"each LoRA layer's gradients on the reference's input and output gradient ({param or 'all'}):")
     for short in order:
         d = captured[short]
         if "x" not in d or "g" not in d or not d["x"].is_floating_point() or any(short not in ls for ls in layers):
             continue
         got = []
-        for ls in layers:
+        for j, ls in enumerate(layers):
             mod = ls[short]
-            dt = next((p.dtype for n, p in mod.named_parameters() if "lora_" not in n and p.is_floating_point()),
-                      d["x"].dtype)
-            dt = getattr(mod, "compute_dtype", None) or dt
+            dt = dtypes[j].get(short, d["x"].dtype) if j < 2 else d["x"].dtype
             saved = {n: p.grad for n, p in mod.named_parameters()}
             for p in mod.parameters():
                 p.grad = None
             torch.manual_seed(seed)
-            y = mod(d["x"].to(dt if dt.is_floating_point else d["x"].dtype))
+            y = mod(d["x"].to(dt))
             if y.requires_grad:  # else no active adapter trains here
                 y.backward(d["g"].to(y.dtype))
             got.append({n: p.grad.detach().double().clone() for n, p in mod.named_parameters() if p.grad is not None})
+            got[-1]["(output)"] = y.detach().double()
             for n, p in mod.named_parameters():
                 p.grad = saved[n]
         for n in sorted(got[2]):
