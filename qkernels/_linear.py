@@ -8,8 +8,8 @@ and the number of rows ``M`` (DESIGN §2):
 
 - ``reference``: dequantize W (pure torch) to x's dtype, then torch matmuls. The definition of correct.
 - ``cpu`` / ``cuda``, ``M <= gemv_max_m(x)`` (decode: 16 rows; on an AVX-512 CPU with K % 32 == 0, for bf16 x
-  with AVX512-BF16 96 rows when K % 128 == 0 and 64 otherwise (16 with AMX), and 64 for float32 / float16 x, where
-  the CPU kernel was measured faster than the next path): the native fused
+  with AVX512-BF16 96 rows when K % 128 == 0 and 64 otherwise (16 with AMX), and 2048 for float32 / float16 x (16
+  for float16 with AMX-FP16), where the CPU kernel was measured faster than the next path): the native fused
   GEMV reads the packed weight once, decodes
   both scale levels per block and adds the LoRA term and bias per output element (csrc/cpu/gemv.cpp,
   csrc/cuda/gemv.cu). Used when this build has it.
@@ -167,11 +167,12 @@ def gemv_max_m(x: torch.Tensor) -> int:
     """Rows up to which the fused GEMV runs for ``x [M, K]`` (where this build has it): GEMV_MAX_M, or on the CPU
     what the kernel reports for x's dtype and K on the active ISA path (``_C.gemv_cpu_max_m``)."""
     if x.device.type == "cpu":
-        if x.dtype == torch.bfloat16 and _cpu_probe("_is_amx_tile_supported"):
-            # The kernel's limit was measured against an AVX512-BF16 matmul; torch's AMX bfloat16 matmul runs several
-            # times faster, so past GEMV_MAX_M rows the dequantize + matmul is expected to win there (not measured:
-            # no AMX machine). Up to GEMV_MAX_M the GEMV's single pass over the packed weight costs about what the
-            # dequantize alone does, so it keeps those rows.
+        if (x.dtype == torch.bfloat16 and _cpu_probe("_is_amx_tile_supported")) or (
+                x.dtype == torch.float16 and _cpu_fp16_gemm()):
+            # The kernel's limits were measured against AVX512-BF16 / float32 matmuls; torch's AMX bfloat16 /
+            # float16 matmuls run several times faster, so past GEMV_MAX_M rows the dequantize + matmul is expected
+            # to win there (not measured: no AMX machine). Up to GEMV_MAX_M the GEMV's single pass over the packed
+            # weight costs about what the dequantize alone does, so it keeps those rows.
             return GEMV_MAX_M
         probe = getattr(_native._C, "gemv_cpu_max_m", None)
         if probe is not None:

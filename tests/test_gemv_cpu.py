@@ -349,10 +349,12 @@ def test_bad_isa_env_raises(monkeypatch):
         _native.gemv_4bit_lora_native(x, packed, st, t, B, b)
 
 
-# Rows past 16, up to the CPU GEMV's measured limit (qkernels._linear.gemv_max_m: 96 / 64 for bf16 with vdpbf16ps, 64
-# for float32 / float16 on AVX-512): several M tiles with a partial last one, on every path and dtype.
+# Rows past 16 (qkernels._linear.gemv_max_m: 96 / 64 for bf16 with vdpbf16ps, 2048 for float32 / float16 on
+# AVX-512): several M tiles with a partial last one, on every path and dtype; 130 rows are three of the float32
+# path's 64-row passes (the last of 2 rows: x, T and y offset per pass), N 67 = 11 groups of 6 and one row, K 1056
+# one 32-column chunk past a 1024-column span.
 WIDE_M_CASES = [(33, 67, 1056, 64, True, "nf4", 8, True), (61, 65, 96, 32, False, "fp4", 0, False),
-                (64, 7, 256, 256, True, "nf4", 1, True)]
+                (64, 7, 256, 256, True, "nf4", 1, True), (130, 67, 1056, 64, False, "fp4", 8, True)]
 
 
 def _wide_m_params() -> list[pytest.param]:

@@ -290,7 +290,8 @@ def test_cpu_gemv_limit_dispatch(dtype):
 
 def test_workspace_is_reused():
     _linear.clear_workspace()
-    packed, state, x, A, B, b, _ = _problem(70, 48, 64, 4, torch.float32)  # past every GEMV limit (64)
+    M = _linear.gemv_max_m(torch.empty(1, 64)) + 1  # past the GEMV's limit: the dequantize + matmul path
+    packed, state, x, A, B, b, _ = _problem(M, 48, 64, 4, torch.float32)
     qkernels.matmul_4bit_lora(x, packed, state, A, B, 2.0, b, backend="cpu")
     held = _linear.workspace_bytes()
     assert held == 48 * 64 * 4

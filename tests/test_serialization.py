@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import qkernels
-from qkernels import QuantState
+from qkernels import QuantState, _linear
 
 from ._oracle import F, bnb, same_bits
 
@@ -201,22 +201,26 @@ def _logits(model, ids):
 
 @pytest.mark.parametrize("quant_type, double_quant, storage",
                          [("nf4", True, torch.uint8), ("fp4", False, torch.bfloat16)], ids=["nf4-dq-uint8", "fp4-bf16"])
-def test_transformers_4bit_checkpoint_loads_into_qkernels_and_back(tmp_path, quant_type, double_quant, storage):
+def test_transformers_4bit_checkpoint_loads_into_qkernels_and_back(tmp_path, monkeypatch, quant_type, double_quant,
+                                                                    storage):
     """A tiny Llama loaded by transformers with BitsAndBytesConfig and saved with save_pretrained loads with
     load_state_dict into the dense architecture after apply_qlora, whatever format apply_qlora was given (the
     checkpoint's wins); and our state dict with the bitsandbytes quantization_config loads with from_pretrained.
-    40 tokens per forward: every layer takes qkernels' dequantize + BLAS path, bit for bit bitsandbytes' exact path,
-    so the logits are equal."""
+    2 x 40 tokens per forward, past the GEMV's row limit (held at 16 here: on an AVX-512 CPU float32 takes the GEMV
+    to 2048 rows, which sums in another order): every layer takes qkernels' dequantize + BLAS path, bit for bit
+    bitsandbytes' exact path, so the logits are equal."""
     from safetensors.torch import load_file, save_file
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    monkeypatch.setattr(_linear, "gemv_max_m", lambda x: _linear.GEMV_MAX_M)
 
     dense_dir, cfg = _tiny_llama_dir(tmp_path)
     bnb_cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_quant_storage=storage,
                                  bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.float32)
     theirs = LlamaForCausalLM.from_pretrained(dense_dir, quantization_config=bnb_cfg, dtype=torch.float32)
     theirs.save_pretrained(tmp_path / "bnb")
-    # 2 x 40 = 80 tokens: more rows than the CPU GEMV takes (<= 64), so every layer runs qkernels' dequantize + BLAS
-    # path, bit for bit bitsandbytes' (the GEMV sums in another order)
+    # 2 x 40 = 80 tokens: more rows than the CPU GEMV takes (16, held above), so every layer runs qkernels'
+    # dequantize + BLAS path, bit for bit bitsandbytes' (the GEMV sums in another order)
     ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(1))
     want = _logits(theirs, ids)
 

@@ -536,35 +536,94 @@ struct SpanBf16 {
   }
 };
 
-using SpanFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, float*);
+template <int NR, int MT>
+using SpanBf16G32 = SpanBf16<NR, MT, 32>;
+template <int NR, int MT>
+using SpanBf16G128 = SpanBf16<NR, MT, 128>;
+
+// ---- float32 x (and float16 x, and bfloat16 x without vdpbf16ps), the same scheme: kMultiNr rows decoded to
+// float32 (code * scale, the even / odd order of OrderEvenOdd32 per 32 weights) kKcF32 columns at a time, read by M
+// tiles of kMultiMt rows with float32 FMAs, M in passes of kF32PassRows rows.  In registers (TileF32Avx512, 2 x 8)
+// each M tile decoded every W chunk again.  Measured alternating in one process (4096 x 4096, two threads, medians,
+// ms, in-register tiles vs this): float32 x M 5 1.04 -> 0.85, M 8 1.14 -> 1.05, M 16 2.34 -> 1.65, M 32 4.39 ->
+// 2.73, M 64 12.9 -> 5.75 (11008 x 4096 M 48 18.7 -> 11.9; blocksize 32 M 48 10.0 -> 4.8); float16 x M 16 2.36 ->
+// 1.79, M 32 6.44 -> 3.19; bfloat16 x without vdpbf16ps M 16 3.18 -> 1.74; M 3-4 the in-register tile stays
+// (0.50 vs 0.67 ms at M 3).  Passes (M 512): 48-64 rows 41.6-42.3 ms, 96 44.0, 128 46.6, one pass 56.0.
+constexpr int64_t kKcF32 = 1024;     // 6 rows x 4 KB
+constexpr int kF32TileMaxM = 4;      // TileF32Avx512 (one M tile) up to here
+constexpr int64_t kF32PassRows = 64;
+
+QK_AVX512 void decode_row_f32(const Problem& p, int64_t n, int64_t k0, int64_t k1, float* dst) {
+  const __m512 code = _mm512_loadu_ps(p.code);
+  const uint8_t* row = p.packed + ((n * p.K) >> 1);
+  for (int64_t k = k0; k < k1;) {
+    float sc[1];
+    const int64_t seg_end = std::min(k1, next_segment<1>(p, n, k, sc));
+    const __m512 lut = _mm512_mul_ps(code, _mm512_set1_ps(sc[0]));
+    for (; k < seg_end; k += 32) {
+      if ((k & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(row + (k >> 1) + kDecodePrefetch), _MM_HINT_T0);
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + (k >> 1))));
+      _mm512_store_ps(dst + (k - k0), _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut));  // elements k, k+2, ...
+      _mm512_store_ps(dst + (k - k0) + 16, _mm512_permutexvar_ps(v, lut));                   // k+1, k+3, ...
+    }
+  }
+}
+
+template <int NR, int MT>
+struct SpanF32 {
+  // SpanBf16 for float32: 16 columns per step, x packed with OrderEvenOdd32 (groups of 32 columns).
+  QK_AVX512 static void run(const float* wbuf, int64_t ws, const float* xk, int64_t kc, float* acc_mem) {
+    __m512 acc[NR][MT];
+    for (int r = 0; r < NR; ++r)
+      for (int i = 0; i < MT; ++i) acc[r][i] = _mm512_load_ps(acc_mem + 16 * (r * MT + i));
+    for (int64_t c = 0; c < kc; c += 16) {
+      __m512 w[NR];
+      for (int r = 0; r < NR; ++r) w[r] = _mm512_load_ps(wbuf + r * ws + c);
+      const float* xc = xk + (c / 32) * 32 * MT + c % 32;
+      for (int i = 0; i < MT; ++i) {
+        const __m512 xv = _mm512_loadu_ps(xc + 32 * i);
+        for (int r = 0; r < NR; ++r) acc[r][i] = _mm512_fmadd_ps(w[r], xv, acc[r][i]);
+      }
+    }
+    for (int r = 0; r < NR; ++r)
+      for (int i = 0; i < MT; ++i) _mm512_store_ps(acc_mem + 16 * (r * MT + i), acc[r][i]);
+  }
+  QK_AVX512 static void finish(const Problem& p, const float* acc_mem, int64_t n0, int64_t m0) {
+    __m512 acc[NR][MT];
+    for (int r = 0; r < NR; ++r)
+      for (int i = 0; i < MT; ++i) acc[r][i] = _mm512_load_ps(acc_mem + 16 * (r * MT + i));
+    finish_avx512<NR, MT>(p, acc, n0, m0);
+  }
+};
+
 using SpanFinishFn = void (*)(const Problem&, const float*, int64_t, int64_t);
+template <typename T>  // T: the element type of the decoded W and the packed x (uint16_t bf16 bits, or float)
 struct SpanTable {
-  SpanFn span[kMultiNr + 1][kMultiMt + 1] = {};  // [NR][MT]
+  using Fn = void (*)(const T*, int64_t, const T*, int64_t, float*);
+  Fn span[kMultiNr + 1][kMultiMt + 1] = {};  // [NR][MT]
   SpanFinishFn finish[kMultiNr + 1][kMultiMt + 1] = {};
 };
 
-template <int G, int NR, int... MT>
-void fill_span_row(SpanTable& t, std::integer_sequence<int, MT...>) {
-  ((t.span[NR][MT] = &SpanBf16<NR, MT, G>::run, t.finish[NR][MT] = &SpanBf16<NR, MT, G>::finish), ...);
+template <template <int, int> class Span, typename T, int NR, int... MT>
+void fill_span_row(SpanTable<T>& t, std::integer_sequence<int, MT...>) {
+  ((t.span[NR][MT] = &Span<NR, MT>::run, t.finish[NR][MT] = &Span<NR, MT>::finish), ...);
 }
 
-template <int G, int... NR>
-SpanTable make_span_table(std::integer_sequence<int, NR...>) {
-  SpanTable t;
+template <template <int, int> class Span, typename T, int... NR>
+SpanTable<T> make_span_table(std::integer_sequence<int, NR...>) {
+  SpanTable<T> t;
   static_assert(kMultiMt == 4, "fill_span_row's list is 1..kMultiMt");
-  (fill_span_row<G, NR>(t, std::integer_sequence<int, 1, 2, 3, 4>{}), ...);
+  (fill_span_row<Span, T, NR>(t, std::integer_sequence<int, 1, 2, 3, 4>{}), ...);
   return t;
 }
+using Nrs = std::integer_sequence<int, 1, 2, 3, 4, 5, 6>;
+static_assert(kMultiNr == 6, "Nrs lists 1..kMultiNr");
 
-// x packed (pack_x / pack_x_words_bf16) in M tiles of kMultiMt rows.  words: W decoded by decode_row_bf16_words and
-// x packed with OrderWords128 (else decode_row_bf16, OrderAsIs32).
-void run_bf16_multi(const Problem& p, const uint16_t* xp, bool words) {
-  using Nrs = std::integer_sequence<int, 1, 2, 3, 4, 5, 6>;
-  static_assert(kMultiNr == 6, "Nrs lists 1..kMultiNr");
-  static const SpanTable t32 = make_span_table<32>(Nrs{});
-  static const SpanTable t128 = make_span_table<128>(Nrs{});
-  const SpanTable& t = words ? t128 : t32;
-  const auto decode = words ? &decode_row_bf16_words : &decode_row_bf16;
+// The several-M-tile driver: OpenMP over groups of kMultiNr rows; per group and span of kc columns, decode(p, n, k0,
+// k1, dst) writes each row's span to a per-thread buffer (row stride kc), then every M tile's span kernel reads it.
+// xp: x packed (pack_x / pack_x_words_bf16 / pack_x_f32) in M tiles of kMultiMt rows.
+template <typename T, typename Decode>
+void run_multi(const Problem& p, const T* xp, const SpanTable<T>& t, Decode decode, int64_t kc_max) {
   const int64_t ngroups = (p.N + kMultiNr - 1) / kMultiNr;
   const bool par = p.N * p.K >= kParallelMinWeights && ngroups > 1;
   (void)par;
@@ -572,7 +631,7 @@ void run_bf16_multi(const Problem& p, const uint16_t* xp, bool words) {
 #pragma omp parallel if (par)
 #endif
   {
-    std::vector<uint16_t, AlignedAlloc<uint16_t>> wbuf(static_cast<size_t>(kMultiNr * kKc));
+    std::vector<T, AlignedAlloc<T>> wbuf(static_cast<size_t>(kMultiNr * kc_max));
     std::vector<float, AlignedAlloc<float>> acc(static_cast<size_t>(kMultiNr * p.M * 16));  // [M tile][NR][MT][16]
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 4)
@@ -581,12 +640,12 @@ void run_bf16_multi(const Problem& p, const uint16_t* xp, bool words) {
       const int64_t n0 = kMultiNr * g;
       const int nr = static_cast<int>(std::min<int64_t>(kMultiNr, p.N - n0));
       std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t k0 = 0; k0 < p.K; k0 += kKc) {
-        const int64_t kc = std::min(kKc, p.K - k0);
-        for (int r = 0; r < nr; ++r) decode(p, n0 + r, k0, k0 + kc, wbuf.data() + r * kKc);
+      for (int64_t k0 = 0; k0 < p.K; k0 += kc_max) {
+        const int64_t kc = std::min(kc_max, p.K - k0);
+        for (int r = 0; r < nr; ++r) decode(p, n0 + r, k0, k0 + kc, wbuf.data() + r * kc_max);
         for (int64_t m0 = 0; m0 < p.M; m0 += kMultiMt) {
           const int mt = static_cast<int>(std::min<int64_t>(kMultiMt, p.M - m0));
-          t.span[nr][mt](wbuf.data(), kKc, xp + m0 * p.K + k0 * mt, kc, acc.data() + kMultiNr * m0 * 16);
+          t.span[nr][mt](wbuf.data(), kc_max, xp + m0 * p.K + k0 * mt, kc, acc.data() + kMultiNr * m0 * 16);
         }
       }
       for (int64_t m0 = 0; m0 < p.M; m0 += kMultiMt) {
@@ -595,6 +654,22 @@ void run_bf16_multi(const Problem& p, const uint16_t* xp, bool words) {
       }
     }
   }
+}
+
+// words: W decoded by decode_row_bf16_words and x packed with OrderWords128 (else decode_row_bf16, OrderAsIs32).
+void run_bf16_multi(const Problem& p, const uint16_t* xp, bool words) {
+  static const SpanTable<uint16_t> t32 = make_span_table<SpanBf16G32, uint16_t>(Nrs{});
+  static const SpanTable<uint16_t> t128 = make_span_table<SpanBf16G128, uint16_t>(Nrs{});
+  if (words)
+    run_multi(p, xp, t128, &decode_row_bf16_words, kKc);
+  else
+    run_multi(p, xp, t32, &decode_row_bf16, kKc);
+}
+
+// x packed with pack_x_f32<OrderEvenOdd32>.
+void run_f32_multi(const Problem& p, const float* xp) {
+  static const SpanTable<float> t = make_span_table<SpanF32, float>(Nrs{});
+  run_multi(p, xp, t, &decode_row_f32, kKcF32);
 }
 
 // ---- AVX2 + FMA, float32 x (packed, even / odd split), 16 elements (8 bytes) per step; the 16-entry table is two
@@ -722,6 +797,21 @@ bool gemv_simd(const Problem& p, const void* x) {
       run_tiles(p, xp.data(), tc);
       return true;
     }
+    if (p.M > kF32TileMaxM) {
+      // In passes of at most kF32PassRows rows (x's span for them, 256 KB, stays in L2); each pass decodes W again.
+      const int64_t pass = kF32PassRows;
+      const int64_t xb = p.dtype == DType::float32 ? 4 : 2;
+      for (int64_t m0 = 0; m0 < p.M; m0 += pass) {
+        Problem q = p;
+        q.M = std::min(pass, p.M - m0);
+        if (q.lora_t != nullptr) q.lora_t += m0 * p.r;
+        q.out = static_cast<char*>(p.out) + m0 * p.N * xb;
+        const void* xq = static_cast<const char*>(x) + m0 * p.K * xb;
+        const std::vector<float> xp = pack_x_f32<OrderEvenOdd32>(xq, q.dtype, q.M, q.K, kMultiMt);
+        run_f32_multi(q, xp.data());
+      }
+      return true;
+    }
     static const TileTable t = make_table<TileF32Avx512, 4, 2, 2>(Mts8{});
     const std::vector<float> xp = pack_x_f32<OrderEvenOdd32>(x, p.dtype, p.M, p.K, t.mt_max);
     run_tiles(p, xp.data(), t);
@@ -749,15 +839,19 @@ bool gemv_simd(const Problem&, const void*) { return false; }
 //   M 128 16.4-16.6 vs 16.6-16.9; blocksize 32 (the slower per-block decode) M 96 5.59 vs 5.48; K 4064 (K % 128 != 0:
 //   the same) M 48 2.71 vs 3.18, M 96 5.00 vs 4.86.  GEMV to 96 with K % 128 == 0 (the word-order decode at
 //   blocksize >= 64; at 32 even), else to 64.  (Past 128 rows x's span no longer fits L2: M 256 14.3 vs 9.8 ms.)
-//   float32 / float16 x (and bf16 without vdpbf16ps, which takes the float32 tiles): M 32
-//   7.4 vs 20.4 ms, M 64 15.2 vs 26.6 ms, M 128 29-40 vs 39.8 ms: GEMV to 64.  The AVX2 tiles and the portable path
-//   (K % 32 != 0, scalar ISA) were not measured past 16: they keep 16.
+//   float32 / float16 x (and bf16 without vdpbf16ps) with run_f32_multi (thirteenth session; through
+//   matmul_4bit_lora as above): 4096 x 4096 float32 M 64 5.87 vs 17.1 ms, M 128 11.5 vs 28.6, M 256 24.7 vs 47.6
+//   (before the passes), M 512 45.5 vs 77.5, M 1024 89.5 vs 150, M 2048 189 vs 305; 11008 x 4096 M 192 45.0 vs
+//   90.5; float16 M 128 12.2 vs 29.1, 4096 x 11008 M 1024 269 vs 418 (torch's float32 GEMM here runs at ~200
+//   GFLOP/s, this kernel at ~300).  No crossover up to 2048 rows, the largest measured: GEMV to 2048.  (Before, with
+//   the in-register tiles: M 32 7.4 vs 20.4 ms, M 64 15.2 vs 26.6 ms, M 128 29-40 vs 39.8 ms: GEMV to 64.)  The
+//   AVX2 tiles and the portable path (K % 32 != 0, scalar ISA) were not measured past 16: they keep 16.
 int gemv_max_m(DType dtype, int64_t K) {
   constexpr int kDefault = 16;
 #ifdef QK_X86
   if (K % 32 != 0 || active_isa() != Isa::avx512) return kDefault;
   if (dtype == DType::bfloat16 && bf16_dot_enabled()) return K % 128 == 0 ? 96 : 64;
-  return 64;
+  return 2048;
 #else
   (void)dtype;
   (void)K;
