@@ -9,10 +9,9 @@ and the number of rows ``M`` (DESIGN §2):
 - ``reference``: dequantize W (pure torch) to x's dtype, then torch matmuls. The definition of correct.
 - ``cpu`` / ``cuda``, ``M <= gemv_max_m(x)`` (decode: 16 rows; on an AVX-512 CPU with K % 32 == 0, for bf16 x
   with AVX512-BF16 96 rows when K % 128 == 0 and 64 otherwise (16 with AMX), and 2048 for float32 / float16 x (16
-  for float16 with AMX-FP16), where the CPU kernel was measured faster than the next path): the native fused
-  GEMV reads the packed weight once, decodes
-  both scale levels per block and adds the LoRA term and bias per output element (csrc/cpu/gemv.cpp,
-  csrc/cuda/gemv.cu). Used when this build has it.
+  for float16 with AMX-FP16); on an AVX2 CPU 128; where the CPU kernel was measured faster than the next path):
+  the native fused GEMV reads the packed weight once, decodes both scale levels per block and adds the LoRA term
+  and bias per output element (csrc/cpu/gemv.cpp, csrc/cuda/gemv.cu). Used when this build has it.
 - ``cpu`` / ``cuda``, larger M (training): one native dequantize into a reused per-thread buffer (no allocation,
   no page faults: a fresh 32 MiB tensor costs ~8 ms of faults on the CPU machine), then the BLAS matmul, with
   the bias folded into ``addmm`` and the LoRA product accumulated into the same output (``addmm_``). On a CPU

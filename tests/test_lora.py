@@ -270,8 +270,9 @@ def test_autocast_cpu_bf16():
 
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 def test_cpu_gemv_limit_dispatch(dtype):
-    """The CPU takes the fused GEMV up to the row count its kernel reports (more than 16 on AVX-512 when K % 32 == 0)
-    and dequantize + matmul past it; both sides of the limit are checked against float64 (forward and gradients)."""
+    """The CPU takes the fused GEMV up to the row count its kernel reports (more than 16 on AVX2 / AVX-512 when
+    K % 32 == 0) and dequantize + matmul past it; both sides of the limit are checked against float64 (forward and
+    gradients)."""
     if "gemv_4bit_lora" not in qkernels._backend.native_ops(torch.device("cpu")):
         pytest.skip("this build has no native CPU GEMV (see qkernels.native_info())")
     K = 128

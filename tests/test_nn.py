@@ -290,7 +290,7 @@ CONFIG_IDS = ["nf4-dq-bias", "nf4-nobias", "fp4-dq"]
 def _assert_matches_bitsandbytes(ours, theirs, in_features):
     """Outputs of a QLoRALinear and a bitsandbytes Linear4bit holding the same 4-bit weight (LoRA B == 0 or off).
 
-    More rows than the CPU GEMV takes (16, or up to 2048 on AVX-512: qkernels._linear.gemv_max_m) take qkernels'
+    More rows than the CPU GEMV takes (16 to 2048 by CPU and dtype: qkernels._linear.gemv_max_m) take qkernels'
     dequantize + BLAS path: the same dequantized bits and the same torch matmul as bitsandbytes' exact path, so bit
     for bit. Fewer rows take the fused GEMV: the same products summed in another order, so equal within the float32
     rounding of a K-term sum (K * eps * sum_k |x_k w_k|, per output).

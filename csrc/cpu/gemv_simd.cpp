@@ -619,38 +619,39 @@ SpanTable<T> make_span_table(std::integer_sequence<int, NR...>) {
 using Nrs = std::integer_sequence<int, 1, 2, 3, 4, 5, 6>;
 static_assert(kMultiNr == 6, "Nrs lists 1..kMultiNr");
 
-// The several-M-tile driver: OpenMP over groups of kMultiNr rows; per group and span of kc columns, decode(p, n, k0,
+// The several-M-tile driver: OpenMP over groups of nr_max rows (at most kMultiNr); per group and span of kc columns, decode(p, n, k0,
 // k1, dst) writes each row's span to a per-thread buffer (row stride kc), then every M tile's span kernel reads it.
 // xp: x packed (pack_x / pack_x_words_bf16 / pack_x_f32) in M tiles of kMultiMt rows.
 template <typename T, typename Decode>
-void run_multi(const Problem& p, const T* xp, const SpanTable<T>& t, Decode decode, int64_t kc_max) {
-  const int64_t ngroups = (p.N + kMultiNr - 1) / kMultiNr;
+void run_multi(const Problem& p, const T* xp, const SpanTable<T>& t, Decode decode, int64_t kc_max,
+               int nr_max = kMultiNr) {
+  const int64_t ngroups = (p.N + nr_max - 1) / nr_max;
   const bool par = p.N * p.K >= kParallelMinWeights && ngroups > 1;
   (void)par;
 #ifdef _OPENMP
 #pragma omp parallel if (par)
 #endif
   {
-    std::vector<T, AlignedAlloc<T>> wbuf(static_cast<size_t>(kMultiNr * kc_max));
-    std::vector<float, AlignedAlloc<float>> acc(static_cast<size_t>(kMultiNr * p.M * 16));  // [M tile][NR][MT][16]
+    std::vector<T, AlignedAlloc<T>> wbuf(static_cast<size_t>(nr_max * kc_max));
+    std::vector<float, AlignedAlloc<float>> acc(static_cast<size_t>(nr_max * p.M * 16));  // [M tile][NR][MT][16]
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 4)
 #endif
     for (int64_t g = 0; g < ngroups; ++g) {
-      const int64_t n0 = kMultiNr * g;
-      const int nr = static_cast<int>(std::min<int64_t>(kMultiNr, p.N - n0));
+      const int64_t n0 = nr_max * g;
+      const int nr = static_cast<int>(std::min<int64_t>(nr_max, p.N - n0));
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t k0 = 0; k0 < p.K; k0 += kc_max) {
         const int64_t kc = std::min(kc_max, p.K - k0);
         for (int r = 0; r < nr; ++r) decode(p, n0 + r, k0, k0 + kc, wbuf.data() + r * kc_max);
         for (int64_t m0 = 0; m0 < p.M; m0 += kMultiMt) {
           const int mt = static_cast<int>(std::min<int64_t>(kMultiMt, p.M - m0));
-          t.span[nr][mt](wbuf.data(), kc_max, xp + m0 * p.K + k0 * mt, kc, acc.data() + kMultiNr * m0 * 16);
+          t.span[nr][mt](wbuf.data(), kc_max, xp + m0 * p.K + k0 * mt, kc, acc.data() + nr_max * m0 * 16);
         }
       }
       for (int64_t m0 = 0; m0 < p.M; m0 += kMultiMt) {
         const int mt = static_cast<int>(std::min<int64_t>(kMultiMt, p.M - m0));
-        t.finish[nr][mt](p, acc.data() + kMultiNr * m0 * 16, n0, m0);
+        t.finish[nr][mt](p, acc.data() + nr_max * m0 * 16, n0, m0);
       }
     }
   }
@@ -734,6 +735,82 @@ struct TileF32Avx2 {
   }
 };
 
+// The float32 decode-to-L1 scheme (SpanF32) with 8-wide vectors: 3 rows x 4 M rows (12 accumulators, 3 W and 1 x
+// register: the 16 ymm), from 5 rows.  Against the in-register AVX2 tiles (2 x 1 and 1 x 4), on the Zen 4 machine
+// with QKERNELS_CPU_ISA=avx2 (alternating, 4096 x 4096 float32 x, two threads, ms): M 5 1.71 -> 1.48, M 8 2.14 ->
+// 1.74, M 16 4.26 -> 2.90, M 32 8.37 -> 5.14, M 64 17.4 -> 10.2 (~210 GFLOP/s); M 2-3 the tiles (equal).
+constexpr int kAvx2MultiNr = 3;
+constexpr int kAvx2TileMaxM = 4;
+
+QK_AVX2 void decode_row_f32_avx2(const Problem& p, int64_t n, int64_t k0, int64_t k1, float* dst) {
+  const __m256 code_a = _mm256_loadu_ps(p.code), code_b = _mm256_loadu_ps(p.code + 8);
+  const __m256i low4 = _mm256_set1_epi32(0x0f);
+  const uint8_t* row = p.packed + ((n * p.K) >> 1);
+  for (int64_t k = k0; k < k1;) {
+    float sc[1];
+    const int64_t seg_end = std::min(k1, next_segment<1>(p, n, k, sc));
+    const __m256 la = _mm256_mul_ps(code_a, _mm256_set1_ps(sc[0])), lb = _mm256_mul_ps(code_b, _mm256_set1_ps(sc[0]));
+    for (; k < seg_end; k += 32) {
+      if ((k & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(row + (k >> 1) + kDecodePrefetch), _MM_HINT_T0);
+      float* d = dst + (k - k0);  // OrderEvenOdd32: elements k, k+2, ... k+30, then k+1, ... k+31
+      for (int h = 0; h < 2; ++h) {
+        const __m256i v =
+            _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + (k >> 1) + 8 * h)));
+        _mm256_store_ps(d + 8 * h, lookup16_avx2(la, lb, _mm256_srli_epi32(v, 4)));
+        _mm256_store_ps(d + 16 + 8 * h, lookup16_avx2(la, lb, _mm256_and_si256(v, low4)));
+      }
+    }
+  }
+}
+
+template <int NR, int MT>
+struct SpanF32Avx2 {
+  QK_AVX2 static void run(const float* wbuf, int64_t ws, const float* xk, int64_t kc, float* acc_mem) {
+    __m256 acc[NR][MT];
+    for (int r = 0; r < NR; ++r)
+      for (int i = 0; i < MT; ++i) acc[r][i] = _mm256_load_ps(acc_mem + 8 * (r * MT + i));
+    for (int64_t c = 0; c < kc; c += 8) {
+      __m256 w[NR];
+      for (int r = 0; r < NR; ++r) w[r] = _mm256_load_ps(wbuf + r * ws + c);
+      const float* xc = xk + (c / 32) * 32 * MT + c % 32;
+      for (int i = 0; i < MT; ++i) {
+        const __m256 xv = _mm256_loadu_ps(xc + 32 * i);
+        for (int r = 0; r < NR; ++r) acc[r][i] = _mm256_fmadd_ps(w[r], xv, acc[r][i]);
+      }
+    }
+    for (int r = 0; r < NR; ++r)
+      for (int i = 0; i < MT; ++i) _mm256_store_ps(acc_mem + 8 * (r * MT + i), acc[r][i]);
+  }
+  QK_AVX2 static void finish(const Problem& p, const float* acc_mem, int64_t n0, int64_t m0) {
+    for (int r = 0; r < NR; ++r)
+      for (int i = 0; i < MT; ++i)
+        store_y(p, m0 + i, n0 + r,
+                epilogue_scalar(p, m0 + i, n0 + r, hsum_avx2(_mm256_load_ps(acc_mem + 8 * (r * MT + i)))));
+  }
+};
+
+// x packed with pack_x_f32<OrderEvenOdd32> in M tiles of kMultiMt rows.
+void run_f32_multi_avx2(const Problem& p, const float* xp) {
+  static const SpanTable<float> t = make_span_table<SpanF32Avx2, float>(std::integer_sequence<int, 1, 2, 3>{});
+  static_assert(kAvx2MultiNr == 3, "the table lists NR 1..kAvx2MultiNr");
+  run_multi(p, xp, t, &decode_row_f32_avx2, kKcF32, kAvx2MultiNr);
+}
+
+// float32 GEMV in passes of kF32PassRows rows of x (x's span for them stays in L2; each pass decodes W again).
+template <typename Run>
+void run_f32_passes(const Problem& p, const void* x, Run run) {
+  const int64_t xb = p.dtype == DType::float32 ? 4 : 2;
+  for (int64_t m0 = 0; m0 < p.M; m0 += kF32PassRows) {
+    Problem q = p;
+    q.M = std::min(kF32PassRows, p.M - m0);
+    if (q.lora_t != nullptr) q.lora_t += m0 * p.r;
+    q.out = static_cast<char*>(p.out) + m0 * p.N * xb;
+    const void* xq = static_cast<const char*>(x) + m0 * p.K * xb;
+    const std::vector<float> xp = pack_x_f32<OrderEvenOdd32>(xq, q.dtype, q.M, q.K, kMultiMt);
+    run(q, xp.data());
+  }
+}
+
 // vdpbf16ps path: needs AVX512_BF16 and (for vpmultishiftqb) AVX512_VBMI; QKERNELS_CPU_GEMV_BF16=0 turns it off.
 bool bf16_dot_enabled() {
   static const bool cpu_has = [] {
@@ -798,18 +875,7 @@ bool gemv_simd(const Problem& p, const void* x) {
       return true;
     }
     if (p.M > kF32TileMaxM) {
-      // In passes of at most kF32PassRows rows (x's span for them, 256 KB, stays in L2); each pass decodes W again.
-      const int64_t pass = kF32PassRows;
-      const int64_t xb = p.dtype == DType::float32 ? 4 : 2;
-      for (int64_t m0 = 0; m0 < p.M; m0 += pass) {
-        Problem q = p;
-        q.M = std::min(pass, p.M - m0);
-        if (q.lora_t != nullptr) q.lora_t += m0 * p.r;
-        q.out = static_cast<char*>(p.out) + m0 * p.N * xb;
-        const void* xq = static_cast<const char*>(x) + m0 * p.K * xb;
-        const std::vector<float> xp = pack_x_f32<OrderEvenOdd32>(xq, q.dtype, q.M, q.K, kMultiMt);
-        run_f32_multi(q, xp.data());
-      }
+      run_f32_passes(p, x, &run_f32_multi);
       return true;
     }
     static const TileTable t = make_table<TileF32Avx512, 4, 2, 2>(Mts8{});
@@ -818,6 +884,10 @@ bool gemv_simd(const Problem& p, const void* x) {
     return true;
   }
   if (isa == Isa::avx2) {
+    if (p.M > kAvx2TileMaxM) {
+      run_f32_passes(p, x, &run_f32_multi_avx2);
+      return true;
+    }
     static const TileTable t = make_table<TileF32Avx2, 2, 1, 1>(Mts4{});
     const std::vector<float> xp = pack_x_f32<OrderEvenOdd32>(x, p.dtype, p.M, p.K, t.mt_max);
     run_tiles(p, xp.data(), t);
@@ -844,12 +914,18 @@ bool gemv_simd(const Problem&, const void*) { return false; }
 //   (before the passes), M 512 45.5 vs 77.5, M 1024 89.5 vs 150, M 2048 189 vs 305; 11008 x 4096 M 192 45.0 vs
 //   90.5; float16 M 128 12.2 vs 29.1, 4096 x 11008 M 1024 269 vs 418 (torch's float32 GEMM here runs at ~200
 //   GFLOP/s, this kernel at ~300).  No crossover up to 2048 rows, the largest measured: GEMV to 2048.  (Before, with
-//   the in-register tiles: M 32 7.4 vs 20.4 ms, M 64 15.2 vs 26.6 ms, M 128 29-40 vs 39.8 ms: GEMV to 64.)  The
-//   AVX2 tiles and the portable path (K % 32 != 0, scalar ISA) were not measured past 16: they keep 16.
+//   the in-register tiles: M 32 7.4 vs 20.4 ms, M 64 15.2 vs 26.6 ms, M 128 29-40 vs 39.8 ms: GEMV to 64.)
+//   The AVX2 path (run_f32_multi_avx2, QKERNELS_CPU_ISA=avx2 on the same machine; torch's matmul there still uses
+//   AVX-512, about the rate an AVX2 core with two 256-bit FMA pipes reaches): float32 M 32 5.40 vs 11.1 ms, M 64
+//   10.9 vs 16.5, M 128 21.3 vs 26.6, M 256 41.4 vs 47.3, M 512 83.7 vs 87.3: GEMV to 128, where it leads by 1.25x.
+//   The portable path (K % 32 != 0, scalar ISA) was not measured past 16: it keeps 16.
 int gemv_max_m(DType dtype, int64_t K) {
   constexpr int kDefault = 16;
 #ifdef QK_X86
-  if (K % 32 != 0 || active_isa() != Isa::avx512) return kDefault;
+  if (K % 32 != 0) return kDefault;
+  const Isa isa = active_isa();
+  if (isa == Isa::avx2) return 128;
+  if (isa != Isa::avx512) return kDefault;
   if (dtype == DType::bfloat16 && bf16_dot_enabled()) return K % 128 == 0 ? 96 : 64;
   return 2048;
 #else
