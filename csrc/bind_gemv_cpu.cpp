@@ -111,6 +111,7 @@ void qkernels_bind_gemv_cpu(py::module_& m) {
           return qkernels::cpu::gemv_max_m(static_cast<qkernels::DType>(dtype), K);
         }, py::arg("dtype"), py::arg("K"),
         "int: the largest M for which gemv_4bit_lora_cpu is faster than dequantize + a BLAS matmul, for x of dtype "
-        "with rows of K on the active ISA path (16; 48 for bf16 with vdpbf16ps and 64 for float32 / float16 x on "
-        "AVX-512 when K % 32 == 0; measured on Zen 4).");
+        "with rows of K on the active ISA path (16; when K % 32 == 0: on AVX-512 96 for bf16 with vdpbf16ps when K % "
+        "128 == 0, else 64, and 2048 for float32 / float16 x and bf16 without vdpbf16ps; on AVX2 128; measured on "
+        "Zen 4).");
 }

@@ -31,8 +31,10 @@ namespace cpu {
 //     on a CPU with AVX512_BF16 and AVX512_VBMI, W is decoded to bfloat16 (bf16(code * scale), the W torch's
 //     dequantize-to-bf16 gives) and multiplied with vdpbf16ps (exact bf16 products, float32 sums).  The environment
 //     variable QKERNELS_CPU_GEMV_BF16=0 (read on every call) turns that off, so the float32 AVX-512 path can be
-//     tested on such a CPU.  For M > 8 on that path a pair of W rows is decoded once per 1024 columns into an L1
-//     buffer that all M tiles read.  Otherwise x is converted to float32 and W is decoded to float32.
+//     tested on such a CPU.  From M 7 on that path (M 9 without the word-order decode: K % 128 != 0 or blocksize 32)
+//     six W rows are decoded once per 2048 columns into an L1 buffer that M tiles of 4 rows read.  Otherwise x is
+//     converted to float32 and W is decoded to float32, from M 5 likewise into an L1 buffer (six rows per 1024
+//     columns on AVX-512, three on AVX2), x in passes of 64 rows.
 //   * any other K, and the scalar ISA: a portable path that decodes one row of W to float32 and takes M dot products.
 // OpenMP over output rows.  Arguments are assumed validated (see bind_gemv_cpu.cpp).
 void gemv_4bit_lora(const void* x, DType dtype, int64_t M, int64_t K, const uint8_t* packed, const float* absmax,
@@ -41,7 +43,7 @@ void gemv_4bit_lora(const void* x, DType dtype, int64_t M, int64_t K, const uint
                     const float* lora_B, int64_t r, const float* bias, void* out);
 
 // Rows up to which gemv_4bit_lora is faster than dequantizing W and a BLAS matmul, for x of `dtype` with rows of K
-// on the ISA path active now (16, or more on AVX-512 with K % 32 == 0; measured, see gemv_simd.cpp).
+// on the ISA path active now (16, or more on AVX-512 and AVX2 with K % 32 == 0; measured, see gemv_simd.cpp).
 int gemv_max_m(DType dtype, int64_t K);
 
 }  // namespace cpu

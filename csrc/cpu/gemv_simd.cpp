@@ -619,8 +619,9 @@ SpanTable<T> make_span_table(std::integer_sequence<int, NR...>) {
 using Nrs = std::integer_sequence<int, 1, 2, 3, 4, 5, 6>;
 static_assert(kMultiNr == 6, "Nrs lists 1..kMultiNr");
 
-// The several-M-tile driver: OpenMP over groups of nr_max rows (at most kMultiNr); per group and span of kc columns, decode(p, n, k0,
-// k1, dst) writes each row's span to a per-thread buffer (row stride kc), then every M tile's span kernel reads it.
+// The several-M-tile driver: OpenMP over groups of nr_max rows (at most kMultiNr); per group and span of kc columns,
+// decode(p, n, k0, k1, dst) writes each row's span to a per-thread buffer (row stride kc_max), then every M tile's span
+// kernel reads it.
 // xp: x packed (pack_x / pack_x_words_bf16 / pack_x_f32) in M tiles of kMultiMt rows.
 template <typename T, typename Decode>
 void run_multi(const Problem& p, const T* xp, const SpanTable<T>& t, Decode decode, int64_t kc_max,
