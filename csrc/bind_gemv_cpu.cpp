@@ -87,9 +87,47 @@ void gemv_4bit_lora_cpu(std::uint64_t x_ptr, int dtype, int64_t M, int64_t K, st
       reinterpret_cast<void*>(out_ptr));
 }
 
+bool gemm_dx_4bit_cpu(std::uint64_t g_ptr, int dtype, int64_t M, int64_t N, std::uint64_t packed_ptr,
+                      std::uint64_t absmax_ptr, std::uint64_t absmax_q_ptr, std::uint64_t nested_absmax_ptr,
+                      std::uint64_t nested_code_ptr, float offset, int64_t nested_blocksize, std::uint64_t code_ptr,
+                      int64_t blocksize, int64_t K, std::uint64_t out_ptr) {
+  const char* fn = "gemm_dx_4bit_cpu";
+  QK_CHECK_PTR(g_ptr, fn, "g_ptr");
+  QK_CHECK_DTYPE(dtype, fn, "dtype");
+  QK_CHECK_POSITIVE(M, fn, "M");
+  QK_CHECK_POSITIVE(N, fn, "N");
+  QK_CHECK_POSITIVE(K, fn, "K");
+  QK_CHECK_PTR(packed_ptr, fn, "packed_ptr");
+  if (absmax_ptr == 0) {  // double-quantized scales
+    QK_CHECK_PTR(absmax_q_ptr, fn, "absmax_q_ptr");
+    QK_CHECK_PTR(nested_absmax_ptr, fn, "nested_absmax_ptr");
+    QK_CHECK_PTR(nested_code_ptr, fn, "nested_code_ptr");
+    QK_CHECK_ARG(nested_blocksize > 0 && (nested_blocksize & (nested_blocksize - 1)) == 0, fn, "nested_blocksize",
+                 "must be a positive power of two (got " + std::to_string(nested_blocksize) + ")");
+  }
+  QK_CHECK_PTR(code_ptr, fn, "code_ptr");
+  QK_CHECK_BLOCKSIZE(blocksize, fn, "blocksize");
+  QK_CHECK_PTR(out_ptr, fn, "out_ptr");
+  (void)qkernels::cpu::active_isa();  // validates QKERNELS_CPU_ISA before releasing the GIL
+  py::gil_scoped_release release;
+  return qkernels::cpu::gemm_dx_4bit(
+      reinterpret_cast<const void*>(g_ptr), static_cast<qkernels::DType>(dtype), M, N,
+      reinterpret_cast<const uint8_t*>(packed_ptr), reinterpret_cast<const float*>(absmax_ptr),
+      reinterpret_cast<const uint8_t*>(absmax_q_ptr), reinterpret_cast<const float*>(nested_absmax_ptr),
+      reinterpret_cast<const float*>(nested_code_ptr), offset, nested_blocksize,
+      reinterpret_cast<const float*>(code_ptr), blocksize, K, reinterpret_cast<float*>(out_ptr));
+}
+
 }  // namespace
 
 void qkernels_bind_gemv_cpu(py::module_& m) {
+  m.def("gemm_dx_4bit_cpu", &gemm_dx_4bit_cpu, py::arg("g_ptr"), py::arg("dtype"), py::arg("M"), py::arg("N"),
+        py::arg("packed_ptr"), py::arg("absmax_ptr"), py::arg("absmax_q_ptr"), py::arg("nested_absmax_ptr"),
+        py::arg("nested_code_ptr"), py::arg("offset"), py::arg("nested_blocksize"), py::arg("code_ptr"),
+        py::arg("blocksize"), py::arg("K"), py::arg("out_ptr"),
+        "bool: out float32 [M, K] = g [M, N] @ W, W [N, K] in bitsandbytes' 4-bit format (arguments as for "
+        "gemv_4bit_lora_cpu; g of dtype, contiguous), float32 sums over N in blocks of 256. False, writing nothing, "
+        "where no SIMD path applies (K % 64 != 0, or no AVX-512 active): dequantize and multiply then.");
   m.def("gemv_4bit_lora_cpu", &gemv_4bit_lora_cpu, py::arg("x_ptr"), py::arg("dtype"), py::arg("M"), py::arg("K"),
         py::arg("packed_ptr"), py::arg("absmax_ptr"), py::arg("absmax_q_ptr"), py::arg("nested_absmax_ptr"),
         py::arg("nested_code_ptr"), py::arg("offset"), py::arg("nested_blocksize"), py::arg("code_ptr"),

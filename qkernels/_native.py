@@ -633,6 +633,30 @@ def gemv_4bit_lora_raw(x, raw, absmax, code, blocksize, N, nested_absmax, nested
     return out
 
 
+def gemm_dx_raw(g, raw, scales, code, blocksize, K):
+    """``g [M, N] @ W`` as a float32 ``[M, K]`` tensor by the CPU's fused kernel (``_C.gemm_dx_4bit_cpu``), or None
+    where it does not apply (no such kernel in this build, K % 64 != 0, no AVX-512): the caller dequantizes and
+    multiplies. No checks: ``g`` is contiguous of a float dtype on the CPU, ``raw`` the uint8 codes of W ``[N, K]``,
+    ``scales`` ``(absmax, nested_absmax, nested_code, offset, nested_blocksize)`` as ``qkernels._linear`` passes
+    them."""
+    fn = getattr(_C, "gemm_dx_4bit_cpu", None)
+    if fn is None or K % 64 != 0:
+        return None
+    M, N = g.shape
+    absmax, nested_absmax, nested_code, offset, nested_blocksize = scales
+    absmax, code = absmax.contiguous(), code.contiguous()
+    if nested_absmax is not None:
+        nested_absmax, nested_code = nested_absmax.contiguous(), nested_code.contiguous()
+        ptrs = (0, absmax.data_ptr(), nested_absmax.data_ptr(), nested_code.data_ptr(), offset_value(offset))
+    else:
+        ptrs = (absmax.data_ptr(), 0, 0, 0, 0.0)
+    out = torch.empty((M, K), dtype=torch.float32)
+    nbs = int(nested_blocksize) if nested_absmax is not None else 256  # unused without nested scales
+    ran = fn(g.data_ptr(), _DTYPE_TO_NATIVE[g.dtype], M, N, raw.data_ptr(), *ptrs, nbs,
+             code.data_ptr(), int(blocksize), K, out.data_ptr())
+    return out if ran else None
+
+
 # ------------------------------------------------------------------------------------------ CPU LoRA products
 # The skinny products of a LoRA step (csrc/cpu/lora.h): X read once in its own dtype, float32 sums, an optional
 # dropout mask applied on the fly. Callers: qkernels.lora and qkernels._linear (after their own checks).

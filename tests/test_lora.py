@@ -306,7 +306,10 @@ def test_workspace_is_reused():
 def test_cpu_float16_large_m_multiplies_in_float32(monkeypatch):
     """Without a native float16 GEMM (torch's CPU fp16 matmul took seconds per training step at M 32), the large-M
     path dequantizes to float32 and multiplies there, forward and dx; the result is float16 and at least as close
-    to float64 as plain float16 torch (the same 2x yardstick as every other case)."""
+    to float64 as plain float16 torch (the same 2x yardstick as every other case). The path held: the GEMV's limit
+    at 16 rows and the fused float32 dX kernel off (both take float16 on the CPUs that have them)."""
+    monkeypatch.setattr(_linear, "gemv_max_m", lambda x: _linear.GEMV_MAX_M)
+    monkeypatch.setattr(_linear, "CPU_DX_FUSED", False)
     _linear.clear_workspace()
     _check(70, 48, 64, 4, torch.float16, "cpu", dropout_p=0.1)  # 70 rows: past the CPU GEMV's limit
     held = {k[2] for k in _linear._local.buffers}

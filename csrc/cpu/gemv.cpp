@@ -101,6 +101,16 @@ void gemv_4bit_lora(const void* x, DType dtype, int64_t M, int64_t K, const uint
   }
 }
 
+bool gemm_dx_4bit(const void* g, DType dtype, int64_t M, int64_t N, const uint8_t* packed, const float* absmax,
+                  const uint8_t* absmax_q, const float* nested_absmax, const float* nested_code, float offset,
+                  int64_t nested_blocksize, const float* code, int64_t blocksize, int64_t K, float* out) {
+  using namespace gemv_detail;
+  const ScaleOf scale{absmax, NestedScale{absmax_q, nested_absmax, nested_code, offset,
+                                          absmax != nullptr ? 0 : log2_pow2(nested_blocksize)}};
+  const Problem p{dtype, M, K, N, log2_pow2(blocksize), packed, scale, code, nullptr, nullptr, 0, nullptr, nullptr};
+  return gemv_detail::gemm_dx_simd(p, g, out);
+}
+
 int gemv_max_m(DType dtype, int64_t K) { return gemv_detail::gemv_max_m(dtype, K); }
 
 }  // namespace cpu

@@ -42,6 +42,14 @@ void gemv_4bit_lora(const void* x, DType dtype, int64_t M, int64_t K, const uint
                     int64_t nested_blocksize, const float* code, int64_t blocksize, int64_t N, const float* lora_t,
                     const float* lora_B, int64_t r, const float* bias, void* out);
 
+// The backward's input gradient without the LoRA term: out[m, k] = sum_n g[m, n] * W[n, k] (m < M, k < K), float32
+// sums (over n in blocks of 256) written as float32 [M, K]; g [M, N] of dtype, contiguous; W, scales and code as for
+// gemv_4bit_lora.  Returns false, writing nothing, where no SIMD path applies (K % 64 != 0, or no AVX-512 active): the
+// caller then dequantizes W and multiplies.  Decodes each W element once per 64-column strip; no [N, K] buffer.
+bool gemm_dx_4bit(const void* g, DType dtype, int64_t M, int64_t N, const uint8_t* packed, const float* absmax,
+                  const uint8_t* absmax_q, const float* nested_absmax, const float* nested_code, float offset,
+                  int64_t nested_blocksize, const float* code, int64_t blocksize, int64_t K, float* out);
+
 // Rows up to which gemv_4bit_lora is faster than dequantizing W and a BLAS matmul, for x of `dtype` with rows of K
 // on the ISA path active now (16, or more on AVX-512 and AVX2 with K % 32 == 0; measured, see gemv_simd.cpp).
 int gemv_max_m(DType dtype, int64_t K);

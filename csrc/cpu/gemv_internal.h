@@ -115,6 +115,9 @@ inline int64_t next_segment(const Problem& p, int64_t n0, int64_t k, float (&sca
 
 // The tiled SIMD paths (gemv_simd.cpp): false when none applies (scalar ISA, K % 32 != 0, or not an x86 build).
 bool gemv_simd(const Problem& p, const void* x);
+// out [M, K] float32 = g [M, N] (p.dtype) @ W [N, K]; p.M / p.N / p.K as for the GEMV (W [N, K]), its LoRA fields
+// unused.  False, writing nothing, where no SIMD path applies.
+bool gemm_dx_simd(const Problem& p, const void* g, float* out);
 // The largest M for which the fused kernel is the faster path for x of `dtype` and rows of K (see gemv_simd.cpp).
 int gemv_max_m(DType dtype, int64_t K);
 

@@ -674,6 +674,84 @@ void run_f32_multi(const Problem& p, const float* xp) {
   run_multi(p, xp, t, &decode_row_f32, kKcF32);
 }
 
+// ---- dX = g @ W (the backward's input gradient), float32: out[m, k] = sum_n g[m, n] W[n, k].  OpenMP over strips
+// of kDxStrip columns; per strip, W's rows are decoded kDxChunk at a time (decode_row_f32: a strip's 64 weights of a
+// row, even / odd order per 32) into a per-thread buffer (64 KB, L2), and M tiles of kDxMt rows of g multiply it:
+// per row n of the chunk, 4 W vectors and kDxMt broadcasts of g[m, n] feed kDxMt x 4 FMAs (24 accumulators).  Each
+// chunk's sums start from zero and are added to the strip's float32 accumulators after it (sums over N in blocks of
+// kDxChunk, as a blocked GEMM's); the strip is written out in column order at the end.
+constexpr int64_t kDxStrip = 64;
+constexpr int64_t kDxChunk = 256;
+constexpr int kDxMt = 6;
+
+template <int MT>
+QK_AVX512 void dx_tile(const float* g, int64_t ldg, const float* wb, int64_t nc, float* acc) {
+  __m512 a[MT][4];
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < 4; ++j) a[i][j] = _mm512_setzero_ps();
+  for (int64_t n = 0; n < nc; ++n) {
+    const float* w = wb + kDxStrip * n;
+    const __m512 w0 = _mm512_load_ps(w), w1 = _mm512_load_ps(w + 16), w2 = _mm512_load_ps(w + 32),
+                 w3 = _mm512_load_ps(w + 48);
+    for (int i = 0; i < MT; ++i) {
+      const __m512 gv = _mm512_set1_ps(g[i * ldg + n]);
+      a[i][0] = _mm512_fmadd_ps(gv, w0, a[i][0]);
+      a[i][1] = _mm512_fmadd_ps(gv, w1, a[i][1]);
+      a[i][2] = _mm512_fmadd_ps(gv, w2, a[i][2]);
+      a[i][3] = _mm512_fmadd_ps(gv, w3, a[i][3]);
+    }
+  }
+  for (int i = 0; i < MT; ++i)
+    for (int j = 0; j < 4; ++j) {
+      float* d = acc + kDxStrip * i + 16 * j;
+      _mm512_store_ps(d, _mm512_add_ps(_mm512_load_ps(d), a[i][j]));
+    }
+}
+
+using DxTileFn = void (*)(const float*, int64_t, const float*, int64_t, float*);
+
+QK_AVX512 void dx_strips(const Problem& p, const float* g, float* out) {
+  static const DxTileFn tiles[kDxMt + 1] = {nullptr, &dx_tile<1>, &dx_tile<2>, &dx_tile<3>,
+                                            &dx_tile<4>, &dx_tile<5>, &dx_tile<6>};
+  static_assert(kDxMt == 6, "tiles lists 1..kDxMt");
+  const int64_t nstrips = p.K / kDxStrip;
+  const bool par = p.N * p.K >= kParallelMinWeights && nstrips > 1;
+  (void)par;
+#ifdef _OPENMP
+#pragma omp parallel if (par)
+#endif
+  {
+    std::vector<float, AlignedAlloc<float>> wb(static_cast<size_t>(kDxChunk * kDxStrip));
+    std::vector<float, AlignedAlloc<float>> acc(static_cast<size_t>(p.M * kDxStrip));
+    // column order from the even / odd halves of 32: lanes 2i <- even i, 2i + 1 <- odd i
+    const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+    for (int64_t s = 0; s < nstrips; ++s) {
+      const int64_t k0 = s * kDxStrip;
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t n0 = 0; n0 < p.N; n0 += kDxChunk) {
+        const int64_t nc = std::min(kDxChunk, p.N - n0);
+        for (int64_t r = 0; r < nc; ++r) decode_row_f32(p, n0 + r, k0, k0 + kDxStrip, wb.data() + kDxStrip * r);
+        for (int64_t m0 = 0; m0 < p.M; m0 += kDxMt) {
+          const int mt = static_cast<int>(std::min<int64_t>(kDxMt, p.M - m0));
+          tiles[mt](g + m0 * p.N + n0, p.N, wb.data(), nc, acc.data() + kDxStrip * m0);
+        }
+      }
+      for (int64_t m = 0; m < p.M; ++m)
+        for (int h = 0; h < 2; ++h) {
+          const float* a = acc.data() + kDxStrip * m + 32 * h;
+          const __m512 ev = _mm512_load_ps(a), od = _mm512_load_ps(a + 16);
+          float* o = out + m * p.K + k0 + 32 * h;
+          _mm512_storeu_ps(o, _mm512_permutex2var_ps(ev, lo, od));
+          _mm512_storeu_ps(o + 16, _mm512_permutex2var_ps(ev, hi, od));
+        }
+    }
+  }
+}
+
 // ---- AVX2 + FMA, float32 x (packed, even / odd split), 16 elements (8 bytes) per step; the 16-entry table is two
 // ymm halves picked by bit 3 of the index (vpermps x2 + blend), as in dequantize.cpp.
 QK_AVX2 QK_INLINE __m256 lookup16_avx2(__m256 la, __m256 lb, __m256i idx) {
@@ -896,10 +974,23 @@ bool gemv_simd(const Problem& p, const void* x) {
   }
   return false;
 }
+
+// dX = g @ W into float32 out (gemv_internal.h); false: no SIMD path (K % 64 != 0, or no AVX-512).
+bool gemm_dx_simd(const Problem& p, const void* g, float* out) {
+  if (p.K % kDxStrip != 0 || active_isa() != Isa::avx512) return false;
+  if (p.dtype == DType::float32) {
+    dx_strips(p, static_cast<const float*>(g), out);
+  } else {
+    const std::vector<float> gf = x_to_f32(g, p.dtype, p.M, p.N);
+    dx_strips(p, gf.data(), out);
+  }
+  return true;
+}
 #endif  // QK_X86
 
 #ifndef QK_X86
 bool gemv_simd(const Problem&, const void*) { return false; }
+bool gemm_dx_simd(const Problem&, const void*, float*) { return false; }
 #endif
 
 // Rows up to which this kernel beats "dequantize into a buffer + torch matmul" (qkernels._linear asks per call).
