@@ -127,7 +127,7 @@ void qkernels_bind_gemv_cpu(py::module_& m) {
         py::arg("blocksize"), py::arg("K"), py::arg("out_ptr"),
         "bool: out float32 [M, K] = g [M, N] @ W, W [N, K] in bitsandbytes' 4-bit format (arguments as for "
         "gemv_4bit_lora_cpu; g of dtype, contiguous), float32 sums over N in blocks of 256. False, writing nothing, "
-        "where no SIMD path applies (K % 64 != 0, or no AVX-512 active): dequantize and multiply then.");
+        "where no SIMD path applies (K % 64 != 0, or neither AVX-512 nor AVX2 active): dequantize and multiply then.");
   m.def("gemv_4bit_lora_cpu", &gemv_4bit_lora_cpu, py::arg("x_ptr"), py::arg("dtype"), py::arg("M"), py::arg("K"),
         py::arg("packed_ptr"), py::arg("absmax_ptr"), py::arg("absmax_q_ptr"), py::arg("nested_absmax_ptr"),
         py::arg("nested_code_ptr"), py::arg("offset"), py::arg("nested_blocksize"), py::arg("code_ptr"),

@@ -116,9 +116,9 @@ CPU_DX_TRANSPOSED = True
 
 # The CPU backward's dX = g @ W where it multiplies in float32 (float32 g; float16 / bfloat16 g on a CPU without a fast
 # GEMM in them): the fused kernel (csrc/cpu/gemv_simd.cpp, dx_strips: W decoded per 64-column strip, float32 FMAs,
-# no [N, K] buffer) where it applies (AVX-512, K % 64 == 0), else dequantize + matmul. Thirteenth session, 4096 x 4096,
-# float32: M 128 9.6 ms, M 512 36.3 ms against torch's float32 matmul alone 24.1 / 81.0 ms (~0.2 TFLOP/s here).
-# False: always dequantize + matmul.
+# no [N, K] buffer) where it applies (AVX-512 or AVX2, K % 64 == 0), else dequantize + matmul. Thirteenth session,
+# 4096 x 4096, float32: M 128 9.4 ms, M 512 35.6 ms (AVX2: 18.5 / 69.5) against torch's float32 matmul alone 23.6 /
+# 81.3 ms (~0.2 TFLOP/s here). False: always dequantize + matmul.
 CPU_DX_FUSED = True
 
 

@@ -635,10 +635,10 @@ def gemv_4bit_lora_raw(x, raw, absmax, code, blocksize, N, nested_absmax, nested
 
 def gemm_dx_raw(g, raw, scales, code, blocksize, K):
     """``g [M, N] @ W`` as a float32 ``[M, K]`` tensor by the CPU's fused kernel (``_C.gemm_dx_4bit_cpu``), or None
-    where it does not apply (no such kernel in this build, K % 64 != 0, no AVX-512): the caller dequantizes and
-    multiplies. No checks: ``g`` is contiguous of a float dtype on the CPU, ``raw`` the uint8 codes of W ``[N, K]``,
-    ``scales`` ``(absmax, nested_absmax, nested_code, offset, nested_blocksize)`` as ``qkernels._linear`` passes
-    them."""
+    where it does not apply (no such kernel in this build, K % 64 != 0, neither AVX-512 nor AVX2): the caller
+    dequantizes and multiplies. No checks: ``g`` is contiguous of a float dtype on the CPU, ``raw`` the uint8 codes
+    of W ``[N, K]``, ``scales`` ``(absmax, nested_absmax, nested_code, offset, nested_blocksize)`` as
+    ``qkernels._linear`` passes them."""
     fn = getattr(_C, "gemm_dx_4bit_cpu", None)
     if fn is None or K % 64 != 0:
         return None

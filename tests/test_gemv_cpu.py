@@ -398,18 +398,21 @@ def test_lora_A_given_to_the_gemv_equals_its_down_projection_given(M, a_dtype):
     assert not torch.equal(got, _native.gemv_4bit_lora_raw(*args, None, B, b, lora_A=A, lora_scale=2 * s))
 
 
-# The CPU backward's fused dX = g @ W (_native.gemm_dx_raw, csrc/cpu/gemv_simd.cpp dx_strips): float32 out, any g
-# dtype; N past the 256-row chunk (and not a multiple of it), M not a multiple of the 6-row tile, K several 64-column
-# strips; blocksize 32 (two blocks per strip), 4096 > K (blocks across rows); both scale formats and codebooks.
+# The CPU backward's fused dX = g @ W (_native.gemm_dx_raw, csrc/cpu/gemv_simd.cpp dx_strips / dx_strips_avx2):
+# float32 out, any g dtype; N past the 256-row chunk (and not a multiple of it), M not a multiple of the 6-row tile, K
+# several 64-column strips; blocksize 32 (two blocks per strip), 4096 > K (blocks across rows); both scale formats
+# and codebooks.
 DX_CASES = [(1, 1, 64, 64, True, "nf4"), (7, 300, 192, 32, False, "fp4"), (13, 513, 128, 4096, True, "nf4"),
             (64, 67, 256, 128, False, "nf4"), (6, 257, 64, 256, True, "fp4")]
 
 
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
 @pytest.mark.parametrize("dname", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("M,N,K,bs,nested,qt", DX_CASES, ids=[f"M{c[0]}-{c[1]}x{c[2]}-bs{c[3]}" for c in DX_CASES])
-def test_fused_dx_matches_fp64(M, N, K, bs, nested, qt, dname):
-    if not _native._C.cpu_isa_available() or "avx512" not in _native._C.cpu_isa_available():
-        pytest.skip("the fused dX kernel is AVX-512 only; without it the backward dequantizes and multiplies")
+def test_fused_dx_matches_fp64(monkeypatch, M, N, K, bs, nested, qt, dname, isa):
+    if isa not in _native._C.cpu_isa_available():
+        pytest.skip(f"this CPU has no {isa}: the fused dX kernel's {isa} path cannot run here")
+    monkeypatch.setenv("QKERNELS_CPU_ISA", isa)
     packed, st, W64 = _weight(N, K, bs, nested, qt, dname)
     g = torch.randn(M, N, generator=torch.Generator().manual_seed(M + N)).to(DTYPES[dname])
     scales = (st.absmax, st.state2.absmax, st.state2.code, st.offset, st.state2.blocksize) if st.nested else (
@@ -423,12 +426,12 @@ def test_fused_dx_matches_fp64(M, N, K, bs, nested, qt, dname):
 
 
 def test_fused_dx_declines_where_it_does_not_apply(monkeypatch):
-    """K % 64 != 0, or a CPU path without AVX-512: None (nothing written), and the backward dequantizes instead."""
+    """K % 64 != 0, or the scalar CPU path: None (nothing written), and the backward dequantizes instead."""
     packed, st, _ = _weight(5, 96, 32, False, "nf4", "fp32")
     g = torch.randn(3, 5)
     scales = (st.absmax, None, None, None, None)
     assert _native.gemm_dx_raw(g, packed.view(torch.uint8), scales, st.code, 32, 96) is None
     packed, st, _ = _weight(5, 128, 64, False, "nf4", "fp32")
-    monkeypatch.setenv("QKERNELS_CPU_ISA", "avx2" if "avx2" in _native._C.cpu_isa_available() else "scalar")
+    monkeypatch.setenv("QKERNELS_CPU_ISA", "scalar")
     assert _native.gemm_dx_raw(g, packed.view(torch.uint8), (st.absmax, None, None, None, None), st.code, 64,
                                128) is None

@@ -44,8 +44,8 @@ void gemv_4bit_lora(const void* x, DType dtype, int64_t M, int64_t K, const uint
 
 // The backward's input gradient without the LoRA term: out[m, k] = sum_n g[m, n] * W[n, k] (m < M, k < K), float32
 // sums (over n in blocks of 256) written as float32 [M, K]; g [M, N] of dtype, contiguous; W, scales and code as for
-// gemv_4bit_lora.  Returns false, writing nothing, where no SIMD path applies (K % 64 != 0, or no AVX-512 active): the
-// caller then dequantizes W and multiplies.  Decodes each W element once per 64-column strip; no [N, K] buffer.
+// gemv_4bit_lora.  Returns false, writing nothing, where no SIMD path applies (K % 64 != 0, or neither AVX-512 nor AVX2
+// active): the caller then dequantizes W and multiplies.  Decodes each W element once; no [N, K] buffer.
 bool gemm_dx_4bit(const void* g, DType dtype, int64_t M, int64_t N, const uint8_t* packed, const float* absmax,
                   const uint8_t* absmax_q, const float* nested_absmax, const float* nested_code, float offset,
                   int64_t nested_blocksize, const float* code, int64_t blocksize, int64_t K, float* out);

@@ -890,6 +890,70 @@ void run_f32_passes(const Problem& p, const void* x, Run run) {
   }
 }
 
+// dX = g @ W on AVX2 (dx_strips' scheme with 8-wide vectors): strips of 32 columns (the decoder's even / odd halves of
+// 16), each half multiplied by 6-row tiles of g with 2 W vectors (12 accumulators, 2 W and 1 broadcast register).
+template <int MT>
+QK_AVX2 void dx_tile_avx2(const float* g, int64_t ldg, const float* wb, int64_t nc, float* acc) {
+  // acc [MT][32] (a strip's rows) += g [MT, nc] @ wb [nc, 32], one half of 16 columns at a time
+  for (int h = 0; h < 2; ++h) {
+    __m256 a[MT][2];
+    for (int i = 0; i < MT; ++i) a[i][0] = a[i][1] = _mm256_setzero_ps();
+    for (int64_t n = 0; n < nc; ++n) {
+      const float* w = wb + 32 * n + 16 * h;
+      const __m256 w0 = _mm256_load_ps(w), w1 = _mm256_load_ps(w + 8);
+      for (int i = 0; i < MT; ++i) {
+        const __m256 gv = _mm256_broadcast_ss(g + i * ldg + n);
+        a[i][0] = _mm256_fmadd_ps(gv, w0, a[i][0]);
+        a[i][1] = _mm256_fmadd_ps(gv, w1, a[i][1]);
+      }
+    }
+    for (int i = 0; i < MT; ++i)
+      for (int j = 0; j < 2; ++j) {
+        float* d = acc + 32 * i + 16 * h + 8 * j;
+        _mm256_store_ps(d, _mm256_add_ps(_mm256_load_ps(d), a[i][j]));
+      }
+  }
+}
+
+QK_AVX2 void dx_strips_avx2(const Problem& p, const float* g, float* out) {
+  static const DxTileFn tiles[kDxMt + 1] = {nullptr, &dx_tile_avx2<1>, &dx_tile_avx2<2>, &dx_tile_avx2<3>,
+                                            &dx_tile_avx2<4>, &dx_tile_avx2<5>, &dx_tile_avx2<6>};
+  constexpr int64_t kStrip = 32;
+  const int64_t nstrips = p.K / kStrip;
+  const bool par = p.N * p.K >= kParallelMinWeights && nstrips > 1;
+  (void)par;
+#ifdef _OPENMP
+#pragma omp parallel if (par)
+#endif
+  {
+    std::vector<float, AlignedAlloc<float>> wb(static_cast<size_t>(kDxChunk * kStrip));
+    std::vector<float, AlignedAlloc<float>> acc(static_cast<size_t>(p.M * kStrip));
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 2)
+#endif
+    for (int64_t s = 0; s < nstrips; ++s) {
+      const int64_t k0 = s * kStrip;
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t n0 = 0; n0 < p.N; n0 += kDxChunk) {
+        const int64_t nc = std::min(kDxChunk, p.N - n0);
+        for (int64_t r = 0; r < nc; ++r) decode_row_f32_avx2(p, n0 + r, k0, k0 + kStrip, wb.data() + kStrip * r);
+        for (int64_t m0 = 0; m0 < p.M; m0 += kDxMt) {
+          const int mt = static_cast<int>(std::min<int64_t>(kDxMt, p.M - m0));
+          tiles[mt](g + m0 * p.N + n0, p.N, wb.data(), nc, acc.data() + kStrip * m0);
+        }
+      }
+      for (int64_t m = 0; m < p.M; ++m) {  // column order: element 2c from evens[c], 2c + 1 from odds[c]
+        const float* a = acc.data() + kStrip * m;
+        float* o = out + m * p.K + k0;
+        for (int c = 0; c < 16; ++c) {
+          o[2 * c] = a[c];
+          o[2 * c + 1] = a[16 + c];
+        }
+      }
+    }
+  }
+}
+
 // vdpbf16ps path: needs AVX512_BF16 and (for vpmultishiftqb) AVX512_VBMI; QKERNELS_CPU_GEMV_BF16=0 turns it off.
 bool bf16_dot_enabled() {
   static const bool cpu_has = [] {
@@ -975,14 +1039,16 @@ bool gemv_simd(const Problem& p, const void* x) {
   return false;
 }
 
-// dX = g @ W into float32 out (gemv_internal.h); false: no SIMD path (K % 64 != 0, or no AVX-512).
+// dX = g @ W into float32 out (gemv_internal.h); false: no SIMD path (K % 64 != 0, or neither AVX-512 nor AVX2).
 bool gemm_dx_simd(const Problem& p, const void* g, float* out) {
-  if (p.K % kDxStrip != 0 || active_isa() != Isa::avx512) return false;
+  const Isa isa = active_isa();
+  if (p.K % kDxStrip != 0 || (isa != Isa::avx512 && isa != Isa::avx2)) return false;
+  const auto run = isa == Isa::avx512 ? &dx_strips : &dx_strips_avx2;
   if (p.dtype == DType::float32) {
-    dx_strips(p, static_cast<const float*>(g), out);
+    run(p, static_cast<const float*>(g), out);
   } else {
     const std::vector<float> gf = x_to_f32(g, p.dtype, p.M, p.N);
-    dx_strips(p, gf.data(), out);
+    run(p, gf.data(), out);
   }
   return true;
 }
