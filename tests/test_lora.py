@@ -340,8 +340,11 @@ def test_cpu_float16_adapters_multiply_in_float32():
 def test_cpu_bfloat16_large_m_multiplies_in_float32_without_bf16_gemm(monkeypatch, fast_bf16):
     """bfloat16 keeps its own GEMM where the CPU has one (AVX512-BF16 / AMX); elsewhere (AVX2 machines: torch's bf16
     g @ W took ~18 s at 4096 x 4096, 128 rows, with oneDNN held to AVX2) the large-M path multiplies in float32.
-    Either way forward and gradients are within the 2x-of-plain-bf16-torch bound against float64."""
+    Either way forward and gradients are within the 2x-of-plain-bf16-torch bound against float64. The path held: the
+    GEMV's limit at 16 rows and the fused float32 dX kernel off (the workspace's dtype tells the matmuls')."""
     monkeypatch.setattr(_linear, "_cpu_bf16_gemm", lambda: fast_bf16)
+    monkeypatch.setattr(_linear, "gemv_max_m", lambda x: _linear.GEMV_MAX_M)
+    monkeypatch.setattr(_linear, "CPU_DX_FUSED", False)
     _linear.clear_workspace()
     _check(70, 48, 64, 4, torch.bfloat16, "cpu", dropout_p=0.1)  # 70 rows: past the CPU GEMV's limit
     held = {k[2] for k in _linear._local.buffers}
