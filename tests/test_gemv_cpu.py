@@ -401,7 +401,8 @@ def test_lora_A_given_to_the_gemv_equals_its_down_projection_given(M, a_dtype):
 # The CPU backward's fused dX = g @ W (_native.gemm_dx_raw, csrc/cpu/gemv_simd.cpp dx_strips / dx_strips_avx2):
 # float32 out, any g dtype; N past the 256-row chunk (and not a multiple of it), M not a multiple of the 6-row tile, K
 # several 64-column strips; blocksize 32 (two blocks per strip), 4096 > K (blocks across rows); both scale formats
-# and codebooks.
+# and codebooks. Tolerance (the module's basis, for a float32 result): twice the error of torch's float32 matmul of the
+# same g and exact W against float64, plus one float32 ulp (2^-24 relative) of the largest output.
 DX_CASES = [(1, 1, 64, 64, True, "nf4"), (7, 300, 192, 32, False, "fp4"), (13, 513, 128, 4096, True, "nf4"),
             (64, 67, 256, 128, False, "nf4"), (6, 257, 64, 256, True, "fp4")]
 

@@ -710,46 +710,57 @@ QK_AVX512 void dx_tile(const float* g, int64_t ldg, const float* wb, int64_t nc,
 
 using DxTileFn = void (*)(const float*, int64_t, const float*, int64_t, float*);
 
-QK_AVX512 void dx_strips(const Problem& p, const float* g, float* out) {
-  static const DxTileFn tiles[kDxMt + 1] = {nullptr, &dx_tile<1>, &dx_tile<2>, &dx_tile<3>,
-                                            &dx_tile<4>, &dx_tile<5>, &dx_tile<6>};
-  static_assert(kDxMt == 6, "tiles lists 1..kDxMt");
-  const int64_t nstrips = p.K / kDxStrip;
+// The strip driver shared by the ISAs: OpenMP over strips of `strip` columns (a multiple of 32); per strip, W's rows
+// decoded kDxChunk at a time by decode (a row's strip into wb, even / odd order per 32 columns), tiles[mt] adding
+// g's rows times them into the strip's float32 accumulators, write(acc_row, out_row, strip) putting each row of the
+// strip in column order.
+template <typename Decode, typename Write>
+void dx_run(const Problem& p, const float* g, float* out, int64_t strip, const DxTileFn* tiles, Decode decode,
+            Write write) {
+  const int64_t nstrips = p.K / strip;
   const bool par = p.N * p.K >= kParallelMinWeights && nstrips > 1;
   (void)par;
 #ifdef _OPENMP
 #pragma omp parallel if (par)
 #endif
   {
-    std::vector<float, AlignedAlloc<float>> wb(static_cast<size_t>(kDxChunk * kDxStrip));
-    std::vector<float, AlignedAlloc<float>> acc(static_cast<size_t>(p.M * kDxStrip));
-    // column order from the even / odd halves of 32: lanes 2i <- even i, 2i + 1 <- odd i
-    const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+    std::vector<float, AlignedAlloc<float>> wb(static_cast<size_t>(kDxChunk * strip));
+    std::vector<float, AlignedAlloc<float>> acc(static_cast<size_t>(p.M * strip));
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
     for (int64_t s = 0; s < nstrips; ++s) {
-      const int64_t k0 = s * kDxStrip;
+      const int64_t k0 = s * strip;
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t n0 = 0; n0 < p.N; n0 += kDxChunk) {
         const int64_t nc = std::min(kDxChunk, p.N - n0);
-        for (int64_t r = 0; r < nc; ++r) decode_row_f32(p, n0 + r, k0, k0 + kDxStrip, wb.data() + kDxStrip * r);
+        for (int64_t r = 0; r < nc; ++r) decode(p, n0 + r, k0, k0 + strip, wb.data() + strip * r);
         for (int64_t m0 = 0; m0 < p.M; m0 += kDxMt) {
           const int mt = static_cast<int>(std::min<int64_t>(kDxMt, p.M - m0));
-          tiles[mt](g + m0 * p.N + n0, p.N, wb.data(), nc, acc.data() + kDxStrip * m0);
+          tiles[mt](g + m0 * p.N + n0, p.N, wb.data(), nc, acc.data() + strip * m0);
         }
       }
-      for (int64_t m = 0; m < p.M; ++m)
-        for (int h = 0; h < 2; ++h) {
-          const float* a = acc.data() + kDxStrip * m + 32 * h;
-          const __m512 ev = _mm512_load_ps(a), od = _mm512_load_ps(a + 16);
-          float* o = out + m * p.K + k0 + 32 * h;
-          _mm512_storeu_ps(o, _mm512_permutex2var_ps(ev, lo, od));
-          _mm512_storeu_ps(o + 16, _mm512_permutex2var_ps(ev, hi, od));
-        }
+      for (int64_t m = 0; m < p.M; ++m) write(acc.data() + strip * m, out + m * p.K + k0, strip);
     }
   }
+}
+
+// A strip row in column order: lanes 2i <- even i, 2i + 1 <- odd i of each 32-column group.
+QK_AVX512 void dx_write_avx512(const float* a, float* o, int64_t strip) {
+  const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  for (int64_t c = 0; c < strip; c += 32) {
+    const __m512 ev = _mm512_load_ps(a + c), od = _mm512_load_ps(a + c + 16);
+    _mm512_storeu_ps(o + c, _mm512_permutex2var_ps(ev, lo, od));
+    _mm512_storeu_ps(o + c + 16, _mm512_permutex2var_ps(ev, hi, od));
+  }
+}
+
+void dx_strips(const Problem& p, const float* g, float* out) {
+  static const DxTileFn tiles[kDxMt + 1] = {nullptr, &dx_tile<1>, &dx_tile<2>, &dx_tile<3>,
+                                            &dx_tile<4>, &dx_tile<5>, &dx_tile<6>};
+  static_assert(kDxMt == 6, "tiles lists 1..kDxMt");
+  dx_run(p, g, out, kDxStrip, tiles, &decode_row_f32, &dx_write_avx512);
 }
 
 // ---- AVX2 + FMA, float32 x (packed, even / odd split), 16 elements (8 bytes) per step; the 16-entry table is two
@@ -915,43 +926,21 @@ QK_AVX2 void dx_tile_avx2(const float* g, int64_t ldg, const float* wb, int64_t 
   }
 }
 
-QK_AVX2 void dx_strips_avx2(const Problem& p, const float* g, float* out) {
+// A strip row in column order (dx_write_avx512's interleave, with 8-wide unpacks: within each 128-bit lane).
+QK_AVX2 void dx_write_avx2(const float* a, float* o, int64_t strip) {
+  for (int64_t c = 0; c < strip; c += 32)
+    for (int h = 0; h < 2; ++h) {  // evens / odds c + 8h .. c + 8h + 7 -> columns c + 16h .. c + 16h + 15
+      const __m256 ev = _mm256_load_ps(a + c + 8 * h), od = _mm256_load_ps(a + c + 16 + 8 * h);
+      const __m256 l = _mm256_unpacklo_ps(ev, od), u = _mm256_unpackhi_ps(ev, od);  // per 128-bit lane
+      _mm256_storeu_ps(o + c + 16 * h, _mm256_permute2f128_ps(l, u, 0x20));
+      _mm256_storeu_ps(o + c + 16 * h + 8, _mm256_permute2f128_ps(l, u, 0x31));
+    }
+}
+
+void dx_strips_avx2(const Problem& p, const float* g, float* out) {
   static const DxTileFn tiles[kDxMt + 1] = {nullptr, &dx_tile_avx2<1>, &dx_tile_avx2<2>, &dx_tile_avx2<3>,
                                             &dx_tile_avx2<4>, &dx_tile_avx2<5>, &dx_tile_avx2<6>};
-  constexpr int64_t kStrip = 32;
-  const int64_t nstrips = p.K / kStrip;
-  const bool par = p.N * p.K >= kParallelMinWeights && nstrips > 1;
-  (void)par;
-#ifdef _OPENMP
-#pragma omp parallel if (par)
-#endif
-  {
-    std::vector<float, AlignedAlloc<float>> wb(static_cast<size_t>(kDxChunk * kStrip));
-    std::vector<float, AlignedAlloc<float>> acc(static_cast<size_t>(p.M * kStrip));
-#ifdef _OPENMP
-#pragma omp for schedule(dynamic, 2)
-#endif
-    for (int64_t s = 0; s < nstrips; ++s) {
-      const int64_t k0 = s * kStrip;
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t n0 = 0; n0 < p.N; n0 += kDxChunk) {
-        const int64_t nc = std::min(kDxChunk, p.N - n0);
-        for (int64_t r = 0; r < nc; ++r) decode_row_f32_avx2(p, n0 + r, k0, k0 + kStrip, wb.data() + kStrip * r);
-        for (int64_t m0 = 0; m0 < p.M; m0 += kDxMt) {
-          const int mt = static_cast<int>(std::min<int64_t>(kDxMt, p.M - m0));
-          tiles[mt](g + m0 * p.N + n0, p.N, wb.data(), nc, acc.data() + kStrip * m0);
-        }
-      }
-      for (int64_t m = 0; m < p.M; ++m) {  // column order: element 2c from evens[c], 2c + 1 from odds[c]
-        const float* a = acc.data() + kStrip * m;
-        float* o = out + m * p.K + k0;
-        for (int c = 0; c < 16; ++c) {
-          o[2 * c] = a[c];
-          o[2 * c + 1] = a[16 + c];
-        }
-      }
-    }
-  }
+  dx_run(p, g, out, 32, tiles, &decode_row_f32_avx2, &dx_write_avx2);
 }
 
 // vdpbf16ps path: needs AVX512_BF16 and (for vpmultishiftqb) AVX512_VBMI; QKERNELS_CPU_GEMV_BF16=0 turns it off.
