@@ -578,6 +578,19 @@ def gemv_4bit_lora_native(
                               bias, out)
 
 
+def _scale_ptrs(absmax, nested_absmax, nested_code, offset):
+    """The scale arguments of the native 4-bit kernels: ``(absmax_ptr, absmax_q_ptr, nested_absmax_ptr,
+    nested_code_ptr, offset)`` (float32 absmax: its pointer first, the rest 0; double-quantized: absmax_ptr 0, the
+    uint8 codes' pointer next, offset as an exact Python float), and the dense tensors those pointers read, which
+    the caller keeps alive across the call."""
+    absmax = absmax.contiguous()
+    if nested_absmax is None:
+        return (absmax.data_ptr(), 0, 0, 0, 0.0), (absmax, None, None)
+    nested_absmax, nested_code = nested_absmax.contiguous(), nested_code.contiguous()
+    ptrs = (0, absmax.data_ptr(), nested_absmax.data_ptr(), nested_code.data_ptr(), offset_value(offset))
+    return ptrs, (absmax, nested_absmax, nested_code)
+
+
 def gemv_4bit_lora_raw(x, raw, absmax, code, blocksize, N, nested_absmax, nested_code, offset, nested_blocksize,
                        lora_t, lora_B, bias, out=None, lora_A=None, lora_scale=1.0):
     """The kernel call of ``gemv_4bit_lora_native`` on already validated, flat arguments (no checks).
@@ -607,18 +620,10 @@ def gemv_4bit_lora_raw(x, raw, absmax, code, blocksize, N, nested_absmax, nested
         bias = (bias if bias.dtype in kept else bias.to(torch.float32)).contiguous()
     if out is None:
         out = torch.empty((M, N), dtype=x.dtype, device=device)
-    absmax = absmax.contiguous()
     code = code.contiguous()
-    if nested_absmax is not None:
-        nested_absmax = nested_absmax.contiguous()
-        nested_code = nested_code.contiguous()
-        absmax_ptr, q_ptr, na_ptr, nc_ptr = 0, absmax.data_ptr(), nested_absmax.data_ptr(), nested_code.data_ptr()
-        offset = offset_value(offset)  # a float32 value, exact as a Python float
-    else:
-        absmax_ptr, q_ptr, na_ptr, nc_ptr = absmax.data_ptr(), 0, 0, 0
-        offset = 0.0
+    ptrs, (absmax, nested_absmax, nested_code) = _scale_ptrs(absmax, nested_absmax, nested_code, offset)
     args = (
-        x.data_ptr(), _DTYPE_TO_NATIVE[x.dtype], M, K, raw.data_ptr(), absmax_ptr, q_ptr, na_ptr, nc_ptr, offset,
+        x.data_ptr(), _DTYPE_TO_NATIVE[x.dtype], M, K, raw.data_ptr(), *ptrs,
         int(nested_blocksize), code.data_ptr(), int(blocksize), N,
         lora_t.data_ptr() if lora_t is not None and r else 0, lora_B.data_ptr() if r else 0, r,
         bias.data_ptr() if bias is not None else 0, out.data_ptr(),
@@ -640,16 +645,14 @@ def gemm_dx_raw(g, raw, scales, code, blocksize, K):
     of W ``[N, K]``, ``scales`` ``(absmax, nested_absmax, nested_code, offset, nested_blocksize)`` as
     ``qkernels._linear`` passes them."""
     fn = getattr(_C, "gemm_dx_4bit_cpu", None)
-    if fn is None or K % 64 != 0:
+    # the kernel's own conditions, asked before the output is allocated (a fresh [M, K] tensor per backward where it
+    # then declines would be wasted page faults)
+    if fn is None or K % 64 != 0 or _C.cpu_isa_active() not in ("avx512", "avx2"):
         return None
     M, N = g.shape
     absmax, nested_absmax, nested_code, offset, nested_blocksize = scales
-    absmax, code = absmax.contiguous(), code.contiguous()
-    if nested_absmax is not None:
-        nested_absmax, nested_code = nested_absmax.contiguous(), nested_code.contiguous()
-        ptrs = (0, absmax.data_ptr(), nested_absmax.data_ptr(), nested_code.data_ptr(), offset_value(offset))
-    else:
-        ptrs = (absmax.data_ptr(), 0, 0, 0, 0.0)
+    ptrs, (absmax, nested_absmax, nested_code) = _scale_ptrs(absmax, nested_absmax, nested_code, offset)
+    code = code.contiguous()
     out = torch.empty((M, K), dtype=torch.float32)
     nbs = int(nested_blocksize) if nested_absmax is not None else 256  # unused without nested scales
     ran = fn(g.data_ptr(), _DTYPE_TO_NATIVE[g.dtype], M, N, raw.data_ptr(), *ptrs, nbs,
