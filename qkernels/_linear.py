@@ -112,7 +112,13 @@ def _dequantize(packed, scales, code, blocksize, shape, dtype, impl: str) -> tor
 # Re-measured (ninth session, layer steps alternating the two layouts): 256 rows of 1024-2816 wide layers 2-9 % slower
 # in one run, level in another; 512-1024 rows within +-1.5 %; the bench_block step level (58.0 vs 57.7 ms). No
 # measured win either way at these sizes; kept for the large-layer gain above.
+# Fourteenth session: the transposing kernel now runs ~1.1-1.5x the row-major one (was 2.3-3.8x: see
+# csrc/cpu/dequantize_t.cpp), and the matmuls alone, alternating with the caches flushed, show where the layout pays:
+# by N, the reduction dimension of g @ W: N 1024 0.97-1.02x (M 256-1024, K 1024-4096), N 1536 1.03x, 2048 1.04-1.10x,
+# 2816 1.05x, 4096 1.08-1.10x, 11008 1.15x. Below CPU_DX_TRANSPOSED_MIN_N the row-major layout stays (its dequantize is
+# the cheaper one and the matmul no slower).
 CPU_DX_TRANSPOSED = True
+CPU_DX_TRANSPOSED_MIN_N = 1536
 
 # The CPU backward's dX = g @ W where it multiplies in float32 (float32 g; float16 / bfloat16 g on a CPU without a fast
 # GEMM in them): the fused kernel (csrc/cpu/gemv_simd.cpp, dx_strips: W decoded per 64-column strip, float32 FMAs,
@@ -123,9 +129,9 @@ CPU_DX_FUSED = True
 
 
 def _dequantize_t(packed, scales, code, blocksize, N: int, K: int, dtype) -> torch.Tensor | None:
-    """W [N, K] dequantized into the workspace as its transpose [K, N], where the CPU kernel is vectorized for it; else
-    None (the caller dequantizes row-major)."""
-    if not CPU_DX_TRANSPOSED:
+    """W [N, K] dequantized into the workspace as its transpose [K, N], where the CPU kernel is vectorized for it and N
+    is large enough for the layout to pay (CPU_DX_TRANSPOSED_MIN_N); else None (the caller dequantizes row-major)."""
+    if not CPU_DX_TRANSPOSED or N < CPU_DX_TRANSPOSED_MIN_N:
         return None
     probe = getattr(_native._C, "dequantize_4bit_t_cpu_vectorized", None)
     if probe is None or not probe(N, K, blocksize, _native._DTYPE_TO_NATIVE[dtype]):

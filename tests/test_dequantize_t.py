@@ -43,8 +43,11 @@ def _isas() -> list[str]:
 
 # (N, K, blocksize): whole 32-row tiles and a remainder, 128-column chunks with 4 / 2 / 1 / a fraction of a block,
 # K 1152 (nine chunks), and shapes off the vectorized path (K % 128 != 0, blocks spanning rows, fewer than 32 rows).
+# N >= 128: passes of four tiles (the kernel's kGroup) then single tiles and rows (200: one pass, two tiles, 8 rows;
+# 288: two passes and a tile; 1024: a power of two, every pass whole).
 SHAPES = [(32, 128, 64), (67, 256, 32), (96, 1152, 64), (40, 512, 128), (33, 256, 256), (64, 384, 64),
-          (37, 96, 32), (40, 128, 4096), (31, 256, 64)]
+          (37, 96, 32), (40, 128, 4096), (31, 256, 64), (128, 256, 64), (200, 384, 32), (288, 256, 128),
+          (1024, 128, 64)]
 
 
 @pytest.mark.parametrize("isa", _isas())
@@ -61,6 +64,18 @@ def test_transpose_of_the_row_major_dequantize_bit_for_bit(monkeypatch, isa, N, 
     fast = _native._C.dequantize_4bit_t_cpu_vectorized(N, K, bs, _native._DTYPE_TO_NATIVE[dtype])
     want = isa == "avx512" and dtype == torch.bfloat16 and K % 128 == 0 and K % bs == 0 and N >= 32
     assert fast == want
+
+
+def test_streamed_output_bit_for_bit():
+    """An output of 16 MiB and more takes the streaming (non-temporal) stores: still the row-major bits, with passes of
+    four tiles and a single tile after them (N 4128 = 129 tiles)."""
+    N, K, bs = 4128, 2048, 64
+    assert N * K * 2 >= 16 << 20
+    g = torch.Generator().manual_seed(11)
+    packed, st = qkernels.quantize_4bit(torch.randn(N, K, generator=g), blocksize=bs, quant_type="nf4",
+                                        double_quant=True)
+    rm, t = _both(packed, st, N, K, bs, torch.bfloat16)
+    assert torch.equal(t, rm.t())
 
 
 @pytest.mark.parametrize("isa", _isas())
@@ -123,6 +138,8 @@ def test_backward_dx_the_same_with_either_layout(monkeypatch, M, N, K):
     monkeypatch.setattr(_linear, "gemv_max_m", lambda x: _linear.GEMV_MAX_M)  # the large-M path on every CPU
     assert M > _linear.gemv_max_m(x0)
 
+    monkeypatch.setattr(_linear, "CPU_DX_TRANSPOSED_MIN_N", 0)  # these small layers take it too
+
     def grads(transposed: bool):
         monkeypatch.setattr(_linear, "CPU_DX_TRANSPOSED", transposed)
         x, A, B = (t.clone().requires_grad_() for t in (x0, A0, B0))
@@ -144,3 +161,23 @@ def test_backward_dx_the_same_with_either_layout(monkeypatch, M, N, K):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name} differs between the layouts")
     for dx in (t_grads[0], r_grads[0]):  # the matmul's summation order may differ between the layouts
         assert (dx.double() - dx64).abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("N", [1024, 2048])
+def test_backward_layout_follows_the_reduction_dimension(monkeypatch, N):
+    """The backward takes the transposed layout only where its matmul was measured faster (N, the reduction dimension
+    of g @ W, at least CPU_DX_TRANSPOSED_MIN_N); below, the row-major dequantize, the cheaper one."""
+    K = 256
+    if not _native._C.dequantize_4bit_t_cpu_vectorized(N, K, 64, _native._DTYPE_TO_NATIVE[torch.bfloat16]):
+        pytest.skip("the transposing dequantize is not vectorized on this CPU (no AVX-512): the backward keeps the "
+                    "row-major layout at every N")
+    monkeypatch.setattr(_linear, "gemv_max_m", lambda x: _linear.GEMV_MAX_M)  # the large-M path on every CPU
+    g = torch.Generator().manual_seed(N)
+    packed, st = qkernels.quantize_4bit(torch.randn(N, K, generator=g).to(torch.bfloat16), 64, "nf4")
+    calls = []
+    real = _native.dequantize_4bit_cpu_t_into
+    monkeypatch.setattr(_native, "dequantize_4bit_cpu_t_into", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(64, K, generator=g).to(torch.bfloat16).requires_grad_()
+    qkernels.matmul_4bit_lora(x, packed, st, None, None, 1.0).sum().backward()
+    assert bool(calls) == (N >= _linear.CPU_DX_TRANSPOSED_MIN_N)
+    assert x.grad is not None
