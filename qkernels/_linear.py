@@ -9,7 +9,8 @@ and the number of rows ``M`` (DESIGN §2):
 - ``reference``: dequantize W (pure torch) to x's dtype, then torch matmuls. The definition of correct.
 - ``cpu`` / ``cuda``, ``M <= gemv_max_m(x)`` (decode: 16 rows; on an AVX-512 CPU with K % 32 == 0, for bf16 x
   with AVX512-BF16 96 rows when K % 128 == 0 and 64 otherwise (16 with AMX), and 2048 for float32 / float16 x (16
-  for float16 with AMX-FP16); on an AVX2 CPU 128; where the CPU kernel was measured faster than the next path):
+  for float16 with AMX-FP16); on an AVX2 CPU 128; none on AVX2 / AVX-512 when K % 32 != 0, where the GEMV's
+  scalar path lost to dequantize + matmul at every M; where the CPU kernel was measured faster than the next path):
   the native fused GEMV reads the packed weight once, decodes both scale levels per block and adds the LoRA term
   and bias per output element (csrc/cpu/gemv.cpp, csrc/cuda/gemv.cu). Used when this build has it.
 - ``cpu`` / ``cuda``, larger M (training): one native dequantize into a reused per-thread buffer (no allocation,
@@ -177,18 +178,19 @@ def _cpu_bf16_gemm() -> bool:
 
 def gemv_max_m(x: torch.Tensor) -> int:
     """Rows up to which the fused GEMV runs for ``x [M, K]`` (where this build has it): GEMV_MAX_M, or on the CPU
-    what the kernel reports for x's dtype and K on the active ISA path (``_C.gemv_cpu_max_m``)."""
+    what the kernel reports for x's dtype and K on the active ISA path (``_C.gemv_cpu_max_m``; 0 where dequantize +
+    matmul wins at every M: K % 32 != 0 on AVX2 / AVX-512, whose GEMV would take the scalar path)."""
     if x.device.type == "cpu":
+        probe = getattr(_native._C, "gemv_cpu_max_m", None)
+        limit = GEMV_MAX_M if probe is None else probe(_native._DTYPE_TO_NATIVE[x.dtype], x.shape[-1])
         if (x.dtype == torch.bfloat16 and _cpu_probe("_is_amx_tile_supported")) or (
                 x.dtype == torch.float16 and _cpu_fp16_gemm()):
             # The kernel's limits were measured against AVX512-BF16 / float32 matmuls; torch's AMX bfloat16 /
             # float16 matmuls run several times faster, so past GEMV_MAX_M rows the dequantize + matmul is expected
             # to win there (not measured: no AMX machine). Up to GEMV_MAX_M the GEMV's single pass over the packed
             # weight costs about what the dequantize alone does, so it keeps those rows.
-            return GEMV_MAX_M
-        probe = getattr(_native._C, "gemv_cpu_max_m", None)
-        if probe is not None:
-            return probe(_native._DTYPE_TO_NATIVE[x.dtype], x.shape[-1])
+            limit = min(limit, GEMV_MAX_M)
+        return limit
     return GEMV_MAX_M
 
 
@@ -211,7 +213,7 @@ def linear_4bit_resolved(x, packed, scales, code, blocksize, N, lora_t, lora_B, 
     ``lora_t = lora_scale * x @ lora_A^T`` by the CPU LoRA kernel: inside the GEMV's binding where the GEMV runs
     (one call per decode step instead of two), else just before the matmul."""
     M, K = x.shape
-    gemv = impl in ("cpu", "cuda") and _has_gemv(x.device) and (M <= GEMV_MAX_M or M <= gemv_max_m(x))
+    gemv = impl in ("cpu", "cuda") and _has_gemv(x.device) and M <= gemv_max_m(x)
     if lora_A is not None and not (impl == "cpu" and gemv and lora_A.dtype in (torch.float32, torch.bfloat16)
                                    and lora_A.is_contiguous()):
         lora_t = _native.lora_down_raw(x, _native._DTYPE_TO_NATIVE[x.dtype], 0, lora_A, lora_scale, 1.0)

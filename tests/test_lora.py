@@ -271,21 +271,26 @@ def test_autocast_cpu_bf16():
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 def test_cpu_gemv_limit_dispatch(dtype):
     """The CPU takes the fused GEMV up to the row count its kernel reports (more than 16 on AVX2 / AVX-512 when
-    K % 32 == 0) and dequantize + matmul past it; both sides of the limit are checked against float64 (forward and
-    gradients)."""
+    K % 32 == 0; none there when K % 32 != 0, whose GEMV is the scalar path) and dequantize + matmul past it; both
+    sides of the limit are checked against float64 (forward and gradients)."""
     if "gemv_4bit_lora" not in qkernels._backend.native_ops(torch.device("cpu")):
         pytest.skip("this build has no native CPU GEMV (see qkernels.native_info())")
-    K = 128
-    limit = _linear.gemv_max_m(torch.empty(1, K, dtype=dtype))
-    assert limit >= _linear.GEMV_MAX_M
-    assert _linear.gemv_max_m(torch.empty(1, K + 1, dtype=dtype)) == _linear.GEMV_MAX_M  # K % 32 != 0: portable path
-    for M, fused in ((limit, True), (limit + 1, False)):
-        _check(M, 40, K, 8, dtype, "cpu", dropout_p=0.1)
-        packed, state, x, A, B, b, _ = _problem(M, 40, K, 8, dtype)
-        _linear.clear_workspace()
-        with torch.no_grad():  # the forward alone (the backward's dx always dequantizes into the workspace)
-            qkernels.matmul_4bit_lora(x, packed, state, A, B, 2.0, b, backend="cpu")
-        assert (_linear.workspace_bytes() == 0) == fused, f"M {M}: expected the {'GEMV' if fused else 'matmul'} path"
+    vector_isa = _native._C.cpu_isa_active() in ("avx2", "avx512")
+    for K in (128, 129):
+        limit = _linear.gemv_max_m(torch.empty(1, K, dtype=dtype))
+        if K % 32 == 0:
+            assert limit >= _linear.GEMV_MAX_M
+        else:  # the portable path: the vectorized dequantize + matmul wins on AVX2 / AVX-512 from one row
+            assert limit == (0 if vector_isa else _linear.GEMV_MAX_M)
+        for M, fused in ((limit, True), (limit + 1, False)):
+            if M == 0:
+                continue
+            _check(M, 40, K, 8, dtype, "cpu", dropout_p=0.1)
+            packed, state, x, A, B, b, _ = _problem(M, 40, K, 8, dtype)
+            _linear.clear_workspace()
+            with torch.no_grad():  # the forward alone (the backward's dx always dequantizes into the workspace)
+                qkernels.matmul_4bit_lora(x, packed, state, A, B, 2.0, b, backend="cpu")
+            assert (_linear.workspace_bytes() == 0) == fused, f"K {K} M {M}: expected the {'GEMV' if fused else 'matmul'} path"
     _linear.clear_workspace()
 
 

@@ -1065,12 +1065,17 @@ bool gemm_dx_simd(const Problem&, const void*, float*) { return false; }
 //   The AVX2 path (run_f32_multi_avx2, QKERNELS_CPU_ISA=avx2 on the same machine; torch's matmul there still uses
 //   AVX-512, about the rate an AVX2 core with two 256-bit FMA pipes reaches): float32 M 32 5.40 vs 11.1 ms, M 64
 //   10.9 vs 16.5, M 128 21.3 vs 26.6, M 256 41.4 vs 47.3, M 512 83.7 vs 87.3: GEMV to 128, where it leads by 1.25x.
-//   The portable path (K % 32 != 0, scalar ISA) was not measured past 16: it keeps 16.
+//   K % 32 != 0 (rows start mid-byte or mid-block) takes the portable path, scalar decode and dot products: there
+//   the vectorized dequantize + matmul wins at every M on AVX-512 and AVX2 (fourteenth session, through
+//   matmul_4bit_lora with LoRA r 16, us, GEMV vs dequantize + matmul: 1000 x 1000 bf16 M 1 264 vs 109, M 16 797 vs 140;
+//   4096 x 4100 bf16 M 1 4065 vs 2166, M 16 12927 vs 2527; float32 1000 x 1000 M 1 259 vs 130; the one loss, float32
+//   M 1 at 4096 x 4100 / 11008 x 4100, 4.1 vs 4.6 / 10.8 vs 12.4 ms): 0 rows.  The scalar ISA (its dequantize scalar
+//   too) keeps 16: measured there, the GEMV wins at M 1 and loses from M 4 (bf16) / ~10 (float32).
 int gemv_max_m(DType dtype, int64_t K) {
   constexpr int kDefault = 16;
 #ifdef QK_X86
-  if (K % 32 != 0) return kDefault;
   const Isa isa = active_isa();
+  if (K % 32 != 0) return isa == Isa::avx2 || isa == Isa::avx512 ? 0 : kDefault;
   if (isa == Isa::avx2) return 128;
   if (isa != Isa::avx512) return kDefault;
   if (dtype == DType::bfloat16 && bf16_dot_enabled()) return K % 128 == 0 ? 96 : 64;
