@@ -123,9 +123,11 @@ def test_gemv_matches_fp64(monkeypatch, isa, bf16dot, M, N, K, bs, nested, qt, d
     assert err <= tol, f"max error {err:.3g} > tolerance {tol:.3g} (path {isa}, bf16dot={bf16dot})"
 
 
-# The constant-table bf16 tile (M <= 4, K % 128 == 0, blocksize >= 64): 128 weights per step, x packed in the
+# The constant-table bf16 tile (M <= 4, K % 64 == 0, blocksize >= 64): 128 weights per step, x packed in the
 # decode's order, two block scales per step (blocksize 64), one (>= 128), blocks spanning rows (256 > K = 128),
-# N % 4 != 0, the M tiles' edges, both scale formats and codebooks, LoRA and bias on and off.
+# N % 4 != 0, the M tiles' edges, both scale formats and codebooks, LoRA and bias on and off; K % 128 == 64 (a half
+# group ending each row: K 64 is only that, 192 / 4544 after whole groups; blocks of 128 / 4096 spanning the rows'
+# halves), the last row's half group at the end of the packed bytes.
 CONST_CASES = [
     (M, N, K, bs, nested, qt, r, bias)
     for (M, N, K, bs, nested, qt, r, bias) in [
@@ -133,6 +135,9 @@ CONST_CASES = [
         (3, 33, 128, 256, True, "nf4", 1, True), (4, 64, 1024, 128, False, "nf4", 8, False),
         (1, 256, 4096, 64, True, "nf4", 16, True), (4, 67, 256, 4096, True, "fp4", 0, True),
         (5, 40, 384, 64, True, "nf4", 8, True),  # past the path's M: the per-block tables again
+        (1, 7, 64, 64, True, "nf4", 0, False), (2, 9, 192, 64, False, "fp4", 8, True),
+        (3, 5, 192, 128, True, "nf4", 1, True), (4, 33, 4544, 64, True, "nf4", 16, True),
+        (1, 6, 320, 4096, False, "nf4", 0, True),
     ]
 ]
 

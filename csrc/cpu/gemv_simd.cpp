@@ -93,6 +93,23 @@ struct AlignedAlloc {
   bool operator!=(const AlignedAlloc&) const { return false; }
 };
 
+// Bytes ahead, in each row's packed stream, that the small-M tiles prefetch (into L2: _MM_HINT_T1).  Its
+// weights come from DRAM in a model (a 0.5B one's 185 MB of packed projections per token, read once each): 24 layers
+// of Qwen2-0.5B's shapes decoded one after the other, M 1, GEMV time per token (ms, two runs each, into L1): no
+// prefetch 16.3 / 18.2, 2 KB ahead 12.4 / 14.0, 4 KB 13.5 / 12.8, 8 KB 11.6 / 11.7, 16 KB 14.6 / 14.4, 32 KB 16.8 /
+// 16.5; the down projection (K 4864) gained most (147 -> 112 us).  8 KB into L2 instead of L1, alternating processes
+// (three pairs): 14.5 / 14.7 / 12.9 -> 11.1 / 11.9 / 12.7 (more misses in flight than L1's fill buffers hold).
+constexpr int64_t kConstPrefetch = 8192;
+// The per-block-table and word-order tiles (K % 128 != 0, blocksize 32, M 5-8) had none: from DRAM they ran at
+// 17 GB/s of packed weight (18176 x 4544, bf16, M 1: 2.4 ms, against 1.0 ms at K 4480 on the constant-table tile);
+// with the same prefetch, once per 64 bytes of each row: see prefetch_row.
+
+// The small-M tiles' prefetch of row bytes [b + kConstPrefetch, ...) when b (the byte the tile reads next) starts a
+// 64-byte stretch of the row (k % 128 == 0): one prefetch per cache line's worth of weights.
+QK_INLINE void prefetch_row(const uint8_t* row, int64_t k) {
+  if ((k & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(row + (k >> 1) + kConstPrefetch), _MM_HINT_T1);
+}
+
 // ---- AVX-512, float32 x (packed, even / odd split), W decoded with vpermps on the 16 float32 products
 // code * scale.  vpermps reads only index bits 0..3, so a byte's low nibble needs no mask.
 template <int NR, int MT>
@@ -142,6 +159,7 @@ struct TileF32Avx512 {
       for (; k < seg_end; k += 32) {
         __m512 whi[NR], wlo[NR];
         for (int r = 0; r < NR; ++r) {
+          prefetch_row(row[r], k);
           const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row[r] + (k >> 1))));
           whi[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut[r]);  // elements k, k+2, ...
           wlo[r] = _mm512_permutexvar_ps(v, lut[r]);                        // elements k+1, k+3, ...
@@ -200,6 +218,7 @@ struct TileBf16Avx512 {
       for (; k < seg_end; k += 32) {
         __m512i w[NR];
         for (int r = 0; r < NR; ++r) {
+          prefetch_row(row[r], k);
           const __m512i q = _mm512_cvtepu16_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row[r] + (k >> 1))));
           w[r] = _mm512_permutexvar_epi16(_mm512_multishift_epi64_epi8(shifts, q), lut[r]);
         }
@@ -251,7 +270,10 @@ struct TileBf16Words {
     for (int64_t k = 0; k < K; k += 128) {
       const uint16_t* xk = xt + k * MT;
       __m512i w[NR][4];
-      for (int r = 0; r < NR; ++r) decode(p, row[r] + (k >> 1), (n0 + r) * K + k, w[r]);
+      for (int r = 0; r < NR; ++r) {
+        prefetch_row(row[r], k);
+        decode(p, row[r] + (k >> 1), (n0 + r) * K + k, w[r]);
+      }
       for (int i = 0; i < MT; ++i)
         for (int j = 0; j < 4; ++j) {
           const __m512i xv = _mm512_loadu_si512(xk + 128 * i + 32 * j);
@@ -262,7 +284,7 @@ struct TileBf16Words {
   }
 };
 
-// ---- AVX-512 + AVX512_BF16, bfloat16 x, small M, K % 128 == 0 and blocksize >= 64: a constant table and the
+// ---- AVX-512 + AVX512_BF16, bfloat16 x, small M, K % 64 == 0 and blocksize >= 64: a constant table and the
 // scale applied after the dot product.  128 weights (64 packed bytes, two 64-blocks or part of one) are one zmm
 // load; viewed as 32 words, word w holds the nibbles of weights 4w+1 (bits 0-3), 4w (4-7), 4w+3 (8-11), 4w+2
 // (12-15), so vpermw on the word (shifted by 0, 4, 8, 12) looks up one weight per word: vpermw reads index bits
@@ -322,6 +344,10 @@ void pack_x(const void* x, int64_t M, int64_t K, int mt_max, To* xp) {
 // pack_x<RawU16, OrderWords128> with two vpermt2w and a blend per 32 words: position 32j + w of a 128-column group
 // holds column 4w + kPermOfNibble[j], i.e. (4w + p_j) mod 64 of the group's first (w < 16) or second (w >= 16) half.
 // The scalar pack took ~45 us of a ~2 ms M 16 call, before (outside) the parallel region.
+// K rounded up to a whole 128-column group: the row length of pack_x_words_bf16's output (K % 128 == 64: the last
+// group's second half zero).
+inline int64_t padded_k128(int64_t K) { return (K + 127) & ~int64_t(127); }
+
 QK_AVX512 void pack_x_words_bf16(const void* x, int64_t M, int64_t K, int mt_max, uint16_t* xp) {
   __m512i idx[4];
   for (int j = 0; j < 4; ++j) {
@@ -335,9 +361,11 @@ QK_AVX512 void pack_x_words_bf16(const void* x, int64_t M, int64_t K, int mt_max
     for (int64_t i = 0; i < mt; ++i) {
       const uint16_t* s = src + (m0 + i) * K;
       for (int64_t k = 0; k < K; k += 128) {
+        const bool tail = k + 128 > K;  // K % 128 == 64 (TileBf16Const only): zeros for the missing half
         const __m512i a = _mm512_loadu_si512(s + k), b = _mm512_loadu_si512(s + k + 32);
-        const __m512i c = _mm512_loadu_si512(s + k + 64), d = _mm512_loadu_si512(s + k + 96);
-        uint16_t* o = xp + m0 * K + k * mt + i * 128;
+        const __m512i c = tail ? _mm512_setzero_si512() : _mm512_loadu_si512(s + k + 64);
+        const __m512i d = tail ? _mm512_setzero_si512() : _mm512_loadu_si512(s + k + 96);
+        uint16_t* o = xp + m0 * padded_k128(K) + k * mt + i * 128;
         for (int j = 0; j < 4; ++j)
           _mm512_storeu_si512(o + 32 * j, _mm512_mask_blend_epi16(__mmask32(0xffff0000u),
                                                                   _mm512_permutex2var_epi16(a, idx[j], b),
@@ -367,19 +395,27 @@ QK_AVX512 QK_INLINE __m512 pair_scales(const Problem& p, int64_t e) {
                               _mm512_set1_ps(p.scale((e + 64) >> p.bs_shift)));
 }
 
-// Bytes ahead, in each row's packed stream, that the constant-table tile prefetches (into L2: _MM_HINT_T1).  Its
-// weights come from DRAM in a model (a 0.5B one's 185 MB of packed projections per token, read once each): 24 layers
-// of Qwen2-0.5B's shapes decoded one after the other, M 1, GEMV time per token (ms, two runs each, into L1): no
-// prefetch 16.3 / 18.2, 2 KB ahead 12.4 / 14.0, 4 KB 13.5 / 12.8, 8 KB 11.6 / 11.7, 16 KB 14.6 / 14.4, 32 KB 16.8 /
-// 16.5; the down projection (K 4864) gained most (147 -> 112 us).  8 KB into L2 instead of L1, alternating processes
-// (three pairs): 14.5 / 14.7 / 12.9 -> 11.1 / 11.9 / 12.7 (more misses in flight than L1's fill buffers hold).
-constexpr int64_t kConstPrefetch = 8192;
 
 template <int NR, int MT>
 struct TileBf16Const {
+  // One group of 128 weights (v: its 64 packed bytes) of one row against MT rows of x (xk, packed), into acc.
+  QK_AVX512BF16 static QK_INLINE void group(__m512i v, __m512i lut, __m512 sv, const uint16_t* xk, __m512 (&acc)[MT]) {
+    const __m512i w0 = _mm512_permutexvar_epi16(v, lut), w1 = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), lut);
+    const __m512i w2 = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), lut);
+    const __m512i w3 = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), lut);
+    for (int i = 0; i < MT; ++i) {
+      const uint16_t* xi = xk + 128 * i;
+      __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)w0, (__m512bh)_mm512_loadu_si512(xi));
+      t = _mm512_dpbf16_ps(t, (__m512bh)w1, (__m512bh)_mm512_loadu_si512(xi + 32));
+      t = _mm512_dpbf16_ps(t, (__m512bh)w2, (__m512bh)_mm512_loadu_si512(xi + 64));
+      t = _mm512_dpbf16_ps(t, (__m512bh)w3, (__m512bh)_mm512_loadu_si512(xi + 96));
+      acc[i] = _mm512_fmadd_ps(t, sv, acc[i]);
+    }
+  }
+
   QK_AVX512BF16 static void run(const Problem& p, const void* xprep, int64_t n0, int64_t m0) {
     const int64_t K = p.K;
-    const uint16_t* xt = static_cast<const uint16_t*>(xprep) + m0 * K;
+    const uint16_t* xt = static_cast<const uint16_t*>(xprep) + m0 * padded_k128(K);
     const __m512 code = _mm512_loadu_ps(p.code);
     const __m512i lut = (__m512i)_mm512_cvtne2ps_pbh(code, code);  // bf16(code), words 0..15 and 16..31
     __m512 acc[NR][MT];
@@ -388,24 +424,21 @@ struct TileBf16Const {
       row[r] = p.packed + (((n0 + r) * K) >> 1);
       for (int i = 0; i < MT; ++i) acc[r][i] = _mm512_setzero_ps();
     }
-    for (int64_t k = 0; k < K; k += 128) {
+    const int64_t kfull = K & ~int64_t(127);
+    for (int64_t k = 0; k < kfull; k += 128) {
       const uint16_t* xk = xt + k * MT;
       for (int r = 0; r < NR; ++r) {
         _mm_prefetch(reinterpret_cast<const char*>(row[r] + (k >> 1) + kConstPrefetch), _MM_HINT_T1);
-        const __m512i v = _mm512_loadu_si512(row[r] + (k >> 1));
-        const __m512i w0 = _mm512_permutexvar_epi16(v, lut), w1 = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), lut);
-        const __m512i w2 = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), lut);
-        const __m512i w3 = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), lut);
-        const __m512 sv = pair_scales(p, (n0 + r) * K + k);
-        for (int i = 0; i < MT; ++i) {
-          const uint16_t* xi = xk + 128 * i;
-          __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)w0, (__m512bh)_mm512_loadu_si512(xi));
-          t = _mm512_dpbf16_ps(t, (__m512bh)w1, (__m512bh)_mm512_loadu_si512(xi + 32));
-          t = _mm512_dpbf16_ps(t, (__m512bh)w2, (__m512bh)_mm512_loadu_si512(xi + 64));
-          t = _mm512_dpbf16_ps(t, (__m512bh)w3, (__m512bh)_mm512_loadu_si512(xi + 96));
-          acc[r][i] = _mm512_fmadd_ps(t, sv, acc[r][i]);
-        }
+        group(_mm512_loadu_si512(row[r] + (k >> 1)), lut, pair_scales(p, (n0 + r) * K + k), xk, acc[r]);
       }
+    }
+    if (kfull < K) {  // K % 128 == 64: the row's last 64 weights, half a group. Only their 32 bytes are read (the
+      // register's rest zero: index 0, a finite code, against x's zero padding), and only their block's scale (the
+      // next block may lie past the scales' end).
+      const uint16_t* xk = xt + kfull * MT;
+      for (int r = 0; r < NR; ++r)
+        group(_mm512_maskz_loadu_epi8(__mmask64(0xffffffffULL), row[r] + (kfull >> 1)), lut,
+              _mm512_set1_ps(p.scale(((n0 + r) * K + kfull) >> p.bs_shift)), xk, acc[r]);
     }
     finish_avx512<NR, MT>(p, acc, n0, m0);
   }
@@ -800,6 +833,7 @@ struct TileF32Avx2 {
       }
       for (; k < seg_end; k += 32) {
         const float* xk = xt + k * MT;
+        for (int r = 0; r < NR; ++r) prefetch_row(row[r], k);
         for (int h = 0; h < 2; ++h) {  // bytes 8h .. 8h+7 of the chunk: x evens at [8h, 8h+8), odds at [16+8h, ...)
           __m256 whi[NR], wlo[NR];
           for (int r = 0; r < NR; ++r) {
@@ -971,9 +1005,12 @@ bool gemv_simd(const Problem& p, const void* x) {
       // into L1 shared by the M tiles (run_bf16_multi; measurements there).  Without the word order's conditions
       // (K % 128 != 0, blocksize 32): the per-block tables to M 8, then run_bf16_multi with the per-block decode.
       const bool words = p.K % 128 == 0 && p.bs_shift >= 6;  // the word-order decodes apply
-      if (words && p.M <= kConstMaxM) {
+      // The constant-table tile also takes K % 128 == 64 (a half group ends each row; Falcon-7B's 18176 x 4544, M 1,
+      // fourteenth session: 1.74 ms on the per-block tables with their prefetch, 2.4 without, 1.02 ms here, against
+      // 0.93-1.0 at K 4480).
+      if ((words || (p.K % 64 == 0 && p.bs_shift >= 6)) && p.M <= kConstMaxM) {
         static const TileTable tc = make_table<TileBf16Const, 4, 2, 1>(Mts4{});
-        std::vector<uint16_t> xp(static_cast<size_t>(p.M * p.K));
+        std::vector<uint16_t> xp(static_cast<size_t>(p.M * padded_k128(p.K)));
         pack_x_words_bf16(x, p.M, p.K, tc.mt_max, xp.data());
         run_tiles(p, xp.data(), tc);
         return true;
