@@ -290,7 +290,8 @@ def test_cpu_gemv_limit_dispatch(dtype):
             _linear.clear_workspace()
             with torch.no_grad():  # the forward alone (the backward's dx always dequantizes into the workspace)
                 qkernels.matmul_4bit_lora(x, packed, state, A, B, 2.0, b, backend="cpu")
-            assert (_linear.workspace_bytes() == 0) == fused, f"K {K} M {M}: expected the {'GEMV' if fused else 'matmul'} path"
+            path = "GEMV" if fused else "matmul"
+            assert (_linear.workspace_bytes() == 0) == fused, f"K {K} M {M}: expected the {path} path"
     _linear.clear_workspace()
 
 
