@@ -33,6 +33,7 @@ namespace {  // the kernels: internal linkage, so the compiler may inline and sp
 using TileFn = void (*)(const Problem&, const void* xprep, int64_t n0, int64_t m0);
 
 constexpr int kMaxMt = 8;
+constexpr int64_t kGroupRows = 4;  // output rows per group of run_tiles
 struct TileTable {
   int mt_max = 1;
   int nr[kMaxMt + 1] = {};
@@ -53,7 +54,7 @@ TileTable make_table(std::integer_sequence<int, MT...>) {
 }
 
 void run_tiles(const Problem& p, const void* xprep, const TileTable& t) {
-  constexpr int64_t G = 4;  // rows per group: a multiple of every nr[]
+  constexpr int64_t G = kGroupRows;  // rows per group: a multiple of every nr[]
   const int64_t ngroups = (p.N + G - 1) / G;
   const bool par = p.N * p.K >= kParallelMinWeights && ngroups > 1;
   (void)par;
@@ -103,11 +104,17 @@ constexpr int64_t kConstPrefetch = 8192;
 // The per-block-table and word-order tiles (K % 128 != 0, blocksize 32, M 5-8) had none: from DRAM they ran at
 // 17 GB/s of packed weight (18176 x 4544, bf16, M 1: 2.4 ms, against 1.0 ms at K 4480 on the constant-table tile);
 // with the same prefetch, once per 64 bytes of each row: see prefetch_row.
+// The distance is at least a group's rows (prefetch_distance): a tile reads kGroupRows rows side by side, and 8 KB
+// ahead of a row longer than 8 KB (K > 16384; 2 KB at kGroupRows x K/2 > 8 KB) stays inside that row, so the next
+// group's rows started cold. One group ahead (the same lane of the next group), measured in one process against
+// 8 KB, bf16 M 1 (fourteenth session): 4544 x 18176 1.40 -> 0.94 ms, 4096 x 14336 0.84-0.91 -> 0.63, 4096 x 11008
+// 0.65 -> 0.47 (47 GB/s of packed weight from DRAM, as the short rows'); K <= 4096 unchanged.
 
 // The small-M tiles' prefetch of row bytes [b + kConstPrefetch, ...) when b (the byte the tile reads next) starts a
 // 64-byte stretch of the row (k % 128 == 0): one prefetch per cache line's worth of weights.
-QK_INLINE void prefetch_row(const uint8_t* row, int64_t k) {
-  if ((k & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(row + (k >> 1) + kConstPrefetch), _MM_HINT_T1);
+QK_INLINE int64_t prefetch_distance(int64_t K) { return std::max<int64_t>(kConstPrefetch, kGroupRows * (K >> 1)); }
+QK_INLINE void prefetch_row(const uint8_t* row, int64_t k, int64_t ahead) {
+  if ((k & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(row + (k >> 1) + ahead), _MM_HINT_T1);
 }
 
 // ---- AVX-512, float32 x (packed, even / odd split), W decoded with vpermps on the 16 float32 products
@@ -137,6 +144,7 @@ template <int NR, int MT>
 struct TileF32Avx512 {
   QK_AVX512 static void run(const Problem& p, const void* xprep, int64_t n0, int64_t m0) {
     const int64_t K = p.K;
+    const int64_t ahead = prefetch_distance(K);
     const float* xt = static_cast<const float*>(xprep) + m0 * K;  // this M tile's packed x
     const __m512 code = _mm512_loadu_ps(p.code);
     // Small tiles keep the high- and low-nibble products in separate accumulators: with one, each accumulator took
@@ -159,7 +167,7 @@ struct TileF32Avx512 {
       for (; k < seg_end; k += 32) {
         __m512 whi[NR], wlo[NR];
         for (int r = 0; r < NR; ++r) {
-          prefetch_row(row[r], k);
+          prefetch_row(row[r], k, ahead);
           const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row[r] + (k >> 1))));
           whi[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut[r]);  // elements k, k+2, ...
           wlo[r] = _mm512_permutexvar_ps(v, lut[r]);                        // elements k+1, k+3, ...
@@ -201,6 +209,7 @@ template <int NR, int MT>
 struct TileBf16Avx512 {
   QK_AVX512BF16 static void run(const Problem& p, const void* xprep, int64_t n0, int64_t m0) {
     const int64_t K = p.K;
+    const int64_t ahead = prefetch_distance(K);
     const uint16_t* xt = static_cast<const uint16_t*>(xprep) + m0 * K;  // this M tile's packed x
     const __m512 code = _mm512_loadu_ps(p.code);
     const __m512i shifts = _mm512_set1_epi64(0x0008000c00000004LL);  // bytes 0,2,4,6 of each qword: 4, 0, 12, 8
@@ -218,7 +227,7 @@ struct TileBf16Avx512 {
       for (; k < seg_end; k += 32) {
         __m512i w[NR];
         for (int r = 0; r < NR; ++r) {
-          prefetch_row(row[r], k);
+          prefetch_row(row[r], k, ahead);
           const __m512i q = _mm512_cvtepu16_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row[r] + (k >> 1))));
           w[r] = _mm512_permutexvar_epi16(_mm512_multishift_epi64_epi8(shifts, q), lut[r]);
         }
@@ -259,6 +268,7 @@ template <int NR, int MT>
 struct TileBf16Words {
   QK_AVX512BF16 static void run(const Problem& p, const void* xprep, int64_t n0, int64_t m0) {
     const int64_t K = p.K;
+    const int64_t ahead = prefetch_distance(K);
     const uint16_t* xt = static_cast<const uint16_t*>(xprep) + m0 * K;
     const WordsDecoder decode(p.code);
     __m512 acc[NR][MT];
@@ -271,7 +281,7 @@ struct TileBf16Words {
       const uint16_t* xk = xt + k * MT;
       __m512i w[NR][4];
       for (int r = 0; r < NR; ++r) {
-        prefetch_row(row[r], k);
+        prefetch_row(row[r], k, ahead);
         decode(p, row[r] + (k >> 1), (n0 + r) * K + k, w[r]);
       }
       for (int i = 0; i < MT; ++i)
@@ -424,11 +434,12 @@ struct TileBf16Const {
       row[r] = p.packed + (((n0 + r) * K) >> 1);
       for (int i = 0; i < MT; ++i) acc[r][i] = _mm512_setzero_ps();
     }
+    const int64_t ahead = prefetch_distance(K);
     const int64_t kfull = K & ~int64_t(127);
     for (int64_t k = 0; k < kfull; k += 128) {
       const uint16_t* xk = xt + k * MT;
       for (int r = 0; r < NR; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(row[r] + (k >> 1) + kConstPrefetch), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(row[r] + (k >> 1) + ahead), _MM_HINT_T1);
         group(_mm512_loadu_si512(row[r] + (k >> 1)), lut, pair_scales(p, (n0 + r) * K + k), xk, acc[r]);
       }
     }
@@ -455,6 +466,7 @@ template <int NR, int MT>
 struct TileF32Const {
   QK_AVX512 static void run(const Problem& p, const void* xprep, int64_t n0, int64_t m0) {
     const int64_t K = p.K;
+    const int64_t ahead = prefetch_distance(K);
     const float* xt = static_cast<const float*>(xprep) + m0 * K;
     const __m512 code = _mm512_loadu_ps(p.code);
     __m512 acc[NR][MT];
@@ -466,7 +478,7 @@ struct TileF32Const {
     for (int64_t k = 0; k < K; k += 128) {
       const float* xk = xt + k * MT;
       for (int r = 0; r < NR; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(row[r] + (k >> 1) + kConstPrefetch), _MM_HINT_T1);  // as TileBf16Const
+        _mm_prefetch(reinterpret_cast<const char*>(row[r] + (k >> 1) + ahead), _MM_HINT_T1);  // as TileBf16Const
         const __m512i v = _mm512_loadu_si512(row[r] + (k >> 1));
         __m512 w[8];
         w[0] = _mm512_permutexvar_ps(v, code);
@@ -814,6 +826,7 @@ template <int NR, int MT>
 struct TileF32Avx2 {
   QK_AVX2 static void run(const Problem& p, const void* xprep, int64_t n0, int64_t m0) {
     const int64_t K = p.K;
+    const int64_t ahead = prefetch_distance(K);
     const float* xt = static_cast<const float*>(xprep) + m0 * K;
     const __m256 code_a = _mm256_loadu_ps(p.code), code_b = _mm256_loadu_ps(p.code + 8);
     const __m256i low4 = _mm256_set1_epi32(0x0f);
@@ -833,7 +846,7 @@ struct TileF32Avx2 {
       }
       for (; k < seg_end; k += 32) {
         const float* xk = xt + k * MT;
-        for (int r = 0; r < NR; ++r) prefetch_row(row[r], k);
+        for (int r = 0; r < NR; ++r) prefetch_row(row[r], k, ahead);
         for (int h = 0; h < 2; ++h) {  // bytes 8h .. 8h+7 of the chunk: x evens at [8h, 8h+8), odds at [16+8h, ...)
           __m256 whi[NR], wlo[NR];
           for (int r = 0; r < NR; ++r) {
