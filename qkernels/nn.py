@@ -24,7 +24,9 @@ import copy
 import dataclasses
 import json
 import math
+import os as _os
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -214,6 +216,14 @@ def _init_lora_(A: torch.Tensor, B: torch.Tensor, init: bool | str, r: int) -> N
         nn.init.kaiming_uniform_(B, a=math.sqrt(5))
     else:
         nn.init.zeros_(B)
+
+
+# QLoRALinear's decode plans (see QLoRALinear._planned_forward), by layer: outside the module, so a deepcopy, pickle or
+# torch.save of the layer never carries one (a closure pickles not; a copy's plan would hold the original's tensors),
+# and a layer's plan goes with it.
+_DECODE_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# False: every call runs the full forward (for tests and comparisons).
+DECODE_PLANS = True
 
 
 def _loses_precision(dtype: torch.dtype, to: torch.dtype) -> bool:
@@ -1015,6 +1025,10 @@ class QLoRALinear(nn.Module):
             self._raise_unloaded()
         if adapter_names is not None:
             return self._mixed_batch_forward(x, adapter_names)
+        if DECODE_PLANS and not self.training and not torch.is_grad_enabled():
+            y = self._planned_forward(x)
+            if y is not None:
+                return y
         name = None if self.disable_adapters else self.active_adapter
         A = B = b_mod = None
         scaling, p = 0.0, 0.0
@@ -1056,6 +1070,101 @@ class QLoRALinear(nn.Module):
         y = matmul_4bit_lora(xc, packed, state, A, B, scaling, None if late else bias, p, training=self.training)
         y = y if y.dtype == x.dtype else y.to(x.dtype)
         return y + bias.to(y.dtype) if late else y
+
+    # ------------------------------------------------------------------ the decode fast path
+    # A decode step of a small layer is a few microseconds of kernel and was ~20 us of Python around it (this forward,
+    # matmul_4bit_lora's checks, the QuantState's validation, the backend's resolution): a quarter of a 0.5B model's
+    # token on the CPU machine. In eval without grad the layer keeps a plan, the kernel's arguments validated once,
+    # keyed by every object (and tensor shape / dtype / data pointer) they came from; any change rebuilds it.
+    def _plan_key(self, x: torch.Tensor) -> tuple[tuple, tuple] | None:
+        """What the decode plan depends on, read again per call, as ``(key, objects)``: the key holds the ids of the
+        objects (compared by identity: a tensor's ``==`` is elementwise), their shapes, dtypes and data pointers, and
+        the plain values; the plan keeps the objects alive, so no id is reused while it stands. None where no plan
+        applies (no quant_state on the weight: a float base, FSDP, a replaced weight)."""
+        w = self._parameters["weight"]
+        state = getattr(w, "quant_state", None)
+        if state is None or not self.quantized:
+            return None
+        name = None if self.disable_adapters else self.active_adapter
+        a = b = b_bias = scaling = None
+        if name is not None:
+            mods = self._modules
+            a, bm = mods["lora_A"][name]._parameters["weight"], mods["lora_B"][name]
+            b, b_bias, scaling = bm._parameters["weight"], bm._parameters.get("bias"), self.scaling[name]
+        bias = self._parameters.get("bias")
+        am, code, s2 = state.absmax, state.code, state.state2
+        s2a, s2c, offset = (None, None, None) if s2 is None else (s2.absmax, s2.code, state.offset)
+        objs = (w, state, am, code, s2, s2a, s2c, offset, a, b, b_bias, bias)
+        key = (tuple(map(id, objs)), x.dtype, x.device, x.shape[-1], w.data_ptr(), w.shape, w.dtype,
+               am.shape, am.dtype, code.shape, code.dtype, state.blocksize, state.shape,
+               None if s2 is None else (s2a.shape, s2a.dtype, s2c.shape, s2.blocksize),
+               name, None if a is None else (a.shape, a.dtype, b.shape, b.dtype), scaling,
+               None if bias is None else (bias.shape, bias.dtype), self.compute_dtype,
+               _os.environ.get("QKERNELS_BACKEND"))
+        return key, objs
+
+    def _planned_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Inference (eval, no grad, CPU) through the layer's plan (``_build_plan``), rebuilt whenever ``_plan_key``
+        changes; None where the plan does not apply (the full forward runs)."""
+        if (x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()
+                or torch.jit.is_tracing()):
+            return None
+        keyed = self._plan_key(x)
+        if keyed is None:
+            return None
+        plan = _DECODE_PLANS.get(self)
+        if plan is None or plan[0] != keyed[0]:
+            _DECODE_PLANS[self] = plan = (keyed[0], self._build_plan(x), keyed[1])
+        return None if plan[1] is None else plan[1](x)
+
+    def _build_plan(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
+        """The fused GEMV's call with this layer's arguments, checked here once as ``forward`` checks them per call
+        (``matmul_4bit_lora``, ``QuantState.validate``); None where the layer's forward does more than that call (a
+        float base, DoRA, a LoRA bias, a cast to ``compute_dtype``, no native GEMV, a forced backend, adapters the
+        binding does not read in place). The returned function gives None for rows past the GEMV's limit."""
+        from . import _backend, _linear, _native
+
+        name = None if self.disable_adapters else self.active_adapter
+        if x.dtype not in FLOAT_DTYPES or (self.compute_dtype is not None and self.compute_dtype != x.dtype):
+            return None
+        if name is not None and name in self._magnitudes():
+            return None
+        packed, state = self._packed()
+        if (_backend.resolve("linear_4bit", x.device, None) != "cpu" or not _linear._has_gemv(x.device)
+                or len(state.shape) != 2 or packed.device != x.device or not packed.is_contiguous()):
+            return None
+        state.validate(packed)
+        N, K = int(state.shape[0]), int(state.shape[1])
+        if x.shape[-1] != K:
+            return None
+        A = B = None
+        scaling = 1.0
+        if name is not None:
+            A = self._modules["lora_A"][name].weight
+            b_mod = self._modules["lora_B"][name]
+            B, scaling = b_mod.weight, float(self.scaling[name])
+            if (b_mod.bias is not None or A.dtype not in (torch.float32, torch.bfloat16)
+                    or B.dtype not in FLOAT_DTYPES or A.shape[1] != K or B.shape[0] != N or A.shape[0] != B.shape[1]
+                    or A.device != x.device or B.device != x.device):
+                return None
+        bias = self.bias
+        if bias is not None and (bias.shape != (N,) or bias.device != x.device or not bias.is_floating_point()):
+            return None
+        raw = packed if packed.dtype == torch.uint8 else packed.reshape(-1).view(torch.uint8)
+        s2 = state.state2
+        nested = (s2.absmax, s2.code, state.offset, s2.blocksize) if s2 is not None else (None, None, None, 256)
+        absmax, code, blocksize = state.absmax, state.code, int(state.blocksize)
+
+        def run(x: torch.Tensor) -> torch.Tensor | None:
+            x2 = x.reshape(-1, K) if x.dim() != 2 else x
+            M = x2.shape[0]
+            if M == 0 or M > _linear.gemv_max_m(x2) or (A is not None and not A.is_contiguous()):
+                return None
+            y = _native.gemv_4bit_lora_raw(x2.contiguous(), raw, absmax, code, blocksize, N, *nested, None, B, bias,
+                                           lora_A=A, lora_scale=scaling)
+            return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
+
+        return run
 
     def _lora_beside_base(self, x: torch.Tensor, xc: torch.Tensor, packed: torch.Tensor, state: QuantState,
                           name: str, A: torch.Tensor, b_mod: nn.Module, scaling: float) -> torch.Tensor:
