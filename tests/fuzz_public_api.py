@@ -219,8 +219,9 @@ def gen_quantize(rng: random.Random) -> Case:
     if not valid:
         names = ("A",)
     if valid and special < 0.1:
-        A = A.clone()
-        A.reshape(-1)[rng.randrange(A.numel())] = _pick(rng, [float("nan"), float("inf"), -float("inf")])
+        A = A.clone()  # keeps A's layout; A.reshape(-1) of a strided A is a copy, so index A itself
+        at = torch.unravel_index(torch.tensor(rng.randrange(A.numel())), A.shape)
+        A[tuple(int(i) for i in at)] = _pick(rng, [float("nan"), float("inf"), -float("inf")])
         valid, names = False, ("nan",)
     elif valid and special < 0.15:
         A = torch.zeros_like(A)

@@ -94,7 +94,7 @@ struct AlignedAlloc {
   bool operator!=(const AlignedAlloc&) const { return false; }
 };
 
-// Bytes ahead, in each row's packed stream, that the small-M tiles prefetch (into L2: _MM_HINT_T1).  Its
+// Bytes ahead, in each row's packed stream, that the small-M tiles prefetch (into L2: _MM_HINT_T1), at least.  Their
 // weights come from DRAM in a model (a 0.5B one's 185 MB of packed projections per token, read once each): 24 layers
 // of Qwen2-0.5B's shapes decoded one after the other, M 1, GEMV time per token (ms, two runs each, into L1): no
 // prefetch 16.3 / 18.2, 2 KB ahead 12.4 / 14.0, 4 KB 13.5 / 12.8, 8 KB 11.6 / 11.7, 16 KB 14.6 / 14.4, 32 KB 16.8 /
@@ -104,13 +104,13 @@ constexpr int64_t kConstPrefetch = 8192;
 // The per-block-table and word-order tiles (K % 128 != 0, blocksize 32, M 5-8) had none: from DRAM they ran at
 // 17 GB/s of packed weight (18176 x 4544, bf16, M 1: 2.4 ms, against 1.0 ms at K 4480 on the constant-table tile);
 // with the same prefetch, once per 64 bytes of each row: see prefetch_row.
-// The distance is at least a group's rows (prefetch_distance): a tile reads kGroupRows rows side by side, and 8 KB
-// ahead of a row longer than 8 KB (K > 16384; 2 KB at kGroupRows x K/2 > 8 KB) stays inside that row, so the next
-// group's rows started cold. One group ahead (the same lane of the next group), measured in one process against
+// The distance is at least a group's rows (prefetch_distance): a tile reads kGroupRows rows side by side, so once
+// those rows hold more than 8 KB (K > 4096) an 8 KB prefetch no longer reaches the next group's rows, which started
+// cold (from K > 16384 it stays inside the row). One group ahead (the same lane of the next group), measured in one process against
 // 8 KB, bf16 M 1 (fourteenth session): 4544 x 18176 1.40 -> 0.94 ms, 4096 x 14336 0.84-0.91 -> 0.63, 4096 x 11008
 // 0.65 -> 0.47 (47 GB/s of packed weight from DRAM, as the short rows'); K <= 4096 unchanged.
 
-// The small-M tiles' prefetch of row bytes [b + kConstPrefetch, ...) when b (the byte the tile reads next) starts a
+// The small-M tiles' prefetch of the byte `ahead` past b (the byte of the row the tile reads next) when b starts a
 // 64-byte stretch of the row (k % 128 == 0): one prefetch per cache line's worth of weights.
 QK_INLINE int64_t prefetch_distance(int64_t K) { return std::max<int64_t>(kConstPrefetch, kGroupRows * (K >> 1)); }
 QK_INLINE void prefetch_row(const uint8_t* row, int64_t k, int64_t ahead) {
@@ -351,13 +351,13 @@ void pack_x(const void* x, int64_t M, int64_t K, int mt_max, To* xp) {
   }
 }
 
-// pack_x<RawU16, OrderWords128> with two vpermt2w and a blend per 32 words: position 32j + w of a 128-column group
-// holds column 4w + kPermOfNibble[j], i.e. (4w + p_j) mod 64 of the group's first (w < 16) or second (w >= 16) half.
-// The scalar pack took ~45 us of a ~2 ms M 16 call, before (outside) the parallel region.
 // K rounded up to a whole 128-column group: the row length of pack_x_words_bf16's output (K % 128 == 64: the last
 // group's second half zero).
 inline int64_t padded_k128(int64_t K) { return (K + 127) & ~int64_t(127); }
 
+// pack_x<RawU16, OrderWords128> with two vpermt2w and a blend per 32 words: position 32j + w of a 128-column group
+// holds column 4w + kPermOfNibble[j], i.e. (4w + p_j) mod 64 of the group's first (w < 16) or second (w >= 16) half.
+// The scalar pack took ~45 us of a ~2 ms M 16 call, before (outside) the parallel region.
 QK_AVX512 void pack_x_words_bf16(const void* x, int64_t M, int64_t K, int mt_max, uint16_t* xp) {
   __m512i idx[4];
   for (int j = 0; j < 4; ++j) {
@@ -404,7 +404,6 @@ QK_AVX512 QK_INLINE __m512 pair_scales(const Problem& p, int64_t e) {
   return _mm512_mask_blend_ps(__mmask16(0xff00), _mm512_set1_ps(p.scale(e >> p.bs_shift)),
                               _mm512_set1_ps(p.scale((e + 64) >> p.bs_shift)));
 }
-
 
 template <int NR, int MT>
 struct TileBf16Const {
