@@ -101,10 +101,11 @@ def test_every_change_reaches_the_plan(monkeypatch):
     x = torch.randn(2, 64, dtype=torch.bfloat16)
     outs = [_assert_same(layer, x, monkeypatch)]
 
-    def step(change) -> None:
+    def step(change, changes_output: bool = True) -> None:
         change()
         y = _assert_same(layer, x, monkeypatch)
-        assert not torch.equal(y, outs[-1]), "the change did not change the output (a stale plan would pass)"
+        if changes_output:
+            assert not torch.equal(y, outs[-1]), "the change did not change the output (a stale plan would pass)"
         outs.append(y)
 
     step(lambda: layer.set_adapter("second"))  # another adapter, another rank
@@ -127,7 +128,8 @@ def test_every_change_reaches_the_plan(monkeypatch):
         step(lambda: setattr(layer.weight, "data", third.weight.data.clone()))
     step(lambda: layer.delete_adapter("default"))  # the active adapter deleted: the other one runs, as in peft
     assert layer.active_adapter == "second"
-    step(lambda: setattr(layer, "compute_dtype", torch.float32))  # the full forward casts: no plan
+    # the full forward casts: no plan (the same bits where the bf16 GEMV sums in float32 anyway: AVX2, scalar)
+    step(lambda: setattr(layer, "compute_dtype", torch.float32), changes_output=False)
     assert qnn._DECODE_PLANS[layer][1] is None
     layer.compute_dtype = None
     _assert_same(layer, x.float(), monkeypatch)  # another x dtype
