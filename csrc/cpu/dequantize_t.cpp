@@ -10,8 +10,9 @@
 // AVX-512, bfloat16 out: tiles of 32 rows of W, 128 columns at a time: each row's 64 packed bytes loaded and the
 // 16 rows of a half transposed to dwords (8 columns each), then per column and half one vpermps on the 16 float32
 // codes and a multiply by the rows' scales, both halves converted into one register: a column's 32 rows, one line of
-// Wt, stored whole (streamed for large outputs, as in dequantize.cpp).  Other shapes, dtypes and ISAs: a portable loop (slow;
-// qkernels._linear uses this layout only where dequantize_4bit_transposed_vectorized says the fast path runs).
+// Wt, stored whole (streamed for large outputs, as in dequantize.cpp); four such tiles per pass.  Other shapes, dtypes
+// and ISAs: a portable loop (slow; qkernels._linear uses this layout only where
+// dequantize_4bit_transposed_vectorized says the fast path runs).
 #include <algorithm>
 #include <cstdint>
 
@@ -89,10 +90,10 @@ QK_AVX512 inline void transpose16x16_epi32(__m512i (&r)[16]) {
   }
 }
 
-// 2 x 16 lanes to bf16: vcvtne2ps2bf16 (one instruction; Cvt) or dequantize.cpp's integer rounding (bf16_rne_avx512).  Both round
-// to nearest even; vcvtne2ps2bf16 flushes subnormal inputs / outputs to zero and keeps a NaN's payload, so the tile
-// takes it only for blocks whose scales make every product a normal number or zero: then the bits are the same.
-// lo's 16 values in the low half, hi's in the high half.
+// 2 x 16 lanes to bf16 (lo's 16 values in the low half, hi's in the high half): vcvtne2ps2bf16 (one instruction; Cvt)
+// or dequantize.cpp's integer rounding (bf16_rne_avx512). Both round to nearest even; vcvtne2ps2bf16 flushes subnormal
+// inputs / outputs to zero and keeps a NaN's payload, so the tile takes it only for blocks whose scales make every
+// product a normal number or zero: then the bits are the same.
 QK_AVX512BF16 inline __m512i bf16x32_cvtne(__m512 lo, __m512 hi) { return (__m512i)_mm512_cvtne2ps_pbh(hi, lo); }
 
 // The 32 * T rows [n0, n0 + 32 T) of W into Wt (bfloat16), K % 128 == 0 and K % blocksize == 0 (every row's blocks
