@@ -107,8 +107,8 @@ constexpr int64_t kConstPrefetch = 8192;
 // The distance is at least a group's rows (prefetch_distance): a tile reads kGroupRows rows side by side, so once
 // those rows hold more than 8 KB (K > 4096) an 8 KB prefetch no longer reaches the next group's rows, which started
 // cold (from K > 16384 it stays inside the row). One group ahead (the same lane of the next group), measured in one
-// process against 8 KB, bf16 M 1 (fourteenth session): 4544 x 18176 1.40 -> 0.94 ms, 4096 x 14336 0.84-0.91 -> 0.63, 4096 x 11008
-// 0.65 -> 0.47 (47 GB/s of packed weight from DRAM, as the short rows'); K <= 4096 unchanged.
+// process against 8 KB, bf16 M 1 (fourteenth session): 4544 x 18176 1.40 -> 0.94 ms, 4096 x 14336 0.84-0.91 ->
+// 0.63, 4096 x 11008 0.65 -> 0.47 (47 GB/s of packed weight from DRAM, as the short rows'); K <= 4096 unchanged.
 
 // The small-M tiles' prefetch of the byte `ahead` past b (the byte of the row the tile reads next) when b starts a
 // 64-byte stretch of the row (k % 128 == 0): one prefetch per cache line's worth of weights.
