@@ -1083,7 +1083,7 @@ class QLoRALinear(nn.Module):
         applies (no quant_state on the weight: a float base, FSDP, a replaced weight)."""
         w = self._parameters["weight"]
         state = getattr(w, "quant_state", None)
-        if state is None or not self.quantized:
+        if not isinstance(state, QuantState) or not self.quantized:  # else: the full forward (and its error)
             return None
         name = None if self.disable_adapters else self.active_adapter
         a = b = b_bias = scaling = None

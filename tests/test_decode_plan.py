@@ -178,3 +178,14 @@ def test_copies_and_pickles_carry_no_plan(monkeypatch):
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False)
     assert torch.equal(_assert_same(loaded, x, monkeypatch), y)
+
+
+def test_a_foreign_quant_state_gets_the_full_forwards_error():
+    """A quant_state that is not qkernels' (a bitsandbytes one assigned over it, anything else): no plan, the full
+    forward's TypeError."""
+    layer = _layer()
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+    _planned(layer, x)
+    layer.weight.quant_state = object()
+    with pytest.raises(TypeError, match="quant_state"):
+        _planned(layer, x)
