@@ -98,7 +98,7 @@ void lora_down_cpu(std::uint64_t x_ptr, int dtype, int64_t M, int64_t K, std::ui
 }
 
 void lora_gram_cpu(std::uint64_t u_ptr, int64_t M, int64_t r, std::uint64_t x_ptr, int dtype, int64_t K,
-                   std::uint64_t mask_ptr, float mask_scale, std::uint64_t g_ptr) {
+                   std::uint64_t mask_ptr, float mask_scale, std::uint64_t g_ptr, float out_scale, bool transposed) {
   const char* fn = "lora_gram_cpu";
   check_common(fn, dtype, M, K, r, mask_scale, mask_ptr);
   if (r == 0 || K == 0) return;
@@ -110,7 +110,7 @@ void lora_gram_cpu(std::uint64_t u_ptr, int64_t M, int64_t r, std::uint64_t x_pt
   py::gil_scoped_release release;
   qkernels::cpu::lora_gram(reinterpret_cast<const float*>(u_ptr), M, r, reinterpret_cast<const void*>(x_ptr),
                            static_cast<DType>(dtype), K, reinterpret_cast<const uint8_t*>(mask_ptr), mask_scale,
-                           reinterpret_cast<float*>(g_ptr));
+                           reinterpret_cast<float*>(g_ptr), out_scale, transposed);
 }
 
 void lora_up_add_cpu(std::uint64_t y_ptr, int dtype, int64_t M, int64_t K, std::uint64_t u_ptr, int64_t r,
@@ -143,8 +143,10 @@ void qkernels_bind_lora_cpu(py::module_& m) {
         "float32 sums; SIMD path per call (cpu_isa_active).");
   m.def("lora_gram_cpu", &lora_gram_cpu, py::arg("u_ptr"), py::arg("M"), py::arg("r"), py::arg("x_ptr"),
         py::arg("dtype"), py::arg("K"), py::arg("mask_ptr"), py::arg("mask_scale"), py::arg("g_ptr"),
-        "g [r, K] float32 = u^T @ (x * mask * mask_scale) on the CPU (overwrites g). u float32 [M, r], x [M, K] of "
-        "dtype, mask uint8 [M, K] or 0. Sums over M in float32, in blocks of 256 rows.");
+        py::arg("out_scale") = 1.0f, py::arg("transposed") = false,
+        "g [r, K] float32 = out_scale * (u^T @ (x * mask * mask_scale)) on the CPU (overwrites g; transposed: g is "
+        "[K, r]). u float32 [M, r], x [M, K] of dtype, mask uint8 [M, K] or 0. Sums over M in float32, in blocks of "
+        "256 rows; out_scale is one float32 multiply of each sum.");
   m.def("lora_up_add_cpu", &lora_up_add_cpu, py::arg("y_ptr"), py::arg("dtype"), py::arg("M"), py::arg("K"),
         py::arg("u_ptr"), py::arg("r"), py::arg("A_ptr"), py::arg("mask_ptr"), py::arg("mask_scale"),
         py::arg("a_transposed") = false, py::arg("a_dtype") = static_cast<int>(DType::float32),

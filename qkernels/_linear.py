@@ -118,8 +118,16 @@ def _dequantize(packed, scales, code, blocksize, shape, dtype, impl: str) -> tor
 # by N, the reduction dimension of g @ W: N 1024 0.97-1.02x (M 256-1024, K 1024-4096), N 1536 1.03x, 2048 1.04-1.10x,
 # 2816 1.05x, 4096 1.08-1.10x, 11008 1.15x. Below CPU_DX_TRANSPOSED_MIN_N the row-major layout stays (its dequantize is
 # the cheaper one and the matmul no slower).
+# Fifteenth session: whole layer steps (forward + backward, r 16, caches flushed, the two layouts alternating, 55 steps
+# each), which count the transposing dequantize's extra cost too, showed that K matters as well: with K 1024 the
+# transposed layout lost at M 256 for every N tried (2048: 6 %, 2816: 7 % / 7 % in two runs, 4096: 5 % / 6 %; 11008
+# level), at M 512-1024 level; with K >= 2048 it won (2048 x 4096: 1.4-4.5 %, 2048 x 5632: 3 %, 3072 x 8192: 3.5 %,
+# 4096 x 1536: 2 %, 4096 x 4096: 2-5.5 %, 4096 x 11008: 4-5 %, 4096 x 14336: 7 %; K 1536 x N 4096 level; 2048 x 2048
+# level in one run, 4 % slower in another). So it also needs K >= CPU_DX_TRANSPOSED_MIN_K. In the bench_block step
+# (gate / up, K 1024) alternating: 27.63 -> 27.44 ms.
 CPU_DX_TRANSPOSED = True
 CPU_DX_TRANSPOSED_MIN_N = 1536
+CPU_DX_TRANSPOSED_MIN_K = 2048
 
 # The CPU backward's dX = g @ W where it multiplies in float32 (float32 g; float16 / bfloat16 g on a CPU without a fast
 # GEMM in them): the fused kernel (csrc/cpu/gemv_simd.cpp, dx_strips: W decoded per 64-column strip, float32 FMAs,
@@ -131,8 +139,9 @@ CPU_DX_FUSED = True
 
 def _dequantize_t(packed, scales, code, blocksize, N: int, K: int, dtype) -> torch.Tensor | None:
     """W [N, K] dequantized into the workspace as its transpose [K, N], where the CPU kernel is vectorized for it and N
-    is large enough for the layout to pay (CPU_DX_TRANSPOSED_MIN_N); else None (the caller dequantizes row-major)."""
-    if not CPU_DX_TRANSPOSED or N < CPU_DX_TRANSPOSED_MIN_N:
+    and K are large enough for the layout to pay (CPU_DX_TRANSPOSED_MIN_N / _MIN_K); else None (the caller dequantizes
+    row-major)."""
+    if not CPU_DX_TRANSPOSED or N < CPU_DX_TRANSPOSED_MIN_N or K < CPU_DX_TRANSPOSED_MIN_K:
         return None
     probe = getattr(_native._C, "dequantize_4bit_t_cpu_vectorized", None)
     if probe is None or not probe(N, K, blocksize, _native._DTYPE_TO_NATIVE[dtype]):

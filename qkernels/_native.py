@@ -778,13 +778,16 @@ def lora_gram_cpu(u: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = 
     return lora_gram_raw(u, x, dt, mask_ptr, mask_scale)
 
 
-def lora_gram_raw(u: torch.Tensor, x: torch.Tensor, dt: int, mask_ptr: int, mask_scale: float) -> torch.Tensor:
+def lora_gram_raw(u: torch.Tensor, x: torch.Tensor, dt: int, mask_ptr: int, mask_scale: float,
+                  out_scale: float = 1.0, transposed: bool = False) -> torch.Tensor:
     """``lora_gram_cpu`` without its checks (see ``lora_down_raw``): u dense float32 ``[M, r]``, x dense ``[M, K]``
-    of native dtype ``dt``."""
+    of native dtype ``dt``. ``out_scale * G`` (one float32 multiply per element, as torch's ``G * out_scale``),
+    returned ``[r, K]``, or written ``[K, r]`` when ``transposed`` (dB's layout, without a transposing copy)."""
     M, K = x.shape
     r = u.shape[1]
-    g = torch.empty((r, K), dtype=torch.float32)
-    _C.lora_gram_cpu(u.data_ptr(), M, r, x.data_ptr(), dt, K, mask_ptr, float(mask_scale), g.data_ptr())
+    g = torch.empty((K, r) if transposed else (r, K), dtype=torch.float32)
+    _C.lora_gram_cpu(u.data_ptr(), M, r, x.data_ptr(), dt, K, mask_ptr, float(mask_scale), g.data_ptr(),
+                     float(out_scale), bool(transposed))
     return g
 
 

@@ -139,6 +139,7 @@ def test_backward_dx_the_same_with_either_layout(monkeypatch, M, N, K):
     assert M > _linear.gemv_max_m(x0)
 
     monkeypatch.setattr(_linear, "CPU_DX_TRANSPOSED_MIN_N", 0)  # these small layers take it too
+    monkeypatch.setattr(_linear, "CPU_DX_TRANSPOSED_MIN_K", 0)
 
     def grads(transposed: bool):
         monkeypatch.setattr(_linear, "CPU_DX_TRANSPOSED", transposed)
@@ -163,11 +164,11 @@ def test_backward_dx_the_same_with_either_layout(monkeypatch, M, N, K):
         assert (dx.double() - dx64).abs().max().item() <= tol
 
 
-@pytest.mark.parametrize("N", [1024, 2048])
-def test_backward_layout_follows_the_reduction_dimension(monkeypatch, N):
-    """The backward takes the transposed layout only where its matmul was measured faster (N, the reduction dimension
-    of g @ W, at least CPU_DX_TRANSPOSED_MIN_N); below, the row-major dequantize, the cheaper one."""
-    K = 256
+@pytest.mark.parametrize("N,K", [(1024, 2048), (2048, 1024), (2048, 2048)])
+def test_backward_layout_follows_the_measured_shapes(monkeypatch, N, K):
+    """The backward takes the transposed layout only where a layer's step was measured faster with it (N, the
+    reduction dimension of g @ W, at least CPU_DX_TRANSPOSED_MIN_N, and K at least CPU_DX_TRANSPOSED_MIN_K); elsewhere
+    the row-major dequantize, the cheaper one."""
     if not _native._C.dequantize_4bit_t_cpu_vectorized(N, K, 64, _native._DTYPE_TO_NATIVE[torch.bfloat16]):
         pytest.skip("the transposing dequantize is not vectorized on this CPU (no AVX-512): the backward keeps the "
                     "row-major layout at every N")
@@ -179,5 +180,6 @@ def test_backward_layout_follows_the_reduction_dimension(monkeypatch, N):
     monkeypatch.setattr(_native, "dequantize_4bit_cpu_t_into", lambda *a: calls.append(1) or real(*a))
     x = torch.randn(64, K, generator=g).to(torch.bfloat16).requires_grad_()
     qkernels.matmul_4bit_lora(x, packed, st, None, None, 1.0).sum().backward()
-    assert bool(calls) == (N >= _linear.CPU_DX_TRANSPOSED_MIN_N)
+    assert bool(calls) == (N >= _linear.CPU_DX_TRANSPOSED_MIN_N and K >= _linear.CPU_DX_TRANSPOSED_MIN_K)
+    assert bool(calls) == ((N, K) == (2048, 2048))  # the thresholds are the measured ones (1536, 2048)
     assert x.grad is not None

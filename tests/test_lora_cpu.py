@@ -80,6 +80,26 @@ def test_down_and_gram_match_float64(isa, M, K, r, dname, p):
     assert err <= _tol(torch_err, u.double().abs().t() @ xd64.abs()), (err, torch_err)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["nomask", "mask"])
+@pytest.mark.parametrize("dname", list(DTYPES))
+@pytest.mark.parametrize("M,K,r", SHAPES, ids=[f"M{m}-K{k}-r{r}" for m, k, r in SHAPES])
+def test_gram_scaled_and_transposed_gives_the_bits_of_torch_scaling_it(isa, M, K, r, dname, p):
+    """``lora_gram_raw(..., out_scale=s, transposed=True)`` (dB of the training step, written ``[K, r]``) is, bit for
+    bit, ``G.t() * s`` of the plain gram: the same sums, then one float32 multiply; ``out_scale`` 1 and the plain
+    layout are the plain gram. Every column tail (vector chunks, single vectors, scalar columns) and rank tile."""
+    g, x, mask, ms, _, _ = _inputs(M, K, r, DTYPES[dname], p, 31 * M + K + r)
+    u = torch.randn(M, r, generator=g)
+    dt = _native._DTYPE_TO_NATIVE[x.dtype]
+    mp = 0 if mask is None else mask.data_ptr()
+    G = _native.lora_gram_cpu(u, x, mask, ms)
+    s = 1.7  # not a power of two: the multiply rounds
+    Gt = _native.lora_gram_raw(u, x, dt, mp, ms, s, True)
+    assert Gt.shape == (K, r) and Gt.is_contiguous()
+    assert torch.equal(Gt, G.t() * s)
+    assert torch.equal(_native.lora_gram_raw(u, x, dt, mp, ms, s, False), G * s)
+    assert torch.equal(_native.lora_gram_raw(u, x, dt, mp, ms, 1.0, True), G.t())
+
+
 def _ulp(y: torch.Tensor) -> torch.Tensor:
     """One ulp of each element of a float tensor in its dtype, as float64 (the subnormal spacing below the smallest
     normal)."""
@@ -205,8 +225,11 @@ def test_training_step_uses_the_kernels_and_matches_the_torch_path(monkeypatch):
             return fn(*a, **k)
         return wrap
 
+    db_strides = []
+
     def step():
         x, A, B = (t.clone().requires_grad_() for t in (x0, A0, B0))
+        B.register_hook(lambda grad: db_strides.append(grad.stride()))  # dB as the Function returned it
         torch.manual_seed(11)  # the same dropout mask in both runs
         y = qkernels.matmul_4bit_lora(x, packed, state, A, B, 2.0, dropout_p=0.25)
         y.backward(dy)
@@ -217,6 +240,7 @@ def test_training_step_uses_the_kernels_and_matches_the_torch_path(monkeypatch):
     monkeypatch.setattr(_native, "lora_up_add_raw", counted("up", real[2]))
     fast = step()
     assert calls == {"down": 2, "gram": 2, "up": 2}, calls  # T and u; dA and dB; y and dX
+    assert db_strides == [(r, 1)]  # dB came out of the kernel in lora_B's layout (no transposing copy after)
 
     from qkernels import _backend
 

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "isa.h"
 
@@ -244,13 +245,15 @@ void lora_down(const void* x, DType dtype, int64_t M, int64_t K, const uint8_t* 
 }
 
 void lora_gram(const float* u, int64_t M, int64_t r, const void* x, DType dtype, int64_t K, const uint8_t* mask,
-               float mask_scale, float* g) {
+               float mask_scale, float* g, float out_scale, bool transposed) {
 #ifdef QK_X86
   const Isa isa = active_isa();
-  if (isa == Isa::avx512) return lora_detail::avx512::gram(u, M, r, x, dtype, K, mask, mask_scale, g);
-  if (isa == Isa::avx2) return lora_detail::avx2::gram(u, M, r, x, dtype, K, mask, mask_scale, g);
+  if (isa == Isa::avx512)
+    return lora_detail::avx512::gram(u, M, r, x, dtype, K, mask, mask_scale, out_scale, transposed, g);
+  if (isa == Isa::avx2)
+    return lora_detail::avx2::gram(u, M, r, x, dtype, K, mask, mask_scale, out_scale, transposed, g);
 #endif
-  lora_detail::portable::gram(u, M, r, x, dtype, K, mask, mask_scale, g);
+  lora_detail::portable::gram(u, M, r, x, dtype, K, mask, mask_scale, out_scale, transposed, g);
 }
 
 void lora_up_add(void* y, DType dtype, int64_t M, int64_t K, const float* u, int64_t r, const float* A,

@@ -9,14 +9,15 @@
 // dropout(X)):
 //
 //   lora_down   : T [M, r]  = scale * Xd @ A^T           A [r, K] float32 or bfloat16 (a_dtype); Xd = X * mask * mask_scale
-//   lora_gram   : G [r, K]  = U^T @ Xd                   U [M, r] float32;   sums over the M rows
+//   lora_gram   : G [r, K]  = out_scale * (U^T @ Xd)     U [M, r] float32;   sums over the M rows; transposed: G is
+//                                                         written [K, r] (dB's layout: no transposing copy after)
 //   lora_up_add : Y [M, K] += mask * mask_scale * (U @ A)  Y of dtype, in place: float(Y) + the float32 sum, rounded
 //                                                         once to dtype (round to nearest even, as torch's .to())
 //
 // mask is uint8 [M, K] of 0 / 1 (a torch.bool tensor's bytes) or null (no mask, mask_scale ignored).  Every
 // matrix is dense row-major.  Uses in qkernels.lora (s = lora_alpha / r):
 //   forward  T = lora_down(x, A) (saved), y += lora_up_add((s * T), B^T)      (B^T: [r, N])
-//   backward u = lora_down(dY, B^T, scale=s), dB = s * lora_gram(T, dY)^T, dA = lora_gram(u, x, mask),
+//   backward u = lora_down(dY, B^T, scale=s), dB = lora_gram(T, dY, out_scale=s, transposed), dA = lora_gram(u, x, mask),
 //            dX += lora_up_add(u, A, mask)
 //
 // Sums: lora_down sums K in vector lanes (K / 16 terms per lane on AVX-512) and adds the lanes at the end;
@@ -38,7 +39,7 @@ void lora_down(const void* x, DType dtype, int64_t M, int64_t K, const uint8_t* 
                const void* A, DType a_dtype, int64_t r, float scale, float* t);
 
 void lora_gram(const float* u, int64_t M, int64_t r, const void* x, DType dtype, int64_t K, const uint8_t* mask,
-               float mask_scale, float* g);
+               float mask_scale, float* g, float out_scale = 1.0f, bool transposed = false);
 
 void lora_up_add(void* y, DType dtype, int64_t M, int64_t K, const float* u, int64_t r, const float* A,
                  const uint8_t* mask, float mask_scale);
