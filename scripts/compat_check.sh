@@ -18,6 +18,11 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${COMPAT_PYTHON:-python3.12}
+if ! "$PY" --version >/dev/null 2>&1; then  # e.g. a pyenv shim for a version that is installed but not selected
+  for cand in "$HOME"/.pyenv/versions/3.12*/bin/python3.12; do
+    if [ -x "$cand" ]; then PY=$cand; break; fi
+  done
+fi
 VENV=${COMPAT_VENV:-/tmp/qkernels-compat-venv}
 PACKAGES=${COMPAT_PACKAGES:-torch==2.11.0 triton==3.6.0 transformers==5.17.0 accelerate==1.15.0}
 WORK=$(mktemp -d)
