@@ -31,8 +31,8 @@ Sizes: the real Llama-2-7B block (hidden 4096, intermediate 11008, 32 heads) is 
 the CPU default is hidden 1024, intermediate 2816, 8 heads, 256 tokens (the same proportions; a step of the 7B block
 takes seconds per implementation on a 2-core CPU).
 
-Run ``python -m benchmarks.bench_block [--hidden 1024 --intermediate 2816 --heads 8 --tokens 256] [--llama7b]
-[--quick] [--no-save]``. JSON goes to ``$OUT`` when set, else ``benchmarks/results/``.
+Run ``python -m benchmarks.bench_block [--hidden 1024 --intermediate 2816 --heads 8 --tokens 256] [--kv-heads 2]
+[--llama7b] [--quick] [--no-save]``. JSON goes to ``$OUT`` when set, else ``benchmarks/results/``.
 """
 
 from __future__ import annotations
@@ -63,13 +63,14 @@ GPU_DEFAULT = dict(hidden=4096, intermediate=11008, heads=32, tokens=4096)
 class Block(nn.Module):
     """One ``LlamaDecoderLayer`` with its rotary embedding precomputed for ``tokens`` positions."""
 
-    def __init__(self, hidden: int, intermediate: int, heads: int, tokens: int, device: torch.device) -> None:
+    def __init__(self, hidden: int, intermediate: int, heads: int, tokens: int, device: torch.device,
+                 kv_heads: int | None = None) -> None:
         super().__init__()
         from transformers import LlamaConfig
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
         cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads,
-                          num_key_value_heads=heads, max_position_embeddings=max(tokens, 2048))
+                          num_key_value_heads=kv_heads or heads, max_position_embeddings=max(tokens, 2048))
         cfg._attn_implementation = "sdpa"
         self.layer = LlamaDecoderLayer(cfg, layer_idx=0)
         pos = torch.arange(tokens, device=device)[None]
@@ -84,7 +85,8 @@ class Block(nn.Module):
 
 def dense_block(args: argparse.Namespace, device: torch.device) -> Block:
     torch.manual_seed(0)
-    block = Block(args.hidden, args.intermediate, args.heads, args.tokens, device).to(device, DTYPE)
+    block = Block(args.hidden, args.intermediate, args.heads, args.tokens, device,
+                  getattr(args, "kv_heads", None)).to(device, DTYPE)
     with torch.no_grad():
         for m in block.modules():
             if isinstance(m, nn.Linear):
@@ -190,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_block", description=__doc__.split("\n")[0])
     for k in ("hidden", "intermediate", "heads", "tokens"):
         ap.add_argument(f"--{k}", type=int, default=None)
+    ap.add_argument("--kv-heads", type=int, default=None,
+                    help="key / value heads (grouped-query attention, as Llama 3 / Qwen / Mistral); default: --heads")
     ap.add_argument("--llama7b", action="store_true", help="the real Llama-2-7B block size (the GPU default)")
     ap.add_argument("--impls", default="qkernels,bitsandbytes,torch", help="which implementations, in this order")
     ap.add_argument("--quick", action="store_true", help="fewer, shorter runs (a smoke test, noisier numbers)")
@@ -215,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     nk = sum(m.in_features * m.out_features for n, m in dense.named_modules() if n.rsplit(".", 1)[-1] in PROJ)
     flops = 2 * 2 * M * nk
     floor_s = flops / rate
-    shape = f"{M}x{d}->{args.intermediate}"
+    shape = f"{M}x{d}->{args.intermediate}" + (f"-kv{args.kv_heads}" if args.kv_heads else "")
 
     builders: list[tuple[str, Callable[[Block], nn.Module], str]] = [
         ("qkernels", build_qkernels, "apply_qlora (NF4 bs64 double quant)"),
@@ -266,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
     foreign = load.stop()
     H.fill_vs_bnb(rows)
-    H.print_results(f"Llama block training step (hidden {d}, intermediate {args.intermediate}, {args.heads} heads, "
+    kv = f" ({args.kv_heads} key / value)" if args.kv_heads else ""
+    H.print_results(f"Llama block training step (hidden {d}, intermediate {args.intermediate}, {args.heads} heads{kv}, "
                     f"{M} tokens, LoRA r={R} on all 7 projections)", rows, machine, bandwidth)
     print(f"bf16 matmul rate: {rate / 1e12:.3f} TFLOP/s; floor = projections' forward + dX flops / this rate")
     if foreign is not None:
@@ -274,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"other processes used {foreign:.2f} cores on average during the timings{warn}")
     by = {r.impl: r for r in rows}
     summary: dict[str, Any] = {"shape": shape, "hidden": d, "intermediate": args.intermediate, "heads": args.heads,
+                               "kv_heads": args.kv_heads or args.heads,
                                "tokens": M, "r": R, "memory": mem, "foreign_load_cores": foreign,
                                "matmul_rate_tflops": rate / 1e12}
     if "qkernels" in by:

@@ -67,6 +67,67 @@ def test_compile_fullgraph_dequantize_matmul_matches_eager():
     assert torch.equal(g(), qkernels.dequantize_4bit(packed, state))
 
 
+def _op_events(fn) -> set[str]:
+    """The qkernels:: ops dispatched while ``fn`` runs (from the profiler's op events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages() if e.key.startswith("qkernels::")}
+
+
+def test_eager_quantize_dequantize_skip_the_op_dispatch_with_the_same_bits():
+    """Eager calls run the ops' bodies directly (their checks are the public functions' own; the dispatch and
+    torch._check calls cost ~40-60 us per call, several times a small weight's kernel), with the bits of the ops."""
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(70, 130, generator=g).to(torch.bfloat16)
+    ops = torch.ops.qkernels
+    for dq in (False, True):
+        assert _op_events(lambda dq=dq: qkernels.quantize_4bit(A, 64, double_quant=dq)) == set()
+        packed, st = qkernels.quantize_4bit(A, 64, double_quant=dq)
+        p_op, a_op = ops.quantize_4bit(A, st.code, 64)
+        assert torch.equal(packed, p_op)
+        if dq:
+            q_op, n_op = ops.quantize_blockwise(a_op - st.offset, st.state2.code, 256)
+            assert torch.equal(st.absmax, q_op) and torch.equal(st.state2.absmax, n_op)
+        else:
+            assert torch.equal(st.absmax, a_op)
+        nested = (st.state2.absmax, st.state2.code, st.offset, 256) if dq else ()
+        want = ops.dequantize_4bit(packed, st.absmax, st.code, 64, [70, 130], torch.bfloat16, *nested)
+        out = torch.empty(70, 130, dtype=torch.bfloat16)
+        assert _op_events(lambda p=packed, s=st: qkernels.dequantize_4bit(p, s)) == set()
+        assert _op_events(lambda p=packed, s=st, o=out: qkernels.dequantize_4bit(p, s, out=o)) == set()
+        assert torch.equal(qkernels.dequantize_4bit(packed, st), want) and torch.equal(out, want)
+    # the profiler does see the ops when they are dispatched (the check above can fail)
+    assert _op_events(lambda: ops.quantize_4bit(A, st.code, 64)) == {"qkernels::quantize_4bit"}
+
+
+def test_jit_trace_of_quantize_dequantize_records_the_ops():
+    """Under torch.jit.trace both functions go through the registered ops (the tracer records torch ops only; the
+    eager shortcut to the kernels would have been recorded as the outputs' bare ``aten::empty``): a traced function
+    gives eager's bits on new inputs. A forced native backend is refused there, naming the fix."""
+    import warnings
+
+    g = torch.Generator().manual_seed(2)
+    A0, A1 = (torch.randn(40, 96, generator=g) for _ in range(2))
+    p0, st = qkernels.quantize_4bit(A0, 64, double_quant=True)
+    p1, _ = qkernels.quantize_4bit(A1, 64, double_quant=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on Python values it records as constants
+        deq = torch.jit.trace(lambda p: qkernels.dequantize_4bit(p, st), (p0,), check_trace=False)
+        quant = torch.jit.trace(lambda a: qkernels.quantize_4bit(a, 64)[0], (A0,), check_trace=False)
+    assert torch.equal(deq(p1), qkernels.dequantize_4bit(p1, st))
+    assert torch.equal(quant(A1), qkernels.quantize_4bit(A1, 64)[0])
+    with pytest.raises(ValueError, match="backend='cpu' cannot be traced"):
+        torch.jit.trace(lambda p: qkernels.dequantize_4bit(p, st, backend="cpu"), (p0,))
+    with pytest.raises(ValueError, match="backend='cpu' cannot be traced"):
+        torch.jit.trace(lambda a: qkernels.quantize_4bit(a, 64, backend="cpu")[0], (A0,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = torch.jit.trace(lambda p: qkernels.dequantize_4bit(p, st, backend="reference"), (p0,), check_trace=False)
+    assert torch.equal(ref(p1), qkernels.dequantize_4bit(p1, st))
+
+
 def test_op_argument_checks():
     p, s = qkernels.quantize_4bit(torch.randn(64, 64), 64, double_quant=False)
     ops = torch.ops.qkernels
