@@ -49,6 +49,13 @@ def _check_traceable(backend: str | None, fn: str) -> None:
                          "op) or backend='reference'")
 
 
+def _op_call(backend: str | None) -> bool:
+    """Whether a public function calls its registered op rather than the op's body: only when traced (torch.compile,
+    torch.jit.trace) with no forced backend, so the graph holds one node. Eager calls skip the op's dispatch and its
+    ``torch._check`` calls (40-60 us per call here; the public functions make the same checks before)."""
+    return backend is None and (torch.compiler.is_compiling() or torch.jit.is_tracing())
+
+
 def _as_int(value: object) -> object:
     """A NumPy integer (e.g. a blocksize read from a config with NumPy) as a Python int; anything else unchanged,
     for the caller's check to accept or refuse. ``True`` stays a bool: it is not a blocksize."""
@@ -131,7 +138,7 @@ def quantize_4bit(
     # checks are the ones made above, and the nested call's arguments are built here), as dequantize_4bit does: the
     # two ops' dispatch and torch._check calls cost ~45 us per call here (64 x 64 bf16, double quant: 54 -> 28 us).
     _check_traceable(backend, "quantize_4bit")
-    traced = backend is None and (torch.compiler.is_compiling() or torch.jit.is_tracing())
+    traced = _op_call(backend)
     if traced:
         packed, absmax = torch.ops.qkernels.quantize_4bit(A, code, blocksize)
     else:
@@ -221,7 +228,7 @@ def dequantize_4bit(
     # function. The op's dispatch and torch._check calls cost ~40-60 us per call here, 15x the kernel of a 64 x 64
     # weight and 3x that of a 1024 x 1024 one (bf16 into out=: 64 x 64 66 -> 14 us, 1024 x 1024 87 -> 38 us).
     _check_traceable(backend, "dequantize_4bit")
-    traced = backend is None and (torch.compiler.is_compiling() or torch.jit.is_tracing())
+    traced = _op_call(backend)
     if out is not None:
         if out.device != raw.device:
             raise ValueError(f"out is on {out.device} but packed is on {raw.device}")
@@ -269,7 +276,8 @@ def quantize_blockwise(
     A = _check_float_tensor(A, "A")
     code = _check_code256(dynamic_map(A.device) if code is None else code, A.device)
     blocksize = _check_blockwise_blocksize(blocksize)
-    if backend is None:  # through the registered op, so torch.compile sees one node
+    _check_traceable(backend, "quantize_blockwise")
+    if _op_call(backend):  # traced: through the registered op (eager: its body, as quantize_4bit)
         q, absmax = torch.ops.qkernels.quantize_blockwise(A, code, blocksize)
     else:
         q, absmax = _ops.quantize_blockwise_impl(A, code, blocksize, backend)
@@ -313,7 +321,8 @@ def dequantize_blockwise(
         raise ValueError(f"absmax is on {absmax.device} but q is on {q.device}; move one of them")
     absmax = absmax.reshape(-1).to(torch.float32)
     code = _check_code256(dynamic_map(q.device) if code is None else code, q.device)
-    if backend is None:  # through the registered op, so torch.compile sees one node
+    _check_traceable(backend, "dequantize_blockwise")
+    if _op_call(backend):  # traced: through the registered op (eager: its body, as dequantize_4bit)
         out = torch.ops.qkernels.dequantize_blockwise(q, absmax, code, blocksize)
     else:
         out = _ops.dequantize_blockwise_impl(q, absmax, code, blocksize, backend)

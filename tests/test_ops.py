@@ -98,6 +98,14 @@ def test_eager_quantize_dequantize_skip_the_op_dispatch_with_the_same_bits():
         assert _op_events(lambda p=packed, s=st: qkernels.dequantize_4bit(p, s)) == set()
         assert _op_events(lambda p=packed, s=st, o=out: qkernels.dequantize_4bit(p, s, out=o)) == set()
         assert torch.equal(qkernels.dequantize_4bit(packed, st), want) and torch.equal(out, want)
+    flat = A.float().reshape(-1)[:999]
+    dyn = qkernels.dynamic_map()
+    assert _op_events(lambda: qkernels.quantize_blockwise(flat, blocksize=256)) == set()
+    q, am = qkernels.quantize_blockwise(flat, blocksize=256)
+    q_op, am_op = ops.quantize_blockwise(flat, dyn, 256)
+    assert torch.equal(q, q_op) and torch.equal(am, am_op)
+    assert _op_events(lambda: qkernels.dequantize_blockwise(q, am, blocksize=256)) == set()
+    assert torch.equal(qkernels.dequantize_blockwise(q, am, blocksize=256), ops.dequantize_blockwise(q, am, dyn, 256))
     # the profiler does see the ops when they are dispatched (the check above can fail)
     assert _op_events(lambda: ops.quantize_4bit(A, st.code, 64)) == {"qkernels::quantize_4bit"}
 
@@ -116,8 +124,14 @@ def test_jit_trace_of_quantize_dequantize_records_the_ops():
         warnings.simplefilter("ignore")  # the tracer's notes on Python values it records as constants
         deq = torch.jit.trace(lambda p: qkernels.dequantize_4bit(p, st), (p0,), check_trace=False)
         quant = torch.jit.trace(lambda a: qkernels.quantize_4bit(a, 64)[0], (A0,), check_trace=False)
+        bq = torch.jit.trace(lambda a: qkernels.quantize_blockwise(a)[0], (A0,), check_trace=False)
+        q0, am0 = qkernels.quantize_blockwise(A0)
+        bdq = torch.jit.trace(lambda q: qkernels.dequantize_blockwise(q, am0), (q0,), check_trace=False)
     assert torch.equal(deq(p1), qkernels.dequantize_4bit(p1, st))
     assert torch.equal(quant(A1), qkernels.quantize_4bit(A1, 64)[0])
+    q1 = qkernels.quantize_blockwise(A1)[0]
+    assert torch.equal(bq(A1), q1)
+    assert torch.equal(bdq(q1), qkernels.dequantize_blockwise(q1, am0))
     with pytest.raises(ValueError, match="backend='cpu' cannot be traced"):
         torch.jit.trace(lambda p: qkernels.dequantize_4bit(p, st, backend="cpu"), (p0,))
     with pytest.raises(ValueError, match="backend='cpu' cannot be traced"):
