@@ -47,15 +47,8 @@ void gemv_4bit_lora_cuda(std::uint64_t x_ptr, int dtype, int64_t M, int64_t K, s
   QK_CHECK_DTYPE(dtype, fn, "dtype");
   QK_CHECK_POSITIVE(M, fn, "M");
   QK_CHECK_POSITIVE(K, fn, "K");
-  QK_CHECK_PTR(packed_ptr, fn, "packed_ptr");
-  if (absmax_ptr == 0) {  // nested (double-quantized) scales
-    QK_CHECK_PTR(absmax_q_ptr, fn, "absmax_q_ptr");
-    QK_CHECK_PTR(nested_absmax_ptr, fn, "nested_absmax_ptr");
-    QK_CHECK_PTR(nested_code_ptr, fn, "nested_code_ptr");
-    check_pow2(fn, "nested_blocksize", nested_blocksize, 1, int64_t(1) << 30);
-  }
-  QK_CHECK_PTR(code_ptr, fn, "code_ptr");
-  QK_CHECK_BLOCKSIZE(blocksize, fn, "blocksize");
+  qkernels::check_weight_args(fn, packed_ptr, absmax_ptr, absmax_q_ptr, nested_absmax_ptr, nested_code_ptr,
+                              nested_blocksize, code_ptr, blocksize);
   QK_CHECK_POSITIVE(N, fn, "N");
   QK_CHECK_ARG(r >= 0, fn, "r", "must be >= 0 (got " + std::to_string(r) + ")");
   if (r > 0) {
@@ -77,14 +70,9 @@ void dequantize_4bit_nested_cuda(std::uint64_t packed_ptr, std::uint64_t absmax_
                                  std::uint64_t code_ptr, int64_t n, int64_t blocksize, std::uint64_t out_ptr,
                                  int out_dtype, std::uint64_t stream) {
   const char* fn = "dequantize_4bit_nested_cuda";
-  QK_CHECK_PTR(packed_ptr, fn, "packed_ptr");
-  QK_CHECK_PTR(absmax_q_ptr, fn, "absmax_q_ptr");
-  QK_CHECK_PTR(nested_absmax_ptr, fn, "nested_absmax_ptr");
-  QK_CHECK_PTR(nested_code_ptr, fn, "nested_code_ptr");
-  check_pow2(fn, "nested_blocksize", nested_blocksize, 1, int64_t(1) << 30);
-  QK_CHECK_PTR(code_ptr, fn, "code_ptr");
+  qkernels::check_weight_args(fn, packed_ptr, 0, absmax_q_ptr, nested_absmax_ptr, nested_code_ptr, nested_blocksize,
+                              code_ptr, blocksize);  // absmax_ptr 0: this kernel reads nested scales only
   QK_CHECK_POSITIVE(n, fn, "n");
-  QK_CHECK_BLOCKSIZE(blocksize, fn, "blocksize");
   QK_CHECK_PTR(out_ptr, fn, "out_ptr");
   QK_CHECK_DTYPE(out_dtype, fn, "out_dtype");
   raise_if(fn, qkernels::cuda::dequantize_4bit_nested(

@@ -24,22 +24,6 @@ const float* as_f32(std::uint64_t ptr, int dtype, int64_t n, std::vector<float>&
   return buf.data();
 }
 
-// The 4-bit weight's pointers and format arguments, as gemv_4bit_lora_cpu and gemm_dx_4bit_cpu take them.
-void check_weight(const char* fn, std::uint64_t packed_ptr, std::uint64_t absmax_ptr, std::uint64_t absmax_q_ptr,
-                  std::uint64_t nested_absmax_ptr, std::uint64_t nested_code_ptr, int64_t nested_blocksize,
-                  std::uint64_t code_ptr, int64_t blocksize) {
-  QK_CHECK_PTR(packed_ptr, fn, "packed_ptr");
-  if (absmax_ptr == 0) {  // double-quantized scales
-    QK_CHECK_PTR(absmax_q_ptr, fn, "absmax_q_ptr");
-    QK_CHECK_PTR(nested_absmax_ptr, fn, "nested_absmax_ptr");
-    QK_CHECK_PTR(nested_code_ptr, fn, "nested_code_ptr");
-    QK_CHECK_ARG(nested_blocksize > 0 && (nested_blocksize & (nested_blocksize - 1)) == 0, fn, "nested_blocksize",
-                 "must be a positive power of two (got " + std::to_string(nested_blocksize) + ")");
-  }
-  QK_CHECK_PTR(code_ptr, fn, "code_ptr");
-  QK_CHECK_BLOCKSIZE(blocksize, fn, "blocksize");
-}
-
 void gemv_4bit_lora_cpu(std::uint64_t x_ptr, int dtype, int64_t M, int64_t K, std::uint64_t packed_ptr,
                         std::uint64_t absmax_ptr, std::uint64_t absmax_q_ptr, std::uint64_t nested_absmax_ptr,
                         std::uint64_t nested_code_ptr, float offset, int64_t nested_blocksize, std::uint64_t code_ptr,
@@ -57,7 +41,7 @@ void gemv_4bit_lora_cpu(std::uint64_t x_ptr, int dtype, int64_t M, int64_t K, st
   QK_CHECK_POSITIVE(M, fn, "M");
   QK_CHECK_POSITIVE(K, fn, "K");
   QK_CHECK_POSITIVE(N, fn, "N");
-  check_weight(fn, packed_ptr, absmax_ptr, absmax_q_ptr, nested_absmax_ptr, nested_code_ptr, nested_blocksize, code_ptr,
+  qkernels::check_weight_args(fn, packed_ptr, absmax_ptr, absmax_q_ptr, nested_absmax_ptr, nested_code_ptr, nested_blocksize, code_ptr,
                blocksize);
   QK_CHECK_ARG(r >= 0, fn, "r", "must be >= 0 (got " + std::to_string(r) + ")");
   if (r > 0) {
@@ -105,7 +89,7 @@ bool gemm_dx_4bit_cpu(std::uint64_t g_ptr, int dtype, int64_t M, int64_t N, std:
   QK_CHECK_POSITIVE(M, fn, "M");
   QK_CHECK_POSITIVE(N, fn, "N");
   QK_CHECK_POSITIVE(K, fn, "K");
-  check_weight(fn, packed_ptr, absmax_ptr, absmax_q_ptr, nested_absmax_ptr, nested_code_ptr, nested_blocksize, code_ptr,
+  qkernels::check_weight_args(fn, packed_ptr, absmax_ptr, absmax_q_ptr, nested_absmax_ptr, nested_code_ptr, nested_blocksize, code_ptr,
                blocksize);
   QK_CHECK_PTR(out_ptr, fn, "out_ptr");
   (void)qkernels::cpu::active_isa();  // validates QKERNELS_CPU_ISA before releasing the GIL
