@@ -559,10 +559,12 @@ template <int NR, int MT, int G>
 struct SpanBf16 {
   // acc[NR][MT] (in memory) += W[n0 .. n0+NR, k0 .. k0+kc] . x[m0 .. m0+MT, same k]; W rows at wbuf + r * ws, in
   // the order of x's packing, whose groups are G columns (pack_x: a group's MT rows back to back).
-  QK_AVX512BF16 static void run(const uint16_t* wbuf, int64_t ws, const uint16_t* xk, int64_t kc, float* acc_mem) {
+  QK_AVX512BF16 static void run(const uint16_t* wbuf, int64_t ws, const uint16_t* xk, int64_t kc, float* acc_mem,
+                                bool first) {
     __m512 acc[NR][MT];
     for (int r = 0; r < NR; ++r)
-      for (int i = 0; i < MT; ++i) acc[r][i] = _mm512_load_ps(acc_mem + 16 * (r * MT + i));
+      for (int i = 0; i < MT; ++i)
+        acc[r][i] = first ? _mm512_setzero_ps() : _mm512_load_ps(acc_mem + 16 * (r * MT + i));
     for (int64_t c = 0; c < kc; c += 32) {
       __m512i w[NR];
       for (int r = 0; r < NR; ++r) w[r] = _mm512_load_si512(wbuf + r * ws + c);
@@ -619,10 +621,11 @@ QK_AVX512 void decode_row_f32(const Problem& p, int64_t n, int64_t k0, int64_t k
 template <int NR, int MT>
 struct SpanF32 {
   // SpanBf16 for float32: 16 columns per step, x packed with OrderEvenOdd32 (groups of 32 columns).
-  QK_AVX512 static void run(const float* wbuf, int64_t ws, const float* xk, int64_t kc, float* acc_mem) {
+  QK_AVX512 static void run(const float* wbuf, int64_t ws, const float* xk, int64_t kc, float* acc_mem, bool first) {
     __m512 acc[NR][MT];
     for (int r = 0; r < NR; ++r)
-      for (int i = 0; i < MT; ++i) acc[r][i] = _mm512_load_ps(acc_mem + 16 * (r * MT + i));
+      for (int i = 0; i < MT; ++i)
+        acc[r][i] = first ? _mm512_setzero_ps() : _mm512_load_ps(acc_mem + 16 * (r * MT + i));
     for (int64_t c = 0; c < kc; c += 16) {
       __m512 w[NR];
       for (int r = 0; r < NR; ++r) w[r] = _mm512_load_ps(wbuf + r * ws + c);
@@ -730,7 +733,7 @@ using SpanFinishFn = void (*)(const Problem&, const float*, int64_t, int64_t);
 using GroupFinishFn = void (*)(const Problem&, const float*, int, int, int64_t);
 template <typename T>  // T: the element type of the decoded W and the packed x (uint16_t bf16 bits, or float)
 struct SpanTable {
-  using Fn = void (*)(const T*, int64_t, const T*, int64_t, float*);
+  using Fn = void (*)(const T*, int64_t, const T*, int64_t, float*, bool);  // ..., acc, first span (acc unread)
   Fn span[kMultiNr + 1][kMultiMt + 1] = {};  // [NR][MT]
   SpanFinishFn finish[kMultiNr + 1][kMultiMt + 1] = {};
   GroupFinishFn group = nullptr;  // a whole group's finish (all M tiles at once) where set, else finish per tile
@@ -779,13 +782,14 @@ void run_multi(const Problem& p, const T* xp, const SpanTable<T>& t, Decode deco
     for (int64_t g = 0; g < ngroups; ++g) {
       const int64_t n0 = nr_max * g;
       const int nr = static_cast<int>(std::min<int64_t>(nr_max, p.N - n0));
-      std::fill(acc.begin(), acc.end(), 0.0f);
+      // The first span starts the accumulators at zero (no fill, no load: with rows of K <= kc_max, one span, the
+      // accumulators went memory -> registers -> memory once more per group for nothing).
       for (int64_t k0 = 0; k0 < p.K; k0 += kc_max) {
         const int64_t kc = std::min(kc_max, p.K - k0);
         for (int r = 0; r < nr; ++r) decode(p, n0 + r, k0, k0 + kc, wbuf.data() + r * kc_max);
         for (int64_t m0 = 0; m0 < p.M; m0 += kMultiMt) {
           const int mt = static_cast<int>(std::min<int64_t>(kMultiMt, p.M - m0));
-          t.span[nr][mt](wbuf.data(), kc_max, xp + m0 * p.K + k0 * mt, kc, acc.data() + nr_max * m0 * 16);
+          t.span[nr][mt](wbuf.data(), kc_max, xp + m0 * p.K + k0 * mt, kc, acc.data() + nr_max * m0 * 16, k0 == 0);
         }
       }
       if (t.group != nullptr) {
@@ -999,10 +1003,10 @@ QK_AVX2 void decode_row_f32_avx2(const Problem& p, int64_t n, int64_t k0, int64_
 
 template <int NR, int MT>
 struct SpanF32Avx2 {
-  QK_AVX2 static void run(const float* wbuf, int64_t ws, const float* xk, int64_t kc, float* acc_mem) {
+  QK_AVX2 static void run(const float* wbuf, int64_t ws, const float* xk, int64_t kc, float* acc_mem, bool first) {
     __m256 acc[NR][MT];
     for (int r = 0; r < NR; ++r)
-      for (int i = 0; i < MT; ++i) acc[r][i] = _mm256_load_ps(acc_mem + 8 * (r * MT + i));
+      for (int i = 0; i < MT; ++i) acc[r][i] = first ? _mm256_setzero_ps() : _mm256_load_ps(acc_mem + 8 * (r * MT + i));
     for (int64_t c = 0; c < kc; c += 8) {
       __m256 w[NR];
       for (int r = 0; r < NR; ++r) w[r] = _mm256_load_ps(wbuf + r * ws + c);
