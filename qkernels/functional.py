@@ -10,6 +10,7 @@ import math
 import numbers
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from . import _ops
 from .codebooks import dynamic_map, get_codebook
@@ -49,11 +50,23 @@ def _check_traceable(backend: str | None, fn: str) -> None:
                          "op) or backend='reference'")
 
 
-def _op_call(backend: str | None) -> bool:
-    """Whether a public function calls its registered op rather than the op's body: only when traced (torch.compile,
-    torch.jit.trace) with no forced backend, so the graph holds one node. Eager calls skip the op's dispatch and its
-    ``torch._check`` calls (40-60 us per call here; the public functions make the same checks before)."""
-    return backend is None and (torch.compiler.is_compiling() or torch.jit.is_tracing())
+_PLAIN_DISPATCH = torch.Tensor.__torch_dispatch__
+
+
+def _op_call(backend: str | None, *tensors: torch.Tensor | None) -> bool:
+    """Whether a public function calls its registered op rather than the op's body (no forced backend only).
+
+    Eager calls on plain tensors skip the op's dispatch and its ``torch._check`` calls (40-60 us per call here; the
+    public functions make the same checks before). The op is called where something must see it: torch.compile and
+    torch.jit.trace (one graph node; the kernels write through raw pointers, which a tracer records as the bare
+    allocation of the output), a dispatch mode (``make_fx``, ``FakeTensorMode``, ``FlopCounterMode``: the kernels
+    ran on fake tensors' missing storage), a functorch transform (``vmap``), and a tensor subclass with its own
+    ``__torch_dispatch__`` among ``tensors`` (DTensor, FakeTensor: no storage of their own)."""
+    if backend is not None:
+        return False
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing() or is_in_torch_dispatch_mode()
+            or torch._C._are_functorch_transforms_active()
+            or any(t is not None and type(t).__torch_dispatch__ is not _PLAIN_DISPATCH for t in tensors))
 
 
 def _as_int(value: object) -> object:
@@ -138,7 +151,7 @@ def quantize_4bit(
     # checks are the ones made above, and the nested call's arguments are built here), as dequantize_4bit does: the
     # two ops' dispatch and torch._check calls cost ~45 us per call here (64 x 64 bf16, double quant: 54 -> 28 us).
     _check_traceable(backend, "quantize_4bit")
-    traced = _op_call(backend)
+    traced = _op_call(backend, A)
     if traced:
         packed, absmax = torch.ops.qkernels.quantize_4bit(A, code, blocksize)
     else:
@@ -228,7 +241,7 @@ def dequantize_4bit(
     # function. The op's dispatch and torch._check calls cost ~40-60 us per call here, 15x the kernel of a 64 x 64
     # weight and 3x that of a 1024 x 1024 one (bf16 into out=: 64 x 64 66 -> 14 us, 1024 x 1024 87 -> 38 us).
     _check_traceable(backend, "dequantize_4bit")
-    traced = _op_call(backend)
+    traced = _op_call(backend, raw, qs.absmax, out)
     if out is not None:
         if out.device != raw.device:
             raise ValueError(f"out is on {out.device} but packed is on {raw.device}")
@@ -236,6 +249,9 @@ def dequantize_4bit(
             torch.ops.qkernels.dequantize_4bit_out(raw, qs.absmax, qs.code, qs.blocksize, out, *nested)
             return out
         _ops.dequantize_4bit_impl(*args, backend, out=out)  # returns a reshaped view of out, not out itself
+        # as the op's mutation would: a graph that saved out (W = dequantize_4bit(..., out=buf) used in a matmul,
+        # then buf refilled) must raise on backward instead of computing gradients from the new values
+        torch.autograd.graph.increment_version(out)
         return out
     if traced:
         return torch.ops.qkernels.dequantize_4bit(*args)
@@ -277,7 +293,7 @@ def quantize_blockwise(
     code = _check_code256(dynamic_map(A.device) if code is None else code, A.device)
     blocksize = _check_blockwise_blocksize(blocksize)
     _check_traceable(backend, "quantize_blockwise")
-    if _op_call(backend):  # traced: through the registered op (eager: its body, as quantize_4bit)
+    if _op_call(backend, A):  # traced: through the registered op (eager: its body, as quantize_4bit)
         q, absmax = torch.ops.qkernels.quantize_blockwise(A, code, blocksize)
     else:
         q, absmax = _ops.quantize_blockwise_impl(A, code, blocksize, backend)
@@ -322,7 +338,7 @@ def dequantize_blockwise(
     absmax = absmax.reshape(-1).to(torch.float32)
     code = _check_code256(dynamic_map(q.device) if code is None else code, q.device)
     _check_traceable(backend, "dequantize_blockwise")
-    if _op_call(backend):  # traced: through the registered op (eager: its body, as dequantize_4bit)
+    if _op_call(backend, q, absmax):  # traced: through the registered op (eager: its body, as dequantize_4bit)
         out = torch.ops.qkernels.dequantize_blockwise(q, absmax, code, blocksize)
     else:
         out = _ops.dequantize_blockwise_impl(q, absmax, code, blocksize, backend)

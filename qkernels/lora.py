@@ -28,6 +28,7 @@ import numbers
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from . import _backend, _native, _ops  # _ops registers the qkernels:: ops
 from . import _linear as _linear_mod
@@ -247,10 +248,12 @@ def _forward(x, packed, scales, code, blocksize, N, lora_A, lora_B, bias, scalin
 
 
 def _traced() -> bool:
-    """Under torch.compile or torch.jit.trace: the kernels must be reached through the registered ops. Both record
-    only torch ops; the native kernels write their output through a raw pointer, which torch.jit.trace recorded as the
-    bare ``aten::empty`` of the output (a traced model returned uninitialized memory)."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+    """Under torch.compile, torch.jit.trace, a dispatch mode (``make_fx``, ``FakeTensorMode``, ``FlopCounterMode``) or
+    a functorch transform: the kernels must be reached through the registered ops. Tracers record only torch ops; the
+    native kernels write their output through a raw pointer, which torch.jit.trace recorded as the bare ``aten::empty``
+    of the output (a traced model returned uninitialized memory), and fake tensors have no storage to write."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing() or is_in_torch_dispatch_mode()
+            or torch._C._are_functorch_transforms_active())
 
 
 def _linear(x, packed, scales, code, blocksize, N, lora_t, lora_B, bias, backend, impl, traced):

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from . import _accelerate
+from . import lora as _lora_mod
 from .base_bias import forget as forget_bias_mode
 from .codebooks import lowercase_hint
 from .functional import dequantize_4bit, quantize_4bit
@@ -1106,9 +1107,9 @@ class QLoRALinear(nn.Module):
     def _planned_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """Inference (eval, no grad, CPU) through the layer's plan (``_build_plan``), rebuilt whenever ``_plan_key``
         changes; None where the plan does not apply (the full forward runs)."""
-        if (x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()
-                or torch.jit.is_tracing()):
-            return None
+        if (x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or _lora_mod._traced()
+                or type(x).__torch_dispatch__ is not torch.Tensor.__torch_dispatch__):
+            return None  # tracing, a dispatch mode or functorch transform, a wrapper subclass: the full forward
         keyed = self._plan_key(x)
         if keyed is None:
             return None

@@ -142,6 +142,63 @@ def test_jit_trace_of_quantize_dequantize_records_the_ops():
     assert torch.equal(ref(p1), qkernels.dequantize_4bit(p1, st))
 
 
+def test_dequantize_into_out_bumps_its_version_as_the_op_did():
+    """Bug (the eager shortcut): writing ``out`` through the kernel left its version counter as it was, so a graph that
+    saved the buffer (W = dequantize_4bit(..., out=buf) used in a matmul, then buf refilled for the next layer)
+    computed gradients from the new values instead of raising, as the op's declared mutation makes autograd do."""
+    g = torch.Generator().manual_seed(3)
+    p1, s1 = qkernels.quantize_4bit(torch.randn(8, 64, generator=g), 64)
+    p2, s2 = qkernels.quantize_4bit(torch.randn(8, 64, generator=g), 64)
+    buf = torch.empty(8, 64)
+    x = torch.randn(3, 64, generator=g, requires_grad=True)
+    for backend in (None, "cpu", "reference"):
+        v = buf._version
+        W = qkernels.dequantize_4bit(p1, s1, out=buf, backend=backend)
+        assert buf._version > v
+        y = (x @ W.t()).sum()
+        qkernels.dequantize_4bit(p2, s2, out=buf, backend=backend)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.backward()
+
+
+def test_dispatch_modes_and_transforms_go_through_the_ops():
+    """Bug (the eager shortcut): make_fx recorded only the output's allocation (the kernel writes through a raw
+    pointer), fake tensors reached the kernels without storage, and vmap had no storage to read. Under a dispatch mode,
+    a functorch transform or with a wrapper subclass the public functions and matmul_4bit_lora call the registered
+    ops, which those handle: a make_fx graph gives eager's bits on new inputs, fake tensors get fake results, vmap
+    gives the per-sample results."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    g = torch.Generator().manual_seed(4)
+    p0, st = qkernels.quantize_4bit(torch.randn(40, 96, generator=g), 64, double_quant=True)
+    p1, _ = qkernels.quantize_4bit(torch.randn(40, 96, generator=g), 64, double_quant=True)
+    gm = make_fx(lambda p: qkernels.dequantize_4bit(p, st))(p0)
+    assert "qkernels.dequantize_4bit" in gm.code
+    assert torch.equal(gm(p1), qkernels.dequantize_4bit(p1, st))
+    q0, am = qkernels.quantize_blockwise(torch.randn(3, 300, generator=g))
+    gq = make_fx(lambda q: qkernels.dequantize_blockwise(q, am))(q0)
+    assert "qkernels.dequantize_blockwise" in gq.code
+    q1 = qkernels.quantize_blockwise(torch.randn(3, 300, generator=g))[0]
+    assert torch.equal(gq(q1), qkernels.dequantize_blockwise(q1, am))
+    A, B = torch.randn(4, 96, generator=g) * 0.1, torch.randn(40, 4, generator=g) * 0.1
+    for m in (1, 40):  # both sides of the GEMV switch
+        x0, x1 = (torch.randn(m, 96, generator=g) for _ in range(2))
+        gl = make_fx(lambda x: qkernels.matmul_4bit_lora(x, p0, st, A, B, 2.0))(x0)
+        with torch.no_grad():
+            assert torch.equal(gl(x1), qkernels.matmul_4bit_lora(x1, p0, st, A, B, 2.0)), m
+
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:  # the state's tables stay real tensors
+        out = qkernels.dequantize_4bit(mode.from_tensor(p0), st)
+        assert out.shape == (40, 96) and type(out).__name__ == "FakeTensor"
+
+    qs = torch.stack([q0.reshape(-1)[:256], q1.reshape(-1)[:256]])
+    ams = torch.stack([am[:1], am[:1]])
+    got = torch.vmap(lambda q, a: qkernels.dequantize_blockwise(q, a))(qs, ams)
+    want = torch.stack([qkernels.dequantize_blockwise(q, a) for q, a in zip(qs, ams, strict=True)])
+    assert torch.equal(got, want)
+
+
 def test_op_argument_checks():
     p, s = qkernels.quantize_4bit(torch.randn(64, 64), 64, double_quant=False)
     ops = torch.ops.qkernels
