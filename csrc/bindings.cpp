@@ -76,8 +76,7 @@ void check_nested_args(const char* fn, std::uint64_t nested_absmax_ptr, std::uin
                        int64_t nested_blocksize) {
   QK_CHECK_PTR(nested_absmax_ptr, fn, "nested_absmax_ptr");
   QK_CHECK_PTR(nested_code_ptr, fn, "nested_code_ptr");
-  QK_CHECK_ARG(nested_blocksize > 0 && (nested_blocksize & (nested_blocksize - 1)) == 0, fn, "nested_blocksize",
-               "must be a positive power of two (got " + std::to_string(nested_blocksize) + ")");
+  qkernels::check_nested_blocksize(fn, nested_blocksize);
 }
 
 // Shared argument validation of the 4-bit quantize entry points.

@@ -31,6 +31,14 @@ namespace qkernels {
   QK_CHECK_ARG((dt) >= 0 && (dt) <= 2, fn, arg,                                               \
                "must be a qkernels._C.DType (float32=0, float16=1, bfloat16=2) (got " + std::to_string(dt) + ")")
 
+// A double-quantized state's nested blocksize, as every binding that decodes nested scales takes it.
+inline void check_nested_blocksize(const char* fn, int64_t nested_blocksize) {
+  QK_CHECK_ARG(nested_blocksize > 0 && nested_blocksize <= (int64_t(1) << 30) &&
+                   (nested_blocksize & (nested_blocksize - 1)) == 0,
+               fn, "nested_blocksize",
+               "must be a power of two in [1, 1073741824] (got " + std::to_string(nested_blocksize) + ")");
+}
+
 // The 4-bit weight's pointers and format arguments, as the GEMV / dX bindings of both devices take them
 // (bind_gemv_cpu.cpp, bind_cuda_extra.cpp): absmax_ptr 0 means double-quantized scales (absmax_q_ptr, nested_absmax_ptr,
 // nested_code_ptr and a power-of-two nested_blocksize in [1, 2^30]).
@@ -43,10 +51,7 @@ inline void check_weight_args(const char* fn, std::uint64_t packed_ptr, std::uin
     QK_CHECK_PTR(absmax_q_ptr, fn, "absmax_q_ptr");
     QK_CHECK_PTR(nested_absmax_ptr, fn, "nested_absmax_ptr");
     QK_CHECK_PTR(nested_code_ptr, fn, "nested_code_ptr");
-    QK_CHECK_ARG(nested_blocksize > 0 && nested_blocksize <= (int64_t(1) << 30) &&
-                     (nested_blocksize & (nested_blocksize - 1)) == 0,
-                 fn, "nested_blocksize",
-                 "must be a power of two in [1, 1073741824] (got " + std::to_string(nested_blocksize) + ")");
+    check_nested_blocksize(fn, nested_blocksize);
   }
   QK_CHECK_PTR(code_ptr, fn, "code_ptr");
   QK_CHECK_BLOCKSIZE(blocksize, fn, "blocksize");

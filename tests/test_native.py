@@ -792,6 +792,10 @@ def test_dequantize_cpu_nested_bad_arguments():
             _native._C.dequantize_4bit_nested_cpu(packed.data_ptr(), q.data_ptr(), nested_code.data_ptr(),
                                                   nested_code.data_ptr(), 0.0, nbs, code.data_ptr(), n, blocksize,
                                                   nested_code.data_ptr(), 0)
+    with pytest.raises(ValueError, match=r"nested_blocksize' must be a power of two in \[1, 1073741824\]"):
+        _native._C.dequantize_4bit_nested_cpu(packed.data_ptr(), q.data_ptr(), nested_code.data_ptr(),
+                                              nested_code.data_ptr(), 0.0, 2**31, code.data_ptr(), n, blocksize,
+                                              nested_code.data_ptr(), 0)  # the GEMV bindings' rule (common.h)
     with pytest.raises(ValueError, match="nested_absmax"):
         _native.dequantize_4bit_native(packed, q, code, n, blocksize, torch.float32,
                                        nested=(q, torch.ones(2), nested_code, 0.0, 256))
